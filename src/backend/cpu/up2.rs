@@ -1,0 +1,134 @@
+//! 2×2×2 transposed convolution with stride 2 (spec §3 `up2`), forward and gradients.
+//! out[2i+a, 2j+b, 2k+c, o] = Σ_in t[i, j, k, in] · W[in, o, a, b, c].
+//! It is about 1% of the network's arithmetic, so the loops are plain.
+
+use super::{CpuEpilogue, SyncPtr, AddendRef};
+use crate::real::Real;
+use crate::tensor::{Shape, Tensor};
+use rayon::prelude::*;
+
+pub fn up2_forward<T: Real>(x: &Tensor<T>, weight: &[T], c_out: usize, epi: &CpuEpilogue<'_, T>) -> Tensor<T> {
+    let s = x.shape;
+    let ci = s.c;
+    assert_eq!(weight.len(), ci * c_out * 8);
+    let os = Shape::new(s.n, c_out, 2 * s.d, 2 * s.h, 2 * s.w);
+    let mut out = Tensor::<T>::zeros(os);
+    let ptr = SyncPtr::new(&mut out.data);
+    // task: one output plane (n, od); each writes only its own rows
+    (0..s.n * os.d).into_par_iter().for_each(|t| {
+        let (n, od) = (t / os.d, t % os.d);
+        let (i, a) = (od / 2, od % 2);
+        let mut row = vec![T::zero(); os.w];
+        for oh in 0..os.h {
+            let (j, b) = (oh / 2, oh % 2);
+            for o in 0..c_out {
+                row.iter_mut().for_each(|v| *v = T::zero());
+                for c_in in 0..ci {
+                    let src = &x.plane(n, c_in)[(i * s.h + j) * s.w..][..s.w];
+                    let w0 = weight[((c_in * c_out + o) * 2 + a) * 4 + b * 2];
+                    let w1 = weight[((c_in * c_out + o) * 2 + a) * 4 + b * 2 + 1];
+                    for k in 0..s.w {
+                        row[2 * k] += src[k] * w0;
+                        row[2 * k + 1] += src[k] * w1;
+                    }
+                }
+                let (sc, sh) = (epi.scale[o], epi.shift[o]);
+                for (ox, v) in row.iter_mut().enumerate() {
+                    let mut t = *v * sc + sh;
+                    if epi.softplus {
+                        t = t.softplus();
+                    }
+                    t += match epi.addend {
+                        AddendRef::None => T::zero(),
+                        AddendRef::Const(c) => c,
+                        AddendRef::SoftplusOf(a) => a.plane(n, 0)[(od * os.h + oh) * os.w + ox].softplus(),
+                    };
+                    *v = t;
+                }
+                // SAFETY: plane (n, o), row (od, oh) belongs to this task alone.
+                unsafe { ptr.write_slice(os.plane(n, o) + (od * os.h + oh) * os.w, &row) };
+            }
+        }
+    });
+    out
+}
+
+/// ∂L/∂t[in, i, j, k] = Σ_{o,a,b,c} dz[o, 2i+a, 2j+b, 2k+c] · W[in, o, a, b, c].
+pub fn up2_backward_data<T: Real>(dz: &Tensor<T>, weight: &[T], c_in: usize) -> Tensor<T> {
+    let os = dz.shape;
+    let c_out = os.c;
+    let s = Shape::new(os.n, c_in, os.d / 2, os.h / 2, os.w / 2);
+    let mut dx = Tensor::<T>::zeros(s);
+    let ptr = SyncPtr::new(&mut dx.data);
+    (0..s.n * s.d).into_par_iter().for_each(|t| {
+        let (n, i) = (t / s.d, t % s.d);
+        let mut row = vec![T::zero(); s.w];
+        for ci in 0..c_in {
+            for j in 0..s.h {
+                row.iter_mut().for_each(|v| *v = T::zero());
+                for o in 0..c_out {
+                    for a in 0..2 {
+                        for b in 0..2 {
+                            let src = &dz.plane(n, o)[((2 * i + a) * os.h + 2 * j + b) * os.w..][..os.w];
+                            let w0 = weight[((ci * c_out + o) * 2 + a) * 4 + b * 2];
+                            let w1 = weight[((ci * c_out + o) * 2 + a) * 4 + b * 2 + 1];
+                            for k in 0..s.w {
+                                row[k] += src[2 * k] * w0 + src[2 * k + 1] * w1;
+                            }
+                        }
+                    }
+                }
+                // SAFETY: plane (n, ci), row (i, j) belongs to this task alone.
+                unsafe { ptr.write_slice(s.plane(n, ci) + (i * s.h + j) * s.w, &row) };
+            }
+        }
+    });
+    dx
+}
+
+/// ∂L/∂W[in, o, a, b, c] = Σ t[in, i, j, k] · dz[o, 2i+a, 2j+b, 2k+c], summed in f64 in a
+/// fixed order.
+pub fn up2_backward_weight<T: Real>(x: &Tensor<T>, dz: &Tensor<T>) -> Vec<f64> {
+    let s = x.shape;
+    let os = dz.shape;
+    let (ci, co) = (s.c, os.c);
+    let tasks = s.n * s.d;
+    let groups = super::conv3::REDUCTION_GROUPS.min(tasks);
+    let partials: Vec<Vec<f64>> = (0..groups)
+        .into_par_iter()
+        .map(|g| {
+            let mut dw = vec![0.0f64; ci * co * 8];
+            for t in (g * tasks / groups)..((g + 1) * tasks / groups) {
+                let (n, i) = (t / s.d, t % s.d);
+                for c_in in 0..ci {
+                    for o in 0..co {
+                        for a in 0..2 {
+                            for b in 0..2 {
+                                let (mut s0, mut s1) = (T::zero(), T::zero());
+                                for j in 0..s.h {
+                                    let src = &x.plane(n, c_in)[(i * s.h + j) * s.w..][..s.w];
+                                    let d = &dz.plane(n, o)[((2 * i + a) * os.h + 2 * j + b) * os.w..][..os.w];
+                                    for k in 0..s.w {
+                                        s0 += src[k] * d[2 * k];
+                                        s1 += src[k] * d[2 * k + 1];
+                                    }
+                                }
+                                let base = ((c_in * co + o) * 2 + a) * 4 + b * 2;
+                                dw[base] += s0.f64();
+                                dw[base + 1] += s1.f64();
+                            }
+                        }
+                    }
+                }
+            }
+            dw
+        })
+        .collect();
+    let mut dw = vec![0.0; ci * co * 8];
+    for p in partials {
+        for (a, b) in dw.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    dw
+}

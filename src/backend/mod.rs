@@ -1,0 +1,132 @@
+//! The backend interface the network is written against, and its implementations.
+//!
+//! The unit almost every line of rln-spec.md §3 is made of is "conv over a virtual
+//! concatenation of inputs → per-channel affine (batch norm) → softplus → addend"; a
+//! backend computes it in one call ([`Backend::conv3`] with an [`Epilogue`]) and may
+//! fuse it however it likes. Training splits it: the conv with an identity epilogue
+//! gives the pre-BN tensor, [`Backend::batch_stats`] its statistics, and
+//! [`Backend::epilogue`] the activation.
+
+pub mod cpu;
+pub mod cuda;
+
+use crate::real::Real;
+use crate::tensor::Shape;
+
+/// What a trailing addend of a layer is (spec §3: `+ sp(xd)`, `+ sp(x)`, `+ 1`).
+pub enum Addend<'a, X, T> {
+    None,
+    /// A constant (bp2 = sp(BN(conv)) + 1).
+    Const(T),
+    /// softplus of a one-channel tensor, broadcast over channels (fp = … + sp(x)).
+    SoftplusOf(&'a X),
+}
+
+/// y = act(scale[c]·z + shift[c]) + addend, per channel c.
+pub struct Epilogue<'a, X, T> {
+    /// Per-channel scale and shift (batch norm folded); empty slices mean 1 and 0.
+    pub scale: &'a [T],
+    pub shift: &'a [T],
+    pub softplus: bool,
+    pub addend: Addend<'a, X, T>,
+}
+
+impl<'a, X, T> Epilogue<'a, X, T> {
+    /// The raw conv output (training computes batch statistics on it first).
+    pub fn identity() -> Self {
+        Epilogue { scale: &[], shift: &[], softplus: false, addend: Addend::None }
+    }
+}
+
+/// Batch-norm state needed by the backward pass of a layer in training mode.
+#[derive(Clone, Debug)]
+pub struct BnTrainState<T> {
+    pub gamma: Vec<T>,
+    pub beta: Vec<T>,
+    pub mean: Vec<T>,
+    /// 1 / sqrt(var + eps)
+    pub inv_std: Vec<T>,
+}
+
+/// Per-channel batch statistics: mean and biased variance (computed in f64).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChannelStats {
+    pub mean: Vec<f64>,
+    pub var: Vec<f64>,
+}
+
+/// Gradient rules of spec §5: the true gradient, or the authors' custom gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GradMode {
+    /// The authors' training: custom gradients at the RL division and E2 update nodes.
+    #[default]
+    Paper,
+    /// The true gradient of the loss.
+    Exact,
+}
+
+/// The operations of the network (rln-spec.md §3) and their gradients.
+/// `X` is the backend's tensor (N×C×D×H×W); weights are host slices in engine layout.
+pub trait Backend: Sync {
+    type T: Real;
+    type X: Send + Sync;
+
+    fn shape(&self, x: &Self::X) -> Shape;
+
+    // ---- forward ----
+    /// 3×3×3 conv (zero padding 1, no bias) over the channel concatenation of `inputs`
+    /// (never materialized), followed by `epi`.
+    fn conv3(&self, inputs: &[&Self::X], weight: &[Self::T], c_out: usize, epi: &Epilogue<'_, Self::X, Self::T>) -> Self::X;
+    /// 2×2×2 stride-2 transposed conv, followed by `epi`.
+    fn up2(&self, x: &Self::X, weight: &[Self::T], c_out: usize, epi: &Epilogue<'_, Self::X, Self::T>) -> Self::X;
+    /// `epi` applied to a computed tensor.
+    fn epilogue(&self, z: &Self::X, epi: &Epilogue<'_, Self::X, Self::T>) -> Self::X;
+    /// 2×2×2 mean, stride 2.
+    fn avgpool2(&self, x: &Self::X) -> Self::X;
+    /// Mean over channels (keeps one channel).
+    fn channel_mean(&self, x: &Self::X) -> Self::X;
+    /// Per-channel mean and biased variance over N, D, H, W.
+    fn batch_stats(&self, z: &Self::X) -> ChannelStats;
+    /// RL division node: a / (cm(fp) + eps); a has one channel.
+    fn rl_divide(&self, a: &Self::X, fp: &Self::X, eps: f64) -> Self::X;
+    /// RL update node: a · cm(bp); a has one channel.
+    fn rl_update(&self, a: &Self::X, bp: &Self::X) -> Self::X;
+
+    /// The training loss of spec §5 and its gradients (∂L/∂y, ∂L/∂E1r); `x1` is the
+    /// one-channel input, `g` the ground truth.
+    fn loss(&self, y: &Self::X, e1r: &Self::X, x1: &Self::X, g: &Self::X) -> (crate::train::loss::LossTerms, Self::X, Self::X);
+
+    // ---- backward ----
+    /// Gradient through `act(bn(z)) + addend` with respect to z, and the BN parameter
+    /// gradients (dγ, dβ). `bn` None: the layer has no batch norm (identity affine).
+    /// The addend's own gradient is `dy` itself and is not returned.
+    fn epilogue_backward(
+        &self,
+        z: &Self::X,
+        dy: &Self::X,
+        softplus: bool,
+        bn: Option<&BnTrainState<Self::T>>,
+    ) -> (Self::X, Vec<f64>, Vec<f64>);
+    /// Gradients of conv3 with respect to each input whose `needed` flag is set.
+    fn conv3_backward_data(&self, dz: &Self::X, weight: &[Self::T], c_in: &[usize], needed: &[bool]) -> Vec<Option<Self::X>>;
+    /// Gradient of conv3 with respect to its weight (engine layout).
+    fn conv3_backward_weight(&self, inputs: &[&Self::X], dz: &Self::X) -> Vec<f64>;
+    fn up2_backward_data(&self, dz: &Self::X, weight: &[Self::T], c_in: usize) -> Self::X;
+    fn up2_backward_weight(&self, x: &Self::X, dz: &Self::X) -> Vec<f64>;
+    /// Gradients of q = a / (cm(fp) + eps): (∂L/∂a, ∂L/∂fp) under `mode`.
+    fn rl_divide_backward(&self, a: &Self::X, fp: &Self::X, eps: f64, dq: &Self::X, mode: GradMode) -> (Self::X, Self::X);
+    /// Gradients of e = a · cm(bp): (∂L/∂a, ∂L/∂bp) under `mode`.
+    fn rl_update_backward(&self, a: &Self::X, bp: &Self::X, de: &Self::X, mode: GradMode) -> (Self::X, Self::X);
+    fn channel_mean_backward(&self, dy: &Self::X, channels: usize) -> Self::X;
+    /// acc += t
+    fn accumulate(&self, acc: &mut Self::X, t: &Self::X);
+
+    // ---- shapes ----
+    /// Mirror-pads D, H, W up to even sizes (symmetric reflection, edge repeated).
+    fn pad_even(&self, x: &Self::X) -> Self::X;
+    /// The leading `shape` corner of `x` (undoes pad_even).
+    fn crop(&self, x: &Self::X, shape: Shape) -> Self::X;
+    /// Places `x` in the leading corner of a zero tensor of `shape` (the gradient of crop).
+    fn uncrop_zeros(&self, x: &Self::X, shape: Shape) -> Self::X;
+}

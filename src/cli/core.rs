@@ -1,0 +1,89 @@
+//! `import-tf`, `conformance`, `bench`.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use rln_engine::model::Model;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct ImportTfArgs {
+    /// The authors' weights under their TF names (e.g. ../shared/reference/rln-authors-weights.safetensors).
+    pub weights: PathBuf,
+    /// ε of the RL division nodes: 1e-4 for the authors' published checkpoint, 1e-3 for models
+    /// trained with their later code.
+    #[arg(long)]
+    pub div_eps: f64,
+    /// Output model file (safetensors, canonical names, config in the metadata).
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+pub fn import_tf(a: &ImportTfArgs) -> Result<()> {
+    let model = Model::<f64>::import_tf(&a.weights, a.div_eps)?;
+    model.save(&a.output)?;
+    println!(
+        "wrote {} ({} trainable values, div_eps {})",
+        a.output.display(),
+        model.params.count(),
+        model.config.div_eps
+    );
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    F64,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum ConformanceDevice {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Args, Debug)]
+pub struct ConformanceArgs {
+    /// The model file (e.g. made by `import-tf` from the authors' weights).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A vectors file of the authors' graph (reference/README.md layout, any volume size).
+    #[arg(long)]
+    pub vectors: PathBuf,
+    #[arg(long, value_enum, default_value_t = ConformanceDevice::Cpu)]
+    pub device: ConformanceDevice,
+    /// Arithmetic of the CPU reference (the tolerances are those of a float32 engine).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn conformance(a: &ConformanceArgs) -> Result<()> {
+    if a.device == ConformanceDevice::Cuda {
+        bail!("conformance on the CUDA device is not available in this build yet; use --device cpu");
+    }
+    let model = Model::<f32>::load(&a.model)?;
+    let report = match a.precision {
+        Precision::F32 => rln_engine::conformance::run::<f32>(&model, &a.vectors),
+        Precision::F64 => rln_engine::conformance::run::<f64>(&model, &a.vectors),
+    }
+    .with_context(|| format!("conformance on {}", a.vectors.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let [n, d, h, w] = report.input_shape;
+        println!("vectors {} (batch {n}, volume {d}×{h}×{w}), CPU {}", report.vectors, report.precision);
+        println!("{:<48} {:>10} {:>8}  ", "key", "rel L2", "tol");
+        for r in &report.rows {
+            println!("{:<48} {:>10.2e} {:>8.0e}  {}", r.key, r.rel_err, r.tol, if r.pass { "ok" } else { "FAIL" });
+        }
+        let failed = report.rows.iter().filter(|r| !r.pass).count();
+        println!("{} keys, {} failed", report.rows.len(), failed);
+    }
+    if !report.passed {
+        bail!("conformance failed: some keys exceed their tolerance");
+    }
+    Ok(())
+}

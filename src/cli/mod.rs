@@ -1,0 +1,5 @@
+//! The command-line front end: argument parsing and printing only; the work is done by
+//! the library.
+
+pub mod core;
+pub mod imaging;

@@ -1,0 +1,2 @@
+//! Imaging: volume I/O, PSF models, synthetic training data, Richardson–Lucy
+//! deconvolution, image-quality metrics.

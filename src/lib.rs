@@ -1,0 +1,42 @@
+//! rln-engine: the Richardson–Lucy Network (Li et al., Nature Methods 2022) with
+//! hand-written forward and backward passes.
+//!
+//! - [`model`]: the layer table of the spec, the model file, TF import, initialization.
+//! - [`backend`]: the ops interface; [`backend::cpu`] is the exact reference (the oracle).
+//! - [`net`]: the network of rln-spec.md §3, forward and backward, against that interface.
+//! - [`train`]: loss, Adam, and the training loop.
+//! - [`conformance`]: comparison with the authors' TensorFlow test vectors.
+//!
+//! A program that wants deconvolved volumes needs three calls:
+//! ```no_run
+//! use rln_engine::{backend::cpu::CpuBackend, model::Model, net::{BnMode, Rln}, tensor::{Shape, Tensor}};
+//! let model: Model<f32> = Model::load("model.safetensors".as_ref())?;
+//! let x = Tensor::<f32>::zeros(Shape::new(1, 1, 32, 64, 64)); // a normalized volume
+//! let y = Rln::new(&CpuBackend::new(), &model).forward(&x, BnMode::Running, false).prediction;
+//! # Ok::<(), rln_engine::Error>(())
+//! ```
+
+pub mod backend;
+pub mod bench;
+pub mod conformance;
+pub mod error;
+pub mod fsutil;
+pub mod imaging;
+pub mod model;
+pub mod net;
+pub mod real;
+pub mod tensor;
+pub mod train;
+
+pub use error::{Error, Result};
+
+/// Sets the number of CPU threads for all parallel work (0: one per core). Call once,
+/// before any other work; later calls are ignored.
+pub fn set_threads(n: usize) {
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+}
+
+/// The number of threads parallel work runs on.
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}

@@ -1,0 +1,49 @@
+//! rln-engine: the command line. Each subcommand parses its arguments, calls the
+//! library, and prints; see `rln-engine --help`.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "rln-engine", version, about = "Richardson–Lucy Network deconvolution: train, infer, and everything around it", long_about = None)]
+struct Cli {
+    /// CPU threads for parallel work (0: one per core).
+    #[arg(long, global = true, default_value_t = 0)]
+    threads: usize,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Convert the authors' TensorFlow-named weights into an rln-engine model file.
+    ImportTf(cli::core::ImportTfArgs),
+    /// Compare the engine with test vectors from the authors' TensorFlow graph.
+    Conformance(cli::core::ConformanceArgs),
+    /// Make a point spread function (Gaussian, Gibson–Lanni widefield, confocal) or clean a measured one.
+    Psf(cli::imaging::PsfArgs),
+    /// Make synthetic training pairs (phantoms blurred by a PSF, with noise).
+    Synth(cli::imaging::SynthArgs),
+    /// Classical Richardson–Lucy deconvolution.
+    Rl(cli::imaging::RlArgs),
+    /// Image-quality metrics of a prediction against a ground truth (PSNR, SSIM, NRMSE, Pearson r).
+    Eval(cli::imaging::EvalArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    rln_engine::set_threads(cli.threads);
+    let result = match &cli.cmd {
+        Cmd::ImportTf(a) => cli::core::import_tf(a),
+        Cmd::Conformance(a) => cli::core::conformance(a),
+        Cmd::Psf(a) => cli::imaging::psf(a),
+        Cmd::Synth(a) => cli::imaging::synth(a),
+        Cmd::Rl(a) => cli::imaging::rl(a),
+        Cmd::Eval(a) => cli::imaging::eval(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

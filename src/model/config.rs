@@ -1,0 +1,123 @@
+//! The model's JSON config, stored in the safetensors header under `rln_config`.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// The model-file format version this engine writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Metadata key holding the JSON config in the safetensors header.
+pub const CONFIG_KEY: &str = "rln_config";
+
+/// Which network the weights belong to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Variant {
+    /// One view, one input channel: the network of rln-spec.md §3.
+    #[default]
+    Single,
+    /// RLN-dual, two registered views averaged into one input channel.
+    DualAverage,
+    /// RLN-dual, two registered views as two input channels of the first convs
+    /// (h1.fp.conv1 and h2.fp.conv1); everywhere else the network uses their mean.
+    DualConcat,
+}
+
+impl Variant {
+    /// Channels of the network input tensor.
+    pub const fn input_channels(self) -> usize {
+        match self {
+            Variant::DualConcat => 2,
+            _ => 1,
+        }
+    }
+    /// Number of input volumes the user supplies.
+    pub const fn views(self) -> usize {
+        match self {
+            Variant::Single => 1,
+            _ => 2,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub format_version: u32,
+    pub variant: Variant,
+    /// ε of the RL division nodes `a / (cm(fp) + ε)` (1e-4 in the authors' checkpoint).
+    pub div_eps: f64,
+    /// Batch-norm ε (1e-3 in the authors' graph).
+    pub bn_eps: f64,
+    /// Running statistics decay: r ← momentum·r + (1 − momentum)·batch.
+    pub bn_momentum: f64,
+    /// Percentiles (low, high) of the input normalization (spec §6).
+    pub norm_percentiles: [f64; 2],
+    /// Where the weights came from (free text: import source, training command...).
+    #[serde(default)]
+    pub provenance: String,
+    /// The PSF the training data was made with, if known (parameters of `rln-engine psf`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub psf: Option<serde_json::Value>,
+    /// Training summary (steps, recipe, validation metrics), if trained by the engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<serde_json::Value>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            format_version: FORMAT_VERSION,
+            variant: Variant::Single,
+            div_eps: 1e-3,
+            bn_eps: 1e-3,
+            bn_momentum: 0.99,
+            norm_percentiles: [0.01, 99.5],
+            provenance: String::new(),
+            psf: None,
+            training: None,
+        }
+    }
+}
+
+impl ModelConfig {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("config serializes")
+    }
+
+    pub fn from_json(s: &str) -> Result<Self> {
+        // read the version first, so an unknown version gets its own message
+        let v: serde_json::Value =
+            serde_json::from_str(s).map_err(|e| Error::Model(format!("config is not valid JSON: {e}")))?;
+        match v.get("format_version").and_then(|x| x.as_u64()) {
+            Some(ver) if ver == FORMAT_VERSION as u64 => {}
+            Some(ver) => {
+                return Err(Error::Model(format!(
+                    "model format version {ver} is not known to this engine (it reads version {FORMAT_VERSION}); \
+                     use the rln-engine release that wrote it, or re-export the model"
+                )))
+            }
+            None => return Err(Error::Model("config has no format_version".into())),
+        }
+        let c: ModelConfig =
+            serde_json::from_value(v).map_err(|e| Error::Model(format!("config is invalid: {e}")))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let ok = |v: f64| v.is_finite() && v > 0.0;
+        if !ok(self.div_eps) || !ok(self.bn_eps) {
+            return Err(Error::Model(format!(
+                "div_eps ({}) and bn_eps ({}) must be positive and finite",
+                self.div_eps, self.bn_eps
+            )));
+        }
+        if !(self.bn_momentum >= 0.0 && self.bn_momentum < 1.0) {
+            return Err(Error::Model(format!("bn_momentum {} must be in [0, 1)", self.bn_momentum)));
+        }
+        let [lo, hi] = self.norm_percentiles;
+        if !(0.0..100.0).contains(&lo) || !(lo < hi && hi <= 100.0) {
+            return Err(Error::Model(format!("norm_percentiles {lo}, {hi} must satisfy 0 ≤ low < high ≤ 100")));
+        }
+        Ok(())
+    }
+}

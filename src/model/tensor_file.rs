@@ -1,0 +1,127 @@
+//! Reading and writing safetensors files with errors that name the file and the tensor.
+
+use crate::error::{Error, Result};
+use crate::fsutil::write_atomic;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// A safetensors file read into memory.
+pub struct TensorFile {
+    pub path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+/// A tensor converted to f64, with its stored shape.
+#[derive(Clone, Debug)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f64>,
+}
+
+impl TensorFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        // validate the header once, so later lookups only fail for missing names
+        SafeTensors::deserialize(&bytes).map_err(|e| {
+            Error::format(path, format!("not a valid safetensors file ({e}); is it truncated or of another format?"))
+        })?;
+        Ok(TensorFile { path: path.to_path_buf(), bytes })
+    }
+
+    fn st(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).expect("validated in open")
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.st().names().into_iter().map(|s| s.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.st().tensor(name).is_ok()
+    }
+
+    /// The `__metadata__` map of the header (empty if none).
+    pub fn metadata(&self) -> HashMap<String, String> {
+        SafeTensors::read_metadata(&self.bytes)
+            .ok()
+            .and_then(|(_, m)| m.metadata().clone())
+            .unwrap_or_default()
+    }
+
+    /// Reads tensor `name` (f16, bf16, f32 or f64) as f64 values.
+    pub fn get(&self, name: &str) -> Result<HostTensor> {
+        let st = self.st();
+        let view = st.tensor(name).map_err(|_| {
+            Error::format(&self.path, format!("tensor '{name}' is missing"))
+        })?;
+        let raw = view.data();
+        let data: Vec<f64> = match view.dtype() {
+            Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+            Dtype::F64 => raw.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64())
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64())
+                .collect(),
+            other => {
+                return Err(Error::format(
+                    &self.path,
+                    format!("tensor '{name}' has dtype {other:?}; expected a floating-point tensor"),
+                ))
+            }
+        };
+        Ok(HostTensor { shape: view.shape().to_vec(), data })
+    }
+
+    /// Reads tensor `name` and checks that it has exactly `len` values (any shape whose
+    /// product is `len`, so that [] and [1] both pass for one value).
+    pub fn get_len(&self, name: &str, len: usize) -> Result<HostTensor> {
+        let t = self.get(name)?;
+        if t.data.len() != len {
+            return Err(Error::format(
+                &self.path,
+                format!("tensor '{name}' has shape {:?} ({} values); expected {len} values", t.shape, t.data.len()),
+            ));
+        }
+        Ok(t)
+    }
+}
+
+/// Tensors to write, by name, as f32, plus header metadata.
+#[derive(Default)]
+pub struct TensorWriter {
+    tensors: BTreeMap<String, (Vec<usize>, Vec<u8>, Dtype)>,
+    pub metadata: HashMap<String, String>,
+}
+
+impl TensorWriter {
+    pub fn add_f32(&mut self, name: &str, shape: Vec<usize>, data: &[f32]) {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor {name}: shape and data disagree");
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.tensors.insert(name.to_string(), (shape, bytes, Dtype::F32));
+    }
+    pub fn add_f64(&mut self, name: &str, shape: Vec<usize>, data: &[f64]) {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor {name}: shape and data disagree");
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.tensors.insert(name.to_string(), (shape, bytes, Dtype::F64));
+    }
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let views: Vec<(String, TensorView<'_>)> = self
+            .tensors
+            .iter()
+            .map(|(k, (shape, bytes, dt))| (k.clone(), TensorView::new(*dt, shape.clone(), bytes).expect("sizes checked in add")))
+            .collect();
+        let meta = if self.metadata.is_empty() { None } else { Some(self.metadata.clone()) };
+        safetensors::serialize(views, meta).map_err(|e| Error::invalid(format!("safetensors serialization: {e}")))
+    }
+    /// Writes the file atomically (temporary name, then rename).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        write_atomic(path, &self.to_bytes()?)
+    }
+}

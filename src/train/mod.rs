@@ -1,0 +1,4 @@
+//! Training: the loss, Adam, and (later) crops, normalization and the loop.
+
+pub mod adam;
+pub mod loss;
