@@ -22,6 +22,7 @@ pub mod conformance;
 pub mod error;
 pub mod fsutil;
 pub mod imaging;
+pub mod infer;
 pub mod model;
 pub mod net;
 pub mod real;
