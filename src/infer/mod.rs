@@ -15,6 +15,24 @@ pub trait TilePredictor {
     fn predict(&mut self, x: &Tensor<f32>) -> Result<Tensor<f32>>;
     /// Working memory per input voxel of a tile (bytes), for choosing tile sizes.
     fn bytes_per_voxel(&self) -> usize;
+    /// Memory available for tiles (bytes), or None to let the caller decide (host RAM).
+    fn memory_budget(&self) -> Option<usize> {
+        None
+    }
+    /// Predicts a sequence of tiles, handing each result to `sink` in order. The default
+    /// runs them one by one; a device backend overrides it to overlap transfers of tile
+    /// k+1 with compute on tile k.
+    fn predict_stream(
+        &mut self,
+        tiles: &mut dyn Iterator<Item = Result<Tensor<f32>>>,
+        sink: &mut dyn FnMut(Tensor<f32>) -> Result<()>,
+    ) -> Result<()> {
+        for t in tiles {
+            let y = self.predict(&t?)?;
+            sink(y)?;
+        }
+        Ok(())
+    }
 }
 
 /// The CPU reference as a tile predictor.
