@@ -21,6 +21,8 @@ enum Cmd {
     ImportTf(cli::core::ImportTfArgs),
     /// Compare the engine with test vectors from the authors' TensorFlow graph.
     Conformance(cli::core::ConformanceArgs),
+    /// Measure throughput (voxels/s) of the network and the other main paths.
+    Bench(cli::core::BenchArgs),
     /// Make a point spread function (Gaussian, Gibson–Lanni widefield, confocal) or clean a measured one.
     Psf(cli::imaging::PsfArgs),
     /// Make synthetic training pairs (phantoms blurred by a PSF, with noise).
@@ -37,6 +39,7 @@ fn main() {
     let result = match &cli.cmd {
         Cmd::ImportTf(a) => cli::core::import_tf(a),
         Cmd::Conformance(a) => cli::core::conformance(a),
+        Cmd::Bench(a) => cli::core::bench(a),
         Cmd::Psf(a) => cli::imaging::psf(a),
         Cmd::Synth(a) => cli::imaging::synth(a),
         Cmd::Rl(a) => cli::imaging::rl(a),
