@@ -1,6 +1,9 @@
 //! Inference on volumes of any size: the engines that predict one tile, and (later) tile
 //! planning, blending and streaming, shared by the CPU and CUDA paths.
 
+pub mod stitch;
+pub mod tiling;
+
 use crate::backend::cpu::CpuBackend;
 use crate::error::Result;
 use crate::model::Model;
