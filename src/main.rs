@@ -21,6 +21,8 @@ enum Cmd {
     ImportTf(cli::core::ImportTfArgs),
     /// Compare the engine with test vectors from the authors' TensorFlow graph.
     Conformance(cli::core::ConformanceArgs),
+    /// Train an RLN model on pairs from a folder or on synthetic data made for a PSF.
+    Train(cli::train::TrainArgs),
     /// Measure throughput (voxels/s) of the network and the other main paths.
     Bench(cli::core::BenchArgs),
     /// Make a point spread function (Gaussian, Gibson–Lanni widefield, confocal) or clean a measured one.
@@ -40,6 +42,7 @@ fn main() {
         Cmd::ImportTf(a) => cli::core::import_tf(a),
         Cmd::Conformance(a) => cli::core::conformance(a),
         Cmd::Bench(a) => cli::core::bench(a),
+        Cmd::Train(a) => cli::train::train(a),
         Cmd::Psf(a) => cli::imaging::psf(a),
         Cmd::Synth(a) => cli::imaging::synth(a),
         Cmd::Rl(a) => cli::imaging::rl(a),

@@ -265,9 +265,11 @@ impl<T: Real> Model<T> {
 
     /// Loads a model file written by [`Model::save`]; every tensor is checked for
     /// presence, shape and finiteness, and unknown tensors are rejected.
+    /// A training checkpoint loads as the model it holds (its optimizer state is skipped).
     pub fn load(path: &Path) -> Result<Self> {
         let file = TensorFile::open(path)?;
-        Self::from_file(&file, &[])
+        let optimizer: &[&str] = if file.metadata().contains_key("rln_checkpoint") { &["adam."] } else { &[] };
+        Self::from_file(&file, optimizer)
     }
 
     /// Reads the model out of an open file; names starting with one of `other_prefixes`
@@ -347,9 +349,11 @@ impl<T: Real> Model<T> {
             .filter(|n| !expected.contains(n) && !other_prefixes.iter().any(|p| n.starts_with(p)))
             .collect();
         if !extra.is_empty() {
+            let shown: Vec<&String> = extra.iter().take(5).collect();
+            let more = if extra.len() > 5 { format!(" and {} more", extra.len() - 5) } else { String::new() };
             return Err(Error::format(
                 path,
-                format!("unexpected tensors {extra:?}: this file does not match the RLN layer table (variant {:?})", config.variant),
+                format!("unexpected tensors {shown:?}{more}: this file does not match the RLN layer table (variant {:?})", config.variant),
             ));
         }
         Ok(model)
