@@ -4,3 +4,4 @@
 pub mod core;
 pub mod imaging;
 pub mod train;
+pub mod infer;
