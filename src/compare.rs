@@ -13,7 +13,9 @@ use crate::imaging::rl::{BackProjector, RlPlan};
 use crate::imaging::synth::{mix_seed, Family, SynthConfig, Synthesizer};
 use crate::imaging::volume::Volume;
 use crate::infer::stitch::{run_tiled, Affine, NormalizeMode, StitchOptions};
-use crate::infer::tiling::{MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS};
+use crate::infer::tiling::{
+    MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS,
+};
 use crate::infer::TilePredictor;
 use crate::model::Model;
 use serde::Serialize;
@@ -24,20 +26,37 @@ pub fn model_psf(model: &Model<f32>) -> Result<(PsfSpec, Volume)> {
     let json = model.config.psf.as_ref().ok_or_else(|| {
         Error::Model("the model records no PSF (it was not trained on engine-made synthetic data); give the PSF explicitly".into())
     })?;
-    let spec: PsfSpec = serde_json::from_value(json.clone()).map_err(|e| Error::Model(format!("the model's PSF record is not a PSF spec: {e}")))?;
+    let spec: PsfSpec = serde_json::from_value(json.clone())
+        .map_err(|e| Error::Model(format!("the model's PSF record is not a PSF spec: {e}")))?;
     let psf = generate(&spec)?;
     Ok((spec, psf))
 }
 
 /// RLN prediction of a raw volume: global percentile normalization, whole volume (one
 /// tile if it fits `max_window_voxels`), output mapped back to the input's range.
-pub fn rln_predict(pred: &mut dyn TilePredictor, model: &Model<f32>, input: &Volume, max_core: [usize; 3]) -> Result<Volume> {
+pub fn rln_predict(
+    pred: &mut dyn TilePredictor,
+    model: &Model<f32>,
+    input: &Volume,
+    max_core: [usize; 3],
+) -> Result<Volume> {
     let plan = TilePlan::new(input.dims, max_core, DEFAULT_OVERLAP, RECEPTIVE_RADIUS)?;
     let pct = model.config.norm_percentiles;
-    let mut src = MemorySource { dims: input.dims, data: &input.data };
+    let mut src = MemorySource {
+        dims: input.dims,
+        data: &input.data,
+    };
     let aff = crate::infer::stitch::estimate_normalization(&mut src, pct, usize::MAX)?;
-    let opts = StitchOptions { plan, normalize: NormalizeMode::Global, percentiles: pct, rescale_output: true, variant: model.config.variant };
-    let mut sink = MemorySink { data: Vec::with_capacity(input.len()) };
+    let opts = StitchOptions {
+        plan,
+        normalize: NormalizeMode::Global,
+        percentiles: pct,
+        rescale_output: true,
+        variant: model.config.variant,
+    };
+    let mut sink = MemorySink {
+        data: Vec::with_capacity(input.len()),
+    };
     let mut views: Vec<&mut dyn PlaneSource> = vec![&mut src];
     let global: [Affine; 1] = [aff];
     run_tiled(pred, &mut views, &global, &mut sink, &opts, &mut |_, _| {})?;
@@ -45,7 +64,13 @@ pub fn rln_predict(pred: &mut dyn TilePredictor, model: &Model<f32>, input: &Vol
 }
 
 /// RLD metrics at every iteration count in `lo..=hi` (index i ↔ count lo + i).
-pub fn rl_metric_curve(plan: &RlPlan, input: &Volume, gt: &Volume, lo: usize, hi: usize) -> Result<Vec<Metrics>> {
+pub fn rl_metric_curve(
+    plan: &RlPlan,
+    input: &Volume,
+    gt: &Volume,
+    lo: usize,
+    hi: usize,
+) -> Result<Vec<Metrics>> {
     let mut curve = Vec::with_capacity(hi + 1 - lo);
     let mut err = None;
     plan.run(input, hi, 0.0, |it, est| {
@@ -127,11 +152,20 @@ pub fn compare_on_synthetic(
     let n = count as f64;
     let mean = |v: &[Metrics], f: fn(&Metrics) -> f64| v.iter().map(f).sum::<f64>() / n;
     let iters = hi + 1 - lo;
-    let mean_at = |k: usize, f: fn(&Metrics) -> f64| curves.iter().map(|c| f(&c[k])).sum::<f64>() / n;
-    let best_psnr_k = (0..iters).max_by(|&a, &b| mean_at(a, |m| m.psnr).total_cmp(&mean_at(b, |m| m.psnr))).unwrap();
-    let best_ssim_k = (0..iters).max_by(|&a, &b| mean_at(a, |m| m.ssim).total_cmp(&mean_at(b, |m| m.ssim))).unwrap();
+    let mean_at =
+        |k: usize, f: fn(&Metrics) -> f64| curves.iter().map(|c| f(&c[k])).sum::<f64>() / n;
+    let best_psnr_k = (0..iters)
+        .max_by(|&a, &b| mean_at(a, |m| m.psnr).total_cmp(&mean_at(b, |m| m.psnr)))
+        .unwrap();
+    let best_ssim_k = (0..iters)
+        .max_by(|&a, &b| mean_at(a, |m| m.ssim).total_cmp(&mean_at(b, |m| m.ssim)))
+        .unwrap();
     let rows = vec![
-        MethodScore { method: "raw input".into(), psnr: mean(&raw, |m| m.psnr), ssim: mean(&raw, |m| m.ssim) },
+        MethodScore {
+            method: "raw input".into(),
+            psnr: mean(&raw, |m| m.psnr),
+            ssim: mean(&raw, |m| m.ssim),
+        },
         MethodScore {
             method: format!("RLD, {} iterations (best mean PSNR)", lo + best_psnr_k),
             psnr: mean_at(best_psnr_k, |m| m.psnr),
@@ -142,13 +176,21 @@ pub fn compare_on_synthetic(
             psnr: mean_at(best_ssim_k, |m| m.psnr),
             ssim: mean_at(best_ssim_k, |m| m.ssim),
         },
-        MethodScore { method: "RLN".into(), psnr: mean(&rln, |m| m.psnr), ssim: mean(&rln, |m| m.ssim) },
+        MethodScore {
+            method: "RLN".into(),
+            psnr: mean(&rln, |m| m.psnr),
+            ssim: mean(&rln, |m| m.ssim),
+        },
     ];
     let rln_beats_rld = rows[3].psnr > rows[1].psnr && rows[3].ssim > rows[2].ssim;
     Ok(CompareReport {
         volumes: count,
         size: synth.size,
-        families: synth.families.iter().map(|f| f.name().to_string()).collect(),
+        families: synth
+            .families
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect(),
         seeds,
         rows,
         rld_best_psnr_iterations: lo + best_psnr_k,

@@ -276,7 +276,11 @@ impl<T: Real> Model<T> {
     }
 
     fn from_tensor_file(file: &TensorFile) -> Result<Self> {
-        let optimizer: &[&str] = if file.metadata().contains_key("rln_checkpoint") { &["adam."] } else { &[] };
+        let optimizer: &[&str] = if file.metadata().contains_key("rln_checkpoint") {
+            &["adam."]
+        } else {
+            &[]
+        };
         Self::from_file(file, optimizer)
     }
 
@@ -358,7 +362,11 @@ impl<T: Real> Model<T> {
             .collect();
         if !extra.is_empty() {
             let shown: Vec<&String> = extra.iter().take(5).collect();
-            let more = if extra.len() > 5 { format!(" and {} more", extra.len() - 5) } else { String::new() };
+            let more = if extra.len() > 5 {
+                format!(" and {} more", extra.len() - 5)
+            } else {
+                String::new()
+            };
             return Err(Error::format(
                 path,
                 format!("unexpected tensors {shown:?}{more}: this file does not match the RLN layer table (variant {:?})", config.variant),
