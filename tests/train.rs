@@ -71,7 +71,7 @@ fn small_cfg(steps: u64) -> TrainConfig {
 
 struct Ckpt {
     path: std::path::PathBuf,
-    data: Dataset,
+    data: Vec<(String, [usize; 3])>,
     count: usize,
 }
 impl TrainObserver for Ckpt {

@@ -123,7 +123,7 @@ struct CliObserver {
     log: std::fs::File,
     start: Instant,
     ckpt: PathBuf,
-    data_fp: Dataset,
+    data_fp: Vec<(String, [usize; 3])>,
     last_val: Option<ValMetrics>,
 }
 
@@ -317,9 +317,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         log,
         start,
         ckpt: ckpt_path.clone(),
-        data_fp: Dataset {
-            pairs: data.pairs.clone(),
-        },
+        data_fp: data.fingerprint(),
         last_val: None,
     };
     let every = a.checkpoint_every.unwrap_or(cfg.epoch_steps);

@@ -239,11 +239,12 @@ struct CheckpointMeta {
 
 /// Writes a checkpoint atomically: the model (loadable as a model file) plus Adam's
 /// moments and the run's position and config in the metadata.
+/// `data` is the training data's [`Dataset::fingerprint`].
 pub fn save_checkpoint(
     path: &Path,
     state: &TrainState,
     cfg: &TrainConfig,
-    data: &Dataset,
+    data: &[(String, [usize; 3])],
 ) -> Result<()> {
     let mut w = state.model.to_writer();
     for (l, k) in state.adam.m.ids() {
@@ -264,7 +265,7 @@ pub fn save_checkpoint(
         step: state.step,
         adam_step: state.adam.step,
         config: cfg.clone(),
-        data: data.fingerprint(),
+        data: data.to_vec(),
     };
     w.metadata.insert(
         CKPT_KEY.into(),
