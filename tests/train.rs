@@ -91,7 +91,7 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
     let mut straight = TrainState::new(model.clone(), &cfg);
     let mut obs = Ckpt {
         path: dir.path().join("a.ckpt"),
-        data: data.clone(),
+        data: data.fingerprint(),
         count: 0,
     };
     trainer::train(&mut straight, &cfg, &data, Some(&data), 2, None, &mut obs).unwrap();
@@ -102,7 +102,7 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
     let mut first = TrainState::new(model, &cfg);
     let mut obs = Ckpt {
         path: dir.path().join("b.ckpt"),
-        data: data.clone(),
+        data: data.fingerprint(),
         count: 0,
     };
     trainer::train(&mut first, &cfg, &data, None, 2, Some(3), &mut obs).unwrap();
