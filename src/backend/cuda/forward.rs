@@ -147,6 +147,16 @@ impl CudaNet {
         Ok((self.ws.get(&self.dev, xn, voxels * 4)?, self.ws.get(&self.dev, yn, voxels * 4)?))
     }
 
+    /// Fills every workspace buffer with 0xFF bytes (NaN in f32 and f16): a later pass
+    /// whose kernels read an element nothing wrote then yields NaN (tests).
+    pub fn poison_workspace(&mut self) -> Result<()> {
+        let dev = self.dev.clone();
+        for b in self.ws.slots.values() {
+            dev.memset(&dev.compute, b.ptr(), 0xFF, b.bytes())?;
+        }
+        dev.compute.synchronize().check("poisoning the workspace")
+    }
+
     /// Starts recording one event pair per launch (see [`CudaNet::take_profile`]).
     pub fn start_profile(&mut self) {
         self.profile = Some(Profile { events: Vec::new() });
