@@ -131,7 +131,11 @@ __device__ __forceinline__ void conv3_ffma(const RlnArgs& a) {
     }
 }
 
-#define RLN_CONV_FFMA(name, S, CA, CB, CC, COUT, EPI)                                  \
-    extern "C" __global__ void __launch_bounds__(ffmac::THREADS, 2) name(const RlnArgs a) { \
-        conv3_ffma<S, CA, CB, CC, COUT, EPI>(a);                                       \
+// 3 blocks per SM (registers capped at 80) except for the 1→8 convs, which spill a few
+// words under that cap and get 2 (their work per block is small).
+#define RLN_FFMA_MIN_BLOCKS(CIN, COUT) ((CIN) == 1 && (COUT) == 8 ? 2 : 3)
+#define RLN_CONV_FFMA(name, S, CA, CB, CC, COUT, EPI)                                              \
+    extern "C" __global__ void __launch_bounds__(ffmac::THREADS, RLN_FFMA_MIN_BLOCKS(CA + CB + CC, COUT)) \
+        name(const RlnArgs a) {                                                                    \
+        conv3_ffma<S, CA, CB, CC, COUT, EPI>(a);                                                   \
     }

@@ -261,6 +261,20 @@ mod tests {
     }
 
     #[test]
+    fn every_kernel_name_is_in_its_module() {
+        use crate::backend::cuda::kernels::module;
+        for (f16, tc) in [(false, false), (true, false), (true, true)] {
+            for (m, name) in kernel_names(f16, tc) {
+                let km = module(m).unwrap_or_else(|| panic!("module {m} not embedded"));
+                assert!(km.source.contains(&format!("{name}(")) || km.source.contains(&format!("({name},")), "{name} not in kernels/{m}.cu");
+                if let Some(ptx) = km.ptx {
+                    assert!(ptx.contains(&format!(".entry {name}(")), "{name} not in the PTX of kernels/{m}.cu");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn grids_cover_the_volume() {
         assert_eq!(tiled_grid(FFMA_TILE, 2, 5, 9, 33).unwrap(), (2, 2, 4));
         assert_eq!(tiled_grid(MMA_TILE, 1, 256, 256, 256).unwrap(), (16, 32, 32));
