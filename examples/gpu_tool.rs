@@ -78,7 +78,11 @@ fn mode(s: &str, device: usize) -> Result<CudaOptions> {
 }
 
 fn dims(s: &str) -> Result<[usize; 4]> {
-    let v: Vec<usize> = s.split(',').map(|p| p.trim().parse()).collect::<Result<_, _>>().with_context(|| format!("--dims {s:?}"))?;
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|p| p.trim().parse())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--dims {s:?}"))?;
     match v.as_slice() {
         [n, d, h, w] => Ok([*n, *d, *h, *w]),
         [d, h, w] => Ok([1, *d, *h, *w]),
@@ -88,7 +92,8 @@ fn dims(s: &str) -> Result<[usize; 4]> {
 
 fn write_json(path: &Option<PathBuf>, v: &serde_json::Value) -> Result<()> {
     if let Some(p) = path {
-        std::fs::write(p, serde_json::to_string_pretty(v)?).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, serde_json::to_string_pretty(v)?)
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
 }
@@ -106,7 +111,12 @@ fn run(a: Args) -> Result<()> {
         bail!("no CUDA device (driver missing or no GPU)");
     }
     match a.cmd {
-        Cmd::Bench { mode: m, dims: d, reps, json } => {
+        Cmd::Bench {
+            mode: m,
+            dims: d,
+            reps,
+            json,
+        } => {
             let mut o = bench::BenchOptions::new(mode(&m, a.device)?);
             o.dims = dims(&d)?;
             o.reps = reps;
@@ -114,14 +124,25 @@ fn run(a: Args) -> Result<()> {
             print!("{}", r.table());
             write_json(&json, &serde_json::to_value(&r)?)?;
         }
-        Cmd::Predict { model, dims: d, seed, modes, out, json } => {
+        Cmd::Predict {
+            model,
+            dims: d,
+            seed,
+            modes,
+            out,
+            json,
+        } => {
             let model = Model::<f32>::load(&model)?;
             let [n, dd, h, w] = dims(&d)?;
             let shape = Shape::new(n, 1, dd, h, w);
             // a smooth-ish random volume in [0, 1): noise plus a blob, never zeros
-            let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let mut state = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let mut next = || {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((state >> 40) as f32) / (1u64 << 24) as f32
             };
             let mut x = Tensor::<f32>::zeros(shape);
@@ -132,7 +153,9 @@ fn run(a: Args) -> Result<()> {
             }
             let t0 = std::time::Instant::now();
             let b = CpuBackend::<f32>::new();
-            let y_cpu = Rln::new(&b, &model).forward(&x, BnMode::Running, false).prediction;
+            let y_cpu = Rln::new(&b, &model)
+                .forward(&x, BnMode::Running, false)
+                .prediction;
             println!("CPU reference: {:.2} s", t0.elapsed().as_secs_f64());
             let mut wr = TensorWriter::default();
             let sh = vec![n, 1, dd, h, w];
@@ -147,19 +170,34 @@ fn run(a: Args) -> Result<()> {
                 let bad = y.data.iter().filter(|v| !v.is_finite()).count();
                 println!("{:<7} rel L2 vs CPU {e:.2e}  non-finite {bad}", o.label());
                 res.insert(o.label().to_string(), serde_json::json!({ "rel_l2_vs_cpu": if bad > 0 { f64::INFINITY } else { e }, "nonfinite": bad }));
-                wr.add_f32(&format!("y_{}", o.label().replace('-', "_")), sh.clone(), &y.data);
+                wr.add_f32(
+                    &format!("y_{}", o.label().replace('-', "_")),
+                    sh.clone(),
+                    &y.data,
+                );
             }
             wr.write(&out)?;
             write_json(&json, &serde_json::Value::Object(res))?;
         }
-        Cmd::Conformance { model, vectors, json } => {
+        Cmd::Conformance {
+            model,
+            vectors,
+            json,
+        } => {
             let model = Model::<f32>::load(&model)?;
             let mut all = Vec::new();
             for m in ["f32", "f16", "f16-tc"] {
                 let o = mode(m, a.device)?;
                 let rows = cuda::conformance::run_infer(&model, &vectors, o)?;
                 for r in &rows {
-                    println!("{:<7} {:<20} rel L2 {:9.2e}  tol {:.0e}  {}", m, r.key, r.rel_err, r.tol, if r.pass { "ok" } else { "FAIL" });
+                    println!(
+                        "{:<7} {:<20} rel L2 {:9.2e}  tol {:.0e}  {}",
+                        m,
+                        r.key,
+                        r.rel_err,
+                        r.tol,
+                        if r.pass { "ok" } else { "FAIL" }
+                    );
                 }
                 all.push(serde_json::json!({ "mode": m, "rows": rows }));
             }

@@ -1,1 +1,163 @@
-pub fn placeholder() {}
+//! `rln-engine bench`: throughput of the engine's main paths, measured the same way
+//! every time (warm-up, then the median of repeated runs).
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, GradMode};
+use crate::model::{Model, ModelConfig};
+use crate::net::{BnMode, Rln};
+use crate::tensor::{Shape, Tensor};
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+/// Multiply-adds per output voxel of the forward pass (spec §3): 8 780 at full
+/// resolution + 6 804 at half resolution / 8.
+pub const FORWARD_MACS_PER_VOXEL: f64 = 8780.0 + 6804.0 / 8.0;
+pub const FORWARD_FLOPS_PER_VOXEL: f64 = 2.0 * FORWARD_MACS_PER_VOXEL;
+/// A training step's convolution work: forward, data gradient and weight gradient (the
+/// data gradient of the two convs reading the input is skipped: 2·(4·27) MACs/voxel
+/// at full and half resolution).
+pub const TRAIN_FLOPS_PER_VOXEL: f64 = 3.0 * FORWARD_FLOPS_PER_VOXEL - 2.0 * (108.0 + 108.0 / 8.0);
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    /// What was measured, e.g. "forward 4×64³".
+    pub name: String,
+    /// Work items per run (voxels, or voxel-iterations).
+    pub items: f64,
+    pub unit: String,
+    /// Median seconds per run.
+    pub seconds: f64,
+    /// items / seconds.
+    pub throughput: f64,
+    /// Implied arithmetic rate, where the work is known.
+    pub gflops: Option<f64>,
+    pub runs: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub threads: usize,
+    pub isa: String,
+    pub rows: Vec<BenchRow>,
+}
+
+/// Runs `f` once to warm up, then repeatedly for at least `min_runs` runs and
+/// `min_time`, and returns the median duration and the number of runs.
+pub fn time_median(min_runs: usize, min_time: Duration, mut f: impl FnMut()) -> (f64, usize) {
+    f();
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < min_runs || start.elapsed() < min_time {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64());
+        if times.len() >= 1000 {
+            break;
+        }
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (times[times.len() / 2], times.len())
+}
+
+pub fn row(
+    name: String,
+    items: f64,
+    unit: &str,
+    seconds: f64,
+    flops_per_item: Option<f64>,
+    runs: usize,
+) -> BenchRow {
+    BenchRow {
+        name,
+        items,
+        unit: unit.to_string(),
+        seconds,
+        throughput: items / seconds,
+        gflops: flops_per_item.map(|f| f * items / seconds / 1e9),
+        runs,
+    }
+}
+
+/// A random (but realistic) model and input: weights as the authors' initialization,
+/// input positive like normalized microscopy data. Throughput does not depend on values.
+fn bench_inputs(shape: Shape, seed: u64) -> (Model<f32>, Tensor<f32>, Tensor<f32>) {
+    let model = Model::<f32>::init(ModelConfig::default(), seed);
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut rnd = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let x = Tensor::from_vec(shape, (0..shape.len()).map(|_| rnd()).collect()).unwrap();
+    let g = Tensor::from_vec(shape, (0..shape.len()).map(|_| rnd()).collect()).unwrap();
+    (model, x, g)
+}
+
+/// Forward (inference mode) and forward+backward (one training step without the
+/// optimizer) of the CPU network on `shape`.
+pub fn cpu_network(shape: Shape, min_runs: usize, min_time: Duration) -> Vec<BenchRow> {
+    let (model, x, g) = bench_inputs(shape, 1);
+    let b = CpuBackend::<f32>::new();
+    let net = Rln::new(&b, &model);
+    let voxels = (shape.n * shape.spatial()) as f64;
+    let label = format!("{}×{}×{}×{}", shape.n, shape.d, shape.h, shape.w);
+    let (t_fwd, n_fwd) = time_median(min_runs, min_time, || {
+        std::hint::black_box(net.forward(&x, BnMode::Running, false));
+    });
+    let (t_step, n_step) = time_median(min_runs, min_time, || {
+        let f = net.forward(&x, BnMode::Batch, true);
+        let (_, dy, de) = b.loss(&f.prediction, &f.e1_raw, &x, &g);
+        std::hint::black_box(net.backward(&f, &dy, &de, GradMode::Paper));
+    });
+    vec![
+        row(
+            format!("forward {label}"),
+            voxels,
+            "voxel",
+            t_fwd,
+            Some(FORWARD_FLOPS_PER_VOXEL),
+            n_fwd,
+        ),
+        row(
+            format!("forward+backward {label}"),
+            voxels,
+            "voxel",
+            t_step,
+            Some(TRAIN_FLOPS_PER_VOXEL),
+            n_step,
+        ),
+    ]
+}
+
+/// The CPU model name from /proc/cpuinfo, if there is one.
+pub fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+pub fn print_report(r: &BenchReport) {
+    println!("{} — {} threads, {}", r.device, r.threads, r.isa);
+    println!(
+        "{:<34} {:>10} {:>16} {:>10} {:>6}",
+        "case", "median s", "throughput", "GFLOP/s", "runs"
+    );
+    for row in &r.rows {
+        let g = row
+            .gflops
+            .map(|g| format!("{g:.1}"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<34} {:>10.4} {:>11.3e} {}/s {:>10} {:>6}",
+            row.name, row.seconds, row.throughput, row.unit, g, row.runs
+        );
+    }
+}

@@ -21,6 +21,12 @@ enum Cmd {
     ImportTf(cli::core::ImportTfArgs),
     /// Compare the engine with test vectors from the authors' TensorFlow graph.
     Conformance(cli::core::ConformanceArgs),
+    /// Train an RLN model on pairs from a folder or on synthetic data made for a PSF.
+    Train(cli::train::TrainArgs),
+    /// Deconvolve a volume of any size with a trained model (tiled crop and stitch).
+    Infer(cli::infer::InferArgs),
+    /// Measure throughput (voxels/s) of the network and the other main paths.
+    Bench(cli::core::BenchArgs),
     /// Make a point spread function (Gaussian, Gibson–Lanni widefield, confocal) or clean a measured one.
     Psf(cli::imaging::PsfArgs),
     /// Make synthetic training pairs (phantoms blurred by a PSF, with noise).
@@ -34,9 +40,13 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     rln_engine::set_threads(cli.threads);
+    rln_engine::imaging::progress::enable(true);
     let result = match &cli.cmd {
         Cmd::ImportTf(a) => cli::core::import_tf(a),
         Cmd::Conformance(a) => cli::core::conformance(a),
+        Cmd::Bench(a) => cli::core::bench(a),
+        Cmd::Train(a) => cli::train::train(a),
+        Cmd::Infer(a) => cli::infer::infer(a),
         Cmd::Psf(a) => cli::imaging::psf(a),
         Cmd::Synth(a) => cli::imaging::synth(a),
         Cmd::Rl(a) => cli::imaging::rl(a),

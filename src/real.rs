@@ -10,10 +10,25 @@ use std::fmt::{Debug, Display};
 use std::iter::Sum;
 
 pub trait Real:
-    Float + NumAssign + FromPrimitive + ToPrimitive + Sum + Default + Debug + Display + Send + Sync + 'static
+    Float
+    + NumAssign
+    + FromPrimitive
+    + ToPrimitive
+    + Sum
+    + Default
+    + Debug
+    + Display
+    + Send
+    + Sync
+    + 'static
 {
     /// Name used in messages and benchmark output.
     const NAME: &'static str;
+    /// SIMD vectors of this type for AVX-512 and AVX2 kernels.
+    #[cfg(target_arch = "x86_64")]
+    type Wide: crate::backend::cpu::simd::Vector<T = Self>;
+    #[cfg(target_arch = "x86_64")]
+    type Narrow: crate::backend::cpu::simd::Vector<T = Self>;
     fn of(v: f64) -> Self;
     fn f64(self) -> f64;
     /// ln(1 + e^t), accurate for every t.
@@ -24,6 +39,10 @@ pub trait Real:
 
 impl Real for f64 {
     const NAME: &'static str = "f64";
+    #[cfg(target_arch = "x86_64")]
+    type Wide = crate::backend::cpu::simd::F64x8;
+    #[cfg(target_arch = "x86_64")]
+    type Narrow = crate::backend::cpu::simd::F64x4;
     #[inline(always)]
     fn of(v: f64) -> Self {
         v
@@ -49,6 +68,10 @@ impl Real for f64 {
 
 impl Real for f32 {
     const NAME: &'static str = "f32";
+    #[cfg(target_arch = "x86_64")]
+    type Wide = crate::backend::cpu::simd::F32x16;
+    #[cfg(target_arch = "x86_64")]
+    type Narrow = crate::backend::cpu::simd::F32x8;
     #[inline(always)]
     fn of(v: f64) -> Self {
         v as f32
@@ -76,24 +99,30 @@ impl Real for f32 {
 }
 
 /// e^-a for a >= 0 (a may be +inf), branch-free: e^-a = 2^k · e^r with |r| <= ln2/2.
+/// Written with integer bit tricks instead of `round` and `as i32` (which become libm
+/// calls or long sequences), so that loops over it vectorize.
 #[inline(always)]
 pub fn exp_neg(a: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    // beyond 87 the result underflows; the clamp keeps 2^k representable. Written as a
+    // 1.5·2^23: adding it rounds to the nearest integer, which lands in the low mantissa bits
+    const ROUNDER: f32 = 12_582_912.0;
+    // beyond 87 the result underflows; the clamp keeps 2^k a normal number. Written as a
     // compare (not f32::min) so that NaN propagates instead of becoming e^-87.
     let x = -(if a > 87.0 { 87.0 } else { a });
-    let k = (x * LOG2E).round();
+    let t = x * LOG2E + ROUNDER;
+    let k = t - ROUNDER;
+    let ki = (t.to_bits() as i32).wrapping_sub(0x4B40_0000); // k as an integer, in [-126, 0]
     let r = x - k * LN2_HI - k * LN2_LO;
-    // minimax-quality Taylor to degree 7 on |r| <= 0.347: relative error < 1e-7
+    // Taylor to degree 7 on |r| <= 0.347: relative error < 1e-7
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let bits = ((k as i32 + 127).max(0) as u32) << 23;
-    p * f32::from_bits(bits)
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits((ki.wrapping_add(127) as u32) << 23)
 }
 
 /// ln(1 + e) for e in [0, 1], branch-free: ln(m) = 2·atanh(s), s = (m-1)/(m+1) = e/(2+e) <= 1/3.
@@ -106,7 +135,8 @@ pub fn ln_1p_unit(e: f32) -> f32 {
         + s2 * (1.0 / 3.0
             + s2 * (1.0 / 5.0
                 + s2 * (1.0 / 7.0
-                    + s2 * (1.0 / 9.0 + s2 * (1.0 / 11.0 + s2 * (1.0 / 13.0 + s2 * (1.0 / 15.0)))))));
+                    + s2 * (1.0 / 9.0
+                        + s2 * (1.0 / 11.0 + s2 * (1.0 / 13.0 + s2 * (1.0 / 15.0)))))));
     2.0 * s * p
 }
 

@@ -14,7 +14,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rln_engine::backend::cpu::CpuBackend;
 use rln_engine::backend::cuda::launch::{conv_kernel, Epi, CONV_KERNELS};
-use rln_engine::backend::cuda::{self, random_model, twin, CudaDevice, CudaNet, CudaOptions, CudaPredictor};
+use rln_engine::backend::cuda::{
+    self, random_model, twin, CudaDevice, CudaNet, CudaOptions, CudaPredictor,
+};
 use rln_engine::infer::TilePredictor;
 use rln_engine::model::{Model, L};
 use rln_engine::net::{BnMode, Rln};
@@ -31,17 +33,28 @@ fn quick() -> bool {
 
 fn device() -> Option<Arc<CudaDevice>> {
     if !cuda::available() {
-        assert!(std::env::var("RLN_REQUIRE_GPU").map_or(true, |v| v != "1"), "RLN_REQUIRE_GPU=1 but no CUDA device is available");
+        assert!(
+            std::env::var("RLN_REQUIRE_GPU").map_or(true, |v| v != "1"),
+            "RLN_REQUIRE_GPU=1 but no CUDA device is available"
+        );
         println!("skipped: no CUDA device");
         return None;
     }
     let dev = CudaDevice::open(0).expect("a CUDA device is present but could not be opened");
-    println!("device: {}; modules: {:?}", dev.describe(), dev.module_sources);
+    println!(
+        "device: {}; modules: {:?}",
+        dev.describe(),
+        dev.module_sources
+    );
     Some(dev)
 }
 
 fn modes() -> [CudaOptions; 3] {
-    [CudaOptions::f32(), CudaOptions::f16().with_tensor_cores(false), CudaOptions::f16()]
+    [
+        CudaOptions::f32(),
+        CudaOptions::f16().with_tensor_cores(false),
+        CudaOptions::f16(),
+    ]
 }
 
 fn tol(o: &CudaOptions) -> f64 {
@@ -53,16 +66,26 @@ fn tol(o: &CudaOptions) -> f64 {
 }
 
 fn random(shape: Shape, lo: f32, hi: f32, rng: &mut ChaCha8Rng) -> Tensor<f32> {
-    Tensor::from_vec(shape, (0..shape.len()).map(|_| rng.random_range(lo..hi)).collect()).unwrap()
+    Tensor::from_vec(
+        shape,
+        (0..shape.len()).map(|_| rng.random_range(lo..hi)).collect(),
+    )
+    .unwrap()
 }
 
 /// Asserts finiteness (outputs are poisoned with NaN first) and the relative L2 error.
 fn check(what: &str, got: &Tensor<f32>, want: &Tensor<f32>, tol: f64) -> f64 {
     assert_eq!(got.shape, want.shape, "{what}: shape");
     let bad = got.data.iter().filter(|v| !v.is_finite()).count();
-    assert_eq!(bad, 0, "{what}: {bad} non-finite values (unwritten or overflowed)");
+    assert_eq!(
+        bad, 0,
+        "{what}: {bad} non-finite values (unwritten or overflowed)"
+    );
     let e = rel_l2(&got.data, &want.data);
-    println!("{what:<52} rel L2 {e:9.2e}  (tol {tol:.0e})  {}", if e <= tol { "ok" } else { "FAIL" });
+    println!(
+        "{what:<52} rel L2 {e:9.2e}  (tol {tol:.0e})  {}",
+        if e <= tol { "ok" } else { "FAIL" }
+    );
     e
 }
 
@@ -70,7 +93,11 @@ fn check(what: &str, got: &Tensor<f32>, want: &Tensor<f32>, tol: f64) -> f64 {
 /// operand in (0.05, 1) like a normalized image (or E1).
 fn stage_inputs(l: L, s: Shape, rng: &mut ChaCha8Rng) -> (Vec<Tensor<f32>>, Option<Tensor<f32>>) {
     let k = conv_kernel(l);
-    let inputs = k.inputs.iter().map(|&c| random(s.with_c(c), 0.0, 2.0, rng)).collect();
+    let inputs = k
+        .inputs
+        .iter()
+        .map(|&c| random(s.with_c(c), 0.0, 2.0, rng))
+        .collect();
     let aux = k.post.map(|_| random(s.with_c(1), 0.05, 1.0, rng));
     (inputs, aux)
 }
@@ -78,7 +105,14 @@ fn stage_inputs(l: L, s: Shape, rng: &mut ChaCha8Rng) -> (Vec<Tensor<f32>>, Opti
 /// f16 storage rounds the kernel's inputs: give the twin the same rounded inputs.
 fn rounded(t: &Tensor<f32>, f16: bool) -> Tensor<f32> {
     if f16 && t.shape.c > 1 {
-        Tensor { shape: t.shape, data: t.data.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect() }
+        Tensor {
+            shape: t.shape,
+            data: t
+                .data
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_f32())
+                .collect(),
+        }
     } else {
         t.clone()
     }
@@ -89,7 +123,11 @@ fn every_conv_kernel_matches_its_cpu_twin() {
     let Some(dev) = device() else { return };
     let mut failures = Vec::new();
     for o in modes() {
-        let sizes = [(1u64, Shape::new(2, 1, 5, 9, 35)), (2, Shape::new(1, 1, 8, 16, 32)), (3, Shape::new(1, 1, 9, 17, 19))];
+        let sizes = [
+            (1u64, Shape::new(2, 1, 5, 9, 35)),
+            (2, Shape::new(1, 1, 8, 16, 32)),
+            (3, Shape::new(1, 1, 9, 17, 19)),
+        ];
         for &(seed, s) in &sizes[..if quick() { 1 } else { 3 }] {
             let model = random_model(seed);
             let mut net = CudaNet::new(dev.clone(), &model, o).unwrap();
@@ -107,7 +145,12 @@ fn every_conv_kernel_matches_its_cpu_twin() {
                     failures.push(name.clone());
                 }
                 if matches!(k.epi, Epi::Update | Epi::UpdatePlus1) {
-                    let e = check(&format!("{name} {s} raw"), got.raw.as_ref().unwrap(), want.raw.as_ref().unwrap(), tol(&o));
+                    let e = check(
+                        &format!("{name} {s} raw"),
+                        got.raw.as_ref().unwrap(),
+                        want.raw.as_ref().unwrap(),
+                        tol(&o),
+                    );
                     if e > tol(&o) {
                         failures.push(format!("{name} raw"));
                     }
@@ -115,7 +158,10 @@ fn every_conv_kernel_matches_its_cpu_twin() {
             }
         }
     }
-    assert!(failures.is_empty(), "kernels off their CPU twin: {failures:?}");
+    assert!(
+        failures.is_empty(),
+        "kernels off their CPU twin: {failures:?}"
+    );
 }
 
 #[test]
@@ -128,11 +174,26 @@ fn up2_and_avgpool2_match_their_cpu_twins() {
         for s in [Shape::new(2, 8, 3, 5, 7), Shape::new(1, 8, 16, 16, 16)] {
             let b3 = rounded(&random(s, 0.0, 2.0, &mut rng), o.is_f16());
             let got = net.run_up_stage(&b3).unwrap();
-            let e = check(&format!("up2 {} {s}", o.label()), &got, &twin::up_stage(&model, &b3), tol(&o));
+            let e = check(
+                &format!("up2 {} {s}", o.label()),
+                &got,
+                &twin::up_stage(&model, &b3),
+                tol(&o),
+            );
             assert!(e <= tol(&o));
-            let x = random(Shape::new(s.n, 1, 2 * s.d, 2 * s.h, 2 * s.w), 0.0, 1.0, &mut rng);
+            let x = random(
+                Shape::new(s.n, 1, 2 * s.d, 2 * s.h, 2 * s.w),
+                0.0,
+                1.0,
+                &mut rng,
+            );
             let got = net.run_pool_stage(&x).unwrap();
-            let e = check(&format!("avgpool2 {} {}", o.label(), x.shape), &got, &twin::pool_stage(&x), 1e-6);
+            let e = check(
+                &format!("avgpool2 {} {}", o.label(), x.shape),
+                &got,
+                &twin::pool_stage(&x),
+                1e-6,
+            );
             assert!(e <= 1e-6);
         }
     }
@@ -148,9 +209,20 @@ fn cpu_forward(model: &Model<f32>, x: &Tensor<f32>) -> (Tensor<f32>, Tensor<f32>
 fn forward_matches_cpu_on_random_models_and_sizes() {
     let Some(dev) = device() else { return };
     // even, odd, batch > 1, not tile multiples, a single voxel
-    let sizes = [Shape::new(1, 1, 16, 24, 32), Shape::new(2, 1, 7, 13, 21), Shape::new(3, 1, 9, 17, 40), Shape::new(1, 1, 1, 1, 1), Shape::new(1, 1, 33, 18, 65)];
+    let sizes = [
+        Shape::new(1, 1, 16, 24, 32),
+        Shape::new(2, 1, 7, 13, 21),
+        Shape::new(3, 1, 9, 17, 40),
+        Shape::new(1, 1, 1, 1, 1),
+        Shape::new(1, 1, 33, 18, 65),
+    ];
     let mut worst = [0.0f64; 3];
-    for (i, s) in sizes.iter().enumerate().skip(if quick() { 1 } else { 0 }).take(if quick() { 1 } else { sizes.len() }) {
+    for (i, s) in sizes
+        .iter()
+        .enumerate()
+        .skip(if quick() { 1 } else { 0 })
+        .take(if quick() { 1 } else { sizes.len() })
+    {
         let model = random_model(100 + i as u64);
         let mut rng = ChaCha8Rng::seed_from_u64(200 + i as u64);
         let x = random(*s, 0.0, 1.0, &mut rng);
@@ -160,14 +232,32 @@ fn forward_matches_cpu_on_random_models_and_sizes() {
             let out = net.predict_host(&x, true).unwrap();
             let t = tol(&o);
             let e = [
-                check(&format!("forward {} {s} prediction", o.label()), &out.prediction, &y, t),
-                check(&format!("forward {} {s} E1r", o.label()), out.e1_raw.as_ref().unwrap(), &e1r, t),
-                check(&format!("forward {} {s} E2r", o.label()), out.e2_raw.as_ref().unwrap(), &e2r, t),
+                check(
+                    &format!("forward {} {s} prediction", o.label()),
+                    &out.prediction,
+                    &y,
+                    t,
+                ),
+                check(
+                    &format!("forward {} {s} E1r", o.label()),
+                    out.e1_raw.as_ref().unwrap(),
+                    &e1r,
+                    t,
+                ),
+                check(
+                    &format!("forward {} {s} E2r", o.label()),
+                    out.e2_raw.as_ref().unwrap(),
+                    &e2r,
+                    t,
+                ),
             ];
             worst[m] = e.iter().fold(worst[m], |a, &b| a.max(b));
         }
     }
-    println!("worst rel L2 vs CPU: f32 {:.2e}, f16 {:.2e}, f16-tc {:.2e}", worst[0], worst[1], worst[2]);
+    println!(
+        "worst rel L2 vs CPU: f32 {:.2e}, f16 {:.2e}, f16-tc {:.2e}",
+        worst[0], worst[1], worst[2]
+    );
     for (m, o) in modes().iter().enumerate() {
         assert!(worst[m] <= tol(o), "{}: worst {:.2e}", o.label(), worst[m]);
     }
@@ -180,7 +270,10 @@ fn reference_dir() -> Option<PathBuf> {
     }
     c.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"));
     c.push(PathBuf::from("shared/reference"));
-    c.into_iter().find(|d| d.join("rln-tf-vectors-a.safetensors").is_file() && d.join("rln-authors-weights.safetensors").is_file())
+    c.into_iter().find(|d| {
+        d.join("rln-tf-vectors-a.safetensors").is_file()
+            && d.join("rln-authors-weights.safetensors").is_file()
+    })
 }
 
 #[test]
@@ -190,13 +283,28 @@ fn conformance_vectors_inference_keys_on_the_gpu() {
         println!("skipped: reference files not found (set RLN_REFERENCE_DIR)");
         return;
     };
-    let model = Model::<f64>::import_tf(&dir.join("rln-authors-weights.safetensors"), 1e-4).unwrap().cast::<f32>();
+    let model = Model::<f64>::import_tf(&dir.join("rln-authors-weights.safetensors"), 1e-4)
+        .unwrap()
+        .cast::<f32>();
     for o in modes() {
-        let rows = cuda::conformance::run_infer(&model, &dir.join("rln-tf-vectors-a.safetensors"), o).unwrap();
+        let rows =
+            cuda::conformance::run_infer(&model, &dir.join("rln-tf-vectors-a.safetensors"), o)
+                .unwrap();
         for r in &rows {
-            println!("conformance {:<7} {:<20} rel L2 {:9.2e}  (tol {:.0e})  {}", o.label(), r.key, r.rel_err, r.tol, if r.pass { "ok" } else { "FAIL" });
+            println!(
+                "conformance {:<7} {:<20} rel L2 {:9.2e}  (tol {:.0e})  {}",
+                o.label(),
+                r.key,
+                r.rel_err,
+                r.tol,
+                if r.pass { "ok" } else { "FAIL" }
+            );
         }
-        assert!(rows.iter().all(|r| r.pass), "{}: conformance failed", o.label());
+        assert!(
+            rows.iter().all(|r| r.pass),
+            "{}: conformance failed",
+            o.label()
+        );
     }
 }
 
@@ -205,11 +313,25 @@ fn stream_of_tiles_equals_tile_by_tile() {
     let Some(dev) = device() else { return };
     let model = random_model(7);
     let mut rng = ChaCha8Rng::seed_from_u64(8);
-    let shapes = [Shape::new(1, 1, 16, 32, 32), Shape::new(1, 1, 15, 31, 33), Shape::new(1, 1, 40, 24, 24), Shape::new(2, 1, 8, 8, 8), Shape::new(1, 1, 16, 32, 32)];
-    let tiles: Vec<Tensor<f32>> = shapes.iter().map(|s| random(*s, 0.0, 1.0, &mut rng)).collect();
+    let shapes = [
+        Shape::new(1, 1, 16, 32, 32),
+        Shape::new(1, 1, 15, 31, 33),
+        Shape::new(1, 1, 40, 24, 24),
+        Shape::new(2, 1, 8, 8, 8),
+        Shape::new(1, 1, 16, 32, 32),
+    ];
+    let tiles: Vec<Tensor<f32>> = shapes
+        .iter()
+        .map(|s| random(*s, 0.0, 1.0, &mut rng))
+        .collect();
     for o in modes() {
         let mut p = CudaPredictor::with_device(dev.clone(), &model, o).unwrap();
-        println!("{}: {} B/voxel, budget {:?} B", p.describe(), p.bytes_per_voxel(), p.memory_budget());
+        println!(
+            "{}: {} B/voxel, budget {:?} B",
+            p.describe(),
+            p.bytes_per_voxel(),
+            p.memory_budget()
+        );
         assert!(p.memory_budget().is_some_and(|b| b > 0));
         let one: Vec<Tensor<f32>> = tiles.iter().map(|t| p.predict(t).unwrap()).collect();
         let mut streamed = Vec::new();
@@ -222,11 +344,20 @@ fn stream_of_tiles_equals_tile_by_tile() {
         assert_eq!(streamed.len(), tiles.len());
         for (i, (a, b)) in streamed.iter().zip(&one).enumerate() {
             assert_eq!(a.shape, tiles[i].shape);
-            assert!(a.data == b.data, "{}: streamed tile {i} differs from predict()", o.label());
+            assert!(
+                a.data == b.data,
+                "{}: streamed tile {i} differs from predict()",
+                o.label()
+            );
         }
         // and against the CPU
         for (i, t) in tiles.iter().enumerate() {
-            check(&format!("stream {} tile {i} {}", o.label(), t.shape), &streamed[i], &cpu_forward(&model, t).0, tol(&o));
+            check(
+                &format!("stream {} tile {i} {}", o.label(), t.shape),
+                &streamed[i],
+                &cpu_forward(&model, t).0,
+                tol(&o),
+            );
         }
     }
 }
@@ -244,9 +375,21 @@ fn forward_is_deterministic_and_reads_no_unwritten_memory() {
         // turns the output NaN
         net.poison_workspace().unwrap();
         let b = net.predict_host(&x, true).unwrap();
-        assert!(b.prediction.all_finite(), "{}: NaN after poisoning the workspace", o.label());
-        assert!(a.prediction.data == b.prediction.data, "{}: two runs differ (a race?)", o.label());
-        assert!(a.e2_raw.unwrap().data == b.e2_raw.unwrap().data, "{}: E2r differs between runs", o.label());
+        assert!(
+            b.prediction.all_finite(),
+            "{}: NaN after poisoning the workspace",
+            o.label()
+        );
+        assert!(
+            a.prediction.data == b.prediction.data,
+            "{}: two runs differ (a race?)",
+            o.label()
+        );
+        assert!(
+            a.e2_raw.unwrap().data == b.e2_raw.unwrap().data,
+            "{}: E2r differs between runs",
+            o.label()
+        );
         println!("{}: deterministic, no reads of unwritten memory", o.label());
     }
 }
@@ -254,7 +397,10 @@ fn forward_is_deterministic_and_reads_no_unwritten_memory() {
 #[test]
 fn out_of_memory_is_a_distinct_error() {
     let Some(dev) = device() else { return };
-    let e = dev.alloc(1usize << 50).err().expect("a 1 PiB allocation must fail");
+    let e = dev
+        .alloc(1usize << 50)
+        .err()
+        .expect("a 1 PiB allocation must fail");
     println!("1 PiB allocation: {e}");
     assert!(e.is_out_of_memory(), "expected CudaOutOfMemory, got {e:?}");
     // the context is still usable

@@ -62,7 +62,9 @@ pub struct ConformanceArgs {
 
 pub fn conformance(a: &ConformanceArgs) -> Result<()> {
     if a.device == ConformanceDevice::Cuda {
-        bail!("conformance on the CUDA device is not available in this build yet; use --device cpu");
+        bail!(
+            "conformance on the CUDA device is not available in this build yet; use --device cpu"
+        );
     }
     let model = Model::<f32>::load(&a.model)?;
     let report = match a.precision {
@@ -74,16 +76,77 @@ pub fn conformance(a: &ConformanceArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         let [n, d, h, w] = report.input_shape;
-        println!("vectors {} (batch {n}, volume {d}×{h}×{w}), CPU {}", report.vectors, report.precision);
+        println!(
+            "vectors {} (batch {n}, volume {d}×{h}×{w}), CPU {}",
+            report.vectors, report.precision
+        );
         println!("{:<48} {:>10} {:>8}  ", "key", "rel L2", "tol");
         for r in &report.rows {
-            println!("{:<48} {:>10.2e} {:>8.0e}  {}", r.key, r.rel_err, r.tol, if r.pass { "ok" } else { "FAIL" });
+            println!(
+                "{:<48} {:>10.2e} {:>8.0e}  {}",
+                r.key,
+                r.rel_err,
+                r.tol,
+                if r.pass { "ok" } else { "FAIL" }
+            );
         }
         let failed = report.rows.iter().filter(|r| !r.pass).count();
         println!("{} keys, {} failed", report.rows.len(), failed);
     }
     if !report.passed {
         bail!("conformance failed: some keys exceed their tolerance");
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum BenchDevice {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value_t = BenchDevice::Cpu)]
+    pub device: BenchDevice,
+    /// Minimum seconds spent timing each case (after one warm-up run).
+    #[arg(long, default_value_t = 3.0)]
+    pub min_time: f64,
+    /// Minimum timed runs of each case.
+    #[arg(long, default_value_t = 3)]
+    pub min_runs: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn bench(a: &BenchArgs) -> Result<()> {
+    use rln_engine::bench;
+    use rln_engine::tensor::Shape;
+    if a.device == BenchDevice::Cuda {
+        bail!("the CUDA benchmark is not available in this build yet; use --device cpu");
+    }
+    let t = std::time::Duration::from_secs_f64(a.min_time);
+    let mut rows = Vec::new();
+    for shape in [
+        Shape::new(4, 1, 64, 64, 64),
+        Shape::new(1, 1, 128, 128, 128),
+    ] {
+        if !a.json {
+            eprintln!("timing the network on {shape} ...");
+        }
+        rows.extend(bench::cpu_network(shape, a.min_runs, t));
+    }
+    let report = bench::BenchReport {
+        device: bench::cpu_name(),
+        threads: rln_engine::threads(),
+        isa: rln_engine::backend::cpu::simd::isa().name().to_string(),
+        rows,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        bench::print_report(&report);
     }
     Ok(())
 }

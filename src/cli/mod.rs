@@ -3,3 +3,5 @@
 
 pub mod core;
 pub mod imaging;
+pub mod train;
+pub mod infer;

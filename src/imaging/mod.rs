@@ -1,2 +1,29 @@
 //! Imaging: volume I/O, PSF models, synthetic training data, Richardson–Lucy
 //! deconvolution, image-quality metrics.
+//!
+//! - [`volume::Volume`]: the z,y,x stack every function here takes and returns.
+//! - [`io`]: [`io::read_volume`] / [`io::write_volume`] for TIFF, folders of slices, HDF5.
+//! - [`normalize`]: percentile normalization of rln-spec.md §6.
+//! - [`psf`]: Gaussian, Gibson–Lanni, confocal and measured PSFs ([`psf::PsfSpec`], [`psf::generate`]).
+//! - [`synth`]: the authors' phantoms plus filaments, blurred and noised ([`synth::make_pair`]).
+//! - [`rl`]: FFT Richardson–Lucy with the Wiener–Butterworth back projector ([`rl::RlPlan`]).
+//! - [`metrics`]: PSNR, SSIM (scikit-image's), NRMSE, Pearson r.
+
+pub mod fft;
+#[cfg(feature = "hdf5")]
+mod hdf5_io;
+pub mod io;
+pub mod metrics;
+pub mod normalize;
+pub mod progress;
+pub mod psf;
+pub mod rl;
+pub mod synth;
+pub mod tiff_io;
+pub mod volume;
+
+pub use io::{
+    read_volume, read_volume_with, write_volume, write_volume_with, OutputDtype, ReadOptions,
+    WriteOptions,
+};
+pub use volume::Volume;

@@ -1,4 +1,6 @@
 //! Training: the loss, Adam, and (later) crops, normalization and the loop.
 
 pub mod adam;
+pub mod data;
+pub mod trainer;
 pub mod loss;

@@ -7,10 +7,10 @@
 //! G output channels is accumulated in registers over all taps and written once through
 //! the epilogue. The data gradient is the same kernel with flipped, transposed weights.
 
-use super::simd::madd;
+use super::simd::Vector;
 use super::{AddendRef, CpuEpilogue, SyncPtr};
-use crate::isa_variants;
 use crate::real::Real;
+use crate::simd_variants;
 use crate::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
@@ -22,7 +22,11 @@ fn padded_row_len(w: usize) -> usize {
 
 /// Input channels of all inputs in concatenation order: (input index, channel).
 fn channel_list<T>(inputs: &[&Tensor<T>]) -> Vec<(usize, usize)> {
-    inputs.iter().enumerate().flat_map(|(i, t)| (0..t.shape.c).map(move |c| (i, c))).collect()
+    inputs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| (0..t.shape.c).map(move |c| (i, c)))
+        .collect()
 }
 
 /// Checks that all inputs share batch and spatial size; returns it with the total channels.
@@ -39,9 +43,12 @@ fn concat_shape<T>(inputs: &[&Tensor<T>]) -> Shape {
     s0.with_c(inputs.iter().map(|t| t.shape.c).sum())
 }
 
-/// Copies the input rows that output row (n, d, h) reads into `scratch` (slot
-/// cin·9 + kd·3 + kh, zero-padded: position p holds x = p − 1) and lists the valid taps
-/// as (slot, cin·9 + kd·3 + kh).
+/// Makes the input rows that output row (n, d, h) reads available in `scratch` and lists
+/// the valid taps as (scratch row, weight slot cin·9 + kd·3 + kh).
+///
+/// Rows are zero-padded (position p holds x = p − 1) and kept in a ring of three per
+/// (cin, kd): row zh lives in scratch row (cin·3 + kd)·3 + zh mod 3. Called for h = 0,
+/// 1, 2, ... in order, each call copies only the one new row zh = h + 1 (two at h = 0).
 #[inline(always)]
 fn gather_rows<T: Real>(
     inputs: &[&Tensor<T>],
@@ -52,9 +59,10 @@ fn gather_rows<T: Real>(
     s: Shape,
     wp: usize,
     scratch: &mut [T],
-    taps: &mut Vec<u32>,
+    taps: &mut Vec<(u32, u32)>,
 ) {
     taps.clear();
+    let new_rows = if h == 0 { 0..2 } else { h + 1..h + 2 };
     for (cin, &(i, c)) in chans.iter().enumerate() {
         let plane = inputs[i].plane(n, c);
         for kd in 0..3 {
@@ -62,40 +70,57 @@ fn gather_rows<T: Real>(
             if zd < 0 || zd >= s.d as isize {
                 continue;
             }
+            let zd = zd as usize;
+            for zh in new_rows.clone() {
+                if zh < s.h {
+                    let r = (cin * 3 + kd) * 3 + zh % 3;
+                    scratch[r * wp + 1..r * wp + 1 + s.w]
+                        .copy_from_slice(&plane[(zd * s.h + zh) * s.w..][..s.w]);
+                }
+            }
             for kh in 0..3 {
                 let zh = h as isize + kh as isize - 1;
                 if zh < 0 || zh >= s.h as isize {
                     continue;
                 }
-                let slot = cin * 9 + kd * 3 + kh;
-                let row = &plane[(zd as usize * s.h + zh as usize) * s.w..][..s.w];
-                scratch[slot * wp + 1..slot * wp + 1 + s.w].copy_from_slice(row);
-                taps.push(slot as u32);
+                let r = (cin * 3 + kd) * 3 + zh as usize % 3;
+                taps.push((r as u32, (cin * 9 + kd * 3 + kh) as u32));
             }
         }
     }
 }
 
-/// Accumulates one chunk: G output channels × XB voxels starting at x0, over all taps.
-/// `wpack` holds, per tap slot, 3 (kw) × G weights.
+/// Accumulates one chunk: G output channels × NV vectors of voxels starting at x0, over
+/// all taps. `wpack` holds, per tap slot, 3 (kw) × G weights.
+///
+/// # Safety
+/// The CPU must support `V`; every tap row must hold x0 + NV·LANES + 2 values (the
+/// scratch rows are padded for chunks up to 64 wide).
 #[inline(always)]
-fn conv_chunk<T: Real, const FMA: bool, const G: usize, const XB: usize>(
+unsafe fn conv_chunk<T: Real, V: Vector<T = T>, const G: usize, const NV: usize>(
     scratch: &[T],
     wp: usize,
-    taps: &[u32],
+    taps: &[(u32, u32)],
     wpack: &[T],
     x0: usize,
-) -> [[T; XB]; G] {
-    let mut acc = [[T::zero(); XB]; G];
-    for &slot in taps {
-        let slot = slot as usize;
-        let src: &[T; 66] = scratch[slot * wp + x0..][..66].try_into().unwrap();
+) -> [[V; NV]; G] {
+    debug_assert!(NV * V::LANES <= 64);
+    let mut acc = [[V::zero(); NV]; G];
+    let sp = scratch.as_ptr();
+    for &(row, slot) in taps {
+        let (row, slot) = (row as usize, slot as usize);
+        debug_assert!(row * wp + x0 + NV * V::LANES + 2 <= scratch.len());
+        let row = sp.add(row * wp + x0);
         let wk: &[T] = &wpack[slot * 3 * G..][..3 * G];
         for kw in 0..3 {
+            let mut src = [V::zero(); NV];
+            for (j, v) in src.iter_mut().enumerate() {
+                *v = V::load(row.add(kw + j * V::LANES));
+            }
             for (co, a) in acc.iter_mut().enumerate() {
-                let wv = wk[kw * G + co];
-                for l in 0..XB {
-                    a[l] = madd::<T, FMA>(wv, src[kw + l], a[l]);
+                let w = V::splat(wk[kw * G + co]);
+                for j in 0..NV {
+                    a[j] = w.mul_add(src[j], a[j]);
                 }
             }
         }
@@ -138,7 +163,8 @@ fn pack_weights<T: Real>(weight: &[T], c_in: usize, c_out: usize) -> Vec<(usize,
             for co in 0..g {
                 for ci in 0..c_in {
                     for k in 0..27 {
-                        p[((ci * 9 + k / 3) * 3 + k % 3) * g + co] = weight[((o0 + co) * c_in + ci) * 27 + k];
+                        p[((ci * 9 + k / 3) * 3 + k % 3) * g + co] =
+                            weight[((o0 + co) * c_in + ci) * 27 + k];
                     }
                 }
             }
@@ -147,10 +173,11 @@ fn pack_weights<T: Real>(weight: &[T], c_in: usize, c_out: usize) -> Vec<(usize,
         .collect()
 }
 
+/// Applies the epilogue to a finished chunk and writes its valid voxels.
 #[inline(always)]
-fn store_chunk<T: Real, const G: usize, const XB: usize>(
+unsafe fn store_chunk<T: Real, V: Vector<T = T>, const G: usize, const NV: usize>(
     ctx: &FwdCtx<'_, T>,
-    acc: &[[T; XB]; G],
+    acc: &[[V; NV]; G],
     o0: usize,
     n: usize,
     d: usize,
@@ -159,27 +186,34 @@ fn store_chunk<T: Real, const G: usize, const XB: usize>(
     addend_row: &[T],
 ) {
     let s = ctx.s;
-    let valid = XB.min(s.w - x0);
+    let xb = NV * V::LANES;
+    let valid = xb.min(s.w - x0);
+    let mut v = [T::zero(); 64];
     for (co, a) in acc.iter().enumerate() {
         let c = o0 + co;
+        for (j, vj) in a.iter().enumerate() {
+            vj.store(v.as_mut_ptr().add(j * V::LANES));
+        }
         let (sc, sh) = (ctx.epi.scale[c], ctx.epi.shift[c]);
-        let mut v = [T::zero(); XB];
-        for l in 0..XB {
-            let mut t = a[l] * sc + sh;
-            if ctx.epi.softplus {
-                t = t.softplus();
+        let add = &addend_row[x0..x0 + xb];
+        if ctx.epi.softplus {
+            for l in 0..xb {
+                v[l] = (v[l] * sc + sh).softplus() + add[l];
             }
-            v[l] = t + addend_row[x0 + l];
+        } else {
+            for l in 0..xb {
+                v[l] = v[l] * sc + sh + add[l];
+            }
         }
         let off = ctx.out_shape.plane(n, c) + (d * s.h + h) * s.w + x0;
-        // SAFETY: each (n, d) task writes only its own rows of its own plane; off+valid
-        // stays inside the row (valid <= w - x0).
-        unsafe { ctx.out.write_slice(off, &v[..valid]) };
+        // each (n, d) task writes only its own rows of its own plane; off+valid stays
+        // inside the row (valid <= w - x0).
+        ctx.out.write_slice(off, &v[..valid]);
     }
 }
 
 #[inline(always)]
-fn fwd_task<T: Real, const FMA: bool, const WIDTH: usize>(ctx: &FwdCtx<'_, T>, nd: usize) {
+unsafe fn fwd_task<T: Real, V: Vector<T = T>>(ctx: &FwdCtx<'_, T>, nd: usize) {
     let s = ctx.s;
     let (n, d) = (nd / s.d, nd % s.d);
     let wp = padded_row_len(s.w);
@@ -187,7 +221,17 @@ fn fwd_task<T: Real, const FMA: bool, const WIDTH: usize>(ctx: &FwdCtx<'_, T>, n
     let mut taps = Vec::with_capacity(ctx.chans.len() * 9);
     let mut addend_row = vec![T::zero(); wp];
     for h in 0..s.h {
-        gather_rows(ctx.inputs, &ctx.chans, n, d, h, s, wp, &mut scratch, &mut taps);
+        gather_rows(
+            ctx.inputs,
+            &ctx.chans,
+            n,
+            d,
+            h,
+            s,
+            wp,
+            &mut scratch,
+            &mut taps,
+        );
         match ctx.epi.addend {
             AddendRef::None => {}
             AddendRef::Const(c) => addend_row.iter_mut().for_each(|v| *v = c),
@@ -201,35 +245,48 @@ fn fwd_task<T: Real, const FMA: bool, const WIDTH: usize>(ctx: &FwdCtx<'_, T>, n
         for (o0, g, wpack) in &ctx.groups {
             let mut x0 = 0;
             while x0 < s.w {
-                // chunk widths: ~128 accumulators per chunk, fewer lanes when W is small
+                // NV vectors per channel: enough independent accumulators to hide the
+                // FMA latency, few enough to stay in registers (32 with AVX-512, 16 with AVX2)
                 macro_rules! run {
-                    ($g:literal, $xb:literal) => {{
-                        let acc = conv_chunk::<T, FMA, $g, $xb>(&scratch, wp, &taps, wpack, x0);
-                        store_chunk::<T, $g, $xb>(ctx, &acc, *o0, n, d, h, x0, &addend_row);
-                        x0 += $xb;
+                    ($g:literal, $nv:literal) => {{
+                        let acc = conv_chunk::<T, V, $g, $nv>(&scratch, wp, &taps, wpack, x0);
+                        store_chunk::<T, V, $g, $nv>(ctx, &acc, *o0, n, d, h, x0, &addend_row);
+                        x0 += $nv * V::LANES;
                     }};
                 }
-                match (*g, WIDTH) {
-                    (8, 16) => run!(8, 16),
-                    (8, _) => run!(8, 8),
-                    (4, 16) => run!(4, 32),
-                    (4, _) => run!(4, 16),
-                    (2, 16) => run!(2, 32),
-                    (2, _) => run!(2, 16),
-                    (_, 16) => run!(1, 32),
-                    _ => run!(1, 16),
+                match (*g, V::LANES) {
+                    (8, 16) => run!(8, 2),
+                    (8, 8) => run!(8, 1),
+                    (8, _) => run!(8, 4),
+                    (4, 16) | (4, 8) => run!(4, 2),
+                    (4, _) => run!(4, 4),
+                    (2, 1) => run!(2, 4),
+                    (2, _) => run!(2, 4),
+                    (_, 16) => run!(1, 4),
+                    _ => run!(1, 8),
                 }
             }
         }
     }
 }
 
-isa_variants!(fn fwd_task_dispatch<T>(ctx: &FwdCtx<'_, T>, nd: usize) -> () => fwd_task, wide = 16, narrow = 8);
+simd_variants!(fn fwd_task_dispatch<T>(ctx: &FwdCtx<'_, T>, nd: usize) -> () => fwd_task);
 
 /// conv3 forward with a fused epilogue. `weight` is [c_out][Σ c_in][3][3][3].
-pub fn conv3_forward<T: Real>(inputs: &[&Tensor<T>], weight: &[T], c_out: usize, epi: &CpuEpilogue<'_, T>) -> Tensor<T> {
+pub fn conv3_forward<T: Real>(
+    inputs: &[&Tensor<T>],
+    weight: &[T],
+    c_out: usize,
+    epi: &CpuEpilogue<'_, T>,
+) -> Tensor<T> {
     let s = concat_shape(inputs);
-    assert_eq!(weight.len(), c_out * s.c * 27, "conv3 weight has {} values, expected {c_out}×{}×27", weight.len(), s.c);
+    assert_eq!(
+        weight.len(),
+        c_out * s.c * 27,
+        "conv3 weight has {} values, expected {c_out}×{}×27",
+        weight.len(),
+        s.c
+    );
     let out_shape = s.with_c(c_out);
     let mut out = Tensor::<T>::zeros(out_shape);
     let ctx = FwdCtx {
@@ -243,13 +300,20 @@ pub fn conv3_forward<T: Real>(inputs: &[&Tensor<T>], weight: &[T], c_out: usize,
         out_shape,
     };
     debug_assert!(ctx.c_out == epi.scale.len());
-    (0..s.n * s.d).into_par_iter().for_each(|nd| fwd_task_dispatch(&ctx, nd));
+    (0..s.n * s.d)
+        .into_par_iter()
+        .for_each(|nd| fwd_task_dispatch(&ctx, nd));
     out
 }
 
 /// Gradient with respect to the inputs whose `needed` flag is set: each is the
 /// correlation of dz with the flipped weights, transposed in (in, out).
-pub fn conv3_backward_data<T: Real>(dz: &Tensor<T>, weight: &[T], c_in: &[usize], needed: &[bool]) -> Vec<Option<Tensor<T>>> {
+pub fn conv3_backward_data<T: Real>(
+    dz: &Tensor<T>,
+    weight: &[T],
+    c_in: &[usize],
+    needed: &[bool],
+) -> Vec<Option<Tensor<T>>> {
     let c_out = dz.shape.c;
     let c_total: usize = c_in.iter().sum();
     assert_eq!(weight.len(), c_out * c_total * 27);
@@ -262,7 +326,8 @@ pub fn conv3_backward_data<T: Real>(dz: &Tensor<T>, weight: &[T], c_in: &[usize]
             for i in 0..cs {
                 for o in 0..c_out {
                     for k in 0..27 {
-                        wt[(i * c_out + o) * 27 + k] = weight[(o * c_total + offset + i) * 27 + 26 - k];
+                        wt[(i * c_out + o) * 27 + k] =
+                            weight[(o * c_total + offset + i) * 27 + 26 - k];
                     }
                 }
             }
@@ -284,80 +349,151 @@ struct WgradCtx<'a, T> {
     s: Shape,
 }
 
-/// Weight gradient of the (n, d) tasks in `range`, summed in a fixed order (so results
-/// do not depend on the thread count): [c_out][c_in][27] in f64.
+/// Accumulates, for one tap row and output channels o0..o0+G, the lane partial sums
+/// Σ_x dz[co][x]·src[x + kw] into `accv` ([slot][kw][c_out][LANES]).
+///
+/// # Safety
+/// The CPU must support `V`; `src` and the dz scratch rows must hold chunks·LANES + 2
+/// and chunks·LANES values.
 #[inline(always)]
-fn wgrad_group<T: Real, const FMA: bool, const WIDTH: usize>(ctx: &WgradCtx<'_, T>, range: std::ops::Range<usize>) -> Vec<f64> {
-    match WIDTH {
-        16 => wgrad_group_g::<T, FMA, 4, 16>(ctx, range),
-        _ => wgrad_group_g::<T, FMA, 2, 8>(ctx, range),
+unsafe fn wgrad_tap<T: Real, V: Vector<T = T>, const G: usize>(
+    src: *const T,
+    dzs: *const T,
+    wp: usize,
+    accv: &mut [T],
+    slot: usize,
+    c_out: usize,
+    o0: usize,
+    chunks: usize,
+) {
+    let l = V::LANES;
+    let base = |kw: usize, g: usize| ((slot * 3 + kw) * c_out + o0 + g) * l;
+    let mut acc = [[V::zero(); G]; 3];
+    for (kw, a) in acc.iter_mut().enumerate() {
+        for (g, v) in a.iter_mut().enumerate() {
+            *v = V::load(accv[base(kw, g)..][..l].as_ptr());
+        }
+    }
+    for ch in 0..chunks {
+        let x0 = ch * l;
+        let s = [
+            V::load(src.add(x0)),
+            V::load(src.add(x0 + 1)),
+            V::load(src.add(x0 + 2)),
+        ];
+        for g in 0..G {
+            let dz = V::load(dzs.add((o0 + g) * wp + x0));
+            for kw in 0..3 {
+                acc[kw][g] = dz.mul_add(s[kw], acc[kw][g]);
+            }
+        }
+    }
+    for (kw, a) in acc.iter().enumerate() {
+        for (g, v) in a.iter().enumerate() {
+            v.store(accv[base(kw, g)..][..l].as_mut_ptr());
+        }
     }
 }
 
+/// Weight gradient of the (n, d) tasks in `range`, summed in a fixed order (so results
+/// do not depend on the thread count): [c_out][c_in][27] in f64.
 #[inline(always)]
-fn wgrad_group_g<T: Real, const FMA: bool, const G: usize, const XB: usize>(
+unsafe fn wgrad_group<T: Real, V: Vector<T = T>>(
     ctx: &WgradCtx<'_, T>,
     range: std::ops::Range<usize>,
 ) -> Vec<f64> {
     let s = ctx.s;
     let c_in = ctx.chans.len();
     let c_out = ctx.dz.shape.c;
+    let l = V::LANES;
     let wp = padded_row_len(s.w);
     let mut scratch = vec![T::zero(); c_in * 9 * wp];
     let mut dzs = vec![T::zero(); c_out * wp];
     let mut taps = Vec::with_capacity(c_in * 9);
-    // lane accumulators [slot][kw][c_out][XB], reduced to f64 at the end of the group
-    let mut accv = vec![T::zero(); c_in * 9 * 3 * c_out * XB];
-    let chunks = s.w.div_ceil(XB);
+    let mut accv = vec![T::zero(); c_in * 9 * 3 * c_out * l];
+    let chunks = s.w.div_ceil(l);
+    // output channels per pass: 3·G accumulators + 4 loads must fit the register file
+    let g_main = match l {
+        16 => 8,
+        8 => 4,
+        _ => 2,
+    };
     for nd in range {
         let (n, d) = (nd / s.d, nd % s.d);
         for h in 0..s.h {
-            gather_rows(ctx.inputs, &ctx.chans, n, d, h, s, wp, &mut scratch, &mut taps);
+            gather_rows(
+                ctx.inputs,
+                &ctx.chans,
+                n,
+                d,
+                h,
+                s,
+                wp,
+                &mut scratch,
+                &mut taps,
+            );
             for co in 0..c_out {
                 let row = &ctx.dz.plane(n, co)[(d * s.h + h) * s.w..][..s.w];
                 dzs[co * wp..co * wp + s.w].copy_from_slice(row);
             }
-            for &slot in &taps {
+            for &(row, slot) in &taps {
                 let slot = slot as usize;
-                let src = &scratch[slot * wp..][..wp];
+                let src = scratch.as_ptr().add(row as usize * wp);
                 let mut o0 = 0;
-                while o0 + G <= c_out {
-                    let mut acc = [[[T::zero(); XB]; G]; 3];
-                    for (kw, a) in acc.iter_mut().enumerate() {
-                        for (g, ag) in a.iter_mut().enumerate() {
-                            ag.copy_from_slice(&accv[((slot * 3 + kw) * c_out + o0 + g) * XB..][..XB]);
-                        }
+                while o0 < c_out {
+                    let left = c_out - o0;
+                    let step = if left >= g_main {
+                        g_main
+                    } else if left >= 4 {
+                        4
+                    } else if left >= 2 {
+                        2
+                    } else {
+                        1
+                    };
+                    match step {
+                        8 => wgrad_tap::<T, V, 8>(
+                            src,
+                            dzs.as_ptr(),
+                            wp,
+                            &mut accv,
+                            slot,
+                            c_out,
+                            o0,
+                            chunks,
+                        ),
+                        4 => wgrad_tap::<T, V, 4>(
+                            src,
+                            dzs.as_ptr(),
+                            wp,
+                            &mut accv,
+                            slot,
+                            c_out,
+                            o0,
+                            chunks,
+                        ),
+                        2 => wgrad_tap::<T, V, 2>(
+                            src,
+                            dzs.as_ptr(),
+                            wp,
+                            &mut accv,
+                            slot,
+                            c_out,
+                            o0,
+                            chunks,
+                        ),
+                        _ => wgrad_tap::<T, V, 1>(
+                            src,
+                            dzs.as_ptr(),
+                            wp,
+                            &mut accv,
+                            slot,
+                            c_out,
+                            o0,
+                            chunks,
+                        ),
                     }
-                    for ch in 0..chunks {
-                        let x0 = ch * XB;
-                        let xs: &[T; 66] = src[x0..][..66].try_into().unwrap();
-                        for g in 0..G {
-                            let dzr: &[T; XB] = dzs[(o0 + g) * wp + x0..][..XB].try_into().unwrap();
-                            for kw in 0..3 {
-                                for l in 0..XB {
-                                    acc[kw][g][l] = madd::<T, FMA>(dzr[l], xs[kw + l], acc[kw][g][l]);
-                                }
-                            }
-                        }
-                    }
-                    for (kw, a) in acc.iter().enumerate() {
-                        for (g, ag) in a.iter().enumerate() {
-                            accv[((slot * 3 + kw) * c_out + o0 + g) * XB..][..XB].copy_from_slice(ag);
-                        }
-                    }
-                    o0 += G;
-                }
-                // leftover output channels (c_out not a multiple of G): one at a time
-                for co in o0..c_out {
-                    for kw in 0..3 {
-                        let a = &mut accv[((slot * 3 + kw) * c_out + co) * XB..][..XB];
-                        for ch in 0..chunks {
-                            let x0 = ch * XB;
-                            for l in 0..XB {
-                                a[l] = madd::<T, FMA>(dzs[co * wp + x0 + l], src[x0 + kw + l], a[l]);
-                            }
-                        }
-                    }
+                    o0 += step;
                 }
             }
         }
@@ -367,7 +503,7 @@ fn wgrad_group_g<T: Real, const FMA: bool, const G: usize, const XB: usize>(
         let (cin, kdkh) = (slot / 9, slot % 9);
         for kw in 0..3 {
             for co in 0..c_out {
-                let lanes = &accv[((slot * 3 + kw) * c_out + co) * XB..][..XB];
+                let lanes = &accv[((slot * 3 + kw) * c_out + co) * l..][..l];
                 dw[(co * c_in + cin) * 27 + kdkh * 3 + kw] = lanes.iter().map(|v| v.f64()).sum();
             }
         }
@@ -375,7 +511,7 @@ fn wgrad_group_g<T: Real, const FMA: bool, const G: usize, const XB: usize>(
     dw
 }
 
-isa_variants!(fn wgrad_dispatch<T>(ctx: &WgradCtx<'_, T>, range: std::ops::Range<usize>) -> Vec<f64> => wgrad_group, wide = 16, narrow = 8);
+simd_variants!(fn wgrad_dispatch<T>(ctx: &WgradCtx<'_, T>, range: std::ops::Range<usize>) -> Vec<f64> => wgrad_group);
 
 /// Number of fixed work groups of the reductions: the summation order depends on it,
 /// never on the thread count.
@@ -385,8 +521,18 @@ pub(crate) const REDUCTION_GROUPS: usize = 64;
 /// Result layout [c_out][Σ c_in][3][3][3].
 pub fn conv3_backward_weight<T: Real>(inputs: &[&Tensor<T>], dz: &Tensor<T>) -> Vec<f64> {
     let s = concat_shape(inputs);
-    assert!(dz.shape.n == s.n && dz.shape.dims() == s.dims(), "conv3 weight gradient: dz {} vs input {}", dz.shape, s);
-    let ctx = WgradCtx { inputs, chans: channel_list(inputs), dz, s };
+    assert!(
+        dz.shape.n == s.n && dz.shape.dims() == s.dims(),
+        "conv3 weight gradient: dz {} vs input {}",
+        dz.shape,
+        s
+    );
+    let ctx = WgradCtx {
+        inputs,
+        chans: channel_list(inputs),
+        dz,
+        s,
+    };
     let tasks = s.n * s.d;
     let groups = REDUCTION_GROUPS.min(tasks);
     let partials: Vec<Vec<f64>> = (0..groups)

@@ -2,54 +2,99 @@
 //! out[2i+a, 2j+b, 2k+c, o] = Σ_in t[i, j, k, in] · W[in, o, a, b, c].
 //! It is about 1% of the network's arithmetic, so the loops are plain.
 
-use super::{CpuEpilogue, SyncPtr, AddendRef};
+use super::{AddendRef, CpuEpilogue, SyncPtr};
+use crate::isa_variants;
 use crate::real::Real;
 use crate::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
-pub fn up2_forward<T: Real>(x: &Tensor<T>, weight: &[T], c_out: usize, epi: &CpuEpilogue<'_, T>) -> Tensor<T> {
+struct Up2Ctx<'a, T> {
+    x: &'a Tensor<T>,
+    weight: &'a [T],
+    c_out: usize,
+    epi: &'a CpuEpilogue<'a, T>,
+    out: SyncPtr<T>,
+    os: Shape,
+}
+
+/// One output plane (n, od) of up2 with its epilogue.
+#[inline(always)]
+fn up2_task<T: Real, const FMA: bool, const W: usize>(c: &Up2Ctx<'_, T>, t: usize) {
+    let (s, os) = (c.x.shape, c.os);
+    let (n, od) = (t / os.d, t % os.d);
+    let (i, a) = (od / 2, od % 2);
+    let mut even = vec![T::zero(); s.w];
+    let mut odd = vec![T::zero(); s.w];
+    let mut row = vec![T::zero(); os.w];
+    for oh in 0..os.h {
+        let (j, b) = (oh / 2, oh % 2);
+        for o in 0..c.c_out {
+            even.iter_mut().for_each(|v| *v = T::zero());
+            odd.iter_mut().for_each(|v| *v = T::zero());
+            for c_in in 0..s.c {
+                let src = &c.x.plane(n, c_in)[(i * s.h + j) * s.w..][..s.w];
+                let w0 = c.weight[((c_in * c.c_out + o) * 2 + a) * 4 + b * 2];
+                let w1 = c.weight[((c_in * c.c_out + o) * 2 + a) * 4 + b * 2 + 1];
+                for k in 0..s.w {
+                    even[k] += src[k] * w0;
+                    odd[k] += src[k] * w1;
+                }
+            }
+            let (sc, sh) = (c.epi.scale[o], c.epi.shift[o]);
+            for v in even.iter_mut().chain(odd.iter_mut()) {
+                *v = *v * sc + sh;
+            }
+            if c.epi.softplus {
+                for v in even.iter_mut().chain(odd.iter_mut()) {
+                    *v = v.softplus();
+                }
+            }
+            for k in 0..s.w {
+                row[2 * k] = even[k];
+                row[2 * k + 1] = odd[k];
+            }
+            match c.epi.addend {
+                AddendRef::None => {}
+                AddendRef::Const(v) => row.iter_mut().for_each(|r| *r += v),
+                AddendRef::SoftplusOf(ad) => {
+                    let arow = &ad.plane(n, 0)[(od * os.h + oh) * os.w..][..os.w];
+                    for (r, &v) in row.iter_mut().zip(arow) {
+                        *r += v.softplus();
+                    }
+                }
+            }
+            // SAFETY: plane (n, o), row (od, oh) belongs to this task alone.
+            unsafe {
+                c.out
+                    .write_slice(os.plane(n, o) + (od * os.h + oh) * os.w, &row)
+            };
+        }
+    }
+}
+
+isa_variants!(fn up2_task_dispatch<T>(c: &Up2Ctx<'_, T>, t: usize) -> () => up2_task, wide = 16, narrow = 8);
+
+pub fn up2_forward<T: Real>(
+    x: &Tensor<T>,
+    weight: &[T],
+    c_out: usize,
+    epi: &CpuEpilogue<'_, T>,
+) -> Tensor<T> {
     let s = x.shape;
-    let ci = s.c;
-    assert_eq!(weight.len(), ci * c_out * 8);
+    assert_eq!(weight.len(), s.c * c_out * 8);
     let os = Shape::new(s.n, c_out, 2 * s.d, 2 * s.h, 2 * s.w);
     let mut out = Tensor::<T>::zeros(os);
-    let ptr = SyncPtr::new(&mut out.data);
-    // task: one output plane (n, od); each writes only its own rows
-    (0..s.n * os.d).into_par_iter().for_each(|t| {
-        let (n, od) = (t / os.d, t % os.d);
-        let (i, a) = (od / 2, od % 2);
-        let mut row = vec![T::zero(); os.w];
-        for oh in 0..os.h {
-            let (j, b) = (oh / 2, oh % 2);
-            for o in 0..c_out {
-                row.iter_mut().for_each(|v| *v = T::zero());
-                for c_in in 0..ci {
-                    let src = &x.plane(n, c_in)[(i * s.h + j) * s.w..][..s.w];
-                    let w0 = weight[((c_in * c_out + o) * 2 + a) * 4 + b * 2];
-                    let w1 = weight[((c_in * c_out + o) * 2 + a) * 4 + b * 2 + 1];
-                    for k in 0..s.w {
-                        row[2 * k] += src[k] * w0;
-                        row[2 * k + 1] += src[k] * w1;
-                    }
-                }
-                let (sc, sh) = (epi.scale[o], epi.shift[o]);
-                for (ox, v) in row.iter_mut().enumerate() {
-                    let mut t = *v * sc + sh;
-                    if epi.softplus {
-                        t = t.softplus();
-                    }
-                    t += match epi.addend {
-                        AddendRef::None => T::zero(),
-                        AddendRef::Const(c) => c,
-                        AddendRef::SoftplusOf(a) => a.plane(n, 0)[(od * os.h + oh) * os.w + ox].softplus(),
-                    };
-                    *v = t;
-                }
-                // SAFETY: plane (n, o), row (od, oh) belongs to this task alone.
-                unsafe { ptr.write_slice(os.plane(n, o) + (od * os.h + oh) * os.w, &row) };
-            }
-        }
-    });
+    let ctx = Up2Ctx {
+        x,
+        weight,
+        c_out,
+        epi,
+        out: SyncPtr::new(&mut out.data),
+        os,
+    };
+    (0..s.n * os.d)
+        .into_par_iter()
+        .for_each(|t| up2_task_dispatch(&ctx, t));
     out
 }
 
@@ -69,7 +114,8 @@ pub fn up2_backward_data<T: Real>(dz: &Tensor<T>, weight: &[T], c_in: usize) -> 
                 for o in 0..c_out {
                     for a in 0..2 {
                         for b in 0..2 {
-                            let src = &dz.plane(n, o)[((2 * i + a) * os.h + 2 * j + b) * os.w..][..os.w];
+                            let src =
+                                &dz.plane(n, o)[((2 * i + a) * os.h + 2 * j + b) * os.w..][..os.w];
                             let w0 = weight[((ci * c_out + o) * 2 + a) * 4 + b * 2];
                             let w1 = weight[((ci * c_out + o) * 2 + a) * 4 + b * 2 + 1];
                             for k in 0..s.w {
@@ -107,7 +153,8 @@ pub fn up2_backward_weight<T: Real>(x: &Tensor<T>, dz: &Tensor<T>) -> Vec<f64> {
                                 let (mut s0, mut s1) = (T::zero(), T::zero());
                                 for j in 0..s.h {
                                     let src = &x.plane(n, c_in)[(i * s.h + j) * s.w..][..s.w];
-                                    let d = &dz.plane(n, o)[((2 * i + a) * os.h + 2 * j + b) * os.w..][..os.w];
+                                    let d = &dz.plane(n, o)
+                                        [((2 * i + a) * os.h + 2 * j + b) * os.w..][..os.w];
                                     for k in 0..s.w {
                                         s0 += src[k] * d[2 * k];
                                         s1 += src[k] * d[2 * k + 1];

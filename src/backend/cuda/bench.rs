@@ -32,7 +32,15 @@ pub struct BenchOptions {
 impl BenchOptions {
     /// 256³, batch 1, 5 warm-up passes, 30 timed.
     pub fn new(cuda: CudaOptions) -> Self {
-        BenchOptions { cuda, dims: [1, 256, 256, 256], warmup: 5, reps: 30, seed: 1, per_kernel: true, host_to_host: true }
+        BenchOptions {
+            cuda,
+            dims: [1, 256, 256, 256],
+            warmup: 5,
+            reps: 30,
+            seed: 1,
+            per_kernel: true,
+            host_to_host: true,
+        }
     }
 }
 
@@ -91,7 +99,12 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     let [n, d, h, w] = o.dims;
     let shape = Shape::new(n, 1, d, h, w);
     let mut rng = ChaCha8Rng::seed_from_u64(o.seed + 1);
-    let x = Tensor::from_vec(shape, (0..shape.len()).map(|_| rng.random_range(0.0f32..1.0)).collect())?;
+    let x = Tensor::from_vec(
+        shape,
+        (0..shape.len())
+            .map(|_| rng.random_range(0.0f32..1.0))
+            .collect(),
+    )?;
     let padded = crate::backend::cpu::pointwise::pad_even(&x);
     let ps = padded.shape;
     let dims = [ps.n, ps.d, ps.h, ps.w];
@@ -110,13 +123,17 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
         end.record(&dev.compute).check("recording an event")?;
         times.push(start.elapsed_ms(&end).check("timing a forward pass")? as f64);
     }
-    let (min_ms, max_ms) = times.iter().fold((f64::MAX, 0.0f64), |(a, b), &t| (a.min(t), b.max(t)));
+    let (min_ms, max_ms) = times
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(a, b), &t| (a.min(t), b.max(t)));
     let median_ms = median(&mut times);
     let voxels = shape.len() as f64;
 
     let mut y = vec![0f32; ps.len()];
     dev.copy_dtoh(&dev.compute, &mut y, yb, "the benchmark output")?;
-    dev.compute.synchronize().check("copying the benchmark output")?;
+    dev.compute
+        .synchronize()
+        .check("copying the benchmark output")?;
     let nonfinite = y.iter().filter(|v| !v.is_finite()).count();
 
     let mut kernels = Vec::new();
@@ -132,9 +149,19 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
                 per[i].1.push(ms);
             }
         }
-        let meds: Vec<(String, f64)> = per.into_iter().map(|(k, mut v)| (k, median(&mut v))).collect();
+        let meds: Vec<(String, f64)> = per
+            .into_iter()
+            .map(|(k, mut v)| (k, median(&mut v)))
+            .collect();
         let total: f64 = meds.iter().map(|(_, m)| m).sum();
-        kernels = meds.into_iter().map(|(kernel, median_ms)| KernelTime { kernel, median_ms, share: median_ms / total }).collect();
+        kernels = meds
+            .into_iter()
+            .map(|(kernel, median_ms)| KernelTime {
+                kernel,
+                median_ms,
+                share: median_ms / total,
+            })
+            .collect();
     }
     let peak_mem_bytes = dev.mem_stats().peak();
 
@@ -164,7 +191,11 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
         nonfinite,
         kernels,
         host_to_host_voxels_per_s,
-        modules: dev.module_sources.iter().map(|(a, b)| (a.clone(), b.to_string())).collect(),
+        modules: dev
+            .module_sources
+            .iter()
+            .map(|(a, b)| (a.clone(), b.to_string()))
+            .collect(),
     })
 }
 
@@ -174,7 +205,11 @@ impl BenchReport {
         use std::fmt::Write as _;
         let mut s = String::new();
         let [n, d, h, w] = self.dims;
-        let _ = writeln!(s, "{} {}  {n}×{d}×{h}×{w}: median {:.2} ms (min {:.2}, max {:.2}, {} reps)", self.device, self.mode, self.median_ms, self.min_ms, self.max_ms, self.reps);
+        let _ = writeln!(
+            s,
+            "{} {}  {n}×{d}×{h}×{w}: median {:.2} ms (min {:.2}, max {:.2}, {} reps)",
+            self.device, self.mode, self.median_ms, self.min_ms, self.max_ms, self.reps
+        );
         let _ = writeln!(
             s,
             "  {:.3} Gvoxel/s, {:.1} TFLOP/s useful, peak memory {:.0} MiB, non-finite outputs {}",
@@ -184,10 +219,20 @@ impl BenchReport {
             self.nonfinite
         );
         if let Some(v) = self.host_to_host_voxels_per_s {
-            let _ = writeln!(s, "  host-to-host (padding, copies, forward): {:.3} Gvoxel/s", v * 1e-9);
+            let _ = writeln!(
+                s,
+                "  host-to-host (padding, copies, forward): {:.3} Gvoxel/s",
+                v * 1e-9
+            );
         }
         for k in &self.kernels {
-            let _ = writeln!(s, "  {:<26} {:>8.3} ms {:>5.1}%", k.kernel, k.median_ms, 100.0 * k.share);
+            let _ = writeln!(
+                s,
+                "  {:<26} {:>8.3} ms {:>5.1}%",
+                k.kernel,
+                k.median_ms,
+                100.0 * k.share
+            );
         }
         s
     }

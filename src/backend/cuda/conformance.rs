@@ -20,7 +20,10 @@ fn read_volume(file: &TensorFile, key: &str) -> Result<Tensor<f32>> {
             let data: Vec<f32> = t.data.iter().map(|&v| v as f32).collect();
             Tensor::from_ndhwc(Shape::new(*n, 1, *d, *h, *w), &data)
         }
-        s => Err(Error::format(&file.path, format!("'{key}' has shape {s:?}; expected [N, D, H, W, 1]"))),
+        s => Err(Error::format(
+            &file.path,
+            format!("'{key}' has shape {s:?}; expected [N, D, H, W, 1]"),
+        )),
     }
 }
 
@@ -31,14 +34,27 @@ pub fn run_infer(model: &Model<f32>, vectors: &Path, opts: CudaOptions) -> Resul
     let x = read_volume(&file, "input")?;
     let mut net = CudaNet::new(CudaDevice::open(opts.device)?, model, opts)?;
     let out = net.predict_host(&x, true)?;
-    let tol = if opts.is_f16() { TOL_INFER_F16 } else { TOL_INFER };
+    let tol = if opts.is_f16() {
+        TOL_INFER_F16
+    } else {
+        TOL_INFER
+    };
     let mut rows = Vec::new();
-    for (k, t) in [("prediction", Some(&out.prediction)), ("e1_raw", out.e1_raw.as_ref()), ("e2_raw", out.e2_raw.as_ref())] {
+    for (k, t) in [
+        ("prediction", Some(&out.prediction)),
+        ("e1_raw", out.e1_raw.as_ref()),
+        ("e2_raw", out.e2_raw.as_ref()),
+    ] {
         let key = format!("infer.{k}");
         let want = read_volume(&file, &key)?;
         let got = t.expect("raw outputs requested");
         let e = rel_l2(&got.data, &want.data);
-        rows.push(Row { key, rel_err: e, tol, pass: e <= tol });
+        rows.push(Row {
+            key,
+            rel_err: e,
+            tol,
+            pass: e <= tol,
+        });
     }
     Ok(rows)
 }

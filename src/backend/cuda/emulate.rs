@@ -81,7 +81,10 @@ fn epilogue_voxel(a: &EmuArgs, o: &mut EmuOut, vox: usize, z: &[f32]) {
 fn new_out(a: &EmuArgs) -> EmuOut {
     let vox = a.n * a.d * a.h * a.w;
     let oc = if a.epi == Epi::Sp { a.c_out } else { 1 };
-    EmuOut { out: vec![f32::NAN; vox * oc], raw: vec![f32::NAN; vox] }
+    EmuOut {
+        out: vec![f32::NAN; vox * oc],
+        raw: vec![f32::NAN; vox],
+    }
 }
 
 /// conv3_ffma (conv3_ffma.cuh), every block and thread.
@@ -120,10 +123,21 @@ pub fn conv3_ffma(a: &EmuArgs, f: &FoldedConv) -> EmuOut {
                         let r = p - sz * (SY * SX);
                         let sy = r / SX;
                         let sx = r - sy * SX;
-                        let (gz_, gy_, gx_) = ((z0 + sz) as isize - 1, (y0 + sy) as isize - 1, (x0 + sx) as isize - 1);
+                        let (gz_, gy_, gx_) = (
+                            (z0 + sz) as isize - 1,
+                            (y0 + sy) as isize - 1,
+                            (x0 + sx) as isize - 1,
+                        );
                         let mut v = 0.0;
-                        if gz_ >= 0 && (gz_ as usize) < a.d && gy_ >= 0 && (gy_ as usize) < a.h && gx_ >= 0 && (gx_ as usize) < a.w {
-                            let vox = ((n * a.d + gz_ as usize) * a.h + gy_ as usize) * a.w + gx_ as usize;
+                        if gz_ >= 0
+                            && (gz_ as usize) < a.d
+                            && gy_ >= 0
+                            && (gy_ as usize) < a.h
+                            && gx_ >= 0
+                            && (gx_ as usize) < a.w
+                        {
+                            let vox = ((n * a.d + gz_ as usize) * a.h + gy_ as usize) * a.w
+                                + gx_ as usize;
                             v = a.load_concat(vox, c0 + cc);
                         }
                         sin[cc * CS + sz * PS + sy * RS + sx] = v;
@@ -141,7 +155,8 @@ pub fn conv3_ffma(a: &EmuArgs, f: &FoldedConv) -> EmuOut {
                                         let wk = wc + ((kz * 3 + ky) * 3 + kx) * cout;
                                         for c in 0..cout {
                                             for v in 0..VX {
-                                                acc[c][v] = sw[wk + c].mul_add(inp[v + kx], acc[c][v]);
+                                                acc[c][v] =
+                                                    sw[wk + c].mul_add(inp[v + kx], acc[c][v]);
                                             }
                                         }
                                     }
@@ -186,7 +201,11 @@ fn ldmatrix_x4(smem: &[u16], addr: &[u32; 32]) -> [[u32; 4]; 32] {
     for (l, regs) in out.iter_mut().enumerate() {
         for (i, reg) in regs.iter_mut().enumerate() {
             let row_addr = addr[8 * i + l / 4] as usize;
-            assert_eq!(row_addr % 16, 0, "ldmatrix row address must be 16-byte aligned");
+            assert_eq!(
+                row_addr % 16,
+                0,
+                "ldmatrix row address must be 16-byte aligned"
+            );
             let e = row_addr / 2 + 2 * (l % 4);
             *reg = smem[e] as u32 | (smem[e + 1] as u32) << 16;
         }
@@ -262,9 +281,20 @@ pub fn conv3_mma(a: &EmuArgs, f: &FoldedConv) -> EmuOut {
                         let r = p - sz * (SY * SX);
                         let sy = r / SX;
                         let sx = r - sy * SX;
-                        let (gz_, gy_, gx_) = ((z0 + sz) as isize - 1, (y0 + sy) as isize - 1, (x0 + sx) as isize - 1);
-                        if gz_ >= 0 && (gz_ as usize) < a.d && gy_ >= 0 && (gy_ as usize) < a.h && gx_ >= 0 && (gx_ as usize) < a.w {
-                            let vox = ((n * a.d + gz_ as usize) * a.h + gy_ as usize) * a.w + gx_ as usize;
+                        let (gz_, gy_, gx_) = (
+                            (z0 + sz) as isize - 1,
+                            (y0 + sy) as isize - 1,
+                            (x0 + sx) as isize - 1,
+                        );
+                        if gz_ >= 0
+                            && (gz_ as usize) < a.d
+                            && gy_ >= 0
+                            && (gy_ as usize) < a.h
+                            && gx_ >= 0
+                            && (gx_ as usize) < a.w
+                        {
+                            let vox = ((n * a.d + gz_ as usize) * a.h + gy_ as usize) * a.w
+                                + gx_ as usize;
                             for (c, v) in ch.iter_mut().enumerate().take(cin) {
                                 *v = f2h(a.load_concat(vox, c));
                             }
@@ -300,8 +330,14 @@ pub fn conv3_mma(a: &EmuArgs, f: &FoldedConv) -> EmuOut {
                                         lane_addr[lane] + ((row_off + tapoff(kc)) * vs * 2) as u32
                                     } else {
                                         let (t0, t1) = (2 * kc, 2 * kc + 1);
-                                        let a0 = lane_addr[lane] + ((row_off + tapoff(t0)) * vs * 2) as u32;
-                                        let a1 = if t1 < 27 { lane_addr[lane] + ((row_off + tapoff(t1)) * vs * 2) as u32 } else { zero_addr };
+                                        let a0 = lane_addr[lane]
+                                            + ((row_off + tapoff(t0)) * vs * 2) as u32;
+                                        let a1 = if t1 < 27 {
+                                            lane_addr[lane]
+                                                + ((row_off + tapoff(t1)) * vs * 2) as u32
+                                        } else {
+                                            zero_addr
+                                        };
                                         if khalf == 1 {
                                             a1
                                         } else {
@@ -348,27 +384,39 @@ pub fn out_tensor(o: &EmuOut, a: &EmuArgs) -> StageOut {
     let shape = Shape::new(a.n, oc, a.d, a.h, a.w);
     let raw = matches!(a.epi, Epi::Update | Epi::UpdatePlus1)
         .then(|| from_channels_last(shape.with_c(1), &o.raw).unwrap());
-    StageOut { out: from_channels_last(shape, &o.out).unwrap(), raw }
+    StageOut {
+        out: from_channels_last(shape, &o.out).unwrap(),
+        raw,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::cuda::launch::{conv_kernel, CONV_KERNELS};
+    use crate::backend::cuda::random_model;
     use crate::backend::cuda::twin::conv_stage;
     use crate::backend::cuda::weights::{fold_conv, post_bn};
-    use crate::backend::cuda::random_model;
     use crate::model::{Model, L};
     use crate::tensor::rel_l2;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
     fn random(shape: Shape, lo: f32, hi: f32, rng: &mut ChaCha8Rng) -> Tensor<f32> {
-        Tensor::from_vec(shape, (0..shape.len()).map(|_| rng.random_range(lo..hi)).collect()).unwrap()
+        Tensor::from_vec(
+            shape,
+            (0..shape.len()).map(|_| rng.random_range(lo..hi)).collect(),
+        )
+        .unwrap()
     }
 
     /// Random inputs for layer `l`'s stage: activations in (0, 2), the aux operand in (0, 1).
-    fn stage_inputs(l: L, s: Shape, round_f16: bool, rng: &mut ChaCha8Rng) -> (Vec<Tensor<f32>>, Option<Tensor<f32>>) {
+    fn stage_inputs(
+        l: L,
+        s: Shape,
+        round_f16: bool,
+        rng: &mut ChaCha8Rng,
+    ) -> (Vec<Tensor<f32>>, Option<Tensor<f32>>) {
         let k = conv_kernel(l);
         let inputs = k
             .inputs
@@ -377,7 +425,14 @@ mod tests {
                 let t = random(s.with_c(c), 0.0, 2.0, rng);
                 if round_f16 && c > 1 {
                     let shape = t.shape;
-                    Tensor { shape, data: t.data.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect() }
+                    Tensor {
+                        shape,
+                        data: t
+                            .data
+                            .iter()
+                            .map(|&v| half::f16::from_f32(v).to_f32())
+                            .collect(),
+                    }
                 } else {
                     t
                 }
@@ -387,7 +442,13 @@ mod tests {
         (inputs, aux)
     }
 
-    fn args<'a>(model: &Model<f32>, l: L, cl: &'a [(Vec<f32>, usize)], aux: Option<&'a [f32]>, s: Shape) -> EmuArgs<'a> {
+    fn args<'a>(
+        model: &Model<f32>,
+        l: L,
+        cl: &'a [(Vec<f32>, usize)],
+        aux: Option<&'a [f32]>,
+        s: Shape,
+    ) -> EmuArgs<'a> {
         let k = conv_kernel(l);
         EmuArgs {
             inputs: cl.iter().map(|(v, c)| (v.as_slice(), *c)).collect(),
@@ -409,15 +470,30 @@ mod tests {
         let (inputs, aux) = stage_inputs(l, s, mma, &mut rng);
         let refs: Vec<&Tensor<f32>> = inputs.iter().collect();
         let want = conv_stage(&model, l, &refs, aux.as_ref());
-        let cl: Vec<(Vec<f32>, usize)> = inputs.iter().map(|t| (to_channels_last(t), t.shape.c)).collect();
+        let cl: Vec<(Vec<f32>, usize)> = inputs
+            .iter()
+            .map(|t| (to_channels_last(t), t.shape.c))
+            .collect();
         let aux_cl = aux.as_ref().map(to_channels_last);
         let a = args(&model, l, &cl, aux_cl.as_deref(), s);
         let f = fold_conv(&model, l);
-        let o = if mma { conv3_mma(&a, &f) } else { conv3_ffma(&a, &f) };
+        let o = if mma {
+            conv3_mma(&a, &f)
+        } else {
+            conv3_ffma(&a, &f)
+        };
         let got = out_tensor(&o, &a);
-        assert!(got.out.all_finite(), "{}: unwritten (NaN) outputs", l.spec().name);
+        assert!(
+            got.out.all_finite(),
+            "{}: unwritten (NaN) outputs",
+            l.spec().name
+        );
         let e = rel_l2(&got.out.data, &want.out.data);
-        println!("{} {} {s}: rel L2 {e:.2e}", l.spec().name, if mma { "mma" } else { "ffma" });
+        println!(
+            "{} {} {s}: rel L2 {e:.2e}",
+            l.spec().name,
+            if mma { "mma" } else { "ffma" }
+        );
         assert!(e <= tol, "{}: rel L2 {e:e} > {tol:e}", l.spec().name);
         if let (Some(g), Some(w)) = (&got.raw, &want.raw) {
             let e = rel_l2(&g.data, &w.data);
@@ -465,7 +541,8 @@ mod tests {
                         let word = p[(chunk * 32 + lane) * 2 + r];
                         for (hi, kk) in [(0, kbase), (1, kbase + 1)] {
                             let v = half::f16::from_bits((word >> (16 * hi)) as u16).to_f64();
-                            let want = crate::backend::cuda::weights::mma_b_value(&f, chunk, kk, lane / 4);
+                            let want =
+                                crate::backend::cuda::weights::mma_b_value(&f, chunk, kk, lane / 4);
                             assert_eq!(v, half::f16::from_f64(want).to_f64());
                             if want != 0.0 {
                                 seen += 1;
@@ -474,7 +551,12 @@ mod tests {
                     }
                 }
             }
-            assert_eq!(seen, f.weight.iter().filter(|w| **w != 0.0).count(), "{}", k.base);
+            assert_eq!(
+                seen,
+                f.weight.iter().filter(|w| **w != 0.0).count(),
+                "{}",
+                k.base
+            );
         }
     }
 }

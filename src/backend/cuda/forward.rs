@@ -39,7 +39,9 @@ impl Workspace {
                 return Ok(b.ptr());
             }
             // queued work may still use the old buffer
-            dev.ctx.synchronize().check("waiting for the device before growing a buffer")?;
+            dev.ctx
+                .synchronize()
+                .check("waiting for the device before growing a buffer")?;
             self.slots.remove(name);
         }
         let b = dev.alloc(bytes)?;
@@ -117,19 +119,50 @@ impl CudaNet {
             let name = k.name(f16, opts.tensor_cores);
             let what = format!("weights of {}", k.layer.spec().name);
             let (w, tile, smem) = if mma {
-                (dev.upload(&weights::pack_mma_b(&folded), &what)?, launch::MMA_TILE, launch::mma_smem_bytes(k.c_in()))
+                (
+                    dev.upload(&weights::pack_mma_b(&folded), &what)?,
+                    launch::MMA_TILE,
+                    launch::mma_smem_bytes(k.c_in()),
+                )
             } else {
-                (dev.upload(&weights::ffma_layout(&folded), &what)?, launch::FFMA_TILE, launch::ffma_smem_bytes(k.c_in(), k.c_out))
+                (
+                    dev.upload(&weights::ffma_layout(&folded), &what)?,
+                    launch::FFMA_TILE,
+                    launch::ffma_smem_bytes(k.c_in(), k.c_out),
+                )
             };
             let bias = dev.upload(&folded.bias_f32(), &what)?;
-            let post = k.post.map(|l| weights::post_bn(model, l)).unwrap_or((1.0, 0.0));
-            convs.insert(k.layer as usize, ConvDev { kernel: name, tile, smem, w, bias, post });
+            let post = k
+                .post
+                .map(|l| weights::post_bn(model, l))
+                .unwrap_or((1.0, 0.0));
+            convs.insert(
+                k.layer as usize,
+                ConvDev {
+                    kernel: name,
+                    tile,
+                    smem,
+                    w,
+                    bias,
+                    post,
+                },
+            );
         }
         let (uw, ub) = weights::fold_up(model);
         let up_w = dev.upload(&uw, "weights of h1.bp.up")?;
         let up_b = dev.upload(&ub, "weights of h1.bp.up")?;
         let up_kernel = format!("{}_{}", launch::UP_KERNEL, if f16 { "f16" } else { "f32" });
-        Ok(CudaNet { dev, opts, convs, up_kernel, up_w, up_b, div_eps: model.config.div_eps as f32, ws: Workspace::default(), profile: None })
+        Ok(CudaNet {
+            dev,
+            opts,
+            convs,
+            up_kernel,
+            up_w,
+            up_b,
+            div_eps: model.config.div_eps as f32,
+            ws: Workspace::default(),
+            profile: None,
+        })
     }
 
     fn store_bytes(&self) -> usize {
@@ -143,8 +176,15 @@ impl CudaNet {
 
     /// Device buffers for one streaming slot's input and output of `voxels` voxels.
     pub fn io_buffers(&mut self, slot: usize, voxels: usize) -> Result<(u64, u64)> {
-        let (xn, yn) = if slot == 0 { ("x0", "y0") } else { ("x1", "y1") };
-        Ok((self.ws.get(&self.dev, xn, voxels * 4)?, self.ws.get(&self.dev, yn, voxels * 4)?))
+        let (xn, yn) = if slot == 0 {
+            ("x0", "y0")
+        } else {
+            ("x1", "y1")
+        };
+        Ok((
+            self.ws.get(&self.dev, xn, voxels * 4)?,
+            self.ws.get(&self.dev, yn, voxels * 4)?,
+        ))
     }
 
     /// Fills every workspace buffer with 0xFF bytes (NaN in f32 and f16): a later pass
@@ -164,11 +204,28 @@ impl CudaNet {
 
     /// Waits for the profiled launches and returns (kernel, milliseconds) in launch order.
     pub fn take_profile(&mut self) -> Result<Vec<(String, f64)>> {
-        let Some(p) = self.profile.take() else { return Ok(vec![]) };
-        p.events.iter().map(|(n, a, b)| Ok((n.clone(), a.elapsed_ms(b).check("reading kernel timings")? as f64))).collect()
+        let Some(p) = self.profile.take() else {
+            return Ok(vec![]);
+        };
+        p.events
+            .iter()
+            .map(|(n, a, b)| {
+                Ok((
+                    n.clone(),
+                    a.elapsed_ms(b).check("reading kernel timings")? as f64,
+                ))
+            })
+            .collect()
     }
 
-    fn launch(&mut self, name: &str, grid: (u32, u32, u32), block: u32, smem: usize, args: &KernelArgs) -> Result<()> {
+    fn launch(
+        &mut self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: usize,
+        args: &KernelArgs,
+    ) -> Result<()> {
         let dev = self.dev.clone();
         let ev = match &self.profile {
             Some(_) => {
@@ -178,7 +235,15 @@ impl CudaNet {
             }
             None => None,
         };
-        dev.launch(&dev.compute, name, grid, block, smem, args, self.opts.sync_each_launch)?;
+        dev.launch(
+            &dev.compute,
+            name,
+            grid,
+            block,
+            smem,
+            args,
+            self.opts.sync_each_launch,
+        )?;
         if let (Some(a), Some(p)) = (ev, self.profile.as_mut()) {
             let b = dev.event(true)?;
             b.record(&dev.compute).check("recording an event")?;
@@ -189,7 +254,15 @@ impl CudaNet {
 
     /// One conv kernel: `inputs` concatenated, `aux` the epilogue's one-channel operand,
     /// `raw` where E_raw goes (update stages), all of batch/volume `dims` = [n, d, h, w].
-    fn conv(&mut self, l: L, inputs: &[u64], aux: u64, out: u64, raw: u64, dims: [usize; 4]) -> Result<()> {
+    fn conv(
+        &mut self,
+        l: L,
+        inputs: &[u64],
+        aux: u64,
+        out: u64,
+        raw: u64,
+        dims: [usize; 4],
+    ) -> Result<()> {
         let c = &self.convs[&(l as usize)];
         let [n, d, h, w] = dims;
         let args = KernelArgs {
@@ -218,7 +291,17 @@ impl CudaNet {
     /// u = sp(BN7(up2(b3))); `half` = [n, d, h, w] of b3.
     fn up(&mut self, b3: u64, u: u64, half: [usize; 4]) -> Result<()> {
         let [n, d, h, w] = half;
-        let args = KernelArgs { in0: b3, wt: self.up_w.ptr(), bias: self.up_b.ptr(), out: u, n: n as i32, d: d as i32, h: h as i32, w: w as i32, ..Default::default() };
+        let args = KernelArgs {
+            in0: b3,
+            wt: self.up_w.ptr(),
+            bias: self.up_b.ptr(),
+            out: u,
+            n: n as i32,
+            d: d as i32,
+            h: h as i32,
+            w: w as i32,
+            ..Default::default()
+        };
         let name = self.up_kernel.clone();
         self.launch(&name, (launch::grid_1d(n * d * h * w), 1, 1), 256, 0, &args)
     }
@@ -226,17 +309,39 @@ impl CudaNet {
     /// xd = avgpool2(x); `half` = [n, d, h, w] of xd.
     fn pool(&mut self, x: u64, xd: u64, half: [usize; 4]) -> Result<()> {
         let [n, d, h, w] = half;
-        let args = KernelArgs { in0: x, out: xd, n: n as i32, d: d as i32, h: h as i32, w: w as i32, ..Default::default() };
-        self.launch(launch::POOL_KERNEL, (launch::grid_1d(n * d * h * w), 1, 1), 256, 0, &args)
+        let args = KernelArgs {
+            in0: x,
+            out: xd,
+            n: n as i32,
+            d: d as i32,
+            h: h as i32,
+            w: w as i32,
+            ..Default::default()
+        };
+        self.launch(
+            launch::POOL_KERNEL,
+            (launch::grid_1d(n * d * h * w), 1, 1),
+            256,
+            0,
+            &args,
+        )
     }
 
     /// Enqueues the forward pass on the compute stream: `x` (f32, N×D×H×W, even sizes,
     /// normalized) → `y`; with `raw`, also E1r and E2r. Nothing is synchronized.
-    pub fn forward_device(&mut self, x: u64, y: u64, dims: [usize; 4], raw: Option<(u64, u64)>) -> Result<()> {
+    pub fn forward_device(
+        &mut self,
+        x: u64,
+        y: u64,
+        dims: [usize; 4],
+        raw: Option<(u64, u64)>,
+    ) -> Result<()> {
         let [n, d, h, w] = dims;
         launch::check_dims(n, d, h, w)?;
         if d % 2 + h % 2 + w % 2 != 0 {
-            return Err(Error::invalid(format!("forward_device needs even sizes, got {d}×{h}×{w} (pad with pad_even)")));
+            return Err(Error::invalid(format!(
+                "forward_device needs even sizes, got {d}×{h}×{w} (pad with pad_even)"
+            )));
         }
         let dev = self.dev.clone();
         let s = self.store_bytes();
@@ -291,20 +396,32 @@ impl CudaNet {
     /// to even like backend::cpu and the outputs cropped back). Synchronous.
     pub fn predict_host(&mut self, x: &Tensor<f32>, want_raw: bool) -> Result<Outputs> {
         if x.shape.c != 1 {
-            return Err(Error::Shape(format!("the CUDA network takes one input channel; the tile is {}", x.shape)));
+            return Err(Error::Shape(format!(
+                "the CUDA network takes one input channel; the tile is {}",
+                x.shape
+            )));
         }
         let padded = pointwise::pad_even(x);
         let ps = padded.shape;
         let vox = ps.len();
         let dev = self.dev.clone();
         let (xb, yb) = self.io_buffers(0, vox)?;
-        let raw = if want_raw { Some((self.ws.get(&dev, "e1r", vox * 4)?, self.ws.get(&dev, "e2r", vox * 4)?)) } else { None };
+        let raw = if want_raw {
+            Some((
+                self.ws.get(&dev, "e1r", vox * 4)?,
+                self.ws.get(&dev, "e2r", vox * 4)?,
+            ))
+        } else {
+            None
+        };
         dev.copy_htod(&dev.compute, xb, &padded.data, "the input tile")?;
         self.forward_device(xb, yb, [ps.n, ps.d, ps.h, ps.w], raw)?;
         let download = |p: u64, what: &str| -> Result<Tensor<f32>> {
             let mut t = Tensor::zeros(ps);
             dev.copy_dtoh(&dev.compute, &mut t.data, p, what)?;
-            dev.compute.synchronize().check(&format!("running the forward pass and copying {what} back"))?;
+            dev.compute
+                .synchronize()
+                .check(&format!("running the forward pass and copying {what} back"))?;
             Ok(pointwise::crop(&t, x.shape))
         };
         let prediction = download(yb, "the prediction")?;
@@ -312,7 +429,11 @@ impl CudaNet {
             Some((a, b)) => (Some(download(a, "E1r")?), Some(download(b, "E2r")?)),
             None => (None, None),
         };
-        Ok(Outputs { prediction, e1_raw, e2_raw })
+        Ok(Outputs {
+            prediction,
+            e1_raw,
+            e2_raw,
+        })
     }
 
     // ---- single kernels, for the differential tests against backend::cuda::twin ----
@@ -322,7 +443,10 @@ impl CudaNet {
     fn upload_activation(&mut self, t: &Tensor<f32>) -> Result<DevBuf> {
         let cl = launch::to_channels_last(t);
         if t.shape.c > 1 && self.opts.is_f16() {
-            let h: Vec<u16> = cl.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+            let h: Vec<u16> = cl
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_bits())
+                .collect();
             self.dev.upload(&h, "a test input")
         } else {
             self.dev.upload(&cl, "a test input")
@@ -335,7 +459,9 @@ impl CudaNet {
             let mut h = vec![0u16; shape.len()];
             dev.copy_dtoh(&dev.compute, &mut h, p, "a test output")?;
             dev.compute.synchronize().check("running a test kernel")?;
-            h.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect()
+            h.iter()
+                .map(|&b| half::f16::from_bits(b).to_f32())
+                .collect()
         } else {
             let mut v = vec![0f32; shape.len()];
             dev.copy_dtoh(&dev.compute, &mut v, p, "a test output")?;
@@ -355,25 +481,52 @@ impl CudaNet {
 
     /// Runs the conv kernel of layer `l` alone on host tensors (N×C×D×H×W, any size):
     /// the GPU side of the per-kernel differential tests ([`super::twin::conv_stage`]).
-    pub fn run_conv_stage(&mut self, l: L, inputs: &[&Tensor<f32>], aux: Option<&Tensor<f32>>) -> Result<StageOut> {
+    pub fn run_conv_stage(
+        &mut self,
+        l: L,
+        inputs: &[&Tensor<f32>],
+        aux: Option<&Tensor<f32>>,
+    ) -> Result<StageOut> {
         let k = conv_kernel(l);
         let s0 = inputs[0].shape;
         let chans: Vec<usize> = inputs.iter().map(|t| t.shape.c).collect();
         if chans != k.inputs || inputs.iter().any(|t| t.shape.with_c(1) != s0.with_c(1)) {
-            return Err(Error::Shape(format!("{} takes inputs of channels {:?} and one size; got {:?}", l.spec().name, k.inputs, chans)));
+            return Err(Error::Shape(format!(
+                "{} takes inputs of channels {:?} and one size; got {:?}",
+                l.spec().name,
+                k.inputs,
+                chans
+            )));
         }
-        let bufs = inputs.iter().map(|t| self.upload_activation(t)).collect::<Result<Vec<_>>>()?;
+        let bufs = inputs
+            .iter()
+            .map(|t| self.upload_activation(t))
+            .collect::<Result<Vec<_>>>()?;
         let aux_buf = aux.map(|a| self.upload_activation(a)).transpose()?;
         let out_c = if k.epi == Epi::Sp { k.c_out } else { 1 };
         let out_shape = s0.with_c(out_c);
         let elem = if out_c > 1 { self.store_bytes() } else { 4 };
         let out = self.poisoned(out_shape.len() * elem)?;
-        let raw = matches!(k.epi, Epi::Update | Epi::UpdatePlus1).then(|| self.poisoned(s0.with_c(1).len() * 4)).transpose()?;
+        let raw = matches!(k.epi, Epi::Update | Epi::UpdatePlus1)
+            .then(|| self.poisoned(s0.with_c(1).len() * 4))
+            .transpose()?;
         let ptrs: Vec<u64> = bufs.iter().map(|b| b.ptr()).collect();
-        self.conv(l, &ptrs, aux_buf.as_ref().map_or(0, |b| b.ptr()), out.ptr(), raw.as_ref().map_or(0, |b| b.ptr()), [s0.n, s0.d, s0.h, s0.w])?;
+        self.conv(
+            l,
+            &ptrs,
+            aux_buf.as_ref().map_or(0, |b| b.ptr()),
+            out.ptr(),
+            raw.as_ref().map_or(0, |b| b.ptr()),
+            [s0.n, s0.d, s0.h, s0.w],
+        )?;
         let out_t = self.download_activation(out.ptr(), out_shape)?;
-        let raw_t = raw.map(|r| self.download_activation(r.ptr(), s0.with_c(1))).transpose()?;
-        Ok(StageOut { out: out_t, raw: raw_t })
+        let raw_t = raw
+            .map(|r| self.download_activation(r.ptr(), s0.with_c(1)))
+            .transpose()?;
+        Ok(StageOut {
+            out: out_t,
+            raw: raw_t,
+        })
     }
 
     /// Runs the up2 kernel alone: b3 (N×8×d×h×w) → u (N×4×2d×2h×2w).

@@ -41,10 +41,14 @@ pub fn open_context(ordinal: usize) -> Result<Arc<CudaContext>> {
     }
     let count = CudaContext::device_count().map_err(|e| cuda_err("counting devices", e))?;
     if count <= 0 {
-        return Err(Error::Cuda("the CUDA driver reports no devices; use --device cpu".into()));
+        return Err(Error::Cuda(
+            "the CUDA driver reports no devices; use --device cpu".into(),
+        ));
     }
     if ordinal >= count as usize {
-        return Err(Error::Cuda(format!("device {ordinal} requested but only {count} present")));
+        return Err(Error::Cuda(format!(
+            "device {ordinal} requested but only {count} present"
+        )));
     }
     CudaContext::new(ordinal).map_err(|e| cuda_err("creating the CUDA context", e))
 }
@@ -53,7 +57,9 @@ pub fn open_context(ordinal: usize) -> Result<Arc<CudaContext>> {
 /// compute_80 PTX (JIT-compiled by the driver), else the source through NVRTC. Returns
 /// the module and how it was loaded.
 pub fn load(ctx: &Arc<CudaContext>, m: &KernelModule) -> Result<(Arc<CudaModule>, &'static str)> {
-    let cc = ctx.compute_capability().map_err(|e| cuda_err("compute capability", e))?;
+    let cc = ctx
+        .compute_capability()
+        .map_err(|e| cuda_err("compute capability", e))?;
     if let (Some(cubin), (9, 0)) = (m.cubin_sm90, cc) {
         if let Ok(module) = ctx.load_module(Ptx::from_binary(cubin.to_vec())) {
             return Ok((module, "sm_90 cubin"));
@@ -63,12 +69,17 @@ pub fn load(ctx: &Arc<CudaContext>, m: &KernelModule) -> Result<(Arc<CudaModule>
         Some(p) => (Ptx::from_src(p), "compute_80 PTX (driver JIT)"),
         None => {
             let arch = format!("compute_{}{}", cc.0, cc.1);
-            let opts = cudarc::nvrtc::CompileOptions { arch: Some(Box::leak(arch.into_boxed_str())), ..Default::default() };
+            let opts = cudarc::nvrtc::CompileOptions {
+                arch: Some(Box::leak(arch.into_boxed_str())),
+                ..Default::default()
+            };
             let ptx = cudarc::nvrtc::compile_ptx_with_opts(m.source, opts)
                 .map_err(|e| cuda_err(&format!("NVRTC compiling kernels/{}.cu", m.name), e))?;
             (ptx, "NVRTC")
         }
     };
-    let module = ctx.load_module(ptx).map_err(|e| cuda_err(&format!("loading kernels/{}.cu", m.name), e))?;
+    let module = ctx
+        .load_module(ptx)
+        .map_err(|e| cuda_err(&format!("loading kernels/{}.cu", m.name), e))?;
     Ok((module, how))
 }

@@ -79,7 +79,15 @@ impl ConvKernel {
     }
 }
 
-const fn ck(layer: L, module: &'static str, base: &'static str, inputs: &'static [usize], c_out: usize, epi: Epi, mma: bool) -> ConvKernel {
+const fn ck(
+    layer: L,
+    module: &'static str,
+    base: &'static str,
+    inputs: &'static [usize],
+    c_out: usize,
+    epi: Epi,
+    mma: bool,
+) -> ConvKernel {
     let post = match layer {
         L::H1FpConv3 => Some(L::H1Dv),
         L::H1BpConv4 => Some(L::H1E),
@@ -87,22 +95,95 @@ const fn ck(layer: L, module: &'static str, base: &'static str, inputs: &'static
         L::H2BpConv2 => Some(L::H2E),
         _ => None,
     };
-    ConvKernel { layer, module, base, inputs, c_out, epi, mma, post }
+    ConvKernel {
+        layer,
+        module,
+        base,
+        inputs,
+        c_out,
+        epi,
+        mma,
+        post,
+    }
 }
 
 /// Every conv of the network, in forward order (rln-spec §3).
 pub const CONV_KERNELS: [ConvKernel; 14] = [
-    ck(L::H1FpConv1, "h1_fp", "h1_fp_conv1", &[1], 4, Epi::Sp, false),
-    ck(L::H1FpConv2, "h1_fp", "h1_fp_conv2", &[4], 4, Epi::Sp, false),
-    ck(L::H1FpConv3, "h1_fp", "h1_fp_conv3_dv", &[4, 4], 4, Epi::FpDiv, false),
-    ck(L::H1BpConv1, "h1_bp", "h1_bp_conv1", &[1], 8, Epi::Sp, false),
+    ck(
+        L::H1FpConv1,
+        "h1_fp",
+        "h1_fp_conv1",
+        &[1],
+        4,
+        Epi::Sp,
+        false,
+    ),
+    ck(
+        L::H1FpConv2,
+        "h1_fp",
+        "h1_fp_conv2",
+        &[4],
+        4,
+        Epi::Sp,
+        false,
+    ),
+    ck(
+        L::H1FpConv3,
+        "h1_fp",
+        "h1_fp_conv3_dv",
+        &[4, 4],
+        4,
+        Epi::FpDiv,
+        false,
+    ),
+    ck(
+        L::H1BpConv1,
+        "h1_bp",
+        "h1_bp_conv1",
+        &[1],
+        8,
+        Epi::Sp,
+        false,
+    ),
     ck(L::H1BpConv2, "h1_bp", "h1_bp_conv2", &[8], 8, Epi::Sp, true),
-    ck(L::H1BpConv3, "h1_bp", "h1_bp_conv3", &[8, 8], 8, Epi::Sp, true),
-    ck(L::H1BpConv4, "h1_up", "h1_bp_conv4_e1", &[4], 4, Epi::Update, false),
+    ck(
+        L::H1BpConv3,
+        "h1_bp",
+        "h1_bp_conv3",
+        &[8, 8],
+        8,
+        Epi::Sp,
+        true,
+    ),
+    ck(
+        L::H1BpConv4,
+        "h1_up",
+        "h1_bp_conv4_e1",
+        &[4],
+        4,
+        Epi::Update,
+        false,
+    ),
     ck(L::H2FpConv1, "h2", "h2_fp_conv1", &[1], 4, Epi::Sp, false),
-    ck(L::H2FpConv2, "h2", "h2_fp_conv2_dv", &[4], 4, Epi::FpDiv, false),
+    ck(
+        L::H2FpConv2,
+        "h2",
+        "h2_fp_conv2_dv",
+        &[4],
+        4,
+        Epi::FpDiv,
+        false,
+    ),
     ck(L::H2BpConv1, "h2", "h2_bp_conv1", &[1], 8, Epi::Sp, false),
-    ck(L::H2BpConv2, "h2", "h2_bp_conv2_e2", &[8], 8, Epi::UpdatePlus1, true),
+    ck(
+        L::H2BpConv2,
+        "h2",
+        "h2_bp_conv2_e2",
+        &[8],
+        8,
+        Epi::UpdatePlus1,
+        true,
+    ),
     ck(L::H3Conv1, "h3", "h3_conv1", &[1], 8, Epi::Sp, false),
     ck(L::H3Conv2, "h3", "h3_conv2", &[8, 1, 1], 8, Epi::Sp, true),
     ck(L::H3Conv3, "h3", "h3_conv3_y", &[8, 8], 8, Epi::Mean, true),
@@ -115,13 +196,22 @@ pub const POOL_KERNEL: &str = "avgpool2_f32";
 
 /// The conv kernel entry of a layer.
 pub fn conv_kernel(l: L) -> &'static ConvKernel {
-    CONV_KERNELS.iter().find(|k| k.layer == l).expect("layer has a conv kernel")
+    CONV_KERNELS
+        .iter()
+        .find(|k| k.layer == l)
+        .expect("layer has a conv kernel")
 }
 
 /// Every kernel name a network of this precision launches, with its module.
 pub fn kernel_names(f16: bool, tensor_cores: bool) -> Vec<(&'static str, String)> {
-    let mut v: Vec<(&'static str, String)> = CONV_KERNELS.iter().map(|k| (k.module, k.name(f16, tensor_cores))).collect();
-    v.push(("h1_up", format!("{UP_KERNEL}_{}", if f16 { "f16" } else { "f32" })));
+    let mut v: Vec<(&'static str, String)> = CONV_KERNELS
+        .iter()
+        .map(|k| (k.module, k.name(f16, tensor_cores)))
+        .collect();
+    v.push((
+        "h1_up",
+        format!("{UP_KERNEL}_{}", if f16 { "f16" } else { "f32" }),
+    ));
     v.push(("h1_fp", POOL_KERNEL.to_string()));
     v
 }
@@ -187,7 +277,13 @@ pub const fn mma_smem_bytes(cin: usize) -> usize {
 }
 
 /// Grid of a tiled conv kernel: (⌈W/tx⌉, ⌈H/ty⌉, ⌈D/tz⌉·N).
-pub fn tiled_grid(tile: [usize; 3], n: usize, d: usize, h: usize, w: usize) -> Result<(u32, u32, u32)> {
+pub fn tiled_grid(
+    tile: [usize; 3],
+    n: usize,
+    d: usize,
+    h: usize,
+    w: usize,
+) -> Result<(u32, u32, u32)> {
     let gx = w.div_ceil(tile[2]);
     let gy = h.div_ceil(tile[1]);
     let gz = d.div_ceil(tile[0]) * n;
@@ -221,7 +317,9 @@ pub fn check_dims(n: usize, d: usize, h: usize, w: usize) -> Result<()> {
         return Err(Error::invalid(format!("empty tile {n}×{d}×{h}×{w}")));
     }
     if n > max || d > max || h > max || w > max {
-        return Err(Error::invalid(format!("tile {n}×{d}×{h}×{w} has a dimension too large for the CUDA kernels")));
+        return Err(Error::invalid(format!(
+            "tile {n}×{d}×{h}×{w} has a dimension too large for the CUDA kernels"
+        )));
     }
     Ok(())
 }
@@ -256,8 +354,12 @@ mod tests {
             assert_eq!(spec.c_out, k.c_out, "{}", spec.name);
         }
         assert_eq!(kernel_names(true, true).len(), 16);
-        assert!(kernel_names(true, true).iter().any(|(_, n)| n == "h3_conv3_y_mma_f16"));
-        assert!(kernel_names(false, true).iter().all(|(_, n)| !n.contains("mma")));
+        assert!(kernel_names(true, true)
+            .iter()
+            .any(|(_, n)| n == "h3_conv3_y_mma_f16"));
+        assert!(kernel_names(false, true)
+            .iter()
+            .all(|(_, n)| !n.contains("mma")));
     }
 
     #[test]
@@ -266,9 +368,16 @@ mod tests {
         for (f16, tc) in [(false, false), (true, false), (true, true)] {
             for (m, name) in kernel_names(f16, tc) {
                 let km = module(m).unwrap_or_else(|| panic!("module {m} not embedded"));
-                assert!(km.source.contains(&format!("{name}(")) || km.source.contains(&format!("({name},")), "{name} not in kernels/{m}.cu");
+                assert!(
+                    km.source.contains(&format!("{name}("))
+                        || km.source.contains(&format!("({name},")),
+                    "{name} not in kernels/{m}.cu"
+                );
                 if let Some(ptx) = km.ptx {
-                    assert!(ptx.contains(&format!(".entry {name}(")), "{name} not in the PTX of kernels/{m}.cu");
+                    assert!(
+                        ptx.contains(&format!(".entry {name}(")),
+                        "{name} not in the PTX of kernels/{m}.cu"
+                    );
                 }
             }
         }
@@ -277,7 +386,10 @@ mod tests {
     #[test]
     fn grids_cover_the_volume() {
         assert_eq!(tiled_grid(FFMA_TILE, 2, 5, 9, 33).unwrap(), (2, 2, 4));
-        assert_eq!(tiled_grid(MMA_TILE, 1, 256, 256, 256).unwrap(), (16, 32, 32));
+        assert_eq!(
+            tiled_grid(MMA_TILE, 1, 256, 256, 256).unwrap(),
+            (16, 32, 32)
+        );
         assert!(tiled_grid(FFMA_TILE, 1, 4 * 70_000, 8, 8).is_err());
     }
 }

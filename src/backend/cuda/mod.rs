@@ -58,14 +58,27 @@ pub struct CudaOptions {
 
 impl CudaOptions {
     pub fn f32() -> Self {
-        CudaOptions { device: 0, precision: Precision::F32, tensor_cores: false, sync_each_launch: sync_from_env() }
+        CudaOptions {
+            device: 0,
+            precision: Precision::F32,
+            tensor_cores: false,
+            sync_each_launch: sync_from_env(),
+        }
     }
     /// f16 storage with the tensor-core convs.
     pub fn f16() -> Self {
-        CudaOptions { device: 0, precision: Precision::F16, tensor_cores: true, sync_each_launch: sync_from_env() }
+        CudaOptions {
+            device: 0,
+            precision: Precision::F16,
+            tensor_cores: true,
+            sync_each_launch: sync_from_env(),
+        }
     }
     pub fn with_tensor_cores(self, on: bool) -> Self {
-        CudaOptions { tensor_cores: on, ..self }
+        CudaOptions {
+            tensor_cores: on,
+            ..self
+        }
     }
     pub fn is_f16(&self) -> bool {
         self.precision == Precision::F16
@@ -95,7 +108,11 @@ pub fn available() -> bool {
 /// than overflowing as the training init would without batch statistics), γ ∈ [0.5, 1.5],
 /// β ∈ [−0.5, 0.5], running mean ∈ [−0.3, 0.3], running variance ∈ [0.5, 2].
 pub fn random_model(seed: u64) -> Model<f32> {
-    let config = ModelConfig { div_eps: 1e-4, provenance: format!("random test model, seed {seed}"), ..ModelConfig::default() };
+    let config = ModelConfig {
+        div_eps: 1e-4,
+        provenance: format!("random test model, seed {seed}"),
+        ..ModelConfig::default()
+    };
     let mut m = Model::<f32>::init(config, seed);
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_cafe);
     for (l, spec) in LAYERS.iter().enumerate() {

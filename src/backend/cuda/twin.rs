@@ -19,37 +19,81 @@ pub struct StageOut {
 
 fn affine_f32(model: &Model<f32>, l: L) -> (Vec<f32>, Vec<f32>) {
     let (s, t) = bn_affine(model, l);
-    (s.iter().map(|&v| v as f32).collect(), t.iter().map(|&v| v as f32).collect())
+    (
+        s.iter().map(|&v| v as f32).collect(),
+        t.iter().map(|&v| v as f32).collect(),
+    )
 }
 
 /// The CPU twin of the conv kernel of layer `l`: conv over `inputs` (concatenated), BN,
 /// softplus, then the kernel's fused epilogue; `aux` is the epilogue's one-channel
 /// operand (xd or x for the divisions, x or E1 for the updates).
-pub fn conv_stage(model: &Model<f32>, l: L, inputs: &[&Tensor<f32>], aux: Option<&Tensor<f32>>) -> StageOut {
+pub fn conv_stage(
+    model: &Model<f32>,
+    l: L,
+    inputs: &[&Tensor<f32>],
+    aux: Option<&Tensor<f32>>,
+) -> StageOut {
     let b = CpuBackend::<f32>::new();
     let k = conv_kernel(l);
     let w = &model.params.layers[l as usize].weight;
     let (scale, shift) = affine_f32(model, l);
-    let conv = |addend| b.conv3(inputs, w, k.c_out, &Epilogue { scale: &scale, shift: &shift, softplus: true, addend });
+    let conv = |addend| {
+        b.conv3(
+            inputs,
+            w,
+            k.c_out,
+            &Epilogue {
+                scale: &scale,
+                shift: &shift,
+                softplus: true,
+                addend,
+            },
+        )
+    };
     let post = |t: &Tensor<f32>, softplus: bool| {
         let (s, h) = affine_f32(model, k.post.expect("stage with a post batch norm"));
-        b.epilogue(t, &Epilogue { scale: &s, shift: &h, softplus, addend: Addend::None })
+        b.epilogue(
+            t,
+            &Epilogue {
+                scale: &s,
+                shift: &h,
+                softplus,
+                addend: Addend::None,
+            },
+        )
     };
     let aux = || aux.expect("this stage needs its one-channel operand");
     match k.epi {
-        Epi::Sp => StageOut { out: conv(Addend::None), raw: None },
+        Epi::Sp => StageOut {
+            out: conv(Addend::None),
+            raw: None,
+        },
         Epi::FpDiv => {
             let fp = conv(Addend::SoftplusOf(aux()));
             let q = b.rl_divide(aux(), &fp, model.config.div_eps);
-            StageOut { out: post(&q, false), raw: None }
+            StageOut {
+                out: post(&q, false),
+                raw: None,
+            }
         }
         Epi::Update | Epi::UpdatePlus1 => {
-            let addend = if k.epi == Epi::UpdatePlus1 { Addend::Const(1.0) } else { Addend::None };
+            let addend = if k.epi == Epi::UpdatePlus1 {
+                Addend::Const(1.0)
+            } else {
+                Addend::None
+            };
             let bp = conv(addend);
             let e = b.rl_update(aux(), &bp);
-            StageOut { out: post(&e, true), raw: Some(e) }
+            StageOut {
+                out: post(&e, true),
+                raw: Some(e),
+            }
         }
-        Epi::Mean => StageOut { out: b.channel_mean(&conv(Addend::None)), raw: None },
+        Epi::Mean => StageOut {
+            out: b.channel_mean(&conv(Addend::None)),
+            raw: None,
+        },
     }
 }
 
@@ -58,7 +102,17 @@ pub fn up_stage(model: &Model<f32>, b3: &Tensor<f32>) -> Tensor<f32> {
     let b = CpuBackend::<f32>::new();
     let (scale, shift) = affine_f32(model, L::H1BpUp);
     let w = &model.params.layers[L::H1BpUp as usize].weight;
-    b.up2(b3, w, L::H1BpUp.spec().c_out, &Epilogue { scale: &scale, shift: &shift, softplus: true, addend: Addend::None })
+    b.up2(
+        b3,
+        w,
+        L::H1BpUp.spec().c_out,
+        &Epilogue {
+            scale: &scale,
+            shift: &shift,
+            softplus: true,
+            addend: Addend::None,
+        },
+    )
 }
 
 /// The CPU twin of the avgpool2 kernel.

@@ -17,14 +17,23 @@ pub fn bn_affine(model: &Model<f32>, l: L) -> (Vec<f64>, Vec<f64>) {
     }
     let eps = model.config.bn_eps;
     let (rm, rv) = (&model.running.mean[i], &model.running.var[i]);
-    let scale: Vec<f64> = (0..p.gamma.len()).map(|c| p.gamma[c] as f64 / (rv[c] as f64 + eps).sqrt()).collect();
-    let shift = (0..p.gamma.len()).map(|c| p.beta[c] as f64 - rm[c] as f64 * scale[c]).collect();
+    let scale: Vec<f64> = (0..p.gamma.len())
+        .map(|c| p.gamma[c] as f64 / (rv[c] as f64 + eps).sqrt())
+        .collect();
+    let shift = (0..p.gamma.len())
+        .map(|c| p.beta[c] as f64 - rm[c] as f64 * scale[c])
+        .collect();
     (scale, shift)
 }
 
 /// The one-channel batch norm of an RL node layer (h1.dv, h1.e, h2.dv, h2.e) as (scale, shift).
 pub fn post_bn(model: &Model<f32>, l: L) -> (f32, f32) {
-    assert_eq!(l.spec().op, LayerOp::BnOnly, "{} is not a batch-norm-only layer", l.spec().name);
+    assert_eq!(
+        l.spec().op,
+        LayerOp::BnOnly,
+        "{} is not a batch-norm-only layer",
+        l.spec().name
+    );
     let (s, t) = bn_affine(model, l);
     (s[0] as f32, t[0] as f32)
 }
@@ -54,8 +63,15 @@ pub fn fold_conv(model: &Model<f32>, l: L) -> FoldedConv {
     let (c_in, c_out) = (spec.c_in_for(ic), spec.c_out);
     let (scale, shift) = bn_affine(model, l);
     let w = &model.params.layers[l as usize].weight;
-    let weight = (0..c_out * c_in * 27).map(|i| w[i] as f64 * scale[i / (c_in * 27)]).collect();
-    FoldedConv { c_in, c_out, weight, bias: shift }
+    let weight = (0..c_out * c_in * 27)
+        .map(|i| w[i] as f64 * scale[i / (c_in * 27)])
+        .collect();
+    FoldedConv {
+        c_in,
+        c_out,
+        weight,
+        bias: shift,
+    }
 }
 
 /// The FP32-core kernels' layout: [ci][tap][co], co fastest (conv3_ffma.cuh).
@@ -75,7 +91,11 @@ pub fn ffma_layout(f: &FoldedConv) -> Vec<f32> {
 /// with C = C_in padded to 8 or 16 (conv3_mma.cuh); zero for padded channels and for
 /// the 28th tap of the C = 8 layout.
 pub fn mma_b_value(f: &FoldedConv, chunk: usize, k: usize, n: usize) -> f64 {
-    let (tap, ci) = if mma_cpad(f.c_in) == 16 { (chunk, k) } else { (2 * chunk + k / 8, k % 8) };
+    let (tap, ci) = if mma_cpad(f.c_in) == 16 {
+        (chunk, k)
+    } else {
+        (2 * chunk + k / 8, k % 8)
+    };
     if ci < f.c_in && tap < 27 && n < f.c_out {
         f.w(n, ci, tap)
     } else {
@@ -97,7 +117,8 @@ pub fn pack_mma_b(f: &FoldedConv) -> Vec<u32> {
     let nch = mma_chunks(f.c_in);
     let mut out = Vec::with_capacity(nch * 64);
     let pair = |chunk: usize, k: usize, n: usize| {
-        f16_bits(mma_b_value(f, chunk, k, n)) as u32 | (f16_bits(mma_b_value(f, chunk, k + 1, n)) as u32) << 16
+        f16_bits(mma_b_value(f, chunk, k, n)) as u32
+            | (f16_bits(mma_b_value(f, chunk, k + 1, n)) as u32) << 16
     };
     for chunk in 0..nch {
         for lane in 0..32 {
@@ -116,6 +137,8 @@ pub fn fold_up(model: &Model<f32>) -> (Vec<f32>, Vec<f32>) {
     let (ci, co) = (spec.c_in, spec.c_out);
     let (scale, shift) = bn_affine(model, L::H1BpUp);
     let w = &model.params.layers[L::H1BpUp as usize].weight;
-    let out = (0..ci * co * 8).map(|i| (w[i] as f64 * scale[(i / 8) % co]) as f32).collect();
+    let out = (0..ci * co * 8)
+        .map(|i| (w[i] as f64 * scale[(i / 8) % co]) as f32)
+        .collect();
     (out, shift.iter().map(|&s| s as f32).collect())
 }

@@ -1,0 +1,272 @@
+//! `rln-engine train`.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rln_engine::backend::GradMode;
+use rln_engine::imaging::io::read_volume;
+use rln_engine::imaging::synth::{Family, SynthConfig};
+use rln_engine::model::{Model, ModelConfig, Variant};
+use rln_engine::train::adam::LrSchedule;
+use rln_engine::train::data::{CropSampler, Dataset};
+use rln_engine::train::loss::LossTerms;
+use rln_engine::train::trainer::{self, TrainConfig, TrainObserver, TrainState, ValMetrics};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Parses "64" or "32,64,64" into (z, y, x).
+pub fn parse_dims(s: &str) -> Result<[usize; 3], String> {
+    let v: Vec<usize> = s.split([',', 'x', '×']).map(|t| t.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|e| format!("{s:?}: {e}"))?;
+    match v.as_slice() {
+        [a] => Ok([*a; 3]),
+        [z, y, x] => Ok([*z, *y, *x]),
+        _ => Err(format!("{s:?}: give one size or three (z,y,x)")),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Training pairs: DIR/input/ and DIR/ground_truth/ with matching file names.
+    #[arg(long, required_unless_present_any = ["synth_psf", "resume"])]
+    pub data: Option<PathBuf>,
+    /// Held-out pairs (same layout) for validation after every epoch.
+    #[arg(long)]
+    pub val: Option<PathBuf>,
+    /// Second view of every training input (RLN-dual), same file names as DIR/input/.
+    #[arg(long)]
+    pub input2: Option<PathBuf>,
+    /// Network variant; dual variants need --input2.
+    #[arg(long, value_enum, default_value_t = Variant::Single)]
+    pub variant: Variant,
+    /// Make training pairs on the fly from this PSF instead of reading --data.
+    #[arg(long)]
+    pub synth_psf: Option<PathBuf>,
+    /// With --synth-psf: number of training volumes.
+    #[arg(long, default_value_t = 16)]
+    pub synth_count: usize,
+    /// With --synth-psf: number of validation volumes (other seeds), used when --val is absent.
+    #[arg(long, default_value_t = 2)]
+    pub synth_val_count: usize,
+    /// With --synth-psf: size of each synthetic volume (z,y,x).
+    #[arg(long, value_parser = parse_dims, default_value = "128,128,128")]
+    pub synth_size: [usize; 3],
+    /// With --synth-psf: phantom families to leave out (e.g. filaments).
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_family: Vec<Family>,
+    /// With --synth-psf: photons per unit of ground truth (the authors': 5).
+    #[arg(long, default_value_t = 5.0)]
+    pub photons: f64,
+    /// Output model file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Optimizer steps (the authors': 10 000).
+    #[arg(long, default_value_t = 10_000)]
+    pub steps: u64,
+    /// Steps per epoch (validation after each).
+    #[arg(long, default_value_t = 100)]
+    pub epoch_steps: u64,
+    /// Crops per batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Crop size (z,y,x or one number).
+    #[arg(long, value_parser = parse_dims, default_value = "64")]
+    pub crop: [usize; 3],
+    /// Base learning rate.
+    #[arg(long, default_value_t = 0.015)]
+    pub lr: f64,
+    /// Learning-rate decay factor per --lr-decay-steps (continuous).
+    #[arg(long, default_value_t = 0.95)]
+    pub lr_decay: f64,
+    #[arg(long, default_value_t = 600.0)]
+    pub lr_decay_steps: f64,
+    /// Gradient rules: the authors' custom gradients (paper) or the true gradient (exact).
+    #[arg(long, value_enum, default_value_t = GradMode::Paper)]
+    pub grad_mode: GradMode,
+    /// ε of the RL division nodes of a new model (the authors' later code: 1e-3).
+    #[arg(long, default_value_t = 1e-3)]
+    pub div_eps: f64,
+    /// Seed of initialization, crop sampling and synthetic data.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write a checkpoint every N steps (default: every epoch) and at the end.
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Checkpoint file (default: OUTPUT with .ckpt.safetensors).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Continue a run from its checkpoint (same data; --steps may extend it).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// JSON-lines log (default: OUTPUT with .log.jsonl).
+    #[arg(long)]
+    pub log: Option<PathBuf>,
+    /// Stop (as if killed) after this many total steps, leaving the checkpoint (for tests).
+    #[arg(long, hide = true)]
+    pub stop_after: Option<u64>,
+}
+
+fn sibling(out: &Path, ext: &str) -> PathBuf {
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    out.with_file_name(format!("{stem}.{ext}"))
+}
+
+struct CliObserver {
+    bar: ProgressBar,
+    log: std::fs::File,
+    start: Instant,
+    ckpt: PathBuf,
+    data_fp: Dataset,
+    last_val: Option<ValMetrics>,
+}
+
+impl TrainObserver for CliObserver {
+    fn on_step(&mut self, step: u64, t: &LossTerms, lr: f64) {
+        self.bar.set_position(step);
+        let v = self.last_val.as_ref().map(|v| format!(" val psnr {:.2} ssim {:.3}", v.psnr, v.ssim)).unwrap_or_default();
+        self.bar.set_message(format!("loss {:.4}{v}", t.loss));
+        let line = serde_json::json!({"step": step, "loss": t.loss, "mse": t.mse, "mse_aux": t.mse_aux, "ssim": t.ssim, "lr": lr,
+            "elapsed_s": self.start.elapsed().as_secs_f64()});
+        let _ = writeln!(self.log, "{line}");
+    }
+    fn on_validation(&mut self, step: u64, m: &ValMetrics) {
+        let line = serde_json::json!({"step": step, "val_loss": m.loss, "val_psnr": m.psnr, "val_ssim": m.ssim, "val_pairs": m.pairs,
+            "elapsed_s": self.start.elapsed().as_secs_f64()});
+        let _ = writeln!(self.log, "{line}");
+        if !self.bar.is_hidden() {
+            self.bar.println(format!("step {step}: validation loss {:.4}, PSNR {:.2} dB, SSIM {:.4}", m.loss, m.psnr, m.ssim));
+        } else {
+            eprintln!("step {step}: validation loss {:.4}, PSNR {:.2} dB, SSIM {:.4}", m.loss, m.psnr, m.ssim);
+        }
+        self.last_val = Some(m.clone());
+    }
+    fn on_checkpoint(&mut self, state: &TrainState, cfg: &TrainConfig) -> rln_engine::Result<()> {
+        trainer::save_checkpoint(&self.ckpt, state, cfg, &self.data_fp)
+    }
+}
+
+fn synth_config(a: &TrainArgs) -> SynthConfig {
+    SynthConfig {
+        size: a.synth_size,
+        photons: a.photons,
+        families: Family::ALL.into_iter().filter(|f| !a.exclude_family.contains(f)).collect(),
+        ..SynthConfig::default()
+    }
+}
+
+pub fn train(a: &TrainArgs) -> Result<()> {
+    rln_engine::fsutil::check_output_dir(&a.output)?;
+    if a.input2.is_some() && a.variant == Variant::Single {
+        bail!("--input2 gives a second view: choose --variant dual-average or dual-concat");
+    }
+    if a.input2.is_none() && a.variant != Variant::Single && a.synth_psf.is_none() {
+        bail!("--variant {:?} needs the second view of every input: --input2 DIR", a.variant);
+    }
+    let ckpt_path = a.checkpoint.clone().unwrap_or_else(|| sibling(&a.output, "ckpt.safetensors"));
+    let log_path = a.log.clone().unwrap_or_else(|| sibling(&a.output, "log.jsonl"));
+
+    // the run's config: from the checkpoint when resuming, else from the flags
+    let resumed = match &a.resume {
+        Some(p) => Some(trainer::load_checkpoint(p).with_context(|| format!("reading checkpoint {}", p.display()))?),
+        None => None,
+    };
+    let mut psf_meta = None;
+    // data (every problem reported before training starts)
+    let (data, val) = if let Some(psf_path) = &a.synth_psf {
+        let psf = read_volume(psf_path).with_context(|| format!("reading PSF {}", psf_path.display()))?;
+        psf_meta = psf.metadata.as_ref().and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok());
+        let sc = synth_config(a);
+        eprintln!("making {} training and {} validation volumes of {:?} for {} ...", a.synth_count, a.synth_val_count, sc.size, psf_path.display());
+        let data = Dataset::synthetic(&sc, &psf, a.synth_count, a.seed)?;
+        let val = match &a.val {
+            Some(v) => Some(Dataset::from_dir(v, None)?),
+            None if a.synth_val_count > 0 => Some(Dataset::synthetic(&sc, &psf, a.synth_val_count, a.seed.wrapping_add(1 << 40))?),
+            None => None,
+        };
+        (data, val)
+    } else {
+        let dir = a.data.as_ref().expect("clap requires --data");
+        let data = Dataset::from_dir(dir, a.input2.as_deref()).with_context(|| format!("training data in {}", dir.display()))?;
+        let val = match &a.val {
+            Some(v) => Some(Dataset::from_dir(v, a.input2.as_ref().map(|_| v.join("input2")).as_deref()).with_context(|| format!("validation data in {}", v.display()))?),
+            None => None,
+        };
+        (data, val)
+    };
+
+    let (mut state, mut cfg) = match resumed {
+        Some((state, cfg, fp)) => {
+            if fp != data.fingerprint() {
+                bail!("the checkpoint was written for other training data ({} pairs); resume with the same --data / --synth-psf flags", fp.len());
+            }
+            (state, cfg)
+        }
+        None => {
+            let cfg = TrainConfig {
+                steps: a.steps,
+                epoch_steps: a.epoch_steps.max(1),
+                sampler: CropSampler { crop: a.crop, batch: a.batch.max(1), ..CropSampler::default() },
+                schedule: LrSchedule { base: a.lr, decay_rate: a.lr_decay, decay_steps: a.lr_decay_steps },
+                grad_mode: a.grad_mode,
+                seed: a.seed,
+                ..TrainConfig::default()
+            };
+            let mconf = ModelConfig { variant: a.variant, div_eps: a.div_eps, psf: psf_meta.clone(), ..ModelConfig::default() };
+            mconf.validate()?;
+            let state = TrainState::new(Model::<f32>::init(mconf, a.seed), &cfg);
+            (state, cfg)
+        }
+    };
+    cfg.steps = a.steps.max(state.step);
+    data.check_crop(cfg.sampler.crop)?;
+
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening log {}", log_path.display()))?;
+    let bar = ProgressBar::with_draw_target(Some(cfg.steps), ProgressDrawTarget::hidden());
+    if std::io::stderr().is_terminal() {
+        bar.set_draw_target(ProgressDrawTarget::stderr());
+    }
+    bar.set_style(ProgressStyle::with_template("train [{bar:30}] {pos}/{len} steps {msg} ({elapsed}, eta {eta})").unwrap().progress_chars("=> "));
+    bar.set_position(state.step);
+    let start = Instant::now();
+    let first = state.step;
+    eprintln!(
+        "training {} steps (from step {first}) on {} pairs, batch {}×{:?}, {} threads; checkpoint {}",
+        cfg.steps,
+        data.pairs.len(),
+        cfg.sampler.batch,
+        cfg.sampler.crop,
+        rln_engine::threads(),
+        ckpt_path.display()
+    );
+    let mut obs = CliObserver { bar, log, start, ckpt: ckpt_path.clone(), data_fp: Dataset { pairs: data.pairs.clone() }, last_val: None };
+    let every = a.checkpoint_every.unwrap_or(cfg.epoch_steps);
+    let result = trainer::train(&mut state, &cfg, &data, val.as_ref(), every, a.stop_after, &mut obs);
+    obs.bar.finish_and_clear();
+    let last_val = match result {
+        Ok(v) => v,
+        Err(e) => bail!("{e}\nthe last good checkpoint is {} (continue with --resume)", ckpt_path.display()),
+    };
+    if state.step < cfg.steps {
+        eprintln!("stopped after step {} of {}; continue with --resume {}", state.step, cfg.steps, ckpt_path.display());
+        return Ok(());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let mut model = state.model.clone();
+    model.config.provenance = format!("trained by rln-engine {} ({})", env!("CARGO_PKG_VERSION"), std::env::args().collect::<Vec<_>>().join(" "));
+    model.config.training = Some(serde_json::json!({
+        "steps": cfg.steps, "batch": cfg.sampler.batch, "crop": cfg.sampler.crop, "grad_mode": cfg.grad_mode,
+        "schedule": cfg.schedule, "seed": cfg.seed, "pairs": data.pairs.len(), "threads": rln_engine::threads(),
+        "wall_s_this_run": secs, "steps_this_run": cfg.steps - first,
+        "validation": last_val,
+    }));
+    model.save(&a.output)?;
+    println!(
+        "wrote {} after {} steps ({:.1} s for {} steps this run{})",
+        a.output.display(),
+        cfg.steps,
+        secs,
+        cfg.steps - first,
+        last_val.map(|v| format!("; validation PSNR {:.2} dB, SSIM {:.4}", v.psnr, v.ssim)).unwrap_or_default()
+    );
+    Ok(())
+}

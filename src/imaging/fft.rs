@@ -1,0 +1,278 @@
+//! Real-to-complex 3D FFTs: realfft along x, rustfft along y and z, parallel with rayon.
+//!
+//! The spectrum is kept in a transposed layout, `[kx][ky][kz]` (index
+//! `(kx·ny + ky)·nz + kz`, kx in 0..nx/2+1), so that every 1D transform runs on contiguous
+//! lines; pointwise products of two spectra (all that convolution and RL need) do not
+//! care about the layout. [`Fft3::freq`] gives the signed frequency of an index.
+
+use rayon::prelude::*;
+use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
+use rustfft::{num_complex::Complex32, Fft, FftPlanner};
+use std::sync::Arc;
+
+/// Block of lines moved per task in the transposes (one cache line of 8 complex values).
+const BLOCK: usize = 8;
+
+pub struct Fft3 {
+    /// Real-space (z, y, x) size.
+    pub dims: [usize; 3],
+    /// nx/2 + 1.
+    pub xc: usize,
+    r2c: Arc<dyn RealToComplex<f32>>,
+    c2r: Arc<dyn ComplexToReal<f32>>,
+    fy: Arc<dyn Fft<f32>>,
+    iy: Arc<dyn Fft<f32>>,
+    fz: Arc<dyn Fft<f32>>,
+    iz: Arc<dyn Fft<f32>>,
+}
+
+/// The smallest n' ≥ n whose prime factors are 2, 3, 5 and 7 (fast FFT sizes); even when `even`.
+pub fn fast_len(n: usize, even: bool) -> usize {
+    let mut m = n.max(1);
+    loop {
+        let mut r = m;
+        for p in [2, 3, 5, 7] {
+            while r % p == 0 {
+                r /= p;
+            }
+        }
+        if r == 1 && (!even || m % 2 == 0) {
+            return m;
+        }
+        m += 1;
+    }
+}
+
+impl Fft3 {
+    pub fn new(dims: [usize; 3]) -> Self {
+        let [nz, ny, nx] = dims;
+        let mut rp = RealFftPlanner::<f32>::new();
+        let mut cp = FftPlanner::<f32>::new();
+        Fft3 {
+            dims,
+            xc: nx / 2 + 1,
+            r2c: rp.plan_fft_forward(nx),
+            c2r: rp.plan_fft_inverse(nx),
+            fy: cp.plan_fft_forward(ny),
+            iy: cp.plan_fft_inverse(ny),
+            fz: cp.plan_fft_forward(nz),
+            iz: cp.plan_fft_inverse(nz),
+        }
+    }
+
+    pub fn real_len(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    pub fn spectrum_len(&self) -> usize {
+        self.dims[0] * self.dims[1] * self.xc
+    }
+
+    /// Signed frequency indices (kz, ky, kx) of spectrum index `i`.
+    pub fn freq(&self, i: usize) -> [i64; 3] {
+        let [nz, ny, _] = self.dims;
+        let kz = i % nz;
+        let ky = (i / nz) % ny;
+        let kx = i / (nz * ny);
+        let s = |k: usize, n: usize| {
+            if k <= n / 2 {
+                k as i64
+            } else {
+                k as i64 - n as i64
+            }
+        };
+        [s(kz, nz), s(ky, ny), kx as i64]
+    }
+
+    /// Forward transform of `input` (clobbered) into `out` (spectrum_len), with
+    /// `scratch` (spectrum_len) as working space.
+    pub fn forward(&self, input: &mut [f32], out: &mut [Complex32], scratch: &mut [Complex32]) {
+        let [nz, ny, nx] = self.dims;
+        let xc = self.xc;
+        assert_eq!(input.len(), self.real_len());
+        assert_eq!(out.len(), self.spectrum_len());
+        assert_eq!(scratch.len(), self.spectrum_len());
+        // x: rows → out as [z][y][kx]
+        let r2c = &self.r2c;
+        input
+            .par_chunks_mut(nx * ny)
+            .zip(out.par_chunks_mut(xc * ny))
+            .for_each_init(
+                || r2c.make_scratch_vec(),
+                |s, (inp, o)| {
+                    for (row, orow) in inp.chunks_exact_mut(nx).zip(o.chunks_exact_mut(xc)) {
+                        let _ = r2c.process_with_scratch(row, orow, s);
+                    }
+                },
+            );
+        // y: per plane, transpose [y][kx] → [kx][y] into scratch, transform rows of ny
+        let fy = &self.fy;
+        out.par_chunks(xc * ny)
+            .zip(scratch.par_chunks_mut(xc * ny))
+            .for_each_init(
+                || vec![Complex32::default(); fy.get_inplace_scratch_len()],
+                |s, (a, b)| {
+                    transpose(a, b, ny, xc);
+                    fy.process_with_scratch(b, s);
+                },
+            );
+        // z: transpose [z][m] → [m][z] (m = kx·ny + ky) into out, transform rows of nz
+        let m = xc * ny;
+        let fz = &self.fz;
+        let src: &[Complex32] = scratch;
+        out.par_chunks_mut(BLOCK * nz).enumerate().for_each_init(
+            || vec![Complex32::default(); fz.get_inplace_scratch_len()],
+            |s, (bi, o)| {
+                let m0 = bi * BLOCK;
+                let cnt = o.len() / nz;
+                for z in 0..nz {
+                    let row = &src[z * m + m0..z * m + m0 + cnt];
+                    for (j, &v) in row.iter().enumerate() {
+                        o[j * nz + z] = v;
+                    }
+                }
+                fz.process_with_scratch(o, s);
+            },
+        );
+    }
+
+    /// Inverse transform of `spec` (clobbered) into `out` (real_len), normalized (1/N),
+    /// with `scratch` (spectrum_len) as working space.
+    pub fn inverse(&self, spec: &mut [Complex32], out: &mut [f32], scratch: &mut [Complex32]) {
+        let [nz, ny, nx] = self.dims;
+        let xc = self.xc;
+        let m = xc * ny;
+        assert_eq!(spec.len(), self.spectrum_len());
+        assert_eq!(out.len(), self.real_len());
+        // z
+        let iz = &self.iz;
+        spec.par_chunks_mut(BLOCK * nz).for_each_init(
+            || vec![Complex32::default(); iz.get_inplace_scratch_len()],
+            |s, c| iz.process_with_scratch(c, s),
+        );
+        // [m][z] → [z][m] into scratch, BLOCK planes per task
+        let src: &[Complex32] = spec;
+        scratch
+            .par_chunks_mut(BLOCK * m)
+            .enumerate()
+            .for_each(|(bi, o)| {
+                let z0 = bi * BLOCK;
+                let cnt = o.len() / m;
+                for j in 0..m {
+                    let col = &src[j * nz + z0..j * nz + z0 + cnt];
+                    for (zz, &v) in col.iter().enumerate() {
+                        o[zz * m + j] = v;
+                    }
+                }
+            });
+        // y: per plane rows of ny ([kx][y]), transpose back to [y][kx] into spec
+        let iy = &self.iy;
+        scratch
+            .par_chunks_mut(m)
+            .zip(spec.par_chunks_mut(m))
+            .for_each_init(
+                || vec![Complex32::default(); iy.get_inplace_scratch_len()],
+                |s, (b, a)| {
+                    iy.process_with_scratch(b, s);
+                    transpose(b, a, xc, ny);
+                },
+            );
+        // x: c2r per row, scaled
+        let c2r = &self.c2r;
+        let scale = 1.0 / (nx * ny * nz) as f32;
+        spec.par_chunks_mut(xc * ny)
+            .zip(out.par_chunks_mut(nx * ny))
+            .for_each_init(
+                || c2r.make_scratch_vec(),
+                |s, (a, o)| {
+                    for (crow, orow) in a.chunks_exact_mut(xc).zip(o.chunks_exact_mut(nx)) {
+                        crow[0].im = 0.0;
+                        if nx % 2 == 0 {
+                            crow[xc - 1].im = 0.0;
+                        }
+                        let _ = c2r.process_with_scratch(crow, orow, s);
+                        orow.iter_mut().for_each(|v| *v *= scale);
+                    }
+                },
+            );
+    }
+}
+
+/// `b[c][r] = a[r][c]` for an `rows × cols` matrix `a`, in cache-sized tiles.
+fn transpose(a: &[Complex32], b: &mut [Complex32], rows: usize, cols: usize) {
+    const T: usize = 16;
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                for c in c0..(c0 + T).min(cols) {
+                    b[c * rows + r] = a[r * cols + c];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct DFT of one frequency for the comparison.
+    fn dft_at(x: &[f32], dims: [usize; 3], k: [i64; 3]) -> (f64, f64) {
+        let [nz, ny, nx] = dims;
+        let (mut re, mut im) = (0.0, 0.0);
+        for z in 0..nz {
+            for y in 0..ny {
+                for xx in 0..nx {
+                    let ph = -2.0
+                        * std::f64::consts::PI
+                        * (k[0] as f64 * z as f64 / nz as f64
+                            + k[1] as f64 * y as f64 / ny as f64
+                            + k[2] as f64 * xx as f64 / nx as f64);
+                    let v = x[(z * ny + y) * nx + xx] as f64;
+                    re += v * ph.cos();
+                    im += v * ph.sin();
+                }
+            }
+        }
+        (re, im)
+    }
+
+    #[test]
+    fn forward_matches_dft_and_inverse_round_trips() {
+        for dims in [[6usize, 10, 8], [5, 7, 9], [12, 3, 16]] {
+            let n: usize = dims.iter().product();
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+                .collect();
+            let f = Fft3::new(dims);
+            let mut inp = x.clone();
+            let mut spec = vec![Complex32::default(); f.spectrum_len()];
+            let mut scr = spec.clone();
+            f.forward(&mut inp, &mut spec, &mut scr);
+            for i in (0..spec.len()).step_by(7) {
+                let k = f.freq(i);
+                let (re, im) = dft_at(&x, dims, k);
+                assert!(
+                    (spec[i].re as f64 - re).abs() < 1e-3 && (spec[i].im as f64 - im).abs() < 1e-3,
+                    "{dims:?} {k:?}"
+                );
+            }
+            let mut back = vec![0.0f32; n];
+            f.inverse(&mut spec, &mut back, &mut scr);
+            let err = x
+                .iter()
+                .zip(&back)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(err < 1e-5, "{dims:?} round trip error {err}");
+        }
+    }
+
+    #[test]
+    fn fast_lengths() {
+        assert_eq!(fast_len(97, false), 98);
+        assert_eq!(fast_len(11, true), 12);
+        assert_eq!(fast_len(127, true), 128);
+        assert_eq!(fast_len(121, false), 125);
+    }
+}

@@ -1,0 +1,270 @@
+//! Reading and writing volumes: TIFF stacks (`.tif`, `.tiff`), folders of 2D slices,
+//! and HDF5 datasets (`.h5`, `.hdf5`; cargo feature `hdf5`).
+//!
+//! HDF5 paths name the dataset after a colon: `file.h5:/group/data`. Without one, reading
+//! takes the file's only 3D dataset and writing uses `/data`. The voxel size is kept in
+//! the dataset attribute `element_size_um` (z, y, x), the convention of ilastik and
+//! Fiji's HDF5 plugins; metadata JSON in the attribute `rln_metadata`.
+
+use super::tiff_io;
+use super::volume::Volume;
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// Sample type of a written volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputDtype {
+    /// 32-bit float, exact.
+    F32,
+    /// 16-bit unsigned: values rounded and clamped to [0, 65535] (scale first).
+    U16,
+    /// 16-bit IEEE float (≈3 significant digits, max 65504).
+    F16,
+}
+
+impl OutputDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            OutputDtype::F32 => 4,
+            OutputDtype::U16 | OutputDtype::F16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for OutputDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(OutputDtype::F32),
+            "u16" | "uint16" => Ok(OutputDtype::U16),
+            "f16" | "float16" => Ok(OutputDtype::F16),
+            _ => Err(Error::invalid(format!(
+                "unknown output type {s:?}: use f32, u16 or f16"
+            ))),
+        }
+    }
+}
+
+/// How to read a volume.
+#[derive(Clone, Debug)]
+pub struct ReadOptions {
+    /// Channel to keep from RGB / multi-sample pixels or ImageJ multi-channel stacks.
+    pub channel: Option<usize>,
+    /// HDF5 dataset (overrides a `file.h5:/dataset` suffix).
+    pub dataset: Option<String>,
+    /// Accept single-plane images (as a 1×H×W volume). Off: a clear error.
+    pub allow_2d: bool,
+    /// Reject NaN / infinite voxels, naming the first one's position.
+    pub check_finite: bool,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions {
+            channel: None,
+            dataset: None,
+            allow_2d: false,
+            check_finite: true,
+        }
+    }
+}
+
+/// How to write a volume.
+#[derive(Clone, Debug)]
+pub struct WriteOptions {
+    pub dtype: OutputDtype,
+    /// TIFF: switch to BigTIFF when the estimated file size reaches this many bytes.
+    pub bigtiff_threshold: u64,
+    /// HDF5 dataset (overrides a `file.h5:/dataset` suffix; default `/data`).
+    pub dataset: Option<String>,
+}
+
+impl WriteOptions {
+    pub fn new(dtype: OutputDtype) -> Self {
+        WriteOptions {
+            dtype,
+            bigtiff_threshold: tiff_io::BIGTIFF_THRESHOLD,
+            dataset: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Tiff,
+    Hdf5,
+    Folder,
+}
+
+/// Splits `file.h5:/dataset` into the file and the dataset.
+pub fn split_dataset_path(path: &Path) -> (PathBuf, Option<String>) {
+    let s = path.to_string_lossy();
+    let lower = s.to_lowercase();
+    for ext in [".h5:", ".hdf5:"] {
+        if let Some(i) = lower.rfind(ext) {
+            let cut = i + ext.len() - 1;
+            let ds = s[cut + 1..].to_string();
+            return (
+                PathBuf::from(&s[..cut]),
+                if ds.is_empty() { None } else { Some(ds) },
+            );
+        }
+    }
+    (path.to_path_buf(), None)
+}
+
+fn kind_of(path: &Path) -> Result<Kind> {
+    if path.is_dir() {
+        return Ok(Kind::Folder);
+    }
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "tif" | "tiff" => Ok(Kind::Tiff),
+        "h5" | "hdf5" => Ok(Kind::Hdf5),
+        _ => Err(Error::invalid(format!(
+            "{}: unknown volume format (use .tif/.tiff, .h5/.hdf5[:/dataset], or a folder of 2D TIFF slices)",
+            path.display()
+        ))),
+    }
+}
+
+/// Reads a 3D volume from a TIFF stack, a folder of 2D slices or an HDF5 dataset.
+pub fn read_volume(path: impl AsRef<Path>) -> Result<Volume> {
+    read_volume_with(path, &ReadOptions::default())
+}
+
+pub fn read_volume_with(path: impl AsRef<Path>, opts: &ReadOptions) -> Result<Volume> {
+    let (file, ds) = split_dataset_path(path.as_ref());
+    if !file.exists() {
+        return Err(Error::io(
+            &file,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+        ));
+    }
+    let vol = match kind_of(&file)? {
+        Kind::Tiff => tiff_io::read_tiff(&file, opts)?,
+        Kind::Folder => read_slice_folder(&file, opts)?,
+        Kind::Hdf5 => read_hdf5(&file, opts.dataset.clone().or(ds).as_deref(), opts)?,
+    };
+    vol.check_voxel_size(&file.display().to_string())?;
+    Ok(vol)
+}
+
+/// Writes `vol` as `dtype`, the format chosen by the extension of `path`.
+pub fn write_volume(path: impl AsRef<Path>, vol: &Volume, dtype: OutputDtype) -> Result<()> {
+    write_volume_with(path, vol, &WriteOptions::new(dtype))
+}
+
+pub fn write_volume_with(path: impl AsRef<Path>, vol: &Volume, opts: &WriteOptions) -> Result<()> {
+    let (file, ds) = split_dataset_path(path.as_ref());
+    match kind_of(&file) {
+        Ok(Kind::Tiff) => tiff_io::write_tiff(&file, vol, opts.dtype, opts.bigtiff_threshold),
+        Ok(Kind::Hdf5) => write_hdf5(
+            &file,
+            opts.dataset.clone().or(ds).as_deref().unwrap_or("/data"),
+            vol,
+            opts.dtype,
+        ),
+        Ok(Kind::Folder) => Err(Error::invalid(format!(
+            "{} is a folder; give a file name",
+            file.display()
+        ))),
+        Err(e) => Err(e),
+    }
+}
+
+/// The 2D TIFF files of a folder, sorted by name, read as consecutive z planes.
+pub fn read_slice_folder(dir: &Path, opts: &ReadOptions) -> Result<Volume> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                && matches!(
+                    p.extension()
+                        .map(|e| e.to_string_lossy().to_lowercase())
+                        .as_deref(),
+                    Some("tif" | "tiff")
+                )
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::invalid(format!(
+            "{}: folder holds no .tif/.tiff slices",
+            dir.display()
+        )));
+    }
+    let slice_opts = ReadOptions {
+        allow_2d: true,
+        check_finite: false,
+        ..opts.clone()
+    };
+    let mut out: Option<Volume> = None;
+    for f in &files {
+        let s = tiff_io::read_tiff(f, &slice_opts)?;
+        match &mut out {
+            None => out = Some(s),
+            Some(v) => {
+                if s.dims[1..] != v.dims[1..] {
+                    return Err(Error::format(
+                        f,
+                        format!(
+                            "slice is {}×{} but {} is {}×{}; all slices must have one size",
+                            s.dims[1],
+                            s.dims[2],
+                            files[0].display(),
+                            v.dims[1],
+                            v.dims[2]
+                        ),
+                    ));
+                }
+                v.data.extend_from_slice(&s.data);
+                v.dims[0] += s.dims[0];
+            }
+        }
+    }
+    let vol = out.expect("at least one slice");
+    if vol.dims[0] <= 1 && !opts.allow_2d {
+        return Err(Error::invalid(format!(
+            "{}: folder holds a single 2D slice ({}×{}); RLN needs a 3D stack",
+            dir.display(),
+            vol.dims[1],
+            vol.dims[2]
+        )));
+    }
+    if opts.check_finite {
+        vol.check_finite(&dir.display().to_string())?;
+    }
+    Ok(vol)
+}
+
+#[cfg(not(feature = "hdf5"))]
+fn read_hdf5(path: &Path, _ds: Option<&str>, _opts: &ReadOptions) -> Result<Volume> {
+    Err(Error::invalid(format!(
+        "{}: this build has no HDF5 support; rebuild with `cargo build --features hdf5` (needs libhdf5-dev)",
+        path.display()
+    )))
+}
+
+#[cfg(not(feature = "hdf5"))]
+fn write_hdf5(path: &Path, _ds: &str, _vol: &Volume, _dtype: OutputDtype) -> Result<()> {
+    read_hdf5(path, None, &ReadOptions::default()).map(|_| ())
+}
+
+#[cfg(feature = "hdf5")]
+fn read_hdf5(path: &Path, ds: Option<&str>, opts: &ReadOptions) -> Result<Volume> {
+    super::hdf5_io::read_hdf5(path, ds, opts)
+}
+
+#[cfg(feature = "hdf5")]
+fn write_hdf5(path: &Path, ds: &str, vol: &Volume, dtype: OutputDtype) -> Result<()> {
+    super::hdf5_io::write_hdf5(path, ds, vol, dtype)
+}

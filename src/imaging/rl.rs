@@ -1,0 +1,564 @@
+//! Classical Richardson–Lucy deconvolution on the FFT, without wrap-around.
+//!
+//! Geometry: the image Ω (size I) is explained by an object on Ω' = Ω grown by the PSF
+//! (size I + P − 1); the FFT grid holds Ω' and is at least I + P − 1 long on each axis,
+//! so circular convolution equals linear convolution on Ω. The update is the
+//! boundary-aware RL of Bertero & Boccacci (A&A 2005):
+//! `e ← e · B(r) / B(1_Ω)` with `r = y / (H e + b)` on Ω and 0 outside, where `H` is the
+//! PSF, `B` the back projector (Hᵀ for `matched`), and `B(1_Ω)` the normalization that
+//! makes edges converge like the interior. With the matched projector `Σ_Ω' e·Hᵀ1_Ω`
+//! equals `Σ_Ω y·He/(He+b)` after every iteration (flux is kept).
+//!
+//! The Wiener–Butterworth back projector is that of Guo et al., Nat. Biotechnol. 38,
+//! 1337 (2020): `B = Butterworth · Ĥ*/(|Ĥ|² + α)` with the Butterworth cutoff at the
+//! PSF's FWHM (per axis) and gain β there, order n; here its DC gain is scaled to 1.
+
+use super::fft::{fast_len, Fft3};
+use super::progress;
+use super::psf::fwhm_voxels;
+use super::volume::{dims_str, Volume};
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+use rustfft::num_complex::Complex32;
+use std::ops::ControlFlow;
+
+/// Which back projector the RL update uses.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum BackProjector {
+    /// The flipped PSF (classical RL).
+    Matched,
+    /// Guo et al. 2020: Wiener filter (parameter `alpha`) times a Butterworth filter of
+    /// order `order` whose gain at the PSF's FWHM cutoff is `beta`.
+    WienerButterworth { alpha: f64, beta: f64, order: f64 },
+}
+
+impl BackProjector {
+    /// Defaults in the ranges Guo et al. recommend (α 1e-4…1e-3, β 1e-3…1e-2, n 4…15).
+    pub const WB_DEFAULT: BackProjector = BackProjector::WienerButterworth {
+        alpha: 0.001,
+        beta: 0.001,
+        order: 10.0,
+    };
+}
+
+/// Settings of a deconvolution run.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RlConfig {
+    pub iterations: usize,
+    /// Constant background `b` in the image model `y = H e + b` (same units as the input).
+    pub background: f32,
+    pub back_projector: BackProjector,
+}
+
+impl Default for RlConfig {
+    fn default() -> Self {
+        RlConfig {
+            iterations: 50,
+            background: 0.0,
+            back_projector: BackProjector::Matched,
+        }
+    }
+}
+
+/// FFT plans, PSF spectrum, back projector and edge normalization for one image size and
+/// one PSF: build once, run on many images of that size.
+pub struct RlPlan {
+    img: [usize; 3],
+    psf_dims: [usize; 3],
+    /// Ω' = Ω grown by the PSF: I + P − 1.
+    ext: [usize; 3],
+    /// Position of Ω inside Ω' (and the grid): P − 1 − c with c the PSF center.
+    off: [usize; 3],
+    grid: [usize; 3],
+    fft: Fft3,
+    otf: Vec<Complex32>,
+    otf_bp: Vec<Complex32>,
+    /// 1 / B(1_Ω) on Ω' where B(1_Ω) is usable, 0 elsewhere (grid layout).
+    inv_norm: Vec<f32>,
+    pub back_projector: BackProjector,
+}
+
+/// What [`measure_throughput`] measured.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RlThroughput {
+    pub dims: [usize; 3],
+    pub psf_dims: [usize; 3],
+    pub fft_grid: [usize; 3],
+    pub iterations: usize,
+    pub seconds: f64,
+    pub voxel_iterations_per_s: f64,
+    pub threads: usize,
+}
+
+fn psf_center(d: [usize; 3]) -> [usize; 3] {
+    [d[0] / 2, d[1] / 2, d[2] / 2]
+}
+
+impl RlPlan {
+    /// Plans deconvolution of `img`-sized volumes by `psf` (which is normalized to sum 1 here).
+    pub fn new(img: [usize; 3], psf: &Volume, back_projector: BackProjector) -> Result<Self> {
+        let p = psf.dims;
+        if img.contains(&0) || p.contains(&0) {
+            return Err(Error::invalid("empty image or PSF"));
+        }
+        if (0..3).any(|a| p[a] > img[a]) {
+            return Err(Error::invalid(format!(
+                "PSF ({}) is larger than the image ({}) along an axis; crop the PSF (rln-engine psf --measured … --crop) \
+                 or use a larger image",
+                dims_str(p),
+                dims_str(img)
+            )));
+        }
+        psf.check_finite("PSF")?;
+        let s = psf.sum();
+        if !(s > 0.0) || psf.data.iter().any(|&v| v < 0.0) {
+            return Err(Error::invalid(
+                "PSF must be non-negative with a positive sum",
+            ));
+        }
+        let c = psf_center(p);
+        let ext = [img[0] + p[0] - 1, img[1] + p[1] - 1, img[2] + p[2] - 1];
+        let off = [p[0] - 1 - c[0], p[1] - 1 - c[1], p[2] - 1 - c[2]];
+        let grid = [
+            fast_len(ext[0], false),
+            fast_len(ext[1], false),
+            fast_len(ext[2], true),
+        ];
+        let fft = Fft3::new(grid);
+        let n = fft.real_len();
+        let sl = fft.spectrum_len();
+        let mut scratch = vec![Complex32::default(); sl];
+
+        // OTF: PSF with its center at the origin (wrapped), normalized to sum 1
+        let mut buf = vec![0.0f32; n];
+        let [gz, gy, gx] = grid;
+        for z in 0..p[0] {
+            for y in 0..p[1] {
+                for x in 0..p[2] {
+                    let gzz = (z + gz - c[0]) % gz;
+                    let gyy = (y + gy - c[1]) % gy;
+                    let gxx = (x + gx - c[2]) % gx;
+                    buf[(gzz * gy + gyy) * gx + gxx] = (psf.at(z, y, x) as f64 / s) as f32;
+                }
+            }
+        }
+        let mut otf = vec![Complex32::default(); sl];
+        fft.forward(&mut buf, &mut otf, &mut scratch);
+
+        let otf_bp: Vec<Complex32> = match back_projector {
+            BackProjector::Matched => otf.iter().map(|v| v.conj()).collect(),
+            BackProjector::WienerButterworth { alpha, beta, order } => {
+                wiener_butterworth(&fft, &otf, fwhm_voxels(psf), alpha, beta, order)?
+            }
+        };
+
+        // B(1_Ω): back projection of the image-domain indicator
+        buf.iter_mut().for_each(|v| *v = 0.0);
+        for z in 0..img[0] {
+            for y in 0..img[1] {
+                let i = ((off[0] + z) * gy + off[1] + y) * gx + off[2];
+                buf[i..i + img[2]].iter_mut().for_each(|v| *v = 1.0);
+            }
+        }
+        let mut spec = vec![Complex32::default(); sl];
+        fft.forward(&mut buf, &mut spec, &mut scratch);
+        spec.par_iter_mut()
+            .zip(otf_bp.par_iter())
+            .for_each(|(a, b)| *a *= *b);
+        fft.inverse(&mut spec, &mut buf, &mut scratch);
+        let mut inv_norm = vec![0.0f32; n];
+        inv_norm
+            .par_chunks_mut(gy * gx)
+            .zip(buf.par_chunks(gy * gx))
+            .enumerate()
+            .for_each(|(z, (o, w))| {
+                if z >= ext[0] {
+                    return;
+                }
+                for y in 0..ext[1] {
+                    for x in 0..ext[2] {
+                        let i = y * gx + x;
+                        if w[i] > 1e-3 {
+                            o[i] = 1.0 / w[i];
+                        }
+                    }
+                }
+            });
+        Ok(RlPlan {
+            img,
+            psf_dims: p,
+            ext,
+            off,
+            grid,
+            fft,
+            otf,
+            otf_bp,
+            inv_norm,
+            back_projector,
+        })
+    }
+
+    pub fn image_dims(&self) -> [usize; 3] {
+        self.img
+    }
+    pub fn psf_dims(&self) -> [usize; 3] {
+        self.psf_dims
+    }
+    pub fn fft_grid(&self) -> [usize; 3] {
+        self.grid
+    }
+    /// Size of the object domain Ω' a forward projection reads (image + PSF − 1).
+    pub fn extended_dims(&self) -> [usize; 3] {
+        self.ext
+    }
+    /// Where the image sits inside the extended domain.
+    pub fn image_offset(&self) -> [usize; 3] {
+        self.off
+    }
+
+    fn grid_index(&self, z: usize, y: usize, x: usize) -> usize {
+        (z * self.grid[1] + y) * self.grid[2] + x
+    }
+
+    /// Linear convolution with the PSF of an object on the extended domain Ω'
+    /// (`extended_dims()`), returned on the image domain Ω: the blur of a scene that
+    /// extends past the field of view, with nothing wrapping around.
+    pub fn blur_extended(&self, object: &Volume) -> Result<Volume> {
+        if object.dims != self.ext {
+            return Err(Error::Shape(format!(
+                "object is {} but the extended domain is {}",
+                object.shape_str(),
+                dims_str(self.ext)
+            )));
+        }
+        let mut buf = vec![0.0f32; self.fft.real_len()];
+        for z in 0..self.ext[0] {
+            for y in 0..self.ext[1] {
+                let g = self.grid_index(z, y, 0);
+                let o = object.index(z, y, 0);
+                buf[g..g + self.ext[2]].copy_from_slice(&object.data[o..o + self.ext[2]]);
+            }
+        }
+        self.project(&mut buf, false);
+        let mut out = self.crop_image(&buf);
+        out.voxel_size = object.voxel_size;
+        Ok(out)
+    }
+
+    /// Linear convolution of an image-sized volume with the PSF, zero outside the image ("same").
+    pub fn convolve_same(&self, vol: &Volume) -> Result<Volume> {
+        self.check_input(vol)?;
+        let mut buf = vec![0.0f32; self.fft.real_len()];
+        self.put_image(&vol.data, &mut buf);
+        self.project(&mut buf, false);
+        let mut out = self.crop_image(&buf);
+        out.voxel_size = vol.voxel_size;
+        Ok(out)
+    }
+
+    fn check_input(&self, vol: &Volume) -> Result<()> {
+        if vol.dims != self.img {
+            return Err(Error::Shape(format!(
+                "image is {} but the plan was made for {}",
+                vol.shape_str(),
+                dims_str(self.img)
+            )));
+        }
+        Ok(())
+    }
+
+    fn put_image(&self, data: &[f32], buf: &mut [f32]) {
+        let [_, iy, ix] = self.img;
+        for z in 0..self.img[0] {
+            for y in 0..iy {
+                let g = self.grid_index(self.off[0] + z, self.off[1] + y, self.off[2]);
+                let o = (z * iy + y) * ix;
+                buf[g..g + ix].copy_from_slice(&data[o..o + ix]);
+            }
+        }
+    }
+
+    fn crop_image(&self, buf: &[f32]) -> Volume {
+        let [iz, iy, ix] = self.img;
+        let mut out = Vec::with_capacity(iz * iy * ix);
+        for z in 0..iz {
+            for y in 0..iy {
+                let g = self.grid_index(self.off[0] + z, self.off[1] + y, self.off[2]);
+                out.extend_from_slice(&buf[g..g + ix]);
+            }
+        }
+        Volume::new(self.img, out).expect("image-sized crop")
+    }
+
+    /// buf ← H buf (or B buf when `back`), in place through the spectrum.
+    fn project_with(
+        &self,
+        buf: &mut [f32],
+        back: bool,
+        spec: &mut [Complex32],
+        scratch: &mut [Complex32],
+    ) {
+        self.fft.forward(buf, spec, scratch);
+        let k = if back { &self.otf_bp } else { &self.otf };
+        spec.par_chunks_mut(4096)
+            .zip(k.par_chunks(4096))
+            .for_each(|(a, b)| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x *= *y;
+                }
+            });
+        self.fft.inverse(spec, buf, scratch);
+    }
+
+    fn project(&self, buf: &mut [f32], back: bool) {
+        let sl = self.fft.spectrum_len();
+        let mut spec = vec![Complex32::default(); sl];
+        let mut scratch = vec![Complex32::default(); sl];
+        self.project_with(buf, back, &mut spec, &mut scratch);
+    }
+
+    /// Runs `iterations` RL iterations on `input` (image-sized) with constant `background`.
+    /// After each iteration `observe(i, estimate)` sees the current estimate on the image
+    /// domain (i = 1, 2, …); returning `ControlFlow::Break(())` stops early. Returns the
+    /// last estimate.
+    pub fn run<F>(
+        &self,
+        input: &Volume,
+        iterations: usize,
+        background: f32,
+        mut observe: F,
+    ) -> Result<Volume>
+    where
+        F: FnMut(usize, &Volume) -> ControlFlow<()>,
+    {
+        self.check_input(input)?;
+        input.check_finite("RL input")?;
+        if !background.is_finite() {
+            return Err(Error::invalid("background must be finite"));
+        }
+        let n = self.fft.real_len();
+        let sl = self.fft.spectrum_len();
+        let [gz, gy, gx] = self.grid;
+        let plane = gy * gx;
+        let mut y = vec![0.0f32; n];
+        self.put_image(&input.data, &mut y);
+        let mean = (input
+            .data
+            .iter()
+            .map(|&v| (v - background).max(0.0) as f64)
+            .sum::<f64>()
+            / input.len() as f64) as f32;
+        let floor = (mean * 1e-6).max(f32::MIN_POSITIVE);
+        let den_floor = (mean.max(background.abs()) * 1e-6).max(f32::MIN_POSITIVE);
+        // first estimate: the (background-subtracted) image on Ω, its mean on the rest of Ω'
+        let mut est = vec![0.0f32; n];
+        {
+            let in_img = |z: usize, yy: usize, x: usize| {
+                (self.off[0]..self.off[0] + self.img[0]).contains(&z)
+                    && (self.off[1]..self.off[1] + self.img[1]).contains(&yy)
+                    && (self.off[2]..self.off[2] + self.img[2]).contains(&x)
+            };
+            est.par_chunks_mut(plane).enumerate().for_each(|(z, e)| {
+                for yy in 0..gy {
+                    for x in 0..gx {
+                        let i = yy * gx + x;
+                        if self.inv_norm[z * plane + i] > 0.0 {
+                            e[i] = if in_img(z, yy, x) {
+                                (y[z * plane + i] - background).max(floor)
+                            } else {
+                                mean.max(floor)
+                            };
+                        }
+                    }
+                }
+            });
+        }
+        let mut tmp = vec![0.0f32; n];
+        let mut spec = vec![Complex32::default(); sl];
+        let mut scratch = vec![Complex32::default(); sl];
+        let clamp = !matches!(self.back_projector, BackProjector::Matched);
+        let (oz, oy, ox) = (self.off[0], self.off[1], self.off[2]);
+        let [iz, iy, ix] = self.img;
+        let pb = progress::bar(iterations as u64, "RL");
+        let _ = gz;
+        for it in 1..=iterations {
+            tmp.copy_from_slice(&est);
+            self.project_with(&mut tmp, false, &mut spec, &mut scratch);
+            // ratio y / (He + b) on Ω, 0 elsewhere
+            tmp.par_chunks_mut(plane)
+                .zip(y.par_chunks(plane))
+                .enumerate()
+                .for_each(|(z, (t, yv))| {
+                    if z < oz || z >= oz + iz {
+                        t.iter_mut().for_each(|v| *v = 0.0);
+                        return;
+                    }
+                    for yy in 0..gy {
+                        let row = &mut t[yy * gx..(yy + 1) * gx];
+                        if yy < oy || yy >= oy + iy {
+                            row.iter_mut().for_each(|v| *v = 0.0);
+                            continue;
+                        }
+                        let yr = &yv[yy * gx..(yy + 1) * gx];
+                        for x in 0..gx {
+                            row[x] = if x >= ox && x < ox + ix {
+                                yr[x] / (row[x] + background).max(den_floor)
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
+                });
+            self.project_with(&mut tmp, true, &mut spec, &mut scratch);
+            est.par_chunks_mut(1 << 14)
+                .zip(tmp.par_chunks(1 << 14))
+                .zip(self.inv_norm.par_chunks(1 << 14))
+                .for_each(|((e, g), w)| {
+                    for i in 0..e.len() {
+                        let v = e[i] * g[i] * w[i];
+                        e[i] = if clamp {
+                            if w[i] > 0.0 {
+                                v.max(floor)
+                            } else {
+                                0.0
+                            }
+                        } else {
+                            v
+                        };
+                    }
+                });
+            pb.inc(1);
+            let cur = self.crop_image(&est);
+            if observe(it, &cur).is_break() {
+                break;
+            }
+        }
+        pb.finish_and_clear();
+        let mut out = self.crop_image(&est);
+        out.voxel_size = input.voxel_size;
+        out.unit = input.unit.clone();
+        Ok(out)
+    }
+}
+
+/// Guo et al.'s Wiener–Butterworth back projector on the FFT grid of `fft`.
+fn wiener_butterworth(
+    fft: &Fft3,
+    otf: &[Complex32],
+    fwhm: [f64; 3],
+    alpha: f64,
+    beta: f64,
+    order: f64,
+) -> Result<Vec<Complex32>> {
+    if !(alpha > 0.0 && beta > 0.0 && beta < 1.0 && order > 0.0) {
+        return Err(Error::invalid(format!(
+            "Wiener–Butterworth needs alpha > 0, 0 < beta < 1, order > 0 (got {alpha}, {beta}, {order})"
+        )));
+    }
+    let m = otf[0].norm() as f64;
+    let wiener: Vec<(f64, f64)> = otf
+        .iter()
+        .map(|h| {
+            let (re, im) = (h.re as f64 / m, -h.im as f64 / m);
+            let d = re * re + im * im + alpha;
+            (re / d, im / d)
+        })
+        .collect();
+    let g = fft.dims;
+    // cutoff frequency (in FFT bins) at the resolution limit = FWHM of the PSF
+    let kc: Vec<f64> = (0..3).map(|a| g[a] as f64 / fwhm[a].max(1e-3)).collect();
+    // gain of the Wiener filter at the x cutoff, central z plane, max over y
+    let kx_c = (kc[2].round() as i64).min(g[2] as i64 / 2);
+    let mut beta_w: f64 = 0.0;
+    for (i, w) in wiener.iter().enumerate() {
+        let k = fft.freq(i);
+        if k[0] == 0 && k[2] == kx_c {
+            beta_w = beta_w.max((w.0 * w.0 + w.1 * w.1).sqrt());
+        }
+    }
+    let ee = (beta_w / (beta * beta) - 1.0).max(0.0);
+    let mut out: Vec<Complex32> = wiener
+        .iter()
+        .enumerate()
+        .map(|(i, &(re, im))| {
+            let k = fft.freq(i);
+            let w: f64 = (0..3).map(|a| (k[a] as f64 / kc[a]).powi(2)).sum();
+            let mask = 1.0 / (1.0 + ee * w.powf(order)).sqrt();
+            Complex32::new((re * mask) as f32, (im * mask) as f32)
+        })
+        .collect();
+    let dc = out[0].re;
+    if !(dc > 0.0) {
+        return Err(Error::invalid(
+            "Wiener–Butterworth back projector has no DC gain (PSF spectrum degenerate?)",
+        ));
+    }
+    out.iter_mut().for_each(|v| *v /= dc);
+    Ok(out)
+}
+
+/// Deconvolves `input` by `psf` with `cfg`.
+pub fn richardson_lucy(input: &Volume, psf: &Volume, cfg: &RlConfig) -> Result<Volume> {
+    richardson_lucy_with(input, psf, cfg, |_, _| ControlFlow::Continue(()))
+}
+
+/// [`richardson_lucy`] with a per-iteration observer (see [`RlPlan::run`]).
+pub fn richardson_lucy_with<F>(
+    input: &Volume,
+    psf: &Volume,
+    cfg: &RlConfig,
+    observe: F,
+) -> Result<Volume>
+where
+    F: FnMut(usize, &Volume) -> ControlFlow<()>,
+{
+    let plan = RlPlan::new(input.dims, psf, cfg.back_projector)?;
+    plan.run(input, cfg.iterations, cfg.background, observe)
+}
+
+/// Measures RL throughput (voxel-iterations per second) on a 64×256×256 volume of random
+/// blurred spots with a 31×31×31 Gaussian PSF, after one warm-up iteration. Planning
+/// (FFT plans, OTF) is not timed.
+pub fn measure_throughput(iterations: usize) -> Result<RlThroughput> {
+    measure_throughput_on([64, 256, 256], [31, 31, 31], iterations)
+}
+
+pub fn measure_throughput_on(
+    dims: [usize; 3],
+    psf_dims: [usize; 3],
+    iterations: usize,
+) -> Result<RlThroughput> {
+    let psf = super::psf::gaussian_kernel(psf_dims, [2.0, 1.2, 1.2]);
+    let img = benchmark_volume(dims);
+    let plan = RlPlan::new(dims, &psf, BackProjector::Matched)?;
+    plan.run(&img, 1, 0.0, |_, _| ControlFlow::Continue(()))?;
+    let t = std::time::Instant::now();
+    plan.run(&img, iterations, 0.0, |_, _| ControlFlow::Continue(()))?;
+    let seconds = t.elapsed().as_secs_f64();
+    let vox = dims.iter().product::<usize>() as f64;
+    Ok(RlThroughput {
+        dims,
+        psf_dims,
+        fft_grid: plan.fft_grid(),
+        iterations,
+        seconds,
+        voxel_iterations_per_s: vox * iterations as f64 / seconds,
+        threads: rayon::current_num_threads(),
+    })
+}
+
+/// The deterministic test volume of the throughput measurement (also written by
+/// tools/imaging/rl_peer_bench.py's counterpart): sparse bright voxels on a background of 10.
+pub fn benchmark_volume(dims: [usize; 3]) -> Volume {
+    let n: usize = dims.iter().product();
+    let mut data = vec![10.0f32; n];
+    let mut s: u64 = 0x9E37_79B9_7F4A_7C15;
+    for _ in 0..n / 500 {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        data[(s % n as u64) as usize] += 1000.0;
+    }
+    Volume::new(dims, data).expect("sized")
+}

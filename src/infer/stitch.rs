@@ -1,0 +1,227 @@
+//! The tiled inference loop: normalize, cut tiles out of z-slabs, predict, blend with
+//! ramp weights, and emit finished planes — for one or two views (RLN-dual).
+
+use super::tiling::{ramp_weights, PlaneSink, PlaneSource, TilePlan};
+use super::TilePredictor;
+use crate::error::{Error, Result};
+use crate::imaging::normalize::{percentile_affine, percentiles};
+use crate::model::Variant;
+use crate::tensor::{Shape, Tensor};
+use serde::Serialize;
+
+/// How input intensities are normalized before the network (spec §6–7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NormalizeMode {
+    /// Percentiles of the whole volume (a strided subsample when it is large): no
+    /// intensity steps between tiles. The output is mapped back to the input's range.
+    Global,
+    /// Each tile by its own percentiles, output multiplied by the tile's high
+    /// percentile (the authors' scripts).
+    PerTile,
+}
+
+/// v' = v·scale + offset.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Affine {
+    pub scale: f64,
+    pub offset: f64,
+    /// The percentile values it came from.
+    pub p_lo_value: f64,
+    pub p_hi_value: f64,
+}
+
+impl Affine {
+    pub fn from_percentile_values(lo: f64, hi: f64) -> Self {
+        let (scale, offset) = percentile_affine(lo, hi);
+        Affine { scale, offset, p_lo_value: lo, p_hi_value: hi }
+    }
+    pub fn apply(&self, v: f32) -> f32 {
+        (v as f64 * self.scale + self.offset) as f32
+    }
+    pub fn invert(&self, v: f32) -> f32 {
+        ((v as f64 - self.offset) / self.scale) as f32
+    }
+}
+
+/// Percentile normalization of a whole source, from at most `max_samples` voxels
+/// (every k-th plane, and every j-th voxel of it, when the volume is larger).
+pub fn estimate_normalization(src: &mut dyn PlaneSource, pct: [f64; 2], max_samples: usize) -> Result<Affine> {
+    let [d, h, w] = src.dims();
+    let plane = h * w;
+    let total = d * plane;
+    let mut sample = Vec::with_capacity(total.min(max_samples));
+    if total <= max_samples {
+        sample = src.read_planes(0, d)?;
+    } else {
+        let planes = (max_samples / plane).clamp(1, d);
+        let zstep = d.div_ceil(planes);
+        let per_plane = (max_samples / planes.max(1)).max(1);
+        let xstep = plane.div_ceil(per_plane).max(1);
+        for z in (0..d).step_by(zstep) {
+            let p = src.read_planes(z, z + 1)?;
+            sample.extend(p.iter().step_by(xstep));
+        }
+    }
+    check_finite(&sample)?;
+    let v = percentiles(&sample, &pct)?;
+    Ok(Affine::from_percentile_values(v[0], v[1]))
+}
+
+fn check_finite(v: &[f32]) -> Result<()> {
+    match v.iter().position(|x| !x.is_finite()) {
+        Some(i) => Err(Error::invalid(format!(
+            "the input holds a non-finite value ({}) at voxel {i}: clean the volume (e.g. replace NaN with 0) before inference",
+            v[i]
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Everything the tiled loop needs besides the data.
+#[derive(Clone, Debug)]
+pub struct StitchOptions {
+    pub plan: TilePlan,
+    pub normalize: NormalizeMode,
+    pub percentiles: [f64; 2],
+    /// Global mode: map the output back to the input's intensity range.
+    pub rescale_output: bool,
+    pub variant: Variant,
+}
+
+/// Runs `pred` over every tile of `views` (one source, or two for RLN-dual) and writes
+/// the blended prediction to `sink`, plane by plane in increasing z. `global` holds the
+/// per-view normalization for [`NormalizeMode::Global`]. `progress(done, total)` is
+/// called after each tile.
+pub fn run_tiled(
+    pred: &mut dyn TilePredictor,
+    views: &mut [&mut dyn PlaneSource],
+    global: &[Affine],
+    sink: &mut dyn PlaneSink,
+    opts: &StitchOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<()> {
+    let dims = opts.plan.dims;
+    let n_views = opts.variant.views();
+    if views.len() != n_views {
+        return Err(Error::invalid(format!("the model ({:?}) takes {n_views} view(s), {} given", opts.variant, views.len())));
+    }
+    for v in views.iter() {
+        if v.dims() != dims {
+            return Err(Error::Shape(format!("views differ in size: {:?} vs {:?}", v.dims(), dims)));
+        }
+    }
+    if opts.normalize == NormalizeMode::Global && global.len() != n_views {
+        return Err(Error::invalid("global normalization needs one affine per view"));
+    }
+    let [_, h, w] = dims;
+    let plane = h * w;
+    let [az, ay, ax] = &opts.plan.axes;
+    let total = opts.plan.count();
+    let mut done = 0;
+    // accumulators of the planes [acc_z0, acc_z0 + acc.len()/plane)
+    let mut acc: Vec<f32> = Vec::new();
+    let mut wsum: Vec<f32> = Vec::new();
+    let mut acc_z0 = 0usize;
+    let wy: Vec<Vec<f32>> = ay.iter().map(ramp_weights).collect();
+    let wx: Vec<Vec<f32>> = ax.iter().map(ramp_weights).collect();
+    let c_in = opts.variant.input_channels();
+    for (iz, tz) in az.iter().enumerate() {
+        let (z0, z1) = tz.window;
+        let slabs: Vec<Vec<f32>> = views.iter_mut().map(|v| v.read_planes(z0, z1)).collect::<Result<_>>()?;
+        for s in &slabs {
+            check_finite(s)?;
+        }
+        // grow the accumulators to cover this row's cores
+        let need = (tz.core.1 - acc_z0) * plane;
+        if acc.len() < need {
+            acc.resize(need, 0.0);
+            wsum.resize(need, 0.0);
+        }
+        let wz = ramp_weights(tz);
+        let tiles: Vec<(usize, usize)> = (0..ay.len()).flat_map(|iy| (0..ax.len()).map(move |ix| (iy, ix))).collect();
+        // per-tile normalization of every view of a tile (needed again for the output)
+        let mut tile_affines: Vec<Vec<Affine>> = Vec::with_capacity(tiles.len());
+        let mut inputs = Vec::with_capacity(tiles.len());
+        for &(iy, ix) in &tiles {
+            let (ty, tx) = (&ay[iy], &ax[ix]);
+            let wd = [z1 - z0, ty.window.1 - ty.window.0, tx.window.1 - tx.window.0];
+            let vox = wd[0] * wd[1] * wd[2];
+            let mut per_view: Vec<Vec<f32>> = Vec::with_capacity(n_views);
+            let mut affs = Vec::with_capacity(n_views);
+            for (vi, slab) in slabs.iter().enumerate() {
+                let mut t = Vec::with_capacity(vox);
+                for z in 0..wd[0] {
+                    for y in ty.window.0..ty.window.1 {
+                        let row = (z * h + y) * w;
+                        t.extend_from_slice(&slab[row + tx.window.0..row + tx.window.1]);
+                    }
+                }
+                let aff = match opts.normalize {
+                    NormalizeMode::Global => global[vi],
+                    NormalizeMode::PerTile => {
+                        let p = percentiles(&t, &opts.percentiles)?;
+                        Affine::from_percentile_values(p[0], p[1])
+                    }
+                };
+                t.iter_mut().for_each(|v| *v = aff.apply(*v));
+                per_view.push(t);
+                affs.push(aff);
+            }
+            let data = match (opts.variant, per_view.len()) {
+                (Variant::DualAverage, 2) => per_view[0].iter().zip(&per_view[1]).map(|(a, b)| 0.5 * (a + b)).collect(),
+                _ => per_view.concat(),
+            };
+            inputs.push(Tensor::from_vec(Shape::new(1, c_in, wd[0], wd[1], wd[2]), data)?);
+            tile_affines.push(affs);
+        }
+        let mut k = 0usize;
+        let mut input_iter = inputs.into_iter().map(Ok);
+        pred.predict_stream(&mut input_iter, &mut |y: Tensor<f32>| {
+            let (iy, ix) = tiles[k];
+            let (ty, tx) = (&ay[iy], &ax[ix]);
+            let aff = tile_affines[k][0];
+            let ys = y.shape;
+            if ys.dims() != [z1 - z0, ty.window.1 - ty.window.0, tx.window.1 - tx.window.0] {
+                return Err(Error::Shape(format!("tile prediction has shape {ys}, expected its input window")));
+            }
+            for z in tz.core.0..tz.core.1 {
+                let lz = z - z0;
+                let wzv = wz[z - tz.core.0];
+                for y_ in ty.core.0..ty.core.1 {
+                    let wyz = wzv * wy[iy][y_ - ty.core.0];
+                    let src = &y.data[(lz * ys.h + (y_ - ty.window.0)) * ys.w..][..ys.w];
+                    let dst = ((z - acc_z0) * h + y_) * w;
+                    for x in tx.core.0..tx.core.1 {
+                        let wt = wyz * wx[ix][x - tx.core.0];
+                        let v = src[x - tx.window.0];
+                        let v = match opts.normalize {
+                            NormalizeMode::Global if opts.rescale_output => aff.invert(v),
+                            NormalizeMode::Global => v,
+                            // the authors: prediction × the tile's high percentile
+                            NormalizeMode::PerTile if aff.p_hi_value != 0.0 => v * aff.p_hi_value as f32,
+                            NormalizeMode::PerTile => v,
+                        };
+                        acc[dst + x] += wt * v;
+                        wsum[dst + x] += wt;
+                    }
+                }
+            }
+            k += 1;
+            done += 1;
+            progress(done, total);
+            Ok(())
+        })?;
+        // planes before the next row's first core plane are final
+        let final_end = if iz + 1 < az.len() { az[iz + 1].core.0 } else { dims[0] };
+        if final_end > acc_z0 {
+            let n = (final_end - acc_z0) * plane;
+            let out: Vec<f32> = acc[..n].iter().zip(&wsum[..n]).map(|(a, s)| a / s).collect();
+            sink.write_planes(acc_z0, &out)?;
+            acc.drain(..n);
+            wsum.drain(..n);
+            acc_z0 = final_end;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,251 @@
+//! Training data: pairs of (input, ground truth) volumes from a folder or made on the
+//! fly from a PSF, and the authors' crop sampler (rln-spec.md §6).
+
+use crate::error::{Error, Result};
+use crate::imaging::io::read_volume;
+use crate::imaging::normalize::{normalize_ground_truth, normalize_percentile};
+use crate::imaging::synth::{mix_seed, SynthConfig, Synthesizer};
+use crate::imaging::volume::{dims_str, Volume};
+use crate::model::Variant;
+use crate::tensor::{Shape, Tensor};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// One training pair; `inputs` holds one view, or two for RLN-dual.
+#[derive(Clone, Debug)]
+pub struct Pair {
+    pub name: String,
+    pub inputs: Vec<Volume>,
+    pub ground_truth: Volume,
+    /// Mean of the raw ground truth (the foreground-rejection reference).
+    pub gt_mean: f64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Dataset {
+    pub pairs: Vec<Pair>,
+}
+
+fn tiff_names(dir: &Path) -> Result<Vec<String>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut v: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            let l = n.to_lowercase();
+            !n.starts_with('.') && (l.ends_with(".tif") || l.ends_with(".tiff") || l.ends_with(".h5") || l.ends_with(".hdf5"))
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn check_usable(v: &Volume, what: &str) -> Result<()> {
+    v.check_finite(what)?;
+    let (lo, hi) = v.data.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+    if lo == hi {
+        return Err(Error::invalid(format!("{what} is constant ({lo} everywhere): it cannot be normalized or learned from")));
+    }
+    Ok(())
+}
+
+impl Pair {
+    pub fn new(name: String, inputs: Vec<Volume>, ground_truth: Volume) -> Result<Self> {
+        for (i, v) in inputs.iter().enumerate() {
+            if v.dims != ground_truth.dims {
+                return Err(Error::Shape(format!(
+                    "pair {name}: input{} is {} but the ground truth is {}",
+                    if i == 0 { String::new() } else { format!(" view {}", i + 1) },
+                    v.shape_str(),
+                    ground_truth.shape_str()
+                )));
+            }
+            check_usable(v, &format!("{name}: input"))?;
+        }
+        check_usable(&ground_truth, &format!("{name}: ground truth"))?;
+        let gt_mean = ground_truth.sum() / ground_truth.len() as f64;
+        Ok(Pair { name, inputs, ground_truth, gt_mean })
+    }
+}
+
+impl Dataset {
+    /// Pairs from `dir/input/` and `dir/ground_truth/` (and `input2_dir` for a second view),
+    /// matched by file name. Every problem is reported before any volume is used.
+    pub fn from_dir(dir: &Path, input2_dir: Option<&Path>) -> Result<Self> {
+        let (idir, gdir) = (dir.join("input"), dir.join("ground_truth"));
+        for d in [&idir, &gdir] {
+            if !d.is_dir() {
+                return Err(Error::invalid(format!(
+                    "{} does not exist: training data must be DIR/input/ and DIR/ground_truth/ with matching file names \
+                     (`rln-engine synth` makes such a folder)",
+                    d.display()
+                )));
+            }
+        }
+        let (inames, gnames) = (tiff_names(&idir)?, tiff_names(&gdir)?);
+        let only_i: Vec<&String> = inames.iter().filter(|n| !gnames.contains(n)).collect();
+        let only_g: Vec<&String> = gnames.iter().filter(|n| !inames.contains(n)).collect();
+        if !only_i.is_empty() || !only_g.is_empty() {
+            return Err(Error::invalid(format!(
+                "unpaired training files: {only_i:?} in {} have no ground truth, {only_g:?} in {} have no input",
+                idir.display(),
+                gdir.display()
+            )));
+        }
+        if inames.is_empty() {
+            return Err(Error::invalid(format!("no .tif/.tiff volumes in {}", idir.display())));
+        }
+        if let Some(d2) = input2_dir {
+            let n2 = tiff_names(d2)?;
+            let missing: Vec<&String> = inames.iter().filter(|n| !n2.contains(n)).collect();
+            if !missing.is_empty() {
+                return Err(Error::invalid(format!("second view missing for {missing:?} in {}", d2.display())));
+            }
+        }
+        let pairs = inames
+            .par_iter()
+            .map(|n| {
+                let mut inputs = vec![read_volume(idir.join(n))?];
+                if let Some(d2) = input2_dir {
+                    inputs.push(read_volume(d2.join(n))?);
+                }
+                Pair::new(n.clone(), inputs, read_volume(gdir.join(n))?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Dataset { pairs })
+    }
+
+    /// `count` synthetic pairs for `psf` (pair i from seed mix_seed(seed, i)).
+    pub fn synthetic(cfg: &SynthConfig, psf: &Volume, count: usize, seed: u64) -> Result<Self> {
+        let s = Synthesizer::new(cfg, psf)?;
+        let pairs = (0..count)
+            .map(|i| {
+                let (input, gt) = s.make_pair(mix_seed(seed, i as u64))?;
+                Pair::new(format!("synth_{i:04}"), vec![input], gt)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Dataset { pairs })
+    }
+
+    pub fn views(&self) -> usize {
+        self.pairs.first().map(|p| p.inputs.len()).unwrap_or(1)
+    }
+
+    /// Names and sizes, to recognize the same data when resuming.
+    pub fn fingerprint(&self) -> Vec<(String, [usize; 3])> {
+        self.pairs.iter().map(|p| (p.name.clone(), p.ground_truth.dims)).collect()
+    }
+
+    /// Checks that every pair can hold a crop of `crop` voxels.
+    pub fn check_crop(&self, crop: [usize; 3]) -> Result<()> {
+        for p in &self.pairs {
+            let d = p.ground_truth.dims;
+            if (0..3).any(|i| d[i] < crop[i]) {
+                return Err(Error::invalid(format!(
+                    "pair {} is {} voxels, smaller than the {} crop: use a smaller --crop or larger volumes",
+                    p.name,
+                    dims_str(d),
+                    dims_str(crop)
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The authors' sampling of training batches.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CropSampler {
+    pub crop: [usize; 3],
+    pub batch: usize,
+    /// Crop corners lie on multiples of this (8 in the authors' code).
+    pub align: usize,
+    /// A crop whose ground-truth mean is below `foreground_ratio` × the whole ground
+    /// truth's mean is redrawn (up to `max_redraws` times).
+    pub foreground_ratio: f64,
+    pub max_redraws: usize,
+    pub percentiles: [f64; 2],
+}
+
+impl Default for CropSampler {
+    fn default() -> Self {
+        CropSampler { crop: [64, 64, 64], batch: 4, align: 8, foreground_ratio: 0.8, max_redraws: 100, percentiles: [0.01, 99.5] }
+    }
+}
+
+/// A training batch: normalized input (N×C×D×H×W) and ground truth (N×1×D×H×W).
+pub struct Batch {
+    pub input: Tensor<f32>,
+    pub ground_truth: Tensor<f32>,
+    pub pair: usize,
+}
+
+impl CropSampler {
+    /// Which pair step `step` uses: pairs visited in an order reshuffled every round.
+    pub fn pair_for_step(&self, n_pairs: usize, step: u64, seed: u64) -> usize {
+        let round = step / n_pairs as u64;
+        let mut order: Vec<usize> = (0..n_pairs).collect();
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(seed ^ 0x0ddba11, round)));
+        order[(step % n_pairs as u64) as usize]
+    }
+
+    fn corner(&self, rng: &mut ChaCha8Rng, len: usize, crop: usize) -> usize {
+        let slack = len - crop;
+        let a = self.align.max(1);
+        if slack >= a {
+            rng.random_range(0..=slack / a) * a
+        } else {
+            rng.random_range(0..=slack)
+        }
+    }
+
+    /// The batch of step `step`: a pure function of (data, step, seed), so that a run
+    /// resumed at any step continues exactly as the uninterrupted run would.
+    pub fn batch(&self, data: &Dataset, variant: Variant, step: u64, seed: u64) -> Result<Batch> {
+        let pi = self.pair_for_step(data.pairs.len(), step, seed);
+        let pair = &data.pairs[pi];
+        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, step));
+        let d = pair.ground_truth.dims;
+        let c = self.crop;
+        let vox = c[0] * c[1] * c[2];
+        let c_in = variant.input_channels();
+        let mut xs = Vec::with_capacity(self.batch * c_in * vox);
+        let mut gs = Vec::with_capacity(self.batch * vox);
+        for _ in 0..self.batch {
+            let mut start = [0; 3];
+            for _try in 0..=self.max_redraws {
+                start = [self.corner(&mut rng, d[0], c[0]), self.corner(&mut rng, d[1], c[1]), self.corner(&mut rng, d[2], c[2])];
+                let g = pair.ground_truth.crop(start, c)?;
+                if g.sum() / vox as f64 >= self.foreground_ratio * pair.gt_mean {
+                    break;
+                }
+            }
+            let g = pair.ground_truth.crop(start, c)?;
+            let views: Vec<Vec<f32>> = pair
+                .inputs
+                .iter()
+                .map(|v| normalize_percentile(&v.crop(start, c)?.data, self.percentiles[0], self.percentiles[1]))
+                .collect::<Result<_>>()?;
+            match (variant, views.len()) {
+                (Variant::Single, 1) => xs.extend_from_slice(&views[0]),
+                (Variant::DualAverage, 2) => xs.extend(views[0].iter().zip(&views[1]).map(|(a, b)| 0.5 * (a + b))),
+                (Variant::DualConcat, 2) => {
+                    xs.extend_from_slice(&views[0]);
+                    xs.extend_from_slice(&views[1]);
+                }
+                (v, n) => return Err(Error::invalid(format!("the model variant {v:?} needs {} view(s), the data has {n}", v.views()))),
+            }
+            gs.extend(normalize_ground_truth(&g.data)?);
+        }
+        Ok(Batch {
+            input: Tensor::from_vec(Shape::new(self.batch, c_in, c[0], c[1], c[2]), xs)?,
+            ground_truth: Tensor::from_vec(Shape::new(self.batch, 1, c[0], c[1], c[2]), gs)?,
+            pair: pi,
+        })
+    }
+}
+

@@ -1,0 +1,239 @@
+//! The training loop: the authors' recipe (rln-spec.md §5–6) with every part
+//! overridable, validation, atomic checkpoints and exact resume.
+
+use super::adam::{Adam, LrSchedule};
+use super::data::{CropSampler, Dataset};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, GradMode};
+use crate::error::{Error, Result};
+use crate::imaging::metrics::{evaluate, Normalize};
+use crate::imaging::normalize::{normalize_ground_truth, normalize_percentile};
+use crate::imaging::volume::Volume;
+use crate::model::tensor_file::TensorFile;
+use crate::model::{Model, Params};
+use crate::net::{update_running_stats, BnMode, Rln};
+use crate::tensor::{Shape, Tensor};
+use crate::train::loss::{loss_terms, LossTerms};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Everything that defines a training run besides the data and the initial weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Total optimizer steps (the authors': 10 000 = 100 epochs × 100 steps).
+    pub steps: u64,
+    /// Steps per epoch: validation runs after each.
+    pub epoch_steps: u64,
+    pub sampler: CropSampler,
+    pub schedule: LrSchedule,
+    pub grad_mode: GradMode,
+    pub seed: u64,
+    /// Validation volumes larger than this are center-cropped to it (z, y, x).
+    pub val_crop: [usize; 3],
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 10_000,
+            epoch_steps: 100,
+            sampler: CropSampler::default(),
+            schedule: LrSchedule::default(),
+            grad_mode: GradMode::Paper,
+            seed: 0,
+            val_crop: [64, 128, 128],
+        }
+    }
+}
+
+/// Model, optimizer and position of a run: what a checkpoint holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainState {
+    pub model: Model<f32>,
+    pub adam: Adam,
+    /// Steps completed.
+    pub step: u64,
+}
+
+impl TrainState {
+    pub fn new(model: Model<f32>, cfg: &TrainConfig) -> Self {
+        let adam = Adam::new(model.config.variant, cfg.schedule);
+        TrainState { model, adam, step: 0 }
+    }
+}
+
+/// Validation metrics averaged over the held-out pairs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ValMetrics {
+    pub loss: f64,
+    pub psnr: f64,
+    pub ssim: f64,
+    pub pairs: usize,
+}
+
+/// What the loop reports; the CLI turns it into a progress bar, a log and checkpoints.
+pub trait TrainObserver {
+    fn on_step(&mut self, _step: u64, _terms: &LossTerms, _lr: f64) {}
+    fn on_validation(&mut self, _step: u64, _m: &ValMetrics) {}
+    /// Called every `checkpoint_every` steps and at the end, with the state to save.
+    fn on_checkpoint(&mut self, _state: &TrainState, _cfg: &TrainConfig) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// One optimizer step on `batch`: forward with batch statistics, loss, backward,
+/// Adam, the running-statistics update. Fails (without touching `state`) on a
+/// non-finite loss or gradient.
+pub fn train_step(state: &mut TrainState, cfg: &TrainConfig, x: &Tensor<f32>, g: &Tensor<f32>) -> Result<LossTerms> {
+    let b = CpuBackend::<f32>::new();
+    let net = Rln::new(&b, &state.model);
+    let fwd = net.forward(x, BnMode::Batch, true);
+    let x1 = if x.shape.c > 1 { b.channel_mean(x) } else { x.clone() };
+    let (terms, dy, de1r) = b.loss(&fwd.prediction, &fwd.e1_raw, &x1, g);
+    let grads = net.backward(&fwd, &dy, &de1r, cfg.grad_mode);
+    let step = state.step;
+    if !terms.loss.is_finite() {
+        return Err(Error::Numeric(format!(
+            "step {step}: the loss is {} (mse {}, ssim {}): training diverged or the data holds bad values",
+            terms.loss, terms.mse, terms.ssim
+        )));
+    }
+    if !grads.all_finite() {
+        return Err(Error::Numeric(format!("step {step}: a gradient is not finite although the loss is {}", terms.loss)));
+    }
+    let stats = fwd.batch_stats;
+    state.adam.update(&mut state.model.params, &grads);
+    update_running_stats(&mut state.model, &stats);
+    if !state.model.params.all_finite() {
+        return Err(Error::Numeric(format!("step {step}: the weights became non-finite")));
+    }
+    state.step += 1;
+    Ok(terms)
+}
+
+/// Center crop of at most `max` voxels per axis.
+fn center_crop(v: &Volume, max: [usize; 3]) -> Result<Volume> {
+    let d = v.dims;
+    let c = [d[0].min(max[0]), d[1].min(max[1]), d[2].min(max[2])];
+    if c == d {
+        return Ok(v.clone());
+    }
+    v.crop([(d[0] - c[0]) / 2, (d[1] - c[1]) / 2, (d[2] - c[2]) / 2], c)
+}
+
+/// Loss, PSNR and SSIM of `model` on `val` (inference mode, running statistics).
+pub fn validate(model: &Model<f32>, val: &Dataset, cfg: &TrainConfig) -> Result<ValMetrics> {
+    let b = CpuBackend::<f32>::new();
+    let net = Rln::new(&b, model);
+    let mut m = ValMetrics::default();
+    let [plo, phi] = cfg.sampler.percentiles;
+    for p in &val.pairs {
+        let gt = center_crop(&p.ground_truth, cfg.val_crop)?;
+        let views: Vec<Vec<f32>> =
+            p.inputs.iter().map(|v| normalize_percentile(&center_crop(v, cfg.val_crop)?.data, plo, phi)).collect::<Result<_>>()?;
+        let d = gt.dims;
+        let shape = Shape::new(1, 1, d[0], d[1], d[2]);
+        let x1 = Tensor::from_vec(shape, if views.len() == 2 { views[0].iter().zip(&views[1]).map(|(a, b)| 0.5 * (a + b)).collect() } else { views[0].clone() })?;
+        let x = match model.config.variant {
+            crate::model::Variant::DualConcat => Tensor::from_vec(shape.with_c(2), views.concat())?,
+            _ => x1.clone(),
+        };
+        let g = Tensor::from_vec(shape, normalize_ground_truth(&gt.data)?)?;
+        let fwd = net.forward(&x, BnMode::Running, false);
+        m.loss += loss_terms(&fwd.prediction.data, &fwd.e1_raw.data, &x1.data, &g.data).loss;
+        let pred = gt.like(fwd.prediction.data)?;
+        let e = evaluate(&gt, &pred, Normalize::Affine, None)?;
+        m.psnr += e.psnr;
+        m.ssim += e.ssim;
+        m.pairs += 1;
+    }
+    if m.pairs > 0 {
+        let n = m.pairs as f64;
+        m.loss /= n;
+        m.psnr /= n;
+        m.ssim /= n;
+    }
+    Ok(m)
+}
+
+/// Runs `cfg.steps − state.step` steps (or until `stop_after` total steps), validating
+/// every epoch and checkpointing every `checkpoint_every` steps and at the end.
+pub fn train(
+    state: &mut TrainState,
+    cfg: &TrainConfig,
+    data: &Dataset,
+    val: Option<&Dataset>,
+    checkpoint_every: u64,
+    stop_after: Option<u64>,
+    obs: &mut dyn TrainObserver,
+) -> Result<Option<ValMetrics>> {
+    data.check_crop(cfg.sampler.crop)?;
+    let end = stop_after.map_or(cfg.steps, |s| s.min(cfg.steps));
+    let mut last_val = None;
+    while state.step < end {
+        let batch = cfg.sampler.batch(data, state.model.config.variant, state.step, cfg.seed)?;
+        let lr = state.adam.schedule.lr(state.step);
+        let terms = train_step(state, cfg, &batch.input, &batch.ground_truth)?;
+        obs.on_step(state.step, &terms, lr);
+        if let Some(v) = val {
+            if state.step % cfg.epoch_steps == 0 || state.step == cfg.steps {
+                let m = validate(&state.model, v, cfg)?;
+                obs.on_validation(state.step, &m);
+                last_val = Some(m);
+            }
+        }
+        if (checkpoint_every > 0 && state.step % checkpoint_every == 0) || state.step == end {
+            obs.on_checkpoint(state, cfg)?;
+        }
+    }
+    Ok(last_val)
+}
+
+// ---------------------------------------------------------------- checkpoints
+
+const CKPT_KEY: &str = "rln_checkpoint";
+const ADAM_M: &str = "adam.m.";
+const ADAM_V: &str = "adam.v.";
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointMeta {
+    step: u64,
+    adam_step: u64,
+    config: TrainConfig,
+    data: Vec<(String, [usize; 3])>,
+}
+
+/// Writes a checkpoint atomically: the model (loadable as a model file) plus Adam's
+/// moments and the run's position and config in the metadata.
+pub fn save_checkpoint(path: &Path, state: &TrainState, cfg: &TrainConfig, data: &Dataset) -> Result<()> {
+    let mut w = state.model.to_writer();
+    for (l, k) in state.adam.m.ids() {
+        let name = Params::<f64>::name(l, k);
+        let n = state.adam.m.tensor(l, k).len();
+        w.add_f64(&format!("{ADAM_M}{name}"), vec![n], state.adam.m.tensor(l, k));
+        w.add_f64(&format!("{ADAM_V}{name}"), vec![n], state.adam.v.tensor(l, k));
+    }
+    let meta = CheckpointMeta { step: state.step, adam_step: state.adam.step, config: cfg.clone(), data: data.fingerprint() };
+    w.metadata.insert(CKPT_KEY.into(), serde_json::to_string(&meta).expect("serializes"));
+    w.write(path)
+}
+
+/// Reads a checkpoint: the state and the config of the run that wrote it.
+pub fn load_checkpoint(path: &Path) -> Result<(TrainState, TrainConfig, Vec<(String, [usize; 3])>)> {
+    let file = TensorFile::open(path)?;
+    let meta: CheckpointMeta = file
+        .metadata()
+        .get(CKPT_KEY)
+        .ok_or_else(|| Error::format(path, "not a training checkpoint (no rln_checkpoint metadata); --resume takes a file written during training"))
+        .and_then(|s| serde_json::from_str(s).map_err(|e| Error::format(path, format!("checkpoint metadata is invalid: {e}"))))?;
+    let model = Model::<f32>::from_file(&file, &[ADAM_M, ADAM_V])?;
+    let mut adam = Adam::new(model.config.variant, meta.config.schedule);
+    adam.step = meta.adam_step;
+    for (l, k) in adam.m.ids() {
+        let name = Params::<f64>::name(l, k);
+        let n = adam.m.tensor(l, k).len();
+        *adam.m.tensor_mut(l, k) = file.get_len(&format!("{ADAM_M}{name}"), n)?.data;
+        *adam.v.tensor_mut(l, k) = file.get_len(&format!("{ADAM_V}{name}"), n)?.data;
+    }
+    Ok((TrainState { model, adam, step: meta.step }, meta.config, meta.data))
+}

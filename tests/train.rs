@@ -1,0 +1,205 @@
+//! Training: exact resume, determinism, the checkpoint format, and the errors raised
+//! before any work starts.
+
+mod common;
+
+use rln_engine::imaging::io::{write_volume, OutputDtype};
+use rln_engine::imaging::volume::Volume;
+use rln_engine::model::{Model, ModelConfig, Variant};
+use rln_engine::train::data::{CropSampler, Dataset, Pair};
+use rln_engine::train::trainer::{self, TrainConfig, TrainObserver, TrainState};
+use std::process::Command;
+
+fn blob_volume(seed: u64, dims: [usize; 3], noise: f32) -> (Volume, Volume) {
+    let mut r = common::rng(seed);
+    use rand::Rng;
+    let n = dims[0] * dims[1] * dims[2];
+    let mut gt = vec![10.0f32; n];
+    for _ in 0..12 {
+        let c = [r.random_range(0..dims[0]), r.random_range(0..dims[1]), r.random_range(0..dims[2])];
+        let a: f32 = r.random_range(100.0..500.0);
+        for z in 0..dims[0] {
+            for y in 0..dims[1] {
+                for x in 0..dims[2] {
+                    let d2 = (z as f32 - c[0] as f32).powi(2) + (y as f32 - c[1] as f32).powi(2) + (x as f32 - c[2] as f32).powi(2);
+                    gt[(z * dims[1] + y) * dims[2] + x] += a * (-d2 / 4.0).exp();
+                }
+            }
+        }
+    }
+    let input: Vec<f32> = gt.iter().map(|&g| g * 0.7 + r.random_range(0.0..noise)).collect();
+    (Volume::new(dims, input).unwrap(), Volume::new(dims, gt).unwrap())
+}
+
+fn dataset(n: usize, dims: [usize; 3]) -> Dataset {
+    Dataset {
+        pairs: (0..n)
+            .map(|i| {
+                let (x, g) = blob_volume(i as u64 + 1, dims, 20.0);
+                Pair::new(format!("p{i}"), vec![x], g).unwrap()
+            })
+            .collect(),
+    }
+}
+
+fn small_cfg(steps: u64) -> TrainConfig {
+    TrainConfig {
+        steps,
+        epoch_steps: 2,
+        sampler: CropSampler { crop: [16, 16, 16], batch: 2, ..CropSampler::default() },
+        seed: 5,
+        val_crop: [24, 24, 24],
+        ..TrainConfig::default()
+    }
+}
+
+struct Ckpt {
+    path: std::path::PathBuf,
+    data: Dataset,
+    count: usize,
+}
+impl TrainObserver for Ckpt {
+    fn on_checkpoint(&mut self, s: &TrainState, c: &TrainConfig) -> rln_engine::Result<()> {
+        self.count += 1;
+        trainer::save_checkpoint(&self.path, s, c, &self.data)
+    }
+}
+
+#[test]
+fn killed_and_resumed_run_ends_with_the_same_weights() {
+    let data = dataset(3, [24, 24, 24]);
+    let cfg = small_cfg(6);
+    let model = Model::<f32>::init(ModelConfig::default(), 5);
+    let dir = tempfile::tempdir().unwrap();
+
+    let mut straight = TrainState::new(model.clone(), &cfg);
+    let mut obs = Ckpt { path: dir.path().join("a.ckpt"), data: data.clone(), count: 0 };
+    trainer::train(&mut straight, &cfg, &data, Some(&data), 2, None, &mut obs).unwrap();
+    assert_eq!(straight.step, 6);
+    assert_eq!(obs.count, 3, "a checkpoint every 2 steps");
+
+    // "killed" after 3 steps: only the checkpoint survives
+    let mut first = TrainState::new(model, &cfg);
+    let mut obs = Ckpt { path: dir.path().join("b.ckpt"), data: data.clone(), count: 0 };
+    trainer::train(&mut first, &cfg, &data, None, 2, Some(3), &mut obs).unwrap();
+    assert_eq!(first.step, 3);
+    drop(first);
+    let (mut resumed, cfg2, fp) = trainer::load_checkpoint(&dir.path().join("b.ckpt")).unwrap();
+    assert_eq!(resumed.step, 3);
+    assert_eq!(cfg2, cfg);
+    assert_eq!(fp, data.fingerprint());
+    trainer::train(&mut resumed, &cfg2, &data, None, 2, None, &mut obs).unwrap();
+    assert_eq!(resumed.step, 6);
+    assert_eq!(resumed.model, straight.model, "resumed weights differ from the uninterrupted run");
+    assert_eq!(resumed.adam, straight.adam);
+    // the checkpoint is also a loadable model file
+    let m = Model::<f32>::load(&dir.path().join("a.ckpt")).unwrap();
+    assert_eq!(m, straight.model);
+}
+
+#[test]
+fn training_reduces_the_loss_and_changes_running_statistics() {
+    let data = dataset(2, [24, 24, 24]);
+    let mut cfg = small_cfg(30);
+    cfg.schedule.base = 0.01;
+    let mut st = TrainState::new(Model::<f32>::init(ModelConfig::default(), 1), &cfg);
+    let before = trainer::validate(&st.model, &data, &cfg).unwrap();
+    let r0 = st.model.running.clone();
+    struct Nop;
+    impl TrainObserver for Nop {}
+    trainer::train(&mut st, &cfg, &data, None, 0, None, &mut Nop).unwrap();
+    let after = trainer::validate(&st.model, &data, &cfg).unwrap();
+    assert!(after.loss < before.loss, "validation loss {} → {}", before.loss, after.loss);
+    assert_ne!(st.model.running, r0);
+}
+
+#[test]
+fn bad_training_data_is_rejected_before_training() {
+    let dims = [24, 24, 24];
+    let (x, g) = blob_volume(1, dims, 5.0);
+    // constant volume
+    let flat = Volume::new(dims, vec![3.0; 24 * 24 * 24]).unwrap();
+    let e = Pair::new("flat".into(), vec![x.clone()], flat).unwrap_err().to_string();
+    assert!(e.contains("constant"), "{e}");
+    // NaN voxel
+    let mut nan = x.clone();
+    nan.data[100] = f32::NAN;
+    assert!(Pair::new("nan".into(), vec![nan], g.clone()).is_err());
+    // shape mismatch
+    let (x2, _) = blob_volume(2, [24, 24, 20], 5.0);
+    let e = Pair::new("mm".into(), vec![x2], g.clone()).unwrap_err().to_string();
+    assert!(e.contains("mm"), "{e}");
+    // smaller than the crop
+    let d = Dataset { pairs: vec![Pair::new("small".into(), vec![x.clone()], g.clone()).unwrap()] };
+    let e = d.check_crop([32, 16, 16]).unwrap_err().to_string();
+    assert!(e.contains("small") && e.contains("crop"), "{e}");
+
+    // unpaired files in a folder, through the CLI: non-zero exit, no output
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["input", "ground_truth"] {
+        std::fs::create_dir(dir.path().join(sub)).unwrap();
+    }
+    write_volume(dir.path().join("input/a.tif"), &x, OutputDtype::F32).unwrap();
+    write_volume(dir.path().join("ground_truth/a.tif"), &g, OutputDtype::F32).unwrap();
+    write_volume(dir.path().join("input/b.tif"), &x, OutputDtype::F32).unwrap();
+    let out = dir.path().join("m.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_rln-engine"))
+        .args(["train", "--steps", "2", "--crop", "16", "--data"])
+        .arg(dir.path())
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("unpaired") && err.contains("b.tif"), "{err}");
+    assert!(!out.exists());
+    // output folder that does not exist
+    let o = Command::new(env!("CARGO_BIN_EXE_rln-engine"))
+        .args(["train", "--steps", "2", "--crop", "16", "--data"])
+        .arg(dir.path())
+        .args(["-o", "/nonexistent-rln-dir/m.safetensors"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("does not exist"));
+}
+
+#[test]
+fn cli_train_stop_and_resume_matches_a_straight_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for sub in ["input", "ground_truth"] {
+        std::fs::create_dir(d.join(sub)).unwrap();
+    }
+    for i in 0..2 {
+        let (x, g) = blob_volume(10 + i, [20, 20, 20], 10.0);
+        write_volume(d.join(format!("input/v{i}.tif")), &x, OutputDtype::F32).unwrap();
+        write_volume(d.join(format!("ground_truth/v{i}.tif")), &g, OutputDtype::F32).unwrap();
+    }
+    let run = |extra: &[&str], out: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_rln-engine"))
+            .args(["--threads", "2", "train", "--steps", "4", "--epoch-steps", "2", "--batch", "1", "--crop", "16", "--data"])
+            .arg(d)
+            .arg("-o")
+            .arg(d.join(out))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&[], "straight.safetensors");
+    run(&["--stop-after", "2"], "resumed.safetensors");
+    assert!(!d.join("resumed.safetensors").exists(), "a stopped run must not write the final model");
+    assert!(d.join("resumed.ckpt.safetensors").exists());
+    let ck = d.join("resumed.ckpt.safetensors");
+    run(&["--resume", ck.to_str().unwrap()], "resumed.safetensors");
+    let a = Model::<f32>::load(&d.join("straight.safetensors")).unwrap();
+    let b = Model::<f32>::load(&d.join("resumed.safetensors")).unwrap();
+    assert_eq!(a.params, b.params);
+    assert_eq!(a.running, b.running);
+    // the JSON-lines log has one line per step of each run
+    let log = std::fs::read_to_string(d.join("straight.log.jsonl")).unwrap();
+    assert_eq!(log.lines().filter(|l| l.contains("\"loss\"")).count(), 4);
+    let _ = Variant::Single;
+}
