@@ -20,7 +20,8 @@
 #   memcheck     compute-sanitizer memcheck on the kernel and forward tests (small sizes)
 #   racecheck    compute-sanitizer racecheck (shared memory hazards) on the kernel tests
 #   ncu_*        Nsight Compute on one f16-tc forward pass at 128³ (--clock-control none)
-#   infer        end-to-end `rln-engine infer --device cuda --fp16` if the CLI has it
+#   infer        end-to-end `rln-engine infer M IN.tif -o OUT.tif --device cuda --fp16` on a
+#                256×1024×1024 synthetic volume (read, tiling, normalization, stitching, write)
 #   summary      the table and gpu-latest.json
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -147,7 +148,7 @@ tifffile.imwrite('$SCR/vol.tif', v)
 print('wrote', v.shape)" || return 4
   local t0 t1
   t0=$(date +%s.%N)
-  "$B/rln-engine" infer ${INFER_ARGS:---device cuda --fp16 --model $MODEL --input $SCR/vol.tif --output $SCR/out.tif} || return 5
+  "$B/rln-engine" infer ${INFER_ARGS:-$MODEL $SCR/vol.tif -o $SCR/out.tif --device cuda --fp16} || return 5
   t1=$(date +%s.%N)
   python3 -c "t = $t1 - $t0; print(f'INFER_E2E voxels/s {256*1024*1024 / t:.4e} ({t:.2f} s for 256x1024x1024)')"
 }

@@ -16,6 +16,10 @@ use std::sync::Arc;
 
 /// Device memory kept free for the driver, kernels' stacks and fragmentation.
 const RESERVE_BYTES: usize = 512 << 20;
+/// Largest tile the budget allows, in voxels (512³): the GPU is saturated long before
+/// (at ~128³), and bigger tiles only grow the host's pinned staging buffers and the
+/// stitcher's tile copies.
+const MAX_TILE_VOXELS: usize = 1 << 27;
 
 pub struct CudaPredictor {
     net: CudaNet,
@@ -104,9 +108,11 @@ impl TilePredictor for CudaPredictor {
     }
 
     fn memory_budget(&self) -> Option<usize> {
-        // free memory plus what the workspace already holds (it is reused), minus a reserve
+        // free memory plus what the workspace already holds (it is reused), minus a
+        // reserve, and no more than a MAX_TILE_VOXELS tile needs
         let (free, _) = self.net.dev.mem_info().ok()?;
-        Some((free + self.net.workspace_bytes()).saturating_sub(RESERVE_BYTES))
+        let device = (free + self.net.workspace_bytes()).saturating_sub(RESERVE_BYTES);
+        Some(device.min(MAX_TILE_VOXELS * self.bytes_per_voxel()))
     }
 
     fn predict_stream(
