@@ -89,6 +89,27 @@ fn check(what: &str, got: &Tensor<f32>, want: &Tensor<f32>, tol: f64) -> f64 {
     e
 }
 
+/// Like [`check`] without panicking: prints and returns the error (∞ for non-finite
+/// values), so that one bad kernel does not hide the others.
+fn measure(what: &str, got: &Tensor<f32>, want: &Tensor<f32>, tol: f64) -> f64 {
+    let bad = got.data.iter().filter(|v| !v.is_finite()).count();
+    let e = if got.shape != want.shape || bad > 0 {
+        f64::INFINITY
+    } else {
+        rel_l2(&got.data, &want.data)
+    };
+    let note = if bad > 0 {
+        format!(" ({bad} non-finite)")
+    } else {
+        String::new()
+    };
+    println!(
+        "{what:<52} rel L2 {e:9.2e}  (tol {tol:.0e})  {}{note}",
+        if e <= tol { "ok" } else { "FAIL" }
+    );
+    e
+}
+
 /// Inputs of layer l's kernel at shape s: activations in (0, 2), the one-channel
 /// operand in (0.05, 1) like a normalized image (or E1).
 fn stage_inputs(l: L, s: Shape, rng: &mut ChaCha8Rng) -> (Vec<Tensor<f32>>, Option<Tensor<f32>>) {
@@ -135,24 +156,27 @@ fn every_conv_kernel_matches_its_cpu_twin() {
             for k in CONV_KERNELS.iter() {
                 let (inputs, aux) = stage_inputs(k.layer, s, &mut rng);
                 let refs: Vec<&Tensor<f32>> = inputs.iter().collect();
-                let got = net.run_conv_stage(k.layer, &refs, aux.as_ref()).unwrap();
+                let name = k.name(o.is_f16(), o.tensor_cores);
+                // a failing kernel is reported and the others still run (a device fault is
+                // sticky: after one, every later launch fails too, so the first is the culprit)
+                let got = match net.run_conv_stage(k.layer, &refs, aux.as_ref()) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        println!("{name} {s}: ERROR {e}");
+                        failures.push(format!("{name} {s} (error)"));
+                        continue;
+                    }
+                };
                 let rin: Vec<Tensor<f32>> = inputs.iter().map(|t| rounded(t, o.is_f16())).collect();
                 let rrefs: Vec<&Tensor<f32>> = rin.iter().collect();
                 let want = twin::conv_stage(&model, k.layer, &rrefs, aux.as_ref());
-                let name = k.name(o.is_f16(), o.tensor_cores);
-                let e = check(&format!("{name} {s}"), &got.out, &want.out, tol(&o));
-                if e > tol(&o) {
-                    failures.push(name.clone());
+                if measure(&format!("{name} {s}"), &got.out, &want.out, tol(&o)) > tol(&o) {
+                    failures.push(format!("{name} {s}"));
                 }
                 if matches!(k.epi, Epi::Update | Epi::UpdatePlus1) {
-                    let e = check(
-                        &format!("{name} {s} raw"),
-                        got.raw.as_ref().unwrap(),
-                        want.raw.as_ref().unwrap(),
-                        tol(&o),
-                    );
-                    if e > tol(&o) {
-                        failures.push(format!("{name} raw"));
+                    let (g, w) = (got.raw.as_ref().unwrap(), want.raw.as_ref().unwrap());
+                    if measure(&format!("{name} {s} raw"), g, w, tol(&o)) > tol(&o) {
+                        failures.push(format!("{name} {s} raw"));
                     }
                 }
             }

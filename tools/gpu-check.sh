@@ -97,6 +97,26 @@ env_info() {
   cat "$B"/ptxas/*.txt 2>/dev/null | grep -E "Compiling entry|Used|spill" | paste - - - | sed -E 's/ptxas info +: //g' | head -n 60 || true
 }
 
+# tests/gpu.rs, one process per test: a device fault is sticky for its process, so a
+# fault in one test must not fail the others; RLN_CUDA_SYNC=1 names the faulting kernel
+gpu_tests_each() {
+  local names t rc pass=0 fail=0
+  names=$("$TESTS" --list 2>/dev/null | sed -n 's/: test$//p')
+  [ -n "$names" ] || { echo "no tests listed by $TESTS"; return 2; }
+  for t in $names; do
+    echo "===== $t"
+    RLN_CUDA_SYNC=1 timeout -k 5 70 "$TESTS" "$t" --exact --nocapture --test-threads=1
+    rc=$?
+    if [ $rc -eq 0 ]; then
+      pass=$((pass + 1)); echo "TEST $t: ok"
+    else
+      fail=$((fail + 1)); echo "TEST $t: FAILED (rc=$rc)"
+    fi
+  done
+  echo "test result: $([ $fail -eq 0 ] && echo ok || echo FAILED). $pass passed; $fail failed (one process per test)"
+  [ $fail -eq 0 ]
+}
+
 SANITIZER=$(find_tool compute-sanitizer /usr/local/cuda/bin/compute-sanitizer "/usr/local/cuda-*/bin/compute-sanitizer" "/opt/nvidia/*/compute-sanitizer/compute-sanitizer") || SANITIZER=""
 NCU=$(find_tool ncu /usr/local/cuda/bin/ncu "/opt/nvidia/nsight-compute/*/ncu" "/usr/local/cuda-*/bin/ncu") || NCU=""
 TESTS="$B/gpu_tests"
@@ -104,11 +124,11 @@ TOOL="$B/gpu_tool"
 MODEL="$B/authors.safetensors"
 PEER="python3 $ROOT/tools/peers/rln_torch.py"
 export RLN_REQUIRE_GPU=1 RLN_REFERENCE_DIR="$B/reference"
-export B OUT SCR MODEL SANITIZER NCU
+export B OUT SCR MODEL SANITIZER NCU TESTS TOOL
 
 say "rln-engine GPU check: bundle $B, output $OUT, budget ${BUDGET}s"
 step env 30 env_info
-step gpu_tests 150 "$TESTS" --nocapture --test-threads=1
+step gpu_tests 150 gpu_tests_each
 step bench_f16tc 60 "$TOOL" bench --mode f16-tc --dims "$DIMS" --reps 20 --json "$OUT/bench_f16-tc.json"
 step bench_f32 75 "$TOOL" bench --mode f32 --dims "$DIMS" --reps 10 --json "$OUT/bench_f32.json"
 step bench_f16 60 "$TOOL" bench --mode f16 --dims "$DIMS" --reps 10 --json "$OUT/bench_f16.json"
