@@ -42,11 +42,11 @@ echo "== importing the authors' model"
 cp "$REF/rln-tf-vectors-a.safetensors" "$REF/rln-authors-weights.safetensors" "$B/reference/"
 
 # the ptxas reports of the build the binaries embed (the newest OUT_DIR holding them)
-OUTDIR=$(ls -td target/release/build/rln-engine-*/out 2>/dev/null | while read -r d; do [ -f "$d/kernels.rs" ] && echo "$d" && break; done)
+OUTDIR=$(ls -td target/release/build/rln-engine-*/out 2>/dev/null | while read -r d; do [ -f "$d/kernels.rs" ] && echo "$d"; done | head -n 1 || true)
 [ -n "$OUTDIR" ] && cp "$OUTDIR"/*.ptxas.txt "$B/ptxas/"
 
 COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-DIRTY=$(git status --porcelain 2>/dev/null | grep -v '^??' | wc -l)
+DIRTY=$(git status --porcelain 2>/dev/null | awk 'substr($0, 1, 2) != "??"' | wc -l)
 python3 - "$B" "$COMMIT" "$DIRTY" <<'EOF'
 import json, os, sys, datetime
 b, commit, dirty = sys.argv[1], sys.argv[2], int(sys.argv[3])
