@@ -164,17 +164,34 @@ fn run(a: Args) -> Result<()> {
             let mut res = serde_json::Map::new();
             for m in modes.split(',').filter(|m| *m != "none") {
                 let o = mode(m.trim(), a.device)?;
-                let mut net = CudaNet::new(cuda::CudaDevice::open(a.device)?, &model, o)?;
-                let y = net.predict_host(&x, false)?.prediction;
-                let e = rel_l2(&y.data, &y_cpu.data);
-                let bad = y.data.iter().filter(|v| !v.is_finite()).count();
-                println!("{:<7} rel L2 vs CPU {e:.2e}  non-finite {bad}", o.label());
-                res.insert(o.label().to_string(), serde_json::json!({ "rel_l2_vs_cpu": if bad > 0 { f64::INFINITY } else { e }, "nonfinite": bad }));
-                wr.add_f32(
-                    &format!("y_{}", o.label().replace('-', "_")),
-                    sh.clone(),
-                    &y.data,
-                );
+                // a failing mode is recorded and the others still run
+                let y = cuda::CudaDevice::open(a.device)
+                    .and_then(|dev| CudaNet::new(dev, &model, o))
+                    .and_then(|mut net| net.predict_host(&x, false));
+                match y {
+                    Ok(out) => {
+                        let y = out.prediction;
+                        let e = rel_l2(&y.data, &y_cpu.data);
+                        let bad = y.data.iter().filter(|v| !v.is_finite()).count();
+                        println!("{:<7} rel L2 vs CPU {e:.2e}  non-finite {bad}", o.label());
+                        res.insert(
+                            o.label().to_string(),
+                            serde_json::json!({ "rel_l2_vs_cpu": if bad > 0 { f64::INFINITY } else { e }, "nonfinite": bad }),
+                        );
+                        wr.add_f32(
+                            &format!("y_{}", o.label().replace('-', "_")),
+                            sh.clone(),
+                            &y.data,
+                        );
+                    }
+                    Err(e) => {
+                        println!("{:<7} ERROR {e}", o.label());
+                        res.insert(
+                            o.label().to_string(),
+                            serde_json::json!({ "error": e.to_string() }),
+                        );
+                    }
+                }
             }
             wr.write(&out)?;
             write_json(&json, &serde_json::Value::Object(res))?;

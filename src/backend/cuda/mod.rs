@@ -133,3 +133,56 @@ pub fn random_model(seed: u64) -> Model<f32> {
     }
     m
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::net::{BnMode, Rln};
+    use crate::tensor::{Shape, Tensor};
+
+    /// The random models of the GPU tests and the benchmark must keep every activation
+    /// well inside the fp16 range (and away from all-zero), or the f16 tests prove little.
+    #[test]
+    fn random_models_keep_activations_in_fp16_range() {
+        for seed in [1u64, 4, 7, 100, 104] {
+            let m = random_model(seed);
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let s = Shape::new(1, 1, 12, 16, 20);
+            let x = Tensor::from_vec(
+                s,
+                (0..s.len())
+                    .map(|_| rng.random_range(0.0f32..1.0))
+                    .collect(),
+            )
+            .unwrap();
+            let b = CpuBackend::<f32>::new();
+            let f = Rln::new(&b, &m).forward(&x, BnMode::Running, true);
+            let a = &f.tape.as_ref().unwrap().acts;
+            let named = [
+                ("a1", &a.a1),
+                ("a2", &a.a2),
+                ("dv1", &a.dv1),
+                ("b1", &a.b1),
+                ("b2", &a.b2),
+                ("b3", &a.b3),
+                ("u", &a.u),
+                ("e1", &a.e1),
+                ("c1", &a.c1),
+                ("dv2", &a.dv2),
+                ("d1", &a.d1),
+                ("e2", &a.e2),
+                ("f1", &a.f1),
+                ("f2", &a.f2),
+                ("y", &a.y),
+            ];
+            for (n, t) in named {
+                let max = t.data.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                assert!(
+                    t.all_finite() && max < 1e3 && max > 1e-3,
+                    "seed {seed}: {n} max |v| = {max}"
+                );
+            }
+        }
+    }
+}
