@@ -59,9 +59,11 @@ __device__ __forceinline__ void conv3_ffma(const RlnArgs& a) {
 
     for (int c0 = 0; c0 < CIN; c0 += CK) {
         __syncthreads();  // the previous chunk has been consumed
+        // channel fastest: a warp reads whole runs of each voxel's channels (channels-last),
+        // not one channel of 32 voxels (a 4-B use of every 32-B sector)
         for (int i = tid; i < CK * NPOS; i += THREADS) {
-            const int cc = i / NPOS;
-            const int p = i - cc * NPOS;
+            const int p = i / CK;
+            const int cc = i - p * CK;
             const int sz = p / (SY * SX);
             const int r = p - sz * (SY * SX);
             const int sy = r / SX;

@@ -103,12 +103,26 @@ __device__ __forceinline__ float rln_load_concat(const RlnArgs& a, long long vox
     return 0.0f;
 }
 
-// Stores C values of one voxel (channels-last) as type S.
+// Stores C values of one voxel (channels-last) as type S, with 16-B (or 8-B) stores
+// where C allows (every multi-channel activation has C = 4 or 8, so its voxels are
+// 16-B aligned in f32 and 8-B aligned in f16).
 template <typename S, int C>
 __device__ __forceinline__ void rln_store_voxel(void* out, long long vox, const float* v) {
-    S* o = static_cast<S*>(out) + vox * C;
+    if (sizeof(S) == 4 && C % 4 == 0) {
+        float4* o = reinterpret_cast<float4*>(static_cast<float*>(out) + vox * C);
 #pragma unroll
-    for (int c = 0; c < C; ++c) o[c] = rln_from_f32<S>(v[c]);
+        for (int q = 0; q < C / 4; ++q) o[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+    } else if (sizeof(S) == 2 && C == 8) {
+        uint4* o = reinterpret_cast<uint4*>(static_cast<rln_h16*>(out) + vox * C);
+        *o = make_uint4(rln_pack2(v[0], v[1]), rln_pack2(v[2], v[3]), rln_pack2(v[4], v[5]), rln_pack2(v[6], v[7]));
+    } else if (sizeof(S) == 2 && C == 4) {
+        uint2* o = reinterpret_cast<uint2*>(static_cast<rln_h16*>(out) + vox * C);
+        *o = make_uint2(rln_pack2(v[0], v[1]), rln_pack2(v[2], v[3]));
+    } else {
+        S* o = static_cast<S*>(out) + vox * C;
+#pragma unroll
+        for (int c = 0; c < C; ++c) o[c] = rln_from_f32<S>(v[c]);
+    }
 }
 
 // The epilogue for one voxel whose C_out pre-activations z (bias included) are all in

@@ -117,8 +117,8 @@ pub fn conv3_ffma(a: &EmuArgs, f: &FoldedConv) -> EmuOut {
                 let mut acc = vec![[[0.0f32; VX]; 8]; 256];
                 for c0 in (0..cin).step_by(ck) {
                     for i in 0..ck * NPOS {
-                        let cc = i / NPOS;
-                        let p = i - cc * NPOS;
+                        let p = i / ck;
+                        let cc = i - p * ck;
                         let sz = p / (SY * SX);
                         let r = p - sz * (SY * SX);
                         let sy = r / SX;
