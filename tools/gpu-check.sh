@@ -7,19 +7,22 @@
 #
 #   OUT=/some/dir bash tools/gpu-check.sh
 #
-# Steps, in order of importance (later ones are skipped when the budget runs out):
-#   env          nvidia-smi, driver, clocks, tools present, bundle manifest
-#   gpu_tests    tests/gpu.rs: every kernel vs its CPU twin, forward vs CPU (f32/f16/f16-tc,
-#                odd sizes, batch), conformance vectors, streaming, determinism, OOM
-#   bench_*      engine forward throughput at 256³ (CUDA events, median), per-kernel times
+# Steps, in this order (a step starts only while the budget lasts):
+#   env          nvidia-smi, driver, clocks, tools present, bundle manifest, ptxas report
+#   gpu_tests    tests/gpu.rs, one process per test: every kernel vs its CPU twin, forward
+#                vs CPU (f32/f16/f16-tc, odd sizes, batch), conformance vectors, streaming,
+#                determinism with a poisoned workspace, OOM
+#   bench_*      engine forward throughput at 256³ (CUDA events, median), per-kernel times,
+#                peak memory, host-to-host time
 #   predict      authors' model on one 63×95×127 input: every GPU mode vs the CPU engine;
 #                the file the PyTorch peer checks against
-#   torch_*      the PyTorch peer (eager FP32, AMP FP16, AMP + torch.compile) at 256³,
-#                and its prediction vs the engine's on the same input and weights
-#   conformance  the vectors' inference keys on the GPU (JSON)
+#   torch_eager, torch_amp   the PyTorch peer at 256³ (same weights), and its prediction
+#                vs the engine's and the CPU's on the predict input
 #   memcheck     compute-sanitizer memcheck on the kernel and forward tests (small sizes)
 #   racecheck    compute-sanitizer racecheck (shared memory hazards) on the kernel tests
 #   ncu_*        Nsight Compute on one f16-tc forward pass at 128³ (--clock-control none)
+#   torch_compile  AMP + torch.compile (compile time capped by the step timeout)
+#   conformance  the vectors' inference keys on the GPU (JSON; also part of gpu_tests)
 #   infer        end-to-end `rln-engine infer M IN.tif -o OUT.tif --device cuda --fp16` on a
 #                256×1024×1024 synthetic volume (read, tiling, normalization, stitching, write)
 #   summary      the table and gpu-latest.json
@@ -135,8 +138,6 @@ step bench_f16 60 "$TOOL" bench --mode f16 --dims "$DIMS" --reps 10 --json "$OUT
 step predict 60 "$TOOL" predict --model "$MODEL" --dims 1,63,95,127 --out "$SCR/pred.safetensors" --json "$OUT/predict.json"
 step torch_eager 90 $PEER --model "$MODEL" --mode eager --dims "$DIMS" --reps 5 --check "$SCR/pred.safetensors" --json "$OUT/torch_eager.json"
 step torch_amp 90 $PEER --model "$MODEL" --mode amp --dims "$DIMS" --reps 10 --check "$SCR/pred.safetensors" --json "$OUT/torch_amp.json"
-step torch_compile 180 $PEER --model "$MODEL" --mode compile --dims "$DIMS" --reps 10 --check "$SCR/pred.safetensors" --json "$OUT/torch_compile.json"
-step conformance 40 "$TOOL" conformance --model "$MODEL" --vectors "$B/reference/rln-tf-vectors-a.safetensors" --json "$OUT/conformance.json"
 if [ -n "$SANITIZER" ]; then
   step memcheck 75 env RLN_GPU_TEST_QUICK=1 "$SANITIZER" --tool memcheck --error-exitcode 99 "$TESTS" every_conv_kernel up2_and forward_matches --test-threads=1
   step racecheck 75 env RLN_GPU_TEST_QUICK=1 "$SANITIZER" --tool racecheck --racecheck-report hazard --error-exitcode 99 "$TESTS" every_conv_kernel --test-threads=1
@@ -157,6 +158,9 @@ else
   say "SKIP ncu: not found"
   printf 'ncu_sol\tskipped (no ncu)\t0\n' >> "$STATUS"
 fi
+# torch.compile compiles for a minute or more: after the sanitizers and ncu
+step torch_compile 150 $PEER --model "$MODEL" --mode compile --dims "$DIMS" --reps 10 --check "$SCR/pred.safetensors" --json "$OUT/torch_compile.json"
+step conformance 40 "$TOOL" conformance --model "$MODEL" --vectors "$B/reference/rln-tf-vectors-a.safetensors" --json "$OUT/conformance.json"
 infer_e2e() {
   # the lead's CLI: adapt INFER_ARGS if its flags differ
   "$B/rln-engine" infer --help || return 3
