@@ -131,6 +131,107 @@ pub fn cpu_network(shape: Shape, min_runs: usize, min_time: Duration) -> Vec<Ben
     ]
 }
 
+/// Tiled inference (crop and stitch with the default overlap and context) of one
+/// `dims` volume through `pred`, normalization included; cores of at most `core`.
+pub fn tiled_inference(
+    pred: &mut dyn crate::infer::TilePredictor,
+    dims: [usize; 3],
+    core: [usize; 3],
+    min_runs: usize,
+    min_time: Duration,
+) -> crate::Result<BenchRow> {
+    use crate::infer::stitch::{estimate_normalization, run_tiled, NormalizeMode, StitchOptions};
+    use crate::infer::tiling::{
+        MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS,
+    };
+    let shape = Shape::new(1, 1, dims[0], dims[1], dims[2]);
+    let (_, x, _) = bench_inputs(shape, 3);
+    let plan = TilePlan::new(dims, core, DEFAULT_OVERLAP, RECEPTIVE_RADIUS)?;
+    let tiles = plan.count();
+    let opts = StitchOptions {
+        plan,
+        normalize: NormalizeMode::Global,
+        percentiles: [0.01, 99.5],
+        rescale_output: true,
+        variant: crate::model::Variant::Single,
+    };
+    let mut err = None;
+    let (t, runs) = time_median(min_runs, min_time, || {
+        let mut src = MemorySource {
+            dims,
+            data: &x.data,
+        };
+        let r = (|| {
+            let aff = estimate_normalization(&mut src, [0.01, 99.5], 1 << 24)?;
+            let mut sink = MemorySink {
+                data: Vec::with_capacity(x.data.len()),
+            };
+            let mut views: Vec<&mut dyn PlaneSource> = vec![&mut src];
+            run_tiled(pred, &mut views, &[aff], &mut sink, &opts, &mut |_, _| {})
+        })();
+        if let Err(e) = r {
+            err = Some(e);
+        }
+    });
+    if let Some(e) = err {
+        return Err(e);
+    }
+    let vox = (dims[0] * dims[1] * dims[2]) as f64;
+    Ok(row(
+        format!(
+            "tiled inference {}×{}×{} ({tiles} tiles)",
+            dims[0], dims[1], dims[2]
+        ),
+        vox,
+        "voxel",
+        t,
+        Some(FORWARD_FLOPS_PER_VOXEL),
+        runs,
+    ))
+}
+
+/// One complete training step (forward, loss, backward, Adam, running statistics) on a
+/// batch of `shape`.
+pub fn train_step(shape: Shape, min_runs: usize, min_time: Duration) -> crate::Result<BenchRow> {
+    use crate::train::trainer::{train_step, TrainConfig, TrainState};
+    let (model, x, g) = bench_inputs(shape, 4);
+    let cfg = TrainConfig::default();
+    let mut state = TrainState::new(model, &cfg);
+    let mut err = None;
+    let (t, runs) = time_median(min_runs, min_time, || {
+        if let Err(e) = train_step(&mut state, &cfg, &x, &g) {
+            err = Some(e);
+        }
+    });
+    if let Some(e) = err {
+        return Err(e);
+    }
+    let label = format!("train step {}×{}×{}×{}", shape.n, shape.d, shape.h, shape.w);
+    Ok(row(
+        label,
+        (shape.n * shape.spatial()) as f64,
+        "voxel",
+        t,
+        Some(TRAIN_FLOPS_PER_VOXEL),
+        runs,
+    ))
+}
+
+/// Classical Richardson–Lucy on a 64×256×256 volume (31³ PSF), in voxel-iterations/s.
+pub fn richardson_lucy(iterations: usize) -> crate::Result<BenchRow> {
+    let r = crate::imaging::rl::measure_throughput(iterations)?;
+    let [d, h, w] = r.dims;
+    let items = (d * h * w * r.iterations) as f64;
+    Ok(row(
+        format!("Richardson–Lucy {d}×{h}×{w}, {} it.", r.iterations),
+        items,
+        "voxel·it",
+        r.seconds,
+        None,
+        1,
+    ))
+}
+
 /// The CPU model name from /proc/cpuinfo, if there is one.
 pub fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")

@@ -18,6 +18,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod compare;
 pub mod conformance;
 pub mod error;
 pub mod fsutil;

@@ -25,6 +25,8 @@ enum Cmd {
     Train(cli::train::TrainArgs),
     /// Deconvolve a volume of any size with a trained model (tiled crop and stitch).
     Infer(cli::infer::InferArgs),
+    /// Compare RLN with Richardson–Lucy (at its best iteration count) on held-out synthetic volumes.
+    Compare(cli::compare::CompareArgs),
     /// Measure throughput (voxels/s) of the network and the other main paths.
     Bench(cli::core::BenchArgs),
     /// Make a point spread function (Gaussian, Gibson–Lanni widefield, confocal) or clean a measured one.
@@ -47,6 +49,7 @@ fn main() {
         Cmd::Bench(a) => cli::core::bench(a),
         Cmd::Train(a) => cli::train::train(a),
         Cmd::Infer(a) => cli::infer::infer(a),
+        Cmd::Compare(a) => cli::compare::compare(a),
         Cmd::Psf(a) => cli::imaging::psf(a),
         Cmd::Synth(a) => cli::imaging::synth(a),
         Cmd::Rl(a) => cli::imaging::rl(a),

@@ -6,7 +6,10 @@ mod common;
 
 use common::*;
 use rln_engine::infer::stitch::{run_tiled, Affine, NormalizeMode, StitchOptions};
-use rln_engine::infer::tiling::{plan_axis, ramp_weights, MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS};
+use rln_engine::infer::tiling::{
+    plan_axis, ramp_weights, MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP,
+    RECEPTIVE_RADIUS,
+};
 use rln_engine::infer::{CpuPredictor, TilePredictor};
 use rln_engine::model::{Model, Variant};
 use rln_engine::tensor::{rel_l2, Shape, Tensor};
@@ -14,19 +17,31 @@ use rln_engine::tensor::{rel_l2, Shape, Tensor};
 #[test]
 fn axis_plans_cover_the_axis_with_even_windows_and_overlapping_cores() {
     for len in [1usize, 7, 40, 64, 65, 100, 257, 1000] {
-        for (core, ov, ctx) in [(16usize, 4usize, 0usize), (32, 24, 18), (64, 10, 18), (50, 24, 7)] {
+        for (core, ov, ctx) in [
+            (16usize, 4usize, 0usize),
+            (32, 24, 18),
+            (64, 10, 18),
+            (50, 24, 7),
+        ] {
             let t = plan_axis(len, core, ov, ctx);
             assert_eq!(t[0].core.0, 0);
             assert_eq!(t.last().unwrap().core.1, len);
             for (i, a) in t.iter().enumerate() {
                 assert!(a.window.0 <= a.core.0 && a.core.1 <= a.window.1 && a.window.1 <= len);
-                assert_eq!(a.window.0 % 2, 0, "window starts must be even ({len} {core} {ov} {ctx})");
+                assert_eq!(
+                    a.window.0 % 2,
+                    0,
+                    "window starts must be even ({len} {core} {ov} {ctx})"
+                );
                 assert!(a.core.1 - a.core.0 <= core.max(len.min(core)));
                 if a.core.0 > 0 {
                     assert!(a.core.0 - a.window.0 >= ctx.min(a.core.0), "context before");
                 }
                 if a.core.1 < len {
-                    assert!(a.window.1 - a.core.1 >= ctx.min(len - a.core.1), "context after");
+                    assert!(
+                        a.window.1 - a.core.1 >= ctx.min(len - a.core.1),
+                        "context after"
+                    );
                 }
                 if i > 0 {
                     assert!(t[i - 1].core.1 >= a.core.0, "gap between cores");
@@ -50,23 +65,51 @@ fn predict_whole(m: &Model<f32>, x: &Tensor<f32>) -> Vec<f32> {
     CpuPredictor { model: m.clone() }.predict(x).unwrap().data
 }
 
-fn predict_tiled(m: &Model<f32>, data: &[f32], dims: [usize; 3], core: [usize; 3], context: usize) -> (Vec<f32>, usize) {
+fn predict_tiled(
+    m: &Model<f32>,
+    data: &[f32],
+    dims: [usize; 3],
+    core: [usize; 3],
+    context: usize,
+) -> (Vec<f32>, usize) {
     let plan = TilePlan::new(dims, core, DEFAULT_OVERLAP, context).unwrap();
     let n = plan.count();
-    let opts = StitchOptions { plan, normalize: NormalizeMode::Global, percentiles: [0.01, 99.5], rescale_output: false, variant: Variant::Single };
+    let opts = StitchOptions {
+        plan,
+        normalize: NormalizeMode::Global,
+        percentiles: [0.01, 99.5],
+        rescale_output: false,
+        variant: Variant::Single,
+    };
     let mut src = MemorySource { dims, data };
     let mut sink = MemorySink { data: Vec::new() };
-    let identity = Affine { scale: 1.0, offset: 0.0, p_lo_value: 0.0, p_hi_value: 1.0 };
+    let identity = Affine {
+        scale: 1.0,
+        offset: 0.0,
+        p_lo_value: 0.0,
+        p_hi_value: 1.0,
+    };
     let mut views: Vec<&mut dyn PlaneSource> = vec![&mut src];
     let mut pred = CpuPredictor { model: m.clone() };
-    run_tiled(&mut pred, &mut views, &[identity], &mut sink, &opts, &mut |_, _| {}).unwrap();
+    run_tiled(
+        &mut pred,
+        &mut views,
+        &[identity],
+        &mut sink,
+        &opts,
+        &mut |_, _| {},
+    )
+    .unwrap();
     (sink.data, n)
 }
 
 #[test]
 fn tiled_inference_equals_whole_volume_inference() {
     let m: Model<f32> = random_model(80, Variant::Single).cast();
-    for (dims, core) in [([44usize, 70, 66], [24usize, 34, 30]), ([41, 57, 63], [20, 28, 26])] {
+    for (dims, core) in [
+        ([44usize, 70, 66], [24usize, 34, 30]),
+        ([41, 57, 63], [20, 28, 26]),
+    ] {
         let s = Shape::new(1, 1, dims[0], dims[1], dims[2]);
         let x: Tensor<f32> = random_volume(81, s);
         let whole = predict_whole(&m, &x);
@@ -107,12 +150,18 @@ fn receptive_radius_is_within_the_default_context() {
             for xx in 0..n {
                 let i = (z * n + y) * n + xx;
                 if (y1[i] - y0[i]).abs() > 1e-6 * y0[i].abs().max(1e-3) {
-                    radius = radius.max(z.abs_diff(c)).max(y.abs_diff(c)).max(xx.abs_diff(c));
+                    radius = radius
+                        .max(z.abs_diff(c))
+                        .max(y.abs_diff(c))
+                        .max(xx.abs_diff(c));
                 }
             }
         }
     }
     eprintln!("measured receptive radius: {radius} voxels");
     assert!(radius >= 10, "an impulse must spread (radius {radius})");
-    assert!(radius <= RECEPTIVE_RADIUS, "receptive radius {radius} exceeds the default context {RECEPTIVE_RADIUS}");
+    assert!(
+        radius <= RECEPTIVE_RADIUS,
+        "receptive radius {radius} exceeds the default context {RECEPTIVE_RADIUS}"
+    );
 }

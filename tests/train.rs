@@ -16,19 +16,31 @@ fn blob_volume(seed: u64, dims: [usize; 3], noise: f32) -> (Volume, Volume) {
     let n = dims[0] * dims[1] * dims[2];
     let mut gt = vec![10.0f32; n];
     for _ in 0..12 {
-        let c = [r.random_range(0..dims[0]), r.random_range(0..dims[1]), r.random_range(0..dims[2])];
+        let c = [
+            r.random_range(0..dims[0]),
+            r.random_range(0..dims[1]),
+            r.random_range(0..dims[2]),
+        ];
         let a: f32 = r.random_range(100.0..500.0);
         for z in 0..dims[0] {
             for y in 0..dims[1] {
                 for x in 0..dims[2] {
-                    let d2 = (z as f32 - c[0] as f32).powi(2) + (y as f32 - c[1] as f32).powi(2) + (x as f32 - c[2] as f32).powi(2);
+                    let d2 = (z as f32 - c[0] as f32).powi(2)
+                        + (y as f32 - c[1] as f32).powi(2)
+                        + (x as f32 - c[2] as f32).powi(2);
                     gt[(z * dims[1] + y) * dims[2] + x] += a * (-d2 / 4.0).exp();
                 }
             }
         }
     }
-    let input: Vec<f32> = gt.iter().map(|&g| g * 0.7 + r.random_range(0.0..noise)).collect();
-    (Volume::new(dims, input).unwrap(), Volume::new(dims, gt).unwrap())
+    let input: Vec<f32> = gt
+        .iter()
+        .map(|&g| g * 0.7 + r.random_range(0.0..noise))
+        .collect();
+    (
+        Volume::new(dims, input).unwrap(),
+        Volume::new(dims, gt).unwrap(),
+    )
 }
 
 fn dataset(n: usize, dims: [usize; 3]) -> Dataset {
@@ -46,7 +58,11 @@ fn small_cfg(steps: u64) -> TrainConfig {
     TrainConfig {
         steps,
         epoch_steps: 2,
-        sampler: CropSampler { crop: [16, 16, 16], batch: 2, ..CropSampler::default() },
+        sampler: CropSampler {
+            crop: [16, 16, 16],
+            batch: 2,
+            ..CropSampler::default()
+        },
         seed: 5,
         val_crop: [24, 24, 24],
         ..TrainConfig::default()
@@ -55,7 +71,7 @@ fn small_cfg(steps: u64) -> TrainConfig {
 
 struct Ckpt {
     path: std::path::PathBuf,
-    data: Dataset,
+    data: Vec<(String, [usize; 3])>,
     count: usize,
 }
 impl TrainObserver for Ckpt {
@@ -73,14 +89,22 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
     let dir = tempfile::tempdir().unwrap();
 
     let mut straight = TrainState::new(model.clone(), &cfg);
-    let mut obs = Ckpt { path: dir.path().join("a.ckpt"), data: data.clone(), count: 0 };
+    let mut obs = Ckpt {
+        path: dir.path().join("a.ckpt"),
+        data: data.fingerprint(),
+        count: 0,
+    };
     trainer::train(&mut straight, &cfg, &data, Some(&data), 2, None, &mut obs).unwrap();
     assert_eq!(straight.step, 6);
     assert_eq!(obs.count, 3, "a checkpoint every 2 steps");
 
     // "killed" after 3 steps: only the checkpoint survives
     let mut first = TrainState::new(model, &cfg);
-    let mut obs = Ckpt { path: dir.path().join("b.ckpt"), data: data.clone(), count: 0 };
+    let mut obs = Ckpt {
+        path: dir.path().join("b.ckpt"),
+        data: data.fingerprint(),
+        count: 0,
+    };
     trainer::train(&mut first, &cfg, &data, None, 2, Some(3), &mut obs).unwrap();
     assert_eq!(first.step, 3);
     drop(first);
@@ -90,7 +114,10 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
     assert_eq!(fp, data.fingerprint());
     trainer::train(&mut resumed, &cfg2, &data, None, 2, None, &mut obs).unwrap();
     assert_eq!(resumed.step, 6);
-    assert_eq!(resumed.model, straight.model, "resumed weights differ from the uninterrupted run");
+    assert_eq!(
+        resumed.model, straight.model,
+        "resumed weights differ from the uninterrupted run"
+    );
     assert_eq!(resumed.adam, straight.adam);
     // the checkpoint is also a loadable model file
     let m = Model::<f32>::load(&dir.path().join("a.ckpt")).unwrap();
@@ -109,7 +136,12 @@ fn training_reduces_the_loss_and_changes_running_statistics() {
     impl TrainObserver for Nop {}
     trainer::train(&mut st, &cfg, &data, None, 0, None, &mut Nop).unwrap();
     let after = trainer::validate(&st.model, &data, &cfg).unwrap();
-    assert!(after.loss < before.loss, "validation loss {} → {}", before.loss, after.loss);
+    assert!(
+        after.loss < before.loss,
+        "validation loss {} → {}",
+        before.loss,
+        after.loss
+    );
     assert_ne!(st.model.running, r0);
 }
 
@@ -119,7 +151,9 @@ fn bad_training_data_is_rejected_before_training() {
     let (x, g) = blob_volume(1, dims, 5.0);
     // constant volume
     let flat = Volume::new(dims, vec![3.0; 24 * 24 * 24]).unwrap();
-    let e = Pair::new("flat".into(), vec![x.clone()], flat).unwrap_err().to_string();
+    let e = Pair::new("flat".into(), vec![x.clone()], flat)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("constant"), "{e}");
     // NaN voxel
     let mut nan = x.clone();
@@ -127,10 +161,14 @@ fn bad_training_data_is_rejected_before_training() {
     assert!(Pair::new("nan".into(), vec![nan], g.clone()).is_err());
     // shape mismatch
     let (x2, _) = blob_volume(2, [24, 24, 20], 5.0);
-    let e = Pair::new("mm".into(), vec![x2], g.clone()).unwrap_err().to_string();
+    let e = Pair::new("mm".into(), vec![x2], g.clone())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("mm"), "{e}");
     // smaller than the crop
-    let d = Dataset { pairs: vec![Pair::new("small".into(), vec![x.clone()], g.clone()).unwrap()] };
+    let d = Dataset {
+        pairs: vec![Pair::new("small".into(), vec![x.clone()], g.clone()).unwrap()],
+    };
     let e = d.check_crop([32, 16, 16]).unwrap_err().to_string();
     assert!(e.contains("small") && e.contains("crop"), "{e}");
 
@@ -175,11 +213,29 @@ fn cli_train_stop_and_resume_matches_a_straight_run() {
     for i in 0..2 {
         let (x, g) = blob_volume(10 + i, [20, 20, 20], 10.0);
         write_volume(d.join(format!("input/v{i}.tif")), &x, OutputDtype::F32).unwrap();
-        write_volume(d.join(format!("ground_truth/v{i}.tif")), &g, OutputDtype::F32).unwrap();
+        write_volume(
+            d.join(format!("ground_truth/v{i}.tif")),
+            &g,
+            OutputDtype::F32,
+        )
+        .unwrap();
     }
     let run = |extra: &[&str], out: &str| {
         let o = Command::new(env!("CARGO_BIN_EXE_rln-engine"))
-            .args(["--threads", "2", "train", "--steps", "4", "--epoch-steps", "2", "--batch", "1", "--crop", "16", "--data"])
+            .args([
+                "--threads",
+                "2",
+                "train",
+                "--steps",
+                "4",
+                "--epoch-steps",
+                "2",
+                "--batch",
+                "1",
+                "--crop",
+                "16",
+                "--data",
+            ])
             .arg(d)
             .arg("-o")
             .arg(d.join(out))
@@ -190,7 +246,10 @@ fn cli_train_stop_and_resume_matches_a_straight_run() {
     };
     run(&[], "straight.safetensors");
     run(&["--stop-after", "2"], "resumed.safetensors");
-    assert!(!d.join("resumed.safetensors").exists(), "a stopped run must not write the final model");
+    assert!(
+        !d.join("resumed.safetensors").exists(),
+        "a stopped run must not write the final model"
+    );
     assert!(d.join("resumed.ckpt.safetensors").exists());
     let ck = d.join("resumed.ckpt.safetensors");
     run(&["--resume", ck.to_str().unwrap()], "resumed.safetensors");

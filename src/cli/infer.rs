@@ -3,8 +3,12 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use rln_engine::imaging::io::{read_volume, write_volume, OutputDtype};
-use rln_engine::infer::stitch::{estimate_normalization, run_tiled, Affine, NormalizeMode, StitchOptions};
-use rln_engine::infer::tiling::{choose_core, MemorySink, MemorySource, PlaneSource, TilePlan, RECEPTIVE_RADIUS};
+use rln_engine::infer::stitch::{
+    estimate_normalization, run_tiled, Affine, NormalizeMode, StitchOptions,
+};
+use rln_engine::infer::tiling::{
+    choose_core, MemorySink, MemorySource, PlaneSource, TilePlan, RECEPTIVE_RADIUS,
+};
 use rln_engine::infer::{CpuPredictor, TilePredictor};
 use rln_engine::model::Model;
 use std::path::PathBuf;
@@ -31,7 +35,10 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
         Some('t') => (&t[..t.len() - 1], 1 << 40),
         _ => (t, 1),
     };
-    let v: f64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (e.g. 8G, 512M)"))?;
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 8G, 512M)"))?;
     if !(v > 0.0) {
         return Err(format!("{s:?}: the size must be positive"));
     }
@@ -88,40 +95,63 @@ pub struct InferArgs {
 }
 
 /// The predictor for `--device`: CUDA when asked for and usable, else the CPU.
-pub fn make_predictor(device: Device, fp16: bool, model: &Model<f32>) -> Result<Box<dyn TilePredictor>> {
+pub fn make_predictor(
+    device: Device,
+    fp16: bool,
+    model: &Model<f32>,
+) -> Result<Box<dyn TilePredictor>> {
     use rln_engine::backend::cuda::{self, CudaOptions, CudaPredictor};
-    let opts = if fp16 { CudaOptions::f16() } else { CudaOptions::f32() };
+    let opts = if fp16 {
+        CudaOptions::f16()
+    } else {
+        CudaOptions::f32()
+    };
     match device {
         Device::Cpu => {
             if fp16 {
                 eprintln!("note: --fp16 applies to the GPU; the CPU computes in f32");
             }
-            Ok(Box::new(CpuPredictor { model: model.clone() }))
+            Ok(Box::new(CpuPredictor {
+                model: model.clone(),
+            }))
         }
-        Device::Cuda => Ok(Box::new(CudaPredictor::new(model, opts).context("--device cuda")?)),
+        Device::Cuda => Ok(Box::new(
+            CudaPredictor::new(model, opts).context("--device cuda")?,
+        )),
         Device::Auto => {
             if cuda::available() {
                 match CudaPredictor::new(model, opts) {
                     Ok(p) => return Ok(Box::new(p)),
-                    Err(e) => eprintln!("note: the CUDA device is not usable ({e}); running on the CPU"),
+                    Err(e) => {
+                        eprintln!("note: the CUDA device is not usable ({e}); running on the CPU")
+                    }
                 }
             } else {
                 eprintln!("note: no CUDA device; running on the CPU");
             }
-            Ok(Box::new(CpuPredictor { model: model.clone() }))
+            Ok(Box::new(CpuPredictor {
+                model: model.clone(),
+            }))
         }
     }
 }
 
 pub fn infer(a: &InferArgs) -> Result<()> {
     rln_engine::fsutil::check_output_dir(&a.output)?;
-    let model = Model::<f32>::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
+    let model = Model::<f32>::load(&a.model)
+        .with_context(|| format!("loading model {}", a.model.display()))?;
     let variant = model.config.variant;
     if variant.views() == 2 && a.input2.is_none() {
-        bail!("{} is an RLN-dual model ({variant:?}): give the second view with --input2", a.model.display());
+        bail!(
+            "{} is an RLN-dual model ({variant:?}): give the second view with --input2",
+            a.model.display()
+        );
     }
     if variant.views() == 1 && a.input2.is_some() {
-        bail!("{} is a single-view model: --input2 does not apply", a.model.display());
+        bail!(
+            "{} is a single-view model: --input2 does not apply",
+            a.model.display()
+        );
     }
     let t0 = Instant::now();
     let vol = read_volume(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
@@ -139,15 +169,24 @@ pub fn infer(a: &InferArgs) -> Result<()> {
     let core = match a.tile {
         Some(t) => t,
         None => {
-            let budget = a.memory.or(pred.memory_budget()).unwrap_or_else(|| available_ram().unwrap_or(8 << 30) / 2);
+            let budget = a
+                .memory
+                .or(pred.memory_budget())
+                .unwrap_or_else(|| available_ram().unwrap_or(8 << 30) / 2);
             let max_window = (budget / pred.bytes_per_voxel()).max(16 * 16 * 16);
             choose_core(vol.dims, a.context, max_window)
         }
     };
     let plan = TilePlan::new(vol.dims, core, a.overlap, a.context)?;
     let pct = model.config.norm_percentiles;
-    let mut src1 = MemorySource { dims: vol.dims, data: &vol.data };
-    let mut src2 = vol2.as_ref().map(|v| MemorySource { dims: v.dims, data: &v.data });
+    let mut src1 = MemorySource {
+        dims: vol.dims,
+        data: &vol.data,
+    };
+    let mut src2 = vol2.as_ref().map(|v| MemorySource {
+        dims: v.dims,
+        data: &v.data,
+    });
     let mut global: Vec<Affine> = Vec::new();
     if a.normalize == NormalizeMode::Global {
         global.push(estimate_normalization(&mut src1, pct, 64 << 20)?);
@@ -155,7 +194,13 @@ pub fn infer(a: &InferArgs) -> Result<()> {
             global.push(estimate_normalization(s2, pct, 64 << 20)?);
         }
     }
-    let opts = StitchOptions { plan: plan.clone(), normalize: a.normalize, percentiles: pct, rescale_output: !a.no_rescale, variant };
+    let opts = StitchOptions {
+        plan: plan.clone(),
+        normalize: a.normalize,
+        percentiles: pct,
+        rescale_output: !a.no_rescale,
+        variant,
+    };
     eprintln!(
         "{} on {}: {} tile(s) of at most {:?} voxels (core {:?}, overlap {:?}, context {}), {:?} normalization",
         a.input.display(),
@@ -168,20 +213,30 @@ pub fn infer(a: &InferArgs) -> Result<()> {
         a.normalize
     );
     let bar = rln_engine::imaging::progress::bar(plan.count() as u64, "tiles");
-    let mut sink = MemorySink { data: Vec::with_capacity(vol.len()) };
+    let mut sink = MemorySink {
+        data: Vec::with_capacity(vol.len()),
+    };
     let t1 = Instant::now();
     {
         let mut views: Vec<&mut dyn PlaneSource> = vec![&mut src1];
         if let Some(s2) = src2.as_mut() {
             views.push(s2);
         }
-        run_tiled(pred.as_mut(), &mut views, &global, &mut sink, &opts, &mut |d, _| bar.set_position(d as u64))?;
+        run_tiled(
+            pred.as_mut(),
+            &mut views,
+            &global,
+            &mut sink,
+            &opts,
+            &mut |d, _| bar.set_position(d as u64),
+        )?;
     }
     bar.finish_and_clear();
     let t_net = t1.elapsed().as_secs_f64();
     let out = vol.like(sink.data)?;
     let t2 = Instant::now();
-    write_volume(&a.output, &out, a.output_dtype).with_context(|| format!("writing {}", a.output.display()))?;
+    write_volume(&a.output, &out, a.output_dtype)
+        .with_context(|| format!("writing {}", a.output.display()))?;
     println!(
         "wrote {} ({}, {:?}): read {:.1} s, network {:.1} s ({:.3e} voxels/s), write {:.1} s",
         a.output.display(),

@@ -17,7 +17,11 @@ use std::time::Instant;
 
 /// Parses "64" or "32,64,64" into (z, y, x).
 pub fn parse_dims(s: &str) -> Result<[usize; 3], String> {
-    let v: Vec<usize> = s.split([',', 'x', '×']).map(|t| t.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|e| format!("{s:?}: {e}"))?;
+    let v: Vec<usize> = s
+        .split([',', 'x', '×'])
+        .map(|t| t.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{s:?}: {e}"))?;
     match v.as_slice() {
         [a] => Ok([*a; 3]),
         [z, y, x] => Ok([*z, *y, *x]),
@@ -107,7 +111,10 @@ pub struct TrainArgs {
 }
 
 fn sibling(out: &Path, ext: &str) -> PathBuf {
-    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
     out.with_file_name(format!("{stem}.{ext}"))
 }
 
@@ -116,14 +123,18 @@ struct CliObserver {
     log: std::fs::File,
     start: Instant,
     ckpt: PathBuf,
-    data_fp: Dataset,
+    data_fp: Vec<(String, [usize; 3])>,
     last_val: Option<ValMetrics>,
 }
 
 impl TrainObserver for CliObserver {
     fn on_step(&mut self, step: u64, t: &LossTerms, lr: f64) {
         self.bar.set_position(step);
-        let v = self.last_val.as_ref().map(|v| format!(" val psnr {:.2} ssim {:.3}", v.psnr, v.ssim)).unwrap_or_default();
+        let v = self
+            .last_val
+            .as_ref()
+            .map(|v| format!(" val psnr {:.2} ssim {:.3}", v.psnr, v.ssim))
+            .unwrap_or_default();
         self.bar.set_message(format!("loss {:.4}{v}", t.loss));
         let line = serde_json::json!({"step": step, "loss": t.loss, "mse": t.mse, "mse_aux": t.mse_aux, "ssim": t.ssim, "lr": lr,
             "elapsed_s": self.start.elapsed().as_secs_f64()});
@@ -134,9 +145,15 @@ impl TrainObserver for CliObserver {
             "elapsed_s": self.start.elapsed().as_secs_f64()});
         let _ = writeln!(self.log, "{line}");
         if !self.bar.is_hidden() {
-            self.bar.println(format!("step {step}: validation loss {:.4}, PSNR {:.2} dB, SSIM {:.4}", m.loss, m.psnr, m.ssim));
+            self.bar.println(format!(
+                "step {step}: validation loss {:.4}, PSNR {:.2} dB, SSIM {:.4}",
+                m.loss, m.psnr, m.ssim
+            ));
         } else {
-            eprintln!("step {step}: validation loss {:.4}, PSNR {:.2} dB, SSIM {:.4}", m.loss, m.psnr, m.ssim);
+            eprintln!(
+                "step {step}: validation loss {:.4}, PSNR {:.2} dB, SSIM {:.4}",
+                m.loss, m.psnr, m.ssim
+            );
         }
         self.last_val = Some(m.clone());
     }
@@ -149,7 +166,10 @@ fn synth_config(a: &TrainArgs) -> SynthConfig {
     SynthConfig {
         size: a.synth_size,
         photons: a.photons,
-        families: Family::ALL.into_iter().filter(|f| !a.exclude_family.contains(f)).collect(),
+        families: Family::ALL
+            .into_iter()
+            .filter(|f| !a.exclude_family.contains(f))
+            .collect(),
         ..SynthConfig::default()
     }
 }
@@ -160,35 +180,66 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         bail!("--input2 gives a second view: choose --variant dual-average or dual-concat");
     }
     if a.input2.is_none() && a.variant != Variant::Single && a.synth_psf.is_none() {
-        bail!("--variant {:?} needs the second view of every input: --input2 DIR", a.variant);
+        bail!(
+            "--variant {:?} needs the second view of every input: --input2 DIR",
+            a.variant
+        );
     }
-    let ckpt_path = a.checkpoint.clone().unwrap_or_else(|| sibling(&a.output, "ckpt.safetensors"));
-    let log_path = a.log.clone().unwrap_or_else(|| sibling(&a.output, "log.jsonl"));
+    let ckpt_path = a
+        .checkpoint
+        .clone()
+        .unwrap_or_else(|| sibling(&a.output, "ckpt.safetensors"));
+    let log_path = a
+        .log
+        .clone()
+        .unwrap_or_else(|| sibling(&a.output, "log.jsonl"));
 
     // the run's config: from the checkpoint when resuming, else from the flags
     let resumed = match &a.resume {
-        Some(p) => Some(trainer::load_checkpoint(p).with_context(|| format!("reading checkpoint {}", p.display()))?),
+        Some(p) => Some(
+            trainer::load_checkpoint(p)
+                .with_context(|| format!("reading checkpoint {}", p.display()))?,
+        ),
         None => None,
     };
     let mut psf_meta = None;
     // data (every problem reported before training starts)
     let (data, val) = if let Some(psf_path) = &a.synth_psf {
-        let psf = read_volume(psf_path).with_context(|| format!("reading PSF {}", psf_path.display()))?;
-        psf_meta = psf.metadata.as_ref().and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok());
+        let psf =
+            read_volume(psf_path).with_context(|| format!("reading PSF {}", psf_path.display()))?;
+        psf_meta = psf
+            .metadata
+            .as_ref()
+            .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok());
         let sc = synth_config(a);
-        eprintln!("making {} training and {} validation volumes of {:?} for {} ...", a.synth_count, a.synth_val_count, sc.size, psf_path.display());
+        eprintln!(
+            "making {} training and {} validation volumes of {:?} for {} ...",
+            a.synth_count,
+            a.synth_val_count,
+            sc.size,
+            psf_path.display()
+        );
         let data = Dataset::synthetic(&sc, &psf, a.synth_count, a.seed)?;
         let val = match &a.val {
             Some(v) => Some(Dataset::from_dir(v, None)?),
-            None if a.synth_val_count > 0 => Some(Dataset::synthetic(&sc, &psf, a.synth_val_count, a.seed.wrapping_add(1 << 40))?),
+            None if a.synth_val_count > 0 => Some(Dataset::synthetic(
+                &sc,
+                &psf,
+                a.synth_val_count,
+                a.seed.wrapping_add(1 << 40),
+            )?),
             None => None,
         };
         (data, val)
     } else {
         let dir = a.data.as_ref().expect("clap requires --data");
-        let data = Dataset::from_dir(dir, a.input2.as_deref()).with_context(|| format!("training data in {}", dir.display()))?;
+        let data = Dataset::from_dir(dir, a.input2.as_deref())
+            .with_context(|| format!("training data in {}", dir.display()))?;
         let val = match &a.val {
-            Some(v) => Some(Dataset::from_dir(v, a.input2.as_ref().map(|_| v.join("input2")).as_deref()).with_context(|| format!("validation data in {}", v.display()))?),
+            Some(v) => Some(
+                Dataset::from_dir(v, a.input2.as_ref().map(|_| v.join("input2")).as_deref())
+                    .with_context(|| format!("validation data in {}", v.display()))?,
+            ),
             None => None,
         };
         (data, val)
@@ -205,13 +256,26 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             let cfg = TrainConfig {
                 steps: a.steps,
                 epoch_steps: a.epoch_steps.max(1),
-                sampler: CropSampler { crop: a.crop, batch: a.batch.max(1), ..CropSampler::default() },
-                schedule: LrSchedule { base: a.lr, decay_rate: a.lr_decay, decay_steps: a.lr_decay_steps },
+                sampler: CropSampler {
+                    crop: a.crop,
+                    batch: a.batch.max(1),
+                    ..CropSampler::default()
+                },
+                schedule: LrSchedule {
+                    base: a.lr,
+                    decay_rate: a.lr_decay,
+                    decay_steps: a.lr_decay_steps,
+                },
                 grad_mode: a.grad_mode,
                 seed: a.seed,
                 ..TrainConfig::default()
             };
-            let mconf = ModelConfig { variant: a.variant, div_eps: a.div_eps, psf: psf_meta.clone(), ..ModelConfig::default() };
+            let mconf = ModelConfig {
+                variant: a.variant,
+                div_eps: a.div_eps,
+                psf: psf_meta.clone(),
+                ..ModelConfig::default()
+            };
             mconf.validate()?;
             let state = TrainState::new(Model::<f32>::init(mconf, a.seed), &cfg);
             (state, cfg)
@@ -220,12 +284,22 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     cfg.steps = a.steps.max(state.step);
     data.check_crop(cfg.sampler.crop)?;
 
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening log {}", log_path.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening log {}", log_path.display()))?;
     let bar = ProgressBar::with_draw_target(Some(cfg.steps), ProgressDrawTarget::hidden());
     if std::io::stderr().is_terminal() {
         bar.set_draw_target(ProgressDrawTarget::stderr());
     }
-    bar.set_style(ProgressStyle::with_template("train [{bar:30}] {pos}/{len} steps {msg} ({elapsed}, eta {eta})").unwrap().progress_chars("=> "));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "train [{bar:30}] {pos}/{len} steps {msg} ({elapsed}, eta {eta})",
+        )
+        .unwrap()
+        .progress_chars("=> "),
+    );
     bar.set_position(state.step);
     let start = Instant::now();
     let first = state.step;
@@ -238,21 +312,48 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         rln_engine::threads(),
         ckpt_path.display()
     );
-    let mut obs = CliObserver { bar, log, start, ckpt: ckpt_path.clone(), data_fp: Dataset { pairs: data.pairs.clone() }, last_val: None };
+    let mut obs = CliObserver {
+        bar,
+        log,
+        start,
+        ckpt: ckpt_path.clone(),
+        data_fp: data.fingerprint(),
+        last_val: None,
+    };
     let every = a.checkpoint_every.unwrap_or(cfg.epoch_steps);
-    let result = trainer::train(&mut state, &cfg, &data, val.as_ref(), every, a.stop_after, &mut obs);
+    let result = trainer::train(
+        &mut state,
+        &cfg,
+        &data,
+        val.as_ref(),
+        every,
+        a.stop_after,
+        &mut obs,
+    );
     obs.bar.finish_and_clear();
     let last_val = match result {
         Ok(v) => v,
-        Err(e) => bail!("{e}\nthe last good checkpoint is {} (continue with --resume)", ckpt_path.display()),
+        Err(e) => bail!(
+            "{e}\nthe last good checkpoint is {} (continue with --resume)",
+            ckpt_path.display()
+        ),
     };
     if state.step < cfg.steps {
-        eprintln!("stopped after step {} of {}; continue with --resume {}", state.step, cfg.steps, ckpt_path.display());
+        eprintln!(
+            "stopped after step {} of {}; continue with --resume {}",
+            state.step,
+            cfg.steps,
+            ckpt_path.display()
+        );
         return Ok(());
     }
     let secs = start.elapsed().as_secs_f64();
     let mut model = state.model.clone();
-    model.config.provenance = format!("trained by rln-engine {} ({})", env!("CARGO_PKG_VERSION"), std::env::args().collect::<Vec<_>>().join(" "));
+    model.config.provenance = format!(
+        "trained by rln-engine {} ({})",
+        env!("CARGO_PKG_VERSION"),
+        std::env::args().collect::<Vec<_>>().join(" ")
+    );
     model.config.training = Some(serde_json::json!({
         "steps": cfg.steps, "batch": cfg.sampler.batch, "crop": cfg.sampler.crop, "grad_mode": cfg.grad_mode,
         "schedule": cfg.schedule, "seed": cfg.seed, "pairs": data.pairs.len(), "threads": rln_engine::threads(),
@@ -266,7 +367,9 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         cfg.steps,
         secs,
         cfg.steps - first,
-        last_val.map(|v| format!("; validation PSNR {:.2} dB, SSIM {:.4}", v.psnr, v.ssim)).unwrap_or_default()
+        last_val
+            .map(|v| format!("; validation PSNR {:.2} dB, SSIM {:.4}", v.psnr, v.ssim))
+            .unwrap_or_default()
     );
     Ok(())
 }

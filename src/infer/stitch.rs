@@ -34,7 +34,12 @@ pub struct Affine {
 impl Affine {
     pub fn from_percentile_values(lo: f64, hi: f64) -> Self {
         let (scale, offset) = percentile_affine(lo, hi);
-        Affine { scale, offset, p_lo_value: lo, p_hi_value: hi }
+        Affine {
+            scale,
+            offset,
+            p_lo_value: lo,
+            p_hi_value: hi,
+        }
     }
     pub fn apply(&self, v: f32) -> f32 {
         (v as f64 * self.scale + self.offset) as f32
@@ -46,7 +51,11 @@ impl Affine {
 
 /// Percentile normalization of a whole source, from at most `max_samples` voxels
 /// (every k-th plane, and every j-th voxel of it, when the volume is larger).
-pub fn estimate_normalization(src: &mut dyn PlaneSource, pct: [f64; 2], max_samples: usize) -> Result<Affine> {
+pub fn estimate_normalization(
+    src: &mut dyn PlaneSource,
+    pct: [f64; 2],
+    max_samples: usize,
+) -> Result<Affine> {
     let [d, h, w] = src.dims();
     let plane = h * w;
     let total = d * plane;
@@ -104,15 +113,25 @@ pub fn run_tiled(
     let dims = opts.plan.dims;
     let n_views = opts.variant.views();
     if views.len() != n_views {
-        return Err(Error::invalid(format!("the model ({:?}) takes {n_views} view(s), {} given", opts.variant, views.len())));
+        return Err(Error::invalid(format!(
+            "the model ({:?}) takes {n_views} view(s), {} given",
+            opts.variant,
+            views.len()
+        )));
     }
     for v in views.iter() {
         if v.dims() != dims {
-            return Err(Error::Shape(format!("views differ in size: {:?} vs {:?}", v.dims(), dims)));
+            return Err(Error::Shape(format!(
+                "views differ in size: {:?} vs {:?}",
+                v.dims(),
+                dims
+            )));
         }
     }
     if opts.normalize == NormalizeMode::Global && global.len() != n_views {
-        return Err(Error::invalid("global normalization needs one affine per view"));
+        return Err(Error::invalid(
+            "global normalization needs one affine per view",
+        ));
     }
     let [_, h, w] = dims;
     let plane = h * w;
@@ -128,7 +147,10 @@ pub fn run_tiled(
     let c_in = opts.variant.input_channels();
     for (iz, tz) in az.iter().enumerate() {
         let (z0, z1) = tz.window;
-        let slabs: Vec<Vec<f32>> = views.iter_mut().map(|v| v.read_planes(z0, z1)).collect::<Result<_>>()?;
+        let slabs: Vec<Vec<f32>> = views
+            .iter_mut()
+            .map(|v| v.read_planes(z0, z1))
+            .collect::<Result<_>>()?;
         for s in &slabs {
             check_finite(s)?;
         }
@@ -139,13 +161,19 @@ pub fn run_tiled(
             wsum.resize(need, 0.0);
         }
         let wz = ramp_weights(tz);
-        let tiles: Vec<(usize, usize)> = (0..ay.len()).flat_map(|iy| (0..ax.len()).map(move |ix| (iy, ix))).collect();
+        let tiles: Vec<(usize, usize)> = (0..ay.len())
+            .flat_map(|iy| (0..ax.len()).map(move |ix| (iy, ix)))
+            .collect();
         // per-tile normalization of every view of a tile (needed again for the output)
         let mut tile_affines: Vec<Vec<Affine>> = Vec::with_capacity(tiles.len());
         let mut inputs = Vec::with_capacity(tiles.len());
         for &(iy, ix) in &tiles {
             let (ty, tx) = (&ay[iy], &ax[ix]);
-            let wd = [z1 - z0, ty.window.1 - ty.window.0, tx.window.1 - tx.window.0];
+            let wd = [
+                z1 - z0,
+                ty.window.1 - ty.window.0,
+                tx.window.1 - tx.window.0,
+            ];
             let vox = wd[0] * wd[1] * wd[2];
             let mut per_view: Vec<Vec<f32>> = Vec::with_capacity(n_views);
             let mut affs = Vec::with_capacity(n_views);
@@ -169,10 +197,17 @@ pub fn run_tiled(
                 affs.push(aff);
             }
             let data = match (opts.variant, per_view.len()) {
-                (Variant::DualAverage, 2) => per_view[0].iter().zip(&per_view[1]).map(|(a, b)| 0.5 * (a + b)).collect(),
+                (Variant::DualAverage, 2) => per_view[0]
+                    .iter()
+                    .zip(&per_view[1])
+                    .map(|(a, b)| 0.5 * (a + b))
+                    .collect(),
                 _ => per_view.concat(),
             };
-            inputs.push(Tensor::from_vec(Shape::new(1, c_in, wd[0], wd[1], wd[2]), data)?);
+            inputs.push(Tensor::from_vec(
+                Shape::new(1, c_in, wd[0], wd[1], wd[2]),
+                data,
+            )?);
             tile_affines.push(affs);
         }
         let mut k = 0usize;
@@ -182,8 +217,16 @@ pub fn run_tiled(
             let (ty, tx) = (&ay[iy], &ax[ix]);
             let aff = tile_affines[k][0];
             let ys = y.shape;
-            if ys.dims() != [z1 - z0, ty.window.1 - ty.window.0, tx.window.1 - tx.window.0] {
-                return Err(Error::Shape(format!("tile prediction has shape {ys}, expected its input window")));
+            if ys.dims()
+                != [
+                    z1 - z0,
+                    ty.window.1 - ty.window.0,
+                    tx.window.1 - tx.window.0,
+                ]
+            {
+                return Err(Error::Shape(format!(
+                    "tile prediction has shape {ys}, expected its input window"
+                )));
             }
             for z in tz.core.0..tz.core.1 {
                 let lz = z - z0;
@@ -199,7 +242,9 @@ pub fn run_tiled(
                             NormalizeMode::Global if opts.rescale_output => aff.invert(v),
                             NormalizeMode::Global => v,
                             // the authors: prediction × the tile's high percentile
-                            NormalizeMode::PerTile if aff.p_hi_value != 0.0 => v * aff.p_hi_value as f32,
+                            NormalizeMode::PerTile if aff.p_hi_value != 0.0 => {
+                                v * aff.p_hi_value as f32
+                            }
                             NormalizeMode::PerTile => v,
                         };
                         acc[dst + x] += wt * v;
@@ -213,10 +258,18 @@ pub fn run_tiled(
             Ok(())
         })?;
         // planes before the next row's first core plane are final
-        let final_end = if iz + 1 < az.len() { az[iz + 1].core.0 } else { dims[0] };
+        let final_end = if iz + 1 < az.len() {
+            az[iz + 1].core.0
+        } else {
+            dims[0]
+        };
         if final_end > acc_z0 {
             let n = (final_end - acc_z0) * plane;
-            let out: Vec<f32> = acc[..n].iter().zip(&wsum[..n]).map(|(a, s)| a / s).collect();
+            let out: Vec<f32> = acc[..n]
+                .iter()
+                .zip(&wsum[..n])
+                .map(|(a, s)| a / s)
+                .collect();
             sink.write_planes(acc_z0, &out)?;
             acc.drain(..n);
             wsum.drain(..n);

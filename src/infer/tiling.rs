@@ -36,7 +36,12 @@ pub struct AxisTile {
 pub fn plan_axis(len: usize, max_core: usize, overlap: usize, context: usize) -> Vec<AxisTile> {
     assert!(len > 0 && max_core > 0);
     if len <= max_core {
-        return vec![AxisTile { core: (0, len), window: (0, len), overlap_before: 0, overlap_after: 0 }];
+        return vec![AxisTile {
+            core: (0, len),
+            window: (0, len),
+            overlap_before: 0,
+            overlap_after: 0,
+        }];
     }
     let overlap = overlap.min(max_core / 2);
     let step = max_core - overlap;
@@ -45,7 +50,11 @@ pub fn plan_axis(len: usize, max_core: usize, overlap: usize, context: usize) ->
     let last = len - max_core;
     let starts: Vec<usize> = (0..n)
         .map(|i| {
-            let s = if n == 1 { 0 } else { (i * last + (n - 1) / 2) / (n - 1) };
+            let s = if n == 1 {
+                0
+            } else {
+                (i * last + (n - 1) / 2) / (n - 1)
+            };
             if i == n - 1 {
                 last
             } else {
@@ -58,9 +67,22 @@ pub fn plan_axis(len: usize, max_core: usize, overlap: usize, context: usize) ->
         let e = s + max_core;
         let w0 = s.saturating_sub(context) & !1;
         let w1 = (e + context).min(len);
-        let before = if i == 0 { 0 } else { (starts[i - 1] + max_core).saturating_sub(s) };
-        let after = if i + 1 == n { 0 } else { e.saturating_sub(starts[i + 1]) };
-        tiles.push(AxisTile { core: (s, e), window: (w0, w1), overlap_before: before, overlap_after: after });
+        let before = if i == 0 {
+            0
+        } else {
+            (starts[i - 1] + max_core).saturating_sub(s)
+        };
+        let after = if i + 1 == n {
+            0
+        } else {
+            e.saturating_sub(starts[i + 1])
+        };
+        tiles.push(AxisTile {
+            core: (s, e),
+            window: (w0, w1),
+            overlap_before: before,
+            overlap_after: after,
+        });
     }
     tiles
 }
@@ -95,9 +117,16 @@ pub struct TilePlan {
 }
 
 impl TilePlan {
-    pub fn new(dims: [usize; 3], max_core: [usize; 3], overlap: [usize; 3], context: usize) -> Result<Self> {
+    pub fn new(
+        dims: [usize; 3],
+        max_core: [usize; 3],
+        overlap: [usize; 3],
+        context: usize,
+    ) -> Result<Self> {
         if dims.contains(&0) {
-            return Err(Error::invalid(format!("cannot tile an empty volume {dims:?}")));
+            return Err(Error::invalid(format!(
+                "cannot tile an empty volume {dims:?}"
+            )));
         }
         // spec §7: no z overlap when the depth is below 40
         let oz = if dims[0] < 40 { 0 } else { overlap[0] };
@@ -123,7 +152,15 @@ impl TilePlan {
 pub fn choose_core(dims: [usize; 3], context: usize, max_window_voxels: usize) -> [usize; 3] {
     let mut core = dims;
     let window = |c: [usize; 3]| -> usize {
-        (0..3).map(|i| if c[i] >= dims[i] { dims[i] } else { (c[i] + 2 * context).min(dims[i]) }).product()
+        (0..3)
+            .map(|i| {
+                if c[i] >= dims[i] {
+                    dims[i]
+                } else {
+                    (c[i] + 2 * context).min(dims[i])
+                }
+            })
+            .product()
     };
     while window(core) > max_window_voxels {
         let i = (0..3).max_by_key(|&i| core[i]).unwrap();

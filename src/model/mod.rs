@@ -267,9 +267,21 @@ impl<T: Real> Model<T> {
     /// presence, shape and finiteness, and unknown tensors are rejected.
     /// A training checkpoint loads as the model it holds (its optimizer state is skipped).
     pub fn load(path: &Path) -> Result<Self> {
-        let file = TensorFile::open(path)?;
-        let optimizer: &[&str] = if file.metadata().contains_key("rln_checkpoint") { &["adam."] } else { &[] };
-        Self::from_file(&file, optimizer)
+        Self::from_tensor_file(&TensorFile::open(path)?)
+    }
+
+    /// A model from the bytes of a model file (e.g. one embedded in the binary).
+    pub fn from_bytes(label: &str, bytes: &[u8]) -> Result<Self> {
+        Self::from_tensor_file(&TensorFile::from_bytes(label, bytes.to_vec())?)
+    }
+
+    fn from_tensor_file(file: &TensorFile) -> Result<Self> {
+        let optimizer: &[&str] = if file.metadata().contains_key("rln_checkpoint") {
+            &["adam."]
+        } else {
+            &[]
+        };
+        Self::from_file(file, optimizer)
     }
 
     /// Reads the model out of an open file; names starting with one of `other_prefixes`
@@ -350,7 +362,11 @@ impl<T: Real> Model<T> {
             .collect();
         if !extra.is_empty() {
             let shown: Vec<&String> = extra.iter().take(5).collect();
-            let more = if extra.len() > 5 { format!(" and {} more", extra.len() - 5) } else { String::new() };
+            let more = if extra.len() > 5 {
+                format!(" and {} more", extra.len() - 5)
+            } else {
+                String::new()
+            };
             return Err(Error::format(
                 path,
                 format!("unexpected tensors {shown:?}{more}: this file does not match the RLN layer table (variant {:?})", config.variant),

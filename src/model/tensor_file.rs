@@ -37,6 +37,22 @@ impl TensorFile {
         })
     }
 
+    /// A file already in memory (e.g. embedded in the binary); `label` names it in errors.
+    pub fn from_bytes(label: &str, bytes: Vec<u8>) -> Result<Self> {
+        SafeTensors::deserialize(&bytes).map_err(|e| {
+            Error::format(
+                label,
+                format!(
+                    "not a valid safetensors file ({e}); is it truncated or of another format?"
+                ),
+            )
+        })?;
+        Ok(TensorFile {
+            path: PathBuf::from(label),
+            bytes,
+        })
+    }
+
     fn st(&self) -> SafeTensors<'_> {
         SafeTensors::deserialize(&self.bytes).expect("validated in open")
     }

@@ -37,7 +37,11 @@ fn tiff_names(dir: &Path) -> Result<Vec<String>> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| {
             let l = n.to_lowercase();
-            !n.starts_with('.') && (l.ends_with(".tif") || l.ends_with(".tiff") || l.ends_with(".h5") || l.ends_with(".hdf5"))
+            !n.starts_with('.')
+                && (l.ends_with(".tif")
+                    || l.ends_with(".tiff")
+                    || l.ends_with(".h5")
+                    || l.ends_with(".hdf5"))
         })
         .collect();
     v.sort();
@@ -46,9 +50,16 @@ fn tiff_names(dir: &Path) -> Result<Vec<String>> {
 
 fn check_usable(v: &Volume, what: &str) -> Result<()> {
     v.check_finite(what)?;
-    let (lo, hi) = v.data.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+    let (lo, hi) = v
+        .data
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
+            (a.min(x), b.max(x))
+        });
     if lo == hi {
-        return Err(Error::invalid(format!("{what} is constant ({lo} everywhere): it cannot be normalized or learned from")));
+        return Err(Error::invalid(format!(
+            "{what} is constant ({lo} everywhere): it cannot be normalized or learned from"
+        )));
     }
     Ok(())
 }
@@ -59,7 +70,11 @@ impl Pair {
             if v.dims != ground_truth.dims {
                 return Err(Error::Shape(format!(
                     "pair {name}: input{} is {} but the ground truth is {}",
-                    if i == 0 { String::new() } else { format!(" view {}", i + 1) },
+                    if i == 0 {
+                        String::new()
+                    } else {
+                        format!(" view {}", i + 1)
+                    },
                     v.shape_str(),
                     ground_truth.shape_str()
                 )));
@@ -68,7 +83,12 @@ impl Pair {
         }
         check_usable(&ground_truth, &format!("{name}: ground truth"))?;
         let gt_mean = ground_truth.sum() / ground_truth.len() as f64;
-        Ok(Pair { name, inputs, ground_truth, gt_mean })
+        Ok(Pair {
+            name,
+            inputs,
+            ground_truth,
+            gt_mean,
+        })
     }
 }
 
@@ -97,13 +117,19 @@ impl Dataset {
             )));
         }
         if inames.is_empty() {
-            return Err(Error::invalid(format!("no .tif/.tiff volumes in {}", idir.display())));
+            return Err(Error::invalid(format!(
+                "no .tif/.tiff volumes in {}",
+                idir.display()
+            )));
         }
         if let Some(d2) = input2_dir {
             let n2 = tiff_names(d2)?;
             let missing: Vec<&String> = inames.iter().filter(|n| !n2.contains(n)).collect();
             if !missing.is_empty() {
-                return Err(Error::invalid(format!("second view missing for {missing:?} in {}", d2.display())));
+                return Err(Error::invalid(format!(
+                    "second view missing for {missing:?} in {}",
+                    d2.display()
+                )));
             }
         }
         let pairs = inames
@@ -137,7 +163,10 @@ impl Dataset {
 
     /// Names and sizes, to recognize the same data when resuming.
     pub fn fingerprint(&self) -> Vec<(String, [usize; 3])> {
-        self.pairs.iter().map(|p| (p.name.clone(), p.ground_truth.dims)).collect()
+        self.pairs
+            .iter()
+            .map(|p| (p.name.clone(), p.ground_truth.dims))
+            .collect()
     }
 
     /// Checks that every pair can hold a crop of `crop` voxels.
@@ -173,7 +202,14 @@ pub struct CropSampler {
 
 impl Default for CropSampler {
     fn default() -> Self {
-        CropSampler { crop: [64, 64, 64], batch: 4, align: 8, foreground_ratio: 0.8, max_redraws: 100, percentiles: [0.01, 99.5] }
+        CropSampler {
+            crop: [64, 64, 64],
+            batch: 4,
+            align: 8,
+            foreground_ratio: 0.8,
+            max_redraws: 100,
+            percentiles: [0.01, 99.5],
+        }
     }
 }
 
@@ -189,7 +225,10 @@ impl CropSampler {
     pub fn pair_for_step(&self, n_pairs: usize, step: u64, seed: u64) -> usize {
         let round = step / n_pairs as u64;
         let mut order: Vec<usize> = (0..n_pairs).collect();
-        order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(seed ^ 0x0ddba11, round)));
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(
+            seed ^ 0x0ddba11,
+            round,
+        )));
         order[(step % n_pairs as u64) as usize]
     }
 
@@ -218,7 +257,11 @@ impl CropSampler {
         for _ in 0..self.batch {
             let mut start = [0; 3];
             for _try in 0..=self.max_redraws {
-                start = [self.corner(&mut rng, d[0], c[0]), self.corner(&mut rng, d[1], c[1]), self.corner(&mut rng, d[2], c[2])];
+                start = [
+                    self.corner(&mut rng, d[0], c[0]),
+                    self.corner(&mut rng, d[1], c[1]),
+                    self.corner(&mut rng, d[2], c[2]),
+                ];
                 let g = pair.ground_truth.crop(start, c)?;
                 if g.sum() / vox as f64 >= self.foreground_ratio * pair.gt_mean {
                     break;
@@ -228,16 +271,29 @@ impl CropSampler {
             let views: Vec<Vec<f32>> = pair
                 .inputs
                 .iter()
-                .map(|v| normalize_percentile(&v.crop(start, c)?.data, self.percentiles[0], self.percentiles[1]))
+                .map(|v| {
+                    normalize_percentile(
+                        &v.crop(start, c)?.data,
+                        self.percentiles[0],
+                        self.percentiles[1],
+                    )
+                })
                 .collect::<Result<_>>()?;
             match (variant, views.len()) {
                 (Variant::Single, 1) => xs.extend_from_slice(&views[0]),
-                (Variant::DualAverage, 2) => xs.extend(views[0].iter().zip(&views[1]).map(|(a, b)| 0.5 * (a + b))),
+                (Variant::DualAverage, 2) => {
+                    xs.extend(views[0].iter().zip(&views[1]).map(|(a, b)| 0.5 * (a + b)))
+                }
                 (Variant::DualConcat, 2) => {
                     xs.extend_from_slice(&views[0]);
                     xs.extend_from_slice(&views[1]);
                 }
-                (v, n) => return Err(Error::invalid(format!("the model variant {v:?} needs {} view(s), the data has {n}", v.views()))),
+                (v, n) => {
+                    return Err(Error::invalid(format!(
+                        "the model variant {v:?} needs {} view(s), the data has {n}",
+                        v.views()
+                    )))
+                }
             }
             gs.extend(normalize_ground_truth(&g.data)?);
         }
@@ -248,4 +304,3 @@ impl CropSampler {
         })
     }
 }
-

@@ -2,5 +2,5 @@
 
 pub mod adam;
 pub mod data;
-pub mod trainer;
 pub mod loss;
+pub mod trainer;

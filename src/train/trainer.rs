@@ -58,7 +58,11 @@ pub struct TrainState {
 impl TrainState {
     pub fn new(model: Model<f32>, cfg: &TrainConfig) -> Self {
         let adam = Adam::new(model.config.variant, cfg.schedule);
-        TrainState { model, adam, step: 0 }
+        TrainState {
+            model,
+            adam,
+            step: 0,
+        }
     }
 }
 
@@ -84,11 +88,20 @@ pub trait TrainObserver {
 /// One optimizer step on `batch`: forward with batch statistics, loss, backward,
 /// Adam, the running-statistics update. Fails (without touching `state`) on a
 /// non-finite loss or gradient.
-pub fn train_step(state: &mut TrainState, cfg: &TrainConfig, x: &Tensor<f32>, g: &Tensor<f32>) -> Result<LossTerms> {
+pub fn train_step(
+    state: &mut TrainState,
+    cfg: &TrainConfig,
+    x: &Tensor<f32>,
+    g: &Tensor<f32>,
+) -> Result<LossTerms> {
     let b = CpuBackend::<f32>::new();
     let net = Rln::new(&b, &state.model);
     let fwd = net.forward(x, BnMode::Batch, true);
-    let x1 = if x.shape.c > 1 { b.channel_mean(x) } else { x.clone() };
+    let x1 = if x.shape.c > 1 {
+        b.channel_mean(x)
+    } else {
+        x.clone()
+    };
     let (terms, dy, de1r) = b.loss(&fwd.prediction, &fwd.e1_raw, &x1, g);
     let grads = net.backward(&fwd, &dy, &de1r, cfg.grad_mode);
     let step = state.step;
@@ -99,13 +112,18 @@ pub fn train_step(state: &mut TrainState, cfg: &TrainConfig, x: &Tensor<f32>, g:
         )));
     }
     if !grads.all_finite() {
-        return Err(Error::Numeric(format!("step {step}: a gradient is not finite although the loss is {}", terms.loss)));
+        return Err(Error::Numeric(format!(
+            "step {step}: a gradient is not finite although the loss is {}",
+            terms.loss
+        )));
     }
     let stats = fwd.batch_stats;
     state.adam.update(&mut state.model.params, &grads);
     update_running_stats(&mut state.model, &stats);
     if !state.model.params.all_finite() {
-        return Err(Error::Numeric(format!("step {step}: the weights became non-finite")));
+        return Err(Error::Numeric(format!(
+            "step {step}: the weights became non-finite"
+        )));
     }
     state.step += 1;
     Ok(terms)
@@ -129,11 +147,25 @@ pub fn validate(model: &Model<f32>, val: &Dataset, cfg: &TrainConfig) -> Result<
     let [plo, phi] = cfg.sampler.percentiles;
     for p in &val.pairs {
         let gt = center_crop(&p.ground_truth, cfg.val_crop)?;
-        let views: Vec<Vec<f32>> =
-            p.inputs.iter().map(|v| normalize_percentile(&center_crop(v, cfg.val_crop)?.data, plo, phi)).collect::<Result<_>>()?;
+        let views: Vec<Vec<f32>> = p
+            .inputs
+            .iter()
+            .map(|v| normalize_percentile(&center_crop(v, cfg.val_crop)?.data, plo, phi))
+            .collect::<Result<_>>()?;
         let d = gt.dims;
         let shape = Shape::new(1, 1, d[0], d[1], d[2]);
-        let x1 = Tensor::from_vec(shape, if views.len() == 2 { views[0].iter().zip(&views[1]).map(|(a, b)| 0.5 * (a + b)).collect() } else { views[0].clone() })?;
+        let x1 = Tensor::from_vec(
+            shape,
+            if views.len() == 2 {
+                views[0]
+                    .iter()
+                    .zip(&views[1])
+                    .map(|(a, b)| 0.5 * (a + b))
+                    .collect()
+            } else {
+                views[0].clone()
+            },
+        )?;
         let x = match model.config.variant {
             crate::model::Variant::DualConcat => Tensor::from_vec(shape.with_c(2), views.concat())?,
             _ => x1.clone(),
@@ -171,7 +203,9 @@ pub fn train(
     let end = stop_after.map_or(cfg.steps, |s| s.min(cfg.steps));
     let mut last_val = None;
     while state.step < end {
-        let batch = cfg.sampler.batch(data, state.model.config.variant, state.step, cfg.seed)?;
+        let batch = cfg
+            .sampler
+            .batch(data, state.model.config.variant, state.step, cfg.seed)?;
         let lr = state.adam.schedule.lr(state.step);
         let terms = train_step(state, cfg, &batch.input, &batch.ground_truth)?;
         obs.on_step(state.step, &terms, lr);
@@ -205,21 +239,45 @@ struct CheckpointMeta {
 
 /// Writes a checkpoint atomically: the model (loadable as a model file) plus Adam's
 /// moments and the run's position and config in the metadata.
-pub fn save_checkpoint(path: &Path, state: &TrainState, cfg: &TrainConfig, data: &Dataset) -> Result<()> {
+/// `data` is the training data's [`Dataset::fingerprint`].
+pub fn save_checkpoint(
+    path: &Path,
+    state: &TrainState,
+    cfg: &TrainConfig,
+    data: &[(String, [usize; 3])],
+) -> Result<()> {
     let mut w = state.model.to_writer();
     for (l, k) in state.adam.m.ids() {
         let name = Params::<f64>::name(l, k);
         let n = state.adam.m.tensor(l, k).len();
-        w.add_f64(&format!("{ADAM_M}{name}"), vec![n], state.adam.m.tensor(l, k));
-        w.add_f64(&format!("{ADAM_V}{name}"), vec![n], state.adam.v.tensor(l, k));
+        w.add_f64(
+            &format!("{ADAM_M}{name}"),
+            vec![n],
+            state.adam.m.tensor(l, k),
+        );
+        w.add_f64(
+            &format!("{ADAM_V}{name}"),
+            vec![n],
+            state.adam.v.tensor(l, k),
+        );
     }
-    let meta = CheckpointMeta { step: state.step, adam_step: state.adam.step, config: cfg.clone(), data: data.fingerprint() };
-    w.metadata.insert(CKPT_KEY.into(), serde_json::to_string(&meta).expect("serializes"));
+    let meta = CheckpointMeta {
+        step: state.step,
+        adam_step: state.adam.step,
+        config: cfg.clone(),
+        data: data.to_vec(),
+    };
+    w.metadata.insert(
+        CKPT_KEY.into(),
+        serde_json::to_string(&meta).expect("serializes"),
+    );
     w.write(path)
 }
 
 /// Reads a checkpoint: the state and the config of the run that wrote it.
-pub fn load_checkpoint(path: &Path) -> Result<(TrainState, TrainConfig, Vec<(String, [usize; 3])>)> {
+pub fn load_checkpoint(
+    path: &Path,
+) -> Result<(TrainState, TrainConfig, Vec<(String, [usize; 3])>)> {
     let file = TensorFile::open(path)?;
     let meta: CheckpointMeta = file
         .metadata()
@@ -235,5 +293,13 @@ pub fn load_checkpoint(path: &Path) -> Result<(TrainState, TrainConfig, Vec<(Str
         *adam.m.tensor_mut(l, k) = file.get_len(&format!("{ADAM_M}{name}"), n)?.data;
         *adam.v.tensor_mut(l, k) = file.get_len(&format!("{ADAM_V}{name}"), n)?.data;
     }
-    Ok((TrainState { model, adam, step: meta.step }, meta.config, meta.data))
+    Ok((
+        TrainState {
+            model,
+            adam,
+            step: meta.step,
+        },
+        meta.config,
+        meta.data,
+    ))
 }
