@@ -27,6 +27,9 @@ pub enum Error {
     /// The CUDA driver, a kernel launch or device memory failed.
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// Device memory ran out; the caller may retry with smaller tiles.
+    #[error("CUDA out of memory: {0}")]
+    CudaOutOfMemory(String),
     /// Training diverged or produced non-finite values.
     #[error("numeric: {0}")]
     Numeric(String),
@@ -49,5 +52,9 @@ impl Error {
     }
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidInput(msg.into())
+    }
+    /// True for [`Error::CudaOutOfMemory`]: retrying with smaller tiles may succeed.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, Error::CudaOutOfMemory(_))
     }
 }

@@ -100,6 +100,12 @@ pub fn make_predictor(
     fp16: bool,
     model: &Model<f32>,
 ) -> Result<Box<dyn TilePredictor>> {
+    use rln_engine::backend::cuda::{self, CudaOptions, CudaPredictor};
+    let opts = if fp16 {
+        CudaOptions::f16()
+    } else {
+        CudaOptions::f32()
+    };
     match device {
         Device::Cpu => {
             if fp16 {
@@ -109,11 +115,20 @@ pub fn make_predictor(
                 model: model.clone(),
             }))
         }
-        Device::Cuda => bail!("CUDA inference is not available in this build; use --device cpu"),
+        Device::Cuda => Ok(Box::new(
+            CudaPredictor::new(model, opts).context("--device cuda")?,
+        )),
         Device::Auto => {
-            eprintln!(
-                "note: no CUDA device in use (not available in this build); running on the CPU"
-            );
+            if cuda::available() {
+                match CudaPredictor::new(model, opts) {
+                    Ok(p) => return Ok(Box::new(p)),
+                    Err(e) => {
+                        eprintln!("note: the CUDA device is not usable ({e}); running on the CPU")
+                    }
+                }
+            } else {
+                eprintln!("note: no CUDA device; running on the CPU");
+            }
             Ok(Box::new(CpuPredictor {
                 model: model.clone(),
             }))

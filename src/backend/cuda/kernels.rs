@@ -54,28 +54,32 @@ pub fn open_context(ordinal: usize) -> Result<Arc<CudaContext>> {
 }
 
 /// Loads module `m` into `ctx`: the sm_90 cubin on compute capability 9.0, else the
-/// compute_80 PTX (JIT-compiled by the driver), else the source through NVRTC.
-pub fn load(ctx: &Arc<CudaContext>, m: &KernelModule) -> Result<Arc<CudaModule>> {
+/// compute_80 PTX (JIT-compiled by the driver), else the source through NVRTC. Returns
+/// the module and how it was loaded.
+pub fn load(ctx: &Arc<CudaContext>, m: &KernelModule) -> Result<(Arc<CudaModule>, &'static str)> {
     let cc = ctx
         .compute_capability()
         .map_err(|e| cuda_err("compute capability", e))?;
     if let (Some(cubin), (9, 0)) = (m.cubin_sm90, cc) {
         if let Ok(module) = ctx.load_module(Ptx::from_binary(cubin.to_vec())) {
-            return Ok(module);
+            return Ok((module, "sm_90 cubin"));
         }
     }
-    let ptx = match m.ptx {
-        Some(p) => Ptx::from_src(p),
+    let (ptx, how) = match m.ptx {
+        Some(p) => (Ptx::from_src(p), "compute_80 PTX (driver JIT)"),
         None => {
             let arch = format!("compute_{}{}", cc.0, cc.1);
             let opts = cudarc::nvrtc::CompileOptions {
                 arch: Some(Box::leak(arch.into_boxed_str())),
                 ..Default::default()
             };
-            cudarc::nvrtc::compile_ptx_with_opts(m.source, opts)
-                .map_err(|e| cuda_err(&format!("NVRTC compiling kernels/{}.cu", m.name), e))?
+            let ptx = cudarc::nvrtc::compile_ptx_with_opts(m.source, opts)
+                .map_err(|e| cuda_err(&format!("NVRTC compiling kernels/{}.cu", m.name), e))?;
+            (ptx, "NVRTC")
         }
     };
-    ctx.load_module(ptx)
-        .map_err(|e| cuda_err(&format!("loading kernels/{}.cu", m.name), e))
+    let module = ctx
+        .load_module(ptx)
+        .map_err(|e| cuda_err(&format!("loading kernels/{}.cu", m.name), e))?;
+    Ok((module, how))
 }

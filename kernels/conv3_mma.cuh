@@ -1,0 +1,198 @@
+// 3×3×3 conv with C_out = 8 on the tensor cores (mma.sync m16n8k16, fp16 operands,
+// f32 accumulation), for the f16 network's large layers (C_in 8, 10 → 16, 16): as an
+// implicit GEMM, M = 16 consecutive x voxels of one output row, N = 8 output channels,
+// K = 27 taps × C_in, with k = tap·C + c (C = C_in padded to 8 or 16).
+//
+// Block: output tile TX×TY×TZ = 16×8×8, 8 warps; warp w owns the 8 rows (y = 0..7) of
+// output plane z = w, in two groups of RG = 4 rows (4 independent mma chains).
+// Shared memory: the input tile plus a one-voxel halo (18×10×10 voxels), fp16
+// channels-last, VS halves per voxel: C = 8 → 16 B; C = 16 → 48 B (32 B of data + 16
+// of padding, so that the 8 row addresses of one ldmatrix phase hit 8 different 16-B
+// bank groups). One extra voxel of zeros at index NVOX stands in for tap 27 (C = 8
+// pads K from 216 to 224).
+// A fragments come from ldmatrix.x4 (lane l gives the address of row l & 15 of k-half
+// l >> 4); B fragments (the folded weights) are packed on the host in fragment order,
+// [chunk][lane][2] words (backend::cuda::weights::pack_mma_b), and live in registers.
+// Accumulator (c0, c1) is voxel x = g, channels 2t, 2t+1; (c2, c3) voxel x = g + 8
+// (g = lane >> 2, t = lane & 3).
+#pragma once
+#include "rln_common.cuh"
+
+namespace mmac {
+constexpr int TX = 16, TY = 8, TZ = 8;
+constexpr int SX = TX + 2, SY = TY + 2, SZ = TZ + 2;
+constexpr int NVOX = SX * SY * SZ;  // 1800
+constexpr int THREADS = 256, RG = 4;
+static_assert(THREADS / 32 == TZ, "one warp per output plane");
+static_assert(TY % RG == 0, "row groups");
+
+__host__ __device__ constexpr int cpad(int cin) { return cin <= 8 ? 8 : 16; }
+__host__ __device__ constexpr int voxel_halves(int cin) { return cpad(cin) == 8 ? 8 : 24; }
+__host__ __device__ constexpr int chunks(int cin) { return cpad(cin) == 8 ? 14 : 27; }
+// backend::cuda::launch::mma_smem_bytes is its twin
+__host__ __device__ constexpr int smem_bytes(int cin) { return (NVOX + 1) * voxel_halves(cin) * 2; }
+__host__ __device__ constexpr int tapoff(int tap) { return (tap / 9) * SY * SX + ((tap / 3) % 3) * SX + tap % 3; }
+}  // namespace mmac
+
+__device__ __forceinline__ void rln_ldmatrix_x4(rln_u32 addr, rln_u32& r0, rln_u32& r1, rln_u32& r2, rln_u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void rln_mma_16816(float* c, rln_u32 a0, rln_u32 a1, rln_u32 a2, rln_u32 a3, rln_u32 b0,
+                                              rln_u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// 8 consecutive fp16 channels of a voxel of an 8-channel fp16 tensor (16 B).
+__device__ __forceinline__ uint4 rln_load8h(const void* base, long long vox) {
+    return static_cast<const uint4*>(base)[vox];
+}
+
+// Fills the voxel's C (8 or 16) fp16 channels: the concatenation in0 ‖ in1 ‖ in2 with
+// CA = 8 (fp16), then CB = 8 (fp16) or CB = CC = 1 (f32) or nothing; zeros beyond.
+template <int CA, int CB, int CC>
+__device__ __forceinline__ void rln_gather_mma(const RlnArgs& a, long long vox, uint4& lo, uint4& hi) {
+    static_assert(CA == 8, "mma convs start with an 8-channel input");
+    static_assert((CB == 0 && CC == 0) || (CB == 8 && CC == 0) || (CB == 1 && CC == 1), "mma input layout");
+    lo = rln_load8h(a.in0, vox);
+    hi = make_uint4(0u, 0u, 0u, 0u);
+    if (CB == 8) hi = rln_load8h(a.in1, vox);
+    if (CB == 1) hi.x = rln_pack2(static_cast<const float*>(a.in1)[vox], static_cast<const float*>(a.in2)[vox]);
+}
+
+template <int CA, int CB, int CC, int EPI>
+__device__ __forceinline__ void conv3_mma(const RlnArgs& a) {
+    using namespace mmac;
+    constexpr int CIN = CA + CB + CC;
+    constexpr int CP = cpad(CIN);
+    constexpr int VS = voxel_halves(CIN);
+    constexpr int NCH = chunks(CIN);
+    static_assert(EPI == EPI_SP || EPI == EPI_UPDATE_PLUS1 || EPI == EPI_MEAN, "mma epilogues");
+    extern __shared__ uint4 rln_smem_u4[];
+    rln_h16* s = reinterpret_cast<rln_h16*>(rln_smem_u4);
+
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5, lane = tid & 31;
+    const int tiles_z = (a.d + TZ - 1) / TZ;
+    const int n = blockIdx.z / tiles_z;
+    const int z0 = (blockIdx.z - n * tiles_z) * TZ, y0 = blockIdx.y * TY, x0 = blockIdx.x * TX;
+
+    // B fragments of every K chunk, loaded once (coalesced: [chunk][lane] pairs)
+    rln_u32 b[NCH][2];
+    const uint2* wp = static_cast<const uint2*>(a.wt);
+#pragma unroll
+    for (int kc = 0; kc < NCH; ++kc) {
+        const uint2 t = wp[kc * 32 + lane];
+        b[kc][0] = t.x;
+        b[kc][1] = t.y;
+    }
+
+    // the input tile (+ halo, zeros outside the volume) and the zero voxel
+    for (int p = tid; p <= NVOX; p += THREADS) {
+        uint4 lo = make_uint4(0u, 0u, 0u, 0u), hi = make_uint4(0u, 0u, 0u, 0u);
+        if (p < NVOX) {
+            const int sz = p / (SY * SX);
+            const int r = p - sz * (SY * SX);
+            const int sy = r / SX;
+            const int sx = r - sy * SX;
+            const int gz = z0 + sz - 1, gy = y0 + sy - 1, gx = x0 + sx - 1;
+            if (gz >= 0 && gz < a.d && gy >= 0 && gy < a.h && gx >= 0 && gx < a.w) {
+                const long long vox = (((long long)n * a.d + gz) * a.h + gy) * a.w + gx;
+                rln_gather_mma<CA, CB, CC>(a, vox, lo, hi);
+            }
+        }
+        uint4* dst = reinterpret_cast<uint4*>(s + p * VS);
+        dst[0] = lo;
+        if (CP == 16) dst[1] = hi;
+    }
+    __syncthreads();
+
+    // this lane's ldmatrix row: voxel x = lane & 15 of the M tile, k-half lane >> 4
+    const int lrow = lane & 15, khalf = lane >> 4;
+    const rln_u32 sbase = (rln_u32)__cvta_generic_to_shared(s);
+    const rln_u32 zero_addr = sbase + NVOX * VS * 2;
+    // smem voxel of output (x = lrow, y = 0, z = warp) at tap 0
+    const int v0 = warp * SY * SX + lrow;
+    const rln_u32 lane_addr = sbase + (rln_u32)(v0 * VS * 2) + (CP == 16 ? (rln_u32)(khalf * 16) : 0u);
+
+    const int g = lane >> 2, t = lane & 3;
+    const float bias0 = a.bias[2 * t], bias1 = a.bias[2 * t + 1];
+    const int oz = z0 + warp;
+
+#pragma unroll
+    for (int grp = 0; grp < TY / RG; ++grp) {
+        float acc[RG][4];
+#pragma unroll
+        for (int r = 0; r < RG; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.0f;
+#pragma unroll
+        for (int kc = 0; kc < NCH; ++kc) {
+#pragma unroll
+            for (int r = 0; r < RG; ++r) {
+                const int row_off = (grp * RG + r) * SX;  // output row y = grp·RG + r
+                rln_u32 addr;
+                if (CP == 16) {
+                    addr = lane_addr + (rln_u32)((row_off + tapoff(kc)) * VS * 2);
+                } else {
+                    const int t0 = 2 * kc, t1 = 2 * kc + 1;  // taps of k-halves 0 and 1
+                    const rln_u32 a0 = lane_addr + (rln_u32)((row_off + tapoff(t0)) * VS * 2);
+                    const rln_u32 a1 = t1 < 27 ? lane_addr + (rln_u32)((row_off + tapoff(t1)) * VS * 2) : zero_addr;
+                    addr = khalf ? a1 : a0;
+                }
+                rln_u32 f0, f1, f2, f3;
+                rln_ldmatrix_x4(addr, f0, f1, f2, f3);
+                rln_mma_16816(acc[r], f0, f1, f2, f3, b[kc][0], b[kc][1]);
+            }
+        }
+
+        // epilogue of the group's rows; every lane takes part in the shuffles
+#pragma unroll
+        for (int r = 0; r < RG; ++r) {
+            const int oy = y0 + grp * RG + r;
+            const bool row_ok = oz < a.d && oy < a.h;
+            const long long row_vox = (((long long)n * a.d + oz) * a.h + oy) * a.w + x0;
+            const int xa = g, xb = g + 8;  // voxels of (c0, c1) and (c2, c3)
+            if (EPI == EPI_SP) {
+                rln_u32* o = static_cast<rln_u32*>(a.out);
+                if (row_ok && x0 + xa < a.w)
+                    o[(row_vox + xa) * 4 + t] = rln_pack2(rln_sp<true>(acc[r][0] + bias0), rln_sp<true>(acc[r][1] + bias1));
+                if (row_ok && x0 + xb < a.w)
+                    o[(row_vox + xb) * 4 + t] = rln_pack2(rln_sp<true>(acc[r][2] + bias0), rln_sp<true>(acc[r][3] + bias1));
+            } else {
+                const float one = EPI == EPI_UPDATE_PLUS1 ? 1.0f : 0.0f;
+                float sa = (rln_sp<true>(acc[r][0] + bias0) + one) + (rln_sp<true>(acc[r][1] + bias1) + one);
+                float sb = (rln_sp<true>(acc[r][2] + bias0) + one) + (rln_sp<true>(acc[r][3] + bias1) + one);
+                sa += __shfl_xor_sync(0xffffffffu, sa, 1);
+                sb += __shfl_xor_sync(0xffffffffu, sb, 1);
+                sa += __shfl_xor_sync(0xffffffffu, sa, 2);
+                sb += __shfl_xor_sync(0xffffffffu, sb, 2);
+                if (t == 0 && row_ok) {
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int x = h ? xb : xa;
+                        if (x0 + x < a.w) {
+                            const long long vox = row_vox + x;
+                            const float m = (h ? sb : sa) * 0.125f;
+                            if (EPI == EPI_MEAN) {
+                                static_cast<float*>(a.out)[vox] = m;
+                            } else {
+                                const float e = m * a.aux[vox];
+                                if (a.out_raw) a.out_raw[vox] = e;
+                                static_cast<float*>(a.out)[vox] = rln_sp<true>(e * a.post_scale + a.post_shift);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#define RLN_CONV_MMA(name, CA, CB, CC, EPI)                                                   \
+    extern "C" __global__ void __launch_bounds__(mmac::THREADS, 2) name(const RlnArgs a) { \
+        conv3_mma<CA, CB, CC, EPI>(a);                                                    \
+    }

@@ -1,0 +1,60 @@
+//! The conformance vectors' inference-mode keys (infer.prediction, infer.e1_raw,
+//! infer.e2_raw; reference/README.md) computed on the GPU.
+
+use super::forward::CudaNet;
+use super::{CudaDevice, CudaOptions};
+use crate::conformance::{Row, TOL_INFER};
+use crate::error::{Error, Result};
+use crate::model::tensor_file::TensorFile;
+use crate::model::Model;
+use crate::tensor::{rel_l2, Shape, Tensor};
+use std::path::Path;
+
+/// Tolerance of the f16-storage network against the vectors (relative L2).
+pub const TOL_INFER_F16: f64 = 1e-2;
+
+fn read_volume(file: &TensorFile, key: &str) -> Result<Tensor<f32>> {
+    let t = file.get(key)?;
+    match t.shape.as_slice() {
+        [n, d, h, w, 1] => {
+            let data: Vec<f32> = t.data.iter().map(|&v| v as f32).collect();
+            Tensor::from_ndhwc(Shape::new(*n, 1, *d, *h, *w), &data)
+        }
+        s => Err(Error::format(
+            &file.path,
+            format!("'{key}' has shape {s:?}; expected [N, D, H, W, 1]"),
+        )),
+    }
+}
+
+/// Runs the vectors' input through `model` on the GPU and compares the three
+/// inference-mode outputs (tolerance 1e-5 for f32, [`TOL_INFER_F16`] for f16).
+pub fn run_infer(model: &Model<f32>, vectors: &Path, opts: CudaOptions) -> Result<Vec<Row>> {
+    let file = TensorFile::open(vectors)?;
+    let x = read_volume(&file, "input")?;
+    let mut net = CudaNet::new(CudaDevice::open(opts.device)?, model, opts)?;
+    let out = net.predict_host(&x, true)?;
+    let tol = if opts.is_f16() {
+        TOL_INFER_F16
+    } else {
+        TOL_INFER
+    };
+    let mut rows = Vec::new();
+    for (k, t) in [
+        ("prediction", Some(&out.prediction)),
+        ("e1_raw", out.e1_raw.as_ref()),
+        ("e2_raw", out.e2_raw.as_ref()),
+    ] {
+        let key = format!("infer.{k}");
+        let want = read_volume(&file, &key)?;
+        let got = t.expect("raw outputs requested");
+        let e = rel_l2(&got.data, &want.data);
+        rows.push(Row {
+            key,
+            rel_err: e,
+            tol,
+            pass: e <= tol,
+        });
+    }
+    Ok(rows)
+}

@@ -1,0 +1,562 @@
+//! Line-by-line CPU emulations of the two conv kernel families (test-only): the same
+//! tiles, halo fill, shared-memory indexing, fragment packing and epilogue index math as
+//! kernels/conv3_ffma.cuh and kernels/conv3_mma.cuh, with the PTX ISA's definitions of
+//! ldmatrix and mma.m16n8k16. Their output is compared with the CPU twins, which checks
+//! the host-side weight layouts and every index formula without a GPU. (What this cannot
+//! catch: a difference between these lines and the .cu lines; keep them side by side.)
+
+use super::launch::*;
+use super::twin::StageOut;
+use super::weights::{ffma_layout, pack_mma_b, FoldedConv};
+use crate::real::Real;
+use crate::tensor::{Shape, Tensor};
+
+/// Inputs and epilogue parameters of one emulated launch (KernelArgs in host form).
+pub struct EmuArgs<'a> {
+    /// Channels-last inputs, f32 values (multi-channel ones already rounded to the
+    /// storage type by the caller when emulating fp16 storage).
+    pub inputs: Vec<(&'a [f32], usize)>,
+    pub aux: Option<&'a [f32]>,
+    pub n: usize,
+    pub d: usize,
+    pub h: usize,
+    pub w: usize,
+    pub post: (f32, f32),
+    pub eps: f32,
+    pub c_out: usize,
+    pub epi: Epi,
+}
+
+impl EmuArgs<'_> {
+    fn load_concat(&self, vox: usize, c: usize) -> f32 {
+        let mut c = c;
+        for (data, ch) in &self.inputs {
+            if c < *ch {
+                return data[vox * ch + c];
+            }
+            c -= ch;
+        }
+        0.0
+    }
+}
+
+/// Output buffers of an emulated launch: channels-last `out` (C_out channels for Epi::Sp,
+/// else one) and `raw`.
+pub struct EmuOut {
+    pub out: Vec<f32>,
+    pub raw: Vec<f32>,
+}
+
+/// rln_epilogue_voxel (rln_common.cuh).
+fn epilogue_voxel(a: &EmuArgs, o: &mut EmuOut, vox: usize, z: &[f32]) {
+    let cout = z.len();
+    let inv = 1.0f32 / cout as f32;
+    match a.epi {
+        Epi::Sp => {
+            for c in 0..cout {
+                o.out[vox * cout + c] = z[c].softplus();
+            }
+        }
+        Epi::FpDiv => {
+            let av = a.aux.unwrap()[vox];
+            let spa = av.softplus();
+            let s: f32 = z.iter().fold(0.0, |s, &v| s + (v.softplus() + spa));
+            let q = av / (s * inv + a.eps);
+            o.out[vox] = q * a.post.0 + a.post.1;
+        }
+        Epi::Update | Epi::UpdatePlus1 => {
+            let one = if a.epi == Epi::UpdatePlus1 { 1.0 } else { 0.0 };
+            let s: f32 = z.iter().fold(0.0, |s, &v| s + (v.softplus() + one));
+            let e = (s * inv) * a.aux.unwrap()[vox];
+            o.raw[vox] = e;
+            o.out[vox] = (e * a.post.0 + a.post.1).softplus();
+        }
+        Epi::Mean => {
+            let s: f32 = z.iter().fold(0.0, |s, &v| s + v.softplus());
+            o.out[vox] = s * inv;
+        }
+    }
+}
+
+fn new_out(a: &EmuArgs) -> EmuOut {
+    let vox = a.n * a.d * a.h * a.w;
+    let oc = if a.epi == Epi::Sp { a.c_out } else { 1 };
+    EmuOut {
+        out: vec![f32::NAN; vox * oc],
+        raw: vec![f32::NAN; vox],
+    }
+}
+
+/// conv3_ffma (conv3_ffma.cuh), every block and thread.
+pub fn conv3_ffma(a: &EmuArgs, f: &FoldedConv) -> EmuOut {
+    const TX: usize = 32;
+    const TY: usize = 8;
+    const TZ: usize = 4;
+    const VX: usize = 4;
+    const SX: usize = TX + 2;
+    const SY: usize = TY + 2;
+    const SZ: usize = TZ + 2;
+    const RS: usize = 38;
+    const PS: usize = SY * RS;
+    const CS: usize = SZ * PS;
+    const NPOS: usize = SZ * SY * SX;
+    let cin = f.c_in;
+    let cout = f.c_out;
+    let ck = ffma_chunk(cin);
+    let sw = ffma_layout(f);
+    let bias = f.bias_f32();
+    let mut o = new_out(a);
+    let (gx, gy, gz) = tiled_grid(FFMA_TILE, a.n, a.d, a.h, a.w).unwrap();
+    let tiles_z = a.d.div_ceil(TZ);
+    let mut sin = vec![f32::NAN; ck * CS];
+    for bz in 0..gz as usize {
+        for by in 0..gy as usize {
+            for bx in 0..gx as usize {
+                let n = bz / tiles_z;
+                let (z0, y0, x0) = ((bz - n * tiles_z) * TZ, by * TY, bx * TX);
+                let mut acc = vec![[[0.0f32; VX]; 8]; 256];
+                for c0 in (0..cin).step_by(ck) {
+                    for i in 0..ck * NPOS {
+                        let p = i / ck;
+                        let cc = i - p * ck;
+                        let sz = p / (SY * SX);
+                        let r = p - sz * (SY * SX);
+                        let sy = r / SX;
+                        let sx = r - sy * SX;
+                        let (gz_, gy_, gx_) = (
+                            (z0 + sz) as isize - 1,
+                            (y0 + sy) as isize - 1,
+                            (x0 + sx) as isize - 1,
+                        );
+                        let mut v = 0.0;
+                        if gz_ >= 0
+                            && (gz_ as usize) < a.d
+                            && gy_ >= 0
+                            && (gy_ as usize) < a.h
+                            && gx_ >= 0
+                            && (gx_ as usize) < a.w
+                        {
+                            let vox = ((n * a.d + gz_ as usize) * a.h + gy_ as usize) * a.w
+                                + gx_ as usize;
+                            v = a.load_concat(vox, c0 + cc);
+                        }
+                        sin[cc * CS + sz * PS + sy * RS + sx] = v;
+                    }
+                    for (tid, acc) in acc.iter_mut().enumerate() {
+                        let (tx, ty, tz) = (tid & 7, (tid >> 3) & 7, tid >> 6);
+                        for cc in 0..ck {
+                            let wc = (c0 + cc) * 27 * cout;
+                            let ic = cc * CS + tz * PS + ty * RS + tx * VX;
+                            for kz in 0..3 {
+                                for ky in 0..3 {
+                                    let row = ic + kz * PS + ky * RS;
+                                    let inp = &sin[row..row + VX + 2];
+                                    for kx in 0..3 {
+                                        let wk = wc + ((kz * 3 + ky) * 3 + kx) * cout;
+                                        for c in 0..cout {
+                                            for v in 0..VX {
+                                                acc[c][v] =
+                                                    sw[wk + c].mul_add(inp[v + kx], acc[c][v]);
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                for (tid, acc) in acc.iter().enumerate() {
+                    let (tx, ty, tz) = (tid & 7, (tid >> 3) & 7, tid >> 6);
+                    let (z, y) = (z0 + tz, y0 + ty);
+                    if z >= a.d || y >= a.h {
+                        continue;
+                    }
+                    let row_vox = ((n * a.d + z) * a.h + y) * a.w;
+                    for v in 0..VX {
+                        let x = x0 + tx * VX + v;
+                        if x < a.w {
+                            let zv: Vec<f32> = (0..cout).map(|c| acc[c][v] + bias[c]).collect();
+                            epilogue_voxel(a, &mut o, row_vox + x, &zv);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    o
+}
+
+fn h2f(h: u16) -> f32 {
+    half::f16::from_bits(h).to_f32()
+}
+fn f2h(v: f32) -> u16 {
+    half::f16::from_f32(v).to_bits()
+}
+
+/// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8i..8i+7 give the row addresses of
+/// matrix i; lane l receives, of each matrix i, the 32-bit word at row l/4, columns
+/// 2(l%4), 2(l%4)+1, in register i.
+fn ldmatrix_x4(smem: &[u16], addr: &[u32; 32]) -> [[u32; 4]; 32] {
+    let mut out = [[0u32; 4]; 32];
+    for (l, regs) in out.iter_mut().enumerate() {
+        for (i, reg) in regs.iter_mut().enumerate() {
+            let row_addr = addr[8 * i + l / 4] as usize;
+            assert_eq!(
+                row_addr % 16,
+                0,
+                "ldmatrix row address must be 16-byte aligned"
+            );
+            let e = row_addr / 2 + 2 * (l % 4);
+            *reg = smem[e] as u32 | (smem[e + 1] as u32) << 16;
+        }
+    }
+    out
+}
+
+/// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32, D = A·B + C, fragments per the
+/// PTX ISA: a_i: row g (+8 for i = 1, 3), cols 2t, 2t+1 (+8 for i = 2, 3); b_i: rows
+/// 2t, 2t+1 (+8 for i = 1), col g; c: (c0, c1) row g, cols 2t, 2t+1; (c2, c3) row g+8.
+fn mma_16816(a: &[[u32; 4]; 32], b: &[[u32; 2]; 32], c: &mut [[f32; 4]; 32]) {
+    let mut am = [[0.0f32; 16]; 16];
+    let mut bm = [[0.0f32; 8]; 16];
+    for l in 0..32 {
+        let (g, t) = (l / 4, l % 4);
+        for i in 0..4 {
+            let row = g + if i % 2 == 1 { 8 } else { 0 };
+            let col = 2 * t + if i >= 2 { 8 } else { 0 };
+            am[row][col] = h2f(a[l][i] as u16);
+            am[row][col + 1] = h2f((a[l][i] >> 16) as u16);
+        }
+        for i in 0..2 {
+            let row = 2 * t + 8 * i;
+            bm[row][g] = h2f(b[l][i] as u16);
+            bm[row + 1][g] = h2f((b[l][i] >> 16) as u16);
+        }
+    }
+    for l in 0..32 {
+        let (g, t) = (l / 4, l % 4);
+        for i in 0..4 {
+            let row = g + if i >= 2 { 8 } else { 0 };
+            let col = 2 * t + i % 2;
+            let mut s = c[l][i] as f64;
+            for k in 0..16 {
+                s += am[row][k] as f64 * bm[k][col] as f64;
+            }
+            c[l][i] = s as f32;
+        }
+    }
+}
+
+/// conv3_mma (conv3_mma.cuh), every block, warp and lane. Multi-channel inputs must
+/// hold fp16-representable values (the kernel reads fp16 storage).
+pub fn conv3_mma(a: &EmuArgs, f: &FoldedConv) -> EmuOut {
+    const TX: usize = 16;
+    const TY: usize = 8;
+    const TZ: usize = 8;
+    const SX: usize = TX + 2;
+    const SY: usize = TY + 2;
+    const SZ: usize = TZ + 2;
+    const NVOX: usize = SX * SY * SZ;
+    const RG: usize = 4;
+    let cin = f.c_in;
+    let cp = mma_cpad(cin);
+    let vs = mma_voxel_halves(cin);
+    let nch = mma_chunks(cin);
+    let tapoff = |tap: usize| (tap / 9) * SY * SX + ((tap / 3) % 3) * SX + tap % 3;
+    let wp = pack_mma_b(f);
+    let bias = f.bias_f32();
+    let mut o = new_out(a);
+    let (gx, gy, gz) = tiled_grid(MMA_TILE, a.n, a.d, a.h, a.w).unwrap();
+    let tiles_z = a.d.div_ceil(TZ);
+    let mut s = vec![0xFFFFu16; (NVOX + 1) * vs]; // NaN poison
+    for bz in 0..gz as usize {
+        for by in 0..gy as usize {
+            for bx in 0..gx as usize {
+                let n = bz / tiles_z;
+                let (z0, y0, x0) = ((bz - n * tiles_z) * TZ, by * TY, bx * TX);
+                for p in 0..=NVOX {
+                    let mut ch = [0u16; 16];
+                    if p < NVOX {
+                        let sz = p / (SY * SX);
+                        let r = p - sz * (SY * SX);
+                        let sy = r / SX;
+                        let sx = r - sy * SX;
+                        let (gz_, gy_, gx_) = (
+                            (z0 + sz) as isize - 1,
+                            (y0 + sy) as isize - 1,
+                            (x0 + sx) as isize - 1,
+                        );
+                        if gz_ >= 0
+                            && (gz_ as usize) < a.d
+                            && gy_ >= 0
+                            && (gy_ as usize) < a.h
+                            && gx_ >= 0
+                            && (gx_ as usize) < a.w
+                        {
+                            let vox = ((n * a.d + gz_ as usize) * a.h + gy_ as usize) * a.w
+                                + gx_ as usize;
+                            for (c, v) in ch.iter_mut().enumerate().take(cin) {
+                                *v = f2h(a.load_concat(vox, c));
+                            }
+                        }
+                    }
+                    s[p * vs..p * vs + 8].copy_from_slice(&ch[..8]);
+                    if cp == 16 {
+                        s[p * vs + 8..p * vs + 16].copy_from_slice(&ch[8..]);
+                    }
+                }
+                let zero_addr = (NVOX * vs * 2) as u32;
+                for warp in 0..8 {
+                    let mut lane_addr = [0u32; 32];
+                    for (lane, la) in lane_addr.iter_mut().enumerate() {
+                        let (lrow, khalf) = (lane & 15, lane >> 4);
+                        let v0 = warp * SY * SX + lrow;
+                        *la = (v0 * vs * 2) as u32 + if cp == 16 { (khalf * 16) as u32 } else { 0 };
+                    }
+                    let oz = z0 + warp;
+                    for grp in 0..TY / RG {
+                        let mut acc = vec![[[0.0f32; 4]; 32]; RG];
+                        for kc in 0..nch {
+                            let mut bfrag = [[0u32; 2]; 32];
+                            for (lane, bf) in bfrag.iter_mut().enumerate() {
+                                *bf = [wp[(kc * 32 + lane) * 2], wp[(kc * 32 + lane) * 2 + 1]];
+                            }
+                            for (r, acc) in acc.iter_mut().enumerate() {
+                                let row_off = (grp * RG + r) * SX;
+                                let mut addr = [0u32; 32];
+                                for (lane, ad) in addr.iter_mut().enumerate() {
+                                    let khalf = lane >> 4;
+                                    *ad = if cp == 16 {
+                                        lane_addr[lane] + ((row_off + tapoff(kc)) * vs * 2) as u32
+                                    } else {
+                                        let (t0, t1) = (2 * kc, 2 * kc + 1);
+                                        let a0 = lane_addr[lane]
+                                            + ((row_off + tapoff(t0)) * vs * 2) as u32;
+                                        let a1 = if t1 < 27 {
+                                            lane_addr[lane]
+                                                + ((row_off + tapoff(t1)) * vs * 2) as u32
+                                        } else {
+                                            zero_addr
+                                        };
+                                        if khalf == 1 {
+                                            a1
+                                        } else {
+                                            a0
+                                        }
+                                    };
+                                }
+                                let frag = ldmatrix_x4(&s, &addr);
+                                mma_16816(&frag, &bfrag, acc);
+                            }
+                        }
+                        // epilogue
+                        for (r, acc) in acc.iter().enumerate() {
+                            let oy = y0 + grp * RG + r;
+                            let row_ok = oz < a.d && oy < a.h;
+                            let row_vox = ((n * a.d + oz) * a.h + oy) * a.w + x0;
+                            // per voxel of the row: the 8 channels, gathered from the lanes
+                            for x in 0..16 {
+                                if !(row_ok && x0 + x < a.w) {
+                                    continue;
+                                }
+                                let (g, hi) = (x % 8, x >= 8);
+                                let mut z = [0.0f32; 8];
+                                for t in 0..4 {
+                                    let lane = 4 * g + t;
+                                    let (i0, i1) = if hi { (2, 3) } else { (0, 1) };
+                                    z[2 * t] = acc[lane][i0] + bias[2 * t];
+                                    z[2 * t + 1] = acc[lane][i1] + bias[2 * t + 1];
+                                }
+                                epilogue_voxel(a, &mut o, row_vox + x, &z);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    o
+}
+
+/// Converts an emulated output into N×C×D×H×W form.
+pub fn out_tensor(o: &EmuOut, a: &EmuArgs) -> StageOut {
+    let oc = if a.epi == Epi::Sp { a.c_out } else { 1 };
+    let shape = Shape::new(a.n, oc, a.d, a.h, a.w);
+    let raw = matches!(a.epi, Epi::Update | Epi::UpdatePlus1)
+        .then(|| from_channels_last(shape.with_c(1), &o.raw).unwrap());
+    StageOut {
+        out: from_channels_last(shape, &o.out).unwrap(),
+        raw,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::launch::{conv_kernel, CONV_KERNELS};
+    use crate::backend::cuda::random_model;
+    use crate::backend::cuda::twin::conv_stage;
+    use crate::backend::cuda::weights::{fold_conv, post_bn};
+    use crate::model::{Model, L};
+    use crate::tensor::rel_l2;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn random(shape: Shape, lo: f32, hi: f32, rng: &mut ChaCha8Rng) -> Tensor<f32> {
+        Tensor::from_vec(
+            shape,
+            (0..shape.len()).map(|_| rng.random_range(lo..hi)).collect(),
+        )
+        .unwrap()
+    }
+
+    /// Random inputs for layer `l`'s stage: activations in (0, 2), the aux operand in (0, 1).
+    fn stage_inputs(
+        l: L,
+        s: Shape,
+        round_f16: bool,
+        rng: &mut ChaCha8Rng,
+    ) -> (Vec<Tensor<f32>>, Option<Tensor<f32>>) {
+        let k = conv_kernel(l);
+        let inputs = k
+            .inputs
+            .iter()
+            .map(|&c| {
+                let t = random(s.with_c(c), 0.0, 2.0, rng);
+                if round_f16 && c > 1 {
+                    let shape = t.shape;
+                    Tensor {
+                        shape,
+                        data: t
+                            .data
+                            .iter()
+                            .map(|&v| half::f16::from_f32(v).to_f32())
+                            .collect(),
+                    }
+                } else {
+                    t
+                }
+            })
+            .collect();
+        let aux = k.post.map(|_| random(s.with_c(1), 0.05, 1.0, rng));
+        (inputs, aux)
+    }
+
+    fn args<'a>(
+        model: &Model<f32>,
+        l: L,
+        cl: &'a [(Vec<f32>, usize)],
+        aux: Option<&'a [f32]>,
+        s: Shape,
+    ) -> EmuArgs<'a> {
+        let k = conv_kernel(l);
+        EmuArgs {
+            inputs: cl.iter().map(|(v, c)| (v.as_slice(), *c)).collect(),
+            aux,
+            n: s.n,
+            d: s.d,
+            h: s.h,
+            w: s.w,
+            post: k.post.map(|p| post_bn(model, p)).unwrap_or((1.0, 0.0)),
+            eps: model.config.div_eps as f32,
+            c_out: k.c_out,
+            epi: k.epi,
+        }
+    }
+
+    fn check(l: L, s: Shape, mma: bool, tol: f64, seed: u64) {
+        let model = random_model(seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed + 100);
+        let (inputs, aux) = stage_inputs(l, s, mma, &mut rng);
+        let refs: Vec<&Tensor<f32>> = inputs.iter().collect();
+        let want = conv_stage(&model, l, &refs, aux.as_ref());
+        let cl: Vec<(Vec<f32>, usize)> = inputs
+            .iter()
+            .map(|t| (to_channels_last(t), t.shape.c))
+            .collect();
+        let aux_cl = aux.as_ref().map(to_channels_last);
+        let a = args(&model, l, &cl, aux_cl.as_deref(), s);
+        let f = fold_conv(&model, l);
+        let o = if mma {
+            conv3_mma(&a, &f)
+        } else {
+            conv3_ffma(&a, &f)
+        };
+        let got = out_tensor(&o, &a);
+        assert!(
+            got.out.all_finite(),
+            "{}: unwritten (NaN) outputs",
+            l.spec().name
+        );
+        let e = rel_l2(&got.out.data, &want.out.data);
+        println!(
+            "{} {} {s}: rel L2 {e:.2e}",
+            l.spec().name,
+            if mma { "mma" } else { "ffma" }
+        );
+        assert!(e <= tol, "{}: rel L2 {e:e} > {tol:e}", l.spec().name);
+        if let (Some(g), Some(w)) = (&got.raw, &want.raw) {
+            let e = rel_l2(&g.data, &w.data);
+            assert!(e <= tol, "{} raw: rel L2 {e:e}", l.spec().name);
+        }
+    }
+
+    #[test]
+    fn ffma_kernels_match_their_twins() {
+        // two tiles in every dimension (32×8×4 tile), batch 2, odd sizes
+        let s = Shape::new(2, 1, 5, 9, 35);
+        for (i, k) in CONV_KERNELS.iter().enumerate() {
+            check(k.layer, s, false, 1e-5, 10 + i as u64);
+        }
+    }
+
+    #[test]
+    fn ffma_single_voxel_and_thin_volumes() {
+        check(L::H3Conv3, Shape::new(1, 1, 1, 1, 1), false, 1e-5, 3);
+        check(L::H1FpConv3, Shape::new(3, 1, 2, 1, 7), false, 1e-5, 4);
+    }
+
+    #[test]
+    fn mma_kernels_match_their_twins() {
+        // two tiles in every dimension (16×8×8 tile), batch 2, odd sizes; fp16 weights
+        let s = Shape::new(2, 1, 9, 11, 19);
+        for (i, k) in CONV_KERNELS.iter().filter(|k| k.mma).enumerate() {
+            check(k.layer, s, true, 3e-3, 20 + i as u64);
+        }
+        check(L::H3Conv2, Shape::new(1, 1, 3, 2, 5), true, 3e-3, 5);
+    }
+
+    #[test]
+    fn mma_b_packing_roundtrips() {
+        let model = random_model(7);
+        for k in CONV_KERNELS.iter().filter(|k| k.mma) {
+            let f = fold_conv(&model, k.layer);
+            let p = pack_mma_b(&f);
+            assert_eq!(p.len(), mma_chunks(f.c_in) * 64);
+            // every real weight appears exactly once, everything else is zero
+            let mut seen = 0usize;
+            for chunk in 0..mma_chunks(f.c_in) {
+                for lane in 0..32 {
+                    for (r, kbase) in [(0, 2 * (lane % 4)), (1, 2 * (lane % 4) + 8)] {
+                        let word = p[(chunk * 32 + lane) * 2 + r];
+                        for (hi, kk) in [(0, kbase), (1, kbase + 1)] {
+                            let v = half::f16::from_bits((word >> (16 * hi)) as u16).to_f64();
+                            let want =
+                                crate::backend::cuda::weights::mma_b_value(&f, chunk, kk, lane / 4);
+                            assert_eq!(v, half::f16::from_f64(want).to_f64());
+                            if want != 0.0 {
+                                seen += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            assert_eq!(
+                seen,
+                f.weight.iter().filter(|w| **w != 0.0).count(),
+                "{}",
+                k.base
+            );
+        }
+    }
+}

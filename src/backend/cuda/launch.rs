@@ -1,0 +1,395 @@
+//! What the host must know about each kernel: the parameter block (twin of `RlnArgs` in
+//! kernels/rln_common.cuh), tile geometry, grids and shared-memory sizes (twins of the
+//! constants in kernels/conv3_ffma.cuh and kernels/conv3_mma.cuh), and the table of conv
+//! kernels per layer. Pure host code: unit-tested without a GPU.
+
+use crate::error::{Error, Result};
+use crate::model::L;
+use crate::tensor::{Shape, Tensor};
+
+/// The one parameter block of every kernel (kernels/rln_common.cuh `RlnArgs`). Device
+/// pointers are raw `CUdeviceptr`s; 0 is null.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KernelArgs {
+    pub in0: u64,
+    pub in1: u64,
+    pub in2: u64,
+    pub wt: u64,
+    pub bias: u64,
+    pub aux: u64,
+    pub out: u64,
+    pub out_raw: u64,
+    pub n: i32,
+    pub d: i32,
+    pub h: i32,
+    pub w: i32,
+    pub post_scale: f32,
+    pub post_shift: f32,
+    pub eps: f32,
+    pub pad_: i32,
+}
+const _: () = assert!(std::mem::size_of::<KernelArgs>() == 96);
+
+// SAFETY: plain-old-data with the C layout of RlnArgs (checked size; field order equal).
+unsafe impl cudarc::driver::DeviceRepr for KernelArgs {}
+
+/// The epilogue a conv kernel fuses (kernels/rln_common.cuh `RlnEpilogue`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epi {
+    /// out = sp(z), all C_out channels.
+    Sp,
+    /// dv = BN(a / (cm(sp(z) + sp(a)) + ε)).
+    FpDiv,
+    /// E = sp(BN(a · cm(sp(z)))), E_raw = a · cm(sp(z)).
+    Update,
+    /// E = sp(BN(a · cm(sp(z) + 1))).
+    UpdatePlus1,
+    /// y = cm(sp(z)).
+    Mean,
+}
+
+/// One conv layer's kernels (kernels/*.cu): `{base}_f32`, `{base}_f16` on the FP32
+/// cores, and `{base}_mma_f16` on the tensor cores where `mma` is set.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvKernel {
+    pub layer: L,
+    /// The kernels/*.cu file (module) holding it.
+    pub module: &'static str,
+    pub base: &'static str,
+    /// Channels of each concatenated input (1: an f32 one-channel node).
+    pub inputs: &'static [usize],
+    pub c_out: usize,
+    pub epi: Epi,
+    pub mma: bool,
+    /// The one-channel batch norm the epilogue applies after the RL node (dv, E layers).
+    pub post: Option<L>,
+}
+
+impl ConvKernel {
+    pub fn c_in(&self) -> usize {
+        self.inputs.iter().sum()
+    }
+    pub fn name(&self, f16: bool, tensor_cores: bool) -> String {
+        match (f16, tensor_cores && self.mma) {
+            (false, _) => format!("{}_f32", self.base),
+            (true, false) => format!("{}_f16", self.base),
+            (true, true) => format!("{}_mma_f16", self.base),
+        }
+    }
+}
+
+const fn ck(
+    layer: L,
+    module: &'static str,
+    base: &'static str,
+    inputs: &'static [usize],
+    c_out: usize,
+    epi: Epi,
+    mma: bool,
+) -> ConvKernel {
+    let post = match layer {
+        L::H1FpConv3 => Some(L::H1Dv),
+        L::H1BpConv4 => Some(L::H1E),
+        L::H2FpConv2 => Some(L::H2Dv),
+        L::H2BpConv2 => Some(L::H2E),
+        _ => None,
+    };
+    ConvKernel {
+        layer,
+        module,
+        base,
+        inputs,
+        c_out,
+        epi,
+        mma,
+        post,
+    }
+}
+
+/// Every conv of the network, in forward order (rln-spec §3).
+pub const CONV_KERNELS: [ConvKernel; 14] = [
+    ck(
+        L::H1FpConv1,
+        "h1_fp",
+        "h1_fp_conv1",
+        &[1],
+        4,
+        Epi::Sp,
+        false,
+    ),
+    ck(
+        L::H1FpConv2,
+        "h1_fp",
+        "h1_fp_conv2",
+        &[4],
+        4,
+        Epi::Sp,
+        false,
+    ),
+    ck(
+        L::H1FpConv3,
+        "h1_fp",
+        "h1_fp_conv3_dv",
+        &[4, 4],
+        4,
+        Epi::FpDiv,
+        false,
+    ),
+    ck(
+        L::H1BpConv1,
+        "h1_bp",
+        "h1_bp_conv1",
+        &[1],
+        8,
+        Epi::Sp,
+        false,
+    ),
+    ck(L::H1BpConv2, "h1_bp", "h1_bp_conv2", &[8], 8, Epi::Sp, true),
+    ck(
+        L::H1BpConv3,
+        "h1_bp",
+        "h1_bp_conv3",
+        &[8, 8],
+        8,
+        Epi::Sp,
+        true,
+    ),
+    ck(
+        L::H1BpConv4,
+        "h1_up",
+        "h1_bp_conv4_e1",
+        &[4],
+        4,
+        Epi::Update,
+        false,
+    ),
+    ck(L::H2FpConv1, "h2", "h2_fp_conv1", &[1], 4, Epi::Sp, false),
+    ck(
+        L::H2FpConv2,
+        "h2",
+        "h2_fp_conv2_dv",
+        &[4],
+        4,
+        Epi::FpDiv,
+        false,
+    ),
+    ck(L::H2BpConv1, "h2", "h2_bp_conv1", &[1], 8, Epi::Sp, false),
+    ck(
+        L::H2BpConv2,
+        "h2",
+        "h2_bp_conv2_e2",
+        &[8],
+        8,
+        Epi::UpdatePlus1,
+        true,
+    ),
+    ck(L::H3Conv1, "h3", "h3_conv1", &[1], 8, Epi::Sp, false),
+    ck(L::H3Conv2, "h3", "h3_conv2", &[8, 1, 1], 8, Epi::Sp, true),
+    ck(L::H3Conv3, "h3", "h3_conv3_y", &[8, 8], 8, Epi::Mean, true),
+];
+
+/// The transposed conv's kernels: `h1_bp_up_f32`, `h1_bp_up_f16` (module h1_up).
+pub const UP_KERNEL: &str = "h1_bp_up";
+/// avgpool2 (module h1_fp), always f32.
+pub const POOL_KERNEL: &str = "avgpool2_f32";
+
+/// The conv kernel entry of a layer.
+pub fn conv_kernel(l: L) -> &'static ConvKernel {
+    CONV_KERNELS
+        .iter()
+        .find(|k| k.layer == l)
+        .expect("layer has a conv kernel")
+}
+
+/// Every kernel name a network of this precision launches, with its module.
+pub fn kernel_names(f16: bool, tensor_cores: bool) -> Vec<(&'static str, String)> {
+    let mut v: Vec<(&'static str, String)> = CONV_KERNELS
+        .iter()
+        .map(|k| (k.module, k.name(f16, tensor_cores)))
+        .collect();
+    v.push((
+        "h1_up",
+        format!("{UP_KERNEL}_{}", if f16 { "f16" } else { "f32" }),
+    ));
+    v.push(("h1_fp", POOL_KERNEL.to_string()));
+    v
+}
+
+// ---- FP32-core direct conv (kernels/conv3_ffma.cuh) ----
+
+/// Output tile (z, y, x) of one block.
+pub const FFMA_TILE: [usize; 3] = [4, 8, 32];
+pub const FFMA_THREADS: u32 = 256;
+/// Shared-memory channel stride: (4+2)·(8+2)·38 floats.
+const FFMA_CS: usize = 6 * 10 * 38;
+
+/// Input channels staged per pass (kernels: ffmac::chunk).
+pub const fn ffma_chunk(cin: usize) -> usize {
+    if cin % 4 == 0 {
+        4
+    } else if cin % 5 == 0 {
+        5
+    } else if cin <= 5 {
+        cin
+    } else {
+        1
+    }
+}
+
+/// Dynamic shared memory of one block (kernels: ffmac::smem_bytes).
+pub const fn ffma_smem_bytes(cin: usize, cout: usize) -> usize {
+    (cin * 27 * cout + ffma_chunk(cin) * FFMA_CS) * 4
+}
+
+// ---- tensor-core conv (kernels/conv3_mma.cuh) ----
+
+pub const MMA_TILE: [usize; 3] = [8, 8, 16];
+pub const MMA_THREADS: u32 = 256;
+const MMA_NVOX: usize = 10 * 10 * 18;
+
+/// Channels of the smem tile: C_in padded to 8 or 16.
+pub const fn mma_cpad(cin: usize) -> usize {
+    if cin <= 8 {
+        8
+    } else {
+        16
+    }
+}
+/// fp16 values per smem voxel (16 B for 8 channels, 48 B for 16: see conv3_mma.cuh).
+pub const fn mma_voxel_halves(cin: usize) -> usize {
+    if mma_cpad(cin) == 8 {
+        8
+    } else {
+        24
+    }
+}
+/// K chunks of 16: ⌈27·C/16⌉.
+pub const fn mma_chunks(cin: usize) -> usize {
+    if mma_cpad(cin) == 8 {
+        14
+    } else {
+        27
+    }
+}
+pub const fn mma_smem_bytes(cin: usize) -> usize {
+    (MMA_NVOX + 1) * mma_voxel_halves(cin) * 2
+}
+
+/// Grid of a tiled conv kernel: (⌈W/tx⌉, ⌈H/ty⌉, ⌈D/tz⌉·N).
+pub fn tiled_grid(
+    tile: [usize; 3],
+    n: usize,
+    d: usize,
+    h: usize,
+    w: usize,
+) -> Result<(u32, u32, u32)> {
+    let gx = w.div_ceil(tile[2]);
+    let gy = h.div_ceil(tile[1]);
+    let gz = d.div_ceil(tile[0]) * n;
+    if gy > 65_535 || gz > 65_535 || gx > i32::MAX as usize {
+        return Err(Error::invalid(format!(
+            "tile of {n}×{d}×{h}×{w} voxels is too large for one CUDA launch (grid {gx}×{gy}×{gz}); use smaller tiles"
+        )));
+    }
+    Ok((gx as u32, gy as u32, gz as u32))
+}
+
+/// Grid of a grid-stride elementwise kernel (256 threads a block).
+pub fn grid_1d(total: usize) -> u32 {
+    total.div_ceil(256).clamp(1, 132 * 32) as u32
+}
+
+/// N×C×D×H×W (the CPU layout) → channels-last N×D×H×W×C (the device layout).
+pub fn to_channels_last(t: &Tensor<f32>) -> Vec<f32> {
+    t.to_ndhwc()
+}
+
+/// Channels-last data → an N×C×D×H×W tensor of `shape`.
+pub fn from_channels_last(shape: Shape, data: &[f32]) -> Result<Tensor<f32>> {
+    Tensor::from_ndhwc(shape, data)
+}
+
+/// Checks that the volume fits the kernels' 32-bit sizes.
+pub fn check_dims(n: usize, d: usize, h: usize, w: usize) -> Result<()> {
+    let max = i32::MAX as usize / 2;
+    if n == 0 || d == 0 || h == 0 || w == 0 {
+        return Err(Error::invalid(format!("empty tile {n}×{d}×{h}×{w}")));
+    }
+    if n > max || d > max || h > max || w > max {
+        return Err(Error::invalid(format!(
+            "tile {n}×{d}×{h}×{w} has a dimension too large for the CUDA kernels"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smem_sizes_fit_an_sm90_block() {
+        // 227 KB is the opt-in limit per block on sm_90; 3 blocks of the largest
+        // FFMA kernel and 2 of the largest mma kernel must fit one SM's 228 KB
+        for k in CONV_KERNELS.iter() {
+            let b = ffma_smem_bytes(k.c_in(), k.c_out);
+            assert!(b * 3 <= 228 * 1024, "{}: {b} B", k.base);
+            assert_eq!(k.c_in() % ffma_chunk(k.c_in()), 0);
+            if k.mma {
+                assert_eq!(k.c_out, 8);
+                assert!(k.inputs[0] == 8 && k.c_in() <= 16);
+                assert!(mma_smem_bytes(k.c_in()) * 2 <= 228 * 1024);
+            }
+        }
+        assert_eq!(ffma_smem_bytes(16, 8), (16 * 27 * 8 + 4 * 2280) * 4);
+        assert_eq!(mma_smem_bytes(16), 1801 * 48);
+    }
+
+    #[test]
+    fn table_matches_layer_specs() {
+        for k in CONV_KERNELS.iter() {
+            let spec = k.layer.spec();
+            assert_eq!(spec.c_in, k.c_in(), "{}", spec.name);
+            assert_eq!(spec.c_out, k.c_out, "{}", spec.name);
+        }
+        assert_eq!(kernel_names(true, true).len(), 16);
+        assert!(kernel_names(true, true)
+            .iter()
+            .any(|(_, n)| n == "h3_conv3_y_mma_f16"));
+        assert!(kernel_names(false, true)
+            .iter()
+            .all(|(_, n)| !n.contains("mma")));
+    }
+
+    #[test]
+    fn every_kernel_name_is_in_its_module() {
+        use crate::backend::cuda::kernels::module;
+        for (f16, tc) in [(false, false), (true, false), (true, true)] {
+            for (m, name) in kernel_names(f16, tc) {
+                let km = module(m).unwrap_or_else(|| panic!("module {m} not embedded"));
+                assert!(
+                    km.source.contains(&format!("{name}("))
+                        || km.source.contains(&format!("({name},")),
+                    "{name} not in kernels/{m}.cu"
+                );
+                if let Some(ptx) = km.ptx {
+                    assert!(
+                        ptx.contains(&format!(".entry {name}(")),
+                        "{name} not in the PTX of kernels/{m}.cu"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn grids_cover_the_volume() {
+        assert_eq!(tiled_grid(FFMA_TILE, 2, 5, 9, 33).unwrap(), (2, 2, 4));
+        assert_eq!(
+            tiled_grid(MMA_TILE, 1, 256, 256, 256).unwrap(),
+            (16, 32, 32)
+        );
+        assert!(tiled_grid(FFMA_TILE, 1, 4 * 70_000, 8, 8).is_err());
+    }
+}

@@ -1,0 +1,144 @@
+//! The weights as the kernels read them. Inference uses the running statistics, so each
+//! batch norm is an affine map that folds into the conv before it: W'[o] = W[o]·scale[o],
+//! bias[o] = shift[o] (scale = γ/√(var + ε), shift = β − mean·scale, computed in f64 as
+//! `net::Rln` does). Then the layouts of the two conv families and of up2.
+
+use super::launch::{mma_chunks, mma_cpad};
+use crate::model::{LayerOp, Model, L};
+
+/// Per-channel (scale, shift) of layer `l`'s batch norm with running statistics;
+/// (1, 0) for the layers without batch norm (h3.conv1, h3.conv2).
+pub fn bn_affine(model: &Model<f32>, l: L) -> (Vec<f64>, Vec<f64>) {
+    let i = l as usize;
+    let spec = l.spec();
+    let p = &model.params.layers[i];
+    if p.gamma.is_empty() {
+        return (vec![1.0; spec.c_out], vec![0.0; spec.c_out]);
+    }
+    let eps = model.config.bn_eps;
+    let (rm, rv) = (&model.running.mean[i], &model.running.var[i]);
+    let scale: Vec<f64> = (0..p.gamma.len())
+        .map(|c| p.gamma[c] as f64 / (rv[c] as f64 + eps).sqrt())
+        .collect();
+    let shift = (0..p.gamma.len())
+        .map(|c| p.beta[c] as f64 - rm[c] as f64 * scale[c])
+        .collect();
+    (scale, shift)
+}
+
+/// The one-channel batch norm of an RL node layer (h1.dv, h1.e, h2.dv, h2.e) as (scale, shift).
+pub fn post_bn(model: &Model<f32>, l: L) -> (f32, f32) {
+    assert_eq!(
+        l.spec().op,
+        LayerOp::BnOnly,
+        "{} is not a batch-norm-only layer",
+        l.spec().name
+    );
+    let (s, t) = bn_affine(model, l);
+    (s[0] as f32, t[0] as f32)
+}
+
+/// A conv layer with its batch norm folded in: engine layout [out][in][27].
+#[derive(Clone, Debug)]
+pub struct FoldedConv {
+    pub c_in: usize,
+    pub c_out: usize,
+    pub weight: Vec<f64>,
+    pub bias: Vec<f64>,
+}
+
+impl FoldedConv {
+    pub fn w(&self, o: usize, ci: usize, tap: usize) -> f64 {
+        self.weight[(o * self.c_in + ci) * 27 + tap]
+    }
+    pub fn bias_f32(&self) -> Vec<f32> {
+        self.bias.iter().map(|&b| b as f32).collect()
+    }
+}
+
+pub fn fold_conv(model: &Model<f32>, l: L) -> FoldedConv {
+    let spec = l.spec();
+    assert_eq!(spec.op, LayerOp::Conv3, "{} is not a 3×3×3 conv", spec.name);
+    let ic = model.config.variant.input_channels();
+    let (c_in, c_out) = (spec.c_in_for(ic), spec.c_out);
+    let (scale, shift) = bn_affine(model, l);
+    let w = &model.params.layers[l as usize].weight;
+    let weight = (0..c_out * c_in * 27)
+        .map(|i| w[i] as f64 * scale[i / (c_in * 27)])
+        .collect();
+    FoldedConv {
+        c_in,
+        c_out,
+        weight,
+        bias: shift,
+    }
+}
+
+/// The FP32-core kernels' layout: [ci][tap][co], co fastest (conv3_ffma.cuh).
+pub fn ffma_layout(f: &FoldedConv) -> Vec<f32> {
+    let mut out = vec![0.0f32; f.weight.len()];
+    for o in 0..f.c_out {
+        for ci in 0..f.c_in {
+            for tap in 0..27 {
+                out[(ci * 27 + tap) * f.c_out + o] = f.w(o, ci, tap) as f32;
+            }
+        }
+    }
+    out
+}
+
+/// Element (k, n) of the B matrix (K × N = 16 × 8) of K chunk `chunk`: k = tap·C + c
+/// with C = C_in padded to 8 or 16 (conv3_mma.cuh); zero for padded channels and for
+/// the 28th tap of the C = 8 layout.
+pub fn mma_b_value(f: &FoldedConv, chunk: usize, k: usize, n: usize) -> f64 {
+    let (tap, ci) = if mma_cpad(f.c_in) == 16 {
+        (chunk, k)
+    } else {
+        (2 * chunk + k / 8, k % 8)
+    };
+    if ci < f.c_in && tap < 27 && n < f.c_out {
+        f.w(n, ci, tap)
+    } else {
+        0.0
+    }
+}
+
+/// fp16 bits, round to nearest even (as cvt.rn.f16.f32).
+pub fn f16_bits(v: f64) -> u16 {
+    half::f16::from_f32(v as f32).to_bits()
+}
+
+/// B fragments of mma.m16n8k16 for every K chunk, [chunk][lane][2] words: lane
+/// (g = lane/4, t = lane%4) holds B[2t][g], B[2t+1][g] in word 0 (the lower k in the
+/// low half) and B[2t+8][g], B[2t+9][g] in word 1 (PTX ISA, "Matrix Fragments for
+/// mma.m16n8k16 with floating point type").
+pub fn pack_mma_b(f: &FoldedConv) -> Vec<u32> {
+    assert_eq!(f.c_out, 8, "the tensor-core kernels have C_out = 8");
+    let nch = mma_chunks(f.c_in);
+    let mut out = Vec::with_capacity(nch * 64);
+    let pair = |chunk: usize, k: usize, n: usize| {
+        f16_bits(mma_b_value(f, chunk, k, n)) as u32
+            | (f16_bits(mma_b_value(f, chunk, k + 1, n)) as u32) << 16
+    };
+    for chunk in 0..nch {
+        for lane in 0..32 {
+            let (g, t) = (lane / 4, lane % 4);
+            out.push(pair(chunk, 2 * t, g));
+            out.push(pair(chunk, 2 * t + 8, g));
+        }
+    }
+    out
+}
+
+/// The transposed conv with its batch norm folded: engine layout [in][out][2][2][2]
+/// scaled per output channel, and the bias.
+pub fn fold_up(model: &Model<f32>) -> (Vec<f32>, Vec<f32>) {
+    let spec = L::H1BpUp.spec();
+    let (ci, co) = (spec.c_in, spec.c_out);
+    let (scale, shift) = bn_affine(model, L::H1BpUp);
+    let w = &model.params.layers[L::H1BpUp as usize].weight;
+    let out = (0..ci * co * 8)
+        .map(|i| (w[i] as f64 * scale[(i / 8) % co]) as f32)
+        .collect();
+    (out, shift.iter().map(|&s| s as f32).collect())
+}

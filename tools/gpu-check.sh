@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# The ONE device call of the CUDA issue: run from the repository root on the GPU machine,
+# after tools/gpu-prepare.sh built gpu-bundle/ here (carry it). Every step has its own
+# timeout inside a global time budget, logs to $OUT/<step>.log, and a failure never stops
+# the script; the last thing printed is the summary table, also written as
+# $OUT/summary.txt and $OUT/gpu-latest.json.
+#
+#   OUT=/some/dir bash tools/gpu-check.sh
+#
+# Steps, in this order (a step starts only while the budget lasts):
+#   env          nvidia-smi, driver, clocks, tools present, bundle manifest, ptxas report
+#   gpu_tests    tests/gpu.rs, one process per test: every kernel vs its CPU twin, forward
+#                vs CPU (f32/f16/f16-tc, odd sizes, batch), conformance vectors, streaming,
+#                determinism with a poisoned workspace, OOM
+#   bench_*      engine forward throughput at 256³ (CUDA events, median), per-kernel times,
+#                peak memory, host-to-host time
+#   predict      authors' model on one 63×95×127 input: every GPU mode vs the CPU engine;
+#                the file the PyTorch peer checks against
+#   torch_eager, torch_amp   the PyTorch peer at 256³ (same weights), and its prediction
+#                vs the engine's and the CPU's on the predict input
+#   memcheck     compute-sanitizer memcheck on the kernel and forward tests (small sizes)
+#   racecheck    compute-sanitizer racecheck (shared memory hazards) on the kernel tests
+#   ncu_*        Nsight Compute on one f16-tc forward pass at 128³ (--clock-control none)
+#   torch_compile  AMP + torch.compile (compile time capped by the step timeout)
+#   conformance  the vectors' inference keys on the GPU (JSON; also part of gpu_tests)
+#   infer        end-to-end `rln-engine infer M IN.tif -o OUT.tif --device cuda --fp16` on a
+#                256×1024×1024 synthetic volume (read, tiling, normalization, stitching, write)
+#   summary      the table and gpu-latest.json
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+B="${RLN_BUNDLE:-$ROOT/gpu-bundle}"
+OUT="${OUT:-$ROOT/out/gpu-check}"
+SCR="${TMPDIR:-/tmp}/rln-gpu-check.$$"
+BUDGET="${RLN_GPU_CHECK_BUDGET_S:-390}"   # seconds for all steps; the summary runs after
+DIMS="${RLN_BENCH_DIMS:-1,256,256,256}"
+mkdir -p "$OUT" "$SCR"
+T0=$(date +%s)
+STATUS="$OUT/steps.tsv"
+: > "$STATUS"
+
+el() { echo $(($(date +%s) - T0)); }
+say() { echo "[gpu-check +$(el)s] $*"; }
+find_tool() { # name, then fallback globs
+  local n=$1; shift
+  command -v "$n" 2>/dev/null && return 0
+  local g
+  for g in "$@"; do
+    for f in $g; do [ -x "$f" ] && echo "$f" && return 0; done
+  done
+  return 1
+}
+
+# step NAME CAP_SECONDS CMD...: runs CMD under timeout into $OUT/NAME.log, records status
+step() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$((BUDGET - $(el)))
+  local t=$cap
+  [ "$left" -lt "$t" ] && t=$left
+  if [ "$t" -lt 10 ]; then
+    say "SKIP $name: time budget spent"
+    printf '%s\t%s\t%s\n' "$name" "skipped (budget)" 0 >> "$STATUS"
+    return 0
+  fi
+  say "START $name (timeout ${t}s)"
+  if declare -F "$1" > /dev/null; then # a shell function: run it in a child bash
+    export -f "$1"
+    set -- bash -c "$1"
+  fi
+  local s rc st
+  s=$(date +%s)
+  { echo "\$ $*"; timeout -k 10 "$t" "$@"; } > "$OUT/$name.log" 2>&1
+  rc=$?
+  case $rc in
+    0) st=ok ;;
+    124 | 137) st="TIMEOUT(${t}s)" ;;
+    *) st="FAIL(rc=$rc)" ;;
+  esac
+  printf '%s\t%s\t%s\n' "$name" "$st" $(($(date +%s) - s)) >> "$STATUS"
+  say "END   $name: $st in $(($(date +%s) - s))s; last lines:"
+  grep -E "FAIL|panicked|error|Error|ERROR SUMMARY|RACECHECK SUMMARY|test result|Gvoxel/s|rel L2 vs|worst|skipped" "$OUT/$name.log" | tail -n 8 | sed 's/^/    /'
+  return 0
+}
+
+env_info() {
+  echo "date: $(date -u +%FT%TZ)"
+  echo "host: $(uname -a)"
+  nvidia-smi || echo "nvidia-smi failed"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu,persistence_mode --format=csv || true
+  echo "--- tools"
+  echo "compute-sanitizer: ${SANITIZER:-missing}"
+  echo "ncu: ${NCU:-missing}"
+  nvcc --version 2>/dev/null | tail -n 2 || echo "nvcc: missing"
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' || echo "torch: missing"
+  echo "--- bundle"
+  ls -la "$B"
+  cat "$B/MANIFEST.json" 2>/dev/null || echo "no MANIFEST.json"
+  echo "--- ptxas (registers, spills)"
+  cat "$B"/ptxas/*.txt 2>/dev/null | grep -E "Compiling entry|Used|spill" | paste - - - | sed -E 's/ptxas info +: //g' | head -n 60 || true
+}
+
+# tests/gpu.rs, one process per test: a device fault is sticky for its process, so a
+# fault in one test must not fail the others; RLN_CUDA_SYNC=1 names the faulting kernel
+gpu_tests_each() {
+  local names t rc pass=0 fail=0
+  names=$("$TESTS" --list 2>/dev/null | sed -n 's/: test$//p')
+  [ -n "$names" ] || { echo "no tests listed by $TESTS"; return 2; }
+  for t in $names; do
+    echo "===== $t"
+    RLN_CUDA_SYNC=1 timeout -k 5 70 "$TESTS" "$t" --exact --nocapture --test-threads=1
+    rc=$?
+    if [ $rc -eq 0 ]; then
+      pass=$((pass + 1)); echo "TEST $t: ok"
+    else
+      fail=$((fail + 1)); echo "TEST $t: FAILED (rc=$rc)"
+    fi
+  done
+  echo "test result: $([ $fail -eq 0 ] && echo ok || echo FAILED). $pass passed; $fail failed (one process per test)"
+  [ $fail -eq 0 ]
+}
+
+SANITIZER=$(find_tool compute-sanitizer /usr/local/cuda/bin/compute-sanitizer "/usr/local/cuda-*/bin/compute-sanitizer" "/opt/nvidia/*/compute-sanitizer/compute-sanitizer") || SANITIZER=""
+NCU=$(find_tool ncu /usr/local/cuda/bin/ncu "/opt/nvidia/nsight-compute/*/ncu" "/usr/local/cuda-*/bin/ncu") || NCU=""
+TESTS="$B/gpu_tests"
+TOOL="$B/gpu_tool"
+MODEL="$B/authors.safetensors"
+PEER="python3 $ROOT/tools/peers/rln_torch.py"
+export RLN_REQUIRE_GPU=1 RLN_REFERENCE_DIR="$B/reference"
+export B OUT SCR MODEL SANITIZER NCU TESTS TOOL
+
+say "rln-engine GPU check: bundle $B, output $OUT, budget ${BUDGET}s"
+step env 30 env_info
+step gpu_tests 150 gpu_tests_each
+step bench_f16tc 60 "$TOOL" bench --mode f16-tc --dims "$DIMS" --reps 20 --json "$OUT/bench_f16-tc.json"
+step bench_f32 75 "$TOOL" bench --mode f32 --dims "$DIMS" --reps 10 --json "$OUT/bench_f32.json"
+step bench_f16 60 "$TOOL" bench --mode f16 --dims "$DIMS" --reps 10 --json "$OUT/bench_f16.json"
+step predict 60 "$TOOL" predict --model "$MODEL" --dims 1,63,95,127 --out "$SCR/pred.safetensors" --json "$OUT/predict.json"
+step torch_eager 90 $PEER --model "$MODEL" --mode eager --dims "$DIMS" --reps 5 --check "$SCR/pred.safetensors" --json "$OUT/torch_eager.json"
+step torch_amp 90 $PEER --model "$MODEL" --mode amp --dims "$DIMS" --reps 10 --check "$SCR/pred.safetensors" --json "$OUT/torch_amp.json"
+if [ -n "$SANITIZER" ]; then
+  step memcheck 75 env RLN_GPU_TEST_QUICK=1 "$SANITIZER" --tool memcheck --error-exitcode 99 "$TESTS" every_conv_kernel up2_and forward_matches --test-threads=1
+  step racecheck 75 env RLN_GPU_TEST_QUICK=1 "$SANITIZER" --tool racecheck --racecheck-report hazard --error-exitcode 99 "$TESTS" every_conv_kernel --test-threads=1
+else
+  say "SKIP memcheck, racecheck: compute-sanitizer not found"
+  printf 'memcheck\tskipped (no compute-sanitizer)\t0\nracecheck\tskipped (no compute-sanitizer)\t0\n' >> "$STATUS"
+fi
+if [ -n "$NCU" ]; then
+  # the first 16 launches are one whole forward pass (16 kernels); time, DRAM, SOL
+  step ncu_sol 60 "$NCU" --clock-control none -c 16 --csv --page raw --print-units base \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active \
+    "$TOOL" bench --mode f16-tc --dims 1,128,128,128 --reps 1
+  # instruction counts: FLOP = 2·FFMA (thread level) + 4096·HMMA.16816 (warp level)
+  step ncu_flops 60 "$NCU" --clock-control none -c 16 --csv --page raw --print-units base \
+    --metrics gpu__time_duration.sum,smsp__sass_thread_inst_executed_op_ffma_pred_on.sum,sm__inst_executed_pipe_tensor_op_hmma.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
+    "$TOOL" bench --mode f16-tc --dims 1,128,128,128 --reps 1
+else
+  say "SKIP ncu: not found"
+  printf 'ncu_sol\tskipped (no ncu)\t0\n' >> "$STATUS"
+fi
+# torch.compile compiles for a minute or more: after the sanitizers and ncu
+step torch_compile 150 $PEER --model "$MODEL" --mode compile --dims "$DIMS" --reps 10 --check "$SCR/pred.safetensors" --json "$OUT/torch_compile.json"
+step conformance 40 "$TOOL" conformance --model "$MODEL" --vectors "$B/reference/rln-tf-vectors-a.safetensors" --json "$OUT/conformance.json"
+infer_e2e() {
+  # the lead's CLI: adapt INFER_ARGS if its flags differ
+  "$B/rln-engine" infer --help || return 3
+  python3 -c "
+import numpy as np, tifffile
+rng = np.random.default_rng(0)
+v = (rng.random((256, 1024, 1024), dtype=np.float32) * 100 + 10)
+tifffile.imwrite('$SCR/vol.tif', v)
+print('wrote', v.shape)" || return 4
+  local t0 t1
+  t0=$(date +%s.%N)
+  "$B/rln-engine" infer ${INFER_ARGS:-$MODEL $SCR/vol.tif -o $SCR/out.tif --device cuda --fp16} || return 5
+  t1=$(date +%s.%N)
+  python3 -c "t = $t1 - $t0; print(f'INFER_E2E voxels/s {256*1024*1024 / t:.4e} ({t:.2f} s for 256x1024x1024)')"
+}
+if "$B/rln-engine" infer --help 2>/dev/null | grep -q -- "--device"; then
+  step infer 90 infer_e2e
+else
+  say "SKIP infer: this rln-engine has no 'infer --device' yet"
+  printf 'infer\tskipped (no infer --device in the CLI)\t0\n' >> "$STATUS"
+fi
+
+say "summary"
+python3 "$ROOT/tools/gpu_summary.py" "$OUT" "$B" 2>&1 | tee "$OUT/summary.log" || say "summary failed: see $OUT/summary.log"
+rm -rf "$SCR"

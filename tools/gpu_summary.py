@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Summary of tools/gpu-check.sh: reads the step logs and JSON files in OUT, writes
+OUT/gpu-latest.json and OUT/summary.txt, and prints the table. Missing or failed steps
+give nulls, never an exception: this must print something after any partial run.
+
+    python3 tools/gpu_summary.py OUT BUNDLE
+"""
+import csv
+import datetime
+import io
+import json
+import os
+import re
+import sys
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def text(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def num(v):
+    try:
+        v = float(str(v).replace(",", ""))
+        return v if v == v else None
+    except (TypeError, ValueError):
+        return None
+
+
+def maxn(*vals):
+    vals = [v for v in vals if isinstance(v, (int, float))]
+    return max(vals) if vals else None
+
+
+def parse_ncu(log):
+    """Rows of an `ncu --csv --page raw --print-units base` log: kernel name -> metrics."""
+    lines = log.splitlines()
+    start = next((i for i, l in enumerate(lines) if l.startswith('"ID"')), None)
+    if start is None:
+        return []
+    rows = list(csv.reader(io.StringIO("\n".join(l for l in lines[start:] if l.startswith('"')))))
+    head, out = rows[0], []
+    for r in rows[1:]:
+        if len(r) != len(head) or not r[0].strip().isdigit():
+            continue  # the units row
+        d = dict(zip(head, r))
+        out.append({"kernel": d.get("Kernel Name", "?"), **{k: num(v) for k, v in d.items() if "__" in k}})
+    return out
+
+
+def main():
+    out_dir, bundle = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "gpu-bundle"
+    P = lambda n: os.path.join(out_dir, n)
+    manifest = load(os.path.join(bundle, "MANIFEST.json")) or {}
+    env = text(P("env.log"))
+    device = driver = None
+    m = re.search(r"^name, driver_version.*\n(.+)$", env, re.M)
+    if m:
+        parts = [p.strip() for p in m.group(1).split(",")]
+        device, driver = parts[0], parts[1] if len(parts) > 1 else None
+
+    bench = {k: load(P(f"bench_{k}.json")) for k in ("f32", "f16", "f16-tc")}
+    torch = {k: load(P(f"torch_{k}.json")) for k in ("eager", "amp", "compile")}
+    pred = load(P("predict.json")) or {}
+    conf = load(P("conformance.json")) or []
+    vps = {k: (b or {}).get("voxels_per_s") for k, b in bench.items()}
+    tvps = {k: (t or {}).get("voxels_per_s") for k, t in torch.items()}
+    if device is None:
+        device = next((b["device"] for b in bench.values() if b), None) or next((t["device"] for t in torch.values() if t and "device" in t), None)
+
+    def conf_max(mode):
+        rows = next((c["rows"] for c in conf if c.get("mode") == mode), [])
+        return maxn(*[r.get("rel_err") for r in rows])
+
+    def pred_err(mode):
+        return (pred.get(mode) or {}).get("rel_l2_vs_cpu")
+
+    err = {k: maxn(pred_err(k), conf_max(k)) for k in ("f32", "f16", "f16-tc")}
+
+    steps = {}
+    for line in text(P("steps.tsv")).splitlines():
+        f = line.split("\t")
+        if len(f) == 3:
+            steps[f[0]] = {"status": f[1], "seconds": num(f[2])}
+    tests = text(P("gpu_tests.log"))
+    m = re.findall(r"test result: (\w+)\. (\d+) passed; (\d+) failed", tests)
+    test_summary = {"result": m[-1][0], "passed": int(m[-1][1]), "failed": int(m[-1][2])} if m else None
+    failed_tests = re.findall(r"^test (\S+) \.\.\. FAILED", tests, re.M)
+    worst = re.search(r"worst rel L2 vs CPU: f32 (\S+), f16 (\S+), f16-tc (\S+)", tests)
+    if worst:
+        for k, v in zip(("f32", "f16", "f16-tc"), worst.groups()):
+            err[k] = maxn(err[k], num(v))
+    mem = re.search(r"ERROR SUMMARY: (\d+) error", text(P("memcheck.log")))
+    race = re.search(r"RACECHECK SUMMARY: (\d+) hazard", text(P("racecheck.log")))
+    e2e = re.search(r"INFER_E2E voxels/s (\S+)", text(P("infer.log")))
+    e2e_net = re.search(r"network [\d.]+ s \(([\d.e+-]+) voxels/s\)", text(P("infer.log")))
+
+    sol = parse_ncu(text(P("ncu_sol.log")))
+    fl = parse_ncu(text(P("ncu_flops.log")))
+    ncu = []
+    for i, r in enumerate(sol or fl):
+        f = fl[i] if i < len(fl) else {}
+        t = r.get("gpu__time_duration.sum") or f.get("gpu__time_duration.sum")
+        flop = None
+        if f.get("smsp__sass_thread_inst_executed_op_ffma_pred_on.sum") is not None:
+            flop = 2 * f["smsp__sass_thread_inst_executed_op_ffma_pred_on.sum"] + 4096 * (f.get("sm__inst_executed_pipe_tensor_op_hmma.sum") or 0)
+        dram = (r.get("dram__bytes_read.sum") or 0) + (r.get("dram__bytes_write.sum") or 0)
+        ncu.append({
+            "kernel": r["kernel"],
+            "time_us": t / 1e3 if t else None,
+            "tflops": flop / t * 1e-3 if (flop is not None and t) else None,
+            "dram_gbs": dram / t if t else None,
+            "sm_pct": r.get("sm__throughput.avg.pct_of_peak_sustained_elapsed"),
+            "occupancy_pct": r.get("sm__warps_active.avg.pct_of_peak_sustained_active"),
+            "smem_bank_conflicts": f.get("l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum"),
+        })
+
+    result = {
+        "device": device,
+        "driver": driver,
+        "commit": manifest.get("commit"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dims": (bench.get("f16-tc") or {}).get("dims"),
+        "infer": {
+            "fp32_voxels_per_s": vps["f32"],
+            "fp16_voxels_per_s": vps["f16-tc"],
+            "fp16_ffma_voxels_per_s": vps["f16"],
+            "torch_fp32_voxels_per_s": tvps["eager"],
+            "torch_amp_voxels_per_s": tvps["amp"],
+            "torch_compile_voxels_per_s": tvps["compile"],
+            "max_rel_err_fp32": err["f32"],
+            "max_rel_err_fp16": err["f16-tc"],
+            "max_rel_err_fp16_ffma": err["f16"],
+            "e2e_voxels_per_s": num(e2e.group(1)) if e2e else None,
+            "e2e_network_voxels_per_s": num(e2e_net.group(1)) if e2e_net else None,
+        },
+        "peak_mem_bytes": {k: (b or {}).get("peak_mem_bytes") for k, b in bench.items()},
+        "torch_peak_mem_bytes": {k: (t or {}).get("peak_mem_bytes") for k, t in torch.items()},
+        "torch_check": {k: (t or {}).get("check") for k, t in torch.items()},
+        "torch_compile_first_call_s": (torch.get("compile") or {}).get("first_call_seconds"),
+        "tests": test_summary,
+        "failed_tests": failed_tests,
+        "memcheck_errors": int(mem.group(1)) if mem else None,
+        "racecheck_hazards": int(race.group(1)) if race else None,
+        "steps": steps,
+        "kernels_ms": {k: [(x["kernel"], x["median_ms"]) for x in (b or {}).get("kernels", [])] for k, b in bench.items()},
+        "ncu_f16tc_128": ncu,
+        "bundle": {"commit": manifest.get("commit"), "dirty_files": manifest.get("dirty_files"), "built": manifest.get("built")},
+    }
+    with open(P("gpu-latest.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+    g = lambda v: f"{v * 1e-9:8.3f}" if v else "       -"
+    ratio = lambda a, b: f"{a / b:7.1f}x" if (a and b) else "       -"
+    e = lambda v: f"{v:9.1e}" if isinstance(v, (int, float)) else "        -"
+    L = []
+    L.append(f"==== rln-engine GPU check: {device or '?'}, driver {driver or '?'}, commit {(manifest.get('commit') or '?')[:12]}, {result['date']}")
+    dims = result["dims"] or "?"
+    L.append(f"forward throughput at {dims} (CUDA events, median), Gvoxel/s; ratio = engine / torch mode; rel L2 = worst vs CPU engine and TF vectors")
+    L.append(f"{'mode':<24}{'Gvox/s':>8} {'/eager':>8} {'/amp':>8} {'/compile':>8} {'rel L2':>9}")
+    for name, k in (("engine f32", "f32"), ("engine f16 (FP32 cores)", "f16"), ("engine f16-tc (tensor)", "f16-tc")):
+        v = vps[k]
+        L.append(f"{name:<24}{g(v)} {ratio(v, tvps['eager'])} {ratio(v, tvps['amp'])} {ratio(v, tvps['compile'])} {e(err[k])}")
+    for name, k in (("torch eager fp32", "eager"), ("torch amp fp16", "amp"), ("torch amp+compile", "compile")):
+        chk = (torch.get(k) or {}).get("check") or {}
+        L.append(f"{name:<24}{g(tvps[k])} {'':>8} {'':>8} {'':>8} {e(chk.get('y_cpu'))}  (vs engine f32 {e(chk.get('y_f32')).strip()}, f16-tc {e(chk.get('y_f16_tc')).strip()})")
+    best = vps["f16-tc"]
+    goal_speed = best is not None and best >= 1.5e9
+    goal_ratio = best is not None and tvps["amp"] is not None and best >= 5 * tvps["amp"]
+    L.append(f"goal (H100): fp16 >= 1.5 Gvoxel/s: {'MET' if goal_speed else 'not met'}; >= 5x torch amp: {'MET' if goal_ratio else ('not met' if tvps['amp'] else 'unknown')}")
+    if result["infer"]["e2e_voxels_per_s"]:
+        L.append(
+            f"end-to-end infer --device cuda --fp16 (256x1024x1024 tiff): {g(result['infer']['e2e_voxels_per_s'])} Gvoxel/s incl. I/O, "
+            f"{g(result['infer']['e2e_network_voxels_per_s'])} Gvoxel/s tiled network"
+        )
+    pk = result["peak_mem_bytes"]
+    L.append("peak device memory (engine, 256^3): " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in pk.items() if v))
+    ts = test_summary or {}
+    L.append(
+        f"gpu tests: {ts.get('result', 'not run')} ({ts.get('passed', 0)} passed, {ts.get('failed', 0)} failed{': ' + ', '.join(failed_tests) if failed_tests else ''}); "
+        f"memcheck errors: {result['memcheck_errors'] if mem else '?'}; racecheck hazards: {result['racecheck_hazards'] if race else '?'}"
+    )
+    top = sorted((bench.get("f16-tc") or {}).get("kernels", []), key=lambda x: -x["median_ms"])[:6]
+    if top:
+        L.append("f16-tc slowest kernels: " + ", ".join(f"{x['kernel']} {x['median_ms']:.2f} ms" for x in top))
+    if ncu:
+        L.append("ncu f16-tc 128^3: " + "; ".join(
+            f"{x['kernel']} {x['time_us'] or 0:.0f}us {x['tflops'] or 0:.1f}TF/s {x['dram_gbs'] or 0:.0f}GB/s" for x in ncu[:16]))
+    L.append("steps: " + " | ".join(f"{k} {v['status']} {v['seconds'] or 0:.0f}s" for k, v in steps.items()))
+    L.append(f"full results: {P('gpu-latest.json')}, logs: {out_dir}/*.log")
+    s = "\n".join(L)
+    with open(P("summary.txt"), "w") as f:
+        f.write(s + "\n")
+    print(s)
+
+
+if __name__ == "__main__":
+    main()

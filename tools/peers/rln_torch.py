@@ -1,0 +1,361 @@
+#!/usr/bin/env python3
+"""The PyTorch peer of rln-engine: RLN (rln-spec.md section 3) in PyTorch, on rln-engine's
+own model file (canonical names, engine layouts: conv [out, in, 3, 3, 3], transposed conv
+[in, out, 2, 2, 2]; div_eps and bn_eps from the `rln_config` JSON in the metadata).
+
+The network is written once, `rln_forward`, against a small set of primitives (conv3,
+up2, pool2, bn, sp, cat, cm); `TorchOps` supplies them with torch.nn.functional, and
+`NumpyOps` in float64 so that the network can be checked against the engine's CPU output
+on a machine without PyTorch (--backend numpy).
+
+Modes (one per run; tools/gpu-check.sh runs each under its own timeout):
+  eager    float32, TF32 disabled (true FP32), NCDHW
+  amp      torch.autocast float16, channels_last_3d, cudnn.benchmark
+  compile  amp + torch.compile (default mode)
+
+  rln_torch.py --model m.safetensors --mode amp --dims 1,256,256,256 --json t.json
+  rln_torch.py --model m.safetensors --mode eager --check pred.safetensors --json c.json
+  rln_torch.py --model m.safetensors --backend numpy --check pred.safetensors
+
+--check reads a file written by `gpu_tool predict` (x, y_cpu, y_f32, y_f16, y_f16_tc)
+and reports the relative L2 error of this peer's prediction against each.
+Timing: CUDA events around each forward pass after warm-up, median of --reps.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+# rln-spec.md section 4: (canonical name, kind, c_in, c_out, has batch norm)
+LAYERS = [
+    ("h1.fp.conv1", "conv", 1, 4, True),
+    ("h1.fp.conv2", "conv", 4, 4, True),
+    ("h1.fp.conv3", "conv", 8, 4, True),
+    ("h1.dv", "bn", 1, 1, True),
+    ("h1.bp.conv1", "conv", 1, 8, True),
+    ("h1.bp.conv2", "conv", 8, 8, True),
+    ("h1.bp.conv3", "conv", 16, 8, True),
+    ("h1.bp.up", "up", 8, 4, True),
+    ("h1.bp.conv4", "conv", 4, 4, True),
+    ("h1.e", "bn", 1, 1, True),
+    ("h2.fp.conv1", "conv", 1, 4, True),
+    ("h2.fp.conv2", "conv", 4, 4, True),
+    ("h2.dv", "bn", 1, 1, True),
+    ("h2.bp.conv1", "conv", 1, 8, True),
+    ("h2.bp.conv2", "conv", 8, 8, True),
+    ("h2.e", "bn", 1, 1, True),
+    ("h3.conv1", "conv", 1, 8, False),
+    ("h3.conv2", "conv", 10, 8, False),
+    ("h3.conv3", "conv", 16, 8, True),
+]
+
+
+def load_model(path):
+    """(tensors as float32 numpy arrays by canonical name, config dict)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        meta = f.metadata() or {}
+        if "rln_config" not in meta:
+            sys.exit(f"{path}: no rln_config in the metadata; not an rln-engine model file")
+        config = json.loads(meta["rln_config"])
+        tensors = {k: f.get_tensor(k).astype(np.float32) for k in f.keys()}
+    if config.get("variant", "single") == "dual-concat":
+        sys.exit("this peer runs single-channel models only")
+    for name, kind, ci, co, bn in LAYERS:
+        if kind == "conv":
+            want = (co, ci, 3, 3, 3)
+        elif kind == "up":
+            want = (ci, co, 2, 2, 2)
+        else:
+            want = None
+        if want is not None and tensors[name + ".weight"].shape != want:
+            sys.exit(f"{name}.weight has shape {tensors[name + '.weight'].shape}, expected {want}")
+        if bn:
+            for s in ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"):
+                assert tensors[f"{name}.{s}"].shape == (co,), f"{name}.{s}"
+    return tensors, config
+
+
+def rln_forward(x, o, div_eps):
+    """rln-spec.md section 3, line by line. x: N x 1 x D x H x W, normalized. Returns
+    (y, E1r, E2r) at the input's size (odd sizes are mirror-padded to even and cropped)."""
+    size = o.size(x)
+    x = o.pad_even(x)
+    sp, bn, conv, cat, cm, eps = o.sp, o.bn, o.conv3, o.cat, o.cm, div_eps
+
+    def unit(name, t):
+        return sp(bn(conv(t, name), name))
+
+    # down-scale part (FP1, DV1, BP1 at half resolution)
+    xd = o.pool2(x)
+    a1 = unit("h1.fp.conv1", xd)
+    a2 = unit("h1.fp.conv2", a1)
+    fp1 = unit("h1.fp.conv3", cat(a1, a2)) + sp(xd)
+    dv1 = bn(xd / (cm(fp1) + eps), "h1.dv")
+    b1 = unit("h1.bp.conv1", dv1)
+    b2 = unit("h1.bp.conv2", b1)
+    b3 = unit("h1.bp.conv3", cat(b2, b1))
+    u = sp(bn(o.up2(b3, "h1.bp.up"), "h1.bp.up"))
+    bp1 = unit("h1.bp.conv4", u)
+    e1r = x * cm(bp1)
+    e1 = sp(bn(e1r, "h1.e"))
+    # original-scale part (FP2, DV2, BP2)
+    c1 = unit("h2.fp.conv1", x)
+    fp2 = unit("h2.fp.conv2", c1) + sp(x)
+    dv2 = bn(x / (cm(fp2) + eps), "h2.dv")
+    d1 = unit("h2.bp.conv1", dv2)
+    bp2 = unit("h2.bp.conv2", d1) + 1.0
+    e2r = e1 * cm(bp2)
+    e2 = sp(bn(e2r, "h2.e"))
+    # merge part
+    f1 = sp(conv(e2, "h3.conv1"))
+    f2 = sp(conv(cat(f1, e2, e1), "h3.conv2"))
+    f3 = unit("h3.conv3", cat(f1, f2))
+    y = cm(f3)
+    return o.crop(y, size), o.crop(e1r, size), o.crop(e2r, size)
+
+
+class NumpyOps:
+    """The primitives in float64 NumPy (NCDHW), for checking the network without torch."""
+
+    def __init__(self, tensors, config):
+        self.t = {k: v.astype(np.float64) for k, v in tensors.items()}
+        self.bn_eps = config["bn_eps"]
+
+    def size(self, x):
+        return x.shape[2:]
+
+    def pad_even(self, x):
+        # symmetric mirror, edge repeated: for an odd size the extra plane repeats the last
+        return np.pad(x, [(0, 0), (0, 0)] + [(0, s % 2) for s in x.shape[2:]], mode="edge")
+
+    def crop(self, t, size):
+        return t[:, :, : size[0], : size[1], : size[2]]
+
+    def conv3(self, x, name):
+        w = self.t[name + ".weight"]  # [out, in, 3, 3, 3]
+        n, _, d, h, wd = x.shape
+        xp = np.pad(x, [(0, 0), (0, 0), (1, 1), (1, 1), (1, 1)])
+        out = np.zeros((n, w.shape[0], d, h, wd))
+        for a in range(3):
+            for b in range(3):
+                for c in range(3):
+                    out += np.einsum("nidhw,oi->nodhw", xp[:, :, a : a + d, b : b + h, c : c + wd], w[:, :, a, b, c])
+        return out
+
+    def up2(self, x, name):
+        w = self.t[name + ".weight"]  # [in, out, 2, 2, 2]
+        n, _, d, h, wd = x.shape
+        out = np.zeros((n, w.shape[1], 2 * d, 2 * h, 2 * wd))
+        for a in range(2):
+            for b in range(2):
+                for c in range(2):
+                    out[:, :, a::2, b::2, c::2] = np.einsum("nidhw,io->nodhw", x, w[:, :, a, b, c])
+        return out
+
+    def pool2(self, x):
+        n, c, d, h, w = x.shape
+        return x.reshape(n, c, d // 2, 2, h // 2, 2, w // 2, 2).mean(axis=(3, 5, 7))
+
+    def bn(self, x, name):
+        g, b = self.t[name + ".bn.weight"], self.t[name + ".bn.bias"]
+        m, v = self.t[name + ".bn.running_mean"], self.t[name + ".bn.running_var"]
+        r = lambda a: a.reshape(1, -1, 1, 1, 1)
+        return (x - r(m)) / np.sqrt(r(v) + self.bn_eps) * r(g) + r(b)
+
+    def sp(self, t):
+        return np.logaddexp(0.0, t)
+
+    def cat(self, *ts):
+        return np.concatenate(ts, axis=1)
+
+    def cm(self, t):
+        return t.mean(axis=1, keepdims=True)
+
+
+class TorchOps:
+    """The primitives with torch.nn.functional; weights on `device` in float32."""
+
+    def __init__(self, tensors, config, device, channels_last=False):
+        import torch
+        import torch.nn.functional as F
+
+        self.torch, self.F = torch, F
+        self.bn_eps = config["bn_eps"]
+        fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+        self.t = {}
+        for k, v in tensors.items():
+            t = torch.from_numpy(v).to(device)
+            if t.dim() == 5:
+                t = t.contiguous(memory_format=fmt)
+            self.t[k] = t
+
+    def size(self, x):
+        return tuple(x.shape[2:])
+
+    def pad_even(self, x):
+        d, h, w = x.shape[2:]
+        if d % 2 == 0 and h % 2 == 0 and w % 2 == 0:
+            return x
+        return self.F.pad(x, (0, w % 2, 0, h % 2, 0, d % 2), mode="replicate")
+
+    def crop(self, t, size):
+        return t[:, :, : size[0], : size[1], : size[2]]
+
+    def conv3(self, x, name):
+        return self.F.conv3d(x, self.t[name + ".weight"], padding=1)
+
+    def up2(self, x, name):
+        return self.F.conv_transpose3d(x, self.t[name + ".weight"], stride=2)
+
+    def pool2(self, x):
+        return self.F.avg_pool3d(x, 2)
+
+    def bn(self, x, name):
+        p = name + ".bn."
+        return self.F.batch_norm(
+            x, self.t[p + "running_mean"], self.t[p + "running_var"], self.t[p + "weight"], self.t[p + "bias"], False, 0.0, self.bn_eps
+        )
+
+    def sp(self, t):
+        return self.F.softplus(t)
+
+    def cat(self, *ts):
+        return self.torch.cat(ts, dim=1)
+
+    def cm(self, t):
+        return t.mean(dim=1, keepdim=True)
+
+
+def rel_l2(a, r):
+    a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
+    den = np.sqrt(np.sum(r * r))
+    num = np.sqrt(np.sum((a - r) ** 2))
+    return float(num / den) if den > 0 else float(num)
+
+
+def parse_dims(s):
+    v = [int(p) for p in s.split(",")]
+    return v if len(v) == 4 else [1] + v
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--backend", choices=["torch", "numpy"], default="torch")
+    ap.add_argument("--mode", choices=["eager", "amp", "compile"], default="eager")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--dims", default="1,256,256,256", help="n,d,h,w of the timed input")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--no-time", action="store_true", help="only --check")
+    ap.add_argument("--check", help="a gpu_tool predict file to compare against")
+    ap.add_argument("--json", help="write the results here")
+    a = ap.parse_args()
+    if a.check and not os.path.exists(a.check):
+        print(f"warning: {a.check} does not exist (did the engine's predict step fail?): timing only", flush=True)
+        a.check = None
+    tensors, config = load_model(a.model)
+    eps = config["div_eps"]
+    res = {"mode": a.mode, "backend": a.backend}
+
+    if a.backend == "numpy":
+        if not a.check:
+            sys.exit("--backend numpy only checks (--check FILE)")
+        from safetensors.numpy import load_file
+
+        ref = load_file(a.check)
+        y, _, _ = rln_forward(ref["x"].astype(np.float64), NumpyOps(tensors, config), eps)
+        res["check"] = {k: rel_l2(y, v) for k, v in ref.items() if k.startswith("y_")}
+        print(json.dumps(res, indent=1))
+        if a.json:
+            open(a.json, "w").write(json.dumps(res, indent=1))
+        return
+
+    import torch
+
+    dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = dev.startswith("cuda")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    half = a.mode in ("amp", "compile")
+    torch.backends.cudnn.benchmark = half
+    ops = TorchOps(tensors, config, dev, channels_last=half)
+    fwd = lambda x: rln_forward(x, ops, eps)[0]
+    if a.mode == "compile":
+        fwd = torch.compile(fwd)
+    res["device"] = torch.cuda.get_device_name() if cuda else "cpu"
+    res["torch"] = torch.__version__
+
+    def run(x):
+        with torch.inference_mode():
+            if half:
+                with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.float16 if cuda else torch.bfloat16):
+                    return fwd(x)
+            return fwd(x)
+
+    def prep(xn):
+        x = torch.from_numpy(np.ascontiguousarray(xn, dtype=np.float32)).to(dev)
+        return x.contiguous(memory_format=torch.channels_last_3d) if half else x
+
+    if a.check:
+        from safetensors.numpy import load_file
+
+        ref = load_file(a.check)
+        t0 = time.time()
+        y = run(prep(ref["x"])).float().cpu().numpy()
+        res["check_seconds"] = time.time() - t0
+        res["check"] = {k: rel_l2(y, v) for k, v in ref.items() if k.startswith("y_")}
+        res["check_nonfinite"] = int(np.sum(~np.isfinite(y)))
+        print(f"torch {a.mode}: rel L2 vs " + ", ".join(f"{k} {v:.2e}" for k, v in res["check"].items()), flush=True)
+
+    if not a.no_time:
+        n, d, h, w = parse_dims(a.dims)
+        rng = np.random.default_rng(1)
+        x = prep(rng.random((n, 1, d, h, w), dtype=np.float32))
+        t0 = time.time()
+        run(x)  # first call: compilation for torch.compile
+        if cuda:
+            torch.cuda.synchronize()
+        res["first_call_seconds"] = time.time() - t0
+        print(f"torch {a.mode}: first call {res['first_call_seconds']:.1f} s", flush=True)
+        for _ in range(a.warmup):
+            run(x)
+        times = []
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            for _ in range(a.reps):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                run(x)
+                e.record()
+                e.synchronize()
+                times.append(s.elapsed_time(e))
+            res["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
+        else:
+            for _ in range(a.reps):
+                t = time.time()
+                run(x)
+                times.append(1e3 * (time.time() - t))
+        times.sort()
+        med = times[len(times) // 2] if len(times) % 2 else 0.5 * (times[len(times) // 2 - 1] + times[len(times) // 2])
+        res.update(dims=[n, d, h, w], reps=a.reps, median_ms=med, min_ms=times[0], max_ms=times[-1])
+        res["voxels_per_s"] = n * d * h * w / (med * 1e-3)
+        print(
+            f"torch {a.mode} {res['device']} {n}x{d}x{h}x{w}: median {med:.2f} ms (min {times[0]:.2f}, max {times[-1]:.2f}), "
+            f"{res['voxels_per_s'] * 1e-9:.4f} Gvoxel/s, peak {res.get('peak_mem_bytes', 0) / 2**20:.0f} MiB",
+            flush=True,
+        )
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
