@@ -17,3 +17,33 @@ fn rl_throughput_64x256x256() {
     println!("{}", serde_json::to_string(&t).unwrap());
     assert!(t.voxel_iterations_per_s > 0.0);
 }
+
+/// Times one forward + inverse 3D FFT on the grid of the throughput measurement.
+#[test]
+#[ignore = "benchmark: run with --release --ignored"]
+fn fft_96x288x288() {
+    use rln_engine::imaging::fft::Fft3;
+    use rustfft::num_complex::Complex32;
+    let f = Fft3::new([96, 288, 288]);
+    let mut x: Vec<f32> = (0..f.real_len()).map(|i| (i % 97) as f32).collect();
+    let mut spec = vec![Complex32::default(); f.spectrum_len()];
+    let mut scr = spec.clone();
+    f.forward(&mut x, &mut spec, &mut scr);
+    let n = 5;
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        f.forward(&mut x, &mut spec, &mut scr);
+    }
+    let tf = t.elapsed().as_secs_f64() / n as f64;
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        f.inverse(&mut spec, &mut x, &mut scr);
+    }
+    let ti = t.elapsed().as_secs_f64() / n as f64;
+    println!(
+        "forward {:.1} ms, inverse {:.1} ms ({} threads)",
+        tf * 1e3,
+        ti * 1e3,
+        rayon::current_num_threads()
+    );
+}

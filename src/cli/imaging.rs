@@ -13,7 +13,6 @@ use rln_engine::imaging::synth::{self, Family, SynthConfig};
 use rln_engine::imaging::{
     progress, read_volume_with, write_volume, OutputDtype, ReadOptions, Volume,
 };
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -410,9 +409,7 @@ pub fn rl(a: &RlArgs) -> Result<()> {
         },
     };
     let t = Instant::now();
-    let out = rln_engine::imaging::rl::richardson_lucy_with(&input, &psf, &cfg, |_, _| {
-        ControlFlow::Continue(())
-    })?;
+    let out = rln_engine::imaging::rl::richardson_lucy(&input, &psf, &cfg)?;
     let secs = t.elapsed().as_secs_f64();
     write_volume(&a.output, &out, a.dtype.into())?;
     println!(

@@ -385,6 +385,22 @@ impl RlPlan {
     where
         F: FnMut(usize, &Volume) -> ControlFlow<()>,
     {
+        self.run_impl(input, iterations, background, Some(&mut observe))
+    }
+
+    /// [`RlPlan::run`] without an observer (no per-iteration copy of the estimate).
+    pub fn run_silent(&self, input: &Volume, iterations: usize, background: f32) -> Result<Volume> {
+        self.run_impl(input, iterations, background, None)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn run_impl(
+        &self,
+        input: &Volume,
+        iterations: usize,
+        background: f32,
+        mut observe: Option<&mut dyn FnMut(usize, &Volume) -> ControlFlow<()>>,
+    ) -> Result<Volume> {
         self.check_input(input)?;
         input.check_finite("RL input")?;
         if !background.is_finite() {
@@ -462,40 +478,44 @@ impl RlPlan {
             floor
         };
         let pb = progress::bar(iterations as u64, "RL");
+        let inv_norm = &self.inv_norm;
         for it in 1..=iterations {
-            tmp.copy_from_slice(&est);
-            self.project_with(&mut tmp, false, &mut spec, &mut scratch);
-            // ratio y / (He + b) on the observed region, 0 elsewhere
-            tmp.par_chunks_mut(plane)
-                .zip(y.par_chunks(plane))
-                .enumerate()
-                .for_each(|(z, (t, yv))| {
+            // He, and at once the ratio y / (He + b) on the observed region (0 elsewhere)
+            self.fft
+                .forward_mul(&est, Some(&self.otf), &mut spec, &mut scratch);
+            self.fft
+                .inverse_planes(&mut spec, &mut scratch, &mut tmp, |z, t, he| {
                     if z < os[0] || z >= os[0] + od[0] {
                         t.iter_mut().for_each(|v| *v = 0.0);
                         return;
                     }
+                    let yv = &y[z * plane..(z + 1) * plane];
                     for yy in 0..gy {
-                        let row = &mut t[yy * gx..(yy + 1) * gx];
+                        let (row, hr, yr) = (
+                            &mut t[yy * gx..(yy + 1) * gx],
+                            &he[yy * gx..(yy + 1) * gx],
+                            &yv[yy * gx..(yy + 1) * gx],
+                        );
                         if yy < os[1] || yy >= os[1] + od[1] {
                             row.iter_mut().for_each(|v| *v = 0.0);
                             continue;
                         }
-                        let yr = &yv[yy * gx..(yy + 1) * gx];
                         for x in 0..gx {
                             row[x] = if x >= os[2] && x < os[2] + od[2] {
-                                yr[x] / (row[x] + background).max(den_floor)
+                                yr[x] / (hr[x] + background).max(den_floor)
                             } else {
                                 0.0
                             };
                         }
                     }
                 });
-            self.project_with(&mut tmp, true, &mut spec, &mut scratch);
-            est.par_chunks_mut(1 << 14)
-                .zip(tmp.par_chunks(1 << 14))
-                .zip(self.inv_norm.par_chunks(1 << 14))
-                .for_each(|((e, g), w)| {
-                    for i in 0..e.len() {
+            // B(ratio), and at once the multiplicative update e ← e · B(r) / B(1)
+            self.fft
+                .forward_mul(&tmp, Some(&self.otf_bp), &mut spec, &mut scratch);
+            self.fft
+                .inverse_planes(&mut spec, &mut scratch, &mut est, |z, e, g| {
+                    let w = &inv_norm[z * plane..(z + 1) * plane];
+                    for i in 0..plane {
                         // f32 round-off can make tiny negatives; the unmatched projector real ones
                         e[i] = if w[i] > 0.0 {
                             (e[i] * g[i] * w[i]).max(clamp_floor)
@@ -505,9 +525,11 @@ impl RlPlan {
                     }
                 });
             pb.inc(1);
-            let cur = self.crop_image(&est);
-            if observe(it, &cur).is_break() {
-                break;
+            if let Some(obs) = observe.as_mut() {
+                let cur = self.crop_image(&est);
+                if obs(it, &cur).is_break() {
+                    break;
+                }
             }
         }
         pb.finish_and_clear();
@@ -576,7 +598,8 @@ fn wiener_butterworth(
 
 /// Deconvolves `input` by `psf` with `cfg`.
 pub fn richardson_lucy(input: &Volume, psf: &Volume, cfg: &RlConfig) -> Result<Volume> {
-    richardson_lucy_with(input, psf, cfg, |_, _| ControlFlow::Continue(()))
+    let plan = RlPlan::with_boundary(input.dims, psf, cfg.back_projector, cfg.boundary)?;
+    plan.run_silent(input, cfg.iterations, cfg.background)
 }
 
 /// [`richardson_lucy`] with a per-iteration observer (see [`RlPlan::run`]).
@@ -608,9 +631,9 @@ pub fn measure_throughput_on(
     let psf = super::psf::gaussian_kernel(psf_dims, [2.0, 1.2, 1.2]);
     let img = benchmark_volume(dims);
     let plan = RlPlan::new(dims, &psf, BackProjector::Matched)?;
-    plan.run(&img, 1, 0.0, |_, _| ControlFlow::Continue(()))?;
+    plan.run_silent(&img, 1, 0.0)?;
     let t = std::time::Instant::now();
-    plan.run(&img, iterations, 0.0, |_, _| ControlFlow::Continue(()))?;
+    plan.run_silent(&img, iterations, 0.0)?;
     let seconds = t.elapsed().as_secs_f64();
     let vox = dims.iter().product::<usize>() as f64;
     Ok(RlThroughput {
