@@ -15,11 +15,7 @@ pub struct LrSchedule {
 impl Default for LrSchedule {
     /// The authors': 0.015 · 0.95^(t/600).
     fn default() -> Self {
-        LrSchedule {
-            base: 0.015,
-            decay_rate: 0.95,
-            decay_steps: 600.0,
-        }
+        LrSchedule { base: 0.015, decay_rate: 0.95, decay_steps: 600.0 }
     }
 }
 
@@ -45,12 +41,7 @@ pub struct Adam {
 
 impl Adam {
     pub fn new(variant: Variant, schedule: LrSchedule) -> Self {
-        Adam {
-            m: Params::zeros(variant),
-            v: Params::zeros(variant),
-            step: 0,
-            schedule,
-        }
+        Adam { m: Params::zeros(variant), v: Params::zeros(variant), step: 0, schedule }
     }
 
     /// The effective step size of step t: lr(t)·√(1−β2^(t+1))/(1−β1^(t+1)).
@@ -100,11 +91,7 @@ mod tests {
         g.layers[0].weight[1] = -2.0;
         let mut adam = Adam::new(Variant::Single, s);
         adam.update(&mut p, &g);
-        assert!(
-            (p.layers[0].weight[0] + 0.015).abs() < 1e-9,
-            "{}",
-            p.layers[0].weight[0]
-        );
+        assert!((p.layers[0].weight[0] + 0.015).abs() < 1e-9, "{}", p.layers[0].weight[0]);
         assert!((p.layers[0].weight[1] - 0.015).abs() < 1e-9);
         assert_eq!(p.layers[0].weight[2], 0.0);
         // second step with the same gradient, computed by hand

@@ -22,11 +22,7 @@ fn padded_row_len(w: usize) -> usize {
 
 /// Input channels of all inputs in concatenation order: (input index, channel).
 fn channel_list<T>(inputs: &[&Tensor<T>]) -> Vec<(usize, usize)> {
-    inputs
-        .iter()
-        .enumerate()
-        .flat_map(|(i, t)| (0..t.shape.c).map(move |c| (i, c)))
-        .collect()
+    inputs.iter().enumerate().flat_map(|(i, t)| (0..t.shape.c).map(move |c| (i, c))).collect()
 }
 
 /// Checks that all inputs share batch and spatial size; returns it with the total channels.
@@ -142,8 +138,7 @@ fn pack_weights<T: Real>(weight: &[T], c_in: usize, c_out: usize) -> Vec<(usize,
             for co in 0..g {
                 for ci in 0..c_in {
                     for k in 0..27 {
-                        p[((ci * 9 + k / 3) * 3 + k % 3) * g + co] =
-                            weight[((o0 + co) * c_in + ci) * 27 + k];
+                        p[((ci * 9 + k / 3) * 3 + k % 3) * g + co] = weight[((o0 + co) * c_in + ci) * 27 + k];
                     }
                 }
             }
@@ -192,17 +187,7 @@ fn fwd_task<T: Real, const FMA: bool, const WIDTH: usize>(ctx: &FwdCtx<'_, T>, n
     let mut taps = Vec::with_capacity(ctx.chans.len() * 9);
     let mut addend_row = vec![T::zero(); wp];
     for h in 0..s.h {
-        gather_rows(
-            ctx.inputs,
-            &ctx.chans,
-            n,
-            d,
-            h,
-            s,
-            wp,
-            &mut scratch,
-            &mut taps,
-        );
+        gather_rows(ctx.inputs, &ctx.chans, n, d, h, s, wp, &mut scratch, &mut taps);
         match ctx.epi.addend {
             AddendRef::None => {}
             AddendRef::Const(c) => addend_row.iter_mut().for_each(|v| *v = c),
@@ -242,20 +227,9 @@ fn fwd_task<T: Real, const FMA: bool, const WIDTH: usize>(ctx: &FwdCtx<'_, T>, n
 isa_variants!(fn fwd_task_dispatch<T>(ctx: &FwdCtx<'_, T>, nd: usize) -> () => fwd_task, wide = 16, narrow = 8);
 
 /// conv3 forward with a fused epilogue. `weight` is [c_out][Σ c_in][3][3][3].
-pub fn conv3_forward<T: Real>(
-    inputs: &[&Tensor<T>],
-    weight: &[T],
-    c_out: usize,
-    epi: &CpuEpilogue<'_, T>,
-) -> Tensor<T> {
+pub fn conv3_forward<T: Real>(inputs: &[&Tensor<T>], weight: &[T], c_out: usize, epi: &CpuEpilogue<'_, T>) -> Tensor<T> {
     let s = concat_shape(inputs);
-    assert_eq!(
-        weight.len(),
-        c_out * s.c * 27,
-        "conv3 weight has {} values, expected {c_out}×{}×27",
-        weight.len(),
-        s.c
-    );
+    assert_eq!(weight.len(), c_out * s.c * 27, "conv3 weight has {} values, expected {c_out}×{}×27", weight.len(), s.c);
     let out_shape = s.with_c(c_out);
     let mut out = Tensor::<T>::zeros(out_shape);
     let ctx = FwdCtx {
@@ -269,20 +243,13 @@ pub fn conv3_forward<T: Real>(
         out_shape,
     };
     debug_assert!(ctx.c_out == epi.scale.len());
-    (0..s.n * s.d)
-        .into_par_iter()
-        .for_each(|nd| fwd_task_dispatch(&ctx, nd));
+    (0..s.n * s.d).into_par_iter().for_each(|nd| fwd_task_dispatch(&ctx, nd));
     out
 }
 
 /// Gradient with respect to the inputs whose `needed` flag is set: each is the
 /// correlation of dz with the flipped weights, transposed in (in, out).
-pub fn conv3_backward_data<T: Real>(
-    dz: &Tensor<T>,
-    weight: &[T],
-    c_in: &[usize],
-    needed: &[bool],
-) -> Vec<Option<Tensor<T>>> {
+pub fn conv3_backward_data<T: Real>(dz: &Tensor<T>, weight: &[T], c_in: &[usize], needed: &[bool]) -> Vec<Option<Tensor<T>>> {
     let c_out = dz.shape.c;
     let c_total: usize = c_in.iter().sum();
     assert_eq!(weight.len(), c_out * c_total * 27);
@@ -295,8 +262,7 @@ pub fn conv3_backward_data<T: Real>(
             for i in 0..cs {
                 for o in 0..c_out {
                     for k in 0..27 {
-                        wt[(i * c_out + o) * 27 + k] =
-                            weight[(o * c_total + offset + i) * 27 + 26 - k];
+                        wt[(i * c_out + o) * 27 + k] = weight[(o * c_total + offset + i) * 27 + 26 - k];
                     }
                 }
             }
@@ -321,10 +287,7 @@ struct WgradCtx<'a, T> {
 /// Weight gradient of the (n, d) tasks in `range`, summed in a fixed order (so results
 /// do not depend on the thread count): [c_out][c_in][27] in f64.
 #[inline(always)]
-fn wgrad_group<T: Real, const FMA: bool, const WIDTH: usize>(
-    ctx: &WgradCtx<'_, T>,
-    range: std::ops::Range<usize>,
-) -> Vec<f64> {
+fn wgrad_group<T: Real, const FMA: bool, const WIDTH: usize>(ctx: &WgradCtx<'_, T>, range: std::ops::Range<usize>) -> Vec<f64> {
     match WIDTH {
         16 => wgrad_group_g::<T, FMA, 4, 16>(ctx, range),
         _ => wgrad_group_g::<T, FMA, 2, 8>(ctx, range),
@@ -349,17 +312,7 @@ fn wgrad_group_g<T: Real, const FMA: bool, const G: usize, const XB: usize>(
     for nd in range {
         let (n, d) = (nd / s.d, nd % s.d);
         for h in 0..s.h {
-            gather_rows(
-                ctx.inputs,
-                &ctx.chans,
-                n,
-                d,
-                h,
-                s,
-                wp,
-                &mut scratch,
-                &mut taps,
-            );
+            gather_rows(ctx.inputs, &ctx.chans, n, d, h, s, wp, &mut scratch, &mut taps);
             for co in 0..c_out {
                 let row = &ctx.dz.plane(n, co)[(d * s.h + h) * s.w..][..s.w];
                 dzs[co * wp..co * wp + s.w].copy_from_slice(row);
@@ -372,9 +325,7 @@ fn wgrad_group_g<T: Real, const FMA: bool, const G: usize, const XB: usize>(
                     let mut acc = [[[T::zero(); XB]; G]; 3];
                     for (kw, a) in acc.iter_mut().enumerate() {
                         for (g, ag) in a.iter_mut().enumerate() {
-                            ag.copy_from_slice(
-                                &accv[((slot * 3 + kw) * c_out + o0 + g) * XB..][..XB],
-                            );
+                            ag.copy_from_slice(&accv[((slot * 3 + kw) * c_out + o0 + g) * XB..][..XB]);
                         }
                     }
                     for ch in 0..chunks {
@@ -384,16 +335,14 @@ fn wgrad_group_g<T: Real, const FMA: bool, const G: usize, const XB: usize>(
                             let dzr: &[T; XB] = dzs[(o0 + g) * wp + x0..][..XB].try_into().unwrap();
                             for kw in 0..3 {
                                 for l in 0..XB {
-                                    acc[kw][g][l] =
-                                        madd::<T, FMA>(dzr[l], xs[kw + l], acc[kw][g][l]);
+                                    acc[kw][g][l] = madd::<T, FMA>(dzr[l], xs[kw + l], acc[kw][g][l]);
                                 }
                             }
                         }
                     }
                     for (kw, a) in acc.iter().enumerate() {
                         for (g, ag) in a.iter().enumerate() {
-                            accv[((slot * 3 + kw) * c_out + o0 + g) * XB..][..XB]
-                                .copy_from_slice(ag);
+                            accv[((slot * 3 + kw) * c_out + o0 + g) * XB..][..XB].copy_from_slice(ag);
                         }
                     }
                     o0 += G;
@@ -405,8 +354,7 @@ fn wgrad_group_g<T: Real, const FMA: bool, const G: usize, const XB: usize>(
                         for ch in 0..chunks {
                             let x0 = ch * XB;
                             for l in 0..XB {
-                                a[l] =
-                                    madd::<T, FMA>(dzs[co * wp + x0 + l], src[x0 + kw + l], a[l]);
+                                a[l] = madd::<T, FMA>(dzs[co * wp + x0 + l], src[x0 + kw + l], a[l]);
                             }
                         }
                     }
@@ -437,18 +385,8 @@ pub(crate) const REDUCTION_GROUPS: usize = 64;
 /// Result layout [c_out][Σ c_in][3][3][3].
 pub fn conv3_backward_weight<T: Real>(inputs: &[&Tensor<T>], dz: &Tensor<T>) -> Vec<f64> {
     let s = concat_shape(inputs);
-    assert!(
-        dz.shape.n == s.n && dz.shape.dims() == s.dims(),
-        "conv3 weight gradient: dz {} vs input {}",
-        dz.shape,
-        s
-    );
-    let ctx = WgradCtx {
-        inputs,
-        chans: channel_list(inputs),
-        dz,
-        s,
-    };
+    assert!(dz.shape.n == s.n && dz.shape.dims() == s.dims(), "conv3 weight gradient: dz {} vs input {}", dz.shape, s);
+    let ctx = WgradCtx { inputs, chans: channel_list(inputs), dz, s };
     let tasks = s.n * s.d;
     let groups = REDUCTION_GROUPS.min(tasks);
     let partials: Vec<Vec<f64>> = (0..groups)

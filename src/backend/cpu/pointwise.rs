@@ -12,33 +12,27 @@ use rayon::prelude::*;
 
 pub fn avgpool2<T: Real>(x: &Tensor<T>) -> Tensor<T> {
     let s = x.shape;
-    assert!(
-        s.d % 2 == 0 && s.h % 2 == 0 && s.w % 2 == 0,
-        "avgpool2 needs even sizes, got {s}"
-    );
+    assert!(s.d % 2 == 0 && s.h % 2 == 0 && s.w % 2 == 0, "avgpool2 needs even sizes, got {s}");
     let os = Shape::new(s.n, s.c, s.d / 2, s.h / 2, s.w / 2);
     let mut out = Tensor::zeros(os);
     let eighth = T::of(0.125);
-    out.data
-        .par_chunks_mut(os.spatial())
-        .enumerate()
-        .for_each(|(p, o)| {
-            let src = &x.data[p * s.spatial()..][..s.spatial()];
-            for i in 0..os.d {
-                for j in 0..os.h {
-                    for k in 0..os.w {
-                        let mut acc = T::zero();
-                        for a in 0..2 {
-                            for b in 0..2 {
-                                let r = ((2 * i + a) * s.h + 2 * j + b) * s.w + 2 * k;
-                                acc += src[r] + src[r + 1];
-                            }
+    out.data.par_chunks_mut(os.spatial()).enumerate().for_each(|(p, o)| {
+        let src = &x.data[p * s.spatial()..][..s.spatial()];
+        for i in 0..os.d {
+            for j in 0..os.h {
+                for k in 0..os.w {
+                    let mut acc = T::zero();
+                    for a in 0..2 {
+                        for b in 0..2 {
+                            let r = ((2 * i + a) * s.h + 2 * j + b) * s.w + 2 * k;
+                            acc += src[r] + src[r + 1];
                         }
-                        o[(i * os.h + j) * os.w + k] = acc * eighth;
                     }
+                    o[(i * os.h + j) * os.w + k] = acc * eighth;
                 }
             }
-        });
+        }
+    });
     out
 }
 
@@ -46,17 +40,14 @@ pub fn channel_mean<T: Real>(x: &Tensor<T>) -> Tensor<T> {
     let s = x.shape;
     let mut out = Tensor::zeros(s.with_c(1));
     let inv = T::one() / T::of(s.c as f64);
-    out.data
-        .par_chunks_mut(s.spatial())
-        .enumerate()
-        .for_each(|(n, o)| {
-            for c in 0..s.c {
-                for (v, &t) in o.iter_mut().zip(x.plane(n, c)) {
-                    *v += t;
-                }
+    out.data.par_chunks_mut(s.spatial()).enumerate().for_each(|(n, o)| {
+        for c in 0..s.c {
+            for (v, &t) in o.iter_mut().zip(x.plane(n, c)) {
+                *v += t;
             }
-            o.iter_mut().for_each(|v| *v *= inv);
-        });
+        }
+        o.iter_mut().for_each(|v| *v *= inv);
+    });
     out
 }
 
@@ -65,15 +56,12 @@ pub fn channel_mean_backward<T: Real>(dy: &Tensor<T>, channels: usize) -> Tensor
     let s = dy.shape.with_c(channels);
     let mut out = Tensor::zeros(s);
     let inv = T::one() / T::of(channels as f64);
-    out.data
-        .par_chunks_mut(s.spatial())
-        .enumerate()
-        .for_each(|(p, o)| {
-            let n = p / channels;
-            for (v, &g) in o.iter_mut().zip(dy.plane(n, 0)) {
-                *v = g * inv;
-            }
-        });
+    out.data.par_chunks_mut(s.spatial()).enumerate().for_each(|(p, o)| {
+        let n = p / channels;
+        for (v, &g) in o.iter_mut().zip(dy.plane(n, 0)) {
+            *v = g * inv;
+        }
+    });
     out
 }
 
@@ -95,11 +83,7 @@ fn epilogue_plane<T: Real, const FMA: bool, const W: usize>(
             }
         }
         _ => {
-            let c = if let AddendRef::Const(c) = addend {
-                *c
-            } else {
-                T::zero()
-            };
+            let c = if let AddendRef::Const(c) = addend { *c } else { T::zero() };
             if softplus {
                 for (v, &t) in o.iter_mut().zip(z) {
                     *v = (t * sc + sh).softplus() + c;
@@ -118,21 +102,10 @@ isa_variants!(fn epilogue_plane_dispatch<T>(z: &[T], o: &mut [T], sc: T, sh: T, 
 pub fn epilogue<T: Real>(z: &Tensor<T>, epi: &CpuEpilogue<'_, T>) -> Tensor<T> {
     let s = z.shape;
     let mut out = Tensor::zeros(s);
-    out.data
-        .par_chunks_mut(s.spatial())
-        .enumerate()
-        .for_each(|(p, o)| {
-            let (n, c) = (p / s.c, p % s.c);
-            epilogue_plane_dispatch(
-                z.plane(n, c),
-                o,
-                epi.scale[c],
-                epi.shift[c],
-                epi.softplus,
-                &epi.addend,
-                n,
-            );
-        });
+    out.data.par_chunks_mut(s.spatial()).enumerate().for_each(|(p, o)| {
+        let (n, c) = (p / s.c, p % s.c);
+        epilogue_plane_dispatch(z.plane(n, c), o, epi.scale[c], epi.shift[c], epi.softplus, &epi.addend, n);
+    });
     out
 }
 
@@ -140,31 +113,16 @@ pub fn epilogue<T: Real>(z: &Tensor<T>, epi: &CpuEpilogue<'_, T>) -> Tensor<T> {
 pub fn batch_stats<T: Real>(z: &Tensor<T>) -> ChannelStats {
     let s = z.shape;
     let m = (s.n * s.spatial()) as f64;
-    let plane_sums: Vec<f64> = (0..s.n * s.c)
-        .into_par_iter()
-        .map(|p| {
-            z.data[p * s.spatial()..][..s.spatial()]
-                .iter()
-                .map(|v| v.f64())
-                .sum()
-        })
-        .collect();
-    let mean: Vec<f64> = (0..s.c)
-        .map(|c| (0..s.n).map(|n| plane_sums[n * s.c + c]).sum::<f64>() / m)
-        .collect();
+    let plane_sums: Vec<f64> = (0..s.n * s.c).into_par_iter().map(|p| z.data[p * s.spatial()..][..s.spatial()].iter().map(|v| v.f64()).sum()).collect();
+    let mean: Vec<f64> = (0..s.c).map(|c| (0..s.n).map(|n| plane_sums[n * s.c + c]).sum::<f64>() / m).collect();
     let plane_sq: Vec<f64> = (0..s.n * s.c)
         .into_par_iter()
         .map(|p| {
             let mu = mean[p % s.c];
-            z.data[p * s.spatial()..][..s.spatial()]
-                .iter()
-                .map(|v| (v.f64() - mu) * (v.f64() - mu))
-                .sum()
+            z.data[p * s.spatial()..][..s.spatial()].iter().map(|v| (v.f64() - mu) * (v.f64() - mu)).sum()
         })
         .collect();
-    let var = (0..s.c)
-        .map(|c| (0..s.n).map(|n| plane_sq[n * s.c + c]).sum::<f64>() / m)
-        .collect();
+    let var = (0..s.c).map(|c| (0..s.n).map(|n| plane_sq[n * s.c + c]).sum::<f64>() / m).collect();
     ChannelStats { mean, var }
 }
 
@@ -187,11 +145,7 @@ fn epi_bw_pass1<T: Real, const FMA: bool, const W: usize>(
         let (mut b1, mut b2) = (T::zero(), T::zero());
         for ((v, &t), &g) in ob.iter_mut().zip(zb).zip(gb) {
             let xh = (t - mean) * inv_std;
-            let dh = if softplus {
-                g * (gamma * xh + beta).sigmoid()
-            } else {
-                g
-            };
+            let dh = if softplus { g * (gamma * xh + beta).sigmoid() } else { g };
             *v = dh;
             b1 += dh;
             b2 += dh * xh;
@@ -230,28 +184,21 @@ pub fn epilogue_backward<T: Real>(
             epi_bw_pass1_dispatch(z.plane(n, c), dy.plane(n, c), o, softplus, g, b, m, is)
         })
         .collect();
-    let dbeta: Vec<f64> = (0..s.c)
-        .map(|c| (0..s.n).map(|n| sums[n * s.c + c].0).sum())
-        .collect();
-    let dgamma: Vec<f64> = (0..s.c)
-        .map(|c| (0..s.n).map(|n| sums[n * s.c + c].1).sum())
-        .collect();
+    let dbeta: Vec<f64> = (0..s.c).map(|c| (0..s.n).map(|n| sums[n * s.c + c].0).sum()).collect();
+    let dgamma: Vec<f64> = (0..s.c).map(|c| (0..s.n).map(|n| sums[n * s.c + c].1).sum()).collect();
     if let Some(b) = bn {
         // dz = γ·σ⁻¹·(dh − mean(dh) − x̂·mean(dh·x̂))
         let m = (s.n * s.spatial()) as f64;
-        dz.data
-            .par_chunks_mut(s.spatial())
-            .enumerate()
-            .for_each(|(p, o)| {
-                let (n, c) = (p / s.c, p % s.c);
-                let k = b.gamma[c] * b.inv_std[c];
-                let (mb, mg) = (T::of(dbeta[c] / m), T::of(dgamma[c] / m));
-                let (mu, is) = (b.mean[c], b.inv_std[c]);
-                for (v, &t) in o.iter_mut().zip(z.plane(n, c)) {
-                    let xh = (t - mu) * is;
-                    *v = k * (*v - mb - xh * mg);
-                }
-            });
+        dz.data.par_chunks_mut(s.spatial()).enumerate().for_each(|(p, o)| {
+            let (n, c) = (p / s.c, p % s.c);
+            let k = b.gamma[c] * b.inv_std[c];
+            let (mb, mg) = (T::of(dbeta[c] / m), T::of(dgamma[c] / m));
+            let (mu, is) = (b.mean[c], b.inv_std[c]);
+            for (v, &t) in o.iter_mut().zip(z.plane(n, c)) {
+                let xh = (t - mu) * is;
+                *v = k * (*v - mb - xh * mg);
+            }
+        });
         (dz, dgamma, dbeta)
     } else {
         (dz, vec![], vec![])
@@ -260,37 +207,21 @@ pub fn epilogue_backward<T: Real>(
 
 /// q = a / (cm(fp) + eps), a with one channel.
 pub fn rl_divide<T: Real>(a: &Tensor<T>, fp: &Tensor<T>, eps: f64) -> Tensor<T> {
-    assert_eq!(
-        a.shape,
-        fp.shape.with_c(1),
-        "rl_divide: a {} vs fp {}",
-        a.shape,
-        fp.shape
-    );
+    assert_eq!(a.shape, fp.shape.with_c(1), "rl_divide: a {} vs fp {}", a.shape, fp.shape);
     let b = channel_mean(fp);
     let eps = T::of(eps);
     let mut q = Tensor::zeros(a.shape);
-    q.data
-        .par_chunks_mut(4096)
-        .zip(a.data.par_chunks(4096))
-        .zip(b.data.par_chunks(4096))
-        .for_each(|((q, a), b)| {
-            for ((q, &a), &b) in q.iter_mut().zip(a).zip(b) {
-                *q = a / (b + eps);
-            }
-        });
+    q.data.par_chunks_mut(4096).zip(a.data.par_chunks(4096)).zip(b.data.par_chunks(4096)).for_each(|((q, a), b)| {
+        for ((q, &a), &b) in q.iter_mut().zip(a).zip(b) {
+            *q = a / (b + eps);
+        }
+    });
     q
 }
 
 /// Spec §5: exact ∂a = dq/(b+ε), ∂b = −q/(b+ε)·dq; paper ∂a = dq, ∂b = −q²·dq;
 /// ∂fp = ∂b / C for every channel.
-pub fn rl_divide_backward<T: Real>(
-    a: &Tensor<T>,
-    fp: &Tensor<T>,
-    eps: f64,
-    dq: &Tensor<T>,
-    mode: GradMode,
-) -> (Tensor<T>, Tensor<T>) {
+pub fn rl_divide_backward<T: Real>(a: &Tensor<T>, fp: &Tensor<T>, eps: f64, dq: &Tensor<T>, mode: GradMode) -> (Tensor<T>, Tensor<T>) {
     let b = channel_mean(fp);
     let eps = T::of(eps);
     let mut da = Tensor::zeros(a.shape);
@@ -315,13 +246,7 @@ pub fn rl_divide_backward<T: Real>(
 
 /// e = a · cm(bp), a with one channel.
 pub fn rl_update<T: Real>(a: &Tensor<T>, bp: &Tensor<T>) -> Tensor<T> {
-    assert_eq!(
-        a.shape,
-        bp.shape.with_c(1),
-        "rl_update: a {} vs bp {}",
-        a.shape,
-        bp.shape
-    );
+    assert_eq!(a.shape, bp.shape.with_c(1), "rl_update: a {} vs bp {}", a.shape, bp.shape);
     let mut e = channel_mean(bp);
     for (e, &a) in e.data.iter_mut().zip(&a.data) {
         *e *= a;
@@ -330,37 +255,23 @@ pub fn rl_update<T: Real>(a: &Tensor<T>, bp: &Tensor<T>) -> Tensor<T> {
 }
 
 /// Spec §5: ∂bp = a·de / C (both modes); ∂a = cm(bp)·de (exact) or de (paper).
-pub fn rl_update_backward<T: Real>(
-    a: &Tensor<T>,
-    bp: &Tensor<T>,
-    de: &Tensor<T>,
-    mode: GradMode,
-) -> (Tensor<T>, Tensor<T>) {
+pub fn rl_update_backward<T: Real>(a: &Tensor<T>, bp: &Tensor<T>, de: &Tensor<T>, mode: GradMode) -> (Tensor<T>, Tensor<T>) {
     let m = channel_mean(bp);
     let da = match mode {
-        GradMode::Exact => Tensor {
-            shape: a.shape,
-            data: m.data.iter().zip(&de.data).map(|(&m, &g)| m * g).collect(),
-        },
+        GradMode::Exact => Tensor { shape: a.shape, data: m.data.iter().zip(&de.data).map(|(&m, &g)| m * g).collect() },
         GradMode::Paper => de.clone(),
     };
-    let dm = Tensor {
-        shape: a.shape,
-        data: a.data.iter().zip(&de.data).map(|(&a, &g)| a * g).collect(),
-    };
+    let dm = Tensor { shape: a.shape, data: a.data.iter().zip(&de.data).map(|(&a, &g)| a * g).collect() };
     (da, channel_mean_backward(&dm, bp.shape.c))
 }
 
 pub fn accumulate<T: Real>(acc: &mut Tensor<T>, t: &Tensor<T>) {
     assert_eq!(acc.shape, t.shape, "accumulate: shapes differ");
-    acc.data
-        .par_chunks_mut(4096)
-        .zip(t.data.par_chunks(4096))
-        .for_each(|(a, b)| {
-            for (a, &b) in a.iter_mut().zip(b) {
-                *a += b;
-            }
-        });
+    acc.data.par_chunks_mut(4096).zip(t.data.par_chunks(4096)).for_each(|(a, b)| {
+        for (a, &b) in a.iter_mut().zip(b) {
+            *a += b;
+        }
+    });
 }
 
 /// Index of the source voxel for position i of a dimension of size n mirror-padded
@@ -381,20 +292,17 @@ pub fn pad_even<T: Real>(x: &Tensor<T>) -> Tensor<T> {
         return x.clone();
     }
     let mut out = Tensor::zeros(os);
-    out.data
-        .par_chunks_mut(os.spatial())
-        .enumerate()
-        .for_each(|(p, o)| {
-            let src = &x.data[p * s.spatial()..][..s.spatial()];
-            for d in 0..os.d {
-                for h in 0..os.h {
-                    let r = (mirror(d, s.d) * s.h + mirror(h, s.h)) * s.w;
-                    for w in 0..os.w {
-                        o[(d * os.h + h) * os.w + w] = src[r + mirror(w, s.w)];
-                    }
+    out.data.par_chunks_mut(os.spatial()).enumerate().for_each(|(p, o)| {
+        let src = &x.data[p * s.spatial()..][..s.spatial()];
+        for d in 0..os.d {
+            for h in 0..os.h {
+                let r = (mirror(d, s.d) * s.h + mirror(h, s.h)) * s.w;
+                for w in 0..os.w {
+                    o[(d * os.h + h) * os.w + w] = src[r + mirror(w, s.w)];
                 }
             }
-        });
+        }
+    });
     out
 }
 
@@ -405,18 +313,14 @@ pub fn crop<T: Real>(x: &Tensor<T>, shape: Shape) -> Tensor<T> {
         return x.clone();
     }
     let mut out = Tensor::zeros(shape);
-    out.data
-        .par_chunks_mut(shape.spatial())
-        .enumerate()
-        .for_each(|(p, o)| {
-            let src = &x.data[p * s.spatial()..][..s.spatial()];
-            for d in 0..shape.d {
-                for h in 0..shape.h {
-                    o[(d * shape.h + h) * shape.w..][..shape.w]
-                        .copy_from_slice(&src[(d * s.h + h) * s.w..][..shape.w]);
-                }
+    out.data.par_chunks_mut(shape.spatial()).enumerate().for_each(|(p, o)| {
+        let src = &x.data[p * s.spatial()..][..s.spatial()];
+        for d in 0..shape.d {
+            for h in 0..shape.h {
+                o[(d * shape.h + h) * shape.w..][..shape.w].copy_from_slice(&src[(d * s.h + h) * s.w..][..shape.w]);
             }
-        });
+        }
+    });
     out
 }
 
@@ -432,12 +336,7 @@ pub fn uncrop_zeros<T: Real>(x: &Tensor<T>, shape: Shape) -> Tensor<T> {
         for d in 0..s.d {
             for h in 0..s.h {
                 // SAFETY: plane p is written by this task alone.
-                unsafe {
-                    ptr.write_slice(
-                        p * shape.spatial() + (d * shape.h + h) * shape.w,
-                        &src[(d * s.h + h) * s.w..][..s.w],
-                    )
-                };
+                unsafe { ptr.write_slice(p * shape.spatial() + (d * shape.h + h) * shape.w, &src[(d * s.h + h) * s.w..][..s.w]) };
             }
         }
     });

@@ -2,17 +2,12 @@
 //! out[2i+a, 2j+b, 2k+c, o] = Σ_in t[i, j, k, in] · W[in, o, a, b, c].
 //! It is about 1% of the network's arithmetic, so the loops are plain.
 
-use super::{AddendRef, CpuEpilogue, SyncPtr};
+use super::{CpuEpilogue, SyncPtr, AddendRef};
 use crate::real::Real;
 use crate::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 
-pub fn up2_forward<T: Real>(
-    x: &Tensor<T>,
-    weight: &[T],
-    c_out: usize,
-    epi: &CpuEpilogue<'_, T>,
-) -> Tensor<T> {
+pub fn up2_forward<T: Real>(x: &Tensor<T>, weight: &[T], c_out: usize, epi: &CpuEpilogue<'_, T>) -> Tensor<T> {
     let s = x.shape;
     let ci = s.c;
     assert_eq!(weight.len(), ci * c_out * 8);
@@ -46,9 +41,7 @@ pub fn up2_forward<T: Real>(
                     t += match epi.addend {
                         AddendRef::None => T::zero(),
                         AddendRef::Const(c) => c,
-                        AddendRef::SoftplusOf(a) => {
-                            a.plane(n, 0)[(od * os.h + oh) * os.w + ox].softplus()
-                        }
+                        AddendRef::SoftplusOf(a) => a.plane(n, 0)[(od * os.h + oh) * os.w + ox].softplus(),
                     };
                     *v = t;
                 }
@@ -76,8 +69,7 @@ pub fn up2_backward_data<T: Real>(dz: &Tensor<T>, weight: &[T], c_in: usize) -> 
                 for o in 0..c_out {
                     for a in 0..2 {
                         for b in 0..2 {
-                            let src =
-                                &dz.plane(n, o)[((2 * i + a) * os.h + 2 * j + b) * os.w..][..os.w];
+                            let src = &dz.plane(n, o)[((2 * i + a) * os.h + 2 * j + b) * os.w..][..os.w];
                             let w0 = weight[((ci * c_out + o) * 2 + a) * 4 + b * 2];
                             let w1 = weight[((ci * c_out + o) * 2 + a) * 4 + b * 2 + 1];
                             for k in 0..s.w {
@@ -115,8 +107,7 @@ pub fn up2_backward_weight<T: Real>(x: &Tensor<T>, dz: &Tensor<T>) -> Vec<f64> {
                                 let (mut s0, mut s1) = (T::zero(), T::zero());
                                 for j in 0..s.h {
                                     let src = &x.plane(n, c_in)[(i * s.h + j) * s.w..][..s.w];
-                                    let d = &dz.plane(n, o)
-                                        [((2 * i + a) * os.h + 2 * j + b) * os.w..][..os.w];
+                                    let d = &dz.plane(n, o)[((2 * i + a) * os.h + 2 * j + b) * os.w..][..os.w];
                                     for k in 0..s.w {
                                         s0 += src[k] * d[2 * k];
                                         s1 += src[k] * d[2 * k + 1];

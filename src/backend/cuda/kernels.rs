@@ -41,14 +41,10 @@ pub fn open_context(ordinal: usize) -> Result<Arc<CudaContext>> {
     }
     let count = CudaContext::device_count().map_err(|e| cuda_err("counting devices", e))?;
     if count <= 0 {
-        return Err(Error::Cuda(
-            "the CUDA driver reports no devices; use --device cpu".into(),
-        ));
+        return Err(Error::Cuda("the CUDA driver reports no devices; use --device cpu".into()));
     }
     if ordinal >= count as usize {
-        return Err(Error::Cuda(format!(
-            "device {ordinal} requested but only {count} present"
-        )));
+        return Err(Error::Cuda(format!("device {ordinal} requested but only {count} present")));
     }
     CudaContext::new(ordinal).map_err(|e| cuda_err("creating the CUDA context", e))
 }
@@ -56,9 +52,7 @@ pub fn open_context(ordinal: usize) -> Result<Arc<CudaContext>> {
 /// Loads module `m` into `ctx`: the sm_90 cubin on compute capability 9.0, else the
 /// compute_80 PTX (JIT-compiled by the driver), else the source through NVRTC.
 pub fn load(ctx: &Arc<CudaContext>, m: &KernelModule) -> Result<Arc<CudaModule>> {
-    let cc = ctx
-        .compute_capability()
-        .map_err(|e| cuda_err("compute capability", e))?;
+    let cc = ctx.compute_capability().map_err(|e| cuda_err("compute capability", e))?;
     if let (Some(cubin), (9, 0)) = (m.cubin_sm90, cc) {
         if let Ok(module) = ctx.load_module(Ptx::from_binary(cubin.to_vec())) {
             return Ok(module);
@@ -68,14 +62,10 @@ pub fn load(ctx: &Arc<CudaContext>, m: &KernelModule) -> Result<Arc<CudaModule>>
         Some(p) => Ptx::from_src(p),
         None => {
             let arch = format!("compute_{}{}", cc.0, cc.1);
-            let opts = cudarc::nvrtc::CompileOptions {
-                arch: Some(Box::leak(arch.into_boxed_str())),
-                ..Default::default()
-            };
+            let opts = cudarc::nvrtc::CompileOptions { arch: Some(Box::leak(arch.into_boxed_str())), ..Default::default() };
             cudarc::nvrtc::compile_ptx_with_opts(m.source, opts)
                 .map_err(|e| cuda_err(&format!("NVRTC compiling kernels/{}.cu", m.name), e))?
         }
     };
-    ctx.load_module(ptx)
-        .map_err(|e| cuda_err(&format!("loading kernels/{}.cu", m.name), e))
+    ctx.load_module(ptx).map_err(|e| cuda_err(&format!("loading kernels/{}.cu", m.name), e))
 }
