@@ -8,6 +8,7 @@
 use rayon::prelude::*;
 use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
 use rustfft::{num_complex::Complex32, Fft, FftPlanner};
+use std::ops::Range;
 use std::sync::Arc;
 
 /// Lines moved per task in the z transposes (8 complex values = one cache line).
@@ -197,14 +198,18 @@ impl Fft3 {
             );
     }
     /// [`Fft3::forward`] that leaves `input` untouched and multiplies the spectrum by
-    /// `kernel` (same layout) on the fly, when given.
+    /// `kernel` (same layout) on the fly, when given. `support` (z range, y range), when
+    /// given, promises that `input` is zero outside those planes and rows: their
+    /// transforms are skipped.
     pub fn forward_mul(
         &self,
         input: &[f32],
         kernel: Option<&[Complex32]>,
+        support: Option<(Range<usize>, Range<usize>)>,
         out: &mut [Complex32],
         scratch: &mut [Complex32],
     ) {
+        let (zr, yr) = support.unwrap_or((0..self.dims[0], 0..self.dims[1]));
         let [nz, ny, nx] = self.dims;
         let xc = self.xc;
         assert_eq!(input.len(), self.real_len());
@@ -214,23 +219,35 @@ impl Fft3 {
         input
             .par_chunks(nx * ny)
             .zip(out.par_chunks_mut(xc * ny))
+            .enumerate()
             .for_each_init(
                 || (r2c.make_scratch_vec(), r2c.make_input_vec()),
-                |(s, row), (inp, o)| {
-                    for (irow, orow) in inp.chunks_exact(nx).zip(o.chunks_exact_mut(xc)) {
-                        row.copy_from_slice(irow);
-                        let _ = r2c.process_with_scratch(row, orow, s);
+                |(s, row), (z, (inp, o))| {
+                    for (y, (irow, orow)) in
+                        inp.chunks_exact(nx).zip(o.chunks_exact_mut(xc)).enumerate()
+                    {
+                        if zr.contains(&z) && yr.contains(&y) {
+                            row.copy_from_slice(irow);
+                            let _ = r2c.process_with_scratch(row, orow, s);
+                        } else {
+                            orow.fill(Complex32::default());
+                        }
                     }
                 },
             );
         let fy = &self.fy;
         out.par_chunks(xc * ny)
             .zip(scratch.par_chunks_mut(xc * ny))
+            .enumerate()
             .for_each_init(
                 || vec![Complex32::default(); fy.get_inplace_scratch_len()],
-                |s, (a, b)| {
-                    transpose(a, b, ny, xc);
-                    fy.process_with_scratch(b, s);
+                |s, (z, (a, b))| {
+                    if zr.contains(&z) {
+                        transpose(a, b, ny, xc);
+                        fy.process_with_scratch(b, s);
+                    } else {
+                        b.fill(Complex32::default());
+                    }
                 },
             );
         let m = xc * ny;
@@ -258,14 +275,16 @@ impl Fft3 {
         );
     }
 
-    /// [`Fft3::inverse`] that hands each real z plane, as computed, to
+    /// [`Fft3::inverse`] that hands each real z plane in `planes`, as computed, to
     /// `sink(z, dst_plane, result_plane)` with the matching plane of `dst`, so that
-    /// pointwise work on the result needs no pass of its own.
+    /// pointwise work on the result needs no pass of its own. Planes of `dst` outside
+    /// `planes` are set to 0 without being computed.
     pub fn inverse_planes<F>(
         &self,
         spec: &mut [Complex32],
         scratch: &mut [Complex32],
         dst: &mut [f32],
+        planes: Range<usize>,
         sink: F,
     ) where
         F: Fn(usize, &mut [f32], &[f32]) + Sync,
@@ -287,6 +306,9 @@ impl Fft3 {
             .for_each(|(bi, o)| {
                 let z0 = bi * 8;
                 let cnt = o.len() / m;
+                if z0 + cnt <= planes.start || z0 >= planes.end {
+                    return;
+                }
                 for j in 0..m {
                     let col = &src[j * nz + z0..j * nz + z0 + cnt];
                     for (zz, &v) in col.iter().enumerate() {
@@ -311,6 +333,10 @@ impl Fft3 {
                     )
                 },
                 |(sy, plane_c, sx, plane_r), (z, (b, d))| {
+                    if !planes.contains(&z) {
+                        d.fill(0.0);
+                        return;
+                    }
                     iy.process_with_scratch(b, sy);
                     transpose(b, plane_c, xc, ny);
                     for (crow, orow) in plane_c
@@ -414,7 +440,7 @@ mod tests {
             vec![Complex32::default(); f.spectrum_len()],
         );
         let mut scr = a.clone();
-        f.forward_mul(&x, Some(&k), &mut a, &mut scr);
+        f.forward_mul(&x, Some(&k), None, &mut a, &mut scr);
         let mut xin = x.clone();
         f.forward(&mut xin, &mut b, &mut scr);
         b.iter_mut().zip(&k).for_each(|(v, w)| *v *= *w);
@@ -422,10 +448,45 @@ mod tests {
         let mut r1 = vec![0.0f32; n];
         f.inverse(&mut b, &mut r1, &mut scr);
         let mut r2 = vec![1.0f32; n];
-        f.inverse_planes(&mut a, &mut scr, &mut r2, |_, d, r| {
+        f.inverse_planes(&mut a, &mut scr, &mut r2, 0..dims[0], |_, d, r| {
             d.iter_mut().zip(r).for_each(|(d, r)| *d += r)
         });
         assert!(r1.iter().zip(&r2).all(|(p, q)| (p + 1.0 - q).abs() < 1e-4));
+
+        // pruned: input zero outside planes 1..4 and rows 2..7; output wanted on planes 2..5
+        let plane = dims[1] * dims[2];
+        let xs: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                if (1..4).contains(&(i / plane)) && (2..7).contains(&((i / dims[2]) % dims[1])) {
+                    v
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let (mut c, mut d) = (
+            vec![Complex32::default(); f.spectrum_len()],
+            vec![Complex32::default(); f.spectrum_len()],
+        );
+        f.forward_mul(&xs, None, Some((1..4, 2..7)), &mut c, &mut scr);
+        f.forward_mul(&xs, None, None, &mut d, &mut scr);
+        assert!(c.iter().zip(&d).all(|(p, q)| (p - q).norm() < 1e-4));
+        let mut full = vec![0.0f32; n];
+        f.inverse(&mut d, &mut full, &mut scr);
+        let mut part = vec![7.0f32; n];
+        f.inverse_planes(&mut c, &mut scr, &mut part, 2..5, |_, d, r| {
+            d.copy_from_slice(r)
+        });
+        for (i, (p, q)) in full.iter().zip(&part).enumerate() {
+            let want = if (2..5).contains(&(i / plane)) {
+                *p
+            } else {
+                0.0
+            };
+            assert!((want - q).abs() < 1e-4, "{i}: {want} vs {q}");
+        }
     }
 
     #[test]

@@ -481,10 +481,19 @@ impl RlPlan {
         let inv_norm = &self.inv_norm;
         for it in 1..=iterations {
             // He, and at once the ratio y / (He + b) on the observed region (0 elsewhere)
-            self.fft
-                .forward_mul(&est, Some(&self.otf), &mut spec, &mut scratch);
-            self.fft
-                .inverse_planes(&mut spec, &mut scratch, &mut tmp, |z, t, he| {
+            self.fft.forward_mul(
+                &est,
+                Some(&self.otf),
+                Some((0..self.ext[0], 0..self.ext[1])),
+                &mut spec,
+                &mut scratch,
+            );
+            self.fft.inverse_planes(
+                &mut spec,
+                &mut scratch,
+                &mut tmp,
+                os[0]..os[0] + od[0],
+                |z, t, he| {
                     if z < os[0] || z >= os[0] + od[0] {
                         t.iter_mut().for_each(|v| *v = 0.0);
                         return;
@@ -508,12 +517,22 @@ impl RlPlan {
                             };
                         }
                     }
-                });
+                },
+            );
             // B(ratio), and at once the multiplicative update e ← e · B(r) / B(1)
-            self.fft
-                .forward_mul(&tmp, Some(&self.otf_bp), &mut spec, &mut scratch);
-            self.fft
-                .inverse_planes(&mut spec, &mut scratch, &mut est, |z, e, g| {
+            self.fft.forward_mul(
+                &tmp,
+                Some(&self.otf_bp),
+                Some((os[0]..os[0] + od[0], os[1]..os[1] + od[1])),
+                &mut spec,
+                &mut scratch,
+            );
+            self.fft.inverse_planes(
+                &mut spec,
+                &mut scratch,
+                &mut est,
+                0..self.ext[0],
+                |z, e, g| {
                     let w = &inv_norm[z * plane..(z + 1) * plane];
                     for i in 0..plane {
                         // f32 round-off can make tiny negatives; the unmatched projector real ones
@@ -523,7 +542,8 @@ impl RlPlan {
                             0.0
                         };
                     }
-                });
+                },
+            );
             pb.inc(1);
             if let Some(obs) = observe.as_mut() {
                 let cur = self.crop_image(&est);
