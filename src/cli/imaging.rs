@@ -356,15 +356,19 @@ pub enum BoundaryArg {
 pub struct RlArgs {
     /// The volume to deconvolve.
     pub input: PathBuf,
+    /// The PSF (any size up to the image's; its center is voxel dims/2).
     #[arg(long)]
     pub psf: PathBuf,
+    /// Number of RL iterations.
     #[arg(long, default_value_t = 50)]
     pub iterations: usize,
+    /// Output volume (.tif/.tiff or .h5[:/dataset]).
     #[arg(short, long)]
     pub output: PathBuf,
     /// Constant background in the image model y = PSF ⊛ x + background.
     #[arg(long, default_value_t = 0.0)]
     pub background: f32,
+    /// matched: classical RL; wiener-butterworth: Guo et al. 2020's unmatched back projector (few iterations).
     #[arg(long, value_enum, default_value_t = BackProjectorArg::Matched)]
     pub back_projector: BackProjectorArg,
     /// Wiener–Butterworth: Wiener parameter.
@@ -376,6 +380,7 @@ pub struct RlArgs {
     /// Wiener–Butterworth: Butterworth order.
     #[arg(long, default_value_t = 10.0)]
     pub order: f64,
+    /// Edges: free (object may extend past the image; Bertero–Boccacci) or mirror (data reflected).
     #[arg(long, value_enum, default_value_t = BoundaryArg::Auto)]
     pub boundary: BoundaryArg,
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
@@ -435,7 +440,9 @@ pub enum NormalizeArg {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
+    /// The ground-truth volume.
     pub ground_truth: PathBuf,
+    /// The volume to score (same shape).
     pub prediction: PathBuf,
     /// Print JSON.
     #[arg(long)]
