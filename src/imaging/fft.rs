@@ -215,39 +215,40 @@ impl Fft3 {
         assert_eq!(input.len(), self.real_len());
         assert_eq!(out.len(), self.spectrum_len());
         assert_eq!(scratch.len(), self.spectrum_len());
-        let r2c = &self.r2c;
+        // x and y per plane in cache: r2c rows into a plane buffer, transpose, y FFTs
+        let (r2c, fy) = (&self.r2c, &self.fy);
         input
             .par_chunks(nx * ny)
-            .zip(out.par_chunks_mut(xc * ny))
-            .enumerate()
-            .for_each_init(
-                || (r2c.make_scratch_vec(), r2c.make_input_vec()),
-                |(s, row), (z, (inp, o))| {
-                    for (y, (irow, orow)) in
-                        inp.chunks_exact(nx).zip(o.chunks_exact_mut(xc)).enumerate()
-                    {
-                        if zr.contains(&z) && yr.contains(&y) {
-                            row.copy_from_slice(irow);
-                            let _ = r2c.process_with_scratch(row, orow, s);
-                        } else {
-                            orow.fill(Complex32::default());
-                        }
-                    }
-                },
-            );
-        let fy = &self.fy;
-        out.par_chunks(xc * ny)
             .zip(scratch.par_chunks_mut(xc * ny))
             .enumerate()
             .for_each_init(
-                || vec![Complex32::default(); fy.get_inplace_scratch_len()],
-                |s, (z, (a, b))| {
-                    if zr.contains(&z) {
-                        transpose(a, b, ny, xc);
-                        fy.process_with_scratch(b, s);
-                    } else {
+                || {
+                    (
+                        r2c.make_scratch_vec(),
+                        r2c.make_input_vec(),
+                        vec![Complex32::default(); xc * ny],
+                        vec![Complex32::default(); fy.get_inplace_scratch_len()],
+                    )
+                },
+                |(s, row, plane, sy), (z, (inp, b))| {
+                    if !zr.contains(&z) {
                         b.fill(Complex32::default());
+                        return;
                     }
+                    for (y, (irow, prow)) in inp
+                        .chunks_exact(nx)
+                        .zip(plane.chunks_exact_mut(xc))
+                        .enumerate()
+                    {
+                        if yr.contains(&y) {
+                            row.copy_from_slice(irow);
+                            let _ = r2c.process_with_scratch(row, prow, s);
+                        } else {
+                            prow.fill(Complex32::default());
+                        }
+                    }
+                    transpose(plane, b, ny, xc);
+                    fy.process_with_scratch(b, sy);
                 },
             );
         let m = xc * ny;
@@ -294,28 +295,35 @@ impl Fft3 {
         let m = xc * ny;
         assert_eq!(spec.len(), self.spectrum_len());
         assert_eq!(dst.len(), self.real_len());
+        // z inverse FFTs on BLOCK lines at a time, scattered straight into [z][m] planes
         let iz = &self.iz;
-        spec.par_chunks_mut(BLOCK * nz).for_each_init(
-            || vec![Complex32::default(); iz.get_inplace_scratch_len()],
-            |s, c| iz.process_with_scratch(c, s),
-        );
-        let src: &[Complex32] = spec;
-        scratch
-            .par_chunks_mut(8 * m)
-            .enumerate()
-            .for_each(|(bi, o)| {
-                let z0 = bi * 8;
-                let cnt = o.len() / m;
-                if z0 + cnt <= planes.start || z0 >= planes.end {
-                    return;
-                }
-                for j in 0..m {
-                    let col = &src[j * nz + z0..j * nz + z0 + cnt];
-                    for (zz, &v) in col.iter().enumerate() {
-                        o[zz * m + j] = v;
+        let dst_ptr = SharedMut(scratch.as_mut_ptr());
+        let sl = scratch.len();
+        spec.par_chunks(BLOCK * nz).enumerate().for_each_init(
+            || {
+                (
+                    vec![Complex32::default(); BLOCK * nz],
+                    vec![Complex32::default(); iz.get_inplace_scratch_len()],
+                )
+            },
+            |(buf, s), (bi, c)| {
+                let cnt = c.len() / nz;
+                let m0 = bi * BLOCK;
+                let b = &mut buf[..c.len()];
+                b.copy_from_slice(c);
+                iz.process_with_scratch(b, s);
+                for z in planes.clone() {
+                    for j in 0..cnt {
+                        let i = z * m + m0 + j;
+                        assert!(i < sl);
+                        // SAFETY: i < scratch.len(); each task owns the columns m0..m0+cnt of
+                        // every plane, so no two tasks write the same element, and scratch is
+                        // not read until the parallel loop has finished.
+                        unsafe { *dst_ptr.get().add(i) = b[j * nz + z] };
                     }
                 }
-            });
+            },
+        );
         let iy = &self.iy;
         let c2r = &self.c2r;
         let scale = 1.0 / (nx * ny * nz) as f32;
@@ -353,6 +361,157 @@ impl Fft3 {
                     sink(z, d, plane_r);
                 },
             );
+    }
+
+    /// Circular convolution with `kernel` (a spectrum in this layout) in one sweep per
+    /// stage: x/y transforms per plane, then per block of z lines FFT · kernel · inverse
+    /// FFT without leaving the cache, then inverse y/x per plane handed to
+    /// `sink(z, dst_plane, result_plane)` for z in `planes` (other planes of `dst` are set
+    /// to 0). `support` as in [`Fft3::forward_mul`]. Equals `forward_mul` followed by
+    /// `inverse_planes`, with one scratch buffer of `spectrum_len()` and no spectrum kept.
+    #[allow(clippy::too_many_arguments)]
+    pub fn convolve_planes<F>(
+        &self,
+        input: &[f32],
+        kernel: &[Complex32],
+        support: Option<(Range<usize>, Range<usize>)>,
+        scratch: &mut [Complex32],
+        dst: &mut [f32],
+        planes: Range<usize>,
+        sink: F,
+    ) where
+        F: Fn(usize, &mut [f32], &[f32]) + Sync,
+    {
+        let [nz, ny, nx] = self.dims;
+        let xc = self.xc;
+        let m = xc * ny;
+        assert_eq!(input.len(), self.real_len());
+        assert_eq!(dst.len(), self.real_len());
+        assert_eq!(scratch.len(), self.spectrum_len());
+        assert_eq!(kernel.len(), self.spectrum_len());
+        let (zr, yr) = support.unwrap_or((0..nz, 0..ny));
+        let (r2c, fy) = (&self.r2c, &self.fy);
+        input
+            .par_chunks(nx * ny)
+            .zip(scratch.par_chunks_mut(m))
+            .enumerate()
+            .for_each_init(
+                || {
+                    (
+                        r2c.make_scratch_vec(),
+                        r2c.make_input_vec(),
+                        vec![Complex32::default(); m],
+                        vec![Complex32::default(); fy.get_inplace_scratch_len()],
+                    )
+                },
+                |(s, row, plane, sy), (z, (inp, b))| {
+                    if !zr.contains(&z) {
+                        b.fill(Complex32::default());
+                        return;
+                    }
+                    for (y, (irow, prow)) in inp
+                        .chunks_exact(nx)
+                        .zip(plane.chunks_exact_mut(xc))
+                        .enumerate()
+                    {
+                        if yr.contains(&y) {
+                            row.copy_from_slice(irow);
+                            let _ = r2c.process_with_scratch(row, prow, s);
+                        } else {
+                            prow.fill(Complex32::default());
+                        }
+                    }
+                    transpose(plane, b, ny, xc);
+                    fy.process_with_scratch(b, sy);
+                },
+            );
+        // z: gather BLOCK columns, FFT, multiply, inverse FFT, scatter back (same columns)
+        let (fz, iz) = (&self.fz, &self.iz);
+        let ptr = SharedMut(scratch.as_mut_ptr());
+        let sl = self.spectrum_len();
+        let nblocks = m.div_ceil(BLOCK);
+        (0..nblocks).into_par_iter().for_each_init(
+            || {
+                (
+                    vec![Complex32::default(); BLOCK * nz],
+                    vec![
+                        Complex32::default();
+                        fz.get_inplace_scratch_len()
+                            .max(iz.get_inplace_scratch_len())
+                    ],
+                )
+            },
+            |(buf, s), bi| {
+                let m0 = bi * BLOCK;
+                let cnt = BLOCK.min(m - m0);
+                let b = &mut buf[..cnt * nz];
+                assert!((nz - 1) * m + m0 + cnt <= sl);
+                for z in 0..nz {
+                    for j in 0..cnt {
+                        // SAFETY: in bounds (asserted); this task alone reads and writes
+                        // columns m0..m0+cnt, no other reference to scratch is used meanwhile.
+                        b[j * nz + z] = unsafe { *ptr.get().add(z * m + m0 + j) };
+                    }
+                }
+                fz.process_with_scratch(b, s);
+                for (a, k) in b.iter_mut().zip(&kernel[m0 * nz..(m0 + cnt) * nz]) {
+                    *a *= *k;
+                }
+                iz.process_with_scratch(b, s);
+                for z in planes.clone() {
+                    for j in 0..cnt {
+                        // SAFETY: as above.
+                        unsafe { *ptr.get().add(z * m + m0 + j) = b[j * nz + z] };
+                    }
+                }
+            },
+        );
+        let (iy, c2r) = (&self.iy, &self.c2r);
+        let scale = 1.0 / (nx * ny * nz) as f32;
+        scratch
+            .par_chunks_mut(m)
+            .zip(dst.par_chunks_mut(nx * ny))
+            .enumerate()
+            .for_each_init(
+                || {
+                    (
+                        vec![Complex32::default(); iy.get_inplace_scratch_len()],
+                        vec![Complex32::default(); m],
+                        c2r.make_scratch_vec(),
+                        vec![0.0f32; nx * ny],
+                    )
+                },
+                |(sy, plane_c, sx, plane_r), (z, (b, d))| {
+                    if !planes.contains(&z) {
+                        d.fill(0.0);
+                        return;
+                    }
+                    iy.process_with_scratch(b, sy);
+                    transpose(b, plane_c, xc, ny);
+                    for (crow, orow) in plane_c
+                        .chunks_exact_mut(xc)
+                        .zip(plane_r.chunks_exact_mut(nx))
+                    {
+                        crow[0].im = 0.0;
+                        if nx % 2 == 0 {
+                            crow[xc - 1].im = 0.0;
+                        }
+                        let _ = c2r.process_with_scratch(crow, orow, sx);
+                        orow.iter_mut().for_each(|v| *v *= scale);
+                    }
+                    sink(z, d, plane_r);
+                },
+            );
+    }
+}
+
+/// A pointer that parallel tasks may share because each writes disjoint elements.
+struct SharedMut(*mut Complex32);
+unsafe impl Sync for SharedMut {}
+unsafe impl Send for SharedMut {}
+impl SharedMut {
+    fn get(&self) -> *mut Complex32 {
+        self.0
     }
 }
 

@@ -470,7 +470,6 @@ impl RlPlan {
             }
         });
         let mut tmp = vec![0.0f32; n];
-        let mut spec = vec![Complex32::default(); sl];
         let mut scratch = vec![Complex32::default(); sl];
         let clamp_floor = if matches!(self.back_projector, BackProjector::Matched) {
             0.0
@@ -481,15 +480,10 @@ impl RlPlan {
         let inv_norm = &self.inv_norm;
         for it in 1..=iterations {
             // He, and at once the ratio y / (He + b) on the observed region (0 elsewhere)
-            self.fft.forward_mul(
+            self.fft.convolve_planes(
                 &est,
-                Some(&self.otf),
+                &self.otf,
                 Some((0..self.ext[0], 0..self.ext[1])),
-                &mut spec,
-                &mut scratch,
-            );
-            self.fft.inverse_planes(
-                &mut spec,
                 &mut scratch,
                 &mut tmp,
                 os[0]..os[0] + od[0],
@@ -520,15 +514,10 @@ impl RlPlan {
                 },
             );
             // B(ratio), and at once the multiplicative update e ← e · B(r) / B(1)
-            self.fft.forward_mul(
+            self.fft.convolve_planes(
                 &tmp,
-                Some(&self.otf_bp),
+                &self.otf_bp,
                 Some((os[0]..os[0] + od[0], os[1]..os[1] + od[1])),
-                &mut spec,
-                &mut scratch,
-            );
-            self.fft.inverse_planes(
-                &mut spec,
                 &mut scratch,
                 &mut est,
                 0..self.ext[0],
