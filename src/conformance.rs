@@ -39,11 +39,7 @@ pub struct Report {
 
 impl Report {
     pub fn worst(&self, prefix: &str) -> f64 {
-        self.rows
-            .iter()
-            .filter(|r| r.key.starts_with(prefix))
-            .map(|r| r.rel_err)
-            .fold(0.0, f64::max)
+        self.rows.iter().filter(|r| r.key.starts_with(prefix)).map(|r| r.rel_err).fold(0.0, f64::max)
     }
 }
 
@@ -56,21 +52,13 @@ fn read_volume<T: Real>(file: &TensorFile, key: &str) -> Result<Tensor<T>> {
             let data: Vec<T> = t.data.iter().map(|&v| T::of(v)).collect();
             Tensor::from_ndhwc(shape, &data)
         }
-        s => Err(Error::format(
-            &file.path,
-            format!("'{key}' has shape {s:?}; expected [N, D, H, W, 1] (NDHWC, one channel)"),
-        )),
+        s => Err(Error::format(&file.path, format!("'{key}' has shape {s:?}; expected [N, D, H, W, 1] (NDHWC, one channel)"))),
     }
 }
 
 fn row(key: String, got: &[f64], want: &[f64], tol: f64) -> Row {
     let e = rel_l2(got, want);
-    Row {
-        key,
-        rel_err: e,
-        tol,
-        pass: e <= tol,
-    }
+    Row { key, rel_err: e, tol, pass: e <= tol }
 }
 
 /// Runs the conformance check of `model` on `vectors` with the CPU backend in precision T.
@@ -83,36 +71,19 @@ pub fn run<T: Real>(model: &Model<f32>, vectors: &Path) -> Result<Report> {
     let x: Tensor<T> = read_volume(&file, "input")?;
     let g: Tensor<T> = read_volume(&file, "ground_truth")?;
     if x.shape != g.shape {
-        return Err(Error::format(
-            vectors,
-            format!(
-                "input {} and ground_truth {} differ in shape",
-                x.shape, g.shape
-            ),
-        ));
+        return Err(Error::format(vectors, format!("input {} and ground_truth {} differ in shape", x.shape, g.shape)));
     }
     let b = CpuBackend::<T>::new();
     let net = Rln::new(&b, &model);
     let mut rows = Vec::new();
     let f64v = |t: &Tensor<T>| t.data.iter().map(|v| v.f64()).collect::<Vec<f64>>();
-    let mut compare_outputs = |mode: &str,
-                               y: &Tensor<T>,
-                               e1r: &Tensor<T>,
-                               e2r: &Tensor<T>,
-                               terms: LossTerms,
-                               tol: f64|
-     -> Result<()> {
+    let mut compare_outputs = |mode: &str, y: &Tensor<T>, e1r: &Tensor<T>, e2r: &Tensor<T>, terms: LossTerms, tol: f64| -> Result<()> {
         for (k, t) in [("prediction", y), ("e1_raw", e1r), ("e2_raw", e2r)] {
             let key = format!("{mode}.{k}");
             let want = read_volume::<f64>(&file, &key)?;
             rows.push(row(key, &f64v(t), &want.data, tol));
         }
-        for (k, v) in [
-            ("mse", terms.mse),
-            ("mse_aux", terms.mse_aux),
-            ("ssim", terms.ssim),
-            ("loss", terms.loss),
-        ] {
+        for (k, v) in [("mse", terms.mse), ("mse_aux", terms.mse_aux), ("ssim", terms.ssim), ("loss", terms.loss)] {
             let key = format!("{mode}.{k}");
             let want = file.get_len(&key, 1)?;
             rows.push(row(key, &[v], &want.data, tol));
@@ -123,48 +94,25 @@ pub fn run<T: Real>(model: &Model<f32>, vectors: &Path) -> Result<Report> {
     // inference mode: running statistics
     let fwd = net.forward(&x, BnMode::Running, false);
     let terms = loss_terms(&fwd.prediction.data, &fwd.e1_raw.data, &x.data, &g.data);
-    compare_outputs(
-        "infer",
-        &fwd.prediction,
-        &fwd.e1_raw,
-        &fwd.e2_raw,
-        terms,
-        TOL_INFER,
-    )?;
+    compare_outputs("infer", &fwd.prediction, &fwd.e1_raw, &fwd.e2_raw, terms, TOL_INFER)?;
 
     // training mode: batch statistics, loss gradient, paper-mode backward
     let fwd = net.forward(&x, BnMode::Batch, true);
     let (terms, dy, de1r) = b.loss(&fwd.prediction, &fwd.e1_raw, &x, &g);
-    compare_outputs(
-        "train",
-        &fwd.prediction,
-        &fwd.e1_raw,
-        &fwd.e2_raw,
-        terms,
-        TOL_TRAIN,
-    )?;
+    compare_outputs("train", &fwd.prediction, &fwd.e1_raw, &fwd.e2_raw, terms, TOL_TRAIN)?;
     let grads = net.backward(&fwd, &dy, &de1r, GradMode::Paper);
     for (l, k) in grads.ids() {
         let name = tf_param_name(l, k).expect("every trainable tensor has a TF name");
         let key = format!("grad.{name}");
         let want = file.get(&key)?;
         let got = grads.tensor(l, k);
-        let got = if matches!(LAYERS[l].op, LayerOp::Conv3 | LayerOp::Up2)
-            && k == crate::model::ParamKind::Weight
-        {
+        let got = if matches!(LAYERS[l].op, LayerOp::Conv3 | LayerOp::Up2) && k == crate::model::ParamKind::Weight {
             engine_to_tf(&LAYERS[l], got)
         } else {
             got.clone()
         };
         if want.data.len() != got.len() {
-            return Err(Error::format(
-                vectors,
-                format!(
-                    "'{key}' has {} values; the model's tensor has {}",
-                    want.data.len(),
-                    got.len()
-                ),
-            ));
+            return Err(Error::format(vectors, format!("'{key}' has {} values; the model's tensor has {}", want.data.len(), got.len())));
         }
         rows.push(row(key, &got, &want.data, TOL_GRAD));
     }

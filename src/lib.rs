@@ -35,9 +35,7 @@ pub use error::{Error, Result};
 /// Sets the number of CPU threads for all parallel work (0: one per core). Call once,
 /// before any other work; later calls are ignored.
 pub fn set_threads(n: usize) {
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
 }
 
 /// The number of threads parallel work runs on.

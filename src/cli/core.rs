@@ -62,9 +62,7 @@ pub struct ConformanceArgs {
 
 pub fn conformance(a: &ConformanceArgs) -> Result<()> {
     if a.device == ConformanceDevice::Cuda {
-        bail!(
-            "conformance on the CUDA device is not available in this build yet; use --device cpu"
-        );
+        bail!("conformance on the CUDA device is not available in this build yet; use --device cpu");
     }
     let model = Model::<f32>::load(&a.model)?;
     let report = match a.precision {
@@ -76,19 +74,10 @@ pub fn conformance(a: &ConformanceArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         let [n, d, h, w] = report.input_shape;
-        println!(
-            "vectors {} (batch {n}, volume {d}×{h}×{w}), CPU {}",
-            report.vectors, report.precision
-        );
+        println!("vectors {} (batch {n}, volume {d}×{h}×{w}), CPU {}", report.vectors, report.precision);
         println!("{:<48} {:>10} {:>8}  ", "key", "rel L2", "tol");
         for r in &report.rows {
-            println!(
-                "{:<48} {:>10.2e} {:>8.0e}  {}",
-                r.key,
-                r.rel_err,
-                r.tol,
-                if r.pass { "ok" } else { "FAIL" }
-            );
+            println!("{:<48} {:>10.2e} {:>8.0e}  {}", r.key, r.rel_err, r.tol, if r.pass { "ok" } else { "FAIL" });
         }
         let failed = report.rows.iter().filter(|r| !r.pass).count();
         println!("{} keys, {} failed", report.rows.len(), failed);

@@ -8,10 +8,11 @@
 use rayon::prelude::*;
 use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
 use rustfft::{num_complex::Complex32, Fft, FftPlanner};
+use std::ops::Range;
 use std::sync::Arc;
 
-/// Block of lines moved per task in the transposes (one cache line of 8 complex values).
-const BLOCK: usize = 8;
+/// Lines moved per task in the z transposes (8 complex values = one cache line).
+const BLOCK: usize = 16;
 
 pub struct Fft3 {
     /// Real-space (z, y, x) size.
@@ -196,6 +197,322 @@ impl Fft3 {
                 },
             );
     }
+    /// [`Fft3::forward`] that leaves `input` untouched and multiplies the spectrum by
+    /// `kernel` (same layout) on the fly, when given. `support` (z range, y range), when
+    /// given, promises that `input` is zero outside those planes and rows: their
+    /// transforms are skipped.
+    pub fn forward_mul(
+        &self,
+        input: &[f32],
+        kernel: Option<&[Complex32]>,
+        support: Option<(Range<usize>, Range<usize>)>,
+        out: &mut [Complex32],
+        scratch: &mut [Complex32],
+    ) {
+        let (zr, yr) = support.unwrap_or((0..self.dims[0], 0..self.dims[1]));
+        let [nz, ny, nx] = self.dims;
+        let xc = self.xc;
+        assert_eq!(input.len(), self.real_len());
+        assert_eq!(out.len(), self.spectrum_len());
+        assert_eq!(scratch.len(), self.spectrum_len());
+        // x and y per plane in cache: r2c rows into a plane buffer, transpose, y FFTs
+        let (r2c, fy) = (&self.r2c, &self.fy);
+        input
+            .par_chunks(nx * ny)
+            .zip(scratch.par_chunks_mut(xc * ny))
+            .enumerate()
+            .for_each_init(
+                || {
+                    (
+                        r2c.make_scratch_vec(),
+                        r2c.make_input_vec(),
+                        vec![Complex32::default(); xc * ny],
+                        vec![Complex32::default(); fy.get_inplace_scratch_len()],
+                    )
+                },
+                |(s, row, plane, sy), (z, (inp, b))| {
+                    if !zr.contains(&z) {
+                        b.fill(Complex32::default());
+                        return;
+                    }
+                    for (y, (irow, prow)) in inp
+                        .chunks_exact(nx)
+                        .zip(plane.chunks_exact_mut(xc))
+                        .enumerate()
+                    {
+                        if yr.contains(&y) {
+                            row.copy_from_slice(irow);
+                            let _ = r2c.process_with_scratch(row, prow, s);
+                        } else {
+                            prow.fill(Complex32::default());
+                        }
+                    }
+                    transpose(plane, b, ny, xc);
+                    fy.process_with_scratch(b, sy);
+                },
+            );
+        let m = xc * ny;
+        let fz = &self.fz;
+        let src: &[Complex32] = scratch;
+        out.par_chunks_mut(BLOCK * nz).enumerate().for_each_init(
+            || vec![Complex32::default(); fz.get_inplace_scratch_len()],
+            |s, (bi, o)| {
+                let m0 = bi * BLOCK;
+                let cnt = o.len() / nz;
+                for z in 0..nz {
+                    let row = &src[z * m + m0..z * m + m0 + cnt];
+                    for (j, &v) in row.iter().enumerate() {
+                        o[j * nz + z] = v;
+                    }
+                }
+                fz.process_with_scratch(o, s);
+                if let Some(k) = kernel {
+                    let len = o.len();
+                    for (a, b) in o.iter_mut().zip(&k[m0 * nz..m0 * nz + len]) {
+                        *a *= *b;
+                    }
+                }
+            },
+        );
+    }
+
+    /// [`Fft3::inverse`] that hands each real z plane in `planes`, as computed, to
+    /// `sink(z, dst_plane, result_plane)` with the matching plane of `dst`, so that
+    /// pointwise work on the result needs no pass of its own. Planes of `dst` outside
+    /// `planes` are set to 0 without being computed.
+    pub fn inverse_planes<F>(
+        &self,
+        spec: &mut [Complex32],
+        scratch: &mut [Complex32],
+        dst: &mut [f32],
+        planes: Range<usize>,
+        sink: F,
+    ) where
+        F: Fn(usize, &mut [f32], &[f32]) + Sync,
+    {
+        let [nz, ny, nx] = self.dims;
+        let xc = self.xc;
+        let m = xc * ny;
+        assert_eq!(spec.len(), self.spectrum_len());
+        assert_eq!(dst.len(), self.real_len());
+        // z inverse FFTs on BLOCK lines at a time, scattered straight into [z][m] planes
+        let iz = &self.iz;
+        let dst_ptr = SharedMut(scratch.as_mut_ptr());
+        let sl = scratch.len();
+        spec.par_chunks(BLOCK * nz).enumerate().for_each_init(
+            || {
+                (
+                    vec![Complex32::default(); BLOCK * nz],
+                    vec![Complex32::default(); iz.get_inplace_scratch_len()],
+                )
+            },
+            |(buf, s), (bi, c)| {
+                let cnt = c.len() / nz;
+                let m0 = bi * BLOCK;
+                let b = &mut buf[..c.len()];
+                b.copy_from_slice(c);
+                iz.process_with_scratch(b, s);
+                for z in planes.clone() {
+                    for j in 0..cnt {
+                        let i = z * m + m0 + j;
+                        assert!(i < sl);
+                        // SAFETY: i < scratch.len(); each task owns the columns m0..m0+cnt of
+                        // every plane, so no two tasks write the same element, and scratch is
+                        // not read until the parallel loop has finished.
+                        unsafe { *dst_ptr.get().add(i) = b[j * nz + z] };
+                    }
+                }
+            },
+        );
+        let iy = &self.iy;
+        let c2r = &self.c2r;
+        let scale = 1.0 / (nx * ny * nz) as f32;
+        scratch
+            .par_chunks_mut(m)
+            .zip(dst.par_chunks_mut(nx * ny))
+            .enumerate()
+            .for_each_init(
+                || {
+                    (
+                        vec![Complex32::default(); iy.get_inplace_scratch_len()],
+                        vec![Complex32::default(); m],
+                        c2r.make_scratch_vec(),
+                        vec![0.0f32; nx * ny],
+                    )
+                },
+                |(sy, plane_c, sx, plane_r), (z, (b, d))| {
+                    if !planes.contains(&z) {
+                        d.fill(0.0);
+                        return;
+                    }
+                    iy.process_with_scratch(b, sy);
+                    transpose(b, plane_c, xc, ny);
+                    for (crow, orow) in plane_c
+                        .chunks_exact_mut(xc)
+                        .zip(plane_r.chunks_exact_mut(nx))
+                    {
+                        crow[0].im = 0.0;
+                        if nx % 2 == 0 {
+                            crow[xc - 1].im = 0.0;
+                        }
+                        let _ = c2r.process_with_scratch(crow, orow, sx);
+                        orow.iter_mut().for_each(|v| *v *= scale);
+                    }
+                    sink(z, d, plane_r);
+                },
+            );
+    }
+
+    /// Circular convolution with `kernel` (a spectrum in this layout) in one sweep per
+    /// stage: x/y transforms per plane, then per block of z lines FFT · kernel · inverse
+    /// FFT without leaving the cache, then inverse y/x per plane handed to
+    /// `sink(z, dst_plane, result_plane)` for z in `planes` (other planes of `dst` are set
+    /// to 0). `support` as in [`Fft3::forward_mul`]. Equals `forward_mul` followed by
+    /// `inverse_planes`, with one scratch buffer of `spectrum_len()` and no spectrum kept.
+    #[allow(clippy::too_many_arguments)]
+    pub fn convolve_planes<F>(
+        &self,
+        input: &[f32],
+        kernel: &[Complex32],
+        support: Option<(Range<usize>, Range<usize>)>,
+        scratch: &mut [Complex32],
+        dst: &mut [f32],
+        planes: Range<usize>,
+        sink: F,
+    ) where
+        F: Fn(usize, &mut [f32], &[f32]) + Sync,
+    {
+        let [nz, ny, nx] = self.dims;
+        let xc = self.xc;
+        let m = xc * ny;
+        assert_eq!(input.len(), self.real_len());
+        assert_eq!(dst.len(), self.real_len());
+        assert_eq!(scratch.len(), self.spectrum_len());
+        assert_eq!(kernel.len(), self.spectrum_len());
+        let (zr, yr) = support.unwrap_or((0..nz, 0..ny));
+        let (r2c, fy) = (&self.r2c, &self.fy);
+        input
+            .par_chunks(nx * ny)
+            .zip(scratch.par_chunks_mut(m))
+            .enumerate()
+            .for_each_init(
+                || {
+                    (
+                        r2c.make_scratch_vec(),
+                        r2c.make_input_vec(),
+                        vec![Complex32::default(); m],
+                        vec![Complex32::default(); fy.get_inplace_scratch_len()],
+                    )
+                },
+                |(s, row, plane, sy), (z, (inp, b))| {
+                    if !zr.contains(&z) {
+                        b.fill(Complex32::default());
+                        return;
+                    }
+                    for (y, (irow, prow)) in inp
+                        .chunks_exact(nx)
+                        .zip(plane.chunks_exact_mut(xc))
+                        .enumerate()
+                    {
+                        if yr.contains(&y) {
+                            row.copy_from_slice(irow);
+                            let _ = r2c.process_with_scratch(row, prow, s);
+                        } else {
+                            prow.fill(Complex32::default());
+                        }
+                    }
+                    transpose(plane, b, ny, xc);
+                    fy.process_with_scratch(b, sy);
+                },
+            );
+        // z: gather BLOCK columns, FFT, multiply, inverse FFT, scatter back (same columns)
+        let (fz, iz) = (&self.fz, &self.iz);
+        let ptr = SharedMut(scratch.as_mut_ptr());
+        let sl = self.spectrum_len();
+        let nblocks = m.div_ceil(BLOCK);
+        (0..nblocks).into_par_iter().for_each_init(
+            || {
+                (
+                    vec![Complex32::default(); BLOCK * nz],
+                    vec![
+                        Complex32::default();
+                        fz.get_inplace_scratch_len()
+                            .max(iz.get_inplace_scratch_len())
+                    ],
+                )
+            },
+            |(buf, s), bi| {
+                let m0 = bi * BLOCK;
+                let cnt = BLOCK.min(m - m0);
+                let b = &mut buf[..cnt * nz];
+                assert!((nz - 1) * m + m0 + cnt <= sl);
+                for z in 0..nz {
+                    for j in 0..cnt {
+                        // SAFETY: in bounds (asserted); this task alone reads and writes
+                        // columns m0..m0+cnt, no other reference to scratch is used meanwhile.
+                        b[j * nz + z] = unsafe { *ptr.get().add(z * m + m0 + j) };
+                    }
+                }
+                fz.process_with_scratch(b, s);
+                for (a, k) in b.iter_mut().zip(&kernel[m0 * nz..(m0 + cnt) * nz]) {
+                    *a *= *k;
+                }
+                iz.process_with_scratch(b, s);
+                for z in planes.clone() {
+                    for j in 0..cnt {
+                        // SAFETY: as above.
+                        unsafe { *ptr.get().add(z * m + m0 + j) = b[j * nz + z] };
+                    }
+                }
+            },
+        );
+        let (iy, c2r) = (&self.iy, &self.c2r);
+        let scale = 1.0 / (nx * ny * nz) as f32;
+        scratch
+            .par_chunks_mut(m)
+            .zip(dst.par_chunks_mut(nx * ny))
+            .enumerate()
+            .for_each_init(
+                || {
+                    (
+                        vec![Complex32::default(); iy.get_inplace_scratch_len()],
+                        vec![Complex32::default(); m],
+                        c2r.make_scratch_vec(),
+                        vec![0.0f32; nx * ny],
+                    )
+                },
+                |(sy, plane_c, sx, plane_r), (z, (b, d))| {
+                    if !planes.contains(&z) {
+                        d.fill(0.0);
+                        return;
+                    }
+                    iy.process_with_scratch(b, sy);
+                    transpose(b, plane_c, xc, ny);
+                    for (crow, orow) in plane_c
+                        .chunks_exact_mut(xc)
+                        .zip(plane_r.chunks_exact_mut(nx))
+                    {
+                        crow[0].im = 0.0;
+                        if nx % 2 == 0 {
+                            crow[xc - 1].im = 0.0;
+                        }
+                        let _ = c2r.process_with_scratch(crow, orow, sx);
+                        orow.iter_mut().for_each(|v| *v *= scale);
+                    }
+                    sink(z, d, plane_r);
+                },
+            );
+    }
+}
+
+/// A pointer that parallel tasks may share because each writes disjoint elements.
+struct SharedMut(*mut Complex32);
+unsafe impl Sync for SharedMut {}
+unsafe impl Send for SharedMut {}
+impl SharedMut {
+    fn get(&self) -> *mut Complex32 {
+        self.0
+    }
 }
 
 /// `b[c][r] = a[r][c]` for an `rows × cols` matrix `a`, in cache-sized tiles.
@@ -265,6 +582,69 @@ mod tests {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0f32, f32::max);
             assert!(err < 1e-5, "{dims:?} round trip error {err}");
+        }
+    }
+
+    #[test]
+    fn fused_variants_match_the_plain_transforms() {
+        let dims = [6usize, 10, 8];
+        let n: usize = dims.iter().product();
+        let x: Vec<f32> = (0..n).map(|i| ((i * 31) % 17) as f32 - 8.0).collect();
+        let f = Fft3::new(dims);
+        let k: Vec<Complex32> = (0..f.spectrum_len())
+            .map(|i| Complex32::new(1.0 + (i % 3) as f32, (i % 5) as f32 - 2.0))
+            .collect();
+        let (mut a, mut b) = (
+            vec![Complex32::default(); f.spectrum_len()],
+            vec![Complex32::default(); f.spectrum_len()],
+        );
+        let mut scr = a.clone();
+        f.forward_mul(&x, Some(&k), None, &mut a, &mut scr);
+        let mut xin = x.clone();
+        f.forward(&mut xin, &mut b, &mut scr);
+        b.iter_mut().zip(&k).for_each(|(v, w)| *v *= *w);
+        assert!(a.iter().zip(&b).all(|(p, q)| (p - q).norm() < 1e-3));
+        let mut r1 = vec![0.0f32; n];
+        f.inverse(&mut b, &mut r1, &mut scr);
+        let mut r2 = vec![1.0f32; n];
+        f.inverse_planes(&mut a, &mut scr, &mut r2, 0..dims[0], |_, d, r| {
+            d.iter_mut().zip(r).for_each(|(d, r)| *d += r)
+        });
+        assert!(r1.iter().zip(&r2).all(|(p, q)| (p + 1.0 - q).abs() < 1e-4));
+
+        // pruned: input zero outside planes 1..4 and rows 2..7; output wanted on planes 2..5
+        let plane = dims[1] * dims[2];
+        let xs: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                if (1..4).contains(&(i / plane)) && (2..7).contains(&((i / dims[2]) % dims[1])) {
+                    v
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let (mut c, mut d) = (
+            vec![Complex32::default(); f.spectrum_len()],
+            vec![Complex32::default(); f.spectrum_len()],
+        );
+        f.forward_mul(&xs, None, Some((1..4, 2..7)), &mut c, &mut scr);
+        f.forward_mul(&xs, None, None, &mut d, &mut scr);
+        assert!(c.iter().zip(&d).all(|(p, q)| (p - q).norm() < 1e-4));
+        let mut full = vec![0.0f32; n];
+        f.inverse(&mut d, &mut full, &mut scr);
+        let mut part = vec![7.0f32; n];
+        f.inverse_planes(&mut c, &mut scr, &mut part, 2..5, |_, d, r| {
+            d.copy_from_slice(r)
+        });
+        for (i, (p, q)) in full.iter().zip(&part).enumerate() {
+            let want = if (2..5).contains(&(i / plane)) {
+                *p
+            } else {
+                0.0
+            };
+            assert!((want - q).abs() < 1e-4, "{i}: {want} vs {q}");
         }
     }
 

@@ -34,12 +34,31 @@ pub enum BackProjector {
 }
 
 impl BackProjector {
-    /// Defaults in the ranges Guo et al. recommend (α 1e-4…1e-3, β 1e-3…1e-2, n 4…15).
+    /// Defaults from a sweep on synthetic pairs (docs/imaging.md): Guo et al.'s suggested
+    /// α of 1e-4…1e-3 amplifies noise until the multiplicative update degrades on
+    /// widefield data; α = 0.1 is stable. β hardly matters at α = 0.1.
     pub const WB_DEFAULT: BackProjector = BackProjector::WienerButterworth {
-        alpha: 0.001,
-        beta: 0.001,
+        alpha: 0.1,
+        beta: 0.3,
         order: 10.0,
     };
+}
+
+/// How the image edges are treated (all keep the FFT from wrapping into the image).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Boundary {
+    /// `Free` for the matched projector, `Mirror` for Wiener–Butterworth (the unmatched
+    /// projector rings, and is unstable, where the object is only weakly constrained).
+    #[default]
+    Auto,
+    /// The data are extended by mirror reflection over the PSF margin and the object is
+    /// estimated there too.
+    Mirror,
+    /// Only the measured voxels constrain the object, which may extend past the image
+    /// (Bertero & Boccacci 2005); exact flux, but edge planes can ring when bright
+    /// structures sit just outside the field of view.
+    Free,
 }
 
 /// Settings of a deconvolution run.
@@ -49,6 +68,8 @@ pub struct RlConfig {
     /// Constant background `b` in the image model `y = H e + b` (same units as the input).
     pub background: f32,
     pub back_projector: BackProjector,
+    #[serde(default)]
+    pub boundary: Boundary,
 }
 
 impl Default for RlConfig {
@@ -57,6 +78,7 @@ impl Default for RlConfig {
             iterations: 50,
             background: 0.0,
             back_projector: BackProjector::Matched,
+            boundary: Boundary::Auto,
         }
     }
 }
@@ -77,6 +99,9 @@ pub struct RlPlan {
     /// 1 / B(1_Ω) on Ω' where B(1_Ω) is usable, 0 elsewhere (grid layout).
     inv_norm: Vec<f32>,
     pub back_projector: BackProjector,
+    pub boundary: Boundary,
+    /// The region whose data drive the update: Ω (free) or Ω' (mirror), as (start, size).
+    observed: ([usize; 3], [usize; 3]),
 }
 
 /// What [`measure_throughput`] measured.
@@ -96,8 +121,18 @@ fn psf_center(d: [usize; 3]) -> [usize; 3] {
 }
 
 impl RlPlan {
-    /// Plans deconvolution of `img`-sized volumes by `psf` (which is normalized to sum 1 here).
+    /// Plans deconvolution of `img`-sized volumes by `psf` (which is normalized to sum 1
+    /// here), boundary `Auto`.
     pub fn new(img: [usize; 3], psf: &Volume, back_projector: BackProjector) -> Result<Self> {
+        Self::with_boundary(img, psf, back_projector, Boundary::Auto)
+    }
+
+    pub fn with_boundary(
+        img: [usize; 3],
+        psf: &Volume,
+        back_projector: BackProjector,
+        boundary: Boundary,
+    ) -> Result<Self> {
         let p = psf.dims;
         if img.contains(&0) || p.contains(&0) {
             return Err(Error::invalid("empty image or PSF"));
@@ -153,12 +188,22 @@ impl RlPlan {
             }
         };
 
-        // B(1_Ω): back projection of the image-domain indicator
+        // B(1_obs): back projection of the indicator of the observed region
+        let boundary = match (boundary, back_projector) {
+            (Boundary::Auto, BackProjector::Matched) => Boundary::Free,
+            (Boundary::Auto, _) => Boundary::Mirror,
+            (b, _) => b,
+        };
+        let observed = match boundary {
+            Boundary::Free => (off, img),
+            _ => ([0, 0, 0], ext),
+        };
+        let (os, od) = observed;
         buf.iter_mut().for_each(|v| *v = 0.0);
-        for z in 0..img[0] {
-            for y in 0..img[1] {
-                let i = ((off[0] + z) * gy + off[1] + y) * gx + off[2];
-                buf[i..i + img[2]].iter_mut().for_each(|v| *v = 1.0);
+        for z in 0..od[0] {
+            for y in 0..od[1] {
+                let i = ((os[0] + z) * gy + os[1] + y) * gx + os[2];
+                buf[i..i + od[2]].iter_mut().for_each(|v| *v = 1.0);
             }
         }
         let mut spec = vec![Complex32::default(); sl];
@@ -167,6 +212,12 @@ impl RlPlan {
             .zip(otf_bp.par_iter())
             .for_each(|(a, b)| *a *= *b);
         fft.inverse(&mut spec, &mut buf, &mut scratch);
+        // where B(1_Ω) is this small the object is barely seen: no estimate there. The
+        // unmatched projector rings around edges, so it keeps only well-seen voxels.
+        let thr: f32 = match back_projector {
+            BackProjector::Matched => 1e-3,
+            BackProjector::WienerButterworth { .. } => 0.25,
+        };
         let mut inv_norm = vec![0.0f32; n];
         inv_norm
             .par_chunks_mut(gy * gx)
@@ -179,7 +230,7 @@ impl RlPlan {
                 for y in 0..ext[1] {
                     for x in 0..ext[2] {
                         let i = y * gx + x;
-                        if w[i] > 1e-3 {
+                        if w[i] > thr {
                             o[i] = 1.0 / w[i];
                         }
                     }
@@ -196,6 +247,8 @@ impl RlPlan {
             otf_bp,
             inv_norm,
             back_projector,
+            boundary,
+            observed,
         })
     }
 
@@ -332,6 +385,22 @@ impl RlPlan {
     where
         F: FnMut(usize, &Volume) -> ControlFlow<()>,
     {
+        self.run_impl(input, iterations, background, Some(&mut observe))
+    }
+
+    /// [`RlPlan::run`] without an observer (no per-iteration copy of the estimate).
+    pub fn run_silent(&self, input: &Volume, iterations: usize, background: f32) -> Result<Volume> {
+        self.run_impl(input, iterations, background, None)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn run_impl(
+        &self,
+        input: &Volume,
+        iterations: usize,
+        background: f32,
+        mut observe: Option<&mut dyn FnMut(usize, &Volume) -> ControlFlow<()>>,
+    ) -> Result<Volume> {
         self.check_input(input)?;
         input.check_finite("RL input")?;
         if !background.is_finite() {
@@ -339,10 +408,38 @@ impl RlPlan {
         }
         let n = self.fft.real_len();
         let sl = self.fft.spectrum_len();
-        let [gz, gy, gx] = self.grid;
+        let [_, gy, gx] = self.grid;
         let plane = gy * gx;
+        let (os, od) = self.observed;
+        // the data on the grid: the image on Ω, mirrored over the rest of Ω' (mirror mode)
         let mut y = vec![0.0f32; n];
-        self.put_image(&input.data, &mut y);
+        let [iz, iy, ix] = self.img;
+        let refl = |i: usize, off: usize, len: usize| -> usize {
+            let mut k = i as i64 - off as i64;
+            let l = len as i64;
+            loop {
+                if k < 0 {
+                    k = -k - 1;
+                } else if k >= l {
+                    k = 2 * l - k - 1;
+                } else {
+                    return k as usize;
+                }
+            }
+        };
+        y.par_chunks_mut(plane).enumerate().for_each(|(z, yp)| {
+            if z < os[0] || z >= os[0] + od[0] {
+                return;
+            }
+            let sz = refl(z, self.off[0], iz);
+            for yy in os[1]..os[1] + od[1] {
+                let sy = refl(yy, self.off[1], iy);
+                for x in os[2]..os[2] + od[2] {
+                    yp[yy * gx + x] =
+                        input.data[(sz * iy + sy) * ix + refl(x, self.off[2], ix)].max(0.0);
+                }
+            }
+        });
         let mean = (input
             .data
             .iter()
@@ -351,87 +448,97 @@ impl RlPlan {
             / input.len() as f64) as f32;
         let floor = (mean * 1e-6).max(f32::MIN_POSITIVE);
         let den_floor = (mean.max(background.abs()) * 1e-6).max(f32::MIN_POSITIVE);
-        // first estimate: the (background-subtracted) image on Ω, its mean on the rest of Ω'
+        let in_obs = |z: usize, yy: usize, x: usize| {
+            (os[0]..os[0] + od[0]).contains(&z)
+                && (os[1]..os[1] + od[1]).contains(&yy)
+                && (os[2]..os[2] + od[2]).contains(&x)
+        };
+        // first estimate: the (background-subtracted) data where observed, their mean elsewhere
         let mut est = vec![0.0f32; n];
-        {
-            let in_img = |z: usize, yy: usize, x: usize| {
-                (self.off[0]..self.off[0] + self.img[0]).contains(&z)
-                    && (self.off[1]..self.off[1] + self.img[1]).contains(&yy)
-                    && (self.off[2]..self.off[2] + self.img[2]).contains(&x)
-            };
-            est.par_chunks_mut(plane).enumerate().for_each(|(z, e)| {
-                for yy in 0..gy {
-                    for x in 0..gx {
-                        let i = yy * gx + x;
-                        if self.inv_norm[z * plane + i] > 0.0 {
-                            e[i] = if in_img(z, yy, x) {
-                                (y[z * plane + i] - background).max(floor)
-                            } else {
-                                mean.max(floor)
-                            };
-                        }
+        est.par_chunks_mut(plane).enumerate().for_each(|(z, e)| {
+            for yy in 0..gy {
+                for x in 0..gx {
+                    let i = yy * gx + x;
+                    if self.inv_norm[z * plane + i] > 0.0 {
+                        e[i] = if in_obs(z, yy, x) {
+                            (y[z * plane + i] - background).max(floor)
+                        } else {
+                            mean.max(floor)
+                        };
                     }
                 }
-            });
-        }
+            }
+        });
         let mut tmp = vec![0.0f32; n];
-        let mut spec = vec![Complex32::default(); sl];
         let mut scratch = vec![Complex32::default(); sl];
-        let clamp = !matches!(self.back_projector, BackProjector::Matched);
-        let (oz, oy, ox) = (self.off[0], self.off[1], self.off[2]);
-        let [iz, iy, ix] = self.img;
+        let clamp_floor = if matches!(self.back_projector, BackProjector::Matched) {
+            0.0
+        } else {
+            floor
+        };
         let pb = progress::bar(iterations as u64, "RL");
-        let _ = gz;
+        let inv_norm = &self.inv_norm;
         for it in 1..=iterations {
-            tmp.copy_from_slice(&est);
-            self.project_with(&mut tmp, false, &mut spec, &mut scratch);
-            // ratio y / (He + b) on Ω, 0 elsewhere
-            tmp.par_chunks_mut(plane)
-                .zip(y.par_chunks(plane))
-                .enumerate()
-                .for_each(|(z, (t, yv))| {
-                    if z < oz || z >= oz + iz {
+            // He, and at once the ratio y / (He + b) on the observed region (0 elsewhere)
+            self.fft.convolve_planes(
+                &est,
+                &self.otf,
+                Some((0..self.ext[0], 0..self.ext[1])),
+                &mut scratch,
+                &mut tmp,
+                os[0]..os[0] + od[0],
+                |z, t, he| {
+                    if z < os[0] || z >= os[0] + od[0] {
                         t.iter_mut().for_each(|v| *v = 0.0);
                         return;
                     }
+                    let yv = &y[z * plane..(z + 1) * plane];
                     for yy in 0..gy {
-                        let row = &mut t[yy * gx..(yy + 1) * gx];
-                        if yy < oy || yy >= oy + iy {
+                        let (row, hr, yr) = (
+                            &mut t[yy * gx..(yy + 1) * gx],
+                            &he[yy * gx..(yy + 1) * gx],
+                            &yv[yy * gx..(yy + 1) * gx],
+                        );
+                        if yy < os[1] || yy >= os[1] + od[1] {
                             row.iter_mut().for_each(|v| *v = 0.0);
                             continue;
                         }
-                        let yr = &yv[yy * gx..(yy + 1) * gx];
                         for x in 0..gx {
-                            row[x] = if x >= ox && x < ox + ix {
-                                yr[x] / (row[x] + background).max(den_floor)
+                            row[x] = if x >= os[2] && x < os[2] + od[2] {
+                                yr[x] / (hr[x] + background).max(den_floor)
                             } else {
                                 0.0
                             };
                         }
                     }
-                });
-            self.project_with(&mut tmp, true, &mut spec, &mut scratch);
-            est.par_chunks_mut(1 << 14)
-                .zip(tmp.par_chunks(1 << 14))
-                .zip(self.inv_norm.par_chunks(1 << 14))
-                .for_each(|((e, g), w)| {
-                    for i in 0..e.len() {
-                        let v = e[i] * g[i] * w[i];
-                        e[i] = if clamp {
-                            if w[i] > 0.0 {
-                                v.max(floor)
-                            } else {
-                                0.0
-                            }
+                },
+            );
+            // B(ratio), and at once the multiplicative update e ← e · B(r) / B(1)
+            self.fft.convolve_planes(
+                &tmp,
+                &self.otf_bp,
+                Some((os[0]..os[0] + od[0], os[1]..os[1] + od[1])),
+                &mut scratch,
+                &mut est,
+                0..self.ext[0],
+                |z, e, g| {
+                    let w = &inv_norm[z * plane..(z + 1) * plane];
+                    for i in 0..plane {
+                        // f32 round-off can make tiny negatives; the unmatched projector real ones
+                        e[i] = if w[i] > 0.0 {
+                            (e[i] * g[i] * w[i]).max(clamp_floor)
                         } else {
-                            v
+                            0.0
                         };
                     }
-                });
+                },
+            );
             pb.inc(1);
-            let cur = self.crop_image(&est);
-            if observe(it, &cur).is_break() {
-                break;
+            if let Some(obs) = observe.as_mut() {
+                let cur = self.crop_image(&est);
+                if obs(it, &cur).is_break() {
+                    break;
+                }
             }
         }
         pb.finish_and_clear();
@@ -500,7 +607,8 @@ fn wiener_butterworth(
 
 /// Deconvolves `input` by `psf` with `cfg`.
 pub fn richardson_lucy(input: &Volume, psf: &Volume, cfg: &RlConfig) -> Result<Volume> {
-    richardson_lucy_with(input, psf, cfg, |_, _| ControlFlow::Continue(()))
+    let plan = RlPlan::with_boundary(input.dims, psf, cfg.back_projector, cfg.boundary)?;
+    plan.run_silent(input, cfg.iterations, cfg.background)
 }
 
 /// [`richardson_lucy`] with a per-iteration observer (see [`RlPlan::run`]).
@@ -513,7 +621,7 @@ pub fn richardson_lucy_with<F>(
 where
     F: FnMut(usize, &Volume) -> ControlFlow<()>,
 {
-    let plan = RlPlan::new(input.dims, psf, cfg.back_projector)?;
+    let plan = RlPlan::with_boundary(input.dims, psf, cfg.back_projector, cfg.boundary)?;
     plan.run(input, cfg.iterations, cfg.background, observe)
 }
 
@@ -532,9 +640,9 @@ pub fn measure_throughput_on(
     let psf = super::psf::gaussian_kernel(psf_dims, [2.0, 1.2, 1.2]);
     let img = benchmark_volume(dims);
     let plan = RlPlan::new(dims, &psf, BackProjector::Matched)?;
-    plan.run(&img, 1, 0.0, |_, _| ControlFlow::Continue(()))?;
+    plan.run_silent(&img, 1, 0.0)?;
     let t = std::time::Instant::now();
-    plan.run(&img, iterations, 0.0, |_, _| ControlFlow::Continue(()))?;
+    plan.run_silent(&img, iterations, 0.0)?;
     let seconds = t.elapsed().as_secs_f64();
     let vox = dims.iter().product::<usize>() as f64;
     Ok(RlThroughput {

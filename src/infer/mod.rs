@@ -45,17 +45,11 @@ pub struct CpuPredictor {
 
 impl TilePredictor for CpuPredictor {
     fn describe(&self) -> String {
-        format!(
-            "CPU f32 ({}, {} threads)",
-            crate::backend::cpu::simd::isa().name(),
-            crate::threads()
-        )
+        format!("CPU f32 ({}, {} threads)", crate::backend::cpu::simd::isa().name(), crate::threads())
     }
     fn predict(&mut self, x: &Tensor<f32>) -> Result<Tensor<f32>> {
         let b = CpuBackend::<f32>::new();
-        Ok(Rln::new(&b, &self.model)
-            .forward(x, BnMode::Running, false)
-            .prediction)
+        Ok(Rln::new(&b, &self.model).forward(x, BnMode::Running, false).prediction)
     }
     fn bytes_per_voxel(&self) -> usize {
         // every activation of the forward pass is alive at the end (≈ 70 f32 channels at

@@ -85,8 +85,8 @@ impl ModelConfig {
 
     pub fn from_json(s: &str) -> Result<Self> {
         // read the version first, so an unknown version gets its own message
-        let v: serde_json::Value = serde_json::from_str(s)
-            .map_err(|e| Error::Model(format!("config is not valid JSON: {e}")))?;
+        let v: serde_json::Value =
+            serde_json::from_str(s).map_err(|e| Error::Model(format!("config is not valid JSON: {e}")))?;
         match v.get("format_version").and_then(|x| x.as_u64()) {
             Some(ver) if ver == FORMAT_VERSION as u64 => {}
             Some(ver) => {
@@ -97,8 +97,8 @@ impl ModelConfig {
             }
             None => return Err(Error::Model("config has no format_version".into())),
         }
-        let c: ModelConfig = serde_json::from_value(v)
-            .map_err(|e| Error::Model(format!("config is invalid: {e}")))?;
+        let c: ModelConfig =
+            serde_json::from_value(v).map_err(|e| Error::Model(format!("config is invalid: {e}")))?;
         c.validate()?;
         Ok(c)
     }
@@ -112,16 +112,11 @@ impl ModelConfig {
             )));
         }
         if !(self.bn_momentum >= 0.0 && self.bn_momentum < 1.0) {
-            return Err(Error::Model(format!(
-                "bn_momentum {} must be in [0, 1)",
-                self.bn_momentum
-            )));
+            return Err(Error::Model(format!("bn_momentum {} must be in [0, 1)", self.bn_momentum)));
         }
         let [lo, hi] = self.norm_percentiles;
         if !(0.0..100.0).contains(&lo) || !(lo < hi && hi <= 100.0) {
-            return Err(Error::Model(format!(
-                "norm_percentiles {lo}, {hi} must satisfy 0 ≤ low < high ≤ 100"
-            )));
+            return Err(Error::Model(format!("norm_percentiles {lo}, {hi} must satisfy 0 ≤ low < high ≤ 100")));
         }
         Ok(())
     }

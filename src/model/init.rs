@@ -27,14 +27,9 @@ impl<T: Real> Model<T> {
                     for i in 0..ci {
                         let factor: f64 = rng.random_range(0.7..=1.0);
                         for k in 0..27 {
-                            let (a, b, c) = (
-                                (k / 9) as f64 - 1.0,
-                                ((k / 3) % 3) as f64 - 1.0,
-                                (k % 3) as f64 - 1.0,
-                            );
+                            let (a, b, c) = ((k / 9) as f64 - 1.0, ((k / 3) % 3) as f64 - 1.0, (k % 3) as f64 - 1.0);
                             let r2 = a * a + b * b + c * c;
-                            p.weight[(o * ci + i) * 27 + k] =
-                                T::of(factor * (-r2 / (2.0 * s * s)).exp());
+                            p.weight[(o * ci + i) * 27 + k] = T::of(factor * (-r2 / (2.0 * s * s)).exp());
                         }
                     }
                 }
@@ -45,11 +40,7 @@ impl<T: Real> Model<T> {
             }
             p.gamma.iter_mut().for_each(|g| *g = T::one());
         }
-        Model {
-            config,
-            params,
-            running: RunningStats::initial(),
-        }
+        Model { config, params, running: RunningStats::initial() }
     }
 }
 

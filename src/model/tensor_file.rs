@@ -24,17 +24,9 @@ impl TensorFile {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         // validate the header once, so later lookups only fail for missing names
         SafeTensors::deserialize(&bytes).map_err(|e| {
-            Error::format(
-                path,
-                format!(
-                    "not a valid safetensors file ({e}); is it truncated or of another format?"
-                ),
-            )
+            Error::format(path, format!("not a valid safetensors file ({e}); is it truncated or of another format?"))
         })?;
-        Ok(TensorFile {
-            path: path.to_path_buf(),
-            bytes,
-        })
+        Ok(TensorFile { path: path.to_path_buf(), bytes })
     }
 
     /// A file already in memory (e.g. embedded in the binary); `label` names it in errors.
@@ -58,12 +50,7 @@ impl TensorFile {
     }
 
     pub fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .st()
-            .names()
-            .into_iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut v: Vec<String> = self.st().names().into_iter().map(|s| s.to_string()).collect();
         v.sort();
         v
     }
@@ -83,19 +70,13 @@ impl TensorFile {
     /// Reads tensor `name` (f16, bf16, f32 or f64) as f64 values.
     pub fn get(&self, name: &str) -> Result<HostTensor> {
         let st = self.st();
-        let view = st
-            .tensor(name)
-            .map_err(|_| Error::format(&self.path, format!("tensor '{name}' is missing")))?;
+        let view = st.tensor(name).map_err(|_| {
+            Error::format(&self.path, format!("tensor '{name}' is missing"))
+        })?;
         let raw = view.data();
         let data: Vec<f64> = match view.dtype() {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-                .collect(),
-            Dtype::F64 => raw
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-                .collect(),
+            Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+            Dtype::F64 => raw.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
             Dtype::F16 => raw
                 .chunks_exact(2)
                 .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64())
@@ -107,16 +88,11 @@ impl TensorFile {
             other => {
                 return Err(Error::format(
                     &self.path,
-                    format!(
-                        "tensor '{name}' has dtype {other:?}; expected a floating-point tensor"
-                    ),
+                    format!("tensor '{name}' has dtype {other:?}; expected a floating-point tensor"),
                 ))
             }
         };
-        Ok(HostTensor {
-            shape: view.shape().to_vec(),
-            data,
-        })
+        Ok(HostTensor { shape: view.shape().to_vec(), data })
     }
 
     /// Reads tensor `name` and checks that it has exactly `len` values (any shape whose
@@ -126,11 +102,7 @@ impl TensorFile {
         if t.data.len() != len {
             return Err(Error::format(
                 &self.path,
-                format!(
-                    "tensor '{name}' has shape {:?} ({} values); expected {len} values",
-                    t.shape,
-                    t.data.len()
-                ),
+                format!("tensor '{name}' has shape {:?} ({} values); expected {len} values", t.shape, t.data.len()),
             ));
         }
         Ok(t)
@@ -146,43 +118,23 @@ pub struct TensorWriter {
 
 impl TensorWriter {
     pub fn add_f32(&mut self, name: &str, shape: Vec<usize>, data: &[f32]) {
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            data.len(),
-            "tensor {name}: shape and data disagree"
-        );
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor {name}: shape and data disagree");
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.tensors
-            .insert(name.to_string(), (shape, bytes, Dtype::F32));
+        self.tensors.insert(name.to_string(), (shape, bytes, Dtype::F32));
     }
     pub fn add_f64(&mut self, name: &str, shape: Vec<usize>, data: &[f64]) {
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            data.len(),
-            "tensor {name}: shape and data disagree"
-        );
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor {name}: shape and data disagree");
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.tensors
-            .insert(name.to_string(), (shape, bytes, Dtype::F64));
+        self.tensors.insert(name.to_string(), (shape, bytes, Dtype::F64));
     }
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let views: Vec<(String, TensorView<'_>)> = self
             .tensors
             .iter()
-            .map(|(k, (shape, bytes, dt))| {
-                (
-                    k.clone(),
-                    TensorView::new(*dt, shape.clone(), bytes).expect("sizes checked in add"),
-                )
-            })
+            .map(|(k, (shape, bytes, dt))| (k.clone(), TensorView::new(*dt, shape.clone(), bytes).expect("sizes checked in add")))
             .collect();
-        let meta = if self.metadata.is_empty() {
-            None
-        } else {
-            Some(self.metadata.clone())
-        };
-        safetensors::serialize(views, meta)
-            .map_err(|e| Error::invalid(format!("safetensors serialization: {e}")))
+        let meta = if self.metadata.is_empty() { None } else { Some(self.metadata.clone()) };
+        safetensors::serialize(views, meta).map_err(|e| Error::invalid(format!("safetensors serialization: {e}")))
     }
     /// Writes the file atomically (temporary name, then rename).
     pub fn write(&self, path: &Path) -> Result<()> {

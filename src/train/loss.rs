@@ -47,27 +47,13 @@ fn global_ssim<T: Real>(y: &[T], g: &[T]) -> GlobalSsim {
     let b = 2.0 * cov + C2;
     let c = mu_y * mu_y + mu_g * mu_g + C1;
     let d = vy + vg + C2;
-    GlobalSsim {
-        s: a * b / (c * d),
-        mu_y,
-        mu_g,
-        a,
-        b,
-        c,
-        d,
-    }
+    GlobalSsim { s: a * b / (c * d), mu_y, mu_g, a, b, c, d }
 }
 
 /// The loss terms only (no gradient).
 pub fn loss_terms<T: Real>(y: &[T], e1r: &[T], x: &[T], g: &[T]) -> LossTerms {
     let n = y.len() as f64;
-    let mse = y
-        .iter()
-        .zip(g)
-        .map(|(a, b)| (a.f64() - b.f64()).powi(2))
-        .sum::<f64>()
-        / n
-        + MSE_OFFSET;
+    let mse = y.iter().zip(g).map(|(a, b)| (a.f64() - b.f64()).powi(2)).sum::<f64>() / n + MSE_OFFSET;
     let mse_aux = e1r
         .iter()
         .zip(g)
@@ -77,21 +63,13 @@ pub fn loss_terms<T: Real>(y: &[T], e1r: &[T], x: &[T], g: &[T]) -> LossTerms {
         / n
         + MSE_OFFSET;
     let ssim = global_ssim(y, g).s;
-    LossTerms {
-        mse,
-        mse_aux,
-        ssim,
-        loss: mse + AUX_WEIGHT * mse_aux - ((1.0 + ssim) / 2.0).ln(),
-    }
+    LossTerms { mse, mse_aux, ssim, loss: mse + AUX_WEIGHT * mse_aux - ((1.0 + ssim) / 2.0).ln() }
 }
 
 /// The loss terms and the gradients ∂L/∂y and ∂L/∂E1r. `x` is the (one-channel)
 /// normalized input, `g` the normalized ground truth; all slices are N·D·H·W long.
 pub fn loss_and_grad<T: Real>(y: &[T], e1r: &[T], x: &[T], g: &[T]) -> (LossTerms, Vec<T>, Vec<T>) {
-    assert!(
-        y.len() == g.len() && e1r.len() == g.len() && x.len() == g.len(),
-        "loss: prediction, E1r, input and ground truth differ in size"
-    );
+    assert!(y.len() == g.len() && e1r.len() == g.len() && x.len() == g.len(), "loss: prediction, E1r, input and ground truth differ in size");
     let terms = loss_terms(y, e1r, x, g);
     let n = y.len() as f64;
     let gs = global_ssim(y, g);
@@ -112,9 +90,7 @@ pub fn loss_and_grad<T: Real>(y: &[T], e1r: &[T], x: &[T], g: &[T]) -> (LossTerm
         .iter()
         .zip(g)
         .zip(x)
-        .map(|((e, gv), xv)| {
-            T::of(AUX_WEIGHT * 2.0 * (e.f64() - (0.8 * gv.f64() + 0.2 * xv.f64())) / n)
-        })
+        .map(|((e, gv), xv)| T::of(AUX_WEIGHT * 2.0 * (e.f64() - (0.8 * gv.f64() + 0.2 * xv.f64())) / n))
         .collect();
     (terms, dy, de1r)
 }
@@ -128,9 +104,7 @@ mod tests {
         let n = 50;
         let mut s = 12345u64;
         let mut rnd = || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (s >> 11) as f64 / (1u64 << 53) as f64
         };
         let y: Vec<f64> = (0..n).map(|_| rnd()).collect();
@@ -145,20 +119,12 @@ mod tests {
             yp[i] += h;
             ym[i] -= h;
             let fd = (f(&yp, &e) - f(&ym, &e)) / (2.0 * h);
-            assert!(
-                (fd - dy[i]).abs() <= 1e-6 * fd.abs().max(1e-3),
-                "dy[{i}] {} vs fd {fd}",
-                dy[i]
-            );
+            assert!((fd - dy[i]).abs() <= 1e-6 * fd.abs().max(1e-3), "dy[{i}] {} vs fd {fd}", dy[i]);
             let (mut ep, mut em) = (e.clone(), e.clone());
             ep[i] += h;
             em[i] -= h;
             let fd = (f(&y, &ep) - f(&y, &em)) / (2.0 * h);
-            assert!(
-                (fd - de[i]).abs() <= 1e-6 * fd.abs().max(1e-3),
-                "de1r[{i}] {} vs fd {fd}",
-                de[i]
-            );
+            assert!((fd - de[i]).abs() <= 1e-6 * fd.abs().max(1e-3), "de1r[{i}] {} vs fd {fd}", de[i]);
         }
     }
 }
