@@ -35,14 +35,12 @@ fn ops(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("forward", format!("{ci}to{co}")), |bn| {
             bn.iter(|| b.conv3(&[&x], &w, co, &Epilogue::identity()))
         });
-        g.bench_function(
-            BenchmarkId::new("backward_data", format!("{ci}to{co}")),
-            |bn| bn.iter(|| b.conv3_backward_data(&dz, &w, &[ci], &[true])),
-        );
-        g.bench_function(
-            BenchmarkId::new("backward_weight", format!("{ci}to{co}")),
-            |bn| bn.iter(|| b.conv3_backward_weight(&[&x], &dz)),
-        );
+        g.bench_function(BenchmarkId::new("backward_data", format!("{ci}to{co}")), |bn| {
+            bn.iter(|| b.conv3_backward_data(&dz, &w, &[ci], &[true]))
+        });
+        g.bench_function(BenchmarkId::new("backward_weight", format!("{ci}to{co}")), |bn| {
+            bn.iter(|| b.conv3_backward_weight(&[&x], &dz))
+        });
     }
     g.finish();
 
@@ -54,9 +52,7 @@ fn ops(c: &mut Criterion) {
     let x = volume(s, 4);
     let gt = volume(s, 5);
     g.throughput(Throughput::Elements(s.spatial() as u64));
-    g.bench_function("forward_64", |bn| {
-        bn.iter(|| net.forward(&x, BnMode::Running, false))
-    });
+    g.bench_function("forward_64", |bn| bn.iter(|| net.forward(&x, BnMode::Running, false)));
     g.bench_function("train_step_64", |bn| {
         bn.iter(|| {
             let f = net.forward(&x, BnMode::Batch, true);

@@ -92,8 +92,7 @@ fn dims(s: &str) -> Result<[usize; 4]> {
 
 fn write_json(path: &Option<PathBuf>, v: &serde_json::Value) -> Result<()> {
     if let Some(p) = path {
-        std::fs::write(p, serde_json::to_string_pretty(v)?)
-            .with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, serde_json::to_string_pretty(v)?).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
 }
@@ -136,9 +135,7 @@ fn run(a: Args) -> Result<()> {
             let [n, dd, h, w] = dims(&d)?;
             let shape = Shape::new(n, 1, dd, h, w);
             // a smooth-ish random volume in [0, 1): noise plus a blob, never zeros
-            let mut state = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let mut next = || {
                 state = state
                     .wrapping_mul(6364136223846793005)
@@ -153,9 +150,7 @@ fn run(a: Args) -> Result<()> {
             }
             let t0 = std::time::Instant::now();
             let b = CpuBackend::<f32>::new();
-            let y_cpu = Rln::new(&b, &model)
-                .forward(&x, BnMode::Running, false)
-                .prediction;
+            let y_cpu = Rln::new(&b, &model).forward(&x, BnMode::Running, false).prediction;
             println!("CPU reference: {:.2} s", t0.elapsed().as_secs_f64());
             let mut wr = TensorWriter::default();
             let sh = vec![n, 1, dd, h, w];
@@ -178,29 +173,18 @@ fn run(a: Args) -> Result<()> {
                             o.label().to_string(),
                             serde_json::json!({ "rel_l2_vs_cpu": if bad > 0 { f64::INFINITY } else { e }, "nonfinite": bad }),
                         );
-                        wr.add_f32(
-                            &format!("y_{}", o.label().replace('-', "_")),
-                            sh.clone(),
-                            &y.data,
-                        );
+                        wr.add_f32(&format!("y_{}", o.label().replace('-', "_")), sh.clone(), &y.data);
                     }
                     Err(e) => {
                         println!("{:<7} ERROR {e}", o.label());
-                        res.insert(
-                            o.label().to_string(),
-                            serde_json::json!({ "error": e.to_string() }),
-                        );
+                        res.insert(o.label().to_string(), serde_json::json!({ "error": e.to_string() }));
                     }
                 }
             }
             wr.write(&out)?;
             write_json(&json, &serde_json::Value::Object(res))?;
         }
-        Cmd::Conformance {
-            model,
-            vectors,
-            json,
-        } => {
+        Cmd::Conformance { model, vectors, json } => {
             let model = Model::<f32>::load(&model)?;
             let mut all = Vec::new();
             for m in ["f32", "f16", "f16-tc"] {

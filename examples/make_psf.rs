@@ -11,12 +11,7 @@ fn main() {
     });
     let t = std::time::Instant::now();
     let v = generate(&spec).unwrap();
-    eprintln!(
-        "{:?} in {:.1}s sum {}",
-        v.dims,
-        t.elapsed().as_secs_f64(),
-        v.sum()
-    );
+    eprintln!("{:?} in {:.1}s sum {}", v.dims, t.elapsed().as_secs_f64(), v.sum());
     let c = v.dims.map(|d| d / 2);
     eprintln!(
         "peak {} center {}",

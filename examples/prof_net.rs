@@ -8,13 +8,7 @@ use rln_engine::tensor::{Shape, Tensor};
 fn main() {
     let b = CpuBackend::<f32>::new();
     let s = Shape::new(4, 1, 64, 64, 64);
-    let x = Tensor::from_vec(
-        s,
-        (0..s.len())
-            .map(|i| ((i * 7919) % 1000) as f32 * 0.001)
-            .collect(),
-    )
-    .unwrap();
+    let x = Tensor::from_vec(s, (0..s.len()).map(|i| ((i * 7919) % 1000) as f32 * 0.001).collect()).unwrap();
     let m = Model::<f32>::init(ModelConfig::default(), 1);
     let net = Rln::new(&b, &m);
     let train = std::env::args().nth(1).is_some_and(|a| a == "train");

@@ -60,14 +60,7 @@ pub fn time_median(min_runs: usize, min_time: Duration, mut f: impl FnMut()) -> 
     (times[times.len() / 2], times.len())
 }
 
-pub fn row(
-    name: String,
-    items: f64,
-    unit: &str,
-    seconds: f64,
-    flops_per_item: Option<f64>,
-    runs: usize,
-) -> BenchRow {
+pub fn row(name: String, items: f64, unit: &str, seconds: f64, flops_per_item: Option<f64>, runs: usize) -> BenchRow {
     BenchRow {
         name,
         items,
@@ -141,9 +134,7 @@ pub fn tiled_inference(
     min_time: Duration,
 ) -> crate::Result<BenchRow> {
     use crate::infer::stitch::{estimate_normalization, run_tiled, NormalizeMode, StitchOptions};
-    use crate::infer::tiling::{
-        MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS,
-    };
+    use crate::infer::tiling::{MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS};
     let shape = Shape::new(1, 1, dims[0], dims[1], dims[2]);
     let (_, x, _) = bench_inputs(shape, 3);
     let plan = TilePlan::new(dims, core, DEFAULT_OVERLAP, RECEPTIVE_RADIUS)?;
@@ -157,10 +148,7 @@ pub fn tiled_inference(
     };
     let mut err = None;
     let (t, runs) = time_median(min_runs, min_time, || {
-        let mut src = MemorySource {
-            dims,
-            data: &x.data,
-        };
+        let mut src = MemorySource { dims, data: &x.data };
         let r = (|| {
             let aff = estimate_normalization(&mut src, [0.01, 99.5], 1 << 24)?;
             let mut sink = MemorySink {
@@ -178,10 +166,7 @@ pub fn tiled_inference(
     }
     let vox = (dims[0] * dims[1] * dims[2]) as f64;
     Ok(row(
-        format!(
-            "tiled inference {}×{}×{} ({tiles} tiles)",
-            dims[0], dims[1], dims[2]
-        ),
+        format!("tiled inference {}×{}×{} ({tiles} tiles)", dims[0], dims[1], dims[2]),
         vox,
         "voxel",
         t,
@@ -252,10 +237,7 @@ pub fn print_report(r: &BenchReport) {
         "case", "median s", "throughput", "GFLOP/s", "runs"
     );
     for row in &r.rows {
-        let g = row
-            .gflops
-            .map(|g| format!("{g:.1}"))
-            .unwrap_or_else(|| "-".into());
+        let g = row.gflops.map(|g| format!("{g:.1}")).unwrap_or_else(|| "-".into());
         println!(
             "{:<34} {:>10.4} {:>11.3e} {}/s {:>10} {:>6}",
             row.name, row.seconds, row.throughput, row.unit, g, row.runs

@@ -13,9 +13,7 @@ use crate::imaging::rl::{BackProjector, RlPlan};
 use crate::imaging::synth::{mix_seed, Family, SynthConfig, Synthesizer};
 use crate::imaging::volume::Volume;
 use crate::infer::stitch::{run_tiled, Affine, NormalizeMode, StitchOptions};
-use crate::infer::tiling::{
-    MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS,
-};
+use crate::infer::tiling::{MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS};
 use crate::infer::TilePredictor;
 use crate::model::Model;
 use serde::Serialize;
@@ -24,7 +22,10 @@ use std::ops::ControlFlow;
 /// The PSF a model was trained for, regenerated from the spec in its metadata.
 pub fn model_psf(model: &Model<f32>) -> Result<(PsfSpec, Volume)> {
     let json = model.config.psf.as_ref().ok_or_else(|| {
-        Error::Model("the model records no PSF (it was not trained on engine-made synthetic data); give the PSF explicitly".into())
+        Error::Model(
+            "the model records no PSF (it was not trained on engine-made synthetic data); give the PSF explicitly"
+                .into(),
+        )
     })?;
     let spec: PsfSpec = serde_json::from_value(json.clone())
         .map_err(|e| Error::Model(format!("the model's PSF record is not a PSF spec: {e}")))?;
@@ -64,13 +65,7 @@ pub fn rln_predict(
 }
 
 /// RLD metrics at every iteration count in `lo..=hi` (index i ↔ count lo + i).
-pub fn rl_metric_curve(
-    plan: &RlPlan,
-    input: &Volume,
-    gt: &Volume,
-    lo: usize,
-    hi: usize,
-) -> Result<Vec<Metrics>> {
+pub fn rl_metric_curve(plan: &RlPlan, input: &Volume, gt: &Volume, lo: usize, hi: usize) -> Result<Vec<Metrics>> {
     let mut curve = Vec::with_capacity(hi + 1 - lo);
     let mut err = None;
     plan.run(input, hi, 0.0, |it, est| {
@@ -141,9 +136,11 @@ pub fn compare_on_synthetic(
         let m_rln = evaluate(&gt, &y, Normalize::Affine, None)?;
         let m_raw = evaluate(&gt, &input, Normalize::Affine, None)?;
         let curve = rl_metric_curve(&plan, &input, &gt, lo, hi)?;
-        per_volume.push(serde_json::json!({"seed": sd, "input": [m_raw.psnr, m_raw.ssim], "rln": [m_rln.psnr, m_rln.ssim],
+        per_volume.push(
+            serde_json::json!({"seed": sd, "input": [m_raw.psnr, m_raw.ssim], "rln": [m_rln.psnr, m_rln.ssim],
             "rld_best_psnr": curve.iter().map(|m| m.psnr).fold(f64::MIN, f64::max),
-            "rld_best_ssim": curve.iter().map(|m| m.ssim).fold(f64::MIN, f64::max)}));
+            "rld_best_ssim": curve.iter().map(|m| m.ssim).fold(f64::MIN, f64::max)}),
+        );
         rln.push(m_rln);
         raw.push(m_raw);
         curves.push(curve);
@@ -152,8 +149,7 @@ pub fn compare_on_synthetic(
     let n = count as f64;
     let mean = |v: &[Metrics], f: fn(&Metrics) -> f64| v.iter().map(f).sum::<f64>() / n;
     let iters = hi + 1 - lo;
-    let mean_at =
-        |k: usize, f: fn(&Metrics) -> f64| curves.iter().map(|c| f(&c[k])).sum::<f64>() / n;
+    let mean_at = |k: usize, f: fn(&Metrics) -> f64| curves.iter().map(|c| f(&c[k])).sum::<f64>() / n;
     let best_psnr_k = (0..iters)
         .max_by(|&a, &b| mean_at(a, |m| m.psnr).total_cmp(&mean_at(b, |m| m.psnr)))
         .unwrap();
@@ -186,11 +182,7 @@ pub fn compare_on_synthetic(
     Ok(CompareReport {
         volumes: count,
         size: synth.size,
-        families: synth
-            .families
-            .iter()
-            .map(|f| f.name().to_string())
-            .collect(),
+        families: synth.families.iter().map(|f| f.name().to_string()).collect(),
         seeds,
         rows,
         rld_best_psnr_iterations: lo + best_psnr_k,

@@ -39,7 +39,11 @@ pub struct Report {
 
 impl Report {
     pub fn worst(&self, prefix: &str) -> f64 {
-        self.rows.iter().filter(|r| r.key.starts_with(prefix)).map(|r| r.rel_err).fold(0.0, f64::max)
+        self.rows
+            .iter()
+            .filter(|r| r.key.starts_with(prefix))
+            .map(|r| r.rel_err)
+            .fold(0.0, f64::max)
     }
 }
 
@@ -52,13 +56,21 @@ fn read_volume<T: Real>(file: &TensorFile, key: &str) -> Result<Tensor<T>> {
             let data: Vec<T> = t.data.iter().map(|&v| T::of(v)).collect();
             Tensor::from_ndhwc(shape, &data)
         }
-        s => Err(Error::format(&file.path, format!("'{key}' has shape {s:?}; expected [N, D, H, W, 1] (NDHWC, one channel)"))),
+        s => Err(Error::format(
+            &file.path,
+            format!("'{key}' has shape {s:?}; expected [N, D, H, W, 1] (NDHWC, one channel)"),
+        )),
     }
 }
 
 fn row(key: String, got: &[f64], want: &[f64], tol: f64) -> Row {
     let e = rel_l2(got, want);
-    Row { key, rel_err: e, tol, pass: e <= tol }
+    Row {
+        key,
+        rel_err: e,
+        tol,
+        pass: e <= tol,
+    }
 }
 
 /// Runs the conformance check of `model` on `vectors` with the CPU backend in precision T.
@@ -66,30 +78,41 @@ pub fn run<T: Real>(model: &Model<f32>, vectors: &Path) -> Result<Report> {
     let file = TensorFile::open(vectors)?;
     let model: Model<T> = model.cast();
     if model.config.variant.input_channels() != 1 {
-        return Err(Error::invalid("conformance vectors are for the single-view network; this model is a dual-view variant"));
+        return Err(Error::invalid(
+            "conformance vectors are for the single-view network; this model is a dual-view variant",
+        ));
     }
     let x: Tensor<T> = read_volume(&file, "input")?;
     let g: Tensor<T> = read_volume(&file, "ground_truth")?;
     if x.shape != g.shape {
-        return Err(Error::format(vectors, format!("input {} and ground_truth {} differ in shape", x.shape, g.shape)));
+        return Err(Error::format(
+            vectors,
+            format!("input {} and ground_truth {} differ in shape", x.shape, g.shape),
+        ));
     }
     let b = CpuBackend::<T>::new();
     let net = Rln::new(&b, &model);
     let mut rows = Vec::new();
     let f64v = |t: &Tensor<T>| t.data.iter().map(|v| v.f64()).collect::<Vec<f64>>();
-    let mut compare_outputs = |mode: &str, y: &Tensor<T>, e1r: &Tensor<T>, e2r: &Tensor<T>, terms: LossTerms, tol: f64| -> Result<()> {
-        for (k, t) in [("prediction", y), ("e1_raw", e1r), ("e2_raw", e2r)] {
-            let key = format!("{mode}.{k}");
-            let want = read_volume::<f64>(&file, &key)?;
-            rows.push(row(key, &f64v(t), &want.data, tol));
-        }
-        for (k, v) in [("mse", terms.mse), ("mse_aux", terms.mse_aux), ("ssim", terms.ssim), ("loss", terms.loss)] {
-            let key = format!("{mode}.{k}");
-            let want = file.get_len(&key, 1)?;
-            rows.push(row(key, &[v], &want.data, tol));
-        }
-        Ok(())
-    };
+    let mut compare_outputs =
+        |mode: &str, y: &Tensor<T>, e1r: &Tensor<T>, e2r: &Tensor<T>, terms: LossTerms, tol: f64| -> Result<()> {
+            for (k, t) in [("prediction", y), ("e1_raw", e1r), ("e2_raw", e2r)] {
+                let key = format!("{mode}.{k}");
+                let want = read_volume::<f64>(&file, &key)?;
+                rows.push(row(key, &f64v(t), &want.data, tol));
+            }
+            for (k, v) in [
+                ("mse", terms.mse),
+                ("mse_aux", terms.mse_aux),
+                ("ssim", terms.ssim),
+                ("loss", terms.loss),
+            ] {
+                let key = format!("{mode}.{k}");
+                let want = file.get_len(&key, 1)?;
+                rows.push(row(key, &[v], &want.data, tol));
+            }
+            Ok(())
+        };
 
     // inference mode: running statistics
     let fwd = net.forward(&x, BnMode::Running, false);
@@ -112,7 +135,14 @@ pub fn run<T: Real>(model: &Model<f32>, vectors: &Path) -> Result<Report> {
             got.clone()
         };
         if want.data.len() != got.len() {
-            return Err(Error::format(vectors, format!("'{key}' has {} values; the model's tensor has {}", want.data.len(), got.len())));
+            return Err(Error::format(
+                vectors,
+                format!(
+                    "'{key}' has {} values; the model's tensor has {}",
+                    want.data.len(),
+                    got.len()
+                ),
+            ));
         }
         rows.push(row(key, &got, &want.data, TOL_GRAD));
     }

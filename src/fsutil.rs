@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 /// The temporary name a file is written under before it is renamed into place:
 /// `.NAME.partial-PID` in the same folder, so the rename stays on one file system.
 pub fn temp_path_for(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = format!(".{name}.partial-{}", std::process::id());
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.join(tmp),
@@ -28,7 +31,10 @@ pub fn check_output_dir(path: &Path) -> Result<()> {
 
 /// Writes through `fill` into a temporary file, syncs it and renames it to `path`.
 /// On any error the temporary file is removed and `path` is untouched.
-pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>) -> Result<()> {
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
+) -> Result<()> {
     check_output_dir(path)?;
     let tmp = temp_path_for(path);
     let result = (|| {
@@ -65,7 +71,11 @@ mod tests {
         });
         assert!(r.is_err());
         assert!(!out.exists());
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "temporary file left behind");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "temporary file left behind"
+        );
         write_atomic(&out, b"whole").unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), b"whole");
     }

@@ -10,17 +10,7 @@ use std::fmt::{Debug, Display};
 use std::iter::Sum;
 
 pub trait Real:
-    Float
-    + NumAssign
-    + FromPrimitive
-    + ToPrimitive
-    + Sum
-    + Default
-    + Debug
-    + Display
-    + Send
-    + Sync
-    + 'static
+    Float + NumAssign + FromPrimitive + ToPrimitive + Sum + Default + Debug + Display + Send + Sync + 'static
 {
     /// Name used in messages and benchmark output.
     const NAME: &'static str;
@@ -119,9 +109,7 @@ pub fn exp_neg(a: f32) -> f32 {
     let p = 1.0
         + r * (1.0
             + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     p * f32::from_bits((ki.wrapping_add(127) as u32) << 23)
 }
 
@@ -134,9 +122,7 @@ pub fn ln_1p_unit(e: f32) -> f32 {
     let p = 1.0
         + s2 * (1.0 / 3.0
             + s2 * (1.0 / 5.0
-                + s2 * (1.0 / 7.0
-                    + s2 * (1.0 / 9.0
-                        + s2 * (1.0 / 11.0 + s2 * (1.0 / 13.0 + s2 * (1.0 / 15.0)))))));
+                + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0 + s2 * (1.0 / 11.0 + s2 * (1.0 / 13.0 + s2 * (1.0 / 15.0)))))));
     2.0 * s * p
 }
 

@@ -53,10 +53,16 @@ pub struct Tensor<T> {
 
 impl<T: Real> Tensor<T> {
     pub fn zeros(shape: Shape) -> Self {
-        Tensor { shape, data: vec![T::zero(); shape.len()] }
+        Tensor {
+            shape,
+            data: vec![T::zero(); shape.len()],
+        }
     }
     pub fn filled(shape: Shape, v: T) -> Self {
-        Tensor { shape, data: vec![v; shape.len()] }
+        Tensor {
+            shape,
+            data: vec![v; shape.len()],
+        }
     }
     pub fn from_vec(shape: Shape, data: Vec<T>) -> Result<Self> {
         if data.len() != shape.len() {
@@ -80,7 +86,10 @@ impl<T: Real> Tensor<T> {
     }
     /// Converts element type (f32 ↔ f64).
     pub fn cast<U: Real>(&self) -> Tensor<U> {
-        Tensor { shape: self.shape, data: self.data.iter().map(|v| U::of(v.f64())).collect() }
+        Tensor {
+            shape: self.shape,
+            data: self.data.iter().map(|v| U::of(v.f64())).collect(),
+        }
     }
     /// Converts N×D×H×W×C (channels-last, as TF stores it) to this layout.
     pub fn from_ndhwc(shape: Shape, data: &[T]) -> Result<Self> {

@@ -14,24 +14,17 @@ fn reference(name: &str) -> PathBuf {
 }
 
 fn authors_model() -> Model<f32> {
-    Model::<f32>::import_tf(&reference("rln-authors-weights.safetensors"), 1e-4)
-        .expect("import the authors' weights")
+    Model::<f32>::import_tf(&reference("rln-authors-weights.safetensors"), 1e-4).expect("import the authors' weights")
 }
 
 #[test]
 fn imported_authors_model_passes_every_key_in_f32() {
-    let report =
-        conformance::run::<f32>(&authors_model(), &reference("rln-tf-vectors-a.safetensors"))
-            .unwrap();
+    let report = conformance::run::<f32>(&authors_model(), &reference("rln-tf-vectors-a.safetensors")).unwrap();
     assert_eq!(report.input_shape, [4, 24, 40, 32]);
     // 3 outputs + 4 loss terms in each mode, and the 49 trainable tensors' gradients
     assert_eq!(report.rows.len(), 14 + 49);
     for r in &report.rows {
-        assert!(
-            r.pass,
-            "{} rel err {:e} > tol {:e}",
-            r.key, r.rel_err, r.tol
-        );
+        assert!(r.pass, "{} rel err {:e} > tol {:e}", r.key, r.rel_err, r.tol);
     }
     assert!(report.worst("infer.") <= TOL_INFER);
     assert!(report.worst("train.") <= TOL_TRAIN);
@@ -60,9 +53,7 @@ fn cli_import_and_conformance_pass() {
     let out = bin()
         .args([
             "import-tf",
-            reference("rln-authors-weights.safetensors")
-                .to_str()
-                .unwrap(),
+            reference("rln-authors-weights.safetensors").to_str().unwrap(),
             "--div-eps",
             "1e-4",
             "-o",
@@ -70,11 +61,7 @@ fn cli_import_and_conformance_pass() {
         .arg(&model)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = bin()
         .args(["conformance", "--json", "--model"])
         .arg(&model)
@@ -82,11 +69,7 @@ fn cli_import_and_conformance_pass() {
         .arg(reference("rln-tf-vectors-a.safetensors"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["passed"], true);
     assert_eq!(report["rows"].as_array().unwrap().len(), 63);
@@ -96,9 +79,7 @@ fn cli_import_and_conformance_pass() {
     assert!(bin()
         .args([
             "import-tf",
-            reference("rln-authors-weights.safetensors")
-                .to_str()
-                .unwrap(),
+            reference("rln-authors-weights.safetensors").to_str().unwrap(),
             "--div-eps",
             "1e-1",
             "-o"
@@ -122,10 +103,7 @@ fn cli_import_and_conformance_pass() {
 fn edited_model(
     dir: &Path,
     name: &str,
-    edit: impl FnOnce(
-        &mut Vec<(String, Vec<usize>, Vec<f32>)>,
-        &mut std::collections::HashMap<String, String>,
-    ),
+    edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>, &mut std::collections::HashMap<String, String>),
 ) -> PathBuf {
     let src = dir.join("good.safetensors");
     if !src.exists() {
@@ -166,36 +144,21 @@ fn broken_model_files_are_rejected_with_the_tensor_named() {
     let e = load_error(&edited_model(d, "missing.safetensors", |t, _| {
         t.retain(|(n, _, _)| n != "h2.bp.conv1.weight")
     }));
-    assert!(
-        e.contains("h2.bp.conv1.weight") && e.contains("missing"),
-        "{e}"
-    );
+    assert!(e.contains("h2.bp.conv1.weight") && e.contains("missing"), "{e}");
     let e = load_error(&edited_model(d, "extra.safetensors", |t, _| {
         t.push(("h9.conv.weight".into(), vec![2], vec![0.0, 1.0]))
     }));
     assert!(e.contains("h9.conv.weight"), "{e}");
     let e = load_error(&edited_model(d, "shape.safetensors", |t, _| {
-        let w = t
-            .iter_mut()
-            .find(|(n, _, _)| n == "h1.fp.conv2.weight")
-            .unwrap();
+        let w = t.iter_mut().find(|(n, _, _)| n == "h1.fp.conv2.weight").unwrap();
         w.1 = vec![4, 4, 27];
     }));
-    assert!(
-        e.contains("h1.fp.conv2.weight") && e.contains("shape"),
-        "{e}"
-    );
+    assert!(e.contains("h1.fp.conv2.weight") && e.contains("shape"), "{e}");
     let e = load_error(&edited_model(d, "nan.safetensors", |t, _| {
-        let w = t
-            .iter_mut()
-            .find(|(n, _, _)| n == "h3.conv2.weight")
-            .unwrap();
+        let w = t.iter_mut().find(|(n, _, _)| n == "h3.conv2.weight").unwrap();
         w.2[17] = f32::NAN;
     }));
-    assert!(
-        e.contains("h3.conv2.weight") && e.contains("non-finite"),
-        "{e}"
-    );
+    assert!(e.contains("h3.conv2.weight") && e.contains("non-finite"), "{e}");
     let e = load_error(&edited_model(d, "version.safetensors", |_, m| {
         let c = m.get_mut("rln_config").unwrap();
         *c = c.replace("\"format_version\":1", "\"format_version\":7");
@@ -221,18 +184,12 @@ fn vectors_without_a_key_are_rejected_with_the_key_named() {
     for n in f.names() {
         if n != "grad.update/u_2" {
             let t = f.get(&n).unwrap();
-            w.add_f32(
-                &n,
-                t.shape,
-                &t.data.iter().map(|&v| v as f32).collect::<Vec<_>>(),
-            );
+            w.add_f32(&n, t.shape, &t.data.iter().map(|&v| v as f32).collect::<Vec<_>>());
         }
     }
     let p = dir.path().join("v.safetensors");
     w.write(&p).unwrap();
-    let e = conformance::run::<f32>(&authors_model(), &p)
-        .unwrap_err()
-        .to_string();
+    let e = conformance::run::<f32>(&authors_model(), &p).unwrap_err().to_string();
     assert!(e.contains("grad.update/u_2"), "{e}");
     // and the CLI exits non-zero without a panic
     let model = dir.path().join("m.safetensors");
@@ -246,8 +203,5 @@ fn vectors_without_a_key_are_rejected_with_the_key_named() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("grad.update/u_2") && !err.contains("panicked"),
-        "{err}"
-    );
+    assert!(err.contains("grad.update/u_2") && !err.contains("panicked"), "{err}");
 }

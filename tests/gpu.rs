@@ -14,9 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rln_engine::backend::cpu::CpuBackend;
 use rln_engine::backend::cuda::launch::{conv_kernel, Epi, CONV_KERNELS};
-use rln_engine::backend::cuda::{
-    self, random_model, twin, CudaDevice, CudaNet, CudaOptions, CudaPredictor,
-};
+use rln_engine::backend::cuda::{self, random_model, twin, CudaDevice, CudaNet, CudaOptions, CudaPredictor};
 use rln_engine::infer::TilePredictor;
 use rln_engine::model::{Model, L};
 use rln_engine::net::{BnMode, Rln};
@@ -41,11 +39,7 @@ fn device() -> Option<Arc<CudaDevice>> {
         return None;
     }
     let dev = CudaDevice::open(0).expect("a CUDA device is present but could not be opened");
-    println!(
-        "device: {}; modules: {:?}",
-        dev.describe(),
-        dev.module_sources
-    );
+    println!("device: {}; modules: {:?}", dev.describe(), dev.module_sources);
     Some(dev)
 }
 
@@ -66,21 +60,14 @@ fn tol(o: &CudaOptions) -> f64 {
 }
 
 fn random(shape: Shape, lo: f32, hi: f32, rng: &mut ChaCha8Rng) -> Tensor<f32> {
-    Tensor::from_vec(
-        shape,
-        (0..shape.len()).map(|_| rng.random_range(lo..hi)).collect(),
-    )
-    .unwrap()
+    Tensor::from_vec(shape, (0..shape.len()).map(|_| rng.random_range(lo..hi)).collect()).unwrap()
 }
 
 /// Asserts finiteness (outputs are poisoned with NaN first) and the relative L2 error.
 fn check(what: &str, got: &Tensor<f32>, want: &Tensor<f32>, tol: f64) -> f64 {
     assert_eq!(got.shape, want.shape, "{what}: shape");
     let bad = got.data.iter().filter(|v| !v.is_finite()).count();
-    assert_eq!(
-        bad, 0,
-        "{what}: {bad} non-finite values (unwritten or overflowed)"
-    );
+    assert_eq!(bad, 0, "{what}: {bad} non-finite values (unwritten or overflowed)");
     let e = rel_l2(&got.data, &want.data);
     println!(
         "{what:<52} rel L2 {e:9.2e}  (tol {tol:.0e})  {}",
@@ -114,11 +101,7 @@ fn measure(what: &str, got: &Tensor<f32>, want: &Tensor<f32>, tol: f64) -> f64 {
 /// operand in (0.05, 1) like a normalized image (or E1).
 fn stage_inputs(l: L, s: Shape, rng: &mut ChaCha8Rng) -> (Vec<Tensor<f32>>, Option<Tensor<f32>>) {
     let k = conv_kernel(l);
-    let inputs = k
-        .inputs
-        .iter()
-        .map(|&c| random(s.with_c(c), 0.0, 2.0, rng))
-        .collect();
+    let inputs = k.inputs.iter().map(|&c| random(s.with_c(c), 0.0, 2.0, rng)).collect();
     let aux = k.post.map(|_| random(s.with_c(1), 0.05, 1.0, rng));
     (inputs, aux)
 }
@@ -128,11 +111,7 @@ fn rounded(t: &Tensor<f32>, f16: bool) -> Tensor<f32> {
     if f16 && t.shape.c > 1 {
         Tensor {
             shape: t.shape,
-            data: t
-                .data
-                .iter()
-                .map(|&v| half::f16::from_f32(v).to_f32())
-                .collect(),
+            data: t.data.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
         }
     } else {
         t.clone()
@@ -182,10 +161,7 @@ fn every_conv_kernel_matches_its_cpu_twin() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "kernels off their CPU twin: {failures:?}"
-    );
+    assert!(failures.is_empty(), "kernels off their CPU twin: {failures:?}");
 }
 
 #[test]
@@ -205,12 +181,7 @@ fn up2_and_avgpool2_match_their_cpu_twins() {
                 tol(&o),
             );
             assert!(e <= tol(&o));
-            let x = random(
-                Shape::new(s.n, 1, 2 * s.d, 2 * s.h, 2 * s.w),
-                0.0,
-                1.0,
-                &mut rng,
-            );
+            let x = random(Shape::new(s.n, 1, 2 * s.d, 2 * s.h, 2 * s.w), 0.0, 1.0, &mut rng);
             let got = net.run_pool_stage(&x).unwrap();
             let e = check(
                 &format!("avgpool2 {} {}", o.label(), x.shape),
@@ -256,12 +227,7 @@ fn forward_matches_cpu_on_random_models_and_sizes() {
             let out = net.predict_host(&x, true).unwrap();
             let t = tol(&o);
             let e = [
-                check(
-                    &format!("forward {} {s} prediction", o.label()),
-                    &out.prediction,
-                    &y,
-                    t,
-                ),
+                check(&format!("forward {} {s} prediction", o.label()), &out.prediction, &y, t),
                 check(
                     &format!("forward {} {s} E1r", o.label()),
                     out.e1_raw.as_ref().unwrap(),
@@ -295,8 +261,7 @@ fn reference_dir() -> Option<PathBuf> {
     c.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"));
     c.push(PathBuf::from("shared/reference"));
     c.into_iter().find(|d| {
-        d.join("rln-tf-vectors-a.safetensors").is_file()
-            && d.join("rln-authors-weights.safetensors").is_file()
+        d.join("rln-tf-vectors-a.safetensors").is_file() && d.join("rln-authors-weights.safetensors").is_file()
     })
 }
 
@@ -311,9 +276,7 @@ fn conformance_vectors_inference_keys_on_the_gpu() {
         .unwrap()
         .cast::<f32>();
     for o in modes() {
-        let rows =
-            cuda::conformance::run_infer(&model, &dir.join("rln-tf-vectors-a.safetensors"), o)
-                .unwrap();
+        let rows = cuda::conformance::run_infer(&model, &dir.join("rln-tf-vectors-a.safetensors"), o).unwrap();
         for r in &rows {
             println!(
                 "conformance {:<7} {:<20} rel L2 {:9.2e}  (tol {:.0e})  {}",
@@ -324,11 +287,7 @@ fn conformance_vectors_inference_keys_on_the_gpu() {
                 if r.pass { "ok" } else { "FAIL" }
             );
         }
-        assert!(
-            rows.iter().all(|r| r.pass),
-            "{}: conformance failed",
-            o.label()
-        );
+        assert!(rows.iter().all(|r| r.pass), "{}: conformance failed", o.label());
     }
 }
 
@@ -344,10 +303,7 @@ fn stream_of_tiles_equals_tile_by_tile() {
         Shape::new(2, 1, 8, 8, 8),
         Shape::new(1, 1, 16, 32, 32),
     ];
-    let tiles: Vec<Tensor<f32>> = shapes
-        .iter()
-        .map(|s| random(*s, 0.0, 1.0, &mut rng))
-        .collect();
+    let tiles: Vec<Tensor<f32>> = shapes.iter().map(|s| random(*s, 0.0, 1.0, &mut rng)).collect();
     for o in modes() {
         let mut p = CudaPredictor::with_device(dev.clone(), &model, o).unwrap();
         println!(
@@ -421,10 +377,7 @@ fn forward_is_deterministic_and_reads_no_unwritten_memory() {
 #[test]
 fn out_of_memory_is_a_distinct_error() {
     let Some(dev) = device() else { return };
-    let e = dev
-        .alloc(1usize << 50)
-        .err()
-        .expect("a 1 PiB allocation must fail");
+    let e = dev.alloc(1usize << 50).err().expect("a 1 PiB allocation must fail");
     println!("1 PiB allocation: {e}");
     assert!(e.is_out_of_memory(), "expected CudaOutOfMemory, got {e:?}");
     // the context is still usable

@@ -26,13 +26,7 @@ fn dot(a: &X, b: &X) -> f64 {
 }
 
 /// Compares an analytic gradient with finite differences on a sample of coordinates.
-fn check(
-    name: &str,
-    analytic: &[f64],
-    mut numeric_at: impl FnMut(usize) -> f64,
-    samples: usize,
-    seed: u64,
-) {
+fn check(name: &str, analytic: &[f64], mut numeric_at: impl FnMut(usize) -> f64, samples: usize, seed: u64) {
     let mut r = rng(seed);
     let idx: Vec<usize> = (0..samples.min(analytic.len()))
         .map(|_| r.random_range(0..analytic.len()))
@@ -53,12 +47,9 @@ fn conv3_gradients() {
     let x1: X = random_volume(2, s.with_c(2));
     let co = 5;
     let mut r = rng(3);
-    let w: Vec<f64> = (0..co * 5 * 27)
-        .map(|_| r.random_range(-1.0..1.0))
-        .collect();
+    let w: Vec<f64> = (0..co * 5 * 27).map(|_| r.random_range(-1.0..1.0)).collect();
     let rw: X = random_volume(4, s.with_c(co));
-    let loss =
-        |x0: &X, x1: &X, w: &[f64]| dot(&B.conv3(&[x0, x1], w, co, &Epilogue::identity()), &rw);
+    let loss = |x0: &X, x1: &X, w: &[f64]| dot(&B.conv3(&[x0, x1], w, co, &Epilogue::identity()), &rw);
     let dx = B.conv3_backward_data(&rw, &w, &[3, 2], &[true, true]);
     let dw = B.conv3_backward_weight(&[&x0, &x1], &rw);
     check(
@@ -159,14 +150,7 @@ fn up2_gradients() {
 }
 
 /// act(bn_batch(z)) + addend, as the network's training mode computes it.
-fn bn_epilogue(
-    z: &X,
-    gamma: &[f64],
-    beta: &[f64],
-    softplus: bool,
-    addend: Option<&X>,
-    bn: bool,
-) -> X {
+fn bn_epilogue(z: &X, gamma: &[f64], beta: &[f64], softplus: bool, addend: Option<&X>, bn: bool) -> X {
     let stats = B.batch_stats(z);
     let c = z.shape.c;
     let (scale, shift): (Vec<f64>, Vec<f64>) = if bn {
@@ -202,17 +186,9 @@ fn batch_norm_softplus_epilogue_gradients() {
     let rw: X = random_volume(22, s);
     let gamma = vec![0.7, 1.3, 1.0, 0.4];
     let beta = vec![0.1, -0.2, 0.3, 0.0];
-    for (softplus, bn, with_addend) in [
-        (true, true, true),
-        (false, true, false),
-        (true, false, false),
-    ] {
-        let loss = |z: &X, g: &[f64], b: &[f64]| {
-            dot(
-                &bn_epilogue(z, g, b, softplus, with_addend.then_some(&add), bn),
-                &rw,
-            )
-        };
+    for (softplus, bn, with_addend) in [(true, true, true), (false, true, false), (true, false, false)] {
+        let loss =
+            |z: &X, g: &[f64], b: &[f64]| dot(&bn_epilogue(z, g, b, softplus, with_addend.then_some(&add), bn), &rw);
         let stats = B.batch_stats(&z);
         let state = BnTrainState {
             gamma: gamma.clone(),

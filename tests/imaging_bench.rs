@@ -38,9 +38,7 @@ fn fft_96x288x288() {
     let tf = t.elapsed().as_secs_f64() / n as f64;
     let t = std::time::Instant::now();
     for _ in 0..n {
-        f.inverse_planes(&mut spec, &mut scr, &mut x, 0..96, |_, d, r| {
-            d.copy_from_slice(r)
-        });
+        f.inverse_planes(&mut spec, &mut scr, &mut x, 0..96, |_, d, r| d.copy_from_slice(r));
     }
     let ti = t.elapsed().as_secs_f64() / n as f64;
     println!(

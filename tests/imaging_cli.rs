@@ -22,8 +22,8 @@ fn psf_synth_rl_eval_pipeline() {
     let d = dir.path();
     let (ok, out, err) = engine(
         &[
-            "psf", "-o", "psf.tif", "--nx", "15", "--nz", "13", "--dxy", "0.1", "--dz", "0.2",
-            "--na", "1.2", "--ns", "1.515",
+            "psf", "-o", "psf.tif", "--nx", "15", "--nz", "13", "--dxy", "0.1", "--dz", "0.2", "--na", "1.2", "--ns",
+            "1.515",
         ],
         d,
     );
@@ -79,10 +79,7 @@ fn psf_synth_rl_eval_pipeline() {
     assert!(ok, "{err}");
     assert!(out.contains("voxel-iterations/s"), "{out}");
     let eval = |pred: &str| -> serde_json::Value {
-        let (ok, out, err) = engine(
-            &["eval", "ds/ground_truth/synth_0000.tif", pred, "--json"],
-            d,
-        );
+        let (ok, out, err) = engine(&["eval", "ds/ground_truth/synth_0000.tif", pred, "--json"], d);
         assert!(ok, "{err}");
         serde_json::from_str(&out).unwrap()
     };
@@ -159,21 +156,7 @@ fn command_errors_are_clear_and_leave_no_output() {
         )
         .0
     );
-    assert!(
-        engine(
-            &[
-                "synth",
-                "--psf",
-                "small.tif",
-                "-o",
-                "ds",
-                "--size",
-                "16,20,20"
-            ],
-            d
-        )
-        .0
-    );
+    assert!(engine(&["synth", "--psf", "small.tif", "-o", "ds", "--size", "16,20,20"], d).0);
     // PSF larger than the image
     let (ok, _, err) = engine(
         &[
@@ -207,24 +190,10 @@ fn command_errors_are_clear_and_leave_no_output() {
     );
     assert!(!ok && err.contains("does not exist"), "{err}");
     // unknown family
-    let (ok, _, err) = engine(
-        &[
-            "synth",
-            "--psf",
-            "small.tif",
-            "-o",
-            "x",
-            "--families",
-            "cubes",
-        ],
-        d,
-    );
+    let (ok, _, err) = engine(&["synth", "--psf", "small.tif", "-o", "x", "--families", "cubes"], d);
     assert!(!ok && err.contains("unknown phantom family"), "{err}");
     // no partial files anywhere
-    let partial: Vec<_> = walk(d)
-        .into_iter()
-        .filter(|p| p.contains(".partial-"))
-        .collect();
+    let partial: Vec<_> = walk(d).into_iter().filter(|p| p.contains(".partial-")).collect();
     assert!(partial.is_empty(), "{partial:?}");
 }
 

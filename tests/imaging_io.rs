@@ -4,8 +4,7 @@
 mod imaging_common;
 use imaging_common::python_has;
 use rln_engine::imaging::io::{
-    read_volume, read_volume_with, write_volume, write_volume_with, OutputDtype, ReadOptions,
-    WriteOptions,
+    read_volume, read_volume_with, write_volume, write_volume_with, OutputDtype, ReadOptions, WriteOptions,
 };
 use rln_engine::imaging::Volume;
 use std::path::Path;
@@ -14,11 +13,7 @@ use tiff::tags::Tag;
 
 fn sample(dims: [usize; 3]) -> Volume {
     let n = dims.iter().product();
-    let mut v = Volume::new(
-        dims,
-        (0..n).map(|i| ((i * 7919) % 4001) as f32 * 0.25).collect(),
-    )
-    .unwrap();
+    let mut v = Volume::new(dims, (0..n).map(|i| ((i * 7919) % 4001) as f32 * 0.25).collect()).unwrap();
     v.voxel_size = Some([0.3, 0.065, 0.07]);
     v.metadata = Some(r#"{"model":"gaussian","note":"a=b"}"#.into());
     v
@@ -132,10 +127,7 @@ fn eight_bit_imagej_stack_and_folder_of_slices_are_read() {
     }
     let v = read_volume(&folder).unwrap();
     assert_eq!(v.dims, [3, 3, 5]);
-    assert_eq!(
-        (v.at(0, 0, 0), v.at(1, 0, 0), v.at(2, 0, 0)),
-        (2.0, 1.0, 0.0)
-    );
+    assert_eq!((v.at(0, 0, 0), v.at(1, 0, 0), v.at(2, 0, 0)), (2.0, 1.0, 0.0));
 }
 
 #[test]
@@ -161,21 +153,14 @@ fn written_files_open_in_tifffile_with_imagej_metadata() {
                 .output()
                 .unwrap();
             let s = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             let x = v.at(5, 7, 6);
             let want_last = match dtype {
                 OutputDtype::F32 => x,
                 OutputDtype::U16 => x.round(),
                 OutputDtype::F16 => half::f16::from_f32(x).to_f32(),
             };
-            let expect = format!(
-                "(6, 8, 7) {np} True 0.3 micron 6 0.07 {:?}",
-                want_last as f64
-            );
+            let expect = format!("(6, 8, 7) {np} True 0.3 micron 6 0.07 {:?}", want_last as f64);
             assert_eq!(s.trim(), expect, "tifffile sees something else");
         } else {
             // without tifffile: check the tags it relies on
@@ -206,12 +191,7 @@ fn bad_input_is_a_clear_error() {
     let d = dir.path();
     // 2D image
     let p = d.join("flat.tif");
-    write_volume(
-        &p,
-        &Volume::new([1, 20, 30], vec![1.0; 600]).unwrap(),
-        OutputDtype::F32,
-    )
-    .unwrap();
+    write_volume(&p, &Volume::new([1, 20, 30], vec![1.0; 600]).unwrap(), OutputDtype::F32).unwrap();
     let e = read_volume(&p).unwrap_err().to_string();
     assert!(e.contains("2D (20×30)") && e.contains("3D stack"), "{e}");
     assert!(read_volume_with(
@@ -301,12 +281,10 @@ fn bad_input_is_a_clear_error() {
         .to_string();
     assert!(e.contains("does not exist"), "{e}");
     // unknown extension
-    assert!(
-        write_volume(d.join("x.png"), &sample([2, 3, 3]), OutputDtype::F32)
-            .unwrap_err()
-            .to_string()
-            .contains("unknown volume format")
-    );
+    assert!(write_volume(d.join("x.png"), &sample([2, 3, 3]), OutputDtype::F32)
+        .unwrap_err()
+        .to_string()
+        .contains("unknown volume format"));
 }
 
 #[cfg(feature = "hdf5")]
@@ -336,11 +314,8 @@ fn hdf5_round_trip_keeps_data_voxel_size_and_metadata() {
             assert_eq!(r.metadata, v.metadata);
         }
     }
-    let e = read_volume(format!(
-        "{}:/missing",
-        dir.path().join("v_F32.h5").display()
-    ))
-    .unwrap_err()
-    .to_string();
+    let e = read_volume(format!("{}:/missing", dir.path().join("v_F32.h5").display()))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("missing"), "{e}");
 }

@@ -9,8 +9,7 @@ use rln_engine::imaging::Volume;
 #[test]
 fn ssim_psnr_nrmse_and_percentiles_match_scikit_image() {
     let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(data_dir().join("metric_ref.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(data_dir().join("metric_ref.json")).unwrap()).unwrap();
     for (name, want) in r.as_object().unwrap() {
         let gt = npy_volume(&data_dir().join(format!("metric_{name}_gt.npy")));
         let pred = npy_volume(&data_dir().join(format!("metric_{name}_pred.npy")));
@@ -28,21 +27,9 @@ fn ssim_psnr_nrmse_and_percentiles_match_scikit_image() {
             m.psnr,
             (m.psnr - wp).abs()
         );
-        assert!(
-            (m.ssim - ws).abs() <= 1e-6,
-            "{name}: SSIM {} vs {ws}",
-            m.ssim
-        );
-        assert!(
-            (m.psnr - wp).abs() <= 1e-6,
-            "{name}: PSNR {} vs {wp}",
-            m.psnr
-        );
-        assert!(
-            (m.nrmse - wn).abs() <= 1e-9,
-            "{name}: NRMSE {} vs {wn}",
-            m.nrmse
-        );
+        assert!((m.ssim - ws).abs() <= 1e-6, "{name}: SSIM {} vs {ws}", m.ssim);
+        assert!((m.psnr - wp).abs() <= 1e-6, "{name}: PSNR {} vs {wp}", m.psnr);
+        assert!((m.nrmse - wn).abs() <= 1e-9, "{name}: NRMSE {} vs {wn}", m.nrmse);
         for (p, key) in [(P_LO, "p_lo"), (P_HI, "p_hi")] {
             let ours = percentile(&gt.data, p).unwrap();
             let np = want[key].as_f64().unwrap();
@@ -59,23 +46,16 @@ fn affine_normalization_is_scale_and_offset_invariant() {
     let gt = npy_volume(&data_dir().join("metric_structured_gt.npy"));
     let pred = npy_volume(&data_dir().join("metric_structured_pred.npy"));
     let m1 = metrics::evaluate(&gt, &pred, Normalize::Affine, None).unwrap();
-    let scaled = gt
-        .like(pred.data.iter().map(|&v| 3.0 * v - 50.0).collect())
-        .unwrap();
+    let scaled = gt.like(pred.data.iter().map(|&v| 3.0 * v - 50.0).collect()).unwrap();
     let m2 = metrics::evaluate(&gt, &scaled, Normalize::Affine, None).unwrap();
     assert!(
         (m1.ssim - m2.ssim).abs() < 1e-5 && (m1.psnr - m2.psnr).abs() < 1e-4,
         "{m1:?} {m2:?}"
     );
     // a perfect prediction up to scale/offset scores SSIM 1, r 1
-    let same = gt
-        .like(gt.data.iter().map(|&v| 0.5 * v + 7.0).collect())
-        .unwrap();
+    let same = gt.like(gt.data.iter().map(|&v| 0.5 * v + 7.0).collect()).unwrap();
     let m = metrics::evaluate(&gt, &same, Normalize::Affine, None).unwrap();
-    assert!(
-        m.ssim > 0.99999 && m.pearson_r > 0.999999 && m.psnr > 80.0,
-        "{m:?}"
-    );
+    assert!(m.ssim > 0.99999 && m.pearson_r > 0.999999 && m.psnr > 80.0, "{m:?}");
     assert!(m1.ssim < 0.9 && m1.pearson_r < 0.99);
 }
 

@@ -11,8 +11,7 @@ fn gl_from_json(v: &serde_json::Value) -> GibsonLanni {
 #[test]
 fn gibson_lanni_matches_psfmodels_scalar() {
     let sets: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(data_dir().join("psf_sets.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(data_dir().join("psf_sets.json")).unwrap()).unwrap();
     let mut worst: f64 = 0.0;
     for (name, params) in sets.as_object().unwrap() {
         let spec = PsfSpec::GibsonLanni(gl_from_json(params));
@@ -130,11 +129,7 @@ fn confocal_is_narrower_than_widefield_and_pinhole_widens_it() {
         .unwrap()
     };
     let (c0, c1) = (conf(0.0), conf(1.0));
-    let (fw, f0, f1) = (
-        psf::fwhm_voxels(&wf),
-        psf::fwhm_voxels(&c0),
-        psf::fwhm_voxels(&c1),
-    );
+    let (fw, f0, f1) = (psf::fwhm_voxels(&wf), psf::fwhm_voxels(&c0), psf::fwhm_voxels(&c1));
     assert!((c0.sum() - 1.0).abs() < 1e-5 && (c1.sum() - 1.0).abs() < 1e-5);
     // point-pinhole confocal ≈ widefield / √2 laterally (λ_ex ≈ λ_em)
     let ratio = f0[2] / fw[2];
@@ -171,9 +166,7 @@ fn measured_bead_is_centered_cropped_and_normalized() {
             }
         }
     }
-    let bead = Volume::new(dims, data)
-        .unwrap()
-        .with_voxel_size([0.2, 0.1, 0.1]);
+    let bead = Volume::new(dims, data).unwrap().with_voxel_size([0.2, 0.1, 0.1]);
     let opts = psf::MeasuredOptions {
         crop: Some([15, 21, 21]),
         ..Default::default()
@@ -183,10 +176,7 @@ fn measured_bead_is_centered_cropped_and_normalized() {
     assert!((p.sum() - 1.0).abs() < 1e-5);
     assert_eq!(p.voxel_size, Some([0.2, 0.1, 0.1]));
     let meta: serde_json::Value = serde_json::from_str(p.metadata.as_deref().unwrap()).unwrap();
-    assert!(
-        (meta["background"].as_f64().unwrap() - 100.0).abs() < 0.5,
-        "{meta}"
-    );
+    assert!((meta["background"].as_f64().unwrap() - 100.0).abs() < 0.5, "{meta}");
     // centroid of the result at the center voxel
     let s = p.sum();
     let mut c = [0.0; 3];

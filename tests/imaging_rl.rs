@@ -36,9 +36,7 @@ fn convolve_same_is_linear_convolution_without_wraparound() {
         for y in 0..10i64 {
             for x in 0..12i64 {
                 let mut acc = 0.0f64;
-                for (pz, py, px) in
-                    (0..3).flat_map(|a| (0..5).flat_map(move |b| (0..4).map(move |c| (a, b, c))))
-                {
+                for (pz, py, px) in (0..3).flat_map(|a| (0..5).flat_map(move |b| (0..4).map(move |c| (a, b, c)))) {
                     let (sz, sy, sx) = (z - (pz - c[0]), y - (py - c[1]), x - (px - c[2]));
                     if (0..7).contains(&sz) && (0..10).contains(&sy) && (0..12).contains(&sx) {
                         acc += k.at(pz as usize, py as usize, px as usize) as f64 / s
@@ -49,10 +47,7 @@ fn convolve_same_is_linear_convolution_without_wraparound() {
             }
         }
     }
-    assert!(
-        worst < 1e-4,
-        "max deviation from direct convolution {worst}"
-    );
+    assert!(worst < 1e-4, "max deviation from direct convolution {worst}");
 }
 
 /// RL error to the truth at iterations 1, 5, 10, 20, 50 must fall.
@@ -61,11 +56,7 @@ fn assert_falls(err: &[f64], e0: f64, what: &str) {
         "{what}: blurred {e0:.4}, RL at 1/5/10/20/50: {:.4} {:.4} {:.4} {:.4} {:.4}",
         err[0], err[4], err[9], err[19], err[49]
     );
-    assert!(
-        err[0] < e0,
-        "{what}: first iteration {} vs blurred {e0}",
-        err[0]
-    );
+    assert!(err[0] < e0, "{what}: first iteration {} vs blurred {e0}", err[0]);
     for w in [0usize, 4, 9, 19, 49].windows(2) {
         assert!(err[w[1]] < err[w[0]], "{what}: error must fall: {err:?}");
     }
@@ -129,11 +120,8 @@ fn rl_error_falls_over_50_iterations_on_noiseless_data() {
     let truth = scene.crop(o, size).unwrap();
     let y = plan.blur_extended(&scene).unwrap();
     let inner = |v: &Volume| {
-        v.crop(
-            m,
-            [size[0] - 2 * m[0], size[1] - 2 * m[1], size[2] - 2 * m[2]],
-        )
-        .unwrap()
+        v.crop(m, [size[0] - 2 * m[0], size[1] - 2 * m[1], size[2] - 2 * m[2]])
+            .unwrap()
     };
     let (ti, yi) = (inner(&truth), inner(&y));
     let mut err = Vec::new();
@@ -154,19 +142,13 @@ fn rl_keeps_total_flux_of_a_centered_object() {
     let psf = gaussian_kernel([7, 9, 9], [1.2, 1.0, 1.0]);
     let dims = [20, 32, 32];
     let mut obj = Volume::zeros(dims);
-    for (z, y, x, v) in [
-        (10, 16, 16, 1000.0),
-        (8, 12, 18, 500.0),
-        (12, 19, 13, 700.0),
-    ] {
+    for (z, y, x, v) in [(10, 16, 16, 1000.0), (8, 12, 18, 500.0), (12, 19, 13, 700.0)] {
         let i = obj.index(z, y, x);
         obj.data[i] = v;
     }
     let plan = RlPlan::new(dims, &psf, BackProjector::Matched).unwrap();
     let y = plan.convolve_same(&obj).unwrap();
-    let est = plan
-        .run(&y, 40, 0.0, |_, _| ControlFlow::Continue(()))
-        .unwrap();
+    let est = plan.run(&y, 40, 0.0, |_, _| ControlFlow::Continue(())).unwrap();
     let r = est.sum() / y.sum();
     assert!((r - 1.0).abs() < 1e-3, "flux ratio {r}");
     // and it sharpens: the peak voxel gains
@@ -176,11 +158,7 @@ fn rl_keeps_total_flux_of_a_centered_object() {
 fn ssim_series(input: &Volume, gt: &Volume, psf: &Volume, cfg: &RlConfig) -> Vec<f64> {
     let mut out = Vec::new();
     rl::richardson_lucy_with(input, psf, cfg, |_, e| {
-        out.push(
-            metrics::evaluate(gt, e, Normalize::Affine, None)
-                .unwrap()
-                .ssim,
-        );
+        out.push(metrics::evaluate(gt, e, Normalize::Affine, None).unwrap().ssim);
         ControlFlow::Continue(())
     })
     .unwrap();
@@ -196,9 +174,7 @@ fn rl_improves_ssim_on_noisy_pairs() {
         ..Default::default()
     };
     let (input, gt) = synth::make_pair(&cfg, &psf, 11).unwrap();
-    let raw = metrics::evaluate(&gt, &input, Normalize::Affine, None)
-        .unwrap()
-        .ssim;
+    let raw = metrics::evaluate(&gt, &input, Normalize::Affine, None).unwrap().ssim;
     let rl = ssim_series(
         &input,
         &gt,
@@ -241,9 +217,7 @@ fn wiener_butterworth_reaches_rl_50_quality_in_5_iterations() {
         ..Default::default()
     };
     let (input, gt) = synth::make_pair(&cfg, &psf, 11).unwrap();
-    let raw = metrics::evaluate(&gt, &input, Normalize::Affine, None)
-        .unwrap()
-        .ssim;
+    let raw = metrics::evaluate(&gt, &input, Normalize::Affine, None).unwrap().ssim;
     let rl = ssim_series(
         &input,
         &gt,
@@ -263,7 +237,10 @@ fn wiener_butterworth_reaches_rl_50_quality_in_5_iterations() {
             ..Default::default()
         },
     );
-    eprintln!("Gaussian-PSF pair: SSIM raw {raw:.4}; RL at 1/5/10/20/50 {:.4} {:.4} {:.4} {:.4} {:.4}; WB at 1..5 {wb:.4?}", rl[0], rl[4], rl[9], rl[19], rl[49]);
+    eprintln!(
+        "Gaussian-PSF pair: SSIM raw {raw:.4}; RL at 1/5/10/20/50 {:.4} {:.4} {:.4} {:.4} {:.4}; WB at 1..5 {wb:.4?}",
+        rl[0], rl[4], rl[9], rl[19], rl[49]
+    );
     assert!(rl[49] > raw + 0.05);
     let first = wb.iter().position(|&s| s >= rl[49]);
     assert!(

@@ -14,10 +14,7 @@ fn pairs_depend_on_the_seed_only_not_on_threads() {
         ..Default::default()
     };
     let run = |threads: usize, seed: u64| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| synth::make_pair(&cfg, &psf(), seed).unwrap())
     };
     let (a, b) = (run(1, 42), run(2, 42));
@@ -43,12 +40,7 @@ fn noise_model_and_background_follow_the_authors_recipe() {
         "ground truth is the background"
     );
     let mean = input.sum() / n;
-    let var = input
-        .data
-        .iter()
-        .map(|&v| (v as f64 - mean).powi(2))
-        .sum::<f64>()
-        / n;
+    let var = input.data.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
     assert!((mean - 150.0).abs() < 0.5, "mean {mean}");
     assert!((var / (150.0 + 0.25) - 1.0).abs() < 0.05, "variance {var}");
 }

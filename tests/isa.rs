@@ -25,10 +25,7 @@ fn every_isa_variant_matches_the_naive_network_and_its_gradients() {
     for which in [Isa::Avx512, Isa::Avx2, Isa::Baseline] {
         force_isa(Some(which));
         if isa() != which {
-            eprintln!(
-                "skipping {which:?}: this CPU supports only {:?}",
-                detected()
-            );
+            eprintln!("skipping {which:?}: this CPU supports only {:?}", detected());
             continue;
         }
         let b = CpuBackend::<f32>::new();

@@ -16,11 +16,7 @@ fn check_against_naive(variant: Variant, shape: Shape, seed: u64) {
     let x64: Tensor<f64> = random_volume(seed + 1, shape);
     for batch_stats in [false, true] {
         let want = naive_forward(&m64, &x64, batch_stats);
-        let mode = if batch_stats {
-            BnMode::Batch
-        } else {
-            BnMode::Running
-        };
+        let mode = if batch_stats { BnMode::Batch } else { BnMode::Running };
         // f64: the same function up to rounding
         let got = Rln::new(&CpuBackend::<f64>::new(), &m64).forward(&x64, mode, false);
         for (name, g, w) in [
@@ -81,9 +77,7 @@ fn running_statistics_update_once_per_step() {
     assert_eq!(m.running, before);
     // BN0 normalizes conv(avgpool(x); e1): check its batch statistics independently
     let z = naive_conv3(&naive_pool(&x), &m.params.layers[0].weight, 4);
-    let s = fwd.batch_stats[L::H1FpConv1 as usize]
-        .as_ref()
-        .expect("BN0 statistics");
+    let s = fwd.batch_stats[L::H1FpConv1 as usize].as_ref().expect("BN0 statistics");
     for c in 0..4 {
         let v: Vec<f64> = (0..2).flat_map(|n| z.plane(n, c).to_vec()).collect();
         let mu = v.iter().sum::<f64>() / v.len() as f64;
@@ -108,10 +102,7 @@ fn results_do_not_depend_on_thread_count() {
     let x: Tensor<f32> = random_volume(12, Shape::new(2, 1, 8, 10, 12));
     let g: Tensor<f32> = random_volume(13, Shape::new(2, 1, 8, 10, 12));
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
             let b = CpuBackend::<f32>::new();
             let net = Rln::new(&b, &m);

@@ -7,8 +7,7 @@ mod common;
 use common::*;
 use rln_engine::infer::stitch::{run_tiled, Affine, NormalizeMode, StitchOptions};
 use rln_engine::infer::tiling::{
-    plan_axis, ramp_weights, MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP,
-    RECEPTIVE_RADIUS,
+    plan_axis, ramp_weights, MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS,
 };
 use rln_engine::infer::{CpuPredictor, TilePredictor};
 use rln_engine::model::{Model, Variant};
@@ -17,12 +16,7 @@ use rln_engine::tensor::{rel_l2, Shape, Tensor};
 #[test]
 fn axis_plans_cover_the_axis_with_even_windows_and_overlapping_cores() {
     for len in [1usize, 7, 40, 64, 65, 100, 257, 1000] {
-        for (core, ov, ctx) in [
-            (16usize, 4usize, 0usize),
-            (32, 24, 18),
-            (64, 10, 18),
-            (50, 24, 7),
-        ] {
+        for (core, ov, ctx) in [(16usize, 4usize, 0usize), (32, 24, 18), (64, 10, 18), (50, 24, 7)] {
             let t = plan_axis(len, core, ov, ctx);
             assert_eq!(t[0].core.0, 0);
             assert_eq!(t.last().unwrap().core.1, len);
@@ -38,10 +32,7 @@ fn axis_plans_cover_the_axis_with_even_windows_and_overlapping_cores() {
                     assert!(a.core.0 - a.window.0 >= ctx.min(a.core.0), "context before");
                 }
                 if a.core.1 < len {
-                    assert!(
-                        a.window.1 - a.core.1 >= ctx.min(len - a.core.1),
-                        "context after"
-                    );
+                    assert!(a.window.1 - a.core.1 >= ctx.min(len - a.core.1), "context after");
                 }
                 if i > 0 {
                     assert!(t[i - 1].core.1 >= a.core.0, "gap between cores");
@@ -91,25 +82,14 @@ fn predict_tiled(
     };
     let mut views: Vec<&mut dyn PlaneSource> = vec![&mut src];
     let mut pred = CpuPredictor { model: m.clone() };
-    run_tiled(
-        &mut pred,
-        &mut views,
-        &[identity],
-        &mut sink,
-        &opts,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    run_tiled(&mut pred, &mut views, &[identity], &mut sink, &opts, &mut |_, _| {}).unwrap();
     (sink.data, n)
 }
 
 #[test]
 fn tiled_inference_equals_whole_volume_inference() {
     let m: Model<f32> = random_model(80, Variant::Single).cast();
-    for (dims, core) in [
-        ([44usize, 70, 66], [24usize, 34, 30]),
-        ([41, 57, 63], [20, 28, 26]),
-    ] {
+    for (dims, core) in [([44usize, 70, 66], [24usize, 34, 30]), ([41, 57, 63], [20, 28, 26])] {
         let s = Shape::new(1, 1, dims[0], dims[1], dims[2]);
         let x: Tensor<f32> = random_volume(81, s);
         let whole = predict_whole(&m, &x);
@@ -150,10 +130,7 @@ fn receptive_radius_is_within_the_default_context() {
             for xx in 0..n {
                 let i = (z * n + y) * n + xx;
                 if (y1[i] - y0[i]).abs() > 1e-6 * y0[i].abs().max(1e-3) {
-                    radius = radius
-                        .max(z.abs_diff(c))
-                        .max(y.abs_diff(c))
-                        .max(xx.abs_diff(c));
+                    radius = radius.max(z.abs_diff(c)).max(y.abs_diff(c)).max(xx.abs_diff(c));
                 }
             }
         }

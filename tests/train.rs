@@ -33,14 +33,8 @@ fn blob_volume(seed: u64, dims: [usize; 3], noise: f32) -> (Volume, Volume) {
             }
         }
     }
-    let input: Vec<f32> = gt
-        .iter()
-        .map(|&g| g * 0.7 + r.random_range(0.0..noise))
-        .collect();
-    (
-        Volume::new(dims, input).unwrap(),
-        Volume::new(dims, gt).unwrap(),
-    )
+    let input: Vec<f32> = gt.iter().map(|&g| g * 0.7 + r.random_range(0.0..noise)).collect();
+    (Volume::new(dims, input).unwrap(), Volume::new(dims, gt).unwrap())
 }
 
 fn dataset(n: usize, dims: [usize; 3]) -> Dataset {
@@ -151,9 +145,7 @@ fn bad_training_data_is_rejected_before_training() {
     let (x, g) = blob_volume(1, dims, 5.0);
     // constant volume
     let flat = Volume::new(dims, vec![3.0; 24 * 24 * 24]).unwrap();
-    let e = Pair::new("flat".into(), vec![x.clone()], flat)
-        .unwrap_err()
-        .to_string();
+    let e = Pair::new("flat".into(), vec![x.clone()], flat).unwrap_err().to_string();
     assert!(e.contains("constant"), "{e}");
     // NaN voxel
     let mut nan = x.clone();
@@ -161,9 +153,7 @@ fn bad_training_data_is_rejected_before_training() {
     assert!(Pair::new("nan".into(), vec![nan], g.clone()).is_err());
     // shape mismatch
     let (x2, _) = blob_volume(2, [24, 24, 20], 5.0);
-    let e = Pair::new("mm".into(), vec![x2], g.clone())
-        .unwrap_err()
-        .to_string();
+    let e = Pair::new("mm".into(), vec![x2], g.clone()).unwrap_err().to_string();
     assert!(e.contains("mm"), "{e}");
     // smaller than the crop
     let d = Dataset {
@@ -213,12 +203,7 @@ fn cli_train_stop_and_resume_matches_a_straight_run() {
     for i in 0..2 {
         let (x, g) = blob_volume(10 + i, [20, 20, 20], 10.0);
         write_volume(d.join(format!("input/v{i}.tif")), &x, OutputDtype::F32).unwrap();
-        write_volume(
-            d.join(format!("ground_truth/v{i}.tif")),
-            &g,
-            OutputDtype::F32,
-        )
-        .unwrap();
+        write_volume(d.join(format!("ground_truth/v{i}.tif")), &g, OutputDtype::F32).unwrap();
     }
     let run = |extra: &[&str], out: &str| {
         let o = Command::new(env!("CARGO_BIN_EXE_rln-engine"))

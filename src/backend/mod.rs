@@ -34,7 +34,12 @@ pub struct Epilogue<'a, X, T> {
 impl<'a, X, T> Epilogue<'a, X, T> {
     /// The raw conv output (training computes batch statistics on it first).
     pub fn identity() -> Self {
-        Epilogue { scale: &[], shift: &[], softplus: false, addend: Addend::None }
+        Epilogue {
+            scale: &[],
+            shift: &[],
+            softplus: false,
+            addend: Addend::None,
+        }
     }
 }
 
@@ -77,7 +82,13 @@ pub trait Backend: Sync {
     // ---- forward ----
     /// 3×3×3 conv (zero padding 1, no bias) over the channel concatenation of `inputs`
     /// (never materialized), followed by `epi`.
-    fn conv3(&self, inputs: &[&Self::X], weight: &[Self::T], c_out: usize, epi: &Epilogue<'_, Self::X, Self::T>) -> Self::X;
+    fn conv3(
+        &self,
+        inputs: &[&Self::X],
+        weight: &[Self::T],
+        c_out: usize,
+        epi: &Epilogue<'_, Self::X, Self::T>,
+    ) -> Self::X;
     /// 2×2×2 stride-2 transposed conv, followed by `epi`.
     fn up2(&self, x: &Self::X, weight: &[Self::T], c_out: usize, epi: &Epilogue<'_, Self::X, Self::T>) -> Self::X;
     /// `epi` applied to a computed tensor.
@@ -95,7 +106,13 @@ pub trait Backend: Sync {
 
     /// The training loss of spec §5 and its gradients (∂L/∂y, ∂L/∂E1r); `x1` is the
     /// one-channel input, `g` the ground truth.
-    fn loss(&self, y: &Self::X, e1r: &Self::X, x1: &Self::X, g: &Self::X) -> (crate::train::loss::LossTerms, Self::X, Self::X);
+    fn loss(
+        &self,
+        y: &Self::X,
+        e1r: &Self::X,
+        x1: &Self::X,
+        g: &Self::X,
+    ) -> (crate::train::loss::LossTerms, Self::X, Self::X);
 
     // ---- backward ----
     /// Gradient through `act(bn(z)) + addend` with respect to z, and the BN parameter
@@ -109,13 +126,26 @@ pub trait Backend: Sync {
         bn: Option<&BnTrainState<Self::T>>,
     ) -> (Self::X, Vec<f64>, Vec<f64>);
     /// Gradients of conv3 with respect to each input whose `needed` flag is set.
-    fn conv3_backward_data(&self, dz: &Self::X, weight: &[Self::T], c_in: &[usize], needed: &[bool]) -> Vec<Option<Self::X>>;
+    fn conv3_backward_data(
+        &self,
+        dz: &Self::X,
+        weight: &[Self::T],
+        c_in: &[usize],
+        needed: &[bool],
+    ) -> Vec<Option<Self::X>>;
     /// Gradient of conv3 with respect to its weight (engine layout).
     fn conv3_backward_weight(&self, inputs: &[&Self::X], dz: &Self::X) -> Vec<f64>;
     fn up2_backward_data(&self, dz: &Self::X, weight: &[Self::T], c_in: usize) -> Self::X;
     fn up2_backward_weight(&self, x: &Self::X, dz: &Self::X) -> Vec<f64>;
     /// Gradients of q = a / (cm(fp) + eps): (∂L/∂a, ∂L/∂fp) under `mode`.
-    fn rl_divide_backward(&self, a: &Self::X, fp: &Self::X, eps: f64, dq: &Self::X, mode: GradMode) -> (Self::X, Self::X);
+    fn rl_divide_backward(
+        &self,
+        a: &Self::X,
+        fp: &Self::X,
+        eps: f64,
+        dq: &Self::X,
+        mode: GradMode,
+    ) -> (Self::X, Self::X);
     /// Gradients of e = a · cm(bp): (∂L/∂a, ∂L/∂bp) under `mode`.
     fn rl_update_backward(&self, a: &Self::X, bp: &Self::X, de: &Self::X, mode: GradMode) -> (Self::X, Self::X);
     fn channel_mean_backward(&self, dy: &Self::X, channels: usize) -> Self::X;

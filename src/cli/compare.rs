@@ -47,8 +47,7 @@ pub struct CompareArgs {
 }
 
 pub fn compare(a: &CompareArgs) -> Result<()> {
-    let model =
-        Model::<f32>::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let model = Model::<f32>::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     let psf = match &a.psf {
         Some(p) => read_volume(p).with_context(|| format!("reading PSF {}", p.display()))?,
         None => model_psf(&model)?.1,

@@ -74,10 +74,19 @@ pub fn conformance(a: &ConformanceArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         let [n, d, h, w] = report.input_shape;
-        println!("vectors {} (batch {n}, volume {d}×{h}×{w}), CPU {}", report.vectors, report.precision);
+        println!(
+            "vectors {} (batch {n}, volume {d}×{h}×{w}), CPU {}",
+            report.vectors, report.precision
+        );
         println!("{:<48} {:>10} {:>8}  ", "key", "rel L2", "tol");
         for r in &report.rows {
-            println!("{:<48} {:>10.2e} {:>8.0e}  {}", r.key, r.rel_err, r.tol, if r.pass { "ok" } else { "FAIL" });
+            println!(
+                "{:<48} {:>10.2e} {:>8.0e}  {}",
+                r.key,
+                r.rel_err,
+                r.tol,
+                if r.pass { "ok" } else { "FAIL" }
+            );
         }
         let failed = report.rows.iter().filter(|r| !r.pass).count();
         println!("{} keys, {} failed", report.rows.len(), failed);
@@ -117,10 +126,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     }
     let t = std::time::Duration::from_secs_f64(a.min_time);
     let mut rows = Vec::new();
-    for shape in [
-        Shape::new(4, 1, 64, 64, 64),
-        Shape::new(1, 1, 128, 128, 128),
-    ] {
+    for shape in [Shape::new(4, 1, 64, 64, 64), Shape::new(1, 1, 128, 128, 128)] {
         if !a.json {
             eprintln!("timing the network on {shape} ...");
         }

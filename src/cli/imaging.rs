@@ -5,14 +5,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use rln_engine::fsutil::check_output_dir;
 use rln_engine::imaging::metrics::{self, Normalize};
-use rln_engine::imaging::psf::{
-    self, ConfocalPsf, GaussianPsf, GibsonLanni, MeasuredOptions, PsfSpec,
-};
+use rln_engine::imaging::psf::{self, ConfocalPsf, GaussianPsf, GibsonLanni, MeasuredOptions, PsfSpec};
 use rln_engine::imaging::rl::{BackProjector, Boundary, RlConfig};
 use rln_engine::imaging::synth::{self, Family, SynthConfig};
-use rln_engine::imaging::{
-    progress, read_volume_with, write_volume, OutputDtype, ReadOptions, Volume,
-};
+use rln_engine::imaging::{progress, read_volume_with, write_volume, OutputDtype, ReadOptions, Volume};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -20,11 +16,7 @@ use std::time::Instant;
 fn triple<T: std::str::FromStr + Copy>(s: &str) -> Result<[T; 3], String> {
     let v: Vec<T> = s
         .split(',')
-        .map(|p| {
-            p.trim()
-                .parse::<T>()
-                .map_err(|_| format!("{p:?} is not a number"))
-        })
+        .map(|p| p.trim().parse::<T>().map_err(|_| format!("{p:?} is not a number")))
         .collect::<Result<_, _>>()?;
     match v.len() {
         1 => Ok([v[0]; 3]),
@@ -200,8 +192,7 @@ pub fn psf(a: &PsfArgs) -> Result<()> {
             voxel_size: vs,
             source: Some(bead_path.display().to_string()),
         };
-        psf::clean_measured(&bead, &opts)
-            .with_context(|| format!("cleaning {}", bead_path.display()))?
+        psf::clean_measured(&bead, &opts).with_context(|| format!("cleaning {}", bead_path.display()))?
     } else {
         let spec = match a.model {
             PsfModel::GibsonLanni => PsfSpec::GibsonLanni(gibson_lanni_of(a)),
@@ -216,19 +207,11 @@ pub fn psf(a: &PsfArgs) -> Result<()> {
                 let shape = match (a.nz, a.nx) {
                     (Some(z), Some(x)) => Some([z, x, x]),
                     (None, None) => None,
-                    _ => bail!(
-                        "give both --nz and --nx for a Gaussian PSF, or neither (automatic ±4σ)"
-                    ),
+                    _ => bail!("give both --nz and --nx for a Gaussian PSF, or neither (automatic ±4σ)"),
                 };
                 match a.fwhm {
                     Some(f) => PsfSpec::Gaussian(GaussianPsf::from_fwhm(f, vs, shape)),
-                    None => PsfSpec::Gaussian(GaussianPsf::from_optics(
-                        gl.na,
-                        gl.wavelength,
-                        gl.ni,
-                        vs,
-                        shape,
-                    )?),
+                    None => PsfSpec::Gaussian(GaussianPsf::from_optics(gl.na, gl.wavelength, gl.ni, vs, shape)?),
                 }
             }
         };
@@ -237,12 +220,7 @@ pub fn psf(a: &PsfArgs) -> Result<()> {
     write_volume(&a.output, &vol, a.dtype.into())?;
     let f = psf::fwhm_voxels(&vol);
     let fw = match vol.voxel_size {
-        Some(v) => format!(
-            "{:.3}×{:.3}×{:.3} µm",
-            f[0] * v[0],
-            f[1] * v[1],
-            f[2] * v[2]
-        ),
+        Some(v) => format!("{:.3}×{:.3}×{:.3} µm", f[0] * v[0], f[1] * v[1], f[2] * v[2]),
         None => format!("{:.2}×{:.2}×{:.2} voxels", f[0], f[1], f[2]),
     };
     println!(
@@ -305,10 +283,7 @@ pub fn synth(a: &SynthArgs) -> Result<()> {
     let mut families: Vec<Family> = if a.families.is_empty() {
         Family::ALL.to_vec()
     } else {
-        a.families
-            .iter()
-            .map(|s| s.parse())
-            .collect::<Result<_, _>>()?
+        a.families.iter().map(|s| s.parse()).collect::<Result<_, _>>()?
     };
     for x in &a.exclude_family {
         let f: Family = x.parse()?;

@@ -3,12 +3,8 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use rln_engine::imaging::io::{read_volume, write_volume, OutputDtype};
-use rln_engine::infer::stitch::{
-    estimate_normalization, run_tiled, Affine, NormalizeMode, StitchOptions,
-};
-use rln_engine::infer::tiling::{
-    choose_core, MemorySink, MemorySource, PlaneSource, TilePlan, RECEPTIVE_RADIUS,
-};
+use rln_engine::infer::stitch::{estimate_normalization, run_tiled, Affine, NormalizeMode, StitchOptions};
+use rln_engine::infer::tiling::{choose_core, MemorySink, MemorySource, PlaneSource, TilePlan, RECEPTIVE_RADIUS};
 use rln_engine::infer::{CpuPredictor, TilePredictor};
 use rln_engine::model::Model;
 use std::path::PathBuf;
@@ -95,29 +91,17 @@ pub struct InferArgs {
 }
 
 /// The predictor for `--device`: CUDA when asked for and usable, else the CPU.
-pub fn make_predictor(
-    device: Device,
-    fp16: bool,
-    model: &Model<f32>,
-) -> Result<Box<dyn TilePredictor>> {
+pub fn make_predictor(device: Device, fp16: bool, model: &Model<f32>) -> Result<Box<dyn TilePredictor>> {
     use rln_engine::backend::cuda::{self, CudaOptions, CudaPredictor};
-    let opts = if fp16 {
-        CudaOptions::f16()
-    } else {
-        CudaOptions::f32()
-    };
+    let opts = if fp16 { CudaOptions::f16() } else { CudaOptions::f32() };
     match device {
         Device::Cpu => {
             if fp16 {
                 eprintln!("note: --fp16 applies to the GPU; the CPU computes in f32");
             }
-            Ok(Box::new(CpuPredictor {
-                model: model.clone(),
-            }))
+            Ok(Box::new(CpuPredictor { model: model.clone() }))
         }
-        Device::Cuda => Ok(Box::new(
-            CudaPredictor::new(model, opts).context("--device cuda")?,
-        )),
+        Device::Cuda => Ok(Box::new(CudaPredictor::new(model, opts).context("--device cuda")?)),
         Device::Auto => {
             if cuda::available() {
                 match CudaPredictor::new(model, opts) {
@@ -129,17 +113,14 @@ pub fn make_predictor(
             } else {
                 eprintln!("note: no CUDA device; running on the CPU");
             }
-            Ok(Box::new(CpuPredictor {
-                model: model.clone(),
-            }))
+            Ok(Box::new(CpuPredictor { model: model.clone() }))
         }
     }
 }
 
 pub fn infer(a: &InferArgs) -> Result<()> {
     rln_engine::fsutil::check_output_dir(&a.output)?;
-    let model = Model::<f32>::load(&a.model)
-        .with_context(|| format!("loading model {}", a.model.display()))?;
+    let model = Model::<f32>::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
     let variant = model.config.variant;
     if variant.views() == 2 && a.input2.is_none() {
         bail!(
@@ -148,10 +129,7 @@ pub fn infer(a: &InferArgs) -> Result<()> {
         );
     }
     if variant.views() == 1 && a.input2.is_some() {
-        bail!(
-            "{} is a single-view model: --input2 does not apply",
-            a.model.display()
-        );
+        bail!("{} is a single-view model: --input2 does not apply", a.model.display());
     }
     let t0 = Instant::now();
     let vol = read_volume(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
@@ -161,7 +139,11 @@ pub fn infer(a: &InferArgs) -> Result<()> {
     };
     if let Some(v2) = &vol2 {
         if v2.dims != vol.dims {
-            bail!("the two views differ in size: {} vs {}; register and resample them to one grid first", vol.shape_str(), v2.shape_str());
+            bail!(
+                "the two views differ in size: {} vs {}; register and resample them to one grid first",
+                vol.shape_str(),
+                v2.shape_str()
+            );
         }
     }
     let t_read = t0.elapsed().as_secs_f64();
@@ -222,21 +204,15 @@ pub fn infer(a: &InferArgs) -> Result<()> {
         if let Some(s2) = src2.as_mut() {
             views.push(s2);
         }
-        run_tiled(
-            pred.as_mut(),
-            &mut views,
-            &global,
-            &mut sink,
-            &opts,
-            &mut |d, _| bar.set_position(d as u64),
-        )?;
+        run_tiled(pred.as_mut(), &mut views, &global, &mut sink, &opts, &mut |d, _| {
+            bar.set_position(d as u64)
+        })?;
     }
     bar.finish_and_clear();
     let t_net = t1.elapsed().as_secs_f64();
     let out = vol.like(sink.data)?;
     let t2 = Instant::now();
-    write_volume(&a.output, &out, a.output_dtype)
-        .with_context(|| format!("writing {}", a.output.display()))?;
+    write_volume(&a.output, &out, a.output_dtype).with_context(|| format!("writing {}", a.output.display()))?;
     println!(
         "wrote {} ({}, {:?}): read {:.1} s, network {:.1} s ({:.3e} voxels/s), write {:.1} s",
         a.output.display(),

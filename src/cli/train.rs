@@ -189,24 +189,17 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         .checkpoint
         .clone()
         .unwrap_or_else(|| sibling(&a.output, "ckpt.safetensors"));
-    let log_path = a
-        .log
-        .clone()
-        .unwrap_or_else(|| sibling(&a.output, "log.jsonl"));
+    let log_path = a.log.clone().unwrap_or_else(|| sibling(&a.output, "log.jsonl"));
 
     // the run's config: from the checkpoint when resuming, else from the flags
     let resumed = match &a.resume {
-        Some(p) => Some(
-            trainer::load_checkpoint(p)
-                .with_context(|| format!("reading checkpoint {}", p.display()))?,
-        ),
+        Some(p) => Some(trainer::load_checkpoint(p).with_context(|| format!("reading checkpoint {}", p.display()))?),
         None => None,
     };
     let mut psf_meta = None;
     // data (every problem reported before training starts)
     let (data, val) = if let Some(psf_path) = &a.synth_psf {
-        let psf =
-            read_volume(psf_path).with_context(|| format!("reading PSF {}", psf_path.display()))?;
+        let psf = read_volume(psf_path).with_context(|| format!("reading PSF {}", psf_path.display()))?;
         psf_meta = psf
             .metadata
             .as_ref()
@@ -294,11 +287,9 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         bar.set_draw_target(ProgressDrawTarget::stderr());
     }
     bar.set_style(
-        ProgressStyle::with_template(
-            "train [{bar:30}] {pos}/{len} steps {msg} ({elapsed}, eta {eta})",
-        )
-        .unwrap()
-        .progress_chars("=> "),
+        ProgressStyle::with_template("train [{bar:30}] {pos}/{len} steps {msg} ({elapsed}, eta {eta})")
+            .unwrap()
+            .progress_chars("=> "),
     );
     bar.set_position(state.step);
     let start = Instant::now();
@@ -321,15 +312,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         last_val: None,
     };
     let every = a.checkpoint_every.unwrap_or(cfg.epoch_steps);
-    let result = trainer::train(
-        &mut state,
-        &cfg,
-        &data,
-        val.as_ref(),
-        every,
-        a.stop_after,
-        &mut obs,
-    );
+    let result = trainer::train(&mut state, &cfg, &data, val.as_ref(), every, a.stop_after, &mut obs);
     obs.bar.finish_and_clear();
     let last_val = match result {
         Ok(v) => v,

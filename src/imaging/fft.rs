@@ -153,31 +153,25 @@ impl Fft3 {
         );
         // [m][z] → [z][m] into scratch, BLOCK planes per task
         let src: &[Complex32] = spec;
-        scratch
-            .par_chunks_mut(BLOCK * m)
-            .enumerate()
-            .for_each(|(bi, o)| {
-                let z0 = bi * BLOCK;
-                let cnt = o.len() / m;
-                for j in 0..m {
-                    let col = &src[j * nz + z0..j * nz + z0 + cnt];
-                    for (zz, &v) in col.iter().enumerate() {
-                        o[zz * m + j] = v;
-                    }
+        scratch.par_chunks_mut(BLOCK * m).enumerate().for_each(|(bi, o)| {
+            let z0 = bi * BLOCK;
+            let cnt = o.len() / m;
+            for j in 0..m {
+                let col = &src[j * nz + z0..j * nz + z0 + cnt];
+                for (zz, &v) in col.iter().enumerate() {
+                    o[zz * m + j] = v;
                 }
-            });
+            }
+        });
         // y: per plane rows of ny ([kx][y]), transpose back to [y][kx] into spec
         let iy = &self.iy;
-        scratch
-            .par_chunks_mut(m)
-            .zip(spec.par_chunks_mut(m))
-            .for_each_init(
-                || vec![Complex32::default(); iy.get_inplace_scratch_len()],
-                |s, (b, a)| {
-                    iy.process_with_scratch(b, s);
-                    transpose(b, a, xc, ny);
-                },
-            );
+        scratch.par_chunks_mut(m).zip(spec.par_chunks_mut(m)).for_each_init(
+            || vec![Complex32::default(); iy.get_inplace_scratch_len()],
+            |s, (b, a)| {
+                iy.process_with_scratch(b, s);
+                transpose(b, a, xc, ny);
+            },
+        );
         // x: c2r per row, scaled
         let c2r = &self.c2r;
         let scale = 1.0 / (nx * ny * nz) as f32;
@@ -235,11 +229,7 @@ impl Fft3 {
                         b.fill(Complex32::default());
                         return;
                     }
-                    for (y, (irow, prow)) in inp
-                        .chunks_exact(nx)
-                        .zip(plane.chunks_exact_mut(xc))
-                        .enumerate()
-                    {
+                    for (y, (irow, prow)) in inp.chunks_exact(nx).zip(plane.chunks_exact_mut(xc)).enumerate() {
                         if yr.contains(&y) {
                             row.copy_from_slice(irow);
                             let _ = r2c.process_with_scratch(row, prow, s);
@@ -347,10 +337,7 @@ impl Fft3 {
                     }
                     iy.process_with_scratch(b, sy);
                     transpose(b, plane_c, xc, ny);
-                    for (crow, orow) in plane_c
-                        .chunks_exact_mut(xc)
-                        .zip(plane_r.chunks_exact_mut(nx))
-                    {
+                    for (crow, orow) in plane_c.chunks_exact_mut(xc).zip(plane_r.chunks_exact_mut(nx)) {
                         crow[0].im = 0.0;
                         if nx % 2 == 0 {
                             crow[xc - 1].im = 0.0;
@@ -409,11 +396,7 @@ impl Fft3 {
                         b.fill(Complex32::default());
                         return;
                     }
-                    for (y, (irow, prow)) in inp
-                        .chunks_exact(nx)
-                        .zip(plane.chunks_exact_mut(xc))
-                        .enumerate()
-                    {
+                    for (y, (irow, prow)) in inp.chunks_exact(nx).zip(plane.chunks_exact_mut(xc)).enumerate() {
                         if yr.contains(&y) {
                             row.copy_from_slice(irow);
                             let _ = r2c.process_with_scratch(row, prow, s);
@@ -434,11 +417,7 @@ impl Fft3 {
             || {
                 (
                     vec![Complex32::default(); BLOCK * nz],
-                    vec![
-                        Complex32::default();
-                        fz.get_inplace_scratch_len()
-                            .max(iz.get_inplace_scratch_len())
-                    ],
+                    vec![Complex32::default(); fz.get_inplace_scratch_len().max(iz.get_inplace_scratch_len())],
                 )
             },
             |(buf, s), bi| {
@@ -488,10 +467,7 @@ impl Fft3 {
                     }
                     iy.process_with_scratch(b, sy);
                     transpose(b, plane_c, xc, ny);
-                    for (crow, orow) in plane_c
-                        .chunks_exact_mut(xc)
-                        .zip(plane_r.chunks_exact_mut(nx))
-                    {
+                    for (crow, orow) in plane_c.chunks_exact_mut(xc).zip(plane_r.chunks_exact_mut(nx)) {
                         crow[0].im = 0.0;
                         if nx % 2 == 0 {
                             crow[xc - 1].im = 0.0;
@@ -558,9 +534,7 @@ mod tests {
     fn forward_matches_dft_and_inverse_round_trips() {
         for dims in [[6usize, 10, 8], [5, 7, 9], [12, 3, 16]] {
             let n: usize = dims.iter().product();
-            let x: Vec<f32> = (0..n)
-                .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
-                .collect();
+            let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
             let f = Fft3::new(dims);
             let mut inp = x.clone();
             let mut spec = vec![Complex32::default(); f.spectrum_len()];
@@ -576,11 +550,7 @@ mod tests {
             }
             let mut back = vec![0.0f32; n];
             f.inverse(&mut spec, &mut back, &mut scr);
-            let err = x
-                .iter()
-                .zip(&back)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let err = x.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(err < 1e-5, "{dims:?} round trip error {err}");
         }
     }
@@ -635,15 +605,9 @@ mod tests {
         let mut full = vec![0.0f32; n];
         f.inverse(&mut d, &mut full, &mut scr);
         let mut part = vec![7.0f32; n];
-        f.inverse_planes(&mut c, &mut scr, &mut part, 2..5, |_, d, r| {
-            d.copy_from_slice(r)
-        });
+        f.inverse_planes(&mut c, &mut scr, &mut part, 2..5, |_, d, r| d.copy_from_slice(r));
         for (i, (p, q)) in full.iter().zip(&part).enumerate() {
-            let want = if (2..5).contains(&(i / plane)) {
-                *p
-            } else {
-                0.0
-            };
+            let want = if (2..5).contains(&(i / plane)) { *p } else { 0.0 };
             assert!((want - q).abs() < 1e-4, "{i}: {want} vs {q}");
         }
     }

@@ -27,11 +27,7 @@ fn find_3d_datasets(g: &hdf5::Group, prefix: &str, out: &mut Vec<String>) {
 }
 
 pub fn read_hdf5(path: &Path, dataset: Option<&str>, opts: &ReadOptions) -> Result<Volume> {
-    if std::fs::metadata(path)
-        .map_err(|e| Error::io(path, e))?
-        .len()
-        == 0
-    {
+    if std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len() == 0 {
         return Err(Error::format(path, "file is empty"));
     }
     let file = hdf5::File::open(path).map_err(|e| h5err(path, e))?;
@@ -93,7 +89,12 @@ pub fn read_hdf5(path: &Path, dataset: Option<&str>, opts: &ReadOptions) -> Resu
                 )))
             }
         },
-        _ => return Err(Error::invalid(format!("{}:{name}: dataset has shape {shape:?}; a 3D volume is needed", path.display()))),
+        _ => {
+            return Err(Error::invalid(format!(
+                "{}:{name}: dataset has shape {shape:?}; a 3D volume is needed",
+                path.display()
+            )))
+        }
     };
     if dims[0] <= 1 && !opts.allow_2d {
         return Err(Error::invalid(format!(
@@ -162,11 +163,7 @@ pub fn write_hdf5(path: &Path, dataset: &str, vol: &Volume, dtype: OutputDtype) 
                 ds
             }
             OutputDtype::U16 => {
-                let d: Vec<u16> = vol
-                    .data
-                    .iter()
-                    .map(|&v| super::tiff_io::to_u16(v))
-                    .collect();
+                let d: Vec<u16> = vol.data.iter().map(|&v| super::tiff_io::to_u16(v)).collect();
                 let ds = file
                     .new_dataset::<u16>()
                     .chunk(chunk)
@@ -196,9 +193,7 @@ pub fn write_hdf5(path: &Path, dataset: &str, vol: &Volume, dtype: OutputDtype) 
                 .map_err(builder_err)?;
         }
         if let Some(m) = &vol.metadata {
-            let s: VarLenUnicode = m
-                .parse()
-                .map_err(|e| Error::invalid(format!("metadata: {e}")))?;
+            let s: VarLenUnicode = m.parse().map_err(|e| Error::invalid(format!("metadata: {e}")))?;
             ds.new_attr::<VarLenUnicode>()
                 .create("rln_metadata")
                 .and_then(|a| a.write_scalar(&s))

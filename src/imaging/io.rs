@@ -105,10 +105,7 @@ pub fn split_dataset_path(path: &Path) -> (PathBuf, Option<String>) {
         if let Some(i) = lower.rfind(ext) {
             let cut = i + ext.len() - 1;
             let ds = s[cut + 1..].to_string();
-            return (
-                PathBuf::from(&s[..cut]),
-                if ds.is_empty() { None } else { Some(ds) },
-            );
+            return (PathBuf::from(&s[..cut]), if ds.is_empty() { None } else { Some(ds) });
         }
     }
     (path.to_path_buf(), None)
@@ -184,13 +181,9 @@ pub fn read_slice_folder(dir: &Path, opts: &ReadOptions) -> Result<Volume> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.is_file()
-                && !p
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
                 && matches!(
-                    p.extension()
-                        .map(|e| e.to_string_lossy().to_lowercase())
-                        .as_deref(),
+                    p.extension().map(|e| e.to_string_lossy().to_lowercase()).as_deref(),
                     Some("tif" | "tiff")
                 )
         })

@@ -56,12 +56,7 @@ pub struct Metrics {
 
 /// Compares `pred` with `gt` after `normalize`; `data_range` None: max − min of the
 /// (normalized) ground truth.
-pub fn evaluate(
-    gt: &Volume,
-    pred: &Volume,
-    normalize: Normalize,
-    data_range: Option<f64>,
-) -> Result<Metrics> {
+pub fn evaluate(gt: &Volume, pred: &Volume, normalize: Normalize, data_range: Option<f64>) -> Result<Metrics> {
     if gt.dims != pred.dims {
         return Err(Error::Shape(format!(
             "ground truth is {} but prediction is {}; compare volumes of one size",
@@ -81,32 +76,20 @@ pub fn evaluate(
         Normalize::Affine => {
             let g = normalize_percentile(&gt.data, P_LO, P_HI)?;
             let (a, b) = fit_affine(&pred.data, &g);
-            let p = pred
-                .data
-                .iter()
-                .map(|&v| (a * v as f64 + b) as f32)
-                .collect();
+            let p = pred.data.iter().map(|&v| (a * v as f64 + b) as f32).collect();
             (g, p, Some([a, b]))
         }
     };
     let r = match data_range {
         Some(r) if r > 0.0 && r.is_finite() => r,
-        Some(r) => {
-            return Err(Error::invalid(format!(
-                "data range must be positive (got {r})"
-            )))
-        }
+        Some(r) => return Err(Error::invalid(format!("data range must be positive (got {r})"))),
         None => {
             let (lo, hi) = g
                 .iter()
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
-                    (l.min(v), h.max(v))
-                });
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
             let r = (hi - lo) as f64;
             if !(r > 0.0) {
-                return Err(Error::invalid(
-                    "ground truth is constant: give --data-range",
-                ));
+                return Err(Error::invalid("ground truth is constant: give --data-range"));
             }
             r
         }
@@ -211,21 +194,19 @@ fn gaussian_filter(dims: [usize; 3], v: &[f64], taps: &[f64]) -> Vec<f64> {
         let stride = [ny * nx, nx, 1][axis];
         let src = cur;
         let mut out = vec![0.0f64; src.len()];
-        out.par_chunks_mut(ny * nx)
-            .enumerate()
-            .for_each(|(z, plane)| {
-                for y in 0..ny {
-                    for x in 0..nx {
-                        let pos = [z, y, x][axis] as i64;
-                        let base = (z * ny + y) * nx + x - pos as usize * stride;
-                        let mut acc = 0.0;
-                        for (t, &w) in taps.iter().enumerate() {
-                            acc += w * src[base + reflect(pos + t as i64 - r, n) * stride];
-                        }
-                        plane[y * nx + x] = acc;
+        out.par_chunks_mut(ny * nx).enumerate().for_each(|(z, plane)| {
+            for y in 0..ny {
+                for x in 0..nx {
+                    let pos = [z, y, x][axis] as i64;
+                    let base = (z * ny + y) * nx + x - pos as usize * stride;
+                    let mut acc = 0.0;
+                    for (t, &w) in taps.iter().enumerate() {
+                        acc += w * src[base + reflect(pos + t as i64 - r, n) * stride];
                     }
+                    plane[y * nx + x] = acc;
                 }
-            });
+            }
+        });
         cur = out;
         let _ = nz;
     }
@@ -248,11 +229,7 @@ pub fn ssim(dims: [usize; 3], a: &[f32], b: &[f32], data_range: f64) -> Result<f
     let uy = gaussian_filter(dims, &y, &taps);
     let uxx = gaussian_filter(dims, &x.iter().map(|v| v * v).collect::<Vec<_>>(), &taps);
     let uyy = gaussian_filter(dims, &y.iter().map(|v| v * v).collect::<Vec<_>>(), &taps);
-    let uxy = gaussian_filter(
-        dims,
-        &x.iter().zip(&y).map(|(p, q)| p * q).collect::<Vec<_>>(),
-        &taps,
-    );
+    let uxy = gaussian_filter(dims, &x.iter().zip(&y).map(|(p, q)| p * q).collect::<Vec<_>>(), &taps);
     let c1 = (0.01 * data_range).powi(2);
     let c2 = (0.03 * data_range).powi(2);
     let pad = (win - 1) / 2;
@@ -267,8 +244,7 @@ pub fn ssim(dims: [usize; 3], a: &[f32], b: &[f32], data_range: f64) -> Result<f
                 let vx = uxx[i] - mx * mx;
                 let vy = uyy[i] - my * my;
                 let vxy = uxy[i] - mx * my;
-                sum += ((2.0 * mx * my + c1) * (2.0 * vxy + c2))
-                    / ((mx * mx + my * my + c1) * (vx + vy + c2));
+                sum += ((2.0 * mx * my + c1) * (2.0 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2));
                 count += 1;
             }
         }

@@ -22,8 +22,5 @@ pub mod synth;
 pub mod tiff_io;
 pub mod volume;
 
-pub use io::{
-    read_volume, read_volume_with, write_volume, write_volume_with, OutputDtype, ReadOptions,
-    WriteOptions,
-};
+pub use io::{read_volume, read_volume_with, write_volume, write_volume_with, OutputDtype, ReadOptions, WriteOptions};
 pub use volume::Volume;

@@ -19,9 +19,7 @@ pub fn percentiles(values: &[f32], ps: &[f64]) -> Result<Vec<f64>> {
         return Err(Error::invalid("percentile of an empty volume"));
     }
     if let Some(p) = ps.iter().find(|p| !(0.0..=100.0).contains(*p)) {
-        return Err(Error::invalid(format!(
-            "percentile {p} is outside [0, 100]"
-        )));
+        return Err(Error::invalid(format!("percentile {p} is outside [0, 100]")));
     }
     if values.iter().any(|v| v.is_nan()) {
         return Err(Error::invalid("percentile of a volume holding NaN"));
@@ -43,11 +41,7 @@ pub fn percentiles(values: &[f32], ps: &[f64]) -> Result<Vec<f64>> {
         };
         // numpy's _lerp: symmetric form for t ≥ 0.5 (exact at t = 1)
         let d = hi_v - lo_v;
-        out.push(if t >= 0.5 {
-            hi_v - d * (1.0 - t)
-        } else {
-            lo_v + d * t
-        });
+        out.push(if t >= 0.5 { hi_v - d * (1.0 - t) } else { lo_v + d * t });
     }
     Ok(out)
 }
@@ -69,11 +63,7 @@ pub fn percentile_affine(p_lo_value: f64, p_hi_value: f64) -> (f64, f64) {
 /// Normalizes `values` in place by spec §6 and returns the two percentile values
 /// `(P_lo, P_hi)`: `(v − P_lo)/(P_hi − P_lo + 1e-20)`; unchanged if `P_hi = 0`;
 /// `v / P_hi` if `P_hi < 2·P_lo`.
-pub fn normalize_percentile_in_place(
-    values: &mut [f32],
-    p_lo: f64,
-    p_hi: f64,
-) -> Result<(f64, f64)> {
+pub fn normalize_percentile_in_place(values: &mut [f32], p_lo: f64, p_hi: f64) -> Result<(f64, f64)> {
     let pv = percentiles(values, &[p_lo, p_hi])?;
     let (lo, hi) = (pv[0], pv[1]);
     if hi == 0.0 {
@@ -83,9 +73,7 @@ pub fn normalize_percentile_in_place(
         values.iter_mut().for_each(|v| *v = (*v as f64 / hi) as f32);
     } else {
         let den = hi - lo + 1e-20;
-        values
-            .iter_mut()
-            .for_each(|v| *v = ((*v as f64 - lo) / den) as f32);
+        values.iter_mut().for_each(|v| *v = ((*v as f64 - lo) / den) as f32);
     }
     Ok((lo, hi))
 }

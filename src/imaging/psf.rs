@@ -71,10 +71,7 @@ impl GaussianPsf {
         }
         let k = 2.0 * std::f64::consts::PI / wavelength;
         let (sxy, sz) = if na < 0.7 {
-            (
-                (2f64).sqrt() / (k * na),
-                2.0 * (6f64).sqrt() * ni / (k * na * na),
-            )
+            ((2f64).sqrt() / (k * na), 2.0 * (6f64).sqrt() * ni / (k * na * na))
         } else {
             let ca = (na / ni).asin().cos();
             let c15 = ca.powf(1.5);
@@ -85,11 +82,7 @@ impl GaussianPsf {
             (sxy, sz)
         };
         Ok(Self::from_fwhm(
-            [
-                sz * FWHM_PER_SIGMA,
-                sxy * FWHM_PER_SIGMA,
-                sxy * FWHM_PER_SIGMA,
-            ],
+            [sz * FWHM_PER_SIGMA, sxy * FWHM_PER_SIGMA, sxy * FWHM_PER_SIGMA],
             voxel_size,
             shape,
         ))
@@ -223,14 +216,8 @@ pub fn gaussian_kernel(dims: [usize; 3], sigma: [f64; 3]) -> Volume {
 }
 
 fn gaussian(g: &GaussianPsf) -> Result<Volume> {
-    if g.fwhm
-        .iter()
-        .chain(&g.voxel_size)
-        .any(|&v| !(v.is_finite() && v > 0.0))
-    {
-        return Err(Error::invalid(
-            "Gaussian PSF: FWHM and voxel size must be positive",
-        ));
+    if g.fwhm.iter().chain(&g.voxel_size).any(|&v| !(v.is_finite() && v > 0.0)) {
+        return Err(Error::invalid("Gaussian PSF: FWHM and voxel size must be positive"));
     }
     if g.shape.contains(&0) {
         return Err(Error::invalid("Gaussian PSF: empty shape"));
@@ -254,21 +241,12 @@ impl GibsonLanni {
         ];
         for (n, v) in pos {
             if !(v.is_finite() && v > 0.0) {
-                return Err(Error::invalid(format!(
-                    "Gibson–Lanni: {n} must be positive (got {v})"
-                )));
+                return Err(Error::invalid(format!("Gibson–Lanni: {n} must be positive (got {v})")));
             }
         }
-        for (n, v) in [
-            ("tg", self.tg),
-            ("tg0", self.tg0),
-            ("ti0", self.ti0),
-            ("pz", self.pz),
-        ] {
+        for (n, v) in [("tg", self.tg), ("tg0", self.tg0), ("ti0", self.ti0), ("pz", self.pz)] {
             if !(v.is_finite() && v >= 0.0) {
-                return Err(Error::invalid(format!(
-                    "Gibson–Lanni: {n} must be ≥ 0 (got {v})"
-                )));
+                return Err(Error::invalid(format!("Gibson–Lanni: {n} must be ≥ 0 (got {v})")));
             }
         }
         if self.na >= self.ni {
@@ -278,14 +256,10 @@ impl GibsonLanni {
             )));
         }
         if self.nx == 0 || self.nz == 0 || self.oversample == 0 {
-            return Err(Error::invalid(
-                "Gibson–Lanni: nx, nz and oversample must be ≥ 1",
-            ));
+            return Err(Error::invalid("Gibson–Lanni: nx, nz and oversample must be ≥ 1"));
         }
         if self.nx > 4097 || self.nz > 4097 || self.oversample > 16 {
-            return Err(Error::invalid(
-                "Gibson–Lanni: nx, nz ≤ 4097 and oversample ≤ 16",
-            ));
+            return Err(Error::invalid("Gibson–Lanni: nx, nz ≤ 4097 and oversample ≤ 16"));
         }
         Ok(())
     }
@@ -518,9 +492,7 @@ pub fn clean_measured(bead: &Volume, opts: &MeasuredOptions) -> Result<Volume> {
     let v: Vec<f32> = bead.data.iter().map(|&x| (x - bg).max(0.0)).collect();
     let peak = v.iter().copied().fold(0.0f32, f32::max);
     if !(peak > 0.0) {
-        return Err(Error::invalid(
-            "measured PSF has nothing above its background",
-        ));
+        return Err(Error::invalid("measured PSF has nothing above its background"));
     }
     let (mut sw, mut cz, mut cy, mut cx) = (0.0f64, 0.0, 0.0, 0.0);
     for z in 0..nz {
@@ -566,10 +538,7 @@ pub fn clean_measured(bead: &Volume, opts: &MeasuredOptions) -> Result<Volume> {
                         && (yy as usize) < ny
                         && (xx as usize) < nx
                     {
-                        acc += wz
-                            * wy
-                            * wx
-                            * v[((zz as usize) * ny + yy as usize) * nx + xx as usize] as f64;
+                        acc += wz * wy * wx * v[((zz as usize) * ny + yy as usize) * nx + xx as usize] as f64;
                     }
                 }
             }

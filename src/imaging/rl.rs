@@ -148,18 +148,12 @@ impl RlPlan {
         psf.check_finite("PSF")?;
         let s = psf.sum();
         if !(s > 0.0) || psf.data.iter().any(|&v| v < 0.0) {
-            return Err(Error::invalid(
-                "PSF must be non-negative with a positive sum",
-            ));
+            return Err(Error::invalid("PSF must be non-negative with a positive sum"));
         }
         let c = psf_center(p);
         let ext = [img[0] + p[0] - 1, img[1] + p[1] - 1, img[2] + p[2] - 1];
         let off = [p[0] - 1 - c[0], p[1] - 1 - c[1], p[2] - 1 - c[2]];
-        let grid = [
-            fast_len(ext[0], false),
-            fast_len(ext[1], false),
-            fast_len(ext[2], true),
-        ];
+        let grid = [fast_len(ext[0], false), fast_len(ext[1], false), fast_len(ext[2], true)];
         let fft = Fft3::new(grid);
         let n = fft.real_len();
         let sl = fft.spectrum_len();
@@ -208,9 +202,7 @@ impl RlPlan {
         }
         let mut spec = vec![Complex32::default(); sl];
         fft.forward(&mut buf, &mut spec, &mut scratch);
-        spec.par_iter_mut()
-            .zip(otf_bp.par_iter())
-            .for_each(|(a, b)| *a *= *b);
+        spec.par_iter_mut().zip(otf_bp.par_iter()).for_each(|(a, b)| *a *= *b);
         fft.inverse(&mut spec, &mut buf, &mut scratch);
         // where B(1_Ω) is this small the object is barely seen: no estimate there. The
         // unmatched projector rings around edges, so it keeps only well-seen voxels.
@@ -345,22 +337,14 @@ impl RlPlan {
     }
 
     /// buf ← H buf (or B buf when `back`), in place through the spectrum.
-    fn project_with(
-        &self,
-        buf: &mut [f32],
-        back: bool,
-        spec: &mut [Complex32],
-        scratch: &mut [Complex32],
-    ) {
+    fn project_with(&self, buf: &mut [f32], back: bool, spec: &mut [Complex32], scratch: &mut [Complex32]) {
         self.fft.forward(buf, spec, scratch);
         let k = if back { &self.otf_bp } else { &self.otf };
-        spec.par_chunks_mut(4096)
-            .zip(k.par_chunks(4096))
-            .for_each(|(a, b)| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x *= *y;
-                }
-            });
+        spec.par_chunks_mut(4096).zip(k.par_chunks(4096)).for_each(|(a, b)| {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x *= *y;
+            }
+        });
         self.fft.inverse(spec, buf, scratch);
     }
 
@@ -375,13 +359,7 @@ impl RlPlan {
     /// After each iteration `observe(i, estimate)` sees the current estimate on the image
     /// domain (i = 1, 2, …); returning `ControlFlow::Break(())` stops early. Returns the
     /// last estimate.
-    pub fn run<F>(
-        &self,
-        input: &Volume,
-        iterations: usize,
-        background: f32,
-        mut observe: F,
-    ) -> Result<Volume>
+    pub fn run<F>(&self, input: &Volume, iterations: usize, background: f32, mut observe: F) -> Result<Volume>
     where
         F: FnMut(usize, &Volume) -> ControlFlow<()>,
     {
@@ -435,8 +413,7 @@ impl RlPlan {
             for yy in os[1]..os[1] + od[1] {
                 let sy = refl(yy, self.off[1], iy);
                 for x in os[2]..os[2] + od[2] {
-                    yp[yy * gx + x] =
-                        input.data[(sz * iy + sy) * ix + refl(x, self.off[2], ix)].max(0.0);
+                    yp[yy * gx + x] = input.data[(sz * iy + sy) * ix + refl(x, self.off[2], ix)].max(0.0);
                 }
             }
         });
@@ -612,12 +589,7 @@ pub fn richardson_lucy(input: &Volume, psf: &Volume, cfg: &RlConfig) -> Result<V
 }
 
 /// [`richardson_lucy`] with a per-iteration observer (see [`RlPlan::run`]).
-pub fn richardson_lucy_with<F>(
-    input: &Volume,
-    psf: &Volume,
-    cfg: &RlConfig,
-    observe: F,
-) -> Result<Volume>
+pub fn richardson_lucy_with<F>(input: &Volume, psf: &Volume, cfg: &RlConfig, observe: F) -> Result<Volume>
 where
     F: FnMut(usize, &Volume) -> ControlFlow<()>,
 {
@@ -632,11 +604,7 @@ pub fn measure_throughput(iterations: usize) -> Result<RlThroughput> {
     measure_throughput_on([64, 256, 256], [31, 31, 31], iterations)
 }
 
-pub fn measure_throughput_on(
-    dims: [usize; 3],
-    psf_dims: [usize; 3],
-    iterations: usize,
-) -> Result<RlThroughput> {
+pub fn measure_throughput_on(dims: [usize; 3], psf_dims: [usize; 3], iterations: usize) -> Result<RlThroughput> {
     let psf = super::psf::gaussian_kernel(psf_dims, [2.0, 1.2, 1.2]);
     let img = benchmark_volume(dims);
     let plan = RlPlan::new(dims, &psf, BackProjector::Matched)?;

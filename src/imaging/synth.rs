@@ -135,8 +135,7 @@ impl SynthConfig {
                 dims_str(self.size)
             )));
         }
-        if !(self.photons > 0.0 && self.photons.is_finite())
-            || !(self.read_noise >= 0.0 && self.read_noise.is_finite())
+        if !(self.photons > 0.0 && self.photons.is_finite()) || !(self.read_noise >= 0.0 && self.read_noise.is_finite())
         {
             return Err(Error::invalid("photons must be > 0 and read noise ≥ 0"));
         }
@@ -149,9 +148,7 @@ impl SynthConfig {
             ));
         }
         if self.anisotropic_factor == 0 || self.anisotropic_factor > self.size[0] {
-            return Err(Error::invalid(
-                "anisotropic factor must be between 1 and the z size",
-            ));
+            return Err(Error::invalid("anisotropic factor must be between 1 and the z size"));
         }
         Ok(())
     }
@@ -201,12 +198,7 @@ impl Synthesizer {
         } else {
             blurred
         };
-        add_noise(
-            &mut input,
-            cfg.photons,
-            cfg.read_noise,
-            mix_seed(seed, 0x4E01_5E),
-        );
+        add_noise(&mut input, cfg.photons, cfg.read_noise, mix_seed(seed, 0x4E01_5E));
         if k > 1 && cfg.upsample_input {
             input = upsample_z_linear(&input, k, cfg.size[0]);
         }
@@ -218,9 +210,7 @@ impl Synthesizer {
                 vs
             });
         }
-        let meta =
-            serde_json::json!({ "synthetic": { "seed": seed, "families": families_of(cfg) } })
-                .to_string();
+        let meta = serde_json::json!({ "synthetic": { "seed": seed, "families": families_of(cfg) } }).to_string();
         gt.metadata = Some(meta.clone());
         input.metadata = Some(meta);
         gt.unit = "micron".into();
@@ -243,13 +233,7 @@ pub fn make_pair(cfg: &SynthConfig, psf: &Volume, seed: u64) -> Result<(Volume, 
 
 /// Writes `count` pairs as `dir/input/synth_NNNN.tif` and `dir/ground_truth/synth_NNNN.tif`
 /// (float32, pair i from seed `mix_seed(seed, i)`) and `dir/synth.json` (the settings).
-pub fn write_dataset(
-    cfg: &SynthConfig,
-    psf: &Volume,
-    dir: &Path,
-    count: usize,
-    seed: u64,
-) -> Result<Vec<PathBuf>> {
+pub fn write_dataset(cfg: &SynthConfig, psf: &Volume, dir: &Path, count: usize, seed: u64) -> Result<Vec<PathBuf>> {
     let s = Synthesizer::new(cfg, psf)?;
     let (din, dgt) = (dir.join("input"), dir.join("ground_truth"));
     for d in [&din, &dgt] {
@@ -277,9 +261,7 @@ pub fn write_dataset(
     });
     crate::fsutil::write_atomic(
         &dir.join("synth.json"),
-        serde_json::to_string_pretty(&info)
-            .unwrap_or_default()
-            .as_bytes(),
+        serde_json::to_string_pretty(&info).unwrap_or_default().as_bytes(),
     )?;
     Ok(names)
 }
@@ -348,11 +330,7 @@ pub fn phantom(cfg: &SynthConfig, dims: [usize; 3], seed: u64) -> Volume {
 }
 
 fn corner(c: [f64; 3]) -> [i64; 3] {
-    [
-        c[0].floor() as i64,
-        c[1].floor() as i64,
-        c[2].floor() as i64,
-    ]
+    [c[0].floor() as i64, c[1].floor() as i64, c[2].floor() as i64]
 }
 
 fn fill_box(v: &mut Volume, at: [i64; 3], size: [usize; 3], val: f32) {
@@ -479,23 +457,20 @@ pub(crate) fn convolve_axis(v: &Volume, axis: usize, taps: &[f32]) -> Volume {
     let mut out = v.clone();
     let n = v.dims[axis] as i64;
     let stride = [ny * nx, nx, 1][axis];
-    out.data
-        .par_chunks_mut(ny * nx)
-        .enumerate()
-        .for_each(|(z, plane)| {
-            for y in 0..ny {
-                for x in 0..nx {
-                    let pos = [z, y, x][axis] as i64;
-                    let base = (z * ny + y) * nx + x - pos as usize * stride;
-                    let mut acc = 0.0f32;
-                    for (t, &w) in taps.iter().enumerate() {
-                        let j = reflect(pos + t as i64 - r, n);
-                        acc += w * v.data[base + j * stride];
-                    }
-                    plane[y * nx + x] = acc;
+    out.data.par_chunks_mut(ny * nx).enumerate().for_each(|(z, plane)| {
+        for y in 0..ny {
+            for x in 0..nx {
+                let pos = [z, y, x][axis] as i64;
+                let base = (z * ny + y) * nx + x - pos as usize * stride;
+                let mut acc = 0.0f32;
+                for (t, &w) in taps.iter().enumerate() {
+                    let j = reflect(pos + t as i64 - r, n);
+                    acc += w * v.data[base + j * stride];
                 }
+                plane[y * nx + x] = acc;
             }
-        });
+        }
+    });
     let _ = nz;
     out
 }

@@ -70,9 +70,7 @@ pub(crate) fn parse_imagej(desc: &str) -> Option<ImageJMeta> {
 pub(crate) fn unit_to_micron(unit: &str) -> Option<f64> {
     let u = unit.trim().trim_matches('"').to_lowercase();
     match u.as_str() {
-        "micron" | "microns" | "um" | "µm" | "μm" | "\\u00b5m" | "micrometer" | "micrometre" => {
-            Some(1.0)
-        }
+        "micron" | "microns" | "um" | "µm" | "μm" | "\\u00b5m" | "micrometer" | "micrometre" => Some(1.0),
         "nm" | "nanometer" | "nanometre" => Some(1e-3),
         "mm" | "millimeter" | "millimetre" => Some(1e3),
         "cm" | "centimeter" | "centimetre" => Some(1e4),
@@ -87,10 +85,7 @@ fn tiff_err(path: &Path, what: &str, e: tiff::TiffError) -> Error {
         tiff::TiffError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
             Error::format(path, format!("{what}: file is truncated ({io})"))
         }
-        other => Error::format(
-            path,
-            format!("{what}: {other} (truncated or not a TIFF stack?)"),
-        ),
+        other => Error::format(path, format!("{what}: {other} (truncated or not a TIFF stack?)")),
     }
 }
 
@@ -158,9 +153,7 @@ pub fn read_tiff(path: &Path, opts: &ReadOptions) -> Result<Volume> {
     let mut dec = Decoder::new(std::io::BufReader::with_capacity(1 << 20, file))
         .map_err(|e| tiff_err(path, "not a readable TIFF", e))?
         .with_limits(Limits::unlimited());
-    let (w, h) = dec
-        .dimensions()
-        .map_err(|e| tiff_err(path, "first page", e))?;
+    let (w, h) = dec.dimensions().map_err(|e| tiff_err(path, "first page", e))?;
     let (w, h) = (w as usize, h as usize);
     let desc = dec.get_tag_ascii_string(Tag::ImageDescription).ok();
     let ij = desc.as_deref().and_then(parse_imagej);
@@ -311,9 +304,7 @@ pub fn read_tiff(path: &Path, opts: &ReadOptions) -> Result<Volume> {
         }
     }
     vol.unit = "micron".into();
-    vol.metadata = ij
-        .and_then(|m| m.rln_metadata)
-        .map(|s| s.replace("\\u003d", "="));
+    vol.metadata = ij.and_then(|m| m.rln_metadata).map(|s| s.replace("\\u003d", "="));
     if opts.check_finite {
         vol.check_finite(&path.display().to_string())?;
     }
@@ -328,8 +319,7 @@ fn read_imagej_contiguous<R: Read + Seek>(
     n: usize,
     spp: usize,
 ) -> Result<Vec<f32>> {
-    dec.seek_to_image(0)
-        .map_err(|e| tiff_err(path, "page 0", e))?;
+    dec.seek_to_image(0).map_err(|e| tiff_err(path, "page 0", e))?;
     let offsets = dec
         .get_tag_u64_vec(Tag::StripOffsets)
         .map_err(|e| tiff_err(path, "strip offsets", e))?;
@@ -363,8 +353,7 @@ fn read_imagej_contiguous<R: Read + Seek>(
         .and_then(|_| r.read_exact(&mut order))
         .map_err(|e| Error::io(path, e))?;
     let little = &order == b"II";
-    r.seek(SeekFrom::Start(start))
-        .map_err(|e| Error::io(path, e))?;
+    r.seek(SeekFrom::Start(start)).map_err(|e| Error::io(path, e))?;
     let mut buf = vec![0u8; plane * (n - 1)];
     r.read_exact(&mut buf).map_err(|_| {
         Error::format(
@@ -423,28 +412,19 @@ fn resolution(pixels_per_unit: f64) -> Rational {
     while d > 1 && (pixels_per_unit * d as f64).round() > u32::MAX as f64 {
         d /= 10;
     }
-    let n = (pixels_per_unit * d as f64)
-        .round()
-        .clamp(1.0, u32::MAX as f64) as u32;
+    let n = (pixels_per_unit * d as f64).round().clamp(1.0, u32::MAX as f64) as u32;
     Rational { n, d: d as u32 }
 }
 
 /// Bytes a stack would take on disk (data plus generous room for directories).
 pub fn estimated_tiff_size(vol: &Volume, dtype: OutputDtype) -> u64 {
     let data = vol.len() as u64 * dtype.bytes() as u64;
-    data + vol.dims[0] as u64 * 512
-        + 64 * 1024
-        + vol.metadata.as_ref().map_or(0, |m| m.len() as u64)
+    data + vol.dims[0] as u64 * 512 + 64 * 1024 + vol.metadata.as_ref().map_or(0, |m| m.len() as u64)
 }
 
 /// Writes `vol` as an ImageJ-compatible TIFF stack; BigTIFF when the estimated file size
 /// reaches `bigtiff_threshold` bytes.
-pub fn write_tiff(
-    path: &Path,
-    vol: &Volume,
-    dtype: OutputDtype,
-    bigtiff_threshold: u64,
-) -> Result<()> {
+pub fn write_tiff(path: &Path, vol: &Volume, dtype: OutputDtype, bigtiff_threshold: u64) -> Result<()> {
     if vol.dims.contains(&0) {
         return Err(Error::invalid(format!(
             "cannot write an empty volume ({}) to {}",
@@ -459,8 +439,7 @@ pub fn write_tiff(
     let big = estimated_tiff_size(vol, dtype) >= bigtiff_threshold;
     write_atomic_with(path, |w| {
         let r = if big {
-            let mut enc =
-                TiffEncoder::new_big(w).map_err(|e| Error::format(path, e.to_string()))?;
+            let mut enc = TiffEncoder::new_big(w).map_err(|e| Error::format(path, e.to_string()))?;
             write_pages(&mut enc, vol, dtype)
         } else {
             let mut enc = TiffEncoder::new(w).map_err(|e| Error::format(path, e.to_string()))?;
@@ -481,9 +460,7 @@ fn write_pages<W: Write + Seek, K: TiffKind>(
     match dtype {
         OutputDtype::F32 => write_pages_as::<W, K, colortype::Gray32Float>(enc, vol, |v| v),
         OutputDtype::U16 => write_pages_as::<W, K, colortype::Gray16>(enc, vol, to_u16),
-        OutputDtype::F16 => {
-            write_pages_as::<W, K, GrayF16>(enc, vol, |v| half::f16::from_f32(v).to_bits())
-        }
+        OutputDtype::F16 => write_pages_as::<W, K, GrayF16>(enc, vol, |v| half::f16::from_f32(v).to_bits()),
     }
 }
 
@@ -510,8 +487,7 @@ where
     for z in 0..nz {
         let mut img = enc.new_image::<C>(nx as u32, ny as u32)?;
         if z == 0 {
-            img.encoder()
-                .write_tag(Tag::ImageDescription, desc.as_str())?;
+            img.encoder().write_tag(Tag::ImageDescription, desc.as_str())?;
         }
         if let Some(vs) = vol.voxel_size {
             img.resolution_unit(ResolutionUnit::None);
@@ -519,11 +495,7 @@ where
             img.y_resolution(resolution(1.0 / vs[1]));
         }
         buf.clear();
-        buf.extend(
-            vol.data[z * ny * nx..(z + 1) * ny * nx]
-                .iter()
-                .map(|&v| conv(v)),
-        );
+        buf.extend(vol.data[z * ny * nx..(z + 1) * ny * nx].iter().map(|&v| conv(v)));
         img.write_data(&buf)?;
     }
     Ok(())

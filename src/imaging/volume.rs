@@ -27,8 +27,7 @@ impl Volume {
                 dims[0],
                 dims[1],
                 dims[2],
-                n.map(|n| n.to_string())
-                    .unwrap_or_else(|| "too many".into()),
+                n.map(|n| n.to_string()).unwrap_or_else(|| "too many".into()),
                 data.len()
             )));
         }

@@ -45,7 +45,11 @@ pub struct CpuPredictor {
 
 impl TilePredictor for CpuPredictor {
     fn describe(&self) -> String {
-        format!("CPU f32 ({}, {} threads)", crate::backend::cpu::simd::isa().name(), crate::threads())
+        format!(
+            "CPU f32 ({}, {} threads)",
+            crate::backend::cpu::simd::isa().name(),
+            crate::threads()
+        )
     }
     fn predict(&mut self, x: &Tensor<f32>) -> Result<Tensor<f32>> {
         let b = CpuBackend::<f32>::new();

@@ -51,11 +51,7 @@ impl Affine {
 
 /// Percentile normalization of a whole source, from at most `max_samples` voxels
 /// (every k-th plane, and every j-th voxel of it, when the volume is larger).
-pub fn estimate_normalization(
-    src: &mut dyn PlaneSource,
-    pct: [f64; 2],
-    max_samples: usize,
-) -> Result<Affine> {
+pub fn estimate_normalization(src: &mut dyn PlaneSource, pct: [f64; 2], max_samples: usize) -> Result<Affine> {
     let [d, h, w] = src.dims();
     let plane = h * w;
     let total = d * plane;
@@ -129,9 +125,7 @@ pub fn run_tiled(
         }
     }
     if opts.normalize == NormalizeMode::Global && global.len() != n_views {
-        return Err(Error::invalid(
-            "global normalization needs one affine per view",
-        ));
+        return Err(Error::invalid("global normalization needs one affine per view"));
     }
     let [_, h, w] = dims;
     let plane = h * w;
@@ -147,10 +141,7 @@ pub fn run_tiled(
     let c_in = opts.variant.input_channels();
     for (iz, tz) in az.iter().enumerate() {
         let (z0, z1) = tz.window;
-        let slabs: Vec<Vec<f32>> = views
-            .iter_mut()
-            .map(|v| v.read_planes(z0, z1))
-            .collect::<Result<_>>()?;
+        let slabs: Vec<Vec<f32>> = views.iter_mut().map(|v| v.read_planes(z0, z1)).collect::<Result<_>>()?;
         for s in &slabs {
             check_finite(s)?;
         }
@@ -169,11 +160,7 @@ pub fn run_tiled(
         let mut inputs = Vec::with_capacity(tiles.len());
         for &(iy, ix) in &tiles {
             let (ty, tx) = (&ay[iy], &ax[ix]);
-            let wd = [
-                z1 - z0,
-                ty.window.1 - ty.window.0,
-                tx.window.1 - tx.window.0,
-            ];
+            let wd = [z1 - z0, ty.window.1 - ty.window.0, tx.window.1 - tx.window.0];
             let vox = wd[0] * wd[1] * wd[2];
             let mut per_view: Vec<Vec<f32>> = Vec::with_capacity(n_views);
             let mut affs = Vec::with_capacity(n_views);
@@ -204,10 +191,7 @@ pub fn run_tiled(
                     .collect(),
                 _ => per_view.concat(),
             };
-            inputs.push(Tensor::from_vec(
-                Shape::new(1, c_in, wd[0], wd[1], wd[2]),
-                data,
-            )?);
+            inputs.push(Tensor::from_vec(Shape::new(1, c_in, wd[0], wd[1], wd[2]), data)?);
             tile_affines.push(affs);
         }
         let mut k = 0usize;
@@ -217,13 +201,7 @@ pub fn run_tiled(
             let (ty, tx) = (&ay[iy], &ax[ix]);
             let aff = tile_affines[k][0];
             let ys = y.shape;
-            if ys.dims()
-                != [
-                    z1 - z0,
-                    ty.window.1 - ty.window.0,
-                    tx.window.1 - tx.window.0,
-                ]
-            {
+            if ys.dims() != [z1 - z0, ty.window.1 - ty.window.0, tx.window.1 - tx.window.0] {
                 return Err(Error::Shape(format!(
                     "tile prediction has shape {ys}, expected its input window"
                 )));
@@ -242,9 +220,7 @@ pub fn run_tiled(
                             NormalizeMode::Global if opts.rescale_output => aff.invert(v),
                             NormalizeMode::Global => v,
                             // the authors: prediction × the tile's high percentile
-                            NormalizeMode::PerTile if aff.p_hi_value != 0.0 => {
-                                v * aff.p_hi_value as f32
-                            }
+                            NormalizeMode::PerTile if aff.p_hi_value != 0.0 => v * aff.p_hi_value as f32,
                             NormalizeMode::PerTile => v,
                         };
                         acc[dst + x] += wt * v;
@@ -258,18 +234,10 @@ pub fn run_tiled(
             Ok(())
         })?;
         // planes before the next row's first core plane are final
-        let final_end = if iz + 1 < az.len() {
-            az[iz + 1].core.0
-        } else {
-            dims[0]
-        };
+        let final_end = if iz + 1 < az.len() { az[iz + 1].core.0 } else { dims[0] };
         if final_end > acc_z0 {
             let n = (final_end - acc_z0) * plane;
-            let out: Vec<f32> = acc[..n]
-                .iter()
-                .zip(&wsum[..n])
-                .map(|(a, s)| a / s)
-                .collect();
+            let out: Vec<f32> = acc[..n].iter().zip(&wsum[..n]).map(|(a, s)| a / s).collect();
             sink.write_planes(acc_z0, &out)?;
             acc.drain(..n);
             wsum.drain(..n);

@@ -50,11 +50,7 @@ pub fn plan_axis(len: usize, max_core: usize, overlap: usize, context: usize) ->
     let last = len - max_core;
     let starts: Vec<usize> = (0..n)
         .map(|i| {
-            let s = if n == 1 {
-                0
-            } else {
-                (i * last + (n - 1) / 2) / (n - 1)
-            };
+            let s = if n == 1 { 0 } else { (i * last + (n - 1) / 2) / (n - 1) };
             if i == n - 1 {
                 last
             } else {
@@ -72,11 +68,7 @@ pub fn plan_axis(len: usize, max_core: usize, overlap: usize, context: usize) ->
         } else {
             (starts[i - 1] + max_core).saturating_sub(s)
         };
-        let after = if i + 1 == n {
-            0
-        } else {
-            e.saturating_sub(starts[i + 1])
-        };
+        let after = if i + 1 == n { 0 } else { e.saturating_sub(starts[i + 1]) };
         tiles.push(AxisTile {
             core: (s, e),
             window: (w0, w1),
@@ -117,16 +109,9 @@ pub struct TilePlan {
 }
 
 impl TilePlan {
-    pub fn new(
-        dims: [usize; 3],
-        max_core: [usize; 3],
-        overlap: [usize; 3],
-        context: usize,
-    ) -> Result<Self> {
+    pub fn new(dims: [usize; 3], max_core: [usize; 3], overlap: [usize; 3], context: usize) -> Result<Self> {
         if dims.contains(&0) {
-            return Err(Error::invalid(format!(
-                "cannot tile an empty volume {dims:?}"
-            )));
+            return Err(Error::invalid(format!("cannot tile an empty volume {dims:?}")));
         }
         // spec §7: no z overlap when the depth is below 40
         let oz = if dims[0] < 40 { 0 } else { overlap[0] };

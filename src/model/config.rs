@@ -97,8 +97,7 @@ impl ModelConfig {
             }
             None => return Err(Error::Model("config has no format_version".into())),
         }
-        let c: ModelConfig =
-            serde_json::from_value(v).map_err(|e| Error::Model(format!("config is invalid: {e}")))?;
+        let c: ModelConfig = serde_json::from_value(v).map_err(|e| Error::Model(format!("config is invalid: {e}")))?;
         c.validate()?;
         Ok(c)
     }
@@ -112,11 +111,16 @@ impl ModelConfig {
             )));
         }
         if !(self.bn_momentum >= 0.0 && self.bn_momentum < 1.0) {
-            return Err(Error::Model(format!("bn_momentum {} must be in [0, 1)", self.bn_momentum)));
+            return Err(Error::Model(format!(
+                "bn_momentum {} must be in [0, 1)",
+                self.bn_momentum
+            )));
         }
         let [lo, hi] = self.norm_percentiles;
         if !(0.0..100.0).contains(&lo) || !(lo < hi && hi <= 100.0) {
-            return Err(Error::Model(format!("norm_percentiles {lo}, {hi} must satisfy 0 ≤ low < high ≤ 100")));
+            return Err(Error::Model(format!(
+                "norm_percentiles {lo}, {hi} must satisfy 0 ≤ low < high ≤ 100"
+            )));
         }
         Ok(())
     }

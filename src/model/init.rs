@@ -40,7 +40,11 @@ impl<T: Real> Model<T> {
             }
             p.gamma.iter_mut().for_each(|g| *g = T::one());
         }
-        Model { config, params, running: RunningStats::initial() }
+        Model {
+            config,
+            params,
+            running: RunningStats::initial(),
+        }
     }
 }
 

@@ -66,7 +66,15 @@ impl LayerSpec {
 
 macro_rules! layer {
     ($name:expr, $op:ident, $tfw:expr, $ci:expr, $co:expr, $bn:expr, $input:expr) => {
-        LayerSpec { name: $name, op: LayerOp::$op, tf_weight: $tfw, c_in: $ci, c_out: $co, tf_bn: $bn, reads_input: $input }
+        LayerSpec {
+            name: $name,
+            op: LayerOp::$op,
+            tf_weight: $tfw,
+            c_in: $ci,
+            c_out: $co,
+            tf_bn: $bn,
+            reads_input: $input,
+        }
     };
 }
 
@@ -105,25 +113,129 @@ pub const NUM_LAYERS: usize = 19;
 
 /// rln-spec.md §4, row by row.
 pub const LAYERS: [LayerSpec; NUM_LAYERS] = [
-    layer!("h1.fp.conv1", Conv3, Some("estimation/e_1"), 1, 4, Some("batch_normalization"), true),
-    layer!("h1.fp.conv2", Conv3, Some("estimation/e_2"), 4, 4, Some("batch_normalization_1"), false),
-    layer!("h1.fp.conv3", Conv3, Some("estimation/e_3"), 8, 4, Some("batch_normalization_2"), false),
+    layer!(
+        "h1.fp.conv1",
+        Conv3,
+        Some("estimation/e_1"),
+        1,
+        4,
+        Some("batch_normalization"),
+        true
+    ),
+    layer!(
+        "h1.fp.conv2",
+        Conv3,
+        Some("estimation/e_2"),
+        4,
+        4,
+        Some("batch_normalization_1"),
+        false
+    ),
+    layer!(
+        "h1.fp.conv3",
+        Conv3,
+        Some("estimation/e_3"),
+        8,
+        4,
+        Some("batch_normalization_2"),
+        false
+    ),
     layer!("h1.dv", BnOnly, None, 1, 1, Some("batch_normalization_3"), false),
-    layer!("h1.bp.conv1", Conv3, Some("estimation/init_w/e_4"), 1, 8, Some("batch_normalization_4"), false),
-    layer!("h1.bp.conv2", Conv3, Some("estimation/init_w_1/e_5"), 8, 8, Some("batch_normalization_5"), false),
-    layer!("h1.bp.conv3", Conv3, Some("estimation/init_w_2/e_6"), 16, 8, Some("batch_normalization_6"), false),
-    layer!("h1.bp.up", Up2, Some("estimation/init_w_3/e_7"), 8, 4, Some("batch_normalization_7"), false),
-    layer!("h1.bp.conv4", Conv3, Some("estimation/init_w_4/e_8"), 4, 4, Some("batch_normalization_8"), false),
+    layer!(
+        "h1.bp.conv1",
+        Conv3,
+        Some("estimation/init_w/e_4"),
+        1,
+        8,
+        Some("batch_normalization_4"),
+        false
+    ),
+    layer!(
+        "h1.bp.conv2",
+        Conv3,
+        Some("estimation/init_w_1/e_5"),
+        8,
+        8,
+        Some("batch_normalization_5"),
+        false
+    ),
+    layer!(
+        "h1.bp.conv3",
+        Conv3,
+        Some("estimation/init_w_2/e_6"),
+        16,
+        8,
+        Some("batch_normalization_6"),
+        false
+    ),
+    layer!(
+        "h1.bp.up",
+        Up2,
+        Some("estimation/init_w_3/e_7"),
+        8,
+        4,
+        Some("batch_normalization_7"),
+        false
+    ),
+    layer!(
+        "h1.bp.conv4",
+        Conv3,
+        Some("estimation/init_w_4/e_8"),
+        4,
+        4,
+        Some("batch_normalization_8"),
+        false
+    ),
     layer!("h1.e", BnOnly, None, 1, 1, Some("batch_normalization_9"), false),
-    layer!("h2.fp.conv1", Conv3, Some("update/u_1"), 1, 4, Some("batch_normalization_10"), true),
-    layer!("h2.fp.conv2", Conv3, Some("update/u_2"), 4, 4, Some("batch_normalization_11"), false),
+    layer!(
+        "h2.fp.conv1",
+        Conv3,
+        Some("update/u_1"),
+        1,
+        4,
+        Some("batch_normalization_10"),
+        true
+    ),
+    layer!(
+        "h2.fp.conv2",
+        Conv3,
+        Some("update/u_2"),
+        4,
+        4,
+        Some("batch_normalization_11"),
+        false
+    ),
     layer!("h2.dv", BnOnly, None, 1, 1, Some("batch_normalization_12"), false),
-    layer!("h2.bp.conv1", Conv3, Some("update/init_w/u_3"), 1, 8, Some("batch_normalization_13"), false),
-    layer!("h2.bp.conv2", Conv3, Some("update/init_w_1/u_4"), 8, 8, Some("batch_normalization_14"), false),
+    layer!(
+        "h2.bp.conv1",
+        Conv3,
+        Some("update/init_w/u_3"),
+        1,
+        8,
+        Some("batch_normalization_13"),
+        false
+    ),
+    layer!(
+        "h2.bp.conv2",
+        Conv3,
+        Some("update/init_w_1/u_4"),
+        8,
+        8,
+        Some("batch_normalization_14"),
+        false
+    ),
     layer!("h2.e", BnOnly, None, 1, 1, Some("batch_normalization_15"), false),
     layer!("h3.conv1", Conv3, Some("update/init_w_2/u_5"), 1, 8, None, false),
     layer!("h3.conv2", Conv3, Some("update/init_w_3/u_6"), 10, 8, None, false),
-    layer!("h3.conv3", Conv3, Some("update/init_w_4/u_7"), 16, 8, Some("batch_normalization_16"), false),
+    layer!(
+        "h3.conv3",
+        Conv3,
+        Some("update/init_w_4/u_7"),
+        16,
+        8,
+        Some("batch_normalization_16"),
+        false
+    ),
 ];
 
 /// The forward-projection convs, initialized as Gaussian blobs (spec §4).
@@ -141,9 +253,32 @@ mod tests {
         assert_eq!(weights, 15_808);
         assert_eq!(bn, 80);
         for (i, l) in LAYERS.iter().enumerate() {
-            assert_eq!(i, [L::H1FpConv1, L::H1FpConv2, L::H1FpConv3, L::H1Dv, L::H1BpConv1, L::H1BpConv2,
-                L::H1BpConv3, L::H1BpUp, L::H1BpConv4, L::H1E, L::H2FpConv1, L::H2FpConv2, L::H2Dv,
-                L::H2BpConv1, L::H2BpConv2, L::H2E, L::H3Conv1, L::H3Conv2, L::H3Conv3][i] as usize, "{}", l.name);
+            assert_eq!(
+                i,
+                [
+                    L::H1FpConv1,
+                    L::H1FpConv2,
+                    L::H1FpConv3,
+                    L::H1Dv,
+                    L::H1BpConv1,
+                    L::H1BpConv2,
+                    L::H1BpConv3,
+                    L::H1BpUp,
+                    L::H1BpConv4,
+                    L::H1E,
+                    L::H2FpConv1,
+                    L::H2FpConv2,
+                    L::H2Dv,
+                    L::H2BpConv1,
+                    L::H2BpConv2,
+                    L::H2E,
+                    L::H3Conv1,
+                    L::H3Conv2,
+                    L::H3Conv3
+                ][i] as usize,
+                "{}",
+                l.name
+            );
         }
     }
 }

@@ -109,13 +109,24 @@ impl<T: Real> Params<T> {
     pub fn cast<U: Real>(&self) -> Params<U> {
         let c = |v: &Vec<T>| v.iter().map(|x| U::of(x.f64())).collect();
         Params {
-            layers: self.layers.iter().map(|p| LayerParams { weight: c(&p.weight), gamma: c(&p.gamma), beta: c(&p.beta) }).collect(),
+            layers: self
+                .layers
+                .iter()
+                .map(|p| LayerParams {
+                    weight: c(&p.weight),
+                    gamma: c(&p.gamma),
+                    beta: c(&p.beta),
+                })
+                .collect(),
         }
     }
 
     /// Number of trainable scalars.
     pub fn count(&self) -> usize {
-        self.layers.iter().map(|p| p.weight.len() + p.gamma.len() + p.beta.len()).sum()
+        self.layers
+            .iter()
+            .map(|p| p.weight.len() + p.gamma.len() + p.beta.len())
+            .sum()
     }
 
     /// Calls `f` on every scalar of `self` together with the matching scalar of `other`.
@@ -134,7 +145,9 @@ impl<T: Real> Params<T> {
     }
 
     pub fn all_finite(&self) -> bool {
-        self.layers.iter().all(|p| p.weight.iter().chain(&p.gamma).chain(&p.beta).all(|v| v.is_finite()))
+        self.layers
+            .iter()
+            .all(|p| p.weight.iter().chain(&p.gamma).chain(&p.beta).all(|v| v.is_finite()))
     }
 }
 
@@ -148,12 +161,23 @@ pub struct RunningStats<T> {
 impl<T: Real> RunningStats<T> {
     /// The initial statistics: mean 0, variance 1.
     pub fn initial() -> Self {
-        let n = |v: f64| LAYERS.iter().map(|l| vec![T::of(v); if l.has_bn() { l.bn_channels() } else { 0 }]).collect();
-        RunningStats { mean: n(0.0), var: n(1.0) }
+        let n = |v: f64| {
+            LAYERS
+                .iter()
+                .map(|l| vec![T::of(v); if l.has_bn() { l.bn_channels() } else { 0 }])
+                .collect()
+        };
+        RunningStats {
+            mean: n(0.0),
+            var: n(1.0),
+        }
     }
     pub fn cast<U: Real>(&self) -> RunningStats<U> {
         let c = |v: &Vec<Vec<T>>| v.iter().map(|x| x.iter().map(|y| U::of(y.f64())).collect()).collect();
-        RunningStats { mean: c(&self.mean), var: c(&self.var) }
+        RunningStats {
+            mean: c(&self.mean),
+            var: c(&self.var),
+        }
     }
 }
 
@@ -170,7 +194,11 @@ const RUNNING_VAR: &str = "bn.running_var";
 
 impl<T: Real> Model<T> {
     pub fn cast<U: Real>(&self) -> Model<U> {
-        Model { config: self.config.clone(), params: self.params.cast(), running: self.running.cast() }
+        Model {
+            config: self.config.clone(),
+            params: self.params.cast(),
+            running: self.running.cast(),
+        }
     }
 
     /// Every tensor of the model file: (canonical name, engine shape, values).
@@ -181,13 +209,21 @@ impl<T: Real> Model<T> {
             let p = &self.params.layers[l];
             let f = |v: &Vec<T>| v.iter().map(|x| x.f64()).collect::<Vec<f64>>();
             if !p.weight.is_empty() {
-                out.push((Params::<T>::name(l, ParamKind::Weight), spec.weight_shape(ic), f(&p.weight)));
+                out.push((
+                    Params::<T>::name(l, ParamKind::Weight),
+                    spec.weight_shape(ic),
+                    f(&p.weight),
+                ));
             }
             if spec.has_bn() {
                 let c = vec![spec.bn_channels()];
                 out.push((Params::<T>::name(l, ParamKind::Gamma), c.clone(), f(&p.gamma)));
                 out.push((Params::<T>::name(l, ParamKind::Beta), c.clone(), f(&p.beta)));
-                out.push((format!("{}.{RUNNING_MEAN}", spec.name), c.clone(), f(&self.running.mean[l])));
+                out.push((
+                    format!("{}.{RUNNING_MEAN}", spec.name),
+                    c.clone(),
+                    f(&self.running.mean[l]),
+                ));
                 out.push((format!("{}.{RUNNING_VAR}", spec.name), c, f(&self.running.var[l])));
             }
         }
@@ -245,17 +281,27 @@ impl<T: Real> Model<T> {
             )
         })?;
         let config = ModelConfig::from_json(json).map_err(|e| Error::format(path, e.to_string()))?;
-        let mut model = Model { config: config.clone(), params: Params::zeros(config.variant), running: RunningStats::initial() };
+        let mut model = Model {
+            config: config.clone(),
+            params: Params::zeros(config.variant),
+            running: RunningStats::initial(),
+        };
         let ic = config.variant.input_channels();
         let mut expected = std::collections::BTreeSet::new();
         for (l, spec) in LAYERS.iter().enumerate() {
             let mut read = |name: String, shape: Vec<usize>| -> Result<Vec<T>> {
                 let t = file.get(&name)?;
                 if t.shape != shape {
-                    return Err(Error::format(path, format!("tensor '{name}' has shape {:?}; expected {shape:?}", t.shape)));
+                    return Err(Error::format(
+                        path,
+                        format!("tensor '{name}' has shape {:?}; expected {shape:?}", t.shape),
+                    ));
                 }
                 if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
-                    return Err(Error::format(path, format!("tensor '{name}' holds a non-finite value ({}) at index {i}", t.data[i])));
+                    return Err(Error::format(
+                        path,
+                        format!("tensor '{name}' holds a non-finite value ({}) at index {i}", t.data[i]),
+                    ));
                 }
                 expected.insert(name);
                 Ok(t.data.iter().map(|&v| T::of(v)).collect())
@@ -270,7 +316,10 @@ impl<T: Real> Model<T> {
                 model.running.mean[l] = read(format!("{}.{RUNNING_MEAN}", spec.name), c.clone())?;
                 let var = read(format!("{}.{RUNNING_VAR}", spec.name), c)?;
                 if let Some(v) = var.iter().find(|v| **v < T::zero()) {
-                    return Err(Error::format(path, format!("tensor '{}.{RUNNING_VAR}' holds a negative variance {v}", spec.name)));
+                    return Err(Error::format(
+                        path,
+                        format!("tensor '{}.{RUNNING_VAR}' holds a negative variance {v}", spec.name),
+                    ));
                 }
                 model.running.var[l] = var;
             }
@@ -289,7 +338,10 @@ impl<T: Real> Model<T> {
             };
             return Err(Error::format(
                 path,
-                format!("unexpected tensors {shown:?}{more}: this file does not match the RLN layer table (variant {:?})", config.variant),
+                format!(
+                    "unexpected tensors {shown:?}{more}: this file does not match the RLN layer table (variant {:?})",
+                    config.variant
+                ),
             ));
         }
         Ok(model)
@@ -303,15 +355,24 @@ impl<T: Real> Model<T> {
             div_eps,
             provenance: format!(
                 "imported from the authors' TensorFlow checkpoint tensors in {}",
-                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+                path.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
             ),
             ..ModelConfig::default()
         };
         config.validate()?;
-        let mut model = Model { config, params: Params::zeros(Variant::Single), running: RunningStats::initial() };
+        let mut model = Model {
+            config,
+            params: Params::zeros(Variant::Single),
+            running: RunningStats::initial(),
+        };
         let finite = |name: &str, v: &[f64]| -> Result<()> {
             match v.iter().position(|x| !x.is_finite()) {
-                Some(i) => Err(Error::format(path, format!("tensor '{name}' holds a non-finite value at index {i}"))),
+                Some(i) => Err(Error::format(
+                    path,
+                    format!("tensor '{name}' holds a non-finite value at index {i}"),
+                )),
                 None => Ok(()),
             }
         };
@@ -324,7 +385,10 @@ impl<T: Real> Model<T> {
                     _ => vec![2, 2, 2, co, ci],
                 };
                 if t.shape != want {
-                    return Err(Error::format(path, format!("tensor '{tfw}' has shape {:?}; expected {want:?} (TF layout)", t.shape)));
+                    return Err(Error::format(
+                        path,
+                        format!("tensor '{tfw}' has shape {:?}; expected {want:?} (TF layout)", t.shape),
+                    ));
                 }
                 finite(tfw, &t.data)?;
                 model.params.layers[l].weight = tf_to_engine(spec, &t.data).into_iter().map(T::of).collect();

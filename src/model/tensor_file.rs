@@ -24,9 +24,15 @@ impl TensorFile {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         // validate the header once, so later lookups only fail for missing names
         SafeTensors::deserialize(&bytes).map_err(|e| {
-            Error::format(path, format!("not a valid safetensors file ({e}); is it truncated or of another format?"))
+            Error::format(
+                path,
+                format!("not a valid safetensors file ({e}); is it truncated or of another format?"),
+            )
         })?;
-        Ok(TensorFile { path: path.to_path_buf(), bytes })
+        Ok(TensorFile {
+            path: path.to_path_buf(),
+            bytes,
+        })
     }
 
     /// A file already in memory (e.g. embedded in the binary); `label` names it in errors.
@@ -34,9 +40,7 @@ impl TensorFile {
         SafeTensors::deserialize(&bytes).map_err(|e| {
             Error::format(
                 label,
-                format!(
-                    "not a valid safetensors file ({e}); is it truncated or of another format?"
-                ),
+                format!("not a valid safetensors file ({e}); is it truncated or of another format?"),
             )
         })?;
         Ok(TensorFile {
@@ -70,13 +74,19 @@ impl TensorFile {
     /// Reads tensor `name` (f16, bf16, f32 or f64) as f64 values.
     pub fn get(&self, name: &str) -> Result<HostTensor> {
         let st = self.st();
-        let view = st.tensor(name).map_err(|_| {
-            Error::format(&self.path, format!("tensor '{name}' is missing"))
-        })?;
+        let view = st
+            .tensor(name)
+            .map_err(|_| Error::format(&self.path, format!("tensor '{name}' is missing")))?;
         let raw = view.data();
         let data: Vec<f64> = match view.dtype() {
-            Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
-            Dtype::F64 => raw.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                .collect(),
+            Dtype::F64 => raw
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
             Dtype::F16 => raw
                 .chunks_exact(2)
                 .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64())
@@ -92,7 +102,10 @@ impl TensorFile {
                 ))
             }
         };
-        Ok(HostTensor { shape: view.shape().to_vec(), data })
+        Ok(HostTensor {
+            shape: view.shape().to_vec(),
+            data,
+        })
     }
 
     /// Reads tensor `name` and checks that it has exactly `len` values (any shape whose
@@ -102,7 +115,11 @@ impl TensorFile {
         if t.data.len() != len {
             return Err(Error::format(
                 &self.path,
-                format!("tensor '{name}' has shape {:?} ({} values); expected {len} values", t.shape, t.data.len()),
+                format!(
+                    "tensor '{name}' has shape {:?} ({} values); expected {len} values",
+                    t.shape,
+                    t.data.len()
+                ),
             ));
         }
         Ok(t)
@@ -118,12 +135,20 @@ pub struct TensorWriter {
 
 impl TensorWriter {
     pub fn add_f32(&mut self, name: &str, shape: Vec<usize>, data: &[f32]) {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor {name}: shape and data disagree");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "tensor {name}: shape and data disagree"
+        );
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.tensors.insert(name.to_string(), (shape, bytes, Dtype::F32));
     }
     pub fn add_f64(&mut self, name: &str, shape: Vec<usize>, data: &[f64]) {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor {name}: shape and data disagree");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "tensor {name}: shape and data disagree"
+        );
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.tensors.insert(name.to_string(), (shape, bytes, Dtype::F64));
     }
@@ -131,9 +156,18 @@ impl TensorWriter {
         let views: Vec<(String, TensorView<'_>)> = self
             .tensors
             .iter()
-            .map(|(k, (shape, bytes, dt))| (k.clone(), TensorView::new(*dt, shape.clone(), bytes).expect("sizes checked in add")))
+            .map(|(k, (shape, bytes, dt))| {
+                (
+                    k.clone(),
+                    TensorView::new(*dt, shape.clone(), bytes).expect("sizes checked in add"),
+                )
+            })
             .collect();
-        let meta = if self.metadata.is_empty() { None } else { Some(self.metadata.clone()) };
+        let meta = if self.metadata.is_empty() {
+            None
+        } else {
+            Some(self.metadata.clone())
+        };
         safetensors::serialize(views, meta).map_err(|e| Error::invalid(format!("safetensors serialization: {e}")))
     }
     /// Writes the file atomically (temporary name, then rename).

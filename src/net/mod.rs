@@ -120,8 +120,12 @@ impl<'a, B: Backend> Rln<'a, B> {
         }
         let eps = self.model.config.bn_eps;
         let (rm, rv) = (&self.model.running.mean[i], &self.model.running.var[i]);
-        let scale: Vec<f64> = (0..p.gamma.len()).map(|c| p.gamma[c].f64() / (rv[c].f64() + eps).sqrt()).collect();
-        let shift = (0..p.gamma.len()).map(|c| B::T::of(p.beta[c].f64() - rm[c].f64() * scale[c])).collect();
+        let scale: Vec<f64> = (0..p.gamma.len())
+            .map(|c| p.gamma[c].f64() / (rv[c].f64() + eps).sqrt())
+            .collect();
+        let shift = (0..p.gamma.len())
+            .map(|c| B::T::of(p.beta[c].f64() - rm[c].f64() * scale[c]))
+            .collect();
         (scale.into_iter().map(B::T::of).collect(), shift)
     }
 
@@ -139,12 +143,25 @@ impl<'a, B: Backend> Rln<'a, B> {
         };
         if st.mode == BnMode::Running {
             let (scale, shift) = self.folded_bn(l);
-            return raw(&Epilogue { scale: &scale, shift: &shift, softplus, addend });
+            return raw(&Epilogue {
+                scale: &scale,
+                shift: &shift,
+                softplus,
+                addend,
+            });
         }
         if !has_bn {
             // training, no batch norm (h3.conv1, h3.conv2): keep z for the backward pass
             let z = raw(&Epilogue::identity());
-            let y = b.epilogue(&z, &Epilogue { scale: &[], shift: &[], softplus, addend });
+            let y = b.epilogue(
+                &z,
+                &Epilogue {
+                    scale: &[],
+                    shift: &[],
+                    softplus,
+                    addend,
+                },
+            );
             st.z[l as usize] = Some(z);
             return y;
         }
@@ -158,9 +175,21 @@ impl<'a, B: Backend> Rln<'a, B> {
         let p = &self.model.params.layers[l as usize];
         let eps = self.model.config.bn_eps;
         let inv_std: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-        let scale: Vec<B::T> = (0..p.gamma.len()).map(|c| B::T::of(p.gamma[c].f64() * inv_std[c])).collect();
-        let shift: Vec<B::T> = (0..p.gamma.len()).map(|c| B::T::of(p.beta[c].f64() - stats.mean[c] * p.gamma[c].f64() * inv_std[c])).collect();
-        let y = b.epilogue(zr, &Epilogue { scale: &scale, shift: &shift, softplus, addend });
+        let scale: Vec<B::T> = (0..p.gamma.len())
+            .map(|c| B::T::of(p.gamma[c].f64() * inv_std[c]))
+            .collect();
+        let shift: Vec<B::T> = (0..p.gamma.len())
+            .map(|c| B::T::of(p.beta[c].f64() - stats.mean[c] * p.gamma[c].f64() * inv_std[c]))
+            .collect();
+        let y = b.epilogue(
+            zr,
+            &Epilogue {
+                scale: &scale,
+                shift: &shift,
+                softplus,
+                addend,
+            },
+        );
         st.bn[l as usize] = Some(BnTrainState {
             gamma: p.gamma.clone(),
             beta: p.beta.clone(),
@@ -178,8 +207,17 @@ impl<'a, B: Backend> Rln<'a, B> {
         let b = self.b;
         let input_shape = b.shape(x);
         let c_in = self.model.config.variant.input_channels();
-        assert_eq!(input_shape.c, c_in, "the model takes {c_in} input channel(s), the input has {}", input_shape.c);
-        let mut st = State::<B> { mode, z: none_vec(), bn: none_vec(), stats: none_vec() };
+        assert_eq!(
+            input_shape.c, c_in,
+            "the model takes {c_in} input channel(s), the input has {}",
+            input_shape.c
+        );
+        let mut st = State::<B> {
+            mode,
+            z: none_vec(),
+            bn: none_vec(),
+            stats: none_vec(),
+        };
         let eps = self.model.config.div_eps;
         let x = b.pad_even(x);
         let xbar = (c_in > 1).then(|| b.channel_mean(&x));
@@ -225,13 +263,45 @@ impl<'a, B: Backend> Rln<'a, B> {
         let e2_raw = b.crop(&e2r, crop1);
         let tape = keep_tape.then(|| Tape {
             acts: Acts {
-                x, xbar, xd, xdbar, a1, a2, fp1, q1, dv1, b1, b2, b3, u, bp1, e1r, e1, c1, fp2, q2, dv2, d1, bp2, e2r,
-                e2, f1, f2, f3, y,
+                x,
+                xbar,
+                xd,
+                xdbar,
+                a1,
+                a2,
+                fp1,
+                q1,
+                dv1,
+                b1,
+                b2,
+                b3,
+                u,
+                bp1,
+                e1r,
+                e1,
+                c1,
+                fp2,
+                q2,
+                dv2,
+                d1,
+                bp2,
+                e2r,
+                e2,
+                f1,
+                f2,
+                f3,
+                y,
             },
             z: st.z,
             bn: st.bn,
         });
-        Forward { prediction, e1_raw, e2_raw, batch_stats: st.stats, tape }
+        Forward {
+            prediction,
+            e1_raw,
+            e2_raw,
+            batch_stats: st.stats,
+            tape,
+        }
     }
 
     /// Backward of a unit with weights: returns the gradients of the inputs whose
@@ -298,38 +368,72 @@ impl<'a, B: Backend> Rln<'a, B> {
         let df3 = b.channel_mean_backward(&dy, b.shape(&a.f3).c);
         let mut r = self.unit_backward(tape, L::H3Conv3, &[&a.f1, &a.f2], &df3, &[true, true], &mut g);
         let (df1_a, df2) = (take(&mut r, 0), take(&mut r, 1));
-        let mut r = self.unit_backward(tape, L::H3Conv2, &[&a.f1, &a.e2, &a.e1], &df2, &[true, true, true], &mut g);
+        let mut r = self.unit_backward(
+            tape,
+            L::H3Conv2,
+            &[&a.f1, &a.e2, &a.e1],
+            &df2,
+            &[true, true, true],
+            &mut g,
+        );
         let (df1_b, de2_a, de1_a) = (take(&mut r, 0), take(&mut r, 1), take(&mut r, 2));
         let df1 = self.sum(df1_a, &df1_b);
-        let de2_b = take(&mut self.unit_backward(tape, L::H3Conv1, &[&a.e2], &df1, &[true], &mut g), 0);
+        let de2_b = take(
+            &mut self.unit_backward(tape, L::H3Conv1, &[&a.e2], &df1, &[true], &mut g),
+            0,
+        );
         let de2 = self.sum(de2_a, &de2_b);
 
         // original-scale part
         let de2r = self.bn_node_backward(tape, L::H2E, &a.e2r, &de2, &mut g);
         let (de1_b, dbp2) = b.rl_update_backward(&a.e1, &a.bp2, &de2r, mode);
-        let dd1 = take(&mut self.unit_backward(tape, L::H2BpConv2, &[&a.d1], &dbp2, &[true], &mut g), 0);
-        let ddv2 = take(&mut self.unit_backward(tape, L::H2BpConv1, &[&a.dv2], &dd1, &[true], &mut g), 0);
+        let dd1 = take(
+            &mut self.unit_backward(tape, L::H2BpConv2, &[&a.d1], &dbp2, &[true], &mut g),
+            0,
+        );
+        let ddv2 = take(
+            &mut self.unit_backward(tape, L::H2BpConv1, &[&a.dv2], &dd1, &[true], &mut g),
+            0,
+        );
         let dq2 = self.bn_node_backward(tape, L::H2Dv, &a.q2, &ddv2, &mut g);
         let (_, dfp2) = b.rl_divide_backward(a.x1(), &a.fp2, eps, &dq2, mode);
-        let dc1 = take(&mut self.unit_backward(tape, L::H2FpConv2, &[&a.c1], &dfp2, &[true], &mut g), 0);
+        let dc1 = take(
+            &mut self.unit_backward(tape, L::H2FpConv2, &[&a.c1], &dfp2, &[true], &mut g),
+            0,
+        );
         self.unit_backward(tape, L::H2FpConv1, &[&a.x], &dc1, &[false], &mut g);
 
         // down-scale part
         let de1 = self.sum(de1_a, &de1_b);
         let de1r = self.sum(self.bn_node_backward(tape, L::H1E, &a.e1r, &de1, &mut g), &de1r_aux);
         let (_, dbp1) = b.rl_update_backward(a.x1(), &a.bp1, &de1r, mode);
-        let du = take(&mut self.unit_backward(tape, L::H1BpConv4, &[&a.u], &dbp1, &[true], &mut g), 0);
-        let db3 = take(&mut self.unit_backward(tape, L::H1BpUp, &[&a.b3], &du, &[true], &mut g), 0);
+        let du = take(
+            &mut self.unit_backward(tape, L::H1BpConv4, &[&a.u], &dbp1, &[true], &mut g),
+            0,
+        );
+        let db3 = take(
+            &mut self.unit_backward(tape, L::H1BpUp, &[&a.b3], &du, &[true], &mut g),
+            0,
+        );
         let mut r = self.unit_backward(tape, L::H1BpConv3, &[&a.b2, &a.b1], &db3, &[true, true], &mut g);
         let (db2, db1_a) = (take(&mut r, 0), take(&mut r, 1));
-        let db1_b = take(&mut self.unit_backward(tape, L::H1BpConv2, &[&a.b1], &db2, &[true], &mut g), 0);
+        let db1_b = take(
+            &mut self.unit_backward(tape, L::H1BpConv2, &[&a.b1], &db2, &[true], &mut g),
+            0,
+        );
         let db1 = self.sum(db1_a, &db1_b);
-        let ddv1 = take(&mut self.unit_backward(tape, L::H1BpConv1, &[&a.dv1], &db1, &[true], &mut g), 0);
+        let ddv1 = take(
+            &mut self.unit_backward(tape, L::H1BpConv1, &[&a.dv1], &db1, &[true], &mut g),
+            0,
+        );
         let dq1 = self.bn_node_backward(tape, L::H1Dv, &a.q1, &ddv1, &mut g);
         let (_, dfp1) = b.rl_divide_backward(a.xd1(), &a.fp1, eps, &dq1, mode);
         let mut r = self.unit_backward(tape, L::H1FpConv3, &[&a.a1, &a.a2], &dfp1, &[true, true], &mut g);
         let (da1_a, da2) = (take(&mut r, 0), take(&mut r, 1));
-        let da1_b = take(&mut self.unit_backward(tape, L::H1FpConv2, &[&a.a1], &da2, &[true], &mut g), 0);
+        let da1_b = take(
+            &mut self.unit_backward(tape, L::H1FpConv2, &[&a.a1], &da2, &[true], &mut g),
+            0,
+        );
         let da1 = self.sum(da1_a, &da1_b);
         self.unit_backward(tape, L::H1FpConv1, &[&a.xd], &da1, &[false], &mut g);
         g

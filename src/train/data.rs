@@ -38,10 +38,7 @@ fn tiff_names(dir: &Path) -> Result<Vec<String>> {
         .filter(|n| {
             let l = n.to_lowercase();
             !n.starts_with('.')
-                && (l.ends_with(".tif")
-                    || l.ends_with(".tiff")
-                    || l.ends_with(".h5")
-                    || l.ends_with(".hdf5"))
+                && (l.ends_with(".tif") || l.ends_with(".tiff") || l.ends_with(".h5") || l.ends_with(".hdf5"))
         })
         .collect();
     v.sort();
@@ -53,9 +50,7 @@ fn check_usable(v: &Volume, what: &str) -> Result<()> {
     let (lo, hi) = v
         .data
         .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
-            (a.min(x), b.max(x))
-        });
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
     if lo == hi {
         return Err(Error::invalid(format!(
             "{what} is constant ({lo} everywhere): it cannot be normalized or learned from"
@@ -117,10 +112,7 @@ impl Dataset {
             )));
         }
         if inames.is_empty() {
-            return Err(Error::invalid(format!(
-                "no .tif/.tiff volumes in {}",
-                idir.display()
-            )));
+            return Err(Error::invalid(format!("no .tif/.tiff volumes in {}", idir.display())));
         }
         if let Some(d2) = input2_dir {
             let n2 = tiff_names(d2)?;
@@ -225,10 +217,7 @@ impl CropSampler {
     pub fn pair_for_step(&self, n_pairs: usize, step: u64, seed: u64) -> usize {
         let round = step / n_pairs as u64;
         let mut order: Vec<usize> = (0..n_pairs).collect();
-        order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(
-            seed ^ 0x0ddba11,
-            round,
-        )));
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(seed ^ 0x0ddba11, round)));
         order[(step % n_pairs as u64) as usize]
     }
 
@@ -271,19 +260,11 @@ impl CropSampler {
             let views: Vec<Vec<f32>> = pair
                 .inputs
                 .iter()
-                .map(|v| {
-                    normalize_percentile(
-                        &v.crop(start, c)?.data,
-                        self.percentiles[0],
-                        self.percentiles[1],
-                    )
-                })
+                .map(|v| normalize_percentile(&v.crop(start, c)?.data, self.percentiles[0], self.percentiles[1]))
                 .collect::<Result<_>>()?;
             match (variant, views.len()) {
                 (Variant::Single, 1) => xs.extend_from_slice(&views[0]),
-                (Variant::DualAverage, 2) => {
-                    xs.extend(views[0].iter().zip(&views[1]).map(|(a, b)| 0.5 * (a + b)))
-                }
+                (Variant::DualAverage, 2) => xs.extend(views[0].iter().zip(&views[1]).map(|(a, b)| 0.5 * (a + b))),
                 (Variant::DualConcat, 2) => {
                     xs.extend_from_slice(&views[0]);
                     xs.extend_from_slice(&views[1]);

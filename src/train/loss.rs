@@ -47,7 +47,15 @@ fn global_ssim<T: Real>(y: &[T], g: &[T]) -> GlobalSsim {
     let b = 2.0 * cov + C2;
     let c = mu_y * mu_y + mu_g * mu_g + C1;
     let d = vy + vg + C2;
-    GlobalSsim { s: a * b / (c * d), mu_y, mu_g, a, b, c, d }
+    GlobalSsim {
+        s: a * b / (c * d),
+        mu_y,
+        mu_g,
+        a,
+        b,
+        c,
+        d,
+    }
 }
 
 /// The loss terms only (no gradient).
@@ -63,13 +71,21 @@ pub fn loss_terms<T: Real>(y: &[T], e1r: &[T], x: &[T], g: &[T]) -> LossTerms {
         / n
         + MSE_OFFSET;
     let ssim = global_ssim(y, g).s;
-    LossTerms { mse, mse_aux, ssim, loss: mse + AUX_WEIGHT * mse_aux - ((1.0 + ssim) / 2.0).ln() }
+    LossTerms {
+        mse,
+        mse_aux,
+        ssim,
+        loss: mse + AUX_WEIGHT * mse_aux - ((1.0 + ssim) / 2.0).ln(),
+    }
 }
 
 /// The loss terms and the gradients ∂L/∂y and ∂L/∂E1r. `x` is the (one-channel)
 /// normalized input, `g` the normalized ground truth; all slices are N·D·H·W long.
 pub fn loss_and_grad<T: Real>(y: &[T], e1r: &[T], x: &[T], g: &[T]) -> (LossTerms, Vec<T>, Vec<T>) {
-    assert!(y.len() == g.len() && e1r.len() == g.len() && x.len() == g.len(), "loss: prediction, E1r, input and ground truth differ in size");
+    assert!(
+        y.len() == g.len() && e1r.len() == g.len() && x.len() == g.len(),
+        "loss: prediction, E1r, input and ground truth differ in size"
+    );
     let terms = loss_terms(y, e1r, x, g);
     let n = y.len() as f64;
     let gs = global_ssim(y, g);
@@ -119,12 +135,20 @@ mod tests {
             yp[i] += h;
             ym[i] -= h;
             let fd = (f(&yp, &e) - f(&ym, &e)) / (2.0 * h);
-            assert!((fd - dy[i]).abs() <= 1e-6 * fd.abs().max(1e-3), "dy[{i}] {} vs fd {fd}", dy[i]);
+            assert!(
+                (fd - dy[i]).abs() <= 1e-6 * fd.abs().max(1e-3),
+                "dy[{i}] {} vs fd {fd}",
+                dy[i]
+            );
             let (mut ep, mut em) = (e.clone(), e.clone());
             ep[i] += h;
             em[i] -= h;
             let fd = (f(&y, &ep) - f(&y, &em)) / (2.0 * h);
-            assert!((fd - de[i]).abs() <= 1e-6 * fd.abs().max(1e-3), "de1r[{i}] {} vs fd {fd}", de[i]);
+            assert!(
+                (fd - de[i]).abs() <= 1e-6 * fd.abs().max(1e-3),
+                "de1r[{i}] {} vs fd {fd}",
+                de[i]
+            );
         }
     }
 }

@@ -58,11 +58,7 @@ pub struct TrainState {
 impl TrainState {
     pub fn new(model: Model<f32>, cfg: &TrainConfig) -> Self {
         let adam = Adam::new(model.config.variant, cfg.schedule);
-        TrainState {
-            model,
-            adam,
-            step: 0,
-        }
+        TrainState { model, adam, step: 0 }
     }
 }
 
@@ -88,20 +84,11 @@ pub trait TrainObserver {
 /// One optimizer step on `batch`: forward with batch statistics, loss, backward,
 /// Adam, the running-statistics update. Fails (without touching `state`) on a
 /// non-finite loss or gradient.
-pub fn train_step(
-    state: &mut TrainState,
-    cfg: &TrainConfig,
-    x: &Tensor<f32>,
-    g: &Tensor<f32>,
-) -> Result<LossTerms> {
+pub fn train_step(state: &mut TrainState, cfg: &TrainConfig, x: &Tensor<f32>, g: &Tensor<f32>) -> Result<LossTerms> {
     let b = CpuBackend::<f32>::new();
     let net = Rln::new(&b, &state.model);
     let fwd = net.forward(x, BnMode::Batch, true);
-    let x1 = if x.shape.c > 1 {
-        b.channel_mean(x)
-    } else {
-        x.clone()
-    };
+    let x1 = if x.shape.c > 1 { b.channel_mean(x) } else { x.clone() };
     let (terms, dy, de1r) = b.loss(&fwd.prediction, &fwd.e1_raw, &x1, g);
     let grads = net.backward(&fwd, &dy, &de1r, cfg.grad_mode);
     let step = state.step;
@@ -121,9 +108,7 @@ pub fn train_step(
     state.adam.update(&mut state.model.params, &grads);
     update_running_stats(&mut state.model, &stats);
     if !state.model.params.all_finite() {
-        return Err(Error::Numeric(format!(
-            "step {step}: the weights became non-finite"
-        )));
+        return Err(Error::Numeric(format!("step {step}: the weights became non-finite")));
     }
     state.step += 1;
     Ok(terms)
@@ -157,11 +142,7 @@ pub fn validate(model: &Model<f32>, val: &Dataset, cfg: &TrainConfig) -> Result<
         let x1 = Tensor::from_vec(
             shape,
             if views.len() == 2 {
-                views[0]
-                    .iter()
-                    .zip(&views[1])
-                    .map(|(a, b)| 0.5 * (a + b))
-                    .collect()
+                views[0].iter().zip(&views[1]).map(|(a, b)| 0.5 * (a + b)).collect()
             } else {
                 views[0].clone()
             },
@@ -250,16 +231,8 @@ pub fn save_checkpoint(
     for (l, k) in state.adam.m.ids() {
         let name = Params::<f64>::name(l, k);
         let n = state.adam.m.tensor(l, k).len();
-        w.add_f64(
-            &format!("{ADAM_M}{name}"),
-            vec![n],
-            state.adam.m.tensor(l, k),
-        );
-        w.add_f64(
-            &format!("{ADAM_V}{name}"),
-            vec![n],
-            state.adam.v.tensor(l, k),
-        );
+        w.add_f64(&format!("{ADAM_M}{name}"), vec![n], state.adam.m.tensor(l, k));
+        w.add_f64(&format!("{ADAM_V}{name}"), vec![n], state.adam.v.tensor(l, k));
     }
     let meta = CheckpointMeta {
         step: state.step,
@@ -267,23 +240,26 @@ pub fn save_checkpoint(
         config: cfg.clone(),
         data: data.to_vec(),
     };
-    w.metadata.insert(
-        CKPT_KEY.into(),
-        serde_json::to_string(&meta).expect("serializes"),
-    );
+    w.metadata
+        .insert(CKPT_KEY.into(), serde_json::to_string(&meta).expect("serializes"));
     w.write(path)
 }
 
 /// Reads a checkpoint: the state and the config of the run that wrote it.
-pub fn load_checkpoint(
-    path: &Path,
-) -> Result<(TrainState, TrainConfig, Vec<(String, [usize; 3])>)> {
+pub fn load_checkpoint(path: &Path) -> Result<(TrainState, TrainConfig, Vec<(String, [usize; 3])>)> {
     let file = TensorFile::open(path)?;
     let meta: CheckpointMeta = file
         .metadata()
         .get(CKPT_KEY)
-        .ok_or_else(|| Error::format(path, "not a training checkpoint (no rln_checkpoint metadata); --resume takes a file written during training"))
-        .and_then(|s| serde_json::from_str(s).map_err(|e| Error::format(path, format!("checkpoint metadata is invalid: {e}"))))?;
+        .ok_or_else(|| {
+            Error::format(
+                path,
+                "not a training checkpoint (no rln_checkpoint metadata); --resume takes a file written during training",
+            )
+        })
+        .and_then(|s| {
+            serde_json::from_str(s).map_err(|e| Error::format(path, format!("checkpoint metadata is invalid: {e}")))
+        })?;
     let model = Model::<f32>::from_file(&file, &[ADAM_M, ADAM_V])?;
     let mut adam = Adam::new(model.config.variant, meta.config.schedule);
     adam.step = meta.adam_step;

@@ -138,14 +138,7 @@ pub fn naive_up2(x: &T4, w: &[f64], co: usize) -> T4 {
                         for i in 0..s.c {
                             let k = (d % 2) * 4 + (h % 2) * 2 + x_ % 2;
                             acc += w[(i * co + o) * 8 + k]
-                                * at(
-                                    x,
-                                    n,
-                                    i,
-                                    (d / 2) as isize,
-                                    (h / 2) as isize,
-                                    (x_ / 2) as isize,
-                                );
+                                * at(x, n, i, (d / 2) as isize, (h / 2) as isize, (x_ / 2) as isize);
                         }
                         out.data[idx(os, n, o, d, h, x_)] = acc;
                     }
@@ -190,8 +183,7 @@ pub fn naive_cm(x: &T4) -> T4 {
     let mut out = T4::zeros(s.with_c(1));
     for n in 0..s.n {
         for v in 0..s.spatial() {
-            out.data[n * s.spatial() + v] =
-                (0..s.c).map(|c| x.plane(n, c)[v]).sum::<f64>() / s.c as f64;
+            out.data[n * s.spatial() + v] = (0..s.c).map(|c| x.plane(n, c)[v]).sum::<f64>() / s.c as f64;
         }
     }
     out
@@ -240,8 +232,7 @@ pub fn naive_pad_even(x: &T4) -> T4 {
             for d in 0..os.d {
                 for h in 0..os.h {
                     for w in 0..os.w {
-                        out.data[idx(os, n, c, d, h, w)] =
-                            x.data[idx(s, n, c, m(d, s.d), m(h, s.h), m(w, s.w))];
+                        out.data[idx(os, n, c, d, h, w)] = x.data[idx(s, n, c, m(d, s.d), m(h, s.h), m(w, s.w))];
                     }
                 }
             }
@@ -300,11 +291,7 @@ pub fn naive_forward(m: &Model<f64>, x_in: &T4, batch_stats: bool) -> NaiveOut {
     let div_eps = m.config.div_eps;
 
     let x = naive_pad_even(x_in);
-    let x1 = if x.shape.c > 1 {
-        naive_cm(&x)
-    } else {
-        x.clone()
-    };
+    let x1 = if x.shape.c > 1 { naive_cm(&x) } else { x.clone() };
     let xd = naive_pool(&x);
     let xd1 = naive_pool(&x1);
     let a1 = spm(&bn(&conv(&[&xd], L::H1FpConv1), L::H1FpConv1));
@@ -318,12 +305,7 @@ pub fn naive_forward(m: &Model<f64>, x_in: &T4, batch_stats: bool) -> NaiveOut {
     let dv1 = bn(
         &T4 {
             shape: xd1.shape,
-            data: xd1
-                .data
-                .iter()
-                .zip(&cm1.data)
-                .map(|(a, b)| a / (b + div_eps))
-                .collect(),
+            data: xd1.data.iter().zip(&cm1.data).map(|(a, b)| a / (b + div_eps)).collect(),
         },
         L::H1Dv,
     );
@@ -339,28 +321,19 @@ pub fn naive_forward(m: &Model<f64>, x_in: &T4, batch_stats: bool) -> NaiveOut {
     };
     let e1 = spm(&bn(&e1r, L::H1E));
     let c1 = spm(&bn(&conv(&[&x], L::H2FpConv1), L::H2FpConv1));
-    let fp2 = bcast(
-        &spm(&bn(&conv(&[&c1], L::H2FpConv2), L::H2FpConv2)),
-        &x1,
-        |t, o| t + sp(o),
-    );
+    let fp2 = bcast(&spm(&bn(&conv(&[&c1], L::H2FpConv2), L::H2FpConv2)), &x1, |t, o| {
+        t + sp(o)
+    });
     let cm2 = naive_cm(&fp2);
     let dv2 = bn(
         &T4 {
             shape: x1.shape,
-            data: x1
-                .data
-                .iter()
-                .zip(&cm2.data)
-                .map(|(a, b)| a / (b + div_eps))
-                .collect(),
+            data: x1.data.iter().zip(&cm2.data).map(|(a, b)| a / (b + div_eps)).collect(),
         },
         L::H2Dv,
     );
     let d1 = spm(&bn(&conv(&[&dv2], L::H2BpConv1), L::H2BpConv1));
-    let bp2 = map(&spm(&bn(&conv(&[&d1], L::H2BpConv2), L::H2BpConv2)), |v| {
-        v + 1.0
-    });
+    let bp2 = map(&spm(&bn(&conv(&[&d1], L::H2BpConv2), L::H2BpConv2)), |v| v + 1.0);
     let cmb2 = naive_cm(&bp2);
     let e2r = T4 {
         shape: e1.shape,

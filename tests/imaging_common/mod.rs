@@ -43,21 +43,13 @@ pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f64>) {
 pub fn npy_volume(path: &Path) -> Volume {
     let (s, v) = read_npy(path);
     assert_eq!(s.len(), 3);
-    Volume::new(
-        [s[0], s[1], s[2]],
-        v.into_iter().map(|x| x as f32).collect(),
-    )
-    .unwrap()
+    Volume::new([s[0], s[1], s[2]], v.into_iter().map(|x| x as f32).collect()).unwrap()
 }
 
 /// ‖a − b‖ / ‖b‖.
 pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum();
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den).sqrt()
 }

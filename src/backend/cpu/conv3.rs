@@ -74,8 +74,7 @@ fn gather_rows<T: Real>(
             for zh in new_rows.clone() {
                 if zh < s.h {
                     let r = (cin * 3 + kd) * 3 + zh % 3;
-                    scratch[r * wp + 1..r * wp + 1 + s.w]
-                        .copy_from_slice(&plane[(zd * s.h + zh) * s.w..][..s.w]);
+                    scratch[r * wp + 1..r * wp + 1 + s.w].copy_from_slice(&plane[(zd * s.h + zh) * s.w..][..s.w]);
                 }
             }
             for kh in 0..3 {
@@ -163,8 +162,7 @@ fn pack_weights<T: Real>(weight: &[T], c_in: usize, c_out: usize) -> Vec<(usize,
             for co in 0..g {
                 for ci in 0..c_in {
                     for k in 0..27 {
-                        p[((ci * 9 + k / 3) * 3 + k % 3) * g + co] =
-                            weight[((o0 + co) * c_in + ci) * 27 + k];
+                        p[((ci * 9 + k / 3) * 3 + k % 3) * g + co] = weight[((o0 + co) * c_in + ci) * 27 + k];
                     }
                 }
             }
@@ -221,17 +219,7 @@ unsafe fn fwd_task<T: Real, V: Vector<T = T>>(ctx: &FwdCtx<'_, T>, nd: usize) {
     let mut taps = Vec::with_capacity(ctx.chans.len() * 9);
     let mut addend_row = vec![T::zero(); wp];
     for h in 0..s.h {
-        gather_rows(
-            ctx.inputs,
-            &ctx.chans,
-            n,
-            d,
-            h,
-            s,
-            wp,
-            &mut scratch,
-            &mut taps,
-        );
+        gather_rows(ctx.inputs, &ctx.chans, n, d, h, s, wp, &mut scratch, &mut taps);
         match ctx.epi.addend {
             AddendRef::None => {}
             AddendRef::Const(c) => addend_row.iter_mut().for_each(|v| *v = c),
@@ -326,8 +314,7 @@ pub fn conv3_backward_data<T: Real>(
             for i in 0..cs {
                 for o in 0..c_out {
                     for k in 0..27 {
-                        wt[(i * c_out + o) * 27 + k] =
-                            weight[(o * c_total + offset + i) * 27 + 26 - k];
+                        wt[(i * c_out + o) * 27 + k] = weight[(o * c_total + offset + i) * 27 + 26 - k];
                     }
                 }
             }
@@ -376,11 +363,7 @@ unsafe fn wgrad_tap<T: Real, V: Vector<T = T>, const G: usize>(
     }
     for ch in 0..chunks {
         let x0 = ch * l;
-        let s = [
-            V::load(src.add(x0)),
-            V::load(src.add(x0 + 1)),
-            V::load(src.add(x0 + 2)),
-        ];
+        let s = [V::load(src.add(x0)), V::load(src.add(x0 + 1)), V::load(src.add(x0 + 2))];
         for g in 0..G {
             let dz = V::load(dzs.add((o0 + g) * wp + x0));
             for kw in 0..3 {
@@ -398,10 +381,7 @@ unsafe fn wgrad_tap<T: Real, V: Vector<T = T>, const G: usize>(
 /// Weight gradient of the (n, d) tasks in `range`, summed in a fixed order (so results
 /// do not depend on the thread count): [c_out][c_in][27] in f64.
 #[inline(always)]
-unsafe fn wgrad_group<T: Real, V: Vector<T = T>>(
-    ctx: &WgradCtx<'_, T>,
-    range: std::ops::Range<usize>,
-) -> Vec<f64> {
+unsafe fn wgrad_group<T: Real, V: Vector<T = T>>(ctx: &WgradCtx<'_, T>, range: std::ops::Range<usize>) -> Vec<f64> {
     let s = ctx.s;
     let c_in = ctx.chans.len();
     let c_out = ctx.dz.shape.c;
@@ -421,17 +401,7 @@ unsafe fn wgrad_group<T: Real, V: Vector<T = T>>(
     for nd in range {
         let (n, d) = (nd / s.d, nd % s.d);
         for h in 0..s.h {
-            gather_rows(
-                ctx.inputs,
-                &ctx.chans,
-                n,
-                d,
-                h,
-                s,
-                wp,
-                &mut scratch,
-                &mut taps,
-            );
+            gather_rows(ctx.inputs, &ctx.chans, n, d, h, s, wp, &mut scratch, &mut taps);
             for co in 0..c_out {
                 let row = &ctx.dz.plane(n, co)[(d * s.h + h) * s.w..][..s.w];
                 dzs[co * wp..co * wp + s.w].copy_from_slice(row);
@@ -452,46 +422,10 @@ unsafe fn wgrad_group<T: Real, V: Vector<T = T>>(
                         1
                     };
                     match step {
-                        8 => wgrad_tap::<T, V, 8>(
-                            src,
-                            dzs.as_ptr(),
-                            wp,
-                            &mut accv,
-                            slot,
-                            c_out,
-                            o0,
-                            chunks,
-                        ),
-                        4 => wgrad_tap::<T, V, 4>(
-                            src,
-                            dzs.as_ptr(),
-                            wp,
-                            &mut accv,
-                            slot,
-                            c_out,
-                            o0,
-                            chunks,
-                        ),
-                        2 => wgrad_tap::<T, V, 2>(
-                            src,
-                            dzs.as_ptr(),
-                            wp,
-                            &mut accv,
-                            slot,
-                            c_out,
-                            o0,
-                            chunks,
-                        ),
-                        _ => wgrad_tap::<T, V, 1>(
-                            src,
-                            dzs.as_ptr(),
-                            wp,
-                            &mut accv,
-                            slot,
-                            c_out,
-                            o0,
-                            chunks,
-                        ),
+                        8 => wgrad_tap::<T, V, 8>(src, dzs.as_ptr(), wp, &mut accv, slot, c_out, o0, chunks),
+                        4 => wgrad_tap::<T, V, 4>(src, dzs.as_ptr(), wp, &mut accv, slot, c_out, o0, chunks),
+                        2 => wgrad_tap::<T, V, 2>(src, dzs.as_ptr(), wp, &mut accv, slot, c_out, o0, chunks),
+                        _ => wgrad_tap::<T, V, 1>(src, dzs.as_ptr(), wp, &mut accv, slot, c_out, o0, chunks),
                     }
                     o0 += step;
                 }

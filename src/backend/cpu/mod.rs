@@ -31,12 +31,26 @@ pub struct CpuEpilogue<'a, T> {
 
 impl<'a, T: Real> CpuEpilogue<'a, T> {
     pub fn identity(channels: usize) -> Self {
-        CpuEpilogue { scale: vec![T::one(); channels], shift: vec![T::zero(); channels], softplus: false, addend: Addend::None }
+        CpuEpilogue {
+            scale: vec![T::one(); channels],
+            shift: vec![T::zero(); channels],
+            softplus: false,
+            addend: Addend::None,
+        }
     }
     fn from(epi: &Epilogue<'a, Tensor<T>, T>, channels: usize) -> Self {
         let fill = |v: &[T], d: T| if v.is_empty() { vec![d; channels] } else { v.to_vec() };
-        assert!(epi.scale.is_empty() || epi.scale.len() == channels, "epilogue has {} scales for {channels} channels", epi.scale.len());
-        CpuEpilogue { scale: fill(epi.scale, T::one()), shift: fill(epi.shift, T::zero()), softplus: epi.softplus, addend: epi.addend }
+        assert!(
+            epi.scale.is_empty() || epi.scale.len() == channels,
+            "epilogue has {} scales for {channels} channels",
+            epi.scale.len()
+        );
+        CpuEpilogue {
+            scale: fill(epi.scale, T::one()),
+            shift: fill(epi.shift, T::zero()),
+            softplus: epi.softplus,
+            addend: epi.addend,
+        }
     }
 }
 
@@ -52,7 +66,10 @@ unsafe impl<T: Send> Sync for SyncPtr<T> {}
 
 impl<T: Copy> SyncPtr<T> {
     pub fn new(v: &mut [T]) -> Self {
-        SyncPtr { ptr: v.as_mut_ptr(), len: v.len() }
+        SyncPtr {
+            ptr: v.as_mut_ptr(),
+            len: v.len(),
+        }
     }
     /// # Safety
     /// No other thread may access `off..off + src.len()` concurrently.
@@ -109,15 +126,50 @@ impl<T: Real> Backend for CpuBackend<T> {
     fn rl_update(&self, a: &Tensor<T>, bp: &Tensor<T>) -> Tensor<T> {
         pointwise::rl_update(a, bp)
     }
-    fn loss(&self, y: &Tensor<T>, e1r: &Tensor<T>, x1: &Tensor<T>, g: &Tensor<T>) -> (crate::train::loss::LossTerms, Tensor<T>, Tensor<T>) {
-        assert!(y.shape == g.shape && e1r.shape == g.shape && x1.shape == g.shape, "loss: shapes differ ({} {} {} {})", y.shape, e1r.shape, x1.shape, g.shape);
+    fn loss(
+        &self,
+        y: &Tensor<T>,
+        e1r: &Tensor<T>,
+        x1: &Tensor<T>,
+        g: &Tensor<T>,
+    ) -> (crate::train::loss::LossTerms, Tensor<T>, Tensor<T>) {
+        assert!(
+            y.shape == g.shape && e1r.shape == g.shape && x1.shape == g.shape,
+            "loss: shapes differ ({} {} {} {})",
+            y.shape,
+            e1r.shape,
+            x1.shape,
+            g.shape
+        );
         let (terms, dy, de) = crate::train::loss::loss_and_grad(&y.data, &e1r.data, &x1.data, &g.data);
-        (terms, Tensor { shape: y.shape, data: dy }, Tensor { shape: y.shape, data: de })
+        (
+            terms,
+            Tensor {
+                shape: y.shape,
+                data: dy,
+            },
+            Tensor {
+                shape: y.shape,
+                data: de,
+            },
+        )
     }
-    fn epilogue_backward(&self, z: &Tensor<T>, dy: &Tensor<T>, softplus: bool, bn: Option<&BnTrainState<T>>) -> (Tensor<T>, Vec<f64>, Vec<f64>) {
+    fn epilogue_backward(
+        &self,
+        z: &Tensor<T>,
+        dy: &Tensor<T>,
+        softplus: bool,
+        bn: Option<&BnTrainState<T>>,
+    ) -> (Tensor<T>, Vec<f64>, Vec<f64>) {
         pointwise::epilogue_backward(z, dy, softplus, bn)
     }
-    fn conv3_backward_data(&self, dz: &Tensor<T>, weight: &[T], c_in: &[usize], needed: &[bool]) -> Vec<Option<Tensor<T>>> {
+    fn conv3_backward_data(
+        &self,
+        dz: &Tensor<T>,
+        weight: &[T],
+        c_in: &[usize],
+        needed: &[bool],
+    ) -> Vec<Option<Tensor<T>>> {
         conv3::conv3_backward_data(dz, weight, c_in, needed)
     }
     fn conv3_backward_weight(&self, inputs: &[&Tensor<T>], dz: &Tensor<T>) -> Vec<f64> {
@@ -129,10 +181,23 @@ impl<T: Real> Backend for CpuBackend<T> {
     fn up2_backward_weight(&self, x: &Tensor<T>, dz: &Tensor<T>) -> Vec<f64> {
         up2::up2_backward_weight(x, dz)
     }
-    fn rl_divide_backward(&self, a: &Tensor<T>, fp: &Tensor<T>, eps: f64, dq: &Tensor<T>, mode: GradMode) -> (Tensor<T>, Tensor<T>) {
+    fn rl_divide_backward(
+        &self,
+        a: &Tensor<T>,
+        fp: &Tensor<T>,
+        eps: f64,
+        dq: &Tensor<T>,
+        mode: GradMode,
+    ) -> (Tensor<T>, Tensor<T>) {
         pointwise::rl_divide_backward(a, fp, eps, dq, mode)
     }
-    fn rl_update_backward(&self, a: &Tensor<T>, bp: &Tensor<T>, de: &Tensor<T>, mode: GradMode) -> (Tensor<T>, Tensor<T>) {
+    fn rl_update_backward(
+        &self,
+        a: &Tensor<T>,
+        bp: &Tensor<T>,
+        de: &Tensor<T>,
+        mode: GradMode,
+    ) -> (Tensor<T>, Tensor<T>) {
         pointwise::rl_update_backward(a, bp, de, mode)
     }
     fn channel_mean_backward(&self, dy: &Tensor<T>, channels: usize) -> Tensor<T> {

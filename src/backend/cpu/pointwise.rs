@@ -19,26 +19,23 @@ pub fn avgpool2<T: Real>(x: &Tensor<T>) -> Tensor<T> {
     let os = Shape::new(s.n, s.c, s.d / 2, s.h / 2, s.w / 2);
     let mut out = Tensor::zeros(os);
     let eighth = T::of(0.125);
-    out.data
-        .par_chunks_mut(os.spatial())
-        .enumerate()
-        .for_each(|(p, o)| {
-            let src = &x.data[p * s.spatial()..][..s.spatial()];
-            for i in 0..os.d {
-                for j in 0..os.h {
-                    for k in 0..os.w {
-                        let mut acc = T::zero();
-                        for a in 0..2 {
-                            for b in 0..2 {
-                                let r = ((2 * i + a) * s.h + 2 * j + b) * s.w + 2 * k;
-                                acc += src[r] + src[r + 1];
-                            }
+    out.data.par_chunks_mut(os.spatial()).enumerate().for_each(|(p, o)| {
+        let src = &x.data[p * s.spatial()..][..s.spatial()];
+        for i in 0..os.d {
+            for j in 0..os.h {
+                for k in 0..os.w {
+                    let mut acc = T::zero();
+                    for a in 0..2 {
+                        for b in 0..2 {
+                            let r = ((2 * i + a) * s.h + 2 * j + b) * s.w + 2 * k;
+                            acc += src[r] + src[r + 1];
                         }
-                        o[(i * os.h + j) * os.w + k] = acc * eighth;
                     }
+                    o[(i * os.h + j) * os.w + k] = acc * eighth;
                 }
             }
-        });
+        }
+    });
     out
 }
 
@@ -46,17 +43,14 @@ pub fn channel_mean<T: Real>(x: &Tensor<T>) -> Tensor<T> {
     let s = x.shape;
     let mut out = Tensor::zeros(s.with_c(1));
     let inv = T::one() / T::of(s.c as f64);
-    out.data
-        .par_chunks_mut(s.spatial())
-        .enumerate()
-        .for_each(|(n, o)| {
-            for c in 0..s.c {
-                for (v, &t) in o.iter_mut().zip(x.plane(n, c)) {
-                    *v += t;
-                }
+    out.data.par_chunks_mut(s.spatial()).enumerate().for_each(|(n, o)| {
+        for c in 0..s.c {
+            for (v, &t) in o.iter_mut().zip(x.plane(n, c)) {
+                *v += t;
             }
-            o.iter_mut().for_each(|v| *v *= inv);
-        });
+        }
+        o.iter_mut().for_each(|v| *v *= inv);
+    });
     out
 }
 
@@ -65,15 +59,12 @@ pub fn channel_mean_backward<T: Real>(dy: &Tensor<T>, channels: usize) -> Tensor
     let s = dy.shape.with_c(channels);
     let mut out = Tensor::zeros(s);
     let inv = T::one() / T::of(channels as f64);
-    out.data
-        .par_chunks_mut(s.spatial())
-        .enumerate()
-        .for_each(|(p, o)| {
-            let n = p / channels;
-            for (v, &g) in o.iter_mut().zip(dy.plane(n, 0)) {
-                *v = g * inv;
-            }
-        });
+    out.data.par_chunks_mut(s.spatial()).enumerate().for_each(|(p, o)| {
+        let n = p / channels;
+        for (v, &g) in o.iter_mut().zip(dy.plane(n, 0)) {
+            *v = g * inv;
+        }
+    });
     out
 }
 
@@ -118,21 +109,18 @@ isa_variants!(fn epilogue_plane_dispatch<T>(z: &[T], o: &mut [T], sc: T, sh: T, 
 pub fn epilogue<T: Real>(z: &Tensor<T>, epi: &CpuEpilogue<'_, T>) -> Tensor<T> {
     let s = z.shape;
     let mut out = Tensor::zeros(s);
-    out.data
-        .par_chunks_mut(s.spatial())
-        .enumerate()
-        .for_each(|(p, o)| {
-            let (n, c) = (p / s.c, p % s.c);
-            epilogue_plane_dispatch(
-                z.plane(n, c),
-                o,
-                epi.scale[c],
-                epi.shift[c],
-                epi.softplus,
-                &epi.addend,
-                n,
-            );
-        });
+    out.data.par_chunks_mut(s.spatial()).enumerate().for_each(|(p, o)| {
+        let (n, c) = (p / s.c, p % s.c);
+        epilogue_plane_dispatch(
+            z.plane(n, c),
+            o,
+            epi.scale[c],
+            epi.shift[c],
+            epi.softplus,
+            &epi.addend,
+            n,
+        );
+    });
     out
 }
 
@@ -142,12 +130,7 @@ pub fn batch_stats<T: Real>(z: &Tensor<T>) -> ChannelStats {
     let m = (s.n * s.spatial()) as f64;
     let plane_sums: Vec<f64> = (0..s.n * s.c)
         .into_par_iter()
-        .map(|p| {
-            z.data[p * s.spatial()..][..s.spatial()]
-                .iter()
-                .map(|v| v.f64())
-                .sum()
-        })
+        .map(|p| z.data[p * s.spatial()..][..s.spatial()].iter().map(|v| v.f64()).sum())
         .collect();
     let mean: Vec<f64> = (0..s.c)
         .map(|c| (0..s.n).map(|n| plane_sums[n * s.c + c]).sum::<f64>() / m)
@@ -249,28 +232,21 @@ pub fn epilogue_backward<T: Real>(
             epi_bw_pass1_dispatch(z.plane(n, c), dy.plane(n, c), o, softplus, g, b, m, is)
         })
         .collect();
-    let dbeta: Vec<f64> = (0..s.c)
-        .map(|c| (0..s.n).map(|n| sums[n * s.c + c].0).sum())
-        .collect();
-    let dgamma: Vec<f64> = (0..s.c)
-        .map(|c| (0..s.n).map(|n| sums[n * s.c + c].1).sum())
-        .collect();
+    let dbeta: Vec<f64> = (0..s.c).map(|c| (0..s.n).map(|n| sums[n * s.c + c].0).sum()).collect();
+    let dgamma: Vec<f64> = (0..s.c).map(|c| (0..s.n).map(|n| sums[n * s.c + c].1).sum()).collect();
     if let Some(b) = bn {
         // dz = γ·σ⁻¹·(dh − mean(dh) − x̂·mean(dh·x̂))
         let m = (s.n * s.spatial()) as f64;
-        dz.data
-            .par_chunks_mut(s.spatial())
-            .enumerate()
-            .for_each(|(p, o)| {
-                let (n, c) = (p / s.c, p % s.c);
-                let k = b.gamma[c] * b.inv_std[c];
-                let (mb, mg) = (T::of(dbeta[c] / m), T::of(dgamma[c] / m));
-                let (mu, is) = (b.mean[c], b.inv_std[c]);
-                for (v, &t) in o.iter_mut().zip(z.plane(n, c)) {
-                    let xh = (t - mu) * is;
-                    *v = k * (*v - mb - xh * mg);
-                }
-            });
+        dz.data.par_chunks_mut(s.spatial()).enumerate().for_each(|(p, o)| {
+            let (n, c) = (p / s.c, p % s.c);
+            let k = b.gamma[c] * b.inv_std[c];
+            let (mb, mg) = (T::of(dbeta[c] / m), T::of(dgamma[c] / m));
+            let (mu, is) = (b.mean[c], b.inv_std[c]);
+            for (v, &t) in o.iter_mut().zip(z.plane(n, c)) {
+                let xh = (t - mu) * is;
+                *v = k * (*v - mb - xh * mg);
+            }
+        });
         (dz, dgamma, dbeta)
     } else {
         (dz, vec![], vec![])
@@ -400,20 +376,17 @@ pub fn pad_even<T: Real>(x: &Tensor<T>) -> Tensor<T> {
         return x.clone();
     }
     let mut out = Tensor::zeros(os);
-    out.data
-        .par_chunks_mut(os.spatial())
-        .enumerate()
-        .for_each(|(p, o)| {
-            let src = &x.data[p * s.spatial()..][..s.spatial()];
-            for d in 0..os.d {
-                for h in 0..os.h {
-                    let r = (mirror(d, s.d) * s.h + mirror(h, s.h)) * s.w;
-                    for w in 0..os.w {
-                        o[(d * os.h + h) * os.w + w] = src[r + mirror(w, s.w)];
-                    }
+    out.data.par_chunks_mut(os.spatial()).enumerate().for_each(|(p, o)| {
+        let src = &x.data[p * s.spatial()..][..s.spatial()];
+        for d in 0..os.d {
+            for h in 0..os.h {
+                let r = (mirror(d, s.d) * s.h + mirror(h, s.h)) * s.w;
+                for w in 0..os.w {
+                    o[(d * os.h + h) * os.w + w] = src[r + mirror(w, s.w)];
                 }
             }
-        });
+        }
+    });
     out
 }
 
@@ -424,18 +397,14 @@ pub fn crop<T: Real>(x: &Tensor<T>, shape: Shape) -> Tensor<T> {
         return x.clone();
     }
     let mut out = Tensor::zeros(shape);
-    out.data
-        .par_chunks_mut(shape.spatial())
-        .enumerate()
-        .for_each(|(p, o)| {
-            let src = &x.data[p * s.spatial()..][..s.spatial()];
-            for d in 0..shape.d {
-                for h in 0..shape.h {
-                    o[(d * shape.h + h) * shape.w..][..shape.w]
-                        .copy_from_slice(&src[(d * s.h + h) * s.w..][..shape.w]);
-                }
+    out.data.par_chunks_mut(shape.spatial()).enumerate().for_each(|(p, o)| {
+        let src = &x.data[p * s.spatial()..][..s.spatial()];
+        for d in 0..shape.d {
+            for h in 0..shape.h {
+                o[(d * shape.h + h) * shape.w..][..shape.w].copy_from_slice(&src[(d * s.h + h) * s.w..][..shape.w]);
             }
-        });
+        }
+    });
     out
 }
 

@@ -64,22 +64,14 @@ fn up2_task<T: Real, const FMA: bool, const W: usize>(c: &Up2Ctx<'_, T>, t: usiz
                 }
             }
             // SAFETY: plane (n, o), row (od, oh) belongs to this task alone.
-            unsafe {
-                c.out
-                    .write_slice(os.plane(n, o) + (od * os.h + oh) * os.w, &row)
-            };
+            unsafe { c.out.write_slice(os.plane(n, o) + (od * os.h + oh) * os.w, &row) };
         }
     }
 }
 
 isa_variants!(fn up2_task_dispatch<T>(c: &Up2Ctx<'_, T>, t: usize) -> () => up2_task, wide = 16, narrow = 8);
 
-pub fn up2_forward<T: Real>(
-    x: &Tensor<T>,
-    weight: &[T],
-    c_out: usize,
-    epi: &CpuEpilogue<'_, T>,
-) -> Tensor<T> {
+pub fn up2_forward<T: Real>(x: &Tensor<T>, weight: &[T], c_out: usize, epi: &CpuEpilogue<'_, T>) -> Tensor<T> {
     let s = x.shape;
     assert_eq!(weight.len(), s.c * c_out * 8);
     let os = Shape::new(s.n, c_out, 2 * s.d, 2 * s.h, 2 * s.w);
@@ -92,9 +84,7 @@ pub fn up2_forward<T: Real>(
         out: SyncPtr::new(&mut out.data),
         os,
     };
-    (0..s.n * os.d)
-        .into_par_iter()
-        .for_each(|t| up2_task_dispatch(&ctx, t));
+    (0..s.n * os.d).into_par_iter().for_each(|t| up2_task_dispatch(&ctx, t));
     out
 }
 
@@ -114,8 +104,7 @@ pub fn up2_backward_data<T: Real>(dz: &Tensor<T>, weight: &[T], c_in: usize) -> 
                 for o in 0..c_out {
                     for a in 0..2 {
                         for b in 0..2 {
-                            let src =
-                                &dz.plane(n, o)[((2 * i + a) * os.h + 2 * j + b) * os.w..][..os.w];
+                            let src = &dz.plane(n, o)[((2 * i + a) * os.h + 2 * j + b) * os.w..][..os.w];
                             let w0 = weight[((ci * c_out + o) * 2 + a) * 4 + b * 2];
                             let w1 = weight[((ci * c_out + o) * 2 + a) * 4 + b * 2 + 1];
                             for k in 0..s.w {
@@ -153,8 +142,7 @@ pub fn up2_backward_weight<T: Real>(x: &Tensor<T>, dz: &Tensor<T>) -> Vec<f64> {
                                 let (mut s0, mut s1) = (T::zero(), T::zero());
                                 for j in 0..s.h {
                                     let src = &x.plane(n, c_in)[(i * s.h + j) * s.w..][..s.w];
-                                    let d = &dz.plane(n, o)
-                                        [((2 * i + a) * os.h + 2 * j + b) * os.w..][..os.w];
+                                    let d = &dz.plane(n, o)[((2 * i + a) * os.h + 2 * j + b) * os.w..][..os.w];
                                     for k in 0..s.w {
                                         s0 += src[k] * d[2 * k];
                                         s1 += src[k] * d[2 * k + 1];

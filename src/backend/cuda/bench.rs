@@ -99,12 +99,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     let [n, d, h, w] = o.dims;
     let shape = Shape::new(n, 1, d, h, w);
     let mut rng = ChaCha8Rng::seed_from_u64(o.seed + 1);
-    let x = Tensor::from_vec(
-        shape,
-        (0..shape.len())
-            .map(|_| rng.random_range(0.0f32..1.0))
-            .collect(),
-    )?;
+    let x = Tensor::from_vec(shape, (0..shape.len()).map(|_| rng.random_range(0.0f32..1.0)).collect())?;
     let padded = crate::backend::cpu::pointwise::pad_even(&x);
     let ps = padded.shape;
     let dims = [ps.n, ps.d, ps.h, ps.w];
@@ -123,17 +118,13 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
         end.record(&dev.compute).check("recording an event")?;
         times.push(start.elapsed_ms(&end).check("timing a forward pass")? as f64);
     }
-    let (min_ms, max_ms) = times
-        .iter()
-        .fold((f64::MAX, 0.0f64), |(a, b), &t| (a.min(t), b.max(t)));
+    let (min_ms, max_ms) = times.iter().fold((f64::MAX, 0.0f64), |(a, b), &t| (a.min(t), b.max(t)));
     let median_ms = median(&mut times);
     let voxels = shape.len() as f64;
 
     let mut y = vec![0f32; ps.len()];
     dev.copy_dtoh(&dev.compute, &mut y, yb, "the benchmark output")?;
-    dev.compute
-        .synchronize()
-        .check("copying the benchmark output")?;
+    dev.compute.synchronize().check("copying the benchmark output")?;
     let nonfinite = y.iter().filter(|v| !v.is_finite()).count();
 
     let mut kernels = Vec::new();
@@ -149,10 +140,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
                 per[i].1.push(ms);
             }
         }
-        let meds: Vec<(String, f64)> = per
-            .into_iter()
-            .map(|(k, mut v)| (k, median(&mut v)))
-            .collect();
+        let meds: Vec<(String, f64)> = per.into_iter().map(|(k, mut v)| (k, median(&mut v))).collect();
         let total: f64 = meds.iter().map(|(_, m)| m).sum();
         kernels = meds
             .into_iter()
@@ -219,11 +207,7 @@ impl BenchReport {
             self.nonfinite
         );
         if let Some(v) = self.host_to_host_voxels_per_s {
-            let _ = writeln!(
-                s,
-                "  host-to-host (padding, copies, forward): {:.3} Gvoxel/s",
-                v * 1e-9
-            );
+            let _ = writeln!(s, "  host-to-host (padding, copies, forward): {:.3} Gvoxel/s", v * 1e-9);
         }
         for k in &self.kernels {
             let _ = writeln!(

@@ -34,11 +34,7 @@ pub fn run_infer(model: &Model<f32>, vectors: &Path, opts: CudaOptions) -> Resul
     let x = read_volume(&file, "input")?;
     let mut net = CudaNet::new(CudaDevice::open(opts.device)?, model, opts)?;
     let out = net.predict_host(&x, true)?;
-    let tol = if opts.is_f16() {
-        TOL_INFER_F16
-    } else {
-        TOL_INFER
-    };
+    let tol = if opts.is_f16() { TOL_INFER_F16 } else { TOL_INFER };
     let mut rows = Vec::new();
     for (k, t) in [
         ("prediction", Some(&out.prediction)),

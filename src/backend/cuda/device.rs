@@ -8,9 +8,7 @@ use super::launch::{self, KernelArgs, CONV_KERNELS};
 use crate::error::{Error, Result};
 use cudarc::driver::result::{self as cu, DriverError};
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -157,16 +155,10 @@ impl CudaDevice {
     pub fn open(ordinal: usize) -> Result<Arc<CudaDevice>> {
         let ctx = kernels::open_context(ordinal)?;
         let compute = ctx.new_stream().check("creating the compute stream")?;
-        let h2d = ctx
-            .new_stream()
-            .check("creating the host-to-device stream")?;
-        let d2h = ctx
-            .new_stream()
-            .check("creating the device-to-host stream")?;
+        let h2d = ctx.new_stream().check("creating the host-to-device stream")?;
+        let d2h = ctx.new_stream().check("creating the device-to-host stream")?;
         let name = ctx.name().check("reading the device name")?;
-        let cc = ctx
-            .compute_capability()
-            .check("reading the compute capability")?;
+        let cc = ctx.compute_capability().check("reading the compute capability")?;
         let multiprocessors = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .check("reading the SM count")?;
@@ -194,11 +186,7 @@ impl CudaDevice {
             wanted.push((k.module, k.name(false, false), ffma));
             wanted.push((k.module, k.name(true, false), ffma));
             if k.mma {
-                wanted.push((
-                    k.module,
-                    k.name(true, true),
-                    launch::mma_smem_bytes(k.c_in()),
-                ));
+                wanted.push((k.module, k.name(true, true), launch::mma_smem_bytes(k.c_in())));
             }
         }
         for f16 in [false, true] {
@@ -219,16 +207,16 @@ impl CudaDevice {
                 .load_function(&name)
                 .check(&format!("finding kernel {name} in kernels/{module}.cu"))?;
             if smem > smem_optin {
-                return Err(Error::Cuda(format!("{name} needs {smem} B of shared memory per block; the device allows {smem_optin}")));
+                return Err(Error::Cuda(format!(
+                    "{name} needs {smem} B of shared memory per block; the device allows {smem_optin}"
+                )));
             }
             if smem > 0 {
                 f.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     smem as i32,
                 )
-                .check(&format!(
-                    "raising the shared memory limit of {name} to {smem} B"
-                ))?;
+                .check(&format!("raising the shared memory limit of {name} to {smem} B"))?;
             }
             functions.insert(name, f);
         }
@@ -271,15 +259,11 @@ impl CudaDevice {
 
     /// Allocates `bytes` of device memory (uninitialized).
     pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
-        self.ctx
-            .bind_to_thread()
-            .check("binding the CUDA context")?;
+        self.ctx.bind_to_thread().check("binding the CUDA context")?;
         let bytes = bytes.max(16);
         // SAFETY: plain allocation; the memory is only used through DevBuf.
-        let ptr = unsafe { cu::malloc_sync(bytes) }.check(&format!(
-            "allocating {} MiB of device memory",
-            bytes.div_ceil(1 << 20)
-        ))?;
+        let ptr = unsafe { cu::malloc_sync(bytes) }
+            .check(&format!("allocating {} MiB of device memory", bytes.div_ceil(1 << 20)))?;
         self.stats.add(bytes);
         Ok(DevBuf {
             ptr,
@@ -291,9 +275,7 @@ impl CudaDevice {
 
     /// Allocates page-locked host memory for `len` f32.
     pub fn alloc_pinned(&self, len: usize) -> Result<PinnedBuf> {
-        self.ctx
-            .bind_to_thread()
-            .check("binding the CUDA context")?;
+        self.ctx.bind_to_thread().check("binding the CUDA context")?;
         // SAFETY: plain allocation, owned by the returned PinnedBuf.
         let ptr = unsafe { cu::malloc_host(len.max(1) * 4, 0) }.check(&format!(
             "allocating {} MiB of pinned host memory",
@@ -310,54 +292,31 @@ impl CudaDevice {
     pub fn upload<T: Copy>(&self, data: &[T], what: &str) -> Result<DevBuf> {
         let buf = self.alloc(std::mem::size_of_val(data))?;
         self.copy_htod(&self.compute, buf.ptr(), data, what)?;
-        self.compute
-            .synchronize()
-            .check(&format!("uploading {what}"))?;
+        self.compute.synchronize().check(&format!("uploading {what}"))?;
         Ok(buf)
     }
 
     /// Enqueues a host→device copy on `stream` (`data` must stay alive and unchanged until
     /// the stream has passed it: pinned memory, or synchronize before returning).
-    pub fn copy_htod<T: Copy>(
-        &self,
-        stream: &CudaStream,
-        dst: u64,
-        data: &[T],
-        what: &str,
-    ) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .check("binding the CUDA context")?;
+    pub fn copy_htod<T: Copy>(&self, stream: &CudaStream, dst: u64, data: &[T], what: &str) -> Result<()> {
+        self.ctx.bind_to_thread().check("binding the CUDA context")?;
         // SAFETY: dst is a live allocation of at least size_of_val(data) bytes (callers
         // size buffers from the same shapes).
-        unsafe { cu::memcpy_htod_async(dst, data, stream.cu_stream()) }
-            .check(&format!("copying {what} to the device"))
+        unsafe { cu::memcpy_htod_async(dst, data, stream.cu_stream()) }.check(&format!("copying {what} to the device"))
     }
 
     /// Enqueues a device→host copy on `stream` (see [`CudaDevice::copy_htod`]).
-    pub fn copy_dtoh<T: Copy>(
-        &self,
-        stream: &CudaStream,
-        dst: &mut [T],
-        src: u64,
-        what: &str,
-    ) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .check("binding the CUDA context")?;
+    pub fn copy_dtoh<T: Copy>(&self, stream: &CudaStream, dst: &mut [T], src: u64, what: &str) -> Result<()> {
+        self.ctx.bind_to_thread().check("binding the CUDA context")?;
         // SAFETY: src is a live allocation of at least size_of_val(dst) bytes.
-        unsafe { cu::memcpy_dtoh_async(dst, src, stream.cu_stream()) }
-            .check(&format!("copying {what} to the host"))
+        unsafe { cu::memcpy_dtoh_async(dst, src, stream.cu_stream()) }.check(&format!("copying {what} to the host"))
     }
 
     /// Fills `bytes` at `dst` with the byte `v` (poisoning in tests: 0xFF gives NaN).
     pub fn memset(&self, stream: &CudaStream, dst: u64, v: u8, bytes: usize) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .check("binding the CUDA context")?;
+        self.ctx.bind_to_thread().check("binding the CUDA context")?;
         // SAFETY: dst is a live allocation of at least `bytes` bytes.
-        unsafe { cu::memset_d8_async(dst, v, bytes, stream.cu_stream()) }
-            .check("memset on the device")
+        unsafe { cu::memset_d8_async(dst, v, bytes, stream.cu_stream()) }.check("memset on the device")
     }
 
     pub fn event(&self, timing: bool) -> Result<CudaEvent> {
@@ -366,9 +325,7 @@ impl CudaDevice {
         } else {
             sys::CUevent_flags::CU_EVENT_DISABLE_TIMING
         };
-        self.ctx
-            .new_event(Some(flags))
-            .check("creating a CUDA event")
+        self.ctx.new_event(Some(flags)).check("creating a CUDA event")
     }
 
     /// Launches kernel `name` on `stream`; with `sync`, waits for it so that a fault is
@@ -398,9 +355,7 @@ impl CudaDevice {
             "launching {name} (grid {grid:?}, {block} threads, {smem} B shared)"
         ))?;
         if sync {
-            stream
-                .synchronize()
-                .check(&format!("running {name} (grid {grid:?})"))?;
+            stream.synchronize().check(&format!("running {name} (grid {grid:?})"))?;
         }
         Ok(())
     }

@@ -123,11 +123,7 @@ pub fn conv3_ffma(a: &EmuArgs, f: &FoldedConv) -> EmuOut {
                         let r = p - sz * (SY * SX);
                         let sy = r / SX;
                         let sx = r - sy * SX;
-                        let (gz_, gy_, gx_) = (
-                            (z0 + sz) as isize - 1,
-                            (y0 + sy) as isize - 1,
-                            (x0 + sx) as isize - 1,
-                        );
+                        let (gz_, gy_, gx_) = ((z0 + sz) as isize - 1, (y0 + sy) as isize - 1, (x0 + sx) as isize - 1);
                         let mut v = 0.0;
                         if gz_ >= 0
                             && (gz_ as usize) < a.d
@@ -136,8 +132,7 @@ pub fn conv3_ffma(a: &EmuArgs, f: &FoldedConv) -> EmuOut {
                             && gx_ >= 0
                             && (gx_ as usize) < a.w
                         {
-                            let vox = ((n * a.d + gz_ as usize) * a.h + gy_ as usize) * a.w
-                                + gx_ as usize;
+                            let vox = ((n * a.d + gz_ as usize) * a.h + gy_ as usize) * a.w + gx_ as usize;
                             v = a.load_concat(vox, c0 + cc);
                         }
                         sin[cc * CS + sz * PS + sy * RS + sx] = v;
@@ -155,8 +150,7 @@ pub fn conv3_ffma(a: &EmuArgs, f: &FoldedConv) -> EmuOut {
                                         let wk = wc + ((kz * 3 + ky) * 3 + kx) * cout;
                                         for c in 0..cout {
                                             for v in 0..VX {
-                                                acc[c][v] =
-                                                    sw[wk + c].mul_add(inp[v + kx], acc[c][v]);
+                                                acc[c][v] = sw[wk + c].mul_add(inp[v + kx], acc[c][v]);
                                             }
                                         }
                                     }
@@ -201,11 +195,7 @@ fn ldmatrix_x4(smem: &[u16], addr: &[u32; 32]) -> [[u32; 4]; 32] {
     for (l, regs) in out.iter_mut().enumerate() {
         for (i, reg) in regs.iter_mut().enumerate() {
             let row_addr = addr[8 * i + l / 4] as usize;
-            assert_eq!(
-                row_addr % 16,
-                0,
-                "ldmatrix row address must be 16-byte aligned"
-            );
+            assert_eq!(row_addr % 16, 0, "ldmatrix row address must be 16-byte aligned");
             let e = row_addr / 2 + 2 * (l % 4);
             *reg = smem[e] as u32 | (smem[e + 1] as u32) << 16;
         }
@@ -281,11 +271,7 @@ pub fn conv3_mma(a: &EmuArgs, f: &FoldedConv) -> EmuOut {
                         let r = p - sz * (SY * SX);
                         let sy = r / SX;
                         let sx = r - sy * SX;
-                        let (gz_, gy_, gx_) = (
-                            (z0 + sz) as isize - 1,
-                            (y0 + sy) as isize - 1,
-                            (x0 + sx) as isize - 1,
-                        );
+                        let (gz_, gy_, gx_) = ((z0 + sz) as isize - 1, (y0 + sy) as isize - 1, (x0 + sx) as isize - 1);
                         if gz_ >= 0
                             && (gz_ as usize) < a.d
                             && gy_ >= 0
@@ -293,8 +279,7 @@ pub fn conv3_mma(a: &EmuArgs, f: &FoldedConv) -> EmuOut {
                             && gx_ >= 0
                             && (gx_ as usize) < a.w
                         {
-                            let vox = ((n * a.d + gz_ as usize) * a.h + gy_ as usize) * a.w
-                                + gx_ as usize;
+                            let vox = ((n * a.d + gz_ as usize) * a.h + gy_ as usize) * a.w + gx_ as usize;
                             for (c, v) in ch.iter_mut().enumerate().take(cin) {
                                 *v = f2h(a.load_concat(vox, c));
                             }
@@ -330,11 +315,9 @@ pub fn conv3_mma(a: &EmuArgs, f: &FoldedConv) -> EmuOut {
                                         lane_addr[lane] + ((row_off + tapoff(kc)) * vs * 2) as u32
                                     } else {
                                         let (t0, t1) = (2 * kc, 2 * kc + 1);
-                                        let a0 = lane_addr[lane]
-                                            + ((row_off + tapoff(t0)) * vs * 2) as u32;
+                                        let a0 = lane_addr[lane] + ((row_off + tapoff(t0)) * vs * 2) as u32;
                                         let a1 = if t1 < 27 {
-                                            lane_addr[lane]
-                                                + ((row_off + tapoff(t1)) * vs * 2) as u32
+                                            lane_addr[lane] + ((row_off + tapoff(t1)) * vs * 2) as u32
                                         } else {
                                             zero_addr
                                         };
@@ -382,8 +365,8 @@ pub fn conv3_mma(a: &EmuArgs, f: &FoldedConv) -> EmuOut {
 pub fn out_tensor(o: &EmuOut, a: &EmuArgs) -> StageOut {
     let oc = if a.epi == Epi::Sp { a.c_out } else { 1 };
     let shape = Shape::new(a.n, oc, a.d, a.h, a.w);
-    let raw = matches!(a.epi, Epi::Update | Epi::UpdatePlus1)
-        .then(|| from_channels_last(shape.with_c(1), &o.raw).unwrap());
+    let raw =
+        matches!(a.epi, Epi::Update | Epi::UpdatePlus1).then(|| from_channels_last(shape.with_c(1), &o.raw).unwrap());
     StageOut {
         out: from_channels_last(shape, &o.out).unwrap(),
         raw,
@@ -403,20 +386,11 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     fn random(shape: Shape, lo: f32, hi: f32, rng: &mut ChaCha8Rng) -> Tensor<f32> {
-        Tensor::from_vec(
-            shape,
-            (0..shape.len()).map(|_| rng.random_range(lo..hi)).collect(),
-        )
-        .unwrap()
+        Tensor::from_vec(shape, (0..shape.len()).map(|_| rng.random_range(lo..hi)).collect()).unwrap()
     }
 
     /// Random inputs for layer `l`'s stage: activations in (0, 2), the aux operand in (0, 1).
-    fn stage_inputs(
-        l: L,
-        s: Shape,
-        round_f16: bool,
-        rng: &mut ChaCha8Rng,
-    ) -> (Vec<Tensor<f32>>, Option<Tensor<f32>>) {
+    fn stage_inputs(l: L, s: Shape, round_f16: bool, rng: &mut ChaCha8Rng) -> (Vec<Tensor<f32>>, Option<Tensor<f32>>) {
         let k = conv_kernel(l);
         let inputs = k
             .inputs
@@ -427,11 +401,7 @@ mod tests {
                     let shape = t.shape;
                     Tensor {
                         shape,
-                        data: t
-                            .data
-                            .iter()
-                            .map(|&v| half::f16::from_f32(v).to_f32())
-                            .collect(),
+                        data: t.data.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
                     }
                 } else {
                     t
@@ -470,24 +440,13 @@ mod tests {
         let (inputs, aux) = stage_inputs(l, s, mma, &mut rng);
         let refs: Vec<&Tensor<f32>> = inputs.iter().collect();
         let want = conv_stage(&model, l, &refs, aux.as_ref());
-        let cl: Vec<(Vec<f32>, usize)> = inputs
-            .iter()
-            .map(|t| (to_channels_last(t), t.shape.c))
-            .collect();
+        let cl: Vec<(Vec<f32>, usize)> = inputs.iter().map(|t| (to_channels_last(t), t.shape.c)).collect();
         let aux_cl = aux.as_ref().map(to_channels_last);
         let a = args(&model, l, &cl, aux_cl.as_deref(), s);
         let f = fold_conv(&model, l);
-        let o = if mma {
-            conv3_mma(&a, &f)
-        } else {
-            conv3_ffma(&a, &f)
-        };
+        let o = if mma { conv3_mma(&a, &f) } else { conv3_ffma(&a, &f) };
         let got = out_tensor(&o, &a);
-        assert!(
-            got.out.all_finite(),
-            "{}: unwritten (NaN) outputs",
-            l.spec().name
-        );
+        assert!(got.out.all_finite(), "{}: unwritten (NaN) outputs", l.spec().name);
         let e = rel_l2(&got.out.data, &want.out.data);
         println!(
             "{} {} {s}: rel L2 {e:.2e}",
@@ -541,8 +500,7 @@ mod tests {
                         let word = p[(chunk * 32 + lane) * 2 + r];
                         for (hi, kk) in [(0, kbase), (1, kbase + 1)] {
                             let v = half::f16::from_bits((word >> (16 * hi)) as u16).to_f64();
-                            let want =
-                                crate::backend::cuda::weights::mma_b_value(&f, chunk, kk, lane / 4);
+                            let want = crate::backend::cuda::weights::mma_b_value(&f, chunk, kk, lane / 4);
                             assert_eq!(v, half::f16::from_f64(want).to_f64());
                             if want != 0.0 {
                                 seen += 1;
@@ -551,12 +509,7 @@ mod tests {
                     }
                 }
             }
-            assert_eq!(
-                seen,
-                f.weight.iter().filter(|w| **w != 0.0).count(),
-                "{}",
-                k.base
-            );
+            assert_eq!(seen, f.weight.iter().filter(|w| **w != 0.0).count(), "{}", k.base);
         }
     }
 }

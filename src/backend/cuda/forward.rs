@@ -132,10 +132,7 @@ impl CudaNet {
                 )
             };
             let bias = dev.upload(&folded.bias_f32(), &what)?;
-            let post = k
-                .post
-                .map(|l| weights::post_bn(model, l))
-                .unwrap_or((1.0, 0.0));
+            let post = k.post.map(|l| weights::post_bn(model, l)).unwrap_or((1.0, 0.0));
             convs.insert(
                 k.layer as usize,
                 ConvDev {
@@ -176,11 +173,7 @@ impl CudaNet {
 
     /// Device buffers for one streaming slot's input and output of `voxels` voxels.
     pub fn io_buffers(&mut self, slot: usize, voxels: usize) -> Result<(u64, u64)> {
-        let (xn, yn) = if slot == 0 {
-            ("x0", "y0")
-        } else {
-            ("x1", "y1")
-        };
+        let (xn, yn) = if slot == 0 { ("x0", "y0") } else { ("x1", "y1") };
         Ok((
             self.ws.get(&self.dev, xn, voxels * 4)?,
             self.ws.get(&self.dev, yn, voxels * 4)?,
@@ -209,23 +202,11 @@ impl CudaNet {
         };
         p.events
             .iter()
-            .map(|(n, a, b)| {
-                Ok((
-                    n.clone(),
-                    a.elapsed_ms(b).check("reading kernel timings")? as f64,
-                ))
-            })
+            .map(|(n, a, b)| Ok((n.clone(), a.elapsed_ms(b).check("reading kernel timings")? as f64)))
             .collect()
     }
 
-    fn launch(
-        &mut self,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        smem: usize,
-        args: &KernelArgs,
-    ) -> Result<()> {
+    fn launch(&mut self, name: &str, grid: (u32, u32, u32), block: u32, smem: usize, args: &KernelArgs) -> Result<()> {
         let dev = self.dev.clone();
         let ev = match &self.profile {
             Some(_) => {
@@ -235,15 +216,7 @@ impl CudaNet {
             }
             None => None,
         };
-        dev.launch(
-            &dev.compute,
-            name,
-            grid,
-            block,
-            smem,
-            args,
-            self.opts.sync_each_launch,
-        )?;
+        dev.launch(&dev.compute, name, grid, block, smem, args, self.opts.sync_each_launch)?;
         if let (Some(a), Some(p)) = (ev, self.profile.as_mut()) {
             let b = dev.event(true)?;
             b.record(&dev.compute).check("recording an event")?;
@@ -254,15 +227,7 @@ impl CudaNet {
 
     /// One conv kernel: `inputs` concatenated, `aux` the epilogue's one-channel operand,
     /// `raw` where E_raw goes (update stages), all of batch/volume `dims` = [n, d, h, w].
-    fn conv(
-        &mut self,
-        l: L,
-        inputs: &[u64],
-        aux: u64,
-        out: u64,
-        raw: u64,
-        dims: [usize; 4],
-    ) -> Result<()> {
+    fn conv(&mut self, l: L, inputs: &[u64], aux: u64, out: u64, raw: u64, dims: [usize; 4]) -> Result<()> {
         let c = &self.convs[&(l as usize)];
         let [n, d, h, w] = dims;
         let args = KernelArgs {
@@ -329,13 +294,7 @@ impl CudaNet {
 
     /// Enqueues the forward pass on the compute stream: `x` (f32, N×D×H×W, even sizes,
     /// normalized) → `y`; with `raw`, also E1r and E2r. Nothing is synchronized.
-    pub fn forward_device(
-        &mut self,
-        x: u64,
-        y: u64,
-        dims: [usize; 4],
-        raw: Option<(u64, u64)>,
-    ) -> Result<()> {
+    pub fn forward_device(&mut self, x: u64, y: u64, dims: [usize; 4], raw: Option<(u64, u64)>) -> Result<()> {
         let [n, d, h, w] = dims;
         launch::check_dims(n, d, h, w)?;
         if d % 2 + h % 2 + w % 2 != 0 {
@@ -407,10 +366,7 @@ impl CudaNet {
         let dev = self.dev.clone();
         let (xb, yb) = self.io_buffers(0, vox)?;
         let raw = if want_raw {
-            Some((
-                self.ws.get(&dev, "e1r", vox * 4)?,
-                self.ws.get(&dev, "e2r", vox * 4)?,
-            ))
+            Some((self.ws.get(&dev, "e1r", vox * 4)?, self.ws.get(&dev, "e2r", vox * 4)?))
         } else {
             None
         };
@@ -443,10 +399,7 @@ impl CudaNet {
     fn upload_activation(&mut self, t: &Tensor<f32>) -> Result<DevBuf> {
         let cl = launch::to_channels_last(t);
         if t.shape.c > 1 && self.opts.is_f16() {
-            let h: Vec<u16> = cl
-                .iter()
-                .map(|&v| half::f16::from_f32(v).to_bits())
-                .collect();
+            let h: Vec<u16> = cl.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
             self.dev.upload(&h, "a test input")
         } else {
             self.dev.upload(&cl, "a test input")
@@ -459,9 +412,7 @@ impl CudaNet {
             let mut h = vec![0u16; shape.len()];
             dev.copy_dtoh(&dev.compute, &mut h, p, "a test output")?;
             dev.compute.synchronize().check("running a test kernel")?;
-            h.iter()
-                .map(|&b| half::f16::from_bits(b).to_f32())
-                .collect()
+            h.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect()
         } else {
             let mut v = vec![0f32; shape.len()];
             dev.copy_dtoh(&dev.compute, &mut v, p, "a test output")?;
@@ -481,12 +432,7 @@ impl CudaNet {
 
     /// Runs the conv kernel of layer `l` alone on host tensors (N×C×D×H×W, any size):
     /// the GPU side of the per-kernel differential tests ([`super::twin::conv_stage`]).
-    pub fn run_conv_stage(
-        &mut self,
-        l: L,
-        inputs: &[&Tensor<f32>],
-        aux: Option<&Tensor<f32>>,
-    ) -> Result<StageOut> {
+    pub fn run_conv_stage(&mut self, l: L, inputs: &[&Tensor<f32>], aux: Option<&Tensor<f32>>) -> Result<StageOut> {
         let k = conv_kernel(l);
         let s0 = inputs[0].shape;
         let chans: Vec<usize> = inputs.iter().map(|t| t.shape.c).collect();
@@ -523,10 +469,7 @@ impl CudaNet {
         let raw_t = raw
             .map(|r| self.download_activation(r.ptr(), s0.with_c(1)))
             .transpose()?;
-        Ok(StageOut {
-            out: out_t,
-            raw: raw_t,
-        })
+        Ok(StageOut { out: out_t, raw: raw_t })
     }
 
     /// Runs the up2 kernel alone: b3 (N×8×d×h×w) → u (N×4×2d×2h×2w).

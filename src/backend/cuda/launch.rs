@@ -109,81 +109,17 @@ const fn ck(
 
 /// Every conv of the network, in forward order (rln-spec §3).
 pub const CONV_KERNELS: [ConvKernel; 14] = [
-    ck(
-        L::H1FpConv1,
-        "h1_fp",
-        "h1_fp_conv1",
-        &[1],
-        4,
-        Epi::Sp,
-        false,
-    ),
-    ck(
-        L::H1FpConv2,
-        "h1_fp",
-        "h1_fp_conv2",
-        &[4],
-        4,
-        Epi::Sp,
-        false,
-    ),
-    ck(
-        L::H1FpConv3,
-        "h1_fp",
-        "h1_fp_conv3_dv",
-        &[4, 4],
-        4,
-        Epi::FpDiv,
-        false,
-    ),
-    ck(
-        L::H1BpConv1,
-        "h1_bp",
-        "h1_bp_conv1",
-        &[1],
-        8,
-        Epi::Sp,
-        false,
-    ),
+    ck(L::H1FpConv1, "h1_fp", "h1_fp_conv1", &[1], 4, Epi::Sp, false),
+    ck(L::H1FpConv2, "h1_fp", "h1_fp_conv2", &[4], 4, Epi::Sp, false),
+    ck(L::H1FpConv3, "h1_fp", "h1_fp_conv3_dv", &[4, 4], 4, Epi::FpDiv, false),
+    ck(L::H1BpConv1, "h1_bp", "h1_bp_conv1", &[1], 8, Epi::Sp, false),
     ck(L::H1BpConv2, "h1_bp", "h1_bp_conv2", &[8], 8, Epi::Sp, true),
-    ck(
-        L::H1BpConv3,
-        "h1_bp",
-        "h1_bp_conv3",
-        &[8, 8],
-        8,
-        Epi::Sp,
-        true,
-    ),
-    ck(
-        L::H1BpConv4,
-        "h1_up",
-        "h1_bp_conv4_e1",
-        &[4],
-        4,
-        Epi::Update,
-        false,
-    ),
+    ck(L::H1BpConv3, "h1_bp", "h1_bp_conv3", &[8, 8], 8, Epi::Sp, true),
+    ck(L::H1BpConv4, "h1_up", "h1_bp_conv4_e1", &[4], 4, Epi::Update, false),
     ck(L::H2FpConv1, "h2", "h2_fp_conv1", &[1], 4, Epi::Sp, false),
-    ck(
-        L::H2FpConv2,
-        "h2",
-        "h2_fp_conv2_dv",
-        &[4],
-        4,
-        Epi::FpDiv,
-        false,
-    ),
+    ck(L::H2FpConv2, "h2", "h2_fp_conv2_dv", &[4], 4, Epi::FpDiv, false),
     ck(L::H2BpConv1, "h2", "h2_bp_conv1", &[1], 8, Epi::Sp, false),
-    ck(
-        L::H2BpConv2,
-        "h2",
-        "h2_bp_conv2_e2",
-        &[8],
-        8,
-        Epi::UpdatePlus1,
-        true,
-    ),
+    ck(L::H2BpConv2, "h2", "h2_bp_conv2_e2", &[8], 8, Epi::UpdatePlus1, true),
     ck(L::H3Conv1, "h3", "h3_conv1", &[1], 8, Epi::Sp, false),
     ck(L::H3Conv2, "h3", "h3_conv2", &[8, 1, 1], 8, Epi::Sp, true),
     ck(L::H3Conv3, "h3", "h3_conv3_y", &[8, 8], 8, Epi::Mean, true),
@@ -208,10 +144,7 @@ pub fn kernel_names(f16: bool, tensor_cores: bool) -> Vec<(&'static str, String)
         .iter()
         .map(|k| (k.module, k.name(f16, tensor_cores)))
         .collect();
-    v.push((
-        "h1_up",
-        format!("{UP_KERNEL}_{}", if f16 { "f16" } else { "f32" }),
-    ));
+    v.push(("h1_up", format!("{UP_KERNEL}_{}", if f16 { "f16" } else { "f32" })));
     v.push(("h1_fp", POOL_KERNEL.to_string()));
     v
 }
@@ -277,13 +210,7 @@ pub const fn mma_smem_bytes(cin: usize) -> usize {
 }
 
 /// Grid of a tiled conv kernel: (⌈W/tx⌉, ⌈H/ty⌉, ⌈D/tz⌉·N).
-pub fn tiled_grid(
-    tile: [usize; 3],
-    n: usize,
-    d: usize,
-    h: usize,
-    w: usize,
-) -> Result<(u32, u32, u32)> {
+pub fn tiled_grid(tile: [usize; 3], n: usize, d: usize, h: usize, w: usize) -> Result<(u32, u32, u32)> {
     let gx = w.div_ceil(tile[2]);
     let gy = h.div_ceil(tile[1]);
     let gz = d.div_ceil(tile[0]) * n;
@@ -354,12 +281,8 @@ mod tests {
             assert_eq!(spec.c_out, k.c_out, "{}", spec.name);
         }
         assert_eq!(kernel_names(true, true).len(), 16);
-        assert!(kernel_names(true, true)
-            .iter()
-            .any(|(_, n)| n == "h3_conv3_y_mma_f16"));
-        assert!(kernel_names(false, true)
-            .iter()
-            .all(|(_, n)| !n.contains("mma")));
+        assert!(kernel_names(true, true).iter().any(|(_, n)| n == "h3_conv3_y_mma_f16"));
+        assert!(kernel_names(false, true).iter().all(|(_, n)| !n.contains("mma")));
     }
 
     #[test]
@@ -369,8 +292,7 @@ mod tests {
             for (m, name) in kernel_names(f16, tc) {
                 let km = module(m).unwrap_or_else(|| panic!("module {m} not embedded"));
                 assert!(
-                    km.source.contains(&format!("{name}("))
-                        || km.source.contains(&format!("({name},")),
+                    km.source.contains(&format!("{name}(")) || km.source.contains(&format!("({name},")),
                     "{name} not in kernels/{m}.cu"
                 );
                 if let Some(ptx) = km.ptx {
@@ -386,10 +308,7 @@ mod tests {
     #[test]
     fn grids_cover_the_volume() {
         assert_eq!(tiled_grid(FFMA_TILE, 2, 5, 9, 33).unwrap(), (2, 2, 4));
-        assert_eq!(
-            tiled_grid(MMA_TILE, 1, 256, 256, 256).unwrap(),
-            (16, 32, 32)
-        );
+        assert_eq!(tiled_grid(MMA_TILE, 1, 256, 256, 256).unwrap(), (16, 32, 32));
         assert!(tiled_grid(FFMA_TILE, 1, 4 * 70_000, 8, 8).is_err());
     }
 }

@@ -149,13 +149,7 @@ mod tests {
             let m = random_model(seed);
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             let s = Shape::new(1, 1, 12, 16, 20);
-            let x = Tensor::from_vec(
-                s,
-                (0..s.len())
-                    .map(|_| rng.random_range(0.0f32..1.0))
-                    .collect(),
-            )
-            .unwrap();
+            let x = Tensor::from_vec(s, (0..s.len()).map(|_| rng.random_range(0.0f32..1.0)).collect()).unwrap();
             let b = CpuBackend::<f32>::new();
             let f = Rln::new(&b, &m).forward(&x, BnMode::Running, true);
             let a = &f.tape.as_ref().unwrap().acts;

@@ -44,11 +44,7 @@ impl CudaPredictor {
         Self::with_device(CudaDevice::open(opts.device)?, model, opts)
     }
 
-    pub fn with_device(
-        dev: Arc<CudaDevice>,
-        model: &Model<f32>,
-        opts: CudaOptions,
-    ) -> Result<Self> {
+    pub fn with_device(dev: Arc<CudaDevice>, model: &Model<f32>, opts: CudaOptions) -> Result<Self> {
         let ev = || -> Result<[CudaEvent; 2]> { Ok([dev.event(false)?, dev.event(false)?]) };
         let (ev_in, ev_done, ev_out) = (ev()?, ev()?, ev()?);
         let net = CudaNet::new(dev, model, opts)?;
@@ -75,19 +71,11 @@ impl CudaPredictor {
     }
 
     /// Waits for `t`'s result, crops it and hands it to `sink`.
-    fn finish(
-        &mut self,
-        t: InFlight,
-        sink: &mut dyn FnMut(Tensor<f32>) -> Result<()>,
-    ) -> Result<()> {
+    fn finish(&mut self, t: InFlight, sink: &mut dyn FnMut(Tensor<f32>) -> Result<()>) -> Result<()> {
         self.ev_out[t.slot]
             .synchronize()
             .check("waiting for a tile's forward pass and its copy to the host")?;
-        let data = self.pinned_out[t.slot]
-            .as_ref()
-            .expect("slot in use")
-            .as_slice()[..t.padded.len()]
-            .to_vec();
+        let data = self.pinned_out[t.slot].as_ref().expect("slot in use").as_slice()[..t.padded.len()].to_vec();
         let y = Tensor::from_vec(t.padded, data)?;
         sink(pointwise::crop(&y, t.shape.with_c(1)))
     }
@@ -143,30 +131,18 @@ impl TilePredictor for CudaPredictor {
             let pin_in = self.pinned_in[slot].as_mut().expect("allocated above");
             pin_in.as_mut_slice()[..len].copy_from_slice(&xp.data);
             dev.copy_htod(&dev.h2d, xb, &pin_in.as_slice()[..len], "an input tile")?;
-            self.ev_in[slot]
-                .record(&dev.h2d)
-                .check("recording an event")?;
+            self.ev_in[slot].record(&dev.h2d).check("recording an event")?;
             dev.compute
                 .wait(&self.ev_in[slot])
                 .check("ordering the forward pass after its input copy")?;
-            self.net
-                .forward_device(xb, yb, [ps.n, ps.d, ps.h, ps.w], None)?;
-            self.ev_done[slot]
-                .record(&dev.compute)
-                .check("recording an event")?;
+            self.net.forward_device(xb, yb, [ps.n, ps.d, ps.h, ps.w], None)?;
+            self.ev_done[slot].record(&dev.compute).check("recording an event")?;
             dev.d2h
                 .wait(&self.ev_done[slot])
                 .check("ordering the output copy after the forward pass")?;
             let pin_out = self.pinned_out[slot].as_mut().expect("allocated above");
-            dev.copy_dtoh(
-                &dev.d2h,
-                &mut pin_out.as_mut_slice()[..len],
-                yb,
-                "a predicted tile",
-            )?;
-            self.ev_out[slot]
-                .record(&dev.d2h)
-                .check("recording an event")?;
+            dev.copy_dtoh(&dev.d2h, &mut pin_out.as_mut_slice()[..len], yb, "a predicted tile")?;
+            self.ev_out[slot].record(&dev.d2h).check("recording an event")?;
             // while tile k runs, hand out tile k−1
             if let Some(p) = prev.take() {
                 self.finish(p, sink)?;

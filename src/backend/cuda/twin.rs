@@ -28,12 +28,7 @@ fn affine_f32(model: &Model<f32>, l: L) -> (Vec<f32>, Vec<f32>) {
 /// The CPU twin of the conv kernel of layer `l`: conv over `inputs` (concatenated), BN,
 /// softplus, then the kernel's fused epilogue; `aux` is the epilogue's one-channel
 /// operand (xd or x for the divisions, x or E1 for the updates).
-pub fn conv_stage(
-    model: &Model<f32>,
-    l: L,
-    inputs: &[&Tensor<f32>],
-    aux: Option<&Tensor<f32>>,
-) -> StageOut {
+pub fn conv_stage(model: &Model<f32>, l: L, inputs: &[&Tensor<f32>], aux: Option<&Tensor<f32>>) -> StageOut {
     let b = CpuBackend::<f32>::new();
     let k = conv_kernel(l);
     let w = &model.params.layers[l as usize].weight;

@@ -117,8 +117,7 @@ pub fn pack_mma_b(f: &FoldedConv) -> Vec<u32> {
     let nch = mma_chunks(f.c_in);
     let mut out = Vec::with_capacity(nch * 64);
     let pair = |chunk: usize, k: usize, n: usize| {
-        f16_bits(mma_b_value(f, chunk, k, n)) as u32
-            | (f16_bits(mma_b_value(f, chunk, k + 1, n)) as u32) << 16
+        f16_bits(mma_b_value(f, chunk, k, n)) as u32 | (f16_bits(mma_b_value(f, chunk, k + 1, n)) as u32) << 16
     };
     for chunk in 0..nch {
         for lane in 0..32 {
