@@ -162,22 +162,28 @@ fi
 step torch_compile 150 $PEER --model "$MODEL" --mode compile --dims "$DIMS" --reps 10 --check "$SCR/pred.safetensors" --json "$OUT/torch_compile.json"
 step conformance 40 "$TOOL" conformance --model "$MODEL" --vectors "$B/reference/rln-tf-vectors-a.safetensors" --json "$OUT/conformance.json"
 infer_e2e() {
-  # the lead's CLI: adapt INFER_ARGS if its flags differ
-  "$B/rln-engine" infer --help || return 3
+  # end to end: TIFF read, normalization, tiling, GPU, stitching, TIFF write (f16 output)
+  "$B/rln-engine" infer --help > /dev/null || return 3
   python3 -c "
 import numpy as np, tifffile
 rng = np.random.default_rng(0)
-v = (rng.random((256, 1024, 1024), dtype=np.float32) * 100 + 10)
-tifffile.imwrite('$SCR/vol.tif', v)
+v = rng.random((512, 1024, 1024), dtype=np.float32) * 100 + 10
+tifffile.imwrite('$SCR/vol.tif', v, bigtiff=True)
 print('wrote', v.shape)" || return 4
-  local t0 t1
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$SCR/mem.txt" 2>/dev/null &
+  local smi=$! t0 t1 rc
   t0=$(date +%s.%N)
-  "$B/rln-engine" infer ${INFER_ARGS:-$MODEL $SCR/vol.tif -o $SCR/out.tif --device cuda --fp16} || return 5
+  "$B/rln-engine" infer ${INFER_ARGS:-$MODEL $SCR/vol.tif -o $SCR/out.tif --device cuda --fp16 --output-dtype f16}
+  rc=$?
   t1=$(date +%s.%N)
-  python3 -c "t = $t1 - $t0; print(f'INFER_E2E voxels/s {256*1024*1024 / t:.4e} ({t:.2f} s for 256x1024x1024)')"
+  kill $smi 2>/dev/null
+  [ $rc -eq 0 ] || return 5
+  ls -la "$SCR/out.tif"
+  python3 -c "t = $t1 - $t0; print(f'INFER_E2E voxels/s {512*1024*1024 / t:.4e} ({t:.2f} s for 512x1024x1024, TIFF read and write included)')"
+  echo "INFER_PEAK_GPU_MEMORY_MIB $(sort -n "$SCR/mem.txt" | tail -n 1)"
 }
 if "$B/rln-engine" infer --help 2>/dev/null | grep -q -- "--device"; then
-  step infer 90 infer_e2e
+  step infer 120 infer_e2e
 else
   say "SKIP infer: this rln-engine has no 'infer --device' yet"
   printf 'infer\tskipped (no infer --device in the CLI)\t0\n' >> "$STATUS"
@@ -186,3 +192,8 @@ fi
 say "summary"
 python3 "$ROOT/tools/gpu_summary.py" "$OUT" "$B" 2>&1 | tee "$OUT/summary.log" || say "summary failed: see $OUT/summary.log"
 rm -rf "$SCR"
+# the device tool returns at most 8 files: keep the summary and JSON, pack every log
+( cd "$OUT" && tar czf "$SCR.logs.tar.gz" --exclude='gpu-latest.json' --exclude='summary.txt' . && \
+  find . -mindepth 1 -maxdepth 1 ! -name gpu-latest.json ! -name summary.txt ! -name steps.tsv -exec rm -rf {} + && \
+  mv "$SCR.logs.tar.gz" logs.tar.gz )
+ls -la "$OUT"

@@ -52,6 +52,9 @@ pub struct ConformanceArgs {
     pub vectors: PathBuf,
     #[arg(long, value_enum, default_value_t = ConformanceDevice::Cpu)]
     pub device: ConformanceDevice,
+    /// With --device cuda: FP16 storage (FP32 accumulation; tolerance 1e-2).
+    #[arg(long)]
+    pub fp16: bool,
     /// Arithmetic of the CPU reference (the tolerances are those of a float32 engine).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
@@ -61,10 +64,24 @@ pub struct ConformanceArgs {
 }
 
 pub fn conformance(a: &ConformanceArgs) -> Result<()> {
-    if a.device == ConformanceDevice::Cuda {
-        bail!("conformance on the CUDA device is not available in this build yet; use --device cpu");
-    }
     let model = Model::<f32>::load(&a.model)?;
+    if a.device == ConformanceDevice::Cuda {
+        // inference-mode keys on the GPU (training runs on the CPU in this build)
+        let opts = if a.fp16 { rln_engine::backend::cuda::CudaOptions::f16() } else { rln_engine::backend::cuda::CudaOptions::f32() };
+        let rows = rln_engine::backend::cuda::conformance::run_infer(&model, &a.vectors, opts)?;
+        let passed = rows.iter().all(|r| r.pass);
+        if a.json {
+            println!("{}", serde_json::json!({"device": "cuda", "mode": opts.label(), "rows": rows, "passed": passed}));
+        } else {
+            for r in &rows {
+                println!("{:<48} {:>10.2e} {:>8.0e}  {}", r.key, r.rel_err, r.tol, if r.pass { "ok" } else { "FAIL" });
+            }
+        }
+        if !passed {
+            bail!("conformance on the GPU failed");
+        }
+        return Ok(());
+    }
     let report = match a.precision {
         Precision::F32 => rln_engine::conformance::run::<f32>(&model, &a.vectors),
         Precision::F64 => rln_engine::conformance::run::<f64>(&model, &a.vectors),
@@ -107,6 +124,9 @@ pub enum BenchDevice {
 pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = BenchDevice::Cpu)]
     pub device: BenchDevice,
+    /// With --device cuda: FP16 storage and tensor cores (FP32 accumulation).
+    #[arg(long)]
+    pub fp16: bool,
     /// Minimum seconds spent timing each case (after one warm-up run).
     #[arg(long, default_value_t = 3.0)]
     pub min_time: f64,
@@ -122,7 +142,15 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     use rln_engine::bench;
     use rln_engine::tensor::Shape;
     if a.device == BenchDevice::Cuda {
-        bail!("the CUDA benchmark is not available in this build yet; use --device cpu");
+        use rln_engine::backend::cuda::{bench as cb, CudaOptions};
+        let opts = if a.fp16 { CudaOptions::f16() } else { CudaOptions::f32() };
+        let r = cb::run(&cb::BenchOptions::new(opts))?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            println!("{}", r.table());
+        }
+        return Ok(());
     }
     let t = std::time::Duration::from_secs_f64(a.min_time);
     let mut rows = Vec::new();
