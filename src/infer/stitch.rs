@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::imaging::normalize::{percentile_affine, percentiles};
 use crate::model::Variant;
 use crate::tensor::{Shape, Tensor};
+use rayon::prelude::*;
 use serde::Serialize;
 
 /// How input intensities are normalized before the network (spec §6–7).
@@ -57,7 +58,7 @@ pub fn estimate_normalization(src: &mut dyn PlaneSource, pct: [f64; 2], max_samp
     let total = d * plane;
     let mut sample = Vec::with_capacity(total.min(max_samples));
     if total <= max_samples {
-        sample = src.read_planes(0, d)?;
+        sample = src.read_planes(0, d)?.into_owned();
     } else {
         let planes = (max_samples / plane).clamp(1, d);
         let zstep = d.div_ceil(planes);
@@ -74,13 +75,26 @@ pub fn estimate_normalization(src: &mut dyn PlaneSource, pct: [f64; 2], max_samp
 }
 
 fn check_finite(v: &[f32]) -> Result<()> {
-    match v.iter().position(|x| !x.is_finite()) {
+    match v.par_iter().position_first(|x| !x.is_finite()) {
         Some(i) => Err(Error::invalid(format!(
             "the input holds a non-finite value ({}) at voxel {i}: clean the volume (e.g. replace NaN with 0) before inference",
             v[i]
         ))),
         None => Ok(()),
     }
+}
+
+/// Writes window (z rows of `wd`, starting at (y0, x0)) of a slab of planes `[h, w]` into
+/// `dst`, element by element through `f(value, old_dst_value)`; one z plane per task.
+fn copy_window(dst: &mut [f32], slab: &[f32], wd: [usize; 3], [h, w]: [usize; 2], y0: usize, x0: usize, f: impl Fn(f32, f32) -> f32 + Sync) {
+    dst.par_chunks_mut(wd[1] * wd[2]).enumerate().for_each(|(z, plane)| {
+        for r in 0..wd[1] {
+            let row = (z * h + y0 + r) * w + x0;
+            for (d, &v) in plane[r * wd[2]..(r + 1) * wd[2]].iter_mut().zip(&slab[row..row + wd[2]]) {
+                *d = f(v, *d);
+            }
+        }
+    });
 }
 
 /// Everything the tiled loop needs besides the data.
@@ -141,7 +155,7 @@ pub fn run_tiled(
     let c_in = opts.variant.input_channels();
     for (iz, tz) in az.iter().enumerate() {
         let (z0, z1) = tz.window;
-        let slabs: Vec<Vec<f32>> = views.iter_mut().map(|v| v.read_planes(z0, z1)).collect::<Result<_>>()?;
+        let slabs: Vec<std::borrow::Cow<'_, [f32]>> = views.iter_mut().map(|v| v.read_planes(z0, z1)).collect::<Result<_>>()?;
         for s in &slabs {
             check_finite(s)?;
         }
@@ -152,82 +166,95 @@ pub fn run_tiled(
             wsum.resize(need, 0.0);
         }
         let wz = ramp_weights(tz);
-        let tiles: Vec<(usize, usize)> = (0..ay.len())
-            .flat_map(|iy| (0..ax.len()).map(move |ix| (iy, ix)))
-            .collect();
-        // per-tile normalization of every view of a tile (needed again for the output)
-        let mut tile_affines: Vec<Vec<Affine>> = Vec::with_capacity(tiles.len());
-        let mut inputs = Vec::with_capacity(tiles.len());
-        for &(iy, ix) in &tiles {
+        let tiles: Vec<(usize, usize)> = (0..ay.len()).flat_map(|iy| (0..ax.len()).map(move |ix| (iy, ix))).collect();
+        // each tile's per-view normalization, written when the tile is cut and read when
+        // its prediction comes back (tiles are cut lazily: one or two in memory at a time)
+        let affines: std::cell::RefCell<Vec<Vec<Affine>>> = std::cell::RefCell::new(Vec::with_capacity(tiles.len()));
+        let cut = |k: usize| -> Result<Tensor<f32>> {
+            let (iy, ix) = tiles[k];
             let (ty, tx) = (&ay[iy], &ax[ix]);
             let wd = [z1 - z0, ty.window.1 - ty.window.0, tx.window.1 - tx.window.0];
             let vox = wd[0] * wd[1] * wd[2];
-            let mut per_view: Vec<Vec<f32>> = Vec::with_capacity(n_views);
+            let mut data = vec![0.0f32; c_in * vox];
             let mut affs = Vec::with_capacity(n_views);
+            let averaged = opts.variant == Variant::DualAverage;
+            let per_tile = opts.normalize == NormalizeMode::PerTile;
+            // dual-average with per-tile percentiles needs each view's raw tile on its own
+            let mut scratch = if averaged && per_tile { vec![0.0f32; vox] } else { Vec::new() };
             for (vi, slab) in slabs.iter().enumerate() {
-                let mut t = Vec::with_capacity(vox);
-                for z in 0..wd[0] {
-                    for y in ty.window.0..ty.window.1 {
-                        let row = (z * h + y) * w;
-                        t.extend_from_slice(&slab[row + tx.window.0..row + tx.window.1]);
-                    }
-                }
-                let aff = match opts.normalize {
-                    NormalizeMode::Global => global[vi],
-                    NormalizeMode::PerTile => {
-                        let p = percentiles(&t, &opts.percentiles)?;
-                        Affine::from_percentile_values(p[0], p[1])
-                    }
+                let dst: &mut [f32] = if averaged && per_tile {
+                    &mut scratch
+                } else if averaged {
+                    &mut data[..vox]
+                } else {
+                    &mut data[vi * vox..(vi + 1) * vox]
                 };
-                t.iter_mut().for_each(|v| *v = aff.apply(*v));
-                per_view.push(t);
+                let aff = if per_tile {
+                    copy_window(dst, slab, wd, [h, w], ty.window.0, tx.window.0, |v, _| v);
+                    let p = percentiles(dst, &opts.percentiles)?;
+                    Affine::from_percentile_values(p[0], p[1])
+                } else {
+                    global[vi]
+                };
+                let (sc, off) = (aff.scale as f32, aff.offset as f32);
+                if per_tile {
+                    dst.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|v| *v = *v * sc + off));
+                } else if averaged && vi == 1 {
+                    copy_window(dst, slab, wd, [h, w], ty.window.0, tx.window.0, |v, old| 0.5 * (old + v * sc + off));
+                } else {
+                    copy_window(dst, slab, wd, [h, w], ty.window.0, tx.window.0, |v, _| v * sc + off);
+                }
+                if averaged && per_tile {
+                    let first = vi == 0;
+                    data[..vox].par_chunks_mut(1 << 16).zip(scratch.par_chunks(1 << 16)).for_each(|(d, s)| {
+                        for (d, &v) in d.iter_mut().zip(s) {
+                            *d = if first { v } else { 0.5 * (*d + v) };
+                        }
+                    });
+                }
                 affs.push(aff);
             }
-            let data = match (opts.variant, per_view.len()) {
-                (Variant::DualAverage, 2) => per_view[0]
-                    .iter()
-                    .zip(&per_view[1])
-                    .map(|(a, b)| 0.5 * (a + b))
-                    .collect(),
-                _ => per_view.concat(),
-            };
-            inputs.push(Tensor::from_vec(Shape::new(1, c_in, wd[0], wd[1], wd[2]), data)?);
-            tile_affines.push(affs);
-        }
+            affines.borrow_mut().push(affs);
+            Tensor::from_vec(Shape::new(1, c_in, wd[0], wd[1], wd[2]), data)
+        };
+        let mut input_iter = (0..tiles.len()).map(cut);
         let mut k = 0usize;
-        let mut input_iter = inputs.into_iter().map(Ok);
         pred.predict_stream(&mut input_iter, &mut |y: Tensor<f32>| {
             let (iy, ix) = tiles[k];
             let (ty, tx) = (&ay[iy], &ax[ix]);
-            let aff = tile_affines[k][0];
+            let aff = affines.borrow()[k][0];
             let ys = y.shape;
             if ys.dims() != [z1 - z0, ty.window.1 - ty.window.0, tx.window.1 - tx.window.0] {
-                return Err(Error::Shape(format!(
-                    "tile prediction has shape {ys}, expected its input window"
-                )));
+                return Err(Error::Shape(format!("tile prediction has shape {ys}, expected its input window")));
             }
-            for z in tz.core.0..tz.core.1 {
-                let lz = z - z0;
-                let wzv = wz[z - tz.core.0];
-                for y_ in ty.core.0..ty.core.1 {
-                    let wyz = wzv * wy[iy][y_ - ty.core.0];
-                    let src = &y.data[(lz * ys.h + (y_ - ty.window.0)) * ys.w..][..ys.w];
-                    let dst = ((z - acc_z0) * h + y_) * w;
-                    for x in tx.core.0..tx.core.1 {
-                        let wt = wyz * wx[ix][x - tx.core.0];
-                        let v = src[x - tx.window.0];
-                        let v = match opts.normalize {
-                            NormalizeMode::Global if opts.rescale_output => aff.invert(v),
-                            NormalizeMode::Global => v,
-                            // the authors: prediction × the tile's high percentile
-                            NormalizeMode::PerTile if aff.p_hi_value != 0.0 => v * aff.p_hi_value as f32,
-                            NormalizeMode::PerTile => v,
-                        };
-                        acc[dst + x] += wt * v;
-                        wsum[dst + x] += wt;
-                    }
+            let map = |v: f32| -> f32 {
+                match opts.normalize {
+                    NormalizeMode::Global if opts.rescale_output => aff.invert(v),
+                    NormalizeMode::Global => v,
+                    // the authors: prediction × the tile's high percentile
+                    NormalizeMode::PerTile if aff.p_hi_value != 0.0 => v * aff.p_hi_value as f32,
+                    NormalizeMode::PerTile => v,
                 }
-            }
+            };
+            // one output plane per task: planes of the accumulators are disjoint
+            let core_planes = (tz.core.0 - acc_z0) * plane..(tz.core.1 - acc_z0) * plane;
+            acc[core_planes.clone()].par_chunks_mut(plane).zip(wsum[core_planes].par_chunks_mut(plane)).enumerate().for_each(
+                |(i, (acc_p, ws_p))| {
+                    let z = tz.core.0 + i;
+                    let lz = z - z0;
+                    let wzv = wz[z - tz.core.0];
+                    for y_ in ty.core.0..ty.core.1 {
+                        let wyz = wzv * wy[iy][y_ - ty.core.0];
+                        let src = &y.data[(lz * ys.h + (y_ - ty.window.0)) * ys.w..][..ys.w];
+                        let dst = y_ * w;
+                        for x in tx.core.0..tx.core.1 {
+                            let wt = wyz * wx[ix][x - tx.core.0];
+                            acc_p[dst + x] += wt * map(src[x - tx.window.0]);
+                            ws_p[dst + x] += wt;
+                        }
+                    }
+                },
+            );
             k += 1;
             done += 1;
             progress(done, total);
@@ -237,7 +264,7 @@ pub fn run_tiled(
         let final_end = if iz + 1 < az.len() { az[iz + 1].core.0 } else { dims[0] };
         if final_end > acc_z0 {
             let n = (final_end - acc_z0) * plane;
-            let out: Vec<f32> = acc[..n].iter().zip(&wsum[..n]).map(|(a, s)| a / s).collect();
+            let out: Vec<f32> = acc[..n].par_iter().zip(&wsum[..n]).map(|(a, s)| a / s).collect();
             sink.write_planes(acc_z0, &out)?;
             acc.drain(..n);
             wsum.drain(..n);

@@ -161,8 +161,9 @@ pub fn choose_core(dims: [usize; 3], context: usize, max_window_voxels: usize) -
 pub trait PlaneSource {
     /// (z, y, x) size of the volume.
     fn dims(&self) -> [usize; 3];
-    /// Planes z0..z1 of the volume, each H·W values, z-major.
-    fn read_planes(&mut self, z0: usize, z1: usize) -> Result<Vec<f32>>;
+    /// Planes z0..z1 of the volume, each H·W values, z-major (borrowed when the source
+    /// holds them in memory).
+    fn read_planes(&mut self, z0: usize, z1: usize) -> Result<std::borrow::Cow<'_, [f32]>>;
 }
 
 /// Where finished output planes go, in increasing z, each call one or more whole planes.
@@ -180,9 +181,9 @@ impl PlaneSource for MemorySource<'_> {
     fn dims(&self) -> [usize; 3] {
         self.dims
     }
-    fn read_planes(&mut self, z0: usize, z1: usize) -> Result<Vec<f32>> {
+    fn read_planes(&mut self, z0: usize, z1: usize) -> Result<std::borrow::Cow<'_, [f32]>> {
         let p = self.dims[1] * self.dims[2];
-        Ok(self.data[z0 * p..z1 * p].to_vec())
+        Ok(std::borrow::Cow::Borrowed(&self.data[z0 * p..z1 * p]))
     }
 }
 

@@ -81,6 +81,29 @@ def load_model(path):
     return tensors, config
 
 
+def fold_bn(tensors, config):
+    """Batch norm (running statistics) folded into the preceding conv's weights, as any
+    inference engine does (rln-engine folds it too): w' = w·s, and the BN keeps only the
+    shift (scale 1, mean 0, variance 1 − eps), with s = γ/√(var + eps). The network
+    computes the same function, but the pre-BN conv outputs are no longer stored
+    unscaled: with the authors' weights those exceed float16's range (65504) under AMP."""
+    eps = config["bn_eps"]
+    t = dict(tensors)
+    for name, kind, ci, co, has_bn in LAYERS:
+        if kind not in ("conv", "up") or not has_bn:
+            continue
+        p = name + ".bn."
+        s = t[p + "weight"] / np.sqrt(t[p + "running_var"] + eps)
+        w = t[name + ".weight"]
+        # conv weight [out, in, k, k, k]; transposed conv [in, out, k, k, k]
+        t[name + ".weight"] = (w * (s[:, None, None, None, None] if kind == "conv" else s[None, :, None, None, None])).astype(np.float32)
+        t[p + "bias"] = (t[p + "bias"] - t[p + "running_mean"] * s).astype(np.float32)
+        t[p + "weight"] = np.ones_like(s, dtype=np.float32)
+        t[p + "running_mean"] = np.zeros_like(s, dtype=np.float32)
+        t[p + "running_var"] = np.full_like(s, 1.0 - eps, dtype=np.float32)
+    return t
+
+
 def rln_forward(x, o, div_eps):
     """rln-spec.md section 3, line by line. x: N x 1 x D x H x W, normalized. Returns
     (y, E1r, E2r) at the input's size (odd sizes are mirror-padded to even and cropped)."""
@@ -256,13 +279,18 @@ def main():
     ap.add_argument("--no-time", action="store_true", help="only --check")
     ap.add_argument("--check", help="a gpu_tool predict file to compare against")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--fold-bn", choices=["auto", "yes", "no"], default="auto",
+                    help="fold batch norm into the conv weights (auto: for amp and compile, whose float16 pre-BN outputs overflow otherwise)")
     a = ap.parse_args()
     if a.check and not os.path.exists(a.check):
         print(f"warning: {a.check} does not exist (did the engine's predict step fail?): timing only", flush=True)
         a.check = None
     tensors, config = load_model(a.model)
     eps = config["div_eps"]
-    res = {"mode": a.mode, "backend": a.backend}
+    fold = a.fold_bn == "yes" or (a.fold_bn == "auto" and a.mode in ("amp", "compile"))
+    if fold:
+        tensors = fold_bn(tensors, config)
+    res = {"mode": a.mode, "backend": a.backend, "fold_bn": fold}
 
     if a.backend == "numpy":
         if not a.check:
