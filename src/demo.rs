@@ -50,16 +50,34 @@ pub struct DemoReport {
 
 fn psnr_only(gt_norm: &[f32], pred: &[f32]) -> f64 {
     let (a, b) = fit_affine(pred, gt_norm);
-    let (lo, hi) = gt_norm.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
-    let mse = gt_norm.iter().zip(pred).map(|(&g, &p)| (g as f64 - (a * p as f64 + b)).powi(2)).sum::<f64>() / gt_norm.len() as f64;
+    let (lo, hi) = gt_norm
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+    let mse = gt_norm
+        .iter()
+        .zip(pred)
+        .map(|(&g, &p)| (g as f64 - (a * p as f64 + b)).powi(2))
+        .sum::<f64>()
+        / gt_norm.len() as f64;
     10.0 * ((hi - lo) as f64 * (hi - lo) as f64 / mse).log10()
 }
 
-pub fn run_demo(pred: &mut dyn TilePredictor, model: &Model<f32>, opts: &DemoOptions, say: &mut dyn FnMut(&str)) -> Result<DemoReport> {
+pub fn run_demo(
+    pred: &mut dyn TilePredictor,
+    model: &Model<f32>,
+    opts: &DemoOptions,
+    say: &mut dyn FnMut(&str),
+) -> Result<DemoReport> {
     let (_, psf) = model_psf(model)?;
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
-    say(&format!("making a {}×{}×{} synthetic volume for the model's PSF ...", opts.size[0], opts.size[1], opts.size[2]));
-    let synth = SynthConfig { size: opts.size, ..SynthConfig::default() };
+    say(&format!(
+        "making a {}×{}×{} synthetic volume for the model's PSF ...",
+        opts.size[0], opts.size[1], opts.size[2]
+    ));
+    let synth = SynthConfig {
+        size: opts.size,
+        ..SynthConfig::default()
+    };
     let (input, gt) = Synthesizer::new(&synth, &psf)?.make_pair(opts.seed)?;
 
     say(&format!("RLN ({}) ...", pred.describe()));
@@ -67,7 +85,10 @@ pub fn run_demo(pred: &mut dyn TilePredictor, model: &Model<f32>, opts: &DemoOpt
     let rln = rln_predict(pred, model, &input, [256, 256, 256])?;
     let t_rln = t.elapsed().as_secs_f64();
 
-    say(&format!("Richardson–Lucy, up to {} iterations ...", opts.rl_max_iterations));
+    say(&format!(
+        "Richardson–Lucy, up to {} iterations ...",
+        opts.rl_max_iterations
+    ));
     let gt_norm = normalize_percentile(&gt.data, 0.01, 99.5)?;
     let t = Instant::now();
     let plan = RlPlan::new(input.dims, &psf, BackProjector::Matched)?;
@@ -85,27 +106,59 @@ pub fn run_demo(pred: &mut dyn TilePredictor, model: &Model<f32>, opts: &DemoOpt
     let score = |v: &Volume| -> Result<Metrics> { evaluate(&gt, v, Normalize::Affine, None) };
     let (m_in, m_rl, m_rln) = (score(&input)?, score(&rld)?, score(&rln)?);
     let rows = vec![
-        DemoRow { name: "input".into(), psnr: m_in.psnr, ssim: m_in.ssim, seconds: 0.0 },
-        DemoRow { name: format!("RLD ({rl_iters} it.)"), psnr: m_rl.psnr, ssim: m_rl.ssim, seconds: t_rl },
-        DemoRow { name: "RLN".into(), psnr: m_rln.psnr, ssim: m_rln.ssim, seconds: t_rln },
+        DemoRow {
+            name: "input".into(),
+            psnr: m_in.psnr,
+            ssim: m_in.ssim,
+            seconds: 0.0,
+        },
+        DemoRow {
+            name: format!("RLD ({rl_iters} it.)"),
+            psnr: m_rl.psnr,
+            ssim: m_rl.ssim,
+            seconds: t_rl,
+        },
+        DemoRow {
+            name: "RLN".into(),
+            psnr: m_rln.psnr,
+            ssim: m_rln.ssim,
+            seconds: t_rln,
+        },
     ];
     let mut files = Vec::new();
-    for (name, v) in [("input.tif", &input), ("rln.tif", &rln), ("rld.tif", &rld), ("ground_truth.tif", &gt)] {
+    for (name, v) in [
+        ("input.tif", &input),
+        ("rln.tif", &rln),
+        ("rld.tif", &rld),
+        ("ground_truth.tif", &gt),
+    ] {
         let p = opts.out_dir.join(name);
         write_volume(&p, v, OutputDtype::F32)?;
         files.push(p);
     }
     let png = opts.out_dir.join("comparison.png");
-    write_montage(&png, &[("input", &input), ("RLD", &rld), ("RLN", &rln), ("ground truth", &gt)])?;
+    write_montage(
+        &png,
+        &[("input", &input), ("RLD", &rld), ("RLN", &rln), ("ground truth", &gt)],
+    )?;
     files.push(png);
-    Ok(DemoReport { rows, rl_iterations: rl_iters, files, predictor: pred.describe() })
+    Ok(DemoReport {
+        rows,
+        rl_iterations: rl_iters,
+        files,
+        predictor: pred.describe(),
+    })
 }
 
 /// One PNG: central XY slices on top, central XZ slices below (z stretched to the
 /// voxel aspect), one column per volume, each scaled to its 0.1–99.9 percentiles.
 pub fn write_montage(path: &Path, vols: &[(&str, &Volume)]) -> Result<()> {
     let d = vols[0].1.dims;
-    let aspect = vols[0].1.voxel_size.map(|v| (v[0] / v[1]).clamp(1.0, 8.0)).unwrap_or(1.0);
+    let aspect = vols[0]
+        .1
+        .voxel_size
+        .map(|v| (v[0] / v[1]).clamp(1.0, 8.0))
+        .unwrap_or(1.0);
     let zrows = ((d[0] as f64 * aspect).round() as usize).max(1);
     let gap = 4;
     let width = vols.len() * d[2] + (vols.len() - 1) * gap;
@@ -135,7 +188,8 @@ pub fn write_montage(path: &Path, vols: &[(&str, &Volume)]) -> Result<()> {
         enc.set_color(png::ColorType::Grayscale);
         enc.set_depth(png::BitDepth::Eight);
         let mut wr = enc.write_header().map_err(|e| Error::invalid(format!("PNG: {e}")))?;
-        wr.write_image_data(&img).map_err(|e| Error::invalid(format!("PNG: {e}")))?;
+        wr.write_image_data(&img)
+            .map_err(|e| Error::invalid(format!("PNG: {e}")))?;
         wr.finish().map_err(|e| Error::invalid(format!("PNG: {e}")))
     })
 }

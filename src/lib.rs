@@ -20,6 +20,7 @@ pub mod backend;
 pub mod bench;
 pub mod compare;
 pub mod conformance;
+pub mod demo;
 pub mod error;
 pub mod fsutil;
 pub mod imaging;

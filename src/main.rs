@@ -17,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Deconvolve a synthetic volume with the shipped model and with Richardson–Lucy, and compare.
+    Demo(cli::demo::DemoArgs),
     /// Convert the authors' TensorFlow-named weights into an rln-engine model file.
     ImportTf(cli::core::ImportTfArgs),
     /// Compare the engine with test vectors from the authors' TensorFlow graph.
@@ -44,6 +46,7 @@ fn main() {
     rln_engine::set_threads(cli.threads);
     rln_engine::imaging::progress::enable(true);
     let result = match &cli.cmd {
+        Cmd::Demo(a) => cli::demo::demo(a),
         Cmd::ImportTf(a) => cli::core::import_tf(a),
         Cmd::Conformance(a) => cli::core::conformance(a),
         Cmd::Bench(a) => cli::core::bench(a),

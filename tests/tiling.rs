@@ -143,9 +143,22 @@ fn receptive_radius_is_within_the_default_context() {
     );
 }
 
-fn run_views(m: &Model<f32>, views_data: &[&[f32]], dims: [usize; 3], core: [usize; 3], mode: NormalizeMode, variant: Variant) -> Vec<f32> {
+fn run_views(
+    m: &Model<f32>,
+    views_data: &[&[f32]],
+    dims: [usize; 3],
+    core: [usize; 3],
+    mode: NormalizeMode,
+    variant: Variant,
+) -> Vec<f32> {
     let plan = TilePlan::new(dims, core, DEFAULT_OVERLAP, RECEPTIVE_RADIUS).unwrap();
-    let opts = StitchOptions { plan, normalize: mode, percentiles: [0.01, 99.5], rescale_output: true, variant };
+    let opts = StitchOptions {
+        plan,
+        normalize: mode,
+        percentiles: [0.01, 99.5],
+        rescale_output: true,
+        variant,
+    };
     let mut srcs: Vec<MemorySource> = views_data.iter().map(|d| MemorySource { dims, data: d }).collect();
     let global: Vec<Affine> = srcs
         .iter_mut()
@@ -153,7 +166,15 @@ fn run_views(m: &Model<f32>, views_data: &[&[f32]], dims: [usize; 3], core: [usi
         .collect();
     let mut sink = MemorySink { data: Vec::new() };
     let mut views: Vec<&mut dyn PlaneSource> = srcs.iter_mut().map(|s| s as &mut dyn PlaneSource).collect();
-    run_tiled(&mut CpuPredictor { model: m.clone() }, &mut views, &global, &mut sink, &opts, &mut |_, _| {}).unwrap();
+    run_tiled(
+        &mut CpuPredictor { model: m.clone() },
+        &mut views,
+        &global,
+        &mut sink,
+        &opts,
+        &mut |_, _| {},
+    )
+    .unwrap();
     sink.data
 }
 
@@ -168,23 +189,54 @@ fn dual_view_variants_and_per_tile_normalization() {
     let mut single: Model<f32> = random_model(92, Variant::Single).cast();
     let y_single = run_views(&single, &[&a.data], dims, core, NormalizeMode::Global, Variant::Single);
     single.config.variant = Variant::DualAverage;
-    let y_avg = run_views(&single, &[&a.data, &a.data], dims, core, NormalizeMode::Global, Variant::DualAverage);
+    let y_avg = run_views(
+        &single,
+        &[&a.data, &a.data],
+        dims,
+        core,
+        NormalizeMode::Global,
+        Variant::DualAverage,
+    );
     assert!(rel_l2(&y_avg, &y_single) < 1e-6);
     // and on two different views it is the single-view network on their normalized mean
-    let y_ab = run_views(&single, &[&a.data, &b.data], dims, core, NormalizeMode::Global, Variant::DualAverage);
+    let y_ab = run_views(
+        &single,
+        &[&a.data, &b.data],
+        dims,
+        core,
+        NormalizeMode::Global,
+        Variant::DualAverage,
+    );
     assert!(rel_l2(&y_ab, &y_single) > 1e-3);
     // dual-concat: tiled equals the whole two-channel volume through the network
     let cat: Model<f32> = random_model(93, Variant::DualConcat).cast();
-    let y_cat = run_views(&cat, &[&a.data, &b.data], dims, core, NormalizeMode::Global, Variant::DualConcat);
+    let y_cat = run_views(
+        &cat,
+        &[&a.data, &b.data],
+        dims,
+        core,
+        NormalizeMode::Global,
+        Variant::DualConcat,
+    );
     let (na, nb) = (normalized(&a.data), normalized(&b.data));
     let x2 = Tensor::from_vec(s.with_c(2), [na.0.clone(), nb.0].concat()).unwrap();
     let whole: Vec<f32> = predict_whole(&cat, &x2).iter().map(|&v| na.1.invert(v)).collect();
     assert!(rel_l2(&y_cat, &whole) < 1e-4, "{:e}", rel_l2(&y_cat, &whole));
     // per-tile normalization (the authors'): one tile → prediction × the tile's P_hi
     let single: Model<f32> = random_model(94, Variant::Single).cast();
-    let y_pt = run_views(&single, &[&a.data], dims, [64, 64, 64], NormalizeMode::PerTile, Variant::Single);
+    let y_pt = run_views(
+        &single,
+        &[&a.data],
+        dims,
+        [64, 64, 64],
+        NormalizeMode::PerTile,
+        Variant::Single,
+    );
     let (n, aff) = normalized(&a.data);
-    let want: Vec<f32> = predict_whole(&single, &Tensor::from_vec(s, n).unwrap()).iter().map(|&v| v * aff.p_hi_value as f32).collect();
+    let want: Vec<f32> = predict_whole(&single, &Tensor::from_vec(s, n).unwrap())
+        .iter()
+        .map(|&v| v * aff.p_hi_value as f32)
+        .collect();
     assert!(rel_l2(&y_pt, &want) < 1e-6);
 }
 

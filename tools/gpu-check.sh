@@ -55,6 +55,11 @@ find_tool() { # name, then fallback globs
 step() {
   local name=$1 cap=$2
   shift 2
+  # RLN_GPU_STEPS="a b c" runs only those steps (a shorter second call)
+  if [ -n "${RLN_GPU_STEPS:-}" ] && [[ " $RLN_GPU_STEPS " != *" $name "* ]]; then
+    printf '%s\t%s\t%s\n' "$name" "not selected" 0 >> "$STATUS"
+    return 0
+  fi
   local left=$((BUDGET - $(el)))
   local t=$cap
   [ "$left" -lt "$t" ] && t=$left
@@ -160,6 +165,8 @@ else
 fi
 # torch.compile compiles for a minute or more: after the sanitizers and ncu
 step torch_compile 150 $PEER --model "$MODEL" --mode compile --dims "$DIMS" --reps 10 --check "$SCR/pred.safetensors" --json "$OUT/torch_compile.json"
+step cli_bench 40 "$B/rln-engine" bench --device cuda --fp16
+step cli_conformance 40 "$B/rln-engine" conformance --device cuda --model "$MODEL" --vectors "$B/reference/rln-tf-vectors-a.safetensors"
 step conformance 40 "$TOOL" conformance --model "$MODEL" --vectors "$B/reference/rln-tf-vectors-a.safetensors" --json "$OUT/conformance.json"
 infer_e2e() {
   # end to end: TIFF read, normalization, tiling, GPU, stitching, TIFF write (f16 output)

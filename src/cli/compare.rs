@@ -31,6 +31,9 @@ pub struct CompareArgs {
     /// Phantom families in the volumes (default: all).
     #[arg(long, value_delimiter = ',')]
     pub families: Vec<Family>,
+    /// Object density (1: the authors').
+    #[arg(long, default_value_t = 1.0)]
+    pub density: f64,
     /// Photons per unit of ground truth (as in training).
     #[arg(long, default_value_t = 5.0)]
     pub photons: f64,

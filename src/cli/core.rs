@@ -67,14 +67,27 @@ pub fn conformance(a: &ConformanceArgs) -> Result<()> {
     let model = Model::<f32>::load(&a.model)?;
     if a.device == ConformanceDevice::Cuda {
         // inference-mode keys on the GPU (training runs on the CPU in this build)
-        let opts = if a.fp16 { rln_engine::backend::cuda::CudaOptions::f16() } else { rln_engine::backend::cuda::CudaOptions::f32() };
+        let opts = if a.fp16 {
+            rln_engine::backend::cuda::CudaOptions::f16()
+        } else {
+            rln_engine::backend::cuda::CudaOptions::f32()
+        };
         let rows = rln_engine::backend::cuda::conformance::run_infer(&model, &a.vectors, opts)?;
         let passed = rows.iter().all(|r| r.pass);
         if a.json {
-            println!("{}", serde_json::json!({"device": "cuda", "mode": opts.label(), "rows": rows, "passed": passed}));
+            println!(
+                "{}",
+                serde_json::json!({"device": "cuda", "mode": opts.label(), "rows": rows, "passed": passed})
+            );
         } else {
             for r in &rows {
-                println!("{:<48} {:>10.2e} {:>8.0e}  {}", r.key, r.rel_err, r.tol, if r.pass { "ok" } else { "FAIL" });
+                println!(
+                    "{:<48} {:>10.2e} {:>8.0e}  {}",
+                    r.key,
+                    r.rel_err,
+                    r.tol,
+                    if r.pass { "ok" } else { "FAIL" }
+                );
             }
         }
         if !passed {

@@ -80,6 +80,9 @@ pub struct PsfArgs {
     pub output: PathBuf,
     #[arg(long, value_enum, default_value_t = PsfModel::GibsonLanni)]
     pub model: PsfModel,
+    /// Regenerate exactly the PSF a model was trained for (recorded in its metadata).
+    #[arg(long, value_name = "MODEL", conflicts_with = "measured")]
+    pub from_model: Option<PathBuf>,
     /// Clean a measured bead stack instead of computing a model: background subtracted,
     /// centered on its centroid, cropped (--crop), normalized to sum 1.
     #[arg(long, value_name = "BEAD.tif")]
@@ -180,7 +183,12 @@ pub fn psf(a: &PsfArgs) -> Result<()> {
     progress::enable(true);
     check_output_dir(&a.output)?;
     let t = Instant::now();
-    let vol = if let Some(bead_path) = &a.measured {
+    let vol = if let Some(mp) = &a.from_model {
+        let model = rln_engine::model::Model::<f32>::load(mp).with_context(|| format!("loading {}", mp.display()))?;
+        rln_engine::compare::model_psf(&model)
+            .with_context(|| format!("the PSF of {}", mp.display()))?
+            .1
+    } else if let Some(bead_path) = &a.measured {
         let bead = read_volume_with(bead_path, &read_opts(a.channel))?;
         let vs = match (a.dz, a.dxy) {
             (Some(z), Some(xy)) => Some([z, xy, xy]),

@@ -3,6 +3,7 @@
 
 pub mod compare;
 pub mod core;
+pub mod demo;
 pub mod imaging;
 pub mod infer;
 pub mod train;

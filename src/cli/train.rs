@@ -15,6 +15,20 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// Parses "LOW,HIGH" (or one value).
+pub fn parse_range(s: &str) -> Result<(f64, f64), String> {
+    let v: Vec<f64> = s
+        .split(',')
+        .map(|t| t.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{s:?}: {e}"))?;
+    match v.as_slice() {
+        [a] => Ok((*a, *a)),
+        [a, b] => Ok((*a, *b)),
+        _ => Err(format!("{s:?}: give LOW,HIGH")),
+    }
+}
+
 /// Parses "64" or "32,64,64" into (z, y, x).
 pub fn parse_dims(s: &str) -> Result<[usize; 3], String> {
     let v: Vec<usize> = s
@@ -58,6 +72,10 @@ pub struct TrainArgs {
     /// With --synth-psf: phantom families to leave out (e.g. filaments).
     #[arg(long, value_delimiter = ',')]
     pub exclude_family: Vec<Family>,
+    /// With --synth-psf: object density per volume, drawn log-uniformly from LOW,HIGH
+    /// (1 is the authors' density; a range shows the network sparse and crowded scenes).
+    #[arg(long, value_parser = parse_range, default_value = "1,1")]
+    pub synth_density: (f64, f64),
     /// With --synth-psf: photons per unit of ground truth (the authors': 5).
     #[arg(long, default_value_t = 5.0)]
     pub photons: f64,
@@ -212,7 +230,8 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             sc.size,
             psf_path.display()
         );
-        let data = Dataset::synthetic(&sc, &psf, a.synth_count, a.seed)?;
+        let dens = (a.synth_density != (1.0, 1.0)).then_some(a.synth_density);
+        let data = Dataset::synthetic(&sc, &psf, a.synth_count, a.seed, dens)?;
         let val = match &a.val {
             Some(v) => Some(Dataset::from_dir(v, None)?),
             None if a.synth_val_count > 0 => Some(Dataset::synthetic(
@@ -220,6 +239,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
                 &psf,
                 a.synth_val_count,
                 a.seed.wrapping_add(1 << 40),
+                dens,
             )?),
             None => None,
         };

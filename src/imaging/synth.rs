@@ -110,6 +110,8 @@ pub struct SynthConfig {
     /// With anisotropic_factor > 1: interpolate the input back to the ground truth's
     /// size (linear in z), so that input and ground truth have one shape.
     pub upsample_input: bool,
+    /// Multiplies every family's object count (1: the authors' density).
+    pub density: f64,
 }
 
 impl Default for SynthConfig {
@@ -123,12 +125,19 @@ impl Default for SynthConfig {
             families: Family::ALL.to_vec(),
             anisotropic_factor: 1,
             upsample_input: true,
+            density: 1.0,
         }
     }
 }
 
 impl SynthConfig {
     pub fn validate(&self) -> Result<()> {
+        if !(self.density > 0.0 && self.density.is_finite()) {
+            return Err(Error::invalid(format!(
+                "object density {} must be positive",
+                self.density
+            )));
+        }
         if self.size.iter().any(|&d| d < 4) {
             return Err(Error::invalid(format!(
                 "synthetic volume {} is too small (≥ 4 per axis)",
@@ -271,7 +280,7 @@ pub fn phantom(cfg: &SynthConfig, dims: [usize; 3], seed: u64) -> Volume {
     let mut v = Volume::zeros(dims);
     v.data.iter_mut().for_each(|x| *x = cfg.background);
     let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, 0x5CE7E));
-    let scale = dims.iter().product::<usize>() as f64 / (128f64 * 128.0 * 128.0);
+    let scale = cfg.density * dims.iter().product::<usize>() as f64 / (128f64 * 128.0 * 128.0);
     let mut fams = cfg.families.clone();
     fams.sort();
     fams.dedup();

@@ -86,11 +86,22 @@ fn check_finite(v: &[f32]) -> Result<()> {
 
 /// Writes window (z rows of `wd`, starting at (y0, x0)) of a slab of planes `[h, w]` into
 /// `dst`, element by element through `f(value, old_dst_value)`; one z plane per task.
-fn copy_window(dst: &mut [f32], slab: &[f32], wd: [usize; 3], [h, w]: [usize; 2], y0: usize, x0: usize, f: impl Fn(f32, f32) -> f32 + Sync) {
+fn copy_window(
+    dst: &mut [f32],
+    slab: &[f32],
+    wd: [usize; 3],
+    [h, w]: [usize; 2],
+    y0: usize,
+    x0: usize,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) {
     dst.par_chunks_mut(wd[1] * wd[2]).enumerate().for_each(|(z, plane)| {
         for r in 0..wd[1] {
             let row = (z * h + y0 + r) * w + x0;
-            for (d, &v) in plane[r * wd[2]..(r + 1) * wd[2]].iter_mut().zip(&slab[row..row + wd[2]]) {
+            for (d, &v) in plane[r * wd[2]..(r + 1) * wd[2]]
+                .iter_mut()
+                .zip(&slab[row..row + wd[2]])
+            {
                 *d = f(v, *d);
             }
         }
@@ -155,7 +166,8 @@ pub fn run_tiled(
     let c_in = opts.variant.input_channels();
     for (iz, tz) in az.iter().enumerate() {
         let (z0, z1) = tz.window;
-        let slabs: Vec<std::borrow::Cow<'_, [f32]>> = views.iter_mut().map(|v| v.read_planes(z0, z1)).collect::<Result<_>>()?;
+        let slabs: Vec<std::borrow::Cow<'_, [f32]>> =
+            views.iter_mut().map(|v| v.read_planes(z0, z1)).collect::<Result<_>>()?;
         for s in &slabs {
             check_finite(s)?;
         }
@@ -166,7 +178,9 @@ pub fn run_tiled(
             wsum.resize(need, 0.0);
         }
         let wz = ramp_weights(tz);
-        let tiles: Vec<(usize, usize)> = (0..ay.len()).flat_map(|iy| (0..ax.len()).map(move |ix| (iy, ix))).collect();
+        let tiles: Vec<(usize, usize)> = (0..ay.len())
+            .flat_map(|iy| (0..ax.len()).map(move |ix| (iy, ix)))
+            .collect();
         // each tile's per-view normalization, written when the tile is cut and read when
         // its prediction comes back (tiles are cut lazily: one or two in memory at a time)
         let affines: std::cell::RefCell<Vec<Vec<Affine>>> = std::cell::RefCell::new(Vec::with_capacity(tiles.len()));
@@ -180,7 +194,11 @@ pub fn run_tiled(
             let averaged = opts.variant == Variant::DualAverage;
             let per_tile = opts.normalize == NormalizeMode::PerTile;
             // dual-average with per-tile percentiles needs each view's raw tile on its own
-            let mut scratch = if averaged && per_tile { vec![0.0f32; vox] } else { Vec::new() };
+            let mut scratch = if averaged && per_tile {
+                vec![0.0f32; vox]
+            } else {
+                Vec::new()
+            };
             for (vi, slab) in slabs.iter().enumerate() {
                 let dst: &mut [f32] = if averaged && per_tile {
                     &mut scratch
@@ -198,19 +216,25 @@ pub fn run_tiled(
                 };
                 let (sc, off) = (aff.scale as f32, aff.offset as f32);
                 if per_tile {
-                    dst.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|v| *v = *v * sc + off));
+                    dst.par_chunks_mut(1 << 16)
+                        .for_each(|c| c.iter_mut().for_each(|v| *v = *v * sc + off));
                 } else if averaged && vi == 1 {
-                    copy_window(dst, slab, wd, [h, w], ty.window.0, tx.window.0, |v, old| 0.5 * (old + v * sc + off));
+                    copy_window(dst, slab, wd, [h, w], ty.window.0, tx.window.0, |v, old| {
+                        0.5 * (old + v * sc + off)
+                    });
                 } else {
                     copy_window(dst, slab, wd, [h, w], ty.window.0, tx.window.0, |v, _| v * sc + off);
                 }
                 if averaged && per_tile {
                     let first = vi == 0;
-                    data[..vox].par_chunks_mut(1 << 16).zip(scratch.par_chunks(1 << 16)).for_each(|(d, s)| {
-                        for (d, &v) in d.iter_mut().zip(s) {
-                            *d = if first { v } else { 0.5 * (*d + v) };
-                        }
-                    });
+                    data[..vox]
+                        .par_chunks_mut(1 << 16)
+                        .zip(scratch.par_chunks(1 << 16))
+                        .for_each(|(d, s)| {
+                            for (d, &v) in d.iter_mut().zip(s) {
+                                *d = if first { v } else { 0.5 * (*d + v) };
+                            }
+                        });
                 }
                 affs.push(aff);
             }
@@ -225,7 +249,9 @@ pub fn run_tiled(
             let aff = affines.borrow()[k][0];
             let ys = y.shape;
             if ys.dims() != [z1 - z0, ty.window.1 - ty.window.0, tx.window.1 - tx.window.0] {
-                return Err(Error::Shape(format!("tile prediction has shape {ys}, expected its input window")));
+                return Err(Error::Shape(format!(
+                    "tile prediction has shape {ys}, expected its input window"
+                )));
             }
             let map = |v: f32| -> f32 {
                 match opts.normalize {
@@ -238,8 +264,11 @@ pub fn run_tiled(
             };
             // one output plane per task: planes of the accumulators are disjoint
             let core_planes = (tz.core.0 - acc_z0) * plane..(tz.core.1 - acc_z0) * plane;
-            acc[core_planes.clone()].par_chunks_mut(plane).zip(wsum[core_planes].par_chunks_mut(plane)).enumerate().for_each(
-                |(i, (acc_p, ws_p))| {
+            acc[core_planes.clone()]
+                .par_chunks_mut(plane)
+                .zip(wsum[core_planes].par_chunks_mut(plane))
+                .enumerate()
+                .for_each(|(i, (acc_p, ws_p))| {
                     let z = tz.core.0 + i;
                     let lz = z - z0;
                     let wzv = wz[z - tz.core.0];
@@ -253,8 +282,7 @@ pub fn run_tiled(
                             ws_p[dst + x] += wt;
                         }
                     }
-                },
-            );
+                });
             k += 1;
             done += 1;
             progress(done, total);

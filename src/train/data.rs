@@ -137,15 +137,32 @@ impl Dataset {
         Ok(Dataset { pairs })
     }
 
-    /// `count` synthetic pairs for `psf` (pair i from seed mix_seed(seed, i)).
-    pub fn synthetic(cfg: &SynthConfig, psf: &Volume, count: usize, seed: u64) -> Result<Self> {
-        let s = Synthesizer::new(cfg, psf)?;
-        let pairs = (0..count)
-            .map(|i| {
-                let (input, gt) = s.make_pair(mix_seed(seed, i as u64))?;
-                Pair::new(format!("synth_{i:04}"), vec![input], gt)
-            })
-            .collect::<Result<Vec<_>>>()?;
+    /// `count` synthetic pairs for `psf` (pair i from seed mix_seed(seed, i)). With
+    /// `density_range` (lo, hi), pair i's object density is drawn log-uniformly from it
+    /// (deterministically from the seed), so the network sees sparse and crowded scenes.
+    pub fn synthetic(
+        cfg: &SynthConfig,
+        psf: &Volume,
+        count: usize,
+        seed: u64,
+        density_range: Option<(f64, f64)>,
+    ) -> Result<Self> {
+        let mut s = Synthesizer::new(cfg, psf)?;
+        let mut pairs = Vec::with_capacity(count);
+        for i in 0..count {
+            let sd = mix_seed(seed, i as u64);
+            if let Some((lo, hi)) = density_range {
+                if !(lo > 0.0 && hi >= lo) {
+                    return Err(Error::invalid(format!(
+                        "density range {lo}..{hi} must satisfy 0 < low ≤ high"
+                    )));
+                }
+                let u = (mix_seed(sd, 0xde75) >> 11) as f64 / (1u64 << 53) as f64;
+                s.cfg.density = lo * (hi / lo).powf(u);
+            }
+            let (input, gt) = s.make_pair(sd)?;
+            pairs.push(Pair::new(format!("synth_{i:04}"), vec![input], gt)?);
+        }
         Ok(Dataset { pairs })
     }
 

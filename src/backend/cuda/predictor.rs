@@ -177,7 +177,9 @@ impl TilePredictor for CudaPredictor {
 /// PCIe link, and the tiles are hundreds of megabytes.
 fn par_copy_into(dst: &mut [f32], src: &[f32]) {
     use rayon::prelude::*;
-    dst.par_chunks_mut(1 << 18).zip(src.par_chunks(1 << 18)).for_each(|(d, s)| d.copy_from_slice(s));
+    dst.par_chunks_mut(1 << 18)
+        .zip(src.par_chunks(1 << 18))
+        .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
 fn par_copy(src: &[f32]) -> Vec<f32> {
