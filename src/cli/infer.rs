@@ -170,12 +170,14 @@ pub fn infer(a: &InferArgs) -> Result<()> {
         data: &v.data,
     });
     let mut global: Vec<Affine> = Vec::new();
+    let t_norm = Instant::now();
     if a.normalize == NormalizeMode::Global {
         global.push(estimate_normalization(&mut src1, pct, 64 << 20)?);
         if let Some(s2) = src2.as_mut() {
             global.push(estimate_normalization(s2, pct, 64 << 20)?);
         }
     }
+    let t_norm = t_norm.elapsed().as_secs_f64();
     let opts = StitchOptions {
         plan: plan.clone(),
         normalize: a.normalize,
@@ -204,21 +206,26 @@ pub fn infer(a: &InferArgs) -> Result<()> {
         if let Some(s2) = src2.as_mut() {
             views.push(s2);
         }
-        run_tiled(pred.as_mut(), &mut views, &global, &mut sink, &opts, &mut |d, _| {
+        let t = run_tiled(pred.as_mut(), &mut views, &global, &mut sink, &opts, &mut |d, _| {
             bar.set_position(d as u64)
         })?;
+        bar.finish_and_clear();
+        eprintln!(
+            "tiled loop: read {:.2} s, cut+normalize {:.2} s, predictor {:.2} s, blend {:.2} s, emit {:.2} s",
+            t.read, t.cut, t.predict, t.blend, t.emit
+        );
     }
-    bar.finish_and_clear();
     let t_net = t1.elapsed().as_secs_f64();
     let out = vol.like(sink.data)?;
     let t2 = Instant::now();
     write_volume(&a.output, &out, a.output_dtype).with_context(|| format!("writing {}", a.output.display()))?;
     println!(
-        "wrote {} ({}, {:?}): read {:.1} s, network {:.1} s ({:.3e} voxels/s), write {:.1} s",
+        "wrote {} ({}, {:?}): read {:.1} s, normalization {:.1} s, network {:.1} s ({:.3e} voxels/s), write {:.1} s",
         a.output.display(),
         out.shape_str(),
         a.output_dtype,
         t_read,
+        t_norm,
         t_net,
         vol.len() as f64 / t_net,
         t2.elapsed().as_secs_f64()

@@ -119,6 +119,21 @@ pub struct StitchOptions {
     pub variant: Variant,
 }
 
+/// Where the time of [`run_tiled`] went (seconds).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StitchTimes {
+    /// Reading input planes from the sources (and checking them).
+    pub read: f64,
+    /// Cutting tiles out of the slabs and normalizing them.
+    pub cut: f64,
+    /// Inside the predictor (transfers and network), cut and blend excluded.
+    pub predict: f64,
+    /// Blending predictions into the accumulators.
+    pub blend: f64,
+    /// Dividing by the weights and handing planes to the sink.
+    pub emit: f64,
+}
+
 /// Runs `pred` over every tile of `views` (one source, or two for RLN-dual) and writes
 /// the blended prediction to `sink`, plane by plane in increasing z. `global` holds the
 /// per-view normalization for [`NormalizeMode::Global`]. `progress(done, total)` is
@@ -130,7 +145,9 @@ pub fn run_tiled(
     sink: &mut dyn PlaneSink,
     opts: &StitchOptions,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<()> {
+) -> Result<StitchTimes> {
+    use std::time::Instant;
+    let mut times = StitchTimes::default();
     let dims = opts.plan.dims;
     let n_views = opts.variant.views();
     if views.len() != n_views {
@@ -166,11 +183,13 @@ pub fn run_tiled(
     let c_in = opts.variant.input_channels();
     for (iz, tz) in az.iter().enumerate() {
         let (z0, z1) = tz.window;
+        let t_read = Instant::now();
         let slabs: Vec<std::borrow::Cow<'_, [f32]>> =
             views.iter_mut().map(|v| v.read_planes(z0, z1)).collect::<Result<_>>()?;
         for s in &slabs {
             check_finite(s)?;
         }
+        times.read += t_read.elapsed().as_secs_f64();
         // grow the accumulators to cover this row's cores
         let need = (tz.core.1 - acc_z0) * plane;
         if acc.len() < need {
@@ -184,7 +203,9 @@ pub fn run_tiled(
         // each tile's per-view normalization, written when the tile is cut and read when
         // its prediction comes back (tiles are cut lazily: one or two in memory at a time)
         let affines: std::cell::RefCell<Vec<Vec<Affine>>> = std::cell::RefCell::new(Vec::with_capacity(tiles.len()));
+        let cut_time = std::cell::Cell::new(0.0f64);
         let cut = |k: usize| -> Result<Tensor<f32>> {
+            let t_cut = Instant::now();
             let (iy, ix) = tiles[k];
             let (ty, tx) = (&ay[iy], &ax[ix]);
             let wd = [z1 - z0, ty.window.1 - ty.window.0, tx.window.1 - tx.window.0];
@@ -239,11 +260,15 @@ pub fn run_tiled(
                 affs.push(aff);
             }
             affines.borrow_mut().push(affs);
+            cut_time.set(cut_time.get() + t_cut.elapsed().as_secs_f64());
             Tensor::from_vec(Shape::new(1, c_in, wd[0], wd[1], wd[2]), data)
         };
         let mut input_iter = (0..tiles.len()).map(cut);
         let mut k = 0usize;
+        let mut blend = 0.0f64;
+        let t_row = Instant::now();
         pred.predict_stream(&mut input_iter, &mut |y: Tensor<f32>| {
+            let t_blend = Instant::now();
             let (iy, ix) = tiles[k];
             let (ty, tx) = (&ay[iy], &ax[ix]);
             let aff = affines.borrow()[k][0];
@@ -286,8 +311,13 @@ pub fn run_tiled(
             k += 1;
             done += 1;
             progress(done, total);
+            blend += t_blend.elapsed().as_secs_f64();
             Ok(())
         })?;
+        times.cut += cut_time.get();
+        times.blend += blend;
+        times.predict += t_row.elapsed().as_secs_f64() - cut_time.get() - blend;
+        let t_emit = Instant::now();
         // planes before the next row's first core plane are final
         let final_end = if iz + 1 < az.len() { az[iz + 1].core.0 } else { dims[0] };
         if final_end > acc_z0 {
@@ -298,6 +328,7 @@ pub fn run_tiled(
             wsum.drain(..n);
             acc_z0 = final_end;
         }
+        times.emit += t_emit.elapsed().as_secs_f64();
     }
-    Ok(())
+    Ok(times)
 }
