@@ -11,7 +11,7 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::real::Real;
-use crate::tensor::Shape;
+use crate::tensor::{Shape, Tensor};
 
 /// What a trailing addend of a layer is (spec §3: `+ sp(xd)`, `+ sp(x)`, `+ 1`).
 pub enum Addend<'a, X, T> {
@@ -78,6 +78,10 @@ pub trait Backend: Sync {
     type X: Send + Sync;
 
     fn shape(&self, x: &Self::X) -> Shape;
+    /// A host tensor as this backend's tensor (a copy; an upload on a device).
+    fn from_host(&self, t: &Tensor<Self::T>) -> Self::X;
+    /// This backend's tensor as a host tensor (a copy; a download on a device).
+    fn to_host(&self, x: &Self::X) -> Tensor<Self::T>;
 
     // ---- forward ----
     /// 3×3×3 conv (zero padding 1, no bias) over the channel concatenation of `inputs`

@@ -111,9 +111,116 @@ pub fn loss_and_grad<T: Real>(y: &[T], e1r: &[T], x: &[T], g: &[T]) -> (LossTerm
     (terms, dy, de1r)
 }
 
+/// The sums the loss is made of, over n voxels: what a device reduces before the host
+/// finishes the loss ([`loss_from_sums`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossSums {
+    pub n: f64,
+    pub sum_y: f64,
+    pub sum_g: f64,
+    /// Σ (y − μy)²
+    pub sq_y: f64,
+    /// Σ (g − μg)²
+    pub sq_g: f64,
+    /// Σ (y − μy)(g − μg)
+    pub cross: f64,
+    /// Σ (y − g)²
+    pub sq_err: f64,
+    /// Σ (E1r − (0.8g + 0.2x))²
+    pub sq_aux: f64,
+}
+
+/// The constants of the loss gradient: ∂L/∂y_i = 2(y_i − g_i)/n + k·((2μg/n)/A +
+/// (2(g_i − μg)/n)/B − (2μy/n)/C − (2(y_i − μy)/n)/D) and ∂L/∂E1r_i = 0.2·(E1r_i − t_i)/n
+/// (as [`loss_and_grad`] computes them).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossGradConsts {
+    pub n: f64,
+    pub mu_y: f64,
+    pub mu_g: f64,
+    pub a: f64,
+    pub b: f64,
+    pub c: f64,
+    pub d: f64,
+    pub k: f64,
+}
+
+/// The loss terms and the gradient's constants from the sums (the same formulas as
+/// [`loss_terms`] and [`loss_and_grad`]).
+pub fn loss_from_sums(s: &LossSums) -> (LossTerms, LossGradConsts) {
+    let n = s.n;
+    let (mu_y, mu_g) = (s.sum_y / n, s.sum_g / n);
+    let (vy, vg, cov) = (s.sq_y / n, s.sq_g / n, s.cross / n);
+    let a = 2.0 * mu_y * mu_g + C1;
+    let b = 2.0 * cov + C2;
+    let c = mu_y * mu_y + mu_g * mu_g + C1;
+    let d = vy + vg + C2;
+    let ssim = a * b / (c * d);
+    let mse = s.sq_err / n + MSE_OFFSET;
+    let mse_aux = s.sq_aux / n + MSE_OFFSET;
+    let terms = LossTerms {
+        mse,
+        mse_aux,
+        ssim,
+        loss: mse + AUX_WEIGHT * mse_aux - ((1.0 + ssim) / 2.0).ln(),
+    };
+    let k = -ssim / (1.0 + ssim);
+    (
+        terms,
+        LossGradConsts {
+            n,
+            mu_y,
+            mu_g,
+            a,
+            b,
+            c,
+            d,
+            k,
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loss_from_sums_matches_the_direct_loss_and_gradient() {
+        let n = 64;
+        let mut s = 99u64;
+        let mut rnd = || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let y: Vec<f64> = (0..n).map(|_| rnd()).collect();
+        let e: Vec<f64> = (0..n).map(|_| rnd()).collect();
+        let x: Vec<f64> = (0..n).map(|_| rnd()).collect();
+        let g: Vec<f64> = (0..n).map(|_| rnd()).collect();
+        let nf = n as f64;
+        let (my, mg) = (y.iter().sum::<f64>() / nf, g.iter().sum::<f64>() / nf);
+        let sums = LossSums {
+            n: nf,
+            sum_y: y.iter().sum(),
+            sum_g: g.iter().sum(),
+            sq_y: y.iter().map(|v| (v - my) * (v - my)).sum(),
+            sq_g: g.iter().map(|v| (v - mg) * (v - mg)).sum(),
+            cross: y.iter().zip(&g).map(|(a, b)| (a - my) * (b - mg)).sum(),
+            sq_err: y.iter().zip(&g).map(|(a, b)| (a - b) * (a - b)).sum(),
+            sq_aux: (0..n).map(|i| (e[i] - (0.8 * g[i] + 0.2 * x[i])).powi(2)).sum(),
+        };
+        let (t, k) = loss_from_sums(&sums);
+        let (want, dy, _) = loss_and_grad(&y, &e, &x, &g);
+        for (a, b) in [(t.loss, want.loss), (t.mse, want.mse), (t.mse_aux, want.mse_aux), (t.ssim, want.ssim)] {
+            assert!((a - b).abs() <= 1e-13 * b.abs().max(1.0), "{a} vs {b}");
+        }
+        for i in [0, 17, 63] {
+            let ds = (2.0 * k.mu_g / k.n) / k.a + (2.0 * (g[i] - k.mu_g) / k.n) / k.b
+                - (2.0 * k.mu_y / k.n) / k.c
+                - (2.0 * (y[i] - k.mu_y) / k.n) / k.d;
+            let got = 2.0 * (y[i] - g[i]) / k.n + k.k * ds;
+            assert!((got - dy[i]).abs() <= 1e-15, "{got} vs {}", dy[i]);
+        }
+    }
 
     #[test]
     fn loss_gradient_matches_central_differences() {

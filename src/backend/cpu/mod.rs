@@ -102,6 +102,12 @@ impl<T: Real> Backend for CpuBackend<T> {
     fn shape(&self, x: &Tensor<T>) -> Shape {
         x.shape
     }
+    fn from_host(&self, t: &Tensor<T>) -> Tensor<T> {
+        t.clone()
+    }
+    fn to_host(&self, x: &Tensor<T>) -> Tensor<T> {
+        x.clone()
+    }
     fn conv3(&self, inputs: &[&Tensor<T>], weight: &[T], c_out: usize, epi: &Epilogue<'_, Tensor<T>, T>) -> Tensor<T> {
         conv3::conv3_forward(inputs, weight, c_out, &CpuEpilogue::from(epi, c_out))
     }

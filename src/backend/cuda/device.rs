@@ -4,7 +4,7 @@
 //! [`Error::Cuda`] naming what failed, or [`Error::CudaOutOfMemory`] when memory ran out.
 
 use super::kernels::{self, MODULES};
-use super::launch::{self, KernelArgs, CONV_KERNELS};
+use super::launch::{self, CONV_KERNELS};
 use crate::error::{Error, Result};
 use cudarc::driver::result::{self as cu, DriverError};
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
@@ -197,6 +197,8 @@ impl CudaDevice {
             ));
         }
         wanted.push(("h1_fp", launch::POOL_KERNEL.to_string(), 0));
+        // the training kernels (kernels/train_*.cu)
+        wanted.extend(super::train_launch::kernel_list());
         for (module, name, smem) in wanted {
             let m = &modules
                 .iter()
@@ -328,16 +330,18 @@ impl CudaDevice {
         self.ctx.new_event(Some(flags)).check("creating a CUDA event")
     }
 
-    /// Launches kernel `name` on `stream`; with `sync`, waits for it so that a fault is
-    /// reported against this kernel.
-    pub fn launch(
+    /// Launches kernel `name` on `stream` with its one parameter block (`KernelArgs` for
+    /// the inference kernels, `TrainArgs` for the training kernels); with `sync`, waits for
+    /// it so that a fault is reported against this kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch<A: cudarc::driver::DeviceRepr>(
         &self,
         stream: &CudaStream,
         name: &str,
         grid: (u32, u32, u32),
         block: u32,
         smem: usize,
-        args: &KernelArgs,
+        args: &A,
         sync: bool,
     ) -> Result<()> {
         let f = self.func(name)?;
@@ -348,9 +352,9 @@ impl CudaDevice {
         };
         let mut b = stream.launch_builder(f);
         b.arg(args);
-        // SAFETY: args matches the kernel's single RlnArgs parameter (same layout, checked
-        // size); every pointer in it is a live device allocation sized for the launch's
-        // volume (forward.rs sizes buffers from the same dims).
+        // SAFETY: args matches the kernel's single RlnArgs / TrainArgs parameter (same
+        // layout, checked size); every pointer in it is a live device allocation sized for
+        // the launch's volume (forward.rs and train.rs size buffers from the same dims).
         unsafe { b.launch(cfg) }.check(&format!(
             "launching {name} (grid {grid:?}, {block} threads, {smem} B shared)"
         ))?;

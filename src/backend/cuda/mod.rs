@@ -6,6 +6,8 @@
 //! - [`bench::run`]: forward throughput (voxels/s) with CUDA events, for `bench --device cuda`.
 //! - [`conformance::run_infer`]: the conformance vectors' inference keys on the GPU.
 //! - [`available`]: whether a CUDA device can be used at all (for `--device auto`).
+//! - [`CudaTrainBackend`]: training: every op of [`crate::backend::Backend`] and its
+//!   gradient on the device (kernels/train_*.cu), so the generic network trains on the GPU.
 //!
 //! Layout: activations are channels-last on the device (N·D·H·W voxels × C); tensors of
 //! one channel are always f32, those of several channels f32 or f16 ([`Precision`]).
@@ -22,12 +24,15 @@ pub mod forward;
 pub mod kernels;
 pub mod launch;
 pub mod predictor;
+pub mod train;
+pub mod train_launch;
 pub mod twin;
 pub mod weights;
 
 pub use device::CudaDevice;
 pub use forward::CudaNet;
 pub use predictor::CudaPredictor;
+pub use train::{CudaTrainBackend, DevTensor};
 
 use crate::model::{LayerOp, Model, ModelConfig, LAYERS};
 use rand::{Rng, SeedableRng};

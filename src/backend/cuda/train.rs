@@ -1,0 +1,929 @@
+//! The CUDA training backend: every op of [`Backend`] and its gradient on the device, in
+//! f32, so that the generic network ([`crate::net::Rln`]) runs forward with batch
+//! statistics and backward unchanged on the GPU (kernels/train_conv.cu, train_ops.cu).
+//!
+//! - Tensors ([`DevTensor`]) are f32, channels-last (N·D·H·W voxels × C) like the
+//!   inference kernels, allocated from the device's stream-ordered memory pool
+//!   (cuMemAllocAsync / cuMemFreeAsync on the compute stream, release threshold raised so
+//!   the pool keeps its memory): a training step allocates and frees ~150 tensors without
+//!   a device synchronization.
+//! - Weights arrive as host slices (the trait's interface) and are uploaded per call
+//!   (a few KB, asynchronous). Weight, γ and β gradients, batch statistics and the loss
+//!   sums are reduced on the device in a fixed order (f64 partials per block, then
+//!   `t_reduce_part`) and come back to the host as the trait's `Vec<f64>` /
+//!   [`ChannelStats`]: one small device-to-host copy, and thus one synchronization, per
+//!   batch norm in the forward pass, per layer in the backward pass, and one for the loss.
+//!   Adam runs on the host in f64 (the CPU trainer's code), so checkpoints and resume
+//!   are those of the CPU trainer.
+//! - Results are deterministic (no atomics; grids of reductions depend only on sizes).
+//! - The trait's ops cannot return errors: a failed driver call panics with the error
+//!   ("CUDA training backend: …"); [`crate::train::trainer::train_step_on`] turns a panic
+//!   into an error. Every `try_*` method returns the [`Result`] instead.
+//! - Tests: `poison` fills every new allocation with NaN bytes, so a kernel that leaves an
+//!   element unwritten shows up as a non-finite value (RLN_CUDA_POISON=1 or
+//!   [`CudaTrainBackend::with_poison`]); RLN_CUDA_SYNC=1 synchronizes after every launch.
+
+use super::device::{CuCheck, CudaDevice};
+use super::launch::grid_1d;
+use super::train_launch::{self as tl, TrainArgs};
+use crate::backend::cpu::pointwise;
+use crate::backend::{Addend, Backend, BnTrainState, ChannelStats, Epilogue, GradMode};
+use crate::error::{Error, Result};
+use crate::tensor::{Shape, Tensor};
+use crate::train::loss::{loss_from_sums, LossSums, LossTerms};
+use cudarc::driver::result as cu;
+use cudarc::driver::sys;
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The stream all tensors of a backend live on, and byte accounting.
+struct Pool {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    poison: bool,
+    live: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+/// An allocation from the stream-ordered pool, returned to it (in stream order) on drop.
+struct DevMem {
+    ptr: u64,
+    bytes: usize,
+    pool: Arc<Pool>,
+}
+
+impl Drop for DevMem {
+    fn drop(&mut self) {
+        // errors cannot be reported from drop; a failed free leaks, nothing worse
+        let _ = self.pool.ctx.bind_to_thread();
+        // SAFETY: ptr came from malloc_async on this stream and is freed once; every use
+        // of it was enqueued on the same stream before this free.
+        let _ = unsafe { cu::free_async(self.ptr, self.pool.stream.cu_stream()) };
+        self.pool.live.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// A tensor on the device: f32, channels-last (N·D·H·W voxels × C).
+pub struct DevTensor {
+    shape: Shape,
+    mem: DevMem,
+}
+
+impl DevTensor {
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+    /// The device address of the first value.
+    pub fn ptr(&self) -> u64 {
+        self.mem.ptr
+    }
+}
+
+/// One recorded launch of a profiled step: kernel name and its start/end events.
+type ProfileEvents = Vec<(String, CudaEvent, CudaEvent)>;
+
+/// The training backend bound to one device.
+pub struct CudaTrainBackend {
+    pub dev: Arc<CudaDevice>,
+    pool: Arc<Pool>,
+    sync_each: bool,
+    profile: Mutex<Option<ProfileEvents>>,
+}
+
+/// Panics with a device error (the trait's ops cannot return one).
+fn fail(e: Error) -> ! {
+    panic!("CUDA training backend: {e}")
+}
+
+fn ok<T>(r: Result<T>) -> T {
+    r.unwrap_or_else(|e| fail(e))
+}
+
+/// Checks that tensors agree in batch and volume size.
+fn same_volume(what: &str, a: Shape, b: Shape) -> Result<()> {
+    if a.n != b.n || a.dims() != b.dims() {
+        return Err(Error::Shape(format!("{what}: {a} and {b} differ in batch or volume size")));
+    }
+    Ok(())
+}
+
+impl CudaTrainBackend {
+    /// The backend on an opened device (RLN_CUDA_POISON=1 turns poisoning on).
+    pub fn new(dev: Arc<CudaDevice>) -> Result<Self> {
+        let poison = std::env::var("RLN_CUDA_POISON").is_ok_and(|v| v == "1");
+        Self::with_poison(dev, poison)
+    }
+
+    /// Opens device `ordinal` for training.
+    pub fn open(ordinal: usize) -> Result<Self> {
+        Self::new(CudaDevice::open(ordinal)?)
+    }
+
+    /// As [`CudaTrainBackend::new`], with NaN-poisoned allocations when `poison` is set.
+    pub fn with_poison(dev: Arc<CudaDevice>, poison: bool) -> Result<Self> {
+        let ctx = dev.ctx.clone();
+        ctx.bind_to_thread().check("binding the CUDA context")?;
+        if !ctx.has_async_alloc() {
+            return Err(Error::Cuda(format!(
+                "{} does not support stream-ordered allocation (cuMemAllocAsync), which training needs",
+                dev.name
+            )));
+        }
+        // keep freed memory in the pool instead of returning it at every synchronization
+        // SAFETY: the device handle comes from the live context; the attribute is a u64.
+        unsafe {
+            let pool = cu::device::get_default_mem_pool(ctx.cu_device()).check("getting the default memory pool")?;
+            let mut threshold: u64 = u64::MAX;
+            cu::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut std::ffi::c_void,
+            )
+            .check("raising the memory pool's release threshold")?;
+        }
+        let sync_each = std::env::var("RLN_CUDA_SYNC").is_ok_and(|v| v == "1");
+        Ok(CudaTrainBackend {
+            pool: Arc::new(Pool {
+                ctx,
+                stream: dev.compute.clone(),
+                poison,
+                live: AtomicUsize::new(0),
+                peak: AtomicUsize::new(0),
+            }),
+            dev,
+            sync_each,
+            profile: Mutex::new(None),
+        })
+    }
+
+    /// The stream every launch and copy of this backend goes to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.pool.stream
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.pool.stream.synchronize().check("waiting for the device")
+    }
+
+    /// Bytes of tensors alive now, and at most since the last [`Self::reset_peak`].
+    pub fn mem_bytes(&self) -> (usize, usize) {
+        (
+            self.pool.live.load(Ordering::Relaxed),
+            self.pool.peak.load(Ordering::Relaxed),
+        )
+    }
+    pub fn reset_peak(&self) {
+        self.pool
+            .peak
+            .store(self.pool.live.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// Starts recording an event pair around every launch (see [`Self::take_profile`]).
+    pub fn start_profile(&self) {
+        *self.profile.lock().unwrap() = Some(Vec::new());
+    }
+
+    /// Waits for the profiled launches; returns (kernel, milliseconds) in launch order.
+    pub fn take_profile(&self) -> Result<Vec<(String, f64)>> {
+        let Some(p) = self.profile.lock().unwrap().take() else {
+            return Ok(vec![]);
+        };
+        self.synchronize()?;
+        p.iter()
+            .map(|(n, a, b)| Ok((n.clone(), a.elapsed_ms(b).check("reading kernel timings")? as f64)))
+            .collect()
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<DevMem> {
+        let p = &self.pool;
+        p.ctx.bind_to_thread().check("binding the CUDA context")?;
+        let bytes = bytes.max(16);
+        // SAFETY: stream-ordered allocation on this backend's stream; the memory is used only
+        // through DevMem, on the same stream.
+        let ptr = unsafe { cu::malloc_async(p.stream.cu_stream(), bytes) }.check(&format!(
+            "allocating {} MiB of device memory",
+            bytes.div_ceil(1 << 20)
+        ))?;
+        let mem = DevMem {
+            ptr,
+            bytes,
+            pool: p.clone(),
+        };
+        let now = p.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        p.peak.fetch_max(now, Ordering::Relaxed);
+        if p.poison {
+            self.dev.memset(&p.stream, ptr, 0xFF, bytes)?;
+        }
+        Ok(mem)
+    }
+
+    /// An uninitialized tensor (NaN when poisoning).
+    fn tensor(&self, shape: Shape) -> Result<DevTensor> {
+        Ok(DevTensor {
+            shape,
+            mem: self.alloc(shape.len() * 4)?,
+        })
+    }
+
+    fn zeros_f64(&self, len: usize) -> Result<DevMem> {
+        let m = self.alloc(len * 8)?;
+        self.dev.memset(&self.pool.stream, m.ptr, 0, len * 8)?;
+        Ok(m)
+    }
+
+    fn upload_f32(&self, data: &[f32], what: &str) -> Result<DevMem> {
+        let m = self.alloc(std::mem::size_of_val(data))?;
+        // pageable source: the driver stages it before returning, so `data` may go away
+        self.dev.copy_htod(&self.pool.stream, m.ptr, data, what)?;
+        Ok(m)
+    }
+
+    fn download_f64(&self, m: &DevMem, len: usize, what: &str) -> Result<Vec<f64>> {
+        let mut v = vec![0.0f64; len];
+        self.dev.copy_dtoh(&self.pool.stream, &mut v, m.ptr, what)?;
+        self.pool.stream.synchronize().check(&format!("copying {what} to the host"))?;
+        Ok(v)
+    }
+
+    /// Uploads a host tensor (N×C×D×H×W) as channels-last.
+    pub fn try_upload(&self, t: &Tensor<f32>) -> Result<DevTensor> {
+        let dt = self.tensor(t.shape)?;
+        self.dev
+            .copy_htod(&self.pool.stream, dt.mem.ptr, &t.to_ndhwc(), "a tensor")?;
+        Ok(dt)
+    }
+
+    /// Downloads a tensor to the host (N×C×D×H×W); waits for the device.
+    pub fn try_download(&self, x: &DevTensor) -> Result<Tensor<f32>> {
+        let mut v = vec![0.0f32; x.shape.len()];
+        self.dev
+            .copy_dtoh(&self.pool.stream, &mut v, x.mem.ptr, "a tensor")?;
+        self.pool.stream.synchronize().check("copying a tensor to the host")?;
+        Tensor::from_ndhwc(x.shape, &v)
+    }
+
+    fn launch(&self, name: &str, grid: (u32, u32, u32), smem: usize, args: &TrainArgs) -> Result<()> {
+        let mut prof = self.profile.lock().unwrap();
+        let start = match prof.as_ref() {
+            Some(_) => {
+                let e = self.dev.event(true)?;
+                e.record(&self.pool.stream).check("recording an event")?;
+                Some(e)
+            }
+            None => None,
+        };
+        self.dev
+            .launch(&self.pool.stream, name, grid, tl::THREADS, smem, args, self.sync_each)?;
+        if let (Some(a), Some(p)) = (start, prof.as_mut()) {
+            let b = self.dev.event(true)?;
+            b.record(&self.pool.stream).check("recording an event")?;
+            p.push((name.to_string(), a, b));
+        }
+        Ok(())
+    }
+
+    /// A grid-stride elementwise kernel over `count` items.
+    fn launch_1d(&self, name: &str, count: usize, mut args: TrainArgs) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        args.count = count as i64;
+        self.launch(name, (grid_1d(count), 1, 1), 0, &args)
+    }
+
+    /// dst[j] = scale · Σ_b part[b][j] for j < J (device f64).
+    fn reduce(&self, part: &DevMem, blocks: usize, j: usize, scale: f64, dst: u64) -> Result<()> {
+        let args = TrainArgs {
+            part: part.ptr,
+            stat: dst,
+            k0: j as i32,
+            k1: blocks as i32,
+            dc: [scale, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            ..TrainArgs::default()
+        };
+        self.launch("t_reduce_part", (j as u32, 1, 1), 0, &args)
+    }
+
+    /// Fills scale/shift, softplus and the addend of `args` from `epi` (channels C of a
+    /// tensor of shape s).
+    fn set_epilogue(&self, args: &mut TrainArgs, epi: &Epilogue<'_, DevTensor, f32>, s: Shape) -> Result<()> {
+        args.p[0] = tl::channel_array(epi.scale, s.c, 1.0);
+        args.p[1] = tl::channel_array(epi.shift, s.c, 0.0);
+        args.mode = if epi.softplus { tl::EPI_SOFTPLUS } else { 0 };
+        match epi.addend {
+            Addend::None => {}
+            Addend::Const(v) => {
+                args.mode |= tl::ADD_CONST;
+                args.f[0] = v;
+            }
+            Addend::SoftplusOf(t) => {
+                if t.shape != s.with_c(1) {
+                    return Err(Error::Shape(format!("epilogue addend {} for a tensor {s}", t.shape)));
+                }
+                args.mode |= tl::ADD_SOFTPLUS;
+                args.inp[3] = t.ptr();
+            }
+        }
+        Ok(())
+    }
+
+    /// conv3 over the concatenation of `inputs` with weights already packed
+    /// [ci][27][co], then the epilogue in `args` (p, mode, f, inp[3]).
+    fn conv_packed(&self, inputs: &[&DevTensor], packed: &[f32], c_out: usize, mut args: TrainArgs) -> Result<DevTensor> {
+        if inputs.is_empty() || inputs.len() > 3 {
+            return Err(Error::invalid(format!(
+                "conv3 on the GPU takes 1 to 3 inputs, got {}",
+                inputs.len()
+            )));
+        }
+        let s0 = inputs[0].shape;
+        let mut cs = [0usize; 3];
+        for (i, t) in inputs.iter().enumerate() {
+            same_volume("conv3 inputs", t.shape, s0)?;
+            cs[i] = t.shape.c;
+        }
+        let cin: usize = cs.iter().sum();
+        if packed.len() != cin * 27 * c_out {
+            return Err(Error::invalid(format!(
+                "conv3 weight has {} values, expected {c_out}×{cin}×27",
+                packed.len()
+            )));
+        }
+        if c_out > 16 || cin > 64 {
+            return Err(Error::invalid(format!(
+                "conv3 on the GPU: at most 16 output channels (got {c_out})"
+            )));
+        }
+        let out_shape = s0.with_c(c_out);
+        let out = self.tensor(out_shape)?;
+        let w = self.upload_f32(packed, "conv weights")?;
+        args = args.dims(s0);
+        args.inp[0] = inputs[0].ptr();
+        args.inp[1] = inputs.get(1).map_or(0, |t| t.ptr());
+        args.inp[2] = inputs.get(2).map_or(0, |t| t.ptr());
+        args.ca = cs[0] as i32;
+        args.cb = cs[1] as i32;
+        args.cc = cs[2] as i32;
+        args.cout = c_out as i32;
+        args.wt = w.ptr;
+        args.out[0] = out.ptr();
+        let v = [cs[0], cs[1], cs[2], c_out];
+        if tl::FWD_VARIANTS.contains(&v) {
+            args.count = out_shape.len() as i64;
+            self.launch(
+                &tl::fwd_name(v),
+                tl::conv_grid(s0),
+                tl::fwd_smem_bytes(cin, c_out),
+                &args,
+            )?;
+        } else {
+            self.launch_1d(tl::CONV_ANY_FWD, out_shape.len(), args)?;
+        }
+        Ok(out)
+    }
+
+    pub fn try_conv3(
+        &self,
+        inputs: &[&DevTensor],
+        weight: &[f32],
+        c_out: usize,
+        epi: &Epilogue<'_, DevTensor, f32>,
+    ) -> Result<DevTensor> {
+        let cin: usize = inputs.iter().map(|t| t.shape.c).sum();
+        if weight.len() != cin * 27 * c_out {
+            return Err(Error::invalid(format!(
+                "conv3 weight has {} values, expected {c_out}×{cin}×27",
+                weight.len()
+            )));
+        }
+        let mut args = TrainArgs::default();
+        self.set_epilogue(&mut args, epi, inputs[0].shape.with_c(c_out))?;
+        self.conv_packed(inputs, &tl::pack_fwd(weight, cin, c_out), c_out, args)
+    }
+
+    pub fn try_conv3_backward_data(
+        &self,
+        dz: &DevTensor,
+        weight: &[f32],
+        c_in: &[usize],
+        needed: &[bool],
+    ) -> Result<Vec<Option<DevTensor>>> {
+        let c_out = dz.shape.c;
+        let c_total: usize = c_in.iter().sum();
+        if weight.len() != c_out * c_total * 27 {
+            return Err(Error::invalid("conv3 backward: weight size does not match the channels"));
+        }
+        let mut offset = 0;
+        let mut out = Vec::new();
+        for (&cs, &need) in c_in.iter().zip(needed) {
+            if need {
+                let wt = tl::flip_transpose(weight, c_total, c_out, offset, cs);
+                let mut args = TrainArgs::default();
+                args.p[0] = [1.0; 16];
+                out.push(Some(self.conv_packed(&[dz], &tl::pack_fwd(&wt, c_out, cs), cs, args)?));
+            } else {
+                out.push(None);
+            }
+            offset += cs;
+        }
+        Ok(out)
+    }
+
+    pub fn try_conv3_backward_weight(&self, inputs: &[&DevTensor], dz: &DevTensor) -> Result<Vec<f64>> {
+        if inputs.is_empty() || inputs.len() > 3 {
+            return Err(Error::invalid("conv3 weight gradient: 1 to 3 inputs"));
+        }
+        let s0 = inputs[0].shape;
+        let mut cs = [0usize; 3];
+        for (i, t) in inputs.iter().enumerate() {
+            same_volume("conv3 weight gradient", t.shape, s0)?;
+            cs[i] = t.shape.c;
+        }
+        same_volume("conv3 weight gradient (dz)", dz.shape, s0)?;
+        let cin: usize = cs.iter().sum();
+        let c_out = dz.shape.c;
+        let nw = c_out * cin * 27;
+        let mut args = TrainArgs::default().dims(s0);
+        args.inp = [
+            inputs[0].ptr(),
+            inputs.get(1).map_or(0, |t| t.ptr()),
+            inputs.get(2).map_or(0, |t| t.ptr()),
+            dz.ptr(),
+        ];
+        args.ca = cs[0] as i32;
+        args.cb = cs[1] as i32;
+        args.cc = cs[2] as i32;
+        args.cout = c_out as i32;
+        let v = [cs[0], cs[1], cs[2], c_out];
+        let (part, blocks) = if tl::WGRAD_VARIANTS.contains(&v) {
+            let chunks = cin / tl::chunk(cin);
+            let blocks = tl::wgrad_blocks(tl::conv_tiles(s0), chunks);
+            let part = self.alloc(blocks * nw * 8)?;
+            args.part = part.ptr;
+            self.launch(
+                &tl::wgrad_name(v),
+                (blocks as u32, chunks as u32, 1),
+                tl::wgrad_smem_bytes(cin, c_out),
+                &args,
+            )?;
+            (part, blocks)
+        } else {
+            let voxels = s0.n * s0.spatial();
+            let chunks = voxels.div_ceil(tl::ANY_WGRAD_CHUNK);
+            let part = self.alloc(chunks * nw * 8)?;
+            args.part = part.ptr;
+            args.k0 = tl::ANY_WGRAD_CHUNK as i32;
+            self.launch_1d(tl::CONV_ANY_WGRAD, chunks * nw, args)?;
+            (part, chunks)
+        };
+        let dw = self.alloc(nw * 8)?;
+        self.reduce(&part, blocks, nw, 1.0, dw.ptr)?;
+        self.download_f64(&dw, nw, "the conv weight gradient")
+    }
+
+    pub fn try_up2(
+        &self,
+        x: &DevTensor,
+        weight: &[f32],
+        c_out: usize,
+        epi: &Epilogue<'_, DevTensor, f32>,
+    ) -> Result<DevTensor> {
+        let s = x.shape;
+        if weight.len() != s.c * c_out * 8 || s.c > 16 || c_out > 16 {
+            return Err(Error::invalid(format!(
+                "up2: weight has {} values for {}→{c_out} channels",
+                weight.len(),
+                s.c
+            )));
+        }
+        let os = Shape::new(s.n, c_out, 2 * s.d, 2 * s.h, 2 * s.w);
+        let out = self.tensor(os)?;
+        let w = self.upload_f32(weight, "up2 weights")?;
+        let mut args = TrainArgs::default().dims(os);
+        self.set_epilogue(&mut args, epi, os)?;
+        args.inp[0] = x.ptr();
+        args.wt = w.ptr;
+        args.out[0] = out.ptr();
+        args.ca = s.c as i32;
+        args.cout = c_out as i32;
+        self.launch_1d("t_up2_fwd", os.n * os.spatial(), args)?;
+        Ok(out)
+    }
+
+    pub fn try_up2_backward_data(&self, dz: &DevTensor, weight: &[f32], c_in: usize) -> Result<DevTensor> {
+        let os = dz.shape;
+        if weight.len() != c_in * os.c * 8 || os.d % 2 + os.h % 2 + os.w % 2 != 0 {
+            return Err(Error::invalid("up2 backward: weight or sizes do not match"));
+        }
+        let s = Shape::new(os.n, c_in, os.d / 2, os.h / 2, os.w / 2);
+        let out = self.tensor(s)?;
+        let w = self.upload_f32(weight, "up2 weights")?;
+        let mut args = TrainArgs::default().dims(s);
+        args.inp[0] = dz.ptr();
+        args.wt = w.ptr;
+        args.out[0] = out.ptr();
+        args.ca = c_in as i32;
+        args.cout = os.c as i32;
+        self.launch_1d("t_up2_bwd_data", s.len(), args)?;
+        Ok(out)
+    }
+
+    pub fn try_up2_backward_weight(&self, x: &DevTensor, dz: &DevTensor) -> Result<Vec<f64>> {
+        let (s, os) = (x.shape, dz.shape);
+        if os.n != s.n || os.d != 2 * s.d || os.h != 2 * s.h || os.w != 2 * s.w || os.c > 16 {
+            return Err(Error::Shape(format!("up2 weight gradient: x {s}, dz {os}")));
+        }
+        let nw = s.c * os.c * 8;
+        let chunks = (s.n * s.spatial()).div_ceil(tl::UP2_WGRAD_CHUNK);
+        let part = self.alloc(chunks * nw * 8)?;
+        let mut args = TrainArgs::default().dims(s);
+        args.inp[0] = x.ptr();
+        args.inp[3] = dz.ptr();
+        args.part = part.ptr;
+        args.ca = s.c as i32;
+        args.cout = os.c as i32;
+        args.k0 = tl::UP2_WGRAD_CHUNK as i32;
+        self.launch_1d("t_up2_wgrad", chunks * s.c * 8, args)?;
+        let dw = self.alloc(nw * 8)?;
+        self.reduce(&part, chunks, nw, 1.0, dw.ptr)?;
+        self.download_f64(&dw, nw, "the up2 weight gradient")
+    }
+
+    pub fn try_epilogue(&self, z: &DevTensor, epi: &Epilogue<'_, DevTensor, f32>) -> Result<DevTensor> {
+        let out = self.tensor(z.shape)?;
+        let mut args = TrainArgs::default().dims(z.shape);
+        self.set_epilogue(&mut args, epi, z.shape)?;
+        args.inp[0] = z.ptr();
+        args.out[0] = out.ptr();
+        args.ca = z.shape.c as i32;
+        self.launch_1d("t_epilogue", z.shape.len(), args)?;
+        Ok(out)
+    }
+
+    pub fn try_avgpool2(&self, x: &DevTensor) -> Result<DevTensor> {
+        let s = x.shape;
+        if s.d % 2 + s.h % 2 + s.w % 2 != 0 {
+            return Err(Error::Shape(format!("avgpool2 needs even sizes, got {s}")));
+        }
+        let os = Shape::new(s.n, s.c, s.d / 2, s.h / 2, s.w / 2);
+        let out = self.tensor(os)?;
+        let mut args = TrainArgs::default().dims(os);
+        args.inp[0] = x.ptr();
+        args.out[0] = out.ptr();
+        args.ca = s.c as i32;
+        self.launch_1d("t_avgpool2", os.len(), args)?;
+        Ok(out)
+    }
+
+    pub fn try_channel_mean(&self, x: &DevTensor) -> Result<DevTensor> {
+        let out = self.tensor(x.shape.with_c(1))?;
+        let mut args = TrainArgs::default().dims(x.shape);
+        args.inp[0] = x.ptr();
+        args.out[0] = out.ptr();
+        args.ca = x.shape.c as i32;
+        self.launch_1d("t_channel_mean", x.shape.n * x.shape.spatial(), args)?;
+        Ok(out)
+    }
+
+    pub fn try_channel_mean_backward(&self, dy: &DevTensor, channels: usize) -> Result<DevTensor> {
+        let out = self.tensor(dy.shape.with_c(channels))?;
+        let mut args = TrainArgs::default();
+        args.inp[0] = dy.ptr();
+        args.out[0] = out.ptr();
+        args.ca = channels as i32;
+        self.launch_1d("t_channel_mean_bwd", out.shape.len(), args)?;
+        Ok(out)
+    }
+
+    /// Per-channel Σx and Σ(x − mean)² of a tensor whose channel count is a power of two
+    /// ≤ 16, reduced on the device: [mean (C), biased variance (C)].
+    pub fn try_batch_stats(&self, z: &DevTensor) -> Result<ChannelStats> {
+        let s = z.shape;
+        let c = s.c;
+        if !matches!(c, 1 | 2 | 4 | 8 | 16) {
+            // the device reduction fixes one channel per thread: other counts on the host
+            return Ok(pointwise::batch_stats(&self.try_download(z)?));
+        }
+        let count = s.len();
+        let m = (s.n * s.spatial()) as f64;
+        let blocks = tl::reduction_blocks(count);
+        let part = self.alloc(blocks * c * 8)?;
+        let stat = self.alloc(2 * c * 8)?;
+        let mut args = TrainArgs::default();
+        args.inp[0] = z.ptr();
+        args.part = part.ptr;
+        args.stat = stat.ptr;
+        args.ca = c as i32;
+        args.count = count as i64;
+        self.launch("t_chan_sum", (blocks as u32, 1, 1), 0, &args)?;
+        self.reduce(&part, blocks, c, 1.0 / m, stat.ptr)?;
+        args.mode = 1;
+        self.launch("t_chan_sum", (blocks as u32, 1, 1), 0, &args)?;
+        self.reduce(&part, blocks, c, 1.0 / m, stat.ptr + (c * 8) as u64)?;
+        let v = self.download_f64(&stat, 2 * c, "batch statistics")?;
+        Ok(ChannelStats {
+            mean: v[..c].to_vec(),
+            var: v[c..].to_vec(),
+        })
+    }
+
+    pub fn try_epilogue_backward(
+        &self,
+        z: &DevTensor,
+        dy: &DevTensor,
+        softplus: bool,
+        bn: Option<&BnTrainState<f32>>,
+    ) -> Result<(DevTensor, Vec<f64>, Vec<f64>)> {
+        let s = z.shape;
+        if dy.shape != s {
+            return Err(Error::Shape(format!("epilogue backward: z {s}, dy {}", dy.shape)));
+        }
+        let c = s.c;
+        if bn.is_some() && !matches!(c, 1 | 2 | 4 | 8 | 16) {
+            return Err(Error::invalid(format!(
+                "batch-norm gradient on the GPU needs 1, 2, 4, 8 or 16 channels, got {c}"
+            )));
+        }
+        if c > 16 {
+            return Err(Error::invalid(format!("the GPU epilogue takes at most 16 channels, got {c}")));
+        }
+        let count = s.len();
+        let dz = self.tensor(s)?;
+        let mut args = TrainArgs::default();
+        args.inp[0] = z.ptr();
+        args.inp[1] = dy.ptr();
+        args.out[0] = dz.ptr();
+        args.ca = c as i32;
+        args.count = count as i64;
+        args.mode = if softplus { 1 } else { 0 };
+        match bn {
+            Some(b) => {
+                args.p = [
+                    tl::channel_array(&b.gamma, c, 1.0),
+                    tl::channel_array(&b.beta, c, 0.0),
+                    tl::channel_array(&b.mean, c, 0.0),
+                    tl::channel_array(&b.inv_std, c, 1.0),
+                ];
+                args.mode |= 2;
+            }
+            None => {
+                args.p = [[1.0; 16], [0.0; 16], [0.0; 16], [1.0; 16]];
+            }
+        }
+        if bn.is_none() {
+            self.launch_1d("t_epi_bwd1", count, args)?;
+            return Ok((dz, vec![], vec![]));
+        }
+        let blocks = tl::reduction_blocks(count);
+        let part = self.alloc(blocks * 2 * c * 8)?;
+        let sums = self.alloc(2 * c * 8)?;
+        args.part = part.ptr;
+        self.launch("t_epi_bwd1", (blocks as u32, 1, 1), 0, &args)?;
+        self.reduce(&part, blocks, 2 * c, 1.0, sums.ptr)?;
+        args.stat = sums.ptr;
+        args.dc[0] = (s.n * s.spatial()) as f64;
+        self.launch_1d("t_epi_bwd2", count, args)?;
+        let v = self.download_f64(&sums, 2 * c, "batch-norm gradients")?;
+        // (∂z, ∂γ = Σ dh·x̂, ∂β = Σ dh)
+        Ok((dz, v[c..].to_vec(), v[..c].to_vec()))
+    }
+
+    fn rl_pair(&self, name: &str, a: &DevTensor, t: &DevTensor, eps: f32) -> Result<DevTensor> {
+        if a.shape != t.shape.with_c(1) {
+            return Err(Error::Shape(format!("{name}: a {} vs {}", a.shape, t.shape)));
+        }
+        let out = self.tensor(a.shape)?;
+        let mut args = TrainArgs::default();
+        args.inp[0] = a.ptr();
+        args.inp[1] = t.ptr();
+        args.out[0] = out.ptr();
+        args.ca = t.shape.c as i32;
+        args.f[0] = eps;
+        self.launch_1d(name, a.shape.len(), args)?;
+        Ok(out)
+    }
+
+    fn rl_pair_backward(
+        &self,
+        name: &str,
+        a: &DevTensor,
+        t: &DevTensor,
+        g: &DevTensor,
+        eps: f32,
+        mode: GradMode,
+    ) -> Result<(DevTensor, DevTensor)> {
+        if a.shape != t.shape.with_c(1) || g.shape != a.shape {
+            return Err(Error::Shape(format!(
+                "{name}: a {}, other {}, gradient {}",
+                a.shape, t.shape, g.shape
+            )));
+        }
+        let da = self.tensor(a.shape)?;
+        let dt = self.tensor(t.shape)?;
+        let mut args = TrainArgs::default();
+        args.inp[0] = a.ptr();
+        args.inp[1] = t.ptr();
+        args.inp[2] = g.ptr();
+        args.out[0] = da.ptr();
+        args.out[1] = dt.ptr();
+        args.ca = t.shape.c as i32;
+        args.f[0] = eps;
+        args.mode = match mode {
+            GradMode::Exact => 0,
+            GradMode::Paper => 1,
+        };
+        self.launch_1d(name, a.shape.len(), args)?;
+        Ok((da, dt))
+    }
+
+    /// The loss of spec §5: sums on the device (two passes, f64), terms on the host, then
+    /// the gradients on the device.
+    pub fn try_loss(
+        &self,
+        y: &DevTensor,
+        e1r: &DevTensor,
+        x1: &DevTensor,
+        g: &DevTensor,
+    ) -> Result<(LossTerms, DevTensor, DevTensor)> {
+        let s = g.shape;
+        if y.shape != s || e1r.shape != s || x1.shape != s || s.c != 1 {
+            return Err(Error::Shape(format!(
+                "loss: shapes differ ({} {} {} {})",
+                y.shape, e1r.shape, x1.shape, s
+            )));
+        }
+        let count = s.len();
+        let n = count as f64;
+        let blocks = tl::reduction_blocks(count);
+        let part = self.alloc(blocks * 5 * 8)?;
+        let stat = self.zeros_f64(7)?;
+        let mut args = TrainArgs::default();
+        args.inp = [y.ptr(), g.ptr(), e1r.ptr(), x1.ptr()];
+        args.part = part.ptr;
+        args.stat = stat.ptr;
+        args.count = count as i64;
+        self.launch("t_loss_sums", (blocks as u32, 1, 1), 0, &args)?;
+        self.reduce(&part, blocks, 2, 1.0 / n, stat.ptr)?;
+        args.mode = 1;
+        self.launch("t_loss_sums", (blocks as u32, 1, 1), 0, &args)?;
+        self.reduce(&part, blocks, 5, 1.0, stat.ptr + 16)?;
+        let v = self.download_f64(&stat, 7, "the loss sums")?;
+        let sums = LossSums {
+            n,
+            sum_y: v[0] * n,
+            sum_g: v[1] * n,
+            sq_y: v[2],
+            sq_g: v[3],
+            cross: v[4],
+            sq_err: v[5],
+            sq_aux: v[6],
+        };
+        let (terms, k) = loss_from_sums(&sums);
+        // the means as the device used them in pass 2 (not re-derived from n·mean / n)
+        let (mu_y, mu_g) = (v[0], v[1]);
+        let dy = self.tensor(s)?;
+        let de = self.tensor(s)?;
+        args.out[0] = dy.ptr();
+        args.out[1] = de.ptr();
+        args.dc = [n, mu_y, mu_g, k.a, k.b, k.c, k.d, k.k];
+        self.launch_1d("t_loss_grad", count, args)?;
+        Ok((terms, dy, de))
+    }
+
+    /// mode 0 mirror pad, 1 crop, 2 uncrop with zeros: `out` of shape `os`, x its source.
+    fn reshape(&self, x: &DevTensor, os: Shape, mode: i32) -> Result<DevTensor> {
+        let s = x.shape;
+        let out = self.tensor(os)?;
+        let mut args = TrainArgs::default().dims(os);
+        args.inp[0] = x.ptr();
+        args.out[0] = out.ptr();
+        args.ca = s.c as i32;
+        args.mode = mode;
+        args.k0 = s.d as i32;
+        args.k1 = s.h as i32;
+        args.k2 = s.w as i32;
+        self.launch_1d("t_reshape", os.len(), args)?;
+        Ok(out)
+    }
+
+    pub fn try_accumulate(&self, acc: &mut DevTensor, t: &DevTensor) -> Result<()> {
+        if acc.shape != t.shape {
+            return Err(Error::Shape(format!("accumulate: {} vs {}", acc.shape, t.shape)));
+        }
+        let mut args = TrainArgs::default();
+        args.inp[0] = t.ptr();
+        args.out[0] = acc.ptr();
+        self.launch_1d("t_accumulate", t.shape.len(), args)
+    }
+}
+
+impl Backend for CudaTrainBackend {
+    type T = f32;
+    type X = DevTensor;
+
+    fn shape(&self, x: &DevTensor) -> Shape {
+        x.shape
+    }
+    fn from_host(&self, t: &Tensor<f32>) -> DevTensor {
+        ok(self.try_upload(t))
+    }
+    fn to_host(&self, x: &DevTensor) -> Tensor<f32> {
+        ok(self.try_download(x))
+    }
+    fn conv3(&self, inputs: &[&DevTensor], weight: &[f32], c_out: usize, epi: &Epilogue<'_, DevTensor, f32>) -> DevTensor {
+        ok(self.try_conv3(inputs, weight, c_out, epi))
+    }
+    fn up2(&self, x: &DevTensor, weight: &[f32], c_out: usize, epi: &Epilogue<'_, DevTensor, f32>) -> DevTensor {
+        ok(self.try_up2(x, weight, c_out, epi))
+    }
+    fn epilogue(&self, z: &DevTensor, epi: &Epilogue<'_, DevTensor, f32>) -> DevTensor {
+        ok(self.try_epilogue(z, epi))
+    }
+    fn avgpool2(&self, x: &DevTensor) -> DevTensor {
+        ok(self.try_avgpool2(x))
+    }
+    fn channel_mean(&self, x: &DevTensor) -> DevTensor {
+        ok(self.try_channel_mean(x))
+    }
+    fn batch_stats(&self, z: &DevTensor) -> ChannelStats {
+        ok(self.try_batch_stats(z))
+    }
+    fn rl_divide(&self, a: &DevTensor, fp: &DevTensor, eps: f64) -> DevTensor {
+        ok(self.rl_pair("t_rl_divide", a, fp, eps as f32))
+    }
+    fn rl_update(&self, a: &DevTensor, bp: &DevTensor) -> DevTensor {
+        ok(self.rl_pair("t_rl_update", a, bp, 0.0))
+    }
+    fn loss(&self, y: &DevTensor, e1r: &DevTensor, x1: &DevTensor, g: &DevTensor) -> (LossTerms, DevTensor, DevTensor) {
+        ok(self.try_loss(y, e1r, x1, g))
+    }
+    fn epilogue_backward(
+        &self,
+        z: &DevTensor,
+        dy: &DevTensor,
+        softplus: bool,
+        bn: Option<&BnTrainState<f32>>,
+    ) -> (DevTensor, Vec<f64>, Vec<f64>) {
+        ok(self.try_epilogue_backward(z, dy, softplus, bn))
+    }
+    fn conv3_backward_data(
+        &self,
+        dz: &DevTensor,
+        weight: &[f32],
+        c_in: &[usize],
+        needed: &[bool],
+    ) -> Vec<Option<DevTensor>> {
+        ok(self.try_conv3_backward_data(dz, weight, c_in, needed))
+    }
+    fn conv3_backward_weight(&self, inputs: &[&DevTensor], dz: &DevTensor) -> Vec<f64> {
+        ok(self.try_conv3_backward_weight(inputs, dz))
+    }
+    fn up2_backward_data(&self, dz: &DevTensor, weight: &[f32], c_in: usize) -> DevTensor {
+        ok(self.try_up2_backward_data(dz, weight, c_in))
+    }
+    fn up2_backward_weight(&self, x: &DevTensor, dz: &DevTensor) -> Vec<f64> {
+        ok(self.try_up2_backward_weight(x, dz))
+    }
+    fn rl_divide_backward(
+        &self,
+        a: &DevTensor,
+        fp: &DevTensor,
+        eps: f64,
+        dq: &DevTensor,
+        mode: GradMode,
+    ) -> (DevTensor, DevTensor) {
+        ok(self.rl_pair_backward("t_rl_divide_bwd", a, fp, dq, eps as f32, mode))
+    }
+    fn rl_update_backward(&self, a: &DevTensor, bp: &DevTensor, de: &DevTensor, mode: GradMode) -> (DevTensor, DevTensor) {
+        ok(self.rl_pair_backward("t_rl_update_bwd", a, bp, de, 0.0, mode))
+    }
+    fn channel_mean_backward(&self, dy: &DevTensor, channels: usize) -> DevTensor {
+        ok(self.try_channel_mean_backward(dy, channels))
+    }
+    fn accumulate(&self, acc: &mut DevTensor, t: &DevTensor) {
+        ok(self.try_accumulate(acc, t))
+    }
+    fn pad_even(&self, x: &DevTensor) -> DevTensor {
+        let s = x.shape;
+        let e = |v: usize| v + v % 2;
+        ok(self.reshape(x, Shape::new(s.n, s.c, e(s.d), e(s.h), e(s.w)), 0))
+    }
+    fn crop(&self, x: &DevTensor, shape: Shape) -> DevTensor {
+        let s = x.shape;
+        assert!(
+            shape.n == s.n && shape.c == s.c && shape.d <= s.d && shape.h <= s.h && shape.w <= s.w,
+            "crop {s} to {shape}"
+        );
+        ok(self.reshape(x, shape, 1))
+    }
+    fn uncrop_zeros(&self, x: &DevTensor, shape: Shape) -> DevTensor {
+        let s = x.shape;
+        assert!(
+            shape.n == s.n && shape.c == s.c && shape.d >= s.d && shape.h >= s.h && shape.w >= s.w,
+            "uncrop {s} to {shape}"
+        );
+        ok(self.reshape(x, shape, 2))
+    }
+}
