@@ -20,6 +20,8 @@ pub mod conformance;
 pub mod device;
 #[cfg(test)]
 mod emulate;
+#[cfg(test)]
+mod emulate_train;
 pub mod forward;
 pub mod kernels;
 pub mod launch;
