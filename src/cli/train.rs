@@ -11,6 +11,9 @@ use rln_engine::train::adam::LrSchedule;
 use rln_engine::train::data::{CropSampler, Dataset};
 use rln_engine::train::loss::LossTerms;
 use rln_engine::train::trainer::{self, TrainConfig, TrainObserver, TrainState, ValMetrics};
+use super::infer::Device;
+use rln_engine::backend::cpu::CpuBackend;
+use rln_engine::backend::cuda::{self, CudaTrainBackend};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -123,6 +126,10 @@ pub struct TrainArgs {
     /// JSON-lines log (default: OUTPUT with .log.jsonl).
     #[arg(long)]
     pub log: Option<PathBuf>,
+    /// Where the network trains: cpu, cuda (the GPU: forward, loss and backward on the
+    /// device; crops, Adam and checkpoints on the host), or auto (cuda when usable).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
     /// Stop (as if killed) after this many total steps, leaving the checkpoint (for tests).
     #[arg(long, hide = true)]
     pub stop_after: Option<u64>,
@@ -302,6 +309,26 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening log {}", log_path.display()))?;
+    // the device (every problem reported before training starts)
+    let gpu = match a.device {
+        Device::Cpu => None,
+        Device::Cuda => Some(CudaTrainBackend::open(0).context("--device cuda")?),
+        Device::Auto => {
+            let b = if cuda::available() {
+                CudaTrainBackend::open(0)
+                    .map_err(|e| eprintln!("note: the CUDA device is not usable ({e}); training on the CPU"))
+                    .ok()
+            } else {
+                eprintln!("note: no CUDA device; training on the CPU");
+                None
+            };
+            b
+        }
+    };
+    let device_name = gpu
+        .as_ref()
+        .map(|b| b.dev.describe())
+        .unwrap_or_else(|| format!("CPU, {} threads", rln_engine::threads()));
     let bar = ProgressBar::with_draw_target(Some(cfg.steps), ProgressDrawTarget::hidden());
     if std::io::stderr().is_terminal() {
         bar.set_draw_target(ProgressDrawTarget::stderr());
@@ -315,12 +342,11 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     let start = Instant::now();
     let first = state.step;
     eprintln!(
-        "training {} steps (from step {first}) on {} pairs, batch {}×{:?}, {} threads; checkpoint {}",
+        "training {} steps (from step {first}) on {} pairs, batch {}×{:?}, on {device_name}; checkpoint {}",
         cfg.steps,
         data.pairs.len(),
         cfg.sampler.batch,
         cfg.sampler.crop,
-        rln_engine::threads(),
         ckpt_path.display()
     );
     let mut obs = CliObserver {
@@ -332,7 +358,20 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         last_val: None,
     };
     let every = a.checkpoint_every.unwrap_or(cfg.epoch_steps);
-    let result = trainer::train(&mut state, &cfg, &data, val.as_ref(), every, a.stop_after, &mut obs);
+    let result = match &gpu {
+        Some(b) => trainer::train_on(b, true, &mut state, &cfg, &data, val.as_ref(), every, a.stop_after, &mut obs),
+        None => trainer::train_on(
+            &CpuBackend::<f32>::new(),
+            false,
+            &mut state,
+            &cfg,
+            &data,
+            val.as_ref(),
+            every,
+            a.stop_after,
+            &mut obs,
+        ),
+    };
     obs.bar.finish_and_clear();
     let last_val = match result {
         Ok(v) => v,
@@ -359,7 +398,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     );
     model.config.training = Some(serde_json::json!({
         "steps": cfg.steps, "batch": cfg.sampler.batch, "crop": cfg.sampler.crop, "grad_mode": cfg.grad_mode,
-        "schedule": cfg.schedule, "seed": cfg.seed, "pairs": data.pairs.len(), "threads": rln_engine::threads(),
+        "schedule": cfg.schedule, "seed": cfg.seed, "pairs": data.pairs.len(), "threads": rln_engine::threads(), "device": device_name,
         "wall_s_this_run": secs, "steps_this_run": cfg.steps - first,
         "validation": last_val,
     }));

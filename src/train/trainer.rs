@@ -83,15 +83,51 @@ pub trait TrainObserver {
 
 /// One optimizer step on `batch`: forward with batch statistics, loss, backward,
 /// Adam, the running-statistics update. Fails (without touching `state`) on a
-/// non-finite loss or gradient.
+/// non-finite loss or gradient. On the CPU; [`train_step_on`] takes any backend.
 pub fn train_step(state: &mut TrainState, cfg: &TrainConfig, x: &Tensor<f32>, g: &Tensor<f32>) -> Result<LossTerms> {
-    let b = CpuBackend::<f32>::new();
-    let net = Rln::new(&b, &state.model);
-    let fwd = net.forward(x, BnMode::Batch, true);
-    let x1 = if x.shape.c > 1 { b.channel_mean(x) } else { x.clone() };
-    let (terms, dy, de1r) = b.loss(&fwd.prediction, &fwd.e1_raw, &x1, g);
-    let grads = net.backward(&fwd, &dy, &de1r, cfg.grad_mode);
+    train_step_on(&CpuBackend::<f32>::new(), state, cfg, x, g)
+}
+
+/// The text of a panic payload.
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// [`train_step`] on backend `b` (the batch is copied to it; forward, loss and backward
+/// run there; the gradients, batch statistics and loss come back; Adam and the running
+/// statistics are updated on the host, in f64, for every backend alike). A failure inside
+/// the backend (a device error: the [`Backend`] ops cannot return errors and panic)
+/// becomes an error, with `state` untouched.
+pub fn train_step_on<B: Backend<T = f32>>(
+    b: &B,
+    state: &mut TrainState,
+    cfg: &TrainConfig,
+    x: &Tensor<f32>,
+    g: &Tensor<f32>,
+) -> Result<LossTerms> {
+    let model = &state.model;
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let net = Rln::new(b, model);
+        let xd = b.from_host(x);
+        let gd = b.from_host(g);
+        let fwd = net.forward(&xd, BnMode::Batch, true);
+        let x1 = if x.shape.c > 1 { b.channel_mean(&xd) } else { xd };
+        let (terms, dy, de1r) = b.loss(&fwd.prediction, &fwd.e1_raw, &x1, &gd);
+        let grads = net.backward(&fwd, &dy, &de1r, cfg.grad_mode);
+        (terms, grads, fwd.batch_stats)
+    }));
     let step = state.step;
+    let (terms, grads, stats) = run.map_err(|p| {
+        let msg = panic_text(p);
+        if msg.contains("CUDA") {
+            Error::Cuda(format!("step {step}: {msg}"))
+        } else {
+            Error::Numeric(format!("step {step}: the backend failed: {msg}"))
+        }
+    })?;
     if !terms.loss.is_finite() {
         return Err(Error::Numeric(format!(
             "step {step}: the loss is {} (mse {}, ssim {}): training diverged or the data holds bad values",
@@ -104,7 +140,6 @@ pub fn train_step(state: &mut TrainState, cfg: &TrainConfig, x: &Tensor<f32>, g:
             terms.loss
         )));
     }
-    let stats = fwd.batch_stats;
     state.adam.update(&mut state.model.params, &grads);
     update_running_stats(&mut state.model, &stats);
     if !state.model.params.all_finite() {
@@ -126,8 +161,12 @@ fn center_crop(v: &Volume, max: [usize; 3]) -> Result<Volume> {
 
 /// Loss, PSNR and SSIM of `model` on `val` (inference mode, running statistics).
 pub fn validate(model: &Model<f32>, val: &Dataset, cfg: &TrainConfig) -> Result<ValMetrics> {
-    let b = CpuBackend::<f32>::new();
-    let net = Rln::new(&b, model);
+    validate_on(&CpuBackend::<f32>::new(), model, val, cfg)
+}
+
+/// [`validate`] with the network on backend `b`.
+pub fn validate_on<B: Backend<T = f32>>(b: &B, model: &Model<f32>, val: &Dataset, cfg: &TrainConfig) -> Result<ValMetrics> {
+    let net = Rln::new(b, model);
     let mut m = ValMetrics::default();
     let [plo, phi] = cfg.sampler.percentiles;
     for p in &val.pairs {
@@ -152,9 +191,13 @@ pub fn validate(model: &Model<f32>, val: &Dataset, cfg: &TrainConfig) -> Result<
             _ => x1.clone(),
         };
         let g = Tensor::from_vec(shape, normalize_ground_truth(&gt.data)?)?;
-        let fwd = net.forward(&x, BnMode::Running, false);
-        m.loss += loss_terms(&fwd.prediction.data, &fwd.e1_raw.data, &x1.data, &g.data).loss;
-        let pred = gt.like(fwd.prediction.data)?;
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let fwd = net.forward(&b.from_host(&x), BnMode::Running, false);
+            (b.to_host(&fwd.prediction), b.to_host(&fwd.e1_raw))
+        }));
+        let (prediction, e1_raw) = run.map_err(|p| Error::Cuda(format!("validation: {}", panic_text(p))))?;
+        m.loss += loss_terms(&prediction.data, &e1_raw.data, &x1.data, &g.data).loss;
+        let pred = gt.like(prediction.data)?;
         let e = evaluate(&gt, &pred, Normalize::Affine, None)?;
         m.psnr += e.psnr;
         m.ssim += e.ssim;
@@ -180,28 +223,67 @@ pub fn train(
     stop_after: Option<u64>,
     obs: &mut dyn TrainObserver,
 ) -> Result<Option<ValMetrics>> {
+    let b = CpuBackend::<f32>::new();
+    train_on(&b, false, state, cfg, data, val, checkpoint_every, stop_after, obs)
+}
+
+/// [`train`] on backend `b`. With `prefetch`, the next batches are cut and normalized on
+/// a host thread while the backend runs the current step (for a device; the CPU backend
+/// needs its threads itself). Batches depend only on (step, seed), so the run is the same
+/// either way, and a checkpoint of one backend resumes on the other.
+#[allow(clippy::too_many_arguments)]
+pub fn train_on<B: Backend<T = f32>>(
+    b: &B,
+    prefetch: bool,
+    state: &mut TrainState,
+    cfg: &TrainConfig,
+    data: &Dataset,
+    val: Option<&Dataset>,
+    checkpoint_every: u64,
+    stop_after: Option<u64>,
+    obs: &mut dyn TrainObserver,
+) -> Result<Option<ValMetrics>> {
     data.check_crop(cfg.sampler.crop)?;
     let end = stop_after.map_or(cfg.steps, |s| s.min(cfg.steps));
-    let mut last_val = None;
-    while state.step < end {
-        let batch = cfg
-            .sampler
-            .batch(data, state.model.config.variant, state.step, cfg.seed)?;
-        let lr = state.adam.schedule.lr(state.step);
-        let terms = train_step(state, cfg, &batch.input, &batch.ground_truth)?;
-        obs.on_step(state.step, &terms, lr);
-        if let Some(v) = val {
-            if state.step % cfg.epoch_steps == 0 || state.step == cfg.steps {
-                let m = validate(&state.model, v, cfg)?;
-                obs.on_validation(state.step, &m);
-                last_val = Some(m);
+    let variant = state.model.config.variant;
+    let first = state.step;
+    std::thread::scope(|scope| {
+        // batches for steps first..end, in order, at most two ahead
+        let rx = prefetch.then(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<super::data::Batch>>(2);
+            scope.spawn(move || {
+                for step in first..end {
+                    if tx.send(cfg.sampler.batch(data, variant, step, cfg.seed)).is_err() {
+                        break; // the loop stopped
+                    }
+                }
+            });
+            rx
+        });
+        let mut last_val = None;
+        while state.step < end {
+            let batch = match &rx {
+                Some(rx) => rx
+                    .recv()
+                    .map_err(|_| Error::invalid("the batch thread stopped unexpectedly"))??,
+                None => cfg.sampler.batch(data, variant, state.step, cfg.seed)?,
+            };
+            let lr = state.adam.schedule.lr(state.step);
+            let terms = train_step_on(b, state, cfg, &batch.input, &batch.ground_truth)?;
+            obs.on_step(state.step, &terms, lr);
+            if let Some(v) = val {
+                if state.step % cfg.epoch_steps == 0 || state.step == cfg.steps {
+                    let m = validate_on(b, &state.model, v, cfg)?;
+                    obs.on_validation(state.step, &m);
+                    last_val = Some(m);
+                }
+            }
+            if (checkpoint_every > 0 && state.step % checkpoint_every == 0) || state.step == end {
+                obs.on_checkpoint(state, cfg)?;
             }
         }
-        if (checkpoint_every > 0 && state.step % checkpoint_every == 0) || state.step == end {
-            obs.on_checkpoint(state, cfg)?;
-        }
-    }
-    Ok(last_val)
+        Ok(last_val)
+    })
 }
 
 // ---------------------------------------------------------------- checkpoints
