@@ -75,27 +75,38 @@ fn row(key: String, got: &[f64], want: &[f64], tol: f64) -> Row {
 
 /// Runs the conformance check of `model` on `vectors` with the CPU backend in precision T.
 pub fn run<T: Real>(model: &Model<f32>, vectors: &Path) -> Result<Report> {
+    run_on(&CpuBackend::<T>::new(), model, vectors)
+}
+
+/// The conformance check with the network on backend `b` (inference and training mode,
+/// loss and paper-mode gradients all computed there).
+pub fn run_on<B: Backend>(b: &B, model: &Model<f32>, vectors: &Path) -> Result<Report> {
+    type T<B> = <B as Backend>::T;
     let file = TensorFile::open(vectors)?;
-    let model: Model<T> = model.cast();
+    let model: Model<T<B>> = model.cast();
     if model.config.variant.input_channels() != 1 {
         return Err(Error::invalid(
             "conformance vectors are for the single-view network; this model is a dual-view variant",
         ));
     }
-    let x: Tensor<T> = read_volume(&file, "input")?;
-    let g: Tensor<T> = read_volume(&file, "ground_truth")?;
+    let x: Tensor<T<B>> = read_volume(&file, "input")?;
+    let g: Tensor<T<B>> = read_volume(&file, "ground_truth")?;
     if x.shape != g.shape {
         return Err(Error::format(
             vectors,
             format!("input {} and ground_truth {} differ in shape", x.shape, g.shape),
         ));
     }
-    let b = CpuBackend::<T>::new();
-    let net = Rln::new(&b, &model);
+    let net = Rln::new(b, &model);
     let mut rows = Vec::new();
-    let f64v = |t: &Tensor<T>| t.data.iter().map(|v| v.f64()).collect::<Vec<f64>>();
-    let mut compare_outputs =
-        |mode: &str, y: &Tensor<T>, e1r: &Tensor<T>, e2r: &Tensor<T>, terms: LossTerms, tol: f64| -> Result<()> {
+    let f64v = |t: &Tensor<T<B>>| t.data.iter().map(|v| v.f64()).collect::<Vec<f64>>();
+    let mut compare_outputs = |mode: &str,
+                               y: &Tensor<T<B>>,
+                               e1r: &Tensor<T<B>>,
+                               e2r: &Tensor<T<B>>,
+                               terms: LossTerms,
+                               tol: f64|
+     -> Result<()> {
             for (k, t) in [("prediction", y), ("e1_raw", e1r), ("e2_raw", e2r)] {
                 let key = format!("{mode}.{k}");
                 let want = read_volume::<f64>(&file, &key)?;
@@ -114,15 +125,18 @@ pub fn run<T: Real>(model: &Model<f32>, vectors: &Path) -> Result<Report> {
             Ok(())
         };
 
+    let (xb, gb) = (b.from_host(&x), b.from_host(&g));
     // inference mode: running statistics
-    let fwd = net.forward(&x, BnMode::Running, false);
-    let terms = loss_terms(&fwd.prediction.data, &fwd.e1_raw.data, &x.data, &g.data);
-    compare_outputs("infer", &fwd.prediction, &fwd.e1_raw, &fwd.e2_raw, terms, TOL_INFER)?;
+    let fwd = net.forward(&xb, BnMode::Running, false);
+    let (y, e1r, e2r) = (b.to_host(&fwd.prediction), b.to_host(&fwd.e1_raw), b.to_host(&fwd.e2_raw));
+    let terms = loss_terms(&y.data, &e1r.data, &x.data, &g.data);
+    compare_outputs("infer", &y, &e1r, &e2r, terms, TOL_INFER)?;
 
     // training mode: batch statistics, loss gradient, paper-mode backward
-    let fwd = net.forward(&x, BnMode::Batch, true);
-    let (terms, dy, de1r) = b.loss(&fwd.prediction, &fwd.e1_raw, &x, &g);
-    compare_outputs("train", &fwd.prediction, &fwd.e1_raw, &fwd.e2_raw, terms, TOL_TRAIN)?;
+    let fwd = net.forward(&xb, BnMode::Batch, true);
+    let (terms, dy, de1r) = b.loss(&fwd.prediction, &fwd.e1_raw, &xb, &gb);
+    let (y, e1r, e2r) = (b.to_host(&fwd.prediction), b.to_host(&fwd.e1_raw), b.to_host(&fwd.e2_raw));
+    compare_outputs("train", &y, &e1r, &e2r, terms, TOL_TRAIN)?;
     let grads = net.backward(&fwd, &dy, &de1r, GradMode::Paper);
     for (l, k) in grads.ids() {
         let name = tf_param_name(l, k).expect("every trainable tensor has a TF name");
@@ -150,7 +164,7 @@ pub fn run<T: Real>(model: &Model<f32>, vectors: &Path) -> Result<Report> {
     Ok(Report {
         vectors: vectors.display().to_string(),
         input_shape: [s.n, s.d, s.h, s.w],
-        precision: T::NAME.to_string(),
+        precision: <T<B> as Real>::NAME.to_string(),
         passed: rows.iter().all(|r| r.pass),
         rows,
     })

@@ -54,11 +54,7 @@ impl ConvIn<'_> {
             let r = p - sz * (SY * SX);
             let sy = r / SX;
             let sx = r - sy * SX;
-            let (gz, gy, gx) = (
-                (z0 + sz) as isize - 1,
-                (y0 + sy) as isize - 1,
-                (x0 + sx) as isize - 1,
-            );
+            let (gz, gy, gx) = ((z0 + sz) as isize - 1, (y0 + sy) as isize - 1, (x0 + sx) as isize - 1);
             let mut v = 0.0;
             if gz >= 0 && (gz as usize) < s.d && gy >= 0 && (gy as usize) < s.h && gx >= 0 && (gx as usize) < s.w {
                 let vox = ((n * s.d + gz as usize) * s.h + gy as usize) * s.w + gx as usize;
@@ -393,7 +389,11 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     fn random(shape: Shape, rng: &mut ChaCha8Rng) -> Tensor<f32> {
-        Tensor::from_vec(shape, (0..shape.len()).map(|_| rng.random_range(-1.0f32..1.0)).collect()).unwrap()
+        Tensor::from_vec(
+            shape,
+            (0..shape.len()).map(|_| rng.random_range(-1.0f32..1.0)).collect(),
+        )
+        .unwrap()
     }
 
     /// Every specialized conv variant (and odd sizes that are not tile multiples) through
@@ -401,7 +401,11 @@ mod tests {
     #[test]
     fn emulated_training_convs_match_the_cpu() {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
-        let shapes = [Shape::new(2, 1, 5, 9, 35), Shape::new(1, 1, 4, 8, 32), Shape::new(1, 1, 7, 3, 6)];
+        let shapes = [
+            Shape::new(2, 1, 5, 9, 35),
+            Shape::new(1, 1, 4, 8, 32),
+            Shape::new(1, 1, 7, 3, 6),
+        ];
         for (i, v) in FWD_VARIANTS.iter().enumerate() {
             let s = shapes[i % shapes.len()];
             let ins: Vec<Tensor<f32>> = v[..3]
@@ -436,7 +440,11 @@ mod tests {
     #[test]
     fn emulated_reductions_give_the_batch_statistics() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
-        for (c, s) in [(1, Shape::new(2, 1, 6, 10, 14)), (4, Shape::new(1, 4, 9, 9, 9)), (8, Shape::new(3, 8, 4, 6, 10))] {
+        for (c, s) in [
+            (1, Shape::new(2, 1, 6, 10, 14)),
+            (4, Shape::new(1, 4, 9, 9, 9)),
+            (8, Shape::new(3, 8, 4, 6, 10)),
+        ] {
             let _ = c;
             let z = random(s, &mut rng);
             let want = pointwise::batch_stats(&z);

@@ -103,7 +103,9 @@ fn ok<T>(r: Result<T>) -> T {
 /// Checks that tensors agree in batch and volume size.
 fn same_volume(what: &str, a: Shape, b: Shape) -> Result<()> {
     if a.n != b.n || a.dims() != b.dims() {
-        return Err(Error::Shape(format!("{what}: {a} and {b} differ in batch or volume size")));
+        return Err(Error::Shape(format!(
+            "{what}: {a} and {b} differ in batch or volume size"
+        )));
     }
     Ok(())
 }
@@ -202,10 +204,8 @@ impl CudaTrainBackend {
         let bytes = bytes.max(16);
         // SAFETY: stream-ordered allocation on this backend's stream; the memory is used only
         // through DevMem, on the same stream.
-        let ptr = unsafe { cu::malloc_async(p.stream.cu_stream(), bytes) }.check(&format!(
-            "allocating {} MiB of device memory",
-            bytes.div_ceil(1 << 20)
-        ))?;
+        let ptr = unsafe { cu::malloc_async(p.stream.cu_stream(), bytes) }
+            .check(&format!("allocating {} MiB of device memory", bytes.div_ceil(1 << 20)))?;
         let mem = DevMem {
             ptr,
             bytes,
@@ -243,7 +243,10 @@ impl CudaTrainBackend {
     fn download_f64(&self, m: &DevMem, len: usize, what: &str) -> Result<Vec<f64>> {
         let mut v = vec![0.0f64; len];
         self.dev.copy_dtoh(&self.pool.stream, &mut v, m.ptr, what)?;
-        self.pool.stream.synchronize().check(&format!("copying {what} to the host"))?;
+        self.pool
+            .stream
+            .synchronize()
+            .check(&format!("copying {what} to the host"))?;
         Ok(v)
     }
 
@@ -258,8 +261,7 @@ impl CudaTrainBackend {
     /// Downloads a tensor to the host (N×C×D×H×W); waits for the device.
     pub fn try_download(&self, x: &DevTensor) -> Result<Tensor<f32>> {
         let mut v = vec![0.0f32; x.shape.len()];
-        self.dev
-            .copy_dtoh(&self.pool.stream, &mut v, x.mem.ptr, "a tensor")?;
+        self.dev.copy_dtoh(&self.pool.stream, &mut v, x.mem.ptr, "a tensor")?;
         self.pool.stream.synchronize().check("copying a tensor to the host")?;
         Tensor::from_ndhwc(x.shape, &v)
     }
@@ -331,7 +333,13 @@ impl CudaTrainBackend {
 
     /// conv3 over the concatenation of `inputs` with weights already packed
     /// [ci][27][co], then the epilogue in `args` (p, mode, f, inp[3]).
-    fn conv_packed(&self, inputs: &[&DevTensor], packed: &[f32], c_out: usize, mut args: TrainArgs) -> Result<DevTensor> {
+    fn conv_packed(
+        &self,
+        inputs: &[&DevTensor],
+        packed: &[f32],
+        c_out: usize,
+        mut args: TrainArgs,
+    ) -> Result<DevTensor> {
         if inputs.is_empty() || inputs.len() > 3 {
             return Err(Error::invalid(format!(
                 "conv3 on the GPU takes 1 to 3 inputs, got {}",
@@ -413,7 +421,9 @@ impl CudaTrainBackend {
         let c_out = dz.shape.c;
         let c_total: usize = c_in.iter().sum();
         if weight.len() != c_out * c_total * 27 {
-            return Err(Error::invalid("conv3 backward: weight size does not match the channels"));
+            return Err(Error::invalid(
+                "conv3 backward: weight size does not match the channels",
+            ));
         }
         let mut offset = 0;
         let mut out = Vec::new();
@@ -422,7 +432,12 @@ impl CudaTrainBackend {
                 let wt = tl::flip_transpose(weight, c_total, c_out, offset, cs);
                 let mut args = TrainArgs::default();
                 args.p[0] = [1.0; 16];
-                out.push(Some(self.conv_packed(&[dz], &tl::pack_fwd(&wt, c_out, cs), cs, args)?));
+                out.push(Some(self.conv_packed(
+                    &[dz],
+                    &tl::pack_fwd(&wt, c_out, cs),
+                    cs,
+                    args,
+                )?));
             } else {
                 out.push(None);
             }
@@ -647,7 +662,9 @@ impl CudaTrainBackend {
             )));
         }
         if c > 16 {
-            return Err(Error::invalid(format!("the GPU epilogue takes at most 16 channels, got {c}")));
+            return Err(Error::invalid(format!(
+                "the GPU epilogue takes at most 16 channels, got {c}"
+            )));
         }
         let count = s.len();
         let dz = self.tensor(s)?;
@@ -832,7 +849,13 @@ impl Backend for CudaTrainBackend {
     fn to_host(&self, x: &DevTensor) -> Tensor<f32> {
         ok(self.try_download(x))
     }
-    fn conv3(&self, inputs: &[&DevTensor], weight: &[f32], c_out: usize, epi: &Epilogue<'_, DevTensor, f32>) -> DevTensor {
+    fn conv3(
+        &self,
+        inputs: &[&DevTensor],
+        weight: &[f32],
+        c_out: usize,
+        epi: &Epilogue<'_, DevTensor, f32>,
+    ) -> DevTensor {
         ok(self.try_conv3(inputs, weight, c_out, epi))
     }
     fn up2(&self, x: &DevTensor, weight: &[f32], c_out: usize, epi: &Epilogue<'_, DevTensor, f32>) -> DevTensor {
@@ -896,7 +919,13 @@ impl Backend for CudaTrainBackend {
     ) -> (DevTensor, DevTensor) {
         ok(self.rl_pair_backward("t_rl_divide_bwd", a, fp, dq, eps as f32, mode))
     }
-    fn rl_update_backward(&self, a: &DevTensor, bp: &DevTensor, de: &DevTensor, mode: GradMode) -> (DevTensor, DevTensor) {
+    fn rl_update_backward(
+        &self,
+        a: &DevTensor,
+        bp: &DevTensor,
+        de: &DevTensor,
+        mode: GradMode,
+    ) -> (DevTensor, DevTensor) {
         ok(self.rl_pair_backward("t_rl_update_bwd", a, bp, de, 0.0, mode))
     }
     fn channel_mean_backward(&self, dy: &DevTensor, channels: usize) -> DevTensor {

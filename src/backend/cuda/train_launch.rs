@@ -220,10 +220,18 @@ pub fn flip_transpose(weight: &[f32], c_total: usize, c_out: usize, offset: usiz
 
 /// Per-channel parameter arrays of at most 16 channels, `fill` beyond `v`.
 pub fn channel_array(v: &[f32], channels: usize, fill: f32) -> [f32; 16] {
-    assert!(channels <= 16, "the training kernels take at most 16 channels, got {channels}");
+    assert!(
+        channels <= 16,
+        "the training kernels take at most 16 channels, got {channels}"
+    );
     let mut a = [fill; 16];
     if !v.is_empty() {
-        assert_eq!(v.len(), channels, "{} per-channel values for {channels} channels", v.len());
+        assert_eq!(
+            v.len(),
+            channels,
+            "{} per-channel values for {channels} channels",
+            v.len()
+        );
         a[..channels].copy_from_slice(v);
     }
     a
@@ -268,7 +276,10 @@ mod tests {
             if let Some(ptx) = module(m).unwrap().ptx {
                 for l in ptx.lines().filter(|l| l.contains(".entry ")) {
                     let name = l.split(".entry ").nth(1).unwrap().split('(').next().unwrap();
-                    assert!(list.iter().any(|(_, n, _)| n == name), "{name} of {m} is not in kernel_list");
+                    assert!(
+                        list.iter().any(|(_, n, _)| n == name),
+                        "{name} of {m} is not in kernel_list"
+                    );
                 }
             }
         }

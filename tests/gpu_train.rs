@@ -1,0 +1,694 @@
+//! The CUDA training backend against the CPU backend: every op of the `Backend` trait,
+//! forward and backward, on fresh random inputs (odd sizes, batch > 1, sizes that are not
+//! tile multiples); the whole network's gradients in both gradient modes; the
+//! conformance vectors in training mode on the GPU; training steps GPU vs CPU; and
+//! determinism. Every allocation of the GPU backend is poisoned with NaN, so an element a
+//! kernel forgets to write shows up as a non-finite value.
+//! Without a CUDA device every test prints "skipped: no CUDA device" and passes.
+//!
+//! Tolerances (relative L2 vs the CPU backend in f32): forward ops 1e-5, gradients 1e-4;
+//! conformance: train.* 1e-4, grad.* 5e-3 (vs the authors' TF graph), infer.* 1e-5.
+//! Run with `--nocapture --test-threads=1` to see every error next to its tolerance.
+//! RLN_REQUIRE_GPU=1 turns "no device" into a failure (tools/gpu-check.sh sets it).
+
+mod common;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rln_engine::backend::cpu::CpuBackend;
+use rln_engine::backend::cuda::{self, CudaDevice, CudaTrainBackend};
+use rln_engine::backend::{Addend, Backend, BnTrainState, Epilogue, GradMode};
+use rln_engine::model::{Model, ModelConfig, Params, Variant};
+use rln_engine::net::{BnMode, Rln};
+use rln_engine::tensor::{rel_l2, Shape, Tensor};
+use rln_engine::train::trainer::{train_step_on, TrainConfig, TrainState};
+use std::path::PathBuf;
+
+const TOL_FWD: f64 = 1e-5;
+const TOL_GRAD: f64 = 1e-4;
+const CPU: CpuBackend<f32> = CpuBackend::<f32>::new_const();
+
+fn backend() -> Option<CudaTrainBackend> {
+    if !cuda::available() {
+        assert!(
+            std::env::var("RLN_REQUIRE_GPU").map_or(true, |v| v != "1"),
+            "RLN_REQUIRE_GPU=1 but no CUDA device is available"
+        );
+        println!("skipped: no CUDA device");
+        return None;
+    }
+    let dev = CudaDevice::open(0).expect("a CUDA device is present but could not be opened");
+    println!("device: {}", dev.describe());
+    Some(CudaTrainBackend::with_poison(dev, true).expect("the training backend"))
+}
+
+fn random(shape: Shape, lo: f32, hi: f32, rng: &mut ChaCha8Rng) -> Tensor<f32> {
+    Tensor::from_vec(shape, (0..shape.len()).map(|_| rng.random_range(lo..hi)).collect()).unwrap()
+}
+
+/// Collects (what, error, tolerance) and fails at the end, so one bad op does not hide the others.
+#[derive(Default)]
+struct Checks {
+    failed: Vec<String>,
+}
+
+impl Checks {
+    fn err(&mut self, what: &str, e: f64, tol: f64) {
+        let ok = e <= tol;
+        println!(
+            "{what:<64} rel L2 {e:9.2e}  (tol {tol:.0e})  {}",
+            if ok { "ok" } else { "FAIL" }
+        );
+        if !ok {
+            self.failed.push(format!("{what}: {e:e}"));
+        }
+    }
+    fn tensor(&mut self, what: &str, got: &Tensor<f32>, want: &Tensor<f32>, tol: f64) {
+        let bad = got.data.iter().filter(|v| !v.is_finite()).count();
+        let e = if got.shape != want.shape || bad > 0 {
+            f64::INFINITY
+        } else {
+            rel_l2(&got.data, &want.data)
+        };
+        if bad > 0 {
+            println!("{what}: {bad} non-finite values (unwritten or overflowed)");
+        }
+        self.err(what, e, tol);
+    }
+    fn vec(&mut self, what: &str, got: &[f64], want: &[f64], tol: f64) {
+        let e = if got.len() != want.len() || got.iter().any(|v| !v.is_finite()) {
+            f64::INFINITY
+        } else {
+            rel_l2(got, want)
+        };
+        self.err(what, e, tol);
+    }
+    fn finish(self) {
+        assert!(self.failed.is_empty(), "failed: {:#?}", self.failed);
+    }
+}
+
+/// Every conv shape of the network (forward and data gradients) and shapes only the
+/// run-time-channel kernels take.
+const CONV_CASES: [(&[usize], usize); 13] = [
+    (&[1], 4),
+    (&[2], 4),
+    (&[4], 4),
+    (&[4, 4], 4),
+    (&[1], 8),
+    (&[8], 8),
+    (&[8, 8], 8),
+    (&[8, 1, 1], 8),
+    (&[4], 1),
+    (&[8], 1),
+    (&[4], 2),
+    (&[3], 2),
+    (&[2, 3], 5),
+];
+
+#[test]
+fn every_forward_op_matches_the_cpu() {
+    let Some(b) = backend() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let mut ck = Checks::default();
+    for (i, s) in [
+        Shape::new(2, 1, 5, 9, 35),
+        Shape::new(1, 1, 8, 16, 32),
+        Shape::new(3, 1, 7, 6, 11),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (cs, c_out) in CONV_CASES {
+            let ins: Vec<Tensor<f32>> = cs.iter().map(|&c| random(s.with_c(c), -1.0, 1.0, &mut rng)).collect();
+            let cin: usize = cs.iter().sum();
+            let w: Vec<f32> = (0..cin * c_out * 27).map(|_| rng.random_range(-0.3..0.3)).collect();
+            let scale: Vec<f32> = (0..c_out).map(|_| rng.random_range(0.5..1.5)).collect();
+            let shift: Vec<f32> = (0..c_out).map(|_| rng.random_range(-0.5..0.5)).collect();
+            let aux = random(s.with_c(1), -1.0, 1.0, &mut rng);
+            let aux_d = b.from_host(&aux);
+            let refs: Vec<&Tensor<f32>> = ins.iter().collect();
+            let dins: Vec<_> = ins.iter().map(|t| b.from_host(t)).collect();
+            let drefs: Vec<_> = dins.iter().collect();
+            // identity (training), then the three epilogue kinds on alternating sizes
+            let kinds = [0, 1 + (i % 3)];
+            for kind in kinds {
+                let (epi_c, epi_g) = match kind {
+                    0 => (Epilogue::identity(), Epilogue::identity()),
+                    1 => (
+                        Epilogue {
+                            scale: &scale,
+                            shift: &shift,
+                            softplus: true,
+                            addend: Addend::None,
+                        },
+                        Epilogue {
+                            scale: &scale,
+                            shift: &shift,
+                            softplus: true,
+                            addend: Addend::None,
+                        },
+                    ),
+                    2 => (
+                        Epilogue {
+                            scale: &scale,
+                            shift: &shift,
+                            softplus: false,
+                            addend: Addend::Const(1.0),
+                        },
+                        Epilogue {
+                            scale: &scale,
+                            shift: &shift,
+                            softplus: false,
+                            addend: Addend::Const(1.0),
+                        },
+                    ),
+                    _ => (
+                        Epilogue {
+                            scale: &scale,
+                            shift: &shift,
+                            softplus: true,
+                            addend: Addend::SoftplusOf(&aux),
+                        },
+                        Epilogue {
+                            scale: &scale,
+                            shift: &shift,
+                            softplus: true,
+                            addend: Addend::SoftplusOf(&aux_d),
+                        },
+                    ),
+                };
+                let want = CPU.conv3(&refs, &w, c_out, &epi_c);
+                let got = b.to_host(&b.conv3(&drefs, &w, c_out, &epi_g));
+                ck.tensor(&format!("conv3 {cs:?}→{c_out} epi {kind} at {s}"), &got, &want, TOL_FWD);
+            }
+        }
+        // up2 with the network's epilogue
+        let x = random(s.with_c(8), -1.0, 1.0, &mut rng);
+        let w: Vec<f32> = (0..8 * 4 * 8).map(|_| rng.random_range(-0.5..0.5)).collect();
+        let scale = [1.2f32, 0.8, 1.0, 0.9];
+        let shift = [0.1f32, -0.2, 0.0, 0.3];
+        let want = CPU.up2(
+            &x,
+            &w,
+            4,
+            &Epilogue {
+                scale: &scale,
+                shift: &shift,
+                softplus: true,
+                addend: Addend::None,
+            },
+        );
+        let got = b.to_host(&b.up2(
+            &b.from_host(&x),
+            &w,
+            4,
+            &Epilogue {
+                scale: &scale,
+                shift: &shift,
+                softplus: true,
+                addend: Addend::None,
+            },
+        ));
+        ck.tensor(&format!("up2 8→4 at {s}"), &got, &want, TOL_FWD);
+        // pointwise ops
+        for c in [1usize, 2, 4, 8] {
+            let t = random(s.with_c(c), -2.0, 2.0, &mut rng);
+            let td = b.from_host(&t);
+            let sc: Vec<f32> = (0..c).map(|_| rng.random_range(0.5..1.5)).collect();
+            let sh: Vec<f32> = (0..c).map(|_| rng.random_range(-0.5..0.5)).collect();
+            let a1 = random(s.with_c(1), -1.0, 1.0, &mut rng);
+            let a1d = b.from_host(&a1);
+            let want = CPU.epilogue(
+                &t,
+                &Epilogue {
+                    scale: &sc,
+                    shift: &sh,
+                    softplus: true,
+                    addend: Addend::SoftplusOf(&a1),
+                },
+            );
+            let got = b.to_host(&b.epilogue(
+                &td,
+                &Epilogue {
+                    scale: &sc,
+                    shift: &sh,
+                    softplus: true,
+                    addend: Addend::SoftplusOf(&a1d),
+                },
+            ));
+            ck.tensor(&format!("epilogue C={c} at {s}"), &got, &want, TOL_FWD);
+            ck.tensor(
+                &format!("channel_mean C={c} at {s}"),
+                &b.to_host(&b.channel_mean(&td)),
+                &CPU.channel_mean(&t),
+                TOL_FWD,
+            );
+            let want = CPU.batch_stats(&t);
+            let got = b.batch_stats(&td);
+            ck.vec(&format!("batch_stats mean C={c} at {s}"), &got.mean, &want.mean, 1e-9);
+            ck.vec(&format!("batch_stats var C={c} at {s}"), &got.var, &want.var, 1e-9);
+            let padded = CPU.pad_even(&t);
+            let got = b.to_host(&b.pad_even(&td));
+            ck.tensor(&format!("pad_even C={c} at {s}"), &got, &padded, 0.0);
+            ck.tensor(
+                &format!("crop C={c} at {s}"),
+                &b.to_host(&b.crop(&b.from_host(&padded), s.with_c(c))),
+                &t,
+                0.0,
+            );
+            ck.tensor(
+                &format!("uncrop C={c} at {s}"),
+                &b.to_host(&b.uncrop_zeros(&td, padded.shape)),
+                &CPU.uncrop_zeros(&t, padded.shape),
+                0.0,
+            );
+            if s.d % 2 + s.h % 2 + s.w % 2 == 0 {
+                ck.tensor(
+                    &format!("avgpool2 C={c} at {s}"),
+                    &b.to_host(&b.avgpool2(&td)),
+                    &CPU.avgpool2(&t),
+                    TOL_FWD,
+                );
+            } else {
+                ck.tensor(
+                    &format!("avgpool2 (padded) C={c} at {s}"),
+                    &b.to_host(&b.avgpool2(&b.pad_even(&td))),
+                    &CPU.avgpool2(&padded),
+                    TOL_FWD,
+                );
+            }
+            let pos = random(s.with_c(c), 0.0, 2.0, &mut rng);
+            let a = random(s.with_c(1), 0.05, 1.0, &mut rng);
+            let (pd, ad) = (b.from_host(&pos), b.from_host(&a));
+            ck.tensor(
+                &format!("rl_divide C={c} at {s}"),
+                &b.to_host(&b.rl_divide(&ad, &pd, 1e-3)),
+                &CPU.rl_divide(&a, &pos, 1e-3),
+                TOL_FWD,
+            );
+            ck.tensor(
+                &format!("rl_update C={c} at {s}"),
+                &b.to_host(&b.rl_update(&ad, &pd)),
+                &CPU.rl_update(&a, &pos),
+                TOL_FWD,
+            );
+        }
+        // batch statistics of a channel count the device reduction does not take (host path)
+        let t = random(s.with_c(3), -1.0, 1.0, &mut rng);
+        let (got, want) = (b.batch_stats(&b.from_host(&t)), CPU.batch_stats(&t));
+        ck.vec(&format!("batch_stats var C=3 at {s}"), &got.var, &want.var, 1e-9);
+    }
+    ck.finish();
+}
+
+#[test]
+fn every_backward_op_matches_the_cpu() {
+    let Some(b) = backend() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let mut ck = Checks::default();
+    for s in [
+        Shape::new(2, 1, 6, 10, 34),
+        Shape::new(1, 1, 5, 7, 9),
+        Shape::new(4, 1, 8, 8, 8),
+    ] {
+        for (cs, c_out) in CONV_CASES {
+            let ins: Vec<Tensor<f32>> = cs.iter().map(|&c| random(s.with_c(c), -1.0, 1.0, &mut rng)).collect();
+            let refs: Vec<&Tensor<f32>> = ins.iter().collect();
+            let dins: Vec<_> = ins.iter().map(|t| b.from_host(t)).collect();
+            let drefs: Vec<_> = dins.iter().collect();
+            let cin: usize = cs.iter().sum();
+            let w: Vec<f32> = (0..cin * c_out * 27).map(|_| rng.random_range(-0.3..0.3)).collect();
+            let dz = random(s.with_c(c_out), -1.0, 1.0, &mut rng);
+            let dzd = b.from_host(&dz);
+            let want = CPU.conv3_backward_weight(&refs, &dz);
+            let got = b.conv3_backward_weight(&drefs, &dzd);
+            ck.vec(
+                &format!("conv3_backward_weight {cs:?}→{c_out} at {s}"),
+                &got,
+                &want,
+                TOL_GRAD,
+            );
+            let needed: Vec<bool> = (0..cs.len()).map(|i| i != 1 || cs.len() < 3).collect();
+            let want = CPU.conv3_backward_data(&dz, &w, cs, &needed);
+            let got = b.conv3_backward_data(&dzd, &w, cs, &needed);
+            for (i, (g, wt)) in got.iter().zip(&want).enumerate() {
+                match (g, wt) {
+                    (Some(g), Some(wt)) => ck.tensor(
+                        &format!("conv3_backward_data {cs:?}→{c_out} input {i} at {s}"),
+                        &b.to_host(g),
+                        wt,
+                        TOL_GRAD,
+                    ),
+                    (None, None) => {}
+                    _ => ck.err(
+                        &format!("conv3_backward_data {cs:?} input {i}: needed flag ignored"),
+                        f64::INFINITY,
+                        0.0,
+                    ),
+                }
+            }
+        }
+        // up2
+        let half = Shape::new(s.n, 8, s.d, s.h, s.w);
+        let x = random(half, -1.0, 1.0, &mut rng);
+        let w: Vec<f32> = (0..8 * 4 * 8).map(|_| rng.random_range(-0.5..0.5)).collect();
+        let dz = random(Shape::new(s.n, 4, 2 * s.d, 2 * s.h, 2 * s.w), -1.0, 1.0, &mut rng);
+        let (xd, dzd) = (b.from_host(&x), b.from_host(&dz));
+        ck.tensor(
+            &format!("up2_backward_data at {s}"),
+            &b.to_host(&b.up2_backward_data(&dzd, &w, 8)),
+            &CPU.up2_backward_data(&dz, &w, 8),
+            TOL_GRAD,
+        );
+        ck.vec(
+            &format!("up2_backward_weight at {s}"),
+            &b.up2_backward_weight(&xd, &dzd),
+            &CPU.up2_backward_weight(&x, &dz),
+            TOL_GRAD,
+        );
+        // the epilogue with batch statistics (γ, β, dz), with and without softplus
+        for c in [1usize, 4, 8] {
+            let z = random(s.with_c(c), -2.0, 3.0, &mut rng);
+            let dy = random(s.with_c(c), -1.0, 1.0, &mut rng);
+            let st = CPU.batch_stats(&z);
+            let bn = BnTrainState {
+                gamma: (0..c).map(|_| rng.random_range(0.5f32..1.5)).collect(),
+                beta: (0..c).map(|_| rng.random_range(-0.5f32..0.5)).collect(),
+                mean: st.mean.iter().map(|&v| v as f32).collect(),
+                inv_std: st.var.iter().map(|&v| (1.0 / (v + 1e-3).sqrt()) as f32).collect(),
+            };
+            let (zd, dyd) = (b.from_host(&z), b.from_host(&dy));
+            for softplus in [true, false] {
+                for with_bn in [true, false] {
+                    let bnr = with_bn.then_some(&bn);
+                    let (wz, wg, wb) = CPU.epilogue_backward(&z, &dy, softplus, bnr);
+                    let (gz, gg, gb) = b.epilogue_backward(&zd, &dyd, softplus, bnr);
+                    let what = format!("epilogue_backward C={c} sp={softplus} bn={with_bn} at {s}");
+                    ck.tensor(&format!("{what} dz"), &b.to_host(&gz), &wz, TOL_GRAD);
+                    if with_bn {
+                        ck.vec(&format!("{what} dgamma"), &gg, &wg, TOL_GRAD);
+                        ck.vec(&format!("{what} dbeta"), &gb, &wb, TOL_GRAD);
+                    } else if !gg.is_empty() || !gb.is_empty() {
+                        ck.err(&format!("{what}: BN gradients without BN"), f64::INFINITY, 0.0);
+                    }
+                }
+            }
+            // RL nodes and channel mean
+            let a = random(s.with_c(1), 0.05, 1.0, &mut rng);
+            let t = random(s.with_c(c), 0.0, 2.0, &mut rng);
+            let g = random(s.with_c(1), -1.0, 1.0, &mut rng);
+            let (ad, td, gd) = (b.from_host(&a), b.from_host(&t), b.from_host(&g));
+            for mode in [GradMode::Paper, GradMode::Exact] {
+                let (wa, wt) = CPU.rl_divide_backward(&a, &t, 1e-3, &g, mode);
+                let (ga, gt) = b.rl_divide_backward(&ad, &td, 1e-3, &gd, mode);
+                ck.tensor(
+                    &format!("rl_divide_backward {mode:?} C={c} da at {s}"),
+                    &b.to_host(&ga),
+                    &wa,
+                    TOL_GRAD,
+                );
+                ck.tensor(
+                    &format!("rl_divide_backward {mode:?} C={c} dfp at {s}"),
+                    &b.to_host(&gt),
+                    &wt,
+                    TOL_GRAD,
+                );
+                let (wa, wt) = CPU.rl_update_backward(&a, &t, &g, mode);
+                let (ga, gt) = b.rl_update_backward(&ad, &td, &gd, mode);
+                ck.tensor(
+                    &format!("rl_update_backward {mode:?} C={c} da at {s}"),
+                    &b.to_host(&ga),
+                    &wa,
+                    TOL_GRAD,
+                );
+                ck.tensor(
+                    &format!("rl_update_backward {mode:?} C={c} dbp at {s}"),
+                    &b.to_host(&gt),
+                    &wt,
+                    TOL_GRAD,
+                );
+            }
+            ck.tensor(
+                &format!("channel_mean_backward C={c} at {s}"),
+                &b.to_host(&b.channel_mean_backward(&gd, c)),
+                &CPU.channel_mean_backward(&g, c),
+                TOL_GRAD,
+            );
+            let mut acc_c = t.clone();
+            CPU.accumulate(&mut acc_c, &t);
+            let mut acc_g = b.from_host(&t);
+            b.accumulate(&mut acc_g, &td);
+            ck.tensor(&format!("accumulate C={c} at {s}"), &b.to_host(&acc_g), &acc_c, 0.0);
+        }
+        // the loss and its gradients
+        let one = s.with_c(1);
+        let (y, e, x, g) = (
+            random(one, 0.0, 1.0, &mut rng),
+            random(one, 0.0, 1.0, &mut rng),
+            random(one, 0.0, 1.0, &mut rng),
+            random(one, 0.0, 1.0, &mut rng),
+        );
+        let (wt, wdy, wde) = CPU.loss(&y, &e, &x, &g);
+        let (gt, gdy, gde) = b.loss(&b.from_host(&y), &b.from_host(&e), &b.from_host(&x), &b.from_host(&g));
+        ck.vec(
+            &format!("loss terms at {s}"),
+            &[gt.loss, gt.mse, gt.mse_aux, gt.ssim],
+            &[wt.loss, wt.mse, wt.mse_aux, wt.ssim],
+            1e-9,
+        );
+        ck.tensor(&format!("loss dL/dy at {s}"), &b.to_host(&gdy), &wdy, TOL_FWD);
+        ck.tensor(&format!("loss dL/dE1r at {s}"), &b.to_host(&gde), &wde, TOL_FWD);
+    }
+    ck.finish();
+}
+
+/// Relative L2 error of every trainable tensor.
+fn compare_params(ck: &mut Checks, what: &str, got: &Params<f64>, want: &Params<f64>, tol: f64) -> f64 {
+    let mut worst: f64 = 0.0;
+    for (l, k) in want.ids() {
+        let e = rel_l2(got.tensor(l, k), want.tensor(l, k));
+        worst = worst.max(if e.is_finite() { e } else { f64::INFINITY });
+        if e > tol || !e.is_finite() {
+            ck.err(&format!("{what} {}", Params::<f64>::name(l, k)), e, tol);
+        }
+    }
+    ck.err(&format!("{what}: worst of {} tensors", want.ids().len()), worst, tol);
+    worst
+}
+
+#[test]
+fn network_gradients_match_the_cpu_in_both_modes() {
+    let Some(b) = backend() else { return };
+    let mut ck = Checks::default();
+    let b64 = CpuBackend::<f64>::new();
+    for (seed, variant, shape) in [
+        (3u64, Variant::Single, Shape::new(2, 1, 12, 18, 20)),
+        (4, Variant::Single, Shape::new(1, 1, 11, 13, 17)),
+        (5, Variant::DualConcat, Shape::new(2, 2, 8, 10, 12)),
+    ] {
+        let m64 = common::random_model(seed, variant);
+        let m32: Model<f32> = m64.cast();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed + 100);
+        let x = random(shape, 0.0, 1.0, &mut rng);
+        let g = random(shape.with_c(1), 0.0, 1.0, &mut rng);
+        let x1 = if shape.c > 1 { CPU.channel_mean(&x) } else { x.clone() };
+        for mode in [GradMode::Paper, GradMode::Exact] {
+            // CPU f32 (the reference) and f64 (the rounding level of f32, for context)
+            let net = Rln::new(&CPU, &m32);
+            let f = net.forward(&x, BnMode::Batch, true);
+            let (tc, dy, de) = CPU.loss(&f.prediction, &f.e1_raw, &x1, &g);
+            let want = net.backward(&f, &dy, &de, mode);
+            let net64 = Rln::new(&b64, &m64);
+            let (x64, g64, x164) = (x.cast::<f64>(), g.cast::<f64>(), x1.cast::<f64>());
+            let f64_ = net64.forward(&x64, BnMode::Batch, true);
+            let (_, dy64, de64) = b64.loss(&f64_.prediction, &f64_.e1_raw, &x164, &g64);
+            let want64 = net64.backward(&f64_, &dy64, &de64, mode);
+            let mut sink = Checks::default();
+            let level = compare_params(&mut sink, "cpu f32 vs f64", &want, &want64, f64::INFINITY);
+            println!("(rounding level: CPU f32 vs f64 gradients, worst tensor {level:.2e})");
+            // GPU
+            let netg = Rln::new(&b, &m32);
+            let (xd, gd) = (b.from_host(&x), b.from_host(&g));
+            let fg = netg.forward(&xd, BnMode::Batch, true);
+            let x1d = if shape.c > 1 {
+                b.channel_mean(&xd)
+            } else {
+                b.from_host(&x)
+            };
+            let (tg, dyg, deg) = b.loss(&fg.prediction, &fg.e1_raw, &x1d, &gd);
+            let what = format!("{variant:?} {shape} {mode:?}");
+            ck.tensor(
+                &format!("{what} prediction"),
+                &b.to_host(&fg.prediction),
+                &f.prediction,
+                TOL_FWD,
+            );
+            ck.tensor(&format!("{what} E1r"), &b.to_host(&fg.e1_raw), &f.e1_raw, TOL_FWD);
+            ck.tensor(&format!("{what} E2r"), &b.to_host(&fg.e2_raw), &f.e2_raw, TOL_FWD);
+            ck.vec(&format!("{what} loss"), &[tg.loss], &[tc.loss], TOL_FWD);
+            for (l, (gs, cs)) in fg.batch_stats.iter().zip(&f.batch_stats).enumerate() {
+                if let (Some(gs), Some(cs)) = (gs, cs) {
+                    ck.vec(&format!("{what} batch var of layer {l}"), &gs.var, &cs.var, TOL_FWD);
+                }
+            }
+            let got = netg.backward(&fg, &dyg, &deg, mode);
+            compare_params(&mut ck, &format!("{what} gradient"), &got, &want, TOL_GRAD);
+        }
+    }
+    ck.finish();
+}
+
+fn reference_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("RLN_REFERENCE_DIR") {
+        return PathBuf::from(d);
+    }
+    let sibling = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference");
+    if sibling.exists() {
+        sibling
+    } else {
+        PathBuf::from("shared/reference")
+    }
+}
+
+#[test]
+fn conformance_vectors_pass_in_training_mode_on_the_gpu() {
+    let Some(b) = backend() else { return };
+    let dir = reference_dir();
+    let model = Model::<f32>::import_tf(&dir.join("rln-authors-weights.safetensors"), 1e-4).expect("authors' weights");
+    let report =
+        rln_engine::conformance::run_on(&b, &model, &dir.join("rln-tf-vectors-a.safetensors")).expect("conformance");
+    let mut ck = Checks::default();
+    for r in &report.rows {
+        ck.err(&format!("conformance {}", r.key), r.rel_err, r.tol);
+    }
+    println!(
+        "conformance on the GPU: worst infer {:.2e}, train {:.2e}, grad {:.2e}",
+        report.worst("infer."),
+        report.worst("train."),
+        report.worst("grad.")
+    );
+    assert_eq!(report.rows.len(), 63);
+    ck.finish();
+}
+
+/// A batch of smooth blobs (like normalized microscopy), input and ground truth.
+fn blob_batch(seed: u64, shape: Shape) -> (Tensor<f32>, Tensor<f32>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut g = Tensor::<f32>::zeros(shape);
+    for n in 0..shape.n {
+        for _ in 0..6 {
+            let c = [
+                rng.random_range(0.0..shape.d as f32),
+                rng.random_range(0.0..shape.h as f32),
+                rng.random_range(0.0..shape.w as f32),
+            ];
+            let a: f32 = rng.random_range(0.3..1.0);
+            let p = g.plane_mut(n, 0);
+            for z in 0..shape.d {
+                for y in 0..shape.h {
+                    for x in 0..shape.w {
+                        let d2 = (z as f32 - c[0]).powi(2) + (y as f32 - c[1]).powi(2) + (x as f32 - c[2]).powi(2);
+                        p[(z * shape.h + y) * shape.w + x] += a * (-d2 / 8.0).exp();
+                    }
+                }
+            }
+        }
+    }
+    let x = Tensor {
+        shape,
+        data: g.data.iter().map(|&v| 0.7 * v + rng.random_range(0.0..0.1)).collect(),
+    };
+    (x, g)
+}
+
+#[test]
+fn training_steps_match_the_cpu() {
+    let Some(b) = backend() else { return };
+    let cfg = TrainConfig::default();
+    let model = Model::<f32>::init(
+        ModelConfig {
+            div_eps: 1e-3,
+            ..ModelConfig::default()
+        },
+        7,
+    );
+    let mut cpu = TrainState::new(model.clone(), &cfg);
+    let mut gpu = TrainState::new(model, &cfg);
+    let shape = Shape::new(2, 1, 16, 24, 32);
+    let mut ck = Checks::default();
+    for step in 0..3u64 {
+        let (x, g) = blob_batch(step + 40, shape);
+        let tc = train_step_on(&CPU, &mut cpu, &cfg, &x, &g).expect("CPU step");
+        let tg = train_step_on(&b, &mut gpu, &cfg, &x, &g).expect("GPU step");
+        ck.vec(&format!("step {step} loss"), &[tg.loss], &[tc.loss], TOL_FWD);
+        let (pc, pg): (Params<f64>, Params<f64>) = (cpu.model.params.cast(), gpu.model.params.cast());
+        compare_params(&mut ck, &format!("weights after step {step}"), &pg, &pc, TOL_GRAD);
+        let flat = |m: &Model<f32>| -> Vec<f64> {
+            m.running
+                .mean
+                .iter()
+                .chain(&m.running.var)
+                .flatten()
+                .map(|&v| v as f64)
+                .collect()
+        };
+        ck.vec(
+            &format!("running statistics after step {step}"),
+            &flat(&gpu.model),
+            &flat(&cpu.model),
+            TOL_FWD,
+        );
+    }
+    assert_eq!(gpu.step, 3);
+    assert_eq!(gpu.adam.step, 3);
+    ck.finish();
+}
+
+#[test]
+fn training_step_is_deterministic_and_frees_its_memory() {
+    let Some(b) = backend() else { return };
+    let cfg = TrainConfig::default();
+    let model = Model::<f32>::init(ModelConfig::default(), 9);
+    let (x, g) = blob_batch(3, Shape::new(2, 1, 16, 16, 16));
+    let mut s1 = TrainState::new(model.clone(), &cfg);
+    let mut s2 = TrainState::new(model, &cfg);
+    train_step_on(&b, &mut s1, &cfg, &x, &g).unwrap();
+    b.synchronize().unwrap();
+    let (live_after_one, _) = b.mem_bytes();
+    train_step_on(&b, &mut s2, &cfg, &x, &g).unwrap();
+    b.synchronize().unwrap();
+    assert_eq!(s1.model, s2.model, "two identical GPU steps gave different weights");
+    assert_eq!(s1.adam, s2.adam);
+    let (live, peak) = b.mem_bytes();
+    println!("device memory after a step: {live} B live, peak {} MiB", peak >> 20);
+    assert_eq!(live, 0, "tensors alive after the step");
+    assert_eq!(live_after_one, 0);
+}
+
+#[test]
+fn a_cpu_checkpoint_resumes_on_the_gpu_and_back() {
+    let Some(b) = backend() else { return };
+    let cfg = TrainConfig::default();
+    let model = Model::<f32>::init(ModelConfig::default(), 12);
+    let (x, g) = blob_batch(8, Shape::new(1, 1, 16, 16, 16));
+    let mut st = TrainState::new(model, &cfg);
+    train_step_on(&CPU, &mut st, &cfg, &x, &g).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.ckpt.safetensors");
+    rln_engine::train::trainer::save_checkpoint(&p, &st, &cfg, &[]).unwrap();
+    let (mut resumed, cfg2, _) = rln_engine::train::trainer::load_checkpoint(&p).unwrap();
+    assert_eq!(resumed, st);
+    train_step_on(&b, &mut resumed, &cfg2, &x, &g).unwrap();
+    train_step_on(&CPU, &mut st, &cfg, &x, &g).unwrap();
+    let mut ck = Checks::default();
+    compare_params(
+        &mut ck,
+        "CPU step 1 then GPU vs CPU step 2",
+        &resumed.model.params.cast(),
+        &st.model.params.cast(),
+        TOL_GRAD,
+    );
+    assert_eq!(resumed.step, 2);
+    ck.finish();
+}
