@@ -327,7 +327,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     };
     let device_name = gpu
         .as_ref()
-        .map(|b| b.dev.describe())
+        .map(|b| b.describe())
         .unwrap_or_else(|| format!("CPU, {} threads", rln_engine::threads()));
     let bar = ProgressBar::with_draw_target(Some(cfg.steps), ProgressDrawTarget::hidden());
     if std::io::stderr().is_terminal() {

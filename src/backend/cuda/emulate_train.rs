@@ -8,6 +8,7 @@
 //! lines and the .cu lines; keep them side by side.)
 
 use super::train_launch::*;
+use crate::real::Real;
 use crate::tensor::Shape;
 
 const TX: usize = 32;
@@ -129,6 +130,14 @@ pub fn tconv_fwd(a: &ConvIn, packed: &[f32], cout: usize) -> Vec<f32> {
 /// tconv_wgrad over the grid train.rs launches, then t_reduce_part: the weight gradient
 /// in engine layout [co][ci][27].
 pub fn tconv_wgrad(a: &ConvIn, dz: &[f32], cout: usize) -> Vec<f64> {
+    let cin = a.cin();
+    let blocks = wgrad_blocks(conv_tiles(a.s), cin / chunk(cin));
+    let part = tconv_wgrad_partials(a, dz, cout, blocks);
+    reduce_part(&part, blocks, cout * cin * 27, 1.0)
+}
+
+/// What one tconv_wgrad launch with grid (blocks, C_in / CK) writes: part[block][NW].
+pub fn tconv_wgrad_partials(a: &ConvIn, dz: &[f32], cout: usize, blocks: usize) -> Vec<f64> {
     let s = a.s;
     let cin = a.cin();
     let ck = chunk(cin);
@@ -136,7 +145,6 @@ pub fn tconv_wgrad(a: &ConvIn, dz: &[f32], cout: usize) -> Vec<f64> {
     let g_count = THREADS / ncol;
     let nw = cout * cin * 27;
     let chunks = cin / ck;
-    let blocks = wgrad_blocks(conv_tiles(s), chunks);
     let (tiles_x, tiles_y, tiles_z) = (s.w.div_ceil(TX), s.h.div_ceil(TY), s.d.div_ceil(TZ));
     let ntiles = tiles_x * tiles_y * tiles_z * s.n;
     let mut part = vec![f64::NAN; blocks * nw];
@@ -209,7 +217,7 @@ pub fn tconv_wgrad(a: &ConvIn, dz: &[f32], cout: usize) -> Vec<f64> {
             }
         }
     }
-    reduce_part(&part, blocks, nw, 1.0)
+    part
 }
 
 /// t_reduce_part: out[j] = scale · Σ_b part[b][j], threads b = tid + 256k, then the tree.
@@ -241,43 +249,60 @@ pub fn reduce_part(part: &[f64], blocks: usize, j_count: usize, scale: f64) -> V
 pub fn chan_sum(x: &[f32], c: usize, mean: Option<&[f64]>, m: f64) -> Vec<f64> {
     let count = x.len();
     let blocks = reduction_blocks(count);
-    let mut part = vec![f64::NAN; blocks * c];
+    let part = block_sums(count, blocks, c, 1, |e, ch, s| {
+        let v = x[e] as f64;
+        s[0] += match mean {
+            Some(mu) => (v - mu[ch]) * (v - mu[ch]),
+            None => v,
+        };
+    });
+    reduce_part(&part, blocks, c, 1.0 / m)
+}
+
+/// The block partials of a reduction kernel: every thread walks its grid-stride elements
+/// (channel tid % C, checked), adding into its `k` sums with `f(e, channel, sums)`; then
+/// `rln_block_sum_by_channel` per quantity. Returns part[block][q·C + channel].
+pub fn block_sums(
+    count: usize,
+    blocks: usize,
+    c: usize,
+    k: usize,
+    mut f: impl FnMut(usize, usize, &mut [f64; 5]),
+) -> Vec<f64> {
+    let mut part = vec![f64::NAN; blocks * k * c];
     for b in 0..blocks {
-        // per-thread sums of the grid-stride loop
-        let mut s = [0.0f64; 256];
+        let mut s = vec![[0.0f64; 5]; 256];
         for (tid, st) in s.iter_mut().enumerate() {
             let ch = tid % c;
             let mut e = b * 256 + tid;
             while e < count {
                 assert_eq!(e % c, ch, "a thread must see one channel only");
-                let v = x[e] as f64;
-                *st += match mean {
-                    Some(mu) => (v - mu[ch]) * (v - mu[ch]),
-                    None => v,
-                };
+                f(e, ch, st);
                 e += blocks * 256;
             }
         }
-        // rln_block_sum_by_channel: shuffle-down tree per warp (offsets ≥ C), then warps
-        let mut sred = [0.0f64; 8 * 32];
-        for w in 0..8 {
-            let mut v: Vec<f64> = s[w * 32..w * 32 + 32].to_vec();
-            let mut off = 16;
-            while off >= c {
-                let old = v.clone();
-                for lane in 0..32 {
-                    // __shfl_down_sync: lanes past the end read their own value
-                    v[lane] = old[lane] + if lane + off < 32 { old[lane + off] } else { old[lane] };
+        for q in 0..k {
+            // rln_block_sum_by_channel: shuffle-down tree per warp (offsets ≥ C), then warps
+            let mut sred = [0.0f64; 8 * 32];
+            for w in 0..8 {
+                let mut v: Vec<f64> = (0..32).map(|l| s[w * 32 + l][q]).collect();
+                let mut off = 16;
+                while off >= c {
+                    let old = v.clone();
+                    for lane in 0..32 {
+                        // __shfl_down_sync: lanes past the end read their own value
+                        v[lane] = old[lane] + if lane + off < 32 { old[lane + off] } else { old[lane] };
+                    }
+                    off >>= 1;
                 }
-                off >>= 1;
+                sred[w * 32..w * 32 + c].copy_from_slice(&v[..c]);
             }
-            sred[w * 32..w * 32 + c].copy_from_slice(&v[..c]);
-        }
-        for ch in 0..c {
-            part[b * c + ch] = (0..8).map(|w| sred[w * 32 + ch]).sum();
+            for ch in 0..c {
+                part[b * k * c + q * c + ch] = (0..8).map(|w| sred[w * 32 + ch]).sum();
+            }
         }
     }
-    reduce_part(&part, blocks, c, 1.0 / m)
+    part
 }
 
 /// t_up2_fwd (identity epilogue): x half size, channels-last; w engine layout.
@@ -329,9 +354,20 @@ pub fn up2_bwd_data(dz: &[f32], s: Shape, w: &[f32], co: usize) -> Vec<f32> {
 
 /// t_up2_wgrad over chunks, then t_reduce_part: engine layout [in][out][2][2][2].
 pub fn up2_wgrad(x: &[f32], s: Shape, dz: &[f32], co: usize) -> Vec<f64> {
+    let chunks = (s.n * s.spatial()).div_ceil(UP2_WGRAD_CHUNK);
+    reduce_part(
+        &up2_wgrad_partials(x, s, dz, co, UP2_WGRAD_CHUNK),
+        chunks,
+        s.c * co * 8,
+        1.0,
+    )
+}
+
+/// What t_up2_wgrad writes with chunks of `chunk` voxels: part[chunk][in·CO·8 + o·8 + pqr].
+pub fn up2_wgrad_partials(x: &[f32], s: Shape, dz: &[f32], co: usize, chunk: usize) -> Vec<f64> {
     let ci = s.c;
     let hv = s.n * s.spatial();
-    let chunks = hv.div_ceil(UP2_WGRAD_CHUNK);
+    let chunks = hv.div_ceil(chunk);
     let nw = ci * co * 8;
     let (d2, h2, w2) = (2 * s.d, 2 * s.h, 2 * s.w);
     let mut part = vec![f64::NAN; chunks * nw];
@@ -341,7 +377,7 @@ pub fn up2_wgrad(x: &[f32], s: Shape, dz: &[f32], co: usize) -> Vec<f64> {
         let ch = e / (8 * ci);
         let (p, q, r) = (pqr >> 2, (pqr >> 1) & 1, pqr & 1);
         let mut acc = [0.0f32; 16];
-        for v in ch * UP2_WGRAD_CHUNK..hv.min((ch + 1) * UP2_WGRAD_CHUNK) {
+        for v in ch * chunk..hv.min((ch + 1) * chunk) {
             let (k, j, i) = (v % s.w, (v / s.w) % s.h, (v / (s.w * s.h)) % s.d);
             let n = v / (s.w * s.h * s.d);
             let t = x[v * ci + c_i];
@@ -354,7 +390,7 @@ pub fn up2_wgrad(x: &[f32], s: Shape, dz: &[f32], co: usize) -> Vec<f64> {
             part[ch * nw + (c_i * co + o) * 8 + pqr] = acc[o] as f64;
         }
     }
-    reduce_part(&part, chunks, nw, 1.0)
+    part
 }
 
 /// t_reshape: mode 0 mirror pad, 1 crop, 2 uncrop (zeros outside); x of shape `src`.
@@ -378,6 +414,421 @@ pub fn reshape(x: &[f32], src: Shape, os: Shape, mode: i32) -> Vec<f32> {
             x[(((n * src.d + sz) * src.h + sy) * src.w + sx) * c + ch]
         })
         .collect()
+}
+
+// ---------------------------------------------------------------- the emulated device
+
+/// A typed view of emulated device memory through a raw pointer, bounds-checked against
+/// the allocation it points into (kernels read and write overlapping buffers in place, so
+/// no Rust references are formed).
+#[derive(Clone, Copy)]
+struct Buf<T> {
+    p: *mut T,
+    len: usize,
+}
+
+impl<T: Copy> Buf<T> {
+    fn get(&self, i: usize) -> T {
+        assert!(
+            i < self.len,
+            "emulated kernel reads element {i} of a buffer of {}",
+            self.len
+        );
+        // SAFETY: p points to at least len elements of a live allocation (checked in buf()).
+        unsafe { self.p.add(i).read_unaligned() }
+    }
+    fn set(&self, i: usize, v: T) {
+        assert!(
+            i < self.len,
+            "emulated kernel writes element {i} of a buffer of {}",
+            self.len
+        );
+        // SAFETY: as in get.
+        unsafe { self.p.add(i).write_unaligned(v) }
+    }
+    fn to_vec(self, n: usize) -> Vec<T> {
+        (0..n).map(|i| self.get(i)).collect()
+    }
+}
+
+/// The training kernels run on the CPU, one launch at a time, on host memory that plays
+/// device memory (pointers are host addresses). Every launch is checked against what
+/// train_launch.rs says (grids, shared memory) and executed with the emulations above or
+/// a direct transcription of the .cu kernel.
+#[derive(Default)]
+pub struct EmuExec {
+    mem: std::sync::Mutex<std::collections::HashMap<u64, Box<[u64]>>>,
+    pub launches: std::sync::Mutex<Vec<String>>,
+}
+
+impl EmuExec {
+    fn buf<T>(&self, ptr: u64) -> Buf<T> {
+        if ptr == 0 {
+            return Buf {
+                p: std::ptr::null_mut(),
+                len: 0,
+            };
+        }
+        let mem = self.mem.lock().unwrap();
+        let (base, a) = mem
+            .iter()
+            .find(|(&b, a)| ptr >= b && ptr < b + 8 * a.len() as u64)
+            .unwrap_or_else(|| panic!("pointer {ptr:#x} is not in an emulated allocation"));
+        let avail = (*base + 8 * a.len() as u64 - ptr) as usize;
+        Buf {
+            p: ptr as *mut T,
+            len: avail / std::mem::size_of::<T>(),
+        }
+    }
+}
+
+fn sp(v: f32) -> f32 {
+    v.softplus()
+}
+
+/// rln_train_epi
+fn epi(a: &TrainArgs, z: f32, c: usize, vox: usize, aux: Buf<f32>) -> f32 {
+    let mut v = z * a.p[0][c] + a.p[1][c];
+    if a.mode & EPI_SOFTPLUS != 0 {
+        v = sp(v);
+    }
+    match (a.mode >> 1) & 3 {
+        1 => v += a.f[0],
+        2 => v += sp(aux.get(vox)),
+        _ => {}
+    }
+    v
+}
+
+fn sigmoid(t: f32) -> f32 {
+    t.sigmoid()
+}
+
+impl super::train::Exec for EmuExec {
+    fn alloc(&self, bytes: usize) -> crate::Result<u64> {
+        let b: Box<[u64]> = vec![0u64; bytes.div_ceil(8)].into_boxed_slice();
+        let p = b.as_ptr() as u64;
+        self.mem.lock().unwrap().insert(p, b);
+        Ok(p)
+    }
+    fn free(&self, ptr: u64) {
+        assert!(
+            self.mem.lock().unwrap().remove(&ptr).is_some(),
+            "free of an unknown pointer"
+        );
+    }
+    fn memset(&self, ptr: u64, v: u8, bytes: usize) -> crate::Result<()> {
+        let b = self.buf::<u8>(ptr);
+        (0..bytes).for_each(|i| b.set(i, v));
+        Ok(())
+    }
+    fn htod(&self, dst: u64, src: &[u8]) -> crate::Result<()> {
+        let b = self.buf::<u8>(dst);
+        src.iter().enumerate().for_each(|(i, &v)| b.set(i, v));
+        Ok(())
+    }
+    fn dtoh(&self, dst: &mut [u8], src: u64) -> crate::Result<()> {
+        let b = self.buf::<u8>(src);
+        dst.iter_mut().enumerate().for_each(|(i, v)| *v = b.get(i));
+        Ok(())
+    }
+    fn synchronize(&self) -> crate::Result<()> {
+        Ok(())
+    }
+    fn launch(&self, name: &str, grid: (u32, u32, u32), smem: usize, a: &TrainArgs) -> crate::Result<()> {
+        self.launches.lock().unwrap().push(name.to_string());
+        let f = |i: usize| self.buf::<f32>(a.inp[i]);
+        let o = |i: usize| self.buf::<f32>(a.out[i]);
+        let part = self.buf::<f64>(a.part);
+        let stat = self.buf::<f64>(a.stat);
+        let count = a.count as usize;
+        let (n, d, h, w) = (a.n as usize, a.d as usize, a.h as usize, a.w as usize);
+        let (ca, cb, cc, cout) = (a.ca as usize, a.cb as usize, a.cc as usize, a.cout as usize);
+        let vol = Shape::new(n, 1, d, h, w);
+        let voxels = n * d * h * w;
+        let cmean = |t: Buf<f32>, v: usize, c: usize| {
+            let mut s = 0.0f32;
+            for k in 0..c {
+                s += t.get(v * c + k);
+            }
+            s * (1.0 / c as f32)
+        };
+        if let Some(rest) = name.strip_prefix("tconv_fwd_").filter(|r| *r != "any") {
+            let v: Vec<usize> = rest.split('_').map(|t| t.parse().unwrap()).collect();
+            assert_eq!(v, [ca, cb, cc, cout], "{name} launched with other channel counts");
+            let cin = ca + cb + cc;
+            assert_eq!(grid, conv_grid(vol), "{name}: grid");
+            assert_eq!(smem, fwd_smem_bytes(cin, cout), "{name}: shared memory");
+            let ins: Vec<Vec<f32>> = [ca, cb, cc]
+                .iter()
+                .enumerate()
+                .filter(|(_, &c)| c > 0)
+                .map(|(i, &c)| f(i).to_vec(voxels * c))
+                .collect();
+            let ci = ConvIn {
+                inputs: ins
+                    .iter()
+                    .zip([ca, cb, cc].iter().filter(|&&c| c > 0))
+                    .map(|(d, &c)| (d.as_slice(), c))
+                    .collect(),
+                s: vol,
+            };
+            let packed = self.buf::<f32>(a.wt).to_vec(cin * 27 * cout);
+            let acc = tconv_fwd(&ci, &packed, cout);
+            for (e, &z) in acc.iter().enumerate() {
+                o(0).set(e, epi(a, z, e % cout, e / cout, f(3)));
+            }
+            return Ok(());
+        }
+        if let Some(rest) = name.strip_prefix("tconv_wgrad_").filter(|r| *r != "any") {
+            let v: Vec<usize> = rest.split('_').map(|t| t.parse().unwrap()).collect();
+            assert_eq!(v, [ca, cb, cc, cout], "{name} launched with other channel counts");
+            let cin = ca + cb + cc;
+            assert_eq!(
+                grid.1 as usize,
+                cin / chunk(cin),
+                "{name}: one grid row per channel chunk"
+            );
+            assert_eq!(smem, wgrad_smem_bytes(cin, cout), "{name}: shared memory");
+            let ins: Vec<Vec<f32>> = (0..3)
+                .filter(|&i| [ca, cb, cc][i] > 0)
+                .map(|i| f(i).to_vec(voxels * [ca, cb, cc][i]))
+                .collect();
+            let ci = ConvIn {
+                inputs: ins
+                    .iter()
+                    .zip([ca, cb, cc].iter().filter(|&&c| c > 0))
+                    .map(|(d, &c)| (d.as_slice(), c))
+                    .collect(),
+                s: vol,
+            };
+            let p = tconv_wgrad_partials(&ci, &f(3).to_vec(voxels * cout), cout, grid.0 as usize);
+            p.iter().enumerate().for_each(|(i, &v)| part.set(i, v));
+            return Ok(());
+        }
+        // the run-time-channel and elementwise kernels: the .cu loops, transcribed
+        let src = |ci: usize| -> (Buf<f32>, usize, usize) {
+            if ci < ca {
+                (f(0), ca, ci)
+            } else if ci < ca + cb {
+                (f(1), cb, ci - ca)
+            } else {
+                (f(2), cc, ci - ca - cb)
+            }
+        };
+        let decode = |v: usize| (v % w, (v / w) % h, (v / (w * h)) % d, v / (w * h * d));
+        match name {
+            "tconv_fwd_any" => {
+                let cin = ca + cb + cc;
+                for e in 0..count {
+                    let (co, vox) = (e % cout, e / cout);
+                    let (x, y, z, nn) = decode(vox);
+                    let mut acc = 0.0f32;
+                    for c_i in 0..cin {
+                        let (t, cs, cl) = src(c_i);
+                        for k in 0..27 {
+                            let (gz, gy, gx) = (z + k / 9, y + (k / 3) % 3, x + k % 3);
+                            if gz < 1 || gz > d || gy < 1 || gy > h || gx < 1 || gx > w {
+                                continue;
+                            }
+                            let v = ((nn * d + gz - 1) * h + gy - 1) * w + gx - 1;
+                            acc = self
+                                .buf::<f32>(a.wt)
+                                .get((c_i * 27 + k) * cout + co)
+                                .mul_add(t.get(v * cs + cl), acc);
+                        }
+                    }
+                    o(0).set(e, epi(a, acc, co, vox, f(3)));
+                }
+            }
+            "tconv_wgrad_any" => {
+                let cin = ca + cb + cc;
+                let nw = cout * cin * 27;
+                for e in 0..count {
+                    let (chunk_i, wi) = (e / nw, e % nw);
+                    let (co, c_i, k) = (wi / (cin * 27), (wi / 27) % cin, wi % 27);
+                    let (t, cs, cl) = src(c_i);
+                    let mut s = 0.0f64;
+                    for vox in chunk_i * a.k0 as usize..voxels.min((chunk_i + 1) * a.k0 as usize) {
+                        let (x, y, z, nn) = decode(vox);
+                        let (gz, gy, gx) = (z + k / 9, y + (k / 3) % 3, x + k % 3);
+                        if gz < 1 || gz > d || gy < 1 || gy > h || gx < 1 || gx > w {
+                            continue;
+                        }
+                        let v = ((nn * d + gz - 1) * h + gy - 1) * w + gx - 1;
+                        s += (f(3).get(vox * cout + co) * t.get(v * cs + cl)) as f64;
+                    }
+                    part.set(e, s);
+                }
+            }
+            "t_epilogue" => (0..count).for_each(|e| o(0).set(e, epi(a, f(0).get(e), e % ca, e / ca, f(3)))),
+            "t_avgpool2" => {
+                for e in 0..count {
+                    let (c, v) = (e % ca, e / ca);
+                    let (k, j, z, nn) = decode(v);
+                    let mut acc = 0.0f32;
+                    for da in 0..2 {
+                        for db in 0..2 {
+                            let r = ((nn * 2 * d + 2 * z + da) * 2 * h + 2 * j + db) * 2 * w + 2 * k;
+                            acc += f(0).get(r * ca + c) + f(0).get((r + 1) * ca + c);
+                        }
+                    }
+                    o(0).set(e, acc * 0.125);
+                }
+            }
+            "t_channel_mean" => (0..count).for_each(|v| o(0).set(v, cmean(f(0), v, ca))),
+            "t_channel_mean_bwd" => (0..count).for_each(|e| o(0).set(e, f(0).get(e / ca) * (1.0 / ca as f32))),
+            "t_rl_divide" => (0..count).for_each(|v| o(0).set(v, f(0).get(v) / (cmean(f(1), v, ca) + a.f[0]))),
+            "t_rl_divide_bwd" => {
+                for v in 0..count {
+                    let den = cmean(f(1), v, ca) + a.f[0];
+                    let q = f(0).get(v) / den;
+                    let g = f(2).get(v);
+                    let (da, db) = if a.mode == 0 {
+                        (g / den, -q / den * g)
+                    } else {
+                        (g, -q * q * g)
+                    };
+                    o(0).set(v, da);
+                    (0..ca).for_each(|c| o(1).set(v * ca + c, db * (1.0 / ca as f32)));
+                }
+            }
+            "t_rl_update" => (0..count).for_each(|v| o(0).set(v, cmean(f(1), v, ca) * f(0).get(v))),
+            "t_rl_update_bwd" => {
+                for v in 0..count {
+                    let g = f(2).get(v);
+                    o(0).set(v, if a.mode == 0 { cmean(f(1), v, ca) * g } else { g });
+                    (0..ca).for_each(|c| o(1).set(v * ca + c, (f(0).get(v) * g) * (1.0 / ca as f32)));
+                }
+            }
+            "t_accumulate" => (0..count).for_each(|e| o(0).set(e, o(0).get(e) + f(0).get(e))),
+            "t_reshape" => {
+                let src_s = Shape::new(n, ca, a.k0 as usize, a.k1 as usize, a.k2 as usize);
+                let x = f(0).to_vec(src_s.len());
+                let r = reshape(&x, src_s, Shape::new(n, ca, d, h, w), a.mode);
+                assert_eq!(r.len(), count);
+                r.iter().enumerate().for_each(|(e, &v)| o(0).set(e, v));
+            }
+            "t_up2_fwd" => {
+                let hs = Shape::new(n, ca, d / 2, h / 2, w / 2);
+                let raw = up2_fwd(
+                    &f(0).to_vec(hs.len()),
+                    hs,
+                    &self.buf::<f32>(a.wt).to_vec(ca * cout * 8),
+                    cout,
+                );
+                assert_eq!(raw.len(), count * cout);
+                raw.iter()
+                    .enumerate()
+                    .for_each(|(e, &z)| o(0).set(e, epi(a, z, e % cout, e / cout, f(3))));
+            }
+            "t_up2_bwd_data" => {
+                let hs = Shape::new(n, ca, d, h, w);
+                let full = Shape::new(n, cout, 2 * d, 2 * h, 2 * w);
+                let r = up2_bwd_data(
+                    &f(0).to_vec(full.len()),
+                    hs,
+                    &self.buf::<f32>(a.wt).to_vec(ca * cout * 8),
+                    cout,
+                );
+                assert_eq!(r.len(), count);
+                r.iter().enumerate().for_each(|(e, &v)| o(0).set(e, v));
+            }
+            "t_up2_wgrad" => {
+                let hs = Shape::new(n, ca, d, h, w);
+                let full = Shape::new(n, cout, 2 * d, 2 * h, 2 * w);
+                let p = up2_wgrad_partials(
+                    &f(0).to_vec(hs.len()),
+                    hs,
+                    &f(3).to_vec(full.len()),
+                    cout,
+                    a.k0 as usize,
+                );
+                assert_eq!(p.len() / (ca * cout * 8) * ca * 8, count);
+                p.iter().enumerate().for_each(|(i, &v)| part.set(i, v));
+            }
+            "t_chan_sum" => {
+                let x = f(0).to_vec(count);
+                let p = block_sums(count, grid.0 as usize, ca, 1, |e, ch, s| {
+                    let v = x[e] as f64;
+                    s[0] += if a.mode == 1 {
+                        (v - stat.get(ch)) * (v - stat.get(ch))
+                    } else {
+                        v
+                    };
+                });
+                p.iter().enumerate().for_each(|(i, &v)| part.set(i, v));
+            }
+            "t_epi_bwd1" => {
+                let mut dh_all = vec![0.0f32; count];
+                let p = block_sums(count, grid.0 as usize, ca, 2, |e, ch, s| {
+                    let (g, b, mu, is) = (a.p[0][ch], a.p[1][ch], a.p[2][ch], a.p[3][ch]);
+                    let xh = (f(0).get(e) - mu) * is;
+                    let dh = if a.mode & 1 != 0 {
+                        f(1).get(e) * sigmoid(g * xh + b)
+                    } else {
+                        f(1).get(e)
+                    };
+                    dh_all[e] = dh;
+                    s[0] += dh as f64;
+                    s[1] += (dh * xh) as f64;
+                });
+                dh_all.iter().enumerate().for_each(|(e, &v)| o(0).set(e, v));
+                if a.mode & 2 != 0 {
+                    p.iter().enumerate().for_each(|(i, &v)| part.set(i, v));
+                }
+            }
+            "t_epi_bwd2" => {
+                for e in 0..count {
+                    let c = e % ca;
+                    let k = a.p[0][c] * a.p[3][c];
+                    let mb = (stat.get(c) / a.dc[0]) as f32;
+                    let mg = (stat.get(ca + c) / a.dc[0]) as f32;
+                    let xh = (f(0).get(e) - a.p[2][c]) * a.p[3][c];
+                    o(0).set(e, k * (o(0).get(e) - mb - xh * mg));
+                }
+            }
+            "t_loss_sums" => {
+                let k = if a.mode == 0 { 2 } else { 5 };
+                let p = block_sums(count, grid.0 as usize, 1, k, |i, _, s| {
+                    let (y, g) = (f(0).get(i) as f64, f(1).get(i) as f64);
+                    if a.mode == 0 {
+                        s[0] += y;
+                        s[1] += g;
+                    } else {
+                        let (dy, dg) = (y - stat.get(0), g - stat.get(1));
+                        let t = f(2).get(i) as f64 - (0.8 * g + 0.2 * f(3).get(i) as f64);
+                        s[0] += dy * dy;
+                        s[1] += dg * dg;
+                        s[2] += dy * dg;
+                        s[3] += (y - g) * (y - g);
+                        s[4] += t * t;
+                    }
+                });
+                p.iter().enumerate().for_each(|(i, &v)| part.set(i, v));
+            }
+            "t_loss_grad" => {
+                let [nn, my, mg, aa, bb, c_, dd, k] = a.dc;
+                for i in 0..count {
+                    let (y, g) = (f(0).get(i) as f64, f(1).get(i) as f64);
+                    let ds = (2.0 * mg / nn) / aa + (2.0 * (g - mg) / nn) / bb
+                        - (2.0 * my / nn) / c_
+                        - (2.0 * (y - my) / nn) / dd;
+                    o(0).set(i, (2.0 * (y - g) / nn + k * ds) as f32);
+                    let t = f(2).get(i) as f64 - (0.8 * g + 0.2 * f(3).get(i) as f64);
+                    o(1).set(i, (0.1 * 2.0 * t / nn) as f32);
+                }
+            }
+            "t_reduce_part" => {
+                let (j, nb) = (a.k0 as usize, a.k1 as usize);
+                assert_eq!(grid.0 as usize, j, "t_reduce_part: one block per value");
+                let r = reduce_part(&part.to_vec(nb * j), nb, j, a.dc[0]);
+                r.iter().enumerate().for_each(|(i, &v)| stat.set(i, v));
+            }
+            other => panic!("no emulation of kernel {other}"),
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -434,6 +885,389 @@ mod tests {
                 let e = rel_l2(&got, &want);
                 assert!(e < 1e-6, "wgrad {v:?} at {s}: rel L2 {e:e}");
             }
+        }
+    }
+
+    use crate::backend::cpu::CpuBackend;
+    use crate::backend::cuda::CudaTrainBackend;
+    use crate::backend::{Addend, Backend, BnTrainState, Epilogue, GradMode};
+    use crate::model::{Model, ModelConfig, Params, Variant};
+    use crate::net::{BnMode, Rln};
+    use crate::train::trainer::{train_step_on, TrainConfig, TrainState};
+    use std::sync::Arc;
+
+    const CPU: CpuBackend<f32> = CpuBackend::<f32>::new_const();
+
+    fn emulated() -> CudaTrainBackend {
+        CudaTrainBackend::on_exec(Arc::new(EmuExec::default()), true)
+    }
+
+    fn check(what: &str, got: &Tensor<f32>, want: &Tensor<f32>, tol: f64) {
+        assert_eq!(got.shape, want.shape, "{what}: shape");
+        assert!(
+            got.all_finite(),
+            "{what}: non-finite values (an element was not written)"
+        );
+        let e = rel_l2(&got.data, &want.data);
+        assert!(e <= tol, "{what}: rel L2 {e:e} > {tol:e}");
+    }
+
+    fn check_v(what: &str, got: &[f64], want: &[f64], tol: f64) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let e = rel_l2(got, want);
+        assert!(e <= tol, "{what}: rel L2 {e:e} > {tol:e}");
+    }
+
+    /// Every op of the training backend through the emulated device (the host side of
+    /// train.rs: parameter blocks, grids, buffers, reductions) against the CPU backend.
+    #[test]
+    fn emulated_backend_ops_match_the_cpu() {
+        let b = emulated();
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let s = Shape::new(2, 1, 5, 6, 9);
+        let cases: [(&[usize], usize); 6] = [
+            (&[1], 4),
+            (&[4, 4], 4),
+            (&[8, 1, 1], 8),
+            (&[8], 1),
+            (&[3], 2),
+            (&[2, 3], 5),
+        ];
+        for (cs, c_out) in cases {
+            let ins: Vec<Tensor<f32>> = cs.iter().map(|&c| random(s.with_c(c), &mut rng)).collect();
+            let refs: Vec<&Tensor<f32>> = ins.iter().collect();
+            let dins: Vec<_> = ins.iter().map(|t| b.from_host(t)).collect();
+            let drefs: Vec<_> = dins.iter().collect();
+            let cin: usize = cs.iter().sum();
+            let w: Vec<f32> = (0..cin * c_out * 27).map(|_| rng.random_range(-0.3..0.3)).collect();
+            let sc: Vec<f32> = (0..c_out).map(|_| rng.random_range(0.5..1.5)).collect();
+            let sh: Vec<f32> = (0..c_out).map(|_| rng.random_range(-0.5..0.5)).collect();
+            let aux = random(s.with_c(1), &mut rng);
+            let auxd = b.from_host(&aux);
+            let want = CPU.conv3(
+                &refs,
+                &w,
+                c_out,
+                &Epilogue {
+                    scale: &sc,
+                    shift: &sh,
+                    softplus: true,
+                    addend: Addend::SoftplusOf(&aux),
+                },
+            );
+            let got = b.conv3(
+                &drefs,
+                &w,
+                c_out,
+                &Epilogue {
+                    scale: &sc,
+                    shift: &sh,
+                    softplus: true,
+                    addend: Addend::SoftplusOf(&auxd),
+                },
+            );
+            check(&format!("conv3 {cs:?}→{c_out}"), &b.to_host(&got), &want, 1e-5);
+            let dz = random(s.with_c(c_out), &mut rng);
+            let dzd = b.from_host(&dz);
+            check_v(
+                &format!("conv3 wgrad {cs:?}"),
+                &b.conv3_backward_weight(&drefs, &dzd),
+                &CPU.conv3_backward_weight(&refs, &dz),
+                1e-5,
+            );
+            let needed = vec![true; cs.len()];
+            let want = CPU.conv3_backward_data(&dz, &w, cs, &needed);
+            for (g, wt) in b.conv3_backward_data(&dzd, &w, cs, &needed).iter().zip(&want) {
+                check(
+                    &format!("conv3 dgrad {cs:?}"),
+                    &b.to_host(g.as_ref().unwrap()),
+                    wt.as_ref().unwrap(),
+                    1e-5,
+                );
+            }
+        }
+        let x = random(Shape::new(2, 8, 3, 2, 4), &mut rng);
+        let w: Vec<f32> = (0..8 * 4 * 8).map(|_| rng.random_range(-0.5..0.5)).collect();
+        let (sc, sh) = ([1.1f32, 0.9, 1.0, 1.2], [0.1f32, 0.0, -0.1, 0.2]);
+        let want = CPU.up2(
+            &x,
+            &w,
+            4,
+            &Epilogue {
+                scale: &sc,
+                shift: &sh,
+                softplus: true,
+                addend: Addend::None,
+            },
+        );
+        let xd = b.from_host(&x);
+        check(
+            "up2",
+            &b.to_host(&b.up2(
+                &xd,
+                &w,
+                4,
+                &Epilogue {
+                    scale: &sc,
+                    shift: &sh,
+                    softplus: true,
+                    addend: Addend::Const(1.0),
+                },
+            )),
+            &CPU.epilogue(
+                &want,
+                &Epilogue {
+                    scale: &[],
+                    shift: &[],
+                    softplus: false,
+                    addend: Addend::Const(1.0),
+                },
+            ),
+            1e-5,
+        );
+        let dz = random(want.shape, &mut rng);
+        let dzd = b.from_host(&dz);
+        check(
+            "up2 dgrad",
+            &b.to_host(&b.up2_backward_data(&dzd, &w, 8)),
+            &CPU.up2_backward_data(&dz, &w, 8),
+            1e-5,
+        );
+        check_v(
+            "up2 wgrad",
+            &b.up2_backward_weight(&xd, &dzd),
+            &CPU.up2_backward_weight(&x, &dz),
+            1e-5,
+        );
+        for c in [1usize, 4, 8] {
+            let z = random(s.with_c(c), &mut rng);
+            let zd = b.from_host(&z);
+            let st = CPU.batch_stats(&z);
+            let gs = b.batch_stats(&zd);
+            check_v("batch mean", &gs.mean, &st.mean, 1e-12);
+            check_v("batch var", &gs.var, &st.var, 1e-12);
+            let dy = random(s.with_c(c), &mut rng);
+            let dyd = b.from_host(&dy);
+            let bn = BnTrainState {
+                gamma: (0..c).map(|_| rng.random_range(0.5f32..1.5)).collect(),
+                beta: (0..c).map(|_| rng.random_range(-0.5f32..0.5)).collect(),
+                mean: st.mean.iter().map(|&v| v as f32).collect(),
+                inv_std: st.var.iter().map(|&v| (1.0 / (v + 1e-3).sqrt()) as f32).collect(),
+            };
+            for bnr in [Some(&bn), None] {
+                let (wz, wg, wb) = CPU.epilogue_backward(&z, &dy, true, bnr);
+                let (gz, gg, gb) = b.epilogue_backward(&zd, &dyd, true, bnr);
+                check("epilogue_backward dz", &b.to_host(&gz), &wz, 1e-5);
+                check_v("dgamma", &gg, &wg, 1e-5);
+                check_v("dbeta", &gb, &wb, 1e-5);
+            }
+            let a = random(s.with_c(1), &mut rng);
+            let a = Tensor {
+                shape: a.shape,
+                data: a.data.iter().map(|v| v.abs() + 0.05).collect(),
+            };
+            let t = Tensor {
+                shape: z.shape,
+                data: z.data.iter().map(|v| v.abs()).collect(),
+            };
+            let (ad, td) = (b.from_host(&a), b.from_host(&t));
+            check(
+                "rl_divide",
+                &b.to_host(&b.rl_divide(&ad, &td, 1e-3)),
+                &CPU.rl_divide(&a, &t, 1e-3),
+                1e-6,
+            );
+            check(
+                "rl_update",
+                &b.to_host(&b.rl_update(&ad, &td)),
+                &CPU.rl_update(&a, &t),
+                1e-6,
+            );
+            let g1 = random(s.with_c(1), &mut rng);
+            let g1d = b.from_host(&g1);
+            for mode in [GradMode::Paper, GradMode::Exact] {
+                let (wa, wt) = CPU.rl_divide_backward(&a, &t, 1e-3, &g1, mode);
+                let (ga, gt) = b.rl_divide_backward(&ad, &td, 1e-3, &g1d, mode);
+                check("rl_divide_backward da", &b.to_host(&ga), &wa, 1e-6);
+                check("rl_divide_backward dfp", &b.to_host(&gt), &wt, 1e-6);
+                let (wa, wt) = CPU.rl_update_backward(&a, &t, &g1, mode);
+                let (ga, gt) = b.rl_update_backward(&ad, &td, &g1d, mode);
+                check("rl_update_backward da", &b.to_host(&ga), &wa, 1e-6);
+                check("rl_update_backward dbp", &b.to_host(&gt), &wt, 1e-6);
+            }
+            check(
+                "channel_mean",
+                &b.to_host(&b.channel_mean(&zd)),
+                &CPU.channel_mean(&z),
+                1e-6,
+            );
+            check(
+                "channel_mean_backward",
+                &b.to_host(&b.channel_mean_backward(&g1d, c)),
+                &CPU.channel_mean_backward(&g1, c),
+                1e-6,
+            );
+            let padded = CPU.pad_even(&z);
+            check("pad_even", &b.to_host(&b.pad_even(&zd)), &padded, 0.0);
+            check(
+                "avgpool2",
+                &b.to_host(&b.avgpool2(&b.pad_even(&zd))),
+                &CPU.avgpool2(&padded),
+                1e-6,
+            );
+            check("crop", &b.to_host(&b.crop(&b.from_host(&padded), z.shape)), &z, 0.0);
+            check(
+                "uncrop",
+                &b.to_host(&b.uncrop_zeros(&zd, padded.shape)),
+                &CPU.uncrop_zeros(&z, padded.shape),
+                0.0,
+            );
+            let mut acc = b.from_host(&z);
+            b.accumulate(&mut acc, &zd);
+            check(
+                "accumulate",
+                &b.to_host(&acc),
+                &Tensor {
+                    shape: z.shape,
+                    data: z.data.iter().map(|v| v + v).collect(),
+                },
+                0.0,
+            );
+        }
+        let one = s.with_c(1);
+        let r = |rng: &mut ChaCha8Rng| {
+            Tensor::from_vec(one, (0..one.len()).map(|_| rng.random_range(0.0f32..1.0)).collect()).unwrap()
+        };
+        let (y, e, x, g) = (r(&mut rng), r(&mut rng), r(&mut rng), r(&mut rng));
+        let (wt, wdy, wde) = CPU.loss(&y, &e, &x, &g);
+        let (gt, gdy, gde) = b.loss(&b.from_host(&y), &b.from_host(&e), &b.from_host(&x), &b.from_host(&g));
+        check_v(
+            "loss",
+            &[gt.loss, gt.mse, gt.mse_aux, gt.ssim],
+            &[wt.loss, wt.mse, wt.mse_aux, wt.ssim],
+            1e-12,
+        );
+        check("dL/dy", &b.to_host(&gdy), &wdy, 1e-6);
+        check("dL/dE1r", &b.to_host(&gde), &wde, 1e-6);
+        let (live, _) = b.mem_bytes();
+        assert!(live > 0);
+    }
+
+    /// Per layer: the relative L2 distance of all its gradients (weight, γ, β together)
+    /// to the f64 CPU gradients, and the CPU f32 gradients' distance (the rounding level).
+    /// Per tensor is no criterion: the γ gradient of a one-channel batch norm (dv, E) is a
+    /// single sum with heavy cancellation (seen: 2e-7 next to ∂β = 1e-2, so f32 rounding
+    /// alone moves it by several percent).
+    fn layer_errors(got: &Params<f64>, want32: &Params<f64>, want64: &Params<f64>) -> Vec<(usize, f64, f64)> {
+        let cat = |p: &Params<f64>, l: usize| -> Vec<f64> {
+            let x = &p.layers[l];
+            x.weight.iter().chain(&x.gamma).chain(&x.beta).copied().collect()
+        };
+        (0..want64.layers.len())
+            .map(|l| {
+                (
+                    l,
+                    rel_l2(&cat(got, l), &cat(want64, l)),
+                    rel_l2(&cat(want32, l), &cat(want64, l)),
+                )
+            })
+            .collect()
+    }
+
+    fn worst_param_err(got: &Params<f64>, want: &Params<f64>) -> f64 {
+        want.ids()
+            .into_iter()
+            .map(|(l, k)| rel_l2(got.tensor(l, k), want.tensor(l, k)))
+            .fold(0.0, f64::max)
+    }
+
+    /// The whole network (forward with batch statistics, loss, backward in both modes)
+    /// and two training steps on the emulated device, against the CPU backend.
+    #[test]
+    fn emulated_backend_trains_like_the_cpu() {
+        let b = emulated();
+        for (variant, shape) in [
+            (Variant::Single, Shape::new(2, 1, 7, 8, 10)),
+            (Variant::DualConcat, Shape::new(1, 2, 6, 6, 8)),
+        ] {
+            let model = Model::<f32>::init(
+                ModelConfig {
+                    variant,
+                    ..ModelConfig::default()
+                },
+                3,
+            );
+            let mut rng = ChaCha8Rng::seed_from_u64(4);
+            let x = Tensor::from_vec(shape, (0..shape.len()).map(|_| rng.random_range(0.0f32..1.0)).collect()).unwrap();
+            let g = Tensor::from_vec(
+                shape.with_c(1),
+                (0..shape.with_c(1).len())
+                    .map(|_| rng.random_range(0.0f32..1.0))
+                    .collect(),
+            )
+            .unwrap();
+            let x1 = CPU.channel_mean(&x);
+            for mode in [GradMode::Paper, GradMode::Exact] {
+                let net = Rln::new(&CPU, &model);
+                let f = net.forward(&x, BnMode::Batch, true);
+                let (tc, dy, de) = CPU.loss(&f.prediction, &f.e1_raw, &x1, &g);
+                let want = net.backward(&f, &dy, &de, mode);
+                let netg = Rln::new(&b, &model);
+                let xd = b.from_host(&x);
+                let fg = netg.forward(&xd, BnMode::Batch, true);
+                let (tg, dyg, deg) = b.loss(&fg.prediction, &fg.e1_raw, &b.channel_mean(&xd), &b.from_host(&g));
+                check("prediction", &b.to_host(&fg.prediction), &f.prediction, 1e-5);
+                assert!((tg.loss - tc.loss).abs() < 1e-5 * tc.loss.abs());
+                let got = netg.backward(&fg, &dyg, &deg, mode);
+                let m64: Model<f64> = model.cast();
+                let b64 = CpuBackend::<f64>::new();
+                let n64 = Rln::new(&b64, &m64);
+                let f6 = n64.forward(&x.cast(), BnMode::Batch, true);
+                let (_, d6, e6) = b64.loss(&f6.prediction, &f6.e1_raw, &x1.cast(), &g.cast());
+                let w64 = n64.backward(&f6, &d6, &e6, mode);
+                for (l, e, level) in layer_errors(&got, &want, &w64) {
+                    assert!(
+                        e <= (2.0 * level).max(1e-4),
+                        "{variant:?} {mode:?} layer {l}: {e:e} from f64 (CPU f32: {level:e})"
+                    );
+                }
+                println!(
+                    "{variant:?} {mode:?}: worst gradient tensor vs CPU f32 {:.2e}",
+                    worst_param_err(&got, &want)
+                );
+                drop((fg, dyg, deg, xd));
+                // inference mode (running statistics, folded epilogues in the conv)
+                let fi = netg.forward(&b.from_host(&x), BnMode::Running, false);
+                check(
+                    "inference",
+                    &b.to_host(&fi.prediction),
+                    &net.forward(&x, BnMode::Running, false).prediction,
+                    1e-5,
+                );
+            }
+        }
+        assert_eq!(b.mem_bytes().0, 0, "every device tensor was freed");
+        let cfg = TrainConfig::default();
+        let model = Model::<f32>::init(ModelConfig::default(), 5);
+        let (mut sc, mut sg) = (TrainState::new(model.clone(), &cfg), TrainState::new(model, &cfg));
+        let shape = Shape::new(2, 1, 8, 8, 12);
+        for step in 0..2 {
+            let mut rng = ChaCha8Rng::seed_from_u64(step);
+            let x = Tensor::from_vec(shape, (0..shape.len()).map(|_| rng.random_range(0.0f32..1.0)).collect()).unwrap();
+            let g = Tensor {
+                shape,
+                data: x.data.iter().map(|v| v * v).collect(),
+            };
+            let tc = train_step_on(&CPU, &mut sc, &cfg, &x, &g).unwrap();
+            let tg = train_step_on(&b, &mut sg, &cfg, &x, &g).unwrap();
+            assert!(
+                (tg.loss - tc.loss).abs() < 1e-5 * tc.loss.abs(),
+                "step {step}: {} vs {}",
+                tg.loss,
+                tc.loss
+            );
+            let e = worst_param_err(&sg.model.params.cast(), &sc.model.params.cast());
+            assert!(e < 1e-4, "weights after step {step}: {e:e}");
         }
     }
 

@@ -33,14 +33,110 @@ use crate::tensor::{Shape, Tensor};
 use crate::train::loss::{loss_from_sums, LossSums, LossTerms};
 use cudarc::driver::result as cu;
 use cudarc::driver::sys;
-use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
+use cudarc::driver::{CudaEvent, CudaStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// The stream all tensors of a backend live on, and byte accounting.
-struct Pool {
-    ctx: Arc<CudaContext>,
+/// Where the backend's memory lives and its kernels run: the CUDA device (one stream), or,
+/// in the crate's unit tests, a CPU emulation of every training kernel
+/// (emulate_train.rs), which checks the host side (parameter blocks, grids, buffers,
+/// reductions) of the whole network without a GPU.
+pub(crate) trait Exec: Send + Sync {
+    /// Stream-ordered allocation (uninitialized).
+    fn alloc(&self, bytes: usize) -> Result<u64>;
+    /// Returns an allocation (after all work queued so far).
+    fn free(&self, ptr: u64);
+    fn memset(&self, ptr: u64, v: u8, bytes: usize) -> Result<()>;
+    /// Enqueues a copy to the device; `src` may be dropped when this returns.
+    fn htod(&self, dst: u64, src: &[u8]) -> Result<()>;
+    /// Copies from the device and waits for the copy.
+    fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()>;
+    fn launch(&self, name: &str, grid: (u32, u32, u32), smem: usize, args: &TrainArgs) -> Result<()>;
+    fn synchronize(&self) -> Result<()>;
+    fn start_profile(&self) {}
+    fn take_profile(&self) -> Result<Vec<(String, f64)>> {
+        Ok(vec![])
+    }
+}
+
+/// One recorded launch of a profiled step: kernel name and its start/end events.
+type ProfileEvents = Vec<(String, CudaEvent, CudaEvent)>;
+
+/// The CUDA device: everything on its compute stream.
+struct CudaExec {
+    dev: Arc<CudaDevice>,
     stream: Arc<CudaStream>,
+    sync_each: bool,
+    profile: Mutex<Option<ProfileEvents>>,
+}
+
+impl Exec for CudaExec {
+    fn alloc(&self, bytes: usize) -> Result<u64> {
+        self.dev.ctx.bind_to_thread().check("binding the CUDA context")?;
+        // SAFETY: stream-ordered allocation on this stream; the memory is used only
+        // through DevMem, on the same stream.
+        unsafe { cu::malloc_async(self.stream.cu_stream(), bytes) }.check(&format!(
+            "allocating {} MiB of device memory",
+            bytes.div_ceil(1 << 20)
+        ))
+    }
+    fn free(&self, ptr: u64) {
+        // errors cannot be reported from drop; a failed free leaks, nothing worse
+        let _ = self.dev.ctx.bind_to_thread();
+        // SAFETY: ptr came from malloc_async on this stream and is freed once; every use
+        // of it was enqueued on the same stream before this free.
+        let _ = unsafe { cu::free_async(ptr, self.stream.cu_stream()) };
+    }
+    fn memset(&self, ptr: u64, v: u8, bytes: usize) -> Result<()> {
+        self.dev.memset(&self.stream, ptr, v, bytes)
+    }
+    fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
+        // pageable source: the driver stages it before returning, so `src` may go away
+        self.dev.copy_htod(&self.stream, dst, src, "data")
+    }
+    fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()> {
+        self.dev.copy_dtoh(&self.stream, dst, src, "data")?;
+        self.synchronize()
+    }
+    fn launch(&self, name: &str, grid: (u32, u32, u32), smem: usize, args: &TrainArgs) -> Result<()> {
+        let mut prof = self.profile.lock().unwrap();
+        let start = match prof.as_ref() {
+            Some(_) => {
+                let e = self.dev.event(true)?;
+                e.record(&self.stream).check("recording an event")?;
+                Some(e)
+            }
+            None => None,
+        };
+        self.dev
+            .launch(&self.stream, name, grid, tl::THREADS, smem, args, self.sync_each)?;
+        if let (Some(a), Some(p)) = (start, prof.as_mut()) {
+            let b = self.dev.event(true)?;
+            b.record(&self.stream).check("recording an event")?;
+            p.push((name.to_string(), a, b));
+        }
+        Ok(())
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().check("waiting for the device")
+    }
+    fn start_profile(&self) {
+        *self.profile.lock().unwrap() = Some(Vec::new());
+    }
+    fn take_profile(&self) -> Result<Vec<(String, f64)>> {
+        let Some(p) = self.profile.lock().unwrap().take() else {
+            return Ok(vec![]);
+        };
+        self.synchronize()?;
+        p.iter()
+            .map(|(n, a, b)| Ok((n.clone(), a.elapsed_ms(b).check("reading kernel timings")? as f64)))
+            .collect()
+    }
+}
+
+/// The executor all tensors of a backend live on, and byte accounting.
+struct Pool {
+    exec: Arc<dyn Exec>,
     poison: bool,
     live: AtomicUsize,
     peak: AtomicUsize,
@@ -55,11 +151,7 @@ struct DevMem {
 
 impl Drop for DevMem {
     fn drop(&mut self) {
-        // errors cannot be reported from drop; a failed free leaks, nothing worse
-        let _ = self.pool.ctx.bind_to_thread();
-        // SAFETY: ptr came from malloc_async on this stream and is freed once; every use
-        // of it was enqueued on the same stream before this free.
-        let _ = unsafe { cu::free_async(self.ptr, self.pool.stream.cu_stream()) };
+        self.pool.exec.free(self.ptr);
         self.pool.live.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
@@ -80,15 +172,11 @@ impl DevTensor {
     }
 }
 
-/// One recorded launch of a profiled step: kernel name and its start/end events.
-type ProfileEvents = Vec<(String, CudaEvent, CudaEvent)>;
-
 /// The training backend bound to one device.
 pub struct CudaTrainBackend {
-    pub dev: Arc<CudaDevice>,
+    dev: Option<Arc<CudaDevice>>,
+    stream: Option<Arc<CudaStream>>,
     pool: Arc<Pool>,
-    sync_each: bool,
-    profile: Mutex<Option<ProfileEvents>>,
 }
 
 /// Panics with a device error (the trait's ops cannot return one).
@@ -103,9 +191,7 @@ fn ok<T>(r: Result<T>) -> T {
 /// Checks that tensors agree in batch and volume size.
 fn same_volume(what: &str, a: Shape, b: Shape) -> Result<()> {
     if a.n != b.n || a.dims() != b.dims() {
-        return Err(Error::Shape(format!(
-            "{what}: {a} and {b} differ in batch or volume size"
-        )));
+        return Err(Error::Shape(format!("{what}: {a} and {b} differ in batch or volume size")));
     }
     Ok(())
 }
@@ -144,29 +230,60 @@ impl CudaTrainBackend {
             )
             .check("raising the memory pool's release threshold")?;
         }
-        let sync_each = std::env::var("RLN_CUDA_SYNC").is_ok_and(|v| v == "1");
+        let exec = CudaExec {
+            dev: dev.clone(),
+            stream: dev.compute.clone(),
+            sync_each: std::env::var("RLN_CUDA_SYNC").is_ok_and(|v| v == "1"),
+            profile: Mutex::new(None),
+        };
         Ok(CudaTrainBackend {
+            stream: Some(dev.compute.clone()),
+            dev: Some(dev),
             pool: Arc::new(Pool {
-                ctx,
-                stream: dev.compute.clone(),
+                exec: Arc::new(exec),
                 poison,
                 live: AtomicUsize::new(0),
                 peak: AtomicUsize::new(0),
             }),
-            dev,
-            sync_each,
-            profile: Mutex::new(None),
         })
     }
 
-    /// The stream every launch and copy of this backend goes to.
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.pool.stream
+    /// The backend on another executor (the CPU emulation of the unit tests).
+    #[cfg(test)]
+    pub(crate) fn on_exec(exec: Arc<dyn Exec>, poison: bool) -> Self {
+        CudaTrainBackend {
+            dev: None,
+            stream: None,
+            pool: Arc::new(Pool {
+                exec,
+                poison,
+                live: AtomicUsize::new(0),
+                peak: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// The CUDA device (None for the emulation of the unit tests).
+    pub fn device(&self) -> Option<&Arc<CudaDevice>> {
+        self.dev.as_ref()
+    }
+
+    /// The stream every launch and copy of this backend goes to (None when emulated).
+    pub fn stream(&self) -> Option<&Arc<CudaStream>> {
+        self.stream.as_ref()
+    }
+
+    /// "NVIDIA H100 … (sm_90, 132 SMs)", or "CPU emulation".
+    pub fn describe(&self) -> String {
+        self.dev
+            .as_ref()
+            .map(|d| d.describe())
+            .unwrap_or_else(|| "CPU emulation of the CUDA training kernels".into())
     }
 
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<()> {
-        self.pool.stream.synchronize().check("waiting for the device")
+        self.pool.exec.synchronize()
     }
 
     /// Bytes of tensors alive now, and at most since the last [`Self::reset_peak`].
@@ -184,28 +301,18 @@ impl CudaTrainBackend {
 
     /// Starts recording an event pair around every launch (see [`Self::take_profile`]).
     pub fn start_profile(&self) {
-        *self.profile.lock().unwrap() = Some(Vec::new());
+        self.pool.exec.start_profile()
     }
 
     /// Waits for the profiled launches; returns (kernel, milliseconds) in launch order.
     pub fn take_profile(&self) -> Result<Vec<(String, f64)>> {
-        let Some(p) = self.profile.lock().unwrap().take() else {
-            return Ok(vec![]);
-        };
-        self.synchronize()?;
-        p.iter()
-            .map(|(n, a, b)| Ok((n.clone(), a.elapsed_ms(b).check("reading kernel timings")? as f64)))
-            .collect()
+        self.pool.exec.take_profile()
     }
 
     fn alloc(&self, bytes: usize) -> Result<DevMem> {
         let p = &self.pool;
-        p.ctx.bind_to_thread().check("binding the CUDA context")?;
         let bytes = bytes.max(16);
-        // SAFETY: stream-ordered allocation on this backend's stream; the memory is used only
-        // through DevMem, on the same stream.
-        let ptr = unsafe { cu::malloc_async(p.stream.cu_stream(), bytes) }
-            .check(&format!("allocating {} MiB of device memory", bytes.div_ceil(1 << 20)))?;
+        let ptr = p.exec.alloc(bytes)?;
         let mem = DevMem {
             ptr,
             bytes,
@@ -214,7 +321,7 @@ impl CudaTrainBackend {
         let now = p.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
         p.peak.fetch_max(now, Ordering::Relaxed);
         if p.poison {
-            self.dev.memset(&p.stream, ptr, 0xFF, bytes)?;
+            p.exec.memset(ptr, 0xFF, bytes)?;
         }
         Ok(mem)
     }
@@ -229,61 +336,43 @@ impl CudaTrainBackend {
 
     fn zeros_f64(&self, len: usize) -> Result<DevMem> {
         let m = self.alloc(len * 8)?;
-        self.dev.memset(&self.pool.stream, m.ptr, 0, len * 8)?;
+        self.pool.exec.memset(m.ptr, 0, len * 8)?;
         Ok(m)
     }
 
-    fn upload_f32(&self, data: &[f32], what: &str) -> Result<DevMem> {
+    fn upload_f32(&self, data: &[f32]) -> Result<DevMem> {
         let m = self.alloc(std::mem::size_of_val(data))?;
-        // pageable source: the driver stages it before returning, so `data` may go away
-        self.dev.copy_htod(&self.pool.stream, m.ptr, data, what)?;
+        self.pool.exec.htod(m.ptr, bytemuck::cast_slice(data))?;
         Ok(m)
     }
 
     fn download_f64(&self, m: &DevMem, len: usize, what: &str) -> Result<Vec<f64>> {
         let mut v = vec![0.0f64; len];
-        self.dev.copy_dtoh(&self.pool.stream, &mut v, m.ptr, what)?;
         self.pool
-            .stream
-            .synchronize()
-            .check(&format!("copying {what} to the host"))?;
+            .exec
+            .dtoh(bytemuck::cast_slice_mut(&mut v), m.ptr)
+            .map_err(|e| Error::Cuda(format!("copying {what} to the host: {e}")))?;
         Ok(v)
     }
 
     /// Uploads a host tensor (N×C×D×H×W) as channels-last.
     pub fn try_upload(&self, t: &Tensor<f32>) -> Result<DevTensor> {
         let dt = self.tensor(t.shape)?;
-        self.dev
-            .copy_htod(&self.pool.stream, dt.mem.ptr, &t.to_ndhwc(), "a tensor")?;
+        self.pool
+            .exec
+            .htod(dt.mem.ptr, bytemuck::cast_slice(&t.to_ndhwc()))?;
         Ok(dt)
     }
 
     /// Downloads a tensor to the host (N×C×D×H×W); waits for the device.
     pub fn try_download(&self, x: &DevTensor) -> Result<Tensor<f32>> {
         let mut v = vec![0.0f32; x.shape.len()];
-        self.dev.copy_dtoh(&self.pool.stream, &mut v, x.mem.ptr, "a tensor")?;
-        self.pool.stream.synchronize().check("copying a tensor to the host")?;
+        self.pool.exec.dtoh(bytemuck::cast_slice_mut(&mut v), x.mem.ptr)?;
         Tensor::from_ndhwc(x.shape, &v)
     }
 
     fn launch(&self, name: &str, grid: (u32, u32, u32), smem: usize, args: &TrainArgs) -> Result<()> {
-        let mut prof = self.profile.lock().unwrap();
-        let start = match prof.as_ref() {
-            Some(_) => {
-                let e = self.dev.event(true)?;
-                e.record(&self.pool.stream).check("recording an event")?;
-                Some(e)
-            }
-            None => None,
-        };
-        self.dev
-            .launch(&self.pool.stream, name, grid, tl::THREADS, smem, args, self.sync_each)?;
-        if let (Some(a), Some(p)) = (start, prof.as_mut()) {
-            let b = self.dev.event(true)?;
-            b.record(&self.pool.stream).check("recording an event")?;
-            p.push((name.to_string(), a, b));
-        }
-        Ok(())
+        self.pool.exec.launch(name, grid, smem, args)
     }
 
     /// A grid-stride elementwise kernel over `count` items.
@@ -366,7 +455,7 @@ impl CudaTrainBackend {
         }
         let out_shape = s0.with_c(c_out);
         let out = self.tensor(out_shape)?;
-        let w = self.upload_f32(packed, "conv weights")?;
+        let w = self.upload_f32(packed)?;
         args = args.dims(s0);
         args.inp[0] = inputs[0].ptr();
         args.inp[1] = inputs.get(1).map_or(0, |t| t.ptr());
@@ -515,7 +604,7 @@ impl CudaTrainBackend {
         }
         let os = Shape::new(s.n, c_out, 2 * s.d, 2 * s.h, 2 * s.w);
         let out = self.tensor(os)?;
-        let w = self.upload_f32(weight, "up2 weights")?;
+        let w = self.upload_f32(weight)?;
         let mut args = TrainArgs::default().dims(os);
         self.set_epilogue(&mut args, epi, os)?;
         args.inp[0] = x.ptr();
@@ -534,7 +623,7 @@ impl CudaTrainBackend {
         }
         let s = Shape::new(os.n, c_in, os.d / 2, os.h / 2, os.w / 2);
         let out = self.tensor(s)?;
-        let w = self.upload_f32(weight, "up2 weights")?;
+        let w = self.upload_f32(weight)?;
         let mut args = TrainArgs::default().dims(s);
         args.inp[0] = dz.ptr();
         args.wt = w.ptr;
