@@ -247,3 +247,60 @@ fn cli_train_stop_and_resume_matches_a_straight_run() {
     assert_eq!(log.lines().filter(|l| l.contains("\"loss\"")).count(), 4);
     let _ = Variant::Single;
 }
+
+#[test]
+fn prefetching_batches_on_a_thread_gives_the_same_run() {
+    use rln_engine::backend::cpu::CpuBackend;
+    let data = dataset(2, [24, 24, 24]);
+    let cfg = small_cfg(4);
+    let model = Model::<f32>::init(ModelConfig::default(), 8);
+    struct Nop;
+    impl TrainObserver for Nop {}
+    let b = CpuBackend::<f32>::new();
+    let mut plain = TrainState::new(model.clone(), &cfg);
+    trainer::train_on(&b, false, &mut plain, &cfg, &data, Some(&data), 0, None, &mut Nop).unwrap();
+    let mut pre = TrainState::new(model, &cfg);
+    trainer::train_on(&b, true, &mut pre, &cfg, &data, Some(&data), 0, None, &mut Nop).unwrap();
+    assert_eq!(pre, plain);
+    // stopping early (as after an error) ends the batch thread too
+    let mut short = TrainState::new(Model::<f32>::init(ModelConfig::default(), 8), &cfg);
+    trainer::train_on(&b, true, &mut short, &cfg, &data, None, 0, Some(1), &mut Nop).unwrap();
+    assert_eq!(short.step, 1);
+}
+
+#[test]
+fn cli_train_on_cuda_without_a_gpu_fails_before_training() {
+    if rln_engine::backend::cuda::available() {
+        println!("skipped: a CUDA device is present (tests/gpu_train.rs and the GPU check cover it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for sub in ["input", "ground_truth"] {
+        std::fs::create_dir(d.join(sub)).unwrap();
+    }
+    let (x, g) = blob_volume(3, [20, 20, 20], 10.0);
+    write_volume(d.join("input/v.tif"), &x, OutputDtype::F32).unwrap();
+    write_volume(d.join("ground_truth/v.tif"), &g, OutputDtype::F32).unwrap();
+    let run = |device: &str| {
+        Command::new(env!("CARGO_BIN_EXE_rln-engine"))
+            .args([
+                "train", "--steps", "1", "--batch", "1", "--crop", "16", "--device", device, "--data",
+            ])
+            .arg(d)
+            .arg("-o")
+            .arg(d.join(format!("{device}.safetensors")))
+            .output()
+            .unwrap()
+    };
+    let o = run("cuda");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--device cuda") && err.contains("--device cpu"), "{err}");
+    assert!(!d.join("cuda.safetensors").exists());
+    // auto falls back to the CPU with a notice
+    let o = run("auto");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no CUDA device"));
+    assert!(d.join("auto.safetensors").exists());
+}
