@@ -5,13 +5,17 @@
 //!   gpu_tool bench --mode f16-tc --dims 1,256,256,256 --json out.json
 //!   gpu_tool predict --model m.safetensors --dims 1,63,95,127 --out pred.safetensors --json out.json
 //!   gpu_tool conformance --model m.safetensors --vectors v.safetensors --json out.json
+//!   gpu_tool train-bench --dims 4,64,64,64 --steps 40 --json out.json --check-out chk.safetensors
+//!   gpu_tool train-conformance --model m.safetensors --vectors v.safetensors --json out.json
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use rln_engine::backend::cpu::CpuBackend;
-use rln_engine::backend::cuda::{self, bench, CudaNet, CudaOptions};
+use rln_engine::backend::cuda::{self, bench, train_bench, CudaNet, CudaOptions, CudaTrainBackend};
+use rln_engine::backend::{Backend, GradMode};
 use rln_engine::model::tensor_file::TensorWriter;
 use rln_engine::model::Model;
+use rln_engine::model::{ModelConfig, Params};
 use rln_engine::net::{BnMode, Rln};
 use rln_engine::tensor::{rel_l2, Shape, Tensor};
 use std::path::PathBuf;
@@ -53,6 +57,31 @@ enum Cmd {
         modes: String,
         #[arg(long)]
         out: PathBuf,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Training steps on the GPU (CUDA events, median), one profiled step by phase; with
+    /// --check-out, also the paper-mode gradients of a small batch on the GPU and the CPU
+    /// with the model and batch, for the PyTorch peer's training check.
+    TrainBench {
+        #[arg(long, default_value = "4,64,64,64")]
+        dims: String,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        #[arg(long, default_value_t = 40)]
+        steps: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write x, g, the model and the GPU's gradients (2×32³) here.
+        #[arg(long)]
+        check_out: Option<PathBuf>,
+    },
+    /// The conformance vectors in training mode on the GPU (infer, train, grad keys).
+    TrainConformance {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        vectors: PathBuf,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -184,6 +213,52 @@ fn run(a: Args) -> Result<()> {
             wr.write(&out)?;
             write_json(&json, &serde_json::Value::Object(res))?;
         }
+        Cmd::TrainBench {
+            dims: d,
+            warmup,
+            steps,
+            json,
+            check_out,
+        } => {
+            let b = CudaTrainBackend::open(a.device)?;
+            let o = train_bench::TrainBenchOptions {
+                dims: dims(&d)?,
+                warmup,
+                steps,
+                ..Default::default()
+            };
+            let r = train_bench::run(&b, &o)?;
+            print!("{}", r.table());
+            let mut v = serde_json::to_value(&r)?;
+            if let Some(path) = check_out {
+                v["check"] = train_check(&b, &path)?;
+            }
+            write_json(&json, &v)?;
+        }
+        Cmd::TrainConformance { model, vectors, json } => {
+            let b = CudaTrainBackend::open(a.device)?;
+            let model = Model::<f32>::load(&model)?;
+            let t0 = std::time::Instant::now();
+            let r = rln_engine::conformance::run_on(&b, &model, &vectors)?;
+            for row in &r.rows {
+                println!(
+                    "{:<44} rel L2 {:9.2e}  tol {:.0e}  {}",
+                    row.key,
+                    row.rel_err,
+                    row.tol,
+                    if row.pass { "ok" } else { "FAIL" }
+                );
+            }
+            println!(
+                "training conformance on the GPU ({:.1} s): worst infer {:.2e}, train {:.2e}, grad {:.2e}; {}",
+                t0.elapsed().as_secs_f64(),
+                r.worst("infer."),
+                r.worst("train."),
+                r.worst("grad."),
+                if r.passed { "PASSED" } else { "FAILED" }
+            );
+            write_json(&json, &serde_json::to_value(&r)?)?;
+        }
         Cmd::Conformance { model, vectors, json } => {
             let model = Model::<f32>::load(&model)?;
             let mut all = Vec::new();
@@ -206,4 +281,56 @@ fn run(a: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Paper-mode gradients of a fresh model on a 2×32³ batch, on the GPU and the CPU: the
+/// per-layer errors (JSON), and a file for the PyTorch peer's training check (the model's
+/// tensors under their names, x, g, and grad.<name> from the GPU; the loss as `loss`).
+fn train_check(b: &CudaTrainBackend, path: &std::path::Path) -> Result<serde_json::Value> {
+    let shape = Shape::new(2, 1, 32, 32, 32);
+    let model = Model::<f32>::init(ModelConfig::default(), 17);
+    let (x, g) = train_bench::bench_batch(shape, 17);
+    let grads = |bk: &dyn Fn() -> (f64, Params<f64>)| bk();
+    let gpu = grads(&|| {
+        let net = Rln::new(b, &model);
+        let xd = b.from_host(&x);
+        let f = net.forward(&xd, BnMode::Batch, true);
+        let (t, dy, de) = b.loss(&f.prediction, &f.e1_raw, &xd, &b.from_host(&g));
+        (t.loss, net.backward(&f, &dy, &de, GradMode::Paper))
+    });
+    let c = CpuBackend::<f32>::new();
+    let cpu = grads(&|| {
+        let net = Rln::new(&c, &model);
+        let f = net.forward(&x, BnMode::Batch, true);
+        let (t, dy, de) = c.loss(&f.prediction, &f.e1_raw, &x, &g);
+        (t.loss, net.backward(&f, &dy, &de, GradMode::Paper))
+    });
+    let mut per_tensor = serde_json::Map::new();
+    let mut worst: f64 = 0.0;
+    for (l, k) in cpu.1.ids() {
+        let e = rel_l2(gpu.1.tensor(l, k), cpu.1.tensor(l, k));
+        worst = worst.max(e);
+        per_tensor.insert(Params::<f64>::name(l, k), serde_json::json!(e));
+    }
+    println!(
+        "train check 2×32³: loss GPU {:.6} CPU {:.6}; worst gradient tensor GPU vs CPU {worst:.2e}",
+        gpu.0, cpu.0
+    );
+    let mut w = model.to_writer();
+    let sh = vec![shape.n, 1, shape.d, shape.h, shape.w];
+    w.add_f32("x", sh.clone(), &x.data);
+    w.add_f32("g", sh, &g.data);
+    for (l, k) in gpu.1.ids() {
+        let t = gpu.1.tensor(l, k);
+        let name = Params::<f64>::name(l, k);
+        let shape = model
+            .named_tensors()
+            .into_iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|(_, s, _)| s);
+        w.add_f64(&format!("grad.{name}"), shape.unwrap_or_else(|| vec![t.len()]), t);
+    }
+    w.add_f64("loss", vec![1], &[gpu.0]);
+    w.write(path)?;
+    Ok(serde_json::json!({"loss_gpu": gpu.0, "loss_cpu": cpu.0, "worst_tensor_rel_l2": worst, "rel_l2": per_tensor}))
 }

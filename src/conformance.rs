@@ -107,35 +107,43 @@ pub fn run_on<B: Backend>(b: &B, model: &Model<f32>, vectors: &Path) -> Result<R
                                terms: LossTerms,
                                tol: f64|
      -> Result<()> {
-            for (k, t) in [("prediction", y), ("e1_raw", e1r), ("e2_raw", e2r)] {
-                let key = format!("{mode}.{k}");
-                let want = read_volume::<f64>(&file, &key)?;
-                rows.push(row(key, &f64v(t), &want.data, tol));
-            }
-            for (k, v) in [
-                ("mse", terms.mse),
-                ("mse_aux", terms.mse_aux),
-                ("ssim", terms.ssim),
-                ("loss", terms.loss),
-            ] {
-                let key = format!("{mode}.{k}");
-                let want = file.get_len(&key, 1)?;
-                rows.push(row(key, &[v], &want.data, tol));
-            }
-            Ok(())
-        };
+        for (k, t) in [("prediction", y), ("e1_raw", e1r), ("e2_raw", e2r)] {
+            let key = format!("{mode}.{k}");
+            let want = read_volume::<f64>(&file, &key)?;
+            rows.push(row(key, &f64v(t), &want.data, tol));
+        }
+        for (k, v) in [
+            ("mse", terms.mse),
+            ("mse_aux", terms.mse_aux),
+            ("ssim", terms.ssim),
+            ("loss", terms.loss),
+        ] {
+            let key = format!("{mode}.{k}");
+            let want = file.get_len(&key, 1)?;
+            rows.push(row(key, &[v], &want.data, tol));
+        }
+        Ok(())
+    };
 
     let (xb, gb) = (b.from_host(&x), b.from_host(&g));
     // inference mode: running statistics
     let fwd = net.forward(&xb, BnMode::Running, false);
-    let (y, e1r, e2r) = (b.to_host(&fwd.prediction), b.to_host(&fwd.e1_raw), b.to_host(&fwd.e2_raw));
+    let (y, e1r, e2r) = (
+        b.to_host(&fwd.prediction),
+        b.to_host(&fwd.e1_raw),
+        b.to_host(&fwd.e2_raw),
+    );
     let terms = loss_terms(&y.data, &e1r.data, &x.data, &g.data);
     compare_outputs("infer", &y, &e1r, &e2r, terms, TOL_INFER)?;
 
     // training mode: batch statistics, loss gradient, paper-mode backward
     let fwd = net.forward(&xb, BnMode::Batch, true);
     let (terms, dy, de1r) = b.loss(&fwd.prediction, &fwd.e1_raw, &xb, &gb);
-    let (y, e1r, e2r) = (b.to_host(&fwd.prediction), b.to_host(&fwd.e1_raw), b.to_host(&fwd.e2_raw));
+    let (y, e1r, e2r) = (
+        b.to_host(&fwd.prediction),
+        b.to_host(&fwd.e1_raw),
+        b.to_host(&fwd.e2_raw),
+    );
     compare_outputs("train", &y, &e1r, &e2r, terms, TOL_TRAIN)?;
     let grads = net.backward(&fwd, &dy, &de1r, GradMode::Paper);
     for (l, k) in grads.ids() {

@@ -1,8 +1,11 @@
 //! `rln-engine train`.
 
+use super::infer::Device;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rln_engine::backend::cpu::CpuBackend;
+use rln_engine::backend::cuda::{self, CudaTrainBackend};
 use rln_engine::backend::GradMode;
 use rln_engine::imaging::io::read_volume;
 use rln_engine::imaging::synth::{Family, SynthConfig};
@@ -11,9 +14,6 @@ use rln_engine::train::adam::LrSchedule;
 use rln_engine::train::data::{CropSampler, Dataset};
 use rln_engine::train::loss::LossTerms;
 use rln_engine::train::trainer::{self, TrainConfig, TrainObserver, TrainState, ValMetrics};
-use super::infer::Device;
-use rln_engine::backend::cpu::CpuBackend;
-use rln_engine::backend::cuda::{self, CudaTrainBackend};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -359,7 +359,17 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     };
     let every = a.checkpoint_every.unwrap_or(cfg.epoch_steps);
     let result = match &gpu {
-        Some(b) => trainer::train_on(b, true, &mut state, &cfg, &data, val.as_ref(), every, a.stop_after, &mut obs),
+        Some(b) => trainer::train_on(
+            b,
+            true,
+            &mut state,
+            &cfg,
+            &data,
+            val.as_ref(),
+            every,
+            a.stop_after,
+            &mut obs,
+        ),
         None => trainer::train_on(
             &CpuBackend::<f32>::new(),
             false,

@@ -210,7 +210,12 @@ mod tests {
         };
         let (t, k) = loss_from_sums(&sums);
         let (want, dy, _) = loss_and_grad(&y, &e, &x, &g);
-        for (a, b) in [(t.loss, want.loss), (t.mse, want.mse), (t.mse_aux, want.mse_aux), (t.ssim, want.ssim)] {
+        for (a, b) in [
+            (t.loss, want.loss),
+            (t.mse, want.mse),
+            (t.mse_aux, want.mse_aux),
+            (t.ssim, want.ssim),
+        ] {
             assert!((a - b).abs() <= 1e-13 * b.abs().max(1.0), "{a} vs {b}");
         }
         for i in [0, 17, 63] {

@@ -165,7 +165,12 @@ pub fn validate(model: &Model<f32>, val: &Dataset, cfg: &TrainConfig) -> Result<
 }
 
 /// [`validate`] with the network on backend `b`.
-pub fn validate_on<B: Backend<T = f32>>(b: &B, model: &Model<f32>, val: &Dataset, cfg: &TrainConfig) -> Result<ValMetrics> {
+pub fn validate_on<B: Backend<T = f32>>(
+    b: &B,
+    model: &Model<f32>,
+    val: &Dataset,
+    cfg: &TrainConfig,
+) -> Result<ValMetrics> {
     let net = Rln::new(b, model);
     let mut m = ValMetrics::default();
     let [plo, phi] = cfg.sampler.percentiles;

@@ -27,6 +27,7 @@ pub mod kernels;
 pub mod launch;
 pub mod predictor;
 pub mod train;
+pub mod train_bench;
 pub mod train_launch;
 pub mod twin;
 pub mod weights;

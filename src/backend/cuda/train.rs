@@ -75,10 +75,8 @@ impl Exec for CudaExec {
         self.dev.ctx.bind_to_thread().check("binding the CUDA context")?;
         // SAFETY: stream-ordered allocation on this stream; the memory is used only
         // through DevMem, on the same stream.
-        unsafe { cu::malloc_async(self.stream.cu_stream(), bytes) }.check(&format!(
-            "allocating {} MiB of device memory",
-            bytes.div_ceil(1 << 20)
-        ))
+        unsafe { cu::malloc_async(self.stream.cu_stream(), bytes) }
+            .check(&format!("allocating {} MiB of device memory", bytes.div_ceil(1 << 20)))
     }
     fn free(&self, ptr: u64) {
         // errors cannot be reported from drop; a failed free leaks, nothing worse
@@ -191,7 +189,9 @@ fn ok<T>(r: Result<T>) -> T {
 /// Checks that tensors agree in batch and volume size.
 fn same_volume(what: &str, a: Shape, b: Shape) -> Result<()> {
     if a.n != b.n || a.dims() != b.dims() {
-        return Err(Error::Shape(format!("{what}: {a} and {b} differ in batch or volume size")));
+        return Err(Error::Shape(format!(
+            "{what}: {a} and {b} differ in batch or volume size"
+        )));
     }
     Ok(())
 }
@@ -358,9 +358,7 @@ impl CudaTrainBackend {
     /// Uploads a host tensor (N×C×D×H×W) as channels-last.
     pub fn try_upload(&self, t: &Tensor<f32>) -> Result<DevTensor> {
         let dt = self.tensor(t.shape)?;
-        self.pool
-            .exec
-            .htod(dt.mem.ptr, bytemuck::cast_slice(&t.to_ndhwc()))?;
+        self.pool.exec.htod(dt.mem.ptr, bytemuck::cast_slice(&t.to_ndhwc()))?;
         Ok(dt)
     }
 
