@@ -16,6 +16,12 @@ Modes (one per run; tools/gpu-check.sh runs each under its own timeout):
   rln_torch.py --model m.safetensors --mode amp --dims 1,256,256,256 --json t.json
   rln_torch.py --model m.safetensors --mode eager --check pred.safetensors --json c.json
   rln_torch.py --model m.safetensors --backend numpy --check pred.safetensors
+  rln_torch.py --model chk.safetensors --train --mode eager --dims 4,64,64,64 --check chk.safetensors --json t.json
+
+--train times training steps instead (forward with batch statistics, the loss of
+rln-spec section 5, the paper-mode custom gradients as autograd Functions, Adam); its
+--check compares the eager FP32 gradients with those in a `gpu_tool train-bench
+--check-out` file (the engine's GPU gradients of the same model and batch).
 
 --check reads a file written by `gpu_tool predict` (x, y_cpu, y_f32, y_f16, y_f16_tc)
 and reports the relative L2 error of this peer's prediction against each.
@@ -119,21 +125,21 @@ def rln_forward(x, o, div_eps):
     a1 = unit("h1.fp.conv1", xd)
     a2 = unit("h1.fp.conv2", a1)
     fp1 = unit("h1.fp.conv3", cat(a1, a2)) + sp(xd)
-    dv1 = bn(xd / (cm(fp1) + eps), "h1.dv")
+    dv1 = bn(o.rl_div(xd, cm(fp1), eps), "h1.dv")
     b1 = unit("h1.bp.conv1", dv1)
     b2 = unit("h1.bp.conv2", b1)
     b3 = unit("h1.bp.conv3", cat(b2, b1))
     u = sp(bn(o.up2(b3, "h1.bp.up"), "h1.bp.up"))
     bp1 = unit("h1.bp.conv4", u)
-    e1r = x * cm(bp1)
+    e1r = o.rl_mul(x, cm(bp1))
     e1 = sp(bn(e1r, "h1.e"))
     # original-scale part (FP2, DV2, BP2)
     c1 = unit("h2.fp.conv1", x)
     fp2 = unit("h2.fp.conv2", c1) + sp(x)
-    dv2 = bn(x / (cm(fp2) + eps), "h2.dv")
+    dv2 = bn(o.rl_div(x, cm(fp2), eps), "h2.dv")
     d1 = unit("h2.bp.conv1", dv2)
     bp2 = unit("h2.bp.conv2", d1) + 1.0
-    e2r = e1 * cm(bp2)
+    e2r = o.rl_mul(e1, cm(bp2))
     e2 = sp(bn(e2r, "h2.e"))
     # merge part
     f1 = sp(conv(e2, "h3.conv1"))
@@ -200,6 +206,12 @@ class NumpyOps:
     def cm(self, t):
         return t.mean(axis=1, keepdims=True)
 
+    def rl_div(self, a, b, eps):
+        return a / (b + eps)
+
+    def rl_mul(self, a, m):
+        return a * m
+
 
 class TorchOps:
     """The primitives with torch.nn.functional; weights on `device` in float32."""
@@ -254,6 +266,220 @@ class TorchOps:
     def cm(self, t):
         return t.mean(dim=1, keepdim=True)
 
+    def rl_div(self, a, b, eps):
+        return a / (b + eps)
+
+    def rl_mul(self, a, m):
+        return a * m
+
+
+def make_train_ops(tensors, config, device, channels_last=False):
+    """TorchOps for training (rln-spec sections 4-5): conv/up weights and BN gamma/beta as
+    parameters, batch norm with batch statistics (momentum 0.01), and the paper-mode
+    custom gradients of the RL nodes as autograd Functions:
+      q = a / (b + eps):  dL/da := dL/dq, dL/db := -q^2 dL/dq
+      e = a * m:          dL/da := dL/de, dL/dm = a dL/de   (E1r = x*m', E2r = E1*m)
+    Both run in float32 under autocast (custom_fwd with cast_inputs)."""
+    import torch
+
+    try:
+        custom_fwd = torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+        custom_bwd = torch.amp.custom_bwd(device_type="cuda")
+    except (AttributeError, TypeError):  # torch < 2.4
+        custom_fwd = torch.cuda.amp.custom_fwd(cast_inputs=torch.float32)
+        custom_bwd = torch.cuda.amp.custom_bwd
+
+    class PaperDiv(torch.autograd.Function):
+        @staticmethod
+        @custom_fwd
+        def forward(ctx, a, b, eps):
+            q = a / (b + eps)
+            ctx.save_for_backward(q)
+            return q
+
+        @staticmethod
+        @custom_bwd
+        def backward(ctx, g):
+            (q,) = ctx.saved_tensors
+            return g, -q * q * g, None
+
+    class PaperMul(torch.autograd.Function):
+        @staticmethod
+        @custom_fwd
+        def forward(ctx, a, m):
+            ctx.save_for_backward(a)
+            return a * m
+
+        @staticmethod
+        @custom_bwd
+        def backward(ctx, g):
+            (a,) = ctx.saved_tensors
+            return g, a * g
+
+    class TrainOps(TorchOps):
+        def __init__(self):
+            super().__init__(tensors, config, device, channels_last)
+            self.params = []
+            for name, kind, ci, co, bn in LAYERS:
+                keys = ([name + ".weight"] if kind in ("conv", "up") else []) + ([name + ".bn.weight", name + ".bn.bias"] if bn else [])
+                for k in keys:
+                    self.t[k] = torch.nn.Parameter(self.t[k])
+                    self.params.append((k, self.t[k]))
+
+        def bn(self, x, name):
+            p = name + ".bn."
+            return self.F.batch_norm(
+                x, self.t[p + "running_mean"], self.t[p + "running_var"], self.t[p + "weight"], self.t[p + "bias"], True, 0.01, self.bn_eps
+            )
+
+        def rl_div(self, a, b, eps):
+            return PaperDiv.apply(a, b, eps)
+
+        def rl_mul(self, a, m):
+            return PaperMul.apply(a, m)
+
+    return TrainOps()
+
+
+def rln_loss(y, e1r, x, g):
+    """rln-spec section 5, one global SSIM over the whole batch, in float32."""
+    y, e1r, x, g = y.float(), e1r.float(), x.float(), g.float()
+    c1, c2 = 1e-4, 9e-4
+    mse = ((y - g) ** 2).mean() + 1e-4
+    aux = ((e1r - (0.8 * g + 0.2 * x)) ** 2).mean() + 1e-4
+    my, mg = y.mean(), g.mean()
+    vy, vg = ((y - my) ** 2).mean(), ((g - mg) ** 2).mean()
+    cov = ((y - my) * (g - mg)).mean()
+    s = (2 * my * mg + c1) * (2 * cov + c2) / ((my * my + mg * mg + c1) * (vy + vg + c2))
+    return mse + 0.1 * aux - (0.5 * (1 + s)).log()
+
+
+def train_main(a, tensors, config, res):
+    """One training step per iteration (zero_grad, forward with batch statistics, loss,
+    backward with the paper-mode gradients, Adam) at --dims, timed with CUDA events; with
+    --check, the paper-mode gradients of the check file's batch against the engine's."""
+    import torch
+
+    dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = dev.startswith("cuda")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    half = a.mode in ("amp", "compile")
+    torch.backends.cudnn.benchmark = True
+    eps = config["div_eps"]
+    res["device"] = torch.cuda.get_device_name() if cuda else "cpu"
+    res["torch"] = torch.__version__
+    res["train"] = True
+
+    if a.check:
+        from safetensors.numpy import load_file
+
+        ref = load_file(a.check)
+        ops = make_train_ops(tensors, config, dev)
+        x = torch.from_numpy(ref["x"].astype(np.float32)).to(dev)
+        g = torch.from_numpy(ref["g"].astype(np.float32)).to(dev)
+        y, e1r, _ = rln_forward(x, ops, eps)
+        loss = rln_loss(y, e1r, x, g)
+        loss.backward()
+        per, worst = {}, 0.0
+        for k, p in ops.params:
+            want = ref.get("grad." + k)
+            if want is None:
+                continue
+            e = rel_l2(p.grad.double().cpu().numpy().reshape(-1), want.reshape(-1))
+            per[k] = e
+            worst = max(worst, e)
+        # per layer (weight, gamma, beta together): the gamma gradient of a one-channel
+        # batch norm (dv, E) is one sum with heavy cancellation, not a fair single number
+        layers, worst_layer = {}, 0.0
+        for name, kind, ci, co, bn in LAYERS:
+            keys = [k for k, _ in ops.params if k.startswith(name + ".") and ("grad." + k) in ref]
+            if keys:
+                got = np.concatenate([ops.t[k].grad.double().cpu().numpy().reshape(-1) for k in keys])
+                want = np.concatenate([ref["grad." + k].reshape(-1) for k in keys])
+                layers[name] = rel_l2(got, want)
+                worst_layer = max(worst_layer, layers[name])
+        res["check"] = {"loss_torch": float(loss), "loss_engine": float(ref["loss"][0]), "rel_l2": per, "worst_tensor_rel_l2": worst,
+                        "layers_rel_l2": layers, "worst_layer_rel_l2": worst_layer}
+        print(f"torch train check: worst layer rel L2 {worst_layer:.2e}", flush=True)
+        print(f"torch train check (eager fp32 paper-mode gradients vs the engine's GPU): loss {float(loss):.6f} vs {float(ref['loss'][0]):.6f}, "
+              f"worst tensor rel L2 {worst:.2e}; " + ", ".join(f"{k} {v:.1e}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:4]), flush=True)
+        del ops, x, g, y, e1r, loss
+
+    if a.no_time:
+        return
+    n, d, h, w = parse_dims(a.dims)
+    ops = make_train_ops(tensors, config, dev, channels_last=half)
+    opt = torch.optim.Adam([p for _, p in ops.params], lr=0.015, betas=(0.9, 0.999), eps=1e-8)
+    scaler = None
+    if half and cuda:
+        try:
+            scaler = torch.amp.GradScaler("cuda")
+        except (AttributeError, TypeError):  # torch < 2.3
+            scaler = torch.cuda.amp.GradScaler()
+
+    def fwd_loss(x, g):
+        y, e1r, _ = rln_forward(x, ops, eps)
+        return rln_loss(y, e1r, x, g)
+
+    f = torch.compile(fwd_loss) if a.mode == "compile" else fwd_loss
+
+    def step(x, g):
+        opt.zero_grad(set_to_none=True)
+        if half:
+            with torch.autocast(device_type="cuda", dtype=torch.float16):
+                loss = f(x, g)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss = f(x, g)
+            loss.backward()
+            opt.step()
+        return loss
+
+    rng = np.random.default_rng(1)
+
+    def prep(v):
+        t = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(dev)
+        return t.contiguous(memory_format=torch.channels_last_3d) if half else t
+
+    batches = [(prep(rng.random((n, 1, d, h, w), dtype=np.float32)), prep(rng.random((n, 1, d, h, w), dtype=np.float32))) for _ in range(2)]
+    t0 = time.time()
+    step(*batches[0])  # first call: compilation for torch.compile
+    if cuda:
+        torch.cuda.synchronize()
+    res["first_call_seconds"] = time.time() - t0
+    print(f"torch train {a.mode}: first step {res['first_call_seconds']:.1f} s", flush=True)
+    for i in range(a.warmup):
+        step(*batches[i % 2])
+    times, losses = [], []
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(a.reps):
+        if cuda:
+            s_, e_ = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s_.record()
+            loss = step(*batches[i % 2])
+            e_.record()
+            e_.synchronize()
+            times.append(s_.elapsed_time(e_))
+        else:
+            t = time.time()
+            loss = step(*batches[i % 2])
+            times.append(1e3 * (time.time() - t))
+        losses.append(float(loss))
+    if cuda:
+        res["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
+    times.sort()
+    med = times[len(times) // 2] if len(times) % 2 else 0.5 * (times[len(times) // 2 - 1] + times[len(times) // 2])
+    res.update(dims=[n, d, h, w], reps=a.reps, median_ms=med, min_ms=times[0], max_ms=times[-1], step_s=med * 1e-3,
+               voxels_per_s=n * d * h * w / (med * 1e-3), loss_last=losses[-1] if losses else None,
+               nonfinite_loss=int(sum(1 for v in losses if not math.isfinite(v))))
+    print(f"torch train {a.mode} {res['device']} {n}x{d}x{h}x{w}: median step {med:.2f} ms (min {times[0]:.2f}, max {times[-1]:.2f}), "
+          f"peak {res.get('peak_mem_bytes', 0) / 2**20:.0f} MiB, last loss {res['loss_last']}", flush=True)
+
 
 def rel_l2(a, r):
     a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
@@ -279,6 +505,9 @@ def main():
     ap.add_argument("--no-time", action="store_true", help="only --check")
     ap.add_argument("--check", help="a gpu_tool predict file to compare against")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--train", action="store_true",
+                    help="time training steps (batch statistics, paper-mode gradients, Adam) instead of inference; "
+                         "--check then takes a `gpu_tool train-bench --check-out` file")
     ap.add_argument("--fold-bn", choices=["auto", "yes", "no"], default="auto",
                     help="fold batch norm into the conv weights (auto: for amp and compile, whose float16 pre-BN outputs overflow otherwise)")
     a = ap.parse_args()
@@ -287,6 +516,15 @@ def main():
         a.check = None
     tensors, config = load_model(a.model)
     eps = config["div_eps"]
+    if a.train:
+        res = {"mode": a.mode, "backend": a.backend}
+        try:
+            train_main(a, tensors, config, res)
+        finally:
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump(res, f, indent=1)
+        return
     fold = a.fold_bn == "yes" or (a.fold_bn == "auto" and a.mode in ("amp", "compile"))
     if fold:
         tensors = fold_bn(tensors, config)
