@@ -25,7 +25,23 @@
 #   conformance  the vectors' inference keys on the GPU (JSON; also part of gpu_tests)
 #   infer        end-to-end `rln-engine infer M IN.tif -o OUT.tif --device cuda --fp16` on a
 #                256×1024×1024 synthetic volume (read, tiling, normalization, stitching, write)
+#   env_train    what the training steps need: bundle files, torch, a short device query
+#   train_tests  tests/gpu_train.rs, one process per test: every training op forward and
+#                backward vs the CPU, network gradients (paper, exact, dual-concat),
+#                conformance vectors in training mode, steps vs CPU, determinism, checkpoint
+#   train_bench  training steps at 4×64³ (CUDA events, median of 40 after 5 warm-up), one
+#                profiled step by phase, peak memory; the gradient check file for the peer
+#   train_conformance  the vectors' infer/train/grad keys with the network on the GPU (JSON)
+#   torch_train_eager, torch_train_amp, torch_train_compile   the PyTorch peer's training
+#                step at 4×64³ (eager FP32 also checks its gradients against the engine's)
+#   cli_train    `rln-engine train --device cuda` for 300 steps on synthetic data made by
+#                the engine (4 volumes 96×128×128 + 1 for validation): wall time, step rate,
+#                extrapolation to the authors' 10 000 steps
 #   summary      the table and gpu-latest.json
+#
+# The training part alone (about 3 minutes):
+#   RLN_GPU_STEPS="env_train train_tests train_bench train_conformance torch_train_eager \
+#     torch_train_amp torch_train_compile cli_train" bash tools/gpu-check.sh
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -195,6 +211,59 @@ else
   say "SKIP infer: this rln-engine has no 'infer --device' yet"
   printf 'infer\tskipped (no infer --device in the CLI)\t0\n' >> "$STATUS"
 fi
+
+# ---------------------------------------------------------------- training
+TRAIN_TESTS="$B/gpu_train_tests"
+TRAIN_DIMS="${RLN_TRAIN_DIMS:-4,64,64,64}"
+export TRAIN_TESTS TRAIN_DIMS
+env_train() {
+  echo "date: $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,power.limit --format=csv || true
+  ls -la "$B/gpu_train_tests" "$B/gpu_tool" "$B/rln-engine" "$B/psf.tif" || true
+  grep -E '"commit"|"dirty_files"|"built"' "$B/MANIFEST.json" || true
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' || echo "torch: missing"
+  echo "--- ptxas (training kernels)"
+  cat "$B"/ptxas/train_*.txt 2>/dev/null | grep -E "Compiling entry|Used|spill" | paste - - - | sed -E 's/ptxas info +: //g' || true
+}
+train_tests_each() {
+  local names t rc pass=0 fail=0
+  names=$("$TRAIN_TESTS" --list 2>/dev/null | sed -n 's/: test$//p')
+  [ -n "$names" ] || { echo "no tests listed by $TRAIN_TESTS"; return 2; }
+  for t in $names; do
+    echo "===== $t"
+    RLN_CUDA_SYNC=1 timeout -k 5 60 "$TRAIN_TESTS" "$t" --exact --nocapture --test-threads=1
+    rc=$?
+    if [ $rc -eq 0 ]; then
+      pass=$((pass + 1)); echo "TEST $t: ok"
+    else
+      fail=$((fail + 1)); echo "TEST $t: FAILED (rc=$rc)"
+    fi
+  done
+  echo "test result: $([ $fail -eq 0 ] && echo ok || echo FAILED). $pass passed; $fail failed (one process per test)"
+  [ $fail -eq 0 ]
+}
+cli_train() {
+  local t0 t1 rc
+  t0=$(date +%s.%N)
+  "$B/rln-engine" train --device cuda --synth-psf "$B/psf.tif" --synth-count 4 --synth-val-count 1 \
+    --synth-size 96,128,128 --steps 300 --epoch-steps 100 --seed 3 \
+    -o "$SCR/trained.safetensors" --log "$OUT/cli_train.jsonl"
+  rc=$?
+  t1=$(date +%s.%N)
+  python3 -c "print(f'CLI_TRAIN_WALL_S {$t1 - $t0:.2f}')"
+  return $rc
+}
+step env_train 20 env_train
+step train_tests 100 train_tests_each
+step train_bench 60 "$TOOL" train-bench --dims "$TRAIN_DIMS" --warmup 5 --steps 40 --json "$OUT/train_bench.json" --check-out "$SCR/train_check.safetensors"
+step train_conformance 30 "$TOOL" train-conformance --model "$MODEL" --vectors "$B/reference/rln-tf-vectors-a.safetensors" --json "$OUT/train_conformance.json"
+TCHK="$SCR/train_check.safetensors"
+if [ -f "$TCHK" ]; then TMODEL="$TCHK"; else TMODEL="$MODEL"; TCHK=""; fi
+step torch_train_eager 50 $PEER --train --model "$TMODEL" --mode eager --dims "$TRAIN_DIMS" --warmup 3 --reps 10 ${TCHK:+--check "$TCHK"} --json "$OUT/torch_train_eager.json"
+step torch_train_amp 40 $PEER --train --model "$TMODEL" --mode amp --dims "$TRAIN_DIMS" --warmup 3 --reps 10 --json "$OUT/torch_train_amp.json"
+# compilation of forward and backward takes a minute or more: capped here
+step torch_train_compile 80 $PEER --train --model "$TMODEL" --mode compile --dims "$TRAIN_DIMS" --warmup 2 --reps 10 --json "$OUT/torch_train_compile.json"
+step cli_train 60 cli_train
 
 say "summary"
 python3 "$ROOT/tools/gpu_summary.py" "$OUT" "$B" 2>&1 | tee "$OUT/summary.log" || say "summary failed: see $OUT/summary.log"

@@ -59,6 +59,121 @@ def parse_ncu(log):
     return out
 
 
+def jsonl(path):
+    out = []
+    for line in text(path).splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+def train_section(P):
+    """The training results: engine step benchmark, PyTorch peer steps, checks, tests,
+    conformance in training mode, and the CLI run with its extrapolation."""
+    tb = load(P("train_bench.json")) or {}
+    tt = {k: load(P(f"torch_train_{k}.json")) or {} for k in ("eager", "amp", "compile")}
+    conf = load(P("train_conformance.json")) or {}
+    rows = conf.get("rows") or []
+
+    def worst(prefix):
+        return maxn(*[r.get("rel_err") for r in rows if r.get("key", "").startswith(prefix)])
+
+    tests = text(P("train_tests.log"))
+    m = re.findall(r"test result: (\w+)\. (\d+) passed; (\d+) failed", tests)
+    test_summary = {"result": m[-1][0], "passed": int(m[-1][1]), "failed": int(m[-1][2])} if m else None
+    failed = re.findall(r"^TEST (\S+): FAILED", tests, re.M)
+    fails_detail = re.findall(r"^(.*rel L2.*FAIL.*)$", tests, re.M)[:20]
+
+    # CLI run: steps and validations from the JSON-lines log
+    log = jsonl(P("cli_train.jsonl"))
+    steps = [r for r in log if "loss" in r and "step" in r]
+    vals = [r for r in log if "val_psnr" in r]
+    wall = re.search(r"CLI_TRAIN_WALL_S (\S+)", text(P("cli_train.log")))
+    wall = num(wall.group(1)) if wall else None
+    cli = {"steps": len(steps), "wall_s": wall}
+    by_step = {r["step"]: r.get("elapsed_s") for r in steps}
+    if steps:
+        last = steps[-1]["step"]
+        a = 100 if (100 in by_step and last > 100) else steps[0]["step"]
+        if by_step.get(a) is not None and by_step.get(last) is not None and last > a:
+            rate = (by_step[last] - by_step[a]) / (last - a)
+            cli["s_per_step"] = rate
+            # everything that is not a step (data synthesis, start-up, the final save) once,
+            # then 10 000 steps at the measured rate (validation every 100 steps included)
+            fixed = (wall - last * rate) if wall else None
+            cli["full_recipe_s"] = (fixed + 10000 * rate) if fixed is not None else 10000 * rate
+            cli["full_recipe_note"] = f"measured {last} steps ({a}..{last} for the rate, validation every 100 steps included), extrapolated to 10 000"
+        cli["loss_first"] = steps[0].get("loss")
+        cli["loss_last"] = steps[-1].get("loss")
+    if vals:
+        cli["val_psnr_last"] = vals[-1].get("val_psnr")
+        cli["val_ssim_last"] = vals[-1].get("val_ssim")
+
+    def tstep(k):
+        return (tt[k] or {}).get("step_s")
+
+    eng = tb.get("step_s")
+    chk = (tt["eager"] or {}).get("check") or {}
+    return {
+        "dims": tb.get("dims"),
+        "step_s": eng,
+        "host_step_s": tb.get("host_step_s"),
+        "kernel_s": tb.get("kernel_s"),
+        "phases_ms": tb.get("phases_ms"),
+        "slowest_kernels_ms": (tb.get("kernels_ms") or [])[:10],
+        "launches_per_step": tb.get("launches"),
+        "tflops": tb.get("tflops"),
+        "peak_mem_bytes": tb.get("peak_mem_bytes"),
+        "loss_first_last": [tb.get("loss_first"), tb.get("loss_last")],
+        "torch_fp32_step_s": tstep("eager"),
+        "torch_amp_step_s": tstep("amp"),
+        "torch_compile_step_s": tstep("compile"),
+        "torch_compile_first_call_s": (tt["compile"] or {}).get("first_call_seconds"),
+        "torch_peak_mem_bytes": {k: (v or {}).get("peak_mem_bytes") for k, v in tt.items()},
+        "torch_errors": {k: (v or {}).get("error") for k, v in tt.items() if (v or {}).get("error")},
+        "speedup_vs_torch": {k: (tstep(k) / eng if (eng and tstep(k)) else None) for k in ("eager", "amp", "compile")},
+        "gpu_vs_cpu_grad_worst_tensor": ((tb.get("check") or {}).get("worst_tensor_rel_l2")),
+        "torch_vs_engine_grad": {"worst_tensor": chk.get("worst_tensor_rel_l2"), "worst_layer": chk.get("worst_layer_rel_l2"),
+                                 "loss_torch": chk.get("loss_torch"), "loss_engine": chk.get("loss_engine")},
+        "conformance": {"passed": conf.get("passed"), "infer": worst("infer."), "train": worst("train."), "grad": worst("grad.")},
+        "tests": test_summary,
+        "failed_tests": failed,
+        "failed_checks": fails_detail,
+        "cli": cli,
+        "full_recipe_s": cli.get("full_recipe_s"),
+        "full_recipe_note": cli.get("full_recipe_note"),
+    }
+
+
+def train_lines(t):
+    f = lambda v, k=1e3, u="ms": f"{v * k:.2f} {u}" if isinstance(v, (int, float)) else "-"
+    L = [f"---- training at {t.get('dims') or '?'} (batch × crop), CUDA events, median"]
+    L.append(f"engine step {f(t['step_s'])} (host clock {f(t['host_step_s'])}; kernels {f(t['kernel_s'])} in {t.get('launches_per_step') or '-'} launches), "
+             f"{t['tflops'] or 0:.2f} TFLOP/s, peak {(t['peak_mem_bytes'] or 0) / 2**20:.0f} MiB")
+    sp = t["speedup_vs_torch"]
+    L.append("torch step: " + ", ".join(
+        f"{k} {f(t[f'torch_{n}_step_s'])} (engine {sp[k]:.1f}x)" if sp[k] else f"{k} {f(t[f'torch_{n}_step_s'])}"
+        for k, n in (("eager", "fp32"), ("amp", "amp"), ("compile", "compile"))))
+    if t.get("phases_ms"):
+        L.append("engine phases (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in t["phases_ms"].items()))
+    c = t["conformance"]
+    e = lambda v: f"{v:.1e}" if isinstance(v, (int, float)) else "-"
+    ts = t.get("tests") or {}
+    L.append(f"train tests: {ts.get('result', 'not run')} ({ts.get('passed', 0)} passed, {ts.get('failed', 0)} failed"
+             f"{': ' + ', '.join(t['failed_tests']) if t['failed_tests'] else ''}); conformance on GPU (train mode): "
+             f"{'PASSED' if c['passed'] else ('FAILED' if c['passed'] is False else '-')} infer {e(c['infer'])} train {e(c['train'])} grad {e(c['grad'])}")
+    tv = t["torch_vs_engine_grad"]
+    L.append(f"gradients 2x32^3: engine GPU vs CPU worst tensor {e(t['gpu_vs_cpu_grad_worst_tensor'])}; torch eager vs engine GPU worst layer "
+             f"{e(tv['worst_layer'])}, worst tensor {e(tv['worst_tensor'])}, loss {tv['loss_torch']} vs {tv['loss_engine']}")
+    cli = t["cli"]
+    L.append(f"CLI train --device cuda: {cli.get('steps', 0)} steps, wall {f(cli.get('wall_s'), 1, 's')}, {f(cli.get('s_per_step'))}/step; "
+             f"full recipe {f(t.get('full_recipe_s'), 1 / 60, 'min')} ({t.get('full_recipe_note') or 'not measured'}); "
+             f"loss {cli.get('loss_first')} -> {cli.get('loss_last')}, val PSNR {cli.get('val_psnr_last')}")
+    return L
+
+
 def main():
     out_dir, bundle = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "gpu-bundle"
     P = lambda n: os.path.join(out_dir, n)
@@ -158,6 +273,10 @@ def main():
         "ncu_f16tc_128": ncu,
         "bundle": {"commit": manifest.get("commit"), "dirty_files": manifest.get("dirty_files"), "built": manifest.get("built")},
     }
+    try:
+        result["train"] = train_section(P)
+    except Exception as ex:  # the summary must print something after any partial run
+        result["train"] = {"error": f"summary of the training steps failed: {ex!r}"}
     with open(P("gpu-latest.json"), "w") as f:
         json.dump(result, f, indent=1)
 
@@ -197,6 +316,13 @@ def main():
     if ncu:
         L.append("ncu f16-tc 128^3: " + "; ".join(
             f"{x['kernel']} {x['time_us'] or 0:.0f}us {x['tflops'] or 0:.1f}TF/s {x['dram_gbs'] or 0:.0f}GB/s" for x in ncu[:16]))
+    if "step_s" in result["train"]:
+        try:
+            L.extend(train_lines(result["train"]))
+        except Exception as ex:
+            L.append(f"training summary failed: {ex!r}")
+    else:
+        L.append(result["train"].get("error", "no training results"))
     L.append("steps: " + " | ".join(f"{k} {v['status']} {v['seconds'] or 0:.0f}s" for k, v in steps.items()))
     L.append(f"full results: {P('gpu-latest.json')}, logs: {out_dir}/*.log")
     s = "\n".join(L)

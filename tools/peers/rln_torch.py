@@ -520,6 +520,9 @@ def main():
         res = {"mode": a.mode, "backend": a.backend}
         try:
             train_main(a, tensors, config, res)
+        except BaseException as ex:  # recorded for the summary, then reported as usual
+            res["error"] = repr(ex)[:500]
+            raise
         finally:
             if a.json:
                 with open(a.json, "w") as f:
