@@ -349,7 +349,6 @@ RLN_TCONV_FWD(8, 1, 1, 8)
 // data gradients: dz (C_out of the layer) → one input's channels
 RLN_TCONV_FWD(4, 0, 0, 1)
 RLN_TCONV_FWD(8, 0, 0, 1)
-RLN_TCONV_FWD(4, 0, 0, 2)
 // weight gradients: the forward convs
 RLN_TCONV_WGRAD(1, 0, 0, 4)
 RLN_TCONV_WGRAD(2, 0, 0, 4)

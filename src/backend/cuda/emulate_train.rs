@@ -459,6 +459,9 @@ impl<T: Copy> Buf<T> {
 pub struct EmuExec {
     mem: std::sync::Mutex<std::collections::HashMap<u64, Box<[u64]>>>,
     pub launches: std::sync::Mutex<Vec<String>>,
+    /// Device-to-host copies (each one a synchronization on the real device), host-to-device copies.
+    pub dtoh_count: std::sync::atomic::AtomicUsize,
+    pub htod_count: std::sync::atomic::AtomicUsize,
 }
 
 impl EmuExec {
@@ -523,11 +526,13 @@ impl super::train::Exec for EmuExec {
         Ok(())
     }
     fn htod(&self, dst: u64, src: &[u8]) -> crate::Result<()> {
+        self.htod_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let b = self.buf::<u8>(dst);
         src.iter().enumerate().for_each(|(i, &v)| b.set(i, v));
         Ok(())
     }
     fn dtoh(&self, dst: &mut [u8], src: u64) -> crate::Result<()> {
+        self.dtoh_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let b = self.buf::<u8>(src);
         dst.iter_mut().enumerate().for_each(|(i, v)| *v = b.get(i));
         Ok(())
@@ -1269,6 +1274,40 @@ mod tests {
             let e = worst_param_err(&sg.model.params.cast(), &sc.model.params.cast());
             assert!(e < 1e-4, "weights after step {step}: {e:e}");
         }
+    }
+
+    /// What one training step asks of the device: launches, synchronizations (every
+    /// device-to-host copy waits), uploads. Printed for kernels/NOTES.md; bounded so a
+    /// change that adds round trips shows up.
+    #[test]
+    fn one_training_step_launches_and_synchronizations() {
+        let exec = Arc::new(EmuExec::default());
+        let b = CudaTrainBackend::on_exec(exec.clone(), false);
+        let cfg = TrainConfig::default();
+        let mut st = TrainState::new(Model::<f32>::init(ModelConfig::default(), 1), &cfg);
+        let shape = Shape::new(1, 1, 8, 8, 8);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let x = Tensor::from_vec(shape, (0..shape.len()).map(|_| rng.random_range(0.0f32..1.0)).collect()).unwrap();
+        train_step_on(&b, &mut st, &cfg, &x, &x).unwrap();
+        let launches = exec.launches.lock().unwrap().clone();
+        let mut by: std::collections::BTreeMap<String, usize> = Default::default();
+        for l in &launches {
+            *by.entry(l.clone()).or_default() += 1;
+        }
+        let syncs = exec.dtoh_count.load(std::sync::atomic::Ordering::Relaxed);
+        let uploads = exec.htod_count.load(std::sync::atomic::Ordering::Relaxed);
+        println!(
+            "one step: {} launches, {syncs} device-to-host copies (synchronizations), {uploads} uploads",
+            launches.len()
+        );
+        println!("{by:?}");
+        // 16 batch norms in the forward pass, 1 loss, 19 layers' parameter gradients
+        assert_eq!(
+            syncs,
+            16 + 1 + 16 + 14 + 1,
+            "one copy per BN forward, loss, BN backward, conv and up2 weight gradient"
+        );
+        assert!(launches.len() < 400);
     }
 
     #[test]

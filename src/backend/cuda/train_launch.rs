@@ -82,7 +82,7 @@ pub const CONV_ANY_WGRAD: &str = "tconv_wgrad_any";
 
 /// Channel counts (in[0], in[1], in[2], C_out) of the specialized forward kernels
 /// `tconv_fwd_{a}_{b}_{c}_{o}`: the network's convs, then the data gradients.
-pub const FWD_VARIANTS: [[usize; 4]; 11] = [
+pub const FWD_VARIANTS: [[usize; 4]; 10] = [
     [1, 0, 0, 4],
     [2, 0, 0, 4],
     [4, 0, 0, 4],
@@ -93,7 +93,6 @@ pub const FWD_VARIANTS: [[usize; 4]; 11] = [
     [8, 1, 1, 8],
     [4, 0, 0, 1],
     [8, 0, 0, 1],
-    [4, 0, 0, 2],
 ];
 /// The specialized weight-gradient kernels `tconv_wgrad_{a}_{b}_{c}_{o}`.
 pub const WGRAD_VARIANTS: [[usize; 4]; 8] = [
