@@ -34,14 +34,14 @@
 #   train_conformance  the vectors' infer/train/grad keys with the network on the GPU (JSON)
 #   torch_train_eager, torch_train_amp, torch_train_compile   the PyTorch peer's training
 #                step at 4×64³ (eager FP32 also checks its gradients against the engine's)
-#   cli_train    `rln-engine train --device cuda` for 300 steps on synthetic data made by
-#                the engine (4 volumes 96×128×128 + 1 for validation): wall time, step rate,
-#                extrapolation to the authors' 10 000 steps
+#   cli_train    `rln-engine train --device cuda` for 600 steps on synthetic data made by
+#                the engine (4 volumes 96×128×128 + 1 for validation, every 100 steps):
+#                wall time, step rate, extrapolation to the authors' 10 000 steps
 #   summary      the table and gpu-latest.json
 #
 # The training part alone (about 3 minutes):
 #   RLN_GPU_STEPS="env_train train_tests train_bench train_conformance torch_train_eager \
-#     torch_train_amp torch_train_compile cli_train" bash tools/gpu-check.sh
+#     torch_train_amp cli_train torch_train_compile" bash tools/gpu-check.sh
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -246,7 +246,7 @@ cli_train() {
   local t0 t1 rc
   t0=$(date +%s.%N)
   "$B/rln-engine" train --device cuda --synth-psf "$B/psf.tif" --synth-count 4 --synth-val-count 1 \
-    --synth-size 96,128,128 --steps 300 --epoch-steps 100 --seed 3 \
+    --synth-size 96,128,128 --steps "${RLN_CLI_TRAIN_STEPS:-600}" --epoch-steps 100 --seed 3 \
     -o "$SCR/trained.safetensors" --log "$OUT/cli_train.jsonl"
   rc=$?
   t1=$(date +%s.%N)
@@ -261,9 +261,9 @@ TCHK="$SCR/train_check.safetensors"
 if [ -f "$TCHK" ]; then TMODEL="$TCHK"; else TMODEL="$MODEL"; TCHK=""; fi
 step torch_train_eager 50 $PEER --train --model "$TMODEL" --mode eager --dims "$TRAIN_DIMS" --warmup 3 --reps 10 ${TCHK:+--check "$TCHK"} --json "$OUT/torch_train_eager.json"
 step torch_train_amp 40 $PEER --train --model "$TMODEL" --mode amp --dims "$TRAIN_DIMS" --warmup 3 --reps 10 --json "$OUT/torch_train_amp.json"
-# compilation of forward and backward takes a minute or more: capped here
-step torch_train_compile 80 $PEER --train --model "$TMODEL" --mode compile --dims "$TRAIN_DIMS" --warmup 2 --reps 10 --json "$OUT/torch_train_compile.json"
 step cli_train 60 cli_train
+# compilation of forward and backward takes a minute or more: last, capped
+step torch_train_compile 80 $PEER --train --model "$TMODEL" --mode compile --dims "$TRAIN_DIMS" --warmup 2 --reps 10 --json "$OUT/torch_train_compile.json"
 
 say "summary"
 python3 "$ROOT/tools/gpu_summary.py" "$OUT" "$B" 2>&1 | tee "$OUT/summary.log" || say "summary failed: see $OUT/summary.log"
