@@ -210,6 +210,26 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             a.variant
         );
     }
+    // the device first (every problem reported before data is made and training starts)
+    let gpu = match a.device {
+        Device::Cpu => None,
+        Device::Cuda => Some(CudaTrainBackend::open(0).context("--device cuda")?),
+        Device::Auto => {
+            let b = if cuda::available() {
+                CudaTrainBackend::open(0)
+                    .map_err(|e| eprintln!("note: the CUDA device is not usable ({e}); training on the CPU"))
+                    .ok()
+            } else {
+                eprintln!("note: no CUDA device; training on the CPU");
+                None
+            };
+            b
+        }
+    };
+    let device_name = gpu
+        .as_ref()
+        .map(|b| b.describe())
+        .unwrap_or_else(|| format!("CPU, {} threads", rln_engine::threads()));
     let ckpt_path = a
         .checkpoint
         .clone()
@@ -309,26 +329,6 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening log {}", log_path.display()))?;
-    // the device (every problem reported before training starts)
-    let gpu = match a.device {
-        Device::Cpu => None,
-        Device::Cuda => Some(CudaTrainBackend::open(0).context("--device cuda")?),
-        Device::Auto => {
-            let b = if cuda::available() {
-                CudaTrainBackend::open(0)
-                    .map_err(|e| eprintln!("note: the CUDA device is not usable ({e}); training on the CPU"))
-                    .ok()
-            } else {
-                eprintln!("note: no CUDA device; training on the CPU");
-                None
-            };
-            b
-        }
-    };
-    let device_name = gpu
-        .as_ref()
-        .map(|b| b.describe())
-        .unwrap_or_else(|| format!("CPU, {} threads", rln_engine::threads()));
     let bar = ProgressBar::with_draw_target(Some(cfg.steps), ProgressDrawTarget::hidden());
     if std::io::stderr().is_terminal() {
         bar.set_draw_target(ProgressDrawTarget::stderr());
