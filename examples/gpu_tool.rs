@@ -230,10 +230,17 @@ fn run(a: Args) -> Result<()> {
             let r = train_bench::run(&b, &o)?;
             print!("{}", r.table());
             let mut v = serde_json::to_value(&r)?;
-            if let Some(path) = check_out {
-                v["check"] = train_check(&b, &path)?;
-            }
+            // the timing is written first: a failing check must not lose it
             write_json(&json, &v)?;
+            if let Some(path) = check_out {
+                let c = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train_check(&b, &path)));
+                v["check"] = match c {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => serde_json::json!({ "error": format!("{e:#}") }),
+                    Err(_) => serde_json::json!({ "error": "the check panicked (see the log)" }),
+                };
+                write_json(&json, &v)?;
+            }
         }
         Cmd::TrainConformance { model, vectors, json } => {
             let b = CudaTrainBackend::open(a.device)?;
