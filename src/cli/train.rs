@@ -51,10 +51,11 @@ pub struct TrainArgs {
     /// Held-out pairs (same layout) for validation after every epoch.
     #[arg(long)]
     pub val: Option<PathBuf>,
-    /// Second view of every training input (RLN-dual), same file names as DIR/input/.
+    /// Second view of every training input (RLN-dual), same file names as DIR/input/;
+    /// default DIR/input2/ (and VAL/input2/ for validation) with a dual variant.
     #[arg(long)]
     pub input2: Option<PathBuf>,
-    /// Network variant; dual variants need --input2.
+    /// Network variant; dual variants need a second view of every input (--input2).
     #[arg(long, value_enum, default_value_t = Variant::Single)]
     pub variant: Variant,
     /// Make training pairs on the fly from this PSF instead of reading --data.
@@ -197,11 +198,8 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     if a.input2.is_some() && a.variant == Variant::Single {
         bail!("--input2 gives a second view: choose --variant dual-average or dual-concat");
     }
-    if a.input2.is_none() && a.variant != Variant::Single && a.synth_psf.is_none() {
-        bail!(
-            "--variant {:?} needs the second view of every input: --input2 DIR",
-            a.variant
-        );
+    if a.variant != Variant::Single && a.synth_psf.is_some() {
+        bail!("synthetic data has one view: train dual-view models on registered view pairs (--data DIR with DIR/input2/ or --input2)");
     }
     let ckpt_path = a
         .checkpoint
@@ -246,11 +244,13 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         (data, val)
     } else {
         let dir = a.data.as_ref().expect("clap requires --data");
-        let data = Dataset::from_dir(dir, a.input2.as_deref())
-            .with_context(|| format!("training data in {}", dir.display()))?;
+        let dual = a.variant != Variant::Single;
+        let input2 = a.input2.clone().or_else(|| dual.then(|| dir.join("input2")));
+        let data =
+            Dataset::from_dir(dir, input2.as_deref()).with_context(|| format!("training data in {}", dir.display()))?;
         let val = match &a.val {
             Some(v) => Some(
-                Dataset::from_dir(v, a.input2.as_ref().map(|_| v.join("input2")).as_deref())
+                Dataset::from_dir(v, dual.then(|| v.join("input2")).as_deref())
                     .with_context(|| format!("validation data in {}", v.display()))?,
             ),
             None => None,

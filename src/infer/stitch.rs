@@ -362,9 +362,11 @@ pub fn run_tiled_shrinking(
             Err(e) if e.is_out_of_memory() && attempt < 4 && core.iter().any(|&c| c > 32) => {
                 core = core.map(|c| ((c * 3 / 4).max(32)) & !1);
             }
-            Err(e) if e.is_out_of_memory() => return Err(Error::CudaOutOfMemory(format!(
+            Err(e) if e.is_out_of_memory() => {
+                return Err(Error::CudaOutOfMemory(format!(
                 "{e}; even {core:?} tiles do not fit: free device memory, pass a smaller --tile, or use --device cpu"
-            ))),
+            )))
+            }
             Err(e) => return Err(e),
         }
     }
