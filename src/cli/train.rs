@@ -80,7 +80,8 @@ pub struct TrainArgs {
     /// With --synth-psf: photons per unit of ground truth (the authors': 5).
     #[arg(long, default_value_t = 5.0)]
     pub photons: f64,
-    /// Output model file.
+    /// Output model file (the final weights). With validation data, the weights with the
+    /// lowest validation loss are also kept, as OUTPUT with .best.safetensors.
     #[arg(short, long)]
     pub output: PathBuf,
     /// Optimizer steps (the authors': 10 000).
@@ -144,6 +145,10 @@ struct CliObserver {
     ckpt: PathBuf,
     data_fp: Vec<(String, [usize; 3])>,
     last_val: Option<ValMetrics>,
+    /// Where the model with the lowest validation loss so far is kept, and that loss.
+    best_path: PathBuf,
+    best: Option<(u64, ValMetrics)>,
+    provenance: String,
 }
 
 impl TrainObserver for CliObserver {
@@ -159,7 +164,14 @@ impl TrainObserver for CliObserver {
             "elapsed_s": self.start.elapsed().as_secs_f64()});
         let _ = writeln!(self.log, "{line}");
     }
-    fn on_validation(&mut self, step: u64, m: &ValMetrics) {
+    fn on_validation(&mut self, step: u64, m: &ValMetrics, model: &Model<f32>) -> rln_engine::Result<()> {
+        if self.best.as_ref().is_none_or(|(_, b)| m.loss < b.loss) {
+            let mut best = model.clone();
+            best.config.provenance = self.provenance.clone();
+            best.config.training = Some(serde_json::json!({"lowest_validation_loss_at_step": step, "validation": m}));
+            best.save(&self.best_path)?;
+            self.best = Some((step, m.clone()));
+        }
         let line = serde_json::json!({"step": step, "val_loss": m.loss, "val_psnr": m.psnr, "val_ssim": m.ssim, "val_pairs": m.pairs,
             "elapsed_s": self.start.elapsed().as_secs_f64()});
         let _ = writeln!(self.log, "{line}");
@@ -175,6 +187,7 @@ impl TrainObserver for CliObserver {
             );
         }
         self.last_val = Some(m.clone());
+        Ok(())
     }
     fn on_checkpoint(&mut self, state: &TrainState, cfg: &TrainConfig) -> rln_engine::Result<()> {
         trainer::save_checkpoint(&self.ckpt, state, cfg, &self.data_fp)
@@ -323,6 +336,11 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         rln_engine::threads(),
         ckpt_path.display()
     );
+    let provenance = format!(
+        "trained by rln-engine {} ({})",
+        env!("CARGO_PKG_VERSION"),
+        std::env::args().collect::<Vec<_>>().join(" ")
+    );
     let mut obs = CliObserver {
         bar,
         log,
@@ -330,6 +348,9 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         ckpt: ckpt_path.clone(),
         data_fp: data.fingerprint(),
         last_val: None,
+        best_path: sibling(&a.output, "best.safetensors"),
+        best: None,
+        provenance: provenance.clone(),
     };
     let every = a.checkpoint_every.unwrap_or(cfg.epoch_steps);
     let result = trainer::train(&mut state, &cfg, &data, val.as_ref(), every, a.stop_after, &mut obs);
@@ -352,11 +373,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     }
     let secs = start.elapsed().as_secs_f64();
     let mut model = state.model.clone();
-    model.config.provenance = format!(
-        "trained by rln-engine {} ({})",
-        env!("CARGO_PKG_VERSION"),
-        std::env::args().collect::<Vec<_>>().join(" ")
-    );
+    model.config.provenance = provenance;
     model.config.training = Some(serde_json::json!({
         "steps": cfg.steps, "batch": cfg.sampler.batch, "crop": cfg.sampler.crop, "grad_mode": cfg.grad_mode,
         "schedule": cfg.schedule, "seed": cfg.seed, "pairs": data.pairs.len(), "threads": rln_engine::threads(),
@@ -374,5 +391,13 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             .map(|v| format!("; validation PSNR {:.2} dB, SSIM {:.4}", v.psnr, v.ssim))
             .unwrap_or_default()
     );
+    if let Some((step, m)) = &obs.best {
+        println!(
+            "lowest validation loss at step {step} (PSNR {:.2} dB, SSIM {:.4}): {}",
+            m.psnr,
+            m.ssim,
+            obs.best_path.display()
+        );
+    }
     Ok(())
 }
