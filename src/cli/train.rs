@@ -119,6 +119,10 @@ pub struct TrainArgs {
     /// Checkpoint file (default: OUTPUT with .ckpt.safetensors).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
+    /// Start from these weights instead of the authors' initialization (fine-tuning; a
+    /// new run with a fresh optimizer, unlike --resume).
+    #[arg(long, conflicts_with = "resume")]
+    pub init: Option<PathBuf>,
     /// Continue a run from its checkpoint (same data; --steps may extend it).
     #[arg(long)]
     pub resume: Option<PathBuf>,
@@ -303,7 +307,22 @@ pub fn train(a: &TrainArgs) -> Result<()> {
                 ..ModelConfig::default()
             };
             mconf.validate()?;
-            let state = TrainState::new(Model::<f32>::init(mconf, a.seed), &cfg);
+            let model = match &a.init {
+                // fine-tuning: the given weights and their network config; the PSF record
+                // follows the new training data
+                Some(p) => {
+                    let mut m = Model::<f32>::load(p).with_context(|| format!("loading --init {}", p.display()))?;
+                    if m.config.variant != a.variant {
+                        bail!("--init {} is a {:?} model but --variant is {:?}", p.display(), m.config.variant, a.variant);
+                    }
+                    if psf_meta.is_some() {
+                        m.config.psf = psf_meta.clone();
+                    }
+                    m
+                }
+                None => Model::<f32>::init(mconf, a.seed),
+            };
+            let state = TrainState::new(model, &cfg);
             (state, cfg)
         }
     };
