@@ -34,7 +34,12 @@ fn backend() -> Option<CudaTrainBackend> {
             std::env::var("RLN_REQUIRE_GPU").map_or(true, |v| v != "1"),
             "RLN_REQUIRE_GPU=1 but no CUDA device is available"
         );
-        println!("skipped: no CUDA device");
+        // print! is captured by the test harness; a direct write to stderr is shown, once
+        static SKIP_NOTICE: std::sync::Once = std::sync::Once::new();
+        SKIP_NOTICE.call_once(|| {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "tests/gpu_train.rs: no CUDA device, every test here is skipped (passes)");
+        });
         return None;
     }
     let dev = CudaDevice::open(0).expect("a CUDA device is present but could not be opened");

@@ -245,3 +245,92 @@ fn normalized(v: &[f32]) -> (Vec<f32>, Affine) {
     let aff = Affine::from_percentile_values(p[0], p[1]);
     (v.iter().map(|&x| aff.apply(x)).collect(), aff)
 }
+
+/// A predictor that runs out of "device memory" for windows above a size.
+struct Tight {
+    inner: CpuPredictor,
+    max_voxels: usize,
+    refused: usize,
+}
+impl TilePredictor for Tight {
+    fn describe(&self) -> String {
+        "tight".into()
+    }
+    fn predict(&mut self, x: &Tensor<f32>) -> rln_engine::Result<Tensor<f32>> {
+        if x.shape.len() > self.max_voxels {
+            self.refused += 1;
+            return Err(rln_engine::Error::CudaOutOfMemory(format!("{} voxels", x.shape.len())));
+        }
+        self.inner.predict(x)
+    }
+    fn bytes_per_voxel(&self) -> usize {
+        4
+    }
+}
+
+#[test]
+fn out_of_memory_retries_with_smaller_tiles_and_then_fails_clearly() {
+    use rln_engine::infer::stitch::run_tiled_shrinking;
+    let m: Model<f32> = random_model(95, Variant::Single).cast();
+    let dims = [12, 120, 120];
+    let x: Tensor<f32> = random_volume(96, Shape::new(1, 1, 12, 120, 120));
+    let identity = Affine {
+        scale: 1.0,
+        offset: 0.0,
+        p_lo_value: 0.0,
+        p_hi_value: 1.0,
+    };
+    let plan = TilePlan::new(dims, [64, 64, 64], DEFAULT_OVERLAP, RECEPTIVE_RADIUS).unwrap();
+    let opts = StitchOptions {
+        plan,
+        normalize: NormalizeMode::Global,
+        percentiles: [0.01, 99.5],
+        rescale_output: false,
+        variant: Variant::Single,
+    };
+    let mut pred = Tight {
+        inner: CpuPredictor { model: m.clone() },
+        max_voxels: 12 * 90 * 90,
+        refused: 0,
+    };
+    let mut src = MemorySource { dims, data: &x.data };
+    let mut views: Vec<&mut dyn PlaneSource> = vec![&mut src];
+    let mut plans = 0;
+    let (y, _, core) = run_tiled_shrinking(
+        &mut pred,
+        &mut views,
+        &[identity],
+        &opts,
+        [64, 64, 64],
+        DEFAULT_OVERLAP,
+        RECEPTIVE_RADIUS,
+        &mut |_, _| plans += 1,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert!(
+        pred.refused >= 1 && plans >= 2,
+        "the first plan must fail and a smaller one succeed"
+    );
+    assert!(core[1] < 64);
+    assert!(rel_l2(&y, &predict_whole(&m, &x)) <= 1e-4);
+    // nothing fits: a clear out-of-memory error, no panic
+    let mut pred = Tight {
+        inner: CpuPredictor { model: m },
+        max_voxels: 10,
+        refused: 0,
+    };
+    let e = run_tiled_shrinking(
+        &mut pred,
+        &mut views,
+        &[identity],
+        &opts,
+        [64, 64, 64],
+        DEFAULT_OVERLAP,
+        RECEPTIVE_RADIUS,
+        &mut |_, _| {},
+        &mut |_, _| {},
+    )
+    .unwrap_err();
+    assert!(e.is_out_of_memory() && e.to_string().contains("--tile"), "{e}");
+}

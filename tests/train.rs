@@ -304,3 +304,84 @@ fn cli_train_on_cuda_without_a_gpu_fails_before_training() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("no CUDA device"));
     assert!(d.join("auto.safetensors").exists());
 }
+
+#[test]
+fn cli_dual_view_train_and_infer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for sub in ["input", "input2", "ground_truth"] {
+        std::fs::create_dir(d.join(sub)).unwrap();
+    }
+    let (x, g) = blob_volume(21, [20, 20, 20], 10.0);
+    let (x2, _) = blob_volume(22, [20, 20, 20], 10.0);
+    write_volume(d.join("input/v.tif"), &x, OutputDtype::F32).unwrap();
+    write_volume(d.join("input2/v.tif"), &x2, OutputDtype::F32).unwrap();
+    write_volume(d.join("ground_truth/v.tif"), &g, OutputDtype::F32).unwrap();
+    let bin = env!("CARGO_BIN_EXE_rln-engine");
+    for variant in ["dual-concat", "dual-average"] {
+        let model = d.join(format!("{variant}.safetensors"));
+        let o = Command::new(bin)
+            .args([
+                "train",
+                "--variant",
+                variant,
+                "--steps",
+                "2",
+                "--batch",
+                "1",
+                "--crop",
+                "16",
+                "--data",
+            ])
+            .arg(d)
+            .arg("-o")
+            .arg(&model)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let m = Model::<f32>::load(&model).unwrap();
+        assert_eq!(m.config.variant.views(), 2);
+        // infer needs the second view, and uses it
+        let out = d.join(format!("{variant}.tif"));
+        let o = Command::new(bin)
+            .arg("infer")
+            .arg(&model)
+            .arg(d.join("input/v.tif"))
+            .arg("-o")
+            .arg(&out)
+            .args(["--device", "cpu"])
+            .output()
+            .unwrap();
+        assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--input2"));
+        assert!(!out.exists());
+        let o = Command::new(bin)
+            .arg("infer")
+            .arg(&model)
+            .arg(d.join("input/v.tif"))
+            .arg("--input2")
+            .arg(d.join("input2/v.tif"))
+            .arg("-o")
+            .arg(&out)
+            .args(["--device", "cpu"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let y = rln_engine::imaging::io::read_volume(&out).unwrap();
+        assert_eq!(y.dims, [20, 20, 20]);
+        assert!(y.data.iter().all(|v| v.is_finite()));
+    }
+    // a single-view model refuses a second view
+    let single = d.join("single.safetensors");
+    Model::<f32>::init(ModelConfig::default(), 1).save(&single).unwrap();
+    let o = Command::new(bin)
+        .arg("infer")
+        .arg(&single)
+        .arg(d.join("input/v.tif"))
+        .arg("--input2")
+        .arg(d.join("input2/v.tif"))
+        .arg("-o")
+        .arg(d.join("s.tif"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+}

@@ -300,7 +300,7 @@ def main():
     L.append(f"goal (H100): fp16 >= 1.5 Gvoxel/s: {'MET' if goal_speed else 'not met'}; >= 5x torch amp: {'MET' if goal_ratio else ('not met' if tvps['amp'] else 'unknown')}")
     if result["infer"]["e2e_voxels_per_s"]:
         L.append(
-            f"end-to-end infer --device cuda --fp16 (256x1024x1024 tiff): {g(result['infer']['e2e_voxels_per_s'])} Gvoxel/s incl. I/O, "
+            f"end-to-end infer --device cuda --fp16 (512x1024x1024 tiff): {g(result['infer']['e2e_voxels_per_s'])} Gvoxel/s incl. I/O, "
             f"{g(result['infer']['e2e_network_voxels_per_s'])} Gvoxel/s tiled network"
         )
     pk = result["peak_mem_bytes"]

@@ -58,6 +58,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     let synth = SynthConfig {
         size: a.size,
         photons: a.photons,
+        density: a.density,
         families: rln_engine::compare::families(&a.families),
         ..SynthConfig::default()
     };

@@ -3,8 +3,8 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use rln_engine::imaging::io::{read_volume, write_volume, OutputDtype};
-use rln_engine::infer::stitch::{estimate_normalization, run_tiled, Affine, NormalizeMode, StitchOptions};
-use rln_engine::infer::tiling::{choose_core, MemorySink, MemorySource, PlaneSource, TilePlan, RECEPTIVE_RADIUS};
+use rln_engine::infer::stitch::{estimate_normalization, run_tiled_shrinking, Affine, NormalizeMode, StitchOptions};
+use rln_engine::infer::tiling::{choose_core, MemorySource, PlaneSource, TilePlan, RECEPTIVE_RADIUS};
 use rln_engine::infer::{CpuPredictor, TilePredictor};
 use rln_engine::model::Model;
 use std::path::PathBuf;
@@ -159,7 +159,6 @@ pub fn infer(a: &InferArgs) -> Result<()> {
             choose_core(vol.dims, a.context, max_window)
         }
     };
-    let plan = TilePlan::new(vol.dims, core, a.overlap, a.context)?;
     let pct = model.config.norm_percentiles;
     let mut src1 = MemorySource {
         dims: vol.dims,
@@ -178,45 +177,51 @@ pub fn infer(a: &InferArgs) -> Result<()> {
         }
     }
     let t_norm = t_norm.elapsed().as_secs_f64();
+    let t1 = Instant::now();
     let opts = StitchOptions {
-        plan: plan.clone(),
+        plan: TilePlan::new(vol.dims, core, a.overlap, a.context)?,
         normalize: a.normalize,
         percentiles: pct,
         rescale_output: !a.no_rescale,
         variant,
     };
-    eprintln!(
-        "{} on {}: {} tile(s) of at most {:?} voxels (core {:?}, overlap {:?}, context {}), {:?} normalization",
-        a.input.display(),
-        pred.describe(),
-        plan.count(),
-        plan.max_window(),
+    let bar = rln_engine::imaging::progress::bar(1, "tiles");
+    let describe = pred.describe();
+    let mut views: Vec<&mut dyn PlaneSource> = vec![&mut src1];
+    if let Some(s2) = src2.as_mut() {
+        views.push(s2);
+    }
+    let mut announce = |plan: &TilePlan, core: [usize; 3]| {
+        eprintln!(
+            "{} on {describe}: {} tile(s) of at most {:?} voxels (core {core:?}, overlap {:?}, context {}), {:?} normalization",
+            a.input.display(),
+            plan.count(),
+            plan.max_window(),
+            a.overlap,
+            a.context,
+            a.normalize
+        );
+        bar.set_length(plan.count() as u64);
+        bar.set_position(0);
+    };
+    let (data, t, _) = run_tiled_shrinking(
+        pred.as_mut(),
+        &mut views,
+        &global,
+        &opts,
         core,
         a.overlap,
         a.context,
-        a.normalize
+        &mut announce,
+        &mut |d, _| bar.set_position(d as u64),
+    )?;
+    bar.finish_and_clear();
+    eprintln!(
+        "tiled loop: read {:.2} s, cut+normalize {:.2} s, predictor {:.2} s, blend {:.2} s, emit {:.2} s",
+        t.read, t.cut, t.predict, t.blend, t.emit
     );
-    let bar = rln_engine::imaging::progress::bar(plan.count() as u64, "tiles");
-    let mut sink = MemorySink {
-        data: Vec::with_capacity(vol.len()),
-    };
-    let t1 = Instant::now();
-    {
-        let mut views: Vec<&mut dyn PlaneSource> = vec![&mut src1];
-        if let Some(s2) = src2.as_mut() {
-            views.push(s2);
-        }
-        let t = run_tiled(pred.as_mut(), &mut views, &global, &mut sink, &opts, &mut |d, _| {
-            bar.set_position(d as u64)
-        })?;
-        bar.finish_and_clear();
-        eprintln!(
-            "tiled loop: read {:.2} s, cut+normalize {:.2} s, predictor {:.2} s, blend {:.2} s, emit {:.2} s",
-            t.read, t.cut, t.predict, t.blend, t.emit
-        );
-    }
     let t_net = t1.elapsed().as_secs_f64();
-    let out = vol.like(sink.data)?;
+    let out = vol.like(data)?;
     let t2 = Instant::now();
     write_volume(&a.output, &out, a.output_dtype).with_context(|| format!("writing {}", a.output.display()))?;
     println!(

@@ -54,10 +54,11 @@ pub struct TrainArgs {
     /// Held-out pairs (same layout) for validation after every epoch.
     #[arg(long)]
     pub val: Option<PathBuf>,
-    /// Second view of every training input (RLN-dual), same file names as DIR/input/.
+    /// Second view of every training input (RLN-dual), same file names as DIR/input/;
+    /// default DIR/input2/ (and VAL/input2/ for validation) with a dual variant.
     #[arg(long)]
     pub input2: Option<PathBuf>,
-    /// Network variant; dual variants need --input2.
+    /// Network variant; dual variants need a second view of every input (--input2).
     #[arg(long, value_enum, default_value_t = Variant::Single)]
     pub variant: Variant,
     /// Make training pairs on the fly from this PSF instead of reading --data.
@@ -82,7 +83,8 @@ pub struct TrainArgs {
     /// With --synth-psf: photons per unit of ground truth (the authors': 5).
     #[arg(long, default_value_t = 5.0)]
     pub photons: f64,
-    /// Output model file.
+    /// Output model file (the final weights). With validation data, the weights with the
+    /// lowest validation loss are also kept, as OUTPUT with .best.safetensors.
     #[arg(short, long)]
     pub output: PathBuf,
     /// Optimizer steps (the authors': 10 000).
@@ -120,6 +122,10 @@ pub struct TrainArgs {
     /// Checkpoint file (default: OUTPUT with .ckpt.safetensors).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
+    /// Start from these weights instead of the authors' initialization (fine-tuning; a
+    /// new run with a fresh optimizer, unlike --resume).
+    #[arg(long, conflicts_with = "resume")]
+    pub init: Option<PathBuf>,
     /// Continue a run from its checkpoint (same data; --steps may extend it).
     #[arg(long)]
     pub resume: Option<PathBuf>,
@@ -150,6 +156,10 @@ struct CliObserver {
     ckpt: PathBuf,
     data_fp: Vec<(String, [usize; 3])>,
     last_val: Option<ValMetrics>,
+    /// Where the model with the lowest validation loss so far is kept, and that loss.
+    best_path: PathBuf,
+    best: Option<(u64, ValMetrics)>,
+    provenance: String,
 }
 
 impl TrainObserver for CliObserver {
@@ -165,7 +175,14 @@ impl TrainObserver for CliObserver {
             "elapsed_s": self.start.elapsed().as_secs_f64()});
         let _ = writeln!(self.log, "{line}");
     }
-    fn on_validation(&mut self, step: u64, m: &ValMetrics) {
+    fn on_validation(&mut self, step: u64, m: &ValMetrics, model: &Model<f32>) -> rln_engine::Result<()> {
+        if self.best.as_ref().is_none_or(|(_, b)| m.loss < b.loss) {
+            let mut best = model.clone();
+            best.config.provenance = self.provenance.clone();
+            best.config.training = Some(serde_json::json!({"lowest_validation_loss_at_step": step, "validation": m}));
+            best.save(&self.best_path)?;
+            self.best = Some((step, m.clone()));
+        }
         let line = serde_json::json!({"step": step, "val_loss": m.loss, "val_psnr": m.psnr, "val_ssim": m.ssim, "val_pairs": m.pairs,
             "elapsed_s": self.start.elapsed().as_secs_f64()});
         let _ = writeln!(self.log, "{line}");
@@ -181,6 +198,7 @@ impl TrainObserver for CliObserver {
             );
         }
         self.last_val = Some(m.clone());
+        Ok(())
     }
     fn on_checkpoint(&mut self, state: &TrainState, cfg: &TrainConfig) -> rln_engine::Result<()> {
         trainer::save_checkpoint(&self.ckpt, state, cfg, &self.data_fp)
@@ -204,11 +222,8 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     if a.input2.is_some() && a.variant == Variant::Single {
         bail!("--input2 gives a second view: choose --variant dual-average or dual-concat");
     }
-    if a.input2.is_none() && a.variant != Variant::Single && a.synth_psf.is_none() {
-        bail!(
-            "--variant {:?} needs the second view of every input: --input2 DIR",
-            a.variant
-        );
+    if a.variant != Variant::Single && a.synth_psf.is_some() {
+        bail!("synthetic data has one view: train dual-view models on registered view pairs (--data DIR with DIR/input2/ or --input2)");
     }
     // the device first (every problem reported before data is made and training starts)
     let gpu = match a.device {
@@ -273,11 +288,13 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         (data, val)
     } else {
         let dir = a.data.as_ref().expect("clap requires --data");
-        let data = Dataset::from_dir(dir, a.input2.as_deref())
-            .with_context(|| format!("training data in {}", dir.display()))?;
+        let dual = a.variant != Variant::Single;
+        let input2 = a.input2.clone().or_else(|| dual.then(|| dir.join("input2")));
+        let data =
+            Dataset::from_dir(dir, input2.as_deref()).with_context(|| format!("training data in {}", dir.display()))?;
         let val = match &a.val {
             Some(v) => Some(
-                Dataset::from_dir(v, a.input2.as_ref().map(|_| v.join("input2")).as_deref())
+                Dataset::from_dir(v, dual.then(|| v.join("input2")).as_deref())
                     .with_context(|| format!("validation data in {}", v.display()))?,
             ),
             None => None,
@@ -317,7 +334,22 @@ pub fn train(a: &TrainArgs) -> Result<()> {
                 ..ModelConfig::default()
             };
             mconf.validate()?;
-            let state = TrainState::new(Model::<f32>::init(mconf, a.seed), &cfg);
+            let model = match &a.init {
+                // fine-tuning: the given weights and their network config; the PSF record
+                // follows the new training data
+                Some(p) => {
+                    let mut m = Model::<f32>::load(p).with_context(|| format!("loading --init {}", p.display()))?;
+                    if m.config.variant != a.variant {
+                        bail!("--init {} is a {:?} model but --variant is {:?}", p.display(), m.config.variant, a.variant);
+                    }
+                    if psf_meta.is_some() {
+                        m.config.psf = psf_meta.clone();
+                    }
+                    m
+                }
+                None => Model::<f32>::init(mconf, a.seed),
+            };
+            let state = TrainState::new(model, &cfg);
             (state, cfg)
         }
     };
@@ -349,6 +381,11 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         cfg.sampler.crop,
         ckpt_path.display()
     );
+    let provenance = format!(
+        "trained by rln-engine {} ({})",
+        env!("CARGO_PKG_VERSION"),
+        std::env::args().collect::<Vec<_>>().join(" ")
+    );
     let mut obs = CliObserver {
         bar,
         log,
@@ -356,6 +393,9 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         ckpt: ckpt_path.clone(),
         data_fp: data.fingerprint(),
         last_val: None,
+        best_path: sibling(&a.output, "best.safetensors"),
+        best: None,
+        provenance: provenance.clone(),
     };
     let every = a.checkpoint_every.unwrap_or(cfg.epoch_steps);
     let result = match &gpu {
@@ -401,11 +441,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     }
     let secs = start.elapsed().as_secs_f64();
     let mut model = state.model.clone();
-    model.config.provenance = format!(
-        "trained by rln-engine {} ({})",
-        env!("CARGO_PKG_VERSION"),
-        std::env::args().collect::<Vec<_>>().join(" ")
-    );
+    model.config.provenance = provenance;
     model.config.training = Some(serde_json::json!({
         "steps": cfg.steps, "batch": cfg.sampler.batch, "crop": cfg.sampler.crop, "grad_mode": cfg.grad_mode,
         "schedule": cfg.schedule, "seed": cfg.seed, "pairs": data.pairs.len(), "threads": rln_engine::threads(), "device": device_name,
@@ -423,5 +459,13 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             .map(|v| format!("; validation PSNR {:.2} dB, SSIM {:.4}", v.psnr, v.ssim))
             .unwrap_or_default()
     );
+    if let Some((step, m)) = &obs.best {
+        println!(
+            "lowest validation loss at step {step} (PSNR {:.2} dB, SSIM {:.4}): {}",
+            m.psnr,
+            m.ssim,
+            obs.best_path.display()
+        );
+    }
     Ok(())
 }

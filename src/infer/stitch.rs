@@ -332,3 +332,43 @@ pub fn run_tiled(
     }
     Ok(times)
 }
+
+/// [`run_tiled`] into memory, retrying with smaller tiles (every axis ×3/4, at most four
+/// times) when the predictor runs out of device memory. Returns the output planes, the
+/// timings, and the tile core that worked; `announce(plan)` is called before each attempt.
+#[allow(clippy::too_many_arguments)]
+pub fn run_tiled_shrinking(
+    pred: &mut dyn TilePredictor,
+    views: &mut [&mut dyn PlaneSource],
+    global: &[Affine],
+    opts: &StitchOptions,
+    core: [usize; 3],
+    overlap: [usize; 3],
+    context: usize,
+    announce: &mut dyn FnMut(&TilePlan, [usize; 3]),
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<f32>, StitchTimes, [usize; 3])> {
+    let dims = opts.plan.dims;
+    let mut core = core;
+    for attempt in 0.. {
+        let plan = TilePlan::new(dims, core, overlap, context)?;
+        announce(&plan, core);
+        let o = StitchOptions { plan, ..opts.clone() };
+        let mut sink = super::tiling::MemorySink {
+            data: Vec::with_capacity(dims.iter().product()),
+        };
+        match run_tiled(pred, views, global, &mut sink, &o, progress) {
+            Ok(t) => return Ok((sink.data, t, core)),
+            Err(e) if e.is_out_of_memory() && attempt < 4 && core.iter().any(|&c| c > 32) => {
+                core = core.map(|c| ((c * 3 / 4).max(32)) & !1);
+            }
+            Err(e) if e.is_out_of_memory() => {
+                return Err(Error::CudaOutOfMemory(format!(
+                "{e}; even {core:?} tiles do not fit: free device memory, pass a smaller --tile, or use --device cpu"
+            )))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!("the loop returns")
+}

@@ -115,6 +115,12 @@ impl Dataset {
             return Err(Error::invalid(format!("no .tif/.tiff volumes in {}", idir.display())));
         }
         if let Some(d2) = input2_dir {
+            if !d2.is_dir() {
+                return Err(Error::invalid(format!(
+                    "{} does not exist: a dual-view model needs the second view of every input there (same file names)",
+                    d2.display()
+                )));
+            }
             let n2 = tiff_names(d2)?;
             let missing: Vec<&String> = inames.iter().filter(|n| !n2.contains(n)).collect();
             if !missing.is_empty() {

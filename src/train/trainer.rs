@@ -74,7 +74,10 @@ pub struct ValMetrics {
 /// What the loop reports; the CLI turns it into a progress bar, a log and checkpoints.
 pub trait TrainObserver {
     fn on_step(&mut self, _step: u64, _terms: &LossTerms, _lr: f64) {}
-    fn on_validation(&mut self, _step: u64, _m: &ValMetrics) {}
+    /// After each validation, with the model it scored.
+    fn on_validation(&mut self, _step: u64, _m: &ValMetrics, _model: &Model<f32>) -> Result<()> {
+        Ok(())
+    }
     /// Called every `checkpoint_every` steps and at the end, with the state to save.
     fn on_checkpoint(&mut self, _state: &TrainState, _cfg: &TrainConfig) -> Result<()> {
         Ok(())
@@ -291,7 +294,7 @@ pub fn train_on<B: Backend<T = f32>>(
             if let Some(v) = val {
                 if state.step % cfg.epoch_steps == 0 || state.step == cfg.steps {
                     let m = validate_on(b, &state.model, v, cfg)?;
-                    obs.on_validation(state.step, &m);
+                    obs.on_validation(state.step, &m, &state.model)?;
                     last_val = Some(m);
                 }
             }
