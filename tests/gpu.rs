@@ -39,7 +39,10 @@ fn device() -> Option<Arc<CudaDevice>> {
         static SKIP_NOTICE: std::sync::Once = std::sync::Once::new();
         SKIP_NOTICE.call_once(|| {
             use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "tests/gpu.rs: no CUDA device, every test here is skipped (passes)");
+            let _ = writeln!(
+                std::io::stderr(),
+                "tests/gpu.rs: no CUDA device, every test here is skipped (passes)"
+            );
         });
         return None;
     }

@@ -38,7 +38,10 @@ fn backend() -> Option<CudaTrainBackend> {
         static SKIP_NOTICE: std::sync::Once = std::sync::Once::new();
         SKIP_NOTICE.call_once(|| {
             use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "tests/gpu_train.rs: no CUDA device, every test here is skipped (passes)");
+            let _ = writeln!(
+                std::io::stderr(),
+                "tests/gpu_train.rs: no CUDA device, every test here is skipped (passes)"
+            );
         });
         return None;
     }

@@ -80,9 +80,10 @@ pub struct TrainArgs {
     /// (1 is the authors' density; a range shows the network sparse and crowded scenes).
     #[arg(long, value_parser = parse_range, default_value = "1,1")]
     pub synth_density: (f64, f64),
-    /// With --synth-psf: photons per unit of ground truth (the authors': 5).
-    #[arg(long, default_value_t = 5.0)]
-    pub photons: f64,
+    /// With --synth-psf: photons per unit of ground truth (the authors': 5); LOW,HIGH draws
+    /// each volume's level log-uniformly (dim and bright scenes).
+    #[arg(long, value_parser = parse_range, default_value = "5")]
+    pub photons: (f64, f64),
     /// Output model file (the final weights). With validation data, the weights with the
     /// lowest validation loss are also kept, as OUTPUT with .best.safetensors.
     #[arg(short, long)]
@@ -208,7 +209,7 @@ impl TrainObserver for CliObserver {
 fn synth_config(a: &TrainArgs) -> SynthConfig {
     SynthConfig {
         size: a.synth_size,
-        photons: a.photons,
+        photons: a.photons.0,
         families: Family::ALL
             .into_iter()
             .filter(|f| !a.exclude_family.contains(f))
@@ -273,7 +274,8 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             psf_path.display()
         );
         let dens = (a.synth_density != (1.0, 1.0)).then_some(a.synth_density);
-        let data = Dataset::synthetic(&sc, &psf, a.synth_count, a.seed, dens)?;
+        let phot = (a.photons.0 != a.photons.1).then_some(a.photons);
+        let data = Dataset::synthetic(&sc, &psf, a.synth_count, a.seed, dens, phot)?;
         let val = match &a.val {
             Some(v) => Some(Dataset::from_dir(v, None)?),
             None if a.synth_val_count > 0 => Some(Dataset::synthetic(
@@ -282,6 +284,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
                 a.synth_val_count,
                 a.seed.wrapping_add(1 << 40),
                 dens,
+                phot,
             )?),
             None => None,
         };
@@ -340,7 +343,12 @@ pub fn train(a: &TrainArgs) -> Result<()> {
                 Some(p) => {
                     let mut m = Model::<f32>::load(p).with_context(|| format!("loading --init {}", p.display()))?;
                     if m.config.variant != a.variant {
-                        bail!("--init {} is a {:?} model but --variant is {:?}", p.display(), m.config.variant, a.variant);
+                        bail!(
+                            "--init {} is a {:?} model but --variant is {:?}",
+                            p.display(),
+                            m.config.variant,
+                            a.variant
+                        );
                     }
                     if psf_meta.is_some() {
                         m.config.psf = psf_meta.clone();

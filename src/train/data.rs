@@ -144,27 +144,36 @@ impl Dataset {
     }
 
     /// `count` synthetic pairs for `psf` (pair i from seed mix_seed(seed, i)). With
-    /// `density_range` (lo, hi), pair i's object density is drawn log-uniformly from it
-    /// (deterministically from the seed), so the network sees sparse and crowded scenes.
+    /// `density_range` (lo, hi), pair i's object density is drawn log-uniformly from it, and
+    /// with `photons_range` its photon level (deterministically from the seed), so the
+    /// network sees sparse and crowded, dim and bright scenes.
     pub fn synthetic(
         cfg: &SynthConfig,
         psf: &Volume,
         count: usize,
         seed: u64,
         density_range: Option<(f64, f64)>,
+        photons_range: Option<(f64, f64)>,
     ) -> Result<Self> {
         let mut s = Synthesizer::new(cfg, psf)?;
         let mut pairs = Vec::with_capacity(count);
+        // log-uniform draw from (lo, hi), its own stream per (pair, quantity)
+        let draw = |sd: u64, tag: u64, (lo, hi): (f64, f64), what: &str| -> Result<f64> {
+            if !(lo > 0.0 && hi >= lo && hi.is_finite()) {
+                return Err(Error::invalid(format!(
+                    "{what} range {lo}..{hi} must satisfy 0 < low ≤ high"
+                )));
+            }
+            let u = (mix_seed(sd, tag) >> 11) as f64 / (1u64 << 53) as f64;
+            Ok(lo * (hi / lo).powf(u))
+        };
         for i in 0..count {
             let sd = mix_seed(seed, i as u64);
-            if let Some((lo, hi)) = density_range {
-                if !(lo > 0.0 && hi >= lo) {
-                    return Err(Error::invalid(format!(
-                        "density range {lo}..{hi} must satisfy 0 < low ≤ high"
-                    )));
-                }
-                let u = (mix_seed(sd, 0xde75) >> 11) as f64 / (1u64 << 53) as f64;
-                s.cfg.density = lo * (hi / lo).powf(u);
+            if let Some(r) = density_range {
+                s.cfg.density = draw(sd, 0xde75, r, "density")?;
+            }
+            if let Some(r) = photons_range {
+                s.cfg.photons = draw(sd, 0x9407_0125, r, "photons")?;
             }
             let (input, gt) = s.make_pair(sd)?;
             pairs.push(Pair::new(format!("synth_{i:04}"), vec![input], gt)?);
