@@ -12,8 +12,7 @@ use crate::imaging::psf::{generate, PsfSpec};
 use crate::imaging::rl::{BackProjector, RlPlan};
 use crate::imaging::synth::{mix_seed, Family, SynthConfig, Synthesizer};
 use crate::imaging::volume::Volume;
-use crate::infer::stitch::{run_tiled, Affine, NormalizeMode, StitchOptions};
-use crate::infer::tiling::{MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS};
+use crate::infer::deconvolve;
 use crate::infer::TilePredictor;
 use crate::model::Model;
 use serde::Serialize;
@@ -31,37 +30,6 @@ pub fn model_psf(model: &Model<f32>) -> Result<(PsfSpec, Volume)> {
         .map_err(|e| Error::Model(format!("the model's PSF record is not a PSF spec: {e}")))?;
     let psf = generate(&spec)?;
     Ok((spec, psf))
-}
-
-/// RLN prediction of a raw volume: global percentile normalization, whole volume (one
-/// tile if it fits `max_window_voxels`), output mapped back to the input's range.
-pub fn rln_predict(
-    pred: &mut dyn TilePredictor,
-    model: &Model<f32>,
-    input: &Volume,
-    max_core: [usize; 3],
-) -> Result<Volume> {
-    let plan = TilePlan::new(input.dims, max_core, DEFAULT_OVERLAP, RECEPTIVE_RADIUS)?;
-    let pct = model.config.norm_percentiles;
-    let mut src = MemorySource {
-        dims: input.dims,
-        data: &input.data,
-    };
-    let aff = crate::infer::stitch::estimate_normalization(&mut src, pct, usize::MAX)?;
-    let opts = StitchOptions {
-        plan,
-        normalize: NormalizeMode::Global,
-        percentiles: pct,
-        rescale_output: true,
-        variant: model.config.variant,
-    };
-    let mut sink = MemorySink {
-        data: Vec::with_capacity(input.len()),
-    };
-    let mut views: Vec<&mut dyn PlaneSource> = vec![&mut src];
-    let global: [Affine; 1] = [aff];
-    run_tiled(pred, &mut views, &global, &mut sink, &opts, &mut |_, _| {})?;
-    input.like(sink.data)
 }
 
 /// RLD metrics at every iteration count in `lo..=hi` (index i ↔ count lo + i).
@@ -132,7 +100,7 @@ pub fn compare_on_synthetic(
         let sd = mix_seed(seed, i as u64);
         seeds.push(sd);
         let (input, gt) = s.make_pair(sd)?;
-        let y = rln_predict(pred, model, &input, [256, 256, 256])?;
+        let y = deconvolve(pred, model, &input, [256, 256, 256])?;
         let m_rln = evaluate(&gt, &y, Normalize::Affine, None)?;
         let m_raw = evaluate(&gt, &input, Normalize::Affine, None)?;
         let curve = rl_metric_curve(&plan, &input, &gt, lo, hi)?;

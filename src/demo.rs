@@ -1,7 +1,7 @@
 //! `rln-engine demo`: a synthetic volume for the shipped model's PSF, deconvolved by RLN
 //! and by classical Richardson–Lucy, written as TIFFs and one PNG, with metrics.
 
-use crate::compare::{model_psf, rln_predict};
+use crate::compare::model_psf;
 use crate::error::{Error, Result};
 use crate::imaging::io::{write_volume, OutputDtype};
 use crate::imaging::metrics::{evaluate, fit_affine, Metrics, Normalize};
@@ -9,6 +9,7 @@ use crate::imaging::normalize::{normalize_percentile, percentiles};
 use crate::imaging::rl::{BackProjector, RlPlan};
 use crate::imaging::synth::{SynthConfig, Synthesizer};
 use crate::imaging::volume::Volume;
+use crate::infer::deconvolve;
 use crate::infer::TilePredictor;
 use crate::model::Model;
 use serde::Serialize;
@@ -82,7 +83,7 @@ pub fn run_demo(
 
     say(&format!("RLN ({}) ...", pred.describe()));
     let t = Instant::now();
-    let rln = rln_predict(pred, model, &input, [256, 256, 256])?;
+    let rln = deconvolve(pred, model, &input, [256, 256, 256])?;
     let t_rln = t.elapsed().as_secs_f64();
 
     say(&format!(

@@ -7,14 +7,20 @@
 //! - [`train`]: loss, Adam, and the training loop.
 //! - [`conformance`]: comparison with the authors' TensorFlow test vectors.
 //!
-//! A program that wants deconvolved volumes needs three calls:
+//! A program that wants deconvolved volumes needs a model, a predictor and one call
+//! ([`infer::deconvolve`]: normalization, tiling, blending, rescaling):
 //! ```no_run
-//! use rln_engine::{backend::cpu::CpuBackend, model::Model, net::{BnMode, Rln}, tensor::{Shape, Tensor}};
+//! use rln_engine::{imaging::io, infer::{deconvolve, CpuPredictor}, model::Model};
 //! let model: Model<f32> = Model::load("model.safetensors".as_ref())?;
-//! let x = Tensor::<f32>::zeros(Shape::new(1, 1, 32, 64, 64)); // a normalized volume
-//! let y = Rln::new(&CpuBackend::new(), &model).forward(&x, BnMode::Running, false).prediction;
+//! let raw = io::read_volume("stack.tif")?;
+//! let mut cpu = CpuPredictor { model: model.clone() };
+//! let restored = deconvolve(&mut cpu, &model, &raw, [256, 256, 256])?;
+//! io::write_volume("restored.tif", &restored, io::OutputDtype::F32)?;
 //! # Ok::<(), rln_engine::Error>(())
 //! ```
+//! With the `CudaPredictor` of [`backend::cuda`] (a GPU at run time) the same call runs
+//! on the GPU. The layers below are public too: [`net::Rln`] runs the network on
+//! normalized tensors with any [`backend::Backend`].
 
 pub mod backend;
 pub mod bench;

@@ -6,9 +6,12 @@ pub mod tiling;
 
 use crate::backend::cpu::CpuBackend;
 use crate::error::Result;
+use crate::imaging::volume::Volume;
 use crate::model::Model;
 use crate::net::{BnMode, Rln};
 use crate::tensor::Tensor;
+use stitch::{run_tiled, Affine, NormalizeMode, StitchOptions};
+use tiling::{MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS};
 
 /// Something that runs the network forward (inference mode, running BN statistics) on
 /// one normalized tile: N×C_in×D×H×W in, N×1×D×H×W prediction out. Any D, H, W.
@@ -60,4 +63,37 @@ impl TilePredictor for CpuPredictor {
         // full resolution, counting the half-resolution part), plus padding copies
         4 * 80
     }
+}
+
+/// Deconvolves a raw volume in memory (the library's one-call entry; `infer` streams
+/// files instead): global percentile normalization, tiles of at most `max_core` voxels
+/// per axis (plus context; the whole volume when it fits), output mapped back to the
+/// input's intensity range.
+pub fn deconvolve(
+    pred: &mut dyn TilePredictor,
+    model: &Model<f32>,
+    input: &Volume,
+    max_core: [usize; 3],
+) -> Result<Volume> {
+    let plan = TilePlan::new(input.dims, max_core, DEFAULT_OVERLAP, RECEPTIVE_RADIUS)?;
+    let pct = model.config.norm_percentiles;
+    let mut src = MemorySource {
+        dims: input.dims,
+        data: &input.data,
+    };
+    let aff = stitch::estimate_normalization(&mut src, pct, usize::MAX)?;
+    let opts = StitchOptions {
+        plan,
+        normalize: NormalizeMode::Global,
+        percentiles: pct,
+        rescale_output: true,
+        variant: model.config.variant,
+    };
+    let mut sink = MemorySink {
+        data: Vec::with_capacity(input.len()),
+    };
+    let mut views: Vec<&mut dyn PlaneSource> = vec![&mut src];
+    let global: [Affine; 1] = [aff];
+    run_tiled(pred, &mut views, &global, &mut sink, &opts, &mut |_, _| {})?;
+    input.like(sink.data)
 }
