@@ -173,6 +173,20 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         }
         rows.extend(bench::cpu_network(shape, a.min_runs, t));
     }
+    if !a.json {
+        eprintln!("timing one training step on 4×1×64×64×64 ...");
+    }
+    rows.push(bench::train_step(Shape::new(4, 1, 64, 64, 64), a.min_runs, t)?);
+    if !a.json {
+        eprintln!("timing tiled inference of a 256×256×256 volume (128³ cores) ...");
+    }
+    let model = rln_engine::model::Model::<f32>::init(rln_engine::model::ModelConfig::default(), 7);
+    let mut cpu = rln_engine::infer::CpuPredictor { model };
+    rows.push(bench::tiled_inference(&mut cpu, [256; 3], [128; 3], a.min_runs.min(2), t)?);
+    if !a.json {
+        eprintln!("timing Richardson–Lucy on 64×256×256 (31³ PSF) ...");
+    }
+    rows.push(bench::richardson_lucy(10)?);
     let report = bench::BenchReport {
         device: bench::cpu_name(),
         threads: rln_engine::threads(),
