@@ -433,3 +433,56 @@ fn synthetic_density_and_photon_ranges_are_deterministic_and_validated() {
         );
     }
 }
+
+#[test]
+fn input_scale_augmentation_scales_inputs_only_and_keeps_the_crops() {
+    let data = dataset(2, [24, 32, 32]);
+    let plain = small_cfg(1).sampler;
+    let fixed = CropSampler {
+        input_scale: Some((2.0, 2.0)),
+        ..plain.clone()
+    };
+    let ranged = CropSampler {
+        input_scale: Some((0.5, 2.0)),
+        ..plain.clone()
+    };
+    for step in 0..4 {
+        let a = plain.batch(&data, Variant::Single, step, 9).unwrap();
+        let b = fixed.batch(&data, Variant::Single, step, 9).unwrap();
+        let c = ranged.batch(&data, Variant::Single, step, 9).unwrap();
+        // same crops (ground truth unchanged), inputs exactly doubled
+        assert_eq!(a.ground_truth.data, b.ground_truth.data);
+        assert_eq!(a.ground_truth.data, c.ground_truth.data);
+        for (x, y) in a.input.data.iter().zip(&b.input.data) {
+            assert_eq!(2.0 * x, *y);
+        }
+        // per crop one factor within the range
+        let vox = a.input.data.len() / 2;
+        for k in 0..2 {
+            let (xa, xc) = (
+                &a.input.data[k * vox..(k + 1) * vox],
+                &c.input.data[k * vox..(k + 1) * vox],
+            );
+            let (i, _) = xa
+                .iter()
+                .enumerate()
+                .max_by(|p, q| p.1.abs().total_cmp(&q.1.abs()))
+                .unwrap();
+            let f = xc[i] / xa[i];
+            assert!((0.5 - 1e-6..=2.0 + 1e-6).contains(&f), "factor {f}");
+            for (x, y) in xa.iter().zip(xc) {
+                assert!((f * x - y).abs() <= 1e-5 * (1.0 + y.abs()), "one factor per crop");
+            }
+        }
+        // deterministic for (step, seed)
+        assert_eq!(
+            c.input.data,
+            ranged.batch(&data, Variant::Single, step, 9).unwrap().input.data
+        );
+    }
+    let bad = CropSampler {
+        input_scale: Some((0.0, 2.0)),
+        ..plain
+    };
+    assert!(bad.batch(&data, Variant::Single, 0, 9).is_err());
+}

@@ -59,10 +59,10 @@ def peer_rate(n, key="voxels_per_s"):
     except Exception:
         return None
 pairs = [
-    ("forward 4x64^3", find("forward 4×64³"), peer_rate("torch_fwd_4x64.json"), "torch eager fp32"),
-    ("forward 1x128^3", find("forward 1×128³"), peer_rate("torch_fwd_128.json"), "torch eager fp32"),
+    ("forward 4x64^3", find("forward 4×64×64×64"), peer_rate("torch_fwd_4x64.json"), "torch eager fp32"),
+    ("forward 1x128^3", find("forward 1×128×128×128"), peer_rate("torch_fwd_128.json"), "torch eager fp32"),
     ("train step 4x64^3", find("train step"), peer_rate("torch_train.json"), "torch eager fp32"),
-    ("richardson-lucy 64x256x256", find("richardson"), peer_rate("skimage.json", "voxel_iterations_per_s"), "skimage"),
+    ("richardson-lucy 64x256x256", find("Richardson"), peer_rate("skimage.json", "voxel_iterations_per_s"), "skimage"),
 ]
 out = {
     "machine": eng["device"], "threads": eng["threads"], "isa": eng["isa"],
@@ -87,7 +87,8 @@ for label, r, p, pname in pairs:
     print(f"{label:28} {e:14.4g} {p if p else float('nan'):14.4g}  {ratio if ratio else float('nan'):5.2f}x {pname}  [{r['unit']}]{gf}")
 for name, r in rows.items():
     if not any(r is x[1] for x in pairs):
-        print(f"{name:28} {r['throughput']:14.4g} [{r['unit']}]")
+        gf = f"  ({r['gflops']:.1f} GFLOP/s)" if r.get("gflops") else ""
+        print(f"{name:28} {r['throughput']:14.4g} {'':14}  {'':6} {'':16} [{r['unit']}]{gf}")
 os.makedirs(os.path.dirname(result) or ".", exist_ok=True)
 with open(result + ".tmp", "w") as f:
     json.dump(out, f, indent=1)

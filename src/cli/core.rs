@@ -177,12 +177,17 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         eprintln!("timing one training step on 4×1×64×64×64 ...");
     }
     rows.push(bench::train_step(Shape::new(4, 1, 64, 64, 64), a.min_runs, t)?);
-    if !a.json {
-        eprintln!("timing tiled inference of a 256×256×256 volume (128³ cores) ...");
-    }
+    // tiles as `infer` chooses them by default (half of the available RAM)
     let model = rln_engine::model::Model::<f32>::init(rln_engine::model::ModelConfig::default(), 7);
     let mut cpu = rln_engine::infer::CpuPredictor { model };
-    rows.push(bench::tiled_inference(&mut cpu, [256; 3], [128; 3], a.min_runs.min(2), t)?);
+    let budget = super::infer::available_ram().unwrap_or(8 << 30) / 2;
+    let max_window = (budget / rln_engine::infer::TilePredictor::bytes_per_voxel(&cpu)).max(16 * 16 * 16);
+    let core =
+        rln_engine::infer::tiling::choose_core([256; 3], rln_engine::infer::tiling::RECEPTIVE_RADIUS, max_window);
+    if !a.json {
+        eprintln!("timing tiled inference of a 256×256×256 volume (cores of at most {core:?}, as infer chooses) ...");
+    }
+    rows.push(bench::tiled_inference(&mut cpu, [256; 3], core, a.min_runs.min(2), t)?);
     if !a.json {
         eprintln!("timing Richardson–Lucy on 64×256×256 (31³ PSF) ...");
     }

@@ -100,6 +100,17 @@ pub struct TrainArgs {
     /// Crop size (z,y,x or one number).
     #[arg(long, value_parser = parse_dims, default_value = "64")]
     pub crop: [usize; 3],
+    /// Input normalization percentiles LOW,HIGH of every crop (the authors': 0.01,99.5);
+    /// recorded in the model, so inference normalizes the same way. A higher HIGH keeps
+    /// sparse specimens, whose 99.5th percentile falls in the background, in range.
+    /// Default: the authors' 0.01,99.5, or those of the --init model.
+    #[arg(long, value_parser = parse_range)]
+    pub percentiles: Option<(f64, f64)>,
+    /// Multiply each crop's normalized input by a factor drawn log-uniformly from
+    /// LOW,HIGH (e.g. 0.5,2): robustness to the input's scale, which a sparse specimen's
+    /// normalization shifts. Default: off (the authors' recipe).
+    #[arg(long, value_parser = parse_range)]
+    pub input_scale: Option<(f64, f64)>,
     /// Base learning rate.
     #[arg(long, default_value_t = 0.015)]
     pub lr: f64,
@@ -319,6 +330,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
                 sampler: CropSampler {
                     crop: a.crop,
                     batch: a.batch.max(1),
+                    input_scale: a.input_scale,
                     ..CropSampler::default()
                 },
                 schedule: LrSchedule {
@@ -334,6 +346,9 @@ pub fn train(a: &TrainArgs) -> Result<()> {
                 variant: a.variant,
                 div_eps: a.div_eps,
                 psf: psf_meta.clone(),
+                norm_percentiles: a
+                    .percentiles
+                    .map_or(ModelConfig::default().norm_percentiles, |(l, h)| [l, h]),
                 ..ModelConfig::default()
             };
             mconf.validate()?;
@@ -353,10 +368,16 @@ pub fn train(a: &TrainArgs) -> Result<()> {
                     if psf_meta.is_some() {
                         m.config.psf = psf_meta.clone();
                     }
+                    if a.percentiles.is_some() {
+                        m.config.norm_percentiles = mconf.norm_percentiles;
+                    }
                     m
                 }
                 None => Model::<f32>::init(mconf, a.seed),
             };
+            // crops are normalized as the model will normalize at inference
+            let mut cfg = cfg;
+            cfg.sampler.percentiles = model.config.norm_percentiles;
             let state = TrainState::new(model, &cfg);
             (state, cfg)
         }
@@ -453,6 +474,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     model.config.training = Some(serde_json::json!({
         "steps": cfg.steps, "batch": cfg.sampler.batch, "crop": cfg.sampler.crop, "grad_mode": cfg.grad_mode,
         "schedule": cfg.schedule, "seed": cfg.seed, "pairs": data.pairs.len(), "threads": rln_engine::threads(), "device": device_name,
+        "percentiles": cfg.sampler.percentiles, "input_scale": cfg.sampler.input_scale,
         "wall_s_this_run": secs, "steps_this_run": cfg.steps - first,
         "validation": last_val,
     }));

@@ -222,6 +222,12 @@ pub struct CropSampler {
     pub foreground_ratio: f64,
     pub max_redraws: usize,
     pub percentiles: [f64; 2],
+    /// Each crop's normalized input multiplied by a factor drawn log-uniformly from
+    /// (low, high); None in the authors' recipe. A whole sparse volume normalizes
+    /// brighter than the crops a network was trained on (its upper percentile falls in
+    /// the background); this teaches the network not to depend on that scale.
+    #[serde(default)]
+    pub input_scale: Option<(f64, f64)>,
 }
 
 impl Default for CropSampler {
@@ -233,6 +239,7 @@ impl Default for CropSampler {
             foreground_ratio: 0.8,
             max_redraws: 100,
             percentiles: [0.01, 99.5],
+            input_scale: None,
         }
     }
 }
@@ -275,7 +282,14 @@ impl CropSampler {
         let c_in = variant.input_channels();
         let mut xs = Vec::with_capacity(self.batch * c_in * vox);
         let mut gs = Vec::with_capacity(self.batch * vox);
-        for _ in 0..self.batch {
+        if let Some((lo, hi)) = self.input_scale {
+            if !(lo > 0.0 && hi >= lo && hi.is_finite()) {
+                return Err(Error::invalid(format!(
+                    "input scale range {lo}..{hi} must satisfy 0 < low ≤ high"
+                )));
+            }
+        }
+        for k in 0..self.batch {
             let mut start = [0; 3];
             for _try in 0..=self.max_redraws {
                 start = [
@@ -289,11 +303,17 @@ impl CropSampler {
                 }
             }
             let g = pair.ground_truth.crop(start, c)?;
-            let views: Vec<Vec<f32>> = pair
+            let mut views: Vec<Vec<f32>> = pair
                 .inputs
                 .iter()
                 .map(|v| normalize_percentile(&v.crop(start, c)?.data, self.percentiles[0], self.percentiles[1]))
                 .collect::<Result<_>>()?;
+            if let Some((lo, hi)) = self.input_scale {
+                // its own stream, so the crops are those of the run without scaling
+                let u: f64 = ChaCha8Rng::seed_from_u64(mix_seed(mix_seed(seed ^ 0x5ca1e, step), k as u64)).random();
+                let f = (lo * (hi / lo).powf(u)) as f32;
+                views.iter_mut().flatten().for_each(|x| *x *= f);
+            }
             match (variant, views.len()) {
                 (Variant::Single, 1) => xs.extend_from_slice(&views[0]),
                 (Variant::DualAverage, 2) => xs.extend(views[0].iter().zip(&views[1]).map(|(a, b)| 0.5 * (a + b))),
