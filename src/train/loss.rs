@@ -184,18 +184,20 @@ pub fn loss_from_sums(s: &LossSums) -> (LossTerms, LossGradConsts) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn loss_from_sums_matches_the_direct_loss_and_gradient() {
-        let n = 64;
-        let mut s = 99u64;
+    /// Four vectors of `n` uniform values in [0, 1) (prediction, E, input, ground truth).
+    fn random_vectors(n: usize, seed: u64) -> [Vec<f64>; 4] {
+        let mut s = seed;
         let mut rnd = || {
             s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (s >> 11) as f64 / (1u64 << 53) as f64
         };
-        let y: Vec<f64> = (0..n).map(|_| rnd()).collect();
-        let e: Vec<f64> = (0..n).map(|_| rnd()).collect();
-        let x: Vec<f64> = (0..n).map(|_| rnd()).collect();
-        let g: Vec<f64> = (0..n).map(|_| rnd()).collect();
+        std::array::from_fn(|_| (0..n).map(|_| rnd()).collect())
+    }
+
+    #[test]
+    fn loss_from_sums_matches_the_direct_loss_and_gradient() {
+        let n = 64;
+        let [y, e, x, g] = random_vectors(n, 99);
         let nf = n as f64;
         let (my, mg) = (y.iter().sum::<f64>() / nf, g.iter().sum::<f64>() / nf);
         let sums = LossSums {
@@ -230,15 +232,7 @@ mod tests {
     #[test]
     fn loss_gradient_matches_central_differences() {
         let n = 50;
-        let mut s = 12345u64;
-        let mut rnd = || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (s >> 11) as f64 / (1u64 << 53) as f64
-        };
-        let y: Vec<f64> = (0..n).map(|_| rnd()).collect();
-        let e: Vec<f64> = (0..n).map(|_| rnd()).collect();
-        let x: Vec<f64> = (0..n).map(|_| rnd()).collect();
-        let g: Vec<f64> = (0..n).map(|_| rnd()).collect();
+        let [y, e, x, g] = random_vectors(n, 12345);
         let (_, dy, de) = loss_and_grad(&y, &e, &x, &g);
         let h = 1e-6;
         for i in [0, 7, 31, 49] {

@@ -94,17 +94,9 @@ pub const FWD_VARIANTS: [[usize; 4]; 10] = [
     [4, 0, 0, 1],
     [8, 0, 0, 1],
 ];
-/// The specialized weight-gradient kernels `tconv_wgrad_{a}_{b}_{c}_{o}`.
-pub const WGRAD_VARIANTS: [[usize; 4]; 8] = [
-    [1, 0, 0, 4],
-    [2, 0, 0, 4],
-    [4, 0, 0, 4],
-    [4, 4, 0, 4],
-    [1, 0, 0, 8],
-    [8, 0, 0, 8],
-    [8, 8, 0, 8],
-    [8, 1, 1, 8],
-];
+/// The specialized weight-gradient kernels `tconv_wgrad_{a}_{b}_{c}_{o}`: the network's
+/// convs (the first eight forward variants; the data-gradient-only 4→1 and 8→1 have none).
+pub const WGRAD_VARIANTS: &[[usize; 4]] = FWD_VARIANTS.split_at(8).0;
 
 pub fn fwd_name(v: [usize; 4]) -> String {
     format!("tconv_fwd_{}_{}_{}_{}", v[0], v[1], v[2], v[3])
@@ -120,7 +112,7 @@ pub fn kernel_list() -> Vec<(&'static str, String, usize)> {
         let cin = k[0] + k[1] + k[2];
         v.push((CONV_MODULE, fwd_name(k), fwd_smem_bytes(cin, k[3])));
     }
-    for k in WGRAD_VARIANTS {
+    for &k in WGRAD_VARIANTS {
         let cin = k[0] + k[1] + k[2];
         v.push((CONV_MODULE, wgrad_name(k), wgrad_smem_bytes(cin, k[3])));
     }
