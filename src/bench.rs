@@ -133,32 +133,20 @@ pub fn tiled_inference(
     min_runs: usize,
     min_time: Duration,
 ) -> crate::Result<BenchRow> {
-    use crate::infer::stitch::{estimate_normalization, run_tiled, NormalizeMode, StitchOptions};
-    use crate::infer::tiling::{MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS};
+    use crate::infer::tiling::{TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS};
     let shape = Shape::new(1, 1, dims[0], dims[1], dims[2]);
-    let (_, x, _) = bench_inputs(shape, 3);
-    let plan = TilePlan::new(dims, core, DEFAULT_OVERLAP, RECEPTIVE_RADIUS)?;
-    let tiles = plan.count();
-    let opts = StitchOptions {
-        plan,
-        normalize: NormalizeMode::Global,
-        percentiles: [0.01, 99.5],
-        rescale_output: true,
-        variant: crate::model::Variant::Single,
-    };
+    // `deconvolve` reads only the model's config (percentiles, variant); the weights
+    // that run are the predictor's own.
+    let (model, x, _) = bench_inputs(shape, 3);
+    let volume = crate::imaging::Volume::new(dims, x.data)?;
+    let tiles = TilePlan::new(dims, core, DEFAULT_OVERLAP, RECEPTIVE_RADIUS)?.count();
     let mut err = None;
     let (t, runs) = time_median(min_runs, min_time, || {
-        let mut src = MemorySource { dims, data: &x.data };
-        let r = (|| {
-            let aff = estimate_normalization(&mut src, [0.01, 99.5], 1 << 24)?;
-            let mut sink = MemorySink {
-                data: Vec::with_capacity(x.data.len()),
-            };
-            let mut views: Vec<&mut dyn PlaneSource> = vec![&mut src];
-            run_tiled(pred, &mut views, &[aff], &mut sink, &opts, &mut |_, _| {})
-        })();
-        if let Err(e) = r {
-            err = Some(e);
+        match crate::infer::deconvolve(pred, &model, &volume, core) {
+            Ok(out) => {
+                std::hint::black_box(out);
+            }
+            Err(e) => err = Some(e),
         }
     });
     if let Some(e) = err {

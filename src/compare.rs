@@ -66,6 +66,11 @@ pub struct CompareReport {
     pub volumes: usize,
     pub size: [usize; 3],
     pub families: Vec<String>,
+    /// Object density and photons per unit of ground truth of the volumes.
+    pub density: f64,
+    pub photons: f64,
+    /// The percentiles RLN's input was normalized with.
+    pub rln_percentiles: [f64; 2],
     pub seeds: Vec<u64>,
     pub rows: Vec<MethodScore>,
     /// RLD iteration counts with the best mean PSNR and the best mean SSIM.
@@ -151,6 +156,9 @@ pub fn compare_on_synthetic(
         volumes: count,
         size: synth.size,
         families: synth.families.iter().map(|f| f.name().to_string()).collect(),
+        density: synth.density,
+        photons: synth.photons,
+        rln_percentiles: model.config.norm_percentiles,
         seeds,
         rows,
         rld_best_psnr_iterations: lo + best_psnr_k,

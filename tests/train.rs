@@ -486,3 +486,60 @@ fn input_scale_augmentation_scales_inputs_only_and_keeps_the_crops() {
     };
     assert!(bad.batch(&data, Variant::Single, 0, 9).is_err());
 }
+
+#[test]
+fn cli_infer_percentiles_override_the_models_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, _) = blob_volume(31, [24, 24, 24], 10.0);
+    write_volume(d.join("x.tif"), &x, OutputDtype::F32).unwrap();
+    let m995 = Model::<f32>::init(ModelConfig::default(), 3);
+    let mut m999 = m995.clone();
+    m999.config.norm_percentiles = [0.01, 99.9];
+    m995.save(&d.join("m995.safetensors")).unwrap();
+    m999.save(&d.join("m999.safetensors")).unwrap();
+    let bin = env!("CARGO_BIN_EXE_rln-engine");
+    let infer = |model: &str, out: &str, extra: &[&str]| {
+        let o = Command::new(bin)
+            .arg("infer")
+            .arg(d.join(model))
+            .arg(d.join("x.tif"))
+            .arg("-o")
+            .arg(d.join(out))
+            .args(["--device", "cpu"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let read = |out: &str| rln_engine::imaging::io::read_volume(d.join(out)).unwrap().data;
+    assert!(infer("m999.safetensors", "recorded.tif", &[]).0);
+    assert!(infer("m995.safetensors", "override.tif", &["--percentiles", "0.01,99.9"]).0);
+    assert!(infer("m995.safetensors", "own.tif", &[]).0);
+    let (recorded, overridden, own) = (read("recorded.tif"), read("override.tif"), read("own.tif"));
+    // the override normalizes exactly as a model that recorded those percentiles
+    let max_diff = recorded
+        .iter()
+        .zip(&overridden)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    let scale = recorded.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+    assert!(
+        max_diff <= 1e-6 * scale,
+        "override differs by {max_diff} (scale {scale})"
+    );
+    // and differs from the model's own normalization
+    let own_diff = own
+        .iter()
+        .zip(&overridden)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(own_diff > 1e-3 * scale, "--percentiles had no effect ({own_diff})");
+    // invalid percentiles: a clear error, no output
+    let (ok, err) = infer("m995.safetensors", "bad.tif", &["--percentiles", "99,1"]);
+    assert!(
+        !ok && err.contains("--percentiles") && err.contains("low < high"),
+        "{err}"
+    );
+    assert!(!d.join("bad.tif").exists());
+}

@@ -44,13 +44,17 @@ pub struct CompareArgs {
     pub rl_max: usize,
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
+    /// RLN's input normalization percentiles LOW,HIGH instead of the model's own.
+    #[arg(long, value_parser = super::train::parse_range)]
+    pub percentiles: Option<(f64, f64)>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn compare(a: &CompareArgs) -> Result<()> {
-    let model = Model::<f32>::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let mut model = Model::<f32>::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    super::infer::override_percentiles(&mut model, a.percentiles)?;
     let psf = match &a.psf {
         Some(p) => read_volume(p).with_context(|| format!("reading PSF {}", p.display()))?,
         None => model_psf(&model)?.1,

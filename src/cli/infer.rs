@@ -82,6 +82,12 @@ pub struct InferArgs {
     /// Input normalization: global percentiles (no tile-to-tile steps) or the authors' per-tile.
     #[arg(long, value_enum, default_value_t = NormalizeMode::Global)]
     pub normalize: NormalizeMode,
+    /// Input normalization percentiles LOW,HIGH instead of the ones the model was trained
+    /// with (recorded in it). A higher HIGH lowers the input's contrast; for very sparse
+    /// specimens whose 99.5th percentile falls in the background this can help (see
+    /// models/README.md), at a cost on dense ones.
+    #[arg(long, value_parser = super::train::parse_range)]
+    pub percentiles: Option<(f64, f64)>,
     /// Keep the network's normalized output instead of mapping it to the input's range.
     #[arg(long)]
     pub no_rescale: bool,
@@ -118,9 +124,21 @@ pub fn make_predictor(device: Device, fp16: bool, model: &Model<f32>) -> Result<
     }
 }
 
+/// Replaces the model's recorded normalization percentiles by `--percentiles`, if given.
+pub fn override_percentiles(model: &mut Model<f32>, percentiles: Option<(f64, f64)>) -> Result<()> {
+    if let Some((lo, hi)) = percentiles {
+        let mut config = model.config.clone();
+        config.norm_percentiles = [lo, hi];
+        config.validate().context("--percentiles")?;
+        model.config = config;
+    }
+    Ok(())
+}
+
 pub fn infer(a: &InferArgs) -> Result<()> {
     rln_engine::fsutil::check_output_dir(&a.output)?;
-    let model = Model::<f32>::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
+    let mut model = Model::<f32>::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
+    override_percentiles(&mut model, a.percentiles)?;
     let variant = model.config.variant;
     if variant.views() == 2 && a.input2.is_none() {
         bail!(
