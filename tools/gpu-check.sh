@@ -121,15 +121,16 @@ env_info() {
   cat "$B"/ptxas/*.txt 2>/dev/null | grep -E "Compiling entry|Used|spill" | paste - - - | sed -E 's/ptxas info +: //g' | head -n 60 || true
 }
 
-# tests/gpu.rs, one process per test: a device fault is sticky for its process, so a
-# fault in one test must not fail the others; RLN_CUDA_SYNC=1 names the faulting kernel
-gpu_tests_each() {
-  local names t rc pass=0 fail=0
-  names=$("$TESTS" --list 2>/dev/null | sed -n 's/: test$//p')
-  [ -n "$names" ] || { echo "no tests listed by $TESTS"; return 2; }
+# A test binary, one process per test: a device fault is sticky for its process, so a
+# fault in one test must not fail the others; RLN_CUDA_SYNC=1 names the faulting kernel.
+# Usage: tests_each BINARY PER_TEST_TIMEOUT_S
+tests_each() {
+  local bin=$1 limit=$2 names t rc pass=0 fail=0
+  names=$("$bin" --list 2>/dev/null | sed -n 's/: test$//p')
+  [ -n "$names" ] || { echo "no tests listed by $bin"; return 2; }
   for t in $names; do
     echo "===== $t"
-    RLN_CUDA_SYNC=1 timeout -k 5 70 "$TESTS" "$t" --exact --nocapture --test-threads=1
+    RLN_CUDA_SYNC=1 timeout -k 5 "$limit" "$bin" "$t" --exact --nocapture --test-threads=1
     rc=$?
     if [ $rc -eq 0 ]; then
       pass=$((pass + 1)); echo "TEST $t: ok"
@@ -140,6 +141,7 @@ gpu_tests_each() {
   echo "test result: $([ $fail -eq 0 ] && echo ok || echo FAILED). $pass passed; $fail failed (one process per test)"
   [ $fail -eq 0 ]
 }
+gpu_tests_each() { tests_each "$TESTS" 70; }
 
 SANITIZER=$(find_tool compute-sanitizer /usr/local/cuda/bin/compute-sanitizer "/usr/local/cuda-*/bin/compute-sanitizer" "/opt/nvidia/*/compute-sanitizer/compute-sanitizer") || SANITIZER=""
 NCU=$(find_tool ncu /usr/local/cuda/bin/ncu "/opt/nvidia/nsight-compute/*/ncu" "/usr/local/cuda-*/bin/ncu") || NCU=""
@@ -225,23 +227,7 @@ env_train() {
   echo "--- ptxas (training kernels)"
   cat "$B"/ptxas/train_*.txt 2>/dev/null | grep -E "Compiling entry|Used|spill" | paste - - - | sed -E 's/ptxas info +: //g' || true
 }
-train_tests_each() {
-  local names t rc pass=0 fail=0
-  names=$("$TRAIN_TESTS" --list 2>/dev/null | sed -n 's/: test$//p')
-  [ -n "$names" ] || { echo "no tests listed by $TRAIN_TESTS"; return 2; }
-  for t in $names; do
-    echo "===== $t"
-    RLN_CUDA_SYNC=1 timeout -k 5 60 "$TRAIN_TESTS" "$t" --exact --nocapture --test-threads=1
-    rc=$?
-    if [ $rc -eq 0 ]; then
-      pass=$((pass + 1)); echo "TEST $t: ok"
-    else
-      fail=$((fail + 1)); echo "TEST $t: FAILED (rc=$rc)"
-    fi
-  done
-  echo "test result: $([ $fail -eq 0 ] && echo ok || echo FAILED). $pass passed; $fail failed (one process per test)"
-  [ $fail -eq 0 ]
-}
+train_tests_each() { tests_each "$TRAIN_TESTS" 60; }
 cli_train() {
   local t0 t1 rc
   t0=$(date +%s.%N)
