@@ -15,7 +15,7 @@ fn main() {
     let c = v.dims.map(|d| d / 2);
     eprintln!(
         "peak {} center {}",
-        v.data.iter().cloned().fold(0. / 0., f32::max),
+        v.data.iter().cloned().fold(f32::NAN, f32::max),
         v.at(c[0], c[1], c[2])
     );
     write_volume(std::env::args().nth(1).unwrap(), &v, OutputDtype::F32).unwrap();
