@@ -6,7 +6,7 @@ mod common;
 use rln_engine::imaging::io::{write_volume, OutputDtype};
 use rln_engine::imaging::volume::Volume;
 use rln_engine::model::{Model, ModelConfig, Variant};
-use rln_engine::train::data::{CropSampler, Dataset, Pair};
+use rln_engine::train::data::{CropSampler, Dataset, Pair, SynthVariation};
 use rln_engine::train::trainer::{self, TrainConfig, TrainObserver, TrainState};
 use std::process::Command;
 
@@ -396,7 +396,14 @@ fn synthetic_density_and_photon_ranges_are_deterministic_and_validated() {
         photons: 1.0,
         ..SynthConfig::default()
     };
-    let make = |d, p| Dataset::synthetic(&cfg, &psf, 3, 11, d, p).unwrap();
+    let make = |d, p| {
+        let vary = SynthVariation {
+            density: d,
+            photons: p,
+            family_subsets: false,
+        };
+        Dataset::synthetic(&cfg, &psf, 3, 11, &vary).unwrap()
+    };
     // a degenerate range (1, 1) draws exactly 1: the same data as the fixed level
     let fixed = make(None, None);
     let degenerate = make(None, Some((1.0, 1.0)));
@@ -424,11 +431,31 @@ fn synthetic_density_and_photon_ranges_are_deterministic_and_validated() {
     // bad ranges are errors, not panics
     for bad in [(0.0, 5.0), (5.0, 1.0), (-1.0, 2.0), (1.0, f64::INFINITY)] {
         assert!(
-            Dataset::synthetic(&cfg, &psf, 1, 11, None, Some(bad)).is_err(),
+            Dataset::synthetic(
+                &cfg,
+                &psf,
+                1,
+                11,
+                &SynthVariation {
+                    photons: Some(bad),
+                    ..Default::default()
+                }
+            )
+            .is_err(),
             "{bad:?}"
         );
         assert!(
-            Dataset::synthetic(&cfg, &psf, 1, 11, Some(bad), None).is_err(),
+            Dataset::synthetic(
+                &cfg,
+                &psf,
+                1,
+                11,
+                &SynthVariation {
+                    density: Some(bad),
+                    ..Default::default()
+                }
+            )
+            .is_err(),
             "{bad:?}"
         );
     }
@@ -542,4 +569,41 @@ fn cli_infer_percentiles_override_the_models_own() {
         "{err}"
     );
     assert!(!d.join("bad.tif").exists());
+}
+
+#[test]
+fn family_subsets_vary_the_scene_per_volume_deterministically() {
+    use rln_engine::imaging::psf::gaussian_kernel;
+    use rln_engine::imaging::synth::{Family, SynthConfig};
+    let psf = gaussian_kernel([9, 9, 9], [1.5, 1.0, 1.0]);
+    let cfg = SynthConfig {
+        size: [32, 64, 64],
+        families: vec![Family::Spheres, Family::Dots, Family::Rods],
+        ..SynthConfig::default()
+    };
+    let subsets = SynthVariation {
+        family_subsets: true,
+        ..Default::default()
+    };
+    let all = Dataset::synthetic(&cfg, &psf, 12, 5, &SynthVariation::default()).unwrap();
+    let a = Dataset::synthetic(&cfg, &psf, 12, 5, &subsets).unwrap();
+    let b = Dataset::synthetic(&cfg, &psf, 12, 5, &subsets).unwrap();
+    let mut differ = 0;
+    for ((x, y), z) in a.pairs.iter().zip(&b.pairs).zip(&all.pairs) {
+        assert_eq!(x.ground_truth.data, y.ground_truth.data, "same seed, same scenes");
+        differ += usize::from(x.ground_truth.data != z.ground_truth.data);
+    }
+    // with 3 families kept with probability 1/2 each, 12 volumes all keeping all three
+    // has probability (1/8)^12
+    assert!(differ >= 1, "no volume drew a subset");
+    // a single family stays that family (the subset is never empty)
+    let one = SynthConfig {
+        families: vec![Family::Dots],
+        ..cfg.clone()
+    };
+    let d1 = Dataset::synthetic(&one, &psf, 4, 5, &subsets).unwrap();
+    let d0 = Dataset::synthetic(&one, &psf, 4, 5, &SynthVariation::default()).unwrap();
+    for (x, y) in d1.pairs.iter().zip(&d0.pairs) {
+        assert_eq!(x.ground_truth.data, y.ground_truth.data);
+    }
 }

@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::imaging::io::read_volume;
 use crate::imaging::normalize::{normalize_ground_truth, normalize_percentile};
-use crate::imaging::synth::{mix_seed, SynthConfig, Synthesizer};
+use crate::imaging::synth::{mix_seed, Family, SynthConfig, Synthesizer};
 use crate::imaging::volume::{dims_str, Volume};
 use crate::model::Variant;
 use crate::tensor::{Shape, Tensor};
@@ -87,6 +87,35 @@ impl Pair {
     }
 }
 
+/// How synthetic training volumes vary from one to the next (beyond their seed).
+#[derive(Clone, Debug, Default)]
+pub struct SynthVariation {
+    /// Object density drawn log-uniformly from (low, high) per volume.
+    pub density: Option<(f64, f64)>,
+    /// Photons per unit of ground truth drawn log-uniformly from (low, high) per volume.
+    pub photons: Option<(f64, f64)>,
+    /// Each volume draws a random non-empty subset of the families. With all families in
+    /// every volume, the brightest structures of a crop are always large objects (thin
+    /// ones lose most of their peak to the blur), so the network can learn "brightest
+    /// after normalization means large" and under-sharpen a scene of thin structures
+    /// only, whose percentile normalization maps them to the top of the range.
+    pub family_subsets: bool,
+}
+
+/// Each family kept with probability 1/2 (its own stream per volume); never empty.
+fn family_subset(families: &[Family], seed: u64) -> Vec<Family> {
+    let mut kept: Vec<Family> = families
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| mix_seed(seed, 0xfa31_0000 + *k as u64) >> 63 == 1)
+        .map(|(_, f)| *f)
+        .collect();
+    if kept.is_empty() && !families.is_empty() {
+        kept.push(families[(mix_seed(seed, 0xfa31_ffff) % families.len() as u64) as usize]);
+    }
+    kept
+}
+
 impl Dataset {
     /// Pairs from `dir/input/` and `dir/ground_truth/` (and `input2_dir` for a second view),
     /// matched by file name. Every problem is reported before any volume is used.
@@ -147,14 +176,7 @@ impl Dataset {
     /// `density_range` (lo, hi), pair i's object density is drawn log-uniformly from it, and
     /// with `photons_range` its photon level (deterministically from the seed), so the
     /// network sees sparse and crowded, dim and bright scenes.
-    pub fn synthetic(
-        cfg: &SynthConfig,
-        psf: &Volume,
-        count: usize,
-        seed: u64,
-        density_range: Option<(f64, f64)>,
-        photons_range: Option<(f64, f64)>,
-    ) -> Result<Self> {
+    pub fn synthetic(cfg: &SynthConfig, psf: &Volume, count: usize, seed: u64, vary: &SynthVariation) -> Result<Self> {
         let mut s = Synthesizer::new(cfg, psf)?;
         let mut pairs = Vec::with_capacity(count);
         // log-uniform draw from (lo, hi), its own stream per (pair, quantity)
@@ -169,11 +191,14 @@ impl Dataset {
         };
         for i in 0..count {
             let sd = mix_seed(seed, i as u64);
-            if let Some(r) = density_range {
+            if let Some(r) = vary.density {
                 s.cfg.density = draw(sd, 0xde75, r, "density")?;
             }
-            if let Some(r) = photons_range {
+            if let Some(r) = vary.photons {
                 s.cfg.photons = draw(sd, 0x9407_0125, r, "photons")?;
+            }
+            if vary.family_subsets {
+                s.cfg.families = family_subset(&cfg.families, sd);
             }
             let (input, gt) = s.make_pair(sd)?;
             pairs.push(Pair::new(format!("synth_{i:04}"), vec![input], gt)?);
