@@ -84,8 +84,8 @@ pub struct TrainArgs {
     /// each volume's level log-uniformly (dim and bright scenes).
     #[arg(long, value_parser = parse_range, default_value = "5")]
     pub photons: (f64, f64),
-    /// With --synth-psf: each volume holds a random subset of the families instead of all
-    /// of them, so that scenes whose brightest structures are thin ones (dots, rods,
+    /// With --synth-psf: half of the volumes hold a random subset of the families instead
+    /// of all of them, so that scenes whose brightest structures are thin ones (dots, rods,
     /// plates) occur in training too; without it the network under-sharpens such scenes.
     #[arg(long)]
     pub synth_family_subsets: bool,

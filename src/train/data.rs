@@ -94,16 +94,21 @@ pub struct SynthVariation {
     pub density: Option<(f64, f64)>,
     /// Photons per unit of ground truth drawn log-uniformly from (low, high) per volume.
     pub photons: Option<(f64, f64)>,
-    /// Each volume draws a random non-empty subset of the families. With all families in
-    /// every volume, the brightest structures of a crop are always large objects (thin
+    /// Half of the volumes (drawn per volume) hold a random non-empty subset of the
+    /// families, the others all of them. With all families in every volume, the brightest structures of a crop are always large objects (thin
     /// ones lose most of their peak to the blur), so the network can learn "brightest
     /// after normalization means large" and under-sharpen a scene of thin structures
     /// only, whose percentile normalization maps them to the top of the range.
     pub family_subsets: bool,
 }
 
-/// Each family kept with probability 1/2 (its own stream per volume); never empty.
+/// All families with probability 1/2, else each family kept with probability 1/2 (its
+/// own stream per volume); never empty. Dense scenes of every family stay common, so the
+/// network keeps seeing them while it learns thin-only scenes.
 fn family_subset(families: &[Family], seed: u64) -> Vec<Family> {
+    if mix_seed(seed, 0xfa31_aaaa) >> 63 == 1 {
+        return families.to_vec();
+    }
     let mut kept: Vec<Family> = families
         .iter()
         .enumerate()
