@@ -544,23 +544,16 @@ fn cli_infer_percentiles_override_the_models_own() {
     assert!(infer("m995.safetensors", "override.tif", &["--percentiles", "0.01,99.9"]).0);
     assert!(infer("m995.safetensors", "own.tif", &[]).0);
     let (recorded, overridden, own) = (read("recorded.tif"), read("override.tif"), read("own.tif"));
+    let max_abs_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
     // the override normalizes exactly as a model that recorded those percentiles
-    let max_diff = recorded
-        .iter()
-        .zip(&overridden)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let max_diff = max_abs_diff(&recorded, &overridden);
     let scale = recorded.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
     assert!(
         max_diff <= 1e-6 * scale,
         "override differs by {max_diff} (scale {scale})"
     );
     // and differs from the model's own normalization
-    let own_diff = own
-        .iter()
-        .zip(&overridden)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let own_diff = max_abs_diff(&own, &overridden);
     assert!(own_diff > 1e-3 * scale, "--percentiles had no effect ({own_diff})");
     // invalid percentiles: a clear error, no output
     let (ok, err) = infer("m995.safetensors", "bad.tif", &["--percentiles", "99,1"]);

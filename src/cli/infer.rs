@@ -124,13 +124,12 @@ pub fn make_predictor(device: Device, fp16: bool, model: &Model<f32>) -> Result<
     }
 }
 
-/// Replaces the model's recorded normalization percentiles by `--percentiles`, if given.
+/// Replaces the model's recorded normalization percentiles by `--percentiles`, if given
+/// (an invalid pair is an error, and the caller drops the model).
 pub fn override_percentiles(model: &mut Model<f32>, percentiles: Option<(f64, f64)>) -> Result<()> {
     if let Some((lo, hi)) = percentiles {
-        let mut config = model.config.clone();
-        config.norm_percentiles = [lo, hi];
-        config.validate().context("--percentiles")?;
-        model.config = config;
+        model.config.norm_percentiles = [lo, hi];
+        model.config.validate().context("--percentiles")?;
     }
     Ok(())
 }

@@ -95,10 +95,11 @@ pub struct SynthVariation {
     /// Photons per unit of ground truth drawn log-uniformly from (low, high) per volume.
     pub photons: Option<(f64, f64)>,
     /// Half of the volumes (drawn per volume) hold a random non-empty subset of the
-    /// families, the others all of them. With all families in every volume, the brightest structures of a crop are always large objects (thin
-    /// ones lose most of their peak to the blur), so the network can learn "brightest
-    /// after normalization means large" and under-sharpen a scene of thin structures
-    /// only, whose percentile normalization maps them to the top of the range.
+    /// families, the others all of them. With all families in every volume, the
+    /// brightest structures of a crop are always large objects (thin ones lose most of
+    /// their peak to the blur), so the network can learn "brightest after normalization
+    /// means large" and under-sharpen a scene of thin structures only, whose percentile
+    /// normalization maps them to the top of the range.
     pub family_subsets: bool,
 }
 
@@ -177,10 +178,9 @@ impl Dataset {
         Ok(Dataset { pairs })
     }
 
-    /// `count` synthetic pairs for `psf` (pair i from seed mix_seed(seed, i)). With
-    /// `density_range` (lo, hi), pair i's object density is drawn log-uniformly from it, and
-    /// with `photons_range` its photon level (deterministically from the seed), so the
-    /// network sees sparse and crowded, dim and bright scenes.
+    /// `count` synthetic pairs for `psf` (pair i from seed mix_seed(seed, i)), each varied
+    /// by `vary` (density, photon level, family subset: drawn deterministically from the
+    /// pair's seed), so the network sees sparse and crowded, dim and bright scenes.
     pub fn synthetic(cfg: &SynthConfig, psf: &Volume, count: usize, seed: u64, vary: &SynthVariation) -> Result<Self> {
         let mut s = Synthesizer::new(cfg, psf)?;
         let mut pairs = Vec::with_capacity(count);
