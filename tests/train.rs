@@ -8,7 +8,34 @@ use rln_engine::imaging::volume::Volume;
 use rln_engine::model::{Model, ModelConfig, Variant};
 use rln_engine::train::data::{CropSampler, Dataset, Pair, SynthVariation};
 use rln_engine::train::trainer::{self, TrainConfig, TrainObserver, TrainState};
-use std::process::Command;
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// Runs the engine binary with `args` (strings and paths) and returns its exit status
+/// and output.
+fn engine(args: &[&dyn AsRef<OsStr>]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rln-engine"))
+        .args(args.iter().map(|a| a.as_ref()))
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Writes one training pair as `train --data` reads it: `dir/input/NAME.tif`
+/// (`dir/input2/NAME.tif` for a second view) and `dir/ground_truth/NAME.tif`.
+fn write_pair(dir: &Path, name: &str, inputs: &[&Volume], ground_truth: &Volume) {
+    let file = format!("{name}.tif");
+    for (v, sub) in inputs.iter().zip(["input", "input2"]) {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+        write_volume(dir.join(sub).join(&file), v, OutputDtype::F32).unwrap();
+    }
+    std::fs::create_dir_all(dir.join("ground_truth")).unwrap();
+    write_volume(dir.join("ground_truth").join(&file), ground_truth, OutputDtype::F32).unwrap();
+}
 
 fn blob_volume(seed: u64, dims: [usize; 3], noise: f32) -> (Volume, Volume) {
     let mut r = common::rng(seed);
@@ -164,70 +191,52 @@ fn bad_training_data_is_rejected_before_training() {
 
     // unpaired files in a folder, through the CLI: non-zero exit, no output
     let dir = tempfile::tempdir().unwrap();
-    for sub in ["input", "ground_truth"] {
-        std::fs::create_dir(dir.path().join(sub)).unwrap();
-    }
-    write_volume(dir.path().join("input/a.tif"), &x, OutputDtype::F32).unwrap();
-    write_volume(dir.path().join("ground_truth/a.tif"), &g, OutputDtype::F32).unwrap();
-    write_volume(dir.path().join("input/b.tif"), &x, OutputDtype::F32).unwrap();
-    let out = dir.path().join("m.safetensors");
-    let o = Command::new(env!("CARGO_BIN_EXE_rln-engine"))
-        .args(["train", "--steps", "2", "--crop", "16", "--data"])
-        .arg(dir.path())
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let d = dir.path();
+    write_pair(d, "a", &[&x], &g);
+    write_volume(d.join("input/b.tif"), &x, OutputDtype::F32).unwrap();
+    let train = |out: &Path| engine(&[&"train", &"--steps", &"2", &"--crop", &"16", &"--data", &d, &"-o", &out]);
+    let out = d.join("m.safetensors");
+    let o = train(&out);
     assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = stderr(&o);
     assert!(err.contains("unpaired") && err.contains("b.tif"), "{err}");
     assert!(!out.exists());
     // output folder that does not exist
-    let o = Command::new(env!("CARGO_BIN_EXE_rln-engine"))
-        .args(["train", "--steps", "2", "--crop", "16", "--data"])
-        .arg(dir.path())
-        .args(["-o", "/nonexistent-rln-dir/m.safetensors"])
-        .output()
-        .unwrap();
+    let o = train(Path::new("/nonexistent-rln-dir/m.safetensors"));
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("does not exist"));
+    assert!(stderr(&o).contains("does not exist"));
 }
 
 #[test]
 fn cli_train_stop_and_resume_matches_a_straight_run() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    for sub in ["input", "ground_truth"] {
-        std::fs::create_dir(d.join(sub)).unwrap();
-    }
     for i in 0..2 {
         let (x, g) = blob_volume(10 + i, [20, 20, 20], 10.0);
-        write_volume(d.join(format!("input/v{i}.tif")), &x, OutputDtype::F32).unwrap();
-        write_volume(d.join(format!("ground_truth/v{i}.tif")), &g, OutputDtype::F32).unwrap();
+        write_pair(d, &format!("v{i}"), &[&x], &g);
     }
     let run = |extra: &[&str], out: &str| {
-        let o = Command::new(env!("CARGO_BIN_EXE_rln-engine"))
-            .args([
-                "--threads",
-                "2",
-                "train",
-                "--steps",
-                "4",
-                "--epoch-steps",
-                "2",
-                "--batch",
-                "1",
-                "--crop",
-                "16",
-                "--data",
-            ])
-            .arg(d)
-            .arg("-o")
-            .arg(d.join(out))
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let mut args: Vec<&dyn AsRef<OsStr>> = vec![
+            &"--threads",
+            &"2",
+            &"train",
+            &"--steps",
+            &"4",
+            &"--epoch-steps",
+            &"2",
+            &"--batch",
+            &"1",
+            &"--crop",
+            &"16",
+            &"--data",
+            &d,
+            &"-o",
+        ];
+        let out = d.join(out);
+        args.push(&out);
+        args.extend(extra.iter().map(|a| a as &dyn AsRef<OsStr>));
+        let o = engine(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
     };
     run(&[], "straight.safetensors");
     run(&["--stop-after", "2"], "resumed.safetensors");
@@ -276,32 +285,35 @@ fn cli_train_on_cuda_without_a_gpu_fails_before_training() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    for sub in ["input", "ground_truth"] {
-        std::fs::create_dir(d.join(sub)).unwrap();
-    }
     let (x, g) = blob_volume(3, [20, 20, 20], 10.0);
-    write_volume(d.join("input/v.tif"), &x, OutputDtype::F32).unwrap();
-    write_volume(d.join("ground_truth/v.tif"), &g, OutputDtype::F32).unwrap();
+    write_pair(d, "v", &[&x], &g);
     let run = |device: &str| {
-        Command::new(env!("CARGO_BIN_EXE_rln-engine"))
-            .args([
-                "train", "--steps", "1", "--batch", "1", "--crop", "16", "--device", device, "--data",
-            ])
-            .arg(d)
-            .arg("-o")
-            .arg(d.join(format!("{device}.safetensors")))
-            .output()
-            .unwrap()
+        let out = d.join(format!("{device}.safetensors"));
+        engine(&[
+            &"train",
+            &"--steps",
+            &"1",
+            &"--batch",
+            &"1",
+            &"--crop",
+            &"16",
+            &"--device",
+            &device,
+            &"--data",
+            &d,
+            &"-o",
+            &out,
+        ])
     };
     let o = run("cuda");
     assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = stderr(&o);
     assert!(err.contains("--device cuda") && err.contains("--device cpu"), "{err}");
     assert!(!d.join("cuda.safetensors").exists());
     // auto falls back to the CPU with a notice
     let o = run("auto");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no CUDA device"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no CUDA device"));
     assert!(d.join("auto.safetensors").exists());
 }
 
@@ -309,63 +321,47 @@ fn cli_train_on_cuda_without_a_gpu_fails_before_training() {
 fn cli_dual_view_train_and_infer() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    for sub in ["input", "input2", "ground_truth"] {
-        std::fs::create_dir(d.join(sub)).unwrap();
-    }
     let (x, g) = blob_volume(21, [20, 20, 20], 10.0);
     let (x2, _) = blob_volume(22, [20, 20, 20], 10.0);
-    write_volume(d.join("input/v.tif"), &x, OutputDtype::F32).unwrap();
-    write_volume(d.join("input2/v.tif"), &x2, OutputDtype::F32).unwrap();
-    write_volume(d.join("ground_truth/v.tif"), &g, OutputDtype::F32).unwrap();
-    let bin = env!("CARGO_BIN_EXE_rln-engine");
+    write_pair(d, "v", &[&x, &x2], &g);
+    let (view1, view2) = (d.join("input/v.tif"), d.join("input2/v.tif"));
     for variant in ["dual-concat", "dual-average"] {
         let model = d.join(format!("{variant}.safetensors"));
-        let o = Command::new(bin)
-            .args([
-                "train",
-                "--variant",
-                variant,
-                "--steps",
-                "2",
-                "--batch",
-                "1",
-                "--crop",
-                "16",
-                "--data",
-            ])
-            .arg(d)
-            .arg("-o")
-            .arg(&model)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let o = engine(&[
+            &"train",
+            &"--variant",
+            &variant,
+            &"--steps",
+            &"2",
+            &"--batch",
+            &"1",
+            &"--crop",
+            &"16",
+            &"--data",
+            &d,
+            &"-o",
+            &model,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
         let m = Model::<f32>::load(&model).unwrap();
         assert_eq!(m.config.variant.views(), 2);
         // infer needs the second view, and uses it
         let out = d.join(format!("{variant}.tif"));
-        let o = Command::new(bin)
-            .arg("infer")
-            .arg(&model)
-            .arg(d.join("input/v.tif"))
-            .arg("-o")
-            .arg(&out)
-            .args(["--device", "cpu"])
-            .output()
-            .unwrap();
-        assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--input2"));
+        let o = engine(&[&"infer", &model, &view1, &"-o", &out, &"--device", &"cpu"]);
+        assert!(!o.status.success() && stderr(&o).contains("--input2"));
         assert!(!out.exists());
-        let o = Command::new(bin)
-            .arg("infer")
-            .arg(&model)
-            .arg(d.join("input/v.tif"))
-            .arg("--input2")
-            .arg(d.join("input2/v.tif"))
-            .arg("-o")
-            .arg(&out)
-            .args(["--device", "cpu"])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let o = engine(&[
+            &"infer",
+            &model,
+            &view1,
+            &"--input2",
+            &view2,
+            &"-o",
+            &out,
+            &"--device",
+            &"cpu",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
         let y = rln_engine::imaging::io::read_volume(&out).unwrap();
         assert_eq!(y.dims, [20, 20, 20]);
         assert!(y.data.iter().all(|v| v.is_finite()));
@@ -373,16 +369,8 @@ fn cli_dual_view_train_and_infer() {
     // a single-view model refuses a second view
     let single = d.join("single.safetensors");
     Model::<f32>::init(ModelConfig::default(), 1).save(&single).unwrap();
-    let o = Command::new(bin)
-        .arg("infer")
-        .arg(&single)
-        .arg(d.join("input/v.tif"))
-        .arg("--input2")
-        .arg(d.join("input2/v.tif"))
-        .arg("-o")
-        .arg(d.join("s.tif"))
-        .output()
-        .unwrap();
+    let out = d.join("s.tif");
+    let o = engine(&[&"infer", &single, &view1, &"--input2", &view2, &"-o", &out]);
     assert!(!o.status.success());
 }
 
@@ -428,13 +416,13 @@ fn synthetic_density_and_photon_ranges_are_deterministic_and_validated() {
         let (sa, sb): (f64, f64) = (a.inputs[0].sum(), b.inputs[0].sum());
         assert!(sb > 1.5 * sa, "input sum {sb} at ≥2 photons/unit vs {sa} at 1");
     }
-    // bad ranges are errors, not panics
+    // bad ranges are errors, not panics, found before any volume is made (count 0)
     for bad in [(0.0, 5.0), (5.0, 1.0), (-1.0, 2.0), (1.0, f64::INFINITY)] {
         assert!(
             Dataset::synthetic(
                 &cfg,
                 &psf,
-                1,
+                0,
                 11,
                 &SynthVariation {
                     photons: Some(bad),
@@ -448,7 +436,7 @@ fn synthetic_density_and_photon_ranges_are_deterministic_and_validated() {
             Dataset::synthetic(
                 &cfg,
                 &psf,
-                1,
+                0,
                 11,
                 &SynthVariation {
                     density: Some(bad),
@@ -525,19 +513,12 @@ fn cli_infer_percentiles_override_the_models_own() {
     m999.config.norm_percentiles = [0.01, 99.9];
     m995.save(&d.join("m995.safetensors")).unwrap();
     m999.save(&d.join("m999.safetensors")).unwrap();
-    let bin = env!("CARGO_BIN_EXE_rln-engine");
     let infer = |model: &str, out: &str, extra: &[&str]| {
-        let o = Command::new(bin)
-            .arg("infer")
-            .arg(d.join(model))
-            .arg(d.join("x.tif"))
-            .arg("-o")
-            .arg(d.join(out))
-            .args(["--device", "cpu"])
-            .args(extra)
-            .output()
-            .unwrap();
-        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+        let (model, input, out) = (d.join(model), d.join("x.tif"), d.join(out));
+        let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"infer", &model, &input, &"-o", &out, &"--device", &"cpu"];
+        args.extend(extra.iter().map(|a| a as &dyn AsRef<OsStr>));
+        let o = engine(&args);
+        (o.status.success(), stderr(&o))
     };
     let read = |out: &str| rln_engine::imaging::io::read_volume(d.join(out)).unwrap().data;
     assert!(infer("m999.safetensors", "recorded.tif", &[]).0);

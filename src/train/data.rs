@@ -182,25 +182,30 @@ impl Dataset {
     /// by `vary` (density, photon level, family subset: drawn deterministically from the
     /// pair's seed), so the network sees sparse and crowded, dim and bright scenes.
     pub fn synthetic(cfg: &SynthConfig, psf: &Volume, count: usize, seed: u64, vary: &SynthVariation) -> Result<Self> {
+        // ranges are checked once, before any volume is made
+        for (range, what) in [(vary.density, "density"), (vary.photons, "photons")] {
+            if let Some((lo, hi)) = range {
+                if !(lo > 0.0 && hi >= lo && hi.is_finite()) {
+                    return Err(Error::invalid(format!(
+                        "{what} range {lo}..{hi} must satisfy 0 < low ≤ high"
+                    )));
+                }
+            }
+        }
         let mut s = Synthesizer::new(cfg, psf)?;
         let mut pairs = Vec::with_capacity(count);
         // log-uniform draw from (lo, hi), its own stream per (pair, quantity)
-        let draw = |sd: u64, tag: u64, (lo, hi): (f64, f64), what: &str| -> Result<f64> {
-            if !(lo > 0.0 && hi >= lo && hi.is_finite()) {
-                return Err(Error::invalid(format!(
-                    "{what} range {lo}..{hi} must satisfy 0 < low ≤ high"
-                )));
-            }
+        let draw = |sd: u64, tag: u64, (lo, hi): (f64, f64)| -> f64 {
             let u = (mix_seed(sd, tag) >> 11) as f64 / (1u64 << 53) as f64;
-            Ok(lo * (hi / lo).powf(u))
+            lo * (hi / lo).powf(u)
         };
         for i in 0..count {
             let sd = mix_seed(seed, i as u64);
             if let Some(r) = vary.density {
-                s.cfg.density = draw(sd, 0xde75, r, "density")?;
+                s.cfg.density = draw(sd, 0xde75, r);
             }
             if let Some(r) = vary.photons {
-                s.cfg.photons = draw(sd, 0x9407_0125, r, "photons")?;
+                s.cfg.photons = draw(sd, 0x9407_0125, r);
             }
             if vary.family_subsets {
                 s.cfg.families = family_subset(&cfg.families, sd);
