@@ -280,7 +280,7 @@ impl Fft3 {
     ) where
         F: Fn(usize, &mut [f32], &[f32]) + Sync,
     {
-        let [nz, ny, nx] = self.dims;
+        let [nz, ny, _] = self.dims;
         let xc = self.xc;
         let m = xc * ny;
         assert_eq!(spec.len(), self.spectrum_len());
@@ -314,40 +314,7 @@ impl Fft3 {
                 }
             },
         );
-        let iy = &self.iy;
-        let c2r = &self.c2r;
-        let scale = 1.0 / (nx * ny * nz) as f32;
-        scratch
-            .par_chunks_mut(m)
-            .zip(dst.par_chunks_mut(nx * ny))
-            .enumerate()
-            .for_each_init(
-                || {
-                    (
-                        vec![Complex32::default(); iy.get_inplace_scratch_len()],
-                        vec![Complex32::default(); m],
-                        c2r.make_scratch_vec(),
-                        vec![0.0f32; nx * ny],
-                    )
-                },
-                |(sy, plane_c, sx, plane_r), (z, (b, d))| {
-                    if !planes.contains(&z) {
-                        d.fill(0.0);
-                        return;
-                    }
-                    iy.process_with_scratch(b, sy);
-                    transpose(b, plane_c, xc, ny);
-                    for (crow, orow) in plane_c.chunks_exact_mut(xc).zip(plane_r.chunks_exact_mut(nx)) {
-                        crow[0].im = 0.0;
-                        if nx % 2 == 0 {
-                            crow[xc - 1].im = 0.0;
-                        }
-                        let _ = c2r.process_with_scratch(crow, orow, sx);
-                        orow.iter_mut().for_each(|v| *v *= scale);
-                    }
-                    sink(z, d, plane_r);
-                },
-            );
+        self.inverse_yx_planes(scratch, dst, &planes, sink);
     }
 
     /// Circular convolution with `kernel` (a spectrum in this layout) in one sweep per
@@ -445,6 +412,19 @@ impl Fft3 {
                 }
             },
         );
+        self.inverse_yx_planes(scratch, dst, &planes, sink);
+    }
+
+    /// The last stage of [`Fft3::inverse_planes`] and [`Fft3::convolve_planes`]: `scratch`
+    /// holds each z plane's y/x spectrum ([z][m] planes); inverse y then x per plane, scaled
+    /// by 1/N, handed to `sink(z, dst_plane, result_plane)` for z in `planes` (other planes
+    /// of `dst` are set to 0).
+    fn inverse_yx_planes<F>(&self, scratch: &mut [Complex32], dst: &mut [f32], planes: &Range<usize>, sink: F)
+    where
+        F: Fn(usize, &mut [f32], &[f32]) + Sync,
+    {
+        let [nz, ny, nx] = self.dims;
+        let (xc, m) = (self.xc, self.xc * ny);
         let (iy, c2r) = (&self.iy, &self.c2r);
         let scale = 1.0 / (nx * ny * nz) as f32;
         scratch
