@@ -583,3 +583,64 @@ fn family_subsets_vary_the_scene_per_volume_deterministically() {
         assert_eq!(x.ground_truth.data, y.ground_truth.data);
     }
 }
+
+#[test]
+fn input_flux_targets_are_the_ground_truth_in_the_inputs_normalized_units() {
+    use rln_engine::imaging::normalize::{percentile_affine, percentiles};
+    use rln_engine::train::data::TargetScale;
+    let dims = [24, 32, 32];
+    let (_, g) = blob_volume(41, dims, 1.0);
+    let whole = |target_scale| CropSampler {
+        crop: dims,
+        batch: 1,
+        target_scale,
+        ..CropSampler::default()
+    };
+    let targets = |x: &Volume, scale| {
+        let data = Dataset {
+            pairs: vec![Pair::new("p".into(), vec![x.clone()], g.clone()).unwrap()],
+        };
+        let b = whole(scale).batch(&data, Variant::Single, 0, 7).unwrap();
+        (b.input.data, b.ground_truth.data, data.pairs[0].flux_ratio)
+    };
+    let close = |a: &[f32], b: &[f32], tol: f32| a.iter().zip(b).all(|(p, q)| (p - q).abs() <= tol * (1.0 + q.abs()));
+
+    // a pure gain of 3: both target scales agree, and equal the normalized input (≥ 0)
+    let gain = g.like(g.data.iter().map(|v| 3.0 * v).collect()).unwrap();
+    let (x, flux, ratio) = targets(&gain, TargetScale::InputFlux);
+    let (_, own, _) = targets(&gain, TargetScale::Own);
+    assert!((ratio - 3.0).abs() < 1e-5, "flux ratio {ratio}");
+    let x_clipped: Vec<f32> = x.iter().map(|v| v.max(0.0)).collect();
+    assert!(close(&flux, &x_clipped, 1e-5));
+    assert!(close(&own, &x_clipped, 1e-5));
+
+    // blurred (circular 5-voxel box along x keeps the flux): the input-flux target is
+    // 3·g under the input's own normalization map, the authors' is not
+    let [nz, ny, nx] = dims;
+    let mut blurred = vec![0.0f32; g.len()];
+    for r in 0..nz * ny {
+        for i in 0..nx {
+            blurred[r * nx + i] = (0..5).map(|k| 3.0 * g.data[r * nx + (i + nx + k - 2) % nx] / 5.0).sum();
+        }
+    }
+    let blurred = g.like(blurred).unwrap();
+    let (_, flux, ratio) = targets(&blurred, TargetScale::InputFlux);
+    let (_, own, _) = targets(&blurred, TargetScale::Own);
+    assert!((ratio - 3.0).abs() < 1e-5, "flux ratio {ratio}");
+    let p = percentiles(&blurred.data, &[0.01, 99.5]).unwrap();
+    let (s, o) = percentile_affine(p[0], p[1]);
+    let want: Vec<f32> = g
+        .data
+        .iter()
+        .map(|&v| ((3.0 * v as f64 * s + o) as f32).max(0.0))
+        .collect();
+    assert!(close(&flux, &want, 1e-5));
+    let max = |v: &[f32]| v.iter().cloned().fold(0.0f32, f32::max);
+    // the blur lowered the input's peaks, so the sharp target reaches above the input's range
+    assert!(
+        max(&flux) > 1.2 * max(&own),
+        "flux max {} own max {}",
+        max(&flux),
+        max(&own)
+    );
+}

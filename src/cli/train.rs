@@ -11,7 +11,7 @@ use rln_engine::imaging::io::read_volume;
 use rln_engine::imaging::synth::{Family, SynthConfig};
 use rln_engine::model::{Model, ModelConfig, Variant};
 use rln_engine::train::adam::LrSchedule;
-use rln_engine::train::data::{CropSampler, Dataset, SynthVariation};
+use rln_engine::train::data::{CropSampler, Dataset, SynthVariation, TargetScale};
 use rln_engine::train::loss::LossTerms;
 use rln_engine::train::trainer::{self, TrainConfig, TrainObserver, TrainState, ValMetrics};
 use std::io::{IsTerminal, Write};
@@ -116,6 +116,13 @@ pub struct TrainArgs {
     /// normalization shifts. Default: off (the authors' recipe).
     #[arg(long, value_parser = parse_range)]
     pub input_scale: Option<(f64, f64)>,
+    /// How each crop's ground truth becomes the target. own: the authors' (its own
+    /// percentiles). input-flux: scaled by the pair's input/ground-truth flux ratio and
+    /// normalized with the input crop's map, so the gain the network must apply to a
+    /// structure does not depend on what else is in the crop (for pairs whose ground
+    /// truth holds the input's total flux, e.g. --synth-psf pairs).
+    #[arg(long, value_enum, default_value_t = TargetScale::Own)]
+    pub target_scale: TargetScale,
     /// Base learning rate.
     #[arg(long, default_value_t = 0.015)]
     pub lr: f64,
@@ -338,6 +345,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
                     crop: a.crop,
                     batch: a.batch.max(1),
                     input_scale: a.input_scale,
+                    target_scale: a.target_scale,
                     ..CropSampler::default()
                 },
                 schedule: LrSchedule {

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::imaging::io::read_volume;
-use crate::imaging::normalize::{normalize_ground_truth, normalize_percentile};
+use crate::imaging::normalize::{normalize_ground_truth, normalize_percentile_in_place, percentile_affine};
 use crate::imaging::synth::{mix_seed, Family, SynthConfig, Synthesizer};
 use crate::imaging::volume::{dims_str, Volume};
 use crate::model::Variant;
@@ -23,6 +23,10 @@ pub struct Pair {
     pub ground_truth: Volume,
     /// Mean of the raw ground truth (the foreground-rejection reference).
     pub gt_mean: f64,
+    /// Sum of the input (mean over views) / sum of the ground truth: the acquisition's
+    /// gain, since a normalized PSF keeps the total flux (used by
+    /// [`TargetScale::InputFlux`]).
+    pub flux_ratio: f64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -78,11 +82,14 @@ impl Pair {
         }
         check_usable(&ground_truth, &format!("{name}: ground truth"))?;
         let gt_mean = ground_truth.sum() / ground_truth.len() as f64;
+        let input_sum = inputs.iter().map(|v| v.sum()).sum::<f64>() / inputs.len().max(1) as f64;
+        let flux_ratio = input_sum / ground_truth.sum();
         Ok(Pair {
             name,
             inputs,
             ground_truth,
             gt_mean,
+            flux_ratio,
         })
     }
 }
@@ -245,6 +252,41 @@ impl Dataset {
     }
 }
 
+/// How a crop's ground truth is scaled into a training target.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetScale {
+    /// The authors' (§6): `max(0, normalize(g))` with the ground truth's own
+    /// percentiles. The ratio of target to input scale then depends on what else is in
+    /// the crop (a thin structure's target is ~1 whether it is the brightest thing in
+    /// the crop or sits beside large objects that set the input's percentiles), which
+    /// the network cannot see locally.
+    #[default]
+    Own,
+    /// The ground truth times the pair's flux ratio (input sum / ground-truth sum),
+    /// then the input crop's own normalization map, clipped at 0: the target is what
+    /// the input would read without blur and noise, in the input's normalized units,
+    /// so the required gain no longer depends on the crop's other content. Needs pairs
+    /// whose ground truth holds the input's total flux (true of synthetic pairs: the
+    /// background is part of the ground truth).
+    InputFlux,
+}
+
+impl TargetScale {
+    /// The target for ground-truth crop `g` of `pair`, whose (first) input view was
+    /// normalized by `v' = v·scale + offset`.
+    pub fn target(self, g: &[f32], pair: &Pair, input_affine: (f64, f64)) -> Result<Vec<f32>> {
+        match self {
+            TargetScale::Own => normalize_ground_truth(g),
+            TargetScale::InputFlux => {
+                let (scale, offset) = input_affine;
+                let s = pair.flux_ratio * scale;
+                Ok(g.iter().map(|&v| ((v as f64 * s + offset) as f32).max(0.0)).collect())
+            }
+        }
+    }
+}
+
 /// The authors' sampling of training batches.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CropSampler {
@@ -263,6 +305,8 @@ pub struct CropSampler {
     /// the background); this teaches the network not to depend on that scale.
     #[serde(default)]
     pub input_scale: Option<(f64, f64)>,
+    #[serde(default)]
+    pub target_scale: TargetScale,
 }
 
 impl Default for CropSampler {
@@ -275,6 +319,7 @@ impl Default for CropSampler {
             max_redraws: 100,
             percentiles: [0.01, 99.5],
             input_scale: None,
+            target_scale: TargetScale::Own,
         }
     }
 }
@@ -338,11 +383,16 @@ impl CropSampler {
                 }
             }
             let g = pair.ground_truth.crop(start, c)?;
-            let mut views: Vec<Vec<f32>> = pair
-                .inputs
-                .iter()
-                .map(|v| normalize_percentile(&v.crop(start, c)?.data, self.percentiles[0], self.percentiles[1]))
-                .collect::<Result<_>>()?;
+            let mut affine = (1.0, 0.0);
+            let mut views: Vec<Vec<f32>> = Vec::with_capacity(pair.inputs.len());
+            for (i, v) in pair.inputs.iter().enumerate() {
+                let mut x = v.crop(start, c)?.data;
+                let (lo, hi) = normalize_percentile_in_place(&mut x, self.percentiles[0], self.percentiles[1])?;
+                if i == 0 {
+                    affine = percentile_affine(lo, hi);
+                }
+                views.push(x);
+            }
             if let Some((lo, hi)) = self.input_scale {
                 // its own stream, so the crops are those of the run without scaling
                 let u: f64 = ChaCha8Rng::seed_from_u64(mix_seed(mix_seed(seed ^ 0x5ca1e, step), k as u64)).random();
@@ -363,7 +413,7 @@ impl CropSampler {
                     )))
                 }
             }
-            gs.extend(normalize_ground_truth(&g.data)?);
+            gs.extend(self.target_scale.target(&g.data, pair, affine)?);
         }
         Ok(Batch {
             input: Tensor::from_vec(Shape::new(self.batch, c_in, c[0], c[1], c[2]), xs)?,

@@ -7,7 +7,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, GradMode};
 use crate::error::{Error, Result};
 use crate::imaging::metrics::{evaluate, Normalize};
-use crate::imaging::normalize::{normalize_ground_truth, normalize_percentile};
+use crate::imaging::normalize::{normalize_percentile_in_place, percentile_affine};
 use crate::imaging::volume::Volume;
 use crate::model::tensor_file::TensorFile;
 use crate::model::{Model, Params};
@@ -179,11 +179,16 @@ pub fn validate_on<B: Backend<T = f32>>(
     let [plo, phi] = cfg.sampler.percentiles;
     for p in &val.pairs {
         let gt = center_crop(&p.ground_truth, cfg.val_crop)?;
-        let views: Vec<Vec<f32>> = p
-            .inputs
-            .iter()
-            .map(|v| normalize_percentile(&center_crop(v, cfg.val_crop)?.data, plo, phi))
-            .collect::<Result<_>>()?;
+        let mut affine = (1.0, 0.0);
+        let mut views: Vec<Vec<f32>> = Vec::with_capacity(p.inputs.len());
+        for (i, v) in p.inputs.iter().enumerate() {
+            let mut x = center_crop(v, cfg.val_crop)?.data;
+            let (lo, hi) = normalize_percentile_in_place(&mut x, plo, phi)?;
+            if i == 0 {
+                affine = percentile_affine(lo, hi);
+            }
+            views.push(x);
+        }
         let d = gt.dims;
         let shape = Shape::new(1, 1, d[0], d[1], d[2]);
         let x1 = Tensor::from_vec(
@@ -198,7 +203,7 @@ pub fn validate_on<B: Backend<T = f32>>(
             crate::model::Variant::DualConcat => Tensor::from_vec(shape.with_c(2), views.concat())?,
             _ => x1.clone(),
         };
-        let g = Tensor::from_vec(shape, normalize_ground_truth(&gt.data)?)?;
+        let g = Tensor::from_vec(shape, cfg.sampler.target_scale.target(&gt.data, p, affine)?)?;
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let fwd = net.forward(&b.from_host(&x), BnMode::Running, false);
             (b.to_host(&fwd.prediction), b.to_host(&fwd.e1_raw))
