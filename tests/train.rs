@@ -388,7 +388,7 @@ fn synthetic_density_and_photon_ranges_are_deterministic_and_validated() {
         let vary = SynthVariation {
             density: d,
             photons: p,
-            family_subsets: false,
+            family_subsets: None,
         };
         Dataset::synthetic(&cfg, &psf, 3, 11, &vary).unwrap()
     };
@@ -556,7 +556,7 @@ fn family_subsets_vary_the_scene_per_volume_deterministically() {
         ..SynthConfig::default()
     };
     let subsets = SynthVariation {
-        family_subsets: true,
+        family_subsets: Some(0.5),
         ..Default::default()
     };
     let all = Dataset::synthetic(&cfg, &psf, 12, 5, &SynthVariation::default()).unwrap();
@@ -572,6 +572,34 @@ fn family_subsets_vary_the_scene_per_volume_deterministically() {
     // and the draw is deterministic, so this checks that subsets happen at all
     assert!(differ >= 1, "no volume drew a subset");
     assert!(differ < 12, "no volume kept all families");
+    // fraction 0 is the plain data, fraction 1 draws a subset for every volume (all
+    // three families again with probability 1/8 each)
+    let none = SynthVariation {
+        family_subsets: Some(0.0),
+        ..Default::default()
+    };
+    let every = SynthVariation {
+        family_subsets: Some(1.0),
+        ..Default::default()
+    };
+    let n0 = Dataset::synthetic(&cfg, &psf, 12, 5, &none).unwrap();
+    let n1 = Dataset::synthetic(&cfg, &psf, 12, 5, &every).unwrap();
+    let mut differ_every = 0;
+    for ((x, y), z) in n0.pairs.iter().zip(&n1.pairs).zip(&all.pairs) {
+        assert_eq!(x.ground_truth.data, z.ground_truth.data);
+        differ_every += usize::from(y.ground_truth.data != z.ground_truth.data);
+    }
+    assert!(
+        differ_every > differ,
+        "fraction 1: {differ_every} subsets, 1/2: {differ}"
+    );
+    for bad in [-0.1, 1.5, f64::NAN] {
+        let v = SynthVariation {
+            family_subsets: Some(bad),
+            ..Default::default()
+        };
+        assert!(Dataset::synthetic(&cfg, &psf, 0, 5, &v).is_err(), "{bad}");
+    }
     // a single family stays that family (the subset is never empty)
     let one = SynthConfig {
         families: vec![Family::Dots],

@@ -84,11 +84,12 @@ pub struct TrainArgs {
     /// each volume's level log-uniformly (dim and bright scenes).
     #[arg(long, value_parser = parse_range, default_value = "5")]
     pub photons: (f64, f64),
-    /// With --synth-psf: half of the volumes hold a random subset of the families instead
-    /// of all of them, so that scenes whose brightest structures are thin ones (dots, rods,
-    /// plates) occur in training too; without it the network under-sharpens such scenes.
-    #[arg(long)]
-    pub synth_family_subsets: bool,
+    /// With --synth-psf: this fraction of the volumes (0.5 if the flag has no value) holds
+    /// a random subset of the families instead of all of them, so that scenes whose
+    /// brightest structures are thin ones (dots, rods, plates) occur in training too;
+    /// without it the network under-sharpens such scenes.
+    #[arg(long, value_name = "FRACTION", num_args = 0..=1, default_missing_value = "0.5")]
+    pub synth_family_subsets: Option<f64>,
     /// Output model file (the final weights). With validation data, the weights with the
     /// lowest validation loss are also kept, as OUTPUT with .best.safetensors.
     #[arg(short, long)]

@@ -101,20 +101,22 @@ pub struct SynthVariation {
     pub density: Option<(f64, f64)>,
     /// Photons per unit of ground truth drawn log-uniformly from (low, high) per volume.
     pub photons: Option<(f64, f64)>,
-    /// Half of the volumes (drawn per volume) hold a random non-empty subset of the
-    /// families, the others all of them. With all families in every volume, the
+    /// This fraction of the volumes (drawn per volume) holds a random non-empty subset
+    /// of the families, the others all of them (None: all in every volume). With all families in every volume, the
     /// brightest structures of a crop are always large objects (thin ones lose most of
     /// their peak to the blur), so the network can learn "brightest after normalization
     /// means large" and under-sharpen a scene of thin structures only, whose percentile
     /// normalization maps them to the top of the range.
-    pub family_subsets: bool,
+    pub family_subsets: Option<f64>,
 }
 
-/// All families with probability 1/2, else each family kept with probability 1/2 (its
-/// own stream per volume); never empty. Dense scenes of every family stay common, so the
-/// network keeps seeing them while it learns thin-only scenes.
-fn family_subset(families: &[Family], seed: u64) -> Vec<Family> {
-    if mix_seed(seed, 0xfa31_aaaa) >> 63 == 1 {
+/// A subset with probability `fraction` (all families otherwise), each family kept with
+/// probability 1/2 (its own stream per volume); never empty. Dense scenes of every family
+/// stay common, so the network keeps seeing them while it learns thin-only scenes.
+fn family_subset(families: &[Family], seed: u64, fraction: f64) -> Vec<Family> {
+    // uniform in [0, 1) from the top 53 bits (at 1/2: subset iff the top bit is 0)
+    let u = (mix_seed(seed, 0xfa31_aaaa) >> 11) as f64 / (1u64 << 53) as f64;
+    if u >= fraction {
         return families.to_vec();
     }
     let mut kept: Vec<Family> = families
@@ -190,6 +192,11 @@ impl Dataset {
     /// pair's seed), so the network sees sparse and crowded, dim and bright scenes.
     pub fn synthetic(cfg: &SynthConfig, psf: &Volume, count: usize, seed: u64, vary: &SynthVariation) -> Result<Self> {
         // ranges are checked once, before any volume is made
+        if let Some(f) = vary.family_subsets {
+            if !(0.0..=1.0).contains(&f) {
+                return Err(Error::invalid(format!("family-subset fraction {f} must lie in 0..1")));
+            }
+        }
         for (range, what) in [(vary.density, "density"), (vary.photons, "photons")] {
             if let Some((lo, hi)) = range {
                 if !(lo > 0.0 && hi >= lo && hi.is_finite()) {
@@ -214,8 +221,8 @@ impl Dataset {
             if let Some(r) = vary.photons {
                 s.cfg.photons = draw(sd, 0x9407_0125, r);
             }
-            if vary.family_subsets {
-                s.cfg.families = family_subset(&cfg.families, sd);
+            if let Some(fraction) = vary.family_subsets {
+                s.cfg.families = family_subset(&cfg.families, sd, fraction);
             }
             let (input, gt) = s.make_pair(sd)?;
             pairs.push(Pair::new(format!("synth_{i:04}"), vec![input], gt)?);
