@@ -36,7 +36,8 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         Some(p) => Model::<f32>::load(p).with_context(|| format!("loading {}", p.display()))?,
         None => shipped_model()?,
     };
-    let mut pred = make_predictor(a.device, true, &model)?;
+    // FP16 on a GPU (the fast path); the CPU computes in f32 without a note about it
+    let mut pred = make_predictor(a.device, a.device != Device::Cpu, &model)?;
     let opts = DemoOptions {
         out_dir: a.out.clone(),
         size: a.size,
