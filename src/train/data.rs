@@ -81,9 +81,10 @@ impl Pair {
             check_usable(v, &format!("{name}: input"))?;
         }
         check_usable(&ground_truth, &format!("{name}: ground truth"))?;
-        let gt_mean = ground_truth.sum() / ground_truth.len() as f64;
+        let gt_sum = ground_truth.sum();
+        let gt_mean = gt_sum / ground_truth.len() as f64;
         let input_sum = inputs.iter().map(|v| v.sum()).sum::<f64>() / inputs.len().max(1) as f64;
-        let flux_ratio = input_sum / ground_truth.sum();
+        let flux_ratio = input_sum / gt_sum;
         Ok(Pair {
             name,
             inputs,
@@ -102,11 +103,11 @@ pub struct SynthVariation {
     /// Photons per unit of ground truth drawn log-uniformly from (low, high) per volume.
     pub photons: Option<(f64, f64)>,
     /// This fraction of the volumes (drawn per volume) holds a random non-empty subset
-    /// of the families, the others all of them (None: all in every volume). With all families in every volume, the
-    /// brightest structures of a crop are always large objects (thin ones lose most of
-    /// their peak to the blur), so the network can learn "brightest after normalization
-    /// means large" and under-sharpen a scene of thin structures only, whose percentile
-    /// normalization maps them to the top of the range.
+    /// of the families, the others all of them (None: all in every volume). With all
+    /// families in every volume, the brightest structures of a crop are always large
+    /// objects (thin ones lose most of their peak to the blur), so the network can learn
+    /// "brightest after normalization means large" and under-sharpen a scene of thin
+    /// structures only, whose percentile normalization maps them to the top of the range.
     pub family_subsets: Option<f64>,
 }
 
@@ -114,9 +115,8 @@ pub struct SynthVariation {
 /// probability 1/2 (its own stream per volume); never empty. Dense scenes of every family
 /// stay common, so the network keeps seeing them while it learns thin-only scenes.
 fn family_subset(families: &[Family], seed: u64, fraction: f64) -> Vec<Family> {
-    // uniform in [0, 1) from the top 53 bits (at 1/2: subset iff the top bit is 0)
-    let u = (mix_seed(seed, 0xfa31_aaaa) >> 11) as f64 / (1u64 << 53) as f64;
-    if u >= fraction {
+    // at 1/2: a subset iff the top bit is 0 (the draws of the fixed-half version)
+    if unit_draw(seed, 0xfa31_aaaa) >= fraction {
         return families.to_vec();
     }
     let mut kept: Vec<Family> = families
@@ -209,10 +209,7 @@ impl Dataset {
         let mut s = Synthesizer::new(cfg, psf)?;
         let mut pairs = Vec::with_capacity(count);
         // log-uniform draw from (lo, hi), its own stream per (pair, quantity)
-        let draw = |sd: u64, tag: u64, (lo, hi): (f64, f64)| -> f64 {
-            let u = (mix_seed(sd, tag) >> 11) as f64 / (1u64 << 53) as f64;
-            lo * (hi / lo).powf(u)
-        };
+        let draw = |sd: u64, tag: u64, (lo, hi): (f64, f64)| -> f64 { lo * (hi / lo).powf(unit_draw(sd, tag)) };
         for i in 0..count {
             let sd = mix_seed(seed, i as u64);
             if let Some(r) = vary.density {
@@ -257,6 +254,26 @@ impl Dataset {
         }
         Ok(())
     }
+}
+
+/// Uniform in [0, 1) from the top 53 bits of `mix_seed(seed, tag)`.
+fn unit_draw(seed: u64, tag: u64) -> f64 {
+    (mix_seed(seed, tag) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Percentile-normalizes each view (spec §6) and returns them with the affine map
+/// `(scale, offset)` applied to the first, which [`TargetScale::target`] needs.
+pub fn normalize_views(views: Vec<Vec<f32>>, percentiles: [f64; 2]) -> Result<(Vec<Vec<f32>>, (f64, f64))> {
+    let mut affine = (1.0, 0.0);
+    let mut out = Vec::with_capacity(views.len());
+    for (i, mut x) in views.into_iter().enumerate() {
+        let (lo, hi) = normalize_percentile_in_place(&mut x, percentiles[0], percentiles[1])?;
+        if i == 0 {
+            affine = percentile_affine(lo, hi);
+        }
+        out.push(x);
+    }
+    Ok((out, affine))
 }
 
 /// How a crop's ground truth is scaled into a training target.
@@ -390,16 +407,12 @@ impl CropSampler {
                 }
             }
             let g = pair.ground_truth.crop(start, c)?;
-            let mut affine = (1.0, 0.0);
-            let mut views: Vec<Vec<f32>> = Vec::with_capacity(pair.inputs.len());
-            for (i, v) in pair.inputs.iter().enumerate() {
-                let mut x = v.crop(start, c)?.data;
-                let (lo, hi) = normalize_percentile_in_place(&mut x, self.percentiles[0], self.percentiles[1])?;
-                if i == 0 {
-                    affine = percentile_affine(lo, hi);
-                }
-                views.push(x);
-            }
+            let crops = pair
+                .inputs
+                .iter()
+                .map(|v| Ok(v.crop(start, c)?.data))
+                .collect::<Result<_>>()?;
+            let (mut views, affine) = normalize_views(crops, self.percentiles)?;
             if let Some((lo, hi)) = self.input_scale {
                 // its own stream, so the crops are those of the run without scaling
                 let u: f64 = ChaCha8Rng::seed_from_u64(mix_seed(mix_seed(seed ^ 0x5ca1e, step), k as u64)).random();

@@ -2,12 +2,11 @@
 //! overridable, validation, atomic checkpoints and exact resume.
 
 use super::adam::{Adam, LrSchedule};
-use super::data::{CropSampler, Dataset};
+use super::data::{normalize_views, CropSampler, Dataset};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, GradMode};
 use crate::error::{Error, Result};
 use crate::imaging::metrics::{evaluate, Normalize};
-use crate::imaging::normalize::{normalize_percentile_in_place, percentile_affine};
 use crate::imaging::volume::Volume;
 use crate::model::tensor_file::TensorFile;
 use crate::model::{Model, Params};
@@ -176,19 +175,14 @@ pub fn validate_on<B: Backend<T = f32>>(
 ) -> Result<ValMetrics> {
     let net = Rln::new(b, model);
     let mut m = ValMetrics::default();
-    let [plo, phi] = cfg.sampler.percentiles;
     for p in &val.pairs {
         let gt = center_crop(&p.ground_truth, cfg.val_crop)?;
-        let mut affine = (1.0, 0.0);
-        let mut views: Vec<Vec<f32>> = Vec::with_capacity(p.inputs.len());
-        for (i, v) in p.inputs.iter().enumerate() {
-            let mut x = center_crop(v, cfg.val_crop)?.data;
-            let (lo, hi) = normalize_percentile_in_place(&mut x, plo, phi)?;
-            if i == 0 {
-                affine = percentile_affine(lo, hi);
-            }
-            views.push(x);
-        }
+        let crops = p
+            .inputs
+            .iter()
+            .map(|v| Ok(center_crop(v, cfg.val_crop)?.data))
+            .collect::<Result<_>>()?;
+        let (views, affine) = normalize_views(crops, cfg.sampler.percentiles)?;
         let d = gt.dims;
         let shape = Shape::new(1, 1, d[0], d[1], d[2]);
         let x1 = Tensor::from_vec(
