@@ -13,8 +13,9 @@
 #   ga     all families in every volume            (the authors' data recipe)
 #   gf5    family subsets 1/2, input-flux targets
 #   gs5b   family subsets 1/2, seed 11
-# After RLN_CHECK_AT_S seconds of training the step rate is measured; if all four cannot
-# finish by the budget, gs5b and gf5 are stopped so that the first two can.
+# RLN_RUNS replaces that list: "name=flags;name=flags;..." (first = highest priority).
+# After RLN_CHECK_AT_S seconds of training the step rate is measured; if all runs cannot
+# finish by the budget, all but the first two are stopped so that those can.
 # $OUT gets: env.txt, train_tests.log, one <run>.tar per run (checkpoints every 500
 # steps as <run>_s<step>.safetensors, the log, the final and best models), status.txt.
 set -u -o pipefail
@@ -56,16 +57,22 @@ launch() { # name, extra flags
   PID[$name]=$!
   say "launched $name (pid ${PID[$name]}): $*"
 }
-launch gs5 --synth-family-subsets --seed 7
-launch ga --seed 7
-launch gf5 --synth-family-subsets --target-scale input-flux --seed 7
-launch gs5b --synth-family-subsets --seed 11
+RUNS="${RLN_RUNS:-gs5=--synth-family-subsets --seed 7;ga=--seed 7;gf5=--synth-family-subsets --target-scale input-flux --seed 7;gs5b=--synth-family-subsets --seed 11}"
+IFS=';' read -ra ENTRIES <<< "$RUNS"
+NAMES=()
+for e in "${ENTRIES[@]}"; do
+  # shellcheck disable=SC2086 # the flags are words
+  launch "${e%%=*}" ${e#*=}
+  NAMES+=("${e%%=*}")
+done
+FIRST=${NAMES[0]}
+SECOND=${NAMES[1]:-${NAMES[0]}}
 
 # the CUDA training tests (GPU vs CPU gradients, conformance in training mode) beside them
-(timeout 120 "$B/gpu_train_tests" --test-threads 2 > "$OUT/train_tests.log" 2>&1; echo "exit $?" >> "$OUT/train_tests.log") &
+(RLN_REFERENCE_DIR="$B/reference" timeout 120 "$B/gpu_train_tests" --test-threads 2 > "$OUT/train_tests.log" 2>&1; echo "exit $?" >> "$OUT/train_tests.log") &
 
 # every checkpoint kept under its step (the trainer rewrites <name>.ckpt.safetensors atomically)
-python3 - "$W" gs5 ga gf5 gs5b > "$W/watcher.log" 2>&1 <<'EOF' &
+python3 - "$W" "${NAMES[@]}" > "$W/watcher.log" 2>&1 <<'EOF' &
 import json, os, shutil, struct, sys, time
 w, names = sys.argv[1], sys.argv[2:]
 seen = {}
@@ -99,20 +106,20 @@ while :; do
   any=0
   for n in "${!PID[@]}"; do alive "$n" && any=1; done
   [ $any -eq 0 ] && { say "all runs ended"; break; }
-  if [ "$(el)" -ge 45 ] && ! alive gs5 && ! alive ga; then
-    say "gs5 and ga both ended early: stopping (see their .out)"
+  if [ "$(el)" -ge 45 ] && ! alive "$FIRST" && ! alive "$SECOND"; then
+    say "$FIRST and $SECOND both ended early: stopping (see their .out)"
     break
   fi
   if [ $checked -eq 0 ] && [ "$(el)" -ge "$CHECK_AT" ]; then
     checked=1
-    s1=$(last_step gs5); s1=${s1:-0}
+    s1=$(last_step "$FIRST"); s1=${s1:-0}
     sleep 20
-    s2=$(last_step gs5); s2=${s2:-0}
+    s2=$(last_step "$FIRST"); s2=${s2:-0}
     rate=$(python3 -c "print(max(($s2 - $s1) / 20.0, 1e-9))")
     need=$(python3 -c "print(int(($STEPS - $s2) / $rate))")
-    say "4 runs at once: gs5 at step $s2, $rate steps/s per run, $need s to finish, $((BUDGET - $(el))) s left"
+    say "${#NAMES[@]} runs at once: $FIRST at step $s2, $rate steps/s per run, $need s to finish, $((BUDGET - $(el))) s left"
     if [ "$need" -gt $((BUDGET - $(el))) ]; then
-      for n in gs5b gf5; do kill "${PID[$n]}" 2>/dev/null && say "stopped $n to let gs5 and ga finish"; done
+      for n in "${NAMES[@]:2}"; do kill "${PID[$n]}" 2>/dev/null && say "stopped $n to let $FIRST and $SECOND finish"; done
     fi
   fi
   if [ "$(el)" -ge "$BUDGET" ]; then
@@ -127,7 +134,7 @@ done
 sleep 3
 kill $WATCHER 2>/dev/null
 wait 2>/dev/null
-for n in gs5 ga gf5 gs5b; do
+for n in "${NAMES[@]}"; do
   (cd "$W" && tar cf "$OUT/$n.tar" --ignore-failed-read ck/${n}_s*.safetensors "$n.log.jsonl" "$n.out" \
     "$n.safetensors" "$n.best.safetensors" 2>/dev/null)
 done
