@@ -88,7 +88,7 @@ impl Fft3 {
     /// Forward transform of `input` (clobbered) into `out` (spectrum_len), with
     /// `scratch` (spectrum_len) as working space.
     pub fn forward(&self, input: &mut [f32], out: &mut [Complex32], scratch: &mut [Complex32]) {
-        let [nz, ny, nx] = self.dims;
+        let [_, ny, nx] = self.dims;
         let xc = self.xc;
         assert_eq!(input.len(), self.real_len());
         assert_eq!(out.len(), self.spectrum_len());
@@ -117,10 +117,16 @@ impl Fft3 {
                     fy.process_with_scratch(b, s);
                 },
             );
-        // z: transpose [z][m] → [m][z] (m = kx·ny + ky) into out, transform rows of nz
-        let m = xc * ny;
+        self.forward_z_stage(scratch, None, out);
+    }
+
+    /// The last stage of both forward transforms: transpose `src` [z][m] → [m][z]
+    /// (m = kx·ny + ky) into `out`, transform rows of nz, and multiply by `kernel`
+    /// (same layout as `out`) while the block is in cache, when given.
+    fn forward_z_stage(&self, src: &[Complex32], kernel: Option<&[Complex32]>, out: &mut [Complex32]) {
+        let [nz, ny, _] = self.dims;
+        let m = self.xc * ny;
         let fz = &self.fz;
-        let src: &[Complex32] = scratch;
         out.par_chunks_mut(BLOCK * nz).enumerate().for_each_init(
             || vec![Complex32::default(); fz.get_inplace_scratch_len()],
             |s, (bi, o)| {
@@ -133,6 +139,12 @@ impl Fft3 {
                     }
                 }
                 fz.process_with_scratch(o, s);
+                if let Some(k) = kernel {
+                    let len = o.len();
+                    for (a, b) in o.iter_mut().zip(&k[m0 * nz..m0 * nz + len]) {
+                        *a *= *b;
+                    }
+                }
             },
         );
     }
@@ -204,7 +216,7 @@ impl Fft3 {
         scratch: &mut [Complex32],
     ) {
         let (zr, yr) = support.unwrap_or((0..self.dims[0], 0..self.dims[1]));
-        let [nz, ny, nx] = self.dims;
+        let [_, ny, nx] = self.dims;
         let xc = self.xc;
         assert_eq!(input.len(), self.real_len());
         assert_eq!(out.len(), self.spectrum_len());
@@ -241,29 +253,7 @@ impl Fft3 {
                     fy.process_with_scratch(b, sy);
                 },
             );
-        let m = xc * ny;
-        let fz = &self.fz;
-        let src: &[Complex32] = scratch;
-        out.par_chunks_mut(BLOCK * nz).enumerate().for_each_init(
-            || vec![Complex32::default(); fz.get_inplace_scratch_len()],
-            |s, (bi, o)| {
-                let m0 = bi * BLOCK;
-                let cnt = o.len() / nz;
-                for z in 0..nz {
-                    let row = &src[z * m + m0..z * m + m0 + cnt];
-                    for (j, &v) in row.iter().enumerate() {
-                        o[j * nz + z] = v;
-                    }
-                }
-                fz.process_with_scratch(o, s);
-                if let Some(k) = kernel {
-                    let len = o.len();
-                    for (a, b) in o.iter_mut().zip(&k[m0 * nz..m0 * nz + len]) {
-                        *a *= *b;
-                    }
-                }
-            },
-        );
+        self.forward_z_stage(scratch, kernel, out);
     }
 
     /// [`Fft3::inverse`] that hands each real z plane in `planes`, as computed, to
