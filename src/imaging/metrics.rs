@@ -168,7 +168,10 @@ fn gaussian_taps(sigma: f64, truncate: f64) -> Vec<f64> {
     w.iter().map(|v| v / s).collect()
 }
 
-fn reflect(i: i64, n: i64) -> usize {
+/// Index `i` folded into 0..n the way scipy.ndimage's 'reflect' mode does
+/// (d c b a | a b c d | d c b a); the Gaussian windows of SSIM and of the synthetic
+/// blur both use it.
+pub(crate) fn reflect(i: i64, n: i64) -> usize {
     let mut i = i;
     if n == 1 {
         return 0;

@@ -442,23 +442,6 @@ pub fn blur_gaussian_5(v: &Volume) -> Volume {
     cur
 }
 
-fn reflect(i: i64, n: i64) -> usize {
-    // scipy 'reflect' (d c b a | a b c d | d c b a)
-    let mut i = i;
-    if n == 1 {
-        return 0;
-    }
-    loop {
-        if i < 0 {
-            i = -i - 1;
-        } else if i >= n {
-            i = 2 * n - i - 1;
-        } else {
-            return i as usize;
-        }
-    }
-}
-
 /// 1D convolution with an odd symmetric kernel along `axis`, mirrored ('reflect') edges.
 pub(crate) fn convolve_axis(v: &Volume, axis: usize, taps: &[f32]) -> Volume {
     let [nz, ny, nx] = v.dims;
@@ -473,7 +456,7 @@ pub(crate) fn convolve_axis(v: &Volume, axis: usize, taps: &[f32]) -> Volume {
                 let base = (z * ny + y) * nx + x - pos as usize * stride;
                 let mut acc = 0.0f32;
                 for (t, &w) in taps.iter().enumerate() {
-                    let j = reflect(pos + t as i64 - r, n);
+                    let j = super::metrics::reflect(pos + t as i64 - r, n);
                     acc += w * v.data[base + j * stride];
                 }
                 plane[y * nx + x] = acc;
