@@ -21,6 +21,16 @@ fn engine(args: &[&dyn AsRef<OsStr>]) -> Output {
         .unwrap()
 }
 
+/// `train` on DIR's pairs with batch 1 and 16³ crops (the CLI tests' tiny run), then
+/// `extra` flags.
+fn tiny_train(data: &Path, steps: &str, out: &Path, extra: &[&dyn AsRef<OsStr>]) -> Output {
+    let mut args: Vec<&dyn AsRef<OsStr>> = vec![
+        &"train", &"--steps", &steps, &"--batch", &"1", &"--crop", &"16", &"--data", &data, &"-o", &out,
+    ];
+    args.extend_from_slice(extra);
+    engine(&args)
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -216,26 +226,9 @@ fn cli_train_stop_and_resume_matches_a_straight_run() {
         write_pair(d, &format!("v{i}"), &[&x], &g);
     }
     let run = |extra: &[&str], out: &str| {
-        let mut args: Vec<&dyn AsRef<OsStr>> = vec![
-            &"--threads",
-            &"2",
-            &"train",
-            &"--steps",
-            &"4",
-            &"--epoch-steps",
-            &"2",
-            &"--batch",
-            &"1",
-            &"--crop",
-            &"16",
-            &"--data",
-            &d,
-            &"-o",
-        ];
-        let out = d.join(out);
-        args.push(&out);
-        args.extend(extra.iter().map(|a| a as &dyn AsRef<OsStr>));
-        let o = engine(&args);
+        let mut flags: Vec<&dyn AsRef<OsStr>> = vec![&"--threads", &"2", &"--epoch-steps", &"2"];
+        flags.extend(extra.iter().map(|a| a as &dyn AsRef<OsStr>));
+        let o = tiny_train(d, "4", &d.join(out), &flags);
         assert!(o.status.success(), "{}", stderr(&o));
     };
     run(&[], "straight.safetensors");
@@ -327,21 +320,7 @@ fn cli_dual_view_train_and_infer() {
     let (view1, view2) = (d.join("input/v.tif"), d.join("input2/v.tif"));
     for variant in ["dual-concat", "dual-average"] {
         let model = d.join(format!("{variant}.safetensors"));
-        let o = engine(&[
-            &"train",
-            &"--variant",
-            &variant,
-            &"--steps",
-            &"2",
-            &"--batch",
-            &"1",
-            &"--crop",
-            &"16",
-            &"--data",
-            &d,
-            &"-o",
-            &model,
-        ]);
+        let o = tiny_train(d, "2", &model, &[&"--variant", &variant]);
         assert!(o.status.success(), "{}", stderr(&o));
         let m = Model::<f32>::load(&model).unwrap();
         assert_eq!(m.config.variant.views(), 2);
