@@ -608,7 +608,7 @@ fn input_flux_targets_are_the_ground_truth_in_the_inputs_normalized_units() {
             pairs: vec![Pair::new("p".into(), vec![x.clone()], g.clone()).unwrap()],
         };
         let b = whole(scale).batch(&data, Variant::Single, 0, 7).unwrap();
-        (b.input.data, b.ground_truth.data, data.pairs[0].flux_ratio)
+        (b.input.data, b.ground_truth.data, data.pairs[0].flux_ratios[0])
     };
     let close = |a: &[f32], b: &[f32], tol: f32| a.iter().zip(b).all(|(p, q)| (p - q).abs() <= tol * (1.0 + q.abs()));
 
@@ -650,4 +650,42 @@ fn input_flux_targets_are_the_ground_truth_in_the_inputs_normalized_units() {
         max(&flux),
         max(&own)
     );
+}
+
+#[test]
+fn input_flux_targets_of_two_views_are_in_the_units_of_their_mean() {
+    use rln_engine::train::data::TargetScale;
+    let dims = [24, 32, 32];
+    let (_, g) = blob_volume(43, dims, 1.0);
+    // two views of the same object at gains 3 and 6: each normalizes to the same crop,
+    // so the views' mean is that crop and the flux target must equal it (clipped at 0).
+    // Taking view 1's map with the mean flux ratio (4.5) would scale the target by 1.5.
+    let view1 = g.like(g.data.iter().map(|v| 3.0 * v).collect()).unwrap();
+    let view2 = g.like(g.data.iter().map(|v| 6.0 * v).collect()).unwrap();
+    let data = Dataset {
+        pairs: vec![Pair::new("p".into(), vec![view1, view2], g.clone()).unwrap()],
+    };
+    let r = &data.pairs[0].flux_ratios;
+    assert!((r[0] - 3.0).abs() < 1e-5 && (r[1] - 6.0).abs() < 1e-5, "{r:?}");
+    let sampler = CropSampler {
+        crop: dims,
+        batch: 1,
+        target_scale: TargetScale::InputFlux,
+        ..CropSampler::default()
+    };
+    for variant in [Variant::DualAverage, Variant::DualConcat] {
+        let b = sampler.batch(&data, variant, 0, 7).unwrap();
+        let n = g.len();
+        // the first n values are the mean (dual-average) or view 1 (dual-concat; here equal)
+        let x: Vec<f32> = b.input.data[..n].iter().map(|v| v.max(0.0)).collect();
+        let err = x
+            .iter()
+            .zip(&b.ground_truth.data)
+            .map(|(p, q)| (p - q).abs() / (1.0 + q.abs()))
+            .fold(0.0f32, f32::max);
+        assert!(
+            err <= 1e-5,
+            "{variant:?}: max relative |target − normalized input| {err}"
+        );
+    }
 }

@@ -23,10 +23,9 @@ pub struct Pair {
     pub ground_truth: Volume,
     /// Mean of the raw ground truth (the foreground-rejection reference).
     pub gt_mean: f64,
-    /// Sum of the input (mean over views) / sum of the ground truth: the acquisition's
-    /// gain, since a normalized PSF keeps the total flux (used by
-    /// [`TargetScale::InputFlux`]).
-    pub flux_ratio: f64,
+    /// Per view, sum of the input / sum of the ground truth: the acquisition's gain,
+    /// since a normalized PSF keeps the total flux (used by [`TargetScale::InputFlux`]).
+    pub flux_ratios: Vec<f64>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -83,14 +82,13 @@ impl Pair {
         check_usable(&ground_truth, &format!("{name}: ground truth"))?;
         let gt_sum = ground_truth.sum();
         let gt_mean = gt_sum / ground_truth.len() as f64;
-        let input_sum = inputs.iter().map(|v| v.sum()).sum::<f64>() / inputs.len().max(1) as f64;
-        let flux_ratio = input_sum / gt_sum;
+        let flux_ratios = inputs.iter().map(|v| v.sum() / gt_sum).collect();
         Ok(Pair {
             name,
             inputs,
             ground_truth,
             gt_mean,
-            flux_ratio,
+            flux_ratios,
         })
     }
 }
@@ -261,19 +259,20 @@ fn unit_draw(seed: u64, tag: u64) -> f64 {
     (mix_seed(seed, tag) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// Normalized views and the affine map `(scale, offset)` applied to each.
+pub type ViewsAndMaps = (Vec<Vec<f32>>, Vec<(f64, f64)>);
+
 /// Percentile-normalizes each view (spec §6) and returns them with the affine map
-/// `(scale, offset)` applied to the first, which [`TargetScale::target`] needs.
-pub fn normalize_views(views: Vec<Vec<f32>>, percentiles: [f64; 2]) -> Result<(Vec<Vec<f32>>, (f64, f64))> {
-    let mut affine = (1.0, 0.0);
+/// applied to each, which [`TargetScale::target`] needs.
+pub fn normalize_views(views: Vec<Vec<f32>>, percentiles: [f64; 2]) -> Result<ViewsAndMaps> {
+    let mut affines = Vec::with_capacity(views.len());
     let mut out = Vec::with_capacity(views.len());
-    for (i, mut x) in views.into_iter().enumerate() {
+    for mut x in views {
         let (lo, hi) = normalize_percentile_in_place(&mut x, percentiles[0], percentiles[1])?;
-        if i == 0 {
-            affine = percentile_affine(lo, hi);
-        }
+        affines.push(percentile_affine(lo, hi));
         out.push(x);
     }
-    Ok((out, affine))
+    Ok((out, affines))
 }
 
 /// How a crop's ground truth is scaled into a training target.
@@ -297,14 +296,30 @@ pub enum TargetScale {
 }
 
 impl TargetScale {
-    /// The target for ground-truth crop `g` of `pair`, whose (first) input view was
-    /// normalized by `v' = v·scale + offset`.
-    pub fn target(self, g: &[f32], pair: &Pair, input_affine: (f64, f64)) -> Result<Vec<f32>> {
+    /// The target for ground-truth crop `g` of `pair`, whose input view i was
+    /// normalized by `v' = v·scale_i + offset_i` (`input_affines[i]`). With two views
+    /// the flux target is in the units of their mean (the dual networks' input past
+    /// the first convs): `g·mean(ratio_i·scale_i) + mean(offset_i)`.
+    pub fn target(self, g: &[f32], pair: &Pair, input_affines: &[(f64, f64)]) -> Result<Vec<f32>> {
         match self {
             TargetScale::Own => normalize_ground_truth(g),
             TargetScale::InputFlux => {
-                let (scale, offset) = input_affine;
-                let s = pair.flux_ratio * scale;
+                if input_affines.len() != pair.flux_ratios.len() || input_affines.is_empty() {
+                    return Err(Error::invalid(format!(
+                        "pair {}: {} normalization maps for {} views",
+                        pair.name,
+                        input_affines.len(),
+                        pair.flux_ratios.len()
+                    )));
+                }
+                let n = input_affines.len() as f64;
+                let s = input_affines
+                    .iter()
+                    .zip(&pair.flux_ratios)
+                    .map(|(a, r)| r * a.0)
+                    .sum::<f64>()
+                    / n;
+                let offset = input_affines.iter().map(|a| a.1).sum::<f64>() / n;
                 Ok(g.iter().map(|&v| ((v as f64 * s + offset) as f32).max(0.0)).collect())
             }
         }
@@ -412,7 +427,7 @@ impl CropSampler {
                 .iter()
                 .map(|v| Ok(v.crop(start, c)?.data))
                 .collect::<Result<_>>()?;
-            let (mut views, affine) = normalize_views(crops, self.percentiles)?;
+            let (mut views, affines) = normalize_views(crops, self.percentiles)?;
             if let Some((lo, hi)) = self.input_scale {
                 // its own stream, so the crops are those of the run without scaling
                 let u: f64 = ChaCha8Rng::seed_from_u64(mix_seed(mix_seed(seed ^ 0x5ca1e, step), k as u64)).random();
@@ -433,7 +448,7 @@ impl CropSampler {
                     )))
                 }
             }
-            gs.extend(self.target_scale.target(&g.data, pair, affine)?);
+            gs.extend(self.target_scale.target(&g.data, pair, &affines)?);
         }
         Ok(Batch {
             input: Tensor::from_vec(Shape::new(self.batch, c_in, c[0], c[1], c[2]), xs)?,

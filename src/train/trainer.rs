@@ -182,7 +182,7 @@ pub fn validate_on<B: Backend<T = f32>>(
             .iter()
             .map(|v| Ok(center_crop(v, cfg.val_crop)?.data))
             .collect::<Result<_>>()?;
-        let (views, affine) = normalize_views(crops, cfg.sampler.percentiles)?;
+        let (views, affines) = normalize_views(crops, cfg.sampler.percentiles)?;
         let d = gt.dims;
         let shape = Shape::new(1, 1, d[0], d[1], d[2]);
         let x1 = Tensor::from_vec(
@@ -197,7 +197,7 @@ pub fn validate_on<B: Backend<T = f32>>(
             crate::model::Variant::DualConcat => Tensor::from_vec(shape.with_c(2), views.concat())?,
             _ => x1.clone(),
         };
-        let g = Tensor::from_vec(shape, cfg.sampler.target_scale.target(&gt.data, p, affine)?)?;
+        let g = Tensor::from_vec(shape, cfg.sampler.target_scale.target(&gt.data, p, &affines)?)?;
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let fwd = net.forward(&b.from_host(&x), BnMode::Running, false);
             (b.to_host(&fwd.prediction), b.to_host(&fwd.e1_raw))
