@@ -231,7 +231,7 @@ fn cli_train_stop_and_resume_matches_a_straight_run() {
         let o = tiny_train(d, "4", &d.join(out), &flags);
         assert!(o.status.success(), "{}", stderr(&o));
     };
-    run(&[], "straight.safetensors");
+    run(&["--keep-checkpoints"], "straight.safetensors");
     run(&["--stop-after", "2"], "resumed.safetensors");
     assert!(
         !d.join("resumed.safetensors").exists(),
@@ -239,11 +239,28 @@ fn cli_train_stop_and_resume_matches_a_straight_run() {
     );
     assert!(d.join("resumed.ckpt.safetensors").exists());
     let ck = d.join("resumed.ckpt.safetensors");
+    // --keep-checkpoints kept each checkpoint's model (every epoch of 2 steps): step 2
+    // is the stopped run's checkpoint, step 4 the final model
+    let at2 = Model::<f32>::load(&d.join("straight.step00002.safetensors")).unwrap();
+    let stopped = Model::<f32>::load(&ck).unwrap();
+    assert_eq!(at2.params, stopped.params);
+    assert_eq!(at2.running, stopped.running);
+    assert!(
+        at2.config.provenance.ends_with("(its weights at step 2)"),
+        "{}",
+        at2.config.provenance
+    );
+    assert!(
+        !d.join("resumed.step00002.safetensors").exists(),
+        "kept only when asked"
+    );
     run(&["--resume", ck.to_str().unwrap()], "resumed.safetensors");
     let a = Model::<f32>::load(&d.join("straight.safetensors")).unwrap();
     let b = Model::<f32>::load(&d.join("resumed.safetensors")).unwrap();
     assert_eq!(a.params, b.params);
     assert_eq!(a.running, b.running);
+    let at4 = Model::<f32>::load(&d.join("straight.step00004.safetensors")).unwrap();
+    assert_eq!(at4.params, a.params);
     // the JSON-lines log has one line per step of each run
     let log = std::fs::read_to_string(d.join("straight.log.jsonl")).unwrap();
     assert_eq!(log.lines().filter(|l| l.contains("\"loss\"")).count(), 4);
@@ -281,22 +298,12 @@ fn cli_train_on_cuda_without_a_gpu_fails_before_training() {
     let (x, g) = blob_volume(3, [20, 20, 20], 10.0);
     write_pair(d, "v", &[&x], &g);
     let run = |device: &str| {
-        let out = d.join(format!("{device}.safetensors"));
-        engine(&[
-            &"train",
-            &"--steps",
-            &"1",
-            &"--batch",
-            &"1",
-            &"--crop",
-            &"16",
-            &"--device",
-            &device,
-            &"--data",
-            &d,
-            &"-o",
-            &out,
-        ])
+        tiny_train(
+            d,
+            "1",
+            &d.join(format!("{device}.safetensors")),
+            &[&"--device", &device],
+        )
     };
     let o = run("cuda");
     assert!(!o.status.success());

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call that trains candidates for the shipped model with the authors' full
 # recipe (10 000 steps of 4×64³ crops, their learning-rate schedule) on the GPU machine,
-# several runs at once on the one GPU, and brings back every checkpoint for selection on
+# several runs at once on the one GPU, and brings back every checkpoint's model for selection on
 # the CPU here (tools never pick a model by its test-set result: see models/README.md).
 # Build first with tools/gpu-prepare.sh and carry gpu-bundle/.
 #
@@ -16,8 +16,9 @@
 # RLN_RUNS replaces that list: "name=flags;name=flags;..." (first = highest priority).
 # After RLN_CHECK_AT_S seconds of training the step rate is measured; if all runs cannot
 # finish by the budget, all but the first two are stopped so that those can.
-# $OUT gets: env.txt, train_tests.log, one <run>.tar per run (checkpoints every 500
-# steps as <run>_s<step>.safetensors, the log, the final and best models), status.txt.
+# $OUT gets: env.txt, train_tests.log, one <run>.tar per run (the model every 500 steps
+# as <run>.step<N>.safetensors from train --keep-checkpoints, the log, the final and best
+# models), status.txt.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 B="${RLN_BUNDLE:-gpu-bundle}"
@@ -29,7 +30,7 @@ DEVICE="${RLN_TRAIN_DEVICE:-cuda}"   # cpu: a dry run of this script on a machin
 EVERY="${RLN_CHECKPOINT_EVERY:-500}"
 W=/tmp/rln-train-runs
 rm -rf "$W"
-mkdir -p "$OUT" "$W/ck"
+mkdir -p "$OUT" "$W"
 T0=$(date +%s)
 el() { echo $(($(date +%s) - T0)); }
 say() { echo "[train-runs +$(el)s] $*" | tee -a "$OUT/status.txt"; }
@@ -47,7 +48,7 @@ say "$(head -2 "$OUT/env.txt" | tail -1)"
 
 COMMON=(--device "$DEVICE" --synth-psf "$W/psf.tif" --synth-count 32 --synth-val-count 4
   --synth-size 128,128,128 --exclude-family filaments --percentiles 0.01,99.9
-  --steps "$STEPS" --epoch-steps "$EVERY" --checkpoint-every "$EVERY" --threads 4)
+  --steps "$STEPS" --epoch-steps "$EVERY" --checkpoint-every "$EVERY" --keep-checkpoints --threads 4)
 declare -A PID
 launch() { # name, extra flags
   local name=$1
@@ -70,30 +71,6 @@ SECOND=${NAMES[1]:-${NAMES[0]}}
 
 # the CUDA training tests (GPU vs CPU gradients, conformance in training mode) beside them
 (RLN_REFERENCE_DIR="$B/reference" timeout 120 "$B/gpu_train_tests" --test-threads 2 > "$OUT/train_tests.log" 2>&1; echo "exit $?" >> "$OUT/train_tests.log") &
-
-# every checkpoint kept under its step (the trainer rewrites <name>.ckpt.safetensors atomically)
-python3 - "$W" "${NAMES[@]}" > "$W/watcher.log" 2>&1 <<'EOF' &
-import json, os, shutil, struct, sys, time
-w, names = sys.argv[1], sys.argv[2:]
-seen = {}
-while True:
-    for n in names:
-        p = os.path.join(w, n + ".ckpt.safetensors")
-        try:
-            m = os.stat(p).st_mtime_ns
-            if seen.get(n) == m:
-                continue
-            with open(p, "rb") as f:
-                k = struct.unpack("<Q", f.read(8))[0]
-                step = json.loads(json.loads(f.read(k))["__metadata__"]["rln_checkpoint"])["step"]
-            shutil.copyfile(p, os.path.join(w, "ck", "%s_s%05d.safetensors" % (n, step)))
-            seen[n] = m
-            print(n, step, flush=True)
-        except (OSError, ValueError, KeyError):
-            pass
-    time.sleep(1)
-EOF
-WATCHER=$!
 
 last_step() { # the newest training step in a run's log
   tail -n 3 "$W/$1.log.jsonl" 2>/dev/null | grep -o '"step":[0-9]*' | tail -n 1 | cut -d: -f2
@@ -131,11 +108,9 @@ for n in "${!PID[@]}"; do
   alive "$n" && kill "${PID[$n]}" 2>/dev/null
   say "$n: last step $(last_step "$n"); $(tail -n 2 "$W/$n.out" | tr '\r' '\n' | tail -n 2 | tr '\n' ' ')"
 done
-sleep 3
-kill $WATCHER 2>/dev/null
 wait 2>/dev/null
 for n in "${NAMES[@]}"; do
-  (cd "$W" && tar cf "$OUT/$n.tar" --ignore-failed-read ck/${n}_s*.safetensors "$n.log.jsonl" "$n.out" \
+  (cd "$W" && tar cf "$OUT/$n.tar" --ignore-failed-read "$n".step*.safetensors "$n.log.jsonl" "$n.out" \
     "$n.safetensors" "$n.best.safetensors" 2>/dev/null)
 done
-say "done; $(ls "$W/ck" | wc -l) checkpoints"
+say "done; $(ls "$W" | grep -c '\.step[0-9]*\.safetensors$') checkpoint models"

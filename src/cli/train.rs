@@ -147,6 +147,11 @@ pub struct TrainArgs {
     /// Checkpoint file (default: OUTPUT with .ckpt.safetensors).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
+    /// At every checkpoint also keep the model alone as OUTPUT with .step<N>.safetensors
+    /// (N zero-padded to 5 digits), to choose among a run's checkpoints afterwards; each
+    /// equals the final model of the same command with --steps N.
+    #[arg(long)]
+    pub keep_checkpoints: bool,
     /// Start from these weights instead of the authors' initialization (fine-tuning; a
     /// new run with a fresh optimizer, unlike --resume).
     #[arg(long, conflicts_with = "resume")]
@@ -185,6 +190,8 @@ struct CliObserver {
     best_path: PathBuf,
     best: Option<(u64, ValMetrics)>,
     provenance: String,
+    /// With --keep-checkpoints: OUTPUT, whose .step<N> siblings keep each checkpoint's model.
+    keep_models_of: Option<PathBuf>,
 }
 
 impl TrainObserver for CliObserver {
@@ -226,7 +233,13 @@ impl TrainObserver for CliObserver {
         Ok(())
     }
     fn on_checkpoint(&mut self, state: &TrainState, cfg: &TrainConfig) -> rln_engine::Result<()> {
-        trainer::save_checkpoint(&self.ckpt, state, cfg, &self.data_fp)
+        trainer::save_checkpoint(&self.ckpt, state, cfg, &self.data_fp)?;
+        if let Some(out) = &self.keep_models_of {
+            let mut m = state.model.clone();
+            m.config.provenance = format!("{} (its weights at step {})", self.provenance, state.step);
+            m.save(&sibling(out, &format!("step{:05}.safetensors", state.step)))?;
+        }
+        Ok(())
     }
 }
 
@@ -441,6 +454,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         best_path: sibling(&a.output, "best.safetensors"),
         best: None,
         provenance: provenance.clone(),
+        keep_models_of: a.keep_checkpoints.then(|| a.output.clone()),
     };
     let every = a.checkpoint_every.unwrap_or(cfg.epoch_steps);
     let result = match &gpu {
