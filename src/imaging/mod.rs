@@ -18,6 +18,7 @@ pub mod normalize;
 pub mod progress;
 pub mod psf;
 pub mod rl;
+pub mod stream;
 pub mod synth;
 pub mod tiff_io;
 pub mod volume;

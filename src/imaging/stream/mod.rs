@@ -1,0 +1,228 @@
+//! Volumes as streams: readers and writers of 3D regions, so that nothing above them
+//! assumes a whole volume is in memory (`infer`, `convert`, block mode on a cluster).
+//!
+//! A [`VolumeReader`] hands out any region of its volume as f32; a [`VolumeWriter`]
+//! takes regions aligned to its [`VolumeWriter::write_unit`] and makes them durable.
+//! Both are `Send + Sync` and take `&self`, so the streaming pipeline can read and
+//! write from several threads; an implementation that needs state (a TIFF slab cache,
+//! a buffer of pages not yet complete) keeps it behind its own lock.
+//!
+//! Formats: TIFF/BigTIFF stacks and folders of 2D slices (read by slabs of pages,
+//! written plane by plane in z order), HDF5 datasets (hyperslabs, feature `hdf5`),
+//! OME-Zarr / NGFF 0.4 (Zarr v2) and 0.5 (Zarr v3, sharding) through `zarrs`, and
+//! [`MemoryVolume`] for tests and the library's in-memory path.
+
+use crate::error::{Error, Result};
+use crate::imaging::io::OutputDtype;
+use std::sync::Mutex;
+
+/// A box of voxels: `start` (z, y, x) and `shape` (z, y, x); data are z-major.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Region {
+    pub start: [usize; 3],
+    pub shape: [usize; 3],
+}
+
+impl Region {
+    pub fn new(start: [usize; 3], shape: [usize; 3]) -> Self {
+        Region { start, shape }
+    }
+    /// The whole of a volume of `dims`.
+    pub fn whole(dims: [usize; 3]) -> Self {
+        Region { start: [0; 3], shape: dims }
+    }
+    /// Exclusive end (z, y, x).
+    pub fn end(&self) -> [usize; 3] {
+        [0, 1, 2].map(|i| self.start[i] + self.shape[i])
+    }
+    pub fn voxels(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// Whether the region lies inside a volume of `dims` (and is not empty).
+    pub fn fits(&self, dims: [usize; 3]) -> bool {
+        (0..3).all(|i| self.shape[i] > 0 && self.start[i] + self.shape[i] <= dims[i])
+    }
+    /// An error naming the region and the volume when it does not fit.
+    pub fn check_fits(&self, dims: [usize; 3], what: &str) -> Result<()> {
+        if self.fits(dims) {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!(
+                "{what}: region {:?}+{:?} is empty or outside the volume {dims:?}",
+                self.start, self.shape
+            )))
+        }
+    }
+}
+
+/// What a reader knows about its volume besides the voxels.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VolumeInfo {
+    /// (z, y, x) size in voxels.
+    pub dims: [usize; 3],
+    /// (z, y, x) voxel size in µm, when the file records it.
+    pub voxel_size: Option<[f64; 3]>,
+    /// The file's own sample type ("u16", "f32", ...), for messages and defaults.
+    pub dtype: String,
+    /// Free-form JSON carried from the input to the output (e.g. OME-Zarr `omero`).
+    pub metadata: Option<String>,
+}
+
+/// Reads regions of one 3D volume as f32.
+pub trait VolumeReader: Send + Sync {
+    fn info(&self) -> &VolumeInfo;
+    fn dims(&self) -> [usize; 3] {
+        self.info().dims
+    }
+    /// The region shape reads are cheapest in (a chunk; for TIFF one plane or one
+    /// strip band). The pipeline aligns its reads to it where it can.
+    fn read_unit(&self) -> [usize; 3];
+    /// Fills `dst` (z-major, `region.shape`) with the voxels of `region`. A voxel that
+    /// is not finite is an error naming its position.
+    fn read_region(&self, region: Region, dst: &mut [f32]) -> Result<()>;
+}
+
+/// How an output volume is created.
+#[derive(Clone, Debug)]
+pub struct WriterSpec {
+    pub dims: [usize; 3],
+    pub dtype: OutputDtype,
+    /// Chunk shape of chunked formats (z, y, x); `None`: the format's default.
+    pub chunks: Option<[usize; 3]>,
+    pub voxel_size: Option<[f64; 3]>,
+    /// JSON carried over from the input and the run's provenance.
+    pub metadata: Option<String>,
+}
+
+/// Writes regions of one 3D volume. Regions given to [`write_region`](Self::write_region)
+/// are aligned to [`write_unit`](Self::write_unit) (or end at the volume's border) and
+/// each voxel is written once.
+pub trait VolumeWriter: Send + Sync {
+    fn dims(&self) -> [usize; 3];
+    /// The unit whole regions must be aligned to (a chunk; for TIFF `[1, H, W]`).
+    fn write_unit(&self) -> [usize; 3];
+    /// Writes `data` (z-major, `region.shape`) into `region`.
+    fn write_region(&self, region: Region, data: &[f32]) -> Result<()>;
+    /// Makes the output complete: flushes, renames a temporary file into place, or
+    /// marks a store complete. Without it the output does not exist under its name.
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// Copies `src` (shape `src_region.shape`) into `dst` (shape `dst_region.shape`) where
+/// the two regions intersect; both are z-major and positioned in one volume.
+pub fn copy_intersection(src: &[f32], src_region: Region, dst: &mut [f32], dst_region: Region) {
+    let lo = [0, 1, 2].map(|i| src_region.start[i].max(dst_region.start[i]));
+    let hi = [0, 1, 2].map(|i| src_region.end()[i].min(dst_region.end()[i]));
+    if (0..3).any(|i| lo[i] >= hi[i]) {
+        return;
+    }
+    let [_, sh, sw] = src_region.shape;
+    let [_, dh, dw] = dst_region.shape;
+    let n = hi[2] - lo[2];
+    for z in lo[0]..hi[0] {
+        for y in lo[1]..hi[1] {
+            let s = ((z - src_region.start[0]) * sh + (y - src_region.start[1])) * sw + (lo[2] - src_region.start[2]);
+            let d = ((z - dst_region.start[0]) * dh + (y - dst_region.start[1])) * dw + (lo[2] - dst_region.start[2]);
+            dst[d..d + n].copy_from_slice(&src[s..s + n]);
+        }
+    }
+}
+
+/// A volume held in memory, as a reader and (through a lock) as a writer: for tests,
+/// and for the library's in-memory path.
+pub struct MemoryVolume {
+    info: VolumeInfo,
+    unit: [usize; 3],
+    data: Mutex<Vec<f32>>,
+}
+
+impl MemoryVolume {
+    pub fn new(dims: [usize; 3], data: Vec<f32>) -> Result<Self> {
+        if dims.iter().product::<usize>() != data.len() {
+            return Err(Error::Shape(format!("{dims:?} needs {} values, got {}", dims.iter().product::<usize>(), data.len())));
+        }
+        Ok(MemoryVolume {
+            info: VolumeInfo {
+                dims,
+                voxel_size: None,
+                dtype: "f32".into(),
+                metadata: None,
+            },
+            unit: [1, dims[1], dims[2]],
+            data: Mutex::new(data),
+        })
+    }
+    pub fn zeros(dims: [usize; 3]) -> Self {
+        Self::new(dims, vec![0.0; dims.iter().product()]).expect("shape matches")
+    }
+    /// Pretends to be chunked in `unit` (tests of chunk alignment).
+    pub fn with_unit(mut self, unit: [usize; 3]) -> Self {
+        self.unit = unit;
+        self
+    }
+    pub fn into_data(self) -> Vec<f32> {
+        self.data.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl VolumeReader for MemoryVolume {
+    fn info(&self) -> &VolumeInfo {
+        &self.info
+    }
+    fn read_unit(&self) -> [usize; 3] {
+        self.unit
+    }
+    fn read_region(&self, region: Region, dst: &mut [f32]) -> Result<()> {
+        region.check_fits(self.info.dims, "memory volume")?;
+        let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        copy_intersection(&data, Region::whole(self.info.dims), dst, region);
+        Ok(())
+    }
+}
+
+impl VolumeWriter for MemoryVolume {
+    fn dims(&self) -> [usize; 3] {
+        self.info.dims
+    }
+    fn write_unit(&self) -> [usize; 3] {
+        self.unit
+    }
+    fn write_region(&self, region: Region, data: &[f32]) -> Result<()> {
+        region.check_fits(self.info.dims, "memory volume")?;
+        let mut all = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        copy_intersection(data, region, &mut all, Region::whole(self.info.dims));
+        Ok(())
+    }
+    fn finish(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_round_trip_through_memory_volume() {
+        let dims = [3, 5, 7];
+        let data: Vec<f32> = (0..105).map(|i| i as f32).collect();
+        let v = MemoryVolume::new(dims, data.clone()).unwrap();
+        let r = Region::new([1, 2, 3], [2, 2, 4]);
+        let mut part = vec![0.0; r.voxels()];
+        v.read_region(r, &mut part).unwrap();
+        // voxel (1+z, 2+y, 3+x)
+        for z in 0..2 {
+            for y in 0..2 {
+                for x in 0..4 {
+                    assert_eq!(part[(z * 2 + y) * 4 + x], (((1 + z) * 5 + 2 + y) * 7 + 3 + x) as f32);
+                }
+            }
+        }
+        let out = MemoryVolume::zeros(dims);
+        out.write_region(r, &part).unwrap();
+        let got = out.into_data();
+        assert_eq!(got.iter().filter(|&&x| x != 0.0).count(), 16);
+        assert_eq!(got[(2 * 5 + 3) * 7 + 6], data[(2 * 5 + 3) * 7 + 6]);
+        assert!(v.read_region(Region::new([2, 0, 0], [2, 1, 1]), &mut [0.0; 2]).is_err());
+    }
+}
