@@ -42,7 +42,6 @@ use plan::CorePlan;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::Instant;
 
 /// Which predictor runs the network.
@@ -370,7 +369,6 @@ pub fn run_job(
     // test hook: exit (as if killed) after this many tiles are written
     let stop_after: Option<usize> = std::env::var("RLN_TEST_STOP_AFTER_TILES").ok().and_then(|v| v.parse().ok());
     let written = AtomicUsize::new(0);
-    let last_save = Mutex::new(Instant::now());
     let save = |n: usize| -> Result<()> {
         if let Some(p) = &mark_path {
             let text = serde_json::to_string(&Watermark { tiles_written: n }).expect("serializable");
@@ -378,16 +376,13 @@ pub fn run_job(
         }
         Ok(())
     };
+    // The writer thread calls this in plan order, after each core is written: the
+    // watermark is saved every tile (a few bytes per tile of millions of voxels).
     let on_written = |_index: usize| {
         let n = skip + written.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut last = last_save.lock().unwrap_or_else(|e| e.into_inner());
-        let stopping = stop_after.is_some_and(|k| n - skip >= k);
-        if stopping || last.elapsed().as_secs_f64() > 1.0 {
-            // a failed save only costs recomputation after a kill
-            let _ = save(n);
-            *last = Instant::now();
-        }
-        if stopping {
+        // a failed save only costs recomputation after a kill
+        let _ = save(n);
+        if stop_after.is_some_and(|k| n - skip >= k) {
             eprintln!("RLN_TEST_STOP_AFTER_TILES: stopping after {} tile(s)", n - skip);
             std::process::exit(75);
         }

@@ -187,7 +187,9 @@ pub fn run_tiles(
         drop(ready_tx);
         // writer
         let writer_handle = {
-            let pool_out_tx = pool_out_tx.clone();
+            // moved, not cloned: if the writer stops, the predictor's wait for an
+            // output buffer ends with an error instead of blocking
+            let pool_out_tx = pool_out_tx;
             let stop = &stop;
             s.spawn(move || -> Result<f64> {
                 let mut t = 0.0;
@@ -284,9 +286,10 @@ pub fn run_tiles(
         while ready_rx.try_recv().is_ok() {}
         drop(ready_rx);
         let w = writer_handle.join().map_err(|_| Error::invalid("the writer thread panicked"))?;
+        // the writer's own error explains a predictor that found the writer gone
         match (compute, w) {
-            (Err(e), _) => Err(e),
-            (Ok(()), Err(e)) => Err(e),
+            (_, Err(e)) => Err(e),
+            (Err(e), Ok(_)) => Err(e),
             (Ok(()), Ok(t)) => {
                 times.write = t;
                 Ok(())
