@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use rln_engine::imaging::io::{read_volume, write_volume, OutputDtype};
+use rln_engine::imaging::io::{read_volume_with, write_volume, OutputDtype, ReadOptions};
 use rln_engine::infer::stitch::{estimate_normalization, run_tiled_shrinking, Affine, NormalizeMode, StitchOptions};
 use rln_engine::infer::tiling::{choose_core, MemorySource, PlaneSource, TilePlan, RECEPTIVE_RADIUS};
 use rln_engine::infer::{CpuPredictor, TilePredictor};
@@ -94,6 +94,12 @@ pub struct InferArgs {
     /// Sample type of the output (f32, f16 or u16).
     #[arg(long, default_value = "f32")]
     pub output_dtype: OutputDtype,
+    /// Channel of a multi-channel input (RGB samples or ImageJ/OME channels), from 0.
+    #[arg(long)]
+    pub channel: Option<usize>,
+    /// Time point of an input with several (ImageJ frames, OME SizeT), from 0.
+    #[arg(long)]
+    pub time: Option<usize>,
 }
 
 /// The predictor for `--device`: CUDA when asked for and usable, else the CPU.
@@ -135,7 +141,13 @@ pub fn override_percentiles(model: &mut Model<f32>, percentiles: Option<(f64, f6
 }
 
 pub fn infer(a: &InferArgs) -> Result<()> {
-    rln_engine::fsutil::check_output_dir(&a.output)?;
+    let mut inputs = vec![("the model", a.model.as_path()), ("the input volume", a.input.as_path())];
+    inputs.extend(a.input2.as_deref().map(|p| ("the second view --input2", p)));
+    let out = super::args::Output { role: "the output -o", path: &a.output, extensions: super::args::VOLUME_EXTENSIONS };
+    let _guard = super::args::guard_outputs(&[out], &inputs)?;
+    super::args::check_tile(a.tile)?;
+    super::args::check_fp16_on_cpu(a.fp16, a.device == Device::Cpu)?;
+    let read_opts = ReadOptions { channel: a.channel, time: a.time, ..Default::default() };
     let mut model = Model::<f32>::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
     override_percentiles(&mut model, a.percentiles)?;
     let variant = model.config.variant;
@@ -149,9 +161,9 @@ pub fn infer(a: &InferArgs) -> Result<()> {
         bail!("{} is a single-view model: --input2 does not apply", a.model.display());
     }
     let t0 = Instant::now();
-    let vol = read_volume(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
+    let vol = read_volume_with(&a.input, &read_opts).with_context(|| format!("reading {}", a.input.display()))?;
     let vol2 = match &a.input2 {
-        Some(p) => Some(read_volume(p).with_context(|| format!("reading {}", p.display()))?),
+        Some(p) => Some(read_volume_with(p, &read_opts).with_context(|| format!("reading {}", p.display()))?),
         None => None,
     };
     if let Some(v2) = &vol2 {

@@ -126,6 +126,34 @@ impl TensorFile {
     }
 }
 
+/// The same safetensors file with its JSON header's keys in sorted order: the crate
+/// writes the metadata map in hash order, so two saves of one model differed in bytes.
+/// Sorted, identical content gives identical files (`cmp` verifies a resumed run).
+fn with_sorted_header(bytes: Vec<u8>) -> Vec<u8> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("serialize writes an 8-byte length")) as usize;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).expect("serialize writes a JSON object");
+    // nested objects (the metadata map, each tensor's entry) sorted too
+    fn sorted(v: serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(m) => {
+                let b: BTreeMap<String, serde_json::Value> = m.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+                serde_json::Value::Object(b.into_iter().collect())
+            }
+            other => other,
+        }
+    }
+    let header: BTreeMap<String, serde_json::Value> = header.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+    let mut text = serde_json::to_vec(&header).expect("JSON values serialize");
+    // safetensors pads the header with spaces to a multiple of 8 bytes
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    out
+}
+
 /// Tensors to write, by name, as f32, plus header metadata.
 #[derive(Default)]
 pub struct TensorWriter {
@@ -168,7 +196,9 @@ impl TensorWriter {
         } else {
             Some(self.metadata.clone())
         };
-        safetensors::serialize(views, meta).map_err(|e| Error::invalid(format!("safetensors serialization: {e}")))
+        let bytes = safetensors::serialize(views, meta)
+            .map_err(|e| Error::invalid(format!("safetensors serialization: {e}")))?;
+        Ok(with_sorted_header(bytes))
     }
     /// Writes the file atomically (temporary name, then rename).
     pub fn write(&self, path: &Path) -> Result<()> {
