@@ -257,7 +257,9 @@ fn cases() -> Vec<Case> {
         control(&infer("good.tif -o ok.tif --device cpu")),
         control("rl good.tif --psf psf.tif --iterations 2 -o ok.tif"),
         control("eval good.tif good.tif"),
-        control("psf --measured tyx.tif --time 1 --crop 1,5,5 --dz 0.2 --dxy 0.1 -o ok.tif"),
+        control("psf --measured tzyx.tif --time 1 --crop 3,5,5 --dz 0.2 --dxy 0.1 -o ok.tif"),
+        control("synth --psf psf.tif --size 16,32,32 -o synth_ok"),
+        control(&format!("{TRAIN} --synth-psf psf.tif -o ok.safetensors")),
         // infer: the model file
         case("model: missing", "infer nomodel.safetensors good.tif -o out.tif --device cpu", NOFILE),
         case("model: empty", &infer("good.tif -o out.tif --device cpu").replace(MODEL, "empty_model.safetensors"), BADFILE),
@@ -343,7 +345,7 @@ fn cases() -> Vec<Case> {
         case("overwrite: train --log PSF", &format!("{TRAIN} --synth-psf psf.tif --log psf.tif -o out.safetensors"), OVERWRITE),
         case("train: --resume missing", &format!("{TRAIN} --synth-psf psf.tif --resume nockpt.safetensors -o out.safetensors"), &["no such checkpoint", "no such file"]),
         case("train: --data missing", "train --data nodata --steps 2 -o out.safetensors", NOFILE),
-        case("train: --steps abc", &format!("{TRAIN} --synth-psf psf.tif -o out.safetensors --steps abc"), &["invalid"]),
+        case("train: --seed abc", &format!("{TRAIN} --synth-psf psf.tif -o out.safetensors --seed abc"), &["invalid"]),
         case("train: --threads 10000", &format!("{TRAIN} --synth-psf psf.tif -o out.safetensors --threads 10000"), &["--threads"]),
         case("train: -o unknown extension", &format!("{TRAIN} --synth-psf psf.tif -o out.tif"), &["extension"]),
         // import-tf
@@ -360,10 +362,10 @@ fn cases() -> Vec<Case> {
     ];
     // the numerics piece of issue 14 owns these; measured here, asserted there
     for (class, args) in [
-        ("compare: --rl-min 5 --rl-max 1", format!("compare --model {MODEL} --count 1 --size 16,32,32 --rl-min 5 --rl-max 1")),
-        ("compare: --count 0", format!("compare --model {MODEL} --count 0 --size 16,32,32")),
-        ("train: --synth-count 0", format!("{TRAIN} --synth-psf psf.tif -o out.safetensors --synth-count 0")),
-        ("train: --batch 0", format!("{TRAIN} --synth-psf psf.tif -o out.safetensors --batch 0")),
+        ("compare: --rl-min 5 --rl-max 1", format!("compare --model {MODEL} --count 1 --size 34,66,66 --rl-min 5 --rl-max 1")),
+        ("compare: --count 0", format!("compare --model {MODEL} --count 0 --size 34,66,66")),
+        ("train: --synth-count 0", format!("{} --synth-psf psf.tif -o out.safetensors", TRAIN.replace("--synth-count 1", "--synth-count 0"))),
+        ("train: --batch 0", format!("{} --synth-psf psf.tif -o out.safetensors", TRAIN.replace("--batch 1", "--batch 0"))),
         ("train: --lr=-1", format!("{TRAIN} --synth-psf psf.tif -o out.safetensors --lr=-1")),
         ("synth: --background NaN", "synth --psf psf.tif --size 16,32,32 --background NaN -o synth_out".to_string()),
         ("psf: --dtype u16", "psf --model gaussian --fwhm 0.6,0.25,0.25 --dxy 0.1 --dz 0.2 --nx 15 --nz 15 --dtype u16 -o out.tif".to_string()),
@@ -505,4 +507,48 @@ fn bad_inputs_get_clear_errors_and_never_lose_data() {
         return;
     }
     assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n---\n"));
+}
+
+/// Issue 14 item 6: while one `rl` writes out.tif, a second one to the same output fails
+/// at once naming the lock; SIGTERM ends the first with status 130 and leaves neither the
+/// output nor its lock nor a partial file.
+#[cfg(unix)]
+#[test]
+fn a_second_writer_is_refused_and_an_interrupted_run_leaves_nothing() {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_rln-engine"));
+    let root = tempfile::tempdir().unwrap();
+    let d = root.path();
+    write_volume(d.join("good.tif"), &smooth_volume([16, 32, 32]), OutputDtype::F32).unwrap();
+    let psf = rln_engine::imaging::psf::generate(&rln_engine::imaging::psf::PsfSpec::Gaussian(
+        rln_engine::imaging::psf::GaussianPsf::from_fwhm([0.6, 0.25, 0.25], [0.2, 0.1, 0.1], Some([9, 9, 9])),
+    ))
+    .unwrap();
+    write_volume(d.join("psf.tif"), &psf, OutputDtype::F32).unwrap();
+    let rl = |iterations: &str| {
+        let mut c = Command::new(&bin);
+        c.args(["rl", "good.tif", "--psf", "psf.tif", "--iterations", iterations, "-o", "out.tif"])
+            .current_dir(d)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    };
+    let mut first = rl("1000000").spawn().unwrap();
+    let t = Instant::now();
+    while !d.join(".out.tif.lock").exists() {
+        assert!(t.elapsed() < Duration::from_secs(20), "the first run never took its lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = rl("2").output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success() && err.contains("another process is writing"), "{err}");
+    let killed = Command::new("kill").args(["-TERM", &first.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let status = first.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "SIGTERM must end the run through the cleanup handler");
+    let left: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "good.tif" && n != "psf.tif")
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }

@@ -205,3 +205,32 @@ impl TensorWriter {
         write_atomic(path, &self.to_bytes()?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Metadata maps are hash maps: two writers holding the same content iterate them in
+    /// different orders, and the files must still be byte-identical (and valid).
+    #[test]
+    fn identical_content_gives_identical_bytes() {
+        let make = |order: &[usize]| {
+            let mut w = TensorWriter::default();
+            w.add_f32("b.weight", vec![2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+            w.add_f64("a.bias", vec![2], &[0.5, -0.5]);
+            for &i in order {
+                w.metadata.insert(format!("key{i}"), format!("value {i}"));
+            }
+            w.to_bytes().unwrap()
+        };
+        let a = make(&[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        let b = make(&[9, 3, 7, 1, 5, 0, 8, 2, 6, 4]);
+        assert!(a == b, "the same tensors and metadata serialized to different bytes");
+        let st = SafeTensors::deserialize(&a).unwrap();
+        assert_eq!(st.tensor("b.weight").unwrap().shape(), &[2, 3]);
+        let n = u64::from_le_bytes(a[..8].try_into().unwrap()) as usize;
+        assert_eq!(n % 8, 0, "header not padded to 8 bytes");
+        let (_, meta) = SafeTensors::read_metadata(&a).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["key7"], "value 7");
+    }
+}
