@@ -215,13 +215,11 @@ impl OutputLock {
                 .map_err(|e| Error::io(&lock_path, e))?;
             match file.try_lock() {
                 Ok(()) => {}
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    return Err(Error::invalid(format!(
-                        "another process is writing {} (it holds {}): wait for it to finish or choose another output name",
-                        output.display(),
-                        lock_path.display()
-                    )))
-                }
+                Err(std::fs::TryLockError::WouldBlock) => return Err(Error::invalid(format!(
+                    "another process is writing {} (it holds {}): wait for it to finish or choose another output name",
+                    output.display(),
+                    lock_path.display()
+                ))),
                 Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
             }
             #[cfg(unix)]
@@ -273,7 +271,11 @@ pub fn check_output_file(path: &Path, role: &str, extensions: &[&str]) -> Result
                 "{role} {}: unknown extension {:?}; use one of: {}",
                 file.display(),
                 ext,
-                extensions.iter().map(|e| format!(".{e}")).collect::<Vec<_>>().join(", ")
+                extensions
+                    .iter()
+                    .map(|e| format!(".{e}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
     }
@@ -282,7 +284,9 @@ pub fn check_output_file(path: &Path, role: &str, extensions: &[&str]) -> Result
         let p = temp_path_for(&file);
         p.with_file_name(format!(
             "{}.probe",
-            p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
         ))
     };
     match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
@@ -411,7 +415,10 @@ mod tests {
         assert!(same_file(&input, &d.join("soft.tif")));
         assert!(same_file(&d.join("in.h5:/data"), &d.join("x/../in.h5:/other")));
         assert!(!same_file(&input, &d.join("new.tif")));
-        assert!(same_file(&d.join("new.tif"), &d.join("x/../new.tif")), "files not yet written");
+        assert!(
+            same_file(&d.join("new.tif"), &d.join("x/../new.tif")),
+            "files not yet written"
+        );
         assert!(!same_file(&d.join("x/in.tif"), &input));
         let err = refuse_overwriting_inputs(
             &[("the output -o", &d.join("x/../hard.tif"))],
@@ -419,7 +426,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("the output -o") && err.contains("the input volume"), "{err}");
+        assert!(
+            err.contains("the output -o") && err.contains("the input volume"),
+            "{err}"
+        );
         assert!(err.contains("choose another output name"), "{err}");
         let err = refuse_overwriting_inputs(&[("-o", &d.join("m.tif")), ("--log", &d.join("x/../m.tif"))], &[])
             .unwrap_err()
@@ -450,7 +460,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("model.safetensors");
         let first = OutputLock::acquire(&out).unwrap();
-        let err = OutputLock::acquire(&dir.path().join("./model.safetensors")).unwrap_err().to_string();
+        let err = OutputLock::acquire(&dir.path().join("./model.safetensors"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("another process is writing"), "{err}");
         drop(first);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "lock file left");
@@ -463,11 +475,15 @@ mod tests {
         let d = dir.path();
         check_output_file(&d.join("a.tif"), "-o", &["tif", "tiff"]).unwrap();
         check_output_file(&d.join("a.h5:/data"), "-o", &["h5"]).unwrap();
-        let e = check_output_file(&d.join("a.png"), "-o", &["tif", "tiff"]).unwrap_err().to_string();
+        let e = check_output_file(&d.join("a.png"), "-o", &["tif", "tiff"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown extension") && e.contains(".tif"), "{e}");
         let e = check_output_file(d, "-o", &[]).unwrap_err().to_string();
         assert!(e.contains("is a folder"), "{e}");
-        let e = check_output_file(&d.join("no/a.tif"), "-o", &[]).unwrap_err().to_string();
+        let e = check_output_file(&d.join("no/a.tif"), "-o", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not exist"), "{e}");
         assert_eq!(std::fs::read_dir(d).unwrap().count(), 0, "probe file left");
     }

@@ -31,7 +31,8 @@ fn smooth_volume(dims: [usize; 3]) -> Volume {
     for z in 0..nz {
         for y in 0..ny {
             for x in 0..nx {
-                let r2 = ((z as f32 - nz as f32 / 2.0).powi(2) + (y as f32 - 12.0).powi(2) + (x as f32 - 20.0).powi(2)) / 20.0;
+                let r2 = ((z as f32 - nz as f32 / 2.0).powi(2) + (y as f32 - 12.0).powi(2) + (x as f32 - 20.0).powi(2))
+                    / 20.0;
                 data.push(100.0 + 900.0 * (-r2).exp() + ((x * 7 + y * 3 + z) % 11) as f32);
             }
         }
@@ -70,16 +71,16 @@ fn huge_bigtiff() -> Vec<u8> {
     let mut b: Vec<u8> = b"II\x2b\x00\x08\x00\x00\x00".to_vec();
     b.extend_from_slice(&16u64.to_le_bytes());
     let entries: [(u16, u16, u64); 10] = [
-        (256, 4, 200_000),         // ImageWidth, LONG
-        (257, 4, 200_000),         // ImageLength
-        (258, 3, 32),              // BitsPerSample, SHORT
-        (259, 3, 1),               // Compression: none
-        (262, 3, 1),               // BlackIsZero
-        (273, 16, 8),              // StripOffsets, LONG8
-        (277, 3, 1),               // SamplesPerPixel
-        (278, 4, 200_000),         // RowsPerStrip
+        (256, 4, 200_000),          // ImageWidth, LONG
+        (257, 4, 200_000),          // ImageLength
+        (258, 3, 32),               // BitsPerSample, SHORT
+        (259, 3, 1),                // Compression: none
+        (262, 3, 1),                // BlackIsZero
+        (273, 16, 8),               // StripOffsets, LONG8
+        (277, 3, 1),                // SamplesPerPixel
+        (278, 4, 200_000),          // RowsPerStrip
         (279, 16, 160_000_000_000), // StripByteCounts, LONG8
-        (339, 3, 3),               // SampleFormat: IEEE float
+        (339, 3, 3),                // SampleFormat: IEEE float
     ];
     for page in 0..2u64 {
         let ifd_len = 8 + entries.len() as u64 * 20 + 8;
@@ -119,7 +120,11 @@ fn make_fixtures(dir: &Path) {
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/rln-synthetic-widefield.safetensors");
     let model_bytes = std::fs::read(&model).unwrap();
     std::fs::write(dir.join(MODEL), &model_bytes).unwrap();
-    std::fs::write(dir.join("trunc_model.safetensors"), &model_bytes[..model_bytes.len() / 2]).unwrap();
+    std::fs::write(
+        dir.join("trunc_model.safetensors"),
+        &model_bytes[..model_bytes.len() / 2],
+    )
+    .unwrap();
     let mut corrupt = model_bytes.clone();
     for (i, b) in corrupt.iter_mut().enumerate().skip(8).take(64) {
         *b = (i * 37 % 251) as u8;
@@ -142,9 +147,24 @@ fn make_fixtures(dir: &Path) {
     nan.data[1000] = f32::NAN;
     write_volume(dir.join("nan.tif"), &nan, OutputDtype::F32).unwrap();
     std::fs::write(dir.join("huge.tif"), huge_bigtiff()).unwrap();
-    imagej_stack(&dir.join("tyx.tif"), 5, "ImageJ=1.54f\nimages=5\nframes=5\nloop=false\n", false);
-    imagej_stack(&dir.join("tzyx.tif"), 8, "ImageJ=1.54f\nimages=8\nslices=4\nframes=2\n", false);
-    imagej_stack(&dir.join("czyx.tif"), 8, "ImageJ=1.54f\nimages=8\nchannels=2\nslices=4\nhyperstack=true\n", false);
+    imagej_stack(
+        &dir.join("tyx.tif"),
+        5,
+        "ImageJ=1.54f\nimages=5\nframes=5\nloop=false\n",
+        false,
+    );
+    imagej_stack(
+        &dir.join("tzyx.tif"),
+        8,
+        "ImageJ=1.54f\nimages=8\nslices=4\nframes=2\n",
+        false,
+    );
+    imagej_stack(
+        &dir.join("czyx.tif"),
+        8,
+        "ImageJ=1.54f\nimages=8\nchannels=2\nslices=4\nhyperstack=true\n",
+        false,
+    );
     imagej_stack(
         &dir.join("ome_t.tif"),
         3,
@@ -248,7 +268,8 @@ fn control(args: &str) -> Case {
 const NOFILE: &[&str] = &["no such file", "not found", "does not exist"];
 const BADFILE: &[&str] = &["truncated", "corrupt", "not a", "invalid", "empty", "format"];
 const OVERWRITE: &[&str] = &["same file", "destroy", "choose another output"];
-const TRAIN: &str = "train --steps 2 --epoch-steps 1 --batch 1 --crop 16 --synth-count 1 --synth-val-count 0 --synth-size 16,32,32";
+const TRAIN: &str =
+    "train --steps 2 --epoch-steps 1 --batch 1 --crop 16 --synth-count 1 --synth-val-count 0 --synth-size 16,32,32";
 
 fn cases() -> Vec<Case> {
     let infer = |rest: &str| format!("infer {MODEL} {rest}");
@@ -261,48 +282,184 @@ fn cases() -> Vec<Case> {
         control("synth --psf psf.tif --size 16,32,32 -o synth_ok"),
         control(&format!("{TRAIN} --synth-psf psf.tif -o ok.safetensors")),
         // infer: the model file
-        case("model: missing", "infer nomodel.safetensors good.tif -o out.tif --device cpu", NOFILE),
-        case("model: empty", &infer("good.tif -o out.tif --device cpu").replace(MODEL, "empty_model.safetensors"), BADFILE),
-        case("model: truncated", &infer("good.tif -o out.tif --device cpu").replace(MODEL, "trunc_model.safetensors"), BADFILE),
-        case("model: corrupt", &infer("good.tif -o out.tif --device cpu").replace(MODEL, "corrupt_model.safetensors"), BADFILE),
-        case("model: huge tensor declared", &infer("good.tif -o out.tif --device cpu").replace(MODEL, "huge_model.safetensors"), BADFILE),
-        case("model: a volume", "infer good.tif good.tif -o out.tif --device cpu", BADFILE),
+        case(
+            "model: missing",
+            "infer nomodel.safetensors good.tif -o out.tif --device cpu",
+            NOFILE,
+        ),
+        case(
+            "model: empty",
+            &infer("good.tif -o out.tif --device cpu").replace(MODEL, "empty_model.safetensors"),
+            BADFILE,
+        ),
+        case(
+            "model: truncated",
+            &infer("good.tif -o out.tif --device cpu").replace(MODEL, "trunc_model.safetensors"),
+            BADFILE,
+        ),
+        case(
+            "model: corrupt",
+            &infer("good.tif -o out.tif --device cpu").replace(MODEL, "corrupt_model.safetensors"),
+            BADFILE,
+        ),
+        case(
+            "model: huge tensor declared",
+            &infer("good.tif -o out.tif --device cpu").replace(MODEL, "huge_model.safetensors"),
+            BADFILE,
+        ),
+        case(
+            "model: a volume",
+            "infer good.tif good.tif -o out.tif --device cpu",
+            BADFILE,
+        ),
         // infer: the input volume
         case("volume: missing", &infer("nothere.tif -o out.tif --device cpu"), NOFILE),
         case("volume: empty", &infer("empty.tif -o out.tif --device cpu"), &["empty"]),
-        case("volume: truncated", &infer("trunc.tif -o out.tif --device cpu"), BADFILE),
-        case("volume: corrupt", &infer("corrupt.tif -o out.tif --device cpu"), BADFILE),
-        case("volume: not an image", &infer("text.tif -o out.tif --device cpu"), BADFILE),
+        case(
+            "volume: truncated",
+            &infer("trunc.tif -o out.tif --device cpu"),
+            BADFILE,
+        ),
+        case(
+            "volume: corrupt",
+            &infer("corrupt.tif -o out.tif --device cpu"),
+            BADFILE,
+        ),
+        case(
+            "volume: not an image",
+            &infer("text.tif -o out.tif --device cpu"),
+            BADFILE,
+        ),
         case("volume: 2D", &infer("flat.tif -o out.tif --device cpu"), &["2d"]),
         case("volume: NaN voxel", &infer("nan.tif -o out.tif --device cpu"), &["nan"]),
-        case("volume: huge pages declared", &infer("huge.tif -o out.tif --device cpu"), BADFILE),
-        case("volume: ImageJ TYX", &infer("tyx.tif -o out.tif --device cpu"), &["time point", "--time"]),
-        case("volume: ImageJ TZYX", &infer("tzyx.tif -o out.tif --device cpu"), &["--time"]),
-        case("volume: ImageJ CZYX", &infer("czyx.tif -o out.tif --device cpu"), &["--channel"]),
-        case("volume: OME T=3", &infer("ome_t.tif -o out.tif --device cpu"), &["--time"]),
+        case(
+            "volume: huge pages declared",
+            &infer("huge.tif -o out.tif --device cpu"),
+            BADFILE,
+        ),
+        case(
+            "volume: ImageJ TYX",
+            &infer("tyx.tif -o out.tif --device cpu"),
+            &["time point", "--time"],
+        ),
+        case(
+            "volume: ImageJ TZYX",
+            &infer("tzyx.tif -o out.tif --device cpu"),
+            &["--time"],
+        ),
+        case(
+            "volume: ImageJ CZYX",
+            &infer("czyx.tif -o out.tif --device cpu"),
+            &["--channel"],
+        ),
+        case(
+            "volume: OME T=3",
+            &infer("ome_t.tif -o out.tif --device cpu"),
+            &["--time"],
+        ),
         case("volume: RGB", &infer("rgb.tif -o out.tif --device cpu"), &["--channel"]),
-        case("volume: folder of 3D stacks", &infer("stacks -o out.tif --device cpu"), &["3d stack"]),
-        case("volume: empty folder", &infer("emptydir -o out.tif --device cpu"), &["no .tif"]),
-        case("volume: a model file", &infer("model.safetensors -o out.tif --device cpu"), &["unknown volume format"]),
+        case(
+            "volume: folder of 3D stacks",
+            &infer("stacks -o out.tif --device cpu"),
+            &["3d stack"],
+        ),
+        case(
+            "volume: empty folder",
+            &infer("emptydir -o out.tif --device cpu"),
+            &["no .tif"],
+        ),
+        case(
+            "volume: a model file",
+            &infer("model.safetensors -o out.tif --device cpu"),
+            &["unknown volume format"],
+        ),
         // infer: outputs that are inputs
-        case("overwrite: infer -o input", &infer("good.tif -o good.tif --device cpu"), OVERWRITE),
-        case("overwrite: infer -o x/../input", &infer("good.tif -o ./x/../good.tif --device cpu"), OVERWRITE),
-        case("overwrite: infer -o symlink", &infer("good.tif -o link.tif --device cpu"), OVERWRITE),
-        case("overwrite: infer -o hard link", &infer("good.tif -o hard.tif --device cpu"), OVERWRITE),
-        case("overwrite: infer -o model", &infer("good.tif -o model.safetensors --device cpu"), &["same file", "extension"]),
+        case(
+            "overwrite: infer -o input",
+            &infer("good.tif -o good.tif --device cpu"),
+            OVERWRITE,
+        ),
+        case(
+            "overwrite: infer -o x/../input",
+            &infer("good.tif -o ./x/../good.tif --device cpu"),
+            OVERWRITE,
+        ),
+        case(
+            "overwrite: infer -o symlink",
+            &infer("good.tif -o link.tif --device cpu"),
+            OVERWRITE,
+        ),
+        case(
+            "overwrite: infer -o hard link",
+            &infer("good.tif -o hard.tif --device cpu"),
+            OVERWRITE,
+        ),
+        case(
+            "overwrite: infer -o model",
+            &infer("good.tif -o model.safetensors --device cpu"),
+            &["same file", "extension"],
+        ),
         // infer: options
-        case("option: --tile 0,0,0", &infer("good.tif -o out.tif --device cpu --tile 0,0,0"), &["--tile"]),
-        case("option: --tile -1", &infer("good.tif -o out.tif --device cpu --tile=-1"), &["invalid"]),
-        case("option: --tile abc", &infer("good.tif -o out.tif --device cpu --tile abc"), &["invalid"]),
-        case("option: --threads 10000", &infer("good.tif -o out.tif --device cpu --threads 10000"), &["--threads"]),
-        case("option: --memory 0", &infer("good.tif -o out.tif --device cpu --memory 0"), &["positive"]),
-        case("option: --memory NaN", &infer("good.tif -o out.tif --device cpu --memory NaN"), &["positive", "not a size"]),
-        case("option: --fp16 on the CPU", &infer("good.tif -o out.tif --device cpu --fp16"), &["--fp16"]),
-        case("option: --channel 5 of one", &infer("good.tif -o out.tif --device cpu --channel 5"), &["channel 5"]),
-        case("option: --time 3 of one", &infer("good.tif -o out.tif --device cpu --time 3"), &["time point 3"]),
-        case("option: --output-dtype xyz", &infer("good.tif -o out.tif --device cpu --output-dtype xyz"), &["unknown output type"]),
-        case("output: unknown extension", &infer("good.tif -o out.png --device cpu"), &["extension"]),
-        case("output: missing folder", &infer("good.tif -o nodir/out.tif --device cpu"), &["does not exist"]),
+        case(
+            "option: --tile 0,0,0",
+            &infer("good.tif -o out.tif --device cpu --tile 0,0,0"),
+            &["--tile"],
+        ),
+        case(
+            "option: --tile -1",
+            &infer("good.tif -o out.tif --device cpu --tile=-1"),
+            &["invalid"],
+        ),
+        case(
+            "option: --tile abc",
+            &infer("good.tif -o out.tif --device cpu --tile abc"),
+            &["invalid"],
+        ),
+        case(
+            "option: --threads 10000",
+            &infer("good.tif -o out.tif --device cpu --threads 10000"),
+            &["--threads"],
+        ),
+        case(
+            "option: --memory 0",
+            &infer("good.tif -o out.tif --device cpu --memory 0"),
+            &["positive"],
+        ),
+        case(
+            "option: --memory NaN",
+            &infer("good.tif -o out.tif --device cpu --memory NaN"),
+            &["positive", "not a size"],
+        ),
+        case(
+            "option: --fp16 on the CPU",
+            &infer("good.tif -o out.tif --device cpu --fp16"),
+            &["--fp16"],
+        ),
+        case(
+            "option: --channel 5 of one",
+            &infer("good.tif -o out.tif --device cpu --channel 5"),
+            &["channel 5"],
+        ),
+        case(
+            "option: --time 3 of one",
+            &infer("good.tif -o out.tif --device cpu --time 3"),
+            &["time point 3"],
+        ),
+        case(
+            "option: --output-dtype xyz",
+            &infer("good.tif -o out.tif --device cpu --output-dtype xyz"),
+            &["unknown output type"],
+        ),
+        case(
+            "output: unknown extension",
+            &infer("good.tif -o out.png --device cpu"),
+            &["extension"],
+        ),
+        case(
+            "output: missing folder",
+            &infer("good.tif -o nodir/out.tif --device cpu"),
+            &["does not exist"],
+        ),
         case("output: a folder", &infer("good.tif -o x --device cpu"), &["folder"]),
         // rl
         case("rl: input missing", "rl nothere.tif --psf psf.tif -o out.tif", NOFILE),
@@ -311,64 +468,236 @@ fn cases() -> Vec<Case> {
         case("rl: input TYX", "rl tyx.tif --psf psf.tif -o out.tif", &["--time"]),
         case("rl: PSF missing", "rl good.tif --psf nopsf.tif -o out.tif", NOFILE),
         case("rl: PSF corrupt", "rl good.tif --psf corrupt.tif -o out.tif", BADFILE),
-        case("overwrite: rl -o input", "rl good.tif --psf psf.tif --iterations 2 -o good.tif", OVERWRITE),
-        case("overwrite: rl -o PSF", "rl good.tif --psf psf.tif --iterations 2 -o psf.tif", OVERWRITE),
-        case("rl: --channel 5 of one", "rl good.tif --psf psf.tif --iterations 2 --channel 5 -o out.tif", &["channel 5"]),
-        case("rl: --iterations -1", "rl good.tif --psf psf.tif --iterations=-1 -o out.tif", &["invalid"]),
-        case("rl: --threads 10000", "rl good.tif --psf psf.tif --iterations 2 -o out.tif --threads 10000", &["--threads"]),
+        case(
+            "overwrite: rl -o input",
+            "rl good.tif --psf psf.tif --iterations 2 -o good.tif",
+            OVERWRITE,
+        ),
+        case(
+            "overwrite: rl -o PSF",
+            "rl good.tif --psf psf.tif --iterations 2 -o psf.tif",
+            OVERWRITE,
+        ),
+        case(
+            "rl: --channel 5 of one",
+            "rl good.tif --psf psf.tif --iterations 2 --channel 5 -o out.tif",
+            &["channel 5"],
+        ),
+        case(
+            "rl: --iterations -1",
+            "rl good.tif --psf psf.tif --iterations=-1 -o out.tif",
+            &["invalid"],
+        ),
+        case(
+            "rl: --threads 10000",
+            "rl good.tif --psf psf.tif --iterations 2 -o out.tif --threads 10000",
+            &["--threads"],
+        ),
         // psf
         case("psf: bead missing", "psf --measured nobead.tif -o out.tif", NOFILE),
         case("psf: bead TYX", "psf --measured tyx.tif -o out.tif", &["--time"]),
         case("psf: bead huge pages", "psf --measured huge.tif -o out.tif", BADFILE),
-        case("psf: bead folder of stacks", "psf --measured stacks -o out.tif", &["3d stack"]),
-        case("overwrite: psf --measured b -o b", "psf --measured good.tif -o good.tif", OVERWRITE),
-        case("psf: --nx abc", "psf --model gaussian --fwhm 0.6,0.25,0.25 --nx abc -o out.tif", &["invalid"]),
+        case(
+            "psf: bead folder of stacks",
+            "psf --measured stacks -o out.tif",
+            &["3d stack"],
+        ),
+        case(
+            "overwrite: psf --measured b -o b",
+            "psf --measured good.tif -o good.tif",
+            OVERWRITE,
+        ),
+        case(
+            "psf: --nx abc",
+            "psf --model gaussian --fwhm 0.6,0.25,0.25 --nx abc -o out.tif",
+            &["invalid"],
+        ),
         // synth
-        case("synth: PSF missing", "synth --psf nopsf.tif --size 16,32,32 -o synth_out", NOFILE),
-        case("synth: PSF TYX", "synth --psf tyx.tif --size 16,32,32 -o synth_out", &["--time"]),
-        case("synth: PSF huge pages", "synth --psf huge.tif --size 16,32,32 -o synth_out", BADFILE),
-        case("synth: -o a file", "synth --psf psf.tif --size 16,32,32 -o good.tif", &["is a file"]),
-        case("synth: --count abc", "synth --psf psf.tif --count abc -o synth_out", &["invalid"]),
+        case(
+            "synth: PSF missing",
+            "synth --psf nopsf.tif --size 16,32,32 -o synth_out",
+            NOFILE,
+        ),
+        case(
+            "synth: PSF TYX",
+            "synth --psf tyx.tif --size 16,32,32 -o synth_out",
+            &["--time"],
+        ),
+        case(
+            "synth: PSF huge pages",
+            "synth --psf huge.tif --size 16,32,32 -o synth_out",
+            BADFILE,
+        ),
+        case(
+            "synth: -o a file",
+            "synth --psf psf.tif --size 16,32,32 -o good.tif",
+            &["is a file"],
+        ),
+        case(
+            "synth: --count abc",
+            "synth --psf psf.tif --count abc -o synth_out",
+            &["invalid"],
+        ),
         // eval
         case("eval: missing", "eval good.tif nothere.tif", NOFILE),
         case("eval: 2D", "eval good.tif flat.tif", &["2d"]),
         case("eval: TYX", "eval good.tif tyx.tif", &["--time"]),
-        case("eval: shapes differ", "eval good.tif psf.tif", &["shape", "size", "differ"]),
+        case(
+            "eval: shapes differ",
+            "eval good.tif psf.tif",
+            &["shape", "size", "differ"],
+        ),
         // train
-        case("train: PSF missing", &format!("{TRAIN} --synth-psf nopsf.tif -o out.safetensors"), NOFILE),
-        case("train: PSF TYX", &format!("{TRAIN} --synth-psf tyx.tif -o out.safetensors"), &["--time"]),
-        case("train: PSF huge pages", &format!("{TRAIN} --synth-psf huge.tif -o out.safetensors"), BADFILE),
-        case("train: --init corrupt", &format!("{TRAIN} --synth-psf psf.tif --init corrupt_model.safetensors -o out.safetensors"), BADFILE),
-        case("overwrite: train --init W -o W", &format!("{TRAIN} --synth-psf psf.tif --init {MODEL} -o {MODEL}"), OVERWRITE),
-        case("overwrite: train --log X -o X", &format!("{TRAIN} --synth-psf psf.tif --log out.safetensors -o out.safetensors"), &["same file"]),
-        case("overwrite: train --checkpoint X -o X", &format!("{TRAIN} --synth-psf psf.tif --checkpoint out.safetensors -o out.safetensors"), &["same file"]),
-        case("overwrite: train --log PSF", &format!("{TRAIN} --synth-psf psf.tif --log psf.tif -o out.safetensors"), OVERWRITE),
-        case("train: --resume missing", &format!("{TRAIN} --synth-psf psf.tif --resume nockpt.safetensors -o out.safetensors"), &["no such checkpoint", "no such file"]),
-        case("train: --data missing", "train --data nodata --steps 2 -o out.safetensors", NOFILE),
-        case("train: --seed abc", &format!("{TRAIN} --synth-psf psf.tif -o out.safetensors --seed abc"), &["invalid"]),
-        case("train: --threads 10000", &format!("{TRAIN} --synth-psf psf.tif -o out.safetensors --threads 10000"), &["--threads"]),
-        case("train: -o unknown extension", &format!("{TRAIN} --synth-psf psf.tif -o out.tif"), &["extension"]),
+        case(
+            "train: PSF missing",
+            &format!("{TRAIN} --synth-psf nopsf.tif -o out.safetensors"),
+            NOFILE,
+        ),
+        case(
+            "train: PSF TYX",
+            &format!("{TRAIN} --synth-psf tyx.tif -o out.safetensors"),
+            &["--time"],
+        ),
+        case(
+            "train: PSF huge pages",
+            &format!("{TRAIN} --synth-psf huge.tif -o out.safetensors"),
+            BADFILE,
+        ),
+        case(
+            "train: --init corrupt",
+            &format!("{TRAIN} --synth-psf psf.tif --init corrupt_model.safetensors -o out.safetensors"),
+            BADFILE,
+        ),
+        case(
+            "overwrite: train --init W -o W",
+            &format!("{TRAIN} --synth-psf psf.tif --init {MODEL} -o {MODEL}"),
+            OVERWRITE,
+        ),
+        case(
+            "overwrite: train --log X -o X",
+            &format!("{TRAIN} --synth-psf psf.tif --log out.safetensors -o out.safetensors"),
+            &["same file"],
+        ),
+        case(
+            "overwrite: train --checkpoint X -o X",
+            &format!("{TRAIN} --synth-psf psf.tif --checkpoint out.safetensors -o out.safetensors"),
+            &["same file"],
+        ),
+        case(
+            "overwrite: train --log PSF",
+            &format!("{TRAIN} --synth-psf psf.tif --log psf.tif -o out.safetensors"),
+            OVERWRITE,
+        ),
+        case(
+            "train: --resume missing",
+            &format!("{TRAIN} --synth-psf psf.tif --resume nockpt.safetensors -o out.safetensors"),
+            &["no such checkpoint", "no such file"],
+        ),
+        case(
+            "train: --data missing",
+            "train --data nodata --steps 2 -o out.safetensors",
+            NOFILE,
+        ),
+        case(
+            "train: --seed abc",
+            &format!("{TRAIN} --synth-psf psf.tif -o out.safetensors --seed abc"),
+            &["invalid"],
+        ),
+        case(
+            "train: --threads 10000",
+            &format!("{TRAIN} --synth-psf psf.tif -o out.safetensors --threads 10000"),
+            &["--threads"],
+        ),
+        case(
+            "train: -o unknown extension",
+            &format!("{TRAIN} --synth-psf psf.tif -o out.tif"),
+            &["extension"],
+        ),
         // import-tf
-        case("import-tf: missing", "import-tf nothere.safetensors --div-eps 1e-4 -o out.safetensors", NOFILE),
-        case("import-tf: corrupt", "import-tf corrupt_model.safetensors --div-eps 1e-4 -o out.safetensors", BADFILE),
-        case("overwrite: import-tf W -o W", &format!("import-tf {MODEL} --div-eps 1e-4 -o {MODEL}"), OVERWRITE),
+        case(
+            "import-tf: missing",
+            "import-tf nothere.safetensors --div-eps 1e-4 -o out.safetensors",
+            NOFILE,
+        ),
+        case(
+            "import-tf: corrupt",
+            "import-tf corrupt_model.safetensors --div-eps 1e-4 -o out.safetensors",
+            BADFILE,
+        ),
+        case(
+            "overwrite: import-tf W -o W",
+            &format!("import-tf {MODEL} --div-eps 1e-4 -o {MODEL}"),
+            OVERWRITE,
+        ),
         // compare, conformance, bench
-        case("compare: model missing", "compare --model nomodel.safetensors --count 1 --size 16,32,32", NOFILE),
-        case("compare: PSF TYX", &format!("compare --model {MODEL} --psf tyx.tif --count 1 --size 16,32,32 --rl-max 6"), &["--time"]),
-        case("compare: PSF huge pages", &format!("compare --model {MODEL} --psf huge.tif --count 1 --size 16,32,32 --rl-max 6"), BADFILE),
-        case("conformance: vectors missing", &format!("conformance --model {MODEL} --vectors novectors.safetensors"), NOFILE),
-        case("conformance: --fp16 on the CPU", &format!("conformance --model {MODEL} --vectors novectors.safetensors --fp16"), &["--fp16"]),
-        case("bench: --fp16 on the CPU", "bench --fp16 --min-time 0 --min-runs 1", &["--fp16"]),
+        case(
+            "compare: model missing",
+            "compare --model nomodel.safetensors --count 1 --size 16,32,32",
+            NOFILE,
+        ),
+        case(
+            "compare: PSF TYX",
+            &format!("compare --model {MODEL} --psf tyx.tif --count 1 --size 16,32,32 --rl-max 6"),
+            &["--time"],
+        ),
+        case(
+            "compare: PSF huge pages",
+            &format!("compare --model {MODEL} --psf huge.tif --count 1 --size 16,32,32 --rl-max 6"),
+            BADFILE,
+        ),
+        case(
+            "conformance: vectors missing",
+            &format!("conformance --model {MODEL} --vectors novectors.safetensors"),
+            NOFILE,
+        ),
+        case(
+            "conformance: --fp16 on the CPU",
+            &format!("conformance --model {MODEL} --vectors novectors.safetensors --fp16"),
+            &["--fp16"],
+        ),
+        case(
+            "bench: --fp16 on the CPU",
+            "bench --fp16 --min-time 0 --min-runs 1",
+            &["--fp16"],
+        ),
     ];
     // the numerics piece of issue 14 owns these; measured here, asserted there
     for (class, args) in [
-        ("compare: --rl-min 5 --rl-max 1", format!("compare --model {MODEL} --count 1 --size 34,66,66 --rl-min 5 --rl-max 1")),
-        ("compare: --count 0", format!("compare --model {MODEL} --count 0 --size 34,66,66")),
-        ("train: --synth-count 0", format!("{} --synth-psf psf.tif -o out.safetensors", TRAIN.replace("--synth-count 1", "--synth-count 0"))),
-        ("train: --batch 0", format!("{} --synth-psf psf.tif -o out.safetensors", TRAIN.replace("--batch 1", "--batch 0"))),
-        ("train: --lr=-1", format!("{TRAIN} --synth-psf psf.tif -o out.safetensors --lr=-1")),
-        ("synth: --background NaN", "synth --psf psf.tif --size 16,32,32 --background NaN -o synth_out".to_string()),
-        ("psf: --dtype u16", "psf --model gaussian --fwhm 0.6,0.25,0.25 --dxy 0.1 --dz 0.2 --nx 15 --nz 15 --dtype u16 -o out.tif".to_string()),
+        (
+            "compare: --rl-min 5 --rl-max 1",
+            format!("compare --model {MODEL} --count 1 --size 34,66,66 --rl-min 5 --rl-max 1"),
+        ),
+        (
+            "compare: --count 0",
+            format!("compare --model {MODEL} --count 0 --size 34,66,66"),
+        ),
+        (
+            "train: --synth-count 0",
+            format!(
+                "{} --synth-psf psf.tif -o out.safetensors",
+                TRAIN.replace("--synth-count 1", "--synth-count 0")
+            ),
+        ),
+        (
+            "train: --batch 0",
+            format!(
+                "{} --synth-psf psf.tif -o out.safetensors",
+                TRAIN.replace("--batch 1", "--batch 0")
+            ),
+        ),
+        (
+            "train: --lr=-1",
+            format!("{TRAIN} --synth-psf psf.tif -o out.safetensors --lr=-1"),
+        ),
+        (
+            "synth: --background NaN",
+            "synth --psf psf.tif --size 16,32,32 --background NaN -o synth_out".to_string(),
+        ),
+        (
+            "psf: --dtype u16",
+            "psf --model gaussian --fwhm 0.6,0.25,0.25 --dxy 0.1 --dz 0.2 --nx 15 --nz 15 --dtype u16 -o out.tif"
+                .to_string(),
+        ),
     ] {
         let mut c = case(class, &args, &["error"]);
         c.elsewhere = true;
@@ -419,7 +748,9 @@ fn run_case(bin: &Path, fixtures: &Path, dir: &Path, c: &Case) -> Run {
     let lost = before.iter().any(|(p, b)| after.get(p) != Some(b));
     let leftovers = after.keys().any(|p| {
         let s = p.to_string_lossy();
-        s.contains(".partial-") || s.ends_with(".lock") || (!before.contains_key(p) && c.outputs.iter().any(|o| s.starts_with(o)))
+        s.contains(".partial-")
+            || s.ends_with(".lock")
+            || (!before.contains_key(p) && c.outputs.iter().any(|o| s.starts_with(o)))
     });
     let code = status.and_then(|s| s.code());
     let outcome = match status {
@@ -467,7 +798,13 @@ fn bad_inputs_get_clear_errors_and_never_lose_data() {
     let mut failures = Vec::new();
     for (i, c) in cases.iter().enumerate() {
         let r = run_case(&bin, &fixtures, &root.path().join(format!("case{i:03}")), c);
-        let last_line = r.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+        let last_line = r
+            .stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .to_string();
         println!(
             "{:<14} {:<40} exit {:<5} {:>5.1} s  {}{}",
             format!("{:?}", r.outcome),
@@ -506,7 +843,12 @@ fn bad_inputs_get_clear_errors_and_never_lose_data() {
         println!("(measured {}: assertions skipped)", bin.display());
         return;
     }
-    assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n---\n"));
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n---\n")
+    );
 }
 
 /// Issue 14 item 6: while one `rl` writes out.tif, a second one to the same output fails
@@ -526,25 +868,47 @@ fn a_second_writer_is_refused_and_an_interrupted_run_leaves_nothing() {
     write_volume(d.join("psf.tif"), &psf, OutputDtype::F32).unwrap();
     let rl = |iterations: &str| {
         let mut c = Command::new(&bin);
-        c.args(["rl", "good.tif", "--psf", "psf.tif", "--iterations", iterations, "-o", "out.tif"])
-            .current_dir(d)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        c.args([
+            "rl",
+            "good.tif",
+            "--psf",
+            "psf.tif",
+            "--iterations",
+            iterations,
+            "-o",
+            "out.tif",
+        ])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         c
     };
     let mut first = rl("1000000").spawn().unwrap();
     let t = Instant::now();
     while !d.join(".out.tif.lock").exists() {
-        assert!(t.elapsed() < Duration::from_secs(20), "the first run never took its lock");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the first run never took its lock"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let second = rl("2").output().unwrap();
     let err = String::from_utf8_lossy(&second.stderr);
-    assert!(!second.status.success() && err.contains("another process is writing"), "{err}");
-    let killed = Command::new("kill").args(["-TERM", &first.id().to_string()]).status().unwrap();
+    assert!(
+        !second.status.success() && err.contains("another process is writing"),
+        "{err}"
+    );
+    let killed = Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .unwrap();
     assert!(killed.success());
     let status = first.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "SIGTERM must end the run through the cleanup handler");
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "SIGTERM must end the run through the cleanup handler"
+    );
     let left: Vec<String> = std::fs::read_dir(d)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

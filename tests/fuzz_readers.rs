@@ -35,7 +35,11 @@ fn mutate(base: &[u8], (edits, cut): &(Vec<(f64, u8, usize)>, Option<f64>), head
     let mut b = base.to_vec();
     for &(pos, byte, run) in edits {
         // half of the edits land in the first 512 bytes, where the headers are
-        let span = if header_bias && byte % 2 == 0 { b.len().min(512) } else { b.len() };
+        let span = if header_bias && byte % 2 == 0 {
+            b.len().min(512)
+        } else {
+            b.len()
+        };
         let at = ((pos * span as f64) as usize).min(b.len() - 1);
         for x in b.iter_mut().skip(at).take(run) {
             *x = byte;

@@ -363,7 +363,11 @@ fn imagej_and_ome_axes_are_read_not_guessed() {
     let e = pick(&tzyx, None, Some(2)).unwrap_err().to_string();
     assert!(e.contains("time point 2 does not exist"), "{e}");
     let czyx = d.join("czyx.tif");
-    described_stack(&czyx, 8, "ImageJ=1.54f\nimages=8\nchannels=2\nslices=4\nhyperstack=true\n");
+    described_stack(
+        &czyx,
+        8,
+        "ImageJ=1.54f\nimages=8\nchannels=2\nslices=4\nhyperstack=true\n",
+    );
     assert!(read_volume(&czyx).unwrap_err().to_string().contains("--channel 0..1"));
     assert_eq!(plane_values(&pick(&czyx, Some(1), None).unwrap()), [2.0, 4.0, 6.0, 8.0]);
     // a time series of single planes (TYX): one time point is a 2D image
@@ -371,7 +375,15 @@ fn imagej_and_ome_axes_are_read_not_guessed() {
     described_stack(&tyx, 5, "ImageJ=1.54f\nimages=5\nframes=5\n");
     assert!(read_volume(&tyx).unwrap_err().to_string().contains("5 time points"));
     assert_eq!(plane_values(&pick(&tyx, None, Some(2)).unwrap()), [3.0]);
-    let e = read_volume_with(&tyx, &ReadOptions { time: Some(2), ..Default::default() }).unwrap_err().to_string();
+    let e = read_volume_with(
+        &tyx,
+        &ReadOptions {
+            time: Some(2),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("2D"), "{e}");
     // OME-XML, two page orders
     let ome = |order: &str| {

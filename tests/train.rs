@@ -288,21 +288,38 @@ fn cli_train_reproducible_models_are_byte_identical_and_logs_never_repeat_steps(
             .unwrap()
             .lines()
             .filter(|l| l.contains("\"loss\""))
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
             .collect()
     };
     run(&[], "a.safetensors");
     run(&[], "b.safetensors");
     let a = std::fs::read(d.join("a.safetensors")).unwrap();
-    assert!(a == std::fs::read(d.join("b.safetensors")).unwrap(), "two identical runs differ in bytes");
+    assert!(
+        a == std::fs::read(d.join("b.safetensors")).unwrap(),
+        "two identical runs differ in bytes"
+    );
     // stopped at step 2 (checkpoint), then as if killed during step 3: its line is logged
     run(&["--stop-after", "2"], "r.safetensors");
     let mut log = std::fs::read_to_string(d.join("r.log.jsonl")).unwrap();
     log.push_str("{\"step\":3,\"loss\":0.5,\"mse\":0.1,\"lr\":0.01}\n");
     std::fs::write(d.join("r.log.jsonl"), log).unwrap();
-    run(&["--resume", d.join("r.ckpt.safetensors").to_str().unwrap()], "r.safetensors");
-    assert!(a == std::fs::read(d.join("r.safetensors")).unwrap(), "the resumed run's model differs in bytes");
-    assert_eq!(steps_logged("r.log.jsonl"), [1, 2, 3, 4], "the resumed log repeats or misses steps");
+    run(
+        &["--resume", d.join("r.ckpt.safetensors").to_str().unwrap()],
+        "r.safetensors",
+    );
+    assert!(
+        a == std::fs::read(d.join("r.safetensors")).unwrap(),
+        "the resumed run's model differs in bytes"
+    );
+    assert_eq!(
+        steps_logged("r.log.jsonl"),
+        [1, 2, 3, 4],
+        "the resumed log repeats or misses steps"
+    );
     // a fresh run into the same output does not append to the old log
     run(&[], "a.safetensors");
     assert_eq!(steps_logged("a.log.jsonl"), [1, 2, 3, 4]);

@@ -62,8 +62,15 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     let mut model = Model::<f32>::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     super::infer::override_percentiles(&mut model, a.percentiles)?;
     let psf = match &a.psf {
-        Some(p) => read_volume_with(p, &ReadOptions { channel: a.channel, time: a.time, ..Default::default() })
-            .with_context(|| format!("reading PSF {}", p.display()))?,
+        Some(p) => read_volume_with(
+            p,
+            &ReadOptions {
+                channel: a.channel,
+                time: a.time,
+                ..Default::default()
+            },
+        )
+        .with_context(|| format!("reading PSF {}", p.display()))?,
         None => model_psf(&model)?.1,
     };
     let synth = SynthConfig {

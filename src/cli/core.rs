@@ -19,7 +19,11 @@ pub struct ImportTfArgs {
 }
 
 pub fn import_tf(a: &ImportTfArgs) -> Result<()> {
-    let out = super::args::Output { role: "the output -o", path: &a.output, extensions: super::args::MODEL_EXTENSIONS };
+    let out = super::args::Output {
+        role: "the output -o",
+        path: &a.output,
+        extensions: super::args::MODEL_EXTENSIONS,
+    };
     let _guard = super::args::guard_outputs(&[out], &[("the TF weights", a.weights.as_path())])?;
     let model = Model::<f64>::import_tf(&a.weights, a.div_eps)?;
     model.save(&a.output)?;

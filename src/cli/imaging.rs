@@ -187,7 +187,11 @@ pub fn psf(a: &PsfArgs) -> Result<()> {
     let mut inputs = Vec::new();
     inputs.extend(a.measured.as_deref().map(|p| ("the bead stack --measured", p)));
     inputs.extend(a.from_model.as_deref().map(|p| ("the model --from-model", p)));
-    let out = super::args::Output { role: "the output -o", path: &a.output, extensions: super::args::VOLUME_EXTENSIONS };
+    let out = super::args::Output {
+        role: "the output -o",
+        path: &a.output,
+        extensions: super::args::VOLUME_EXTENSIONS,
+    };
     let _guard = super::args::guard_outputs(&[out], &inputs)?;
     let t = Instant::now();
     let vol = if let Some(mp) = &a.from_model {
@@ -300,7 +304,10 @@ pub struct SynthArgs {
 pub fn synth(a: &SynthArgs) -> Result<()> {
     progress::enable(true);
     if a.output.is_file() {
-        bail!("-o {} is a file: synth writes a folder (DIR/input/, DIR/ground_truth/)", a.output.display());
+        bail!(
+            "-o {} is a file: synth writes a folder (DIR/input/, DIR/ground_truth/)",
+            a.output.display()
+        );
     }
     let psf = read_volume_with(&a.psf, &read_opts(a.channel, a.time))
         .with_context(|| format!("reading PSF {}", a.psf.display()))?;
@@ -394,7 +401,11 @@ pub struct RlArgs {
 
 pub fn rl(a: &RlArgs) -> Result<()> {
     progress::enable(true);
-    let out = super::args::Output { role: "the output -o", path: &a.output, extensions: super::args::VOLUME_EXTENSIONS };
+    let out = super::args::Output {
+        role: "the output -o",
+        path: &a.output,
+        extensions: super::args::VOLUME_EXTENSIONS,
+    };
     let _guard = super::args::guard_outputs(&[out], &[("the input volume", &a.input), ("the PSF --psf", &a.psf)])?;
     let input = read_volume_with(&a.input, &read_opts(a.channel, a.time))?;
     let psf = read_volume_with(&a.psf, &ReadOptions::default())

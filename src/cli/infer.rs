@@ -141,13 +141,24 @@ pub fn override_percentiles(model: &mut Model<f32>, percentiles: Option<(f64, f6
 }
 
 pub fn infer(a: &InferArgs) -> Result<()> {
-    let mut inputs = vec![("the model", a.model.as_path()), ("the input volume", a.input.as_path())];
+    let mut inputs = vec![
+        ("the model", a.model.as_path()),
+        ("the input volume", a.input.as_path()),
+    ];
     inputs.extend(a.input2.as_deref().map(|p| ("the second view --input2", p)));
-    let out = super::args::Output { role: "the output -o", path: &a.output, extensions: super::args::VOLUME_EXTENSIONS };
+    let out = super::args::Output {
+        role: "the output -o",
+        path: &a.output,
+        extensions: super::args::VOLUME_EXTENSIONS,
+    };
     let _guard = super::args::guard_outputs(&[out], &inputs)?;
     super::args::check_tile(a.tile)?;
     super::args::check_fp16_on_cpu(a.fp16, a.device == Device::Cpu)?;
-    let read_opts = ReadOptions { channel: a.channel, time: a.time, ..Default::default() };
+    let read_opts = ReadOptions {
+        channel: a.channel,
+        time: a.time,
+        ..Default::default()
+    };
     let mut model = Model::<f32>::load(&a.model).with_context(|| format!("loading model {}", a.model.display()))?;
     override_percentiles(&mut model, a.percentiles)?;
     let variant = model.config.variant;

@@ -323,16 +323,36 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     inputs.extend(a.init.as_deref().map(|p| ("the initial weights --init", p)));
     inputs.extend(a.synth_psf.as_deref().map(|p| ("the PSF --synth-psf", p)));
     // a resumed run writes its checkpoint where it read it: that one overwrite is the point
-    if let Some(r) = a.resume.as_deref().filter(|r| !rln_engine::fsutil::same_file(r, &ckpt_path)) {
+    if let Some(r) = a
+        .resume
+        .as_deref()
+        .filter(|r| !rln_engine::fsutil::same_file(r, &ckpt_path))
+    {
         inputs.push(("the checkpoint --resume", r));
     }
     use super::args::{Output, MODEL_EXTENSIONS};
     let _guard = super::args::guard_outputs(
         &[
-            Output { role: "the output -o", path: &a.output, extensions: MODEL_EXTENSIONS },
-            Output { role: "the checkpoint --checkpoint", path: &ckpt_path, extensions: MODEL_EXTENSIONS },
-            Output { role: "the log --log", path: &log_path, extensions: &[] },
-            Output { role: "the best model (OUTPUT.best.safetensors)", path: &best_path, extensions: MODEL_EXTENSIONS },
+            Output {
+                role: "the output -o",
+                path: &a.output,
+                extensions: MODEL_EXTENSIONS,
+            },
+            Output {
+                role: "the checkpoint --checkpoint",
+                path: &ckpt_path,
+                extensions: MODEL_EXTENSIONS,
+            },
+            Output {
+                role: "the log --log",
+                path: &log_path,
+                extensions: &[],
+            },
+            Output {
+                role: "the best model (OUTPUT.best.safetensors)",
+                path: &best_path,
+                extensions: MODEL_EXTENSIONS,
+            },
         ],
         &inputs,
     )?;
@@ -354,8 +374,15 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     let mut psf_meta = None;
     // data (every problem reported before training starts)
     let (data, val) = if let Some(psf_path) = &a.synth_psf {
-        let psf = read_volume_with(psf_path, &ReadOptions { channel: a.channel, time: a.time, ..Default::default() })
-            .with_context(|| format!("reading PSF {}", psf_path.display()))?;
+        let psf = read_volume_with(
+            psf_path,
+            &ReadOptions {
+                channel: a.channel,
+                time: a.time,
+                ..Default::default()
+            },
+        )
+        .with_context(|| format!("reading PSF {}", psf_path.display()))?;
         psf_meta = psf
             .metadata
             .as_ref()
@@ -504,7 +531,10 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         ckpt_path.display()
     );
     let provenance = if a.reproducible {
-        format!("trained by rln-engine {} (--reproducible: command line and timings left out)", env!("CARGO_PKG_VERSION"))
+        format!(
+            "trained by rln-engine {} (--reproducible: command line and timings left out)",
+            env!("CARGO_PKG_VERSION")
+        )
     } else {
         format!(
             "trained by rln-engine {} ({})",

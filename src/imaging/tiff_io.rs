@@ -547,7 +547,16 @@ fn read_imagej_contiguous<R: Read + Seek>(
             format!("file is truncated: ImageJ says {n} planes of {plane} bytes but the file holds {file_len} bytes"),
         ));
     }
-    check_declared_size(path, 1, (w as u64, h as u64 * (n as u64 - 1)), 1, bits as u64, false, file_len, 0)?;
+    check_declared_size(
+        path,
+        1,
+        (w as u64, h as u64 * (n as u64 - 1)),
+        1,
+        bits as u64,
+        false,
+        file_len,
+        0,
+    )?;
     let r = dec.inner();
     let mut order = [0u8; 2];
     r.seek(SeekFrom::Start(0))
