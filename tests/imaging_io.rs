@@ -235,7 +235,15 @@ fn bad_input_is_a_clear_error() {
     let i = v.index(2, 1, 3);
     v.data[i] = f32::NAN;
     let p = d.join("nan.tif");
-    write_volume(&p, &v, OutputDtype::F32).unwrap();
+    // the engine's writers refuse non-finite voxels, so the file is made by hand
+    let e = write_volume(&p, &v, OutputDtype::F32).unwrap_err().to_string();
+    assert!(e.contains("(2, 1, 3)") && e.contains("NaN") && !p.exists(), "{e}");
+    {
+        let mut enc = TiffEncoder::new(std::fs::File::create(&p).unwrap()).unwrap();
+        for z in 0..3 {
+            enc.write_image::<colortype::Gray32Float>(5, 4, &v.data[z * 20..(z + 1) * 20]).unwrap();
+        }
+    }
     let e = read_volume(&p).unwrap_err().to_string();
     assert!(e.contains("z=2, y=1, x=3") && e.contains("NaN"), "{e}");
     // RGB without a channel, then with one

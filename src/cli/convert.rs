@@ -9,22 +9,26 @@ use std::path::PathBuf;
 
 use super::train::parse_dims;
 
+/// What `convert --help` adds under the options.
+const CONVERT_HELP: &str = "\
+Formats by name: .tif/.tiff (classic or BigTIFF; BigTIFF is written past 4 GB), a folder
+of 2D TIFF slices (input only), file.h5[:/dataset] (builds with --features hdf5), and
+OME-Zarr stores (a folder named *.zarr / *.ome.zarr; NGFF 0.4 = Zarr v2 and 0.5 = Zarr v3
+with sharding are read; axes must end in z, y, x).
+
+Memory: a slab of input planes as deep as one output chunk (TIFF and slice inputs) plus
+one chunk per thread; into a TIFF, a slab of whole planes of the input's chunk depth;
+--pyramid about 8 chunks per thread. Turn a large TIFF series into a chunked store once,
+then run infer on the store:
+
+  rln-engine convert stack.tif stack.ome.zarr --chunks 16,512,512 --pyramid 4
+
+In Zarr inputs a chunk file that is missing reads as the fill value (Zarr spec); a store
+this engine started but did not finish is refused.";
+
 /// Streams a volume from one format into another with bounded memory.
-///
-/// Formats by name: `.tif`/`.tiff` (classic or BigTIFF, written as BigTIFF past 4 GB),
-/// a folder of 2D TIFF slices (input only), `file.h5[:/dataset]` (builds with
-/// `--features hdf5`), and OME-Zarr stores (a folder named `*.zarr` / `*.ome.zarr`;
-/// NGFF 0.4 = Zarr v2 and 0.5 = Zarr v3 with sharding are read).
-///
-/// Memory: a slab of input planes as deep as one output chunk (TIFF and slice inputs)
-/// plus one chunk per thread; into a TIFF, a slab of whole planes. Turn a large TIFF
-/// series into a chunked store once, then run `infer` on the store:
-///
-///   rln-engine convert stack.tif stack.ome.zarr --chunks 64,256,256 --pyramid 3
-///
-/// In Zarr stores a chunk file that is missing reads as the fill value (Zarr spec); a
-/// store this engine did not finish is refused.
 #[derive(Args, Debug)]
+#[command(after_help = CONVERT_HELP)]
 pub struct ConvertArgs {
     /// Input volume: TIFF stack, folder of slices, file.h5[:/dataset] or OME-Zarr store.
     pub input: PathBuf,

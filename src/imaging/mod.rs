@@ -3,6 +3,8 @@
 //!
 //! - [`volume::Volume`]: the z,y,x stack every function here takes and returns.
 //! - [`io`]: [`io::read_volume`] / [`io::write_volume`] for TIFF, folders of slices, HDF5.
+//! - [`stream`]: the same formats plus OME-Zarr read and written by region, for volumes
+//!   larger than memory ([`stream::open_reader`], [`stream::create_writer`], `convert`).
 //! - [`normalize`]: percentile normalization of rln-spec.md §6.
 //! - [`psf`]: Gaussian, Gibson–Lanni, confocal and measured PSFs ([`psf::PsfSpec`], [`psf::generate`]).
 //! - [`synth`]: the authors' phantoms plus filaments, blurred and noised ([`synth::make_pair`]).

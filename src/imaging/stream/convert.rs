@@ -96,7 +96,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let (out_file, _) = split_dataset_path(output);
     check_not_input(&in_file, &out_file)?;
     let fmt_in = Format::of(input)?;
-    let fmt_out = if out_file.exists() { Format::of(output)? } else { Format::of(output).or_else(|e| if out_file.extension().is_none() { Ok(Format::Zarr) } else { Err(e) })? };
+    let fmt_out = Format::of(output)?;
     if fmt_in == Format::Zarr && zarr::looks_like_store(&in_file) {
         let attrs_complete = zarr::is_complete(&in_file)?;
         if !attrs_complete && written_by_engine(&in_file) {

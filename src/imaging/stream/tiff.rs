@@ -120,6 +120,8 @@ pub struct TiffReader {
     check_finite: bool,
     limits_bytes: usize,
     decoders: Mutex<Vec<FileDecoder>>,
+    /// Pages whose strip offsets and byte counts were checked against the file length.
+    checked_pages: Mutex<std::collections::HashSet<usize>>,
     cache: Mutex<BandCache>,
     peak_cached: Arc<AtomicUsize>,
     bands_decoded: AtomicU64,
@@ -211,7 +213,7 @@ impl TiffReader {
             ChunkType::Strip => (dec.chunk_dimensions().1 as usize).clamp(1, h),
             ChunkType::Tile => h,
         };
-        check_page_chunks(path, &mut dec, 0, file_len, compression)?;
+        check_page_chunks(path, &mut dec, 0, file_len)?;
 
         let mut pages = 1usize;
         while dec.more_images() {
@@ -300,6 +302,7 @@ impl TiffReader {
             check_finite: opts.check_finite,
             limits_bytes,
             decoders: Mutex::new(vec![dec]),
+            checked_pages: Mutex::new([0].into_iter().collect()),
             cache: Mutex::new(cache),
             peak_cached,
             bands_decoded: AtomicU64::new(0),
@@ -346,9 +349,9 @@ impl TiffReader {
         };
         let what = format!("page {page}");
         dec.seek_to_image(page).map_err(|e| tiff_err(&self.path, &what, e))?;
-        if band == 0 && page > 0 {
-            let compression = dec.find_tag_unsigned::<u16>(Tag::Compression).ok().flatten().unwrap_or(1);
-            check_page_chunks(&self.path, &mut dec, page, self.file_len, compression)?;
+        if !self.checked_pages.lock().unwrap_or_else(|e| e.into_inner()).contains(&page) {
+            check_page_chunks(&self.path, &mut dec, page, self.file_len)?;
+            self.checked_pages.lock().unwrap_or_else(|e| e.into_inner()).insert(page);
         }
         let img = if band_rows == h {
             dec.read_image()
@@ -431,7 +434,7 @@ fn pick_channel(path: &Path, n: usize, wanted: Option<usize>, what: &str) -> Res
 }
 
 /// Checks the current page's strip/tile offsets and byte counts against the file length.
-fn check_page_chunks(path: &Path, dec: &mut FileDecoder, page: usize, file_len: u64, compression: u16) -> Result<()> {
+fn check_page_chunks(path: &Path, dec: &mut FileDecoder, page: usize, file_len: u64) -> Result<()> {
     let (off_tag, cnt_tag) = match dec.get_chunk_type() {
         ChunkType::Strip => (Tag::StripOffsets, Tag::StripByteCounts),
         ChunkType::Tile => (Tag::TileOffsets, Tag::TileByteCounts),
@@ -448,7 +451,6 @@ fn check_page_chunks(path: &Path, dec: &mut FileDecoder, page: usize, file_len: 
         }
         total += *c as u128;
     }
-    let _ = compression;
     if total > file_len as u128 {
         return Err(Error::format(path, format!("page {page} declares {total} bytes of data, more than the file's {file_len}")));
     }
