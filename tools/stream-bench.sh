@@ -8,21 +8,24 @@
 #     (b) the tiled-inference row of `rln-engine bench` (in-memory, blended tiles);
 #   - the same pipeline with the network replaced by a copy (--copy-network, LABELLED:
 #     not a deconvolution), the host side's own ceiling.
-# Volumes are synthetic (rln-engine psf + synth), Y×X = $SIZE², depths $D1 and 4·$D1.
+# Volumes are synthetic (rln-engine psf + synth), Y×X = $SIZE², depths $D1 and 4·$D1 (both
+# deeper than a tile window, so that the shallow one is not a smaller special case);
+# output chunks $CHUNKS (the cores are multiples of them).
 # Input/output format: OME-Zarr when `rln-engine convert` exists (the streaming readers),
 # else TIFF (read whole by the temporary adapter: memory then grows with depth).
 # Writes bench/results/stream-cpu-latest.json (or $RESULT).
 #
-#   tools/stream-bench.sh            # ~3 min on 2 cores
-#   SIZE=512 D1=32 MEM=2G tools/stream-bench.sh
+#   tools/stream-bench.sh            # a few minutes on 2 cores
+#   SIZE=512 D1=128 MEM=2G tools/stream-bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULT=${RESULT:-bench/results/stream-cpu-latest.json}
 MODEL=${MODEL:-models/rln-synthetic-widefield.safetensors}
 SIZE=${SIZE:-256}
-D1=${D1:-16}
+D1=${D1:-64}
 D2=$((4 * D1))
-MEM=${MEM:-1G}
+MEM=${MEM:-512M}
+CHUNKS=${CHUNKS:-16,64,64}
 cargo build --release --quiet
 B=target/release/rln-engine
 tmp=$(mktemp -d)
@@ -39,14 +42,14 @@ EXT=tif
 if $B convert --help >/dev/null 2>&1; then
   FMT=ome-zarr
   EXT=zarr
-  for d in $D1 $D2; do $B convert "$tmp/in$d.tif" "$tmp/in$d.zarr" >/dev/null; done
+  for d in $D1 $D2; do $B convert "$tmp/in$d.tif" "$tmp/in$d.zarr" --chunks "$CHUNKS" >/dev/null; done
 fi
 
 run() { # name depth extra-args...
   local name=$1 d=$2
   shift 2
   echo "== infer $name (depth $d, --memory $MEM, $FMT)" >&2
-  $B infer "$MODEL" "$tmp/in$d.$EXT" -o "$tmp/out_$name.$EXT" --device cpu --memory "$MEM" --json "$@" >"$tmp/$name.json"
+  $B infer "$MODEL" "$tmp/in$d.$EXT" -o "$tmp/out_$name.$EXT" --device cpu --memory "$MEM" --chunks "$CHUNKS" --json "$@" >"$tmp/$name.json"
   rm -rf "$tmp/out_$name.$EXT"
 }
 run d1 "$D1"
