@@ -303,7 +303,7 @@ fn cli_tiff_to_tiff_equals_deconvolve_and_reports_json() {
     let input = dir.path().join("in.tif");
     let output = dir.path().join("out.tif");
     write_tiff(&input, &vol);
-    let o = engine(&[&"infer", &MODEL, &input, &"-o", &output, &"--device", &"cpu", &"--tile", &"8,32,32", &"--json"]);
+    let o = engine(&[&"infer", &MODEL, &input, &"-o", &output, &"--device", &"cpu", &"--tile", &"16,32,32", &"--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["tiling"], "cores");
@@ -353,7 +353,7 @@ fn cli_bad_blocks_and_outputs_are_refused_clearly() {
     assert!(stderr(&o).contains("chunked store"), "{}", stderr(&o));
     let o = engine(&[&"infer", &MODEL, &input, &"-o", &input]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("is an input"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is the input"), "{}", stderr(&o));
     assert!(!out.exists());
     // a norm-stats file made for another shape
     let stats = dir.path().join("stats.json");
@@ -408,7 +408,7 @@ fn cli_zarr_outputs_equal_deconvolve() {
     for (name, input) in [("tiff-to-zarr", &tif), ("zarr-to-zarr", &zin)] {
         let out = dir.path().join(format!("{name}.zarr"));
         let o = engine(&[
-            &"infer", &MODEL, input, &"-o", &out, &"--device", &"cpu", &"--chunks", &"4,16,32", &"--tile", &"8,32,32",
+            &"infer", &MODEL, input, &"-o", &out, &"--device", &"cpu", &"--chunks", &"4,16,32", &"--tile", &"16,32,32",
         ]);
         assert!(o.status.success(), "{name}: {}", stderr(&o));
         assert!(is_complete(&out), "{name}: a full run marks its store complete");
@@ -425,7 +425,7 @@ fn cli_blocks_of_a_store_equal_the_single_run_and_resume_after_a_kill() {
     let vol = test_volume(dims, 18);
     let input = dir.path().join("in.zarr");
     write_store(&input, &vol, [8, 32, 32], rln_engine::imaging::OutputDtype::U16);
-    let common: [&dyn AsRef<OsStr>; 6] = [&"--device", &"cpu", &"--chunks", &"4,16,16", &"--tile", &"8,32,32"];
+    let common: [&dyn AsRef<OsStr>; 6] = [&"--device", &"cpu", &"--chunks", &"4,16,16", &"--tile", &"16,32,32"];
     let run = |out: &Path, extra: &[&dyn AsRef<OsStr>], env: Option<(&str, &str)>| -> Output {
         let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"infer", &MODEL, &input, &"-o", &out];
         args.extend_from_slice(&common);

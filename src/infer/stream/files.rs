@@ -24,9 +24,9 @@ pub fn format_name(path: &Path) -> &'static str {
     }
 }
 
-/// Opens an input volume for reading regions.
-pub fn open_input(path: &Path) -> Result<Box<dyn VolumeReader>> {
-    stream::open_reader(path, &ReadOptions::default())
+/// Opens an input volume for reading regions (`read`: channel / time point selection).
+pub fn open_input(path: &Path, read: &ReadOptions) -> Result<Box<dyn VolumeReader>> {
+    stream::open_reader(path, read)
 }
 
 /// Creates the output volume (a TIFF or HDF5 file appears under its name only in
