@@ -443,7 +443,9 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
     let mut model = Model::<f32>::load(&opts.model)?;
     if let Some(p) = opts.percentiles {
         model.config.norm_percentiles = p;
-        model.config.validate()?;
+        model.config
+            .validate()
+            .map_err(|e| Error::invalid(format!("--percentiles {},{}: {e}", p[0], p[1])))?;
     }
     let variant = model.config.variant;
     let pct = model.config.norm_percentiles;
