@@ -303,7 +303,7 @@ fn cli_tiff_to_tiff_equals_deconvolve_and_reports_json() {
     let input = dir.path().join("in.tif");
     let output = dir.path().join("out.tif");
     write_tiff(&input, &vol);
-    let o = engine(&[&"infer", &MODEL, &input, &"-o", &output, &"--device", &"cpu", &"--tile", &"8,32,32", &"--json"]);
+    let o = engine(&[&"infer", &MODEL, &input, &"-o", &output, &"--device", &"cpu", &"--tile", &"16,32,32", &"--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["tiling"], "cores");
@@ -353,7 +353,7 @@ fn cli_bad_blocks_and_outputs_are_refused_clearly() {
     assert!(stderr(&o).contains("chunked store"), "{}", stderr(&o));
     let o = engine(&[&"infer", &MODEL, &input, &"-o", &input]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("is an input"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is the input"), "{}", stderr(&o));
     assert!(!out.exists());
     // a norm-stats file made for another shape
     let stats = dir.path().join("stats.json");
@@ -365,4 +365,167 @@ fn cli_bad_blocks_and_outputs_are_refused_clearly() {
     let o = engine(&[&"infer", &MODEL, &input, &"-o", &out, &"--device", &"cpu", &"--norm-stats", &stats]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("made for an input of"), "{}", stderr(&o));
+}
+
+// ------------------------------------------------------------------ OME-Zarr stores
+
+fn read_all(path: &Path) -> Vec<f32> {
+    let r = rln_engine::imaging::stream::open_reader(path, &Default::default()).unwrap();
+    let mut v = vec![0.0; r.dims().iter().product()];
+    r.read_region(Region::whole(r.dims()), &mut v).unwrap();
+    v
+}
+
+fn write_store(path: &Path, v: &Volume, chunks: [usize; 3], dtype: rln_engine::imaging::OutputDtype) {
+    let spec = rln_engine::imaging::stream::WriterSpec {
+        dims: v.dims,
+        dtype,
+        chunks: Some(chunks),
+        voxel_size: Some([0.5, 0.2, 0.2]),
+        metadata: None,
+    };
+    let w = rln_engine::imaging::stream::create_writer(path, &spec).unwrap();
+    w.write_region(Region::whole(v.dims), &v.data).unwrap();
+    w.finish().unwrap();
+}
+
+fn is_complete(store: &Path) -> bool {
+    rln_engine::imaging::stream::zarr::is_complete(store).unwrap()
+}
+
+#[test]
+fn cli_zarr_outputs_equal_deconvolve() {
+    let dir = tempfile::tempdir().unwrap();
+    let dims = [21, 67, 89];
+    let vol = test_volume(dims, 17);
+    let tif = dir.path().join("in.tif");
+    write_tiff(&tif, &vol);
+    let zin = dir.path().join("in.zarr");
+    // anisotropic chunks, not those of the output
+    write_store(&zin, &vol, [5, 16, 40], rln_engine::imaging::OutputDtype::F32);
+    let model = shipped_model();
+    let reference = deconvolve(&mut CpuPredictor { model: model.clone() }, &model, &vol, [24, 48, 48]).unwrap();
+    for (name, input) in [("tiff-to-zarr", &tif), ("zarr-to-zarr", &zin)] {
+        let out = dir.path().join(format!("{name}.zarr"));
+        let o = engine(&[
+            &"infer", &MODEL, input, &"-o", &out, &"--device", &"cpu", &"--chunks", &"4,16,32", &"--tile", &"16,32,32",
+        ]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        assert!(is_complete(&out), "{name}: a full run marks its store complete");
+        let e = rel_l2(&read_all(&out), &reference.data);
+        eprintln!("{name}: rel L2 vs deconvolve {e:.2e}");
+        assert!(e <= 1e-6, "{name}: rel err {e:e}");
+    }
+}
+
+#[test]
+fn cli_blocks_of_a_store_equal_the_single_run_and_resume_after_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let dims = [20, 70, 90];
+    let vol = test_volume(dims, 18);
+    let input = dir.path().join("in.zarr");
+    write_store(&input, &vol, [8, 32, 32], rln_engine::imaging::OutputDtype::U16);
+    let common: [&dyn AsRef<OsStr>; 6] = [&"--device", &"cpu", &"--chunks", &"4,16,16", &"--tile", &"16,32,32"];
+    let run = |out: &Path, extra: &[&dyn AsRef<OsStr>], env: Option<(&str, &str)>| -> Output {
+        let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"infer", &MODEL, &input, &"-o", &out];
+        args.extend_from_slice(&common);
+        args.extend_from_slice(extra);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_rln-engine"));
+        c.args(args.iter().map(|a| a.as_ref()));
+        if let Some((k, v)) = env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let single = dir.path().join("single.zarr");
+    let o = run(&single, &[&"--json"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let tiles = j["tiles_total"].as_u64().unwrap();
+    assert!(tiles >= 12, "{tiles} tiles");
+    let single_data = read_all(&single);
+
+    // split: create, then blocks in a scrambled order
+    let split = dir.path().join("split.zarr");
+    let stats = dir.path().join("stats.json");
+    let o = run(&split, &[&"--create-only", &"--norm-stats", &stats], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stats.is_file() && split.join(".rln/plan.json").is_file());
+    let n = 3;
+    for i in [2usize, 0, 1] {
+        assert!(!is_complete(&split), "blocks never mark the store complete");
+        let b = format!("{i}/{n}");
+        let o = run(&split, &[&"--block", &b, &"--norm-stats", &stats], None);
+        assert!(o.status.success(), "block {b}: {}", stderr(&o));
+        assert!(rln_engine::infer::stream::block_done(&split, i, n));
+    }
+    assert!(!is_complete(&split));
+    let split_data = read_all(&split);
+    assert!(
+        split_data.iter().zip(&single_data).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "the union of the blocks differs from the single run"
+    );
+    // --resume skips a done block
+    let o = run(&split, &[&"--block", &"1/3", &"--resume"], None);
+    assert!(o.status.success() && stderr(&o).contains("done already"), "{}", stderr(&o));
+    // a store planned for another run is refused
+    let o = run(&split, &[&"--block", &"0/3", &"--percentiles", &"0.1,99.0"], None);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("planned for another run"), "{}", stderr(&o));
+    let other = dir.path().join("other.zarr");
+    write_store(&other, &vol, [8, 32, 32], rln_engine::imaging::OutputDtype::F32);
+    let o = run(&other, &[&"--block", &"0/3"], None);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no run plan"), "{}", stderr(&o));
+
+    // kill after 4 tiles, then resume
+    let killed = dir.path().join("killed.zarr");
+    let o = run(&killed, &[], Some(("RLN_TEST_STOP_AFTER_TILES", "4")));
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+    assert!(!is_complete(&killed));
+    let o = run(&killed, &[], None);
+    assert!(!o.status.success() && stderr(&o).contains("--resume"), "{}", stderr(&o));
+    let o = run(&killed, &[&"--resume", &"--json"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["tiles_skipped"].as_u64(), Some(4));
+    assert_eq!(j["tiles"].as_u64(), Some(tiles - 4));
+    assert!(is_complete(&killed));
+    let resumed = read_all(&killed);
+    assert!(
+        resumed.iter().zip(&single_data).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "the resumed run differs from the uninterrupted one"
+    );
+}
+
+/// Peak resident memory of `infer` (the host pipeline, network replaced by a copy so
+/// that the run is quick) at two depths 4× apart with the same tile: bounded memory
+/// means the deeper volume (4× the bytes) does not raise the peak by its size.
+#[test]
+fn cli_peak_memory_does_not_grow_with_depth() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut peaks = Vec::new();
+    // both depths hold several full-depth tile windows (16 + 2·18 planes)
+    let plane = [256usize, 256];
+    for depth in [64usize, 256] {
+        let dims = [depth, plane[0], plane[1]];
+        let data: Vec<f32> = (0..dims.iter().product::<usize>()).map(|i| 100.0 + (i % 977) as f32).collect();
+        let vol = Volume::new(dims, data).unwrap();
+        let input = dir.path().join(format!("in{depth}.zarr"));
+        write_store(&input, &vol, [16, 64, 64], rln_engine::imaging::OutputDtype::U16);
+        drop(vol);
+        let out = dir.path().join(format!("out{depth}.zarr"));
+        let o = engine(&[
+            &"infer", &MODEL, &input, &"-o", &out, &"--copy-network", &"--tile", &"16,64,64", &"--chunks", &"16,64,64",
+            &"--output-dtype", &"u16", &"--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let peak = j["peak_rss_bytes"].as_u64().unwrap();
+        eprintln!("depth {depth}: peak RSS {:.1} MB", peak as f64 / 1e6);
+        peaks.push(peak as f64);
+    }
+    // the deeper input is 192·256²·4 B = 50 MB of f32 more than the shallow one
+    let grown = peaks[1] - peaks[0];
+    assert!(grown < 0.2 * peaks[0] && grown < 15e6, "peak grew by {:.1} MB with depth", grown / 1e6);
 }

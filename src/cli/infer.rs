@@ -101,7 +101,8 @@ pub struct InferArgs {
     /// Sample type of the output (f32, f16 or u16).
     #[arg(long, default_value = "f32")]
     pub output_dtype: OutputDtype,
-    /// Chunk shape (z,y,x) of a created OME-Zarr output; default 64,64,64.
+    /// Chunk shape (z,y,x) of a created OME-Zarr output; default 64,256,256. Tile cores
+    /// are multiples of it.
     #[arg(long, value_parser = parse_dims)]
     pub chunks: Option<[usize; 3]>,
     /// Create the output store, its plan (OUT/.rln/plan.json) and the normalization
@@ -140,8 +141,8 @@ Streaming: infer reads only the windows of the tiles in flight and writes each f
 tile core at once, so memory is set by --memory, not by the volume (README: \"Streaming
 inference\" gives the formula).
 
-Global normalization uses percentiles of the whole volume when it holds at most 16.8 M
-voxels, else of an evenly spaced sample of 16.8 M voxels in blocks of the input's chunks.
+Global normalization uses percentiles of the whole volume when it holds at most 4.2 M
+voxels, else of a stratified sample of 4.2 M voxels in blocks of the input's chunks.
 On the test volumes (tests/stream_infer.rs) the sampled percentiles differed from the
 exact ones by at most 1% of (P_high − P_low). A volume whose two percentiles are equal
 (e.g. constant) is copied to the output unchanged.

@@ -70,7 +70,7 @@ pub struct InferFileOptions {
     pub normalize: NormalizeMode,
     pub rescale_output: bool,
     pub output_dtype: OutputDtype,
-    /// Chunks of a created store (z, y, x); None: 64³ (clipped to the volume).
+    /// Chunks of a created store (z, y, x); None: the format's default (clipped to the volume).
     pub chunks: Option<[usize; 3]>,
     /// Host memory for tiles in flight (bytes); None: [`default_memory`].
     pub memory: Option<usize>,
@@ -428,13 +428,24 @@ fn normalization(
     Ok(s)
 }
 
+/// What `infer --create-only` does (and a `plan` command may call): measures or reads
+/// the normalization, creates the output store and its plan `OUT/.rln/plan.json`, and
+/// computes nothing.
+pub fn create_store(opts: &InferFileOptions) -> Result<InferSummary> {
+    let mut o = opts.clone();
+    o.create_only = true;
+    infer_file(&o)
+}
+
 /// Streams `opts.input` (and `input2`) through the network into `opts.output`.
 pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
     let t0 = Instant::now();
     let mut model = Model::<f32>::load(&opts.model)?;
     if let Some(p) = opts.percentiles {
         model.config.norm_percentiles = p;
-        model.config.validate()?;
+        model.config
+            .validate()
+            .map_err(|e| Error::invalid(format!("--percentiles {},{}: {e}", p[0], p[1])))?;
     }
     let variant = model.config.variant;
     let pct = model.config.norm_percentiles;
@@ -553,14 +564,24 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
     let spec = WriterSpec {
         dims,
         dtype: opts.output_dtype,
-        chunks: Some(opts.chunks.unwrap_or([64, 64, 64]).map(|c| c.max(1))),
+        chunks: opts.chunks,
         voxel_size: r1.info().voxel_size,
         metadata: r1.info().metadata.clone(),
     };
     let (writer, sp) = match existing {
         Some(sp) => {
             check_store_plan(&opts.output, &sp, dims, &identity, stats.as_ref(), opts)?;
-            (files::open_existing_store(&opts.output)?, sp)
+            let w = files::open_existing_store(&opts.output)?;
+            if w.write_unit() != sp.chunks || w.dims() != dims {
+                return Err(Error::invalid(format!(
+                    "{}: the store's array ({:?} in units of {:?}) is not the one its plan was made for ({dims:?} in {:?}); create a new store",
+                    opts.output.display(),
+                    w.dims(),
+                    w.write_unit(),
+                    sp.chunks
+                )));
+            }
+            (w, sp)
         }
         None => {
             let w = files::create_output(&opts.output, &spec)?;
@@ -611,7 +632,8 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
     };
     summary.phases.read = open_seconds;
     if opts.create_only {
-        writer.finish()?;
+        // not `finish`: that marks a new store complete; the blocks fill it
+        drop(writer);
         summary.seconds = t0.elapsed().as_secs_f64();
         summary.peak_rss_bytes = peak_rss_bytes();
         return Ok(summary);
@@ -806,7 +828,7 @@ fn run_blended(
     let spec = WriterSpec {
         dims,
         dtype: opts.output_dtype,
-        chunks: Some(opts.chunks.unwrap_or([64, 64, 64])),
+        chunks: opts.chunks,
         voxel_size: views[0].info().voxel_size,
         metadata: views[0].info().metadata.clone(),
     };

@@ -18,8 +18,9 @@ use crate::infer::stitch::Affine;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// Voxels of the default sample (64 MB of f32): bounded whatever the volume.
-pub const DEFAULT_SAMPLE_VOXELS: usize = 16 << 20;
+/// Voxels of the default sample (16 MB of f32, twice that while the percentiles are
+/// selected): bounded whatever the volume.
+pub const DEFAULT_SAMPLE_VOXELS: usize = 4 << 20;
 
 /// The percentile values of one view.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
