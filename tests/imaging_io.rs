@@ -55,12 +55,17 @@ fn f32_u16_f16_round_trips_keep_data_voxel_size_and_metadata() {
         }
         assert_eq!(r.metadata, v.metadata, "{dtype:?}");
     }
-    // u16 clamps and rounds
-    let w = Volume::new([2, 1, 3], vec![-5.0, 1.4, 1.6, 70000.0, f32::NAN, 3.0]).unwrap();
-    let p = dir.path().join("clamp.tif");
+    // u16 rounds; values it cannot hold are refused, never clamped (tests/numerics.rs)
+    let w = Volume::new([2, 1, 3], vec![-0.4, 1.4, 1.6, 65535.0, 0.0, 3.0]).unwrap();
+    let p = dir.path().join("round.tif");
     write_volume(&p, &w, OutputDtype::U16).unwrap();
     let r = read_volume(&p).unwrap();
     assert_eq!(r.data, vec![0.0, 1.0, 2.0, 65535.0, 0.0, 3.0]);
+    let w = Volume::new([2, 1, 3], vec![-5.0, 1.4, 1.6, 70000.0, 0.0, 3.0]).unwrap();
+    let e = write_volume(dir.path().join("clamp.tif"), &w, OutputDtype::U16)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("outside uint16"), "{e}");
 }
 
 #[test]
@@ -222,7 +227,15 @@ fn bad_input_is_a_clear_error() {
     let i = v.index(2, 1, 3);
     v.data[i] = f32::NAN;
     let p = d.join("nan.tif");
-    write_volume(&p, &v, OutputDtype::F32).unwrap();
+    // written with the tiff crate: the engine's writers refuse non-finite volumes
+    assert!(write_volume(&p, &v, OutputDtype::F32).is_err() && !p.exists());
+    {
+        let mut enc = TiffEncoder::new(std::fs::File::create(&p).unwrap()).unwrap();
+        for z in 0..3 {
+            enc.write_image::<colortype::Gray32Float>(5, 4, &v.data[z * 20..(z + 1) * 20])
+                .unwrap();
+        }
+    }
     let e = read_volume(&p).unwrap_err().to_string();
     assert!(e.contains("z=2, y=1, x=3") && e.contains("NaN"), "{e}");
     // RGB without a channel, then with one

@@ -233,6 +233,13 @@ pub fn infer(a: &InferArgs) -> Result<()> {
         &mut |d, _| bar.set_position(d as u64),
     )?;
     bar.finish_and_clear();
+    if let Some(c) = t.constant_input {
+        eprintln!(
+            "warning: every voxel of {} is {c}: nothing to deconvolve (normalization is degenerate); \
+             the output is the input unchanged",
+            a.input.display()
+        );
+    }
     eprintln!(
         "tiled loop: read {:.2} s, cut+normalize {:.2} s, predictor {:.2} s, blend {:.2} s, emit {:.2} s",
         t.read, t.cut, t.predict, t.blend, t.emit
