@@ -38,15 +38,25 @@ fn engine(args: &[&str], cwd: &Path) -> Output {
         .unwrap()
 }
 
-/// A failed run with a message (exit 1 from our errors or 2 from clap; never 101, a panic).
-fn assert_clear_error(o: &Output, needle: &str) {
+/// What is wrong with `o` as the answer to bad input: it must fail with a message
+/// containing `needle` (exit 1 from our errors or 2 from clap; never 101, a panic).
+fn clear_error_problem(o: &Output, needle: &str) -> Option<String> {
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success(),
-        "expected an error containing {needle:?}, got success"
-    );
-    assert_ne!(o.status.code(), Some(101), "panicked: {err}");
-    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+    if o.status.success() {
+        Some(format!("expected an error containing {needle:?}, got success"))
+    } else if o.status.code() == Some(101) {
+        Some(format!("panicked: {err}"))
+    } else if !err.contains(needle) {
+        Some(format!("expected {needle:?} in: {err}"))
+    } else {
+        None
+    }
+}
+
+fn assert_clear_error(o: &Output, needle: &str) {
+    if let Some(p) = clear_error_problem(o, needle) {
+        panic!("{p}");
+    }
 }
 
 /// The test tooling's Python (tools/install-python-venv.sh) when it has `modules`.
@@ -444,6 +454,13 @@ fn numeric_options_out_of_range_are_clear_errors() {
         d,
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // every case is checked and the failures listed together
+    let mut failures: Vec<String> = Vec::new();
+    let mut expect = |what: &str, o: Output, needle: &str| {
+        if let Some(p) = clear_error_problem(&o, needle) {
+            failures.push(format!("{what}: {p}"));
+        }
+    };
     let train = |extra: &[&str]| {
         let mut a = vec![
             "train",
@@ -459,28 +476,44 @@ fn numeric_options_out_of_range_are_clear_errors() {
         a.extend_from_slice(extra);
         engine(&a, d)
     };
-    assert_clear_error(&train(&["--synth-count", "0"]), "--synth-count 0");
-    assert_clear_error(&train(&["--batch", "0"]), "--batch 0");
-    assert_clear_error(&train(&["--lr=-1"]), "--lr -1");
-    assert_clear_error(&train(&["--lr", "NaN"]), "finite");
-    assert_clear_error(&train(&["--crop", "1"]), "too small");
-    assert_clear_error(&train(&["--epoch-steps", "0"]), "--epoch-steps 0");
-    assert!(!d.join("t.safetensors").exists());
+    expect(
+        "train --synth-count 0",
+        train(&["--synth-count", "0"]),
+        "--synth-count 0",
+    );
+    expect("train --batch 0", train(&["--batch", "0"]), "--batch 0");
+    expect("train --lr=-1", train(&["--lr=-1"]), "--lr -1");
+    expect("train --lr NaN", train(&["--lr", "NaN"]), "finite");
+    expect("train --crop 1", train(&["--crop", "1"]), "too small");
+    expect(
+        "train --epoch-steps 0",
+        train(&["--epoch-steps", "0"]),
+        "--epoch-steps 0",
+    );
     let compare = |extra: &[&str]| {
         let mut a = vec!["compare", "--model", m, "--size", "8,16,16"];
         a.extend_from_slice(extra);
         engine(&a, d)
     };
-    assert_clear_error(&compare(&["--rl-min", "5", "--rl-max", "1"]), "rl-min");
-    assert_clear_error(&compare(&["--rl-min", "0", "--rl-max", "0"]), "rl-min");
-    assert_clear_error(&compare(&["--count", "0"]), "--count");
-    assert_clear_error(
-        &engine(&["psf", "--from-model", m, "--nx", "15", "-o", "p2.tif"], d),
+    expect(
+        "compare --rl-min 5 --rl-max 1",
+        compare(&["--rl-min", "5", "--rl-max", "1"]),
+        "rl-min",
+    );
+    expect(
+        "compare --rl-min 0 --rl-max 0",
+        compare(&["--rl-min", "0", "--rl-max", "0"]),
+        "rl-min",
+    );
+    expect("compare --count 0", compare(&["--count", "0"]), "--count");
+    expect(
+        "psf --from-model --nx",
+        engine(&["psf", "--from-model", m, "--nx", "15", "-o", "p2.tif"], d),
         "--nx would be ignored",
     );
-    assert!(!d.join("p2.tif").exists());
-    assert_clear_error(
-        &engine(
+    expect(
+        "psf --dtype u16",
+        engine(
             &[
                 "psf",
                 "--model",
@@ -500,7 +533,6 @@ fn numeric_options_out_of_range_are_clear_errors() {
         ),
         "all zeros",
     );
-    assert!(!d.join("p3.tif").exists());
     for (cmd, opt) in [
         (
             vec!["synth", "--psf", "psf.tif", "-o", "s", "--size", "8"],
@@ -516,11 +548,18 @@ fn numeric_options_out_of_range_are_clear_errors() {
             let mut a = cmd.clone();
             let val = format!("{opt}={bad}");
             a.push(&val);
-            let o = engine(&a, d);
-            assert_clear_error(&o, "finite");
+            expect(&a.join(" "), engine(&a, d), "finite");
         }
     }
-    assert!(!d.join("s").exists() && !d.join("r.tif").exists() && !d.join("p4.tif").exists());
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    for f in ["t.safetensors", "p2.tif", "p3.tif", "s", "r.tif", "p4.tif", "i.tif"] {
+        assert!(!d.join(f).exists(), "{f} was written");
+    }
 }
 
 #[test]
