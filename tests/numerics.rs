@@ -491,7 +491,8 @@ fn numeric_options_out_of_range_are_clear_errors() {
         "--epoch-steps 0",
     );
     let compare = |extra: &[&str]| {
-        let mut a = vec!["compare", "--model", m, "--size", "8,16,16"];
+        // big enough for the model's 33×65×65 PSF, so that the range checks are what fails
+        let mut a = vec!["compare", "--model", m, "--size", "34,66,66"];
         a.extend_from_slice(extra);
         engine(&a, d)
     };
