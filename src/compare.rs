@@ -93,9 +93,19 @@ pub fn compare_on_synthetic(
     rl_range: (usize, usize),
     progress: &mut dyn FnMut(usize),
 ) -> Result<CompareReport> {
+    let (lo, hi) = rl_range;
+    if count == 0 {
+        return Err(Error::invalid(
+            "--count must be at least 1 (the number of held-out volumes)",
+        ));
+    }
+    if lo == 0 || lo > hi {
+        return Err(Error::invalid(format!(
+            "RLD iteration range --rl-min {lo} --rl-max {hi} is empty or starts at 0: give 1 ≤ rl-min ≤ rl-max"
+        )));
+    }
     let s = Synthesizer::new(synth, psf)?;
     let plan = RlPlan::new(synth.size, psf, BackProjector::Matched)?;
-    let (lo, hi) = rl_range;
     let mut rln = Vec::new();
     let mut raw = Vec::new();
     let mut curves = Vec::new();

@@ -110,6 +110,15 @@ pub fn run_on<B: Backend>(b: &B, model: &Model<f32>, vectors: &Path) -> Result<R
         for (k, t) in [("prediction", y), ("e1_raw", e1r), ("e2_raw", e2r)] {
             let key = format!("{mode}.{k}");
             let want = read_volume::<f64>(&file, &key)?;
+            if want.shape != t.shape {
+                return Err(Error::format(
+                    vectors,
+                    format!(
+                        "'{key}' has shape {}, but the input gives {}: the vectors file is inconsistent (regenerate it)",
+                        want.shape, t.shape
+                    ),
+                ));
+            }
             rows.push(row(key, &f64v(t), &want.data, tol));
         }
         for (k, v) in [

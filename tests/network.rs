@@ -57,6 +57,21 @@ fn matches_naive_for_batch_sizes_1_to_4_and_odd_sizes() {
 }
 
 #[test]
+fn matches_naive_for_every_depth_1_to_9_with_odd_and_even_planes() {
+    // thin volumes: depths 1 and 2 pool to one half-resolution plane, odd depths are
+    // mirror-padded; H and W odd and even, below and above one vector
+    for d in 1..=9usize {
+        for (i, (h, w)) in [(2usize, 3usize), (7, 10), (4, 17)].into_iter().enumerate() {
+            check_against_naive(
+                Variant::Single,
+                Shape::new(1, 1, d, h, w),
+                300 + 10 * d as u64 + i as u64,
+            );
+        }
+    }
+}
+
+#[test]
 fn matches_naive_for_dual_view_concat_variant() {
     check_against_naive(Variant::DualConcat, Shape::new(2, 2, 4, 6, 5), 7);
 }

@@ -32,10 +32,10 @@ pub struct CompareArgs {
     #[arg(long, value_delimiter = ',')]
     pub families: Vec<Family>,
     /// Object density (1: the authors').
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, value_parser = super::finite_f64, default_value_t = 1.0)]
     pub density: f64,
     /// Photons per unit of ground truth (as in training).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, value_parser = super::finite_f64, default_value_t = 5.0)]
     pub photons: f64,
     /// RLD iteration counts tried: from --rl-min to --rl-max.
     #[arg(long, default_value_t = 5)]

@@ -11,7 +11,7 @@ pub struct ImportTfArgs {
     pub weights: PathBuf,
     /// ε of the RL division nodes: 1e-4 for the authors' published checkpoint, 1e-3 for models
     /// trained with their later code.
-    #[arg(long)]
+    #[arg(long, value_parser = super::finite_f64)]
     pub div_eps: f64,
     /// Output model file (safetensors, canonical names, config in the metadata).
     #[arg(short, long)]
@@ -148,7 +148,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub fp16: bool,
     /// Minimum seconds spent timing each case (after one warm-up run).
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, value_parser = super::finite_f64, default_value_t = 3.0)]
     pub min_time: f64,
     /// Minimum timed runs of each case.
     #[arg(long, default_value_t = 3)]

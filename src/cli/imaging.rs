@@ -27,7 +27,12 @@ fn triple_usize(s: &str) -> Result<[usize; 3], String> {
     triple(s)
 }
 fn triple_f64(s: &str) -> Result<[f64; 3], String> {
-    triple(s)
+    let v: [f64; 3] = triple(s)?;
+    if v.iter().all(|x| x.is_finite()) {
+        Ok(v)
+    } else {
+        Err(format!("{s:?}: give finite numbers"))
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -91,49 +96,49 @@ pub struct PsfArgs {
     #[arg(long, value_parser = triple_f64)]
     pub fwhm: Option<[f64; 3]>,
     /// Numerical aperture [1.4].
-    #[arg(long)]
+    #[arg(long, value_parser = super::finite_f64)]
     pub na: Option<f64>,
     /// Emission wavelength in µm [0.6].
-    #[arg(long)]
+    #[arg(long, value_parser = super::finite_f64)]
     pub wavelength: Option<f64>,
     /// Confocal: excitation wavelength in µm [0.488].
-    #[arg(long, default_value_t = 0.488)]
+    #[arg(long, value_parser = super::finite_f64, default_value_t = 0.488)]
     pub ex_wavelength: f64,
     /// Confocal: pinhole diameter in Airy units (0: point pinhole; ≥ 50: open).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, value_parser = super::finite_f64, default_value_t = 1.0)]
     pub pinhole: f64,
     /// Sample refractive index [1.47].
-    #[arg(long)]
+    #[arg(long, value_parser = super::finite_f64)]
     pub ns: Option<f64>,
     /// Immersion medium index, actual [1.515].
-    #[arg(long)]
+    #[arg(long, value_parser = super::finite_f64)]
     pub ni: Option<f64>,
     /// Immersion medium index, design [1.515].
-    #[arg(long)]
+    #[arg(long, value_parser = super::finite_f64)]
     pub ni0: Option<f64>,
     /// Coverslip index, actual [1.515].
-    #[arg(long)]
+    #[arg(long, value_parser = super::finite_f64)]
     pub ng: Option<f64>,
     /// Coverslip index, design [1.515].
-    #[arg(long)]
+    #[arg(long, value_parser = super::finite_f64)]
     pub ng0: Option<f64>,
     /// Coverslip thickness, actual, µm [170].
-    #[arg(long)]
+    #[arg(long, value_parser = super::finite_f64)]
     pub tg: Option<f64>,
     /// Coverslip thickness, design, µm [170].
-    #[arg(long)]
+    #[arg(long, value_parser = super::finite_f64)]
     pub tg0: Option<f64>,
     /// Working distance (immersion thickness), design, µm [150].
-    #[arg(long)]
+    #[arg(long, value_parser = super::finite_f64)]
     pub ti0: Option<f64>,
     /// Depth of the point source above the coverslip, µm [0].
-    #[arg(long)]
+    #[arg(long, value_parser = super::finite_f64)]
     pub pz: Option<f64>,
     /// Lateral voxel size, µm [0.05].
-    #[arg(long)]
+    #[arg(long, value_parser = super::finite_f64)]
     pub dxy: Option<f64>,
     /// Axial voxel size, µm [0.05].
-    #[arg(long)]
+    #[arg(long, value_parser = super::finite_f64)]
     pub dz: Option<f64>,
     /// Lateral size in voxels (nx × nx) [51].
     #[arg(long)]
@@ -145,7 +150,7 @@ pub struct PsfArgs {
     #[arg(long)]
     pub oversample: Option<usize>,
     /// Measured: background to subtract (default: median of the stack's outer faces).
-    #[arg(long)]
+    #[arg(long, value_parser = super::finite_f32)]
     pub background: Option<f32>,
     /// Measured: output size "Z,Y,X" (odd).
     #[arg(long, value_parser = triple_usize)]
@@ -195,6 +200,40 @@ pub fn psf(a: &PsfArgs) -> Result<()> {
     let _guard = super::args::guard_outputs(&[out], &inputs)?;
     let t = Instant::now();
     let vol = if let Some(mp) = &a.from_model {
+        // the model's PSF record fixes everything; other PSF options would be ignored
+        let given: Vec<&str> = [
+            ("--fwhm", a.fwhm.is_some()),
+            ("--na", a.na.is_some()),
+            ("--wavelength", a.wavelength.is_some()),
+            ("--ns", a.ns.is_some()),
+            ("--ni", a.ni.is_some()),
+            ("--ni0", a.ni0.is_some()),
+            ("--ng", a.ng.is_some()),
+            ("--ng0", a.ng0.is_some()),
+            ("--tg", a.tg.is_some()),
+            ("--tg0", a.tg0.is_some()),
+            ("--ti0", a.ti0.is_some()),
+            ("--pz", a.pz.is_some()),
+            ("--dxy", a.dxy.is_some()),
+            ("--dz", a.dz.is_some()),
+            ("--nx", a.nx.is_some()),
+            ("--nz", a.nz.is_some()),
+            ("--oversample", a.oversample.is_some()),
+            ("--background", a.background.is_some()),
+            ("--crop", a.crop.is_some()),
+            ("--channel", a.channel.is_some()),
+            ("--measured", a.measured.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(n, g)| g.then_some(n))
+        .collect();
+        if !given.is_empty() {
+            bail!(
+                "--from-model regenerates the PSF recorded in the model; {} would be ignored: drop {}",
+                given.join(", "),
+                if given.len() == 1 { "it" } else { "them" }
+            );
+        }
         let model = rln_engine::model::Model::<f32>::load(mp).with_context(|| format!("loading {}", mp.display()))?;
         rln_engine::compare::model_psf(&model)
             .with_context(|| format!("the PSF of {}", mp.display()))?
@@ -272,13 +311,13 @@ pub struct SynthArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Photons per unit of ground truth (Poisson noise).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, value_parser = super::finite_f64, default_value_t = 5.0)]
     pub photons: f64,
     /// Gaussian read noise σ in photons.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, value_parser = super::finite_f64, default_value_t = 0.5)]
     pub read_noise: f64,
     /// Constant background of the scene.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, value_parser = super::finite_f32, default_value_t = 30.0)]
     pub background: f32,
     /// Families to draw (comma separated): spheres, shells, dots, rods, plates, blocks, filaments [all].
     #[arg(long, value_delimiter = ',')]
@@ -372,19 +411,19 @@ pub struct RlArgs {
     #[arg(short, long)]
     pub output: PathBuf,
     /// Constant background in the image model y = PSF ⊛ x + background.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, value_parser = super::finite_f32, default_value_t = 0.0)]
     pub background: f32,
     /// matched: classical RL; wiener-butterworth: Guo et al. 2020's unmatched back projector (few iterations).
     #[arg(long, value_enum, default_value_t = BackProjectorArg::Matched)]
     pub back_projector: BackProjectorArg,
     /// Wiener–Butterworth: Wiener parameter.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, value_parser = super::finite_f64, default_value_t = 0.1)]
     pub alpha: f64,
     /// Wiener–Butterworth: gain at the resolution cutoff.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, value_parser = super::finite_f64, default_value_t = 0.3)]
     pub beta: f64,
     /// Wiener–Butterworth: Butterworth order.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, value_parser = super::finite_f64, default_value_t = 10.0)]
     pub order: f64,
     /// Edges: free (object may extend past the image; Bertero–Boccacci) or mirror (data reflected).
     #[arg(long, value_enum, default_value_t = BoundaryArg::Auto)]
@@ -466,7 +505,7 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value_t = NormalizeArg::Affine)]
     pub normalize: NormalizeArg,
     /// Data range for PSNR/SSIM (default: max − min of the normalized ground truth).
-    #[arg(long)]
+    #[arg(long, value_parser = super::finite_f64)]
     pub data_range: Option<f64>,
     /// Channel of multi-channel inputs.
     #[arg(long)]

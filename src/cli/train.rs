@@ -25,6 +25,9 @@ pub fn parse_range(s: &str) -> Result<(f64, f64), String> {
         .map(|t| t.trim().parse::<f64>())
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{s:?}: {e}"))?;
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(format!("{s:?}: give finite numbers"));
+    }
     match v.as_slice() {
         [a] => Ok((*a, *a)),
         [a, b] => Ok((*a, *b)),
@@ -88,7 +91,7 @@ pub struct TrainArgs {
     /// a random subset of the families instead of all of them, so that scenes whose
     /// brightest structures are thin ones (dots, rods, plates) occur in training too;
     /// without it the network under-sharpens such scenes.
-    #[arg(long, value_name = "FRACTION", num_args = 0..=1, default_missing_value = "0.5")]
+    #[arg(long, value_parser = super::finite_f64, value_name = "FRACTION", num_args = 0..=1, default_missing_value = "0.5")]
     pub synth_family_subsets: Option<f64>,
     /// Output model file (the final weights). With validation data, the weights with the
     /// lowest validation loss are also kept, as OUTPUT with .best.safetensors.
@@ -125,18 +128,18 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = TargetScale::Own)]
     pub target_scale: TargetScale,
     /// Base learning rate.
-    #[arg(long, default_value_t = 0.015)]
+    #[arg(long, value_parser = super::finite_f64, default_value_t = 0.015)]
     pub lr: f64,
     /// Learning-rate decay factor per --lr-decay-steps (continuous).
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, value_parser = super::finite_f64, default_value_t = 0.95)]
     pub lr_decay: f64,
-    #[arg(long, default_value_t = 600.0)]
+    #[arg(long, value_parser = super::finite_f64, default_value_t = 600.0)]
     pub lr_decay_steps: f64,
     /// Gradient rules: the authors' custom gradients (paper) or the true gradient (exact).
     #[arg(long, value_enum, default_value_t = GradMode::Paper)]
     pub grad_mode: GradMode,
     /// ε of the RL division nodes of a new model (the authors' later code: 1e-3).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, value_parser = super::finite_f64, default_value_t = 1e-3)]
     pub div_eps: f64,
     /// Seed of initialization, crop sampling and synthetic data.
     #[arg(long, default_value_t = 0)]
@@ -286,7 +289,37 @@ fn trim_log_after(log: &Path, step: u64) -> Result<()> {
     Ok(())
 }
 
+/// The run's settings from the flags (a new run; a resumed one takes its checkpoint's).
+fn config_from_flags(a: &TrainArgs) -> TrainConfig {
+    TrainConfig {
+        steps: a.steps,
+        epoch_steps: a.epoch_steps,
+        sampler: CropSampler {
+            crop: a.crop,
+            batch: a.batch,
+            input_scale: a.input_scale,
+            target_scale: a.target_scale,
+            ..CropSampler::default()
+        },
+        schedule: LrSchedule {
+            base: a.lr,
+            decay_rate: a.lr_decay,
+            decay_steps: a.lr_decay_steps,
+        },
+        grad_mode: a.grad_mode,
+        seed: a.seed,
+        ..TrainConfig::default()
+    }
+}
+
 pub fn train(a: &TrainArgs) -> Result<()> {
+    rln_engine::fsutil::check_output_dir(&a.output)?;
+    if a.resume.is_none() {
+        config_from_flags(a).validate()?;
+    }
+    if a.synth_psf.is_some() && a.synth_count == 0 {
+        bail!("--synth-count 0: give at least 1 synthetic training volume");
+    }
     if a.input2.is_some() && a.variant == Variant::Single {
         bail!("--input2 gives a second view: choose --variant dual-average or dual-concat");
     }
@@ -437,25 +470,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             (state, cfg)
         }
         None => {
-            let cfg = TrainConfig {
-                steps: a.steps,
-                epoch_steps: a.epoch_steps.max(1),
-                sampler: CropSampler {
-                    crop: a.crop,
-                    batch: a.batch.max(1),
-                    input_scale: a.input_scale,
-                    target_scale: a.target_scale,
-                    ..CropSampler::default()
-                },
-                schedule: LrSchedule {
-                    base: a.lr,
-                    decay_rate: a.lr_decay,
-                    decay_steps: a.lr_decay_steps,
-                },
-                grad_mode: a.grad_mode,
-                seed: a.seed,
-                ..TrainConfig::default()
-            };
+            let cfg = config_from_flags(a);
             let mconf = ModelConfig {
                 variant: a.variant,
                 div_eps: a.div_eps,

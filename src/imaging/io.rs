@@ -215,6 +215,58 @@ pub fn write_volume_with(path: impl AsRef<Path>, vol: &Volume, opts: &WriteOptio
     }
 }
 
+/// Largest finite float16 value.
+pub const F16_MAX: f32 = 65504.0;
+
+/// Errors unless every value can be stored as `dtype` without silent damage: no NaN or
+/// infinity in any type; float16 within ±65504 (beyond it becomes ±inf); uint16 within
+/// [0, 65535] after rounding (beyond it would be clamped), and not a volume whose nonzero
+/// values all round to 0 (e.g. a PSF, which sums to 1). The message names the offending
+/// value and suggests f32; the writers never rescale behind the user's back.
+pub fn check_representable(data: &[f32], dtype: OutputDtype) -> Result<()> {
+    use rayon::prelude::*;
+    let (lo, hi, nonfinite) = data
+        .par_chunks(1 << 16)
+        .map(|c| {
+            c.iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY, None), |(lo, hi, nf), &v| {
+                    if v.is_finite() {
+                        (lo.min(v), hi.max(v), nf)
+                    } else {
+                        (lo, hi, nf.or(Some(v)))
+                    }
+                })
+        })
+        .reduce(
+            || (f32::INFINITY, f32::NEG_INFINITY, None),
+            |a, b| (a.0.min(b.0), a.1.max(b.1), a.2.or(b.2)),
+        );
+    if let Some(v) = nonfinite {
+        return Err(Error::Numeric(format!(
+            "the volume holds {v}; non-finite values are never written"
+        )));
+    }
+    if lo > hi {
+        return Ok(()); // empty
+    }
+    match dtype {
+        OutputDtype::F32 => Ok(()),
+        OutputDtype::F16 if lo < -F16_MAX || hi > F16_MAX => Err(Error::invalid(format!(
+            "values range over [{lo}, {hi}], beyond float16's ±{F16_MAX} (they would become infinite): \
+             write float32 (--output-dtype f32 / --dtype f32) or scale the data down first"
+        ))),
+        OutputDtype::U16 if lo < -0.5 || hi >= 65535.5 => Err(Error::invalid(format!(
+            "values range over [{lo}, {hi}], outside uint16's 0…65535 (they would be clamped): \
+             write float32 (--output-dtype f32 / --dtype f32) or rescale the data first"
+        ))),
+        OutputDtype::U16 if hi < 0.5 && (lo != 0.0 || hi != 0.0) => Err(Error::invalid(format!(
+            "every value is below 0.5 (largest {hi}), so uint16 would store all zeros: \
+             write float32 (--dtype f32) or scale the data up first"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The 2D TIFF files of a folder, sorted by name, read as consecutive z planes.
 pub fn read_slice_folder(dir: &Path, opts: &ReadOptions) -> Result<Volume> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)

@@ -522,6 +522,7 @@ impl RlPlan {
         let mut out = self.crop_image(&est);
         out.voxel_size = input.voxel_size;
         out.unit = input.unit.clone();
+        out.check_finite_result("Richardson–Lucy")?;
         Ok(out)
     }
 }

@@ -148,7 +148,10 @@ impl SynthConfig {
         {
             return Err(Error::invalid("photons must be > 0 and read noise ≥ 0"));
         }
-        if !(self.intensity[0] >= 0.0 && self.intensity[1] > self.intensity[0]) {
+        if !self.background.is_finite() {
+            return Err(Error::invalid(format!("background {} must be finite", self.background)));
+        }
+        if !(self.intensity[0] >= 0.0 && self.intensity[1] > self.intensity[0] && self.intensity[1].is_finite()) {
             return Err(Error::invalid("intensity range must satisfy 0 ≤ lo < hi"));
         }
         if self.families.is_empty() {
@@ -224,6 +227,8 @@ impl Synthesizer {
         input.metadata = Some(meta);
         gt.unit = "micron".into();
         input.unit = "micron".into();
+        gt.check_finite_result("synthetic ground truth")?;
+        input.check_finite_result("synthetic input")?;
         Ok((input, gt))
     }
 }

@@ -1,6 +1,11 @@
 //! TIFF stacks through the `tiff` crate: multi-page 8/16/32-bit integer and 16/32/64-bit
 //! float grayscale (classic TIFF and BigTIFF), ImageJ voxel size and hyperstack
 //! metadata; writing float32, uint16 or float16 with ImageJ metadata.
+//!
+//! Written stacks keep all planes' samples contiguous, before the directories, as ImageJ
+//! writes them: ImageJ and tifffile read an `images=N` stack as N back-to-back planes
+//! from the first plane's offset (see `write_pages_as`). Values a type cannot hold are
+//! refused before writing ([`super::io::check_representable`]).
 
 use super::io::{OutputDtype, ReadOptions};
 use super::volume::{check_voxel_size, Volume};
@@ -684,6 +689,14 @@ pub fn to_u16(v: f32) -> u16 {
     }
 }
 
+/// Writes the stack the way ImageJ does: all planes' samples first, contiguous and in z
+/// order (one strip per plane), then one directory per plane pointing into that block.
+///
+/// Why: ImageJ (and Fiji) read a stack whose first directory says `images=N` from the
+/// first plane's offset as N back-to-back planes and ignore the other directories, and
+/// tifffile does the same whenever the second directory lies beyond N planes' bytes
+/// (always for 2 planes, or for planes smaller than a directory). Planes interleaved with
+/// directories were read there as garbage (±3e38, NaN for thin volumes).
 fn write_pages_as<W: Write + Seek, K: TiffKind, C: ColorType>(
     enc: &mut TiffEncoder<W, K>,
     vol: &Volume,
@@ -694,20 +707,44 @@ where
 {
     let [nz, ny, nx] = vol.dims;
     let desc = imagej_description(vol);
-    let mut buf: Vec<C::Inner> = Vec::with_capacity(ny * nx);
+    let plane = ny * nx;
+    let plane_bytes = (plane * std::mem::size_of::<C::Inner>()) as u64;
+    let mut buf: Vec<C::Inner> = Vec::with_capacity(plane);
+    let sample_format: Vec<u16> = C::SAMPLE_FORMAT.iter().map(|s| s.to_u16()).collect();
+    let mut data_start = 0u64;
     for z in 0..nz {
-        let mut img = enc.new_image::<C>(nx as u32, ny as u32)?;
+        let mut dir = enc.image_directory()?;
         if z == 0 {
-            img.encoder().write_tag(Tag::ImageDescription, desc.as_str())?;
+            // the data block first, so that no directory or tag value lands inside it
+            for p in 0..nz {
+                buf.clear();
+                buf.extend(vol.data[p * plane..(p + 1) * plane].iter().map(|&v| conv(v)));
+                let off = dir.write_data(&buf[..])?;
+                if p == 0 {
+                    data_start = off;
+                }
+            }
+            dir.write_tag(Tag::ImageDescription, desc.as_str())?;
         }
+        dir.write_tag(Tag::ImageWidth, nx as u32)?;
+        dir.write_tag(Tag::ImageLength, ny as u32)?;
+        dir.write_tag(Tag::BitsPerSample, C::BITS_PER_SAMPLE)?;
+        dir.write_tag(Tag::Compression, tiff::tags::CompressionMethod::None.to_u16())?;
+        dir.write_tag(Tag::PhotometricInterpretation, C::TIFF_VALUE.to_u16())?;
+        dir.write_tag(
+            Tag::StripOffsets,
+            K::convert_offset(data_start + z as u64 * plane_bytes)?,
+        )?;
+        dir.write_tag(Tag::SamplesPerPixel, C::BITS_PER_SAMPLE.len() as u16)?;
+        dir.write_tag(Tag::RowsPerStrip, ny as u32)?;
+        dir.write_tag(Tag::StripByteCounts, K::convert_offset(plane_bytes)?)?;
+        dir.write_tag(Tag::SampleFormat, &sample_format[..])?;
         if let Some(vs) = vol.voxel_size {
-            img.resolution_unit(ResolutionUnit::None);
-            img.x_resolution(resolution(1.0 / vs[2]));
-            img.y_resolution(resolution(1.0 / vs[1]));
+            dir.write_tag(Tag::XResolution, resolution(1.0 / vs[2]))?;
+            dir.write_tag(Tag::YResolution, resolution(1.0 / vs[1]))?;
+            dir.write_tag(Tag::ResolutionUnit, ResolutionUnit::None.to_u16())?;
         }
-        buf.clear();
-        buf.extend(vol.data[z * ny * nx..(z + 1) * ny * nx].iter().map(|&v| conv(v)));
-        img.write_data(&buf)?;
+        dir.finish()?;
     }
     Ok(())
 }

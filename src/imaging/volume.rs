@@ -110,6 +110,12 @@ impl Volume {
         }
     }
 
+    /// Errors (a [`Error::Numeric`]) when a computed result holds NaN or infinity, naming
+    /// the stage that produced it, so that no such volume is ever written.
+    pub fn check_finite_result(&self, stage: &str) -> Result<()> {
+        check_finite_result(&self.data, self.dims, stage)
+    }
+
     /// Errors unless the voxel size, when present, is finite and positive.
     pub fn check_voxel_size(&self, what: &str) -> Result<()> {
         check_voxel_size(self.voxel_size, what)
@@ -152,6 +158,26 @@ impl Volume {
 
 pub fn dims_str(d: [usize; 3]) -> String {
     format!("{}×{}×{}", d[0], d[1], d[2])
+}
+
+/// Errors (a [`Error::Numeric`]) when `data` (planes of `dims[1]×dims[2]`) holds NaN or
+/// infinity: the result of `stage` is unusable and must not be written.
+pub fn check_finite_result(data: &[f32], dims: [usize; 3], stage: &str) -> Result<()> {
+    use rayon::prelude::*;
+    let Some(i) = data.par_iter().position_first(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let bad = data.par_iter().filter(|v| !v.is_finite()).count();
+    let (ny, nx) = (dims[1].max(1), dims[2].max(1));
+    Err(Error::Numeric(format!(
+        "the {stage} result is not finite: voxel (z={}, y={}, x={}) is {} ({bad} of {} voxels are NaN or infinite); \
+         nothing was written. Check the model's weights and the input's range",
+        i / (ny * nx),
+        (i / nx) % ny,
+        i % nx,
+        data[i],
+        data.len()
+    )))
 }
 
 pub(crate) fn check_voxel_size(vs: Option<[f64; 3]>, what: &str) -> Result<()> {

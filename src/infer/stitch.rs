@@ -74,6 +74,32 @@ pub fn estimate_normalization(src: &mut dyn PlaneSource, pct: [f64; 2], max_samp
     Ok(Affine::from_percentile_values(v[0], v[1]))
 }
 
+/// Degenerate normalization. When the normalization percentiles coincide (P_lo = P_hi),
+/// the volume may be constant; then there is nothing to deconvolve: a constant is its own
+/// deconvolution for any PSF that integrates to 1, whereas the network, which never saw
+/// a featureless input, would invent structure at the borders (a constant 100 came out
+/// as 3.7–99.5). So a constant volume is passed through unchanged (the caller warns).
+/// Returns the constant when `aff` is degenerate and every voxel of `src` equals it
+/// (one extra pass over the volume, only in that case); `None` otherwise. A volume whose
+/// percentiles coincide but that is not constant (a sparse specimen on a flat
+/// background) is normalized by spec §6 as usual.
+pub fn constant_input(src: &mut dyn PlaneSource, aff: &Affine) -> Result<Option<f32>> {
+    if aff.p_lo_value != aff.p_hi_value {
+        return Ok(None);
+    }
+    let c = aff.p_lo_value as f32;
+    if c as f64 != aff.p_lo_value {
+        return Ok(None); // an interpolated percentile: not a value every voxel holds
+    }
+    let d = src.dims()[0];
+    for z in 0..d {
+        if src.read_planes(z, z + 1)?.iter().any(|&v| v != c) {
+            return Ok(None);
+        }
+    }
+    Ok(Some(c))
+}
+
 fn check_finite(v: &[f32]) -> Result<()> {
     match v.par_iter().position_first(|x| !x.is_finite()) {
         Some(i) => Err(Error::invalid(format!(
@@ -132,6 +158,9 @@ pub struct StitchTimes {
     pub blend: f64,
     /// Dividing by the weights and handing planes to the sink.
     pub emit: f64,
+    /// Set when the input was constant and passed through unchanged (see
+    /// [`constant_input`]): the value, for the caller's warning.
+    pub constant_input: Option<f32>,
 }
 
 /// Runs `pred` over every tile of `views` (one source, or two for RLN-dual) and writes
@@ -171,6 +200,26 @@ pub fn run_tiled(
     }
     let [_, h, w] = dims;
     let plane = h * w;
+    if opts.normalize == NormalizeMode::Global {
+        // degenerate normalization: a constant input (every view) comes out unchanged
+        let mut value = None;
+        for (v, aff) in views.iter_mut().zip(global) {
+            value = constant_input(&mut **v, aff)?;
+            if value.is_none() {
+                break;
+            }
+        }
+        if let Some(c) = value {
+            let out = if opts.rescale_output { c } else { global[0].apply(c) };
+            let buf = vec![out; plane];
+            for z in 0..dims[0] {
+                sink.write_planes(z, &buf)?;
+            }
+            progress(opts.plan.count(), opts.plan.count());
+            times.constant_input = Some(c);
+            return Ok(times);
+        }
+    }
     let [az, ay, ax] = &opts.plan.axes;
     let total = opts.plan.count();
     let mut done = 0;
@@ -323,6 +372,7 @@ pub fn run_tiled(
         if final_end > acc_z0 {
             let n = (final_end - acc_z0) * plane;
             let out: Vec<f32> = acc[..n].par_iter().zip(&wsum[..n]).map(|(a, s)| a / s).collect();
+            crate::imaging::volume::check_finite_result(&out, [final_end - acc_z0, h, w], "network")?;
             sink.write_planes(acc_z0, &out)?;
             acc.drain(..n);
             wsum.drain(..n);

@@ -289,7 +289,7 @@ impl<T: Real> Model<T> {
         let ic = config.variant.input_channels();
         let mut expected = std::collections::BTreeSet::new();
         for (l, spec) in LAYERS.iter().enumerate() {
-            let mut read = |name: String, shape: Vec<usize>| -> Result<Vec<T>> {
+            let mut read = |name: String, shape: Vec<usize>, limit: f64| -> Result<Vec<T>> {
                 let t = file.get(&name)?;
                 if t.shape != shape {
                     return Err(Error::format(
@@ -303,18 +303,23 @@ impl<T: Real> Model<T> {
                         format!("tensor '{name}' holds a non-finite value ({}) at index {i}", t.data[i]),
                     ));
                 }
+                check_magnitude(path, &name, &t.data, limit)?;
                 expected.insert(name);
                 Ok(t.data.iter().map(|&v| T::of(v)).collect())
             };
             if spec.op != LayerOp::BnOnly {
-                model.params.layers[l].weight = read(Params::<T>::name(l, ParamKind::Weight), spec.weight_shape(ic))?;
+                model.params.layers[l].weight = read(
+                    Params::<T>::name(l, ParamKind::Weight),
+                    spec.weight_shape(ic),
+                    MAX_ABS_PARAM,
+                )?;
             }
             if spec.has_bn() {
                 let c = vec![spec.bn_channels()];
-                model.params.layers[l].gamma = read(Params::<T>::name(l, ParamKind::Gamma), c.clone())?;
-                model.params.layers[l].beta = read(Params::<T>::name(l, ParamKind::Beta), c.clone())?;
-                model.running.mean[l] = read(format!("{}.{RUNNING_MEAN}", spec.name), c.clone())?;
-                let var = read(format!("{}.{RUNNING_VAR}", spec.name), c)?;
+                model.params.layers[l].gamma = read(Params::<T>::name(l, ParamKind::Gamma), c.clone(), MAX_ABS_PARAM)?;
+                model.params.layers[l].beta = read(Params::<T>::name(l, ParamKind::Beta), c.clone(), MAX_ABS_PARAM)?;
+                model.running.mean[l] = read(format!("{}.{RUNNING_MEAN}", spec.name), c.clone(), MAX_ABS_RUNNING)?;
+                let var = read(format!("{}.{RUNNING_VAR}", spec.name), c, MAX_ABS_RUNNING)?;
                 if let Some(v) = var.iter().find(|v| **v < T::zero()) {
                     return Err(Error::format(
                         path,
@@ -391,6 +396,7 @@ impl<T: Real> Model<T> {
                     ));
                 }
                 finite(tfw, &t.data)?;
+                check_magnitude(path, tfw, &t.data, MAX_ABS_PARAM)?;
                 model.params.layers[l].weight = tf_to_engine(spec, &t.data).into_iter().map(T::of).collect();
             }
             if let Some(bn) = spec.tf_bn {
@@ -399,6 +405,21 @@ impl<T: Real> Model<T> {
                     let name = format!("{bn}/{suffix}");
                     let t = file.get_len(&name, c)?;
                     finite(&name, &t.data)?;
+                    let running = suffix.starts_with("moving_");
+                    check_magnitude(
+                        path,
+                        &name,
+                        &t.data,
+                        if running { MAX_ABS_RUNNING } else { MAX_ABS_PARAM },
+                    )?;
+                    if suffix == "moving_variance" {
+                        if let Some(v) = t.data.iter().find(|v| **v < 0.0) {
+                            return Err(Error::format(
+                                path,
+                                format!("tensor '{name}' holds a negative variance {v}"),
+                            ));
+                        }
+                    }
                     Ok(t.data.into_iter().map(T::of).collect())
                 };
                 model.params.layers[l].gamma = get("gamma")?;
@@ -408,6 +429,31 @@ impl<T: Real> Model<T> {
             }
         }
         Ok(model)
+    }
+}
+
+/// Largest magnitude accepted for a trainable tensor (conv weights, batch-norm γ and β)
+/// when a model is loaded or imported. Trained RLN models stay below ~20; a weight beyond
+/// 1e6 overflows float32 activations (e.g. an all-NaN prediction) and means a corrupt or
+/// diverged file.
+pub const MAX_ABS_PARAM: f64 = 1e6;
+
+/// Largest magnitude accepted for batch-norm running statistics. They follow the
+/// activations' scale: the shipped and the authors' models reach running variances of
+/// ~3e8 (h3.conv3), so the bound is far looser than for weights.
+pub const MAX_ABS_RUNNING: f64 = 1e15;
+
+fn check_magnitude(path: &Path, name: &str, data: &[f64], limit: f64) -> Result<()> {
+    match data.iter().position(|v| v.abs() > limit) {
+        Some(i) => Err(Error::format(
+            path,
+            format!(
+                "tensor '{name}' holds {:e} at index {i}, beyond the plausible ±{limit:e}: \
+                 the file is corrupt or its training diverged; use another model",
+                data[i]
+            ),
+        )),
+        None => Ok(()),
     }
 }
 

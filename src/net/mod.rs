@@ -1,6 +1,20 @@
 //! The RLN network of rln-spec.md §3, forward and backward, written once against the
 //! [`Backend`] interface. Read it next to the spec: every line of §3 is one line of
 //! [`Rln::forward`], and [`Rln::backward`] walks the same lines in reverse.
+//!
+//! Sizes: any D, H, W ≥ 1. The half-resolution part needs even sizes, so odd dimensions
+//! are mirror-padded by symmetric reflection (… 1 0 | 0 1 … n−1 | n−1 n−2 …) to even,
+//! the spec runs on the padded volume, and every output is cropped back (rln-spec.md
+//! §3). Depths 1 and 2 pool to a single half-resolution plane, whose 3×3×3 convs see
+//! zero padding above and below — exactly what the spec's 'SAME' convs do on any
+//! depth-2 input. The authors' TensorFlow graph (RLN_single.py) pools with
+//! `avg_pool3d(padding='VALID')` and up-samples with `conv3d_transpose(padding='VALID')`
+//! to the input's shape: on an odd size it drops the last plane from the half-resolution
+//! branch and leaves that plane of the up-sampled tensor zero, and on depth 1 the branch
+//! is empty. Their scripts only ever feed even sizes; we do not copy that edge defect.
+//! On even sizes the engine is their graph (tests/conformance.rs); for every depth 1–9
+//! and odd/even H, W it equals `rln_reference.py` on the mirror-padded input, cropped
+//! (tests/numerics.rs), and the naive network of tests/common (tests/network.rs).
 
 use crate::backend::{Addend, Backend, BnTrainState, ChannelStats, Epilogue, GradMode};
 use crate::model::{LayerOp, Model, Params, L, NUM_LAYERS};

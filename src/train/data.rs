@@ -190,6 +190,11 @@ impl Dataset {
     /// pair's seed), so the network sees sparse and crowded, dim and bright scenes.
     pub fn synthetic(cfg: &SynthConfig, psf: &Volume, count: usize, seed: u64, vary: &SynthVariation) -> Result<Self> {
         // ranges are checked once, before any volume is made
+        if count == 0 {
+            return Err(Error::invalid(
+                "0 synthetic training volumes asked for (--synth-count): give at least 1",
+            ));
+        }
         if let Some(f) = vary.family_subsets {
             if !(0.0..=1.0).contains(&f) {
                 return Err(Error::invalid(format!("family-subset fraction {f} must lie in 0..1")));
@@ -239,6 +244,9 @@ impl Dataset {
 
     /// Checks that every pair can hold a crop of `crop` voxels.
     pub fn check_crop(&self, crop: [usize; 3]) -> Result<()> {
+        if self.pairs.is_empty() {
+            return Err(Error::invalid("the training data holds no pairs"));
+        }
         for p in &self.pairs {
             let d = p.ground_truth.dims;
             if (0..3).any(|i| d[i] < crop[i]) {

@@ -45,6 +45,58 @@ impl Default for TrainConfig {
     }
 }
 
+/// Smallest crop edge trained on: below it the half-resolution branch sees one or two
+/// voxels per axis and batch statistics of such crops are meaningless.
+pub const MIN_CROP: usize = 4;
+
+impl TrainConfig {
+    /// Errors on settings that cannot train (checked before any data is made): an empty
+    /// batch or epoch, crops below [`MIN_CROP`], a learning rate or decay that is not a
+    /// finite positive number.
+    pub fn validate(&self) -> Result<()> {
+        let s = &self.sampler;
+        if s.batch == 0 {
+            return Err(Error::invalid("--batch 0: a batch needs at least 1 crop"));
+        }
+        if self.epoch_steps == 0 {
+            return Err(Error::invalid("--epoch-steps 0: an epoch needs at least 1 step"));
+        }
+        if s.crop.iter().any(|&c| c < MIN_CROP) {
+            return Err(Error::invalid(format!(
+                "--crop {:?} is too small: every edge must be at least {MIN_CROP} voxels (the authors': 64)",
+                s.crop
+            )));
+        }
+        let lr = &self.schedule;
+        if !(lr.base.is_finite() && lr.base > 0.0) {
+            return Err(Error::invalid(format!(
+                "--lr {} must be a finite positive number (the authors': 0.015)",
+                lr.base
+            )));
+        }
+        if !(lr.decay_rate.is_finite() && lr.decay_rate > 0.0 && lr.decay_rate <= 1.0) {
+            return Err(Error::invalid(format!(
+                "--lr-decay {} must lie in (0, 1] (the authors': 0.95)",
+                lr.decay_rate
+            )));
+        }
+        if !(lr.decay_steps.is_finite() && lr.decay_steps > 0.0) {
+            return Err(Error::invalid(format!(
+                "--lr-decay-steps {} must be a finite positive number (the authors': 600)",
+                lr.decay_steps
+            )));
+        }
+        if let Some((lo, hi)) = s.input_scale {
+            if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi) {
+                return Err(Error::invalid(format!(
+                    "--input-scale {lo},{hi} must satisfy 0 < LOW ≤ HIGH (finite)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Model, optimizer and position of a run: what a checkpoint holds.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainState {
@@ -251,6 +303,7 @@ pub fn train_on<B: Backend<T = f32>>(
     stop_after: Option<u64>,
     obs: &mut dyn TrainObserver,
 ) -> Result<Option<ValMetrics>> {
+    cfg.validate()?;
     data.check_crop(cfg.sampler.crop)?;
     let end = stop_after.map_or(cfg.steps, |s| s.min(cfg.steps));
     let variant = state.model.config.variant;

@@ -1333,6 +1333,25 @@ mod tests {
         }
     }
 
+    /// Thin and odd volumes through the emulated device's whole forward pass (inference
+    /// mode): depths 1–4 pool to one or two half-resolution planes; H and W odd and even.
+    #[test]
+    fn emulated_forward_on_thin_volumes_matches_the_cpu() {
+        let b = emulated();
+        let model = Model::<f32>::init(ModelConfig::default(), 5);
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        for d in 1..=4usize {
+            for (h, w) in [(3usize, 5usize), (6, 2)] {
+                let shape = Shape::new(1, 1, d, h, w);
+                let x =
+                    Tensor::from_vec(shape, (0..shape.len()).map(|_| rng.random_range(0.0f32..1.0)).collect()).unwrap();
+                let want = Rln::new(&CPU, &model).forward(&x, BnMode::Running, false).prediction;
+                let got = Rln::new(&b, &model).forward(&b.from_host(&x), BnMode::Running, false);
+                check(&format!("{shape}"), &b.to_host(&got.prediction), &want, 1e-5);
+            }
+        }
+    }
+
     #[test]
     fn emulated_up2_and_reshape_match_the_cpu() {
         let mut rng = ChaCha8Rng::seed_from_u64(8);
