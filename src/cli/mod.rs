@@ -6,4 +6,5 @@ pub mod core;
 pub mod demo;
 pub mod imaging;
 pub mod infer;
+pub mod slurm;
 pub mod train;
