@@ -312,7 +312,7 @@ fn stream_of_tiles_equals_tile_by_tile() {
         let one: Vec<Tensor<f32>> = tiles.iter().map(|t| p.predict(t).unwrap()).collect();
         let mut streamed = Vec::new();
         let mut it = tiles.iter().cloned().map(Ok);
-        p.predict_stream(&mut it, &mut |y| {
+        p.predict_stream(&mut it, &mut |_x, y| {
             streamed.push(y);
             Ok(())
         })

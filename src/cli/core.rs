@@ -177,11 +177,15 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         eprintln!("timing one training step on 4×1×64×64×64 ...");
     }
     rows.push(bench::train_step(Shape::new(4, 1, 64, 64, 64), a.min_runs, t)?);
-    // tiles as `infer` chooses them by default (half of the available RAM)
+    // tiles as `infer` chooses them by default (its default --memory)
     let model = rln_engine::model::Model::<f32>::init(rln_engine::model::ModelConfig::default(), 7);
     let mut cpu = rln_engine::infer::CpuPredictor { model };
-    let budget = super::infer::available_ram().unwrap_or(8 << 30) / 2;
-    let max_window = (budget / rln_engine::infer::TilePredictor::bytes_per_voxel(&cpu)).max(16 * 16 * 16);
+    let max_window = rln_engine::infer::stream::choose_window(
+        rln_engine::infer::stream::default_memory(),
+        rln_engine::infer::TilePredictor::bytes_per_voxel(&cpu),
+        1,
+        rln_engine::infer::stream::pipeline::PipelineOptions::default().prefetch,
+    );
     let core =
         rln_engine::infer::tiling::choose_core([256; 3], rln_engine::infer::tiling::RECEPTIVE_RADIUS, max_window);
     if !a.json {
