@@ -80,14 +80,15 @@ pub fn log_dir(store: &Path) -> PathBuf {
     sibling(store, ".logs")
 }
 
-/// The marker block `i` of `n` writes when done (the layout of `infer --block`).
+/// The marker block `i` of `n` writes when done (the layout of `infer --block`; tests
+/// use it to fake finished blocks).
 pub fn block_marker(store: &Path, i: usize, n: usize) -> PathBuf {
     store.join(".rln").join("blocks").join(n.to_string()).join(format!("{i}.done"))
 }
 
 /// The blocks of `n` whose marker is missing, ascending.
 pub fn missing_blocks(store: &Path, n: usize) -> Vec<usize> {
-    (0..n).filter(|&i| !block_marker(store, i, n).is_file()).collect()
+    (0..n).filter(|&i| !crate::infer::stream::block_done(store, i, n)).collect()
 }
 
 /// A Slurm `--array` value for these task ids: consecutive runs folded into ranges
@@ -265,7 +266,7 @@ impl BlockJob {
             "echo \"rln-engine block $block/{n} job ${{SLURM_ARRAY_JOB_ID}}_$block on $(hostname) start $(date +%s.%N)\""
         );
         let mut cmd = format!(
-            "{bin} --threads \"${{SLURM_CPUS_PER_TASK:-0}}\" infer {} {} -o {} --block \"$block/{n}\" --norm-stats {} --resume --device {}",
+            "{bin} --threads \"${{SLURM_CPUS_PER_TASK:-0}}\" infer {} {} -o {} --block \"$block/{n}\" --norm-stats {} --resume --json --device {}",
             shell_quote(path_str(&self.model, "model")?),
             shell_quote(path_str(&self.input, "input")?),
             shell_quote(path_str(&self.store, "store")?),
@@ -605,37 +606,49 @@ pub fn finalize(store: &Path, blocks: Option<usize>, pyramid: usize) -> Result<F
     })
 }
 
-// ---- the store: block mode of issue 13 (infer::stream) and the OME-Zarr store
-// (imaging::stream::zarr). Until they are on main these say so instead of working.
+// ---- the store: block mode of `infer` (infer::stream) and the OME-Zarr store
+// (imaging::stream::zarr)
 
-fn not_yet(what: &str) -> Error {
-    Error::invalid(format!(
-        "{what} needs the block mode of `infer` and the OME-Zarr store (issue 13), which this build does not have yet"
-    ))
+/// `infer --create-only`: the norm stats (measured once, or read and checked if the
+/// file exists), the store and its tile plan. On the CPU predictor: planning runs on a
+/// login node; the tile size comes from `--tile` (or `--memory`), not from a GPU here.
+fn create_store(job: &BlockJob, opts: &StoreOptions) -> Result<()> {
+    use crate::infer::stream::{infer_file, InferFileOptions, PredictorChoice};
+    let mut o = InferFileOptions::new(job.model.clone(), job.input.clone(), job.store.clone());
+    o.predictor = PredictorChoice::Cpu;
+    o.percentiles = opts.percentiles;
+    o.rescale_output = opts.rescale_output;
+    o.output_dtype = opts.output_dtype;
+    o.chunks = opts.chunks;
+    o.memory = opts.memory;
+    o.tile = opts.tile;
+    o.norm_stats = Some(job.norm_stats.clone());
+    o.create_only = true;
+    infer_file(&o).map(|_| ())
 }
 
-fn create_store(_job: &BlockJob, _opts: &StoreOptions) -> Result<()> {
-    Err(not_yet("creating the store"))
+fn store_tile_count(store: &Path) -> Result<usize> {
+    Ok(crate::infer::stream::load_store_plan(store)?.plan.count())
 }
 
-fn store_tile_count(_store: &Path) -> Result<usize> {
-    Err(not_yet("reading the store's plan"))
+/// Blocks of about `block` voxels: that many voxels of whole tile cores per block.
+fn blocks_for_size(store: &Path, block: [usize; 3]) -> Result<usize> {
+    let plan = crate::infer::stream::load_store_plan(store)?.plan;
+    let per_tile: usize = plan.core.iter().product();
+    let per_block = (block.iter().product::<usize>() / per_tile.max(1)).max(1);
+    Ok(plan.count().div_ceil(per_block))
 }
 
-fn blocks_for_size(_store: &Path, _block: [usize; 3]) -> Result<usize> {
-    Err(not_yet("--block-size"))
+fn write_store_pyramid(store: &Path, levels: usize) -> Result<()> {
+    crate::imaging::stream::zarr::write_pyramid(store, levels)
 }
 
-fn write_store_pyramid(_store: &Path, _levels: usize) -> Result<()> {
-    Err(not_yet("--pyramid"))
+fn store_is_complete(store: &Path) -> Result<bool> {
+    crate::imaging::stream::zarr::is_complete(store)
 }
 
-fn store_is_complete(_store: &Path) -> Result<bool> {
-    Err(not_yet("finalize"))
-}
-
-fn mark_store_complete(_store: &Path) -> Result<()> {
-    Err(not_yet("finalize"))
+fn mark_store_complete(store: &Path) -> Result<()> {
+    crate::imaging::stream::zarr::mark_complete(store)
 }
 
 #[cfg(test)]
@@ -707,7 +720,7 @@ mod tests {
             "/opt/rln/bin/rln-engine --threads \"${SLURM_CPUS_PER_TASK:-0}\" infer \
              '/data/models/my model.safetensors' '/data/in/brain'\\''s.ome.zarr' \
              -o /scratch/out/brain.ome.zarr --block \"$block/6\" \
-             --norm-stats /scratch/out/brain.ome.zarr.norm.json --resume --device cuda \
+             --norm-stats /scratch/out/brain.ome.zarr.norm.json --resume --json --device cuda \
              --percentiles 2,99.8 --fp16"
         );
         assert!(!s.contains("auto"), "a batch script must never pass --device auto");
@@ -736,7 +749,7 @@ mod tests {
             lines[1],
             "--threads 0 infer /data/models/my model.safetensors /data/in/brain's.ome.zarr \
              -o /scratch/out/brain.ome.zarr --block 3/6 --norm-stats \
-             /scratch/out/brain.ome.zarr.norm.json --resume --device cuda --percentiles 2,99.8 --fp16"
+             /scratch/out/brain.ome.zarr.norm.json --resume --json --device cuda --percentiles 2,99.8 --fp16"
         );
         assert!(lines[2].starts_with("rln-engine block 3/6 job 77_3 exit 0 "), "{text}");
     }
