@@ -124,7 +124,8 @@ env_info() {
   cat "$B"/ptxas/*.txt 2>/dev/null | grep -E "Compiling entry|Used|spill" | paste - - - | sed -E 's/ptxas info +: //g' | head -n 60 || true
 }
 
-# A test binary, one process per test: a device fault is sticky for its process, so a
+# A test binary, one process per test (--include-ignored: the GPU tests are #[ignore]d so
+# that machines without a GPU report them as ignored, not passed): a device fault is sticky for its process, so a
 # fault in one test must not fail the others; RLN_CUDA_SYNC=1 names the faulting kernel.
 # Usage: tests_each BINARY PER_TEST_TIMEOUT_S
 tests_each() {
@@ -133,7 +134,7 @@ tests_each() {
   [ -n "$names" ] || { echo "no tests listed by $bin"; return 2; }
   for t in $names; do
     echo "===== $t"
-    RLN_CUDA_SYNC=1 timeout -k 5 "$limit" "$bin" "$t" --exact --nocapture --test-threads=1
+    RLN_CUDA_SYNC=1 timeout -k 5 "$limit" "$bin" "$t" --exact --include-ignored --nocapture --test-threads=1
     rc=$?
     if [ $rc -eq 0 ]; then
       pass=$((pass + 1)); echo "TEST $t: ok"
@@ -165,8 +166,8 @@ step predict 60 "$TOOL" predict --model "$MODEL" --dims 1,63,95,127 --out "$SCR/
 step torch_eager 90 $PEER --model "$MODEL" --mode eager --dims "$DIMS" --reps 5 --check "$SCR/pred.safetensors" --json "$OUT/torch_eager.json"
 step torch_amp 90 $PEER --model "$MODEL" --mode amp --dims "$DIMS" --reps 10 --check "$SCR/pred.safetensors" --json "$OUT/torch_amp.json"
 if [ -n "$SANITIZER" ]; then
-  step memcheck 75 env RLN_GPU_TEST_QUICK=1 "$SANITIZER" --tool memcheck --error-exitcode 99 "$TESTS" every_conv_kernel up2_and forward_matches --test-threads=1
-  step racecheck 75 env RLN_GPU_TEST_QUICK=1 "$SANITIZER" --tool racecheck --racecheck-report hazard --error-exitcode 99 "$TESTS" every_conv_kernel --test-threads=1
+  step memcheck 75 env RLN_GPU_TEST_QUICK=1 "$SANITIZER" --tool memcheck --error-exitcode 99 "$TESTS" every_conv_kernel up2_and forward_matches --include-ignored --test-threads=1
+  step racecheck 75 env RLN_GPU_TEST_QUICK=1 "$SANITIZER" --tool racecheck --racecheck-report hazard --error-exitcode 99 "$TESTS" every_conv_kernel --include-ignored --test-threads=1
 else
   say "SKIP memcheck, racecheck: compute-sanitizer not found"
   printf 'memcheck\tskipped (no compute-sanitizer)\t0\nracecheck\tskipped (no compute-sanitizer)\t0\n' >> "$STATUS"

@@ -19,6 +19,12 @@ pub struct ImportTfArgs {
 }
 
 pub fn import_tf(a: &ImportTfArgs) -> Result<()> {
+    let out = super::args::Output {
+        role: "the output -o",
+        path: &a.output,
+        extensions: super::args::MODEL_EXTENSIONS,
+    };
+    let _guard = super::args::guard_outputs(&[out], &[("the TF weights", a.weights.as_path())])?;
     let model = Model::<f64>::import_tf(&a.weights, a.div_eps)?;
     model.save(&a.output)?;
     println!(
@@ -64,6 +70,7 @@ pub struct ConformanceArgs {
 }
 
 pub fn conformance(a: &ConformanceArgs) -> Result<()> {
+    super::args::check_fp16_on_cpu(a.fp16, a.device == ConformanceDevice::Cpu)?;
     let model = Model::<f32>::load(&a.model)?;
     if a.device == ConformanceDevice::Cuda {
         // inference-mode keys on the GPU (training runs on the CPU in this build)
@@ -152,6 +159,7 @@ pub struct BenchArgs {
 }
 
 pub fn bench(a: &BenchArgs) -> Result<()> {
+    super::args::check_fp16_on_cpu(a.fp16, a.device == BenchDevice::Cpu)?;
     use rln_engine::bench;
     use rln_engine::tensor::Shape;
     if a.device == BenchDevice::Cuda {

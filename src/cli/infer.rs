@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use rln_engine::imaging::io::OutputDtype;
+use rln_engine::imaging::io::{OutputDtype, ReadOptions};
 use rln_engine::imaging::stream::Region;
 use rln_engine::infer::stitch::NormalizeMode;
 use rln_engine::infer::stream::{infer_file, plan, InferFileOptions, PredictorChoice};
@@ -127,6 +127,12 @@ pub struct InferArgs {
     /// the output is NOT a deconvolution).
     #[arg(long, hide = true)]
     pub copy_network: bool,
+    /// Channel of a multi-channel input (RGB samples or ImageJ/OME channels), from 0.
+    #[arg(long)]
+    pub channel: Option<usize>,
+    /// Time point of an input with several (ImageJ frames, OME SizeT), from 0.
+    #[arg(long)]
+    pub time: Option<usize>,
 }
 
 const INFER_NOTES: &str = "\
@@ -183,6 +189,28 @@ pub fn override_percentiles(model: &mut Model<f32>, percentiles: Option<(f64, f6
 }
 
 pub fn infer(a: &InferArgs) -> Result<()> {
+    let mut inputs = vec![
+        ("the model", a.model.as_path()),
+        ("the input volume", a.input.as_path()),
+    ];
+    inputs.extend(a.input2.as_deref().map(|p| ("the second view --input2", p)));
+    inputs.extend(a.norm_stats.as_deref().filter(|p| p.exists()).map(|p| ("the --norm-stats file", p)));
+    // split jobs write one existing store from many processes at once (each block its own
+    // chunks), so only whole runs take the output lock; none may overwrite an input
+    let split = a.block.is_some() || a.region.is_some() || a.resume;
+    let _guard = if split {
+        rln_engine::fsutil::refuse_overwriting_inputs(&[("the output -o", a.output.as_path())], &inputs)?;
+        None
+    } else {
+        let out = super::args::Output {
+            role: "the output -o",
+            path: &a.output,
+            extensions: super::args::VOLUME_EXTENSIONS,
+        };
+        Some(super::args::guard_outputs(&[out], &inputs)?)
+    };
+    super::args::check_tile(a.tile)?;
+    super::args::check_fp16_on_cpu(a.fp16, a.device == Device::Cpu)?;
     let predictor = if a.copy_network {
         PredictorChoice::Copy
     } else if let Some(d) = &a.devices {
@@ -225,6 +253,11 @@ pub fn infer(a: &InferArgs) -> Result<()> {
     o.block = a.block;
     o.region = a.region;
     o.resume = a.resume;
+    o.read_options = ReadOptions {
+        channel: a.channel,
+        time: a.time,
+        ..Default::default()
+    };
     let s = infer_file(&o).with_context(|| format!("infer {} → {}", a.input.display(), a.output.display()))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);

@@ -7,7 +7,7 @@
 //! Everything above this module sees only `VolumeReader` / `VolumeWriter`.
 
 use crate::error::{Error, Result};
-use crate::imaging::io::{read_volume, write_volume, OutputDtype};
+use crate::imaging::io::{write_volume, OutputDtype};
 use crate::imaging::stream::{copy_intersection, MemoryVolume, Region, VolumeInfo, VolumeReader, VolumeWriter, WriterSpec};
 use crate::imaging::volume::Volume;
 use std::path::{Path, PathBuf};
@@ -39,11 +39,11 @@ pub fn format_name(path: &Path) -> &'static str {
 }
 
 /// Opens an input volume for reading regions.
-pub fn open_input(path: &Path) -> Result<Box<dyn VolumeReader>> {
+pub fn open_input(path: &Path, read: &crate::imaging::io::ReadOptions) -> Result<Box<dyn VolumeReader>> {
     if is_store(path) {
         return Err(no_store(path));
     }
-    let v = read_volume(path)?;
+    let v = crate::imaging::io::read_volume_with(path, read)?;
     Ok(Box::new(WholeReader::new(v)))
 }
 

@@ -88,6 +88,8 @@ pub struct InferFileOptions {
     pub pipeline: PipelineOptions,
     /// Voxels of the normalization sample.
     pub sample_voxels: usize,
+    /// Channel / time point selection of the inputs (multi-channel or time-lapse files).
+    pub read_options: crate::imaging::io::ReadOptions,
 }
 
 impl InferFileOptions {
@@ -114,6 +116,7 @@ impl InferFileOptions {
             resume: false,
             pipeline: PipelineOptions::default(),
             sample_voxels: norm::DEFAULT_SAMPLE_VOXELS,
+            read_options: Default::default(),
         }
     }
     fn blended(&self) -> bool {
@@ -476,9 +479,9 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
 
     // inputs
     let t_read = Instant::now();
-    let r1 = files::open_input(&opts.input)?;
+    let r1 = files::open_input(&opts.input, &opts.read_options)?;
     let r2 = match &opts.input2 {
-        Some(p) => Some(files::open_input(p)?),
+        Some(p) => Some(files::open_input(p, &opts.read_options)?),
         None => None,
     };
     let mut views: Vec<&dyn VolumeReader> = vec![r1.as_ref()];
