@@ -83,12 +83,18 @@ pub fn log_dir(store: &Path) -> PathBuf {
 /// The marker block `i` of `n` writes when done (the layout of `infer --block`; tests
 /// use it to fake finished blocks).
 pub fn block_marker(store: &Path, i: usize, n: usize) -> PathBuf {
-    store.join(".rln").join("blocks").join(n.to_string()).join(format!("{i}.done"))
+    store
+        .join(".rln")
+        .join("blocks")
+        .join(n.to_string())
+        .join(format!("{i}.done"))
 }
 
 /// The blocks of `n` whose marker is missing, ascending.
 pub fn missing_blocks(store: &Path, n: usize) -> Vec<usize> {
-    (0..n).filter(|&i| !crate::infer::stream::block_done(store, i, n)).collect()
+    (0..n)
+        .filter(|&i| !crate::infer::stream::block_done(store, i, n))
+        .collect()
 }
 
 /// A Slurm `--array` value for these task ids: consecutive runs folded into ranges
@@ -163,7 +169,11 @@ fn sbatch_value(v: &str, what: &str) -> Result<String> {
 /// An `#SBATCH --output` path: double-quoted when it holds spaces (sbatch strips them).
 fn sbatch_path(p: &Path, what: &str) -> Result<String> {
     let s = path_str(p, what)?;
-    Ok(if s.contains(char::is_whitespace) { format!("\"{s}\"") } else { s.to_string() })
+    Ok(if s.contains(char::is_whitespace) {
+        format!("\"{s}\"")
+    } else {
+        s.to_string()
+    })
 }
 
 impl BlockJob {
@@ -198,7 +208,13 @@ impl BlockJob {
             .unwrap_or_default();
         let clean: String = name
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         format!("rln-{clean}")
     }
@@ -241,7 +257,11 @@ impl BlockJob {
             "# `sbatch THIS` runs every block (finished ones exit at once: --resume);\n# `rln-engine plan … --resubmit` submits only the blocks without a done marker.\n# Afterwards `rln-engine finalize` (the .finalize.sbatch job) marks the store complete."
         );
         let _ = writeln!(s, "#SBATCH --job-name={}", self.job_name());
-        let _ = writeln!(s, "#SBATCH --array={}", array_spec(&(0..n).collect::<Vec<_>>(), sched.array_max));
+        let _ = writeln!(
+            s,
+            "#SBATCH --array={}",
+            array_spec(&(0..n).collect::<Vec<_>>(), sched.array_max)
+        );
         let _ = writeln!(
             s,
             "#SBATCH --output={}",
@@ -471,7 +491,10 @@ pub fn plan(req: &PlanRequest) -> Result<PlanOutcome> {
     crate::fsutil::check_output_dir(&req.script)?;
     for p in [&req.script, &finalize_path] {
         if same_path(p, &job.model) || same_path(p, &job.input) {
-            return Err(Error::invalid(format!("--script {} is an input: choose another path", p.display())));
+            return Err(Error::invalid(format!(
+                "--script {} is an input: choose another path",
+                p.display()
+            )));
         }
     }
     crate::fsutil::write_atomic(&req.script, job.array_script(&req.sched)?.as_bytes())?;
@@ -510,7 +533,11 @@ pub fn plan(req: &PlanRequest) -> Result<PlanOutcome> {
             }
         }
     }
-    let ids: Vec<usize> = if req.resubmit { missing.clone() } else { (0..job.blocks).collect() };
+    let ids: Vec<usize> = if req.resubmit {
+        missing.clone()
+    } else {
+        (0..job.blocks).collect()
+    };
     let mut dependency = Vec::new();
     if !ids.is_empty() {
         let spec = array_spec(&ids, req.sched.array_max);
@@ -557,7 +584,10 @@ pub fn marked_block_counts(store: &Path) -> Vec<usize> {
 /// fails listing them and changes nothing.
 pub fn finalize(store: &Path, blocks: Option<usize>, pyramid: usize) -> Result<FinalizeOutcome> {
     if !store.is_dir() {
-        return Err(Error::invalid(format!("{} is not a store (no such folder)", store.display())));
+        return Err(Error::invalid(format!(
+            "{} is not a store (no such folder)",
+            store.display()
+        )));
     }
     let n = match blocks {
         Some(n) => n,
@@ -781,7 +811,10 @@ mod tests {
         let mut j = job();
         j.store = "/scratch/my out.zarr".into();
         let s = j.array_script(&sched()).unwrap();
-        assert!(s.contains("#SBATCH --output=\"/scratch/my out.zarr.logs/block-%a.out\"\n"), "{s}");
+        assert!(
+            s.contains("#SBATCH --output=\"/scratch/my out.zarr.logs/block-%a.out\"\n"),
+            "{s}"
+        );
     }
 
     #[test]
@@ -818,13 +851,21 @@ mod tests {
         assert!(e.contains("--resubmit"), "{e}");
         assert_eq!(std::fs::read_dir(store.join(".rln/blocks/6")).unwrap().count(), before);
         assert_eq!(marked_block_counts(&store), vec![6]);
-        let e = finalize(&dir.path().join("none.zarr"), Some(2), 0).unwrap_err().to_string();
+        let e = finalize(&dir.path().join("none.zarr"), Some(2), 0)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a store"), "{e}");
     }
 
     #[test]
     fn finalize_script_path_sits_beside_the_array_script() {
-        assert_eq!(finalize_script_path(Path::new("/a/b.zarr.sbatch")), PathBuf::from("/a/b.zarr.finalize.sbatch"));
-        assert_eq!(finalize_script_path(Path::new("/a/run.sh")), PathBuf::from("/a/run.sh.finalize"));
+        assert_eq!(
+            finalize_script_path(Path::new("/a/b.zarr.sbatch")),
+            PathBuf::from("/a/b.zarr.finalize.sbatch")
+        );
+        assert_eq!(
+            finalize_script_path(Path::new("/a/run.sh")),
+            PathBuf::from("/a/run.sh.finalize")
+        );
     }
 }

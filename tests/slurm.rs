@@ -46,7 +46,9 @@ impl Drop for Cluster {
         let mut c = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
         c.0 -= 1;
         if c.0 == 0 && c.1 {
-            let _ = Command::new(root().join("tools/slurm-local-cluster.sh")).arg("stop").status();
+            let _ = Command::new(root().join("tools/slurm-local-cluster.sh"))
+                .arg("stop")
+                .status();
             c.1 = false;
         }
     }
@@ -64,9 +66,15 @@ fn is_root() -> bool {
 fn cluster() -> Option<Cluster> {
     let script = root().join("tools/slurm-local-cluster.sh");
     let mut c = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
-    let was_running = Command::new(&script).arg("status").output().is_ok_and(|o| o.status.success());
+    let was_running = Command::new(&script)
+        .arg("status")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !was_running {
-        let out = Command::new(&script).arg("start").output().expect("run tools/slurm-local-cluster.sh");
+        let out = Command::new(&script)
+            .arg("start")
+            .output()
+            .expect("run tools/slurm-local-cluster.sh");
         if !out.status.success() {
             let msg = format!(
                 "the local Slurm cluster could not be started (tools/slurm-local-cluster.sh start):\n{}{}",
@@ -82,7 +90,10 @@ fn cluster() -> Option<Cluster> {
         c.1 = true;
     }
     c.0 += 1;
-    let env = Command::new(&script).arg("env").output().expect("slurm-local-cluster.sh env");
+    let env = Command::new(&script)
+        .arg("env")
+        .output()
+        .expect("slurm-local-cluster.sh env");
     let text = String::from_utf8_lossy(&env.stdout);
     let conf = text
         .trim()
@@ -165,16 +176,26 @@ fn make_input(dir: &Path) -> PathBuf {
     let tif = dir.join("input.tif");
     write_volume(&tif, &Volume::new(DIMS, data).unwrap(), OutputDtype::F32).unwrap();
     let zarr = dir.join("input.ome.zarr");
-    run(Command::new(BIN).args(["convert", tif.to_str().unwrap(), zarr.to_str().unwrap(), "--chunks", TILE]));
+    run(Command::new(BIN).args([
+        "convert",
+        tif.to_str().unwrap(),
+        zarr.to_str().unwrap(),
+        "--chunks",
+        TILE,
+    ]));
     zarr
 }
 
 /// One plain `infer` into a store, the reference the job array must equal.
 fn single_run(dir: &Path, input: &Path) -> Vec<f32> {
     let out = dir.join("single.ome.zarr");
-    run(Command::new(BIN).args(["--threads", "2", "infer"]).arg(model()).arg(input).arg("-o").arg(&out).args([
-        "--device", "cpu", "--tile", TILE, "--chunks", TILE,
-    ]));
+    run(Command::new(BIN)
+        .args(["--threads", "2", "infer"])
+        .arg(model())
+        .arg(input)
+        .arg("-o")
+        .arg(&out)
+        .args(["--device", "cpu", "--tile", TILE, "--chunks", TILE]));
     read_store(&out)
 }
 
@@ -196,7 +217,12 @@ fn store_complete(store: &Path) -> bool {
 fn assert_bitwise_equal(a: &[f32], b: &[f32], what: &str) {
     assert_eq!(a.len(), b.len());
     let diff = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-    assert_eq!(diff, 0, "{what}: {diff} of {} voxels differ from the single run", a.len());
+    assert_eq!(
+        diff,
+        0,
+        "{what}: {diff} of {} voxels differ from the single run",
+        a.len()
+    );
     assert!(a.iter().all(|v| v.is_finite()));
 }
 
@@ -227,8 +253,12 @@ fn plan_args(input: &Path, store: &Path, blocks: usize) -> Vec<String> {
 }
 
 fn json_field(out: &Output, key: &str) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("plan --json printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "plan --json printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
     match &v[key] {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Null => None,
@@ -253,7 +283,10 @@ struct Attempt {
 fn attempt_of(log: &str, job_task: &str) -> Option<Attempt> {
     let ts = |kind: &str| -> Option<(usize, f64)> {
         let tag = format!("job {job_task} ");
-        let (pos, line) = log.lines().enumerate().find(|(_, l)| l.contains(&tag) && l.contains(kind))?;
+        let (pos, line) = log
+            .lines()
+            .enumerate()
+            .find(|(_, l)| l.contains(&tag) && l.contains(kind))?;
         Some((pos, line.split_whitespace().last()?.parse().ok()?))
     };
     let (l0, t0) = ts(" start ")?;
@@ -289,15 +322,28 @@ fn job_array_equals_single_run() {
     let wall = t0.elapsed().as_secs_f64();
 
     for i in 0..blocks {
-        assert!(rln_engine::slurm::block_marker(&store, i, blocks).is_file(), "block {i} not marked:\n{}", log_of(&store, &format!("block-{i}.out")));
+        assert!(
+            rln_engine::slurm::block_marker(&store, i, blocks).is_file(),
+            "block {i} not marked:\n{}",
+            log_of(&store, &format!("block-{i}.out"))
+        );
         let log = log_of(&store, &format!("block-{i}.out"));
-        assert!(log.contains(&format!("job {array}_{i} ")) && log.contains(" exit 0 "), "block {i} log:\n{log}");
+        assert!(
+            log.contains(&format!("job {array}_{i} ")) && log.contains(" exit 0 "),
+            "block {i} log:\n{log}"
+        );
     }
     let fin_log = log_of(&store, "finalize.out");
-    assert!(store_complete(&store), "not complete after the finalize job; its log:\n{fin_log}");
+    assert!(
+        store_complete(&store),
+        "not complete after the finalize job; its log:\n{fin_log}"
+    );
     assert!(fin_log.contains("marked complete"), "{fin_log}");
     assert_bitwise_equal(&read_store(&store), &single_run(dir.path(), &input), "job array");
-    eprintln!("job array of {blocks} blocks over {DIMS:?}: plan + queue + run + finalize {wall:.1} s ({:.1} blocks/min)", blocks as f64 / wall * 60.0);
+    eprintln!(
+        "job array of {blocks} blocks over {DIMS:?}: plan + queue + run + finalize {wall:.1} s ({:.1} blocks/min)",
+        blocks as f64 / wall * 60.0
+    );
     for i in 0..blocks {
         let a = attempt_of(&log_of(&store, &format!("block-{i}.out")), &format!("{array}_{i}"))
             .unwrap_or_else(|| panic!("block {i}: no start/exit lines or --json summary in its log"));
@@ -321,7 +367,12 @@ fn sbatch(cluster: &Cluster, args: &[&str], script: &Path, env: Option<(&str, &s
         c.env(k, v);
     }
     let out = run(&mut c);
-    String::from_utf8_lossy(&out.stdout).trim().split(';').next().unwrap().to_string()
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 #[test]
@@ -338,16 +389,28 @@ fn failed_and_cancelled_tasks_are_resubmitted_alone() {
     // block 2 dies after the first of its 3 tiles is written (the pipeline's test hook
     // exits the process there, as a kill would); block 3 is cancelled (scancel) while held
     let ok = sbatch(&cluster, &["--array=0-1"], &script, None);
-    let dies = sbatch(&cluster, &["--array=2"], &script, Some(("RLN_TEST_STOP_AFTER_TILES", "1")));
+    let dies = sbatch(
+        &cluster,
+        &["--array=2"],
+        &script,
+        Some(("RLN_TEST_STOP_AFTER_TILES", "1")),
+    );
     let held = sbatch(&cluster, &["--array=3", "--hold"], &script, None);
     run(cluster.cmd("scancel").arg(&held));
     cluster.wait_for(&[&ok, &dies, &held]);
 
     let log2 = log_of(&store, "block-2.out");
-    assert!(log2.contains(&format!("job {dies}_2 exit 75 ")), "block 2 did not stop part-way:\n{log2}");
+    assert!(
+        log2.contains(&format!("job {dies}_2 exit 75 ")),
+        "block 2 did not stop part-way:\n{log2}"
+    );
     let watermark = store.join(".rln/progress/block-2-of-4.json");
     let w = std::fs::read_to_string(&watermark).unwrap_or_default();
-    assert!(w.contains("\"tiles_written\":1"), "block 2's watermark {}: {w:?}", watermark.display());
+    assert!(
+        w.contains("\"tiles_written\":1"),
+        "block 2's watermark {}: {w:?}",
+        watermark.display()
+    );
     assert_eq!(log_of(&store, "block-3.out"), "", "the cancelled task 3 ran");
     assert_eq!(rln_engine::slurm::missing_blocks(&store, blocks), vec![2, 3]);
     assert!(!store_complete(&store));
@@ -373,7 +436,18 @@ fn failed_and_cancelled_tasks_are_resubmitted_alone() {
     }
     let log2 = log_of(&store, "block-2.out");
     assert!(log2.contains(&format!("job {again}_2 exit 0 ")), "{log2}");
-    assert!(log2.contains("\"tiles_skipped\": 1"), "the rerun of block 2 did not resume after its written tile:\n{log2}");
-    assert!(store_complete(&store), "finalize log:\n{}", log_of(&store, "finalize.out"));
-    assert_bitwise_equal(&read_store(&store), &single_run(dir.path(), &input), "resubmitted job array");
+    assert!(
+        log2.contains("\"tiles_skipped\": 1"),
+        "the rerun of block 2 did not resume after its written tile:\n{log2}"
+    );
+    assert!(
+        store_complete(&store),
+        "finalize log:\n{}",
+        log_of(&store, "finalize.out")
+    );
+    assert_bitwise_equal(
+        &read_store(&store),
+        &single_run(dir.path(), &input),
+        "resubmitted job array",
+    );
 }

@@ -172,7 +172,10 @@ pub fn plan(a: &PlanArgs) -> Result<()> {
     if let Some((lo, hi)) = a.percentiles {
         task_args.extend(["--percentiles".to_string(), format!("{lo},{hi}")]);
     }
-    task_args.extend(["--output-dtype".to_string(), format!("{:?}", a.output_dtype).to_lowercase()]);
+    task_args.extend([
+        "--output-dtype".to_string(),
+        format!("{:?}", a.output_dtype).to_lowercase(),
+    ]);
     if a.no_rescale {
         task_args.push("--no-rescale".into());
     }
@@ -260,7 +263,11 @@ pub fn finalize(a: &FinalizeArgs) -> Result<()> {
         } else {
             String::new()
         },
-        if o.marked_now { "marked complete" } else { "was complete already" }
+        if o.marked_now {
+            "marked complete"
+        } else {
+            "was complete already"
+        }
     );
     Ok(())
 }
