@@ -6,6 +6,7 @@
 //! - [`net`]: the network of rln-spec.md §3, forward and backward, against that interface.
 //! - [`train`]: loss, Adam, and the training loop.
 //! - [`conformance`]: comparison with the authors' TensorFlow test vectors.
+//! - [`slurm`]: job-array scripts that spread one volume over a Slurm cluster.
 //!
 //! A program that wants deconvolved volumes needs a model, a predictor and one call
 //! ([`infer::deconvolve`]: normalization, tiling, blending, rescaling):
@@ -34,6 +35,7 @@ pub mod infer;
 pub mod model;
 pub mod net;
 pub mod real;
+pub mod slurm;
 pub mod tensor;
 pub mod train;
 

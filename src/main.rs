@@ -27,6 +27,10 @@ enum Cmd {
     Train(cli::train::TrainArgs),
     /// Deconvolve a volume of any size with a trained model (tiled crop and stitch).
     Infer(cli::infer::InferArgs),
+    /// Split one volume over a Slurm job array: create the store, write (and submit) the batch scripts.
+    Plan(cli::slurm::PlanArgs),
+    /// Check that every block of a store is done, write pyramid levels, mark it complete.
+    Finalize(cli::slurm::FinalizeArgs),
     /// Compare RLN with Richardson–Lucy (at its best iteration count) on held-out synthetic volumes.
     Compare(cli::compare::CompareArgs),
     /// Measure throughput (voxels/s) of the network and the other main paths.
@@ -59,6 +63,8 @@ fn main() {
         Cmd::Bench(a) => cli::core::bench(a),
         Cmd::Train(a) => cli::train::train(a),
         Cmd::Infer(a) => cli::infer::infer(a),
+        Cmd::Plan(a) => cli::slurm::plan(a),
+        Cmd::Finalize(a) => cli::slurm::finalize(a),
         Cmd::Compare(a) => cli::compare::compare(a),
         Cmd::Psf(a) => cli::imaging::psf(a),
         Cmd::Synth(a) => cli::imaging::synth(a),

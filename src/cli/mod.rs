@@ -8,6 +8,7 @@ pub mod core;
 pub mod demo;
 pub mod imaging;
 pub mod infer;
+pub mod slurm;
 pub mod train;
 
 /// Parses a float option, rejecting NaN and infinities (clap's own parser accepts "NaN"
