@@ -13,6 +13,7 @@ pub mod fft;
 #[cfg(feature = "hdf5")]
 mod hdf5_io;
 pub mod io;
+pub mod measured_psf;
 pub mod metrics;
 pub mod normalize;
 pub mod progress;
