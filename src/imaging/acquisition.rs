@@ -7,8 +7,8 @@
 //! neighbours)`, which removes smooth (blurred) signal; its local mean `m` (5 voxels) is
 //! uncorrelated with it. For white noise `Var r = 1.25 κ₂` and `κ₃(r) = 0.9375 κ₃`.
 //! - Photon transfer: in bins of `m`, `κ₂ = gain · (m − offset) + gain² σ_r²`, a line
-//!   whose slope is the gain (fit over the bins holding the darker 90% of the voxels,
-//!   where blurred structure adds little curvature).
+//!   whose slope is the gain (fit over bins holding the darker half of the voxels, where
+//!   blurred structure adds little curvature; residuals beyond 6 robust σ dropped).
 //! - Offset: the line's intercept mixes offset and read noise; the third cumulant separates
 //!   them, since only the Poisson part is skewed: `κ₃ = gain² · (m − offset)`, so each bin
 //!   gives `offset = m − κ₃ / gain²` (weighted by its voxel count; the background bins dominate).
@@ -77,11 +77,10 @@ pub fn estimate(raw: &Volume) -> Result<AcquisitionEstimate> {
     let mut means: Vec<f32> = pairs.iter().map(|p| p.0).collect();
     means.par_sort_unstable_by(|a, b| a.total_cmp(b));
     let q = |f: f64| means[((means.len() - 1) as f64 * f) as usize] as f64;
-    // bins of equal voxel count over the darker 90% (brighter voxels sit on structures)
-    let nbins = 40;
-    let edges: Vec<f64> = (0..=nbins).map(|i| q(0.9 * i as f64 / nbins as f64)).collect();
-    let mut acc = vec![(0.0f64, 0.0f64, 0.0f64, 0.0f64, 0usize); nbins];
-    // two passes per bin: mean of r, then central moments
+    // bins of equal voxel count over the darker half: mostly background and the dim side
+    // of structures, where blurred edges add little curvature to the residual
+    let nbins = 20;
+    let edges: Vec<f64> = (0..=nbins).map(|i| q(0.5 * i as f64 / nbins as f64)).collect();
     let bin_of = |m: f64| -> Option<usize> {
         if m < edges[0] || m >= edges[nbins] {
             return None;
@@ -89,21 +88,35 @@ pub fn estimate(raw: &Volume) -> Result<AcquisitionEstimate> {
         let i = edges.partition_point(|&e| e <= m);
         Some(i.saturating_sub(1).min(nbins - 1))
     };
+    let mut members: Vec<Vec<(f32, f32)>> = vec![Vec::new(); nbins];
     for &(m, r) in &pairs {
         if let Some(b) = bin_of(m as f64) {
-            acc[b].0 += m as f64;
-            acc[b].1 += r as f64;
-            acc[b].4 += 1;
+            members[b].push((m, r));
         }
     }
-    let mean_r: Vec<f64> = acc.iter().map(|a| if a.4 > 0 { a.1 / a.4 as f64 } else { 0.0 }).collect();
-    for &(m, r) in &pairs {
-        if let Some(b) = bin_of(m as f64) {
-            let d = r as f64 - mean_r[b];
-            acc[b].2 += d * d;
-            acc[b].3 += d * d * d;
-        }
-    }
+    // per bin: residuals within 6 robust σ of their median (outliers from structure
+    // edges dropped), their variance and third central moment
+    let acc: Vec<(f64, f64, f64, f64, usize)> = members
+        .par_iter()
+        .map(|mb| {
+            if mb.len() < 100 {
+                return (0.0, 0.0, 0.0, 0.0, 0);
+            }
+            let mut rs: Vec<f32> = mb.iter().map(|p| p.1).collect();
+            let med = super::normalize::percentile(&rs, 50.0).unwrap_or(0.0);
+            rs.iter_mut().for_each(|v| *v = (*v as f64 - med).abs() as f32);
+            let sd = 1.4826 * super::normalize::percentile(&rs, 50.0).unwrap_or(0.0);
+            let kept: Vec<&(f32, f32)> = mb.iter().filter(|p| ((p.1 as f64) - med).abs() < 6.0 * sd).collect();
+            let n = kept.len() as f64;
+            let mean_m = kept.iter().map(|p| p.0 as f64).sum::<f64>() / n;
+            let mean_r = kept.iter().map(|p| p.1 as f64).sum::<f64>() / n;
+            let (m2, m3) = kept.iter().fold((0.0, 0.0), |(a, b), p| {
+                let d = p.1 as f64 - mean_r;
+                (a + d * d, b + d * d * d)
+            });
+            (mean_m * n, 0.0, m2, m3, kept.len())
+        })
+        .collect();
     let bins: Vec<(f64, f64, f64, usize)> = acc
         .iter()
         .filter(|a| a.4 >= 100)
@@ -129,7 +142,7 @@ pub fn estimate(raw: &Volume) -> Result<AcquisitionEstimate> {
     });
     let offset = osum / wsum;
     let read_noise = ((intercept + gain * offset) / (gain * gain)).max(0.0).sqrt();
-    // background: mode of the local means (histogram over the darker 90%, 3-bin smoothing)
+    // background: mode of the local means (histogram over the darker half, 3-bin smoothing)
     let (lo, hi) = (edges[0], edges[nbins]);
     let nh = 256;
     let mut hist = vec![0usize; nh];

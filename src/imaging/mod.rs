@@ -12,6 +12,7 @@
 //! - [`metrics`]: PSNR, SSIM (scikit-image's), NRMSE, Pearson r.
 
 pub mod acquisition;
+pub mod bitmap_text;
 pub mod fft;
 #[cfg(feature = "hdf5")]
 mod hdf5_io;
