@@ -190,3 +190,25 @@ fn plain_rl_matches_numpy_reference_and_approaches_cudadecon() {
     // RL's change per iteration falls without acceleration
     assert!(stats[9].change < stats[2].change, "{stats:?}");
 }
+
+#[test]
+fn lls_volume_acquisition_estimate_is_plausible() {
+    let Some(dir) = data_dir("lls_volume_acquisition_estimate_is_plausible") else {
+        return;
+    };
+    let raw = read_volume(dir.join("im_deskewed.tif")).unwrap();
+    let e = rln_engine::imaging::acquisition::estimate(&raw).unwrap();
+    eprintln!(
+        "im_deskewed.tif: offset {:.1} ADU, gain {:.3} ADU/photon, read noise {:.2} photons, background {:.1} ADU \
+         = {:.1} photons, bright voxels {:.2}%",
+        e.offset,
+        e.gain,
+        e.read_noise,
+        e.background,
+        e.background_photons,
+        100.0 * e.signal_fraction
+    );
+    // cudaDecon's tests subtract 98; the background mode must be near it, above the offset
+    assert!((90.0..115.0).contains(&e.background), "{e:?}");
+    assert!(e.offset < e.background && e.gain > 0.0, "{e:?}");
+}

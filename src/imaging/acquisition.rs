@@ -15,6 +15,9 @@
 //! - Read noise: `σ_r² = (intercept + gain · offset) / gain²`.
 //! - Background: the mode of `m`; photons at the background `(background − offset) / gain`.
 //! - Density: the fraction of voxels whose local mean lies 5 σ above the background.
+//!
+//! Voxels equal to all four neighbours are fill (deskew padding, masks), not noise, and are
+//! left out of everything.
 
 use super::volume::Volume;
 use crate::error::{Error, Result};
@@ -33,7 +36,7 @@ pub struct AcquisitionEstimate {
     pub background: f64,
     /// Photons per voxel at the background.
     pub background_photons: f64,
-    /// Fraction of voxels whose local mean is ≥ 5 σ above the background.
+    /// Fraction of (non-fill) voxels whose local mean is ≥ 5 σ above the background.
     pub signal_fraction: f64,
     /// Photon-transfer bins: (local mean, residual variance / 1.25, residual κ₃ / 0.9375, voxels).
     pub bins: Vec<(f64, f64, f64, usize)>,
@@ -66,14 +69,24 @@ pub fn estimate(raw: &Volume) -> Result<AcquisitionEstimate> {
         .flat_map_iter(|z| {
             let p = &raw.data[z * ny * nx..(z + 1) * ny * nx];
             (1..ny - 1).flat_map(move |y| {
-                (1..nx - 1).map(move |x| {
+                (1..nx - 1).filter_map(move |x| {
                     let c = p[y * nx + x];
-                    let nb = p[y * nx + x - 1] + p[y * nx + x + 1] + p[(y - 1) * nx + x] + p[(y + 1) * nx + x];
-                    ((c + nb) / 5.0, c - nb / 4.0)
+                    let n4 = [p[y * nx + x - 1], p[y * nx + x + 1], p[(y - 1) * nx + x], p[(y + 1) * nx + x]];
+                    // five equal values are a fill (deskew padding, clipped or masked regions), not noise
+                    if n4.iter().all(|&v| v == c) {
+                        return None;
+                    }
+                    let nb: f32 = n4.iter().sum();
+                    Some(((c + nb) / 5.0, c - nb / 4.0))
                 })
             })
         })
         .collect();
+    if pairs.len() < 1000 {
+        return Err(Error::invalid(
+            "the raw volume has too few varying voxels for a noise estimate (constant or padded?)",
+        ));
+    }
     let mut means: Vec<f32> = pairs.iter().map(|p| p.0).collect();
     means.par_sort_unstable_by(|a, b| a.total_cmp(b));
     let q = |f: f64| means[((means.len() - 1) as f64 * f) as usize] as f64;
