@@ -138,9 +138,10 @@ pub fn run_demo(
         files.push(p);
     }
     let png = opts.out_dir.join("comparison.png");
+    let rld_label = format!("RLD {rl_iters} it.");
     write_montage(
         &png,
-        &[("input", &input), ("RLD", &rld), ("RLN", &rln), ("ground truth", &gt)],
+        &[("input", &input), (&rld_label, &rld), ("RLN", &rln), ("ground truth", &gt)],
     )?;
     files.push(png);
     Ok(DemoReport {
@@ -151,8 +152,9 @@ pub fn run_demo(
     })
 }
 
-/// One PNG: central XY slices on top, central XZ slices below (z stretched to the
-/// voxel aspect), one column per volume, each scaled to its 0.1–99.9 percentiles.
+/// One PNG: each volume's label on top (5×7 bitmap font), its central XY slice below it,
+/// its central XZ slice at the bottom (z stretched to the voxel aspect), one column per
+/// volume, each scaled to its 0.1–99.9 percentiles.
 pub fn write_montage(path: &Path, vols: &[(&str, &Volume)]) -> Result<()> {
     let d = vols[0].1.dims;
     let aspect = vols[0]
@@ -163,8 +165,15 @@ pub fn write_montage(path: &Path, vols: &[(&str, &Volume)]) -> Result<()> {
     let zrows = ((d[0] as f64 * aspect).round() as usize).max(1);
     let gap = 4;
     let width = vols.len() * d[2] + (vols.len() - 1) * gap;
-    let height = d[1] + gap + zrows;
+    // label strip: text at scale 2 (1 when the panel is too narrow for any), dark on white
+    let scale = if d[2] >= 60 { 2 } else { 1 };
+    let strip = crate::imaging::bitmap_text::text_height(scale) + 2 * gap;
+    let height = strip + d[1] + gap + zrows;
     let mut img = vec![255u8; width * height];
+    for (k, (label, _)) in vols.iter().enumerate() {
+        let x0 = k * (d[2] + gap);
+        crate::imaging::bitmap_text::draw_text(&mut img, width, x0 + 1, gap, x0 + d[2], label, scale, 0);
+    }
     for (k, (_, v)) in vols.iter().enumerate() {
         let pv = percentiles(&v.data, &[0.1, 99.9])?;
         let (lo, hi) = (pv[0] as f32, (pv[1] as f32).max(pv[0] as f32 + 1e-12));
@@ -173,14 +182,14 @@ pub fn write_montage(path: &Path, vols: &[(&str, &Volume)]) -> Result<()> {
         let zc = d[0] / 2;
         for y in 0..d[1] {
             for x in 0..d[2] {
-                img[y * width + x0 + x] = g(v.at(zc, y, x));
+                img[(strip + y) * width + x0 + x] = g(v.at(zc, y, x));
             }
         }
         let yc = d[1] / 2;
         for r in 0..zrows {
             let z = ((r as f64 + 0.5) / aspect) as usize;
             for x in 0..d[2] {
-                img[(d[1] + gap + r) * width + x0 + x] = g(v.at(z.min(d[0] - 1), yc, x));
+                img[(strip + d[1] + gap + r) * width + x0 + x] = g(v.at(z.min(d[0] - 1), yc, x));
             }
         }
     }

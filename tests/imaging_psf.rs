@@ -171,7 +171,7 @@ fn measured_bead_is_centered_cropped_and_normalized() {
         crop: Some([15, 21, 21]),
         ..Default::default()
     };
-    let p = psf::clean_measured(&bead, &opts).unwrap();
+    let (p, _) = psf::clean_measured(&bead, &opts).unwrap();
     assert_eq!(p.dims, [15, 21, 21]);
     assert!((p.sum() - 1.0).abs() < 1e-5);
     assert_eq!(p.voxel_size, Some([0.2, 0.1, 0.1]));

@@ -4,8 +4,8 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use rln_engine::imaging::metrics::{self, Normalize};
-use rln_engine::imaging::psf::{self, ConfocalPsf, GaussianPsf, GibsonLanni, MeasuredOptions, PsfSpec};
-use rln_engine::imaging::rl::{BackProjector, Boundary, RlConfig};
+use rln_engine::imaging::psf::{self, CentreRule, ConfocalPsf, GaussianPsf, GibsonLanni, MeasuredOptions, PsfSpec};
+use rln_engine::imaging::rl::{BackProjector, BackgroundMode, Boundary, RlConfig};
 use rln_engine::imaging::synth::{self, Family, SynthConfig};
 use rln_engine::imaging::{progress, read_volume_with, write_volume, OutputDtype, ReadOptions, Volume};
 use std::path::PathBuf;
@@ -78,6 +78,12 @@ pub enum PsfModel {
     Confocal,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum CentreArg {
+    Centroid,
+    Peak,
+}
+
 #[derive(Args, Debug)]
 pub struct PsfArgs {
     /// Output file (.tif/.tiff, or .h5[:/dataset] with the hdf5 feature).
@@ -88,10 +94,31 @@ pub struct PsfArgs {
     /// Regenerate exactly the PSF a model was trained for (recorded in its metadata).
     #[arg(long, value_name = "MODEL", conflicts_with = "measured")]
     pub from_model: Option<PathBuf>,
-    /// Clean a measured bead stack instead of computing a model: background subtracted,
-    /// centered on its centroid, cropped (--crop), normalized to sum 1.
+    /// Clean a measured bead stack (or instrument PSF) instead of computing a model: each
+    /// plane's background subtracted, a noise floor of --noise-floor σ, only the support
+    /// connected to the peak kept, centred to a sub-voxel, resampled (linear interpolation)
+    /// to the data's voxel size (--dz/--dxy or --like DATA), optionally radially averaged,
+    /// cropped to the support (or --crop), normalized to sum 1. Prints FWHM and the mass removed.
     #[arg(long, value_name = "BEAD.tif")]
     pub measured: Option<PathBuf>,
+    /// Measured: the data file whose voxel size the PSF is resampled to (from its metadata).
+    #[arg(long, value_name = "DATA", requires = "measured")]
+    pub like: Option<PathBuf>,
+    /// Measured: the bead stack's own axial voxel size, µm, when its file has none.
+    #[arg(long, requires = "measured", value_parser = super::finite_f64)]
+    pub psf_dz: Option<f64>,
+    /// Measured: the bead stack's own lateral voxel size, µm, when its file has none.
+    #[arg(long, requires = "measured", value_parser = super::finite_f64)]
+    pub psf_dxy: Option<f64>,
+    /// Measured: noise floor in σ of the background (0: keep all above the background).
+    #[arg(long, default_value_t = 3.0, value_parser = super::finite_f64)]
+    pub noise_floor: f64,
+    /// Measured: average over rings about the optical axis (axially symmetric PSF, as cudaDecon's OTF).
+    #[arg(long)]
+    pub radial: bool,
+    /// Measured: the centre is the core's centroid, or the peak refined by a parabola (cudaDecon).
+    #[arg(long, value_enum, default_value_t = CentreArg::Centroid)]
+    pub centre: CentreArg,
     /// Gaussian: full width at half maximum in µm, "Z,Y,X" (or one value).
     #[arg(long, value_parser = triple_f64)]
     pub fwhm: Option<[f64; 3]>,
@@ -134,10 +161,10 @@ pub struct PsfArgs {
     /// Depth of the point source above the coverslip, µm [0].
     #[arg(long, value_parser = super::finite_f64)]
     pub pz: Option<f64>,
-    /// Lateral voxel size, µm [0.05].
+    /// Lateral voxel size, µm [0.05] (measured: the data's, to resample to).
     #[arg(long, value_parser = super::finite_f64)]
     pub dxy: Option<f64>,
-    /// Axial voxel size, µm [0.05].
+    /// Axial voxel size, µm [0.05] (measured: the data's, to resample to).
     #[arg(long, value_parser = super::finite_f64)]
     pub dz: Option<f64>,
     /// Lateral size in voxels (nx × nx) [51].
@@ -149,7 +176,7 @@ pub struct PsfArgs {
     /// Sub-pixels per pixel and axis for pixel integration [3].
     #[arg(long)]
     pub oversample: Option<usize>,
-    /// Measured: background to subtract (default: median of the stack's outer faces).
+    /// Measured: one background for every plane (default: each plane's border median).
     #[arg(long, value_parser = super::finite_f32)]
     pub background: Option<f32>,
     /// Measured: output size "Z,Y,X" (odd).
@@ -239,18 +266,7 @@ pub fn psf(a: &PsfArgs) -> Result<()> {
             .with_context(|| format!("the PSF of {}", mp.display()))?
             .1
     } else if let Some(bead_path) = &a.measured {
-        let bead = read_volume_with(bead_path, &read_opts(a.channel, a.time))?;
-        let vs = match (a.dz, a.dxy) {
-            (Some(z), Some(xy)) => Some([z, xy, xy]),
-            _ => None,
-        };
-        let opts = MeasuredOptions {
-            background: a.background,
-            crop: a.crop,
-            voxel_size: vs,
-            source: Some(bead_path.display().to_string()),
-        };
-        psf::clean_measured(&bead, &opts).with_context(|| format!("cleaning {}", bead_path.display()))?
+        measured_psf(a, bead_path)?
     } else {
         let spec = match a.model {
             PsfModel::GibsonLanni => PsfSpec::GibsonLanni(gibson_lanni_of(a)),
@@ -289,6 +305,68 @@ pub fn psf(a: &PsfArgs) -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// `psf --measured`: reads the bead, cleans it, prints what cleaning found.
+fn measured_psf(a: &PsfArgs, bead_path: &std::path::Path) -> Result<Volume> {
+    let bead = read_volume_with(bead_path, &read_opts(a.channel, a.time))?;
+    let own = match (a.psf_dz, a.psf_dxy) {
+        (Some(z), Some(xy)) => Some([z, xy, xy]),
+        (None, None) => None,
+        _ => bail!("give both --psf-dz and --psf-dxy (the bead stack's own voxel size), or neither"),
+    };
+    let target = match (&a.like, a.dz, a.dxy) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => bail!("give the data's voxel size by --like or by --dz/--dxy, not both"),
+        (Some(data), None, None) => {
+            let d = read_volume_with(data, &ReadOptions::default())
+                .with_context(|| format!("reading {} for its voxel size", data.display()))?;
+            Some(d.voxel_size.with_context(|| {
+                format!("{} records no voxel size; give the data's --dz and --dxy instead", data.display())
+            })?)
+        }
+        (None, Some(z), Some(xy)) => Some([z, xy, xy]),
+        (None, None, None) => None,
+        _ => bail!("give both --dz and --dxy (the data's voxel size), or neither"),
+    };
+    let opts = MeasuredOptions {
+        background: a.background,
+        noise_floor_sigmas: a.noise_floor,
+        radial: a.radial,
+        centre: match a.centre {
+            CentreArg::Centroid => CentreRule::Centroid,
+            CentreArg::Peak => CentreRule::Peak,
+        },
+        crop: a.crop,
+        voxel_size: own,
+        target_voxel_size: target,
+        source: Some(bead_path.display().to_string()),
+    };
+    let (vol, r) = psf::clean_measured(&bead, &opts).with_context(|| format!("cleaning {}", bead_path.display()))?;
+    let (bmin, bmax) = r.plane_background.iter().fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+    println!(
+        "background {bmin:.1}…{bmax:.1} per plane, noise σ {:.2}, floor {:.2}; support {} voxels; \
+         mass outside the support (removed) {:.1}%",
+        r.noise_sigma,
+        r.noise_floor,
+        r.support_voxels,
+        100.0 * r.mass_outside_support
+    );
+    println!(
+        "mass beyond 20 px of the centre {:.1}% → {:.1}%; on the first or last plane {:.1}% → {:.1}% (one background for all planes → cleaned)",
+        100.0 * r.mass_beyond_20px_before,
+        100.0 * r.mass_beyond_20px_after,
+        100.0 * r.edge_plane_mass_before,
+        100.0 * r.edge_plane_mass_after
+    );
+    if let (Some(s), Some(t)) = (r.source_voxel_size, target) {
+        if s != t {
+            println!(
+                "resampled from {}×{}×{} µm to {}×{}×{} µm (linear interpolation)",
+                s[0], s[1], s[2], t[0], t[1], t[2]
+            );
+        }
+    }
+    Ok(vol)
 }
 
 // ---------------------------------------------------------------- synth
@@ -395,6 +473,29 @@ pub enum BoundaryArg {
     Auto,
     Free,
     Mirror,
+    Periodic,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum BackgroundModeArg {
+    Model,
+    Subtract,
+}
+
+/// `--iterations N` or `--iterations auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Iterations {
+    Fixed(usize),
+    Auto,
+}
+
+fn iterations_arg(s: &str) -> Result<Iterations, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(Iterations::Auto);
+    }
+    s.parse()
+        .map(Iterations::Fixed)
+        .map_err(|_| format!("{s:?} is neither a number of iterations nor \"auto\""))
 }
 
 #[derive(Args, Debug)]
@@ -404,9 +505,29 @@ pub struct RlArgs {
     /// The PSF (any size up to the image's; its center is voxel dims/2).
     #[arg(long)]
     pub psf: PathBuf,
-    /// Number of RL iterations.
-    #[arg(long, default_value_t = 50)]
-    pub iterations: usize,
+    /// Number of RL iterations, or "auto": stop at the first iteration that changes the
+    /// estimate by less than --stop-change (relative L2), at most --max-iterations.
+    #[arg(long, default_value = "50", value_parser = iterations_arg)]
+    pub iterations: Iterations,
+    /// With --iterations auto: the relative change ‖x_k − x_{k−1}‖/‖x_{k−1}‖ that ends the run.
+    #[arg(long, default_value_t = 0.01, value_parser = super::finite_f64)]
+    pub stop_change: f64,
+    /// With --iterations auto: the most iterations run.
+    #[arg(long, default_value_t = 200)]
+    pub max_iterations: usize,
+    /// Biggs–Andrews acceleration (as cudaDecon): fewer iterations for the same sharpening.
+    #[arg(long)]
+    pub accelerate: bool,
+    /// model: y = PSF ⊛ x + background; subtract: y ← max(y − background, 0) first (cudaDecon).
+    #[arg(long, value_enum, default_value_t = BackgroundModeArg::Model)]
+    pub background_mode: BackgroundModeArg,
+    /// Blend the x and y edges over this many voxels so the image wraps smoothly (cudaDecon's
+    /// napodize, 15 there; use with --boundary periodic).
+    #[arg(long, default_value_t = 0)]
+    pub apodize: usize,
+    /// Print every iteration's relative change (and acceleration factor).
+    #[arg(long)]
+    pub verbose: bool,
     /// Output volume (.tif/.tiff or .h5[:/dataset]).
     #[arg(short, long)]
     pub output: PathBuf,
@@ -425,7 +546,8 @@ pub struct RlArgs {
     /// Wiener–Butterworth: Butterworth order.
     #[arg(long, value_parser = super::finite_f64, default_value_t = 10.0)]
     pub order: f64,
-    /// Edges: free (object may extend past the image; Bertero–Boccacci) or mirror (data reflected).
+    /// Edges: free (object may extend past the image; Bertero–Boccacci), mirror (data
+    /// reflected), or periodic (FFT on the image itself, as cudaDecon; with --apodize).
     #[arg(long, value_enum, default_value_t = BoundaryArg::Auto)]
     pub boundary: BoundaryArg,
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
@@ -449,8 +571,17 @@ pub fn rl(a: &RlArgs) -> Result<()> {
     let input = read_volume_with(&a.input, &read_opts(a.channel, a.time))?;
     let psf = read_volume_with(&a.psf, &ReadOptions::default())
         .with_context(|| format!("reading PSF {}", a.psf.display()))?;
+    if let Some(note) = psf::check_voxel_sizes_match(&psf, &input)
+        .with_context(|| format!("PSF {} and data {}", a.psf.display(), a.input.display()))?
+    {
+        eprintln!("note: {note}");
+    }
+    let (iterations, stop_change) = match a.iterations {
+        Iterations::Fixed(n) => (n, None),
+        Iterations::Auto => (a.max_iterations, Some(a.stop_change)),
+    };
     let cfg = RlConfig {
-        iterations: a.iterations,
+        iterations,
         background: a.background,
         back_projector: match a.back_projector {
             BackProjectorArg::Matched => BackProjector::Matched,
@@ -464,19 +595,40 @@ pub fn rl(a: &RlArgs) -> Result<()> {
             BoundaryArg::Auto => Boundary::Auto,
             BoundaryArg::Free => Boundary::Free,
             BoundaryArg::Mirror => Boundary::Mirror,
+            BoundaryArg::Periodic => Boundary::Periodic,
         },
+        accelerate: a.accelerate,
+        background_mode: match a.background_mode {
+            BackgroundModeArg::Model => BackgroundMode::Model,
+            BackgroundModeArg::Subtract => BackgroundMode::Subtract,
+        },
+        apodize: a.apodize,
+        stop_change,
     };
     let t = Instant::now();
-    let out = rln_engine::imaging::rl::richardson_lucy(&input, &psf, &cfg)?;
+    let (out, stats) = rln_engine::imaging::rl::richardson_lucy_traced(&input, &psf, &cfg)?;
     let secs = t.elapsed().as_secs_f64();
+    out.check_finite("RL result")?;
+    if a.verbose {
+        for (i, s) in stats.iter().enumerate() {
+            println!("iteration {:>3}: change {:.4e}, λ {:.3}", i + 1, s.change, s.lambda);
+        }
+    }
     write_volume(&a.output, &out, a.dtype.into())?;
+    let last = stats.last().map(|s| s.change).unwrap_or(0.0);
+    let why = match stop_change {
+        Some(t) if last < t => format!(" (stopped: change {last:.2e} < {t})"),
+        Some(_) => format!(" (reached --max-iterations; last change {last:.2e})"),
+        None => format!(" (last change {last:.2e})"),
+    };
     println!(
-        "wrote {} ({}, {} iterations in {:.2} s, {:.3e} voxel-iterations/s on {} threads)",
+        "wrote {} ({}, {} iterations{}{why} in {:.2} s, {:.3e} voxel-iterations/s on {} threads)",
         a.output.display(),
         out.shape_str(),
-        a.iterations,
+        stats.len(),
+        if a.accelerate { ", accelerated" } else { "" },
         secs,
-        out.len() as f64 * a.iterations as f64 / secs.max(1e-9),
+        out.len() as f64 * stats.len() as f64 / secs.max(1e-9),
         rln_engine::threads()
     );
     Ok(())

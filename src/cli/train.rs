@@ -8,6 +8,8 @@ use rln_engine::backend::cpu::CpuBackend;
 use rln_engine::backend::cuda::{self, CudaTrainBackend};
 use rln_engine::backend::GradMode;
 use rln_engine::imaging::io::{read_volume_with, ReadOptions};
+use rln_engine::imaging::acquisition::{self, AcquisitionEstimate};
+use rln_engine::imaging::io::read_volume;
 use rln_engine::imaging::synth::{Family, SynthConfig};
 use rln_engine::model::{Model, ModelConfig, Variant};
 use rln_engine::train::adam::LrSchedule;
@@ -67,6 +69,13 @@ pub struct TrainArgs {
     /// Make training pairs on the fly from this PSF instead of reading --data.
     #[arg(long)]
     pub synth_psf: Option<PathBuf>,
+    /// With --synth-psf: estimate from this raw volume (the kind the model will be applied
+    /// to) its camera offset and gain, read noise, background, photon level and density of
+    /// structures, and make the synthetic pairs match them (photons per unit so that the
+    /// synthetic background of 30 has the raw background's photon count; its read noise;
+    /// its density). Printed and recorded in the model. The PSF must be sampled like it.
+    #[arg(long, value_name = "RAW", requires = "synth_psf", conflicts_with_all = ["photons", "synth_density"])]
+    pub like: Option<PathBuf>,
     /// With --synth-psf: number of training volumes.
     #[arg(long, default_value_t = 16)]
     pub synth_count: usize,
@@ -310,6 +319,46 @@ fn config_from_flags(a: &TrainArgs) -> TrainConfig {
         seed: a.seed,
         ..TrainConfig::default()
     }
+/// `--like RAW`: estimates the raw volume's acquisition, sets the synthetic pairs' photon
+/// level, read noise and density to match, prints it; returns the estimate and the settings.
+fn like_raw(
+    raw_path: &std::path::Path,
+    psf_path: &std::path::Path,
+    psf: &rln_engine::imaging::Volume,
+    sc: &mut SynthConfig,
+) -> Result<(AcquisitionEstimate, serde_json::Value)> {
+    let raw = read_volume(raw_path).with_context(|| format!("reading {}", raw_path.display()))?;
+    if let Some(note) = rln_engine::imaging::psf::check_voxel_sizes_match(psf, &raw)
+        .with_context(|| format!("PSF {} and raw volume {}", psf_path.display(), raw_path.display()))?
+    {
+        eprintln!("note: {note}");
+    }
+    let est = acquisition::estimate(&raw).with_context(|| format!("estimating the noise of {}", raw_path.display()))?;
+    sc.photons = (est.background_photons / sc.background as f64).max(1e-3);
+    sc.read_noise = est.read_noise;
+    // density: the raw's fraction of bright voxels over that of a synthetic volume at density 1
+    let probe = rln_engine::imaging::synth::make_pair(sc, psf, 0x11CE)?.0;
+    let synth_fraction = acquisition::estimate(&probe).map(|e| e.signal_fraction).unwrap_or(0.0);
+    if synth_fraction > 0.0 && est.signal_fraction > 0.0 {
+        sc.density = (est.signal_fraction / synth_fraction).clamp(0.05, 20.0);
+    }
+    eprintln!(
+        "{}: offset {:.1} ADU, gain {:.3} ADU/photon, read noise {:.2} photons, background {:.1} ADU = {:.1} photons, \
+         bright voxels {:.2}% → synthetic pairs: {:.3} photons per unit, read noise {:.2}, density {:.3}",
+        raw_path.display(),
+        est.offset,
+        est.gain,
+        est.read_noise,
+        est.background,
+        est.background_photons,
+        100.0 * est.signal_fraction,
+        sc.photons,
+        sc.read_noise,
+        sc.density
+    );
+    let synth = serde_json::json!({"photons": sc.photons, "read_noise": sc.read_noise, "density": sc.density,
+        "synthetic_signal_fraction_at_density_1": synth_fraction});
+    Ok((est, synth))
 }
 
 pub fn train(a: &TrainArgs) -> Result<()> {
@@ -405,6 +454,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         None => None,
     };
     let mut psf_meta = None;
+    let mut like_meta: Option<serde_json::Value> = None;
     // data (every problem reported before training starts)
     let (data, val) = if let Some(psf_path) = &a.synth_psf {
         let psf = read_volume_with(
@@ -420,7 +470,11 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             .metadata
             .as_ref()
             .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok());
-        let sc = synth_config(a);
+        let mut sc = synth_config(a);
+        if let Some(raw_path) = &a.like {
+            let (est, synth) = like_raw(raw_path, psf_path, &psf, &mut sc)?;
+            like_meta = Some(serde_json::json!({"raw": raw_path.display().to_string(), "estimate": est, "synthetic": synth}));
+        }
         eprintln!(
             "making {} training and {} validation volumes of {:?} for {} ...",
             a.synth_count,
@@ -628,6 +682,8 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         training["steps_this_run"] = (cfg.steps - first).into();
     }
     model.config.training = Some(training);
+        "like": like_meta,
+    }));
     model.save(&a.output)?;
     println!(
         "wrote {} after {} steps ({:.1} s for {} steps this run{})",

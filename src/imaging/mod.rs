@@ -9,12 +9,17 @@
 //! - [`psf`]: Gaussian, Gibson–Lanni, confocal and measured PSFs ([`psf::PsfSpec`], [`psf::generate`]).
 //! - [`synth`]: the authors' phantoms plus filaments, blurred and noised ([`synth::make_pair`]).
 //! - [`rl`]: FFT Richardson–Lucy with the Wiener–Butterworth back projector ([`rl::RlPlan`]).
+//! - [`acquisition`]: camera offset, gain, read noise, photon level of a raw volume (`train --like`).
+//! - [`measured_psf`]: cleaning measured PSFs (noise floor, resampling, radial averaging).
 //! - [`metrics`]: PSNR, SSIM (scikit-image's), NRMSE, Pearson r.
 
+pub mod acquisition;
+pub mod bitmap_text;
 pub mod fft;
 #[cfg(feature = "hdf5")]
 mod hdf5_io;
 pub mod io;
+pub mod measured_psf;
 pub mod metrics;
 pub mod normalize;
 pub mod progress;

@@ -6,7 +6,7 @@
 //! `Volume::metadata`; [`generate`] is deterministic, so a stored spec regenerates the
 //! identical PSF (`PsfSpec::from_metadata` + `generate`).
 
-use super::volume::{dims_str, Volume};
+use super::volume::Volume;
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 use rustfft::num_complex::Complex64;
@@ -179,7 +179,7 @@ pub fn generate(spec: &PsfSpec) -> Result<Volume> {
     Ok(v)
 }
 
-fn normalize_sum(v: &mut Volume) -> Result<()> {
+pub(crate) fn normalize_sum(v: &mut Volume) -> Result<()> {
     let s = v.sum();
     if !(s > 0.0 && s.is_finite()) {
         return Err(Error::invalid("PSF has no positive intensity"));
@@ -448,130 +448,29 @@ fn confocal(c: &ConfocalPsf) -> Result<Volume> {
     ex.like(data)
 }
 
-/// How to clean a measured bead image.
-#[derive(Clone, Debug, Default)]
-pub struct MeasuredOptions {
-    /// Background to subtract; None: the median of the volume's outer faces.
-    pub background: Option<f32>,
-    /// Output size (z, y, x), odd; None: the input size, made odd.
-    pub crop: Option<[usize; 3]>,
-    /// Voxel size to record when the file has none, µm.
-    pub voxel_size: Option<[f64; 3]>,
-    /// Name of the source file, recorded in the metadata.
-    pub source: Option<String>,
-}
-
-/// Cleans a measured PSF: subtracts the background (clamping at 0), moves the centroid
-/// of the bead (voxels above 10% of the peak) to the center voxel by trilinear
-/// resampling, crops to an odd size, normalizes the sum to 1.
-pub fn clean_measured(bead: &Volume, opts: &MeasuredOptions) -> Result<Volume> {
-    bead.check_finite("measured PSF")?;
-    let [nz, ny, nx] = bead.dims;
-    if bead.dims.iter().any(|&d| d < 3) {
-        return Err(Error::invalid(format!(
-            "measured PSF {} is too small (needs ≥ 3 voxels per axis)",
-            bead.shape_str()
-        )));
-    }
-    let bg = match opts.background {
-        Some(b) => b,
-        None => {
-            let mut face = Vec::new();
-            for z in 0..nz {
-                for y in 0..ny {
-                    for x in 0..nx {
-                        if z == 0 || y == 0 || x == 0 || z == nz - 1 || y == ny - 1 || x == nx - 1 {
-                            face.push(bead.at(z, y, x));
-                        }
-                    }
-                }
-            }
-            super::normalize::percentile(&face, 50.0)? as f32
-        }
-    };
-    let v: Vec<f32> = bead.data.iter().map(|&x| (x - bg).max(0.0)).collect();
-    let peak = v.iter().copied().fold(0.0f32, f32::max);
-    if !(peak > 0.0) {
-        return Err(Error::invalid("measured PSF has nothing above its background"));
-    }
-    let (mut sw, mut cz, mut cy, mut cx) = (0.0f64, 0.0, 0.0, 0.0);
-    for z in 0..nz {
-        for y in 0..ny {
-            for x in 0..nx {
-                let w = v[(z * ny + y) * nx + x];
-                if w >= 0.1 * peak {
-                    let w = w as f64;
-                    sw += w;
-                    cz += w * z as f64;
-                    cy += w * y as f64;
-                    cx += w * x as f64;
-                }
-            }
-        }
-    }
-    let cen = [cz / sw, cy / sw, cx / sw];
-    let out = match opts.crop {
-        Some(c) => {
-            if c.iter().any(|&d| d == 0 || d % 2 == 0) {
+/// Checks that a PSF is sampled like the data it is used on. Err when both voxel sizes are
+/// known and differ by more than 1% on an axis (with what to do); Ok(Some(note)) when one
+/// is unknown (nothing could be checked); Ok(None) when they match.
+pub fn check_voxel_sizes_match(psf: &Volume, data: &Volume) -> Result<Option<String>> {
+    match (psf.voxel_size, data.voxel_size) {
+        (Some(p), Some(d)) => {
+            if (0..3).any(|a| (p[a] - d[a]).abs() > 0.01 * d[a]) {
                 return Err(Error::invalid(format!(
-                    "crop size {} must be odd on every axis",
-                    dims_str(c)
+                    "the PSF's voxel size ({}×{}×{} µm) differs from the data's ({}×{}×{} µm): the PSF would be \
+                     {:.2}×{:.2}×{:.2} too long; resample it (rln-engine psf --measured BEAD --like DATA, or a model \
+                     PSF with the data's --dz/--dxy)",
+                    p[0], p[1], p[2], d[0], d[1], d[2], d[0] / p[0], d[1] / p[1], d[2] / p[2]
                 )));
             }
-            c
+            Ok(None)
         }
-        None => [nz - 1 + nz % 2, ny - 1 + ny % 2, nx - 1 + nx % 2],
-    };
-    let half = [out[0] / 2, out[1] / 2, out[2] / 2];
-    let sample = |z: f64, y: f64, x: f64| -> f64 {
-        let (z0, y0, x0) = (z.floor(), y.floor(), x.floor());
-        let (fz, fy, fx) = (z - z0, y - y0, x - x0);
-        let mut acc = 0.0;
-        for (dz, wz) in [(0.0, 1.0 - fz), (1.0, fz)] {
-            for (dy, wy) in [(0.0, 1.0 - fy), (1.0, fy)] {
-                for (dx, wx) in [(0.0, 1.0 - fx), (1.0, fx)] {
-                    let (zz, yy, xx) = (z0 + dz, y0 + dy, x0 + dx);
-                    if zz >= 0.0
-                        && yy >= 0.0
-                        && xx >= 0.0
-                        && (zz as usize) < nz
-                        && (yy as usize) < ny
-                        && (xx as usize) < nx
-                    {
-                        acc += wz * wy * wx * v[((zz as usize) * ny + yy as usize) * nx + xx as usize] as f64;
-                    }
-                }
-            }
-        }
-        acc
-    };
-    let mut data = Vec::with_capacity(out.iter().product());
-    for z in 0..out[0] {
-        for y in 0..out[1] {
-            for x in 0..out[2] {
-                data.push(sample(
-                    cen[0] + z as f64 - half[0] as f64,
-                    cen[1] + y as f64 - half[1] as f64,
-                    cen[2] + x as f64 - half[2] as f64,
-                ) as f32);
-            }
-        }
+        (None, None) => Ok(Some("neither the PSF nor the data records a voxel size: make sure they are sampled alike".into())),
+        (None, Some(_)) => Ok(Some("the PSF records no voxel size: make sure it is sampled like the data".into())),
+        (Some(_), None) => Ok(Some("the data record no voxel size: make sure the PSF is sampled like them".into())),
     }
-    let mut psf = Volume::new(out, data)?;
-    normalize_sum(&mut psf)?;
-    psf.voxel_size = bead.voxel_size.or(opts.voxel_size);
-    psf.metadata = Some(
-        serde_json::json!({
-            "model": "measured",
-            "source": opts.source,
-            "background": bg,
-            "centroid_zyx": cen,
-            "input_shape": bead.dims,
-        })
-        .to_string(),
-    );
-    Ok(psf)
 }
+
+pub use super::measured_psf::{clean_measured, CentreRule, MeasuredOptions, MeasuredReport};
 
 /// FWHM (z, y, x) in voxels along the three axes through the brightest voxel, half-maximum
 /// crossings linearly interpolated (a side with no crossing counts to the volume edge).
