@@ -304,7 +304,6 @@ fn attempt_of(log: &str, job_task: &str) -> Option<Attempt> {
 }
 
 #[test]
-#[ignore = "needs infer to write OME-Zarr stores (issue 13: infer::stream::files on the real formats); passes with it"]
 fn job_array_equals_single_run() {
     let Some(cluster) = cluster() else { return };
     let t0 = Instant::now();
@@ -376,7 +375,6 @@ fn sbatch(cluster: &Cluster, args: &[&str], script: &Path, env: Option<(&str, &s
 }
 
 #[test]
-#[ignore = "needs infer to write OME-Zarr stores (issue 13: infer::stream::files on the real formats); passes with it"]
 fn failed_and_cancelled_tasks_are_resubmitted_alone() {
     let Some(cluster) = cluster() else { return };
     let dir = tempfile::tempdir().unwrap();

@@ -7,9 +7,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rln_engine::backend::cpu::CpuBackend;
 use rln_engine::backend::cuda::{self, CudaTrainBackend};
 use rln_engine::backend::GradMode;
-use rln_engine::imaging::io::{read_volume_with, ReadOptions};
 use rln_engine::imaging::acquisition::{self, AcquisitionEstimate};
-use rln_engine::imaging::io::read_volume;
+use rln_engine::imaging::io::{read_volume, read_volume_with, ReadOptions};
 use rln_engine::imaging::synth::{Family, SynthConfig};
 use rln_engine::model::{Model, ModelConfig, Variant};
 use rln_engine::train::adam::LrSchedule;
@@ -319,6 +318,8 @@ fn config_from_flags(a: &TrainArgs) -> TrainConfig {
         seed: a.seed,
         ..TrainConfig::default()
     }
+}
+
 /// `--like RAW`: estimates the raw volume's acquisition, sets the synthetic pairs' photon
 /// level, read noise and density to match, prints it; returns the estimate and the settings.
 fn like_raw(
@@ -674,6 +675,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         "device": if a.reproducible && gpu.is_none() { "CPU".to_string() } else { device_name.clone() },
         "percentiles": cfg.sampler.percentiles, "input_scale": cfg.sampler.input_scale,
         "validation": last_val,
+        "like": like_meta,
     });
     if !a.reproducible {
         // volatile: differs between identical runs and between a resumed and a straight run
@@ -682,8 +684,6 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         training["steps_this_run"] = (cfg.steps - first).into();
     }
     model.config.training = Some(training);
-        "like": like_meta,
-    }));
     model.save(&a.output)?;
     println!(
         "wrote {} after {} steps ({:.1} s for {} steps this run{})",

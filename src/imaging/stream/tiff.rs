@@ -13,19 +13,17 @@ use crate::error::{Error, Result};
 use crate::fsutil::{check_output_dir, temp_path_for};
 use crate::imaging::io::{check_output_range, OutputDtype, ReadOptions};
 use crate::imaging::tiff_io::{
-    decoded_len, page_to_f32, parse_imagej, rational, resolution, tiff_err, to_u16, unit_to_micron, GrayF16,
+    decoded_len, page_to_f32, parse_imagej, rational, resolution, tiff_err, to_u16, unit_to_micron,
 };
 use crate::imaging::volume::check_voxel_size;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tiff::decoder::{ChunkType, Decoder, Limits};
-use tiff::encoder::colortype::{self, ColorType};
-use tiff::encoder::{TiffEncoder, TiffKind, TiffKindBig, TiffKindStandard};
-use tiff::tags::{ResolutionUnit, Tag};
+use tiff::tags::Tag;
 
 /// Planes (or their strip bands) the read cache holds when [`ReadOptions::cache_planes`]
 /// does not say: enough for a slab of chunk depth when converting, small beside a plane
@@ -497,29 +495,6 @@ impl VolumeReader for TiffReader {
     }
 }
 
-/// An unbuffered handle the encoder writes through, so the file stays ours to sync and
-/// rename (the encoder has no `into_inner`). Pages are written in one call each.
-struct SharedFile(Arc<File>);
-
-impl Write for SharedFile {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        (&*self.0).write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        (&*self.0).flush()
-    }
-}
-impl Seek for SharedFile {
-    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
-        (&*self.0).seek(pos)
-    }
-}
-
-enum Encoder {
-    Classic(TiffEncoder<SharedFile, TiffKindStandard>),
-    Big(TiffEncoder<SharedFile, TiffKindBig>),
-}
-
 /// A plane some of whose voxels have arrived.
 struct PendingPlane {
     data: Vec<f32>,
@@ -527,20 +502,32 @@ struct PendingPlane {
 }
 
 struct WriterState {
-    encoder: Option<Encoder>,
     next_z: usize,
     pending: BTreeMap<usize, PendingPlane>,
     peak_pending: usize,
+    /// A write failed: the file is incomplete and `finish` must refuse it.
+    failed: bool,
 }
 
 /// Writes a TIFF stack (ImageJ-compatible; BigTIFF when large) under a temporary name,
 /// renamed into place by [`VolumeWriter::finish`].
+///
+/// Layout: the header, then every plane's samples back to back in z order, then the
+/// page directories. ImageJ (and tifffile for `images=N` files) read an ImageJ stack as
+/// N contiguous planes from the first page's offset, whatever the other directories say;
+/// directories interleaved with the planes made them read garbage (issue 14, thin
+/// volumes). Planes are written as soon as they and all planes before them are
+/// complete, the directories (a few hundred bytes each) at `finish`.
 pub struct TiffWriter {
     path: PathBuf,
     tmp: PathBuf,
-    file: Arc<File>,
+    file: File,
     spec: WriterSpec,
     description: String,
+    big: bool,
+    /// Offset of plane 0's first sample.
+    data_start: u64,
+    plane_bytes: u64,
     state: Mutex<WriterState>,
     finished: bool,
 }
@@ -554,19 +541,24 @@ impl TiffWriter {
         if ny > u32::MAX as usize || nx > u32::MAX as usize {
             return Err(Error::invalid(format!("{}: planes of {ny}×{nx} are too large for TIFF", path.display())));
         }
-        let estimate = (nz * ny * nx * spec.dtype.bytes()) as u64 + nz as u64 * 512 + 64 * 1024 + spec.metadata.as_ref().map_or(0, |m| m.len() as u64);
-        let tmp = temp_path_for(path);
-        let file = Arc::new(File::create(&tmp).map_err(|e| Error::io(&tmp, e))?);
-        let sink = SharedFile(file.clone());
-        let enc = if estimate >= bigtiff_threshold {
-            TiffEncoder::new_big(sink).map(Encoder::Big)
-        } else {
-            TiffEncoder::new(sink).map(Encoder::Classic)
+        let plane_bytes = (ny * nx * spec.dtype.bytes()) as u64;
+        let estimate = nz as u64 * plane_bytes + nz as u64 * 512 + 64 * 1024 + spec.metadata.as_ref().map_or(0, |m| m.len() as u64);
+        let big = estimate >= bigtiff_threshold;
+        if !big && plane_bytes > u32::MAX as u64 {
+            return Err(Error::invalid(format!("{}: a plane of {plane_bytes} bytes needs BigTIFF", path.display())));
         }
-        .map_err(|e| {
+        let tmp = temp_path_for(path);
+        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        // the header; the first directory's offset is filled in by `finish`
+        let header: Vec<u8> = if big {
+            [&b"II"[..], &43u16.to_le_bytes(), &8u16.to_le_bytes(), &0u16.to_le_bytes(), &0u64.to_le_bytes()].concat()
+        } else {
+            [&b"II"[..], &42u16.to_le_bytes(), &0u32.to_le_bytes()].concat()
+        };
+        if let Err(e) = file.write_all_at(&header, 0) {
             let _ = std::fs::remove_file(&tmp);
-            Error::format(path, format!("starting the TIFF: {e}"))
-        })?;
+            return Err(Error::io(&tmp, e));
+        }
         let mut description = format!("ImageJ=1.11a\nimages={nz}\nslices={nz}\n");
         if let Some(vs) = spec.voxel_size {
             description += &format!("unit=micron\nspacing={}\n", vs[0]);
@@ -582,7 +574,15 @@ impl TiffWriter {
             file,
             spec: spec.clone(),
             description,
-            state: Mutex::new(WriterState { encoder: Some(enc), next_z: 0, pending: BTreeMap::new(), peak_pending: 0 }),
+            big,
+            data_start: header.len() as u64,
+            plane_bytes,
+            state: Mutex::new(WriterState {
+                next_z: 0,
+                pending: BTreeMap::new(),
+                peak_pending: 0,
+                failed: false,
+            }),
             finished: false,
         })
     }
@@ -592,40 +592,101 @@ impl TiffWriter {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).peak_pending
     }
 
-    fn write_plane(&self, enc: &mut Encoder, z: usize, plane: &[f32]) -> Result<()> {
-        let r = match enc {
-            Encoder::Classic(e) => self.write_plane_as(e, z, plane),
-            Encoder::Big(e) => self.write_plane_as(e, z, plane),
+    /// Writes plane `z`'s samples at their place in the contiguous data block.
+    fn write_plane(&self, z: usize, plane: &[f32]) -> Result<()> {
+        let bytes: Vec<u8> = match self.spec.dtype {
+            OutputDtype::F32 => plane.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            OutputDtype::U16 => plane.iter().flat_map(|&v| to_u16(v).to_le_bytes()).collect(),
+            OutputDtype::F16 => plane.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
         };
-        r.map_err(|e| match e {
-            tiff::TiffError::IoError(io) => Error::io(&self.tmp, io),
-            other => Error::format(&self.path, format!("writing TIFF page {z}: {other}")),
-        })
+        self.file
+            .write_all_at(&bytes, self.data_start + z as u64 * self.plane_bytes)
+            .map_err(|e| Error::io(&self.tmp, e))
     }
 
-    fn write_plane_as<K: TiffKind>(&self, enc: &mut TiffEncoder<SharedFile, K>, z: usize, plane: &[f32]) -> tiff::TiffResult<()> {
-        match self.spec.dtype {
-            OutputDtype::F32 => self.page::<K, colortype::Gray32Float>(enc, z, plane.to_vec()),
-            OutputDtype::U16 => self.page::<K, colortype::Gray16>(enc, z, plane.iter().map(|&v| to_u16(v)).collect()),
-            OutputDtype::F16 => self.page::<K, GrayF16>(enc, z, plane.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect()),
+    /// The page directories of all planes, to be written at `pos` (even).
+    fn directories(&self, pos: u64) -> Vec<u8> {
+        let [nz, ny, nx] = self.spec.dims;
+        let (bits, format) = match self.spec.dtype {
+            OutputDtype::F32 => (32u16, 3u16),
+            OutputDtype::U16 => (16, 1),
+            OutputDtype::F16 => (16, 3),
+        };
+        let short = |v: u16| (3u16, 1u64, v.to_le_bytes().to_vec());
+        let long = |v: u32| (4u16, 1u64, v.to_le_bytes().to_vec());
+        let offset = |v: u64| if self.big { (16u16, 1u64, v.to_le_bytes().to_vec()) } else { (4u16, 1u64, (v as u32).to_le_bytes().to_vec()) };
+        let rational = |r: tiff::encoder::Rational| (5u16, 1u64, [r.n.to_le_bytes(), r.d.to_le_bytes()].concat());
+        let (entry_len, inline, count_len) = if self.big { (20u64, 8usize, 8u64) } else { (12, 4, 2) };
+        let mut out = Vec::new();
+        for z in 0..nz {
+            let mut entries: Vec<(u16, (u16, u64, Vec<u8>))> = vec![
+                (256, long(nx as u32)),
+                (257, long(ny as u32)),
+                (258, short(bits)),
+                (259, short(1)),
+                (262, short(1)),
+                (273, offset(self.data_start + z as u64 * self.plane_bytes)),
+                (277, short(1)),
+                (278, long(ny as u32)),
+                (279, offset(self.plane_bytes)),
+                (339, short(format)),
+            ];
+            if z == 0 {
+                let mut d = self.description.as_bytes().to_vec();
+                d.push(0);
+                entries.push((270, (2, d.len() as u64, d)));
+            }
+            if let Some(vs) = self.spec.voxel_size {
+                entries.push((282, rational(resolution(1.0 / vs[2]))));
+                entries.push((283, rational(resolution(1.0 / vs[1]))));
+                entries.push((296, short(1)));
+            }
+            entries.sort_by_key(|e| e.0);
+            let start = pos + out.len() as u64;
+            let table = count_len + entries.len() as u64 * entry_len + if self.big { 8 } else { 4 };
+            let mut extra_at = start + table;
+            let mut table_bytes = Vec::new();
+            let mut extra = Vec::new();
+            if self.big {
+                table_bytes.extend((entries.len() as u64).to_le_bytes());
+            } else {
+                table_bytes.extend((entries.len() as u16).to_le_bytes());
+            }
+            for (tag, (typ, count, value)) in &entries {
+                table_bytes.extend(tag.to_le_bytes());
+                table_bytes.extend(typ.to_le_bytes());
+                if self.big {
+                    table_bytes.extend(count.to_le_bytes());
+                } else {
+                    table_bytes.extend((*count as u32).to_le_bytes());
+                }
+                if value.len() <= inline {
+                    let mut v = value.clone();
+                    v.resize(inline, 0);
+                    table_bytes.extend(v);
+                } else {
+                    if self.big {
+                        table_bytes.extend(extra_at.to_le_bytes());
+                    } else {
+                        table_bytes.extend((extra_at as u32).to_le_bytes());
+                    }
+                    extra.extend(value);
+                    if extra.len() % 2 == 1 {
+                        extra.push(0);
+                    }
+                    extra_at = start + table + extra.len() as u64;
+                }
+            }
+            let next = if z + 1 < nz { start + table + extra.len() as u64 } else { 0 };
+            if self.big {
+                table_bytes.extend(next.to_le_bytes());
+            } else {
+                table_bytes.extend((next as u32).to_le_bytes());
+            }
+            out.extend(table_bytes);
+            out.extend(extra);
         }
-    }
-
-    fn page<K: TiffKind, C: ColorType>(&self, enc: &mut TiffEncoder<SharedFile, K>, z: usize, data: Vec<C::Inner>) -> tiff::TiffResult<()>
-    where
-        [C::Inner]: tiff::encoder::TiffValue,
-    {
-        let [_, ny, nx] = self.spec.dims;
-        let mut img = enc.new_image::<C>(nx as u32, ny as u32)?;
-        if z == 0 {
-            img.encoder().write_tag(Tag::ImageDescription, self.description.as_str())?;
-        }
-        if let Some(vs) = self.spec.voxel_size {
-            img.resolution_unit(ResolutionUnit::None);
-            img.x_resolution(resolution(1.0 / vs[2]));
-            img.y_resolution(resolution(1.0 / vs[1]));
-        }
-        img.write_data(&data)
+        out
     }
 }
 
@@ -647,6 +708,9 @@ impl VolumeWriter for TiffWriter {
         let [_, ny, nx] = self.spec.dims;
         let [rz, ry, rx] = region.shape;
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.failed {
+            return Err(Error::invalid(format!("{}: an earlier write failed", self.path.display())));
+        }
         for dz in 0..rz {
             let z = region.start[0] + dz;
             if z < st.next_z {
@@ -661,34 +725,44 @@ impl VolumeWriter for TiffWriter {
             p.filled += ry * rx;
         }
         st.peak_pending = st.peak_pending.max(st.pending.len());
-        let mut enc = st.encoder.take();
-        let result = (|| {
-            while let Some(p) = st.pending.get(&st.next_z) {
-                if p.filled < ny * nx {
-                    break;
-                }
-                let z = st.next_z;
-                let p = st.pending.remove(&z).expect("present");
-                self.write_plane(enc.as_mut().ok_or_else(|| Error::invalid("TIFF writer failed earlier"))?, z, &p.data)?;
-                st.next_z += 1;
+        while let Some(p) = st.pending.get(&st.next_z) {
+            if p.filled < ny * nx {
+                break;
             }
-            Ok(())
-        })();
-        st.encoder = enc;
-        result
+            let z = st.next_z;
+            let p = st.pending.remove(&z).expect("present");
+            if let Err(e) = self.write_plane(z, &p.data) {
+                st.failed = true;
+                return Err(e);
+            }
+            st.next_z += 1;
+        }
+        Ok(())
     }
     fn finish(mut self: Box<Self>) -> Result<()> {
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         let nz = self.spec.dims[0];
-        if st.next_z != nz {
+        if st.failed || st.next_z != nz {
             return Err(Error::invalid(format!(
                 "{}: only {} of {nz} planes were complete; nothing was written",
                 self.path.display(),
                 st.next_z
             )));
         }
-        drop(st.encoder.take());
-        self.file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
+        let ifd_pos = self.data_start + nz as u64 * self.plane_bytes;
+        let ifd_pos = ifd_pos + ifd_pos % 2;
+        if !self.big && ifd_pos > u32::MAX as u64 {
+            return Err(Error::invalid(format!("{}: over 4 GB; raise the BigTIFF threshold's estimate", self.path.display())));
+        }
+        let dirs = self.directories(ifd_pos);
+        let first: Vec<u8> = if self.big { ifd_pos.to_le_bytes().to_vec() } else { (ifd_pos as u32).to_le_bytes().to_vec() };
+        let first_at = if self.big { 8 } else { 4 };
+        (|| {
+            self.file.write_all_at(&dirs, ifd_pos)?;
+            self.file.write_all_at(&first, first_at)?;
+            self.file.sync_all()
+        })()
+        .map_err(|e| Error::io(&self.tmp, e))?;
         std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
         self.finished = true;
         Ok(())
