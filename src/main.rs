@@ -37,6 +37,8 @@ enum Cmd {
     Synth(cli::imaging::SynthArgs),
     /// Classical Richardson–Lucy deconvolution.
     Rl(cli::imaging::RlArgs),
+    /// Stream a volume between TIFF, folders of slices, HDF5 and OME-Zarr with bounded memory.
+    Convert(cli::convert::ConvertArgs),
     /// Image-quality metrics of a prediction against a ground truth (PSNR, SSIM, NRMSE, Pearson r).
     Eval(cli::imaging::EvalArgs),
 }
@@ -57,6 +59,7 @@ fn main() {
         Cmd::Synth(a) => cli::imaging::synth(a),
         Cmd::Rl(a) => cli::imaging::rl(a),
         Cmd::Eval(a) => cli::imaging::eval(a),
+        Cmd::Convert(a) => cli::convert::convert(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

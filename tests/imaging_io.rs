@@ -55,12 +55,25 @@ fn f32_u16_f16_round_trips_keep_data_voxel_size_and_metadata() {
         }
         assert_eq!(r.metadata, v.metadata, "{dtype:?}");
     }
-    // u16 clamps and rounds
-    let w = Volume::new([2, 1, 3], vec![-5.0, 1.4, 1.6, 70000.0, f32::NAN, 3.0]).unwrap();
-    let p = dir.path().join("clamp.tif");
+    // u16 rounds; values it cannot hold are errors naming the voxel and the way out, never clamped
+    let w = Volume::new([2, 1, 3], vec![-0.4, 1.4, 1.6, 65535.4, 0.0, 3.0]).unwrap();
+    let p = dir.path().join("round.tif");
     write_volume(&p, &w, OutputDtype::U16).unwrap();
     let r = read_volume(&p).unwrap();
     assert_eq!(r.data, vec![0.0, 1.0, 2.0, 65535.0, 0.0, 3.0]);
+    for (bad, dtype, what) in [
+        (70000.0f32, OutputDtype::U16, "70000"),
+        (-5.0, OutputDtype::U16, "-5"),
+        (f32::NAN, OutputDtype::U16, "NaN"),
+        (1e5, OutputDtype::F16, "100000"),
+    ] {
+        let w = Volume::new([2, 1, 3], vec![1.0, 2.0, 3.0, 4.0, bad, 6.0]).unwrap();
+        let p = dir.path().join("bad.tif");
+        let err = write_volume(&p, &w, dtype).unwrap_err().to_string();
+        assert!(err.contains("(1, 0, 1)") && err.contains(what), "{err}");
+        assert!(what == "NaN" || err.contains("f32"), "{err}");
+        assert!(!p.exists());
+    }
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! the library.
 
 pub mod compare;
+pub mod convert;
 pub mod core;
 pub mod demo;
 pub mod imaging;

@@ -17,10 +17,42 @@ use std::path::{Path, PathBuf};
 pub enum OutputDtype {
     /// 32-bit float, exact.
     F32,
-    /// 16-bit unsigned: values rounded and clamped to [0, 65535] (scale first).
+    /// 16-bit unsigned: values rounded to the nearest integer; a value outside
+    /// [0, 65535] after rounding is an error, never clamped (scale first, or write f32).
     U16,
-    /// 16-bit IEEE float (≈3 significant digits, max 65504).
+    /// 16-bit IEEE float (≈3 significant digits); a magnitude above 65504 is an error,
+    /// never turned into infinity.
     F16,
+}
+
+/// Checks that every voxel of `data` (z-major, `shape`, placed at `start` in its volume)
+/// is finite and can be written as `dtype` without clamping or overflowing to infinity.
+/// All writers call it, so a result never silently changes on its way to disk.
+pub fn check_output_range(data: &[f32], dtype: OutputDtype, start: [usize; 3], shape: [usize; 3], what: &str) -> Result<()> {
+    let bad = |v: f32| match dtype {
+        OutputDtype::F32 => !v.is_finite(),
+        // rounds to 0 ..= 65535
+        OutputDtype::U16 => !(v >= -0.5 && v < 65535.5),
+        OutputDtype::F16 => !(v.is_finite() && v.abs() <= 65504.0),
+    };
+    let Some(i) = data.iter().position(|&v| bad(v)) else {
+        return Ok(());
+    };
+    let v = data[i];
+    let (x, y, z) = (i % shape[2], (i / shape[2]) % shape[1], i / (shape[2] * shape[1]));
+    let at = format!("voxel (z, y, x) = ({}, {}, {})", start[0] + z, start[1] + y, start[2] + x);
+    Err(Error::invalid(if !v.is_finite() {
+        format!("{what}: {at} is {v}; non-finite results are not written")
+    } else {
+        let range = match dtype {
+            OutputDtype::U16 => "u16 (0…65535 after rounding)",
+            _ => "f16 (magnitude at most 65504)",
+        };
+        format!(
+            "{what}: {at} is {v}, which does not fit {range}; write f32 instead \
+             (--output-dtype f32, or --dtype f32 for convert) or scale the values first"
+        )
+    }))
 }
 
 impl OutputDtype {
@@ -57,6 +89,10 @@ pub struct ReadOptions {
     pub allow_2d: bool,
     /// Reject NaN / infinite voxels, naming the first one's position.
     pub check_finite: bool,
+    /// Streaming TIFF and slice-folder readers: the most planes (or their strip bands)
+    /// the read cache holds; `None`: [`crate::imaging::stream::tiff::DEFAULT_CACHE_PLANES`].
+    /// The streaming pipeline sets it to its tile window's depth.
+    pub cache_planes: Option<usize>,
 }
 
 impl Default for ReadOptions {
@@ -66,6 +102,7 @@ impl Default for ReadOptions {
             dataset: None,
             allow_2d: false,
             check_finite: true,
+            cache_planes: None,
         }
     }
 }
@@ -158,6 +195,7 @@ pub fn write_volume(path: impl AsRef<Path>, vol: &Volume, dtype: OutputDtype) ->
 
 pub fn write_volume_with(path: impl AsRef<Path>, vol: &Volume, opts: &WriteOptions) -> Result<()> {
     let (file, ds) = split_dataset_path(path.as_ref());
+    check_output_range(&vol.data, opts.dtype, [0; 3], vol.dims, &file.display().to_string())?;
     match kind_of(&file) {
         Ok(Kind::Tiff) => tiff_io::write_tiff(&file, vol, opts.dtype, opts.bigtiff_threshold),
         Ok(Kind::Hdf5) => write_hdf5(

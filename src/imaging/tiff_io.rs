@@ -18,7 +18,7 @@ use tiff::tags::{PhotometricInterpretation, ResolutionUnit, SampleFormat, Tag};
 pub const BIGTIFF_THRESHOLD: u64 = 4_000_000_000;
 
 /// Float16 grayscale: SampleFormat=3 (IEEEFP) with BitsPerSample=16, as tifffile and Fiji read it.
-struct GrayF16;
+pub(crate) struct GrayF16;
 impl ColorType for GrayF16 {
     type Inner = u16;
     const TIFF_VALUE: PhotometricInterpretation = PhotometricInterpretation::BlackIsZero;
@@ -80,7 +80,7 @@ pub(crate) fn unit_to_micron(unit: &str) -> Option<f64> {
     }
 }
 
-fn tiff_err(path: &Path, what: &str, e: tiff::TiffError) -> Error {
+pub(crate) fn tiff_err(path: &Path, what: &str, e: tiff::TiffError) -> Error {
     match e {
         tiff::TiffError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
             Error::format(path, format!("{what}: file is truncated ({io})"))
@@ -89,7 +89,7 @@ fn tiff_err(path: &Path, what: &str, e: tiff::TiffError) -> Error {
     }
 }
 
-fn rational(v: Option<Value>) -> Option<f64> {
+pub(crate) fn rational(v: Option<Value>) -> Option<f64> {
     match v? {
         Value::Rational(n, d) if d != 0 => Some(n as f64 / d as f64),
         Value::RationalBig(n, d) if d != 0 => Some(n as f64 / d as f64),
@@ -101,7 +101,7 @@ fn rational(v: Option<Value>) -> Option<f64> {
 }
 
 /// Samples of one decoded page as f32, keeping sample `channel` of `spp` per pixel.
-fn page_to_f32(img: DecodingResult, spp: usize, channel: usize, out: &mut Vec<f32>) {
+pub(crate) fn page_to_f32(img: DecodingResult, spp: usize, channel: usize, out: &mut Vec<f32>) {
     macro_rules! take {
         ($v:expr, $conv:expr) => {{
             let v = $v;
@@ -127,7 +127,7 @@ fn page_to_f32(img: DecodingResult, spp: usize, channel: usize, out: &mut Vec<f3
     }
 }
 
-fn decoded_len(img: &DecodingResult) -> usize {
+pub(crate) fn decoded_len(img: &DecodingResult) -> usize {
     match img {
         DecodingResult::U8(v) => v.len(),
         DecodingResult::U16(v) => v.len(),
@@ -407,7 +407,7 @@ fn imagej_description(vol: &Volume) -> String {
     d
 }
 
-fn resolution(pixels_per_unit: f64) -> Rational {
+pub(crate) fn resolution(pixels_per_unit: f64) -> Rational {
     let mut d: u64 = 1_000_000;
     while d > 1 && (pixels_per_unit * d as f64).round() > u32::MAX as f64 {
         d /= 10;
@@ -464,7 +464,8 @@ fn write_pages<W: Write + Seek, K: TiffKind>(
     }
 }
 
-/// Rounds to the nearest integer and clamps to [0, 65535] (NaN → 0).
+/// Rounds to the nearest integer and clamps to [0, 65535] (NaN → 0). Writers check the
+/// range first ([`super::io::check_output_range`]), so the clamp never changes a value.
 pub fn to_u16(v: f32) -> u16 {
     if v.is_nan() {
         0

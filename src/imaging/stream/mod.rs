@@ -13,8 +13,170 @@
 //! [`MemoryVolume`] for tests and the library's in-memory path.
 
 use crate::error::{Error, Result};
-use crate::imaging::io::OutputDtype;
+use crate::imaging::io::{split_dataset_path, OutputDtype, ReadOptions};
+use std::path::Path;
 use std::sync::Mutex;
+
+pub mod convert;
+pub mod folder;
+#[cfg(feature = "hdf5")]
+pub mod hdf5;
+pub mod tiff;
+pub mod zarr;
+
+/// The formats [`open_reader`] and [`create_writer`] tell apart by path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// `.tif` / `.tiff` (classic or BigTIFF).
+    Tiff,
+    /// A folder of 2D TIFF slices, read in name order.
+    SliceFolder,
+    /// `file.h5[:/dataset]` / `.hdf5` (feature `hdf5`).
+    Hdf5,
+    /// An OME-Zarr store: a folder named `*.zarr`, or any folder holding `.zgroup`,
+    /// `.zarray` or `zarr.json`.
+    Zarr,
+}
+
+impl Format {
+    /// The format of `path` (with an optional `:/dataset` suffix for HDF5). Existing
+    /// folders are Zarr stores when they hold Zarr metadata, else folders of slices.
+    pub fn of(path: &Path) -> Result<Format> {
+        let (file, _) = split_dataset_path(path);
+        let ext = file.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+        if zarr::looks_like_store(&file) || ext == "zarr" {
+            return Ok(Format::Zarr);
+        }
+        if file.is_dir() {
+            return Ok(Format::SliceFolder);
+        }
+        match ext.as_str() {
+            "tif" | "tiff" => Ok(Format::Tiff),
+            "h5" | "hdf5" => Ok(Format::Hdf5),
+            _ => Err(Error::invalid(format!(
+                "{}: unknown volume format: use .tif/.tiff, .h5/.hdf5[:/dataset], an OME-Zarr store \
+                 (a folder named *.zarr or *.ome.zarr) or a folder of 2D TIFF slices",
+                path.display()
+            ))),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Tiff => "TIFF",
+            Format::SliceFolder => "folder of slices",
+            Format::Hdf5 => "HDF5",
+            Format::Zarr => "OME-Zarr",
+        }
+    }
+}
+
+/// Opens `path` for reading regions: a TIFF/BigTIFF stack, a folder of 2D slices, an
+/// HDF5 dataset (`file.h5:/ds`, feature `hdf5`) or level 0 of an OME-Zarr store.
+pub fn open_reader(path: &Path, opts: &ReadOptions) -> Result<Box<dyn VolumeReader>> {
+    let (file, ds) = split_dataset_path(path);
+    if !file.exists() {
+        return Err(Error::io(&file, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")));
+    }
+    Ok(match Format::of(path)? {
+        Format::Tiff => Box::new(tiff::TiffReader::open(&file, opts)?),
+        Format::SliceFolder => Box::new(folder::SliceFolderReader::open(&file, opts)?),
+        Format::Zarr => Box::new(zarr::ZarrReader::open(&file, opts)?),
+        #[cfg(feature = "hdf5")]
+        Format::Hdf5 => Box::new(hdf5::Hdf5Reader::open(&file, opts.dataset.clone().or(ds).as_deref(), opts)?),
+        #[cfg(not(feature = "hdf5"))]
+        Format::Hdf5 => {
+            let _ = ds;
+            return Err(no_hdf5(&file));
+        }
+    })
+}
+
+/// Creates the output `path` (format by extension; `*.zarr` is OME-Zarr with the
+/// defaults of [`zarr::ZarrWriteOptions`]). Nothing exists under the final name of a
+/// TIFF or HDF5 file before [`VolumeWriter::finish`]; a Zarr store exists from the start
+/// but is marked complete only by `finish`.
+pub fn create_writer(path: &Path, spec: &WriterSpec) -> Result<Box<dyn VolumeWriter>> {
+    let (file, ds) = split_dataset_path(path);
+    check_spec(spec, &file)?;
+    Ok(match Format::of(path)? {
+        Format::Tiff => Box::new(tiff::TiffWriter::create(&file, spec, crate::imaging::tiff_io::BIGTIFF_THRESHOLD)?),
+        Format::Zarr => Box::new(zarr::ZarrWriter::create(&file, spec, &zarr::ZarrWriteOptions::default())?),
+        #[cfg(feature = "hdf5")]
+        Format::Hdf5 => Box::new(hdf5::Hdf5Writer::create(&file, ds.as_deref().unwrap_or("/data"), spec)?),
+        #[cfg(not(feature = "hdf5"))]
+        Format::Hdf5 => {
+            let _ = ds;
+            return Err(no_hdf5(&file));
+        }
+        Format::SliceFolder => {
+            return Err(Error::invalid(format!(
+                "{} is a folder: give a .tif, .h5 or .zarr name for the output",
+                file.display()
+            )))
+        }
+    })
+}
+
+#[cfg(not(feature = "hdf5"))]
+fn no_hdf5(path: &Path) -> Error {
+    Error::invalid(format!(
+        "{}: this build has no HDF5 support; rebuild with `cargo build --release --features hdf5` (needs libhdf5-dev)",
+        path.display()
+    ))
+}
+
+/// The checks every writer makes on its spec.
+pub(crate) fn check_spec(spec: &WriterSpec, path: &Path) -> Result<()> {
+    if spec.dims.contains(&0) {
+        return Err(Error::invalid(format!("{}: cannot write an empty volume {:?}", path.display(), spec.dims)));
+    }
+    if let Some(c) = spec.chunks {
+        if c.contains(&0) {
+            return Err(Error::invalid(format!("{}: chunk shape {c:?} has a zero side", path.display())));
+        }
+    }
+    crate::imaging::volume::check_voxel_size(spec.voxel_size, &path.display().to_string())
+}
+
+/// An error naming the first non-finite voxel of `data` (region `region`) read from `what`.
+pub(crate) fn check_region_finite(data: &[f32], region: Region, what: &str) -> Result<()> {
+    match data.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => {
+            let [_, h, w] = region.shape;
+            let (x, y, z) = (i % w, (i / w) % h, i / (w * h));
+            Err(Error::invalid(format!(
+                "{what}: voxel (z, y, x) = ({}, {}, {}) is {}; the input must be finite",
+                region.start[0] + z,
+                region.start[1] + y,
+                region.start[2] + x,
+                data[i]
+            )))
+        }
+    }
+}
+
+/// Regions of shape `unit` (cut at the border) tiling `region`, in z, y, x raster order.
+pub fn unit_regions(region: Region, unit: [usize; 3]) -> Vec<Region> {
+    let unit = unit.map(|u| u.max(1));
+    let mut out = Vec::new();
+    let end = region.end();
+    let mut z = region.start[0];
+    while z < end[0] {
+        let mut y = region.start[1];
+        while y < end[1] {
+            let mut x = region.start[2];
+            while x < end[2] {
+                let s = [z, y, x];
+                out.push(Region::new(s, [0, 1, 2].map(|i| unit[i].min(end[i] - s[i]))));
+                x += unit[2];
+            }
+            y += unit[1];
+        }
+        z += unit[0];
+    }
+    out
+}
 
 /// A box of voxels: `start` (z, y, x) and `shape` (z, y, x); data are z-major.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
