@@ -105,8 +105,8 @@ class Model:
         return f"rln_engine.Model.load({self.path!r})"
 
     def __reduce__(self):
-        # pickled by path (dask workers load the file themselves)
-        return (Model.load, (self.path,))
+        # pickled by path: dask workers load the file themselves, once per process
+        return (_load_shared, (self.path,))
 
     def normalization(self, array) -> Tuple[float, float]:
         """The low and high percentile values of the model's global normalization of
@@ -140,10 +140,22 @@ class Model:
         vol = as_volume(array)
         if normalization is not None:
             normalization = (float(normalization[0]), float(normalization[1]))
-        out, note, _ = self._native.deconvolve(vol, str(device), bool(fp16), _tile(tile), normalization)
+        out, note = self._native.deconvolve(vol, str(device), bool(fp16), _tile(tile), normalization)
         if note:
             warnings.warn(f"rln_engine: {note}", RuntimeWarning, stacklevel=2)
         return out
+
+
+_shared_models: dict = {}
+
+
+def _load_shared(path: str) -> Model:
+    """The model of ``path``, loaded once per process (unpickling on dask workers, so
+    that every block reuses one model and its GPU predictor)."""
+    model = _shared_models.get(path)
+    if model is None:
+        model = _shared_models[path] = Model.load(path)
+    return model
 
 
 def richardson_lucy(array, psf, iterations: int = 50, background: float = 0.0) -> np.ndarray:
@@ -164,10 +176,12 @@ def infer_file(
     tile: Union[None, int, Sequence[int]] = None,
     output_dtype: str = "f32",
 ) -> None:
-    """Deconvolves the volume file ``input`` (TIFF, or HDF5 ``file.h5:/dataset`` when
-    built with HDF5) into ``output`` (written under a temporary name and renamed when
-    complete; never the input). This build reads the whole volume into memory (as
-    ``rln-engine infer``); ``output_dtype`` is "f32", "f16" or "u16"."""
+    """Deconvolves the volume ``input`` into ``output``: TIFF/BigTIFF, a folder of 2D
+    TIFF slices, OME-Zarr (``*.zarr`` directories; level 0 of a multiscale), or HDF5
+    ``file.h5:/dataset`` when built with HDF5; the output format follows its name
+    (TIFF written under a temporary name and renamed when complete; never the input).
+    ``output_dtype`` is "f32", "f16" or "u16" (a value that does not fit raises).
+    This version holds the whole volume in memory (``rln-engine infer`` streams)."""
     path = model.path if isinstance(model, Model) else os.fspath(model)
     note = _native.infer_file(path, os.fspath(input), os.fspath(output), str(device), bool(fp16), _tile(tile), str(output_dtype))
     if note:

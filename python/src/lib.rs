@@ -7,7 +7,8 @@
 use numpy::{PyArray1, PyArray3, PyArrayMethods, PyReadonlyArray3, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyFileNotFoundError, PyMemoryError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use rln_engine::imaging::io::{read_volume, write_volume, OutputDtype};
+use rln_engine::imaging::io::{OutputDtype, ReadOptions};
+use rln_engine::imaging::stream;
 use rln_engine::imaging::metrics;
 use rln_engine::imaging::psf::{self, GibsonLanni, PsfSpec};
 use rln_engine::imaging::rl::{richardson_lucy as rl, RlConfig};
@@ -15,9 +16,12 @@ use rln_engine::imaging::volume::Volume;
 use rln_engine::infer::buffers::{
     deconvolve_slice, global_normalization, normalization_from_values, open_predictor, Device,
 };
+use rln_engine::infer::stitch::Affine;
+use rln_engine::infer::TilePredictor;
 use rln_engine::model::Model as EngineModel;
 use rln_engine::Error;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// The library's error as the Python exception a caller expects.
 fn to_py(e: Error) -> PyErr {
@@ -47,11 +51,53 @@ fn to_array<'py>(py: Python<'py>, dims: [usize; 3], data: Vec<f32>) -> PyResult<
     PyArray1::from_vec(py, data).reshape(dims)
 }
 
+/// A GPU predictor kept between calls: opening one creates a CUDA context, compiles or
+/// loads the kernels and uploads the weights, which a call per block must not repeat.
+struct CachedGpu {
+    device: Device,
+    fp16: bool,
+    predictor: Box<dyn TilePredictor + Send>,
+}
+
 /// An RLN model loaded from a .safetensors file.
 #[pyclass(module = "rln_engine._rln_engine", name = "NativeModel", frozen)]
 struct NativeModel {
     model: EngineModel<f32>,
     path: PathBuf,
+    /// The last GPU predictor (calls on one model and GPU take turns; CPU calls run
+    /// concurrently, each with its own predictor).
+    gpu: Mutex<Option<CachedGpu>>,
+}
+
+impl NativeModel {
+    /// Runs the network on `device`; the note says why "auto" fell back to the CPU.
+    fn run(
+        &self,
+        device: Device,
+        fp16: bool,
+        dims: [usize; 3],
+        data: &[f32],
+        tile: Option<[usize; 3]>,
+        norm: Option<Affine>,
+    ) -> rln_engine::Result<(Vec<f32>, Option<String>)> {
+        if device != Device::Cpu {
+            let mut cache = self.gpu.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = cache.as_mut().filter(|c| c.device == device && c.fp16 == fp16) {
+                return Ok((deconvolve_slice(c.predictor.as_mut(), &self.model, dims, data, tile, norm)?, None));
+            }
+            *cache = None; // release the old device's memory first
+            let (mut predictor, note) = open_predictor(&self.model, device, fp16)?;
+            if note.is_none() {
+                let out = deconvolve_slice(predictor.as_mut(), &self.model, dims, data, tile, norm)?;
+                *cache = Some(CachedGpu { device, fp16, predictor });
+                return Ok((out, None));
+            }
+            // "auto" fell back to the CPU: nothing to keep
+            return Ok((deconvolve_slice(predictor.as_mut(), &self.model, dims, data, tile, norm)?, note));
+        }
+        let (mut predictor, note) = open_predictor(&self.model, Device::Cpu, fp16)?;
+        Ok((deconvolve_slice(predictor.as_mut(), &self.model, dims, data, tile, norm)?, note))
+    }
 }
 
 #[pymethods]
@@ -59,7 +105,11 @@ impl NativeModel {
     #[staticmethod]
     fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         let model = py.detach(|| EngineModel::<f32>::load(&path)).map_err(to_py)?;
-        Ok(NativeModel { model, path })
+        Ok(NativeModel {
+            model,
+            path,
+            gpu: Mutex::new(None),
+        })
     }
 
     #[getter]
@@ -104,7 +154,7 @@ impl NativeModel {
         fp16: bool,
         tile: Option<(usize, usize, usize)>,
         normalization: Option<(f64, f64)>,
-    ) -> PyResult<(Bound<'py, PyArray3<f32>>, Option<String>, String)> {
+    ) -> PyResult<(Bound<'py, PyArray3<f32>>, Option<String>)> {
         let device: Device = device.parse().map_err(to_py)?;
         let dims = shape3(&array);
         let data = slice(&array, "the array")?;
@@ -112,15 +162,9 @@ impl NativeModel {
             .map(|(lo, hi)| normalization_from_values(lo, hi))
             .transpose()
             .map_err(to_py)?;
-        let model = &self.model;
-        let (out, note, describe) = py
-            .detach(|| -> rln_engine::Result<_> {
-                let (mut pred, note) = open_predictor(model, device, fp16)?;
-                let out = deconvolve_slice(pred.as_mut(), model, dims, data, tile.map(|t| [t.0, t.1, t.2]), norm)?;
-                Ok((out, note, pred.describe()))
-            })
-            .map_err(to_py)?;
-        Ok((to_array(py, dims, out)?, note, describe))
+        let tile = tile.map(|t| [t.0, t.1, t.2]);
+        let (out, note) = py.detach(|| self.run(device, fp16, dims, data, tile, norm)).map_err(to_py)?;
+        Ok((to_array(py, dims, out)?, note))
     }
 }
 
@@ -247,8 +291,10 @@ fn train(py: Python<'_>, flags: Vec<String>, command_line: String) -> PyResult<(
         .map_err(|e| PyRuntimeError::new_err(format!("{e:#}")))
 }
 
-/// Reads `input`, deconvolves it in memory, writes `output` (under a temporary name,
-/// renamed when complete). Returns a note when device "auto" fell back to the CPU.
+/// Reads `input` (any format of `rln_engine::imaging::stream`: TIFF, slice folder,
+/// OME-Zarr, HDF5 with the feature) into memory, deconvolves it, writes `output` through
+/// the stream writers (TIFF under a temporary name renamed when complete; OME-Zarr
+/// marked complete at the end). Returns a note when device "auto" fell back to the CPU.
 #[pyfunction]
 #[pyo3(signature = (model_path, input, output, device, fp16, tile, output_dtype))]
 fn infer_file(
@@ -270,12 +316,26 @@ fn infer_file(
                 output.display()
             )));
         }
-        rln_engine::fsutil::check_output_dir(&output).map_err(|e| Error::invalid(e.to_string()))?;
+        rln_engine::fsutil::check_output_dir(&output)?;
         let model = EngineModel::<f32>::load(&model_path)?;
-        let vol = read_volume(&input)?;
+        let reader = stream::open_reader(&input, &ReadOptions::default())?;
+        let info = reader.info().clone();
+        let whole = stream::Region::whole(info.dims);
+        let mut data = vec![0f32; whole.voxels()];
+        reader.read_region(whole, &mut data)?;
+        drop(reader);
         let (mut pred, note) = open_predictor(&model, device, fp16)?;
-        let data = deconvolve_slice(pred.as_mut(), &model, vol.dims, &vol.data, tile.map(|t| [t.0, t.1, t.2]), None)?;
-        write_volume(&output, &vol.like(data)?, dtype)?;
+        let out = deconvolve_slice(pred.as_mut(), &model, info.dims, &data, tile.map(|t| [t.0, t.1, t.2]), None)?;
+        let spec = stream::WriterSpec {
+            dims: info.dims,
+            dtype,
+            chunks: None,
+            voxel_size: info.voxel_size,
+            metadata: info.metadata.clone(),
+        };
+        let writer = stream::create_writer(&output, &spec)?;
+        writer.write_region(whole, &out)?;
+        writer.finish()?;
         Ok(note)
     })
     .map_err(to_py)

@@ -165,6 +165,12 @@ def test_infer_file(tmp_path, model, volume):
     with pytest.raises(FileNotFoundError):
         rln_engine.infer_file(model, tmp_path / "missing.tif", tmp_path / "x.tif", device="cpu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "out.tif"]
+    # an OME-Zarr store in and out (the stream formats)
+    zarr = pytest.importorskip("zarr")
+    zarr.open_array(str(tmp_path / "in.zarr"), mode="w", shape=volume.shape, chunks=(12, 48, 48), dtype="f4")[...] = volume
+    rln_engine.infer_file(model, tmp_path / "in.zarr", tmp_path / "out.ome.zarr", device="cpu", output_dtype="f32")
+    got = zarr.open_group(str(tmp_path / "out.ome.zarr"), mode="r")["0"][...]
+    assert np.array_equal(got, model.deconvolve(volume, device="cpu"))
 
 
 def test_train_equals_the_cli(tmp_path, cli):
