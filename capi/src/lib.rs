@@ -12,6 +12,7 @@
 //!   crop, a transposed or reversed axis) need no copy on the caller's side.
 //! - outputs are written only when the whole computation succeeded (never half-written).
 
+use rln_engine::imaging::io::{check_output_range, OutputDtype};
 use rln_engine::imaging::rl::{richardson_lucy, RlConfig};
 use rln_engine::imaging::volume::Volume;
 use rln_engine::infer::buffers::{deconvolve_slice, open_predictor, Device};
@@ -208,26 +209,25 @@ unsafe fn gather(b: &RlnBuffer, what: &str) -> Result<Vec<f32>, Failure> {
     })
 }
 
-/// Writes z-major `values` into the buffer at `offs` (its [`offsets`]; u16: rounded and
-/// clamped to 0..65535).
+/// Writes z-major `values` into the buffer at `offs` (its [`offsets`]); u16: rounded, and
+/// a value that does not fit 0..65535 is an error before anything is written.
 ///
 /// # Safety
 /// `b` must describe writable memory of its dtype at every offset.
-unsafe fn scatter(b: &RlnBuffer, offs: &[isize], values: &[f32]) {
-    match b.dtype {
-        RLN_DTYPE_U16 => {
-            let p = b.data as *mut u16;
-            for (&o, &v) in offs.iter().zip(values) {
-                *p.offset(o) = v.round().clamp(0.0, 65535.0) as u16;
-            }
+unsafe fn scatter(b: &RlnBuffer, offs: &[isize], values: &[f32]) -> Result<(), Failure> {
+    if b.dtype == RLN_DTYPE_U16 {
+        check_output_range(values, OutputDtype::U16, [0; 3], b.shape, "the u16 output")?;
+        let p = b.data as *mut u16;
+        for (&o, &v) in offs.iter().zip(values) {
+            *p.offset(o) = v.round() as u16;
         }
-        _ => {
-            let p = b.data as *mut f32;
-            for (&o, &v) in offs.iter().zip(values) {
-                *p.offset(o) = v;
-            }
+    } else {
+        let p = b.data as *mut f32;
+        for (&o, &v) in offs.iter().zip(values) {
+            *p.offset(o) = v;
         }
     }
+    Ok(())
 }
 
 /// Checks the output buffer against the input's shape before any work is done; its
@@ -400,8 +400,9 @@ pub unsafe extern "C" fn rln_engine_set_tile(engine: *mut RlnEngine, tile: *cons
 
 /// Deconvolves `input` into `output` (same shape; u16 or f32 each): the model's
 /// percentile normalization over the whole input, tiles with context and blending, the
-/// output in the input's intensity range (u16 output: rounded and clamped). Equals
-/// `rln-engine infer` on the same volume. `output` may be `input` itself or overlap it
+/// output in the input's intensity range (u16 output: rounded; a value outside 0..65535
+/// is an error, RLN_STATUS_INVALID_ARGUMENT, never clamped). Equals the Rust library's
+/// `infer::deconvolve` on the same volume. `output` may be `input` itself or overlap it
 /// (the input is read first). On any error `output` is untouched. Not thread-safe on one
 /// engine (calls on one engine must not overlap); different engines may run
 /// concurrently (CPU engines then share the CPU threads).
@@ -436,7 +437,7 @@ pub unsafe extern "C" fn rln_engine_deconvolve(
             engine.tile,
             None,
         )?;
-        scatter(output, &out_offsets, &result);
+        scatter(output, &out_offsets, &result)?;
         Ok(())
     })
 }
@@ -497,7 +498,7 @@ pub unsafe extern "C" fn rln_richardson_lucy(
                 format!("Richardson–Lucy produced a non-finite value ({v}) at voxel {at:?}; check the PSF (positive, unit sum) and the input's range"),
             ));
         }
-        scatter(output, &out_offsets, &result.data);
+        scatter(output, &out_offsets, &result.data)?;
         Ok(())
     })
 }

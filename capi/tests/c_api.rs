@@ -96,7 +96,7 @@ fn c_example_matches_the_rust_library() {
         .arg("-I")
         .arg(repo().join("capi/include"))
         .arg(static_library())
-        .args(["-lpthread", "-ldl", "-lm", "-o"])
+        .args(["-lstdc++", "-lpthread", "-ldl", "-lm", "-o"])
         .arg(&exe)
         .status()
         .unwrap_or_else(|e| panic!("running the C compiler {cc:?}: {e} (install one, e.g. apt install gcc)"));
@@ -174,16 +174,25 @@ fn strided_and_u16_buffers_match_the_contiguous_result() {
     println!("strided f32 views vs library: max |diff| {abs:.3e} ({rel:.3e} of the range)");
     assert!(rel <= 1e-6);
 
-    // u16 in, u16 out (rounded, clamped), C order given by zero strides
+    // u16 in, u16 out (rounded), C order given by zero strides
     let mut raw_in = raw.clone();
     let mut out16 = vec![0u16; d * h * w];
     let input = buffer(raw_in.as_mut_ptr(), RLN_DTYPE_U16, dims, [0, 0, 0]);
     let output = buffer(out16.as_mut_ptr(), RLN_DTYPE_U16, dims, [0, 0, 0]);
     assert_eq!(unsafe { rln_engine_deconvolve(engine, &input, &output) }, RlnStatus::Ok, "{}", last_error());
-    let want: Vec<u16> = expected.iter().map(|v| v.round().clamp(0.0, 65535.0) as u16).collect();
+    let want: Vec<u16> = expected.iter().map(|v| v.round() as u16).collect();
     let off = out16.iter().zip(&want).filter(|(a, b)| a.abs_diff(**b) > 1).count();
     assert_eq!(off, 0, "{off} u16 voxels differ from the rounded library output by more than 1");
     assert!(out16.iter().zip(&want).filter(|(a, b)| a != b).count() < out16.len() / 100);
+
+    // a result that does not fit u16 (negative intensities) is an error, never clamped
+    let mut negative: Vec<f32> = values.iter().map(|v| v - 5000.0).collect();
+    let mut untouched = vec![7u16; d * h * w];
+    let input = buffer(negative.as_mut_ptr(), RLN_DTYPE_F32, dims, [0, 0, 0]);
+    let output = buffer(untouched.as_mut_ptr(), RLN_DTYPE_U16, dims, [0, 0, 0]);
+    assert_eq!(unsafe { rln_engine_deconvolve(engine, &input, &output) }, RlnStatus::InvalidArgument);
+    assert!(last_error().contains("does not fit u16"), "{}", last_error());
+    assert!(untouched.iter().all(|&v| v == 7));
 
     // in place, with small tiles: the same up to float rounding
     let mut inplace = values.clone();

@@ -7,7 +7,7 @@
  * `cargo build --release -p rln-engine-capi`):
  *
  *   cc -O2 examples/c/deconvolve.c -Icapi/include target/release/librln_engine_capi.a \
- *      -lpthread -ldl -lm -o deconvolve
+ *      -lstdc++ -lpthread -ldl -lm -o deconvolve
  */
 #include "rln_engine.h"
 
