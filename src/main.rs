@@ -45,6 +45,11 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
+    if let Err(e) = cli::args::check_threads(cli.threads) {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+    rln_engine::fsutil::install_interrupt_cleanup();
     rln_engine::set_threads(cli.threads);
     rln_engine::imaging::progress::enable(true);
     let result = match &cli.cmd {

@@ -332,3 +332,96 @@ fn hdf5_round_trip_keeps_data_voxel_size_and_metadata() {
         .to_string();
     assert!(e.contains("missing"), "{e}");
 }
+
+/// An 8×8 float stack whose page p holds the value p + 1, with `desc` as ImageDescription.
+fn described_stack(path: &Path, pages: usize, desc: &str) {
+    let f = std::fs::File::create(path).unwrap();
+    let mut enc = TiffEncoder::new(f).unwrap();
+    for p in 0..pages {
+        let mut img = enc.new_image::<colortype::Gray32Float>(8, 8).unwrap();
+        if p == 0 {
+            img.encoder().write_tag(Tag::ImageDescription, desc).unwrap();
+        }
+        img.write_data(&[(p + 1) as f32; 64]).unwrap();
+    }
+}
+
+fn plane_values(v: &Volume) -> Vec<f32> {
+    (0..v.dims[0]).map(|z| v.data[z * 64]).collect()
+}
+
+/// Issue 14: time points and channels declared by ImageJ or OME-XML are never read as
+/// z planes; --time / --channel pick the right pages in each page order.
+#[test]
+fn imagej_and_ome_axes_are_read_not_guessed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pick = |p: &Path, channel: Option<usize>, time: Option<usize>| {
+        read_volume_with(
+            p,
+            &ReadOptions {
+                channel,
+                time,
+                allow_2d: true,
+                ..Default::default()
+            },
+        )
+    };
+    // ImageJ: channel fastest, then z, then time
+    let tzyx = d.join("tzyx.tif");
+    described_stack(&tzyx, 8, "ImageJ=1.54f\nimages=8\nslices=4\nframes=2\n");
+    let e = read_volume(&tzyx).unwrap_err().to_string();
+    assert!(e.contains("2 time points") && e.contains("--time 0..1"), "{e}");
+    assert_eq!(plane_values(&pick(&tzyx, None, Some(1)).unwrap()), [5.0, 6.0, 7.0, 8.0]);
+    let e = pick(&tzyx, None, Some(2)).unwrap_err().to_string();
+    assert!(e.contains("time point 2 does not exist"), "{e}");
+    let czyx = d.join("czyx.tif");
+    described_stack(
+        &czyx,
+        8,
+        "ImageJ=1.54f\nimages=8\nchannels=2\nslices=4\nhyperstack=true\n",
+    );
+    assert!(read_volume(&czyx).unwrap_err().to_string().contains("--channel 0..1"));
+    assert_eq!(plane_values(&pick(&czyx, Some(1), None).unwrap()), [2.0, 4.0, 6.0, 8.0]);
+    // a time series of single planes (TYX): one time point is a 2D image
+    let tyx = d.join("tyx.tif");
+    described_stack(&tyx, 5, "ImageJ=1.54f\nimages=5\nframes=5\n");
+    assert!(read_volume(&tyx).unwrap_err().to_string().contains("5 time points"));
+    assert_eq!(plane_values(&pick(&tyx, None, Some(2)).unwrap()), [3.0]);
+    let e = read_volume_with(
+        &tyx,
+        &ReadOptions {
+            time: Some(2),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("2D"), "{e}");
+    // OME-XML, two page orders
+    let ome = |order: &str| {
+        format!(
+            r#"<?xml version="1.0"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="{order}" Type="float" SizeX="8" SizeY="8" SizeZ="2" SizeC="1" SizeT="3"/></Image></OME>"#
+        )
+    };
+    let zct = d.join("zct.ome.tif");
+    described_stack(&zct, 6, &ome("XYZCT"));
+    assert!(read_volume(&zct).unwrap_err().to_string().contains("3 time points"));
+    assert_eq!(plane_values(&pick(&zct, None, Some(2)).unwrap()), [5.0, 6.0]);
+    let tzc = d.join("tzc.ome.tif");
+    described_stack(&tzc, 6, &ome("XYTZC"));
+    assert_eq!(plane_values(&pick(&tzc, None, Some(2)).unwrap()), [3.0, 6.0]);
+    // a channel or time point of a plain stack: only 0 exists
+    let plain = d.join("plain.tif");
+    write_volume(&plain, &sample([3, 8, 8]), OutputDtype::F32).unwrap();
+    assert!(pick(&plain, Some(0), Some(0)).is_ok());
+    let e = pick(&plain, Some(5), None).unwrap_err().to_string();
+    assert!(e.contains("channel 5 does not exist"), "{e}");
+    // a folder is read as 2D slices only
+    let stacks = d.join("stacks");
+    std::fs::create_dir(&stacks).unwrap();
+    write_volume(stacks.join("a.tif"), &sample([3, 8, 8]), OutputDtype::F32).unwrap();
+    write_volume(stacks.join("b.tif"), &sample([3, 8, 8]), OutputDtype::F32).unwrap();
+    let e = read_volume(&stacks).unwrap_err().to_string();
+    assert!(e.contains("a.tif") && e.contains("3D stack"), "{e}");
+}

@@ -14,6 +14,38 @@ import re
 import sys
 
 
+def e2e_section(P, commit):
+    """The streaming pipeline's end-to-end runs (issue 13): one object per volume, plus
+    the projection to the paper's 131 Gvoxel stack (authors: 3.7 h)."""
+    out = {}
+    for name in ("zarr", "tiff"):
+        s = load(P(f"e2e_{name}.json"))
+        if not s:
+            out[name] = None
+            continue
+        out[name] = {
+            "voxels": s.get("voxels"),
+            "seconds": s.get("seconds"),
+            "voxels_per_s": s.get("voxels_per_s"),
+            "format_in": s.get("format_in"),
+            "format_out": s.get("format_out"),
+            "peak_rss_bytes": s.get("peak_rss_bytes"),
+            "peak_device_bytes": s.get("peak_device_bytes"),
+            "phases": s.get("phases"),
+            "commit": commit,
+        }
+    z = out.get("zarr") or {}
+    vps = z.get("voxels_per_s")
+    out["goals"] = {
+        "zarr_ge_1_gvoxel_per_s": (vps >= 1e9) if vps else None,
+        "tiff_512x1024x1024_le_3_s": ((out.get("tiff") or {}).get("seconds") or 1e9) <= 3.0 if out.get("tiff") else None,
+        "peak_host_le_16_gb": (z.get("peak_rss_bytes") or 1e99) <= 16e9 if z else None,
+        "projected_131_gvoxel_hours": (131e9 / vps / 3600) if vps else None,
+        "authors_hours": 3.7,
+    }
+    return out
+
+
 def load(path):
     try:
         with open(path) as f:
@@ -273,6 +305,7 @@ def main():
         "ncu_f16tc_128": ncu,
         "bundle": {"commit": manifest.get("commit"), "dirty_files": manifest.get("dirty_files"), "built": manifest.get("built")},
     }
+    result["e2e"] = e2e_section(P, manifest.get("commit"))
     try:
         result["train"] = train_section(P)
     except Exception as ex:  # the summary must print something after any partial run

@@ -6,7 +6,7 @@ use super::train::parse_dims;
 use anyhow::{Context, Result};
 use clap::Args;
 use rln_engine::compare::{compare_on_synthetic, model_psf};
-use rln_engine::imaging::io::read_volume;
+use rln_engine::imaging::io::{read_volume_with, ReadOptions};
 use rln_engine::imaging::synth::{Family, SynthConfig};
 use rln_engine::model::Model;
 use std::path::PathBuf;
@@ -50,13 +50,27 @@ pub struct CompareArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Channel of a multi-channel --psf file, from 0.
+    #[arg(long)]
+    pub channel: Option<usize>,
+    /// Time point of a --psf file with several, from 0.
+    #[arg(long)]
+    pub time: Option<usize>,
 }
 
 pub fn compare(a: &CompareArgs) -> Result<()> {
     let mut model = Model::<f32>::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     super::infer::override_percentiles(&mut model, a.percentiles)?;
     let psf = match &a.psf {
-        Some(p) => read_volume(p).with_context(|| format!("reading PSF {}", p.display()))?,
+        Some(p) => read_volume_with(
+            p,
+            &ReadOptions {
+                channel: a.channel,
+                time: a.time,
+                ..Default::default()
+            },
+        )
+        .with_context(|| format!("reading PSF {}", p.display()))?,
         None => model_psf(&model)?.1,
     };
     let synth = SynthConfig {

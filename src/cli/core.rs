@@ -19,6 +19,12 @@ pub struct ImportTfArgs {
 }
 
 pub fn import_tf(a: &ImportTfArgs) -> Result<()> {
+    let out = super::args::Output {
+        role: "the output -o",
+        path: &a.output,
+        extensions: super::args::MODEL_EXTENSIONS,
+    };
+    let _guard = super::args::guard_outputs(&[out], &[("the TF weights", a.weights.as_path())])?;
     let model = Model::<f64>::import_tf(&a.weights, a.div_eps)?;
     model.save(&a.output)?;
     println!(
@@ -64,6 +70,7 @@ pub struct ConformanceArgs {
 }
 
 pub fn conformance(a: &ConformanceArgs) -> Result<()> {
+    super::args::check_fp16_on_cpu(a.fp16, a.device == ConformanceDevice::Cpu)?;
     let model = Model::<f32>::load(&a.model)?;
     if a.device == ConformanceDevice::Cuda {
         // inference-mode keys on the GPU (training runs on the CPU in this build)
@@ -152,6 +159,7 @@ pub struct BenchArgs {
 }
 
 pub fn bench(a: &BenchArgs) -> Result<()> {
+    super::args::check_fp16_on_cpu(a.fp16, a.device == BenchDevice::Cpu)?;
     use rln_engine::bench;
     use rln_engine::tensor::Shape;
     if a.device == BenchDevice::Cuda {
@@ -177,11 +185,15 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         eprintln!("timing one training step on 4×1×64×64×64 ...");
     }
     rows.push(bench::train_step(Shape::new(4, 1, 64, 64, 64), a.min_runs, t)?);
-    // tiles as `infer` chooses them by default (half of the available RAM)
+    // tiles as `infer` chooses them by default (its default --memory)
     let model = rln_engine::model::Model::<f32>::init(rln_engine::model::ModelConfig::default(), 7);
     let mut cpu = rln_engine::infer::CpuPredictor { model };
-    let budget = super::infer::available_ram().unwrap_or(8 << 30) / 2;
-    let max_window = (budget / rln_engine::infer::TilePredictor::bytes_per_voxel(&cpu)).max(16 * 16 * 16);
+    let max_window = rln_engine::infer::stream::choose_window(
+        rln_engine::infer::stream::default_memory(),
+        rln_engine::infer::TilePredictor::bytes_per_voxel(&cpu),
+        1,
+        rln_engine::infer::stream::pipeline::PipelineOptions::default().prefetch,
+    );
     let core =
         rln_engine::infer::tiling::choose_core([256; 3], rln_engine::infer::tiling::RECEPTIVE_RADIUS, max_window);
     if !a.json {

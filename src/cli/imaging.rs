@@ -3,7 +3,6 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use rln_engine::fsutil::check_output_dir;
 use rln_engine::imaging::metrics::{self, Normalize};
 use rln_engine::imaging::psf::{self, ConfocalPsf, GaussianPsf, GibsonLanni, MeasuredOptions, PsfSpec};
 use rln_engine::imaging::rl::{BackProjector, Boundary, RlConfig};
@@ -47,9 +46,10 @@ impl From<Dtype> for OutputDtype {
     }
 }
 
-fn read_opts(channel: Option<usize>) -> ReadOptions {
+fn read_opts(channel: Option<usize>, time: Option<usize>) -> ReadOptions {
     ReadOptions {
         channel,
+        time,
         ..Default::default()
     }
 }
@@ -153,6 +153,9 @@ pub struct PsfArgs {
     /// Measured: channel of a multi-channel stack.
     #[arg(long)]
     pub channel: Option<usize>,
+    /// Measured: time point of a stack with several (ImageJ frames, OME SizeT).
+    #[arg(long)]
+    pub time: Option<usize>,
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     pub dtype: Dtype,
 }
@@ -181,7 +184,15 @@ fn gibson_lanni_of(a: &PsfArgs) -> GibsonLanni {
 
 pub fn psf(a: &PsfArgs) -> Result<()> {
     progress::enable(true);
-    check_output_dir(&a.output)?;
+    let mut inputs = Vec::new();
+    inputs.extend(a.measured.as_deref().map(|p| ("the bead stack --measured", p)));
+    inputs.extend(a.from_model.as_deref().map(|p| ("the model --from-model", p)));
+    let out = super::args::Output {
+        role: "the output -o",
+        path: &a.output,
+        extensions: super::args::VOLUME_EXTENSIONS,
+    };
+    let _guard = super::args::guard_outputs(&[out], &inputs)?;
     let t = Instant::now();
     let vol = if let Some(mp) = &a.from_model {
         let model = rln_engine::model::Model::<f32>::load(mp).with_context(|| format!("loading {}", mp.display()))?;
@@ -189,7 +200,7 @@ pub fn psf(a: &PsfArgs) -> Result<()> {
             .with_context(|| format!("the PSF of {}", mp.display()))?
             .1
     } else if let Some(bead_path) = &a.measured {
-        let bead = read_volume_with(bead_path, &read_opts(a.channel))?;
+        let bead = read_volume_with(bead_path, &read_opts(a.channel, a.time))?;
         let vs = match (a.dz, a.dxy) {
             (Some(z), Some(xy)) => Some([z, xy, xy]),
             _ => None,
@@ -282,11 +293,23 @@ pub struct SynthArgs {
     /// interpolating it back to the ground truth's size.
     #[arg(long)]
     pub no_upsample: bool,
+    /// Channel of a multi-channel --psf file, from 0.
+    #[arg(long)]
+    pub channel: Option<usize>,
+    /// Time point of a --psf file with several, from 0.
+    #[arg(long)]
+    pub time: Option<usize>,
 }
 
 pub fn synth(a: &SynthArgs) -> Result<()> {
     progress::enable(true);
-    let psf = read_volume_with(&a.psf, &ReadOptions::default())
+    if a.output.is_file() {
+        bail!(
+            "-o {} is a file: synth writes a folder (DIR/input/, DIR/ground_truth/)",
+            a.output.display()
+        );
+    }
+    let psf = read_volume_with(&a.psf, &read_opts(a.channel, a.time))
         .with_context(|| format!("reading PSF {}", a.psf.display()))?;
     let mut families: Vec<Family> = if a.families.is_empty() {
         Family::ALL.to_vec()
@@ -371,12 +394,20 @@ pub struct RlArgs {
     /// Channel of a multi-channel input.
     #[arg(long)]
     pub channel: Option<usize>,
+    /// Time point of an input with several (ImageJ frames, OME SizeT), from 0.
+    #[arg(long)]
+    pub time: Option<usize>,
 }
 
 pub fn rl(a: &RlArgs) -> Result<()> {
     progress::enable(true);
-    check_output_dir(&a.output)?;
-    let input = read_volume_with(&a.input, &read_opts(a.channel))?;
+    let out = super::args::Output {
+        role: "the output -o",
+        path: &a.output,
+        extensions: super::args::VOLUME_EXTENSIONS,
+    };
+    let _guard = super::args::guard_outputs(&[out], &[("the input volume", &a.input), ("the PSF --psf", &a.psf)])?;
+    let input = read_volume_with(&a.input, &read_opts(a.channel, a.time))?;
     let psf = read_volume_with(&a.psf, &ReadOptions::default())
         .with_context(|| format!("reading PSF {}", a.psf.display()))?;
     let cfg = RlConfig {
@@ -440,11 +471,14 @@ pub struct EvalArgs {
     /// Channel of multi-channel inputs.
     #[arg(long)]
     pub channel: Option<usize>,
+    /// Time point of inputs with several (ImageJ frames, OME SizeT), from 0.
+    #[arg(long)]
+    pub time: Option<usize>,
 }
 
 pub fn eval(a: &EvalArgs) -> Result<()> {
-    let gt = read_volume_with(&a.ground_truth, &read_opts(a.channel))?;
-    let pred = read_volume_with(&a.prediction, &read_opts(a.channel))?;
+    let gt = read_volume_with(&a.ground_truth, &read_opts(a.channel, a.time))?;
+    let pred = read_volume_with(&a.prediction, &read_opts(a.channel, a.time))?;
     let norm = match a.normalize {
         NormalizeArg::None => Normalize::None,
         NormalizeArg::Percentile => Normalize::Percentile,

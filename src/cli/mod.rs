@@ -1,6 +1,7 @@
 //! The command-line front end: argument parsing and printing only; the work is done by
 //! the library.
 
+pub mod args;
 pub mod compare;
 pub mod convert;
 pub mod core;

@@ -83,6 +83,8 @@ impl std::str::FromStr for OutputDtype {
 pub struct ReadOptions {
     /// Channel to keep from RGB / multi-sample pixels or ImageJ multi-channel stacks.
     pub channel: Option<usize>,
+    /// Time point to keep from ImageJ / OME stacks with several (counted from 0).
+    pub time: Option<usize>,
     /// HDF5 dataset (overrides a `file.h5:/dataset` suffix).
     pub dataset: Option<String>,
     /// Accept single-plane images (as a 1×H×W volume). Off: a clear error.
@@ -99,6 +101,7 @@ impl Default for ReadOptions {
     fn default() -> Self {
         ReadOptions {
             channel: None,
+            time: None,
             dataset: None,
             allow_2d: false,
             check_finite: true,
@@ -241,6 +244,17 @@ pub fn read_slice_folder(dir: &Path, opts: &ReadOptions) -> Result<Volume> {
     let mut out: Option<Volume> = None;
     for f in &files {
         let s = tiff_io::read_tiff(f, &slice_opts)?;
+        if s.dims[0] > 1 {
+            return Err(Error::format(
+                f,
+                format!(
+                    "is a 3D stack ({}) in the folder {}: a folder is read as 2D slices, one per z plane; \
+                     give the stack's file itself, or move the stacks into separate folders",
+                    s.shape_str(),
+                    dir.display()
+                ),
+            ));
+        }
         match &mut out {
             None => out = Some(s),
             Some(v) => {

@@ -143,6 +143,230 @@ pub(crate) fn decoded_len(img: &DecodingResult) -> usize {
     }
 }
 
+/// The hyperstack axes a TIFF declares in its ImageDescription (ImageJ `channels=`,
+/// `slices=`, `frames=`; OME-XML `SizeC`, `SizeZ`, `SizeT`, `DimensionOrder`) and how its
+/// pages are ordered, so that time points and channels are never taken as z planes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeclaredAxes {
+    /// Channels stored as separate pages (samples of one pixel are not counted).
+    pub channels: usize,
+    pub slices: usize,
+    pub frames: usize,
+    /// Page order, fastest first, as letters of "ZCT".
+    pub order: [u8; 3],
+    /// "ImageJ", "OME" or "" (no declaration: every page is a z plane).
+    pub source: &'static str,
+}
+
+impl DeclaredAxes {
+    fn plain() -> Self {
+        DeclaredAxes {
+            channels: 1,
+            slices: 0,
+            frames: 1,
+            order: *b"CZT",
+            source: "",
+        }
+    }
+
+    /// The (channel, time point) of page `page`.
+    fn channel_and_time(&self, page: usize) -> (usize, usize) {
+        let slices = self.slices.max(1);
+        let (mut c, mut t, mut stride) = (0, 0, 1);
+        for axis in self.order {
+            let n = match axis {
+                b'C' => self.channels,
+                b'Z' => slices,
+                _ => self.frames,
+            }
+            .max(1);
+            let i = (page / stride) % n;
+            match axis {
+                b'C' => c = i,
+                b'T' => t = i,
+                _ => {}
+            }
+            stride *= n;
+        }
+        (c, t)
+    }
+}
+
+fn xml_attr(elem: &str, name: &str) -> Option<usize> {
+    let key = format!(" {name}=\"");
+    let i = elem.find(&key)? + key.len();
+    elem[i..].split('"').next()?.trim().parse().ok()
+}
+
+/// Reads the declared axes from an ImageDescription; `spp` samples per pixel (OME counts
+/// interleaved samples in SizeC).
+pub fn tiff_axes(desc: Option<&str>, spp: usize) -> DeclaredAxes {
+    let Some(desc) = desc else {
+        return DeclaredAxes::plain();
+    };
+    if let Some(m) = parse_imagej(desc) {
+        // ImageJ pages: channel fastest, then z, then time
+        let (channels, frames) = (m.channels.unwrap_or(1).max(1), m.frames.unwrap_or(1).max(1));
+        return DeclaredAxes {
+            channels,
+            slices: m.slices.or(m.images.map(|n| n / (channels * frames))).unwrap_or(0),
+            frames,
+            order: *b"CZT",
+            source: "ImageJ",
+        };
+    }
+    if desc.contains("<OME") {
+        if let Some(start) = desc.find("<Pixels ") {
+            let elem = &desc[start..start + desc[start..].find('>').unwrap_or(desc.len() - start)];
+            let size_c = xml_attr(elem, "SizeC").unwrap_or(1).max(1);
+            let order = elem
+                .find(" DimensionOrder=\"XY")
+                .map(|i| &elem[i + " DimensionOrder=\"XY".len()..])
+                .and_then(|r| r.get(..3))
+                .map(|o| o.as_bytes().try_into().unwrap_or(*b"ZCT"))
+                .filter(|o: &[u8; 3]| {
+                    let mut v = o.to_vec();
+                    v.sort();
+                    v == b"CTZ"
+                })
+                .unwrap_or(*b"ZCT");
+            return DeclaredAxes {
+                channels: if spp > 1 { (size_c / spp).max(1) } else { size_c },
+                slices: xml_attr(elem, "SizeZ").unwrap_or(0),
+                frames: xml_attr(elem, "SizeT").unwrap_or(1).max(1),
+                order,
+                source: "OME",
+            };
+        }
+    }
+    DeclaredAxes::plain()
+}
+
+/// Bytes of memory reading may use: what /proc/meminfo says is available (elsewhere, or
+/// when unreadable, 64 GiB), so that a header declaring absurd sizes is an error, not an
+/// allocation abort.
+pub fn memory_budget() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?.to_string();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(64 << 30)
+}
+
+/// Refuses a page whose declared size cannot be in the file (`file_len` bytes; compressed
+/// data may expand, by at most `MAX_EXPANSION` here) or would not fit in memory together
+/// with the `kept_bytes` already read, before anything is allocated.
+pub fn check_declared_size(
+    path: &Path,
+    page: usize,
+    dims: (u64, u64),
+    samples: u64,
+    bits: u64,
+    compressed: bool,
+    file_len: u64,
+    kept_bytes: u64,
+) -> Result<()> {
+    /// Deflate's and LZW's worst-case ratios are about 1000 and 2700.
+    const MAX_EXPANSION: u64 = 4096;
+    let (w, h) = dims;
+    let stored = (w as u128) * (h as u128) * (samples as u128) * (bits.max(1) as u128) / 8;
+    let limit = file_len as u128 * if compressed { MAX_EXPANSION as u128 } else { 1 };
+    if stored > limit {
+        return Err(Error::format(
+            path,
+            format!(
+                "page {page} declares {h}×{w} pixels of {samples}×{bits} bits ({}) but the file holds {file_len} bytes: \
+                 it is truncated or corrupt",
+                human_bytes(stored)
+            ),
+        ));
+    }
+    let budget = memory_budget() as u128;
+    let need = stored + (w as u128) * (h as u128) * 4 + kept_bytes as u128;
+    if need > budget {
+        return Err(Error::invalid(format!(
+            "{}: page {page} ({h}×{w}) needs {} with the {} read before it, more than the {} of memory available; \
+             read a smaller region (crop the stack) or use a machine with more memory",
+            path.display(),
+            human_bytes(need),
+            human_bytes(kept_bytes as u128),
+            human_bytes(budget)
+        )));
+    }
+    Ok(())
+}
+
+fn human_bytes(b: u128) -> String {
+    let g = b as f64 / (1u64 << 30) as f64;
+    if g >= 1.0 {
+        format!("{g:.1} GiB")
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
+}
+
+/// Which channel and time point to keep of a stack with `axes` (and `spp` samples per
+/// pixel): (sample index within a pixel, page channel, page time point), or an error
+/// naming the option that picks one.
+fn choose_channel_and_time(
+    path: &Path,
+    axes: &DeclaredAxes,
+    spp: usize,
+    opts: &ReadOptions,
+) -> Result<(usize, usize, usize)> {
+    let pick = |what: &str, n: usize, given: Option<usize>, option: &str| -> Result<usize> {
+        match given {
+            None if n > 1 => Err(Error::invalid(format!(
+                "{}: the {} stack has {n} {what}s; RLN takes one 3D stack: choose one with {option} 0..{}",
+                path.display(),
+                if axes.source.is_empty() { "TIFF" } else { axes.source },
+                n - 1
+            ))),
+            Some(c) if c >= n.max(1) => Err(Error::invalid(format!(
+                "{}: {what} {c} does not exist ({option} counts from 0; the stack has {n} {what}{})",
+                path.display(),
+                if n == 1 { "" } else { "s" }
+            ))),
+            given => Ok(given.unwrap_or(0)),
+        }
+    };
+    if spp > 1 && axes.channels > 1 {
+        return Err(Error::invalid(format!(
+            "{}: both {} channels and multi-sample pixels; split the channels first",
+            path.display(),
+            axes.source
+        )));
+    }
+    let (sample, channel) = if spp > 1 {
+        if opts.channel.is_none() {
+            return Err(Error::invalid(format!(
+                "{}: image has {spp} samples per pixel (RGB or multi-channel); choose one with --channel 0..{}",
+                path.display(),
+                spp - 1
+            )));
+        }
+        (pick("channel", spp, opts.channel, "--channel")?, 0)
+    } else {
+        (0, pick("channel", axes.channels, opts.channel, "--channel")?)
+    };
+    let time = pick("time point", axes.frames, opts.time, "--time")?;
+    Ok((sample, channel, time))
+}
+
+/// The tiff crate's limits: buffers within the memory budget, tag values within the
+/// file (a corrupt count then fails as an error instead of a huge allocation).
+fn read_limits(file_len: u64) -> Limits {
+    let budget = usize::try_from(memory_budget()).unwrap_or(usize::MAX);
+    let mut l = Limits::unlimited();
+    l.decoding_buffer_size = budget;
+    l.intermediate_buffer_size = budget;
+    l.ifd_value_size = usize::try_from(file_len.saturating_mul(8).saturating_add(1 << 20)).unwrap_or(usize::MAX);
+    l
+}
+
 /// Reads a TIFF stack as a volume (2D files only with `opts.allow_2d`).
 pub fn read_tiff(path: &Path, opts: &ReadOptions) -> Result<Volume> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -152,7 +376,7 @@ pub fn read_tiff(path: &Path, opts: &ReadOptions) -> Result<Volume> {
     }
     let mut dec = Decoder::new(std::io::BufReader::with_capacity(1 << 20, file))
         .map_err(|e| tiff_err(path, "not a readable TIFF", e))?
-        .with_limits(Limits::unlimited());
+        .with_limits(read_limits(file_len));
     let (w, h) = dec.dimensions().map_err(|e| tiff_err(path, "first page", e))?;
     let (w, h) = (w as usize, h as usize);
     let desc = dec.get_tag_ascii_string(Tag::ImageDescription).ok();
@@ -166,65 +390,20 @@ pub fn read_tiff(path: &Path, opts: &ReadOptions) -> Result<Volume> {
         .flatten()
         .unwrap_or(1) as usize;
 
-    // hyperstack layout: ImageJ pages are ordered c fastest, then z, then t
-    let ij_channels = ij.as_ref().and_then(|m| m.channels).unwrap_or(1).max(1);
-    let (slices, frames) = match &ij {
-        Some(m) => (m.slices.unwrap_or(0), m.frames.unwrap_or(0)),
-        None => (0, 0),
-    };
-    if slices > 1 && frames > 1 {
-        return Err(Error::invalid(format!(
-            "{}: ImageJ hyperstack with {slices} slices × {frames} time points; RLN takes one 3D stack: \
-             save a single time point",
-            path.display()
-        )));
-    }
-    let sample_channel = if spp > 1 {
-        match opts.channel {
-            None => {
-                return Err(Error::invalid(format!(
-                    "{}: image has {spp} samples per pixel (RGB or multi-channel); choose one with --channel 0..{}",
-                    path.display(),
-                    spp - 1
-                )))
-            }
-            Some(c) if c >= spp => {
-                return Err(Error::invalid(format!(
-                    "{}: channel {c} does not exist (the image has {spp} samples per pixel)",
-                    path.display()
-                )))
-            }
-            Some(c) => c,
-        }
-    } else {
-        0
-    };
-    let page_channel = if ij_channels > 1 {
-        if spp > 1 {
-            return Err(Error::invalid(format!(
-                "{}: both ImageJ channels and multi-sample pixels",
-                path.display()
-            )));
-        }
-        match opts.channel {
-            None => {
-                return Err(Error::invalid(format!(
-                    "{}: ImageJ stack has {ij_channels} channels; choose one with --channel 0..{}",
-                    path.display(),
-                    ij_channels - 1
-                )))
-            }
-            Some(c) if c >= ij_channels => {
-                return Err(Error::invalid(format!(
-                    "{}: channel {c} does not exist (the stack has {ij_channels} channels)",
-                    path.display()
-                )))
-            }
-            Some(c) => Some(c),
-        }
-    } else {
-        None
-    };
+    let axes = tiff_axes(desc.as_deref(), spp);
+    let (sample_channel, page_channel, page_time) = choose_channel_and_time(path, &axes, spp, opts)?;
+    let selects_pages = axes.channels > 1 || axes.frames > 1;
+    let bits: u64 = dec
+        .find_tag_unsigned::<u16>(Tag::BitsPerSample)
+        .ok()
+        .flatten()
+        .unwrap_or(8) as u64;
+    let compressed = dec
+        .find_tag_unsigned::<u16>(Tag::Compression)
+        .ok()
+        .flatten()
+        .unwrap_or(1)
+        != 1;
 
     let mut data: Vec<f32> = Vec::new();
     let mut page = 0usize;
@@ -239,8 +418,18 @@ pub fn read_tiff(path: &Path, opts: &ReadOptions) -> Result<Volume> {
                 format!("page {page} is {ph}×{pw} but page 0 is {h}×{w}; a stack needs pages of one size"),
             ));
         }
-        let keep = page_channel.is_none_or(|c| page % ij_channels == c);
+        let keep = !selects_pages || axes.channel_and_time(page) == (page_channel, page_time);
         if keep {
+            check_declared_size(
+                path,
+                page,
+                (w as u64, h as u64),
+                spp as u64,
+                bits,
+                compressed,
+                file_len,
+                data.len() as u64 * 4,
+            )?;
             let img = dec
                 .read_image()
                 .map_err(|e| tiff_err(path, &format!("page {page}"), e))?;
@@ -264,13 +453,13 @@ pub fn read_tiff(path: &Path, opts: &ReadOptions) -> Result<Volume> {
     // ImageJ writes stacks over 4 GB as one directory followed by contiguous planes
     if page == 1 {
         if let Some(n) = ij.as_ref().and_then(|m| m.images).filter(|&n| n > 1) {
-            let extra = read_imagej_contiguous(path, &mut dec, w, h, n, spp)?;
-            if page_channel.is_some() || spp > 1 {
+            if selects_pages || spp > 1 {
                 return Err(Error::invalid(format!(
                     "{}: multi-channel contiguous ImageJ stacks are not supported",
                     path.display()
                 )));
             }
+            let extra = read_imagej_contiguous(path, &mut dec, w, h, n, spp)?;
             data.extend(extra);
             kept = n;
         }
@@ -346,7 +535,28 @@ fn read_imagej_contiguous<R: Read + Seek>(
     }
     let bpp = bits / 8;
     let plane = w * h * bpp;
-    let start = offsets[0] + plane as u64;
+    let first = *offsets
+        .first()
+        .ok_or_else(|| Error::format(path, "page 0 has no strip offsets"))?;
+    let start = first.saturating_add(plane as u64);
+    let declared = (plane as u128) * (n as u128 - 1);
+    let file_len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    if start as u128 + declared > file_len as u128 {
+        return Err(Error::format(
+            path,
+            format!("file is truncated: ImageJ says {n} planes of {plane} bytes but the file holds {file_len} bytes"),
+        ));
+    }
+    check_declared_size(
+        path,
+        1,
+        (w as u64, h as u64 * (n as u64 - 1)),
+        1,
+        bits as u64,
+        false,
+        file_len,
+        0,
+    )?;
     let r = dec.inner();
     let mut order = [0u8; 2];
     r.seek(SeekFrom::Start(0))

@@ -3,6 +3,7 @@
 
 pub mod buffers;
 pub mod stitch;
+pub mod stream;
 pub mod tiling;
 
 use crate::backend::cpu::CpuBackend;
@@ -26,17 +27,19 @@ pub trait TilePredictor {
     fn memory_budget(&self) -> Option<usize> {
         None
     }
-    /// Predicts a sequence of tiles, handing each result to `sink` in order. The default
-    /// runs them one by one; a device backend overrides it to overlap transfers of tile
-    /// k+1 with compute on tile k.
+    /// Predicts a sequence of tiles, handing each (input, prediction) pair to `sink` in
+    /// order; the input comes back so its buffer can be reused for a later tile. The
+    /// default runs them one by one; a device backend overrides it to overlap transfers
+    /// of tile k+1 with compute on tile k.
     fn predict_stream(
         &mut self,
         tiles: &mut dyn Iterator<Item = Result<Tensor<f32>>>,
-        sink: &mut dyn FnMut(Tensor<f32>) -> Result<()>,
+        sink: &mut dyn FnMut(Tensor<f32>, Tensor<f32>) -> Result<()>,
     ) -> Result<()> {
         for t in tiles {
-            let y = self.predict(&t?)?;
-            sink(y)?;
+            let x = t?;
+            let y = self.predict(&x)?;
+            sink(x, y)?;
         }
         Ok(())
     }

@@ -126,6 +126,34 @@ impl TensorFile {
     }
 }
 
+/// The same safetensors file with its JSON header's keys in sorted order: the crate
+/// writes the metadata map in hash order, so two saves of one model differed in bytes.
+/// Sorted, identical content gives identical files (`cmp` verifies a resumed run).
+fn with_sorted_header(bytes: Vec<u8>) -> Vec<u8> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("serialize writes an 8-byte length")) as usize;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).expect("serialize writes a JSON object");
+    // nested objects (the metadata map, each tensor's entry) sorted too
+    fn sorted(v: serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(m) => {
+                let b: BTreeMap<String, serde_json::Value> = m.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+                serde_json::Value::Object(b.into_iter().collect())
+            }
+            other => other,
+        }
+    }
+    let header: BTreeMap<String, serde_json::Value> = header.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+    let mut text = serde_json::to_vec(&header).expect("JSON values serialize");
+    // safetensors pads the header with spaces to a multiple of 8 bytes
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    out
+}
+
 /// Tensors to write, by name, as f32, plus header metadata.
 #[derive(Default)]
 pub struct TensorWriter {
@@ -168,10 +196,41 @@ impl TensorWriter {
         } else {
             Some(self.metadata.clone())
         };
-        safetensors::serialize(views, meta).map_err(|e| Error::invalid(format!("safetensors serialization: {e}")))
+        let bytes = safetensors::serialize(views, meta)
+            .map_err(|e| Error::invalid(format!("safetensors serialization: {e}")))?;
+        Ok(with_sorted_header(bytes))
     }
     /// Writes the file atomically (temporary name, then rename).
     pub fn write(&self, path: &Path) -> Result<()> {
         write_atomic(path, &self.to_bytes()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Metadata maps are hash maps: two writers holding the same content iterate them in
+    /// different orders, and the files must still be byte-identical (and valid).
+    #[test]
+    fn identical_content_gives_identical_bytes() {
+        let make = |order: &[usize]| {
+            let mut w = TensorWriter::default();
+            w.add_f32("b.weight", vec![2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+            w.add_f64("a.bias", vec![2], &[0.5, -0.5]);
+            for &i in order {
+                w.metadata.insert(format!("key{i}"), format!("value {i}"));
+            }
+            w.to_bytes().unwrap()
+        };
+        let a = make(&[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        let b = make(&[9, 3, 7, 1, 5, 0, 8, 2, 6, 4]);
+        assert!(a == b, "the same tensors and metadata serialized to different bytes");
+        let st = SafeTensors::deserialize(&a).unwrap();
+        assert_eq!(st.tensor("b.weight").unwrap().shape(), &[2, 3]);
+        let n = u64::from_le_bytes(a[..8].try_into().unwrap()) as usize;
+        assert_eq!(n % 8, 0, "header not padded to 8 bytes");
+        let (_, meta) = SafeTensors::read_metadata(&a).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["key7"], "value 7");
     }
 }

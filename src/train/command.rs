@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{self, CudaTrainBackend};
 use crate::backend::GradMode;
-use crate::imaging::io::read_volume;
+use crate::imaging::io::{read_volume_with, ReadOptions};
 use crate::imaging::synth::{Family, SynthConfig};
 use crate::model::{Model, ModelConfig, Variant};
 use crate::train::adam::LrSchedule;
@@ -178,6 +178,17 @@ pub struct TrainArgs {
     /// device; crops, Adam and checkpoints on the host), or auto (cuda when usable).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
+    /// Leave the command line, timings and thread count out of the model file, so that
+    /// identical runs (and a resumed run and the same run uninterrupted) write
+    /// byte-identical files that `cmp` can compare.
+    #[arg(long)]
+    pub reproducible: bool,
+    /// Channel of a multi-channel --synth-psf file, from 0.
+    #[arg(long)]
+    pub channel: Option<usize>,
+    /// Time point of a --synth-psf file with several, from 0.
+    #[arg(long)]
+    pub time: Option<usize>,
     /// Stop (as if killed) after this many total steps, leaving the checkpoint (for tests).
     #[arg(long, hide = true)]
     pub stop_after: Option<u64>,
@@ -286,6 +297,26 @@ fn synth_config(a: &TrainArgs) -> SynthConfig {
     }
 }
 
+/// Rewrites the JSON-lines log of a resumed run without the lines of steps after the
+/// checkpoint's (the killed run logged them; the resumed run logs them again).
+fn trim_log_after(log: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_none_or(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::fsutil::write_atomic(log, kept.as_bytes())?;
+    Ok(())
+}
+
 /// Runs `rln-engine train` with these options; the model's provenance records the
 /// process's command line.
 pub fn train(a: &TrainArgs) -> Result<()> {
@@ -295,7 +326,6 @@ pub fn train(a: &TrainArgs) -> Result<()> {
 /// [`train`], recording `command_line` as the command that trained the model (the
 /// bindings give the call that made it).
 pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<()> {
-    crate::fsutil::check_output_dir(&a.output)?;
     if a.input2.is_some() && a.variant == Variant::Single {
         bail!("--input2 gives a second view: choose --variant dual-average or dual-concat");
     }
@@ -327,6 +357,53 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<()> {
         .clone()
         .unwrap_or_else(|| sibling(&a.output, "ckpt.safetensors"));
     let log_path = a.log.clone().unwrap_or_else(|| sibling(&a.output, "log.jsonl"));
+    let best_path = sibling(&a.output, "best.safetensors");
+    let mut inputs: Vec<(&str, &Path)> = Vec::new();
+    inputs.extend(a.init.as_deref().map(|p| ("the initial weights --init", p)));
+    inputs.extend(a.synth_psf.as_deref().map(|p| ("the PSF --synth-psf", p)));
+    // a resumed run writes its checkpoint where it read it: that one overwrite is the point
+    if let Some(r) = a
+        .resume
+        .as_deref()
+        .filter(|r| !crate::fsutil::same_file(r, &ckpt_path))
+    {
+        inputs.push(("the checkpoint --resume", r));
+    }
+    use crate::args::{Output, MODEL_EXTENSIONS};
+    let _guard = crate::args::guard_outputs(
+        &[
+            Output {
+                role: "the output -o",
+                path: &a.output,
+                extensions: MODEL_EXTENSIONS,
+            },
+            Output {
+                role: "the checkpoint --checkpoint",
+                path: &ckpt_path,
+                extensions: MODEL_EXTENSIONS,
+            },
+            Output {
+                role: "the log --log",
+                path: &log_path,
+                extensions: &[],
+            },
+            Output {
+                role: "the best model (OUTPUT.best.safetensors)",
+                path: &best_path,
+                extensions: MODEL_EXTENSIONS,
+            },
+        ],
+        &inputs,
+    )?;
+    if let Some(r) = &a.resume {
+        if !r.exists() {
+            bail!(
+                "--resume {}: no such checkpoint (a run stopped before its first checkpoint leaves none): \
+                 start the run again without --resume",
+                r.display()
+            );
+        }
+    }
 
     // the run's config: from the checkpoint when resuming, else from the flags
     let resumed = match &a.resume {
@@ -336,7 +413,15 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<()> {
     let mut psf_meta = None;
     // data (every problem reported before training starts)
     let (data, val) = if let Some(psf_path) = &a.synth_psf {
-        let psf = read_volume(psf_path).with_context(|| format!("reading PSF {}", psf_path.display()))?;
+        let psf = read_volume_with(
+            psf_path,
+            &ReadOptions {
+                channel: a.channel,
+                time: a.time,
+                ..Default::default()
+            },
+        )
+        .with_context(|| format!("reading PSF {}", psf_path.display()))?;
         psf_meta = psf
             .metadata
             .as_ref()
@@ -453,9 +538,15 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<()> {
     cfg.steps = a.steps.max(state.step);
     data.check_crop(cfg.sampler.crop)?;
 
+    // a fresh run starts a fresh log; a resumed one continues it from the checkpoint's step
+    if a.resume.is_some() {
+        trim_log_after(&log_path, state.step)?;
+    }
     let log = std::fs::OpenOptions::new()
         .create(true)
-        .append(true)
+        .write(true)
+        .append(a.resume.is_some())
+        .truncate(a.resume.is_none())
         .open(&log_path)
         .with_context(|| format!("opening log {}", log_path.display()))?;
     let bar = ProgressBar::with_draw_target(Some(cfg.steps), ProgressDrawTarget::hidden());
@@ -478,7 +569,14 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<()> {
         cfg.sampler.crop,
         ckpt_path.display()
     );
-    let provenance = format!("trained by rln-engine {} ({command_line})", env!("CARGO_PKG_VERSION"));
+    let provenance = if a.reproducible {
+        format!(
+            "trained by rln-engine {} (--reproducible: command line and timings left out)",
+            env!("CARGO_PKG_VERSION")
+        )
+    } else {
+        format!("trained by rln-engine {} ({command_line})", env!("CARGO_PKG_VERSION"))
+    };
     let mut obs = CliObserver {
         bar,
         log,
@@ -486,7 +584,7 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<()> {
         ckpt: ckpt_path.clone(),
         data_fp: data.fingerprint(),
         last_val: None,
-        best_path: sibling(&a.output, "best.safetensors"),
+        best_path,
         best: None,
         provenance: provenance.clone(),
         keep_models_of: a.keep_checkpoints.then(|| a.output.clone()),
@@ -536,13 +634,20 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<()> {
     let secs = start.elapsed().as_secs_f64();
     let mut model = state.model.clone();
     model.config.provenance = provenance;
-    model.config.training = Some(serde_json::json!({
+    let mut training = serde_json::json!({
         "steps": cfg.steps, "batch": cfg.sampler.batch, "crop": cfg.sampler.crop, "grad_mode": cfg.grad_mode,
-        "schedule": cfg.schedule, "seed": cfg.seed, "pairs": data.pairs.len(), "threads": crate::threads(), "device": device_name,
+        "schedule": cfg.schedule, "seed": cfg.seed, "pairs": data.pairs.len(),
+        "device": if a.reproducible && gpu.is_none() { "CPU".to_string() } else { device_name.clone() },
         "percentiles": cfg.sampler.percentiles, "input_scale": cfg.sampler.input_scale,
-        "wall_s_this_run": secs, "steps_this_run": cfg.steps - first,
         "validation": last_val,
-    }));
+    });
+    if !a.reproducible {
+        // volatile: differs between identical runs and between a resumed and a straight run
+        training["threads"] = crate::threads().into();
+        training["wall_s_this_run"] = secs.into();
+        training["steps_this_run"] = (cfg.steps - first).into();
+    }
+    model.config.training = Some(training);
     model.save(&a.output)?;
     println!(
         "wrote {} after {} steps ({:.1} s for {} steps this run{})",

@@ -34,7 +34,8 @@ pub struct CudaPredictor {
 /// A tile in flight: its slot and its shapes before and after padding.
 struct InFlight {
     slot: usize,
-    shape: Shape,
+    /// The input, handed back with its prediction so the caller reuses its buffer.
+    input: Tensor<f32>,
     padded: Shape,
 }
 
@@ -71,16 +72,17 @@ impl CudaPredictor {
     }
 
     /// Waits for `t`'s result, crops it and hands it to `sink`.
-    fn finish(&mut self, t: InFlight, sink: &mut dyn FnMut(Tensor<f32>) -> Result<()>) -> Result<()> {
+    fn finish(&mut self, t: InFlight, sink: &mut dyn FnMut(Tensor<f32>, Tensor<f32>) -> Result<()>) -> Result<()> {
         self.ev_out[t.slot]
             .synchronize()
             .check("waiting for a tile's forward pass and its copy to the host")?;
         let src = &self.pinned_out[t.slot].as_ref().expect("slot in use").as_slice()[..t.padded.len()];
         let y = Tensor::from_vec(t.padded, par_copy(src))?;
-        if t.padded == t.shape.with_c(1) {
-            sink(y)
+        let shape = t.input.shape.with_c(1);
+        if t.padded == shape {
+            sink(t.input, y)
         } else {
-            sink(pointwise::crop(&y, t.shape.with_c(1)))
+            sink(t.input, pointwise::crop(&y, shape))
         }
     }
 }
@@ -110,7 +112,7 @@ impl TilePredictor for CudaPredictor {
     fn predict_stream(
         &mut self,
         tiles: &mut dyn Iterator<Item = Result<Tensor<f32>>>,
-        sink: &mut dyn FnMut(Tensor<f32>) -> Result<()>,
+        sink: &mut dyn FnMut(Tensor<f32>, Tensor<f32>) -> Result<()>,
     ) -> Result<()> {
         let dev = self.net.dev.clone();
         let mut prev: Option<InFlight> = None;
@@ -161,7 +163,7 @@ impl TilePredictor for CudaPredictor {
             }
             prev = Some(InFlight {
                 slot,
-                shape: x.shape,
+                input: x,
                 padded: ps,
             });
             slot ^= 1;

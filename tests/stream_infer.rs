@@ -1,0 +1,368 @@
+//! Streaming inference (`infer::stream`): the chunk-aligned cores pipeline equals the
+//! in-memory `deconvolve`, blocks of a split run equal the single run bit for bit, a
+//! killed run resumed equals an uninterrupted one, the sampled percentiles are close to
+//! the exact ones, and bad inputs give clear errors.
+
+mod common;
+
+use common::*;
+use rln_engine::imaging::stream::{MemoryVolume, Region, VolumeReader, VolumeWriter};
+use rln_engine::imaging::Volume;
+use rln_engine::infer::stitch::Affine;
+use rln_engine::infer::stream::norm::{sample_stats, ViewStats};
+use rln_engine::infer::stream::pipeline::{run_tiles, PipelineHooks, PipelineOptions};
+use rln_engine::infer::stream::plan::CorePlan;
+use rln_engine::infer::stream::{run_job, Job};
+use rln_engine::infer::tiling::RECEPTIVE_RADIUS;
+use rln_engine::infer::{deconvolve, CpuPredictor};
+use rln_engine::model::{Model, Variant};
+use rln_engine::tensor::{rel_l2, Shape, Tensor};
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const MODEL: &str = "models/rln-synthetic-widefield.safetensors";
+
+fn shipped_model() -> Model<f32> {
+    Model::<f32>::load(Path::new(MODEL)).unwrap()
+}
+
+/// A microscopy-like volume: a blurred phantom with a background and noise.
+fn test_volume(dims: [usize; 3], seed: u64) -> Volume {
+    let x: Tensor<f32> = random_volume(seed, Shape::new(1, 1, dims[0], dims[1], dims[2]));
+    // smooth structure plus noise, in camera-like units
+    let data: Vec<f32> = x
+        .data
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let z = i / (dims[1] * dims[2]);
+            let y = (i / dims[2]) % dims[1];
+            let xx = i % dims[2];
+            let s = ((z as f32 * 0.7).sin() * (y as f32 * 0.23).cos() * (xx as f32 * 0.17).sin()).max(0.0);
+            100.0 + 800.0 * s * s + 40.0 * v
+        })
+        .collect();
+    Volume::new(dims, data).unwrap()
+}
+
+fn stats(v: &dyn VolumeReader, model: &Model<f32>) -> ViewStats {
+    sample_stats(v, model.config.norm_percentiles, usize::MAX).unwrap()
+}
+
+fn no_hooks() -> (impl Fn(usize) + Sync, impl Fn(usize) + Sync) {
+    (|_| {}, |_| {})
+}
+
+/// The cores pipeline on `vol` into a memory volume chunked in `unit`.
+fn streamed(model: &Model<f32>, vol: &Volume, unit: [usize; 3], core: [usize; 3], job: Job) -> (Vec<f32>, usize) {
+    let input = MemoryVolume::new(vol.dims, vol.data.clone()).unwrap().with_unit(unit);
+    let out = MemoryVolume::new(vol.dims, vec![f32::NAN; vol.len()]).unwrap().with_unit(unit);
+    let aff = stats(&input, model).affine();
+    let (aligned, _) = CorePlan::align_core(vol.dims, core, unit);
+    let plan = CorePlan::new(vol.dims, aligned, RECEPTIVE_RADIUS).unwrap();
+    let mut pred = CpuPredictor { model: model.clone() };
+    let (_, computed, _) = run_job(
+        &mut pred,
+        &[&input],
+        &[aff],
+        Variant::Single,
+        &out,
+        &plan,
+        job,
+        None,
+        false,
+        PipelineOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
+    (out.into_data(), computed)
+}
+
+#[test]
+fn streamed_cores_equal_in_memory_deconvolve() {
+    let model = shipped_model();
+    // (dims, chunk unit, core): many tiles; odd sizes with anisotropic chunks; one tile
+    for (dims, unit, core) in [
+        ([20usize, 70, 90], [4usize, 16, 16], [16usize, 32, 32]),
+        ([21, 67, 89], [3, 10, 24], [12, 30, 48]),
+        ([20, 70, 90], [20, 70, 90], [64, 128, 128]),
+    ] {
+        let vol = test_volume(dims, 11);
+        let mut pred = CpuPredictor { model: model.clone() };
+        let reference = deconvolve(&mut pred, &model, &vol, [24, 48, 48]).unwrap();
+        let (got, tiles) = streamed(&model, &vol, unit, core, Job::Full);
+        assert!(got.iter().all(|v| v.is_finite()), "{dims:?}: a voxel was not written");
+        let e = rel_l2(&got, &reference.data);
+        eprintln!("{dims:?} unit {unit:?} core {core:?}: {tiles} tile(s), rel L2 vs deconvolve {e:.2e}");
+        assert!(e <= 1e-6, "{dims:?}: streamed vs in-memory rel err {e:e}");
+        if core[1] < dims[1] {
+            assert!(tiles >= 8, "the test must cut many tiles, got {tiles}");
+        } else {
+            assert_eq!(tiles, 1);
+        }
+    }
+}
+
+#[test]
+fn the_union_of_all_blocks_equals_the_single_run_bit_for_bit() {
+    let model = shipped_model();
+    let dims = [20, 70, 90];
+    let vol = test_volume(dims, 12);
+    let unit = [4, 16, 16];
+    let core = [8, 32, 32];
+    let (single, total) = streamed(&model, &vol, unit, core, Job::Full);
+    let n = 4;
+    let input = MemoryVolume::new(dims, vol.data.clone()).unwrap().with_unit(unit);
+    let out = MemoryVolume::new(dims, vec![f32::NAN; vol.len()]).unwrap().with_unit(unit);
+    let aff = stats(&input, &model).affine();
+    let plan = CorePlan::new(dims, CorePlan::align_core(dims, core, unit).0, RECEPTIVE_RADIUS).unwrap();
+    let mut sum = 0;
+    // blocks in a scrambled order, as a scheduler may run them
+    for i in [2, 0, 3, 1] {
+        let mut pred = CpuPredictor { model: model.clone() };
+        let (_, c, _) = run_job(
+            &mut pred,
+            &[&input],
+            &[aff],
+            Variant::Single,
+            &out,
+            &plan,
+            Job::Block(i, n),
+            None,
+            false,
+            PipelineOptions::default(),
+            &|_| {},
+        )
+        .unwrap();
+        sum += c;
+    }
+    assert_eq!(sum, total);
+    let union = out.into_data();
+    assert!(
+        union.iter().zip(&single).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "blocks differ from the single run"
+    );
+}
+
+/// A writer that fails (as a killed process would stop) after `fail_after` writes.
+struct FailingWriter<'a> {
+    inner: &'a MemoryVolume,
+    writes: AtomicUsize,
+    fail_after: usize,
+}
+
+impl VolumeWriter for FailingWriter<'_> {
+    fn dims(&self) -> [usize; 3] {
+        VolumeWriter::dims(self.inner)
+    }
+    fn write_unit(&self) -> [usize; 3] {
+        self.inner.write_unit()
+    }
+    fn write_region(&self, region: Region, data: &[f32]) -> rln_engine::Result<()> {
+        if self.writes.fetch_add(1, Ordering::SeqCst) >= self.fail_after {
+            return Err(rln_engine::Error::invalid("simulated kill"));
+        }
+        self.inner.write_region(region, data)
+    }
+    fn finish(self: Box<Self>) -> rln_engine::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn an_interrupted_run_resumed_equals_an_uninterrupted_one() {
+    let model = shipped_model();
+    let dims = [20, 70, 90];
+    let vol = test_volume(dims, 13);
+    let unit = [4, 16, 16];
+    let core = [8, 32, 32];
+    let (whole, total) = streamed(&model, &vol, unit, core, Job::Full);
+    let input = MemoryVolume::new(dims, vol.data.clone()).unwrap().with_unit(unit);
+    let store = MemoryVolume::new(dims, vec![f32::NAN; vol.len()]).unwrap().with_unit(unit);
+    let aff = stats(&input, &model).affine();
+    let plan = CorePlan::new(dims, CorePlan::align_core(dims, core, unit).0, RECEPTIVE_RADIUS).unwrap();
+    let meta = tempfile::tempdir().unwrap();
+    let run = |fail_after: usize, resume: bool| {
+        let w = FailingWriter {
+            inner: &store,
+            writes: AtomicUsize::new(0),
+            fail_after,
+        };
+        let mut pred = CpuPredictor { model: model.clone() };
+        run_job(
+            &mut pred,
+            &[&input],
+            &[aff],
+            Variant::Single,
+            &w,
+            &plan,
+            Job::Full,
+            Some(meta.path()),
+            resume,
+            PipelineOptions::default(),
+            &|_| {},
+        )
+    };
+    let k = 5;
+    assert!(run(k, false).is_err(), "the first run must stop");
+    let (_, computed, skipped) = run(usize::MAX, true).unwrap();
+    assert_eq!(skipped, k, "resume must skip the tiles written before the stop");
+    assert_eq!(computed + skipped, total);
+    let got = store.into_data();
+    // skipped tiles that were not written would still be NaN
+    assert!(
+        got.iter().zip(&whole).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "resumed run differs from the uninterrupted one"
+    );
+}
+
+#[test]
+fn sampling_error_on_test_volumes() {
+    // exact percentiles vs a sample of 1/16 of the voxels in chunks
+    let pct = [0.01, 99.5];
+    let mut worst: f64 = 0.0;
+    for (seed, dims, unit) in [
+        (21u64, [64usize, 128, 128], [8usize, 32, 32]),
+        (22, [40, 200, 150], [1, 200, 150]),
+        (23, [96, 96, 96], [16, 16, 16]),
+    ] {
+        let v = test_volume(dims, seed);
+        let r = MemoryVolume::new(dims, v.data.clone()).unwrap().with_unit(unit);
+        let exact = sample_stats(&r, pct, usize::MAX).unwrap();
+        assert!(exact.exact);
+        let s = sample_stats(&r, pct, v.len() / 16).unwrap();
+        assert!(!s.exact && s.sampled_voxels <= v.len() / 16);
+        let range = exact.p_hi_value - exact.p_lo_value;
+        let e = ((s.p_lo_value - exact.p_lo_value).abs()).max((s.p_hi_value - exact.p_hi_value).abs()) / range;
+        eprintln!(
+            "{dims:?} unit {unit:?}: exact ({:.2}, {:.2}), sampled ({:.2}, {:.2}) from {} voxels: error {:.3}% of the range",
+            exact.p_lo_value,
+            exact.p_hi_value,
+            s.p_lo_value,
+            s.p_hi_value,
+            s.sampled_voxels,
+            100.0 * e
+        );
+        worst = worst.max(e);
+    }
+    // `infer --help` states this bound
+    assert!(worst <= 0.01, "sampled percentiles off by {:.3}% of the range", 100.0 * worst);
+}
+
+#[test]
+fn views_of_different_shapes_are_refused() {
+    let model: Model<f32> = random_model(5, Variant::DualConcat).cast();
+    let a = MemoryVolume::zeros([8, 16, 16]);
+    let b = MemoryVolume::zeros([8, 16, 18]);
+    let out = MemoryVolume::zeros([8, 16, 16]);
+    let plan = CorePlan::new([8, 16, 16], [8, 16, 16], RECEPTIVE_RADIUS).unwrap();
+    let id = Affine::from_percentile_values(0.0, 1.0);
+    let (w, p) = no_hooks();
+    let err = run_tiles(
+        &mut CpuPredictor { model },
+        &[&a, &b],
+        &[id, id],
+        Variant::DualConcat,
+        &out,
+        &plan,
+        &[0],
+        PipelineOptions::default(),
+        &PipelineHooks {
+            written: &w,
+            progress: &p,
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("views differ in size"), "{err}");
+}
+
+// ------------------------------------------------------------------ the CLI
+
+fn engine(args: &[&dyn AsRef<OsStr>]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rln-engine"))
+        .args(args.iter().map(|a| a.as_ref()))
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn write_tiff(path: &Path, v: &Volume) {
+    rln_engine::imaging::write_volume(path, v, rln_engine::imaging::OutputDtype::F32).unwrap();
+}
+
+#[test]
+fn cli_tiff_to_tiff_equals_deconvolve_and_reports_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let dims = [21, 67, 89];
+    let vol = test_volume(dims, 14);
+    let input = dir.path().join("in.tif");
+    let output = dir.path().join("out.tif");
+    write_tiff(&input, &vol);
+    let o = engine(&[&"infer", &MODEL, &input, &"-o", &output, &"--device", &"cpu", &"--tile", &"8,32,32", &"--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["tiling"], "cores");
+    assert!(j["tiles"].as_u64().unwrap() >= 8);
+    assert_eq!(j["voxels"].as_u64().unwrap() as usize, vol.len());
+    for k in ["read", "normalize", "transfer", "compute", "blend", "write"] {
+        assert!(j["phases"][k].as_f64().is_some(), "phase {k} missing");
+    }
+    assert!(j["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+    let got = rln_engine::imaging::read_volume(&output).unwrap();
+    let model = shipped_model();
+    let reference = deconvolve(&mut CpuPredictor { model: model.clone() }, &model, &vol, [24, 48, 48]).unwrap();
+    let e = rel_l2(&got.data, &reference.data);
+    assert!(e <= 1e-6, "CLI TIFF→TIFF vs deconvolve rel err {e:e}");
+    // nothing but the input and the output are left in the folder
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+}
+
+#[test]
+fn cli_constant_volume_is_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = Volume::new([6, 20, 24], vec![37.5; 6 * 20 * 24]).unwrap();
+    let input = dir.path().join("flat.tif");
+    let output = dir.path().join("out.tif");
+    write_tiff(&input, &vol);
+    let o = engine(&[&"infer", &MODEL, &input, &"-o", &output, &"--device", &"cpu"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("output is the input"), "{}", stderr(&o));
+    let got = rln_engine::imaging::read_volume(&output).unwrap();
+    assert_eq!(got.data, vol.data);
+}
+
+#[test]
+fn cli_bad_blocks_and_outputs_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = test_volume([6, 20, 24], 15);
+    let input = dir.path().join("in.tif");
+    write_tiff(&input, &vol);
+    let out: PathBuf = dir.path().join("out.tif");
+    for (block, needle) in [("3/2", "0 ≤ I < N"), ("0/0", "0 ≤ I < N"), ("1-2", "I/N")] {
+        let o = engine(&[&"infer", &MODEL, &input, &"-o", &out, &"--block", &block]);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains(needle), "--block {block}: {}", stderr(&o));
+    }
+    let o = engine(&[&"infer", &MODEL, &input, &"-o", &out, &"--block", &"0/2"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("chunked store"), "{}", stderr(&o));
+    let o = engine(&[&"infer", &MODEL, &input, &"-o", &input]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("is an input"), "{}", stderr(&o));
+    assert!(!out.exists());
+    // a norm-stats file made for another shape
+    let stats = dir.path().join("stats.json");
+    let small = dir.path().join("small.tif");
+    write_tiff(&small, &test_volume([4, 20, 24], 16));
+    let o = engine(&[&"infer", &MODEL, &small, &"-o", &out, &"--device", &"cpu", &"--norm-stats", &stats]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::remove_file(&out).unwrap();
+    let o = engine(&[&"infer", &MODEL, &input, &"-o", &out, &"--device", &"cpu", &"--norm-stats", &stats]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("made for an input of"), "{}", stderr(&o));
+}
