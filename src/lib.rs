@@ -23,6 +23,7 @@
 //! on the GPU. The layers below are public too: [`net::Rln`] runs the network on
 //! normalized tensors with any [`backend::Backend`].
 
+pub mod args;
 pub mod backend;
 pub mod bench;
 pub mod compare;

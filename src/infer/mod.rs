@@ -1,6 +1,7 @@
 //! Inference on volumes of any size: the engines that predict one tile, and (later) tile
 //! planning, blending and streaming, shared by the CPU and CUDA paths.
 
+pub mod buffers;
 pub mod stitch;
 pub mod stream;
 pub mod tiling;

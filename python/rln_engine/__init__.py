@@ -1,0 +1,251 @@
+"""rln-engine from Python: Richardson–Lucy Network (RLN) deconvolution of numpy arrays.
+
+    import rln_engine
+    model = rln_engine.Model.load("models/rln-synthetic-widefield.safetensors")
+    restored = model.deconvolve(stack)          # stack: a z,y,x numpy array
+
+The network runs in Rust (the CPU reference, or CUDA with ``device="cuda"``); the GIL
+is released while it computes, so other Python threads keep running. Modules:
+
+- :mod:`rln_engine.psf`: PSF models (``gibson_lanni``).
+- :mod:`rln_engine.metrics`: ``ssim`` and ``psnr`` (scikit-image's definitions).
+- :mod:`rln_engine.dask`: ``deconvolve`` a dask array block by block (``map_overlap``).
+
+Errors raise ``ValueError`` (bad arrays or arguments), ``FileNotFoundError``/``OSError``
+(files), ``RuntimeError`` (CUDA, non-finite results) or ``MemoryError`` (GPU memory).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _rln_engine as _native
+from . import metrics, psf  # noqa: F401  (public submodules)
+
+__version__: str = _native.__version__
+#: The network's receptive radius in voxels (even): the context a block cut out of a
+#: larger volume needs on every inner side to match the whole-volume result.
+RECEPTIVE_RADIUS: int = _native.RECEPTIVE_RADIUS
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Sample types accepted for volumes (converted to float32, as the engine computes).
+ACCEPTED_DTYPES = (np.uint8, np.uint16, np.int16, np.int32, np.float32, np.float64)
+
+
+def as_volume(array, what: str = "the array") -> np.ndarray:
+    """The array as a C-contiguous float32 z,y,x volume: no copy when it already is
+    one; a ``ValueError`` for a 2D (or 4D) array, a ``TypeError`` for another dtype."""
+    a = np.asarray(array)
+    if a.ndim != 3:
+        shape = "×".join(str(s) for s in a.shape) or "a scalar"
+        raise ValueError(
+            f"{what} is {a.ndim}D ({shape}); RLN needs a 3D z,y,x stack "
+            "(a single plane is a stack of one: array[None])"
+        )
+    if not any(a.dtype == d for d in ACCEPTED_DTYPES):
+        names = ", ".join(np.dtype(d).name for d in ACCEPTED_DTYPES)
+        raise TypeError(f"{what} has dtype {a.dtype}; give one of {names}")
+    if 0 in a.shape:
+        raise ValueError(f"{what} is empty (shape {a.shape})")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _tile(tile) -> Optional[Tuple[int, int, int]]:
+    if tile is None:
+        return None
+    t = (int(tile),) * 3 if np.isscalar(tile) else tuple(int(v) for v in tile)
+    if len(t) != 3 or min(t) <= 0:
+        raise ValueError(f"tile must be one positive size or three (z, y, x), got {tile!r}")
+    return t  # type: ignore[return-value]
+
+
+class Model:
+    """An RLN model (a .safetensors file written by ``rln-engine train``)."""
+
+    def __init__(self, native: "_native.NativeModel"):
+        self._native = native
+
+    @classmethod
+    def load(cls, path: PathLike) -> "Model":
+        """Loads a model file; ``FileNotFoundError`` if it does not exist, ``ValueError``
+        if it is not an RLN model."""
+        return cls(_native.NativeModel.load(os.fspath(path)))
+
+    @property
+    def path(self) -> str:
+        """The file the model was loaded from."""
+        return str(self._native.path)
+
+    @property
+    def percentiles(self) -> Tuple[float, float]:
+        """The input normalization percentiles (low, high) the model was trained with."""
+        return self._native.percentiles
+
+    @property
+    def variant(self) -> str:
+        """The network variant ("Single", "DualAverage", "DualConcat")."""
+        return self._native.variant
+
+    @property
+    def provenance(self) -> str:
+        """How the model was made (the command that trained it)."""
+        return self._native.provenance
+
+    @property
+    def receptive_radius(self) -> int:
+        """Context (voxels) a block needs on every inner side: :data:`RECEPTIVE_RADIUS`."""
+        return RECEPTIVE_RADIUS
+
+    def __repr__(self) -> str:
+        return f"rln_engine.Model.load({self.path!r})"
+
+    def __reduce__(self):
+        # pickled by path: dask workers load the file themselves, once per process
+        return (_load_shared, (self.path,))
+
+    def normalization(self, array) -> Tuple[float, float]:
+        """The low and high percentile values of the model's global normalization of
+        ``array`` (every voxel). Compute them once on a whole volume (or a strided
+        sample of it) and pass them to :meth:`deconvolve` for each block."""
+        return self._native.normalization(as_volume(array))
+
+    def deconvolve(
+        self,
+        array,
+        device: str = "auto",
+        fp16: bool = False,
+        tile: Union[None, int, Sequence[int]] = None,
+        normalization: Optional[Tuple[float, float]] = None,
+    ) -> np.ndarray:
+        """Deconvolves a z,y,x volume; returns float32 of the same shape, in the input's
+        intensity range (as ``rln-engine infer``).
+
+        - ``array``: 3D numpy array (or anything ``np.asarray`` takes) of uint8, uint16,
+          int16, int32, float32 or float64; a C-contiguous float32 array is used without
+          a copy. NaN or infinite voxels raise ``ValueError``.
+        - ``device``: ``"auto"`` (CUDA when usable, else the CPU with a warning),
+          ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (``RuntimeError`` without a usable GPU).
+        - ``fp16``: FP16 storage on the GPU (FP32 accumulation); ignored on the CPU.
+        - ``tile``: largest tile core (z, y, x) or one size; default: what memory holds.
+          Tiles are blended with context, so the result does not depend on it beyond
+          float rounding.
+        - ``normalization``: (low, high) percentile values from :meth:`normalization` of
+          the whole volume, for blocks of a larger one; default: this array's own.
+        """
+        vol = as_volume(array)
+        if normalization is not None:
+            normalization = (float(normalization[0]), float(normalization[1]))
+        out, note = self._native.deconvolve(vol, str(device), bool(fp16), _tile(tile), normalization)
+        if note:
+            warnings.warn(f"rln_engine: {note}", RuntimeWarning, stacklevel=2)
+        return out
+
+
+_shared_models: dict = {}
+
+
+def _load_shared(path: str) -> Model:
+    """The model of ``path``, loaded once per process (unpickling on dask workers, so
+    that every block reuses one model and its GPU predictor)."""
+    model = _shared_models.get(path)
+    if model is None:
+        model = _shared_models[path] = Model.load(path)
+    return model
+
+
+def richardson_lucy(array, psf, iterations: int = 50, background: float = 0.0) -> np.ndarray:
+    """Classical Richardson–Lucy deconvolution of a z,y,x volume by ``psf`` (3D, centred,
+    normalized to unit sum internally) for ``iterations`` iterations with a constant
+    ``background``; the same as ``rln-engine rl``. Returns float32."""
+    if int(iterations) < 0:
+        raise ValueError(f"iterations must be ≥ 0, got {iterations}")
+    return _native.richardson_lucy(as_volume(array), as_volume(psf, "the PSF"), int(iterations), float(background))
+
+
+def infer_file(
+    model: Union[Model, PathLike],
+    input: PathLike,
+    output: PathLike,
+    device: str = "auto",
+    fp16: bool = False,
+    tile: Union[None, int, Sequence[int]] = None,
+    output_dtype: str = "f32",
+) -> None:
+    """Deconvolves the volume ``input`` into ``output``: TIFF/BigTIFF, a folder of 2D
+    TIFF slices, OME-Zarr (``*.zarr`` directories; level 0 of a multiscale), or HDF5
+    ``file.h5:/dataset`` when built with HDF5; the output format follows its name
+    (TIFF written under a temporary name and renamed when complete; never the input).
+    ``output_dtype`` is "f32", "f16" or "u16" (a value that does not fit raises).
+    This version holds the whole volume in memory (``rln-engine infer`` streams)."""
+    path = model.path if isinstance(model, Model) else os.fspath(model)
+    note = _native.infer_file(path, os.fspath(input), os.fspath(output), str(device), bool(fp16), _tile(tile), str(output_dtype))
+    if note:
+        warnings.warn(f"rln_engine: {note}", RuntimeWarning, stacklevel=2)
+
+
+def _flag(name: str, value) -> list:
+    flag = "--" + name.replace("_", "-")
+    if value is None or value is False:
+        return []
+    if value is True:
+        return [flag]
+    if isinstance(value, (list, tuple)):
+        return [flag, ",".join(str(v) for v in value)]
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    return [flag, str(value)]
+
+
+def train(output: PathLike, **options) -> None:
+    """Trains an RLN model into ``output``, exactly as ``rln-engine train -o OUTPUT``
+    with the same options given as keywords (dashes become underscores; ``True`` gives
+    a bare flag; tuples become comma lists), e.g.::
+
+        rln_engine.train("m.safetensors", synth_psf="psf.tif", steps=2000,
+                         crop=(32, 64, 64), device="cuda")
+
+    Writes the same files as the command (checkpoint, log, best model). See
+    ``rln-engine train --help`` for every option; an unknown option or a bad value
+    raises ``ValueError`` with the command line's message, a failed run
+    ``RuntimeError``."""
+    flags = ["--output", os.fspath(output)]
+    for name, value in options.items():
+        flags += _flag(name, value)
+    call = "rln_engine.train(" + ", ".join([repr(os.fspath(output))] + [f"{k}={v!r}" for k, v in options.items()]) + ")"
+    _native.train(flags, call)
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA driver and device are usable."""
+    return _native.cuda_available()
+
+
+def set_threads(n: int) -> None:
+    """CPU threads of all later work (0: one per core); only the first call, before any
+    computation, takes effect."""
+    _native.set_threads(int(n))
+
+
+def threads() -> int:
+    """The number of CPU threads the engine computes on."""
+    return _native.threads()
+
+
+__all__ = [
+    "Model",
+    "RECEPTIVE_RADIUS",
+    "as_volume",
+    "cuda_available",
+    "infer_file",
+    "metrics",
+    "psf",
+    "richardson_lucy",
+    "set_threads",
+    "threads",
+    "train",
+]

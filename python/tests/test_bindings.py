@@ -1,0 +1,192 @@
+"""rln_engine from Python against the rln-engine CLI on the same volumes, and its
+errors, device choice, GIL release and copies."""
+
+import pickle
+import subprocess
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+import tifffile
+
+import rln_engine
+from conftest import max_rel_diff, widefield_volume
+
+
+def run(cli, *args):
+    done = subprocess.run([cli, *map(str, args)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    return rln_engine.Model.load(model_path)
+
+
+def test_deconvolve_equals_the_cli(tmp_path, cli, model, model_path, volume):
+    tifffile.imwrite(tmp_path / "in.tif", volume)
+    run(cli, "infer", model_path, tmp_path / "in.tif", "-o", tmp_path / "out.tif", "--device", "cpu")
+    expected = tifffile.imread(tmp_path / "out.tif")
+    got = model.deconvolve(volume, device="cpu")
+    assert got.dtype == np.float32 and got.shape == volume.shape
+    diff = max_rel_diff(got, expected)
+    print(f"Python vs CLI on {volume.shape}: max |diff| / range = {diff:.2e}")
+    assert diff <= 1e-6
+    # uint16 input gives the same as its float32 values; small tiles agree up to rounding
+    u16 = volume.astype(np.uint16)
+    assert np.array_equal(model.deconvolve(u16, device="cpu"), model.deconvolve(u16.astype(np.float32), device="cpu"))
+    assert max_rel_diff(model.deconvolve(volume, device="cpu", tile=(12, 48, 48)), expected) <= 1e-4
+    # and the result is a deconvolution (sharper than the input), not a copy
+    assert max_rel_diff(got, volume) > 0.05
+
+
+def test_bad_arrays_raise_clear_errors(model):
+    with pytest.raises(ValueError, match=r"2D \(64×64\).*3D"):
+        model.deconvolve(np.zeros((64, 64), np.float32))
+    with pytest.raises(TypeError, match="dtype complex64"):
+        model.deconvolve(np.zeros((8, 32, 32), np.complex64))
+    with pytest.raises(TypeError, match="dtype bool"):
+        model.deconvolve(np.zeros((8, 32, 32), bool))
+    bad = np.ones((8, 32, 32), np.float32)
+    bad[3, 4, 5] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        model.deconvolve(bad, device="cpu")
+    with pytest.raises(ValueError, match="non-finite"):
+        model.deconvolve(bad, device="cpu", normalization=(0.0, 1.0))
+    with pytest.raises(ValueError, match="empty"):
+        model.deconvolve(np.zeros((0, 32, 32), np.float32))
+    with pytest.raises(ValueError, match="unknown device"):
+        model.deconvolve(np.ones((8, 32, 32), np.float32), device="tpu")
+    with pytest.raises(ValueError, match="tile"):
+        model.deconvolve(np.ones((8, 32, 32), np.float32), tile=(0, 8, 8))
+    with pytest.raises(FileNotFoundError, match="no-such.safetensors"):
+        rln_engine.Model.load("no-such.safetensors")
+
+
+def test_gpu_without_gpu_raises_and_auto_falls_back(model):
+    vol = widefield_volume((8, 32, 32), seed=1)
+    if rln_engine.cuda_available():
+        pytest.skip("SKIP: a CUDA device is present; the no-GPU paths cannot be exercised here")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        model.deconvolve(vol, device="cuda")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        model.deconvolve(vol, device="cuda:1", fp16=True)
+    with pytest.warns(RuntimeWarning, match="running on the CPU"):
+        auto = model.deconvolve(vol, device="auto")
+    assert np.array_equal(auto, model.deconvolve(vol, device="cpu"))
+
+
+def test_gil_is_released_while_computing(model):
+    vol = widefield_volume((24, 128, 128), seed=2)
+    gaps, done = [], threading.Event()
+
+    def work():
+        t0 = time.perf_counter()
+        model.deconvolve(vol, device="cpu")
+        gaps.append(("call", time.perf_counter() - t0))
+        done.set()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    last, widest = time.perf_counter(), 0.0
+    while not done.is_set():  # this loop needs the GIL to advance
+        time.sleep(0.001)
+        now = time.perf_counter()
+        widest, last = max(widest, now - last), now
+    worker.join()
+    call = gaps[0][1]
+    print(f"deconvolve took {call:.2f} s; the main thread's longest wait for the GIL {widest * 1e3:.0f} ms")
+    assert call > 0.2, "the volume is too small to tell"
+    assert widest < 0.25 * call, "the main thread was blocked during deconvolve: the GIL was held"
+
+
+def test_no_copy_for_contiguous_float32_input():
+    a = np.ones((4, 8, 8), np.float32)
+    assert rln_engine.as_volume(a) is a
+    assert rln_engine.as_volume(a[:, ::2]) is not a  # a strided view is made contiguous
+    assert rln_engine.as_volume(a[:, ::2]).flags.c_contiguous
+
+
+def test_model_properties_and_pickle(model, model_path):
+    assert model.percentiles[0] < model.percentiles[1]
+    assert model.variant == "Single"
+    assert model.receptive_radius == rln_engine.RECEPTIVE_RADIUS == 18
+    again = pickle.loads(pickle.dumps(model))
+    assert again.path == str(model_path)
+
+
+def test_richardson_lucy_and_psf_equal_the_cli(tmp_path, cli):
+    psf = rln_engine.psf.gibson_lanni(na=1.4, wavelength=0.52, ni=1.515, ns=1.47, dxy=0.1, dz=0.2, nx=33, nz=17)
+    run(cli, "psf", "--model", "gibson-lanni", "--na", 1.4, "--wavelength", 0.52, "--ni", 1.515, "--ns", 1.47,
+        "--dxy", 0.1, "--dz", 0.2, "--nx", 33, "--nz", 17, "-o", tmp_path / "psf.tif")
+    cli_psf = tifffile.imread(tmp_path / "psf.tif")
+    assert psf.shape == (17, 33, 33)
+    assert abs(psf.sum() - 1) < 1e-5
+    assert max_rel_diff(psf, cli_psf) <= 1e-6
+
+    vol = widefield_volume((24, 48, 48), seed=3)
+    tifffile.imwrite(tmp_path / "in.tif", vol)
+    run(cli, "rl", tmp_path / "in.tif", "--psf", tmp_path / "psf.tif", "--iterations", 8, "--background", 30,
+        "-o", tmp_path / "rl.tif")
+    got = rln_engine.richardson_lucy(vol, psf, iterations=8, background=30)
+    diff = max_rel_diff(got, tifffile.imread(tmp_path / "rl.tif"))
+    assert diff <= 1e-6, diff
+    with pytest.raises(ValueError, match="3D"):
+        rln_engine.richardson_lucy(vol[0], psf, 3)
+    with pytest.raises(ValueError, match="must be positive"):
+        rln_engine.psf.gibson_lanni(nx=0)
+
+
+def test_metrics_equal_the_cli(tmp_path, cli, volume, model):
+    gt = widefield_volume((16, 48, 48), seed=4)
+    pred = gt + np.random.default_rng(5).normal(0, 20, gt.shape).astype(np.float32)
+    tifffile.imwrite(tmp_path / "gt.tif", gt)
+    tifffile.imwrite(tmp_path / "pred.tif", pred)
+    out = run(cli, "eval", tmp_path / "gt.tif", tmp_path / "pred.tif", "--normalize", "none", "--json").stdout
+    import json
+
+    m = json.loads(out)
+    assert rln_engine.metrics.psnr(gt, pred) == pytest.approx(m["psnr"], rel=1e-9)
+    assert rln_engine.metrics.ssim(gt, pred) == pytest.approx(m["ssim"], rel=1e-9)
+    assert rln_engine.metrics.psnr(gt, gt + 1, data_range=100) == pytest.approx(40.0, rel=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        rln_engine.metrics.ssim(gt, pred[1:])
+
+
+def test_infer_file(tmp_path, model, volume):
+    tifffile.imwrite(tmp_path / "in.tif", volume)
+    rln_engine.infer_file(model, tmp_path / "in.tif", tmp_path / "out.tif", device="cpu")
+    assert np.array_equal(tifffile.imread(tmp_path / "out.tif"), model.deconvolve(volume, device="cpu"))
+    with pytest.raises(ValueError, match="is the input"):
+        rln_engine.infer_file(model, tmp_path / "in.tif", tmp_path / "in.tif", device="cpu")
+    with pytest.raises(FileNotFoundError):
+        rln_engine.infer_file(model, tmp_path / "missing.tif", tmp_path / "x.tif", device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "out.tif"]
+    # an OME-Zarr store in and out (the stream formats)
+    zarr = pytest.importorskip("zarr")
+    zarr.open_array(str(tmp_path / "in.zarr"), mode="w", shape=volume.shape, chunks=(12, 48, 48), dtype="f4")[...] = volume
+    rln_engine.infer_file(model, tmp_path / "in.zarr", tmp_path / "out.ome.zarr", device="cpu", output_dtype="f32")
+    got = zarr.open_group(str(tmp_path / "out.ome.zarr"), mode="r")["0"][...]
+    assert np.array_equal(got, model.deconvolve(volume, device="cpu"))
+
+
+def test_train_equals_the_cli(tmp_path, cli):
+    psf = rln_engine.psf.gibson_lanni(wavelength=0.52, dxy=0.1, dz=0.2, nx=17, nz=9, oversample=1)
+    tifffile.imwrite(tmp_path / "psf.tif", psf)
+    opts = dict(synth_psf=tmp_path / "psf.tif", synth_count=1, synth_val_count=0, synth_size=(24, 32, 32),
+                crop=(16, 16, 16), batch=1, steps=2, epoch_steps=2, seed=3)
+    rln_engine.train(tmp_path / "py.safetensors", **opts)
+    run(cli, "train", "--synth-psf", tmp_path / "psf.tif", "--synth-count", 1, "--synth-val-count", 0,
+        "--synth-size", "24,32,32", "--crop", "16,16,16", "--batch", 1, "--steps", 2, "--epoch-steps", 2,
+        "--seed", 3, "-o", tmp_path / "cli.safetensors")
+    py_model = rln_engine.Model.load(tmp_path / "py.safetensors")
+    cli_model = rln_engine.Model.load(tmp_path / "cli.safetensors")
+    assert "rln_engine.train(" in py_model.provenance
+    vol = widefield_volume((8, 32, 32), seed=6)
+    a, b = py_model.deconvolve(vol, device="cpu"), cli_model.deconvolve(vol, device="cpu")
+    assert np.array_equal(a, b), "the Python-trained model differs from the CLI's"
+    with pytest.raises(ValueError, match="unexpected argument"):
+        rln_engine.train(tmp_path / "x.safetensors", synth_psf=tmp_path / "psf.tif", no_such_option=3)
