@@ -333,6 +333,7 @@ fn an_rl_result_with_inf_is_an_error_naming_the_stage() {
         background: 0.0,
         back_projector: BackProjector::Matched,
         boundary: Boundary::Auto,
+        ..RlConfig::default()
     };
     let e = richardson_lucy(&v, &psf, &cfg).unwrap_err().to_string();
     assert!(e.contains("Richardson–Lucy result is not finite"), "{e}");
