@@ -60,7 +60,11 @@ fn imagej_stack(path: &Path, pages: usize, axes: &str, rgb: bool) {
             if p == 0 && !axes.is_empty() {
                 img.encoder().write_tag(Tag::ImageDescription, axes).unwrap();
             }
-            img.write_data(&[(p + 1) as f32; 64]).unwrap();
+            // a flat page (p + 1) with a bright spot in its middle, so that every page
+            // is a plausible bead plane (psf --measured finds a peak above background)
+            let mut page = [(p + 1) as f32; 64];
+            page[3 * 8 + 4] += 100.0;
+            img.write_data(&page).unwrap();
         }
     }
 }
@@ -145,7 +149,15 @@ fn make_fixtures(dir: &Path) {
     write_volume(dir.join("flat.tif"), &smooth_volume([1, 32, 32]), OutputDtype::F32).unwrap();
     let mut nan = smooth_volume([16, 32, 32]);
     nan.data[1000] = f32::NAN;
-    write_volume(dir.join("nan.tif"), &nan, OutputDtype::F32).unwrap();
+    {
+        // the engine's writers refuse non-finite voxels: the tiff crate writes this one
+        use tiff::encoder::{colortype, TiffEncoder};
+        let mut enc = TiffEncoder::new(std::fs::File::create(dir.join("nan.tif")).unwrap()).unwrap();
+        for z in 0..16 {
+            enc.write_image::<colortype::Gray32Float>(32, 32, &nan.data[z * 1024..(z + 1) * 1024])
+                .unwrap();
+        }
+    }
     std::fs::write(dir.join("huge.tif"), huge_bigtiff()).unwrap();
     imagej_stack(
         &dir.join("tyx.tif"),
@@ -278,7 +290,7 @@ fn cases() -> Vec<Case> {
         control(&infer("good.tif -o ok.tif --device cpu")),
         control("rl good.tif --psf psf.tif --iterations 2 -o ok.tif"),
         control("eval good.tif good.tif"),
-        control("psf --measured tzyx.tif --time 1 --crop 3,5,5 --dz 0.2 --dxy 0.1 -o ok.tif"),
+        control("psf --measured tzyx.tif --time 1 --crop 3,5,5 --psf-dz 0.2 --psf-dxy 0.1 -o ok.tif"),
         control("synth --psf psf.tif --size 16,32,32 -o synth_ok"),
         control(&format!("{TRAIN} --synth-psf psf.tif -o ok.safetensors")),
         // infer: the model file

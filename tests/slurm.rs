@@ -21,8 +21,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_rln-engine");
 /// The longest a job array of these tests may take (queue + run) before the test fails.
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 /// Input size, chunks and tile cores: 3×2×2 = 12 tiles, so blocks hold 3 tiles each.
-const DIMS: [usize; 3] = [24, 80, 80];
-const TILE: &str = "8,40,40";
+const DIMS: [usize; 3] = [48, 80, 80];
+const TILE: &str = "16,40,40";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -199,6 +199,11 @@ pub fn write_volume(path: impl AsRef<Path>, vol: &Volume, dtype: OutputDtype) ->
 pub fn write_volume_with(path: impl AsRef<Path>, vol: &Volume, opts: &WriteOptions) -> Result<()> {
     let (file, ds) = split_dataset_path(path.as_ref());
     check_output_range(&vol.data, opts.dtype, [0; 3], vol.dims, &file.display().to_string())?;
+    // a whole volume can also be checked as a whole: nonzero values that all round to 0
+    check_representable(&vol.data, opts.dtype).map_err(|e| match e {
+        Error::InvalidInput(m) => Error::invalid(format!("{}: {m}", file.display())),
+        e => e,
+    })?;
     match kind_of(&file) {
         Ok(Kind::Tiff) => tiff_io::write_tiff(&file, vol, opts.dtype, opts.bigtiff_threshold),
         Ok(Kind::Hdf5) => write_hdf5(

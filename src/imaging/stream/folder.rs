@@ -48,7 +48,7 @@ impl SliceFolderReader {
         let fi = first.info().clone();
         if fi.dims[0] != 1 {
             return Err(Error::invalid(format!(
-                "{}: holds {} pages; a folder of slices needs one 2D image per file",
+                "{}: is a 3D stack ({} pages): a folder is read as 2D slices, one per file; give the stack itself, or a folder of 2D images",
                 files[0].display(),
                 fi.dims[0]
             )));

@@ -78,6 +78,14 @@ pub fn open_reader(path: &Path, opts: &ReadOptions) -> Result<Box<dyn VolumeRead
         return Err(Error::io(&file, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")));
     }
     Ok(match Format::of(path)? {
+        Format::Tiff if tiff::needs_axis_selection(&file, opts)? => {
+            // channels, time points or multi-sample pixels: the whole-file reader
+            // implements every ImageJ/OME axis rule (issue 14); such stacks are the
+            // small ones (time-lapse and multi-channel acquisitions are split per file
+            // before deconvolution of large volumes)
+            let v = crate::imaging::tiff_io::read_tiff(&file, opts)?;
+            Box::new(MemoryVolume::from_volume(v))
+        }
         Format::Tiff => Box::new(tiff::TiffReader::open(&file, opts)?),
         Format::SliceFolder => Box::new(folder::SliceFolderReader::open(&file, opts)?),
         Format::Zarr => Box::new(zarr::ZarrReader::open(&file, opts)?),
@@ -316,6 +324,13 @@ impl MemoryVolume {
     }
     pub fn zeros(dims: [usize; 3]) -> Self {
         Self::new(dims, vec![0.0; dims.iter().product()]).expect("shape matches")
+    }
+    /// A volume read whole (its voxel size and metadata kept).
+    pub fn from_volume(v: crate::imaging::volume::Volume) -> Self {
+        let mut m = Self::new(v.dims, v.data).expect("a volume's data match its dims");
+        m.info.voxel_size = v.voxel_size;
+        m.info.metadata = v.metadata;
+        m
     }
     /// Pretends to be chunked in `unit` (tests of chunk alignment).
     pub fn with_unit(mut self, unit: [usize; 3]) -> Self {

@@ -137,6 +137,24 @@ fn open_decoder(path: &Path, limits_bytes: usize) -> Result<FileDecoder> {
         .with_limits(limits))
 }
 
+/// Whether a TIFF needs a channel or time point chosen (ImageJ/OME channels or frames,
+/// multi-sample pixels), or the caller chose one: read from the first page's tags only.
+pub fn needs_axis_selection(path: &Path, opts: &ReadOptions) -> Result<bool> {
+    if opts.channel.is_some() || opts.time.is_some() {
+        return Ok(true);
+    }
+    if std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len() == 0 {
+        return Ok(false);
+    }
+    let Ok(mut dec) = open_decoder(path, 1 << 20) else {
+        return Ok(false); // the streaming reader reports what is wrong
+    };
+    let desc = dec.get_tag_ascii_string(Tag::ImageDescription).ok();
+    let spp = dec.find_tag_unsigned::<u16>(Tag::SamplesPerPixel).ok().flatten().unwrap_or(1).max(1) as usize;
+    let axes = crate::imaging::tiff_io::tiff_axes(desc.as_deref(), spp);
+    Ok(spp > 1 || axes.channels > 1 || axes.frames > 1)
+}
+
 impl TiffReader {
     /// Opens `path`, walks its page directories (reading no image data) and checks that
     /// the first page's declared size fits the file.

@@ -532,7 +532,7 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
     let copied_input = stats.as_ref().is_some_and(|s| s.views.iter().any(|v| v.is_degenerate()));
     if copied_input {
         eprintln!(
-            "note: the input's {} and {} percentiles are equal (a constant volume): the output is the input",
+            "warning: the input's {} and {} percentiles are equal (a constant volume): nothing to deconvolve; the output is the input unchanged",
             pct[0], pct[1]
         );
     }
