@@ -22,6 +22,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_rln-engine");
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 /// Input size, chunks and tile cores: 3×2×2 = 12 tiles, so blocks hold 3 tiles each.
 const DIMS: [usize; 3] = [48, 80, 80];
+// each test names its store differently: the job name is derived from it, and
+// --resubmit refuses while jobs of that name are queued (the tests run concurrently)
 const TILE: &str = "16,40,40";
 
 fn root() -> PathBuf {
@@ -309,7 +311,7 @@ fn job_array_equals_single_run() {
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let input = make_input(dir.path());
-    let store = dir.path().join("out.ome.zarr");
+    let store = dir.path().join("array.ome.zarr");
     let blocks = 4;
     let mut args = plan_args(&input, &store, blocks);
     args.push("--submit".into());
@@ -379,7 +381,7 @@ fn failed_and_cancelled_tasks_are_resubmitted_alone() {
     let Some(cluster) = cluster() else { return };
     let dir = tempfile::tempdir().unwrap();
     let input = make_input(dir.path());
-    let store = dir.path().join("out.ome.zarr");
+    let store = dir.path().join("resubmit.ome.zarr");
     let blocks = 4;
     let out = run(cluster.cmd(BIN).args(plan_args(&input, &store, blocks)));
     let script = PathBuf::from(json_field(&out, "script").unwrap());
