@@ -80,7 +80,7 @@ def test_gpu_without_gpu_raises_and_auto_falls_back(model):
 
 
 def test_gil_is_released_while_computing(model):
-    vol = widefield_volume((24, 128, 128), seed=2)
+    vol = widefield_volume((64, 128, 128), seed=2)  # > 0.2 s of compute even on a fast idle machine
     gaps, done = [], threading.Event()
 
     def work():
