@@ -3,8 +3,8 @@
 //! apply to the chosen device. The file-safety rules themselves live in
 //! `crate::fsutil`; this module only gathers each command's roles and paths.
 
-use anyhow::{bail, Result};
 use crate::fsutil::{check_output_file, refuse_overwriting_inputs, OutputLock};
+use anyhow::{bail, Result};
 use std::path::Path;
 
 /// Extensions a volume output may have (the format is chosen by it).

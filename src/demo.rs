@@ -141,7 +141,12 @@ pub fn run_demo(
     let rld_label = format!("RLD {rl_iters} it.");
     write_montage(
         &png,
-        &[("input", &input), (&rld_label, &rld), ("RLN", &rln), ("ground truth", &gt)],
+        &[
+            ("input", &input),
+            (&rld_label, &rld),
+            ("RLN", &rln),
+            ("ground truth", &gt),
+        ],
     )?;
     files.push(png);
     Ok(DemoReport {

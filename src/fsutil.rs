@@ -215,11 +215,13 @@ impl OutputLock {
                 .map_err(|e| Error::io(&lock_path, e))?;
             match file.try_lock() {
                 Ok(()) => {}
-                Err(std::fs::TryLockError::WouldBlock) => return Err(Error::invalid(format!(
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(Error::invalid(format!(
                     "another process is writing {} (it holds {}): wait for it to finish or choose another output name",
                     output.display(),
                     lock_path.display()
-                ))),
+                )))
+                }
                 Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
             }
             #[cfg(unix)]

@@ -20,7 +20,9 @@ fn check(offset: f64, gain: f64, read_noise: f64, photons: f64) {
         ..Default::default()
     };
     let (mut raw, _) = synth::make_pair(&cfg, &psf, 7).unwrap();
-    raw.data.iter_mut().for_each(|v| *v = (offset + gain * *v as f64) as f32);
+    raw.data
+        .iter_mut()
+        .for_each(|v| *v = (offset + gain * *v as f64) as f32);
     let e = acquisition::estimate(&raw).unwrap();
     let bg_photons = photons * cfg.background as f64;
     eprintln!(
@@ -34,7 +36,10 @@ fn check(offset: f64, gain: f64, read_noise: f64, photons: f64) {
         100.0 * e.signal_fraction
     );
     let within = |est: f64, truth: f64, tol: f64, what: &str| {
-        assert!((est - truth).abs() <= tol * truth, "{what}: estimate {est} vs truth {truth} (tolerance {tol})");
+        assert!(
+            (est - truth).abs() <= tol * truth,
+            "{what}: estimate {est} vs truth {truth} (tolerance {tol})"
+        );
     };
     // issue 20 asks 15% on every parameter; reached so far: gain and background (see the
     // report); offset, read noise and photons are printed, not yet within 15%

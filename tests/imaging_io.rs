@@ -241,7 +241,8 @@ fn bad_input_is_a_clear_error() {
     {
         let mut enc = TiffEncoder::new(std::fs::File::create(&p).unwrap()).unwrap();
         for z in 0..3 {
-            enc.write_image::<colortype::Gray32Float>(5, 4, &v.data[z * 20..(z + 1) * 20]).unwrap();
+            enc.write_image::<colortype::Gray32Float>(5, 4, &v.data[z * 20..(z + 1) * 20])
+                .unwrap();
         }
     }
     let e = read_volume(&p).unwrap_err().to_string();

@@ -31,7 +31,10 @@ fn montage_panels_carry_their_labels() {
                 assert_eq!(buf[y * w + x], want[y * w + x], "{label}: pixel ({y}, {x})");
             }
         }
-        let dark = (0..strip).flat_map(|y| (x0..x0 + 64).map(move |x| (y, x))).filter(|&(y, x)| buf[y * w + x] == 0).count();
+        let dark = (0..strip)
+            .flat_map(|y| (x0..x0 + 64).map(move |x| (y, x)))
+            .filter(|&(y, x)| buf[y * w + x] == 0)
+            .count();
         assert!(dark > 50, "{label}: {dark} dark pixels");
     }
 }

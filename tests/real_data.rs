@@ -14,7 +14,10 @@ fn data_dir(test: &str) -> Option<PathBuf> {
     let dir = std::env::var_os("RLN_REAL_DATA").map(PathBuf::from).unwrap_or_else(|| {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("target/real-data/pycudadecon-0.5.1/tests/test_data")
     });
-    if ["im_deskewed.tif", "im_decon.tif", "psf.tif"].iter().all(|f| dir.join(f).is_file()) {
+    if ["im_deskewed.tif", "im_decon.tif", "psf.tif"]
+        .iter()
+        .all(|f| dir.join(f).is_file())
+    {
         return Some(dir);
     }
     let msg = format!(
@@ -100,7 +103,11 @@ fn measured_lls_psf_loses_its_noise_floor_and_ghost_plane() {
     // cudaDecon's effective PSF has 7% beyond 20 px; the cleaned one must not have more
     assert!(r.mass_beyond_20px_after < 0.07, "{}", r.mass_beyond_20px_after);
     // the first plane's higher background (151 vs 143) is gone with per-plane backgrounds
-    assert!(r.plane_background[0] > r.plane_background[30] + 5.0, "{:?}", &r.plane_background[..3]);
+    assert!(
+        r.plane_background[0] > r.plane_background[30] + 5.0,
+        "{:?}",
+        &r.plane_background[..3]
+    );
     assert!(r.edge_plane_mass_after < 0.001, "{}", r.edge_plane_mass_after);
     // an LLS PSF at 0.1 µm pixels: ~0.3 µm laterally, ~0.7 µm axially (FWHM)
     assert!((0.25..0.4).contains(&(f[2] * 0.1)), "{f:?}");
@@ -113,7 +120,10 @@ fn measured_lls_psf_loses_its_noise_floor_and_ghost_plane() {
 }
 
 fn kept_input(dir: &Path) -> Volume {
-    read_volume(dir.join("im_deskewed.tif")).unwrap().crop([0, 0, 0], KEPT).unwrap()
+    read_volume(dir.join("im_deskewed.tif"))
+        .unwrap()
+        .crop([0, 0, 0], KEPT)
+        .unwrap()
 }
 
 #[test]
@@ -132,10 +142,19 @@ fn accelerated_rl_reproduces_cudadecon() {
     eprintln!(
         "vs cudaDecon's im_decon.tif: background-subtracted input {e_raw:.4}, accelerated RL 10 it. {e_acc:.4}; \
          λ per iteration {:?}",
-        stats.iter().map(|s| (s.lambda * 1000.0).round() / 1000.0).collect::<Vec<_>>()
+        stats
+            .iter()
+            .map(|s| (s.lambda * 1000.0).round() / 1000.0)
+            .collect::<Vec<_>>()
     );
-    assert!(stats[0].lambda == 0.0 && stats[1].lambda == 0.0 && stats[5].lambda > 0.3, "{stats:?}");
-    assert!(e_acc < ACCELERATED_TOLERANCE, "accelerated RL vs cudaDecon: rel L2 {e_acc}");
+    assert!(
+        stats[0].lambda == 0.0 && stats[1].lambda == 0.0 && stats[5].lambda > 0.3,
+        "{stats:?}"
+    );
+    assert!(
+        e_acc < ACCELERATED_TOLERANCE,
+        "accelerated RL vs cudaDecon: rel L2 {e_acc}"
+    );
 }
 
 /// Issue 20 asks for 0.10; this PSF cleaning reaches ~0.13 (a NumPy emulation of the same
@@ -158,14 +177,21 @@ fn plain_rl_matches_numpy_reference_and_approaches_cudadecon() {
     };
     let Some(py) = python() else {
         eprintln!("{test}: SKIPPED: no Python venv (tools/install-python-venv.sh, or set RLN_PYTHON)");
-        assert!(std::env::var_os("RLN_REQUIRE_REAL_DATA").is_none(), "RLN_REQUIRE_REAL_DATA is set");
+        assert!(
+            std::env::var_os("RLN_REQUIRE_REAL_DATA").is_none(),
+            "RLN_REQUIRE_REAL_DATA is set"
+        );
         return;
     };
     let input = kept_input(&dir);
     let p = decon_psf(&dir);
     let (plain, stats) = rl::richardson_lucy_traced(&input, &p, &cudadecon_config(10, false)).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let (fi, fp, fo) = (tmp.path().join("in.tif"), tmp.path().join("psf.tif"), tmp.path().join("ref.npy"));
+    let (fi, fp, fo) = (
+        tmp.path().join("in.tif"),
+        tmp.path().join("psf.tif"),
+        tmp.path().join("ref.npy"),
+    );
     write_volume(&fi, &input, OutputDtype::F32).unwrap();
     write_volume(&fp, &p, OutputDtype::F32).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/imaging/rl_reference.py");

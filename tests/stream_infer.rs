@@ -58,7 +58,9 @@ fn no_hooks() -> (impl Fn(usize) + Sync, impl Fn(usize) + Sync) {
 /// The cores pipeline on `vol` into a memory volume chunked in `unit`.
 fn streamed(model: &Model<f32>, vol: &Volume, unit: [usize; 3], core: [usize; 3], job: Job) -> (Vec<f32>, usize) {
     let input = MemoryVolume::new(vol.dims, vol.data.clone()).unwrap().with_unit(unit);
-    let out = MemoryVolume::new(vol.dims, vec![f32::NAN; vol.len()]).unwrap().with_unit(unit);
+    let out = MemoryVolume::new(vol.dims, vec![f32::NAN; vol.len()])
+        .unwrap()
+        .with_unit(unit);
     let aff = stats(&input, model).affine();
     let (aligned, _) = CorePlan::align_core(vol.dims, core, unit);
     let plan = CorePlan::new(vol.dims, aligned, RECEPTIVE_RADIUS).unwrap();
@@ -115,7 +117,9 @@ fn the_union_of_all_blocks_equals_the_single_run_bit_for_bit() {
     let (single, total) = streamed(&model, &vol, unit, core, Job::Full);
     let n = 4;
     let input = MemoryVolume::new(dims, vol.data.clone()).unwrap().with_unit(unit);
-    let out = MemoryVolume::new(dims, vec![f32::NAN; vol.len()]).unwrap().with_unit(unit);
+    let out = MemoryVolume::new(dims, vec![f32::NAN; vol.len()])
+        .unwrap()
+        .with_unit(unit);
     let aff = stats(&input, &model).affine();
     let plan = CorePlan::new(dims, CorePlan::align_core(dims, core, unit).0, RECEPTIVE_RADIUS).unwrap();
     let mut sum = 0;
@@ -180,7 +184,9 @@ fn an_interrupted_run_resumed_equals_an_uninterrupted_one() {
     let core = [8, 32, 32];
     let (whole, total) = streamed(&model, &vol, unit, core, Job::Full);
     let input = MemoryVolume::new(dims, vol.data.clone()).unwrap().with_unit(unit);
-    let store = MemoryVolume::new(dims, vec![f32::NAN; vol.len()]).unwrap().with_unit(unit);
+    let store = MemoryVolume::new(dims, vec![f32::NAN; vol.len()])
+        .unwrap()
+        .with_unit(unit);
     let aff = stats(&input, &model).affine();
     let plan = CorePlan::new(dims, CorePlan::align_core(dims, core, unit).0, RECEPTIVE_RADIUS).unwrap();
     let meta = tempfile::tempdir().unwrap();
@@ -248,7 +254,11 @@ fn sampling_error_on_test_volumes() {
         worst = worst.max(e);
     }
     // `infer --help` states this bound
-    assert!(worst <= 0.01, "sampled percentiles off by {:.3}% of the range", 100.0 * worst);
+    assert!(
+        worst <= 0.01,
+        "sampled percentiles off by {:.3}% of the range",
+        100.0 * worst
+    );
 }
 
 #[test]
@@ -303,7 +313,18 @@ fn cli_tiff_to_tiff_equals_deconvolve_and_reports_json() {
     let input = dir.path().join("in.tif");
     let output = dir.path().join("out.tif");
     write_tiff(&input, &vol);
-    let o = engine(&[&"infer", &MODEL, &input, &"-o", &output, &"--device", &"cpu", &"--tile", &"16,32,32", &"--json"]);
+    let o = engine(&[
+        &"infer",
+        &MODEL,
+        &input,
+        &"-o",
+        &output,
+        &"--device",
+        &"cpu",
+        &"--tile",
+        &"16,32,32",
+        &"--json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["tiling"], "cores");
@@ -359,10 +380,30 @@ fn cli_bad_blocks_and_outputs_are_refused_clearly() {
     let stats = dir.path().join("stats.json");
     let small = dir.path().join("small.tif");
     write_tiff(&small, &test_volume([4, 20, 24], 16));
-    let o = engine(&[&"infer", &MODEL, &small, &"-o", &out, &"--device", &"cpu", &"--norm-stats", &stats]);
+    let o = engine(&[
+        &"infer",
+        &MODEL,
+        &small,
+        &"-o",
+        &out,
+        &"--device",
+        &"cpu",
+        &"--norm-stats",
+        &stats,
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     std::fs::remove_file(&out).unwrap();
-    let o = engine(&[&"infer", &MODEL, &input, &"-o", &out, &"--device", &"cpu", &"--norm-stats", &stats]);
+    let o = engine(&[
+        &"infer",
+        &MODEL,
+        &input,
+        &"-o",
+        &out,
+        &"--device",
+        &"cpu",
+        &"--norm-stats",
+        &stats,
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("made for an input of"), "{}", stderr(&o));
 }
@@ -408,7 +449,17 @@ fn cli_zarr_outputs_equal_deconvolve() {
     for (name, input) in [("tiff-to-zarr", &tif), ("zarr-to-zarr", &zin)] {
         let out = dir.path().join(format!("{name}.zarr"));
         let o = engine(&[
-            &"infer", &MODEL, input, &"-o", &out, &"--device", &"cpu", &"--chunks", &"4,16,32", &"--tile", &"16,32,32",
+            &"infer",
+            &MODEL,
+            input,
+            &"-o",
+            &out,
+            &"--device",
+            &"cpu",
+            &"--chunks",
+            &"4,16,32",
+            &"--tile",
+            &"16,32,32",
         ]);
         assert!(o.status.success(), "{name}: {}", stderr(&o));
         assert!(is_complete(&out), "{name}: a full run marks its store complete");
@@ -462,12 +513,19 @@ fn cli_blocks_of_a_store_equal_the_single_run_and_resume_after_a_kill() {
     assert!(!is_complete(&split));
     let split_data = read_all(&split);
     assert!(
-        split_data.iter().zip(&single_data).all(|(a, b)| a.to_bits() == b.to_bits()),
+        split_data
+            .iter()
+            .zip(&single_data)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
         "the union of the blocks differs from the single run"
     );
     // --resume skips a done block
     let o = run(&split, &[&"--block", &"1/3", &"--resume"], None);
-    assert!(o.status.success() && stderr(&o).contains("done already"), "{}", stderr(&o));
+    assert!(
+        o.status.success() && stderr(&o).contains("done already"),
+        "{}",
+        stderr(&o)
+    );
     // a store planned for another run is refused
     let o = run(&split, &[&"--block", &"0/3", &"--percentiles", &"0.1,99.0"], None);
     assert!(!o.status.success());
@@ -493,7 +551,10 @@ fn cli_blocks_of_a_store_equal_the_single_run_and_resume_after_a_kill() {
     assert!(is_complete(&killed));
     let resumed = read_all(&killed);
     assert!(
-        resumed.iter().zip(&single_data).all(|(a, b)| a.to_bits() == b.to_bits()),
+        resumed
+            .iter()
+            .zip(&single_data)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
         "the resumed run differs from the uninterrupted one"
     );
 }
@@ -509,15 +570,28 @@ fn cli_peak_memory_does_not_grow_with_depth() {
     let plane = [256usize, 256];
     for depth in [64usize, 256] {
         let dims = [depth, plane[0], plane[1]];
-        let data: Vec<f32> = (0..dims.iter().product::<usize>()).map(|i| 100.0 + (i % 977) as f32).collect();
+        let data: Vec<f32> = (0..dims.iter().product::<usize>())
+            .map(|i| 100.0 + (i % 977) as f32)
+            .collect();
         let vol = Volume::new(dims, data).unwrap();
         let input = dir.path().join(format!("in{depth}.zarr"));
         write_store(&input, &vol, [16, 64, 64], rln_engine::imaging::OutputDtype::U16);
         drop(vol);
         let out = dir.path().join(format!("out{depth}.zarr"));
         let o = engine(&[
-            &"infer", &MODEL, &input, &"-o", &out, &"--copy-network", &"--tile", &"16,64,64", &"--chunks", &"16,64,64",
-            &"--output-dtype", &"u16", &"--json",
+            &"infer",
+            &MODEL,
+            &input,
+            &"-o",
+            &out,
+            &"--copy-network",
+            &"--tile",
+            &"16,64,64",
+            &"--chunks",
+            &"16,64,64",
+            &"--output-dtype",
+            &"u16",
+            &"--json",
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
         let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -527,5 +601,9 @@ fn cli_peak_memory_does_not_grow_with_depth() {
     }
     // the deeper input is 192·256²·4 B = 50 MB of f32 more than the shallow one
     let grown = peaks[1] - peaks[0];
-    assert!(grown < 0.2 * peaks[0] && grown < 15e6, "peak grew by {:.1} MB with depth", grown / 1e6);
+    assert!(
+        grown < 0.2 * peaks[0] && grown < 15e6,
+        "peak grew by {:.1} MB with depth",
+        grown / 1e6
+    );
 }

@@ -9,7 +9,9 @@ use rand_chacha::ChaCha8Rng;
 use rln_engine::imaging::io::{OutputDtype, ReadOptions};
 use rln_engine::imaging::stream::tiff::{TiffReader, TiffWriter};
 use rln_engine::imaging::stream::zarr::{self, ZarrCompression, ZarrVersion, ZarrWriteOptions, ZarrWriter};
-use rln_engine::imaging::stream::{create_writer, open_reader, unit_regions, Region, VolumeReader, VolumeWriter, WriterSpec};
+use rln_engine::imaging::stream::{
+    create_writer, open_reader, unit_regions, Region, VolumeReader, VolumeWriter, WriterSpec,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -41,7 +43,13 @@ fn stored(v: f32, dtype: OutputDtype) -> f32 {
 }
 
 fn spec(dims: [usize; 3], dtype: OutputDtype, chunks: Option<[usize; 3]>) -> WriterSpec {
-    WriterSpec { dims, dtype, chunks, voxel_size: Some(VOXEL), metadata: Some(META.into()) }
+    WriterSpec {
+        dims,
+        dtype,
+        chunks,
+        voxel_size: Some(VOXEL),
+        metadata: Some(META.into()),
+    }
 }
 
 fn slice_of(data: &[f32], dims: [usize; 3], r: Region) -> Vec<f32> {
@@ -95,7 +103,10 @@ fn assert_voxel_size(got: Option<[f64; 3]>, tol: f64) {
 #[test]
 fn tiff_writer_takes_regions_in_any_order_and_round_trips_each_dtype() {
     let dir = tempfile::tempdir().unwrap();
-    for (k, dtype) in [OutputDtype::F32, OutputDtype::U16, OutputDtype::F16].into_iter().enumerate() {
+    for (k, dtype) in [OutputDtype::F32, OutputDtype::U16, OutputDtype::F16]
+        .into_iter()
+        .enumerate()
+    {
         let data = random_volume(DIMS, dtype, k as u64);
         let p = dir.path().join(format!("v{k}.tif"));
         let w = create_writer(&p, &spec(DIMS, dtype, None)).unwrap();
@@ -139,11 +150,20 @@ fn tiff_writer_holds_only_incomplete_planes_and_refuses_an_unfinished_volume() {
     w.write_region(r, &slice_of(&data, DIMS, r)).unwrap();
     let err = w.finish().unwrap_err().to_string();
     assert!(err.contains("3 of 7 planes"), "{err}");
-    assert!(std::fs::read_dir(dir.path()).unwrap().count() == 1, "temporary file left behind");
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().count() == 1,
+        "temporary file left behind"
+    );
     // values a u16 file cannot hold are errors naming the voxel, never clamped
     let w = create_writer(&p2, &spec([1, 1, 2], OutputDtype::U16, None)).unwrap();
-    let err = w.write_region(Region::whole([1, 1, 2]), &[3.0, 70000.0]).unwrap_err().to_string();
-    assert!(err.contains("70000") && err.contains("(0, 0, 1)") && err.contains("f32"), "{err}");
+    let err = w
+        .write_region(Region::whole([1, 1, 2]), &[3.0, 70000.0])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("70000") && err.contains("(0, 0, 1)") && err.contains("f32"),
+        "{err}"
+    );
 }
 
 /// A u16 stack written with `rows` rows per strip.
@@ -152,7 +172,9 @@ fn write_striped_tiff(path: &Path, dims: [usize; 3], rows: u32, data: &[f32]) {
     let mut enc = tiff::encoder::TiffEncoder::new(&mut f).unwrap();
     let plane = dims[1] * dims[2];
     for z in 0..dims[0] {
-        let mut img = enc.new_image::<tiff::encoder::colortype::Gray16>(dims[2] as u32, dims[1] as u32).unwrap();
+        let mut img = enc
+            .new_image::<tiff::encoder::colortype::Gray16>(dims[2] as u32, dims[1] as u32)
+            .unwrap();
         img.rows_per_strip(rows).unwrap();
         let page: Vec<u16> = data[z * plane..(z + 1) * plane].iter().map(|&v| v as u16).collect();
         img.write_data(&page).unwrap();
@@ -166,7 +188,10 @@ fn tiff_reader_decodes_only_the_strips_a_region_needs_within_its_cache_bound() {
     let data = random_volume(dims, OutputDtype::U16, 5);
     let p = dir.path().join("strips.tif");
     write_striped_tiff(&p, dims, 4, &data);
-    let opts = ReadOptions { cache_planes: Some(8), ..Default::default() };
+    let opts = ReadOptions {
+        cache_planes: Some(8),
+        ..Default::default()
+    };
     let r = TiffReader::open(&p, &opts).unwrap();
     assert_eq!(r.band_rows(), 4);
     assert_eq!(r.read_unit(), [1, 4, 48]);
@@ -183,7 +208,10 @@ fn tiff_reader_decodes_only_the_strips_a_region_needs_within_its_cache_bound() {
 
     // whole volume by slabs of 2 planes with a 2-plane cache: each strip decoded once,
     // never more than 2 planes' worth held
-    let opts = ReadOptions { cache_planes: Some(2), ..Default::default() };
+    let opts = ReadOptions {
+        cache_planes: Some(2),
+        ..Default::default()
+    };
     let r = TiffReader::open(&p, &opts).unwrap();
     let mut all = vec![0.0; data.len()];
     for z in (0..dims[0]).step_by(2) {
@@ -240,12 +268,18 @@ fn lying_tiff(w: u32, h: u32, count: u32) -> Vec<u8> {
 #[test]
 fn tiff_with_huge_declared_pages_or_truncated_data_is_an_error_not_an_abort() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = ReadOptions { allow_2d: true, ..Default::default() };
+    let opts = ReadOptions {
+        allow_2d: true,
+        ..Default::default()
+    };
     // 40000×40000 u16 = 3.2 GB declared in a 200-byte file
     let p = dir.path().join("huge.tif");
     std::fs::write(&p, lying_tiff(40_000, 40_000, 3_200_000_000)).unwrap();
     let err = open_reader(&p, &opts).err().expect("must fail").to_string();
-    assert!(err.contains("declares") && err.contains("truncated or its header is corrupt"), "{err}");
+    assert!(
+        err.contains("declares") && err.contains("truncated or its header is corrupt"),
+        "{err}"
+    );
     // a plausible page size but a strip running past the end of the file
     let p = dir.path().join("short-strip.tif");
     std::fs::write(&p, lying_tiff(4, 4, 5000)).unwrap();
@@ -274,7 +308,10 @@ fn folder_of_slices_reads_regions_through_a_bounded_plane_cache() {
         let v = rln_engine::imaging::Volume::new([1, 9, 10], data[z * 90..(z + 1) * 90].to_vec()).unwrap();
         rln_engine::imaging::write_volume(dir.path().join(format!("s{z:03}.tif")), &v, OutputDtype::F32).unwrap();
     }
-    let opts = ReadOptions { cache_planes: Some(2), ..Default::default() };
+    let opts = ReadOptions {
+        cache_planes: Some(2),
+        ..Default::default()
+    };
     let r = rln_engine::imaging::stream::folder::SliceFolderReader::open(dir.path(), &opts).unwrap();
     assert_eq!(r.dims(), dims);
     check_regions(&r, &data, 4);
@@ -287,7 +324,10 @@ fn folder_of_slices_reads_regions_through_a_bounded_plane_cache() {
     rln_engine::imaging::write_volume(dir.path().join("s999.tif"), &odd, OutputDtype::F32).unwrap();
     let r3 = open_reader(dir.path(), &ReadOptions::default()).unwrap();
     let mut v = vec![0.0; 7 * 90];
-    let err = r3.read_region(Region::whole([7, 9, 10]), &mut v).unwrap_err().to_string();
+    let err = r3
+        .read_region(Region::whole([7, 9, 10]), &mut v)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("s999.tif") && err.contains("9×11"), "{err}");
 }
 
@@ -306,7 +346,11 @@ fn zarr_v2_and_v3_round_trip_every_dtype_with_anisotropic_chunks_and_shards() {
             k += 1;
             let data = random_volume(DIMS, dtype, 100 + k);
             let p = dir.path().join(format!("s{k}.ome.zarr"));
-            let opts = ZarrWriteOptions { version, compression, shard };
+            let opts = ZarrWriteOptions {
+                version,
+                compression,
+                shard,
+            };
             let w = ZarrWriter::create(&p, &spec(DIMS, dtype, Some([3, 5, 4])), &opts).unwrap();
             let unit = w.write_unit();
             assert_eq!(unit, shard.unwrap_or([3, 5, 4]));
@@ -359,9 +403,15 @@ fn zarr_store_written_in_part_is_not_complete_and_blocks_can_finish_it() {
     assert!(!zarr::is_complete(&p).unwrap(), "block writers never mark complete");
     zarr::mark_complete(&p).unwrap();
     assert!(zarr::is_complete(&p).unwrap());
-    assert_eq!(read_all(open_reader(&p, &ReadOptions::default()).unwrap().as_ref()), data);
+    assert_eq!(
+        read_all(open_reader(&p, &ReadOptions::default()).unwrap().as_ref()),
+        data
+    );
     // creating over an existing store is refused
-    let err = create_writer(&p, &spec(DIMS, OutputDtype::F32, None)).err().unwrap().to_string();
+    let err = create_writer(&p, &spec(DIMS, OutputDtype::F32, None))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("already exists"), "{err}");
 }
 
@@ -406,22 +456,57 @@ fn foreign_stores_with_leading_axes_bad_types_2d_arrays_or_broken_chunks_give_cl
     let opts = ReadOptions::default();
     let vals: Vec<u16> = (0..2 * 3 * 4 * 5).map(|i| i as u16).collect();
     // c, z, y, x with two channels: choose one
-    let p = raw_store(d, "c2.zarr", &["c", "z", "y", "x"], &[2, 3, 4, 5], "<u2", &u16_bytes(&vals));
+    let p = raw_store(
+        d,
+        "c2.zarr",
+        &["c", "z", "y", "x"],
+        &[2, 3, 4, 5],
+        "<u2",
+        &u16_bytes(&vals),
+    );
     let err = open_reader(&p, &opts).err().unwrap().to_string();
     assert!(err.contains("2 channels") && err.contains("--channel"), "{err}");
-    let r = open_reader(&p, &ReadOptions { channel: Some(1), ..Default::default() }).unwrap();
+    let r = open_reader(
+        &p,
+        &ReadOptions {
+            channel: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(r.dims(), [3, 4, 5]);
     assert_eq!(r.info().voxel_size, Some([0.5, 0.5, 0.5]));
     let got = read_all(r.as_ref());
     assert_eq!(got, (60..120).map(|i| i as f32).collect::<Vec<_>>());
     // t of size 1 is fine, t of 2 is not
-    let p = raw_store(d, "t1.zarr", &["t", "z", "y", "x"], &[1, 3, 4, 5], "<u2", &u16_bytes(&vals[..60]));
+    let p = raw_store(
+        d,
+        "t1.zarr",
+        &["t", "z", "y", "x"],
+        &[1, 3, 4, 5],
+        "<u2",
+        &u16_bytes(&vals[..60]),
+    );
     assert_eq!(read_all(open_reader(&p, &opts).unwrap().as_ref())[59], 59.0);
-    let p = raw_store(d, "t2.zarr", &["t", "z", "y", "x"], &[2, 3, 4, 5], "<u2", &u16_bytes(&vals));
+    let p = raw_store(
+        d,
+        "t2.zarr",
+        &["t", "z", "y", "x"],
+        &[2, 3, 4, 5],
+        "<u2",
+        &u16_bytes(&vals),
+    );
     let err = open_reader(&p, &opts).err().unwrap().to_string();
     assert!(err.contains("axis t has 2") && err.contains("time point"), "{err}");
     // axes in another order
-    let p = raw_store(d, "xyz.zarr", &["x", "y", "z"], &[3, 4, 5], "<u2", &u16_bytes(&vals[..60]));
+    let p = raw_store(
+        d,
+        "xyz.zarr",
+        &["x", "y", "z"],
+        &[3, 4, 5],
+        "<u2",
+        &u16_bytes(&vals[..60]),
+    );
     let err = open_reader(&p, &opts).err().unwrap().to_string();
     assert!(err.contains("axes are [x, y, z]") && err.contains("z, y, x"), "{err}");
     // 2D
@@ -433,14 +518,22 @@ fn foreign_stores_with_leading_axes_bad_types_2d_arrays_or_broken_chunks_give_cl
     let err = open_reader(&p, &opts).err().unwrap().to_string();
     assert!(err.contains("|b1") && err.contains("readable types"), "{err}");
     // truncated chunk file
-    let p = raw_store(d, "cut.zarr", &["z", "y", "x"], &[3, 4, 5], "<u2", &u16_bytes(&vals[..30]));
+    let p = raw_store(
+        d,
+        "cut.zarr",
+        &["z", "y", "x"],
+        &[3, 4, 5],
+        "<u2",
+        &u16_bytes(&vals[..30]),
+    );
     let r = open_reader(&p, &opts).unwrap();
     let mut v = vec![0.0; 60];
     let err = r.read_region(Region::whole([3, 4, 5]), &mut v).unwrap_err().to_string();
     assert!(err.contains("truncated or corrupt chunk"), "{err}");
     // compressed chunk cut short
     let w = create_writer(&d.join("z.zarr"), &spec(DIMS, OutputDtype::F32, Some([7, 13, 11]))).unwrap();
-    w.write_region(Region::whole(DIMS), &random_volume(DIMS, OutputDtype::F32, 1)).unwrap();
+    w.write_region(Region::whole(DIMS), &random_volume(DIMS, OutputDtype::F32, 1))
+        .unwrap();
     w.finish().unwrap();
     let chunk = d.join("z.zarr/0/0/0/0");
     let b = std::fs::read(&chunk).unwrap();
@@ -466,7 +559,14 @@ fn bin() -> PathBuf {
 
 fn run_convert(args: &[&str]) -> (bool, String) {
     let out = Command::new(bin()).arg("convert").args(args).output().unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 #[test]
@@ -481,7 +581,18 @@ fn convert_cli_round_trips_tiff_through_zarr_v2_and_v3_and_refuses_to_overwrite(
 
     let (ok, log) = run_convert(&[&s("a.tif"), &s("b.zarr"), "--chunks", "3,5,4"]);
     assert!(ok, "{log}");
-    let (ok, log) = run_convert(&[&s("b.zarr"), &s("c.ome.zarr"), "--zarr-version", "3", "--chunks", "2,4,4", "--shard", "4,8,8", "--pyramid", "2"]);
+    let (ok, log) = run_convert(&[
+        &s("b.zarr"),
+        &s("c.ome.zarr"),
+        "--zarr-version",
+        "3",
+        "--chunks",
+        "2,4,4",
+        "--shard",
+        "4,8,8",
+        "--pyramid",
+        "2",
+    ]);
     assert!(ok, "{log}");
     let (ok, log) = run_convert(&[&s("c.ome.zarr"), &s("d.tif")]);
     assert!(ok, "{log}");
@@ -492,12 +603,17 @@ fn convert_cli_round_trips_tiff_through_zarr_v2_and_v3_and_refuses_to_overwrite(
     assert_eq!(r.info().metadata.as_deref(), Some(META));
     // the store of v2 has the NGFF 0.4 layout, the v3 one NGFF 0.5 with levels 1 and 2
     assert!(d.join("b.zarr/.zgroup").is_file() && d.join("b.zarr/0/.zarray").is_file());
-    let root: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("c.ome.zarr/zarr.json")).unwrap()).unwrap();
+    let root: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("c.ome.zarr/zarr.json")).unwrap()).unwrap();
     let ds = &root["attributes"]["ome"]["multiscales"][0]["datasets"];
     assert_eq!(ds.as_array().unwrap().len(), 3);
     let s2 = ds[2]["coordinateTransformations"][0]["scale"].as_array().unwrap();
-    assert!((s2[1].as_f64().unwrap() / (4.0 * VOXEL[1]) - 1.0).abs() < TIFF_VOXEL_TOL, "{s2:?}");
-    let l1: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("c.ome.zarr/1/zarr.json")).unwrap()).unwrap();
+    assert!(
+        (s2[1].as_f64().unwrap() / (4.0 * VOXEL[1]) - 1.0).abs() < TIFF_VOXEL_TOL,
+        "{s2:?}"
+    );
+    let l1: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("c.ome.zarr/1/zarr.json")).unwrap()).unwrap();
     assert_eq!(l1["shape"], serde_json::json!([4, 7, 6]));
     // level 1 voxel (1, 2, 3) is the rounded mean of level 0's 2×2×2 block at (2, 4, 6)
     let l1r = zarr_level(&d.join("c.ome.zarr"), 1);
@@ -510,13 +626,22 @@ fn convert_cli_round_trips_tiff_through_zarr_v2_and_v3_and_refuses_to_overwrite(
     // refusals
     let (ok, log) = run_convert(&[&s("a.tif"), &s("a.tif")]);
     assert!(!ok && log.contains("input"), "{log}");
-    let (ok, log) = run_convert(&[&s("a.tif"), &format!("{}/../{}/a.tif", s(""), d.file_name().unwrap().to_string_lossy())]);
+    let (ok, log) = run_convert(&[
+        &s("a.tif"),
+        &format!("{}/../{}/a.tif", s(""), d.file_name().unwrap().to_string_lossy()),
+    ]);
     assert!(!ok && log.contains("input"), "{log}");
     let (ok, log) = run_convert(&[&s("a.tif"), &s("d.tif")]);
     assert!(!ok && log.contains("--overwrite"), "{log}");
     let (ok, log) = run_convert(&[&s("a.tif"), &s("d.tif"), "--overwrite", "--dtype", "f32"]);
     assert!(ok, "{log}");
-    assert_eq!(open_reader(&d.join("d.tif"), &ReadOptions::default()).unwrap().info().dtype, "f32");
+    assert_eq!(
+        open_reader(&d.join("d.tif"), &ReadOptions::default())
+            .unwrap()
+            .info()
+            .dtype,
+        "f32"
+    );
     let (ok, log) = run_convert(&[&s("a.tif"), &s("e.tif"), "--pyramid", "1"]);
     assert!(!ok && log.contains("--pyramid needs an OME-Zarr output"), "{log}");
     assert!(!d.join("e.tif").exists());
@@ -527,7 +652,13 @@ fn zarr_level(store: &Path, l: usize) -> Vec<f32> {
     // a copy of the store whose level 0 is level l, so the ordinary reader opens it
     let tmp = tempfile::tempdir().unwrap();
     let copy = tmp.path().join("level.zarr");
-    let ok = Command::new("cp").arg("-r").arg(store).arg(&copy).status().unwrap().success();
+    let ok = Command::new("cp")
+        .arg("-r")
+        .arg(store)
+        .arg(&copy)
+        .status()
+        .unwrap()
+        .success();
     assert!(ok);
     std::fs::remove_dir_all(copy.join("0")).unwrap();
     std::fs::rename(copy.join(l.to_string()), copy.join("0")).unwrap();
@@ -569,19 +700,36 @@ fn python_zarr_and_ome_zarr_read_the_engines_stores_of_both_versions() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    for (k, (version, dtype, np)) in [(ZarrVersion::V2, OutputDtype::U16, "uint16"), (ZarrVersion::V3, OutputDtype::F16, "float16"), (ZarrVersion::V3, OutputDtype::F32, "float32")]
-        .into_iter()
-        .enumerate()
+    for (k, (version, dtype, np)) in [
+        (ZarrVersion::V2, OutputDtype::U16, "uint16"),
+        (ZarrVersion::V3, OutputDtype::F16, "float16"),
+        (ZarrVersion::V3, OutputDtype::F32, "float32"),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let data = random_volume(DIMS, dtype, 500 + k as u64);
         let want: Vec<f32> = data.iter().map(|&v| stored(v, dtype)).collect();
         let p = dir.path().join(format!("py{k}.ome.zarr"));
         let shard = (k == 2).then_some([6, 10, 8]);
-        let w = ZarrWriter::create(&p, &spec(DIMS, dtype, Some([3, 5, 4])), &ZarrWriteOptions { version, shard, ..Default::default() }).unwrap();
+        let w = ZarrWriter::create(
+            &p,
+            &spec(DIMS, dtype, Some([3, 5, 4])),
+            &ZarrWriteOptions {
+                version,
+                shard,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         write_shuffled(&w, &data, w.write_unit(), 2);
         Box::new(w).finish().unwrap();
         let out = Command::new(&py).args(["-c", PY_CHECK]).arg(&p).output().unwrap();
-        assert!(out.status.success(), "{version:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{version:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(j["shape"], serde_json::json!(DIMS), "{j}");
         assert_eq!(j["dtype"], np, "{j}");
@@ -591,7 +739,10 @@ fn python_zarr_and_ome_zarr_read_the_engines_stores_of_both_versions() {
             assert!((j["scale"][i].as_f64().unwrap() - VOXEL[i]).abs() < 1e-12, "{j}");
         }
         let sum: f64 = want.iter().map(|&v| v as f64).sum();
-        assert!((j["sum"].as_f64().unwrap() - sum).abs() <= 1e-9 * sum.abs().max(1.0), "{j} vs {sum}");
+        assert!(
+            (j["sum"].as_f64().unwrap() - sum).abs() <= 1e-9 * sum.abs().max(1.0),
+            "{j} vs {sum}"
+        );
         assert_eq!(j["v"].as_f64().unwrap() as f32, want[(13 + 2) * 11 + 3], "{j}");
     }
 }
@@ -600,7 +751,10 @@ fn python_zarr_and_ome_zarr_read_the_engines_stores_of_both_versions() {
 #[test]
 fn hdf5_hyperslab_reader_and_chunked_writer_round_trip() {
     let dir = tempfile::tempdir().unwrap();
-    for (k, dtype) in [OutputDtype::F32, OutputDtype::U16, OutputDtype::F16].into_iter().enumerate() {
+    for (k, dtype) in [OutputDtype::F32, OutputDtype::U16, OutputDtype::F16]
+        .into_iter()
+        .enumerate()
+    {
         let data = random_volume(DIMS, dtype, 900 + k as u64);
         let p = dir.path().join(format!("v{k}.h5"));
         let target = PathBuf::from(format!("{}:/group/vol", p.display()));
@@ -621,6 +775,9 @@ fn hdf5_hyperslab_reader_and_chunked_writer_round_trip() {
         rln_engine::imaging::stream::convert::convert(&target, &z, &Default::default()).unwrap();
         let back = dir.path().join(format!("back{k}.h5"));
         rln_engine::imaging::stream::convert::convert(&z, &back, &Default::default()).unwrap();
-        assert_eq!(read_all(open_reader(&back, &ReadOptions::default()).unwrap().as_ref()), want);
+        assert_eq!(
+            read_all(open_reader(&back, &ReadOptions::default()).unwrap().as_ref()),
+            want
+        );
     }
 }

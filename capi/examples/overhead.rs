@@ -22,7 +22,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dims = [a[3].parse()?, a[4].parse()?, a[5].parse()?];
     let runs: usize = a.get(6).map_or(Ok(5), |s| s.parse())?;
     let bytes = std::fs::read(&a[2])?;
-    let data = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let data = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     let vol = Volume::new(dims, data)?;
     let mut cpu = CpuPredictor { model: model.clone() };
     let path = CString::new(a[1].as_str())?;
@@ -55,7 +58,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         v[v.len() / 2]
     };
     println!("library runs: {lib:.3?}\nC ABI runs:   {capi:.3?}");
-    println!("median: library {:.3} s, C ABI {:.3} s", median(&mut lib), median(&mut capi));
+    println!(
+        "median: library {:.3} s, C ABI {:.3} s",
+        median(&mut lib),
+        median(&mut capi)
+    );
     unsafe {
         rln_engine_free(engine);
         rln_model_free(m);

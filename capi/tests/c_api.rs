@@ -24,7 +24,11 @@ fn model_path() -> PathBuf {
 /// A blurred phantom in camera counts (u16 values), z,y,x order.
 fn camera_volume(dims: [usize; 3], seed: u64) -> Vec<u16> {
     let scene = blur_gaussian_5(&blur_gaussian_5(&phantom(&SynthConfig::default(), dims, seed)));
-    scene.data.iter().map(|&v| (100.0 + 3.0 * v).round().clamp(0.0, 65535.0) as u16).collect()
+    scene
+        .data
+        .iter()
+        .map(|&v| (100.0 + 3.0 * v).round().clamp(0.0, 65535.0) as u16)
+        .collect()
 }
 
 /// The Rust library's result (whole volume in one tile, as the C API's default on a small volume).
@@ -45,7 +49,9 @@ fn max_diff(a: &[f32], b: &[f32]) -> (f64, f64) {
 }
 
 fn last_error() -> String {
-    unsafe { CStr::from_ptr(rln_last_error()) }.to_string_lossy().into_owned()
+    unsafe { CStr::from_ptr(rln_last_error()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn open_cpu_engine() -> (*mut RlnModel, *mut RlnEngine) {
@@ -53,8 +59,18 @@ fn open_cpu_engine() -> (*mut RlnModel, *mut RlnEngine) {
     let mut model = ptr::null_mut();
     let mut engine = ptr::null_mut();
     unsafe {
-        assert_eq!(rln_model_open(path.as_ptr(), &mut model), RlnStatus::Ok, "{}", last_error());
-        assert_eq!(rln_engine_open(model, RLN_DEVICE_CPU, 0, false, &mut engine), RlnStatus::Ok, "{}", last_error());
+        assert_eq!(
+            rln_model_open(path.as_ptr(), &mut model),
+            RlnStatus::Ok,
+            "{}",
+            last_error()
+        );
+        assert_eq!(
+            rln_engine_open(model, RLN_DEVICE_CPU, 0, false, &mut engine),
+            RlnStatus::Ok,
+            "{}",
+            last_error()
+        );
     }
     (model, engine)
 }
@@ -112,14 +128,24 @@ fn c_example_matches_the_rust_library() {
         .args(dims.map(|d| d.to_string()))
         .output()
         .unwrap();
-    assert!(run.status.success(), "the C example failed: {}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "the C example failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let bytes = std::fs::read(&output).unwrap();
-    let c_out: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let c_out: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
 
     let expected = library_result(dims, &raw.iter().map(|&v| v as f32).collect::<Vec<_>>());
     let (abs, rel) = max_diff(&c_out, &expected);
     println!("C example vs Rust library on {dims:?}: max |diff| {abs:.3e}, relative to the output range {rel:.3e}");
-    assert!(rel <= 1e-6, "C example differs from the library by {abs} ({rel} of the range)");
+    assert!(
+        rel <= 1e-6,
+        "C example differs from the library by {abs} ({rel} of the range)"
+    );
 
     // a failure says why on stderr and exits non-zero, leaving no output
     let missing = dir.path().join("missing.u16");
@@ -160,8 +186,18 @@ fn strided_and_u16_buffers_match_the_contiguous_result() {
     let input = buffer(first, RLN_DTYPE_F32, dims, [-zs, (w + pad) as isize, 1]);
     // output: f32 transposed in memory (x slowest)
     let mut out_t = vec![0f32; d * h * w];
-    let output = buffer(out_t.as_mut_ptr(), RLN_DTYPE_F32, dims, [1, d as isize, (d * h) as isize]);
-    assert_eq!(unsafe { rln_engine_deconvolve(engine, &input, &output) }, RlnStatus::Ok, "{}", last_error());
+    let output = buffer(
+        out_t.as_mut_ptr(),
+        RLN_DTYPE_F32,
+        dims,
+        [1, d as isize, (d * h) as isize],
+    );
+    assert_eq!(
+        unsafe { rln_engine_deconvolve(engine, &input, &output) },
+        RlnStatus::Ok,
+        "{}",
+        last_error()
+    );
     let mut got = vec![0f32; d * h * w];
     for z in 0..d {
         for y in 0..h {
@@ -179,10 +215,18 @@ fn strided_and_u16_buffers_match_the_contiguous_result() {
     let mut out16 = vec![0u16; d * h * w];
     let input = buffer(raw_in.as_mut_ptr(), RLN_DTYPE_U16, dims, [0, 0, 0]);
     let output = buffer(out16.as_mut_ptr(), RLN_DTYPE_U16, dims, [0, 0, 0]);
-    assert_eq!(unsafe { rln_engine_deconvolve(engine, &input, &output) }, RlnStatus::Ok, "{}", last_error());
+    assert_eq!(
+        unsafe { rln_engine_deconvolve(engine, &input, &output) },
+        RlnStatus::Ok,
+        "{}",
+        last_error()
+    );
     let want: Vec<u16> = expected.iter().map(|v| v.round() as u16).collect();
     let off = out16.iter().zip(&want).filter(|(a, b)| a.abs_diff(**b) > 1).count();
-    assert_eq!(off, 0, "{off} u16 voxels differ from the rounded library output by more than 1");
+    assert_eq!(
+        off, 0,
+        "{off} u16 voxels differ from the rounded library output by more than 1"
+    );
     assert!(out16.iter().zip(&want).filter(|(a, b)| a != b).count() < out16.len() / 100);
 
     // a result that does not fit u16 (negative intensities) is an error, never clamped
@@ -190,7 +234,10 @@ fn strided_and_u16_buffers_match_the_contiguous_result() {
     let mut untouched = vec![7u16; d * h * w];
     let input = buffer(negative.as_mut_ptr(), RLN_DTYPE_F32, dims, [0, 0, 0]);
     let output = buffer(untouched.as_mut_ptr(), RLN_DTYPE_U16, dims, [0, 0, 0]);
-    assert_eq!(unsafe { rln_engine_deconvolve(engine, &input, &output) }, RlnStatus::InvalidArgument);
+    assert_eq!(
+        unsafe { rln_engine_deconvolve(engine, &input, &output) },
+        RlnStatus::InvalidArgument
+    );
     assert!(last_error().contains("does not fit u16"), "{}", last_error());
     assert!(untouched.iter().all(|&v| v == 7));
 
@@ -200,7 +247,12 @@ fn strided_and_u16_buffers_match_the_contiguous_result() {
     let tile = [8usize, 24, 24];
     unsafe {
         assert_eq!(rln_engine_set_tile(engine, tile.as_ptr()), RlnStatus::Ok);
-        assert_eq!(rln_engine_deconvolve(engine, &buf, &buf), RlnStatus::Ok, "{}", last_error());
+        assert_eq!(
+            rln_engine_deconvolve(engine, &buf, &buf),
+            RlnStatus::Ok,
+            "{}",
+            last_error()
+        );
     }
     let (abs, rel) = max_diff(&inplace, &expected);
     println!("in place, tiles of {tile:?} vs one tile: max |diff| {abs:.3e} ({rel:.3e} of the range)");
@@ -225,7 +277,11 @@ fn errors_are_codes_with_messages_and_leave_the_output_untouched() {
         let path = CString::new("/nonexistent/model.safetensors").unwrap();
         let mut m = ptr::null_mut();
         assert_eq!(rln_model_open(path.as_ptr(), &mut m), RlnStatus::Io);
-        assert!(last_error().contains("/nonexistent/model.safetensors"), "{}", last_error());
+        assert!(
+            last_error().contains("/nonexistent/model.safetensors"),
+            "{}",
+            last_error()
+        );
         assert!(m.is_null());
         assert_eq!(rln_model_open(ptr::null(), &mut m), RlnStatus::NullPointer);
         assert!(last_error().contains("path"), "{}", last_error());
@@ -251,14 +307,22 @@ fn errors_are_codes_with_messages_and_leave_the_output_untouched() {
 
         // the message is per thread: another thread's failure does not change ours
         std::thread::spawn(|| {
-            assert_eq!(rln_engine_deconvolve(ptr::null_mut(), ptr::null(), ptr::null()), RlnStatus::NullPointer);
+            assert_eq!(
+                rln_engine_deconvolve(ptr::null_mut(), ptr::null(), ptr::null()),
+                RlnStatus::NullPointer
+            );
         })
         .join()
         .unwrap();
         assert!(last_error().contains("input is NULL"), "{}", last_error());
 
         // success clears it
-        assert_eq!(rln_engine_deconvolve(engine, &good, &out), RlnStatus::Ok, "{}", last_error());
+        assert_eq!(
+            rln_engine_deconvolve(engine, &good, &out),
+            RlnStatus::Ok,
+            "{}",
+            last_error()
+        );
         assert_eq!(last_error(), "");
         assert!(output.iter().all(|v| v.is_finite()));
 
@@ -269,7 +333,10 @@ fn errors_are_codes_with_messages_and_leave_the_output_untouched() {
         if rln_cuda_available() {
             println!("SKIP: a CUDA device is present; the no-GPU error path is not exercised");
         } else {
-            assert_eq!(rln_engine_open(model, RLN_DEVICE_CUDA, 0, true, &mut e), RlnStatus::Cuda);
+            assert_eq!(
+                rln_engine_open(model, RLN_DEVICE_CUDA, 0, true, &mut e),
+                RlnStatus::Cuda
+            );
             assert!(last_error().contains("no CUDA device"), "{}", last_error());
             assert!(e.is_null());
             assert_eq!(rln_engine_open(model, RLN_DEVICE_AUTO, 0, false, &mut e), RlnStatus::Ok);

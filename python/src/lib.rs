@@ -8,10 +8,10 @@ use numpy::{PyArray1, PyArray3, PyArrayMethods, PyReadonlyArray3, PyUntypedArray
 use pyo3::exceptions::{PyFileNotFoundError, PyMemoryError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use rln_engine::imaging::io::{OutputDtype, ReadOptions};
-use rln_engine::imaging::stream;
 use rln_engine::imaging::metrics;
 use rln_engine::imaging::psf::{self, GibsonLanni, PsfSpec};
 use rln_engine::imaging::rl::{richardson_lucy as rl, RlConfig};
+use rln_engine::imaging::stream;
 use rln_engine::imaging::volume::Volume;
 use rln_engine::infer::buffers::{
     deconvolve_slice, global_normalization, normalization_from_values, open_predictor, Device,
@@ -83,20 +83,33 @@ impl NativeModel {
         if device != Device::Cpu {
             let mut cache = self.gpu.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(c) = cache.as_mut().filter(|c| c.device == device && c.fp16 == fp16) {
-                return Ok((deconvolve_slice(c.predictor.as_mut(), &self.model, dims, data, tile, norm)?, None));
+                return Ok((
+                    deconvolve_slice(c.predictor.as_mut(), &self.model, dims, data, tile, norm)?,
+                    None,
+                ));
             }
             *cache = None; // release the old device's memory first
             let (mut predictor, note) = open_predictor(&self.model, device, fp16)?;
             if note.is_none() {
                 let out = deconvolve_slice(predictor.as_mut(), &self.model, dims, data, tile, norm)?;
-                *cache = Some(CachedGpu { device, fp16, predictor });
+                *cache = Some(CachedGpu {
+                    device,
+                    fp16,
+                    predictor,
+                });
                 return Ok((out, None));
             }
             // "auto" fell back to the CPU: nothing to keep
-            return Ok((deconvolve_slice(predictor.as_mut(), &self.model, dims, data, tile, norm)?, note));
+            return Ok((
+                deconvolve_slice(predictor.as_mut(), &self.model, dims, data, tile, norm)?,
+                note,
+            ));
         }
         let (mut predictor, note) = open_predictor(&self.model, Device::Cpu, fp16)?;
-        Ok((deconvolve_slice(predictor.as_mut(), &self.model, dims, data, tile, norm)?, note))
+        Ok((
+            deconvolve_slice(predictor.as_mut(), &self.model, dims, data, tile, norm)?,
+            note,
+        ))
     }
 }
 
@@ -163,7 +176,9 @@ impl NativeModel {
             .transpose()
             .map_err(to_py)?;
         let tile = tile.map(|t| [t.0, t.1, t.2]);
-        let (out, note) = py.detach(|| self.run(device, fp16, dims, data, tile, norm)).map_err(to_py)?;
+        let (out, note) = py
+            .detach(|| self.run(device, fp16, dims, data, tile, norm))
+            .map_err(to_py)?;
         Ok((to_array(py, dims, out)?, note))
     }
 }
@@ -325,7 +340,14 @@ fn infer_file(
         reader.read_region(whole, &mut data)?;
         drop(reader);
         let (mut pred, note) = open_predictor(&model, device, fp16)?;
-        let out = deconvolve_slice(pred.as_mut(), &model, info.dims, &data, tile.map(|t| [t.0, t.1, t.2]), None)?;
+        let out = deconvolve_slice(
+            pred.as_mut(),
+            &model,
+            info.dims,
+            &data,
+            tile.map(|t| [t.0, t.1, t.2]),
+            None,
+        )?;
         let spec = stream::WriterSpec {
             dims: info.dims,
             dtype,

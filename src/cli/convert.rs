@@ -69,10 +69,17 @@ pub fn convert(a: &ConvertArgs) -> Result<()> {
     let opts = ConvertOptions {
         dtype: a.dtype,
         chunks: a.chunks,
-        zarr: ZarrWriteOptions { version: a.zarr_version, compression: a.compression, shard: a.shard },
+        zarr: ZarrWriteOptions {
+            version: a.zarr_version,
+            compression: a.compression,
+            shard: a.shard,
+        },
         pyramid: a.pyramid,
         overwrite: a.overwrite,
-        read: ReadOptions { channel: a.channel, ..Default::default() },
+        read: ReadOptions {
+            channel: a.channel,
+            ..Default::default()
+        },
     };
     let s = run_convert(&a.input, &a.output, &opts)
         .with_context(|| format!("converting {} to {}", a.input.display(), a.output.display()))?;

@@ -316,12 +316,17 @@ fn measured_psf(a: &PsfArgs, bead_path: &std::path::Path) -> Result<Volume> {
         _ => bail!("give both --psf-dz and --psf-dxy (the bead stack's own voxel size), or neither"),
     };
     let target = match (&a.like, a.dz, a.dxy) {
-        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => bail!("give the data's voxel size by --like or by --dz/--dxy, not both"),
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            bail!("give the data's voxel size by --like or by --dz/--dxy, not both")
+        }
         (Some(data), None, None) => {
             let d = read_volume_with(data, &ReadOptions::default())
                 .with_context(|| format!("reading {} for its voxel size", data.display()))?;
             Some(d.voxel_size.with_context(|| {
-                format!("{} records no voxel size; give the data's --dz and --dxy instead", data.display())
+                format!(
+                    "{} records no voxel size; give the data's --dz and --dxy instead",
+                    data.display()
+                )
             })?)
         }
         (None, Some(z), Some(xy)) => Some([z, xy, xy]),
@@ -342,7 +347,10 @@ fn measured_psf(a: &PsfArgs, bead_path: &std::path::Path) -> Result<Volume> {
         source: Some(bead_path.display().to_string()),
     };
     let (vol, r) = psf::clean_measured(&bead, &opts).with_context(|| format!("cleaning {}", bead_path.display()))?;
-    let (bmin, bmax) = r.plane_background.iter().fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+    let (bmin, bmax) = r
+        .plane_background
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
     println!(
         "background {bmin:.1}…{bmax:.1} per plane, noise σ {:.2}, floor {:.2}; support {} voxels; \
          mass outside the support (removed) {:.1}%",

@@ -42,7 +42,6 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
     Ok((v * mult as f64) as usize)
 }
 
-
 #[derive(Args, Debug)]
 #[command(after_long_help = INFER_NOTES)]
 pub struct InferArgs {
@@ -195,7 +194,12 @@ pub fn infer(a: &InferArgs) -> Result<()> {
         ("the input volume", a.input.as_path()),
     ];
     inputs.extend(a.input2.as_deref().map(|p| ("the second view --input2", p)));
-    inputs.extend(a.norm_stats.as_deref().filter(|p| p.exists()).map(|p| ("the --norm-stats file", p)));
+    inputs.extend(
+        a.norm_stats
+            .as_deref()
+            .filter(|p| p.exists())
+            .map(|p| ("the --norm-stats file", p)),
+    );
     // split jobs write one existing store from many processes at once (each block its own
     // chunks), so only whole runs take the output lock; none may overwrite an input
     let split = a.block.is_some() || a.region.is_some() || a.resume;

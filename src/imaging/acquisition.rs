@@ -71,7 +71,12 @@ pub fn estimate(raw: &Volume) -> Result<AcquisitionEstimate> {
             (1..ny - 1).flat_map(move |y| {
                 (1..nx - 1).filter_map(move |x| {
                     let c = p[y * nx + x];
-                    let n4 = [p[y * nx + x - 1], p[y * nx + x + 1], p[(y - 1) * nx + x], p[(y + 1) * nx + x]];
+                    let n4 = [
+                        p[y * nx + x - 1],
+                        p[y * nx + x + 1],
+                        p[(y - 1) * nx + x],
+                        p[(y + 1) * nx + x],
+                    ];
                     // five equal values are a fill (deskew padding, clipped or masked regions), not noise
                     if n4.iter().all(|&v| v == c) {
                         return None;
@@ -182,8 +187,13 @@ pub fn estimate(raw: &Volume) -> Result<AcquisitionEstimate> {
         signal_fraction: above as f64 / means.len() as f64,
         bins,
     };
-    if ![est.offset, est.gain, est.read_noise, est.background].iter().all(|v| v.is_finite()) {
-        return Err(Error::invalid("the noise estimate is not finite (constant or degenerate volume?)"));
+    if ![est.offset, est.gain, est.read_noise, est.background]
+        .iter()
+        .all(|v| v.is_finite())
+    {
+        return Err(Error::invalid(
+            "the noise estimate is not finite (constant or degenerate volume?)",
+        ));
     }
     Ok(est)
 }

@@ -28,7 +28,13 @@ pub enum OutputDtype {
 /// Checks that every voxel of `data` (z-major, `shape`, placed at `start` in its volume)
 /// is finite and can be written as `dtype` without clamping or overflowing to infinity.
 /// All writers call it, so a result never silently changes on its way to disk.
-pub fn check_output_range(data: &[f32], dtype: OutputDtype, start: [usize; 3], shape: [usize; 3], what: &str) -> Result<()> {
+pub fn check_output_range(
+    data: &[f32],
+    dtype: OutputDtype,
+    start: [usize; 3],
+    shape: [usize; 3],
+    what: &str,
+) -> Result<()> {
     let bad = |v: f32| match dtype {
         OutputDtype::F32 => !v.is_finite(),
         // rounds to 0 ..= 65535
@@ -40,7 +46,12 @@ pub fn check_output_range(data: &[f32], dtype: OutputDtype, start: [usize; 3], s
     };
     let v = data[i];
     let (x, y, z) = (i % shape[2], (i / shape[2]) % shape[1], i / (shape[2] * shape[1]));
-    let at = format!("voxel (z, y, x) = ({}, {}, {})", start[0] + z, start[1] + y, start[2] + x);
+    let at = format!(
+        "voxel (z, y, x) = ({}, {}, {})",
+        start[0] + z,
+        start[1] + y,
+        start[2] + x
+    );
     Err(Error::invalid(if !v.is_finite() {
         format!("{what}: {at} is {v}; non-finite results are not written")
     } else {

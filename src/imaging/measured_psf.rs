@@ -116,7 +116,10 @@ pub fn clean_measured(bead: &Volume, opts: &MeasuredOptions) -> Result<(Volume, 
     }
     if let Some(c) = opts.crop {
         if c.iter().any(|&d| d == 0 || d % 2 == 0) {
-            return Err(Error::invalid(format!("crop size {} must be odd on every axis", dims_str(c))));
+            return Err(Error::invalid(format!(
+                "crop size {} must be odd on every axis",
+                dims_str(c)
+            )));
         }
     }
     let src_vs = bead.voxel_size.or(opts.voxel_size);
@@ -391,7 +394,11 @@ fn radial_average(v: &mut Volume) {
                 wt[r0 + 1] += f;
             }
         }
-        let prof: Vec<f64> = sum.iter().zip(&wt).map(|(s, w)| if *w > 0.0 { s / w } else { 0.0 }).collect();
+        let prof: Vec<f64> = sum
+            .iter()
+            .zip(&wt)
+            .map(|(s, w)| if *w > 0.0 { s / w } else { 0.0 })
+            .collect();
         for y in 0..ny {
             for x in 0..nx {
                 let r = radius(y, x);

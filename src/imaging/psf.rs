@@ -459,14 +459,28 @@ pub fn check_voxel_sizes_match(psf: &Volume, data: &Volume) -> Result<Option<Str
                     "the PSF's voxel size ({}×{}×{} µm) differs from the data's ({}×{}×{} µm): the PSF would be \
                      {:.2}×{:.2}×{:.2} too long; resample it (rln-engine psf --measured BEAD --like DATA, or a model \
                      PSF with the data's --dz/--dxy)",
-                    p[0], p[1], p[2], d[0], d[1], d[2], d[0] / p[0], d[1] / p[1], d[2] / p[2]
+                    p[0],
+                    p[1],
+                    p[2],
+                    d[0],
+                    d[1],
+                    d[2],
+                    d[0] / p[0],
+                    d[1] / p[1],
+                    d[2] / p[2]
                 )));
             }
             Ok(None)
         }
-        (None, None) => Ok(Some("neither the PSF nor the data records a voxel size: make sure they are sampled alike".into())),
-        (None, Some(_)) => Ok(Some("the PSF records no voxel size: make sure it is sampled like the data".into())),
-        (Some(_), None) => Ok(Some("the data record no voxel size: make sure the PSF is sampled like them".into())),
+        (None, None) => Ok(Some(
+            "neither the PSF nor the data records a voxel size: make sure they are sampled alike".into(),
+        )),
+        (None, Some(_)) => Ok(Some(
+            "the PSF records no voxel size: make sure it is sampled like the data".into(),
+        )),
+        (Some(_), None) => Ok(Some(
+            "the data record no voxel size: make sure the PSF is sampled like them".into(),
+        )),
     }
 }
 

@@ -256,7 +256,11 @@ impl RlPlan {
         } else {
             let ext = [img[0] + p[0] - 1, img[1] + p[1] - 1, img[2] + p[2] - 1];
             let off = [p[0] - 1 - c[0], p[1] - 1 - c[1], p[2] - 1 - c[2]];
-            (ext, off, [fast_len(ext[0], false), fast_len(ext[1], false), fast_len(ext[2], true)])
+            (
+                ext,
+                off,
+                [fast_len(ext[0], false), fast_len(ext[1], false), fast_len(ext[2], true)],
+            )
         };
         let fft = Fft3::new(grid);
         let n = fft.real_len();
@@ -522,7 +526,9 @@ impl RlPlan {
         background: f32,
         observe: Option<&mut dyn FnMut(usize, &Volume) -> ControlFlow<()>>,
     ) -> Result<Volume> {
-        Ok(self.run_with_options(input, iterations, background, &RunOptions::default(), observe)?.0)
+        Ok(self
+            .run_with_options(input, iterations, background, &RunOptions::default(), observe)?
+            .0)
     }
 
     #[allow(clippy::type_complexity)]
@@ -629,15 +635,17 @@ impl RlPlan {
             }
             // prev ← x_k and, accelerated, est ← y_k = max(x_k + λ (x_k − x_{k−1}), 0)
             let l = lambda as f32;
-            est.par_chunks_mut(plane).zip(prev.par_chunks_mut(plane)).for_each(|(e, p)| {
-                for (e, p) in e.iter_mut().zip(p.iter_mut()) {
-                    let x = *e;
-                    if l > 0.0 {
-                        *e = (x + l * (x - *p)).max(0.0);
+            est.par_chunks_mut(plane)
+                .zip(prev.par_chunks_mut(plane))
+                .for_each(|(e, p)| {
+                    for (e, p) in e.iter_mut().zip(p.iter_mut()) {
+                        let x = *e;
+                        if l > 0.0 {
+                            *e = (x + l * (x - *p)).max(0.0);
+                        }
+                        *p = x;
                     }
-                    *p = x;
-                }
-            });
+                });
             if opts.accelerate {
                 yk.copy_from_slice(&est);
             }
@@ -812,7 +820,13 @@ where
     let mut observe = observe;
     let plan = RlPlan::with_boundary(input.dims, psf, cfg.back_projector, cfg.boundary)?;
     Ok(plan
-        .run_with_options(input, cfg.iterations, cfg.background, &cfg.run_options(), Some(&mut observe))?
+        .run_with_options(
+            input,
+            cfg.iterations,
+            cfg.background,
+            &cfg.run_options(),
+            Some(&mut observe),
+        )?
         .0)
 }
 

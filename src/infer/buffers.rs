@@ -68,7 +68,10 @@ pub fn open_predictor(
             }
             match CudaPredictor::new(model, opts(0)) {
                 Ok(p) => Ok((Box::new(p), None)),
-                Err(e) => Ok((cpu(), Some(format!("the CUDA device is not usable ({e}); running on the CPU")))),
+                Err(e) => Ok((
+                    cpu(),
+                    Some(format!("the CUDA device is not usable ({e}); running on the CPU")),
+                )),
             }
         }
     }
@@ -120,7 +123,11 @@ pub fn normalization_from_values(p_lo_value: f64, p_hi_value: f64) -> Result<Aff
 /// or 4 GiB of host memory for the CPU).
 pub fn default_core(pred: &dyn TilePredictor, dims: [usize; 3]) -> [usize; 3] {
     let budget = pred.memory_budget().unwrap_or(4 << 30);
-    choose_core(dims, RECEPTIVE_RADIUS, (budget / pred.bytes_per_voxel().max(1)).max(16 * 16 * 16))
+    choose_core(
+        dims,
+        RECEPTIVE_RADIUS,
+        (budget / pred.bytes_per_voxel().max(1)).max(16 * 16 * 16),
+    )
 }
 
 /// Deconvolves the z-major volume `data` of `dims` with a single-view model: tiles of at
@@ -144,9 +151,7 @@ pub fn deconvolve_slice(
         )));
     }
     let core = match max_core {
-        Some(c) if c.contains(&0) => {
-            return Err(Error::invalid(format!("tile sizes must be positive, got {c:?}")))
-        }
+        Some(c) if c.contains(&0) => return Err(Error::invalid(format!("tile sizes must be positive, got {c:?}"))),
         Some(c) => c,
         None => default_core(pred, dims),
     };

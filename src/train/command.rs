@@ -4,9 +4,6 @@
 //! `rln_engine.train(...)`) train the same way. [`parse_args`] reads the flags from a
 //! list of strings; [`train`] runs them.
 
-use anyhow::{bail, Context, Result};
-use clap::Args;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{self, CudaTrainBackend};
 use crate::backend::GradMode;
@@ -18,6 +15,9 @@ use crate::train::adam::LrSchedule;
 use crate::train::data::{CropSampler, Dataset, SynthVariation, TargetScale};
 use crate::train::loss::LossTerms;
 use crate::train::trainer::{self, TrainConfig, TrainObserver, TrainState, ValMetrics};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -445,11 +445,7 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<()> {
     inputs.extend(a.init.as_deref().map(|p| ("the initial weights --init", p)));
     inputs.extend(a.synth_psf.as_deref().map(|p| ("the PSF --synth-psf", p)));
     // a resumed run writes its checkpoint where it read it: that one overwrite is the point
-    if let Some(r) = a
-        .resume
-        .as_deref()
-        .filter(|r| !crate::fsutil::same_file(r, &ckpt_path))
-    {
+    if let Some(r) = a.resume.as_deref().filter(|r| !crate::fsutil::same_file(r, &ckpt_path)) {
         inputs.push(("the checkpoint --resume", r));
     }
     use crate::args::{Output, MODEL_EXTENSIONS};
@@ -513,7 +509,8 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<()> {
         let mut sc = synth_config(a);
         if let Some(raw_path) = &a.like {
             let (est, synth) = like_raw(raw_path, psf_path, &psf, &mut sc)?;
-            like_meta = Some(serde_json::json!({"raw": raw_path.display().to_string(), "estimate": est, "synthetic": synth}));
+            like_meta =
+                Some(serde_json::json!({"raw": raw_path.display().to_string(), "estimate": est, "synthetic": synth}));
         }
         eprintln!(
             "making {} training and {} validation volumes of {:?} for {} ...",

@@ -57,7 +57,10 @@ fn canonical(path: &Path) -> PathBuf {
     if let Ok(p) = path.canonicalize() {
         return p;
     }
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     match (parent.canonicalize(), path.file_name()) {
         (Ok(p), Some(n)) => p.join(n),
         _ => path.to_path_buf(),
@@ -113,7 +116,9 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
         )));
     }
     if opts.pyramid > 0 && fmt_out != Format::Zarr {
-        return Err(Error::invalid("--pyramid needs an OME-Zarr output (a name ending in .zarr)"));
+        return Err(Error::invalid(
+            "--pyramid needs an OME-Zarr output (a name ending in .zarr)",
+        ));
     }
     if out_file.exists() {
         if !opts.overwrite {
@@ -138,7 +143,13 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     let info = probe.info().clone();
     drop(probe);
     let dtype = opts.dtype.unwrap_or_else(|| default_dtype(&info.dtype));
-    let spec = WriterSpec { dims: info.dims, dtype, chunks: opts.chunks, voxel_size: info.voxel_size, metadata: info.metadata.clone() };
+    let spec = WriterSpec {
+        dims: info.dims,
+        dtype,
+        chunks: opts.chunks,
+        voxel_size: info.voxel_size,
+        metadata: info.metadata.clone(),
+    };
     let writer: Box<dyn VolumeWriter> = match fmt_out {
         Format::Zarr => Box::new(zarr::ZarrWriter::create(&out_file, &spec, &opts.zarr)?),
         _ => {
@@ -153,7 +164,13 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
     // whole-plane outputs (TIFF) take slabs of the input's chunk depth, if 2 GB allow
     let whole_planes = unit[1] == info.dims[1] && unit[2] == info.dims[2];
     let cache_planes = if whole_planes { 1 } else { unit[0] };
-    let reader = open_reader(input, &ReadOptions { cache_planes: Some(cache_planes), ..opts.read.clone() })?;
+    let reader = open_reader(
+        input,
+        &ReadOptions {
+            cache_planes: Some(cache_planes),
+            ..opts.read.clone()
+        },
+    )?;
     let slab_depth = if whole_planes {
         let want = reader.read_unit()[0].max(unit[0]).max(1);
         want.min((2usize << 30) / plane_bytes.max(1)).max(1)
@@ -194,6 +211,12 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
 
 /// Whether a store carries the engine's `rln_engine` attribute.
 fn written_by_engine(store: &Path) -> bool {
-    let p = if store.join("zarr.json").is_file() { store.join("zarr.json") } else { store.join(".zattrs") };
-    std::fs::read_to_string(p).map(|s| s.contains("\"rln_engine\"")).unwrap_or(false)
+    let p = if store.join("zarr.json").is_file() {
+        store.join("zarr.json")
+    } else {
+        store.join(".zattrs")
+    };
+    std::fs::read_to_string(p)
+        .map(|s| s.contains("\"rln_engine\""))
+        .unwrap_or(false)
 }

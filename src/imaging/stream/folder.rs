@@ -29,7 +29,10 @@ pub fn slice_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .filter(|p| {
             p.is_file()
                 && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
-                && matches!(p.extension().map(|e| e.to_string_lossy().to_lowercase()).as_deref(), Some("tif" | "tiff"))
+                && matches!(
+                    p.extension().map(|e| e.to_string_lossy().to_lowercase()).as_deref(),
+                    Some("tif" | "tiff")
+                )
         })
         .collect();
     files.sort();
@@ -41,9 +44,17 @@ impl SliceFolderReader {
     pub fn open(dir: &Path, opts: &ReadOptions) -> Result<Self> {
         let files = slice_files(dir)?;
         if files.is_empty() {
-            return Err(Error::invalid(format!("{}: folder holds no .tif/.tiff slices", dir.display())));
+            return Err(Error::invalid(format!(
+                "{}: folder holds no .tif/.tiff slices",
+                dir.display()
+            )));
         }
-        let slice_opts = ReadOptions { allow_2d: true, check_finite: false, cache_planes: Some(1), ..opts.clone() };
+        let slice_opts = ReadOptions {
+            allow_2d: true,
+            check_finite: false,
+            cache_planes: Some(1),
+            ..opts.clone()
+        };
         let first = TiffReader::open(&files[0], &slice_opts)?;
         let fi = first.info().clone();
         if fi.dims[0] != 1 {
@@ -63,7 +74,10 @@ impl SliceFolderReader {
         let planes = opts.cache_planes.unwrap_or(DEFAULT_CACHE_PLANES).max(1);
         Ok(SliceFolderReader {
             dir: dir.to_path_buf(),
-            info: VolumeInfo { dims: [files.len(), h, w], ..fi },
+            info: VolumeInfo {
+                dims: [files.len(), h, w],
+                ..fi
+            },
             files,
             slice_opts,
             check_finite: opts.check_finite,
@@ -92,7 +106,11 @@ impl SliceFolderReader {
                     "slice is {}×{}{} but {} is {h}×{w}; all slices must have one size and one page",
                     d[1],
                     d[2],
-                    if d[0] > 1 { format!(" with {} pages", d[0]) } else { String::new() },
+                    if d[0] > 1 {
+                        format!(" with {} pages", d[0])
+                    } else {
+                        String::new()
+                    },
                     self.files[0].display()
                 ),
             ));
@@ -101,7 +119,10 @@ impl SliceFolderReader {
         r.read_region(Region::whole([1, h, w]), &mut data)?;
         let data = Arc::new(data);
         self.planes_decoded.fetch_add(1, Ordering::Relaxed);
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert((z, 0), data.clone());
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((z, 0), data.clone());
         Ok(data)
     }
 }
@@ -116,13 +137,21 @@ impl VolumeReader for SliceFolderReader {
     fn read_region(&self, region: Region, dst: &mut [f32]) -> Result<()> {
         region.check_fits(self.info.dims, &self.dir.display().to_string())?;
         if dst.len() != region.voxels() {
-            return Err(Error::Shape(format!("region {:?} needs {} values, the buffer has {}", region.shape, region.voxels(), dst.len())));
+            return Err(Error::Shape(format!(
+                "region {:?} needs {} values, the buffer has {}",
+                region.shape,
+                region.voxels(),
+                dst.len()
+            )));
         }
         for dz in 0..region.shape[0] {
             let z = region.start[0] + dz;
             let plane = self.plane(z)?;
             let whole = Region::new([z, 0, 0], [1, self.info.dims[1], self.info.dims[2]]);
-            let part = Region::new([z, region.start[1], region.start[2]], [1, region.shape[1], region.shape[2]]);
+            let part = Region::new(
+                [z, region.start[1], region.start[2]],
+                [1, region.shape[1], region.shape[2]],
+            );
             let n = part.voxels();
             super::copy_intersection(&plane, whole, &mut dst[dz * n..(dz + 1) * n], part);
         }

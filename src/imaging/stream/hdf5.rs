@@ -54,7 +54,12 @@ impl Hdf5Reader {
                 find_3d(&file, "", &mut found);
                 match found.len() {
                     1 => found.remove(0),
-                    0 => return Err(Error::format(path, "no 3D dataset in the file; name one as FILE.h5:/dataset")),
+                    0 => {
+                        return Err(Error::format(
+                            path,
+                            "no 3D dataset in the file; name one as FILE.h5:/dataset",
+                        ))
+                    }
                     _ => {
                         return Err(Error::invalid(format!(
                             "{}: several 3D datasets ({}); choose one as FILE.h5:/dataset",
@@ -65,13 +70,18 @@ impl Hdf5Reader {
                 }
             }
         };
-        let ds = file.dataset(&name).map_err(|e| Error::format(path, format!("dataset {name}: {e}")))?;
+        let ds = file
+            .dataset(&name)
+            .map_err(|e| Error::format(path, format!("dataset {name}: {e}")))?;
         let dtype = match ds.dtype().and_then(|t| t.to_descriptor()) {
             Ok(TypeDescriptor::Integer(s)) => format!("i{}", s as usize * 8),
             Ok(TypeDescriptor::Unsigned(s)) => format!("u{}", s as usize * 8),
             Ok(TypeDescriptor::Float(s)) => format!("f{}", s as usize * 8),
             Ok(other) => {
-                return Err(Error::format(path, format!("dataset {name} holds {other:?} values; a volume needs integers or floats")))
+                return Err(Error::format(
+                    path,
+                    format!("dataset {name} holds {other:?} values; a volume needs integers or floats"),
+                ))
             }
             Err(e) => return Err(h5err(path, &format!("type of {name}"), e)),
         };
@@ -97,7 +107,12 @@ impl Hdf5Reader {
             }
         };
         if dims[0] <= 1 && !opts.allow_2d {
-            return Err(Error::invalid(format!("{}:{name}: input is 2D ({}×{}); RLN needs a 3D stack", path.display(), dims[1], dims[2])));
+            return Err(Error::invalid(format!(
+                "{}:{name}: input is 2D ({}×{}); RLN needs a 3D stack",
+                path.display(),
+                dims[1],
+                dims[2]
+            )));
         }
         let unit = match ds.chunk() {
             Some(c) if c.len() == shape.len() => {
@@ -112,13 +127,22 @@ impl Hdf5Reader {
             .ok()
             .filter(|v| v.len() == 3)
             .map(|v| [v[0], v[1], v[2]]);
-        let metadata = ds.attr("rln_metadata").and_then(|a| a.read_scalar::<VarLenUnicode>()).ok().map(|s| s.as_str().to_string());
+        let metadata = ds
+            .attr("rln_metadata")
+            .and_then(|a| a.read_scalar::<VarLenUnicode>())
+            .ok()
+            .map(|s| s.as_str().to_string());
         Ok(Hdf5Reader {
             path: path.to_path_buf(),
             name,
             ds,
             channel,
-            info: VolumeInfo { dims, voxel_size, dtype, metadata },
+            info: VolumeInfo {
+                dims,
+                voxel_size,
+                dtype,
+                metadata,
+            },
             unit,
             check_finite: opts.check_finite,
         })
@@ -135,14 +159,28 @@ impl VolumeReader for Hdf5Reader {
     fn read_region(&self, region: Region, dst: &mut [f32]) -> Result<()> {
         region.check_fits(self.info.dims, &self.path.display().to_string())?;
         if dst.len() != region.voxels() {
-            return Err(Error::Shape(format!("region {:?} needs {} values, the buffer has {}", region.shape, region.voxels(), dst.len())));
+            return Err(Error::Shape(format!(
+                "region {:?} needs {} values, the buffer has {}",
+                region.shape,
+                region.voxels(),
+                dst.len()
+            )));
         }
         let [z, y, x] = region.start;
         let e = region.end();
-        let what = format!("reading {}:{} region {:?}+{:?}", self.path.display(), self.name, region.start, region.shape);
+        let what = format!(
+            "reading {}:{} region {:?}+{:?}",
+            self.path.display(),
+            self.name,
+            region.start,
+            region.shape
+        );
         let arr: ndarray::Array3<f32> = match (self.info.dims[0], self.channel) {
             (_, Some(c)) => self.ds.read_slice((c, z..e[0], y..e[1], x..e[2])),
-            _ if self.ds.ndim() == 2 => self.ds.read_slice::<f32, _, ndarray::Ix2>((y..e[1], x..e[2])).map(|a| a.insert_axis(ndarray::Axis(0))),
+            _ if self.ds.ndim() == 2 => self
+                .ds
+                .read_slice::<f32, _, ndarray::Ix2>((y..e[1], x..e[2]))
+                .map(|a| a.insert_axis(ndarray::Axis(0))),
             _ => self.ds.read_slice((z..e[0], y..e[1], x..e[2])),
         }
         .map_err(|e| Error::format(&self.path, format!("{what}: {e}")))?;
@@ -180,20 +218,39 @@ impl Hdf5Writer {
             let ds = match spec.dtype {
                 OutputDtype::F32 => file.new_dataset::<f32>().chunk(chunks).shape(spec.dims).create(dataset),
                 OutputDtype::U16 => file.new_dataset::<u16>().chunk(chunks).shape(spec.dims).create(dataset),
-                OutputDtype::F16 => file.new_dataset::<half::f16>().chunk(chunks).shape(spec.dims).create(dataset),
+                OutputDtype::F16 => file
+                    .new_dataset::<half::f16>()
+                    .chunk(chunks)
+                    .shape(spec.dims)
+                    .create(dataset),
             }
             .map_err(e)?;
             if let Some(vs) = spec.voxel_size {
-                ds.new_attr::<f64>().shape(3).create("element_size_um").and_then(|a| a.write_raw(&vs)).map_err(e)?;
+                ds.new_attr::<f64>()
+                    .shape(3)
+                    .create("element_size_um")
+                    .and_then(|a| a.write_raw(&vs))
+                    .map_err(e)?;
             }
             if let Some(m) = &spec.metadata {
                 let s: VarLenUnicode = m.parse().map_err(|err| Error::invalid(format!("metadata: {err}")))?;
-                ds.new_attr::<VarLenUnicode>().create("rln_metadata").and_then(|a| a.write_scalar(&s)).map_err(e)?;
+                ds.new_attr::<VarLenUnicode>()
+                    .create("rln_metadata")
+                    .and_then(|a| a.write_scalar(&s))
+                    .map_err(e)?;
             }
             Ok((file, ds))
         })();
         match made {
-            Ok((file, ds)) => Ok(Hdf5Writer { path: path.to_path_buf(), tmp, file: Some(file), ds, spec: spec.clone(), chunks, finished: false }),
+            Ok((file, ds)) => Ok(Hdf5Writer {
+                path: path.to_path_buf(),
+                tmp,
+                file: Some(file),
+                ds,
+                spec: spec.clone(),
+                chunks,
+                finished: false,
+            }),
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
                 Err(e)
@@ -212,23 +269,38 @@ impl VolumeWriter for Hdf5Writer {
     fn write_region(&self, region: Region, data: &[f32]) -> Result<()> {
         region.check_fits(self.spec.dims, &self.path.display().to_string())?;
         if data.len() != region.voxels() {
-            return Err(Error::Shape(format!("region {:?} needs {} values, got {}", region.shape, region.voxels(), data.len())));
+            return Err(Error::Shape(format!(
+                "region {:?} needs {} values, got {}",
+                region.shape,
+                region.voxels(),
+                data.len()
+            )));
         }
-        check_output_range(data, self.spec.dtype, region.start, region.shape, &self.path.display().to_string())?;
+        check_output_range(
+            data,
+            self.spec.dtype,
+            region.start,
+            region.shape,
+            &self.path.display().to_string(),
+        )?;
         let [z, y, x] = region.start;
         let e = region.end();
         let sel = (z..e[0], y..e[1], x..e[2]);
         let shape = (region.shape[0], region.shape[1], region.shape[2]);
         let shape_err = |err: ndarray::ShapeError| Error::Shape(err.to_string());
         match self.spec.dtype {
-            OutputDtype::F32 => self.ds.write_slice(ndarray::ArrayView3::from_shape(shape, data).map_err(shape_err)?, sel),
+            OutputDtype::F32 => self
+                .ds
+                .write_slice(ndarray::ArrayView3::from_shape(shape, data).map_err(shape_err)?, sel),
             OutputDtype::U16 => {
                 let v: Vec<u16> = data.iter().map(|&v| to_u16(v)).collect();
-                self.ds.write_slice(ndarray::ArrayView3::from_shape(shape, &v[..]).map_err(shape_err)?, sel)
+                self.ds
+                    .write_slice(ndarray::ArrayView3::from_shape(shape, &v[..]).map_err(shape_err)?, sel)
             }
             OutputDtype::F16 => {
                 let v: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
-                self.ds.write_slice(ndarray::ArrayView3::from_shape(shape, &v[..]).map_err(shape_err)?, sel)
+                self.ds
+                    .write_slice(ndarray::ArrayView3::from_shape(shape, &v[..]).map_err(shape_err)?, sel)
             }
         }
         .map_err(|e| h5err(&self.tmp, "write", e))

@@ -43,7 +43,10 @@ impl Format {
     /// folders are Zarr stores when they hold Zarr metadata, else folders of slices.
     pub fn of(path: &Path) -> Result<Format> {
         let (file, _) = split_dataset_path(path);
-        let ext = file.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+        let ext = file
+            .extension()
+            .map(|e| e.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
         if zarr::looks_like_store(&file) || ext == "zarr" {
             return Ok(Format::Zarr);
         }
@@ -75,7 +78,10 @@ impl Format {
 pub fn open_reader(path: &Path, opts: &ReadOptions) -> Result<Box<dyn VolumeReader>> {
     let (file, ds) = split_dataset_path(path);
     if !file.exists() {
-        return Err(Error::io(&file, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")));
+        return Err(Error::io(
+            &file,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+        ));
     }
     Ok(match Format::of(path)? {
         Format::Tiff if tiff::needs_axis_selection(&file, opts)? => {
@@ -90,7 +96,11 @@ pub fn open_reader(path: &Path, opts: &ReadOptions) -> Result<Box<dyn VolumeRead
         Format::SliceFolder => Box::new(folder::SliceFolderReader::open(&file, opts)?),
         Format::Zarr => Box::new(zarr::ZarrReader::open(&file, opts)?),
         #[cfg(feature = "hdf5")]
-        Format::Hdf5 => Box::new(hdf5::Hdf5Reader::open(&file, opts.dataset.clone().or(ds).as_deref(), opts)?),
+        Format::Hdf5 => Box::new(hdf5::Hdf5Reader::open(
+            &file,
+            opts.dataset.clone().or(ds).as_deref(),
+            opts,
+        )?),
         #[cfg(not(feature = "hdf5"))]
         Format::Hdf5 => {
             let _ = ds;
@@ -107,8 +117,16 @@ pub fn create_writer(path: &Path, spec: &WriterSpec) -> Result<Box<dyn VolumeWri
     let (file, ds) = split_dataset_path(path);
     check_spec(spec, &file)?;
     Ok(match Format::of(path)? {
-        Format::Tiff => Box::new(tiff::TiffWriter::create(&file, spec, crate::imaging::tiff_io::BIGTIFF_THRESHOLD)?),
-        Format::Zarr => Box::new(zarr::ZarrWriter::create(&file, spec, &zarr::ZarrWriteOptions::default())?),
+        Format::Tiff => Box::new(tiff::TiffWriter::create(
+            &file,
+            spec,
+            crate::imaging::tiff_io::BIGTIFF_THRESHOLD,
+        )?),
+        Format::Zarr => Box::new(zarr::ZarrWriter::create(
+            &file,
+            spec,
+            &zarr::ZarrWriteOptions::default(),
+        )?),
         #[cfg(feature = "hdf5")]
         Format::Hdf5 => Box::new(hdf5::Hdf5Writer::create(&file, ds.as_deref().unwrap_or("/data"), spec)?),
         #[cfg(not(feature = "hdf5"))]
@@ -136,11 +154,18 @@ fn no_hdf5(path: &Path) -> Error {
 /// The checks every writer makes on its spec.
 pub(crate) fn check_spec(spec: &WriterSpec, path: &Path) -> Result<()> {
     if spec.dims.contains(&0) {
-        return Err(Error::invalid(format!("{}: cannot write an empty volume {:?}", path.display(), spec.dims)));
+        return Err(Error::invalid(format!(
+            "{}: cannot write an empty volume {:?}",
+            path.display(),
+            spec.dims
+        )));
     }
     if let Some(c) = spec.chunks {
         if c.contains(&0) {
-            return Err(Error::invalid(format!("{}: chunk shape {c:?} has a zero side", path.display())));
+            return Err(Error::invalid(format!(
+                "{}: chunk shape {c:?} has a zero side",
+                path.display()
+            )));
         }
     }
     crate::imaging::volume::check_voxel_size(spec.voxel_size, &path.display().to_string())
@@ -199,7 +224,10 @@ impl Region {
     }
     /// The whole of a volume of `dims`.
     pub fn whole(dims: [usize; 3]) -> Self {
-        Region { start: [0; 3], shape: dims }
+        Region {
+            start: [0; 3],
+            shape: dims,
+        }
     }
     /// Exclusive end (z, y, x).
     pub fn end(&self) -> [usize; 3] {
@@ -309,7 +337,11 @@ pub struct MemoryVolume {
 impl MemoryVolume {
     pub fn new(dims: [usize; 3], data: Vec<f32>) -> Result<Self> {
         if dims.iter().product::<usize>() != data.len() {
-            return Err(Error::Shape(format!("{dims:?} needs {} values, got {}", dims.iter().product::<usize>(), data.len())));
+            return Err(Error::Shape(format!(
+                "{dims:?} needs {} values, got {}",
+                dims.iter().product::<usize>(),
+                data.len()
+            )));
         }
         Ok(MemoryVolume {
             info: VolumeInfo {

@@ -96,7 +96,12 @@ enum Layout {
     /// or whole (`band_rows == H`, also for tiled pages).
     Pages { band_rows: usize },
     /// ImageJ's over-4-GB layout: uncompressed planes one after another from `offset`.
-    Contiguous { offset: u64, bits: usize, float: bool, little: bool },
+    Contiguous {
+        offset: u64,
+        bits: usize,
+        float: bool,
+        little: bool,
+    },
 }
 
 type FileDecoder = Decoder<std::io::BufReader<File>>;
@@ -150,7 +155,12 @@ pub fn needs_axis_selection(path: &Path, opts: &ReadOptions) -> Result<bool> {
         return Ok(false); // the streaming reader reports what is wrong
     };
     let desc = dec.get_tag_ascii_string(Tag::ImageDescription).ok();
-    let spp = dec.find_tag_unsigned::<u16>(Tag::SamplesPerPixel).ok().flatten().unwrap_or(1).max(1) as usize;
+    let spp = dec
+        .find_tag_unsigned::<u16>(Tag::SamplesPerPixel)
+        .ok()
+        .flatten()
+        .unwrap_or(1)
+        .max(1) as usize;
     let axes = crate::imaging::tiff_io::tiff_axes(desc.as_deref(), spp);
     Ok(spp > 1 || axes.channels > 1 || axes.frames > 1)
 }
@@ -172,14 +182,19 @@ impl TiffReader {
         let xres = rational(dec.find_tag(Tag::XResolution).ok().flatten());
         let yres = rational(dec.find_tag(Tag::YResolution).ok().flatten());
         let res_unit: Option<u16> = dec.find_tag_unsigned(Tag::ResolutionUnit).ok().flatten();
-        let tag_u16 = |dec: &mut FileDecoder, t: Tag, default: u16| dec.find_tag_unsigned::<u16>(t).ok().flatten().unwrap_or(default);
+        let tag_u16 = |dec: &mut FileDecoder, t: Tag, default: u16| {
+            dec.find_tag_unsigned::<u16>(t).ok().flatten().unwrap_or(default)
+        };
         let spp = tag_u16(&mut dec, Tag::SamplesPerPixel, 1).max(1) as usize;
         let bits = tag_u16(&mut dec, Tag::BitsPerSample, 1) as usize;
         let sample_format = tag_u16(&mut dec, Tag::SampleFormat, 1);
         let compression = tag_u16(&mut dec, Tag::Compression, 1);
         let planar = tag_u16(&mut dec, Tag::PlanarConfiguration, 1);
         if !matches!(bits, 8 | 16 | 32 | 64) {
-            return Err(Error::format(path, format!("{bits}-bit samples are not supported (8, 16, 32 or 64 bits)")));
+            return Err(Error::format(
+                path,
+                format!("{bits}-bit samples are not supported (8, 16, 32 or 64 bits)"),
+            ));
         }
         if spp > 1 && planar == 2 {
             return Err(Error::format(
@@ -195,7 +210,9 @@ impl TiffReader {
         };
 
         let ij_channels = ij.as_ref().and_then(|m| m.channels).unwrap_or(1).max(1);
-        let (slices, frames) = ij.as_ref().map_or((0, 0), |m| (m.slices.unwrap_or(0), m.frames.unwrap_or(0)));
+        let (slices, frames) = ij
+            .as_ref()
+            .map_or((0, 0), |m| (m.slices.unwrap_or(0), m.frames.unwrap_or(0)));
         if slices > 1 && frames > 1 {
             return Err(Error::invalid(format!(
                 "{}: ImageJ hyperstack with {slices} slices × {frames} time points; RLN takes one 3D stack: save a single time point",
@@ -205,7 +222,10 @@ impl TiffReader {
         let sample_channel = pick_channel(path, spp, opts.channel, "samples per pixel (RGB or multi-channel)")?;
         let page_channel = if ij_channels > 1 {
             if spp > 1 {
-                return Err(Error::invalid(format!("{}: both ImageJ channels and multi-sample pixels", path.display())));
+                return Err(Error::invalid(format!(
+                    "{}: both ImageJ channels and multi-sample pixels",
+                    path.display()
+                )));
             }
             pick_channel(path, ij_channels, opts.channel, "ImageJ channels")?
         } else {
@@ -214,7 +234,11 @@ impl TiffReader {
 
         // the declared page size against the file before anything of that size exists
         let page_bytes = (w as u128) * (h as u128) * (spp as u128) * (sample_bytes as u128);
-        let bound = if compression == 1 { file_len as u128 } else { file_len as u128 * MAX_COMPRESSION_RATIO as u128 };
+        let bound = if compression == 1 {
+            file_len as u128
+        } else {
+            file_len as u128 * MAX_COMPRESSION_RATIO as u128
+        };
         if page_bytes == 0 || page_bytes > bound {
             return Err(Error::format(
                 path,
@@ -233,8 +257,11 @@ impl TiffReader {
 
         let mut pages = 1usize;
         while dec.more_images() {
-            dec.next_image().map_err(|e| tiff_err(path, &format!("page {pages}"), e))?;
-            let (pw, ph) = dec.dimensions().map_err(|e| tiff_err(path, &format!("page {pages}"), e))?;
+            dec.next_image()
+                .map_err(|e| tiff_err(path, &format!("page {pages}"), e))?;
+            let (pw, ph) = dec
+                .dimensions()
+                .map_err(|e| tiff_err(path, &format!("page {pages}"), e))?;
             if (pw as usize, ph as usize) != (w, h) {
                 return Err(Error::format(
                     path,
@@ -246,7 +273,10 @@ impl TiffReader {
         let mut layout = Layout::Pages { band_rows };
         let mut nz = pages / ij_channels;
         if ij_channels > 1 && pages % ij_channels != 0 {
-            return Err(Error::format(path, format!("{pages} pages is not a multiple of the {ij_channels} ImageJ channels")));
+            return Err(Error::format(
+                path,
+                format!("{pages} pages is not a multiple of the {ij_channels} ImageJ channels"),
+            ));
         }
         if pages == 1 {
             if let Some(n) = ij.as_ref().and_then(|m| m.images).filter(|&n| n > 1) {
@@ -257,7 +287,9 @@ impl TiffReader {
                     ));
                 }
                 dec.seek_to_image(0).map_err(|e| tiff_err(path, "page 0", e))?;
-                let offset = dec.get_tag_u64_vec(Tag::StripOffsets).map_err(|e| tiff_err(path, "strip offsets", e))?[0];
+                let offset = dec
+                    .get_tag_u64_vec(Tag::StripOffsets)
+                    .map_err(|e| tiff_err(path, "strip offsets", e))?[0];
                 let need = offset as u128 + n as u128 * (w * h * sample_bytes) as u128;
                 if need > file_len as u128 {
                     return Err(Error::format(
@@ -266,9 +298,15 @@ impl TiffReader {
                     ));
                 }
                 let mut order = [0u8; 2];
-                read_exact_at(&File::open(path).map_err(|e| Error::io(path, e))?, &mut order, 0).map_err(|e| Error::io(path, e))?;
+                read_exact_at(&File::open(path).map_err(|e| Error::io(path, e))?, &mut order, 0)
+                    .map_err(|e| Error::io(path, e))?;
                 let little = &order == b"II";
-                layout = Layout::Contiguous { offset, bits, float: sample_format == 3, little };
+                layout = Layout::Contiguous {
+                    offset,
+                    bits,
+                    float: sample_format == 3,
+                    little,
+                };
                 nz = n;
             }
         }
@@ -307,7 +345,12 @@ impl TiffReader {
         let dec = open_decoder(path, limits_bytes)?;
         Ok(TiffReader {
             path: path.to_path_buf(),
-            info: VolumeInfo { dims: [nz, h, w], voxel_size, dtype, metadata },
+            info: VolumeInfo {
+                dims: [nz, h, w],
+                voxel_size,
+                dtype,
+                metadata,
+            },
             file_len,
             layout,
             page_stride: ij_channels,
@@ -348,7 +391,10 @@ impl TiffReader {
             return Ok(b);
         }
         let data = Arc::new(self.decode_band(z, band)?);
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert((z, band), data.clone());
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((z, band), data.clone());
         Ok(data)
     }
 
@@ -365,9 +411,17 @@ impl TiffReader {
         };
         let what = format!("page {page}");
         dec.seek_to_image(page).map_err(|e| tiff_err(&self.path, &what, e))?;
-        if !self.checked_pages.lock().unwrap_or_else(|e| e.into_inner()).contains(&page) {
+        if !self
+            .checked_pages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&page)
+        {
             check_page_chunks(&self.path, &mut dec, page, self.file_len)?;
-            self.checked_pages.lock().unwrap_or_else(|e| e.into_inner()).insert(page);
+            self.checked_pages
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(page);
         }
         let img = if band_rows == h {
             dec.read_image()
@@ -377,7 +431,13 @@ impl TiffReader {
         .map_err(|e| tiff_err(&self.path, &what, e))?;
         let n = decoded_len(&img);
         if n != w * rows * self.spp {
-            return Err(Error::format(&self.path, format!("{what}: band {band} holds {n} samples, expected {}", w * rows * self.spp)));
+            return Err(Error::format(
+                &self.path,
+                format!(
+                    "{what}: band {band} holds {n} samples, expected {}",
+                    w * rows * self.spp
+                ),
+            ));
         }
         let mut out = Vec::with_capacity(w * rows);
         page_to_f32(img, self.spp, self.sample_channel, &mut out);
@@ -388,8 +448,25 @@ impl TiffReader {
     }
 
     /// Rows `y0..y0+ny`, columns `x0..x0+nx` of plane `z` of a contiguous ImageJ stack.
-    fn read_contiguous(&self, z: usize, y0: usize, ny: usize, x0: usize, nx: usize, dst: &mut [f32], dst_stride: usize) -> Result<()> {
-        let Layout::Contiguous { offset, bits, float, little } = self.layout else { unreachable!() };
+    fn read_contiguous(
+        &self,
+        z: usize,
+        y0: usize,
+        ny: usize,
+        x0: usize,
+        nx: usize,
+        dst: &mut [f32],
+        dst_stride: usize,
+    ) -> Result<()> {
+        let Layout::Contiguous {
+            offset,
+            bits,
+            float,
+            little,
+        } = self.layout
+        else {
+            unreachable!()
+        };
         let [_, h, w] = self.info.dims;
         let b = self.sample_bytes;
         let mut raw = vec![0u8; w * b];
@@ -403,15 +480,36 @@ impl TiffReader {
                 *v = match (bits, float) {
                     (8, _) => c[0] as f32,
                     (16, f) => {
-                        let u = if little { u16::from_le_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], c[1]]) };
-                        if f { half::f16::from_bits(u).to_f32() } else { u as f32 }
+                        let u = if little {
+                            u16::from_le_bytes([c[0], c[1]])
+                        } else {
+                            u16::from_be_bytes([c[0], c[1]])
+                        };
+                        if f {
+                            half::f16::from_bits(u).to_f32()
+                        } else {
+                            u as f32
+                        }
                     }
                     (32, f) => {
                         let a = [c[0], c[1], c[2], c[3]];
-                        let u = if little { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) };
-                        if f { f32::from_bits(u) } else { u as f32 }
+                        let u = if little {
+                            u32::from_le_bytes(a)
+                        } else {
+                            u32::from_be_bytes(a)
+                        };
+                        if f {
+                            f32::from_bits(u)
+                        } else {
+                            u as f32
+                        }
                     }
-                    _ => return Err(Error::format(&self.path, format!("contiguous ImageJ stack of {bits}-bit samples is not supported"))),
+                    _ => {
+                        return Err(Error::format(
+                            &self.path,
+                            format!("contiguous ImageJ stack of {bits}-bit samples is not supported"),
+                        ))
+                    }
                 };
             }
         }
@@ -444,7 +542,10 @@ fn pick_channel(path: &Path, n: usize, wanted: Option<usize>, what: &str) -> Res
             path.display(),
             n - 1
         ))),
-        Some(c) if c >= n => Err(Error::invalid(format!("{}: channel {c} does not exist (the image has {n} {what})", path.display()))),
+        Some(c) if c >= n => Err(Error::invalid(format!(
+            "{}: channel {c} does not exist (the image has {n} {what})",
+            path.display()
+        ))),
         Some(c) => Ok(c),
     }
 }
@@ -455,8 +556,12 @@ fn check_page_chunks(path: &Path, dec: &mut FileDecoder, page: usize, file_len: 
         ChunkType::Strip => (Tag::StripOffsets, Tag::StripByteCounts),
         ChunkType::Tile => (Tag::TileOffsets, Tag::TileByteCounts),
     };
-    let offsets = dec.get_tag_u64_vec(off_tag).map_err(|e| tiff_err(path, &format!("page {page} offsets"), e))?;
-    let counts = dec.get_tag_u64_vec(cnt_tag).map_err(|e| tiff_err(path, &format!("page {page} byte counts"), e))?;
+    let offsets = dec
+        .get_tag_u64_vec(off_tag)
+        .map_err(|e| tiff_err(path, &format!("page {page} offsets"), e))?;
+    let counts = dec
+        .get_tag_u64_vec(cnt_tag)
+        .map_err(|e| tiff_err(path, &format!("page {page} byte counts"), e))?;
     let mut total: u128 = 0;
     for (o, c) in offsets.iter().zip(&counts) {
         if (*o as u128) + (*c as u128) > file_len as u128 {
@@ -468,7 +573,10 @@ fn check_page_chunks(path: &Path, dec: &mut FileDecoder, page: usize, file_len: 
         total += *c as u128;
     }
     if total > file_len as u128 {
-        return Err(Error::format(path, format!("page {page} declares {total} bytes of data, more than the file's {file_len}")));
+        return Err(Error::format(
+            path,
+            format!("page {page} declares {total} bytes of data, more than the file's {file_len}"),
+        ));
     }
     Ok(())
 }
@@ -483,7 +591,12 @@ impl VolumeReader for TiffReader {
     fn read_region(&self, region: Region, dst: &mut [f32]) -> Result<()> {
         region.check_fits(self.info.dims, &self.path.display().to_string())?;
         if dst.len() != region.voxels() {
-            return Err(Error::Shape(format!("region {:?} needs {} values, the buffer has {}", region.shape, region.voxels(), dst.len())));
+            return Err(Error::Shape(format!(
+                "region {:?} needs {} values, the buffer has {}",
+                region.shape,
+                region.voxels(),
+                dst.len()
+            )));
         }
         let [rz, ry, rx] = region.shape;
         let [z0, y0, x0] = region.start;
@@ -557,19 +670,35 @@ impl TiffWriter {
         check_output_dir(path)?;
         let [nz, ny, nx] = spec.dims;
         if ny > u32::MAX as usize || nx > u32::MAX as usize {
-            return Err(Error::invalid(format!("{}: planes of {ny}×{nx} are too large for TIFF", path.display())));
+            return Err(Error::invalid(format!(
+                "{}: planes of {ny}×{nx} are too large for TIFF",
+                path.display()
+            )));
         }
         let plane_bytes = (ny * nx * spec.dtype.bytes()) as u64;
-        let estimate = nz as u64 * plane_bytes + nz as u64 * 512 + 64 * 1024 + spec.metadata.as_ref().map_or(0, |m| m.len() as u64);
+        let estimate = nz as u64 * plane_bytes
+            + nz as u64 * 512
+            + 64 * 1024
+            + spec.metadata.as_ref().map_or(0, |m| m.len() as u64);
         let big = estimate >= bigtiff_threshold;
         if !big && plane_bytes > u32::MAX as u64 {
-            return Err(Error::invalid(format!("{}: a plane of {plane_bytes} bytes needs BigTIFF", path.display())));
+            return Err(Error::invalid(format!(
+                "{}: a plane of {plane_bytes} bytes needs BigTIFF",
+                path.display()
+            )));
         }
         let tmp = temp_path_for(path);
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         // the header; the first directory's offset is filled in by `finish`
         let header: Vec<u8> = if big {
-            [&b"II"[..], &43u16.to_le_bytes(), &8u16.to_le_bytes(), &0u16.to_le_bytes(), &0u64.to_le_bytes()].concat()
+            [
+                &b"II"[..],
+                &43u16.to_le_bytes(),
+                &8u16.to_le_bytes(),
+                &0u16.to_le_bytes(),
+                &0u64.to_le_bytes(),
+            ]
+            .concat()
         } else {
             [&b"II"[..], &42u16.to_le_bytes(), &0u32.to_le_bytes()].concat()
         };
@@ -615,7 +744,10 @@ impl TiffWriter {
         let bytes: Vec<u8> = match self.spec.dtype {
             OutputDtype::F32 => plane.iter().flat_map(|v| v.to_le_bytes()).collect(),
             OutputDtype::U16 => plane.iter().flat_map(|&v| to_u16(v).to_le_bytes()).collect(),
-            OutputDtype::F16 => plane.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+            OutputDtype::F16 => plane
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect(),
         };
         self.file
             .write_all_at(&bytes, self.data_start + z as u64 * self.plane_bytes)
@@ -632,7 +764,13 @@ impl TiffWriter {
         };
         let short = |v: u16| (3u16, 1u64, v.to_le_bytes().to_vec());
         let long = |v: u32| (4u16, 1u64, v.to_le_bytes().to_vec());
-        let offset = |v: u64| if self.big { (16u16, 1u64, v.to_le_bytes().to_vec()) } else { (4u16, 1u64, (v as u32).to_le_bytes().to_vec()) };
+        let offset = |v: u64| {
+            if self.big {
+                (16u16, 1u64, v.to_le_bytes().to_vec())
+            } else {
+                (4u16, 1u64, (v as u32).to_le_bytes().to_vec())
+            }
+        };
         let rational = |r: tiff::encoder::Rational| (5u16, 1u64, [r.n.to_le_bytes(), r.d.to_le_bytes()].concat());
         let (entry_len, inline, count_len) = if self.big { (20u64, 8usize, 8u64) } else { (12, 4, 2) };
         let mut out = Vec::new();
@@ -695,7 +833,11 @@ impl TiffWriter {
                     extra_at = start + table + extra.len() as u64;
                 }
             }
-            let next = if z + 1 < nz { start + table + extra.len() as u64 } else { 0 };
+            let next = if z + 1 < nz {
+                start + table + extra.len() as u64
+            } else {
+                0
+            };
             if self.big {
                 table_bytes.extend(next.to_le_bytes());
             } else {
@@ -720,21 +862,41 @@ impl VolumeWriter for TiffWriter {
     fn write_region(&self, region: Region, data: &[f32]) -> Result<()> {
         region.check_fits(self.spec.dims, &self.path.display().to_string())?;
         if data.len() != region.voxels() {
-            return Err(Error::Shape(format!("region {:?} needs {} values, got {}", region.shape, region.voxels(), data.len())));
+            return Err(Error::Shape(format!(
+                "region {:?} needs {} values, got {}",
+                region.shape,
+                region.voxels(),
+                data.len()
+            )));
         }
-        check_output_range(data, self.spec.dtype, region.start, region.shape, &self.path.display().to_string())?;
+        check_output_range(
+            data,
+            self.spec.dtype,
+            region.start,
+            region.shape,
+            &self.path.display().to_string(),
+        )?;
         let [_, ny, nx] = self.spec.dims;
         let [rz, ry, rx] = region.shape;
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.failed {
-            return Err(Error::invalid(format!("{}: an earlier write failed", self.path.display())));
+            return Err(Error::invalid(format!(
+                "{}: an earlier write failed",
+                self.path.display()
+            )));
         }
         for dz in 0..rz {
             let z = region.start[0] + dz;
             if z < st.next_z {
-                return Err(Error::invalid(format!("{}: plane {z} was already written", self.path.display())));
+                return Err(Error::invalid(format!(
+                    "{}: plane {z} was already written",
+                    self.path.display()
+                )));
             }
-            let p = st.pending.entry(z).or_insert_with(|| PendingPlane { data: vec![0.0; ny * nx], filled: 0 });
+            let p = st.pending.entry(z).or_insert_with(|| PendingPlane {
+                data: vec![0.0; ny * nx],
+                filled: 0,
+            });
             for dy in 0..ry {
                 let d = (region.start[1] + dy) * nx + region.start[2];
                 let s = (dz * ry + dy) * rx;
@@ -770,10 +932,17 @@ impl VolumeWriter for TiffWriter {
         let ifd_pos = self.data_start + nz as u64 * self.plane_bytes;
         let ifd_pos = ifd_pos + ifd_pos % 2;
         if !self.big && ifd_pos > u32::MAX as u64 {
-            return Err(Error::invalid(format!("{}: over 4 GB; raise the BigTIFF threshold's estimate", self.path.display())));
+            return Err(Error::invalid(format!(
+                "{}: over 4 GB; raise the BigTIFF threshold's estimate",
+                self.path.display()
+            )));
         }
         let dirs = self.directories(ifd_pos);
-        let first: Vec<u8> = if self.big { ifd_pos.to_le_bytes().to_vec() } else { (ifd_pos as u32).to_le_bytes().to_vec() };
+        let first: Vec<u8> = if self.big {
+            ifd_pos.to_le_bytes().to_vec()
+        } else {
+            (ifd_pos as u32).to_le_bytes().to_vec()
+        };
         let first_at = if self.big { 8 } else { 4 };
         (|| {
             self.file.write_all_at(&dirs, ifd_pos)?;

@@ -52,7 +52,9 @@ impl std::str::FromStr for ZarrVersion {
         match s {
             "2" | "v2" | "0.4" => Ok(ZarrVersion::V2),
             "3" | "v3" | "0.5" => Ok(ZarrVersion::V3),
-            _ => Err(Error::invalid(format!("unknown Zarr version {s:?}: use 2 (OME-NGFF 0.4) or 3 (OME-Zarr 0.5)"))),
+            _ => Err(Error::invalid(format!(
+                "unknown Zarr version {s:?}: use 2 (OME-NGFF 0.4) or 3 (OME-Zarr 0.5)"
+            ))),
         }
     }
 }
@@ -93,7 +95,10 @@ pub const DEFAULT_CHUNKS: [usize; 3] = [64, 256, 256];
 
 /// Whether `path` is a folder holding Zarr metadata (a group or an array, v2 or v3).
 pub fn looks_like_store(path: &Path) -> bool {
-    path.is_dir() && [".zgroup", ".zarray", "zarr.json"].iter().any(|f| path.join(f).is_file())
+    path.is_dir()
+        && [".zgroup", ".zarray", "zarr.json"]
+            .iter()
+            .any(|f| path.join(f).is_file())
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -119,8 +124,16 @@ fn read_root(store: &Path) -> Result<Root> {
     if v3.is_file() {
         let j = read_json(&v3)?;
         let is_array = j.get("node_type").and_then(Value::as_str) == Some("array");
-        let attrs = j.get("attributes").and_then(Value::as_object).cloned().unwrap_or_default();
-        return Ok(Root { version: ZarrVersion::V3, is_array, attrs });
+        let attrs = j
+            .get("attributes")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        return Ok(Root {
+            version: ZarrVersion::V3,
+            is_array,
+            attrs,
+        });
     }
     let is_array = store.join(".zarray").is_file();
     if !is_array && !store.join(".zgroup").is_file() {
@@ -130,8 +143,16 @@ fn read_root(store: &Path) -> Result<Root> {
         ));
     }
     let za = store.join(".zattrs");
-    let attrs = if za.is_file() { read_json(&za)?.as_object().cloned().unwrap_or_default() } else { Map::new() };
-    Ok(Root { version: ZarrVersion::V2, is_array, attrs })
+    let attrs = if za.is_file() {
+        read_json(&za)?.as_object().cloned().unwrap_or_default()
+    } else {
+        Map::new()
+    };
+    Ok(Root {
+        version: ZarrVersion::V2,
+        is_array,
+        attrs,
+    })
 }
 
 fn write_root_attrs(store: &Path, version: ZarrVersion, attrs: Map<String, Value>) -> Result<()> {
@@ -139,7 +160,11 @@ fn write_root_attrs(store: &Path, version: ZarrVersion, attrs: Map<String, Value
         ZarrVersion::V2 => write_json(&store.join(".zattrs"), &Value::Object(attrs)),
         ZarrVersion::V3 => {
             let p = store.join("zarr.json");
-            let mut j = if p.is_file() { read_json(&p)? } else { json!({"zarr_format": 3, "node_type": "group"}) };
+            let mut j = if p.is_file() {
+                read_json(&p)?
+            } else {
+                json!({"zarr_format": 3, "node_type": "group"})
+            };
             j["attributes"] = Value::Object(attrs);
             write_json(&p, &j)
         }
@@ -158,13 +183,19 @@ fn multiscales_mut(attrs: &mut Map<String, Value>) -> Option<&mut Vec<Value>> {
     if attrs.contains_key("multiscales") {
         attrs.get_mut("multiscales").and_then(Value::as_array_mut)
     } else {
-        attrs.get_mut("ome").and_then(|o| o.get_mut("multiscales")).and_then(Value::as_array_mut)
+        attrs
+            .get_mut("ome")
+            .and_then(|o| o.get_mut("multiscales"))
+            .and_then(Value::as_array_mut)
     }
 }
 
 /// Sets (or reads) the `rln_engine.complete` root attribute.
 fn rln_state(attrs: &Map<String, Value>) -> Option<bool> {
-    attrs.get("rln_engine").and_then(|r| r.get("complete")).and_then(Value::as_bool)
+    attrs
+        .get("rln_engine")
+        .and_then(|r| r.get("complete"))
+        .and_then(Value::as_bool)
 }
 
 /// Marks the store complete (root attribute `rln_engine: {complete: true}`), atomically.
@@ -287,7 +318,10 @@ impl LevelArray {
         }
         let meta = read_json(&mp)?;
         let dt = Dt::parse(&meta).map_err(|s| {
-            Error::format(store, format!("array {name} holds {s} samples; readable types are u8/u16/u32, i8/i16/i32, f16/f32/f64"))
+            Error::format(
+                store,
+                format!("array {name} holds {s} samples; readable types are u8/u16/u32, i8/i16/i32, f16/f32/f64"),
+            )
         })?;
         let fs = Arc::new(FilesystemStore::new(store).map_err(|e| zerr(store, "opening the store", e))?);
         let array = Array::open(fs, name).map_err(|e| zerr(store, &format!("array {name}"), e))?;
@@ -302,13 +336,19 @@ impl LevelArray {
         }
         let dims = [shape[n - 3], shape[n - 2], shape[n - 1]];
         // chunk (or shard) shape from the metadata; the inner chunk of sharding_indexed
-        let outer = shape3(meta.get("chunks").or_else(|| meta.pointer("/chunk_grid/configuration/chunk_shape")))
-            .filter(|c| c.len() == n)
-            .ok_or_else(|| Error::format(store, format!("array {name}: no regular chunk shape in its metadata")))?;
+        let outer = shape3(
+            meta.get("chunks")
+                .or_else(|| meta.pointer("/chunk_grid/configuration/chunk_shape")),
+        )
+        .filter(|c| c.len() == n)
+        .ok_or_else(|| Error::format(store, format!("array {name}: no regular chunk shape in its metadata")))?;
         let inner = meta
             .get("codecs")
             .and_then(Value::as_array)
-            .and_then(|c| c.iter().find(|c| c.get("name").and_then(Value::as_str) == Some("sharding_indexed")))
+            .and_then(|c| {
+                c.iter()
+                    .find(|c| c.get("name").and_then(Value::as_str) == Some("sharding_indexed"))
+            })
             .and_then(|c| shape3(c.pointer("/configuration/chunk_shape")))
             .filter(|c| c.len() == n)
             .unwrap_or_else(|| outer.clone());
@@ -349,7 +389,15 @@ impl LevelArray {
             ($t:ty, $conv:expr) => {{
                 let v: Vec<$t> = self.array.retrieve_array_subset::<Vec<$t>>(&s).map_err(err)?;
                 if v.len() != dst.len() {
-                    return Err(Error::format(&self.store, format!("array {}: read {} values, expected {}", self.name, v.len(), dst.len())));
+                    return Err(Error::format(
+                        &self.store,
+                        format!(
+                            "array {}: read {} values, expected {}",
+                            self.name,
+                            v.len(),
+                            dst.len()
+                        ),
+                    ));
                 }
                 for (d, x) in dst.iter_mut().zip(v) {
                     *d = $conv(x);
@@ -373,11 +421,19 @@ impl LevelArray {
     fn write(&self, r: Region, data: &[f32]) -> Result<()> {
         let s = self.subset(r);
         let err = |e: zarrs::array::ArrayError| {
-            Error::format(&self.store, format!("array {}: writing region {:?}+{:?}: {e}", self.name, r.start, r.shape))
+            Error::format(
+                &self.store,
+                format!("array {}: writing region {:?}+{:?}: {e}", self.name, r.start, r.shape),
+            )
         };
         match self.dt {
-            Dt::U16 => self.array.store_array_subset(&s, data.iter().map(|&v| to_u16(v)).collect::<Vec<u16>>()),
-            Dt::F16 => self.array.store_array_subset(&s, data.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<half::f16>>()),
+            Dt::U16 => self
+                .array
+                .store_array_subset(&s, data.iter().map(|&v| to_u16(v)).collect::<Vec<u16>>()),
+            Dt::F16 => self.array.store_array_subset(
+                &s,
+                data.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<half::f16>>(),
+            ),
             Dt::F32 => self.array.store_array_subset(&s, data.to_vec()),
             other => {
                 return Err(Error::invalid(format!(
@@ -415,7 +471,11 @@ struct Level0 {
 }
 
 fn axis_name(a: &Value) -> String {
-    a.get("name").and_then(Value::as_str).or_else(|| a.as_str()).unwrap_or("?").to_ascii_lowercase()
+    a.get("name")
+        .and_then(Value::as_str)
+        .or_else(|| a.as_str())
+        .unwrap_or("?")
+        .to_ascii_lowercase()
 }
 
 fn scale_of(transforms: Option<&Value>) -> Option<Vec<f64>> {
@@ -429,7 +489,13 @@ fn scale_of(transforms: Option<&Value>) -> Option<Vec<f64>> {
 /// Finds level 0 and checks its axes; `shape` is read from the array later.
 fn level0(store: &Path, root: &Root, channel: Option<usize>) -> Result<(Level0, Option<Vec<Value>>)> {
     if root.is_array {
-        return Ok((Level0 { name: "/".into(), voxel_size: None }, None));
+        return Ok((
+            Level0 {
+                name: "/".into(),
+                voxel_size: None,
+            },
+            None,
+        ));
     }
     let ms = multiscales(root).and_then(|m| m.first()).ok_or_else(|| {
         Error::format(
@@ -437,10 +503,15 @@ fn level0(store: &Path, root: &Root, channel: Option<usize>) -> Result<(Level0, 
             "group has no OME-NGFF `multiscales` metadata; open the array inside it (e.g. STORE.zarr/0) or add the metadata",
         )
     })?;
-    let ds = ms.get("datasets").and_then(Value::as_array).and_then(|d| d.first()).ok_or_else(|| {
-        Error::format(store, "multiscales has no datasets")
-    })?;
-    let path = ds.get("path").and_then(Value::as_str).ok_or_else(|| Error::format(store, "multiscales dataset 0 has no path"))?;
+    let ds = ms
+        .get("datasets")
+        .and_then(Value::as_array)
+        .and_then(|d| d.first())
+        .ok_or_else(|| Error::format(store, "multiscales has no datasets"))?;
+    let path = ds
+        .get("path")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::format(store, "multiscales dataset 0 has no path"))?;
     let axes: Vec<Value> = ms.get("axes").and_then(Value::as_array).cloned().unwrap_or_default();
     let names: Vec<String> = axes.iter().map(axis_name).collect();
     let n = names.len();
@@ -457,7 +528,10 @@ fn level0(store: &Path, root: &Root, channel: Option<usize>) -> Result<(Level0, 
             *s *= o;
         }
     }
-    let units: Vec<Option<f64>> = axes[n - 3..].iter().map(|a| unit_factor(a.get("unit").and_then(Value::as_str))).collect();
+    let units: Vec<Option<f64>> = axes[n - 3..]
+        .iter()
+        .map(|a| unit_factor(a.get("unit").and_then(Value::as_str)))
+        .collect();
     let voxel_size = if scale.len() == n && units.iter().all(Option::is_some) {
         let vs = [0, 1, 2].map(|i| scale[n - 3 + i] * units[i].unwrap_or(1.0));
         Some(vs)
@@ -465,7 +539,13 @@ fn level0(store: &Path, root: &Root, channel: Option<usize>) -> Result<(Level0, 
         None
     };
     let _ = channel;
-    Ok((Level0 { name: format!("/{}", path.trim_matches('/')), voxel_size }, Some(axes)))
+    Ok((
+        Level0 {
+            name: format!("/{}", path.trim_matches('/')),
+            voxel_size,
+        },
+        Some(axes),
+    ))
 }
 
 /// Level 0 of an OME-Zarr store (or a bare 3D array) read by regions.
@@ -487,11 +567,17 @@ impl ZarrReader {
             Some(a) => {
                 return Err(Error::format(
                     store,
-                    format!("multiscales names {} axes but array {} has {n} dimensions {shape:?}", a.len(), l0.name),
+                    format!(
+                        "multiscales names {} axes but array {} has {n} dimensions {shape:?}",
+                        a.len(),
+                        l0.name
+                    ),
                 ))
             }
             // a bare array: dimension names if any, else the last three are z, y, x
-            None => (0..n).map(|i| ["t", "c", "z", "y", "x"][5 - n.min(5) + i.min(4)].to_string()).collect(),
+            None => (0..n)
+                .map(|i| ["t", "c", "z", "y", "x"][5 - n.min(5) + i.min(4)].to_string())
+                .collect(),
         };
         let mut lead = Vec::new();
         for i in 0..n.saturating_sub(3) {
@@ -501,20 +587,27 @@ impl ZarrReader {
             } else if name == "c" {
                 match opts.channel {
                     Some(c) if c < size => c,
-                    Some(c) => return Err(Error::invalid(format!("{}: channel {c} does not exist (the store has {size} channels)", store.display()))),
-                    None => {
+                    Some(c) => {
                         return Err(Error::invalid(format!(
-                            "{}: the store has {size} channels (axis c, shape {shape:?}); choose one with --channel 0..{}",
-                            store.display(),
-                            size - 1
+                            "{}: channel {c} does not exist (the store has {size} channels)",
+                            store.display()
                         )))
                     }
+                    None => return Err(Error::invalid(format!(
+                        "{}: the store has {size} channels (axis c, shape {shape:?}); choose one with --channel 0..{}",
+                        store.display(),
+                        size - 1
+                    ))),
                 }
             } else {
                 return Err(Error::invalid(format!(
                     "{}: axis {name} has {size} entries (shape {shape:?}); RLN takes one 3D stack: save a single {}",
                     store.display(),
-                    if name == "t" { "time point" } else { "entry of that axis" }
+                    if name == "t" {
+                        "time point"
+                    } else {
+                        "entry of that axis"
+                    }
                 )));
             };
             lead.push(idx as u64);
@@ -532,12 +625,24 @@ impl ZarrReader {
             Some(Value::String(s)) => Some(s.clone()),
             Some(other) => Some(other.to_string()),
             None => {
-                let omero = root.attrs.get("omero").or_else(|| root.attrs.get("ome").and_then(|o| o.get("omero")));
+                let omero = root
+                    .attrs
+                    .get("omero")
+                    .or_else(|| root.attrs.get("ome").and_then(|o| o.get("omero")));
                 omero.map(|o| json!({ "omero": o }).to_string())
             }
         };
-        let info = VolumeInfo { dims: level.dims, voxel_size: l0.voxel_size, dtype: level.dt.name().into(), metadata };
-        Ok(ZarrReader { level, info, check_finite: opts.check_finite })
+        let info = VolumeInfo {
+            dims: level.dims,
+            voxel_size: l0.voxel_size,
+            dtype: level.dt.name().into(),
+            metadata,
+        };
+        Ok(ZarrReader {
+            level,
+            info,
+            check_finite: opts.check_finite,
+        })
     }
 
     /// The chunk shape reads decode whole (the inner chunk of a sharded array).
@@ -556,7 +661,12 @@ impl VolumeReader for ZarrReader {
     fn read_region(&self, region: Region, dst: &mut [f32]) -> Result<()> {
         region.check_fits(self.info.dims, &self.level.store.display().to_string())?;
         if dst.len() != region.voxels() {
-            return Err(Error::Shape(format!("region {:?} needs {} values, the buffer has {}", region.shape, region.voxels(), dst.len())));
+            return Err(Error::Shape(format!(
+                "region {:?} needs {} values, the buffer has {}",
+                region.shape,
+                region.voxels(),
+                dst.len()
+            )));
         }
         self.level.read(region, dst)?;
         if self.check_finite {
@@ -587,7 +697,14 @@ fn dataset_entry(path: &str, scale: [f64; 3]) -> Value {
 }
 
 /// The array metadata (`.zarray` or `zarr.json`) of a new level.
-fn array_meta(version: ZarrVersion, dims: [usize; 3], chunks: [usize; 3], shard: Option<[usize; 3]>, dtype: OutputDtype, comp: ZarrCompression) -> Value {
+fn array_meta(
+    version: ZarrVersion,
+    dims: [usize; 3],
+    chunks: [usize; 3],
+    shard: Option<[usize; 3]>,
+    dtype: OutputDtype,
+    comp: ZarrCompression,
+) -> Value {
     let bytes = dtype.bytes();
     match version {
         ZarrVersion::V2 => {
@@ -598,7 +715,9 @@ fn array_meta(version: ZarrVersion, dims: [usize; 3], chunks: [usize; 3], shard:
             };
             let compressor = match comp {
                 ZarrCompression::Zstd => json!({"id": "zstd", "level": 3}),
-                ZarrCompression::Blosc => json!({"id": "blosc", "cname": "zstd", "clevel": 5, "shuffle": 1, "blocksize": 0}),
+                ZarrCompression::Blosc => {
+                    json!({"id": "blosc", "cname": "zstd", "clevel": 5, "shuffle": 1, "blocksize": 0})
+                }
             };
             json!({
                 "zarr_format": 2, "shape": dims, "chunks": chunks, "dtype": dt, "compressor": compressor,
@@ -613,7 +732,9 @@ fn array_meta(version: ZarrVersion, dims: [usize; 3], chunks: [usize; 3], shard:
             };
             let compressor = match comp {
                 ZarrCompression::Zstd => json!({"name": "zstd", "configuration": {"level": 3, "checksum": false}}),
-                ZarrCompression::Blosc => json!({"name": "blosc", "configuration": {"cname": "zstd", "clevel": 5, "shuffle": "shuffle", "typesize": bytes, "blocksize": 0}}),
+                ZarrCompression::Blosc => {
+                    json!({"name": "blosc", "configuration": {"cname": "zstd", "clevel": 5, "shuffle": "shuffle", "typesize": bytes, "blocksize": 0}})
+                }
             };
             let bytes_codec = json!({"name": "bytes", "configuration": {"endian": "little"}});
             let (grid, codecs) = match shard {
@@ -655,7 +776,10 @@ impl ZarrWriter {
         super::check_spec(spec, store)?;
         crate::fsutil::check_output_dir(store)?;
         if store.exists() {
-            let empty = store.is_dir() && std::fs::read_dir(store).map(|mut d| d.next().is_none()).unwrap_or(false);
+            let empty = store.is_dir()
+                && std::fs::read_dir(store)
+                    .map(|mut d| d.next().is_none())
+                    .unwrap_or(false);
             if !empty {
                 return Err(Error::invalid(format!(
                     "{} already exists; remove it or choose another output name (convert: --overwrite)",
@@ -671,11 +795,15 @@ impl ZarrWriter {
         let shard = match (opts.shard, opts.version) {
             (None, _) => None,
             (Some(_), ZarrVersion::V2) => {
-                return Err(Error::invalid("sharding needs Zarr v3: add --zarr-version 3 or drop --shard"));
+                return Err(Error::invalid(
+                    "sharding needs Zarr v3: add --zarr-version 3 or drop --shard",
+                ));
             }
             (Some(s), ZarrVersion::V3) => {
                 if (0..3).any(|i| s[i] == 0 || s[i] % chunks[i] != 0) {
-                    return Err(Error::invalid(format!("shard shape {s:?} must be a multiple of the chunk shape {chunks:?}")));
+                    return Err(Error::invalid(format!(
+                        "shard shape {s:?} must be a multiple of the chunk shape {chunks:?}"
+                    )));
                 }
                 Some(s)
             }
@@ -705,7 +833,10 @@ impl ZarrWriter {
                         attrs.insert("omero".into(), o);
                     }
                     write_json(&store.join("0").join(".zarray"), &meta)?;
-                    write_json(&store.join("0").join(".zattrs"), &json!({"_ARRAY_DIMENSIONS": ["z", "y", "x"]}))?;
+                    write_json(
+                        &store.join("0").join(".zattrs"),
+                        &json!({"_ARRAY_DIMENSIONS": ["z", "y", "x"]}),
+                    )?;
                 }
                 ZarrVersion::V3 => {
                     let mut ome = json!({"version": "0.5", "multiscales": [ms]});
@@ -719,12 +850,19 @@ impl ZarrWriter {
             if let Some(m) = &spec.metadata {
                 attrs.insert("rln_metadata".into(), Value::String(m.clone()));
             }
-            attrs.insert("rln_engine".into(), json!({"complete": false, "engine_version": env!("CARGO_PKG_VERSION")}));
+            attrs.insert(
+                "rln_engine".into(),
+                json!({"complete": false, "engine_version": env!("CARGO_PKG_VERSION")}),
+            );
             write_root_attrs(store, opts.version, attrs)?;
             LevelArray::open(store, "/0", opts.version, vec![])
         })();
         match result {
-            Ok(level) => Ok(ZarrWriter { level, dtype: spec.dtype, marks_complete: true }),
+            Ok(level) => Ok(ZarrWriter {
+                level,
+                dtype: spec.dtype,
+                marks_complete: true,
+            }),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(store);
                 Err(e)
@@ -746,12 +884,23 @@ pub fn open_existing_writer(store: &Path) -> Result<Box<dyn VolumeWriter>> {
     let (l0, _) = level0(store, &root, None)?;
     let level = LevelArray::open(store, &l0.name, root.version, vec![])?;
     if level.array.shape().len() != 3 {
-        return Err(Error::invalid(format!("{}: level 0 is not a 3D array; the engine writes z, y, x stores", store.display())));
+        return Err(Error::invalid(format!(
+            "{}: level 0 is not a 3D array; the engine writes z, y, x stores",
+            store.display()
+        )));
     }
     let dtype = level.dt.output().ok_or_else(|| {
-        Error::invalid(format!("{}: level 0 holds {} samples; the engine writes u16, f16 or f32", store.display(), level.dt.name()))
+        Error::invalid(format!(
+            "{}: level 0 holds {} samples; the engine writes u16, f16 or f32",
+            store.display(),
+            level.dt.name()
+        ))
     })?;
-    Ok(Box::new(ZarrWriter { level, dtype, marks_complete: false }))
+    Ok(Box::new(ZarrWriter {
+        level,
+        dtype,
+        marks_complete: false,
+    }))
 }
 
 impl VolumeWriter for ZarrWriter {
@@ -766,9 +915,20 @@ impl VolumeWriter for ZarrWriter {
     fn write_region(&self, region: Region, data: &[f32]) -> Result<()> {
         region.check_fits(self.level.dims, &self.level.store.display().to_string())?;
         if data.len() != region.voxels() {
-            return Err(Error::Shape(format!("region {:?} needs {} values, got {}", region.shape, region.voxels(), data.len())));
+            return Err(Error::Shape(format!(
+                "region {:?} needs {} values, got {}",
+                region.shape,
+                region.voxels(),
+                data.len()
+            )));
         }
-        check_output_range(data, self.dtype, region.start, region.shape, &self.level.store.display().to_string())?;
+        check_output_range(
+            data,
+            self.dtype,
+            region.start,
+            region.shape,
+            &self.level.store.display().to_string(),
+        )?;
         self.level.write(region, data)
     }
     fn finish(self: Box<Self>) -> Result<()> {
@@ -791,20 +951,30 @@ pub fn write_pyramid(store: &Path, levels: usize) -> Result<()> {
     let (l0, _) = level0(store, &root, None)?;
     let base = LevelArray::open(store, &l0.name, version, vec![])?;
     if base.array.shape().len() != 3 {
-        return Err(Error::invalid(format!("{}: a pyramid needs a 3D level 0", store.display())));
+        return Err(Error::invalid(format!(
+            "{}: a pyramid needs a 3D level 0",
+            store.display()
+        )));
     }
-    let dtype = base
-        .dt
-        .output()
-        .ok_or_else(|| Error::invalid(format!("{}: level 0 holds {} samples; pyramids are made of u16, f16 or f32", store.display(), base.dt.name())))?;
+    let dtype = base.dt.output().ok_or_else(|| {
+        Error::invalid(format!(
+            "{}: level 0 holds {} samples; pyramids are made of u16, f16 or f32",
+            store.display(),
+            base.dt.name()
+        ))
+    })?;
     let datasets = multiscales(&root)
         .and_then(|m| m.first())
         .and_then(|m| m.get("datasets"))
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
-    let base_scale = scale_of(datasets.first().and_then(|d| d.get("coordinateTransformations"))).unwrap_or_else(|| vec![1.0; 3]);
-    let mut entries = vec![datasets.first().cloned().unwrap_or_else(|| dataset_entry("0", [1.0; 3]))];
+    let base_scale =
+        scale_of(datasets.first().and_then(|d| d.get("coordinateTransformations"))).unwrap_or_else(|| vec![1.0; 3]);
+    let mut entries = vec![datasets
+        .first()
+        .cloned()
+        .unwrap_or_else(|| dataset_entry("0", [1.0; 3]))];
     let mut src = base;
     let mut factor = [1.0f64; 3];
     for l in 1..=levels {

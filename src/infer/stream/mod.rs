@@ -49,9 +49,14 @@ use std::time::Instant;
 pub enum PredictorChoice {
     Cpu,
     /// CUDA devices (one worker each; today the first is used) in f16 or f32 storage.
-    Cuda { devices: Vec<usize>, fp16: bool },
+    Cuda {
+        devices: Vec<usize>,
+        fp16: bool,
+    },
     /// CUDA when usable, else the CPU (with a notice).
-    Auto { fp16: bool },
+    Auto {
+        fp16: bool,
+    },
     /// No network: the prediction is the normalized input (a benchmark of the host
     /// side's own ceiling; labelled as such in the summary).
     Copy,
@@ -204,7 +209,10 @@ pub fn meta_dir(store: &Path) -> PathBuf {
 }
 
 fn block_marker(store: &Path, i: usize, n: usize) -> PathBuf {
-    meta_dir(store).join("blocks").join(n.to_string()).join(format!("{i}.done"))
+    meta_dir(store)
+        .join("blocks")
+        .join(n.to_string())
+        .join(format!("{i}.done"))
 }
 
 /// Whether block `i` of `n` of `store` has finished (its marker exists).
@@ -370,7 +378,9 @@ pub fn run_job(
     }
     let tiles = &all[skip..];
     // test hook: exit (as if killed) after this many tiles are written
-    let stop_after: Option<usize> = std::env::var("RLN_TEST_STOP_AFTER_TILES").ok().and_then(|v| v.parse().ok());
+    let stop_after: Option<usize> = std::env::var("RLN_TEST_STOP_AFTER_TILES")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let written = AtomicUsize::new(0);
     let save = |n: usize| -> Result<()> {
         if let Some(p) = &mark_path {
@@ -401,11 +411,7 @@ pub fn run_job(
 
 /// Normalization of every view: from `--norm-stats` when the file exists, else sampled
 /// (and written to the file when one is named).
-fn normalization(
-    opts: &InferFileOptions,
-    views: &[&dyn VolumeReader],
-    pct: [f64; 2],
-) -> Result<NormStats> {
+fn normalization(opts: &InferFileOptions, views: &[&dyn VolumeReader], pct: [f64; 2]) -> Result<NormStats> {
     let dims = views[0].dims();
     if let Some(p) = &opts.norm_stats {
         if p.exists() {
@@ -443,7 +449,8 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
     let mut model = Model::<f32>::load(&opts.model)?;
     if let Some(p) = opts.percentiles {
         model.config.norm_percentiles = p;
-        model.config
+        model
+            .config
             .validate()
             .map_err(|e| Error::invalid(format!("--percentiles {},{}: {e}", p[0], p[1])))?;
     }
@@ -529,7 +536,9 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
         None
     };
     let normalization_seconds = t_norm.elapsed().as_secs_f64();
-    let copied_input = stats.as_ref().is_some_and(|s| s.views.iter().any(|v| v.is_degenerate()));
+    let copied_input = stats
+        .as_ref()
+        .is_some_and(|s| s.views.iter().any(|v| v.is_degenerate()));
     if copied_input {
         eprintln!(
             "warning: the input's {} and {} percentiles are equal (a constant volume): nothing to deconvolve; the output is the input unchanged",
@@ -554,10 +563,26 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
     let c_in = variant.input_channels();
     let memory = opts.memory.or(pred.memory_budget()).unwrap_or_else(default_memory);
     let window_voxels = choose_window(memory, pred.bytes_per_voxel(), c_in, opts.pipeline.prefetch);
-    let desired = opts.tile.unwrap_or_else(|| choose_core(dims, opts.context, window_voxels));
+    let desired = opts
+        .tile
+        .unwrap_or_else(|| choose_core(dims, opts.context, window_voxels));
 
     if opts.blended() {
-        return run_blended(opts, &mut *pred, &views, &norms, variant, pct, desired, dims, open_seconds, normalization_seconds, memory, stats, t0);
+        return run_blended(
+            opts,
+            &mut *pred,
+            &views,
+            &norms,
+            variant,
+            pct,
+            desired,
+            dims,
+            open_seconds,
+            normalization_seconds,
+            memory,
+            stats,
+            t0,
+        );
     }
 
     // the output and its plan
@@ -640,7 +665,10 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
     }
     if let (true, Job::Block(i, n)) = (opts.resume, job) {
         if block_done(&opts.output, i, n) {
-            eprintln!("block {i}/{n} of {} is done already (--resume): nothing to do", opts.output.display());
+            eprintln!(
+                "block {i}/{n} of {} is done already (--resume): nothing to do",
+                opts.output.display()
+            );
             summary.seconds = t0.elapsed().as_secs_f64();
             return Ok(summary);
         }
@@ -656,7 +684,10 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
         memory as f64 / 1e9
     );
     let bar = crate::imaging::progress::bar(
-        job.tiles(&plan)?.iter().map(|&k| plan.tile(k).core.voxels() as u64).sum(),
+        job.tiles(&plan)?
+            .iter()
+            .map(|&k| plan.tile(k).core.voxels() as u64)
+            .sum(),
         "voxels",
     );
     bar.set_style(
@@ -766,7 +797,10 @@ pub fn load_store_plan(store: &Path) -> Result<StorePlan> {
     let sp: StorePlan =
         serde_json::from_str(&text).map_err(|e| Error::format(&p, format!("not a store plan ({e})")))?;
     if sp.format != STORE_PLAN_FORMAT {
-        return Err(Error::format(&p, format!("format {:?}, expected {STORE_PLAN_FORMAT:?}", sp.format)));
+        return Err(Error::format(
+            &p,
+            format!("format {:?}, expected {STORE_PLAN_FORMAT:?}", sp.format),
+        ));
     }
     Ok(sp)
 }
@@ -802,7 +836,10 @@ fn check_store_plan(
         return bad("other normalization statistics (--norm-stats)".into());
     }
     if sp.output_dtype != opts.output_dtype {
-        return bad(format!("output type {:?}, this run {:?}", sp.output_dtype, opts.output_dtype));
+        return bad(format!(
+            "output type {:?}, this run {:?}",
+            sp.output_dtype, opts.output_dtype
+        ));
     }
     Ok(())
 }
@@ -851,7 +888,13 @@ fn run_blended(
         opts.context,
         opts.normalize
     );
-    let mut sources: Vec<ReaderPlanes> = views.iter().map(|v| ReaderPlanes { reader: *v, buf: Vec::new() }).collect();
+    let mut sources: Vec<ReaderPlanes> = views
+        .iter()
+        .map(|v| ReaderPlanes {
+            reader: *v,
+            buf: Vec::new(),
+        })
+        .collect();
     let mut srcs: Vec<&mut dyn PlaneSource> = sources.iter_mut().map(|s| s as &mut dyn PlaneSource).collect();
     let mut sink = WriterPlanes {
         writer: writer.as_ref(),
@@ -861,7 +904,9 @@ fn run_blended(
         pending_z0: 0,
     };
     let bar = crate::imaging::progress::bar(tplan.count() as u64, "tiles");
-    let t = run_tiled(pred, &mut srcs, norms, &mut sink, &sopts, &mut |d, _| bar.set_position(d as u64))?;
+    let t = run_tiled(pred, &mut srcs, norms, &mut sink, &sopts, &mut |d, _| {
+        bar.set_position(d as u64)
+    })?;
     sink.flush()?;
     bar.finish_and_clear();
     let tw = Instant::now();

@@ -67,10 +67,13 @@ impl NormStats {
     /// these percentiles.
     pub fn load_checked(path: &Path, dims: [usize; 3], pct: [f64; 2], views: usize) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let s: NormStats = serde_json::from_str(&text)
-            .map_err(|e| Error::format(path, format!("not a norm-stats file ({e})")))?;
+        let s: NormStats =
+            serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not a norm-stats file ({e})")))?;
         if s.format != NORM_STATS_FORMAT {
-            return Err(Error::format(path, format!("format {:?}, expected {NORM_STATS_FORMAT:?}", s.format)));
+            return Err(Error::format(
+                path,
+                format!("format {:?}, expected {NORM_STATS_FORMAT:?}", s.format),
+            ));
         }
         if s.dims != dims {
             return Err(Error::format(
@@ -96,7 +99,10 @@ impl NormStats {
                 format!("holds {} view(s), the model takes {views}", s.views.len()),
             ));
         }
-        if s.views.iter().any(|v| !v.p_lo_value.is_finite() || !v.p_hi_value.is_finite()) {
+        if s.views
+            .iter()
+            .any(|v| !v.p_lo_value.is_finite() || !v.p_hi_value.is_finite())
+        {
             return Err(Error::format(path, "holds a non-finite percentile value"));
         }
         Ok(s)

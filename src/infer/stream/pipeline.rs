@@ -282,10 +282,12 @@ pub fn run_tiles(
         stop.store(true, Ordering::Relaxed);
         drop(core_tx);
         drop(pool_in_tx); // readers waiting for a buffer see the pool closed
-        // drain what readers still send, so none blocks
+                          // drain what readers still send, so none blocks
         while ready_rx.try_recv().is_ok() {}
         drop(ready_rx);
-        let w = writer_handle.join().map_err(|_| Error::invalid("the writer thread panicked"))?;
+        let w = writer_handle
+            .join()
+            .map_err(|_| Error::invalid("the writer thread panicked"))?;
         // the writer's own error explains a predictor that found the writer gone
         match (compute, w) {
             (_, Err(e)) => Err(e),

@@ -212,10 +212,18 @@ pub fn parse_region(s: &str) -> std::result::Result<Region, String> {
         let (lo, hi) = p
             .split_once(':')
             .ok_or_else(|| format!("{s:?}: axis {a} is {p:?}, expected START:END"))?;
-        let lo: usize = lo.trim().parse().map_err(|_| format!("{s:?}: {lo:?} is not a number"))?;
-        let hi: usize = hi.trim().parse().map_err(|_| format!("{s:?}: {hi:?} is not a number"))?;
+        let lo: usize = lo
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: {lo:?} is not a number"))?;
+        let hi: usize = hi
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: {hi:?} is not a number"))?;
         if hi <= lo {
-            return Err(format!("{s:?}: axis {a} range {lo}:{hi} is empty (END must exceed START)"));
+            return Err(format!(
+                "{s:?}: axis {a} range {lo}:{hi} is empty (END must exceed START)"
+            ));
         }
         r.start[a] = lo;
         r.shape[a] = hi - lo;
@@ -273,7 +281,11 @@ mod tests {
                     for cy in c.start[1] / unit[1]..(c.end()[1] - 1) / unit[1] + 1 {
                         for cx in c.start[2] / unit[2]..(c.end()[2] - 1) / unit[2] + 1 {
                             let prev = owner.insert((cz, cy, cx), i);
-                            assert!(prev.is_none(), "chunk {:?} written by blocks {prev:?} and {i}", (cz, cy, cx));
+                            assert!(
+                                prev.is_none(),
+                                "chunk {:?} written by blocks {prev:?} and {i}",
+                                (cz, cy, cx)
+                            );
                         }
                     }
                 }
