@@ -285,19 +285,7 @@ pub fn check_representable(data: &[f32], dtype: OutputDtype) -> Result<()> {
 
 /// The 2D TIFF files of a folder, sorted by name, read as consecutive z planes.
 pub fn read_slice_folder(dir: &Path, opts: &ReadOptions) -> Result<Volume> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
-                && matches!(
-                    p.extension().map(|e| e.to_string_lossy().to_lowercase()).as_deref(),
-                    Some("tif" | "tiff")
-                )
-        })
-        .collect();
-    files.sort();
+    let files = super::stream::folder::slice_files(dir)?;
     if files.is_empty() {
         return Err(Error::invalid(format!(
             "{}: folder holds no .tif/.tiff slices",

@@ -593,11 +593,13 @@ impl ZarrReader {
                             store.display()
                         )))
                     }
-                    None => return Err(Error::invalid(format!(
+                    None => {
+                        return Err(Error::invalid(format!(
                         "{}: the store has {size} channels (axis c, shape {shape:?}); choose one with --channel 0..{}",
                         store.display(),
                         size - 1
-                    ))),
+                    )))
+                    }
                 }
             } else {
                 return Err(Error::invalid(format!(
