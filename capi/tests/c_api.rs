@@ -84,17 +84,23 @@ fn buffer<T>(data: *mut T, dtype: u32, shape: [usize; 3], strides: [isize; 3]) -
     }
 }
 
-/// The static library cargo built next to this test (target/<profile>/).
+/// The static library cargo built for this test run. `cargo test` builds the library's
+/// crate types into target/<profile>/deps/ (next to this test's executable); only an
+/// explicit `cargo build -p rln-engine-capi` copies it up to target/<profile>/.
 fn static_library() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let lib = dir.join("librln_engine_capi.a");
-    assert!(
-        lib.exists(),
-        "{} is missing: build it with `cargo build --release -p rln-engine-capi`",
-        lib.display()
-    );
-    lib
+    let deps = exe.parent().unwrap();
+    let candidates = [
+        deps.join("librln_engine_capi.a"),
+        deps.parent().unwrap().join("librln_engine_capi.a"),
+    ];
+    candidates.iter().find(|p| p.exists()).cloned().unwrap_or_else(|| {
+        panic!(
+            "librln_engine_capi.a is in neither {} nor {}: build it with `cargo build --release -p rln-engine-capi`",
+            candidates[0].display(),
+            candidates[1].display()
+        )
+    })
 }
 
 #[test]
