@@ -6,6 +6,7 @@
 mod imaging_common;
 use imaging_common::rel_l2;
 use rln_engine::imaging::psf::{self, CentreRule, MeasuredOptions};
+use rln_engine::imaging::radial_otf::{RadialOtf, RadialOtfOptions};
 use rln_engine::imaging::rl::{self, BackgroundMode, Boundary, RlConfig};
 use rln_engine::imaging::{read_volume, write_volume, OutputDtype, Volume};
 use std::path::{Path, PathBuf};
@@ -157,9 +158,113 @@ fn accelerated_rl_reproduces_cudadecon() {
     );
 }
 
-/// Issue 20 asks for 0.10; this PSF cleaning reaches ~0.13 (a NumPy emulation of the same
-/// RL with cudaDecon's own otf.tif reaches 0.0065, so the rest is the PSF: cudaDecon's OTF
-/// is centred ~0.06 µm further along z than the parabola peak, and keeps the faint lobes).
+fn otf_rel_diff(a: &RadialOtf, b: &RadialOtf) -> f64 {
+    assert_eq!((a.nkr, a.nkz), (b.nkr, b.nkz));
+    let num: f64 = a
+        .values
+        .iter()
+        .zip(&b.values)
+        .map(|(x, y)| (x - y).norm_sqr() as f64)
+        .sum();
+    let den: f64 = b.values.iter().map(|y| y.norm_sqr() as f64).sum();
+    (num / den).sqrt()
+}
+
+fn bead_otf(dir: &Path, z_centre_offset: f64) -> RadialOtf {
+    let bead = read_volume(dir.join("psf.tif")).unwrap();
+    RadialOtf::from_bead(
+        &bead,
+        PSF_VOXEL,
+        &RadialOtfOptions {
+            z_centre_offset,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// The radially averaged OTF made from the raw bead is cudaDecon's: pycudadecon's otf.tif
+/// (made by its radialft from the same psf.tif) is reproduced to 1e-3 once the fitted z
+/// centre is moved by radialft's +0.6 planes; without that move only the kz phase differs
+/// (the magnitudes agree; measured 0.124 relative).
+#[test]
+fn radial_otf_reproduces_cudadecons_otf_file() {
+    let Some(dir) = data_dir("radial_otf_reproduces_cudadecons_otf_file") else {
+        return;
+    };
+    let theirs = RadialOtf::read_cudadecon(&dir.join("otf.tif"), PSF_VOXEL[0], PSF_VOXEL[2]).unwrap();
+    assert_eq!((theirs.nkr, theirs.nkz), (65, 61));
+    let ours = bead_otf(&dir, 0.6);
+    let shifted = otf_rel_diff(&ours, &theirs);
+    let centred = bead_otf(&dir, 0.0);
+    let unshifted = otf_rel_diff(&centred, &theirs);
+    let mag: f64 = {
+        let num: f64 = centred
+            .values
+            .iter()
+            .zip(&theirs.values)
+            .map(|(x, y)| ((x.norm() - y.norm()) as f64).powi(2))
+            .sum();
+        let den: f64 = theirs.values.iter().map(|y| y.norm_sqr() as f64).sum();
+        (num / den).sqrt()
+    };
+    eprintln!(
+        "radial OTF vs otf.tif: {shifted:.2e} (z centre +0.6), {unshifted:.3} (fitted centre; magnitudes {mag:.2e})"
+    );
+    assert!(shifted < 1e-3, "{shifted}");
+    assert!(mag < 1e-3, "{mag}");
+    assert!(unshifted > 0.05, "{unshifted}");
+    // the file round-trips through cudaDecon's layout
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("otf.tif");
+    ours.write_cudadecon(&f).unwrap();
+    let back = RadialOtf::read_cudadecon(&f, PSF_VOXEL[0], PSF_VOXEL[2]).unwrap();
+    assert_eq!(back.values, ours.values);
+    assert!((back.dkr - ours.dkr).abs() < 1e-12 && (back.dkz - ours.dkz).abs() < 1e-12);
+}
+
+/// cudaDecon's route end to end: the raw bead's radial OTF, interpolated onto the data's
+/// frequency grid (bead at 0.1 µm steps, data at 0.3 µm), accelerated RL with cudaDecon's
+/// options reproduces im_decon.tif to ≤ 0.10 (issue 20); so does its own otf.tif.
+#[test]
+fn radial_otf_rl_reproduces_cudadecon() {
+    let Some(dir) = data_dir("radial_otf_rl_reproduces_cudadecon") else {
+        return;
+    };
+    let reference = read_volume(dir.join("im_decon.tif")).unwrap();
+    let input = kept_input(&dir);
+    let cfg = cudadecon_config(10, true);
+    let run = |otf: &RadialOtf| rl::richardson_lucy_otf(&input, otf, DATA_VOXEL, &cfg).unwrap().0;
+    let theirs = RadialOtf::read_cudadecon(&dir.join("otf.tif"), PSF_VOXEL[0], PSF_VOXEL[2]).unwrap();
+    let e_file = rel_l2(&run(&theirs).data, &reference.data);
+    let e_bead = rel_l2(&run(&bead_otf(&dir, 0.6)).data, &reference.data);
+    let e_centred = rel_l2(&run(&bead_otf(&dir, 0.0)).data, &reference.data);
+    eprintln!(
+        "accelerated RL, 10 it., vs im_decon.tif: their otf.tif {e_file:.4}; our OTF of psf.tif {e_bead:.4} \
+         (z centre +0.6 as radialft), {e_centred:.4} (fitted centre)"
+    );
+    assert!(e_file < 0.02, "{e_file}");
+    assert!(e_bead < 0.02, "{e_bead}");
+    // the issue's bound holds with the raw bead and radialft's centring
+    assert!(e_bead <= 0.10);
+    // the 0.06 µm centre move alone accounts for ~0.11 of difference
+    assert!(e_centred > 0.05 && e_centred < 0.2, "{e_centred}");
+    // other back projectors and edges are refused on this route
+    let wb = RlConfig {
+        back_projector: rl::BackProjector::WienerButterworth {
+            alpha: 0.1,
+            beta: 0.3,
+            order: 10.0,
+        },
+        ..cfg.clone()
+    };
+    assert!(rl::richardson_lucy_otf(&input, &theirs, DATA_VOXEL, &wb).is_err());
+}
+
+/// The PSF cleaned in space reaches ~0.13 here, short of issue 20's 0.10: cudaDecon's OTF
+/// is centred 0.06 µm further along z than the parabola peak, and keeps the faint lobes the
+/// noise floor cuts. cudaDecon's own route (the radial OTF) meets 0.10: see
+/// `radial_otf_rl_reproduces_cudadecon`.
 const ACCELERATED_TOLERANCE: f64 = 0.14;
 
 fn python() -> Option<PathBuf> {

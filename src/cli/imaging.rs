@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use rln_engine::imaging::metrics::{self, Normalize};
 use rln_engine::imaging::psf::{self, CentreRule, ConfocalPsf, GaussianPsf, GibsonLanni, MeasuredOptions, PsfSpec};
+use rln_engine::imaging::radial_otf::{RadialOtf, RadialOtfOptions};
 use rln_engine::imaging::rl::{BackProjector, BackgroundMode, Boundary, RlConfig};
 use rln_engine::imaging::synth::{self, Family, SynthConfig};
 use rln_engine::imaging::{progress, read_volume_with, write_volume, OutputDtype, ReadOptions, Volume};
@@ -510,9 +511,34 @@ fn iterations_arg(s: &str) -> Result<Iterations, String> {
 pub struct RlArgs {
     /// The volume to deconvolve.
     pub input: PathBuf,
-    /// The PSF (any size up to the image's; its center is voxel dims/2).
+    /// The PSF (any size up to the image's; its center is voxel dims/2), or with
+    /// --radial-otf the raw bead stack.
+    #[arg(long, required_unless_present = "otf", conflicts_with = "otf")]
+    pub psf: Option<PathBuf>,
+    /// Make a radially averaged OTF of the raw bead stack --psf the way cudaDecon's radialft
+    /// does (one background, ring average of its spectrum, kr = 0 fixed by a line fit) and
+    /// deconvolve with it interpolated onto the data's frequency grid: the bead may be
+    /// stepped unlike the data. Periodic edges, matched back projector. Needs the bead's and
+    /// the data's voxel sizes (from their files, or --psf-voxel / --voxel).
+    #[arg(long, requires = "psf")]
+    pub radial_otf: bool,
+    /// A cudaDecon OTF file (radialft's output: kr rows × (re, im) kz pairs) to deconvolve
+    /// with instead of a PSF; give the bead's voxel size with --psf-voxel.
     #[arg(long)]
-    pub psf: PathBuf,
+    pub otf: Option<PathBuf>,
+    /// The bead's voxel size DZ,DXY in µm, where its file records none (--radial-otf, --otf).
+    #[arg(long, value_delimiter = ',', value_parser = super::finite_f64)]
+    pub psf_voxel: Option<Vec<f64>>,
+    /// The data's voxel size DZ,DXY in µm, where the input records none (--radial-otf, --otf).
+    #[arg(long, value_delimiter = ',', value_parser = super::finite_f64)]
+    pub voxel: Option<Vec<f64>>,
+    /// --radial-otf: planes added to the bead's fitted z centre. cudaDecon's radialft (as
+    /// shipped in pycudadecon 0.5.1) adds 0.6; give 0.6 to reproduce its results exactly.
+    #[arg(long, default_value_t = 0.0, value_parser = super::finite_f64)]
+    pub otf_z_offset: f64,
+    /// --radial-otf: the kr = 0 column is re-fitted from kr = 1..N (radialft's --fixorigin; 0: off).
+    #[arg(long, default_value_t = 10)]
+    pub otf_fix_origin: usize,
     /// Number of RL iterations, or "auto": stop at the first iteration that changes the
     /// estimate by less than --stop-change (relative L2), at most --max-iterations.
     #[arg(long, default_value = "50", value_parser = iterations_arg)]
@@ -568,6 +594,23 @@ pub struct RlArgs {
     pub time: Option<usize>,
 }
 
+/// A voxel size (z, y, x µm) from a DZ,DXY option or else from the file's metadata.
+fn voxel_from(option: Option<&[f64]>, recorded: Option<[f64; 3]>, what: &str, flag: &str) -> Result<[f64; 3]> {
+    match (option, recorded) {
+        (Some(v), _) => {
+            if v.len() != 2 {
+                bail!("{flag} takes two numbers, DZ,DXY (µm); got {}", v.len());
+            }
+            if v.iter().any(|x| !(*x > 0.0)) {
+                bail!("{flag} {v:?}: voxel sizes must be positive (µm)");
+            }
+            Ok([v[0], v[1], v[1]])
+        }
+        (None, Some(r)) => Ok(r),
+        (None, None) => bail!("{what} records no voxel size: give it with {flag} DZ,DXY (µm)"),
+    }
+}
+
 pub fn rl(a: &RlArgs) -> Result<()> {
     progress::enable(true);
     let out = super::args::Output {
@@ -575,15 +618,15 @@ pub fn rl(a: &RlArgs) -> Result<()> {
         path: &a.output,
         extensions: super::args::VOLUME_EXTENSIONS,
     };
-    let _guard = super::args::guard_outputs(&[out], &[("the input volume", &a.input), ("the PSF --psf", &a.psf)])?;
-    let input = read_volume_with(&a.input, &read_opts(a.channel, a.time))?;
-    let psf = read_volume_with(&a.psf, &ReadOptions::default())
-        .with_context(|| format!("reading PSF {}", a.psf.display()))?;
-    if let Some(note) = psf::check_voxel_sizes_match(&psf, &input)
-        .with_context(|| format!("PSF {} and data {}", a.psf.display(), a.input.display()))?
-    {
-        eprintln!("note: {note}");
+    let mut inputs = vec![("the input volume", a.input.as_path())];
+    if let Some(p) = &a.psf {
+        inputs.push(("the PSF --psf", p.as_path()));
     }
+    if let Some(p) = &a.otf {
+        inputs.push(("the OTF --otf", p.as_path()));
+    }
+    let _guard = super::args::guard_outputs(&[out], &inputs)?;
+    let input = read_volume_with(&a.input, &read_opts(a.channel, a.time))?;
     let (iterations, stop_change) = match a.iterations {
         Iterations::Fixed(n) => (n, None),
         Iterations::Auto => (a.max_iterations, Some(a.stop_change)),
@@ -614,7 +657,42 @@ pub fn rl(a: &RlArgs) -> Result<()> {
         stop_change,
     };
     let t = Instant::now();
-    let (out, stats) = rln_engine::imaging::rl::richardson_lucy_traced(&input, &psf, &cfg)?;
+    let (out, stats) = match (&a.psf, &a.otf) {
+        (Some(path), None) if !a.radial_otf => {
+            let psf = read_volume_with(path, &ReadOptions::default())
+                .with_context(|| format!("reading PSF {}", path.display()))?;
+            if let Some(note) = psf::check_voxel_sizes_match(&psf, &input)
+                .with_context(|| format!("PSF {} and data {}", path.display(), a.input.display()))?
+            {
+                eprintln!("note: {note}");
+            }
+            rln_engine::imaging::rl::richardson_lucy_traced(&input, &psf, &cfg)?
+        }
+        _ => {
+            let data_voxel = voxel_from(a.voxel.as_deref(), input.voxel_size, "the data", "--voxel")?;
+            let otf = match (&a.psf, &a.otf) {
+                (Some(bead_path), _) => {
+                    let bead = read_volume_with(bead_path, &ReadOptions::default())
+                        .with_context(|| format!("reading bead stack {}", bead_path.display()))?;
+                    let bead_voxel =
+                        voxel_from(a.psf_voxel.as_deref(), bead.voxel_size, "the bead stack", "--psf-voxel")?;
+                    let opts = RadialOtfOptions {
+                        background: None,
+                        fix_origin: a.otf_fix_origin,
+                        z_centre_offset: a.otf_z_offset,
+                    };
+                    RadialOtf::from_bead(&bead, bead_voxel, &opts)
+                        .with_context(|| format!("making the radial OTF of {}", bead_path.display()))?
+                }
+                (None, Some(otf_path)) => {
+                    let v = voxel_from(a.psf_voxel.as_deref(), None, "a cudaDecon OTF file", "--psf-voxel")?;
+                    RadialOtf::read_cudadecon(otf_path, v[0], v[2])?
+                }
+                (None, None) => unreachable!("clap requires --psf or --otf"),
+            };
+            rln_engine::imaging::rl::richardson_lucy_otf(&input, &otf, data_voxel, &cfg)?
+        }
+    };
     let secs = t.elapsed().as_secs_f64();
     out.check_finite("RL result")?;
     if a.verbose {

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod normalize;
 pub mod progress;
 pub mod psf;
+pub mod radial_otf;
 pub mod rl;
 pub mod stream;
 pub mod synth;

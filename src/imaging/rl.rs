@@ -289,6 +289,59 @@ impl RlPlan {
                 wiener_butterworth(&fft, &otf, fwhm_voxels(psf), alpha, beta, order)?
             }
         };
+        Ok(Self::from_spectra(
+            img,
+            p,
+            (ext, off, grid),
+            fft,
+            otf,
+            otf_bp,
+            back_projector,
+            boundary,
+        ))
+    }
+
+    /// Plans deconvolution of `img`-sized volumes of voxel size `voxel` (z, y, x µm) by a
+    /// radially averaged OTF (cudaDecon's way: the OTF interpolated onto the image's own
+    /// frequency grid, periodic edges, matched back projector). The bead behind the OTF may
+    /// be sampled unlike the data.
+    pub fn with_otf(img: [usize; 3], otf: &super::radial_otf::RadialOtf, voxel: [f64; 3]) -> Result<Self> {
+        if img.contains(&0) {
+            return Err(Error::invalid("empty image"));
+        }
+        let fft = Fft3::new(img);
+        let transfer = otf.on_grid(&fft, voxel)?;
+        let back: Vec<Complex32> = transfer.iter().map(|v| v.conj()).collect();
+        Ok(Self::from_spectra(
+            img,
+            [1, 1, 1],
+            (img, [0; 3], img),
+            fft,
+            transfer,
+            back,
+            BackProjector::Matched,
+            Boundary::Periodic,
+        ))
+    }
+
+    /// The rest of a plan once the forward and back projectors' spectra are known: the
+    /// edge normalization B(1_obs) and the observed region.
+    #[allow(clippy::too_many_arguments)]
+    fn from_spectra(
+        img: [usize; 3],
+        p: [usize; 3],
+        (ext, off, grid): ([usize; 3], [usize; 3], [usize; 3]),
+        fft: Fft3,
+        otf: Vec<Complex32>,
+        otf_bp: Vec<Complex32>,
+        back_projector: BackProjector,
+        boundary: Boundary,
+    ) -> Self {
+        let n = fft.real_len();
+        let sl = fft.spectrum_len();
+        let mut scratch = vec![Complex32::default(); sl];
+        let mut buf = vec![0.0f32; n];
+        let [_, gy, gx] = grid;
 
         // B(1_obs): back projection of the indicator of the observed region
         let boundary = match (boundary, back_projector) {
@@ -336,7 +389,7 @@ impl RlPlan {
                     }
                 }
             });
-        Ok(RlPlan {
+        RlPlan {
             img,
             psf_dims: p,
             ext,
@@ -349,7 +402,7 @@ impl RlPlan {
             back_projector,
             boundary,
             observed,
-        })
+        }
     }
 
     pub fn image_dims(&self) -> [usize; 3] {
@@ -809,6 +862,27 @@ pub fn richardson_lucy(input: &Volume, psf: &Volume, cfg: &RlConfig) -> Result<V
 /// [`richardson_lucy`] that also returns each iteration's change and acceleration factor.
 pub fn richardson_lucy_traced(input: &Volume, psf: &Volume, cfg: &RlConfig) -> Result<(Volume, Vec<IterationStat>)> {
     let plan = RlPlan::with_boundary(input.dims, psf, cfg.back_projector, cfg.boundary)?;
+    plan.run_with_options(input, cfg.iterations, cfg.background, &cfg.run_options(), None)
+}
+
+/// [`richardson_lucy_traced`] by a radially averaged OTF instead of a PSF (see
+/// [`RlPlan::with_otf`]); `voxel` is the input's voxel size. Only the matched back
+/// projector and periodic edges exist on this route: `cfg`'s other choices are refused.
+pub fn richardson_lucy_otf(
+    input: &Volume,
+    otf: &super::radial_otf::RadialOtf,
+    voxel: [f64; 3],
+    cfg: &RlConfig,
+) -> Result<(Volume, Vec<IterationStat>)> {
+    if !matches!(cfg.back_projector, BackProjector::Matched) {
+        return Err(Error::invalid("an OTF runs with the matched back projector only"));
+    }
+    if !matches!(cfg.boundary, Boundary::Periodic | Boundary::Auto) {
+        return Err(Error::invalid(
+            "an OTF runs with periodic edges only (the FFT on the image itself, as cudaDecon): use --boundary periodic",
+        ));
+    }
+    let plan = RlPlan::with_otf(input.dims, otf, voxel)?;
     plan.run_with_options(input, cfg.iterations, cfg.background, &cfg.run_options(), None)
 }
 
