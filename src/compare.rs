@@ -178,6 +178,31 @@ pub fn compare_on_synthetic(
     })
 }
 
+/// Writes `path` (PNG): the central XY slices of the first held-out volume that
+/// [`compare_on_synthetic`] scores (same `seed`), labelled input, RLD at `rl_iterations`,
+/// RLN and ground truth, each panel scaled to its own range.
+#[allow(clippy::too_many_arguments)]
+pub fn write_first_volume_montage(
+    pred: &mut dyn TilePredictor,
+    model: &Model<f32>,
+    psf: &Volume,
+    synth: &SynthConfig,
+    seed: u64,
+    rl_iterations: usize,
+    path: &std::path::Path,
+) -> Result<()> {
+    let s = Synthesizer::new(synth, psf)?;
+    let (input, gt) = s.make_pair(mix_seed(seed, 0))?;
+    let rln = deconvolve(pred, model, &input, [256, 256, 256])?;
+    let plan = RlPlan::new(synth.size, psf, BackProjector::Matched)?;
+    let rld = plan.run_silent(&input, rl_iterations, 0.0)?;
+    let label = format!("RLD {rl_iterations} it.");
+    crate::demo::write_montage(
+        path,
+        &[("input", &input), (&label, &rld), ("RLN", &rln), ("ground truth", &gt)],
+    )
+}
+
 /// Parses a comma-separated list of phantom families.
 pub fn families(list: &[Family]) -> Vec<Family> {
     if list.is_empty() {

@@ -56,9 +56,23 @@ pub struct CompareArgs {
     /// Time point of a --psf file with several, from 0.
     #[arg(long)]
     pub time: Option<usize>,
+    /// Also write a PNG of the first volume's central XY slice, labelled: input, RLD at its
+    /// best-PSNR iteration count, RLN, ground truth.
+    #[arg(long)]
+    pub png: Option<PathBuf>,
 }
 
 pub fn compare(a: &CompareArgs) -> Result<()> {
+    let png = a.png.as_deref().map(|path| super::args::Output {
+        role: "the montage --png",
+        path,
+        extensions: &["png"],
+    });
+    let mut inputs = vec![("the model --model", a.model.as_path())];
+    if let Some(p) = &a.psf {
+        inputs.push(("the PSF --psf", p.as_path()));
+    }
+    let _guard = super::args::guard_outputs(png.as_slice(), &inputs)?;
     let mut model = Model::<f32>::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     super::infer::override_percentiles(&mut model, a.percentiles)?;
     let psf = match &a.psf {
@@ -93,6 +107,18 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         &mut |i| bar.set_position(i as u64),
     )?;
     bar.finish_and_clear();
+    if let Some(path) = &a.png {
+        rln_engine::compare::write_first_volume_montage(
+            pred.as_mut(),
+            &model,
+            &psf,
+            &synth,
+            a.seed,
+            r.rld_best_psnr_iterations,
+            path,
+        )?;
+        eprintln!("wrote {}", path.display());
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
