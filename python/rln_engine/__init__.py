@@ -31,6 +31,9 @@ __version__: str = _native.__version__
 #: The network's receptive radius in voxels (even): the context a block cut out of a
 #: larger volume needs on every inner side to match the whole-volume result.
 RECEPTIVE_RADIUS: int = _native.RECEPTIVE_RADIUS
+#: Whether this build reads and writes HDF5 (``file.h5:/dataset``) in :func:`infer_file`
+#: (``MATURIN_PEP517_ARGS="--features hdf5" pip install ./python``, needs libhdf5-dev).
+HDF5: bool = _native.HDF5
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -261,7 +264,7 @@ def infer_file(
 
     Formats (chosen by name, as ``rln-engine convert``): TIFF/BigTIFF, a folder of 2D
     TIFF slices, OME-Zarr (``*.zarr`` folders; level 0 of a multiscale), and HDF5
-    ``file.h5:/dataset`` when built with the ``hdf5`` feature. A TIFF output is written
+    ``file.h5:/dataset`` when built with the ``hdf5`` feature (:data:`HDF5`). A TIFF output is written
     under a temporary name and renamed when complete; an OME-Zarr output is marked
     complete at the end. No output may be an input (``ValueError``).
 
@@ -372,6 +375,7 @@ def threads() -> int:
 
 
 __all__ = [
+    "HDF5",
     "Model",
     "RECEPTIVE_RADIUS",
     "as_volume",

@@ -10,6 +10,7 @@ import numpy.typing as npt
 
 __version__: str
 RECEPTIVE_RADIUS: int
+HDF5: bool
 
 _F32 = npt.NDArray[np.float32]
 

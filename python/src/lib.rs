@@ -486,5 +486,6 @@ fn _rln_engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(threads, m)?)?;
     m.add("RECEPTIVE_RADIUS", rln_engine::infer::tiling::RECEPTIVE_RADIUS)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("HDF5", cfg!(feature = "hdf5"))?;
     Ok(())
 }
