@@ -110,3 +110,25 @@ pub fn finite_f32(s: &str) -> Result<f32, String> {
         Err(format!("{s:?} is beyond the float32 range"))
     }
 }
+
+/// Parses a memory size: "8G", "512M", "1.5GiB" or a number of bytes (`--memory`,
+/// and `memory=` of the Python `infer_file`).
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.trim_end_matches("ib").trim_end_matches('b');
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1usize << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        Some('t') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 8G, 512M)"))?;
+    if !(v > 0.0 && v.is_finite()) {
+        return Err(format!("{s:?}: the size must be positive and finite"));
+    }
+    Ok((v * mult as f64) as usize)
+}

@@ -321,9 +321,10 @@ pub fn temp_path_for(path: &Path) -> PathBuf {
     }
 }
 
-/// Checks that the folder `path` would be written into exists, before any work starts.
+/// Checks that the folder `path` would be written into exists, before any work starts
+/// (of `file.h5:/dataset`, the file's folder: the dataset path is inside the file).
 pub fn check_output_dir(path: &Path) -> Result<()> {
-    match path.parent() {
+    match file_part(path).parent() {
         Some(p) if !p.as_os_str().is_empty() && !p.is_dir() => Err(Error::invalid(format!(
             "output folder {} does not exist: create it first or choose another -o path",
             p.display()
@@ -366,6 +367,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_dir_of_an_hdf5_dataset_is_the_files_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("out.h5:/group/restored");
+        check_output_dir(&ok).unwrap();
+        check_output_dir(&dir.path().join("out.hdf5:/restored")).unwrap();
+        let missing = dir.path().join("no-such-folder").join("out.h5:/restored");
+        let e = check_output_dir(&missing).unwrap_err().to_string();
+        assert!(e.contains("no-such-folder does not exist"), "{e}");
+    }
 
     #[test]
     fn failed_write_leaves_nothing_under_either_name() {

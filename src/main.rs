@@ -47,7 +47,24 @@ enum Cmd {
     Eval(cli::imaging::EvalArgs),
 }
 
+/// Restores the default action of SIGPIPE, so that a closed stdout
+/// (`rln-engine infer --help | head -1`, `rln-engine bench | head`) ends the process
+/// quietly like any Unix filter (killed by SIGPIPE, status 141 in a shell) instead of
+/// `println!` panicking on the EPIPE error that Rust's ignored SIGPIPE turns each write
+/// into. Called first, before clap prints help. Files are written under temporary
+/// names and renamed when complete, so a run ended this way leaves no half-written
+/// file under a final name (its `.NAME.partial-PID` is removed by the next run).
+fn exit_quietly_on_closed_stdout() {
+    #[cfg(unix)]
+    // SAFETY: called at the start of main, before any other thread exists; SIG_DFL is
+    // a valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() {
+    exit_quietly_on_closed_stdout();
     let cli = Cli::parse();
     if let Err(e) = cli::args::check_threads(cli.threads) {
         eprintln!("error: {e:#}");

@@ -342,6 +342,91 @@ fn hdf5_round_trip_keeps_data_voxel_size_and_metadata() {
     assert!(e.contains("missing"), "{e}");
 }
 
+/// The whole-volume reader (`read_volume`) and the streaming one (`open_reader`) choose
+/// an HDF5 dataset through one function: the same dataset, data, attributes, channel
+/// of a 4D dataset, and the same refusals.
+#[cfg(feature = "hdf5")]
+#[test]
+fn hdf5_whole_and_streaming_readers_select_the_same_dataset() {
+    use hdf5_metno as hdf5;
+    use rln_engine::imaging::stream::{open_reader, Region};
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("several.h5");
+    let a: Vec<f32> = (0..4 * 6 * 5).map(|i| i as f32).collect();
+    let b: Vec<f32> = a.iter().map(|v| 1000.0 - 2.0 * v).collect();
+    {
+        let f = hdf5::File::create(&p).unwrap();
+        f.new_dataset::<f32>()
+            .shape([4, 6, 5])
+            .create("a")
+            .unwrap()
+            .write_raw(&a)
+            .unwrap();
+        let ds = f
+            .create_group("g")
+            .unwrap()
+            .new_dataset::<f32>()
+            .shape([4, 6, 5])
+            .create("b")
+            .unwrap();
+        ds.write_raw(&b).unwrap();
+        ds.new_attr::<f64>()
+            .shape(3)
+            .create("element_size_um")
+            .unwrap()
+            .write_raw(&[0.3, 0.1, 0.1])
+            .unwrap();
+        let both: Vec<f32> = a.iter().chain(&b).copied().collect();
+        f.new_dataset::<f32>()
+            .shape([2, 4, 6, 5])
+            .create("c4")
+            .unwrap()
+            .write_raw(&both)
+            .unwrap();
+        f.new_dataset::<f32>()
+            .shape([6, 5])
+            .create("flat")
+            .unwrap()
+            .write_raw(&a[..30])
+            .unwrap();
+    }
+    let whole = |path: String, opts: &ReadOptions| read_volume_with(&path, opts);
+    let streamed = |path: String, opts: &ReadOptions| -> rln_engine::Result<(Vec<f32>, Option<[f64; 3]>)> {
+        let r = open_reader(Path::new(&path), opts)?;
+        let mut v = vec![0f32; r.info().dims.iter().product()];
+        r.read_region(Region::whole(r.info().dims), &mut v)?;
+        Ok((v, r.info().voxel_size))
+    };
+    let at = |ds: &str| format!("{}{ds}", p.display());
+    let plain = ReadOptions::default();
+    // two 3D datasets (the 4D and 2D ones do not count): both refuse, naming them
+    let e1 = whole(at(""), &plain).unwrap_err().to_string();
+    let e2 = streamed(at(""), &plain).unwrap_err().to_string();
+    assert!(e1.contains("several 3D datasets (/a, /g/b)"), "{e1}");
+    assert_eq!(e1, e2);
+    // a named dataset: the same values and voxel size
+    let v = whole(at(":/g/b"), &plain).unwrap();
+    assert_eq!((v.dims, &v.data, v.voxel_size), ([4, 6, 5], &b, Some([0.3, 0.1, 0.1])));
+    assert_eq!(
+        streamed(at(":/g/b"), &plain).unwrap(),
+        (b.clone(), Some([0.3, 0.1, 0.1]))
+    );
+    // a 4D dataset is channels first: --channel 1 is b; without a channel both refuse
+    let ch1 = ReadOptions {
+        channel: Some(1),
+        ..Default::default()
+    };
+    assert_eq!(whole(at(":/c4"), &ch1).unwrap().data, b);
+    assert_eq!(streamed(at(":/c4"), &ch1).unwrap().0, b);
+    let e1 = whole(at(":/c4"), &plain).unwrap_err().to_string();
+    assert!(e1.contains("choose a channel with --channel 0..1"), "{e1}");
+    assert_eq!(e1, streamed(at(":/c4"), &plain).unwrap_err().to_string());
+    // a 2D dataset: the same clear refusal
+    let e1 = whole(at(":/flat"), &plain).unwrap_err().to_string();
+    assert!(e1.contains("input is 2D (6×5); RLN needs a 3D stack"), "{e1}");
+    assert_eq!(e1, streamed(at(":/flat"), &plain).unwrap_err().to_string());
+}
+
 /// An 8×8 float stack whose page p holds the value p + 1, with `desc` as ImageDescription.
 fn described_stack(path: &Path, pages: usize, desc: &str) {
     let f = std::fs::File::create(path).unwrap();

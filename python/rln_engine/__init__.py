@@ -17,6 +17,7 @@ Errors raise ``ValueError`` (bad arrays or arguments), ``FileNotFoundError``/``O
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from typing import Optional, Sequence, Tuple, Union
@@ -30,6 +31,9 @@ __version__: str = _native.__version__
 #: The network's receptive radius in voxels (even): the context a block cut out of a
 #: larger volume needs on every inner side to match the whole-volume result.
 RECEPTIVE_RADIUS: int = _native.RECEPTIVE_RADIUS
+#: Whether this build reads and writes HDF5 (``file.h5:/dataset``) in :func:`infer_file`
+#: (``MATURIN_PEP517_ARGS="--features hdf5" pip install ./python``, needs libhdf5-dev).
+HDF5: bool = _native.HDF5
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -167,25 +171,159 @@ def richardson_lucy(array, psf, iterations: int = 50, background: float = 0.0) -
     return _native.richardson_lucy(as_volume(array), as_volume(psf, "the PSF"), int(iterations), float(background))
 
 
+def _dims_text(keyword: str, value) -> Optional[str]:
+    """One size or three (z, y, x) as the command line's "Z,Y,X" (checked in Rust)."""
+    if value is None or isinstance(value, str):
+        return value
+    if np.isscalar(value):
+        return str(int(value))
+    try:
+        return ",".join(str(int(v)) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{keyword} must be one size or three (z, y, x), got {value!r}") from None
+
+
+def _block_text(block) -> Optional[str]:
+    """``"I/N"`` or ``(i, n)`` as ``"I/N"``."""
+    if block is None or isinstance(block, str):
+        return block
+    try:
+        i, n = block
+        return f"{int(i)}/{int(n)}"
+    except (TypeError, ValueError):
+        raise ValueError(f"block must be \"I/N\" or (i, n), e.g. \"0/4\" or (0, 4); got {block!r}") from None
+
+
+def _region_text(region) -> Optional[str]:
+    """``"z0:z1,y0:y1,x0:x1"``, three ``(start, end)`` pairs or three slices, as the text."""
+    if region is None or isinstance(region, str):
+        return region
+    try:
+        axes = []
+        for r in region:
+            lo, hi = (r.start, r.stop) if isinstance(r, slice) else r
+            axes.append(f"{int(lo)}:{int(hi)}")
+    except (TypeError, ValueError):
+        axes = []
+    if len(axes) != 3:
+        raise ValueError(
+            "region must be \"z0:z1,y0:y1,x0:x1\" or three (start, end) pairs or slices "
+            f"(half-open, z, y, x); got {region!r}"
+        )
+    return ",".join(axes)
+
+
+def _memory_text(memory) -> Optional[str]:
+    if memory is None or isinstance(memory, str):
+        return memory
+    if isinstance(memory, (int, np.integer)) and not isinstance(memory, bool):
+        return str(int(memory))
+    raise ValueError(f"memory must be a size such as \"4G\" or \"512M\", or a number of bytes; got {memory!r}")
+
+
+def _percentiles_text(percentiles) -> Optional[str]:
+    if percentiles is None or isinstance(percentiles, str):
+        return percentiles
+    try:
+        lo, hi = percentiles
+        return f"{float(lo)!r},{float(hi)!r}"
+    except (TypeError, ValueError):
+        raise ValueError(f"percentiles must be (low, high), e.g. (2.0, 99.5); got {percentiles!r}") from None
+
+
 def infer_file(
     model: Union[Model, PathLike],
     input: PathLike,
     output: PathLike,
+    *,
+    input2: Optional[PathLike] = None,
     device: str = "auto",
+    devices: Optional[Sequence[int]] = None,
     fp16: bool = False,
-    tile: Union[None, int, Sequence[int]] = None,
+    memory: Union[None, str, int] = None,
+    tile: Union[None, int, str, Sequence[int]] = None,
+    overlap: Union[int, str, Sequence[int]] = (10, 24, 24),
+    context: int = RECEPTIVE_RADIUS,
+    normalize: str = "global",
+    percentiles: Union[None, str, Tuple[float, float]] = None,
+    norm_stats: Optional[PathLike] = None,
+    rescale: bool = True,
     output_dtype: str = "f32",
-) -> None:
-    """Deconvolves the volume ``input`` into ``output``: TIFF/BigTIFF, a folder of 2D
-    TIFF slices, OME-Zarr (``*.zarr`` directories; level 0 of a multiscale), or HDF5
-    ``file.h5:/dataset`` when built with HDF5; the output format follows its name
-    (TIFF written under a temporary name and renamed when complete; never the input).
-    ``output_dtype`` is "f32", "f16" or "u16" (a value that does not fit raises).
-    This version holds the whole volume in memory (``rln-engine infer`` streams)."""
+    chunks: Union[None, int, str, Sequence[int]] = None,
+    create_only: bool = False,
+    block: Union[None, str, Tuple[int, int]] = None,
+    region: Union[None, str, Sequence] = None,
+    resume: bool = False,
+    channel: Optional[int] = None,
+    time: Optional[int] = None,
+) -> dict:
+    """Deconvolves the volume file ``input`` into ``output`` by streaming it through the
+    network: ``rln-engine infer MODEL INPUT -o OUTPUT`` with the same options as
+    keywords, the same defaults, and the same result (bit for bit). Memory is bounded by
+    ``memory``, not by the volume; the GIL is released while it runs.
+
+    Formats (chosen by name, as ``rln-engine convert``): TIFF/BigTIFF, a folder of 2D
+    TIFF slices, OME-Zarr (``*.zarr`` folders; level 0 of a multiscale), and HDF5
+    ``file.h5:/dataset`` when built with the ``hdf5`` feature (:data:`HDF5`). A TIFF output is written
+    under a temporary name and renamed when complete; an OME-Zarr output is marked
+    complete at the end. No output may be an input (``ValueError``).
+
+    Keywords (the CLI's flag in brackets):
+
+    - ``input2``: second view of an RLN-dual model [``--input2``].
+    - ``device``: ``"auto"`` (CUDA when usable, else the CPU with a ``RuntimeWarning``),
+      ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` [``--device``]; ``devices``: CUDA ordinals
+      [``--devices``]; ``fp16``: FP16 storage on the GPU (refused with ``"cpu"``) [``--fp16``].
+    - ``memory``: host memory for the tiles in flight, ``"4G"``, ``"512M"`` or bytes
+      (default: 4 GiB or half the available RAM) [``--memory``]; ``tile``: largest tile
+      core, one size or (z, y, x), at least 16, overriding ``memory`` [``--tile``].
+    - ``overlap``, ``context``, ``normalize`` (``"global"`` or ``"per-tile"``),
+      ``percentiles`` (low, high): the tiling and normalization [``--overlap``,
+      ``--context``, ``--normalize``, ``--percentiles``]; ``norm_stats``: a JSON file of
+      global normalization statistics, read if it exists, else written [``--norm-stats``].
+    - ``rescale``: map the output back to the input's range (``False``: ``--no-rescale``);
+      ``output_dtype``: ``"f32"``, ``"f16"`` or ``"u16"`` [``--output-dtype``];
+      ``chunks``: chunk shape of a created OME-Zarr output [``--chunks``].
+    - Split jobs into an OME-Zarr store: ``create_only`` [``--create-only``], ``block``
+      ``"I/N"`` or ``(i, n)`` [``--block``], ``region`` ``"z0:z1,y0:y1,x0:x1"`` or three
+      ``(start, end)`` pairs [``--region``], ``resume`` [``--resume``].
+    - ``channel``, ``time``: the channel / time point of a multi-channel or time-lapse
+      input [``--channel``, ``--time``].
+
+    Returns the run's summary as a dict (what ``rln-engine infer --json`` prints: dims,
+    tiles, core, memory_budget_bytes, predictor, phases, normalization, seconds, ...).
+    A bad option raises ``ValueError`` with what is expected; a missing input
+    ``FileNotFoundError``.
+    """
     path = model.path if isinstance(model, Model) else os.fspath(model)
-    note = _native.infer_file(path, os.fspath(input), os.fspath(output), str(device), bool(fp16), _tile(tile), str(output_dtype))
+    summary_json, note = _native.infer_file(
+        path,
+        os.fspath(input),
+        os.fspath(output),
+        input2=None if input2 is None else os.fspath(input2),
+        device=str(device),
+        devices=None if devices is None else [int(d) for d in devices],
+        fp16=bool(fp16),
+        memory=_memory_text(memory),
+        tile=_dims_text("tile", tile),
+        overlap=_dims_text("overlap", overlap),
+        context=int(context),
+        normalize=str(normalize),
+        percentiles=_percentiles_text(percentiles),
+        norm_stats=None if norm_stats is None else os.fspath(norm_stats),
+        rescale=bool(rescale),
+        output_dtype=str(output_dtype),
+        chunks=_dims_text("chunks", chunks),
+        create_only=bool(create_only),
+        block=_block_text(block),
+        region=_region_text(region),
+        resume=bool(resume),
+        channel=None if channel is None else int(channel),
+        time=None if time is None else int(time),
+    )
     if note:
         warnings.warn(f"rln_engine: {note}", RuntimeWarning, stacklevel=2)
+    return json.loads(summary_json)
 
 
 def _flag(name: str, value) -> list:
@@ -237,6 +375,7 @@ def threads() -> int:
 
 
 __all__ = [
+    "HDF5",
     "Model",
     "RECEPTIVE_RADIUS",
     "as_volume",

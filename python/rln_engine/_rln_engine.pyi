@@ -10,6 +10,7 @@ import numpy.typing as npt
 
 __version__: str
 RECEPTIVE_RADIUS: int
+HDF5: bool
 
 _F32 = npt.NDArray[np.float32]
 
@@ -43,11 +44,30 @@ def infer_file(
     model_path: str,
     input: str,
     output: str,
+    *,
+    input2: Optional[str],
     device: str,
+    devices: Optional[list[int]],
     fp16: bool,
-    tile: Optional[Tuple[int, int, int]],
+    memory: Optional[str],
+    tile: Optional[str],
+    overlap: str,
+    context: int,
+    normalize: str,
+    percentiles: Optional[str],
+    norm_stats: Optional[str],
+    rescale: bool,
     output_dtype: str,
-) -> Optional[str]: ...
+    chunks: Optional[str],
+    create_only: bool,
+    block: Optional[str],
+    region: Optional[str],
+    resume: bool,
+    channel: Optional[int],
+    time: Optional[int],
+) -> Tuple[str, Optional[str]]:
+    """rln-engine infer with the CLI's options as text; returns (summary JSON, note)."""
+    ...
 def cuda_available() -> bool: ...
 def set_threads(n: int) -> None: ...
 def threads() -> int: ...

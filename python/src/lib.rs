@@ -11,7 +11,6 @@ use rln_engine::imaging::io::{OutputDtype, ReadOptions};
 use rln_engine::imaging::metrics;
 use rln_engine::imaging::psf::{self, GibsonLanni, PsfSpec};
 use rln_engine::imaging::rl::{richardson_lucy as rl, RlConfig};
-use rln_engine::imaging::stream;
 use rln_engine::imaging::volume::Volume;
 use rln_engine::infer::buffers::{
     deconvolve_slice, global_normalization, normalization_from_values, open_predictor, Device,
@@ -20,7 +19,7 @@ use rln_engine::infer::stitch::Affine;
 use rln_engine::infer::TilePredictor;
 use rln_engine::model::Model as EngineModel;
 use rln_engine::Error;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 /// The library's error as the Python exception a caller expects.
@@ -306,68 +305,155 @@ fn train(py: Python<'_>, flags: Vec<String>, command_line: String) -> PyResult<(
         .map_err(|e| PyRuntimeError::new_err(format!("{e:#}")))
 }
 
-/// Reads `input` (any format of `rln_engine::imaging::stream`: TIFF, slice folder,
-/// OME-Zarr, HDF5 with the feature) into memory, deconvolves it, writes `output` through
-/// the stream writers (TIFF under a temporary name renamed when complete; OME-Zarr
-/// marked complete at the end). Returns a note when device "auto" fell back to the CPU.
+/// An option's value through the CLI's parser of it, or a `ValueError` naming the
+/// keyword, the value and what is expected.
+fn parsed<T>(keyword: &str, value: &str, parse: impl Fn(&str) -> Result<T, String>) -> PyResult<T> {
+    parse(value).map_err(|e| PyValueError::new_err(format!("{keyword}={value:?}: {e}")))
+}
+
+fn parsed_opt<T>(keyword: &str, value: Option<&str>, parse: impl Fn(&str) -> Result<T, String>) -> PyResult<Option<T>> {
+    value.map(|v| parsed(keyword, v, parse)).transpose()
+}
+
+/// An error of the CLI's argument checks (anyhow around the library's error).
+fn check_to_py(e: anyhow::Error) -> PyErr {
+    match e.downcast::<Error>() {
+        Ok(e) => to_py(e),
+        Err(e) => PyValueError::new_err(format!("{e:#}")),
+    }
+}
+
+/// `rln-engine infer MODEL INPUT -o OUTPUT` with the CLI's options (the Python wrapper
+/// passes sizes, tuples, blocks and regions as the command line's text, so that they
+/// are checked by the same parsers): streams the volume through the network with
+/// bounded memory (`rln_engine::infer::stream::infer_file`). Returns the run's summary
+/// as JSON (what `infer --json` prints) and a note when device "auto" ran on the CPU.
 #[pyfunction]
-#[pyo3(signature = (model_path, input, output, device, fp16, tile, output_dtype))]
+#[pyo3(signature = (
+    model_path, input, output, *, input2, device, devices, fp16, memory, tile, overlap,
+    context, normalize, percentiles, norm_stats, rescale, output_dtype, chunks,
+    create_only, block, region, resume, channel, time
+))]
+#[allow(clippy::too_many_arguments)]
 fn infer_file(
     py: Python<'_>,
     model_path: PathBuf,
     input: PathBuf,
     output: PathBuf,
+    input2: Option<PathBuf>,
     device: &str,
+    devices: Option<Vec<usize>>,
     fp16: bool,
-    tile: Option<(usize, usize, usize)>,
+    memory: Option<&str>,
+    tile: Option<&str>,
+    overlap: &str,
+    context: usize,
+    normalize: &str,
+    percentiles: Option<&str>,
+    norm_stats: Option<PathBuf>,
+    rescale: bool,
     output_dtype: &str,
-) -> PyResult<Option<String>> {
-    let device: Device = device.parse().map_err(to_py)?;
-    let dtype: OutputDtype = output_dtype.parse().map_err(to_py)?;
-    py.detach(|| -> rln_engine::Result<Option<String>> {
-        if same_file(&input, &output) {
-            return Err(Error::invalid(format!(
-                "the output {} is the input: give another output name",
-                output.display()
-            )));
-        }
-        rln_engine::fsutil::check_output_dir(&output)?;
-        let model = EngineModel::<f32>::load(&model_path)?;
-        let reader = stream::open_reader(&input, &ReadOptions::default())?;
-        let info = reader.info().clone();
-        let whole = stream::Region::whole(info.dims);
-        let mut data = vec![0f32; whole.voxels()];
-        reader.read_region(whole, &mut data)?;
-        drop(reader);
-        let (mut pred, note) = open_predictor(&model, device, fp16)?;
-        let out = deconvolve_slice(
-            pred.as_mut(),
-            &model,
-            info.dims,
-            &data,
-            tile.map(|t| [t.0, t.1, t.2]),
-            None,
-        )?;
-        let spec = stream::WriterSpec {
-            dims: info.dims,
-            dtype,
-            chunks: None,
-            voxel_size: info.voxel_size,
-            metadata: info.metadata.clone(),
-        };
-        let writer = stream::create_writer(&output, &spec)?;
-        writer.write_region(whole, &out)?;
-        writer.finish()?;
-        Ok(note)
-    })
-    .map_err(to_py)
-}
+    chunks: Option<&str>,
+    create_only: bool,
+    block: Option<&str>,
+    region: Option<&str>,
+    resume: bool,
+    channel: Option<usize>,
+    time: Option<usize>,
+) -> PyResult<(String, Option<String>)> {
+    use rln_engine::args::{check_fp16_on_cpu, check_tile, guard_outputs, parse_bytes, Output, VOLUME_EXTENSIONS};
+    use rln_engine::infer::stitch::NormalizeMode;
+    use rln_engine::infer::stream::{self as streaming, plan, InferFileOptions, PredictorChoice};
+    use rln_engine::train::command::{parse_dims, parse_range};
 
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => a == b,
-    }
+    let device: Device = device.parse().map_err(to_py)?;
+    let output_dtype: OutputDtype = output_dtype.parse().map_err(to_py)?;
+    let normalize = match normalize {
+        "global" => NormalizeMode::Global,
+        "per-tile" | "per_tile" => NormalizeMode::PerTile,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "normalize={other:?}: give \"global\" or \"per-tile\""
+            )))
+        }
+    };
+    let memory = parsed_opt("memory", memory, parse_bytes)?;
+    let tile = parsed_opt("tile", tile, parse_dims)?;
+    let overlap = parsed("overlap", overlap, parse_dims)?;
+    let percentiles = parsed_opt("percentiles", percentiles, parse_range)?;
+    let chunks = parsed_opt("chunks", chunks, parse_dims)?;
+    let block = parsed_opt("block", block, plan::parse_block)?;
+    let region = parsed_opt("region", region, plan::parse_region)?;
+    check_tile(tile).map_err(check_to_py)?;
+    check_fp16_on_cpu(fp16, device == Device::Cpu).map_err(check_to_py)?;
+    let predictor = match (&devices, device) {
+        (Some(_), Device::Cpu) => {
+            return Err(PyValueError::new_err(
+                "devices= names CUDA devices; it does not go with device=\"cpu\"",
+            ))
+        }
+        (Some(d), _) => PredictorChoice::Cuda {
+            devices: d.clone(),
+            fp16,
+        },
+        (None, Device::Cpu) => PredictorChoice::Cpu,
+        (None, Device::Cuda(n)) => PredictorChoice::Cuda { devices: vec![n], fp16 },
+        (None, Device::Auto) => PredictorChoice::Auto { fp16 },
+    };
+
+    let mut o = InferFileOptions::new(model_path, input, output);
+    o.input2 = input2;
+    o.predictor = predictor;
+    o.percentiles = percentiles.map(|(lo, hi)| [lo, hi]);
+    o.normalize = normalize;
+    o.rescale_output = rescale;
+    o.output_dtype = output_dtype;
+    o.chunks = chunks;
+    o.memory = memory;
+    o.tile = tile;
+    o.overlap = overlap;
+    o.context = context;
+    o.norm_stats = norm_stats;
+    o.create_only = create_only;
+    o.block = block;
+    o.region = region;
+    o.resume = resume;
+    o.read_options = ReadOptions {
+        channel,
+        time,
+        ..Default::default()
+    };
+    let summary = py.detach(|| -> PyResult<streaming::InferSummary> {
+        // as the CLI: no output may be an input; a whole run locks its output
+        // against a second writer, split runs share a store
+        let mut inputs = vec![("the model", o.model.as_path()), ("the input", o.input.as_path())];
+        inputs.extend(o.input2.as_deref().map(|p| ("the second view input2", p)));
+        inputs.extend(
+            o.norm_stats
+                .as_deref()
+                .filter(|p| p.exists())
+                .map(|p| ("the norm_stats file", p)),
+        );
+        let split = o.block.is_some() || o.region.is_some() || o.resume;
+        let _guard = if split {
+            rln_engine::fsutil::refuse_overwriting_inputs(&[("the output", o.output.as_path())], &inputs)
+                .map_err(to_py)?;
+            None
+        } else {
+            let out = Output {
+                role: "the output",
+                path: &o.output,
+                extensions: VOLUME_EXTENSIONS,
+            };
+            Some(guard_outputs(&[out], &inputs).map_err(check_to_py)?)
+        };
+        streaming::infer_file(&o).map_err(to_py)
+    })?;
+    let note = (device == Device::Auto && !summary.copied_input && summary.predictor.starts_with("CPU"))
+        .then(|| "no usable CUDA device; running on the CPU".to_string());
+    let json =
+        serde_json::to_string(&summary).map_err(|e| PyRuntimeError::new_err(format!("the run's summary: {e}")))?;
+    Ok((json, note))
 }
 
 #[pyfunction]
@@ -400,5 +486,6 @@ fn _rln_engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(threads, m)?)?;
     m.add("RECEPTIVE_RADIUS", rln_engine::infer::tiling::RECEPTIVE_RADIUS)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("HDF5", cfg!(feature = "hdf5"))?;
     Ok(())
 }

@@ -156,21 +156,148 @@ def test_metrics_equal_the_cli(tmp_path, cli, volume, model):
         rln_engine.metrics.ssim(gt, pred[1:])
 
 
-def test_infer_file(tmp_path, model, volume):
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+#: summary fields that time the run or name its files (the rest must equal the CLI's)
+RUN_SPECIFIC = {"input", "output", "seconds", "voxels_per_s", "phases", "normalization_seconds", "peak_rss_bytes"}
+
+
+def test_infer_file_streams_like_the_cli(tmp_path, cli, model, model_path, volume):
     tifffile.imwrite(tmp_path / "in.tif", volume)
-    rln_engine.infer_file(model, tmp_path / "in.tif", tmp_path / "out.tif", device="cpu")
-    assert np.array_equal(tifffile.imread(tmp_path / "out.tif"), model.deconvolve(volume, device="cpu"))
+    summary = rln_engine.infer_file(model, tmp_path / "in.tif", tmp_path / "out.tif", device="cpu")
+    run(cli, "infer", model_path, tmp_path / "in.tif", "-o", tmp_path / "cli.tif", "--device", "cpu")
+    got = tifffile.imread(tmp_path / "out.tif")
+    assert got.dtype == np.float32 and got.shape == volume.shape
+    assert np.array_equal(got, tifffile.imread(tmp_path / "cli.tif")), "infer_file differs from `rln-engine infer`"
+    reference = model.deconvolve(volume, device="cpu")
+    print(f"infer_file vs deconvolve on {volume.shape}: rel L2 {rel_l2(got, reference):.2e}")
+    assert rel_l2(got, reference) <= 1e-6
+    assert rel_l2(got, volume) > 0.05  # a deconvolution, not a copy
+    assert summary["dims"] == list(volume.shape)
+    assert summary["tiling"] == "cores" and summary["tiles"] == summary["tiles_total"] >= 1
+    assert summary["voxels"] == volume.size and summary["predictor"].startswith("CPU")
+    # refusals: the input as output, a missing input; nothing is left behind (no lock)
     with pytest.raises(ValueError, match="is the input"):
         rln_engine.infer_file(model, tmp_path / "in.tif", tmp_path / "in.tif", device="cpu")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing.tif"):
         rln_engine.infer_file(model, tmp_path / "missing.tif", tmp_path / "x.tif", device="cpu")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "out.tif"]
-    # an OME-Zarr store in and out (the stream formats)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli.tif", "in.tif", "out.tif"]
+
+
+def test_infer_file_options_equal_the_cli_flags(tmp_path, cli, model_path, volume):
+    """Each keyword maps to its flag: the output (bit for bit), the summary and the
+    normalization statistics equal the CLI's with the same flags."""
+    tifffile.imwrite(tmp_path / "in.tif", volume)
+    py = rln_engine.infer_file(
+        model_path, tmp_path / "in.tif", tmp_path / "py.tif", device="cpu", memory="64M", tile=(16, 48, 48),
+        context=20, percentiles=(1.0, 99.0), norm_stats=tmp_path / "py-stats.json",
+        output_dtype="f16",
+    )
+    out = run(cli, "infer", model_path, tmp_path / "in.tif", "-o", tmp_path / "cli.tif", "--device", "cpu",
+              "--memory", "64M", "--tile", "16,48,48", "--context", 20,
+              "--percentiles", "1,99", "--norm-stats", tmp_path / "cli-stats.json", "--output-dtype", "f16",
+              "--json").stdout
+    import json
+
+    want = json.loads(out)
+    got = tifffile.imread(tmp_path / "py.tif")
+    assert got.dtype == np.float16
+    assert np.array_equal(got, tifffile.imread(tmp_path / "cli.tif"))
+    assert {k: v for k, v in py.items() if k not in RUN_SPECIFIC} == {k: v for k, v in want.items() if k not in RUN_SPECIFIC}
+    assert py["memory_budget_bytes"] == 64 << 20 and py["context"] == 20 and py["tiles_total"] > 1
+    assert json.loads((tmp_path / "py-stats.json").read_text()) == json.loads((tmp_path / "cli-stats.json").read_text())
+    # the authors' blended tiling (per-tile normalization, overlapping cores) without rescaling
+    py = rln_engine.infer_file(model_path, tmp_path / "in.tif", tmp_path / "py2.tif", device="cpu", tile=32,
+                               overlap=(4, 8, 8), normalize="per-tile", rescale=False)
+    run(cli, "infer", model_path, tmp_path / "in.tif", "-o", tmp_path / "cli2.tif", "--device", "cpu", "--tile", 32,
+        "--overlap", "4,8,8", "--normalize", "per-tile", "--no-rescale")
+    assert py["tiling"] != "cores"
+    assert np.array_equal(tifffile.imread(tmp_path / "py2.tif"), tifffile.imread(tmp_path / "cli2.tif"))
+
+
+def test_infer_file_into_ome_zarr_and_split_jobs(tmp_path, model, volume):
     zarr = pytest.importorskip("zarr")
     zarr.open_array(str(tmp_path / "in.zarr"), mode="w", shape=volume.shape, chunks=(12, 48, 48), dtype="f4")[...] = volume
-    rln_engine.infer_file(model, tmp_path / "in.zarr", tmp_path / "out.ome.zarr", device="cpu", output_dtype="f32")
+    opts = dict(device="cpu", tile=(16, 48, 48), chunks=(8, 48, 48))
+    full = rln_engine.infer_file(model, tmp_path / "in.zarr", tmp_path / "out.ome.zarr", **opts)
+    assert full["complete"] and full["format_out"] == full["format_in"]
     got = zarr.open_group(str(tmp_path / "out.ome.zarr"), mode="r")["0"][...]
-    assert np.array_equal(got, model.deconvolve(volume, device="cpu"))
+    assert got.dtype == np.float32 and got.shape == volume.shape
+    assert rel_l2(got, model.deconvolve(volume, device="cpu")) <= 1e-6
+    # a split job: create the store, then its blocks in any order, as on a cluster
+    created = rln_engine.infer_file(model, tmp_path / "in.zarr", tmp_path / "split.zarr", create_only=True,
+                                    norm_stats=tmp_path / "stats.json", **opts)
+    assert created["tiles"] == 0 and created["tiles_total"] == full["tiles_total"] > 2
+    assert (tmp_path / "stats.json").is_file()
+    for block in ["2/3", (0, 3), "1/3"]:
+        rln_engine.infer_file(model, tmp_path / "in.zarr", tmp_path / "split.zarr", block=block,
+                              norm_stats=tmp_path / "stats.json", **opts)
+    assert np.array_equal(zarr.open_group(str(tmp_path / "split.zarr"), mode="r")["0"][...], got)
+    # a region, and resume of a finished block (nothing to do)
+    again = rln_engine.infer_file(model, tmp_path / "in.zarr", tmp_path / "split.zarr", region=((0, 8), (0, 48), (0, 48)),
+                                  **opts)
+    assert again["tiles"] == 1
+    done = rln_engine.infer_file(model, tmp_path / "in.zarr", tmp_path / "split.zarr", block="1/3", resume=True, **opts)
+    assert done["tiles"] == 0
+    assert np.array_equal(zarr.open_group(str(tmp_path / "split.zarr"), mode="r")["0"][...], got)
+
+
+def test_infer_file_reads_slice_folders_and_hdf5(tmp_path, model_path):
+    vol = widefield_volume((12, 40, 40), seed=8)
+    tifffile.imwrite(tmp_path / "stack.tif", vol)
+    (tmp_path / "slices").mkdir()
+    for z, plane in enumerate(vol):
+        tifffile.imwrite(tmp_path / "slices" / f"z{z:03d}.tif", plane)
+    rln_engine.infer_file(model_path, tmp_path / "stack.tif", tmp_path / "a.tif", device="cpu")
+    s = rln_engine.infer_file(model_path, tmp_path / "slices", tmp_path / "b.tif", device="cpu")
+    assert s["format_in"] == "slices"
+    expected = tifffile.imread(tmp_path / "a.tif")
+    assert np.array_equal(tifffile.imread(tmp_path / "b.tif"), expected)
+    if not rln_engine.HDF5:
+        with pytest.raises(ValueError, match="no HDF5 support"):
+            rln_engine.infer_file(model_path, tmp_path / "stack.tif", tmp_path / "c.h5", device="cpu")
+        pytest.skip("SKIP (HDF5 part): built without the hdf5 feature")
+    # an HDF5 output holds what the TIFF output holds: deconvolving either again is equal
+    s = rln_engine.infer_file(model_path, tmp_path / "stack.tif", f"{tmp_path / 'c.h5'}:/restored", device="cpu")
+    assert s["format_out"] == "hdf5"
+    rln_engine.infer_file(model_path, f"{tmp_path / 'c.h5'}:/restored", tmp_path / "again-h5.tif", device="cpu")
+    rln_engine.infer_file(model_path, tmp_path / "a.tif", tmp_path / "again-tif.tif", device="cpu")
+    assert np.array_equal(tifffile.imread(tmp_path / "again-h5.tif"), tifffile.imread(tmp_path / "again-tif.tif"))
+
+
+def test_infer_file_bad_options_raise_clear_errors(tmp_path, model):
+    vol = widefield_volume((8, 32, 32), seed=7)
+    tifffile.imwrite(tmp_path / "in.tif", vol)
+    bad = [
+        (dict(memory="abc"), r'memory="abc": "abc" is not a size \(e\.g\. 8G, 512M\)'),
+        (dict(memory=-5), r'memory="-5": .*must be positive'),
+        (dict(block="3/2"), r'block="3/2": .*block index must satisfy 0 ≤ I < N'),
+        (dict(block="x"), r'block="x": .*a block is I/N'),
+        (dict(region="0:8,0:10"), r"region=.*a region is z0:z1,y0:y1,x0:x1"),
+        (dict(region=((0, 8), (0, 8))), r"region must be"),
+        (dict(tile=(8, 48, 48)), r"tile core size must be at least 16"),
+        (dict(tile="a,b"), r'tile="a,b"'),
+        (dict(percentiles=(99.0, 1.0)), r"percentiles"),
+        (dict(normalize="local"), r'normalize="local": give "global" or "per-tile"'),
+        (dict(output_dtype="f64"), r"f64"),
+        (dict(device="tpu"), r"unknown device"),
+        (dict(device="cpu", fp16=True), r"fp16.*GPU"),
+        (dict(device="cpu", devices=[0]), r"devices= names CUDA devices"),
+        (dict(block=(0, 2)), r"chunked store.*is not one"),
+    ]
+    for opts, message in bad:
+        with pytest.raises(ValueError, match=message):
+            rln_engine.infer_file(model, tmp_path / "in.tif", tmp_path / "out.tif", **{"device": "cpu", **opts})
+    with pytest.raises(ValueError, match="does not exist: create it first"):
+        rln_engine.infer_file(model, tmp_path / "in.tif", tmp_path / "out.zarr", device="cpu", block="0/2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"], "a refused call left files behind"
+    if not rln_engine.cuda_available():
+        with pytest.warns(RuntimeWarning, match="running on the CPU"):
+            s = rln_engine.infer_file(model, tmp_path / "in.tif", tmp_path / "auto.tif")
+        assert s["predictor"].startswith("CPU")
 
 
 def test_train_equals_the_cli(tmp_path, cli):

@@ -21,26 +21,7 @@ pub enum Device {
     Cuda,
 }
 
-/// Parses "8G", "512M", "1.5GiB" or a number of bytes.
-pub fn parse_bytes(s: &str) -> Result<usize, String> {
-    let t = s.trim().to_ascii_lowercase();
-    let t = t.trim_end_matches("ib").trim_end_matches('b');
-    let (num, mult) = match t.chars().last() {
-        Some('k') => (&t[..t.len() - 1], 1usize << 10),
-        Some('m') => (&t[..t.len() - 1], 1 << 20),
-        Some('g') => (&t[..t.len() - 1], 1 << 30),
-        Some('t') => (&t[..t.len() - 1], 1 << 40),
-        _ => (t, 1),
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 8G, 512M)"))?;
-    if !(v > 0.0) {
-        return Err(format!("{s:?}: the size must be positive"));
-    }
-    Ok((v * mult as f64) as usize)
-}
+pub use rln_engine::args::parse_bytes;
 
 #[derive(Args, Debug)]
 #[command(after_long_help = INFER_NOTES)]

@@ -1,11 +1,14 @@
-//! HDF5 datasets (cargo feature `hdf5`): one 3D dataset per volume, chunked, with the
-//! voxel size in the attribute `element_size_um` (z, y, x) and metadata JSON in `rln_metadata`.
+//! HDF5 datasets (cargo feature `hdf5`) as whole volumes in memory: one 3D dataset per
+//! volume, chunked, with the voxel size in the attribute `element_size_um` (z, y, x) and
+//! metadata JSON in `rln_metadata`. Reading, dataset choice and attributes are those of
+//! the streaming reader (`crate::imaging::stream::hdf5`).
 
 use super::io::{OutputDtype, ReadOptions};
+use super::stream::hdf5::{write_attributes, Hdf5Reader};
+use super::stream::{Region, VolumeReader};
 use super::volume::Volume;
 use crate::error::{Error, Result};
 use crate::fsutil::{check_output_dir, temp_path_for};
-use hdf5::types::VarLenUnicode;
 use hdf5_metno as hdf5;
 use std::path::Path;
 
@@ -13,120 +16,31 @@ fn h5err(path: &Path, e: hdf5::Error) -> Error {
     Error::format(path, format!("HDF5: {e}"))
 }
 
-fn find_3d_datasets(g: &hdf5::Group, prefix: &str, out: &mut Vec<String>) {
-    for name in g.member_names().unwrap_or_default() {
-        let full = format!("{prefix}/{name}");
-        if let Ok(ds) = g.dataset(&name) {
-            if ds.ndim() == 3 {
-                out.push(full);
-            }
-        } else if let Ok(sub) = g.group(&name) {
-            find_3d_datasets(&sub, &full, out);
-        }
-    }
-}
-
+/// A whole dataset in memory, read through the streaming reader
+/// ([`crate::imaging::stream::hdf5::Hdf5Reader`]), so that both paths choose the dataset
+/// (the named one, else the file's only 3D dataset), a 4D dataset's channel, and read
+/// the attributes the same way.
 pub fn read_hdf5(path: &Path, dataset: Option<&str>, opts: &ReadOptions) -> Result<Volume> {
-    if std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len() == 0 {
-        return Err(Error::format(path, "file is empty"));
-    }
-    let file = hdf5::File::open(path).map_err(|e| h5err(path, e))?;
-    let name = match dataset {
-        Some(d) => d.to_string(),
-        None => {
-            let mut found = Vec::new();
-            find_3d_datasets(&file, "", &mut found);
-            match found.len() {
-                1 => found.remove(0),
-                0 => {
-                    return Err(Error::format(
-                        path,
-                        "no 3D dataset in the file; name one as FILE.h5:/dataset",
-                    ))
-                }
-                _ => {
-                    return Err(Error::invalid(format!(
-                        "{}: several 3D datasets ({}); choose one as FILE.h5:/dataset",
-                        path.display(),
-                        found.join(", ")
-                    )))
-                }
-            }
-        }
-    };
-    let ds = file
-        .dataset(&name)
-        .map_err(|e| Error::format(path, format!("dataset {name}: {e}")))?;
-    let shape = ds.shape();
-    let dims: [usize; 3] = match shape.len() {
-        3 => [shape[0], shape[1], shape[2]],
-        2 if opts.allow_2d => [1, shape[0], shape[1]],
-        2 => {
-            return Err(Error::invalid(format!(
-                "{}:{name}: input is 2D ({}×{}); RLN needs a 3D stack",
-                path.display(),
-                shape[0],
-                shape[1]
-            )))
-        }
-        4 => match opts.channel {
-            Some(c) if c < shape[0] => {
-                let all: Vec<f32> = ds.read_raw().map_err(|e| h5err(path, e))?;
-                let n = shape[1] * shape[2] * shape[3];
-                let mut v = Volume::new([shape[1], shape[2], shape[3]], all[c * n..(c + 1) * n].to_vec())?;
-                read_attrs(&ds, &mut v, path)?;
-                if opts.check_finite {
-                    v.check_finite(&format!("{}:{name}", path.display()))?;
-                }
-                return Ok(v);
-            }
-            _ => {
-                return Err(Error::invalid(format!(
-                    "{}:{name}: 4D dataset {:?} (channels first); choose a channel with --channel 0..{}",
-                    path.display(),
-                    shape,
-                    shape[0].saturating_sub(1)
-                )))
-            }
+    // finiteness is checked on the whole volume below, with the whole-volume message
+    let reader = Hdf5Reader::open(
+        path,
+        dataset,
+        &ReadOptions {
+            check_finite: false,
+            ..opts.clone()
         },
-        _ => {
-            return Err(Error::invalid(format!(
-                "{}:{name}: dataset has shape {shape:?}; a 3D volume is needed",
-                path.display()
-            )))
-        }
-    };
-    if dims[0] <= 1 && !opts.allow_2d {
-        return Err(Error::invalid(format!(
-            "{}:{name}: input is 2D ({}×{}); RLN needs a 3D stack",
-            path.display(),
-            dims[1],
-            dims[2]
-        )));
-    }
-    let data: Vec<f32> = ds.read_raw().map_err(|e| h5err(path, e))?;
-    let mut v = Volume::new(dims, data)?;
-    read_attrs(&ds, &mut v, path)?;
+    )?;
+    let info = reader.info();
+    let whole = Region::whole(info.dims);
+    let mut data = vec![0f32; whole.voxels()];
+    reader.read_region(whole, &mut data)?;
+    let mut v = Volume::new(info.dims, data)?;
+    v.voxel_size = info.voxel_size;
+    v.metadata = info.metadata.clone();
     if opts.check_finite {
-        v.check_finite(&format!("{}:{name}", path.display()))?;
+        v.check_finite(&format!("{}:{}", path.display(), reader.dataset_name()))?;
     }
     Ok(v)
-}
-
-fn read_attrs(ds: &hdf5::Dataset, v: &mut Volume, path: &Path) -> Result<()> {
-    if let Ok(a) = ds.attr("element_size_um") {
-        let vs: Vec<f64> = a.read_raw().map_err(|e| h5err(path, e))?;
-        if vs.len() == 3 {
-            v.voxel_size = Some([vs[0], vs[1], vs[2]]);
-            v.unit = "micron".into();
-        }
-    }
-    if let Ok(a) = ds.attr("rln_metadata") {
-        if let Ok(s) = a.read_scalar::<VarLenUnicode>() {
-            v.metadata = Some(s.as_str().to_string());
-        }
-    }
-    Ok(())
 }
 
 pub fn write_hdf5(path: &Path, dataset: &str, vol: &Volume, dtype: OutputDtype) -> Result<()> {
@@ -185,20 +99,7 @@ pub fn write_hdf5(path: &Path, dataset: &str, vol: &Volume, dtype: OutputDtype) 
                 ds
             }
         };
-        if let Some(vs) = vol.voxel_size {
-            ds.new_attr::<f64>()
-                .shape(3)
-                .create("element_size_um")
-                .and_then(|a| a.write_raw(&vs))
-                .map_err(builder_err)?;
-        }
-        if let Some(m) = &vol.metadata {
-            let s: VarLenUnicode = m.parse().map_err(|e| Error::invalid(format!("metadata: {e}")))?;
-            ds.new_attr::<VarLenUnicode>()
-                .create("rln_metadata")
-                .and_then(|a| a.write_scalar(&s))
-                .map_err(builder_err)?;
-        }
+        write_attributes(&ds, vol.voxel_size, vol.metadata.as_deref(), &tmp)?;
         file.close().map_err(builder_err)?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     })();

@@ -29,6 +29,81 @@ fn find_3d(g: &hdf5::Group, prefix: &str, out: &mut Vec<String>) {
     }
 }
 
+/// The dataset a volume is read from: `dataset` when named, else the file's only 3D
+/// dataset (an error naming them when there are several, or none). Both HDF5 readers
+/// (this streaming one and the whole-volume `crate::imaging::io`) choose through it.
+pub(crate) fn select_dataset(file: &hdf5::File, path: &Path, dataset: Option<&str>) -> Result<(String, hdf5::Dataset)> {
+    let name = match dataset {
+        Some(d) => d.to_string(),
+        None => {
+            let mut found = Vec::new();
+            find_3d(file, "", &mut found);
+            match found.len() {
+                1 => found.remove(0),
+                0 => {
+                    return Err(Error::format(
+                        path,
+                        "no 3D dataset in the file; name one as FILE.h5:/dataset",
+                    ))
+                }
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "{}: several 3D datasets ({}); choose one as FILE.h5:/dataset",
+                        path.display(),
+                        found.join(", ")
+                    )))
+                }
+            }
+        }
+    };
+    let ds = file
+        .dataset(&name)
+        .map_err(|e| Error::format(path, format!("dataset {name}: {e}")))?;
+    Ok((name, ds))
+}
+
+/// The voxel size (µm, z, y, x; attribute `element_size_um`) and metadata JSON
+/// (attribute `rln_metadata`) of a dataset, where present and readable.
+pub(crate) fn read_attributes(ds: &hdf5::Dataset) -> (Option<[f64; 3]>, Option<String>) {
+    let voxel_size = ds
+        .attr("element_size_um")
+        .and_then(|a| a.read_raw::<f64>())
+        .ok()
+        .filter(|v| v.len() == 3)
+        .map(|v| [v[0], v[1], v[2]]);
+    let metadata = ds
+        .attr("rln_metadata")
+        .and_then(|a| a.read_scalar::<VarLenUnicode>())
+        .ok()
+        .map(|s| s.as_str().to_string());
+    (voxel_size, metadata)
+}
+
+/// Writes the attributes [`read_attributes`] reads (`tmp`: the file, for messages).
+pub(crate) fn write_attributes(
+    ds: &hdf5::Dataset,
+    voxel_size: Option<[f64; 3]>,
+    metadata: Option<&str>,
+    tmp: &Path,
+) -> Result<()> {
+    let e = |e| h5err(tmp, "write attributes", e);
+    if let Some(vs) = voxel_size {
+        ds.new_attr::<f64>()
+            .shape(3)
+            .create("element_size_um")
+            .and_then(|a| a.write_raw(&vs))
+            .map_err(e)?;
+    }
+    if let Some(m) = metadata {
+        let s: VarLenUnicode = m.parse().map_err(|err| Error::invalid(format!("metadata: {err}")))?;
+        ds.new_attr::<VarLenUnicode>()
+            .create("rln_metadata")
+            .and_then(|a| a.write_scalar(&s))
+            .map_err(e)?;
+    }
+    Ok(())
+}
+
 /// One dataset of an HDF5 file read by hyperslabs.
 pub struct Hdf5Reader {
     path: PathBuf,
@@ -47,32 +122,7 @@ impl Hdf5Reader {
             return Err(Error::format(path, "file is empty"));
         }
         let file = hdf5::File::open(path).map_err(|e| h5err(path, "open", e))?;
-        let name = match dataset {
-            Some(d) => d.to_string(),
-            None => {
-                let mut found = Vec::new();
-                find_3d(&file, "", &mut found);
-                match found.len() {
-                    1 => found.remove(0),
-                    0 => {
-                        return Err(Error::format(
-                            path,
-                            "no 3D dataset in the file; name one as FILE.h5:/dataset",
-                        ))
-                    }
-                    _ => {
-                        return Err(Error::invalid(format!(
-                            "{}: several 3D datasets ({}); choose one as FILE.h5:/dataset",
-                            path.display(),
-                            found.join(", ")
-                        )))
-                    }
-                }
-            }
-        };
-        let ds = file
-            .dataset(&name)
-            .map_err(|e| Error::format(path, format!("dataset {name}: {e}")))?;
+        let (name, ds) = select_dataset(&file, path, dataset)?;
         let dtype = match ds.dtype().and_then(|t| t.to_descriptor()) {
             Ok(TypeDescriptor::Integer(s)) => format!("i{}", s as usize * 8),
             Ok(TypeDescriptor::Unsigned(s)) => format!("u{}", s as usize * 8),
@@ -99,6 +149,14 @@ impl Hdf5Reader {
                 }
             },
             2 if opts.allow_2d => ([1, shape[0], shape[1]], None),
+            2 => {
+                return Err(Error::invalid(format!(
+                    "{}:{name}: input is 2D ({}×{}); RLN needs a 3D stack",
+                    path.display(),
+                    shape[0],
+                    shape[1]
+                )))
+            }
             _ => {
                 return Err(Error::invalid(format!(
                     "{}:{name}: dataset has shape {shape:?}; RLN needs a 3D stack",
@@ -121,17 +179,7 @@ impl Hdf5Reader {
             }
             _ => [1, dims[1], dims[2]],
         };
-        let voxel_size = ds
-            .attr("element_size_um")
-            .and_then(|a| a.read_raw::<f64>())
-            .ok()
-            .filter(|v| v.len() == 3)
-            .map(|v| [v[0], v[1], v[2]]);
-        let metadata = ds
-            .attr("rln_metadata")
-            .and_then(|a| a.read_scalar::<VarLenUnicode>())
-            .ok()
-            .map(|s| s.as_str().to_string());
+        let (voxel_size, metadata) = read_attributes(&ds);
         Ok(Hdf5Reader {
             path: path.to_path_buf(),
             name,
@@ -146,6 +194,13 @@ impl Hdf5Reader {
             unit,
             check_finite: opts.check_finite,
         })
+    }
+}
+
+impl Hdf5Reader {
+    /// The dataset's path in the file (e.g. "/group/vol").
+    pub fn dataset_name(&self) -> &str {
+        &self.name
     }
 }
 
@@ -225,20 +280,7 @@ impl Hdf5Writer {
                     .create(dataset),
             }
             .map_err(e)?;
-            if let Some(vs) = spec.voxel_size {
-                ds.new_attr::<f64>()
-                    .shape(3)
-                    .create("element_size_um")
-                    .and_then(|a| a.write_raw(&vs))
-                    .map_err(e)?;
-            }
-            if let Some(m) = &spec.metadata {
-                let s: VarLenUnicode = m.parse().map_err(|err| Error::invalid(format!("metadata: {err}")))?;
-                ds.new_attr::<VarLenUnicode>()
-                    .create("rln_metadata")
-                    .and_then(|a| a.write_scalar(&s))
-                    .map_err(e)?;
-            }
+            write_attributes(&ds, spec.voxel_size, spec.metadata.as_deref(), &tmp)?;
             Ok((file, ds))
         })();
         match made {
