@@ -558,7 +558,10 @@ impl WorkerCtx<'_> {
                                         y.shape, window.shape
                                     )));
                                 }
-                                copy_intersection(&y.data, window, &mut data, tile.core);
+                                // only the piece's core: its context belongs to neighbours
+                                let mut piece_core = vec![0.0f32; core.voxels()];
+                                copy_intersection(&y.data, window, &mut piece_core, core);
+                                copy_intersection(&piece_core, core, &mut data, tile.core);
                                 tb += t.elapsed().as_secs_f64();
                             }
                             Err(e) if e.is_out_of_memory() => {
