@@ -8,8 +8,9 @@
 #   - end-to-end voxels/s of the real CPU network (infer, depth 4·D1) against the
 #     network-only figure of `rln-engine bench --stream-dims` on the same plan (same
 #     volume size, core, context, model, threads): the network alone on every tile
-#     window, no I/O; overhead = network-only voxels/s ÷ end-to-end voxels/s − 1
-#     (goal < 10%). The run's own compute phase is recorded as a second reference;
+#     window, no I/O, measured right before and right after the infer run (their mean:
+#     a shared machine's load drifts); overhead = network-only voxels/s ÷ end-to-end
+#     voxels/s − 1 (goal < 10%). The run's own compute phase is a second reference;
 #   - the same pipeline with the network replaced by a copy (--copy-network, LABELLED:
 #     not a deconvolution), the host side's own ceiling.
 # Volumes are synthetic (rln-engine psf + synth), Y×X = $SIZE², depths $D1 and 4·$D1,
@@ -57,17 +58,23 @@ run() { # name depth extra-args...
   $B infer "$MODEL" "$tmp/in$d.$EXT" -o "$tmp/out_$name.$EXT" --device cpu "${size[@]}" --chunks "$CHUNKS" --json "$@" >"$tmp/$name.json"
   rm -rf "$tmp/out_$name.$EXT"
 }
+# the network-only figure on the plan of the 4x run (the core comes from --memory alone,
+# so d1's core is d2's; checked below), measured right before and right after the 4x
+# run so that a drifting load on a shared machine affects both alike (NETWORK_BENCH=0
+# skips it; the run's own compute phase remains a reference)
+netbench() { # name core
+  echo "== rln-engine bench --stream-dims $D2,$SIZE,$SIZE --tile $2 (network only)" >&2
+  $B bench --stream-dims "$D2,$SIZE,$SIZE" --tile "$2" --model "$MODEL" --min-runs 2 --min-time 0.5 --json >"$tmp/$1.json"
+}
+core_of() { python3 -c 'import json,sys; print(",".join(map(str, json.load(open(sys.argv[1]))["core"])))' "$1"; }
 run d1 "$D1"
+core=$(core_of "$tmp/d1.json")
+[ "${NETWORK_BENCH:-1}" = 1 ] && netbench bench_before "$core"
 run d2 "$D2"
+[ "${NETWORK_BENCH:-1}" = 1 ] && netbench bench_after "$core"
+[ "$(core_of "$tmp/d2.json")" = "$core" ] || echo "WARNING: the two depths got different cores" >&2
 run copy "$D2" --copy-network
 
-# the network-only figure on the plan the 4x run used (NETWORK_BENCH=0 skips it; the
-# run's own compute phase remains a reference)
-if [ "${NETWORK_BENCH:-1}" = 1 ]; then
-  core=$(python3 -c 'import json,sys; print(",".join(map(str, json.load(open(sys.argv[1]))["core"])))' "$tmp/d2.json")
-  echo "== rln-engine bench --stream-dims $D2,$SIZE,$SIZE --tile $core (network only)" >&2
-  $B bench --stream-dims "$D2,$SIZE,$SIZE" --tile "$core" --model "$MODEL" --min-runs 2 --min-time 0.5 --json >"$tmp/bench.json"
-fi
 load=$(cut -d' ' -f1-3 /proc/loadavg)
 
 commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src tools || echo "-dirty")
@@ -77,14 +84,20 @@ tmp, result, commit, mem, fmt, load = sys.argv[1:7]
 L = lambda n: json.load(open(os.path.join(tmp, n + ".json")))
 d1, d2, cp = L("d1"), L("d2"), L("copy")
 try:
-    bench = L("bench")
+    benches = [L("bench_before"), L("bench_after")]
 except (OSError, ValueError):
-    bench = {"rows": [], "threads": None}
+    benches = []
+bench = benches[0] if benches else {"rows": [], "threads": None}
 try:
     cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
 except (OSError, StopIteration):
     cpu = platform.processor()
-tiled = next((r for r in bench["rows"] if r["name"].startswith("network-only tiles")), None)
+rows = [next(r for r in b["rows"] if r["name"].startswith("network-only tiles")) for b in benches]
+tiled = None
+if rows:
+    # the mean of the runs before and after the 4x run
+    tiled = dict(rows[0], throughput=sum(r["throughput"] for r in rows) / len(rows),
+                 before_and_after=[r["throughput"] for r in rows])
 def run(s):
     p = s["phases"]
     return {
