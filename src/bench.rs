@@ -163,6 +163,64 @@ pub fn tiled_inference(
     ))
 }
 
+/// Network-only throughput of `infer`'s streaming tiling: the predictor alone on every
+/// window of the cores plan of a `dims` volume (cores of `core`, `context` voxels
+/// around, as [`crate::infer::stream::plan::CorePlan`] makes them), with no reading,
+/// normalization, cropping or writing. Each distinct window shape is timed (median of
+/// runs after a warm-up) and weighted by its count; throughput is core voxels per
+/// second, directly comparable to `infer --json`'s `voxels_per_s` on the same plan.
+pub fn stream_network_only(
+    pred: &mut dyn crate::infer::TilePredictor,
+    dims: [usize; 3],
+    core: [usize; 3],
+    context: usize,
+    min_runs: usize,
+    min_time: Duration,
+) -> crate::Result<BenchRow> {
+    use crate::infer::stream::plan::CorePlan;
+    let plan = CorePlan::new(dims, core, context)?;
+    let mut shapes: std::collections::BTreeMap<[usize; 3], usize> = Default::default();
+    for k in 0..plan.count() {
+        *shapes.entry(plan.tile(k).window.shape).or_default() += 1;
+    }
+    let mut total = 0.0;
+    let mut runs = usize::MAX;
+    for (i, (&[d, h, w], &count)) in shapes.iter().enumerate() {
+        let shape = Shape::new(1, 1, d, h, w);
+        let (_, x, _) = bench_inputs(shape, 5 + i as u64);
+        let mut err = None;
+        let (t, n) = time_median(min_runs, min_time, || match pred.predict(&x) {
+            Ok(y) => {
+                std::hint::black_box(y);
+            }
+            Err(e) => err = Some(e),
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        total += t * count as f64;
+        runs = runs.min(n);
+    }
+    let vox = (dims[0] * dims[1] * dims[2]) as f64;
+    Ok(row(
+        format!(
+            "network-only tiles {}×{}×{} ({} tiles, cores {}×{}×{}, context {context})",
+            dims[0],
+            dims[1],
+            dims[2],
+            plan.count(),
+            plan.core[0],
+            plan.core[1],
+            plan.core[2]
+        ),
+        vox,
+        "voxel",
+        total,
+        None,
+        runs,
+    ))
+}
+
 /// One complete training step (forward, loss, backward, Adam, running statistics) on a
 /// batch of `shape`.
 pub fn train_step(shape: Shape, min_runs: usize, min_time: Duration) -> crate::Result<BenchRow> {

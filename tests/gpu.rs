@@ -319,7 +319,7 @@ fn stream_of_tiles_equals_tile_by_tile() {
         let mut streamed = Vec::new();
         let mut it = tiles.iter().cloned().map(Ok);
         p.predict_stream(&mut it, &mut |_x, y| {
-            streamed.push(y);
+            streamed.push(y.clone());
             Ok(())
         })
         .unwrap();

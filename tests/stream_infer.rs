@@ -14,13 +14,14 @@ use rln_engine::infer::stream::pipeline::{run_tiles, PipelineHooks, PipelineOpti
 use rln_engine::infer::stream::plan::CorePlan;
 use rln_engine::infer::stream::{run_job, Job};
 use rln_engine::infer::tiling::RECEPTIVE_RADIUS;
-use rln_engine::infer::{deconvolve, CpuPredictor};
+use rln_engine::infer::{deconvolve, CpuPredictor, TilePredictor};
 use rln_engine::model::{Model, Variant};
 use rln_engine::tensor::{rel_l2, Shape, Tensor};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 const MODEL: &str = "models/rln-synthetic-widefield.safetensors";
 
@@ -66,7 +67,7 @@ fn streamed(model: &Model<f32>, vol: &Volume, unit: [usize; 3], core: [usize; 3]
     let plan = CorePlan::new(vol.dims, aligned, RECEPTIVE_RADIUS).unwrap();
     let mut pred = CpuPredictor { model: model.clone() };
     let (_, computed, _) = run_job(
-        &mut pred,
+        &mut [&mut pred],
         &[&input],
         &[aff],
         Variant::Single,
@@ -127,7 +128,7 @@ fn the_union_of_all_blocks_equals_the_single_run_bit_for_bit() {
     for i in [2, 0, 3, 1] {
         let mut pred = CpuPredictor { model: model.clone() };
         let (_, c, _) = run_job(
-            &mut pred,
+            &mut [&mut pred],
             &[&input],
             &[aff],
             Variant::Single,
@@ -198,7 +199,7 @@ fn an_interrupted_run_resumed_equals_an_uninterrupted_one() {
         };
         let mut pred = CpuPredictor { model: model.clone() };
         run_job(
-            &mut pred,
+            &mut [&mut pred],
             &[&input],
             &[aff],
             Variant::Single,
@@ -271,7 +272,7 @@ fn views_of_different_shapes_are_refused() {
     let id = Affine::from_percentile_values(0.0, 1.0);
     let (w, p) = no_hooks();
     let err = run_tiles(
-        &mut CpuPredictor { model },
+        &mut [&mut CpuPredictor { model }],
         &[&a, &b],
         &[id, id],
         Variant::DualConcat,
@@ -286,6 +287,246 @@ fn views_of_different_shapes_are_refused() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("views differ in size"), "{err}");
+}
+
+/// The cores pipeline of `streamed`, with `workers` CPU predictors on their own threads.
+fn streamed_by(model: &Model<f32>, vol: &Volume, unit: [usize; 3], core: [usize; 3], workers: usize) -> Vec<f32> {
+    let input = MemoryVolume::new(vol.dims, vol.data.clone()).unwrap().with_unit(unit);
+    let out = MemoryVolume::new(vol.dims, vec![f32::NAN; vol.len()])
+        .unwrap()
+        .with_unit(unit);
+    let aff = stats(&input, model).affine();
+    let plan = CorePlan::new(vol.dims, CorePlan::align_core(vol.dims, core, unit).0, RECEPTIVE_RADIUS).unwrap();
+    let mut preds: Vec<CpuPredictor> = (0..workers).map(|_| CpuPredictor { model: model.clone() }).collect();
+    let mut refs: Vec<&mut dyn TilePredictor> = preds.iter_mut().map(|p| p as &mut dyn TilePredictor).collect();
+    let (_, computed, _) = run_job(
+        &mut refs,
+        &[&input],
+        &[aff],
+        Variant::Single,
+        &out,
+        &plan,
+        Job::Full,
+        None,
+        false,
+        PipelineOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
+    assert_eq!(computed, plan.count());
+    out.into_data()
+}
+
+#[test]
+fn several_predictor_workers_equal_one_bit_for_bit_and_resume_after_a_stop() {
+    let model = shipped_model();
+    let dims = [20, 70, 90];
+    let vol = test_volume(dims, 14);
+    let (unit, core) = ([4, 16, 16], [8, 32, 32]);
+    let one = streamed_by(&model, &vol, unit, core, 1);
+    let three = streamed_by(&model, &vol, unit, core, 3);
+    assert!(one.iter().all(|v| v.is_finite()));
+    let same = one
+        .iter()
+        .zip(&three)
+        .filter(|(a, b)| a.to_bits() == b.to_bits())
+        .count();
+    assert_eq!(
+        same,
+        one.len(),
+        "3 workers differ from 1 at {} voxels",
+        one.len() - same
+    );
+    // a run of 2 workers stopped by its writer, then resumed by 2 workers: the
+    // watermark (the written prefix) must not skip a tile finished out of order
+    let input = MemoryVolume::new(dims, vol.data.clone()).unwrap().with_unit(unit);
+    let store = MemoryVolume::new(dims, vec![f32::NAN; vol.len()])
+        .unwrap()
+        .with_unit(unit);
+    let aff = stats(&input, &model).affine();
+    let plan = CorePlan::new(dims, CorePlan::align_core(dims, core, unit).0, RECEPTIVE_RADIUS).unwrap();
+    let meta = tempfile::tempdir().unwrap();
+    let run = |fail_after: usize, resume: bool| {
+        let w = FailingWriter {
+            inner: &store,
+            writes: AtomicUsize::new(0),
+            fail_after,
+        };
+        let (mut a, mut b) = (
+            CpuPredictor { model: model.clone() },
+            CpuPredictor { model: model.clone() },
+        );
+        run_job(
+            &mut [&mut a, &mut b],
+            &[&input],
+            &[aff],
+            Variant::Single,
+            &w,
+            &plan,
+            Job::Full,
+            Some(meta.path()),
+            resume,
+            PipelineOptions::default(),
+            &|_| {},
+        )
+    };
+    assert!(run(7, false).is_err(), "the first run must stop");
+    let (_, computed, skipped) = run(usize::MAX, true).unwrap();
+    assert!(skipped <= 7 && skipped > 0, "skipped {skipped}");
+    assert_eq!(computed + skipped, plan.count());
+    let got = store.into_data();
+    assert!(
+        got.iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "resumed 2-worker run differs from the 1-worker run"
+    );
+}
+
+/// A predictor whose device memory holds tiles of at most `max_voxels` input voxels:
+/// larger ones fail with the out-of-memory error, as a GPU's would.
+struct SmallDevice {
+    inner: CpuPredictor,
+    max_voxels: usize,
+    refused: Arc<AtomicUsize>,
+    largest: Arc<AtomicUsize>,
+}
+
+impl TilePredictor for SmallDevice {
+    fn describe(&self) -> String {
+        "CPU with a small memory".into()
+    }
+    fn predict(&mut self, x: &Tensor<f32>) -> rln_engine::Result<Tensor<f32>> {
+        if x.shape.len() > self.max_voxels {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(rln_engine::Error::CudaOutOfMemory(format!(
+                "a tile of {} voxels",
+                x.shape.len()
+            )));
+        }
+        self.largest.fetch_max(x.shape.len(), Ordering::SeqCst);
+        self.inner.predict(x)
+    }
+    fn bytes_per_voxel(&self) -> usize {
+        320
+    }
+}
+
+#[test]
+fn out_of_memory_cuts_tiles_into_pieces_and_still_equals_deconvolve() {
+    let model = shipped_model();
+    let dims = [21, 67, 89];
+    let vol = test_volume(dims, 15);
+    let mut cpu = CpuPredictor { model: model.clone() };
+    let reference = deconvolve(&mut cpu, &model, &vol, [24, 48, 48]).unwrap();
+    let unit = [21, 32, 32];
+    let input = MemoryVolume::new(dims, vol.data.clone()).unwrap().with_unit(unit);
+    let aff = stats(&input, &model).affine();
+    // windows of the plan are up to 21×68×68 = 97 104 voxels; the "device" holds 60 000
+    let plan = CorePlan::new(dims, [21, 32, 32], RECEPTIVE_RADIUS).unwrap();
+    let window: usize = plan.max_window().iter().product();
+    let max_voxels = 60_000;
+    assert!(window > max_voxels);
+    for workers in [1usize, 2] {
+        let out = MemoryVolume::new(dims, vec![f32::NAN; vol.len()])
+            .unwrap()
+            .with_unit(unit);
+        let (refused, largest) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let mut preds: Vec<SmallDevice> = (0..workers)
+            .map(|_| SmallDevice {
+                inner: CpuPredictor { model: model.clone() },
+                max_voxels,
+                refused: refused.clone(),
+                largest: largest.clone(),
+            })
+            .collect();
+        let mut refs: Vec<&mut dyn TilePredictor> = preds.iter_mut().map(|p| p as &mut dyn TilePredictor).collect();
+        run_job(
+            &mut refs,
+            &[&input],
+            &[aff],
+            Variant::Single,
+            &out,
+            &plan,
+            Job::Full,
+            None,
+            false,
+            PipelineOptions::default(),
+            &|_| {},
+        )
+        .unwrap();
+        let got = out.into_data();
+        assert!(got.iter().all(|v| v.is_finite()), "a voxel was not written");
+        let e = rel_l2(&got, &reference.data);
+        let (r, l) = (refused.load(Ordering::SeqCst), largest.load(Ordering::SeqCst));
+        eprintln!("{workers} worker(s): {r} tile(s) refused, pieces up to {l} voxels, rel L2 vs deconvolve {e:.2e}");
+        assert!(r >= 1 && l <= max_voxels && l > 0);
+        assert!(e <= 1e-6, "pieces vs in-memory rel err {e:e}");
+    }
+    // a device too small for any piece: a clear out-of-memory error naming the way out
+    let out = MemoryVolume::new(dims, vec![f32::NAN; vol.len()])
+        .unwrap()
+        .with_unit(unit);
+    let mut tiny = SmallDevice {
+        inner: CpuPredictor { model: model.clone() },
+        max_voxels: 1000,
+        refused: Arc::new(AtomicUsize::new(0)),
+        largest: Arc::new(AtomicUsize::new(0)),
+    };
+    let err = run_job(
+        &mut [&mut tiny],
+        &[&input],
+        &[aff],
+        Variant::Single,
+        &out,
+        &plan,
+        Job::Full,
+        None,
+        false,
+        PipelineOptions::default(),
+        &|_| {},
+    )
+    .unwrap_err();
+    assert!(err.is_out_of_memory() && err.to_string().contains("--tile"), "{err}");
+}
+
+#[test]
+fn sampled_percentiles_see_every_depth_when_the_budget_is_below_a_plane() {
+    // every plane a different brightness (10 per plane, plus the phantom's noise): a
+    // sample of plane 0, or of a few planes, puts the percentiles far from the exact
+    // ones (reading only plane 0 is off by ~98% of the range)
+    let dims = [60usize, 256, 256];
+    let base = test_volume(dims, 24);
+    let plane = dims[1] * dims[2];
+    let data: Vec<f32> = base
+        .data
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| 10.0 * (i / plane) as f32 + (v - 100.0) / 400.0)
+        .collect();
+    let pct = [1.0, 99.0];
+    for unit in [[1usize, 256, 256], [8, 64, 64]] {
+        let r = MemoryVolume::new(dims, data.clone()).unwrap().with_unit(unit);
+        let exact = sample_stats(&r, pct, usize::MAX).unwrap();
+        // a budget of half a plane
+        let s = sample_stats(&r, pct, plane / 2).unwrap();
+        assert!(!s.exact && s.sampled_voxels <= plane / 2);
+        let range = exact.p_hi_value - exact.p_lo_value;
+        let e = ((s.p_lo_value - exact.p_lo_value).abs()).max((s.p_hi_value - exact.p_hi_value).abs()) / range;
+        eprintln!(
+            "unit {unit:?}: exact ({:.2}, {:.2}), sampled ({:.2}, {:.2}) from {} voxels: error {:.2}% of the range",
+            exact.p_lo_value,
+            exact.p_hi_value,
+            s.p_lo_value,
+            s.p_hi_value,
+            s.sampled_voxels,
+            100.0 * e
+        );
+        // the bound `infer --help` states
+        assert!(
+            e <= 0.01,
+            "unit {unit:?}: sampled percentiles off by {:.2}% of the range",
+            100.0 * e
+        );
+    }
 }
 
 // ------------------------------------------------------------------ the CLI

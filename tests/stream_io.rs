@@ -553,6 +553,87 @@ fn foreign_stores_with_leading_axes_bad_types_2d_arrays_or_broken_chunks_give_cl
     assert!(err.contains("not a Zarr store"), "{err}");
 }
 
+/// `infer` on bad inputs: a store left unfinished by a run (its missing chunks would
+/// read as zeros), a 2D array, an unreadable sample type, and two views of different
+/// shapes each end with a clear message and a non-zero exit, writing nothing.
+#[test]
+fn infer_refuses_unfinished_stores_2d_arrays_bad_types_and_mismatched_views() {
+    use rln_engine::model::{Model, ModelConfig, Variant};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = "models/rln-synthetic-widefield.safetensors";
+    let infer = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
+        let o = Command::new(bin())
+            .arg("infer")
+            .args(args.iter().map(|a| a.as_ref()))
+            .arg("--device")
+            .arg("cpu")
+            .output()
+            .unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let vals: Vec<u16> = (0..20 * 40 * 40).map(|i| (100 + (i * 7919) % 1000) as u16).collect();
+    let good = raw_store(
+        d,
+        "good.zarr",
+        &["z", "y", "x"],
+        &[20, 40, 40],
+        "<u2",
+        &u16_bytes(&vals),
+    );
+    // an unfinished store: what `infer --create-only` leaves before its blocks run
+    let part = d.join("part.zarr");
+    let (code, err) = infer(&[&model, &good, &"-o", &part, &"--create-only", &"--chunks", &"20,40,40"]);
+    assert_eq!(code, Some(0), "{err}");
+    let out = d.join("out.tif");
+    let (code, err) = infer(&[&model, &part, &"-o", &out]);
+    assert!(
+        code != Some(0) && err.contains("not completed") && err.contains("--resume"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // 2D
+    let p = raw_store(d, "yx.zarr", &["y", "x"], &[40, 40], "<u2", &u16_bytes(&vals[..1600]));
+    let (code, err) = infer(&[&model, &p, &"-o", &out]);
+    assert!(code != Some(0) && err.contains("3D"), "{err}");
+    // a sample type no reader takes
+    let p = raw_store(d, "bool.zarr", &["z", "y", "x"], &[20, 40, 40], "|b1", &[0u8; 32000]);
+    let (code, err) = infer(&[&model, &p, &"-o", &out]);
+    assert!(
+        code != Some(0) && err.contains("|b1") && err.contains("readable types"),
+        "{err}"
+    );
+    // views of different shapes for a dual-view model
+    let dual = d.join("dual.safetensors");
+    Model::<f32>::init(
+        ModelConfig {
+            variant: Variant::DualConcat,
+            ..ModelConfig::default()
+        },
+        3,
+    )
+    .save(&dual)
+    .unwrap();
+    let other = raw_store(
+        d,
+        "other.zarr",
+        &["z", "y", "x"],
+        &[20, 40, 38],
+        "<u2",
+        &u16_bytes(&vals[..20 * 40 * 38]),
+    );
+    let (code, err) = infer(&[&dual, &good, &"--input2", &other, &"-o", &out]);
+    assert!(
+        code != Some(0) && err.contains("differ in size") && err.contains("[20, 40, 38]"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    for e in std::fs::read_dir(d).unwrap() {
+        let n = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!n.starts_with("out"), "an output appeared: {n}");
+    }
+}
+
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_rln-engine"))
 }

@@ -156,6 +156,20 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Only the network-only figure of `infer`'s streaming tiling of a volume of this
+    /// size (z,y,x): the CPU network alone on every tile window, no I/O (the reference
+    /// for the pipeline's overhead; tools/stream-bench.sh). Needs --tile.
+    #[arg(long, value_parser = super::train::parse_dims, requires = "tile")]
+    pub stream_dims: Option<[usize; 3]>,
+    /// Tile core (z,y,x) of --stream-dims, as `infer --json` reports it ("core").
+    #[arg(long, value_parser = super::train::parse_dims, requires = "stream_dims")]
+    pub tile: Option<[usize; 3]>,
+    /// Context voxels around each core of --stream-dims.
+    #[arg(long, default_value_t = rln_engine::infer::tiling::RECEPTIVE_RADIUS)]
+    pub context: usize,
+    /// Model whose weights run in --stream-dims (default: random weights).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
 }
 
 pub fn bench(a: &BenchArgs) -> Result<()> {
@@ -175,6 +189,31 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     }
     let t = std::time::Duration::from_secs_f64(a.min_time);
     let mut rows = Vec::new();
+    if let (Some(dims), Some(core)) = (a.stream_dims, a.tile) {
+        if a.device != BenchDevice::Cpu {
+            bail!("--stream-dims measures the CPU network; run it with --device cpu");
+        }
+        let model = match &a.model {
+            Some(p) => Model::<f32>::load(p)?,
+            None => Model::<f32>::init(rln_engine::model::ModelConfig::default(), 7),
+        };
+        let mut cpu = rln_engine::infer::CpuPredictor { model };
+        rows.push(bench::stream_network_only(
+            &mut cpu, dims, core, a.context, a.min_runs, t,
+        )?);
+        let report = bench::BenchReport {
+            device: bench::cpu_name(),
+            threads: rln_engine::threads(),
+            isa: rln_engine::backend::cpu::simd::isa().name().to_string(),
+            rows,
+        };
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            bench::print_report(&report);
+        }
+        return Ok(());
+    }
     for shape in [Shape::new(4, 1, 64, 64, 64), Shape::new(1, 1, 128, 128, 128)] {
         if !a.json {
             eprintln!("timing the network on {shape} ...");
@@ -195,7 +234,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         rln_engine::infer::stream::pipeline::PipelineOptions::default().prefetch,
     );
     let core =
-        rln_engine::infer::tiling::choose_core([256; 3], rln_engine::infer::tiling::RECEPTIVE_RADIUS, max_window);
+        rln_engine::infer::stream::plan::budget_core([256; 3], rln_engine::infer::tiling::RECEPTIVE_RADIUS, max_window);
     if !a.json {
         eprintln!("timing tiled inference of a 256×256×256 volume (cores of at most {core:?}, as infer chooses) ...");
     }

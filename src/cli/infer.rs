@@ -38,7 +38,8 @@ pub struct InferArgs {
     pub output: PathBuf,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
-    /// CUDA devices to use, e.g. 0,1 (implies --device cuda).
+    /// CUDA devices to use, e.g. 0,1 (implies --device cuda): one predictor worker per
+    /// device, all pulling tiles from the same plan.
     #[arg(long, value_delimiter = ',')]
     pub devices: Option<Vec<usize>>,
     /// FP16 storage on the GPU (FP32 accumulation).

@@ -17,7 +17,10 @@ use tiling::{MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, R
 
 /// Something that runs the network forward (inference mode, running BN statistics) on
 /// one normalized tile: N×C_in×D×H×W in, N×1×D×H×W prediction out. Any D, H, W.
-pub trait TilePredictor {
+///
+/// `Send`: several predictors (one per GPU) run on their own threads in the streaming
+/// pipeline.
+pub trait TilePredictor: Send {
     /// Short description for messages ("CPU f32, 2 threads", "NVIDIA H100 fp16").
     fn describe(&self) -> String;
     fn predict(&mut self, x: &Tensor<f32>) -> Result<Tensor<f32>>;
@@ -28,18 +31,19 @@ pub trait TilePredictor {
         None
     }
     /// Predicts a sequence of tiles, handing each (input, prediction) pair to `sink` in
-    /// order; the input comes back so its buffer can be reused for a later tile. The
+    /// order; the input comes back so its buffer can be reused for a later tile, and the
+    /// prediction is lent, so a device backend can reuse its host buffer too. The
     /// default runs them one by one; a device backend overrides it to overlap transfers
     /// of tile k+1 with compute on tile k.
     fn predict_stream(
         &mut self,
         tiles: &mut dyn Iterator<Item = Result<Tensor<f32>>>,
-        sink: &mut dyn FnMut(Tensor<f32>, Tensor<f32>) -> Result<()>,
+        sink: &mut dyn FnMut(Tensor<f32>, &Tensor<f32>) -> Result<()>,
     ) -> Result<()> {
         for t in tiles {
             let x = t?;
             let y = self.predict(&x)?;
-            sink(x, y)?;
+            sink(x, &y)?;
         }
         Ok(())
     }

@@ -316,7 +316,7 @@ pub fn run_tiled(
         let mut k = 0usize;
         let mut blend = 0.0f64;
         let t_row = Instant::now();
-        pred.predict_stream(&mut input_iter, &mut |_input: Tensor<f32>, y: Tensor<f32>| {
+        pred.predict_stream(&mut input_iter, &mut |_input: Tensor<f32>, y: &Tensor<f32>| {
             let t_blend = Instant::now();
             let (iy, ix) = tiles[k];
             let (ty, tx) = (&ay[iy], &ax[ix]);

@@ -2,16 +2,25 @@
 //! with two buffer slots: while tile k computes on the compute stream, tile k+1 is copied
 //! in on the host→device stream and tile k−1's result out on the device→host stream,
 //! through page-locked host buffers.
+//!
+//! The host side allocates nothing per tile: the page-locked buffers, the device
+//! staging of f16 tiles and the host copy of a result are grown when a larger tile
+//! comes and reused otherwise (the pipeline crops the result from a borrowed tensor).
+//! Odd sizes are mirror-padded straight into the page-locked buffer. With f16 storage
+//! (`--fp16`) tiles travel as f16 bits (half the bytes over PCIe): converted on the
+//! host with every core, and between f16 and the network's f32 input/output on the
+//! device (kernels/io_half.cu).
 
-use super::device::{CuCheck, CudaDevice, PinnedBuf};
+use super::device::{CuCheck, CudaDevice, DevBuf, PinnedBuf};
 use super::forward::{workspace_bytes_per_voxel, CudaNet};
+use super::kernels;
 use super::CudaOptions;
-use crate::backend::cpu::pointwise;
 use crate::error::{Error, Result};
 use crate::infer::TilePredictor;
 use crate::model::Model;
 use crate::tensor::{Shape, Tensor};
-use cudarc::driver::CudaEvent;
+use cudarc::driver::{CudaEvent, CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Device memory kept free for the driver, kernels' stacks and fragmentation.
@@ -20,15 +29,33 @@ const RESERVE_BYTES: usize = 512 << 20;
 /// (at ~128³), and bigger tiles only grow the host's pinned staging buffers and the
 /// stitcher's tile copies.
 const MAX_TILE_VOXELS: usize = 1 << 27;
+/// Elements per host conversion / copy task.
+const CHUNK: usize = 1 << 18;
+
+/// The f16↔f32 conversion kernels of kernels/io_half.cu and the device buffers the f16
+/// tiles land in, per slot.
+struct HalfIo {
+    _module: Arc<CudaModule>,
+    to_f32: CudaFunction,
+    to_f16: CudaFunction,
+    dev_in: [Option<DevBuf>; 2],
+    dev_out: [Option<DevBuf>; 2],
+}
 
 pub struct CudaPredictor {
     net: CudaNet,
+    /// Page-locked staging per slot: f32 values, or (f16 travel) f16 bits packed two
+    /// per f32 element.
     pinned_in: [Option<PinnedBuf>; 2],
     pinned_out: [Option<PinnedBuf>; 2],
     /// Per slot: input copied in, forward done, output copied out.
     ev_in: [CudaEvent; 2],
     ev_done: [CudaEvent; 2],
     ev_out: [CudaEvent; 2],
+    /// Some when tiles travel as f16 (f16 storage).
+    half: Option<HalfIo>,
+    /// The host copy of a result handed to the sink (reused).
+    host_out: Vec<f32>,
 }
 
 /// A tile in flight: its slot and its shapes before and after padding.
@@ -48,6 +75,25 @@ impl CudaPredictor {
     pub fn with_device(dev: Arc<CudaDevice>, model: &Model<f32>, opts: CudaOptions) -> Result<Self> {
         let ev = || -> Result<[CudaEvent; 2]> { Ok([dev.event(false)?, dev.event(false)?]) };
         let (ev_in, ev_done, ev_out) = (ev()?, ev()?, ev()?);
+        let half = if opts.is_f16() {
+            let m = kernels::module("io_half")
+                .ok_or_else(|| Error::Cuda("kernel module io_half is not embedded".into()))?;
+            let (module, _) = kernels::load(&dev.ctx, m)?;
+            let f = |name: &str| {
+                module
+                    .load_function(name)
+                    .check(&format!("finding kernel {name} in kernels/io_half.cu"))
+            };
+            Some(HalfIo {
+                to_f32: f("rln_h16_to_f32")?,
+                to_f16: f("rln_f32_to_h16")?,
+                _module: module,
+                dev_in: [None, None],
+                dev_out: [None, None],
+            })
+        } else {
+            None
+        };
         let net = CudaNet::new(dev, model, opts)?;
         Ok(CudaPredictor {
             net,
@@ -56,11 +102,22 @@ impl CudaPredictor {
             ev_in,
             ev_done,
             ev_out,
+            half,
+            host_out: Vec::new(),
         })
     }
 
     pub fn net(&mut self) -> &mut CudaNet {
         &mut self.net
+    }
+
+    /// f32 elements of page-locked staging for a tile of `voxels` voxels.
+    fn staging_len(&self, voxels: usize) -> usize {
+        if self.half.is_some() {
+            voxels.div_ceil(2)
+        } else {
+            voxels
+        }
     }
 
     fn pinned(slot: &mut Option<PinnedBuf>, dev: &CudaDevice, len: usize) -> Result<()> {
@@ -71,19 +128,115 @@ impl CudaPredictor {
         Ok(())
     }
 
-    /// Waits for `t`'s result, crops it and hands it to `sink`.
-    fn finish(&mut self, t: InFlight, sink: &mut dyn FnMut(Tensor<f32>, Tensor<f32>) -> Result<()>) -> Result<()> {
+    fn dev_buf(slot: &mut Option<DevBuf>, dev: &CudaDevice, bytes: usize) -> Result<u64> {
+        if slot.as_ref().is_none_or(|b| b.bytes() < bytes) {
+            // queued work of an earlier tile may still read the old buffer
+            dev.ctx
+                .synchronize()
+                .check("waiting for the device before growing a buffer")?;
+            *slot = None;
+            *slot = Some(dev.alloc(bytes)?);
+        }
+        Ok(slot.as_ref().expect("allocated above").ptr())
+    }
+
+    /// Launches one of the conversion kernels on the compute stream over `n` elements.
+    fn convert(dev: &CudaDevice, f: &CudaFunction, src: u64, dst: u64, n: usize, what: &str) -> Result<()> {
+        let blocks = n.div_ceil(256).clamp(1, 65_535 * 4) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n = n as i64;
+        let mut b = dev.compute.launch_builder(f);
+        b.arg(&src);
+        b.arg(&dst);
+        b.arg(&n);
+        // SAFETY: src and dst are live device allocations of at least n elements of the
+        // kernel's types (sized from the same padded shape just above the call).
+        unsafe { b.launch(cfg) }.check(&format!("launching the {what} conversion"))?;
+        Ok(())
+    }
+
+    /// Waits for `t`'s result, crops it into the reused host buffer and hands it to `sink`.
+    fn finish(&mut self, t: InFlight, sink: &mut dyn FnMut(Tensor<f32>, &Tensor<f32>) -> Result<()>) -> Result<()> {
         self.ev_out[t.slot]
             .synchronize()
             .check("waiting for a tile's forward pass and its copy to the host")?;
-        let src = &self.pinned_out[t.slot].as_ref().expect("slot in use").as_slice()[..t.padded.len()];
-        let y = Tensor::from_vec(t.padded, par_copy(src))?;
         let shape = t.input.shape.with_c(1);
-        if t.padded == shape {
-            sink(t.input, y)
-        } else {
-            sink(t.input, pointwise::crop(&y, shape))
-        }
+        let mut out = std::mem::take(&mut self.host_out);
+        out.clear();
+        out.resize(shape.len(), 0.0);
+        let pinned = self.pinned_out[t.slot].as_ref().expect("slot in use").as_slice();
+        let as_f16 = self.half.is_some();
+        let p = t.padded;
+        let row = |dst: &mut [f32], k: usize| {
+            // output row k (n, d, h) of the cropped shape ← the padded row
+            let (h, rest) = (k % shape.h, k / shape.h);
+            let (d, n) = (rest % shape.d, rest / shape.d);
+            let src = ((n * p.d + d) * p.h + h) * p.w;
+            if as_f16 {
+                let bits: &[u16] = bytemuck::cast_slice(pinned);
+                for (o, &b) in dst.iter_mut().zip(&bits[src..src + shape.w]) {
+                    *o = half::f16::from_bits(b).to_f32();
+                }
+            } else {
+                dst.copy_from_slice(&pinned[src..src + shape.w]);
+            }
+        };
+        let rows_per_task = (CHUNK / shape.w.max(1)).max(1);
+        out.par_chunks_mut(rows_per_task * shape.w)
+            .enumerate()
+            .for_each(|(i, c)| {
+                for (j, r) in c.chunks_mut(shape.w).enumerate() {
+                    row(r, i * rows_per_task + j);
+                }
+            });
+        let y = Tensor::from_vec(shape, out)?;
+        let r = sink(t.input, &y);
+        self.host_out = y.data;
+        r
+    }
+}
+
+/// Writes `x` (N×1×D×H×W) mirror-padded to `p` (even sizes; the same values as
+/// `pointwise::pad_even`) into `dst`, as f32 or as f16 bits, with every core.
+fn stage(x: &Tensor<f32>, p: Shape, dst: &mut [f32], as_f16: bool) {
+    let s = x.shape;
+    let mirror = |i: usize, n: usize| if i < n { i } else { 2 * n - 1 - i };
+    let src_row = |k: usize| {
+        let (h, rest) = (k % p.h, k / p.h);
+        let (d, n) = (rest % p.d, rest / p.d);
+        ((n * s.d + mirror(d, s.d)) * s.h + mirror(h, s.h)) * s.w
+    };
+    let rows_per_task = (CHUNK / p.w.max(1)).max(1);
+    if as_f16 {
+        let bits: &mut [u16] = bytemuck::cast_slice_mut(dst);
+        bits[..p.len()]
+            .par_chunks_mut(rows_per_task * p.w)
+            .enumerate()
+            .for_each(|(i, c)| {
+                for (j, r) in c.chunks_mut(p.w).enumerate() {
+                    let src = &x.data[src_row(i * rows_per_task + j)..][..s.w];
+                    for (w, o) in r.iter_mut().enumerate() {
+                        *o = half::f16::from_f32(src[mirror(w, s.w)]).to_bits();
+                    }
+                }
+            });
+    } else {
+        dst[..p.len()]
+            .par_chunks_mut(rows_per_task * p.w)
+            .enumerate()
+            .for_each(|(i, c)| {
+                for (j, r) in c.chunks_mut(p.w).enumerate() {
+                    let src = &x.data[src_row(i * rows_per_task + j)..][..s.w];
+                    r[..s.w].copy_from_slice(src);
+                    if p.w > s.w {
+                        r[s.w] = src[s.w - 1];
+                    }
+                }
+            });
     }
 }
 
@@ -92,13 +245,23 @@ impl TilePredictor for CudaPredictor {
         format!("{} {}", self.net.dev.describe(), self.net.opts.label())
     }
 
+    /// One tile through the streaming path (so that f16 travel applies here too and a
+    /// tile predicted alone equals the same tile streamed).
     fn predict(&mut self, x: &Tensor<f32>) -> Result<Tensor<f32>> {
-        Ok(self.net.predict_host(x, false)?.prediction)
+        let mut y = None;
+        let mut one = std::iter::once(Ok(x.clone()));
+        self.predict_stream(&mut one, &mut |_x, p| {
+            y = Some(p.clone());
+            Ok(())
+        })?;
+        y.ok_or_else(|| Error::Cuda("the forward pass returned no tile".into()))
     }
 
     fn bytes_per_voxel(&self) -> usize {
-        // the workspace, plus ~10% for the padding of odd sizes
-        workspace_bytes_per_voxel(self.net.opts.precision) * 11 / 10 + 1
+        // the workspace, plus ~10% for the padding of odd sizes, plus the two slots'
+        // f16 input and output staging when tiles travel as f16
+        let staging = if self.half.is_some() { 2 * 2 * 2 } else { 0 };
+        (workspace_bytes_per_voxel(self.net.opts.precision) + staging) * 11 / 10 + 1
     }
 
     fn memory_budget(&self) -> Option<usize> {
@@ -112,7 +275,7 @@ impl TilePredictor for CudaPredictor {
     fn predict_stream(
         &mut self,
         tiles: &mut dyn Iterator<Item = Result<Tensor<f32>>>,
-        sink: &mut dyn FnMut(Tensor<f32>, Tensor<f32>) -> Result<()>,
+        sink: &mut dyn FnMut(Tensor<f32>, &Tensor<f32>) -> Result<()>,
     ) -> Result<()> {
         let dev = self.net.dev.clone();
         let mut prev: Option<InFlight> = None;
@@ -125,37 +288,57 @@ impl TilePredictor for CudaPredictor {
                     x.shape
                 )));
             }
-            // mirror-pad odd sizes; even tiles go to the device as they are
-            let even = x.shape.d % 2 == 0 && x.shape.h % 2 == 0 && x.shape.w % 2 == 0;
-            let padded;
-            let xp = if even {
-                &x
-            } else {
-                padded = pointwise::pad_even(&x);
-                &padded
-            };
-            let ps = xp.shape;
+            // odd sizes are mirror-padded to even while staging
+            let s = x.shape;
+            let e = |v: usize| v + v % 2;
+            let ps = Shape::new(s.n, 1, e(s.d), e(s.h), e(s.w));
             let len = ps.len();
+            let staged = self.staging_len(len);
             // This slot's last use (tile k−2) is complete: its result was synchronized in
             // `finish` during the previous iteration, and that copy followed its forward
             // pass and its input copy. So its pinned and device buffers are free.
-            Self::pinned(&mut self.pinned_in[slot], &dev, len)?;
-            Self::pinned(&mut self.pinned_out[slot], &dev, len)?;
+            Self::pinned(&mut self.pinned_in[slot], &dev, staged)?;
+            Self::pinned(&mut self.pinned_out[slot], &dev, staged)?;
             let (xb, yb) = self.net.io_buffers(slot, len)?;
+            let as_f16 = self.half.is_some();
             let pin_in = self.pinned_in[slot].as_mut().expect("allocated above");
-            par_copy_into(&mut pin_in.as_mut_slice()[..len], &xp.data);
-            dev.copy_htod(&dev.h2d, xb, &pin_in.as_slice()[..len], "an input tile")?;
-            self.ev_in[slot].record(&dev.h2d).check("recording an event")?;
-            dev.compute
-                .wait(&self.ev_in[slot])
-                .check("ordering the forward pass after its input copy")?;
-            self.net.forward_device(xb, yb, [ps.n, ps.d, ps.h, ps.w], None)?;
-            self.ev_done[slot].record(&dev.compute).check("recording an event")?;
-            dev.d2h
-                .wait(&self.ev_done[slot])
-                .check("ordering the output copy after the forward pass")?;
-            let pin_out = self.pinned_out[slot].as_mut().expect("allocated above");
-            dev.copy_dtoh(&dev.d2h, &mut pin_out.as_mut_slice()[..len], yb, "a predicted tile")?;
+            stage(&x, ps, pin_in.as_mut_slice(), as_f16);
+            match &mut self.half {
+                Some(h) => {
+                    let xh = Self::dev_buf(&mut h.dev_in[slot], &dev, len * 2)?;
+                    let yh = Self::dev_buf(&mut h.dev_out[slot], &dev, len * 2)?;
+                    let bits: &[u16] = bytemuck::cast_slice(pin_in.as_slice());
+                    dev.copy_htod(&dev.h2d, xh, &bits[..len], "an input tile (f16)")?;
+                    self.ev_in[slot].record(&dev.h2d).check("recording an event")?;
+                    dev.compute
+                        .wait(&self.ev_in[slot])
+                        .check("ordering the forward pass after its input copy")?;
+                    Self::convert(&dev, &h.to_f32, xh, xb, len, "f16 → f32 input")?;
+                    self.net.forward_device(xb, yb, [ps.n, ps.d, ps.h, ps.w], None)?;
+                    Self::convert(&dev, &h.to_f16, yb, yh, len, "f32 → f16 output")?;
+                    self.ev_done[slot].record(&dev.compute).check("recording an event")?;
+                    dev.d2h
+                        .wait(&self.ev_done[slot])
+                        .check("ordering the output copy after the forward pass")?;
+                    let pin_out = self.pinned_out[slot].as_mut().expect("allocated above");
+                    let bits: &mut [u16] = bytemuck::cast_slice_mut(pin_out.as_mut_slice());
+                    dev.copy_dtoh(&dev.d2h, &mut bits[..len], yh, "a predicted tile (f16)")?;
+                }
+                None => {
+                    dev.copy_htod(&dev.h2d, xb, &pin_in.as_slice()[..len], "an input tile")?;
+                    self.ev_in[slot].record(&dev.h2d).check("recording an event")?;
+                    dev.compute
+                        .wait(&self.ev_in[slot])
+                        .check("ordering the forward pass after its input copy")?;
+                    self.net.forward_device(xb, yb, [ps.n, ps.d, ps.h, ps.w], None)?;
+                    self.ev_done[slot].record(&dev.compute).check("recording an event")?;
+                    dev.d2h
+                        .wait(&self.ev_done[slot])
+                        .check("ordering the output copy after the forward pass")?;
+                    let pin_out = self.pinned_out[slot].as_mut().expect("allocated above");
+                    dev.copy_dtoh(&dev.d2h, &mut pin_out.as_mut_slice()[..len], yb, "a predicted tile")?;
+                }
+            }
             self.ev_out[slot].record(&dev.d2h).check("recording an event")?;
             // while tile k runs, hand out tile k−1
             if let Some(p) = prev.take() {
@@ -175,17 +358,29 @@ impl TilePredictor for CudaPredictor {
     }
 }
 
-/// Copies large buffers with every core: one thread's memcpy is far slower than the
-/// PCIe link, and the tiles are hundreds of megabytes.
-fn par_copy_into(dst: &mut [f32], src: &[f32]) {
-    use rayon::prelude::*;
-    dst.par_chunks_mut(1 << 18)
-        .zip(src.par_chunks(1 << 18))
-        .for_each(|(d, s)| d.copy_from_slice(s));
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::pointwise;
 
-fn par_copy(src: &[f32]) -> Vec<f32> {
-    let mut v = vec![0.0f32; src.len()];
-    par_copy_into(&mut v, src);
-    v
+    /// The host staging pads exactly like `pad_even` (f32), and the f16 staging is its
+    /// f16 rounding.
+    #[test]
+    fn staging_pads_like_pad_even_in_f32_and_f16() {
+        for dims in [(2usize, 4usize, 6usize, 8usize), (1, 3, 5, 7), (2, 5, 4, 3)] {
+            let s = Shape::new(dims.0, 1, dims.1, dims.2, dims.3);
+            let x = Tensor::from_vec(s, (0..s.len()).map(|i| (i as f32 * 0.37).sin() * 3.0).collect()).unwrap();
+            let want = pointwise::pad_even(&x);
+            let p = want.shape;
+            let mut buf = vec![f32::NAN; p.len()];
+            stage(&x, p, &mut buf, false);
+            assert_eq!(buf, want.data, "{s}");
+            let mut buf = vec![0.0f32; p.len().div_ceil(2)];
+            stage(&x, p, &mut buf, true);
+            let bits: &[u16] = bytemuck::cast_slice(&buf);
+            for (i, (&b, &w)) in bits.iter().zip(&want.data).enumerate() {
+                assert_eq!(b, half::f16::from_f32(w).to_bits(), "{s} at {i}");
+            }
+        }
+    }
 }

@@ -216,6 +216,12 @@ pub fn is_complete(store: &Path) -> Result<bool> {
     Ok(rln_state(&read_root(store)?.attrs) == Some(true))
 }
 
+/// Whether the store was created by this engine and not finished (`rln_engine:
+/// {complete: false}`): its chunks not yet written would read as fill values.
+pub fn is_unfinished(store: &Path) -> Result<bool> {
+    Ok(rln_state(&read_root(store)?.attrs) == Some(false))
+}
+
 /// A sample type a store may hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Dt {

@@ -2,7 +2,7 @@
 //! thin names over `imaging::stream` (formats) and `imaging::stream::zarr` (stores), so
 //! that everything above sees only `VolumeReader` / `VolumeWriter`.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::imaging::io::ReadOptions;
 use crate::imaging::stream::{self, zarr, Format, VolumeReader, VolumeWriter, WriterSpec};
 use std::path::Path;
@@ -25,7 +25,15 @@ pub fn format_name(path: &Path) -> &'static str {
 }
 
 /// Opens an input volume for reading regions (`read`: channel / time point selection).
+/// An OME-Zarr input this engine created but did not finish (an interrupted run, or
+/// blocks not all done) is refused: its missing chunks would read as zeros.
 pub fn open_input(path: &Path, read: &ReadOptions) -> Result<Box<dyn VolumeReader>> {
+    if is_store(path) && zarr::looks_like_store(path) && zarr::is_unfinished(path)? {
+        return Err(Error::invalid(format!(
+            "{}: this store was not completed (an interrupted `infer`, or blocks not all done): its missing chunks would read as zeros; finish it first (`infer --resume`, the remaining --block runs, then `finalize`)",
+            path.display()
+        )));
+    }
     stream::open_reader(path, read)
 }
 

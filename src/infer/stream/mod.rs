@@ -13,11 +13,13 @@
 //!   rather than a tile — documented in README, not used for block mode.
 //!
 //! Peak host memory of the cores tiling, for a tile window of W voxels (the core plus
-//! `2·context` per axis) and a predictor needing B bytes per window voxel (CPU: 320):
-//! `W·(B + 4·C·(P+1) + 4·P)` plus the reader's cache (a chunk per read thread; for TIFF
-//! a slab of pages of the window's depth) and, when a write unit is larger than a core
-//! (a TIFF plane), one band of `core_z × H × W` f32; C input channels, P = prefetch (3).
-//! `--memory` sets W through [`choose_window`].
+//! `2·context` per axis), N predictor workers each needing B bytes per window voxel
+//! (CPU: 320): `W·(N·B + 4·C·(P+N) + 4·(P+N−1))` plus the reader's cache (a chunk per
+//! read thread; for TIFF a slab of pages of the window's depth) and, when a write unit
+//! is larger than a core (a TIFF plane), one band of `core_z × H × W` f32; C input
+//! channels, P = prefetch (3). `--memory` sets W through [`choose_window`], and W the
+//! core through [`plan::budget_core`] — from the budget alone, so memory does not grow
+//! with the volume ([`plan::CorePlan::memory_estimate`]).
 //!
 //! Stores (OME-Zarr) carry the run's plan in `OUT/.rln/plan.json` (tile cores, context,
 //! normalization, model identity), a per-job watermark of written tiles in
@@ -32,7 +34,7 @@ use crate::error::{Error, Result};
 use crate::imaging::io::OutputDtype;
 use crate::imaging::stream::{Region, VolumeReader, VolumeWriter, WriterSpec};
 use crate::infer::stitch::{run_tiled, Affine, NormalizeMode, StitchOptions};
-use crate::infer::tiling::{choose_core, PlaneSink, PlaneSource, TilePlan, RECEPTIVE_RADIUS};
+use crate::infer::tiling::{PlaneSink, PlaneSource, TilePlan, RECEPTIVE_RADIUS};
 use crate::infer::TilePredictor;
 use crate::model::{Model, Variant};
 use crate::tensor::Tensor;
@@ -41,7 +43,7 @@ use pipeline::{PhaseSeconds, PipelineHooks, PipelineOptions};
 use plan::CorePlan;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// Which predictor runs the network.
@@ -271,8 +273,9 @@ impl TilePredictor for CopyPredictor {
     }
 }
 
-/// Makes the predictor of `choice`.
-pub fn make_predictor(choice: &PredictorChoice, model: &Model<f32>) -> Result<Box<dyn TilePredictor>> {
+/// Makes the predictors of `choice`: one, or one per device of `--devices` (each
+/// opens its own device ordinal and runs on its own worker thread).
+pub fn make_predictors(choice: &PredictorChoice, model: &Model<f32>) -> Result<Vec<Box<dyn TilePredictor>>> {
     use crate::backend::cuda::{self, CudaOptions, CudaPredictor};
     let cuda_opts = |fp16: bool, device: usize| {
         let mut o = if fp16 { CudaOptions::f16() } else { CudaOptions::f32() };
@@ -280,21 +283,27 @@ pub fn make_predictor(choice: &PredictorChoice, model: &Model<f32>) -> Result<Bo
         o
     };
     match choice {
-        PredictorChoice::Cpu => Ok(Box::new(crate::infer::CpuPredictor { model: model.clone() })),
-        PredictorChoice::Copy => Ok(Box::new(CopyPredictor)),
+        PredictorChoice::Cpu => Ok(vec![Box::new(crate::infer::CpuPredictor { model: model.clone() })]),
+        PredictorChoice::Copy => Ok(vec![Box::new(CopyPredictor)]),
         PredictorChoice::Cuda { devices, fp16 } => {
-            let d = devices.first().copied().unwrap_or(0);
-            if devices.len() > 1 {
-                eprintln!(
-                    "note: several --devices are not yet run in parallel; using device {d} (run one block per GPU with --block)"
-                );
+            if devices.is_empty() {
+                return Err(Error::invalid("--devices: name at least one CUDA device, e.g. 0"));
             }
-            Ok(Box::new(CudaPredictor::new(model, cuda_opts(*fp16, d))?))
+            let mut seen = std::collections::BTreeSet::new();
+            if let Some(d) = devices.iter().find(|&&d| !seen.insert(d)) {
+                return Err(Error::invalid(format!(
+                    "--devices names device {d} twice: give each device once"
+                )));
+            }
+            devices
+                .iter()
+                .map(|&d| Ok(Box::new(CudaPredictor::new(model, cuda_opts(*fp16, d))?) as Box<dyn TilePredictor>))
+                .collect()
         }
         PredictorChoice::Auto { fp16 } => {
             if cuda::available() {
                 match CudaPredictor::new(model, cuda_opts(*fp16, 0)) {
-                    Ok(p) => return Ok(Box::new(p)),
+                    Ok(p) => return Ok(vec![Box::new(p)]),
                     Err(e) => eprintln!("note: the CUDA device is not usable ({e}); running on the CPU"),
                 }
             } else {
@@ -303,7 +312,7 @@ pub fn make_predictor(choice: &PredictorChoice, model: &Model<f32>) -> Result<Bo
             if *fp16 {
                 eprintln!("note: --fp16 applies to the GPU; the CPU computes in f32");
             }
-            Ok(Box::new(crate::infer::CpuPredictor { model: model.clone() }))
+            Ok(vec![Box::new(crate::infer::CpuPredictor { model: model.clone() })])
         }
     }
 }
@@ -345,12 +354,13 @@ struct Watermark {
     tiles_written: usize,
 }
 
-/// Runs `job` of the cores tiling into `writer`, keeping a watermark under `meta`
-/// (when given) so that `resume` skips the tiles a killed run already wrote. Returns
-/// the phase times and (tiles computed, tiles skipped).
+/// Runs `job` of the cores tiling into `writer` with the predictors `preds` (one
+/// worker thread each), keeping a watermark under `meta` (when given) so that `resume`
+/// skips the tiles a killed run already wrote. Returns the phase times and (tiles
+/// computed, tiles skipped).
 #[allow(clippy::too_many_arguments)]
 pub fn run_job(
-    pred: &mut dyn TilePredictor,
+    preds: &mut [&mut dyn TilePredictor],
     views: &[&dyn VolumeReader],
     norms: &[Affine],
     variant: Variant,
@@ -381,7 +391,9 @@ pub fn run_job(
     let stop_after: Option<usize> = std::env::var("RLN_TEST_STOP_AFTER_TILES")
         .ok()
         .and_then(|v| v.parse().ok());
-    let written = AtomicUsize::new(0);
+    // the watermark is the prefix of the run's tiles that are all written (several
+    // predictors finish tiles out of order)
+    let written = Mutex::new((std::collections::BTreeSet::<usize>::new(), 0usize, 0usize));
     let save = |n: usize| -> Result<()> {
         if let Some(p) = &mark_path {
             let text = serde_json::to_string(&Watermark { tiles_written: n }).expect("serializable");
@@ -389,14 +401,23 @@ pub fn run_job(
         }
         Ok(())
     };
-    // The writer thread calls this in plan order, after each core is written: the
-    // watermark is saved every tile (a few bytes per tile of millions of voxels).
-    let on_written = |_index: usize| {
-        let n = skip + written.fetch_add(1, Ordering::SeqCst) + 1;
-        // a failed save only costs recomputation after a kill
-        let _ = save(n);
-        if stop_after.is_some_and(|k| n - skip >= k) {
-            eprintln!("RLN_TEST_STOP_AFTER_TILES: stopping after {} tile(s)", n - skip);
+    // The writer thread calls this after each core is written: the watermark is saved
+    // when the prefix grows (a few bytes per tile of millions of voxels).
+    let on_written = |pos: usize| {
+        let mut w = written.lock().unwrap_or_else(|e| e.into_inner());
+        let (done, prefix, count) = &mut *w;
+        done.insert(pos);
+        *count += 1;
+        let before = *prefix;
+        while done.remove(prefix) {
+            *prefix += 1;
+        }
+        if *prefix > before {
+            // a failed save only costs recomputation after a kill
+            let _ = save(skip + *prefix);
+        }
+        if stop_after.is_some_and(|k| *count >= k) {
+            eprintln!("RLN_TEST_STOP_AFTER_TILES: stopping after {count} tile(s)");
             std::process::exit(75);
         }
     };
@@ -404,7 +425,7 @@ pub fn run_job(
         written: &on_written,
         progress,
     };
-    let t = pipeline::run_tiles(pred, views, norms, variant, writer, plan, tiles, opts, &hooks)?;
+    let t = pipeline::run_tiles(preds, views, norms, variant, writer, plan, tiles, opts, &hooks)?;
     save(all.len())?;
     Ok((t, tiles.len(), skip))
 }
@@ -554,23 +575,31 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
         )
     };
 
-    let mut pred: Box<dyn TilePredictor> = if copied_input {
-        Box::new(CopyPredictor)
+    let mut preds: Vec<Box<dyn TilePredictor>> = if copied_input {
+        vec![Box::new(CopyPredictor)]
     } else {
-        make_predictor(&opts.predictor, &model)?
+        make_predictors(&opts.predictor, &model)?
     };
-    let describe = pred.describe();
+    let pred = &preds[0];
+    let describe = if preds.len() > 1 {
+        format!("{} × {}", preds.len(), pred.describe())
+    } else {
+        pred.describe()
+    };
     let c_in = variant.input_channels();
     let memory = opts.memory.or(pred.memory_budget()).unwrap_or_else(default_memory);
     let window_voxels = choose_window(memory, pred.bytes_per_voxel(), c_in, opts.pipeline.prefetch);
     let desired = opts
         .tile
-        .unwrap_or_else(|| choose_core(dims, opts.context, window_voxels));
+        .unwrap_or_else(|| plan::budget_core(dims, opts.context, window_voxels));
 
     if opts.blended() {
+        if preds.len() > 1 {
+            eprintln!("note: the blended tiling runs on one device; the others stay idle");
+        }
         return run_blended(
             opts,
-            &mut *pred,
+            &mut *preds[0],
             &views,
             &norms,
             variant,
@@ -699,8 +728,10 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
     );
     let progress = |v: usize| bar.inc(v as u64);
     let meta = if store { Some(meta_dir(&opts.output)) } else { None };
+    let mut workers: Vec<&mut dyn TilePredictor> =
+        preds.iter_mut().map(|p| &mut **p as &mut dyn TilePredictor).collect();
     let (phases, computed, skipped) = run_job(
-        &mut *pred,
+        &mut workers,
         &views,
         &norms,
         variant,

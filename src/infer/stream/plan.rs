@@ -33,6 +33,47 @@ pub struct CorePlan {
     pub context: usize,
 }
 
+/// Smallest core the budget picks per axis (unless the volume is smaller).
+pub const MIN_BUDGET_CORE: usize = 16;
+
+/// The core a budget of `window_voxels` per tile window gives, chosen from the budget
+/// alone so that memory does not grow with the volume: the largest even cube-shaped core
+/// whose window (core + 2·`context` per axis) holds at most `window_voxels`. An axis
+/// the volume spans within that window is taken whole (its window is then the volume's
+/// length, shorter than the cube's), and the budget it leaves goes to the other axes;
+/// so the volume's shape changes the core only where the volume is smaller than a tile.
+/// Never below [`MIN_BUDGET_CORE`] (a budget that small is exceeded).
+pub fn budget_core(dims: [usize; 3], context: usize, window_voxels: usize) -> [usize; 3] {
+    let mut whole = [false; 3];
+    loop {
+        let fixed: usize = (0..3).filter(|&a| whole[a]).map(|a| dims[a]).product();
+        let free = (0..3).filter(|&a| !whole[a]).count() as u32;
+        if free == 0 {
+            return dims;
+        }
+        // the largest window side s with s^free · fixed ≤ window_voxels
+        let room = window_voxels / fixed.max(1);
+        let mut side = (room as f64).powf(1.0 / free as f64) as usize;
+        while (side + 1).checked_pow(free).is_some_and(|v| v <= room) {
+            side += 1;
+        }
+        while side > 1 && side.checked_pow(free).is_none_or(|v| v > room) {
+            side -= 1;
+        }
+        let core = (side.saturating_sub(2 * context).max(MIN_BUDGET_CORE)) & !1;
+        let mut grew = false;
+        for a in 0..3 {
+            if !whole[a] && core + 2 * context >= dims[a] {
+                whole[a] = true;
+                grew = true;
+            }
+        }
+        if !grew {
+            return [0, 1, 2].map(|a| if whole[a] { dims[a] } else { core });
+        }
+    }
+}
+
 /// One tile of a [`CorePlan`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StreamTile {
@@ -114,6 +155,18 @@ impl CorePlan {
         (w0, w1)
     }
 
+    /// The window of any core region (a piece of a tile's core, say): `context` more
+    /// on each side, starts even, clipped to the volume.
+    pub fn window_of(&self, core: Region) -> Region {
+        let mut window = core;
+        for a in 0..3 {
+            let (w0, w1) = self.window_axis(a, core.start[a], core.end()[a]);
+            window.start[a] = w0;
+            window.shape[a] = w1 - w0;
+        }
+        window
+    }
+
     /// Tile `index` (z, y, x raster order).
     pub fn tile(&self, index: usize) -> StreamTile {
         let [_, ny, nx] = self.counts();
@@ -144,6 +197,28 @@ impl CorePlan {
                 .max()
                 .unwrap_or(0)
         })
+    }
+
+    /// A bound on every window's size that depends on the core and context only
+    /// (clipped to the volume): core + 2·context (+1 when an odd context meets the
+    /// even window starts).
+    pub fn window_bound(&self) -> [usize; 3] {
+        [0, 1, 2].map(|a| {
+            if self.core[a] >= self.dims[a] {
+                self.dims[a]
+            } else {
+                (self.core[a] + 2 * self.context + (self.context & 1)).min(self.dims[a])
+            }
+        })
+    }
+
+    /// The host memory (bytes) the tiles in flight of this plan take: README's formula
+    /// W·(B + 4·C·(P+1) + 4·P) with W = [`Self::window_bound`] voxels, B the predictor's
+    /// bytes per window voxel, C input channels and P tiles read ahead (reader caches
+    /// and a TIFF output's band not included).
+    pub fn memory_estimate(&self, predictor_bytes_per_voxel: usize, c_in: usize, prefetch: usize) -> usize {
+        let w: usize = self.window_bound().iter().product();
+        w * (predictor_bytes_per_voxel + super::pipeline_bytes_per_voxel(c_in, prefetch))
     }
 
     /// The tiles of block `i` of `n`: the raster order split into `n` contiguous ranges
@@ -308,6 +383,46 @@ mod tests {
         assert!(parse_region("0:4,0:1").is_err());
         let p = CorePlan::new([20, 64, 64], [10, 32, 32], 0).unwrap();
         assert_eq!(p.region_tiles(Region::new([0, 30, 0], [1, 4, 1])).unwrap(), vec![0, 2]);
+    }
+
+    #[test]
+    fn memory_follows_the_budget_not_the_volume() {
+        // the CPU predictor's 320 B per voxel, one channel, 3 tiles ahead
+        let (bpv, c_in, p) = (320, 1, 3);
+        for (budget, depth, hw) in [(512usize << 20, 300, 256), (256 << 20, 150, 600), (2 << 30, 700, 1000)] {
+            let window = crate::infer::stream::choose_window(budget, bpv, c_in, p);
+            let plan = |d: usize| {
+                let dims = [d, hw, hw];
+                let core = budget_core(dims, 18, window);
+                let (core, _) = CorePlan::align_core(dims, core, [16, 32, 32]);
+                CorePlan::new(dims, core, 18).unwrap()
+            };
+            let (a, b) = (plan(depth), plan(4 * depth));
+            assert!(
+                a.core[0] + 36 < depth,
+                "depth {depth} must exceed a window: core {:?}",
+                a.core
+            );
+            assert_eq!(a.core, b.core, "budget {budget}");
+            let (ma, mb) = (a.memory_estimate(bpv, c_in, p), b.memory_estimate(bpv, c_in, p));
+            assert_eq!(ma, mb, "budget {budget}: depth {depth} and {}", 4 * depth);
+            assert!(ma <= budget, "{ma} > {budget}");
+            // the budget is used, not just respected: within alignment to the chunks
+            assert!(ma * 4 > budget, "{ma} of {budget}");
+            // and the windows the pipeline sizes its buffers by stay within the bound
+            for q in [&a, &b] {
+                let (mw, wb) = (q.max_window(), q.window_bound());
+                assert!((0..3).all(|i| mw[i] <= wb[i]), "{mw:?} > {wb:?}");
+            }
+        }
+        // a volume thinner than a window: that axis is whole, the others take the budget
+        let window = 1_000_000;
+        let c = budget_core([20, 4000, 4000], 18, window);
+        assert_eq!(c[0], 20);
+        assert!(c[1] > 100 && 20 * (c[1] + 36) * (c[2] + 36) <= window, "{c:?}");
+        assert_eq!(budget_core([20, 30, 40], 18, window), [20, 30, 40]);
+        // a budget below the smallest tile gives the smallest tile
+        assert_eq!(budget_core([500; 3], 18, 1000), [16; 3]);
     }
 
     #[test]
