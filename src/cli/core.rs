@@ -1,4 +1,6 @@
-//! `import-tf`, `conformance`, `bench`.
+//! `rln-engine import-tf`, `conformance`, `bench`: converting the authors' TF weights,
+//! checking the engine against their test vectors, and measuring throughput (parse, call
+//! the library, print).
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -79,7 +81,7 @@ pub fn conformance(a: &ConformanceArgs) -> Result<()> {
         } else {
             rln_engine::backend::cuda::CudaOptions::f32()
         };
-        let rows = rln_engine::backend::cuda::conformance::run_infer(&model, &a.vectors, opts)?;
+        let rows = rln_engine::conformance::cuda::run_infer(&model, &a.vectors, opts)?;
         let passed = rows.iter().all(|r| r.pass);
         if a.json {
             println!(
@@ -163,7 +165,8 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     use rln_engine::bench;
     use rln_engine::tensor::Shape;
     if a.device == BenchDevice::Cuda {
-        use rln_engine::backend::cuda::{bench as cb, CudaOptions};
+        use rln_engine::backend::cuda::CudaOptions;
+        use rln_engine::bench::cuda_infer as cb;
         let opts = if a.fp16 { CudaOptions::f16() } else { CudaOptions::f32() };
         let r = cb::run(&cb::BenchOptions::new(opts))?;
         if a.json {
@@ -179,7 +182,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         if !a.json {
             eprintln!("timing the network on {shape} ...");
         }
-        rows.extend(bench::cpu_network(shape, a.min_runs, t));
+        rows.extend(bench::cpu_network(shape, a.min_runs, t)?);
     }
     if !a.json {
         eprintln!("timing one training step on 4×1×64×64×64 ...");
@@ -207,7 +210,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     let report = bench::BenchReport {
         device: bench::cpu_name(),
         threads: rln_engine::threads(),
-        isa: rln_engine::backend::cpu::simd::isa().name().to_string(),
+        isa: rln_engine::backend::cpu::isa().name().to_string(),
         rows,
     };
     if a.json {

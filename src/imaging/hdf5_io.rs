@@ -1,7 +1,7 @@
 //! HDF5 datasets (cargo feature `hdf5`): one 3D dataset per volume, chunked, with the
 //! voxel size in the attribute `element_size_um` (z, y, x) and metadata JSON in `rln_metadata`.
 
-use super::io::{OutputDtype, ReadOptions};
+use super::format::{OutputDtype, ReadOptions};
 use super::volume::Volume;
 use crate::error::{Error, Result};
 use crate::fsutil::{check_output_dir, temp_path_for};
@@ -163,7 +163,7 @@ pub fn write_hdf5(path: &Path, dataset: &str, vol: &Volume, dtype: OutputDtype) 
                 ds
             }
             OutputDtype::U16 => {
-                let d: Vec<u16> = vol.data.iter().map(|&v| super::tiff_io::to_u16(v)).collect();
+                let d: Vec<u16> = vol.data.iter().map(|&v| super::format::to_u16(v)).collect();
                 let ds = file
                     .new_dataset::<u16>()
                     .chunk(chunk)
