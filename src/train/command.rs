@@ -652,10 +652,14 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<TrainSummary> {
         Ok(v) => v,
         // the variant stays (out of memory is still out of memory), with where to go on
         Err(e) => {
+            let e = match &gpu {
+                Some(_) if e.is_out_of_memory() => e.note("or train on the CPU (--device cpu), in host memory"),
+                _ => e,
+            };
             return Err(e.note(format_args!(
                 "the last good checkpoint is {} (continue with --resume)",
                 ckpt_path.display()
-            )))
+            )));
         }
     };
     if state.step < cfg.steps {

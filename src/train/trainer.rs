@@ -167,7 +167,7 @@ pub fn train_step_on<B: Backend<T = f32>>(
     };
     let (terms, grads, stats) = run().map_err(|e| {
         let advice = format!(
-            "lower the batch size (--batch, now {}) or the crop size (--crop, now {}×{}×{}), or train with --device cpu",
+            "lower the batch size (--batch, now {}) or the crop size (--crop, now {}×{}×{})",
             x.shape.n, x.shape.d, x.shape.h, x.shape.w
         );
         step_error(e, &format!("training step {step}"), x.shape, &advice)
@@ -255,8 +255,7 @@ pub fn validate_on<B: Backend<T = f32>>(
             Ok((b.to_host(&fwd.prediction)?, b.to_host(&fwd.e1_raw)?))
         };
         let (prediction, e1_raw) = run().map_err(|e| {
-            let advice =
-                "validation volumes are center-cropped to TrainConfig::val_crop: lower it, or train with --device cpu";
+            let advice = "the validation volume does not fit: validate on smaller volumes (--val), or on none";
             step_error(e, "validation", x.shape, advice)
         })?;
         m.loss += loss_terms(&prediction.data, &e1_raw.data, &x1.data, &g.data).loss;
