@@ -33,13 +33,13 @@ fn ops(c: &mut Criterion) {
         let dz = volume(s.with_c(co), 3);
         g.throughput(Throughput::Elements(s.spatial() as u64));
         g.bench_function(BenchmarkId::new("forward", format!("{ci}to{co}")), |bn| {
-            bn.iter(|| b.conv3(&[&x], &w, co, &Epilogue::identity()))
+            bn.iter(|| b.conv3(&[&x], &w, co, &Epilogue::identity()).unwrap())
         });
         g.bench_function(BenchmarkId::new("backward_data", format!("{ci}to{co}")), |bn| {
-            bn.iter(|| b.conv3_backward_data(&dz, &w, &[ci], &[true]))
+            bn.iter(|| b.conv3_backward_data(&dz, &w, &[ci], &[true]).unwrap())
         });
         g.bench_function(BenchmarkId::new("backward_weight", format!("{ci}to{co}")), |bn| {
-            bn.iter(|| b.conv3_backward_weight(&[&x], &dz))
+            bn.iter(|| b.conv3_backward_weight(&[&x], &dz).unwrap())
         });
     }
     g.finish();
@@ -52,12 +52,14 @@ fn ops(c: &mut Criterion) {
     let x = volume(s, 4);
     let gt = volume(s, 5);
     g.throughput(Throughput::Elements(s.spatial() as u64));
-    g.bench_function("forward_64", |bn| bn.iter(|| net.forward(&x, BnMode::Running, false)));
+    g.bench_function("forward_64", |bn| {
+        bn.iter(|| net.forward(&x, BnMode::Running, false).unwrap())
+    });
     g.bench_function("train_step_64", |bn| {
         bn.iter(|| {
-            let f = net.forward(&x, BnMode::Batch, true);
-            let (_, dy, de) = b.loss(&f.prediction, &f.e1_raw, &x, &gt);
-            net.backward(&f, &dy, &de, GradMode::Paper)
+            let f = net.forward(&x, BnMode::Batch, true).unwrap();
+            let (_, dy, de) = b.loss(&f.prediction, &f.e1_raw, &x, &gt).unwrap();
+            net.backward(&f, &dy, &de, GradMode::Paper).unwrap()
         })
     });
     g.finish();

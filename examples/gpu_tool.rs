@@ -11,8 +11,9 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use rln_engine::backend::cpu::CpuBackend;
-use rln_engine::backend::cuda::{self, bench, train_bench, CudaNet, CudaOptions, CudaTrainBackend};
+use rln_engine::backend::cuda::{self, CudaNet, CudaOptions, CudaTrainBackend};
 use rln_engine::backend::{Backend, GradMode};
+use rln_engine::bench::{cuda_infer as bench, cuda_train as train_bench};
 use rln_engine::model::tensor_file::TensorWriter;
 use rln_engine::model::Model;
 use rln_engine::model::{ModelConfig, Params};
@@ -179,7 +180,10 @@ fn run(a: Args) -> Result<()> {
             }
             let t0 = std::time::Instant::now();
             let b = CpuBackend::<f32>::new();
-            let y_cpu = Rln::new(&b, &model).forward(&x, BnMode::Running, false).prediction;
+            let y_cpu = Rln::new(&b, &model)
+                .forward(&x, BnMode::Running, false)
+                .unwrap()
+                .prediction;
             println!("CPU reference: {:.2} s", t0.elapsed().as_secs_f64());
             let mut wr = TensorWriter::default();
             let sh = vec![n, 1, dd, h, w];
@@ -271,7 +275,7 @@ fn run(a: Args) -> Result<()> {
             let mut all = Vec::new();
             for m in ["f32", "f16", "f16-tc"] {
                 let o = mode(m, a.device)?;
-                let rows = cuda::conformance::run_infer(&model, &vectors, o)?;
+                let rows = rln_engine::conformance::cuda::run_infer(&model, &vectors, o)?;
                 for r in &rows {
                     println!(
                         "{:<7} {:<20} rel L2 {:9.2e}  tol {:.0e}  {}",
@@ -300,17 +304,19 @@ fn train_check(b: &CudaTrainBackend, path: &std::path::Path) -> Result<serde_jso
     let grads = |bk: &dyn Fn() -> (f64, Params<f64>)| bk();
     let gpu = grads(&|| {
         let net = Rln::new(b, &model);
-        let xd = b.from_host(&x);
-        let f = net.forward(&xd, BnMode::Batch, true);
-        let (t, dy, de) = b.loss(&f.prediction, &f.e1_raw, &xd, &b.from_host(&g));
-        (t.loss, net.backward(&f, &dy, &de, GradMode::Paper))
+        let xd = b.from_host(&x).unwrap();
+        let f = net.forward(&xd, BnMode::Batch, true).unwrap();
+        let (t, dy, de) = b
+            .loss(&f.prediction, &f.e1_raw, &xd, &b.from_host(&g).unwrap())
+            .unwrap();
+        (t.loss, net.backward(&f, &dy, &de, GradMode::Paper).unwrap())
     });
     let c = CpuBackend::<f32>::new();
     let cpu = grads(&|| {
         let net = Rln::new(&c, &model);
-        let f = net.forward(&x, BnMode::Batch, true);
-        let (t, dy, de) = c.loss(&f.prediction, &f.e1_raw, &x, &g);
-        (t.loss, net.backward(&f, &dy, &de, GradMode::Paper))
+        let f = net.forward(&x, BnMode::Batch, true).unwrap();
+        let (t, dy, de) = c.loss(&f.prediction, &f.e1_raw, &x, &g).unwrap();
+        (t.loss, net.backward(&f, &dy, &de, GradMode::Paper).unwrap())
     });
     let mut per_tensor = serde_json::Map::new();
     let mut worst: f64 = 0.0;

@@ -14,11 +14,11 @@ fn main() {
     let train = std::env::args().nth(1).is_some_and(|a| a == "train");
     for _ in 0..3 {
         if train {
-            let f = net.forward(&x, BnMode::Batch, true);
-            let (_, dy, de) = b.loss(&f.prediction, &f.e1_raw, &x, &x);
-            std::hint::black_box(net.backward(&f, &dy, &de, GradMode::Paper));
+            let f = net.forward(&x, BnMode::Batch, true).unwrap();
+            let (_, dy, de) = b.loss(&f.prediction, &f.e1_raw, &x, &x).unwrap();
+            std::hint::black_box(net.backward(&f, &dy, &de, GradMode::Paper).unwrap());
         } else {
-            std::hint::black_box(net.forward(&x, BnMode::Running, false));
+            std::hint::black_box(net.forward(&x, BnMode::Running, false).unwrap());
         }
     }
 }

@@ -1,10 +1,12 @@
-//! Checks every subcommand runs on its arguments before any work: outputs that would
-//! overwrite an input, output paths, locks, thread counts, tile sizes, flags that do not
-//! apply to the chosen device. The file-safety rules themselves live in
-//! `crate::fsutil`; this module only gathers each command's roles and paths.
+//! The commands' shared argument handling, for the CLI and the bindings alike: the value
+//! parsers (`parse_dims`, `parse_range`, `parse_bytes`, `finite_f64`, [`Device`]) and the
+//! checks every subcommand runs before any work: outputs that would overwrite an input,
+//! output paths, locks, thread counts, tile sizes, flags that do not apply to the chosen
+//! device. The file-safety rules themselves live in `crate::fsutil`; this module only
+//! gathers each command's roles and paths.
 
+use crate::error::{Error, Result};
 use crate::fsutil::{check_output_file, refuse_overwriting_inputs, OutputLock};
-use anyhow::{bail, Result};
 use std::path::Path;
 
 /// Extensions a volume output may have (the format is chosen by it).
@@ -52,11 +54,11 @@ pub fn max_threads() -> usize {
 pub fn check_threads(threads: usize) -> Result<()> {
     let max = max_threads();
     if threads > max {
-        bail!(
+        return Err(Error::invalid(format!(
             "--threads {threads} is more than this machine can use: at most {max} (4 per core, {} cores); \
              0 (the default) uses one per core",
             std::thread::available_parallelism().map_or(1, |n| n.get())
-        );
+        )));
     }
     Ok(())
 }
@@ -70,13 +72,11 @@ pub const MIN_TILE_CORE: usize = 16;
 pub fn check_tile(tile: Option<[usize; 3]>) -> Result<()> {
     if let Some(t) = tile {
         if t.iter().any(|&n| n < MIN_TILE_CORE) {
-            bail!(
+            return Err(Error::invalid(format!(
                 "--tile {},{},{}: every tile core size must be at least {MIN_TILE_CORE} voxels (each tile also reads \
                  18 voxels of context on every side); leave --tile out to size tiles by --memory",
-                t[0],
-                t[1],
-                t[2]
-            );
+                t[0], t[1], t[2]
+            )));
         }
     }
     Ok(())
@@ -85,7 +85,9 @@ pub fn check_tile(tile: Option<[usize; 3]>) -> Result<()> {
 /// `--fp16` is FP16 storage on the GPU; with `--device cpu` it would be silently ignored.
 pub fn check_fp16_on_cpu(fp16: bool, cpu: bool) -> Result<()> {
     if fp16 && cpu {
-        bail!("--fp16 applies to the GPU only (the CPU computes in f32): drop --fp16, or use --device cuda");
+        return Err(Error::invalid(format!(
+            "--fp16 applies to the GPU only (the CPU computes in f32): drop --fp16, or use --device cuda"
+        )));
     }
     Ok(())
 }
@@ -111,6 +113,37 @@ pub fn finite_f32(s: &str) -> Result<f32, String> {
     }
 }
 
+/// Parses "LOW,HIGH" (or one value).
+pub fn parse_range(s: &str) -> Result<(f64, f64), String> {
+    let v: Vec<f64> = s
+        .split(',')
+        .map(|t| t.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{s:?}: {e}"))?;
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(format!("{s:?}: give finite numbers"));
+    }
+    match v.as_slice() {
+        [a] => Ok((*a, *a)),
+        [a, b] => Ok((*a, *b)),
+        _ => Err(format!("{s:?}: give LOW,HIGH")),
+    }
+}
+
+/// Parses "64" or "32,64,64" into (z, y, x).
+pub fn parse_dims(s: &str) -> Result<[usize; 3], String> {
+    let v: Vec<usize> = s
+        .split([',', 'x', '×'])
+        .map(|t| t.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{s:?}: {e}"))?;
+    match v.as_slice() {
+        [a] => Ok([*a; 3]),
+        [z, y, x] => Ok([*z, *y, *x]),
+        _ => Err(format!("{s:?}: give one size or three (z,y,x)")),
+    }
+}
+
 /// Parses a memory size: "8G", "512M", "1.5GiB" or a number of bytes (`--memory`,
 /// and `memory=` of the Python `infer_file`).
 pub fn parse_bytes(s: &str) -> Result<usize, String> {
@@ -131,4 +164,13 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
         return Err(format!("{s:?}: the size must be positive and finite"));
     }
     Ok((v * mult as f64) as usize)
+}
+
+/// Where a command computes (`--device`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// CUDA when a GPU is usable, else the CPU (with a notice).
+    Auto,
+    Cpu,
+    Cuda,
 }

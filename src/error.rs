@@ -27,9 +27,12 @@ pub enum Error {
     /// The CUDA driver, a kernel launch or device memory failed.
     #[error("CUDA: {0}")]
     Cuda(String),
-    /// Device memory ran out; the caller may retry with smaller tiles.
-    #[error("CUDA out of memory: {0}")]
-    CudaOutOfMemory(String),
+    /// An allocation failed: device memory ran out (CUDA_ERROR_OUT_OF_MEMORY) or a
+    /// backend's memory limit was reached. The message says what was allocated and what
+    /// to make smaller (tiles for inference, batch or crop for training); inference
+    /// retries with smaller tiles by itself.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
     /// Training diverged or produced non-finite values.
     #[error("numeric: {0}")]
     Numeric(String),
@@ -53,8 +56,48 @@ impl Error {
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidInput(msg.into())
     }
-    /// True for [`Error::CudaOutOfMemory`]: retrying with smaller tiles may succeed.
+    /// The same error, the same variant (so callers still tell out-of-memory from bad
+    /// input), with `f` applied to its message.
+    fn map_message(self, f: impl FnOnce(String) -> String) -> Error {
+        match self {
+            Error::Io { path, source } => Error::Io {
+                path,
+                source: std::io::Error::new(source.kind(), f(source.to_string())),
+            },
+            Error::Format { path, msg } => Error::Format { path, msg: f(msg) },
+            Error::InvalidInput(m) => Error::InvalidInput(f(m)),
+            Error::Shape(m) => Error::Shape(f(m)),
+            Error::Model(m) => Error::Model(f(m)),
+            Error::Cuda(m) => Error::Cuda(f(m)),
+            Error::OutOfMemory(m) => Error::OutOfMemory(f(m)),
+            Error::Numeric(m) => Error::Numeric(f(m)),
+        }
+    }
+    /// What was being done, in front of the message ("reading checkpoint c.safetensors: …").
+    pub fn context(self, what: impl std::fmt::Display) -> Error {
+        self.map_message(|m| format!("{what}: {m}"))
+    }
+    /// A note after the message: what to do next.
+    pub fn note(self, note: impl std::fmt::Display) -> Error {
+        self.map_message(|m| format!("{m}\n{note}"))
+    }
+    /// True for [`Error::OutOfMemory`]: retrying with smaller tiles (or batch) may succeed.
     pub fn is_out_of_memory(&self) -> bool {
-        matches!(self, Error::CudaOutOfMemory(_))
+        matches!(self, Error::OutOfMemory(_))
+    }
+}
+
+/// [`Error::context`] on a [`Result`], as `anyhow::Context` does for the binary.
+pub trait ResultExt<T> {
+    fn context(self, what: impl std::fmt::Display) -> Result<T>;
+    fn with_context<D: std::fmt::Display>(self, what: impl FnOnce() -> D) -> Result<T>;
+}
+
+impl<T> ResultExt<T> for Result<T> {
+    fn context(self, what: impl std::fmt::Display) -> Result<T> {
+        self.map_err(|e| e.context(what))
+    }
+    fn with_context<D: std::fmt::Display>(self, what: impl FnOnce() -> D) -> Result<T> {
+        self.map_err(|e| e.context(what()))
     }
 }

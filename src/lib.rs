@@ -1,12 +1,21 @@
 //! rln-engine: the Richardson–Lucy Network (Li et al., Nature Methods 2022) with
 //! hand-written forward and backward passes.
 //!
-//! - [`model`]: the layer table of the spec, the model file, TF import, initialization.
-//! - [`backend`]: the ops interface; [`backend::cpu`] is the exact reference (the oracle).
+//! Layers, from the bottom (each uses only those below it; tests/layering.rs checks it):
+//! - [`error`], [`real`], [`tensor`], [`fsutil`]: the error type, the scalar types, the
+//!   host tensor, safe file writing.
+//! - [`model`]: the layer table of the spec, the model file, TF import, initialization;
+//!   [`imaging`]: volume I/O, PSFs, synthetic data, Richardson–Lucy, metrics;
+//!   [`args`]: the commands' argument parsers and checks.
+//! - [`backend`]: the ops interface (every op returns [`Result`]) and the training loss;
+//!   [`backend::cpu`] is the exact reference (the oracle), [`backend::cuda`] the GPU.
 //! - [`net`]: the network of rln-spec.md §3, forward and backward, against that interface.
-//! - [`train`]: loss, Adam, and the training loop.
-//! - [`conformance`]: comparison with the authors' TensorFlow test vectors.
-//! - [`slurm`]: job-array scripts that spread one volume over a Slurm cluster.
+//! - [`train`]: Adam, crops, the training loop, checkpoints, the `train` command;
+//!   [`infer`]: tiled and streaming inference; [`conformance`]: comparison with the
+//!   authors' TensorFlow test vectors.
+//! - [`bench`](mod@bench): throughput of the main paths; [`compare`]: RLN vs Richardson–Lucy;
+//!   [`slurm`]: job-array scripts that spread one volume over a Slurm cluster;
+//!   [`demo`]: the two-command demo.
 //!
 //! A program that wants deconvolved volumes needs a model, a predictor and one call
 //! ([`infer::deconvolve`]: normalization, tiling, blending, rescaling):

@@ -4,6 +4,9 @@
 //! f32 versions are branch-free polynomial approximations (≈1 ulp-level, relative error
 //! < 2e-7) that LLVM vectorizes inside loops; the f64 versions use libm and are exact to
 //! rounding, which the finite-difference checks need.
+//!
+//! This module is below every other: the SIMD vectors the CPU kernels use for each type
+//! are attached in the CPU backend ([`crate::backend::cpu::CpuReal`]), not here.
 
 use num_traits::{Float, FromPrimitive, NumAssign, ToPrimitive};
 use std::fmt::{Debug, Display};
@@ -14,11 +17,6 @@ pub trait Real:
 {
     /// Name used in messages and benchmark output.
     const NAME: &'static str;
-    /// SIMD vectors of this type for AVX-512 and AVX2 kernels.
-    #[cfg(target_arch = "x86_64")]
-    type Wide: crate::backend::cpu::simd::Vector<T = Self>;
-    #[cfg(target_arch = "x86_64")]
-    type Narrow: crate::backend::cpu::simd::Vector<T = Self>;
     fn of(v: f64) -> Self;
     fn f64(self) -> f64;
     /// ln(1 + e^t), accurate for every t.
@@ -29,10 +27,6 @@ pub trait Real:
 
 impl Real for f64 {
     const NAME: &'static str = "f64";
-    #[cfg(target_arch = "x86_64")]
-    type Wide = crate::backend::cpu::simd::F64x8;
-    #[cfg(target_arch = "x86_64")]
-    type Narrow = crate::backend::cpu::simd::F64x4;
     #[inline(always)]
     fn of(v: f64) -> Self {
         v
@@ -58,10 +52,6 @@ impl Real for f64 {
 
 impl Real for f32 {
     const NAME: &'static str = "f32";
-    #[cfg(target_arch = "x86_64")]
-    type Wide = crate::backend::cpu::simd::F32x16;
-    #[cfg(target_arch = "x86_64")]
-    type Narrow = crate::backend::cpu::simd::F32x8;
     #[inline(always)]
     fn of(v: f64) -> Self {
         v as f32

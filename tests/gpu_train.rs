@@ -124,9 +124,9 @@ fn every_forward_op_matches_the_cpu() {
             let scale: Vec<f32> = (0..c_out).map(|_| rng.random_range(0.5..1.5)).collect();
             let shift: Vec<f32> = (0..c_out).map(|_| rng.random_range(-0.5..0.5)).collect();
             let aux = random(s.with_c(1), -1.0, 1.0, &mut rng);
-            let aux_d = b.from_host(&aux);
+            let aux_d = b.from_host(&aux).unwrap();
             let refs: Vec<&Tensor<f32>> = ins.iter().collect();
-            let dins: Vec<_> = ins.iter().map(|t| b.from_host(t)).collect();
+            let dins: Vec<_> = ins.iter().map(|t| b.from_host(t).unwrap()).collect();
             let drefs: Vec<_> = dins.iter().collect();
             // identity (training), then the three epilogue kinds on alternating sizes
             let kinds = [0, 1 + (i % 3)];
@@ -176,8 +176,8 @@ fn every_forward_op_matches_the_cpu() {
                         },
                     ),
                 };
-                let want = CPU.conv3(&refs, &w, c_out, &epi_c);
-                let got = b.to_host(&b.conv3(&drefs, &w, c_out, &epi_g));
+                let want = CPU.conv3(&refs, &w, c_out, &epi_c).unwrap();
+                let got = b.to_host(&b.conv3(&drefs, &w, c_out, &epi_g).unwrap()).unwrap();
                 ck.tensor(&format!("conv3 {cs:?}→{c_out} epi {kind} at {s}"), &got, &want, TOL_FWD);
             }
         }
@@ -186,115 +186,133 @@ fn every_forward_op_matches_the_cpu() {
         let w: Vec<f32> = (0..8 * 4 * 8).map(|_| rng.random_range(-0.5..0.5)).collect();
         let scale = [1.2f32, 0.8, 1.0, 0.9];
         let shift = [0.1f32, -0.2, 0.0, 0.3];
-        let want = CPU.up2(
-            &x,
-            &w,
-            4,
-            &Epilogue {
-                scale: &scale,
-                shift: &shift,
-                softplus: true,
-                addend: Addend::None,
-            },
-        );
-        let got = b.to_host(&b.up2(
-            &b.from_host(&x),
-            &w,
-            4,
-            &Epilogue {
-                scale: &scale,
-                shift: &shift,
-                softplus: true,
-                addend: Addend::None,
-            },
-        ));
+        let want = CPU
+            .up2(
+                &x,
+                &w,
+                4,
+                &Epilogue {
+                    scale: &scale,
+                    shift: &shift,
+                    softplus: true,
+                    addend: Addend::None,
+                },
+            )
+            .unwrap();
+        let got = b
+            .to_host(
+                &b.up2(
+                    &b.from_host(&x).unwrap(),
+                    &w,
+                    4,
+                    &Epilogue {
+                        scale: &scale,
+                        shift: &shift,
+                        softplus: true,
+                        addend: Addend::None,
+                    },
+                )
+                .unwrap(),
+            )
+            .unwrap();
         ck.tensor(&format!("up2 8→4 at {s}"), &got, &want, TOL_FWD);
         // pointwise ops
         for c in [1usize, 2, 4, 8] {
             let t = random(s.with_c(c), -2.0, 2.0, &mut rng);
-            let td = b.from_host(&t);
+            let td = b.from_host(&t).unwrap();
             let sc: Vec<f32> = (0..c).map(|_| rng.random_range(0.5..1.5)).collect();
             let sh: Vec<f32> = (0..c).map(|_| rng.random_range(-0.5..0.5)).collect();
             let a1 = random(s.with_c(1), -1.0, 1.0, &mut rng);
-            let a1d = b.from_host(&a1);
-            let want = CPU.epilogue(
-                &t,
-                &Epilogue {
-                    scale: &sc,
-                    shift: &sh,
-                    softplus: true,
-                    addend: Addend::SoftplusOf(&a1),
-                },
-            );
-            let got = b.to_host(&b.epilogue(
-                &td,
-                &Epilogue {
-                    scale: &sc,
-                    shift: &sh,
-                    softplus: true,
-                    addend: Addend::SoftplusOf(&a1d),
-                },
-            ));
+            let a1d = b.from_host(&a1).unwrap();
+            let want = CPU
+                .epilogue(
+                    &t,
+                    &Epilogue {
+                        scale: &sc,
+                        shift: &sh,
+                        softplus: true,
+                        addend: Addend::SoftplusOf(&a1),
+                    },
+                )
+                .unwrap();
+            let got = b
+                .to_host(
+                    &b.epilogue(
+                        &td,
+                        &Epilogue {
+                            scale: &sc,
+                            shift: &sh,
+                            softplus: true,
+                            addend: Addend::SoftplusOf(&a1d),
+                        },
+                    )
+                    .unwrap(),
+                )
+                .unwrap();
             ck.tensor(&format!("epilogue C={c} at {s}"), &got, &want, TOL_FWD);
             ck.tensor(
                 &format!("channel_mean C={c} at {s}"),
-                &b.to_host(&b.channel_mean(&td)),
-                &CPU.channel_mean(&t),
+                &b.to_host(&b.channel_mean(&td).unwrap()).unwrap(),
+                &CPU.channel_mean(&t).unwrap(),
                 TOL_FWD,
             );
-            let want = CPU.batch_stats(&t);
-            let got = b.batch_stats(&td);
+            let want = CPU.batch_stats(&t).unwrap();
+            let got = b.batch_stats(&td).unwrap();
             ck.vec(&format!("batch_stats mean C={c} at {s}"), &got.mean, &want.mean, 1e-9);
             ck.vec(&format!("batch_stats var C={c} at {s}"), &got.var, &want.var, 1e-9);
-            let padded = CPU.pad_even(&t);
-            let got = b.to_host(&b.pad_even(&td));
+            let padded = CPU.pad_even(&t).unwrap();
+            let got = b.to_host(&b.pad_even(&td).unwrap()).unwrap();
             ck.tensor(&format!("pad_even C={c} at {s}"), &got, &padded, 0.0);
             ck.tensor(
                 &format!("crop C={c} at {s}"),
-                &b.to_host(&b.crop(&b.from_host(&padded), s.with_c(c))),
+                &b.to_host(&b.crop(&b.from_host(&padded).unwrap(), s.with_c(c)).unwrap())
+                    .unwrap(),
                 &t,
                 0.0,
             );
             ck.tensor(
                 &format!("uncrop C={c} at {s}"),
-                &b.to_host(&b.uncrop_zeros(&td, padded.shape)),
-                &CPU.uncrop_zeros(&t, padded.shape),
+                &b.to_host(&b.uncrop_zeros(&td, padded.shape).unwrap()).unwrap(),
+                &CPU.uncrop_zeros(&t, padded.shape).unwrap(),
                 0.0,
             );
             if s.d % 2 + s.h % 2 + s.w % 2 == 0 {
                 ck.tensor(
                     &format!("avgpool2 C={c} at {s}"),
-                    &b.to_host(&b.avgpool2(&td)),
-                    &CPU.avgpool2(&t),
+                    &b.to_host(&b.avgpool2(&td).unwrap()).unwrap(),
+                    &CPU.avgpool2(&t).unwrap(),
                     TOL_FWD,
                 );
             } else {
                 ck.tensor(
                     &format!("avgpool2 (padded) C={c} at {s}"),
-                    &b.to_host(&b.avgpool2(&b.pad_even(&td))),
-                    &CPU.avgpool2(&padded),
+                    &b.to_host(&b.avgpool2(&b.pad_even(&td).unwrap()).unwrap()).unwrap(),
+                    &CPU.avgpool2(&padded).unwrap(),
                     TOL_FWD,
                 );
             }
             let pos = random(s.with_c(c), 0.0, 2.0, &mut rng);
             let a = random(s.with_c(1), 0.05, 1.0, &mut rng);
-            let (pd, ad) = (b.from_host(&pos), b.from_host(&a));
+            let (pd, ad) = (b.from_host(&pos).unwrap(), b.from_host(&a).unwrap());
             ck.tensor(
                 &format!("rl_divide C={c} at {s}"),
-                &b.to_host(&b.rl_divide(&ad, &pd, 1e-3)),
-                &CPU.rl_divide(&a, &pos, 1e-3),
+                &b.to_host(&b.rl_divide(&ad, &pd, 1e-3).unwrap()).unwrap(),
+                &CPU.rl_divide(&a, &pos, 1e-3).unwrap(),
                 TOL_FWD,
             );
             ck.tensor(
                 &format!("rl_update C={c} at {s}"),
-                &b.to_host(&b.rl_update(&ad, &pd)),
-                &CPU.rl_update(&a, &pos),
+                &b.to_host(&b.rl_update(&ad, &pd).unwrap()).unwrap(),
+                &CPU.rl_update(&a, &pos).unwrap(),
                 TOL_FWD,
             );
         }
         // batch statistics of a channel count the device reduction does not take (host path)
         let t = random(s.with_c(3), -1.0, 1.0, &mut rng);
-        let (got, want) = (b.batch_stats(&b.from_host(&t)), CPU.batch_stats(&t));
+        let (got, want) = (
+            b.batch_stats(&b.from_host(&t).unwrap()).unwrap(),
+            CPU.batch_stats(&t).unwrap(),
+        );
         ck.vec(&format!("batch_stats var C=3 at {s}"), &got.var, &want.var, 1e-9);
     }
     ck.finish();
@@ -314,14 +332,14 @@ fn every_backward_op_matches_the_cpu() {
         for (cs, c_out) in CONV_CASES {
             let ins: Vec<Tensor<f32>> = cs.iter().map(|&c| random(s.with_c(c), -1.0, 1.0, &mut rng)).collect();
             let refs: Vec<&Tensor<f32>> = ins.iter().collect();
-            let dins: Vec<_> = ins.iter().map(|t| b.from_host(t)).collect();
+            let dins: Vec<_> = ins.iter().map(|t| b.from_host(t).unwrap()).collect();
             let drefs: Vec<_> = dins.iter().collect();
             let cin: usize = cs.iter().sum();
             let w: Vec<f32> = (0..cin * c_out * 27).map(|_| rng.random_range(-0.3..0.3)).collect();
             let dz = random(s.with_c(c_out), -1.0, 1.0, &mut rng);
-            let dzd = b.from_host(&dz);
-            let want = CPU.conv3_backward_weight(&refs, &dz);
-            let got = b.conv3_backward_weight(&drefs, &dzd);
+            let dzd = b.from_host(&dz).unwrap();
+            let want = CPU.conv3_backward_weight(&refs, &dz).unwrap();
+            let got = b.conv3_backward_weight(&drefs, &dzd).unwrap();
             ck.vec(
                 &format!("conv3_backward_weight {cs:?}→{c_out} at {s}"),
                 &got,
@@ -329,13 +347,13 @@ fn every_backward_op_matches_the_cpu() {
                 TOL_GRAD,
             );
             let needed: Vec<bool> = (0..cs.len()).map(|i| i != 1 || cs.len() < 3).collect();
-            let want = CPU.conv3_backward_data(&dz, &w, cs, &needed);
-            let got = b.conv3_backward_data(&dzd, &w, cs, &needed);
+            let want = CPU.conv3_backward_data(&dz, &w, cs, &needed).unwrap();
+            let got = b.conv3_backward_data(&dzd, &w, cs, &needed).unwrap();
             for (i, (g, wt)) in got.iter().zip(&want).enumerate() {
                 match (g, wt) {
                     (Some(g), Some(wt)) => ck.tensor(
                         &format!("conv3_backward_data {cs:?}→{c_out} input {i} at {s}"),
-                        &b.to_host(g),
+                        &b.to_host(g).unwrap(),
                         wt,
                         TOL_GRAD,
                     ),
@@ -353,38 +371,38 @@ fn every_backward_op_matches_the_cpu() {
         let x = random(half, -1.0, 1.0, &mut rng);
         let w: Vec<f32> = (0..8 * 4 * 8).map(|_| rng.random_range(-0.5..0.5)).collect();
         let dz = random(Shape::new(s.n, 4, 2 * s.d, 2 * s.h, 2 * s.w), -1.0, 1.0, &mut rng);
-        let (xd, dzd) = (b.from_host(&x), b.from_host(&dz));
+        let (xd, dzd) = (b.from_host(&x).unwrap(), b.from_host(&dz).unwrap());
         ck.tensor(
             &format!("up2_backward_data at {s}"),
-            &b.to_host(&b.up2_backward_data(&dzd, &w, 8)),
-            &CPU.up2_backward_data(&dz, &w, 8),
+            &b.to_host(&b.up2_backward_data(&dzd, &w, 8).unwrap()).unwrap(),
+            &CPU.up2_backward_data(&dz, &w, 8).unwrap(),
             TOL_GRAD,
         );
         ck.vec(
             &format!("up2_backward_weight at {s}"),
-            &b.up2_backward_weight(&xd, &dzd),
-            &CPU.up2_backward_weight(&x, &dz),
+            &b.up2_backward_weight(&xd, &dzd).unwrap(),
+            &CPU.up2_backward_weight(&x, &dz).unwrap(),
             TOL_GRAD,
         );
         // the epilogue with batch statistics (γ, β, dz), with and without softplus
         for c in [1usize, 4, 8] {
             let z = random(s.with_c(c), -2.0, 3.0, &mut rng);
             let dy = random(s.with_c(c), -1.0, 1.0, &mut rng);
-            let st = CPU.batch_stats(&z);
+            let st = CPU.batch_stats(&z).unwrap();
             let bn = BnTrainState {
                 gamma: (0..c).map(|_| rng.random_range(0.5f32..1.5)).collect(),
                 beta: (0..c).map(|_| rng.random_range(-0.5f32..0.5)).collect(),
                 mean: st.mean.iter().map(|&v| v as f32).collect(),
                 inv_std: st.var.iter().map(|&v| (1.0 / (v + 1e-3).sqrt()) as f32).collect(),
             };
-            let (zd, dyd) = (b.from_host(&z), b.from_host(&dy));
+            let (zd, dyd) = (b.from_host(&z).unwrap(), b.from_host(&dy).unwrap());
             for softplus in [true, false] {
                 for with_bn in [true, false] {
                     let bnr = with_bn.then_some(&bn);
-                    let (wz, wg, wb) = CPU.epilogue_backward(&z, &dy, softplus, bnr);
-                    let (gz, gg, gb) = b.epilogue_backward(&zd, &dyd, softplus, bnr);
+                    let (wz, wg, wb) = CPU.epilogue_backward(&z, &dy, softplus, bnr).unwrap();
+                    let (gz, gg, gb) = b.epilogue_backward(&zd, &dyd, softplus, bnr).unwrap();
                     let what = format!("epilogue_backward C={c} sp={softplus} bn={with_bn} at {s}");
-                    ck.tensor(&format!("{what} dz"), &b.to_host(&gz), &wz, TOL_GRAD);
+                    ck.tensor(&format!("{what} dz"), &b.to_host(&gz).unwrap(), &wz, TOL_GRAD);
                     if with_bn {
                         ck.vec(&format!("{what} dgamma"), &gg, &wg, TOL_GRAD);
                         ck.vec(&format!("{what} dbeta"), &gb, &wb, TOL_GRAD);
@@ -397,48 +415,57 @@ fn every_backward_op_matches_the_cpu() {
             let a = random(s.with_c(1), 0.05, 1.0, &mut rng);
             let t = random(s.with_c(c), 0.0, 2.0, &mut rng);
             let g = random(s.with_c(1), -1.0, 1.0, &mut rng);
-            let (ad, td, gd) = (b.from_host(&a), b.from_host(&t), b.from_host(&g));
+            let (ad, td, gd) = (
+                b.from_host(&a).unwrap(),
+                b.from_host(&t).unwrap(),
+                b.from_host(&g).unwrap(),
+            );
             for mode in [GradMode::Paper, GradMode::Exact] {
-                let (wa, wt) = CPU.rl_divide_backward(&a, &t, 1e-3, &g, mode);
-                let (ga, gt) = b.rl_divide_backward(&ad, &td, 1e-3, &gd, mode);
+                let (wa, wt) = CPU.rl_divide_backward(&a, &t, 1e-3, &g, mode).unwrap();
+                let (ga, gt) = b.rl_divide_backward(&ad, &td, 1e-3, &gd, mode).unwrap();
                 ck.tensor(
                     &format!("rl_divide_backward {mode:?} C={c} da at {s}"),
-                    &b.to_host(&ga),
+                    &b.to_host(&ga).unwrap(),
                     &wa,
                     TOL_GRAD,
                 );
                 ck.tensor(
                     &format!("rl_divide_backward {mode:?} C={c} dfp at {s}"),
-                    &b.to_host(&gt),
+                    &b.to_host(&gt).unwrap(),
                     &wt,
                     TOL_GRAD,
                 );
-                let (wa, wt) = CPU.rl_update_backward(&a, &t, &g, mode);
-                let (ga, gt) = b.rl_update_backward(&ad, &td, &gd, mode);
+                let (wa, wt) = CPU.rl_update_backward(&a, &t, &g, mode).unwrap();
+                let (ga, gt) = b.rl_update_backward(&ad, &td, &gd, mode).unwrap();
                 ck.tensor(
                     &format!("rl_update_backward {mode:?} C={c} da at {s}"),
-                    &b.to_host(&ga),
+                    &b.to_host(&ga).unwrap(),
                     &wa,
                     TOL_GRAD,
                 );
                 ck.tensor(
                     &format!("rl_update_backward {mode:?} C={c} dbp at {s}"),
-                    &b.to_host(&gt),
+                    &b.to_host(&gt).unwrap(),
                     &wt,
                     TOL_GRAD,
                 );
             }
             ck.tensor(
                 &format!("channel_mean_backward C={c} at {s}"),
-                &b.to_host(&b.channel_mean_backward(&gd, c)),
-                &CPU.channel_mean_backward(&g, c),
+                &b.to_host(&b.channel_mean_backward(&gd, c).unwrap()).unwrap(),
+                &CPU.channel_mean_backward(&g, c).unwrap(),
                 TOL_GRAD,
             );
             let mut acc_c = t.clone();
-            CPU.accumulate(&mut acc_c, &t);
-            let mut acc_g = b.from_host(&t);
-            b.accumulate(&mut acc_g, &td);
-            ck.tensor(&format!("accumulate C={c} at {s}"), &b.to_host(&acc_g), &acc_c, 0.0);
+            CPU.accumulate(&mut acc_c, &t).unwrap();
+            let mut acc_g = b.from_host(&t).unwrap();
+            b.accumulate(&mut acc_g, &td).unwrap();
+            ck.tensor(
+                &format!("accumulate C={c} at {s}"),
+                &b.to_host(&acc_g).unwrap(),
+                &acc_c,
+                0.0,
+            );
         }
         // the loss and its gradients
         let one = s.with_c(1);
@@ -448,16 +475,28 @@ fn every_backward_op_matches_the_cpu() {
             random(one, 0.0, 1.0, &mut rng),
             random(one, 0.0, 1.0, &mut rng),
         );
-        let (wt, wdy, wde) = CPU.loss(&y, &e, &x, &g);
-        let (gt, gdy, gde) = b.loss(&b.from_host(&y), &b.from_host(&e), &b.from_host(&x), &b.from_host(&g));
+        let (wt, wdy, wde) = CPU.loss(&y, &e, &x, &g).unwrap();
+        let (gt, gdy, gde) = b
+            .loss(
+                &b.from_host(&y).unwrap(),
+                &b.from_host(&e).unwrap(),
+                &b.from_host(&x).unwrap(),
+                &b.from_host(&g).unwrap(),
+            )
+            .unwrap();
         ck.vec(
             &format!("loss terms at {s}"),
             &[gt.loss, gt.mse, gt.mse_aux, gt.ssim],
             &[wt.loss, wt.mse, wt.mse_aux, wt.ssim],
             1e-9,
         );
-        ck.tensor(&format!("loss dL/dy at {s}"), &b.to_host(&gdy), &wdy, TOL_FWD);
-        ck.tensor(&format!("loss dL/dE1r at {s}"), &b.to_host(&gde), &wde, TOL_FWD);
+        ck.tensor(&format!("loss dL/dy at {s}"), &b.to_host(&gdy).unwrap(), &wdy, TOL_FWD);
+        ck.tensor(
+            &format!("loss dL/dE1r at {s}"),
+            &b.to_host(&gde).unwrap(),
+            &wde,
+            TOL_FWD,
+        );
     }
     ck.finish();
 }
@@ -540,44 +579,58 @@ fn network_gradients_match_the_cpu_in_both_modes() {
         let mut rng = ChaCha8Rng::seed_from_u64(seed + 100);
         let x = random(shape, 0.0, 1.0, &mut rng);
         let g = random(shape.with_c(1), 0.0, 1.0, &mut rng);
-        let x1 = if shape.c > 1 { CPU.channel_mean(&x) } else { x.clone() };
+        let x1 = if shape.c > 1 {
+            CPU.channel_mean(&x).unwrap()
+        } else {
+            x.clone()
+        };
         for mode in [GradMode::Paper, GradMode::Exact] {
             // CPU f32 (the reference) and f64 (the rounding level of f32, for context)
             let net = Rln::new(&CPU, &m32);
-            let f = net.forward(&x, BnMode::Batch, true);
-            let (tc, dy, de) = CPU.loss(&f.prediction, &f.e1_raw, &x1, &g);
-            let want = net.backward(&f, &dy, &de, mode);
+            let f = net.forward(&x, BnMode::Batch, true).unwrap();
+            let (tc, dy, de) = CPU.loss(&f.prediction, &f.e1_raw, &x1, &g).unwrap();
+            let want = net.backward(&f, &dy, &de, mode).unwrap();
             let net64 = Rln::new(&b64, &m64);
             let (x64, g64, x164) = (x.cast::<f64>(), g.cast::<f64>(), x1.cast::<f64>());
-            let f64_ = net64.forward(&x64, BnMode::Batch, true);
-            let (_, dy64, de64) = b64.loss(&f64_.prediction, &f64_.e1_raw, &x164, &g64);
-            let want64 = net64.backward(&f64_, &dy64, &de64, mode);
+            let f64_ = net64.forward(&x64, BnMode::Batch, true).unwrap();
+            let (_, dy64, de64) = b64.loss(&f64_.prediction, &f64_.e1_raw, &x164, &g64).unwrap();
+            let want64 = net64.backward(&f64_, &dy64, &de64, mode).unwrap();
             // GPU
             let netg = Rln::new(&b, &m32);
-            let (xd, gd) = (b.from_host(&x), b.from_host(&g));
-            let fg = netg.forward(&xd, BnMode::Batch, true);
+            let (xd, gd) = (b.from_host(&x).unwrap(), b.from_host(&g).unwrap());
+            let fg = netg.forward(&xd, BnMode::Batch, true).unwrap();
             let x1d = if shape.c > 1 {
-                b.channel_mean(&xd)
+                b.channel_mean(&xd).unwrap()
             } else {
-                b.from_host(&x)
+                b.from_host(&x).unwrap()
             };
-            let (tg, dyg, deg) = b.loss(&fg.prediction, &fg.e1_raw, &x1d, &gd);
+            let (tg, dyg, deg) = b.loss(&fg.prediction, &fg.e1_raw, &x1d, &gd).unwrap();
             let what = format!("{variant:?} {shape} {mode:?}");
             ck.tensor(
                 &format!("{what} prediction"),
-                &b.to_host(&fg.prediction),
+                &b.to_host(&fg.prediction).unwrap(),
                 &f.prediction,
                 TOL_FWD,
             );
-            ck.tensor(&format!("{what} E1r"), &b.to_host(&fg.e1_raw), &f.e1_raw, TOL_FWD);
-            ck.tensor(&format!("{what} E2r"), &b.to_host(&fg.e2_raw), &f.e2_raw, TOL_FWD);
+            ck.tensor(
+                &format!("{what} E1r"),
+                &b.to_host(&fg.e1_raw).unwrap(),
+                &f.e1_raw,
+                TOL_FWD,
+            );
+            ck.tensor(
+                &format!("{what} E2r"),
+                &b.to_host(&fg.e2_raw).unwrap(),
+                &f.e2_raw,
+                TOL_FWD,
+            );
             ck.vec(&format!("{what} loss"), &[tg.loss], &[tc.loss], TOL_FWD);
             for (l, (gs, cs)) in fg.batch_stats.iter().zip(&f.batch_stats).enumerate() {
                 if let (Some(gs), Some(cs)) = (gs, cs) {
                     ck.vec(&format!("{what} batch var of layer {l}"), &gs.var, &cs.var, TOL_FWD);
                 }
             }
-            let got = netg.backward(&fg, &dyg, &deg, mode);
+            let got = netg.backward(&fg, &dyg, &deg, mode).unwrap();
             check_gradients(&mut ck, &format!("{what} gradient"), &got, &want, &want64, TOL_GRAD);
         }
     }

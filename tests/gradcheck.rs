@@ -49,9 +49,9 @@ fn conv3_gradients() {
     let mut r = rng(3);
     let w: Vec<f64> = (0..co * 5 * 27).map(|_| r.random_range(-1.0..1.0)).collect();
     let rw: X = random_volume(4, s.with_c(co));
-    let loss = |x0: &X, x1: &X, w: &[f64]| dot(&B.conv3(&[x0, x1], w, co, &Epilogue::identity()), &rw);
-    let dx = B.conv3_backward_data(&rw, &w, &[3, 2], &[true, true]);
-    let dw = B.conv3_backward_weight(&[&x0, &x1], &rw);
+    let loss = |x0: &X, x1: &X, w: &[f64]| dot(&B.conv3(&[x0, x1], w, co, &Epilogue::identity()).unwrap(), &rw);
+    let dx = B.conv3_backward_data(&rw, &w, &[3, 2], &[true, true]).unwrap();
+    let dw = B.conv3_backward_weight(&[&x0, &x1], &rw).unwrap();
     check(
         "conv3 ∂x0",
         &dx[0].as_ref().unwrap().data,
@@ -101,7 +101,7 @@ fn conv3_gradients() {
         7,
     );
     // the data gradient of an input not asked for is not computed
-    assert!(B.conv3_backward_data(&rw, &w, &[3, 2], &[false, true])[0].is_none());
+    assert!(B.conv3_backward_data(&rw, &w, &[3, 2], &[false, true]).unwrap()[0].is_none());
 }
 
 #[test]
@@ -112,9 +112,9 @@ fn up2_gradients() {
     let mut r = rng(11);
     let w: Vec<f64> = (0..3 * co * 8).map(|_| r.random_range(-1.0..1.0)).collect();
     let rw: X = random_volume(12, Shape::new(2, co, 4, 6, 4));
-    let loss = |x: &X, w: &[f64]| dot(&B.up2(x, w, co, &Epilogue::identity()), &rw);
-    let dx = B.up2_backward_data(&rw, &w, 3);
-    let dw = B.up2_backward_weight(&x, &rw);
+    let loss = |x: &X, w: &[f64]| dot(&B.up2(x, w, co, &Epilogue::identity()).unwrap(), &rw);
+    let dx = B.up2_backward_data(&rw, &w, 3).unwrap();
+    let dw = B.up2_backward_weight(&x, &rw).unwrap();
     check(
         "up2 ∂x",
         &dx.data,
@@ -151,7 +151,7 @@ fn up2_gradients() {
 
 /// act(bn_batch(z)) + addend, as the network's training mode computes it.
 fn bn_epilogue(z: &X, gamma: &[f64], beta: &[f64], softplus: bool, addend: Option<&X>, bn: bool) -> X {
-    let stats = B.batch_stats(z);
+    let stats = B.batch_stats(z).unwrap();
     let c = z.shape.c;
     let (scale, shift): (Vec<f64>, Vec<f64>) = if bn {
         (0..c)
@@ -176,6 +176,7 @@ fn bn_epilogue(z: &X, gamma: &[f64], beta: &[f64], softplus: bool, addend: Optio
             addend: add,
         },
     )
+    .unwrap()
 }
 
 #[test]
@@ -189,14 +190,14 @@ fn batch_norm_softplus_epilogue_gradients() {
     for (softplus, bn, with_addend) in [(true, true, true), (false, true, false), (true, false, false)] {
         let loss =
             |z: &X, g: &[f64], b: &[f64]| dot(&bn_epilogue(z, g, b, softplus, with_addend.then_some(&add), bn), &rw);
-        let stats = B.batch_stats(&z);
+        let stats = B.batch_stats(&z).unwrap();
         let state = BnTrainState {
             gamma: gamma.clone(),
             beta: beta.clone(),
             mean: stats.mean.clone(),
             inv_std: stats.var.iter().map(|v| 1.0 / (v + 1e-3).sqrt()).collect(),
         };
-        let (dz, dg, db) = B.epilogue_backward(&z, &rw, softplus, bn.then_some(&state));
+        let (dz, dg, db) = B.epilogue_backward(&z, &rw, softplus, bn.then_some(&state)).unwrap();
         let tag = format!("epilogue(softplus={softplus}, bn={bn})");
         check(
             &format!("{tag} ∂z"),
@@ -261,8 +262,8 @@ fn rl_nodes_and_channel_mean_gradients() {
     let rw: X = random_volume(32, s);
     let eps = 1e-3;
     // division, exact mode
-    let loss = |a: &X, fp: &X| dot(&B.rl_divide(a, fp, eps), &rw);
-    let (da, dfp) = B.rl_divide_backward(&a, &fp, eps, &rw, GradMode::Exact);
+    let loss = |a: &X, fp: &X| dot(&B.rl_divide(a, fp, eps).unwrap(), &rw);
+    let (da, dfp) = B.rl_divide_backward(&a, &fp, eps, &rw, GradMode::Exact).unwrap();
     check(
         "rl_divide ∂a",
         &da.data,
@@ -296,8 +297,8 @@ fn rl_nodes_and_channel_mean_gradients() {
         34,
     );
     // update, exact mode
-    let loss = |a: &X, bp: &X| dot(&B.rl_update(a, bp), &rw);
-    let (da, dbp) = B.rl_update_backward(&a, &fp, &rw, GradMode::Exact);
+    let loss = |a: &X, bp: &X| dot(&B.rl_update(a, bp).unwrap(), &rw);
+    let (da, dbp) = B.rl_update_backward(&a, &fp, &rw, GradMode::Exact).unwrap();
     check(
         "rl_update ∂a",
         &da.data,
@@ -331,7 +332,7 @@ fn rl_nodes_and_channel_mean_gradients() {
         36,
     );
     // channel mean
-    let dcm = B.channel_mean_backward(&rw, 4);
+    let dcm = B.channel_mean_backward(&rw, 4).unwrap();
     check(
         "channel_mean ∂x",
         &dcm.data,
@@ -340,7 +341,7 @@ fn rl_nodes_and_channel_mean_gradients() {
                 |v| {
                     let mut t = fp.clone();
                     t.data[i] = v;
-                    dot(&B.channel_mean(&t), &rw)
+                    dot(&B.channel_mean(&t).unwrap(), &rw)
                 },
                 fp.data[i],
             )
@@ -349,8 +350,8 @@ fn rl_nodes_and_channel_mean_gradients() {
         37,
     );
     // paper mode: spec §5's substitutes, exactly
-    let (da_p, dfp_p) = B.rl_divide_backward(&a, &fp, eps, &rw, GradMode::Paper);
-    let cm = B.channel_mean(&fp);
+    let (da_p, dfp_p) = B.rl_divide_backward(&a, &fp, eps, &rw, GradMode::Paper).unwrap();
+    let cm = B.channel_mean(&fp).unwrap();
     for i in 0..a.data.len() {
         let q = a.data[i] / (cm.data[i] + eps);
         assert_eq!(da_p.data[i], rw.data[i], "paper ∂a := ∂q");
@@ -363,7 +364,7 @@ fn rl_nodes_and_channel_mean_gradients() {
             );
         }
     }
-    let (da_p, dbp_p) = B.rl_update_backward(&a, &fp, &rw, GradMode::Paper);
+    let (da_p, dbp_p) = B.rl_update_backward(&a, &fp, &rw, GradMode::Paper).unwrap();
     assert_eq!(da_p.data, rw.data, "paper ∂E1 := ∂E2r");
     assert_eq!(dbp_p.data, dbp.data, "∂m is exact in both modes");
 }
@@ -371,15 +372,15 @@ fn rl_nodes_and_channel_mean_gradients() {
 /// Loss of the network in training mode, and its gradients in `mode`.
 fn net_loss(m: &Model<f64>, x: &X, g: &X) -> f64 {
     let net = Rln::new(&B, m);
-    let f = net.forward(x, BnMode::Batch, false);
-    B.loss(&f.prediction, &f.e1_raw, x, g).0.loss
+    let f = net.forward(x, BnMode::Batch, false).unwrap();
+    B.loss(&f.prediction, &f.e1_raw, x, g).unwrap().0.loss
 }
 
 fn net_grads(m: &Model<f64>, x: &X, g: &X, mode: GradMode) -> Params<f64> {
     let net = Rln::new(&B, m);
-    let f = net.forward(x, BnMode::Batch, true);
-    let (_, dy, de) = B.loss(&f.prediction, &f.e1_raw, x, g);
-    net.backward(&f, &dy, &de, mode)
+    let f = net.forward(x, BnMode::Batch, true).unwrap();
+    let (_, dy, de) = B.loss(&f.prediction, &f.e1_raw, x, g).unwrap();
+    net.backward(&f, &dy, &de, mode).unwrap()
 }
 
 fn whole_network_check(shape: Shape, seed: u64) {

@@ -30,12 +30,12 @@ fn every_isa_variant_matches_the_naive_network_and_its_gradients() {
         }
         let b = CpuBackend::<f32>::new();
         let net = Rln::new(&b, &m32);
-        let y = net.forward(&x32, BnMode::Running, false).prediction;
+        let y = net.forward(&x32, BnMode::Running, false).unwrap().prediction;
         let e = rel_l2(&y.data, &want.y.data);
         assert!(e < 2e-5, "{which:?}: forward rel err {e:e}");
-        let f = net.forward(&x32, BnMode::Batch, true);
-        let (_, dy, de) = b.loss(&f.prediction, &f.e1_raw, &x32, &g32);
-        grads.push((which, net.backward(&f, &dy, &de, GradMode::Paper)));
+        let f = net.forward(&x32, BnMode::Batch, true).unwrap();
+        let (_, dy, de) = b.loss(&f.prediction, &f.e1_raw, &x32, &g32).unwrap();
+        grads.push((which, net.backward(&f, &dy, &de, GradMode::Paper).unwrap()));
     }
     force_isa(None);
     // all variants' gradients agree with the first one to float32 rounding

@@ -18,7 +18,9 @@ fn check_against_naive(variant: Variant, shape: Shape, seed: u64) {
         let want = naive_forward(&m64, &x64, batch_stats);
         let mode = if batch_stats { BnMode::Batch } else { BnMode::Running };
         // f64: the same function up to rounding
-        let got = Rln::new(&CpuBackend::<f64>::new(), &m64).forward(&x64, mode, false);
+        let got = Rln::new(&CpuBackend::<f64>::new(), &m64)
+            .forward(&x64, mode, false)
+            .unwrap();
         for (name, g, w) in [
             ("y", &got.prediction, &want.y),
             ("e1r", &got.e1_raw, &want.e1r),
@@ -33,7 +35,9 @@ fn check_against_naive(variant: Variant, shape: Shape, seed: u64) {
         }
         // f32: within float32 rounding of the f64 result
         let m32: Model<f32> = m64.cast();
-        let got = Rln::new(&CpuBackend::<f32>::new(), &m32).forward(&x64.cast(), mode, false);
+        let got = Rln::new(&CpuBackend::<f32>::new(), &m32)
+            .forward(&x64.cast(), mode, false)
+            .unwrap();
         let e = rel_l2(&got.prediction.data, &want.y.data);
         assert!(
             e < 2e-5,
@@ -87,7 +91,9 @@ fn running_statistics_update_once_per_step() {
     let mut m = random_model(3, Variant::Single);
     let x: Tensor<f64> = random_volume(4, Shape::new(2, 1, 6, 6, 6));
     let before = m.running.clone();
-    let fwd = Rln::new(&CpuBackend::<f64>::new(), &m).forward(&x, BnMode::Batch, false);
+    let fwd = Rln::new(&CpuBackend::<f64>::new(), &m)
+        .forward(&x, BnMode::Batch, false)
+        .unwrap();
     // the forward pass itself never changes the model (it only borrows it)
     assert_eq!(m.running, before);
     // BN0 normalizes conv(avgpool(x); e1): check its batch statistics independently
@@ -121,12 +127,12 @@ fn results_do_not_depend_on_thread_count() {
         pool.install(|| {
             let b = CpuBackend::<f32>::new();
             let net = Rln::new(&b, &m);
-            let fwd = net.forward(&x, BnMode::Batch, true);
-            let (terms, dy, de) = b.loss(&fwd.prediction, &fwd.e1_raw, &x, &g);
+            let fwd = net.forward(&x, BnMode::Batch, true).unwrap();
+            let (terms, dy, de) = b.loss(&fwd.prediction, &fwd.e1_raw, &x, &g).unwrap();
             (
                 fwd.prediction.data.clone(),
                 terms.loss,
-                net.backward(&fwd, &dy, &de, GradMode::Paper),
+                net.backward(&fwd, &dy, &de, GradMode::Paper).unwrap(),
             )
         })
     };

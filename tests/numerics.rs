@@ -261,7 +261,7 @@ fn every_depth_1_to_9_matches_the_authors_numpy_spec_with_mirror_padding() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let b = CpuBackend::<f64>::new();
     for (k, (s, x)) in cases.iter().enumerate() {
-        let got = Rln::new(&b, &m).forward(x, BnMode::Running, false).prediction;
+        let got = Rln::new(&b, &m).forward(x, BnMode::Running, false).unwrap().prediction;
         let want: Vec<f64> = std::fs::read(dir.path().join(format!("y{k}.bin")))
             .unwrap()
             .chunks_exact(8)
@@ -661,7 +661,7 @@ fn window_error(m: &Model<f64>, x: &Tensor<f64>, axis: usize, context: usize) ->
     use rln_engine::infer::tiling::plan_axis;
     let b = CpuBackend::<f64>::new();
     let net = Rln::new(&b, m);
-    let whole = net.forward(x, BnMode::Running, false).prediction;
+    let whole = net.forward(x, BnMode::Running, false).unwrap().prediction;
     let scale = whole.data.iter().fold(0.0f64, |a, &v| a.max(v.abs()));
     let s = x.shape;
     let len = [s.d, s.h, s.w][axis];
@@ -671,6 +671,7 @@ fn window_error(m: &Model<f64>, x: &Tensor<f64>, axis: usize, context: usize) ->
     for t in &tiles {
         let y = net
             .forward(&window(x, axis, t.window), BnMode::Running, false)
+            .unwrap()
             .prediction;
         let want = window(&whole, axis, (t.core.0, t.core.1));
         let got = window(&y, axis, (t.core.0 - t.window.0, t.core.1 - t.window.0));

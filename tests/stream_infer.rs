@@ -397,7 +397,7 @@ impl TilePredictor for SmallDevice {
     fn predict(&mut self, x: &Tensor<f32>) -> rln_engine::Result<Tensor<f32>> {
         if x.shape.len() > self.max_voxels {
             self.refused.fetch_add(1, Ordering::SeqCst);
-            return Err(rln_engine::Error::CudaOutOfMemory(format!(
+            return Err(rln_engine::Error::OutOfMemory(format!(
                 "a tile of {} voxels",
                 x.shape.len()
             )));

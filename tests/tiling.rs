@@ -259,7 +259,7 @@ impl TilePredictor for Tight {
     fn predict(&mut self, x: &Tensor<f32>) -> rln_engine::Result<Tensor<f32>> {
         if x.shape.len() > self.max_voxels {
             self.refused += 1;
-            return Err(rln_engine::Error::CudaOutOfMemory(format!("{} voxels", x.shape.len())));
+            return Err(rln_engine::Error::OutOfMemory(format!("{} voxels", x.shape.len())));
         }
         self.inner.predict(x)
     }

@@ -755,3 +755,176 @@ fn input_flux_targets_of_two_views_are_in_the_units_of_their_mean() {
         );
     }
 }
+
+/// The CPU backend with a device-like memory limit: an op whose result would exceed
+/// `limit` bytes fails with [`rln_engine::Error::OutOfMemory`] instead of running, as a
+/// device allocation does. Every other op is the CPU backend's.
+struct MemoryLimited {
+    cpu: rln_engine::backend::cpu::CpuBackend<f32>,
+    limit: usize,
+}
+
+mod memory_limited {
+    use super::MemoryLimited;
+    use rln_engine::backend::loss::LossTerms;
+    use rln_engine::backend::{Backend, BnTrainState, ChannelStats, Epilogue, GradMode};
+    use rln_engine::tensor::{Shape, Tensor};
+    use rln_engine::{Error, Result};
+
+    type X = Tensor<f32>;
+    type Epi<'a> = Epilogue<'a, X, f32>;
+
+    impl MemoryLimited {
+        /// Fails before an allocation of `shape` beyond the limit.
+        fn alloc(&self, shape: Shape) -> Result<()> {
+            let bytes = shape.len() * 4;
+            if bytes > self.limit {
+                return Err(Error::OutOfMemory(format!(
+                    "allocating {bytes} bytes for a {shape} tensor (limit {} bytes)",
+                    self.limit
+                )));
+            }
+            Ok(())
+        }
+    }
+
+    impl Backend for MemoryLimited {
+        type T = f32;
+        type X = X;
+        fn shape(&self, x: &X) -> Shape {
+            x.shape
+        }
+        fn from_host(&self, t: &X) -> Result<X> {
+            self.alloc(t.shape)?;
+            self.cpu.from_host(t)
+        }
+        fn to_host(&self, x: &X) -> Result<X> {
+            self.cpu.to_host(x)
+        }
+        fn conv3(&self, inputs: &[&X], weight: &[f32], c_out: usize, epi: &Epi<'_>) -> Result<X> {
+            self.alloc(inputs[0].shape.with_c(c_out))?;
+            self.cpu.conv3(inputs, weight, c_out, epi)
+        }
+        fn up2(&self, x: &X, weight: &[f32], c_out: usize, epi: &Epi<'_>) -> Result<X> {
+            let s = x.shape;
+            self.alloc(Shape::new(s.n, c_out, 2 * s.d, 2 * s.h, 2 * s.w))?;
+            self.cpu.up2(x, weight, c_out, epi)
+        }
+        fn epilogue(&self, z: &X, epi: &Epi<'_>) -> Result<X> {
+            self.alloc(z.shape)?;
+            self.cpu.epilogue(z, epi)
+        }
+        fn avgpool2(&self, x: &X) -> Result<X> {
+            self.cpu.avgpool2(x)
+        }
+        fn channel_mean(&self, x: &X) -> Result<X> {
+            self.cpu.channel_mean(x)
+        }
+        fn batch_stats(&self, z: &X) -> Result<ChannelStats> {
+            self.cpu.batch_stats(z)
+        }
+        fn rl_divide(&self, a: &X, fp: &X, eps: f64) -> Result<X> {
+            self.cpu.rl_divide(a, fp, eps)
+        }
+        fn rl_update(&self, a: &X, bp: &X) -> Result<X> {
+            self.cpu.rl_update(a, bp)
+        }
+        fn loss(&self, y: &X, e1r: &X, x1: &X, g: &X) -> Result<(LossTerms, X, X)> {
+            self.cpu.loss(y, e1r, x1, g)
+        }
+        fn epilogue_backward(
+            &self,
+            z: &X,
+            dy: &X,
+            softplus: bool,
+            bn: Option<&BnTrainState<f32>>,
+        ) -> Result<(X, Vec<f64>, Vec<f64>)> {
+            self.alloc(z.shape)?;
+            self.cpu.epilogue_backward(z, dy, softplus, bn)
+        }
+        fn conv3_backward_data(
+            &self,
+            dz: &X,
+            weight: &[f32],
+            c_in: &[usize],
+            needed: &[bool],
+        ) -> Result<Vec<Option<X>>> {
+            self.cpu.conv3_backward_data(dz, weight, c_in, needed)
+        }
+        fn conv3_backward_weight(&self, inputs: &[&X], dz: &X) -> Result<Vec<f64>> {
+            self.cpu.conv3_backward_weight(inputs, dz)
+        }
+        fn up2_backward_data(&self, dz: &X, weight: &[f32], c_in: usize) -> Result<X> {
+            self.cpu.up2_backward_data(dz, weight, c_in)
+        }
+        fn up2_backward_weight(&self, x: &X, dz: &X) -> Result<Vec<f64>> {
+            self.cpu.up2_backward_weight(x, dz)
+        }
+        fn rl_divide_backward(&self, a: &X, fp: &X, eps: f64, dq: &X, mode: GradMode) -> Result<(X, X)> {
+            self.cpu.rl_divide_backward(a, fp, eps, dq, mode)
+        }
+        fn rl_update_backward(&self, a: &X, bp: &X, de: &X, mode: GradMode) -> Result<(X, X)> {
+            self.cpu.rl_update_backward(a, bp, de, mode)
+        }
+        fn channel_mean_backward(&self, dy: &X, channels: usize) -> Result<X> {
+            self.cpu.channel_mean_backward(dy, channels)
+        }
+        fn accumulate(&self, acc: &mut X, t: &X) -> Result<()> {
+            self.cpu.accumulate(acc, t)
+        }
+        fn pad_even(&self, x: &X) -> Result<X> {
+            self.cpu.pad_even(x)
+        }
+        fn crop(&self, x: &X, shape: Shape) -> Result<X> {
+            self.cpu.crop(x, shape)
+        }
+        fn uncrop_zeros(&self, x: &X, shape: Shape) -> Result<X> {
+            self.alloc(shape)?;
+            self.cpu.uncrop_zeros(x, shape)
+        }
+    }
+}
+
+/// An allocation that fails inside the backend reaches the caller of the training loop
+/// as the typed out-of-memory error, naming the batch and crop to lower, without a panic
+/// and without touching the state; the same run fits with a larger limit.
+#[test]
+fn out_of_memory_in_the_backend_is_a_typed_error_from_the_trainer() {
+    let data = dataset(2, [20, 20, 20]);
+    let cfg = small_cfg(2);
+    let model = Model::<f32>::init(ModelConfig::default(), 7);
+    // a batch of 2 × 16³ crops: the one-channel input (32 KiB) and the half-resolution
+    // activations fit, the full-resolution ones (4 or more channels, ≥ 128 KiB) do not
+    let tight = MemoryLimited {
+        cpu: Default::default(),
+        limit: 2 * 16 * 16 * 16 * 4 * 3,
+    };
+    let mut state = TrainState::new(model.clone(), &cfg);
+    struct Quiet;
+    impl TrainObserver for Quiet {}
+    let e = trainer::train_on(&tight, false, &mut state, &cfg, &data, None, 0, None, &mut Quiet)
+        .expect_err("the activations exceed the limit");
+    assert!(matches!(e, rln_engine::Error::OutOfMemory(_)), "{e:?}");
+    assert!(e.is_out_of_memory());
+    let msg = e.to_string();
+    println!("{msg}");
+    for want in [
+        "out of memory",
+        "training step 0",
+        "lower the batch size (--batch, now 2)",
+        "the crop size (--crop, now 16×16×16)",
+        "limit 98304 bytes",
+    ] {
+        assert!(msg.contains(want), "{msg:?} lacks {want:?}");
+    }
+    assert_eq!(state.step, 0);
+    assert_eq!(state.model, model, "a failed step leaves the model untouched");
+
+    // the largest tensor of this run is 8 channels at full size (2 × 8 × 16³ × 4 bytes)
+    let roomy = MemoryLimited {
+        cpu: Default::default(),
+        limit: 2 * 8 * 16 * 16 * 16 * 4,
+    };
+    trainer::train_on(&roomy, false, &mut state, &cfg, &data, None, 0, None, &mut Quiet).expect("fits");
+    assert_eq!(state.step, 2);
+}

@@ -116,7 +116,7 @@ impl From<Error> for Failure {
             Error::InvalidInput(_) | Error::Shape(_) => RlnStatus::InvalidArgument,
             Error::Model(_) => RlnStatus::Model,
             Error::Cuda(_) => RlnStatus::Cuda,
-            Error::CudaOutOfMemory(_) => RlnStatus::OutOfMemory,
+            Error::OutOfMemory(_) => RlnStatus::OutOfMemory,
             Error::Numeric(_) => RlnStatus::Numeric,
         };
         Failure(status, e.to_string())

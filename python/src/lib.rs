@@ -29,7 +29,7 @@ fn to_py(e: Error) -> PyErr {
         Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
         Error::Io { .. } => PyOSError::new_err(msg),
         Error::InvalidInput(_) | Error::Shape(_) | Error::Format { .. } | Error::Model(_) => PyValueError::new_err(msg),
-        Error::CudaOutOfMemory(_) => PyMemoryError::new_err(msg),
+        Error::OutOfMemory(_) => PyMemoryError::new_err(msg),
         Error::Cuda(_) | Error::Numeric(_) => PyRuntimeError::new_err(msg),
     }
 }
@@ -301,8 +301,11 @@ fn psnr(
 #[pyfunction]
 fn train(py: Python<'_>, flags: Vec<String>, command_line: String) -> PyResult<()> {
     let args = rln_engine::train::command::parse_args(&flags).map_err(|e| PyValueError::new_err(e.to_string()))?;
-    py.detach(|| rln_engine::train::command::train_as(&args, &command_line))
-        .map_err(|e| PyRuntimeError::new_err(format!("{e:#}")))
+    let summary = py
+        .detach(|| rln_engine::train::command::train_as(&args, &command_line))
+        .map_err(|e| PyRuntimeError::new_err(format!("{e:#}")))?;
+    println!("{summary}");
+    Ok(())
 }
 
 /// An option's value through the CLI's parser of it, or a `ValueError` naming the

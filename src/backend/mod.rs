@@ -1,4 +1,8 @@
-//! The backend interface the network is written against, and its implementations.
+//! The backend interface the network is written against, and its implementations:
+//! [`cpu`] (the reference, the oracle) and [`cuda`]; [`loss`] is the training loss as an
+//! op. Every op returns a [`Result`]: a device failure is an error value, and an
+//! allocation that does not fit is [`crate::Error::OutOfMemory`], which callers shrink
+//! their work on or report.
 //!
 //! The unit almost every line of rln-spec.md §3 is made of is "conv over a virtual
 //! concatenation of inputs → per-channel affine (batch norm) → softplus → addend"; a
@@ -9,9 +13,12 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod loss;
 
+use crate::error::Result;
 use crate::real::Real;
 use crate::tensor::{Shape, Tensor};
+use loss::LossTerms;
 
 /// What a trailing addend of a layer is (spec §3: `+ sp(xd)`, `+ sp(x)`, `+ 1`).
 pub enum Addend<'a, X, T> {
@@ -79,9 +86,9 @@ pub trait Backend: Sync {
 
     fn shape(&self, x: &Self::X) -> Shape;
     /// A host tensor as this backend's tensor (a copy; an upload on a device).
-    fn from_host(&self, t: &Tensor<Self::T>) -> Self::X;
+    fn from_host(&self, t: &Tensor<Self::T>) -> Result<Self::X>;
     /// This backend's tensor as a host tensor (a copy; a download on a device).
-    fn to_host(&self, x: &Self::X) -> Tensor<Self::T>;
+    fn to_host(&self, x: &Self::X) -> Result<Tensor<Self::T>>;
 
     // ---- forward ----
     /// 3×3×3 conv (zero padding 1, no bias) over the channel concatenation of `inputs`
@@ -92,31 +99,31 @@ pub trait Backend: Sync {
         weight: &[Self::T],
         c_out: usize,
         epi: &Epilogue<'_, Self::X, Self::T>,
-    ) -> Self::X;
+    ) -> Result<Self::X>;
     /// 2×2×2 stride-2 transposed conv, followed by `epi`.
-    fn up2(&self, x: &Self::X, weight: &[Self::T], c_out: usize, epi: &Epilogue<'_, Self::X, Self::T>) -> Self::X;
+    fn up2(
+        &self,
+        x: &Self::X,
+        weight: &[Self::T],
+        c_out: usize,
+        epi: &Epilogue<'_, Self::X, Self::T>,
+    ) -> Result<Self::X>;
     /// `epi` applied to a computed tensor.
-    fn epilogue(&self, z: &Self::X, epi: &Epilogue<'_, Self::X, Self::T>) -> Self::X;
+    fn epilogue(&self, z: &Self::X, epi: &Epilogue<'_, Self::X, Self::T>) -> Result<Self::X>;
     /// 2×2×2 mean, stride 2.
-    fn avgpool2(&self, x: &Self::X) -> Self::X;
+    fn avgpool2(&self, x: &Self::X) -> Result<Self::X>;
     /// Mean over channels (keeps one channel).
-    fn channel_mean(&self, x: &Self::X) -> Self::X;
+    fn channel_mean(&self, x: &Self::X) -> Result<Self::X>;
     /// Per-channel mean and biased variance over N, D, H, W.
-    fn batch_stats(&self, z: &Self::X) -> ChannelStats;
+    fn batch_stats(&self, z: &Self::X) -> Result<ChannelStats>;
     /// RL division node: a / (cm(fp) + eps); a has one channel.
-    fn rl_divide(&self, a: &Self::X, fp: &Self::X, eps: f64) -> Self::X;
+    fn rl_divide(&self, a: &Self::X, fp: &Self::X, eps: f64) -> Result<Self::X>;
     /// RL update node: a · cm(bp); a has one channel.
-    fn rl_update(&self, a: &Self::X, bp: &Self::X) -> Self::X;
+    fn rl_update(&self, a: &Self::X, bp: &Self::X) -> Result<Self::X>;
 
     /// The training loss of spec §5 and its gradients (∂L/∂y, ∂L/∂E1r); `x1` is the
     /// one-channel input, `g` the ground truth.
-    fn loss(
-        &self,
-        y: &Self::X,
-        e1r: &Self::X,
-        x1: &Self::X,
-        g: &Self::X,
-    ) -> (crate::train::loss::LossTerms, Self::X, Self::X);
+    fn loss(&self, y: &Self::X, e1r: &Self::X, x1: &Self::X, g: &Self::X) -> Result<(LossTerms, Self::X, Self::X)>;
 
     // ---- backward ----
     /// Gradient through `act(bn(z)) + addend` with respect to z, and the BN parameter
@@ -128,7 +135,7 @@ pub trait Backend: Sync {
         dy: &Self::X,
         softplus: bool,
         bn: Option<&BnTrainState<Self::T>>,
-    ) -> (Self::X, Vec<f64>, Vec<f64>);
+    ) -> Result<(Self::X, Vec<f64>, Vec<f64>)>;
     /// Gradients of conv3 with respect to each input whose `needed` flag is set.
     fn conv3_backward_data(
         &self,
@@ -136,11 +143,11 @@ pub trait Backend: Sync {
         weight: &[Self::T],
         c_in: &[usize],
         needed: &[bool],
-    ) -> Vec<Option<Self::X>>;
+    ) -> Result<Vec<Option<Self::X>>>;
     /// Gradient of conv3 with respect to its weight (engine layout).
-    fn conv3_backward_weight(&self, inputs: &[&Self::X], dz: &Self::X) -> Vec<f64>;
-    fn up2_backward_data(&self, dz: &Self::X, weight: &[Self::T], c_in: usize) -> Self::X;
-    fn up2_backward_weight(&self, x: &Self::X, dz: &Self::X) -> Vec<f64>;
+    fn conv3_backward_weight(&self, inputs: &[&Self::X], dz: &Self::X) -> Result<Vec<f64>>;
+    fn up2_backward_data(&self, dz: &Self::X, weight: &[Self::T], c_in: usize) -> Result<Self::X>;
+    fn up2_backward_weight(&self, x: &Self::X, dz: &Self::X) -> Result<Vec<f64>>;
     /// Gradients of q = a / (cm(fp) + eps): (∂L/∂a, ∂L/∂fp) under `mode`.
     fn rl_divide_backward(
         &self,
@@ -149,18 +156,19 @@ pub trait Backend: Sync {
         eps: f64,
         dq: &Self::X,
         mode: GradMode,
-    ) -> (Self::X, Self::X);
+    ) -> Result<(Self::X, Self::X)>;
     /// Gradients of e = a · cm(bp): (∂L/∂a, ∂L/∂bp) under `mode`.
-    fn rl_update_backward(&self, a: &Self::X, bp: &Self::X, de: &Self::X, mode: GradMode) -> (Self::X, Self::X);
-    fn channel_mean_backward(&self, dy: &Self::X, channels: usize) -> Self::X;
+    fn rl_update_backward(&self, a: &Self::X, bp: &Self::X, de: &Self::X, mode: GradMode)
+        -> Result<(Self::X, Self::X)>;
+    fn channel_mean_backward(&self, dy: &Self::X, channels: usize) -> Result<Self::X>;
     /// acc += t
-    fn accumulate(&self, acc: &mut Self::X, t: &Self::X);
+    fn accumulate(&self, acc: &mut Self::X, t: &Self::X) -> Result<()>;
 
     // ---- shapes ----
     /// Mirror-pads D, H, W up to even sizes (symmetric reflection, edge repeated).
-    fn pad_even(&self, x: &Self::X) -> Self::X;
+    fn pad_even(&self, x: &Self::X) -> Result<Self::X>;
     /// The leading `shape` corner of `x` (undoes pad_even).
-    fn crop(&self, x: &Self::X, shape: Shape) -> Self::X;
+    fn crop(&self, x: &Self::X, shape: Shape) -> Result<Self::X>;
     /// Places `x` in the leading corner of a zero tensor of `shape` (the gradient of crop).
-    fn uncrop_zeros(&self, x: &Self::X, shape: Shape) -> Self::X;
+    fn uncrop_zeros(&self, x: &Self::X, shape: Shape) -> Result<Self::X>;
 }

@@ -1,8 +1,8 @@
 //! `rln-engine compare`: RLN vs Richardson–Lucy at its best iteration count on held-out
 //! synthetic volumes for the model's PSF.
 
-use super::infer::{make_predictor, Device};
-use super::train::parse_dims;
+use super::args::parse_dims;
+use super::args::{make_predictor, Device};
 use anyhow::{Context, Result};
 use clap::Args;
 use rln_engine::compare::{compare_on_synthetic, model_psf};
@@ -45,7 +45,7 @@ pub struct CompareArgs {
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
     /// RLN's input normalization percentiles LOW,HIGH instead of the model's own.
-    #[arg(long, value_parser = super::train::parse_range)]
+    #[arg(long, value_parser = super::args::parse_range)]
     pub percentiles: Option<(f64, f64)>,
     /// Print the report as JSON.
     #[arg(long)]
@@ -74,7 +74,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     }
     let _guard = super::args::guard_outputs(png.as_slice(), &inputs)?;
     let mut model = Model::<f32>::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
-    super::infer::override_percentiles(&mut model, a.percentiles)?;
+    super::args::override_percentiles(&mut model, a.percentiles)?;
     let psf = match &a.psf {
         Some(p) => read_volume_with(
             p,

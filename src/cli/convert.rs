@@ -7,7 +7,7 @@ use rln_engine::imaging::stream::convert::{convert as run_convert, ConvertOption
 use rln_engine::imaging::stream::zarr::{ZarrCompression, ZarrVersion, ZarrWriteOptions};
 use std::path::PathBuf;
 
-use super::train::parse_dims;
+use super::args::parse_dims;
 
 /// What `convert --help` adds under the options.
 const CONVERT_HELP: &str = "\

@@ -1,4 +1,6 @@
-//! `import-tf`, `conformance`, `bench`.
+//! `rln-engine import-tf`, `conformance`, `bench`: converting the authors' TF weights,
+//! checking the engine against their test vectors, and measuring throughput (parse, call
+//! the library, print).
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -79,7 +81,7 @@ pub fn conformance(a: &ConformanceArgs) -> Result<()> {
         } else {
             rln_engine::backend::cuda::CudaOptions::f32()
         };
-        let rows = rln_engine::backend::cuda::conformance::run_infer(&model, &a.vectors, opts)?;
+        let rows = rln_engine::conformance::cuda::run_infer(&model, &a.vectors, opts)?;
         let passed = rows.iter().all(|r| r.pass);
         if a.json {
             println!(
@@ -159,10 +161,10 @@ pub struct BenchArgs {
     /// Only the network-only figure of `infer`'s streaming tiling of a volume of this
     /// size (z,y,x): the CPU network alone on every tile window, no I/O (the reference
     /// for the pipeline's overhead; tools/stream-bench.sh). Needs --tile.
-    #[arg(long, value_parser = super::train::parse_dims, requires = "tile")]
+    #[arg(long, value_parser = super::args::parse_dims, requires = "tile")]
     pub stream_dims: Option<[usize; 3]>,
     /// Tile core (z,y,x) of --stream-dims, as `infer --json` reports it ("core").
-    #[arg(long, value_parser = super::train::parse_dims, requires = "stream_dims")]
+    #[arg(long, value_parser = super::args::parse_dims, requires = "stream_dims")]
     pub tile: Option<[usize; 3]>,
     /// Context voxels around each core of --stream-dims.
     #[arg(long, default_value_t = rln_engine::infer::tiling::RECEPTIVE_RADIUS)]
@@ -177,7 +179,8 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     use rln_engine::bench;
     use rln_engine::tensor::Shape;
     if a.device == BenchDevice::Cuda {
-        use rln_engine::backend::cuda::{bench as cb, CudaOptions};
+        use rln_engine::backend::cuda::CudaOptions;
+        use rln_engine::bench::cuda_infer as cb;
         let opts = if a.fp16 { CudaOptions::f16() } else { CudaOptions::f32() };
         let r = cb::run(&cb::BenchOptions::new(opts))?;
         if a.json {
@@ -218,7 +221,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         if !a.json {
             eprintln!("timing the network on {shape} ...");
         }
-        rows.extend(bench::cpu_network(shape, a.min_runs, t));
+        rows.extend(bench::cpu_network(shape, a.min_runs, t)?);
     }
     if !a.json {
         eprintln!("timing one training step on 4×1×64×64×64 ...");
@@ -246,7 +249,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     let report = bench::BenchReport {
         device: bench::cpu_name(),
         threads: rln_engine::threads(),
-        isa: rln_engine::backend::cpu::simd::isa().name().to_string(),
+        isa: rln_engine::backend::cpu::isa().name().to_string(),
         rows,
     };
     if a.json {

@@ -1,7 +1,7 @@
-//! `rln-engine demo`.
+//! `rln-engine demo`: parse, one call of [`rln_engine::demo`] (RLN and Richardson–Lucy on
+//! a synthetic volume, side by side), print.
 
-use super::infer::{make_predictor, Device};
-use super::train::parse_dims;
+use super::args::{make_predictor, parse_dims, Device};
 use anyhow::{Context, Result};
 use clap::Args;
 use rln_engine::demo::{run_demo, shipped_model, DemoOptions};

@@ -1,27 +1,16 @@
-//! `rln-engine infer`.
+//! `rln-engine infer`: its flags, their checks, and one call of the library's streaming
+//! inference ([`rln_engine::infer::stream::infer_file`]) or store planning.
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use rln_engine::imaging::io::{OutputDtype, ReadOptions};
 use rln_engine::imaging::stream::Region;
 use rln_engine::infer::stitch::NormalizeMode;
 use rln_engine::infer::stream::{infer_file, plan, InferFileOptions, PredictorChoice};
 use rln_engine::infer::tiling::RECEPTIVE_RADIUS;
-use rln_engine::infer::{CpuPredictor, TilePredictor};
-use rln_engine::model::Model;
 use std::path::PathBuf;
 
-use super::train::parse_dims;
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum Device {
-    /// CUDA when a GPU is usable, else the CPU (with a notice).
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-pub use rln_engine::args::parse_bytes;
+use super::args::{parse_bytes, parse_dims, Device};
 
 #[derive(Args, Debug)]
 #[command(after_long_help = INFER_NOTES)]
@@ -69,7 +58,7 @@ pub struct InferArgs {
     /// with (recorded in it). A higher HIGH lowers the input's contrast; for very sparse
     /// specimens whose 99.5th percentile falls in the background this can help (see
     /// models/README.md), at a cost on dense ones.
-    #[arg(long, value_parser = super::train::parse_range)]
+    #[arg(long, value_parser = super::args::parse_range)]
     pub percentiles: Option<(f64, f64)>,
     /// Global normalization statistics: read from FILE if it exists (refused if made for
     /// another input shape or other percentiles), else measured and written there, so
@@ -131,44 +120,6 @@ exact ones by at most 1% of (P_high − P_low). A volume whose two percentiles a
 Split jobs: `infer M IN -o OUT.zarr --create-only --norm-stats S.json`, then one
 `infer M IN -o OUT.zarr --block I/N` per worker (any order, any machine sharing the store),
 then `rln-engine finalize OUT.zarr`.";
-
-/// The predictor for `--device`: CUDA when asked for and usable, else the CPU.
-pub fn make_predictor(device: Device, fp16: bool, model: &Model<f32>) -> Result<Box<dyn TilePredictor>> {
-    use rln_engine::backend::cuda::{self, CudaOptions, CudaPredictor};
-    let opts = if fp16 { CudaOptions::f16() } else { CudaOptions::f32() };
-    match device {
-        Device::Cpu => {
-            if fp16 {
-                eprintln!("note: --fp16 applies to the GPU; the CPU computes in f32");
-            }
-            Ok(Box::new(CpuPredictor { model: model.clone() }))
-        }
-        Device::Cuda => Ok(Box::new(CudaPredictor::new(model, opts).context("--device cuda")?)),
-        Device::Auto => {
-            if cuda::available() {
-                match CudaPredictor::new(model, opts) {
-                    Ok(p) => return Ok(Box::new(p)),
-                    Err(e) => {
-                        eprintln!("note: the CUDA device is not usable ({e}); running on the CPU")
-                    }
-                }
-            } else {
-                eprintln!("note: no CUDA device; running on the CPU");
-            }
-            Ok(Box::new(CpuPredictor { model: model.clone() }))
-        }
-    }
-}
-
-/// Replaces the model's recorded normalization percentiles by `--percentiles`, if given
-/// (an invalid pair is an error, and the caller drops the model).
-pub fn override_percentiles(model: &mut Model<f32>, percentiles: Option<(f64, f64)>) -> Result<()> {
-    if let Some((lo, hi)) = percentiles {
-        model.config.norm_percentiles = [lo, hi];
-        model.config.validate().context("--percentiles")?;
-    }
-    Ok(())
-}
 
 pub fn infer(a: &InferArgs) -> Result<()> {
     let mut inputs = vec![

@@ -6,8 +6,8 @@ use rln_engine::imaging::io::OutputDtype;
 use rln_engine::slurm::{self, BlockJob, PlanRequest, SchedulerOptions, StoreOptions, TaskDevice};
 use std::path::{Path, PathBuf};
 
-use super::infer::parse_bytes;
-use super::train::{parse_dims, parse_range};
+use super::args::parse_bytes;
+use super::args::{parse_dims, parse_range};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum PlanDevice {

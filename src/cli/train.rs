@@ -1,4 +1,11 @@
-//! `rln-engine train`: its options and its run live in the library
-//! ([`rln_engine::train::command`]), so that the bindings train exactly as the CLI does.
+//! `rln-engine train`: parse (clap, in main), one library call
+//! ([`rln_engine::train::command::train`], shared with the bindings), print its summary.
 
-pub use rln_engine::train::command::{parse_dims, parse_range, train, TrainArgs};
+pub use rln_engine::train::command::TrainArgs;
+
+/// Trains as the flags say; progress goes to stderr, the summary to stdout.
+pub fn train(a: &TrainArgs) -> anyhow::Result<()> {
+    let summary = rln_engine::train::command::train(a)?;
+    println!("{summary}");
+    Ok(())
+}

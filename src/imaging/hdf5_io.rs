@@ -3,7 +3,7 @@
 //! metadata JSON in `rln_metadata`. Reading, dataset choice and attributes are those of
 //! the streaming reader (`crate::imaging::stream::hdf5`).
 
-use super::io::{OutputDtype, ReadOptions};
+use super::format::{OutputDtype, ReadOptions};
 use super::stream::hdf5::{write_attributes, Hdf5Reader};
 use super::stream::{Region, VolumeReader};
 use super::volume::Volume;
@@ -77,7 +77,7 @@ pub fn write_hdf5(path: &Path, dataset: &str, vol: &Volume, dtype: OutputDtype) 
                 ds
             }
             OutputDtype::U16 => {
-                let d: Vec<u16> = vol.data.iter().map(|&v| super::tiff_io::to_u16(v)).collect();
+                let d: Vec<u16> = vol.data.iter().map(|&v| super::format::to_u16(v)).collect();
                 let ds = file
                     .new_dataset::<u16>()
                     .chunk(chunk)

@@ -2,7 +2,9 @@
 //! deconvolution, image-quality metrics.
 //!
 //! - [`volume::Volume`]: the z,y,x stack every function here takes and returns.
-//! - [`io`]: [`io::read_volume`] / [`io::write_volume`] for TIFF, folders of slices, HDF5.
+//! - [`io`]: [`io::read_volume`] / [`io::write_volume`] for TIFF, folders of slices, HDF5
+//!   (dispatching to [`tiff_io`] and `hdf5_io`, which sit below it with [`format`](mod@format), the
+//!   types every reader and writer shares).
 //! - [`stream`]: the same formats plus OME-Zarr read and written by region, for volumes
 //!   larger than memory ([`stream::open_reader`], [`stream::create_writer`], `convert`).
 //! - [`normalize`]: percentile normalization of rln-spec.md §6.
@@ -16,6 +18,7 @@
 pub mod acquisition;
 pub mod bitmap_text;
 pub mod fft;
+pub mod format;
 #[cfg(feature = "hdf5")]
 mod hdf5_io;
 pub mod io;

@@ -7,7 +7,8 @@
 //! from the first plane's offset (see `write_pages_as`). Values a type cannot hold are
 //! refused before writing ([`super::io::check_representable`]).
 
-use super::io::{OutputDtype, ReadOptions};
+pub use super::format::to_u16;
+use super::format::{OutputDtype, ReadOptions};
 use super::volume::{check_voxel_size, Volume};
 use crate::error::{Error, Result};
 use crate::fsutil::write_atomic_with;
@@ -676,16 +677,6 @@ fn write_pages<W: Write + Seek, K: TiffKind>(
         OutputDtype::F32 => write_pages_as::<W, K, colortype::Gray32Float>(enc, vol, |v| v),
         OutputDtype::U16 => write_pages_as::<W, K, colortype::Gray16>(enc, vol, to_u16),
         OutputDtype::F16 => write_pages_as::<W, K, GrayF16>(enc, vol, |v| half::f16::from_f32(v).to_bits()),
-    }
-}
-
-/// Rounds to the nearest integer and clamps to [0, 65535] (NaN → 0). Writers check the
-/// range first ([`super::io::check_output_range`]), so the clamp never changes a value.
-pub fn to_u16(v: f32) -> u16 {
-    if v.is_nan() {
-        0
-    } else {
-        v.round().clamp(0.0, 65535.0) as u16
     }
 }
 

@@ -1,5 +1,7 @@
-//! Inference on volumes of any size: the engines that predict one tile, and (later) tile
-//! planning, blending and streaming, shared by the CPU and CUDA paths.
+//! Inference on volumes of any size: the engines that predict one tile
+//! ([`TilePredictor`], [`CpuPredictor`]; the CUDA one is `backend::cuda::CudaPredictor`),
+//! tile planning and blending ([`tiling`], [`stitch`]), streaming from files to files
+//! ([`stream`]) and caller-owned buffers ([`buffers`]), shared by the CPU and CUDA paths.
 
 pub mod buffers;
 pub mod stitch;
@@ -58,13 +60,13 @@ impl TilePredictor for CpuPredictor {
     fn describe(&self) -> String {
         format!(
             "CPU f32 ({}, {} threads)",
-            crate::backend::cpu::simd::isa().name(),
+            crate::backend::cpu::isa().name(),
             crate::threads()
         )
     }
     fn predict(&mut self, x: &Tensor<f32>) -> Result<Tensor<f32>> {
         let b = CpuBackend::<f32>::new();
-        Ok(Rln::new(&b, &self.model).forward(x, BnMode::Running, false).prediction)
+        Ok(Rln::new(&b, &self.model).forward(x, BnMode::Running, false)?.prediction)
     }
     fn bytes_per_voxel(&self) -> usize {
         // every activation of the forward pass is alive at the end (≈ 70 f32 channels at

@@ -413,7 +413,7 @@ pub fn run_tiled_shrinking(
                 core = core.map(|c| ((c * 3 / 4).max(32)) & !1);
             }
             Err(e) if e.is_out_of_memory() => {
-                return Err(Error::CudaOutOfMemory(format!(
+                return Err(Error::OutOfMemory(format!(
                 "{e}; even {core:?} tiles do not fit: free device memory, pass a smaller --tile, or use --device cpu"
             )))
             }

@@ -17,6 +17,7 @@
 //! (tests/numerics.rs), and the naive network of tests/common (tests/network.rs).
 
 use crate::backend::{Addend, Backend, BnTrainState, ChannelStats, Epilogue, GradMode};
+use crate::error::{Error, Result};
 use crate::model::{LayerOp, Model, Params, L, NUM_LAYERS};
 use crate::real::Real;
 
@@ -145,7 +146,7 @@ impl<'a, B: Backend> Rln<'a, B> {
 
     /// One "unit" of the spec: op(inputs) → BN → softplus → addend. `inputs` are the
     /// conv inputs (Conv3/Up2) or the one node a BnOnly layer normalizes.
-    fn unit(&self, st: &mut State<B>, l: L, inputs: &[&B::X], addend: Addend<'_, B::X, B::T>) -> B::X {
+    fn unit(&self, st: &mut State<B>, l: L, inputs: &[&B::X], addend: Addend<'_, B::X, B::T>) -> Result<B::X> {
         let spec = l.spec();
         let b = self.b;
         let softplus = has_softplus(l);
@@ -166,7 +167,7 @@ impl<'a, B: Backend> Rln<'a, B> {
         }
         if !has_bn {
             // training, no batch norm (h3.conv1, h3.conv2): keep z for the backward pass
-            let z = raw(&Epilogue::identity());
+            let z = raw(&Epilogue::identity())?;
             let y = b.epilogue(
                 &z,
                 &Epilogue {
@@ -175,17 +176,17 @@ impl<'a, B: Backend> Rln<'a, B> {
                     softplus,
                     addend,
                 },
-            );
+            )?;
             st.z[l as usize] = Some(z);
-            return y;
+            return Ok(y);
         }
         // training: z, its batch statistics, then the activation
         let z = match spec.op {
             LayerOp::BnOnly => None,
-            _ => Some(raw(&Epilogue::identity())),
+            _ => Some(raw(&Epilogue::identity())?),
         };
         let zr = z.as_ref().unwrap_or(inputs[0]);
-        let stats = b.batch_stats(zr);
+        let stats = b.batch_stats(zr)?;
         let p = &self.model.params.layers[l as usize];
         let eps = self.model.config.bn_eps;
         let inv_std: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
@@ -203,7 +204,7 @@ impl<'a, B: Backend> Rln<'a, B> {
                 softplus,
                 addend,
             },
-        );
+        )?;
         st.bn[l as usize] = Some(BnTrainState {
             gamma: p.gamma.clone(),
             beta: p.beta.clone(),
@@ -212,20 +213,21 @@ impl<'a, B: Backend> Rln<'a, B> {
         });
         st.stats[l as usize] = Some(stats);
         st.z[l as usize] = z;
-        y
+        Ok(y)
     }
 
     /// The forward pass of spec §3 on x (N×C_in×D×H×W, normalized; any D, H, W: odd
     /// sizes are mirror-padded to even and the outputs cropped back).
-    pub fn forward(&self, x: &B::X, mode: BnMode, keep_tape: bool) -> Forward<B> {
+    pub fn forward(&self, x: &B::X, mode: BnMode, keep_tape: bool) -> Result<Forward<B>> {
         let b = self.b;
         let input_shape = b.shape(x);
         let c_in = self.model.config.variant.input_channels();
-        assert_eq!(
-            input_shape.c, c_in,
-            "the model takes {c_in} input channel(s), the input has {}",
-            input_shape.c
-        );
+        if input_shape.c != c_in {
+            return Err(Error::Shape(format!(
+                "the model takes {c_in} input channel(s), the input has {}",
+                input_shape.c
+            )));
+        }
         let mut st = State::<B> {
             mode,
             z: none_vec(),
@@ -233,48 +235,48 @@ impl<'a, B: Backend> Rln<'a, B> {
             stats: none_vec(),
         };
         let eps = self.model.config.div_eps;
-        let x = b.pad_even(x);
-        let xbar = (c_in > 1).then(|| b.channel_mean(&x));
+        let x = b.pad_even(x)?;
+        let xbar = if c_in > 1 { Some(b.channel_mean(&x)?) } else { None };
         let x1 = xbar.as_ref().unwrap_or(&x);
         let none = || Addend::None;
 
         // down-scale part (FP1, DV1, BP1 at half resolution)
-        let xd = b.avgpool2(&x);
-        let xdbar = xbar.as_ref().map(|xb| b.avgpool2(xb));
+        let xd = b.avgpool2(&x)?;
+        let xdbar = xbar.as_ref().map(|xb| b.avgpool2(xb)).transpose()?;
         let xd1 = xdbar.as_ref().unwrap_or(&xd);
-        let a1 = self.unit(&mut st, L::H1FpConv1, &[&xd], none());
-        let a2 = self.unit(&mut st, L::H1FpConv2, &[&a1], none());
-        let fp1 = self.unit(&mut st, L::H1FpConv3, &[&a1, &a2], Addend::SoftplusOf(xd1));
-        let q1 = b.rl_divide(xd1, &fp1, eps);
-        let dv1 = self.unit(&mut st, L::H1Dv, &[&q1], none());
-        let b1 = self.unit(&mut st, L::H1BpConv1, &[&dv1], none());
-        let b2 = self.unit(&mut st, L::H1BpConv2, &[&b1], none());
-        let b3 = self.unit(&mut st, L::H1BpConv3, &[&b2, &b1], none());
-        let u = self.unit(&mut st, L::H1BpUp, &[&b3], none());
-        let bp1 = self.unit(&mut st, L::H1BpConv4, &[&u], none());
-        let e1r = b.rl_update(x1, &bp1);
-        let e1 = self.unit(&mut st, L::H1E, &[&e1r], none());
+        let a1 = self.unit(&mut st, L::H1FpConv1, &[&xd], none())?;
+        let a2 = self.unit(&mut st, L::H1FpConv2, &[&a1], none())?;
+        let fp1 = self.unit(&mut st, L::H1FpConv3, &[&a1, &a2], Addend::SoftplusOf(xd1))?;
+        let q1 = b.rl_divide(xd1, &fp1, eps)?;
+        let dv1 = self.unit(&mut st, L::H1Dv, &[&q1], none())?;
+        let b1 = self.unit(&mut st, L::H1BpConv1, &[&dv1], none())?;
+        let b2 = self.unit(&mut st, L::H1BpConv2, &[&b1], none())?;
+        let b3 = self.unit(&mut st, L::H1BpConv3, &[&b2, &b1], none())?;
+        let u = self.unit(&mut st, L::H1BpUp, &[&b3], none())?;
+        let bp1 = self.unit(&mut st, L::H1BpConv4, &[&u], none())?;
+        let e1r = b.rl_update(x1, &bp1)?;
+        let e1 = self.unit(&mut st, L::H1E, &[&e1r], none())?;
 
         // original-scale part (FP2, DV2, BP2)
-        let c1 = self.unit(&mut st, L::H2FpConv1, &[&x], none());
-        let fp2 = self.unit(&mut st, L::H2FpConv2, &[&c1], Addend::SoftplusOf(x1));
-        let q2 = b.rl_divide(x1, &fp2, eps);
-        let dv2 = self.unit(&mut st, L::H2Dv, &[&q2], none());
-        let d1 = self.unit(&mut st, L::H2BpConv1, &[&dv2], none());
-        let bp2 = self.unit(&mut st, L::H2BpConv2, &[&d1], Addend::Const(B::T::of(1.0)));
-        let e2r = b.rl_update(&e1, &bp2);
-        let e2 = self.unit(&mut st, L::H2E, &[&e2r], none());
+        let c1 = self.unit(&mut st, L::H2FpConv1, &[&x], none())?;
+        let fp2 = self.unit(&mut st, L::H2FpConv2, &[&c1], Addend::SoftplusOf(x1))?;
+        let q2 = b.rl_divide(x1, &fp2, eps)?;
+        let dv2 = self.unit(&mut st, L::H2Dv, &[&q2], none())?;
+        let d1 = self.unit(&mut st, L::H2BpConv1, &[&dv2], none())?;
+        let bp2 = self.unit(&mut st, L::H2BpConv2, &[&d1], Addend::Const(B::T::of(1.0)))?;
+        let e2r = b.rl_update(&e1, &bp2)?;
+        let e2 = self.unit(&mut st, L::H2E, &[&e2r], none())?;
 
         // merge part
-        let f1 = self.unit(&mut st, L::H3Conv1, &[&e2], none());
-        let f2 = self.unit(&mut st, L::H3Conv2, &[&f1, &e2, &e1], none());
-        let f3 = self.unit(&mut st, L::H3Conv3, &[&f1, &f2], none());
-        let y = b.channel_mean(&f3);
+        let f1 = self.unit(&mut st, L::H3Conv1, &[&e2], none())?;
+        let f2 = self.unit(&mut st, L::H3Conv2, &[&f1, &e2, &e1], none())?;
+        let f3 = self.unit(&mut st, L::H3Conv3, &[&f1, &f2], none())?;
+        let y = b.channel_mean(&f3)?;
 
         let crop1 = input_shape.with_c(1);
-        let prediction = b.crop(&y, crop1);
-        let e1_raw = b.crop(&e1r, crop1);
-        let e2_raw = b.crop(&e2r, crop1);
+        let prediction = b.crop(&y, crop1)?;
+        let e1_raw = b.crop(&e1r, crop1)?;
+        let e2_raw = b.crop(&e2r, crop1)?;
         let tape = keep_tape.then(|| Tape {
             acts: Acts {
                 x,
@@ -309,13 +311,13 @@ impl<'a, B: Backend> Rln<'a, B> {
             z: st.z,
             bn: st.bn,
         });
-        Forward {
+        Ok(Forward {
             prediction,
             e1_raw,
             e2_raw,
             batch_stats: st.stats,
             tape,
-        }
+        })
     }
 
     /// Backward of a unit with weights: returns the gradients of the inputs whose
@@ -328,59 +330,69 @@ impl<'a, B: Backend> Rln<'a, B> {
         dy: &B::X,
         needed: &[bool],
         grads: &mut Params<f64>,
-    ) -> Vec<Option<B::X>> {
+    ) -> Result<Vec<Option<B::X>>> {
         let b = self.b;
         let i = l as usize;
         let spec = l.spec();
         let z = tape.z[i].as_ref().expect("forward ran in training mode with a tape");
-        let (dz, dgamma, dbeta) = b.epilogue_backward(z, dy, has_softplus(l), tape.bn[i].as_ref());
+        let (dz, dgamma, dbeta) = b.epilogue_backward(z, dy, has_softplus(l), tape.bn[i].as_ref())?;
         grads.layers[i].gamma = dgamma;
         grads.layers[i].beta = dbeta;
         match spec.op {
             LayerOp::Conv3 => {
-                grads.layers[i].weight = b.conv3_backward_weight(inputs, &dz);
+                grads.layers[i].weight = b.conv3_backward_weight(inputs, &dz)?;
                 let c_in: Vec<usize> = inputs.iter().map(|t| b.shape(t).c).collect();
                 b.conv3_backward_data(&dz, self.weight(l), &c_in, needed)
             }
             LayerOp::Up2 => {
-                grads.layers[i].weight = b.up2_backward_weight(inputs[0], &dz);
-                vec![needed[0].then(|| b.up2_backward_data(&dz, self.weight(l), spec.c_in))]
+                grads.layers[i].weight = b.up2_backward_weight(inputs[0], &dz)?;
+                let dx = if needed[0] {
+                    Some(b.up2_backward_data(&dz, self.weight(l), spec.c_in)?)
+                } else {
+                    None
+                };
+                Ok(vec![dx])
             }
             LayerOp::BnOnly => unreachable!("BnOnly layers go through bn_node_backward"),
         }
     }
 
     /// Backward of a BnOnly layer: ∂L/∂node, and its γ, β gradients into `grads`.
-    fn bn_node_backward(&self, tape: &Tape<B>, l: L, node: &B::X, dy: &B::X, grads: &mut Params<f64>) -> B::X {
+    fn bn_node_backward(&self, tape: &Tape<B>, l: L, node: &B::X, dy: &B::X, grads: &mut Params<f64>) -> Result<B::X> {
         let i = l as usize;
-        let (dn, dgamma, dbeta) = self.b.epilogue_backward(node, dy, has_softplus(l), tape.bn[i].as_ref());
+        let (dn, dgamma, dbeta) = self
+            .b
+            .epilogue_backward(node, dy, has_softplus(l), tape.bn[i].as_ref())?;
         grads.layers[i].gamma = dgamma;
         grads.layers[i].beta = dbeta;
-        dn
+        Ok(dn)
     }
 
-    fn sum(&self, mut a: B::X, b: &B::X) -> B::X {
-        self.b.accumulate(&mut a, b);
-        a
+    fn sum(&self, mut a: B::X, b: &B::X) -> Result<B::X> {
+        self.b.accumulate(&mut a, b)?;
+        Ok(a)
     }
 
     /// Gradients of the loss with respect to every trainable tensor, given ∂L/∂y and
     /// ∂L/∂E1r (the auxiliary loss) at the caller's (unpadded) size. `mode` chooses the
     /// true gradient or the authors' custom gradients (spec §5).
-    pub fn backward(&self, fwd: &Forward<B>, dy: &B::X, de1r_aux: &B::X, mode: GradMode) -> Params<f64> {
+    pub fn backward(&self, fwd: &Forward<B>, dy: &B::X, de1r_aux: &B::X, mode: GradMode) -> Result<Params<f64>> {
         let b = self.b;
-        let tape = fwd.tape.as_ref().expect("backward needs a forward pass with keep_tape");
+        let tape = fwd
+            .tape
+            .as_ref()
+            .ok_or_else(|| Error::invalid("backward needs a forward pass run with keep_tape"))?;
         let a = &tape.acts;
         let mut g = Params::<f64>::zeros(self.model.config.variant);
         let padded = b.shape(&a.y);
-        let dy = b.uncrop_zeros(dy, padded);
-        let de1r_aux = b.uncrop_zeros(de1r_aux, padded);
+        let dy = b.uncrop_zeros(dy, padded)?;
+        let de1r_aux = b.uncrop_zeros(de1r_aux, padded)?;
         let eps = self.model.config.div_eps;
         let take = |v: &mut Vec<Option<B::X>>, k: usize| v[k].take().expect("requested gradient");
 
         // merge part
-        let df3 = b.channel_mean_backward(&dy, b.shape(&a.f3).c);
-        let mut r = self.unit_backward(tape, L::H3Conv3, &[&a.f1, &a.f2], &df3, &[true, true], &mut g);
+        let df3 = b.channel_mean_backward(&dy, b.shape(&a.f3).c)?;
+        let mut r = self.unit_backward(tape, L::H3Conv3, &[&a.f1, &a.f2], &df3, &[true, true], &mut g)?;
         let (df1_a, df2) = (take(&mut r, 0), take(&mut r, 1));
         let mut r = self.unit_backward(
             tape,
@@ -389,68 +401,68 @@ impl<'a, B: Backend> Rln<'a, B> {
             &df2,
             &[true, true, true],
             &mut g,
-        );
+        )?;
         let (df1_b, de2_a, de1_a) = (take(&mut r, 0), take(&mut r, 1), take(&mut r, 2));
-        let df1 = self.sum(df1_a, &df1_b);
+        let df1 = self.sum(df1_a, &df1_b)?;
         let de2_b = take(
-            &mut self.unit_backward(tape, L::H3Conv1, &[&a.e2], &df1, &[true], &mut g),
+            &mut self.unit_backward(tape, L::H3Conv1, &[&a.e2], &df1, &[true], &mut g)?,
             0,
         );
-        let de2 = self.sum(de2_a, &de2_b);
+        let de2 = self.sum(de2_a, &de2_b)?;
 
         // original-scale part
-        let de2r = self.bn_node_backward(tape, L::H2E, &a.e2r, &de2, &mut g);
-        let (de1_b, dbp2) = b.rl_update_backward(&a.e1, &a.bp2, &de2r, mode);
+        let de2r = self.bn_node_backward(tape, L::H2E, &a.e2r, &de2, &mut g)?;
+        let (de1_b, dbp2) = b.rl_update_backward(&a.e1, &a.bp2, &de2r, mode)?;
         let dd1 = take(
-            &mut self.unit_backward(tape, L::H2BpConv2, &[&a.d1], &dbp2, &[true], &mut g),
+            &mut self.unit_backward(tape, L::H2BpConv2, &[&a.d1], &dbp2, &[true], &mut g)?,
             0,
         );
         let ddv2 = take(
-            &mut self.unit_backward(tape, L::H2BpConv1, &[&a.dv2], &dd1, &[true], &mut g),
+            &mut self.unit_backward(tape, L::H2BpConv1, &[&a.dv2], &dd1, &[true], &mut g)?,
             0,
         );
-        let dq2 = self.bn_node_backward(tape, L::H2Dv, &a.q2, &ddv2, &mut g);
-        let (_, dfp2) = b.rl_divide_backward(a.x1(), &a.fp2, eps, &dq2, mode);
+        let dq2 = self.bn_node_backward(tape, L::H2Dv, &a.q2, &ddv2, &mut g)?;
+        let (_, dfp2) = b.rl_divide_backward(a.x1(), &a.fp2, eps, &dq2, mode)?;
         let dc1 = take(
-            &mut self.unit_backward(tape, L::H2FpConv2, &[&a.c1], &dfp2, &[true], &mut g),
+            &mut self.unit_backward(tape, L::H2FpConv2, &[&a.c1], &dfp2, &[true], &mut g)?,
             0,
         );
-        self.unit_backward(tape, L::H2FpConv1, &[&a.x], &dc1, &[false], &mut g);
+        self.unit_backward(tape, L::H2FpConv1, &[&a.x], &dc1, &[false], &mut g)?;
 
         // down-scale part
-        let de1 = self.sum(de1_a, &de1_b);
-        let de1r = self.sum(self.bn_node_backward(tape, L::H1E, &a.e1r, &de1, &mut g), &de1r_aux);
-        let (_, dbp1) = b.rl_update_backward(a.x1(), &a.bp1, &de1r, mode);
+        let de1 = self.sum(de1_a, &de1_b)?;
+        let de1r = self.sum(self.bn_node_backward(tape, L::H1E, &a.e1r, &de1, &mut g)?, &de1r_aux)?;
+        let (_, dbp1) = b.rl_update_backward(a.x1(), &a.bp1, &de1r, mode)?;
         let du = take(
-            &mut self.unit_backward(tape, L::H1BpConv4, &[&a.u], &dbp1, &[true], &mut g),
+            &mut self.unit_backward(tape, L::H1BpConv4, &[&a.u], &dbp1, &[true], &mut g)?,
             0,
         );
         let db3 = take(
-            &mut self.unit_backward(tape, L::H1BpUp, &[&a.b3], &du, &[true], &mut g),
+            &mut self.unit_backward(tape, L::H1BpUp, &[&a.b3], &du, &[true], &mut g)?,
             0,
         );
-        let mut r = self.unit_backward(tape, L::H1BpConv3, &[&a.b2, &a.b1], &db3, &[true, true], &mut g);
+        let mut r = self.unit_backward(tape, L::H1BpConv3, &[&a.b2, &a.b1], &db3, &[true, true], &mut g)?;
         let (db2, db1_a) = (take(&mut r, 0), take(&mut r, 1));
         let db1_b = take(
-            &mut self.unit_backward(tape, L::H1BpConv2, &[&a.b1], &db2, &[true], &mut g),
+            &mut self.unit_backward(tape, L::H1BpConv2, &[&a.b1], &db2, &[true], &mut g)?,
             0,
         );
-        let db1 = self.sum(db1_a, &db1_b);
+        let db1 = self.sum(db1_a, &db1_b)?;
         let ddv1 = take(
-            &mut self.unit_backward(tape, L::H1BpConv1, &[&a.dv1], &db1, &[true], &mut g),
+            &mut self.unit_backward(tape, L::H1BpConv1, &[&a.dv1], &db1, &[true], &mut g)?,
             0,
         );
-        let dq1 = self.bn_node_backward(tape, L::H1Dv, &a.q1, &ddv1, &mut g);
-        let (_, dfp1) = b.rl_divide_backward(a.xd1(), &a.fp1, eps, &dq1, mode);
-        let mut r = self.unit_backward(tape, L::H1FpConv3, &[&a.a1, &a.a2], &dfp1, &[true, true], &mut g);
+        let dq1 = self.bn_node_backward(tape, L::H1Dv, &a.q1, &ddv1, &mut g)?;
+        let (_, dfp1) = b.rl_divide_backward(a.xd1(), &a.fp1, eps, &dq1, mode)?;
+        let mut r = self.unit_backward(tape, L::H1FpConv3, &[&a.a1, &a.a2], &dfp1, &[true, true], &mut g)?;
         let (da1_a, da2) = (take(&mut r, 0), take(&mut r, 1));
         let da1_b = take(
-            &mut self.unit_backward(tape, L::H1FpConv2, &[&a.a1], &da2, &[true], &mut g),
+            &mut self.unit_backward(tape, L::H1FpConv2, &[&a.a1], &da2, &[true], &mut g)?,
             0,
         );
-        let da1 = self.sum(da1_a, &da1_b);
-        self.unit_backward(tape, L::H1FpConv1, &[&a.xd], &da1, &[false], &mut g);
-        g
+        let da1 = self.sum(da1_a, &da1_b)?;
+        self.unit_backward(tape, L::H1FpConv1, &[&a.xd], &da1, &[false], &mut g)?;
+        Ok(g)
     }
 }
 

@@ -4,63 +4,25 @@
 //! `rln_engine.train(...)`) train the same way. [`parse_args`] reads the flags from a
 //! list of strings; [`train`] runs them.
 
+pub use crate::args::Device;
+use crate::args::{parse_dims, parse_range};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{self, CudaTrainBackend};
+use crate::backend::loss::LossTerms;
 use crate::backend::GradMode;
+use crate::error::{Error, Result, ResultExt};
 use crate::imaging::acquisition::{self, AcquisitionEstimate};
 use crate::imaging::io::{read_volume, read_volume_with, ReadOptions};
 use crate::imaging::synth::{Family, SynthConfig};
 use crate::model::{Model, ModelConfig, Variant};
 use crate::train::adam::LrSchedule;
 use crate::train::data::{CropSampler, Dataset, SynthVariation, TargetScale};
-use crate::train::loss::LossTerms;
 use crate::train::trainer::{self, TrainConfig, TrainObserver, TrainState, ValMetrics};
-use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-/// Where the network trains.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Device {
-    /// CUDA when a GPU is usable, else the CPU (with a notice).
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-/// Parses "LOW,HIGH" (or one value).
-pub fn parse_range(s: &str) -> Result<(f64, f64), String> {
-    let v: Vec<f64> = s
-        .split(',')
-        .map(|t| t.trim().parse::<f64>())
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{s:?}: {e}"))?;
-    if v.iter().any(|x| !x.is_finite()) {
-        return Err(format!("{s:?}: give finite numbers"));
-    }
-    match v.as_slice() {
-        [a] => Ok((*a, *a)),
-        [a, b] => Ok((*a, *b)),
-        _ => Err(format!("{s:?}: give LOW,HIGH")),
-    }
-}
-
-/// Parses "64" or "32,64,64" into (z, y, x).
-pub fn parse_dims(s: &str) -> Result<[usize; 3], String> {
-    let v: Vec<usize> = s
-        .split([',', 'x', '×'])
-        .map(|t| t.trim().parse::<usize>())
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{s:?}: {e}"))?;
-    match v.as_slice() {
-        [a] => Ok([*a; 3]),
-        [z, y, x] => Ok([*z, *y, *x]),
-        _ => Err(format!("{s:?}: give one size or three (z,y,x)")),
-    }
-}
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -393,27 +355,31 @@ fn like_raw(
     Ok((est, synth))
 }
 
-/// Runs `rln-engine train` with these options; the model's provenance records the
-/// process's command line.
-pub fn train(a: &TrainArgs) -> Result<()> {
+/// Runs `rln-engine train` with these options (progress on stderr); the model's
+/// provenance records the process's command line. Returns what the run did, to print.
+pub fn train(a: &TrainArgs) -> Result<TrainSummary> {
     train_as(a, &std::env::args().collect::<Vec<_>>().join(" "))
 }
 
 /// [`train`], recording `command_line` as the command that trained the model (the
 /// bindings give the call that made it).
-pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<()> {
+pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<TrainSummary> {
     crate::fsutil::check_output_dir(&a.output)?;
     if a.resume.is_none() {
         config_from_flags(a).validate()?;
     }
     if a.synth_psf.is_some() && a.synth_count == 0 {
-        bail!("--synth-count 0: give at least 1 synthetic training volume");
+        return Err(Error::invalid(format!(
+            "--synth-count 0: give at least 1 synthetic training volume"
+        )));
     }
     if a.input2.is_some() && a.variant == Variant::Single {
-        bail!("--input2 gives a second view: choose --variant dual-average or dual-concat");
+        return Err(Error::invalid(format!(
+            "--input2 gives a second view: choose --variant dual-average or dual-concat"
+        )));
     }
     if a.variant != Variant::Single && a.synth_psf.is_some() {
-        bail!("synthetic data has one view: train dual-view models on registered view pairs (--data DIR with DIR/input2/ or --input2)");
+        return Err(Error::invalid(format!("synthetic data has one view: train dual-view models on registered view pairs (--data DIR with DIR/input2/ or --input2)")));
     }
     // the device first (every problem reported before data is made and training starts)
     let gpu = match a.device {
@@ -476,11 +442,11 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<()> {
     )?;
     if let Some(r) = &a.resume {
         if !r.exists() {
-            bail!(
+            return Err(Error::invalid(format!(
                 "--resume {}: no such checkpoint (a run stopped before its first checkpoint leaves none): \
                  start the run again without --resume",
                 r.display()
-            );
+            )));
         }
     }
 
@@ -556,7 +522,7 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<()> {
     let (mut state, mut cfg) = match resumed {
         Some((state, cfg, fp)) => {
             if fp != data.fingerprint() {
-                bail!("the checkpoint was written for other training data ({} pairs); resume with the same --data / --synth-psf flags", fp.len());
+                return Err(Error::invalid(format!("the checkpoint was written for other training data ({} pairs); resume with the same --data / --synth-psf flags", fp.len())));
             }
             (state, cfg)
         }
@@ -578,12 +544,12 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<()> {
                 Some(p) => {
                     let mut m = Model::<f32>::load(p).with_context(|| format!("loading --init {}", p.display()))?;
                     if m.config.variant != a.variant {
-                        bail!(
+                        return Err(Error::invalid(format!(
                             "--init {} is a {:?} model but --variant is {:?}",
                             p.display(),
                             m.config.variant,
                             a.variant
-                        );
+                        )));
                     }
                     if psf_meta.is_some() {
                         m.config.psf = psf_meta.clone();
@@ -615,7 +581,7 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<()> {
         .append(a.resume.is_some())
         .truncate(a.resume.is_none())
         .open(&log_path)
-        .with_context(|| format!("opening log {}", log_path.display()))?;
+        .map_err(|e| Error::io(&log_path, e).context("opening the log"))?;
     let bar = ProgressBar::with_draw_target(Some(cfg.steps), ProgressDrawTarget::hidden());
     if std::io::stderr().is_terminal() {
         bar.set_draw_target(ProgressDrawTarget::stderr());
@@ -684,19 +650,24 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<()> {
     obs.bar.finish_and_clear();
     let last_val = match result {
         Ok(v) => v,
-        Err(e) => bail!(
-            "{e}\nthe last good checkpoint is {} (continue with --resume)",
-            ckpt_path.display()
-        ),
+        // the variant stays (out of memory is still out of memory), with where to go on
+        Err(e) => {
+            let e = match &gpu {
+                Some(_) if e.is_out_of_memory() => e.note("or train on the CPU (--device cpu), in host memory"),
+                _ => e,
+            };
+            return Err(e.note(format_args!(
+                "the last good checkpoint is {} (continue with --resume)",
+                ckpt_path.display()
+            )));
+        }
     };
     if state.step < cfg.steps {
-        eprintln!(
-            "stopped after step {} of {}; continue with --resume {}",
-            state.step,
-            cfg.steps,
-            ckpt_path.display()
-        );
-        return Ok(());
+        return Ok(TrainSummary::Stopped {
+            step: state.step,
+            steps: cfg.steps,
+            checkpoint: ckpt_path,
+        });
     }
     let secs = start.elapsed().as_secs_f64();
     let mut model = state.model.clone();
@@ -717,23 +688,75 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<()> {
     }
     model.config.training = Some(training);
     model.save(&a.output)?;
-    println!(
-        "wrote {} after {} steps ({:.1} s for {} steps this run{})",
-        a.output.display(),
-        cfg.steps,
-        secs,
-        cfg.steps - first,
-        last_val
-            .map(|v| format!("; validation PSNR {:.2} dB, SSIM {:.4}", v.psnr, v.ssim))
-            .unwrap_or_default()
-    );
-    if let Some((step, m)) = &obs.best {
-        println!(
-            "lowest validation loss at step {step} (PSNR {:.2} dB, SSIM {:.4}): {}",
-            m.psnr,
-            m.ssim,
-            obs.best_path.display()
-        );
+    Ok(TrainSummary::Finished {
+        output: a.output.clone(),
+        steps: cfg.steps,
+        steps_this_run: cfg.steps - first,
+        seconds: secs,
+        validation: last_val,
+        best: obs.best.map(|(step, m)| (step, m, obs.best_path)),
+    })
+}
+
+/// What a `train` run did, for the caller to print ([`std::fmt::Display`]: the CLI's
+/// closing lines).
+#[derive(Clone, Debug, PartialEq)]
+pub enum TrainSummary {
+    /// Every step ran and the model was written.
+    Finished {
+        output: PathBuf,
+        steps: u64,
+        steps_this_run: u64,
+        seconds: f64,
+        /// The last validation's metrics (with validation data).
+        validation: Option<ValMetrics>,
+        /// The step with the lowest validation loss, its metrics and where that model is.
+        best: Option<(u64, ValMetrics, PathBuf)>,
+    },
+    /// `--stop-after` stopped the run early; the checkpoint continues it.
+    Stopped { step: u64, steps: u64, checkpoint: PathBuf },
+}
+
+impl std::fmt::Display for TrainSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TrainSummary::Stopped {
+                step,
+                steps,
+                checkpoint,
+            } => write!(
+                f,
+                "stopped after step {step} of {steps}; continue with --resume {}",
+                checkpoint.display()
+            ),
+            TrainSummary::Finished {
+                output,
+                steps,
+                steps_this_run,
+                seconds,
+                validation,
+                best,
+            } => {
+                write!(
+                    f,
+                    "wrote {} after {steps} steps ({seconds:.1} s for {steps_this_run} steps this run{})",
+                    output.display(),
+                    validation
+                        .as_ref()
+                        .map(|v| format!("; validation PSNR {:.2} dB, SSIM {:.4}", v.psnr, v.ssim))
+                        .unwrap_or_default()
+                )?;
+                if let Some((step, m, path)) = best {
+                    write!(
+                        f,
+                        "\nlowest validation loss at step {step} (PSNR {:.2} dB, SSIM {:.4}): {}",
+                        m.psnr,
+                        m.ssim,
+                        path.display()
+                    )?;
+                }
+                Ok(())
+            }
+        }
     }
-    Ok(())
 }

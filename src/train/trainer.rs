@@ -4,6 +4,7 @@
 use super::adam::{Adam, LrSchedule};
 use super::data::{normalize_views, CropSampler, Dataset};
 use crate::backend::cpu::CpuBackend;
+use crate::backend::loss::{loss_terms, LossTerms};
 use crate::backend::{Backend, GradMode};
 use crate::error::{Error, Result};
 use crate::imaging::metrics::{evaluate, Normalize};
@@ -12,7 +13,6 @@ use crate::model::tensor_file::TensorFile;
 use crate::model::{Model, Params};
 use crate::net::{update_running_stats, BnMode, Rln};
 use crate::tensor::{Shape, Tensor};
-use crate::train::loss::{loss_terms, LossTerms};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -142,19 +142,11 @@ pub fn train_step(state: &mut TrainState, cfg: &TrainConfig, x: &Tensor<f32>, g:
     train_step_on(&CpuBackend::<f32>::new(), state, cfg, x, g)
 }
 
-/// The text of a panic payload.
-fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown panic".into())
-}
-
 /// [`train_step`] on backend `b` (the batch is copied to it; forward, loss and backward
 /// run there; the gradients, batch statistics and loss come back; Adam and the running
-/// statistics are updated on the host, in f64, for every backend alike). A failure inside
-/// the backend (a device error: the [`Backend`] ops cannot return errors and panic)
-/// becomes an error, with `state` untouched.
+/// statistics are updated on the host, in f64, for every backend alike). A backend's
+/// error is returned with `state` untouched; running out of memory is an
+/// [`Error::OutOfMemory`] that says which settings to lower.
 pub fn train_step_on<B: Backend<T = f32>>(
     b: &B,
     state: &mut TrainState,
@@ -162,25 +154,23 @@ pub fn train_step_on<B: Backend<T = f32>>(
     x: &Tensor<f32>,
     g: &Tensor<f32>,
 ) -> Result<LossTerms> {
-    let model = &state.model;
-    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let net = Rln::new(b, model);
-        let xd = b.from_host(x);
-        let gd = b.from_host(g);
-        let fwd = net.forward(&xd, BnMode::Batch, true);
-        let x1 = if x.shape.c > 1 { b.channel_mean(&xd) } else { xd };
-        let (terms, dy, de1r) = b.loss(&fwd.prediction, &fwd.e1_raw, &x1, &gd);
-        let grads = net.backward(&fwd, &dy, &de1r, cfg.grad_mode);
-        (terms, grads, fwd.batch_stats)
-    }));
     let step = state.step;
-    let (terms, grads, stats) = run.map_err(|p| {
-        let msg = panic_text(p);
-        if msg.contains("CUDA") {
-            Error::Cuda(format!("step {step}: {msg}"))
-        } else {
-            Error::Numeric(format!("step {step}: the backend failed: {msg}"))
-        }
+    let run = || -> Result<_> {
+        let net = Rln::new(b, &state.model);
+        let xd = b.from_host(x)?;
+        let gd = b.from_host(g)?;
+        let fwd = net.forward(&xd, BnMode::Batch, true)?;
+        let x1 = if x.shape.c > 1 { b.channel_mean(&xd)? } else { xd };
+        let (terms, dy, de1r) = b.loss(&fwd.prediction, &fwd.e1_raw, &x1, &gd)?;
+        let grads = net.backward(&fwd, &dy, &de1r, cfg.grad_mode)?;
+        Ok((terms, grads, fwd.batch_stats))
+    };
+    let (terms, grads, stats) = run().map_err(|e| {
+        let advice = format!(
+            "lower the batch size (--batch, now {}) or the crop size (--crop, now {}×{}×{})",
+            x.shape.n, x.shape.d, x.shape.h, x.shape.w
+        );
+        step_error(e, &format!("training step {step}"), x.shape, &advice)
     })?;
     if !terms.loss.is_finite() {
         return Err(Error::Numeric(format!(
@@ -201,6 +191,16 @@ pub fn train_step_on<B: Backend<T = f32>>(
     }
     state.step += 1;
     Ok(terms)
+}
+
+/// A backend's error during `what` on an input of `shape`, with what to do about it: out
+/// of memory names the settings to lower (the variant stays, so callers can tell).
+fn step_error(e: Error, what: &str, shape: Shape, advice: &str) -> Error {
+    match e {
+        Error::OutOfMemory(msg) => Error::OutOfMemory(format!("{what} on {shape}: {msg}; {advice}")),
+        Error::Cuda(msg) => Error::Cuda(format!("{what}: {msg}")),
+        e => e,
+    }
 }
 
 /// Center crop of at most `max` voxels per axis.
@@ -250,11 +250,14 @@ pub fn validate_on<B: Backend<T = f32>>(
             _ => x1.clone(),
         };
         let g = Tensor::from_vec(shape, cfg.sampler.target_scale.target(&gt.data, p, &affines)?)?;
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let fwd = net.forward(&b.from_host(&x), BnMode::Running, false);
-            (b.to_host(&fwd.prediction), b.to_host(&fwd.e1_raw))
-        }));
-        let (prediction, e1_raw) = run.map_err(|p| Error::Cuda(format!("validation: {}", panic_text(p))))?;
+        let run = || -> Result<_> {
+            let fwd = net.forward(&b.from_host(&x)?, BnMode::Running, false)?;
+            Ok((b.to_host(&fwd.prediction)?, b.to_host(&fwd.e1_raw)?))
+        };
+        let (prediction, e1_raw) = run().map_err(|e| {
+            let advice = "the validation volume does not fit: validate on smaller volumes (--val), or on none";
+            step_error(e, "validation", x.shape, advice)
+        })?;
         m.loss += loss_terms(&prediction.data, &e1_raw.data, &x1.data, &g.data).loss;
         let pred = gt.like(prediction.data)?;
         let e = evaluate(&gt, &pred, Normalize::Affine, None)?;

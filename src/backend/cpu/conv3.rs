@@ -7,7 +7,7 @@
 //! G output channels is accumulated in registers over all taps and written once through
 //! the epilogue. The data gradient is the same kernel with flipped, transposed weights.
 
-use super::simd::Vector;
+use super::simd::{CpuReal, Vector};
 use super::{AddendRef, CpuEpilogue, SyncPtr};
 use crate::real::Real;
 use crate::simd_variants;
@@ -261,7 +261,7 @@ unsafe fn fwd_task<T: Real, V: Vector<T = T>>(ctx: &FwdCtx<'_, T>, nd: usize) {
 simd_variants!(fn fwd_task_dispatch<T>(ctx: &FwdCtx<'_, T>, nd: usize) -> () => fwd_task);
 
 /// conv3 forward with a fused epilogue. `weight` is [c_out][Σ c_in][3][3][3].
-pub fn conv3_forward<T: Real>(
+pub fn conv3_forward<T: CpuReal>(
     inputs: &[&Tensor<T>],
     weight: &[T],
     c_out: usize,
@@ -296,7 +296,7 @@ pub fn conv3_forward<T: Real>(
 
 /// Gradient with respect to the inputs whose `needed` flag is set: each is the
 /// correlation of dz with the flipped weights, transposed in (in, out).
-pub fn conv3_backward_data<T: Real>(
+pub fn conv3_backward_data<T: CpuReal>(
     dz: &Tensor<T>,
     weight: &[T],
     c_in: &[usize],
@@ -453,7 +453,7 @@ pub(crate) const REDUCTION_GROUPS: usize = 64;
 
 /// ∂L/∂w of conv3: Σ over voxels of dz[co] · input[cin] shifted by the tap, in f64.
 /// Result layout [c_out][Σ c_in][3][3][3].
-pub fn conv3_backward_weight<T: Real>(inputs: &[&Tensor<T>], dz: &Tensor<T>) -> Vec<f64> {
+pub fn conv3_backward_weight<T: CpuReal>(inputs: &[&Tensor<T>], dz: &Tensor<T>) -> Vec<f64> {
     let s = concat_shape(inputs);
     assert!(
         dz.shape.n == s.n && dz.shape.dims() == s.dims(),

@@ -6,7 +6,11 @@ pub mod pointwise;
 pub mod simd;
 pub mod up2;
 
+pub use simd::{isa, CpuReal, Isa};
+
+use super::loss::{loss_and_grad, LossTerms};
 use super::{Addend, Backend, BnTrainState, ChannelStats, Epilogue, GradMode};
+use crate::error::{Error, Result};
 use crate::real::Real;
 use crate::tensor::{Shape, Tensor};
 use std::marker::PhantomData;
@@ -85,7 +89,7 @@ impl<T: Copy> SyncPtr<T> {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend<T>(PhantomData<T>);
 
-impl<T: Real> CpuBackend<T> {
+impl<T: CpuReal> CpuBackend<T> {
     pub fn new() -> Self {
         CpuBackend(PhantomData)
     }
@@ -95,42 +99,53 @@ impl<T: Real> CpuBackend<T> {
     }
 }
 
-impl<T: Real> Backend for CpuBackend<T> {
+impl<T: CpuReal> Backend for CpuBackend<T> {
     type T = T;
     type X = Tensor<T>;
 
     fn shape(&self, x: &Tensor<T>) -> Shape {
         x.shape
     }
-    fn from_host(&self, t: &Tensor<T>) -> Tensor<T> {
-        t.clone()
+    fn from_host(&self, t: &Tensor<T>) -> Result<Tensor<T>> {
+        Ok(t.clone())
     }
-    fn to_host(&self, x: &Tensor<T>) -> Tensor<T> {
-        x.clone()
+    fn to_host(&self, x: &Tensor<T>) -> Result<Tensor<T>> {
+        Ok(x.clone())
     }
-    fn conv3(&self, inputs: &[&Tensor<T>], weight: &[T], c_out: usize, epi: &Epilogue<'_, Tensor<T>, T>) -> Tensor<T> {
-        conv3::conv3_forward(inputs, weight, c_out, &CpuEpilogue::from(epi, c_out))
+    fn conv3(
+        &self,
+        inputs: &[&Tensor<T>],
+        weight: &[T],
+        c_out: usize,
+        epi: &Epilogue<'_, Tensor<T>, T>,
+    ) -> Result<Tensor<T>> {
+        Ok(conv3::conv3_forward(
+            inputs,
+            weight,
+            c_out,
+            &CpuEpilogue::from(epi, c_out),
+        ))
     }
-    fn up2(&self, x: &Tensor<T>, weight: &[T], c_out: usize, epi: &Epilogue<'_, Tensor<T>, T>) -> Tensor<T> {
-        up2::up2_forward(x, weight, c_out, &CpuEpilogue::from(epi, c_out))
+    fn up2(&self, x: &Tensor<T>, weight: &[T], c_out: usize, epi: &Epilogue<'_, Tensor<T>, T>) -> Result<Tensor<T>> {
+        Ok(up2::up2_forward(x, weight, c_out, &CpuEpilogue::from(epi, c_out)))
     }
-    fn epilogue(&self, z: &Tensor<T>, epi: &Epilogue<'_, Tensor<T>, T>) -> Tensor<T> {
-        pointwise::epilogue(z, &CpuEpilogue::from(epi, z.shape.c))
+    fn epilogue(&self, z: &Tensor<T>, epi: &Epilogue<'_, Tensor<T>, T>) -> Result<Tensor<T>> {
+        Ok(pointwise::epilogue(z, &CpuEpilogue::from(epi, z.shape.c)))
     }
-    fn avgpool2(&self, x: &Tensor<T>) -> Tensor<T> {
-        pointwise::avgpool2(x)
+    fn avgpool2(&self, x: &Tensor<T>) -> Result<Tensor<T>> {
+        Ok(pointwise::avgpool2(x))
     }
-    fn channel_mean(&self, x: &Tensor<T>) -> Tensor<T> {
-        pointwise::channel_mean(x)
+    fn channel_mean(&self, x: &Tensor<T>) -> Result<Tensor<T>> {
+        Ok(pointwise::channel_mean(x))
     }
-    fn batch_stats(&self, z: &Tensor<T>) -> ChannelStats {
-        pointwise::batch_stats(z)
+    fn batch_stats(&self, z: &Tensor<T>) -> Result<ChannelStats> {
+        Ok(pointwise::batch_stats(z))
     }
-    fn rl_divide(&self, a: &Tensor<T>, fp: &Tensor<T>, eps: f64) -> Tensor<T> {
-        pointwise::rl_divide(a, fp, eps)
+    fn rl_divide(&self, a: &Tensor<T>, fp: &Tensor<T>, eps: f64) -> Result<Tensor<T>> {
+        Ok(pointwise::rl_divide(a, fp, eps))
     }
-    fn rl_update(&self, a: &Tensor<T>, bp: &Tensor<T>) -> Tensor<T> {
-        pointwise::rl_update(a, bp)
+    fn rl_update(&self, a: &Tensor<T>, bp: &Tensor<T>) -> Result<Tensor<T>> {
+        Ok(pointwise::rl_update(a, bp))
     }
     fn loss(
         &self,
@@ -138,27 +153,16 @@ impl<T: Real> Backend for CpuBackend<T> {
         e1r: &Tensor<T>,
         x1: &Tensor<T>,
         g: &Tensor<T>,
-    ) -> (crate::train::loss::LossTerms, Tensor<T>, Tensor<T>) {
-        assert!(
-            y.shape == g.shape && e1r.shape == g.shape && x1.shape == g.shape,
-            "loss: shapes differ ({} {} {} {})",
-            y.shape,
-            e1r.shape,
-            x1.shape,
-            g.shape
-        );
-        let (terms, dy, de) = crate::train::loss::loss_and_grad(&y.data, &e1r.data, &x1.data, &g.data);
-        (
-            terms,
-            Tensor {
-                shape: y.shape,
-                data: dy,
-            },
-            Tensor {
-                shape: y.shape,
-                data: de,
-            },
-        )
+    ) -> Result<(LossTerms, Tensor<T>, Tensor<T>)> {
+        if !(y.shape == g.shape && e1r.shape == g.shape && x1.shape == g.shape) {
+            return Err(Error::Shape(format!(
+                "loss: prediction {}, E1r {}, input {} and ground truth {} must have one shape",
+                y.shape, e1r.shape, x1.shape, g.shape
+            )));
+        }
+        let (terms, dy, de) = loss_and_grad(&y.data, &e1r.data, &x1.data, &g.data);
+        let grad = |data| Tensor { shape: y.shape, data };
+        Ok((terms, grad(dy), grad(de)))
     }
     fn epilogue_backward(
         &self,
@@ -166,8 +170,8 @@ impl<T: Real> Backend for CpuBackend<T> {
         dy: &Tensor<T>,
         softplus: bool,
         bn: Option<&BnTrainState<T>>,
-    ) -> (Tensor<T>, Vec<f64>, Vec<f64>) {
-        pointwise::epilogue_backward(z, dy, softplus, bn)
+    ) -> Result<(Tensor<T>, Vec<f64>, Vec<f64>)> {
+        Ok(pointwise::epilogue_backward(z, dy, softplus, bn))
     }
     fn conv3_backward_data(
         &self,
@@ -175,17 +179,17 @@ impl<T: Real> Backend for CpuBackend<T> {
         weight: &[T],
         c_in: &[usize],
         needed: &[bool],
-    ) -> Vec<Option<Tensor<T>>> {
-        conv3::conv3_backward_data(dz, weight, c_in, needed)
+    ) -> Result<Vec<Option<Tensor<T>>>> {
+        Ok(conv3::conv3_backward_data(dz, weight, c_in, needed))
     }
-    fn conv3_backward_weight(&self, inputs: &[&Tensor<T>], dz: &Tensor<T>) -> Vec<f64> {
-        conv3::conv3_backward_weight(inputs, dz)
+    fn conv3_backward_weight(&self, inputs: &[&Tensor<T>], dz: &Tensor<T>) -> Result<Vec<f64>> {
+        Ok(conv3::conv3_backward_weight(inputs, dz))
     }
-    fn up2_backward_data(&self, dz: &Tensor<T>, weight: &[T], c_in: usize) -> Tensor<T> {
-        up2::up2_backward_data(dz, weight, c_in)
+    fn up2_backward_data(&self, dz: &Tensor<T>, weight: &[T], c_in: usize) -> Result<Tensor<T>> {
+        Ok(up2::up2_backward_data(dz, weight, c_in))
     }
-    fn up2_backward_weight(&self, x: &Tensor<T>, dz: &Tensor<T>) -> Vec<f64> {
-        up2::up2_backward_weight(x, dz)
+    fn up2_backward_weight(&self, x: &Tensor<T>, dz: &Tensor<T>) -> Result<Vec<f64>> {
+        Ok(up2::up2_backward_weight(x, dz))
     }
     fn rl_divide_backward(
         &self,
@@ -194,8 +198,8 @@ impl<T: Real> Backend for CpuBackend<T> {
         eps: f64,
         dq: &Tensor<T>,
         mode: GradMode,
-    ) -> (Tensor<T>, Tensor<T>) {
-        pointwise::rl_divide_backward(a, fp, eps, dq, mode)
+    ) -> Result<(Tensor<T>, Tensor<T>)> {
+        Ok(pointwise::rl_divide_backward(a, fp, eps, dq, mode))
     }
     fn rl_update_backward(
         &self,
@@ -203,22 +207,23 @@ impl<T: Real> Backend for CpuBackend<T> {
         bp: &Tensor<T>,
         de: &Tensor<T>,
         mode: GradMode,
-    ) -> (Tensor<T>, Tensor<T>) {
-        pointwise::rl_update_backward(a, bp, de, mode)
+    ) -> Result<(Tensor<T>, Tensor<T>)> {
+        Ok(pointwise::rl_update_backward(a, bp, de, mode))
     }
-    fn channel_mean_backward(&self, dy: &Tensor<T>, channels: usize) -> Tensor<T> {
-        pointwise::channel_mean_backward(dy, channels)
+    fn channel_mean_backward(&self, dy: &Tensor<T>, channels: usize) -> Result<Tensor<T>> {
+        Ok(pointwise::channel_mean_backward(dy, channels))
     }
-    fn accumulate(&self, acc: &mut Tensor<T>, t: &Tensor<T>) {
-        pointwise::accumulate(acc, t)
+    fn accumulate(&self, acc: &mut Tensor<T>, t: &Tensor<T>) -> Result<()> {
+        pointwise::accumulate(acc, t);
+        Ok(())
     }
-    fn pad_even(&self, x: &Tensor<T>) -> Tensor<T> {
-        pointwise::pad_even(x)
+    fn pad_even(&self, x: &Tensor<T>) -> Result<Tensor<T>> {
+        Ok(pointwise::pad_even(x))
     }
-    fn crop(&self, x: &Tensor<T>, shape: Shape) -> Tensor<T> {
-        pointwise::crop(x, shape)
+    fn crop(&self, x: &Tensor<T>, shape: Shape) -> Result<Tensor<T>> {
+        Ok(pointwise::crop(x, shape))
     }
-    fn uncrop_zeros(&self, x: &Tensor<T>, shape: Shape) -> Tensor<T> {
-        pointwise::uncrop_zeros(x, shape)
+    fn uncrop_zeros(&self, x: &Tensor<T>, shape: Shape) -> Result<Tensor<T>> {
+        Ok(pointwise::uncrop_zeros(x, shape))
     }
 }

@@ -273,21 +273,45 @@ mod x86 {
 #[cfg(target_arch = "x86_64")]
 pub use x86::{F32x16, F32x8, F64x4, F64x8};
 
+/// A scalar type the CPU kernels run on: a [`Real`](crate::real::Real) with its SIMD
+/// vectors for the AVX-512 and AVX2 kernels (kept here, not on `Real`, so the scalar
+/// layer does not depend on the CPU backend).
+pub trait CpuReal: crate::real::Real {
+    #[cfg(target_arch = "x86_64")]
+    type Wide: Vector<T = Self>;
+    #[cfg(target_arch = "x86_64")]
+    type Narrow: Vector<T = Self>;
+}
+
+impl CpuReal for f64 {
+    #[cfg(target_arch = "x86_64")]
+    type Wide = F64x8;
+    #[cfg(target_arch = "x86_64")]
+    type Narrow = F64x4;
+}
+
+impl CpuReal for f32 {
+    #[cfg(target_arch = "x86_64")]
+    type Wide = F32x16;
+    #[cfg(target_arch = "x86_64")]
+    type Narrow = F32x8;
+}
+
 /// Like [`isa_variants!`], but the body takes a vector type `V` (with `V::T = T`)
 /// instead of a width: AVX-512 gets `T::Wide`, AVX2 `T::Narrow`, baseline `Scalar<T>`.
 #[macro_export]
 macro_rules! simd_variants {
     ($vis:vis fn $name:ident<$T:ident>($($arg:ident : $ty:ty),*) -> $ret:ty => $body:ident) => {
-        $vis fn $name<$T: $crate::real::Real>($($arg: $ty),*) -> $ret {
+        $vis fn $name<$T: $crate::backend::cpu::simd::CpuReal>($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx2,fma")]
-                unsafe fn v512<$T: $crate::real::Real>($($arg: $ty),*) -> $ret {
-                    $body::<$T, <$T as $crate::real::Real>::Wide>($($arg),*)
+                unsafe fn v512<$T: $crate::backend::cpu::simd::CpuReal>($($arg: $ty),*) -> $ret {
+                    $body::<$T, <$T as $crate::backend::cpu::simd::CpuReal>::Wide>($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn v256<$T: $crate::real::Real>($($arg: $ty),*) -> $ret {
-                    $body::<$T, <$T as $crate::real::Real>::Narrow>($($arg),*)
+                unsafe fn v256<$T: $crate::backend::cpu::simd::CpuReal>($($arg: $ty),*) -> $ret {
+                    $body::<$T, <$T as $crate::backend::cpu::simd::CpuReal>::Narrow>($($arg),*)
                 }
                 match $crate::backend::cpu::simd::isa() {
                     // SAFETY: the CPU supports the features these were compiled for (checked by isa()).

@@ -1,7 +1,7 @@
 //! One CUDA device: its context, three streams (compute, host→device, device→host), the
 //! embedded kernel modules loaded once, device and pinned host memory with byte
 //! accounting, and launches. Every driver call is checked; failures become
-//! [`Error::Cuda`] naming what failed, or [`Error::CudaOutOfMemory`] when memory ran out.
+//! [`Error::Cuda`] naming what failed, or [`Error::OutOfMemory`] when memory ran out.
 
 use super::kernels::{self, MODULES};
 use super::launch::{self, CONV_KERNELS};
@@ -13,8 +13,17 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// A driver error as an [`Error`]: out-of-memory becomes [`Error::CudaOutOfMemory`].
+/// A driver error as an [`Error`]: CUDA_ERROR_OUT_OF_MEMORY becomes the typed
+/// [`Error::OutOfMemory`] (callers shrink their work or say what to lower), every other
+/// code [`Error::Cuda`].
 pub fn driver_error(what: &str, e: DriverError) -> Error {
+    if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        // named without asking the driver, so this also holds where none is loaded (the
+        // emulated device of the unit tests)
+        return Error::OutOfMemory(format!(
+            "{what}: CUDA_ERROR_OUT_OF_MEMORY: the device has too little free memory for this size"
+        ));
+    }
     let name = e
         .error_name()
         .map(|s| s.to_string_lossy().into_owned())
@@ -23,11 +32,7 @@ pub fn driver_error(what: &str, e: DriverError) -> Error {
         .error_string()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-        Error::CudaOutOfMemory(format!("{what}: {name} ({text}); use smaller tiles"))
-    } else {
-        Error::Cuda(format!("{what}: {name} ({text})"))
-    }
+    Error::Cuda(format!("{what}: {name} ({text})"))
 }
 
 /// Extension to map cudarc results with a description of the failed step.
@@ -362,5 +367,22 @@ impl CudaDevice {
             stream.synchronize().check(&format!("running {name} (grid {grid:?})"))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The device's out-of-memory code is the typed error, found without a driver.
+    #[test]
+    fn out_of_memory_is_the_typed_error() {
+        let e = driver_error("allocating 4 MiB", DriverError(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY));
+        assert!(matches!(e, Error::OutOfMemory(_)), "{e:?}");
+        assert!(e.is_out_of_memory());
+        assert!(e.to_string().contains("allocating 4 MiB"), "{e}");
+        // CheckResult maps it the same way
+        let r: std::result::Result<(), DriverError> = Err(DriverError(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY));
+        assert!(r.check("allocating").unwrap_err().is_out_of_memory());
     }
 }

@@ -439,7 +439,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(seed + 100);
         let (inputs, aux) = stage_inputs(l, s, mma, &mut rng);
         let refs: Vec<&Tensor<f32>> = inputs.iter().collect();
-        let want = conv_stage(&model, l, &refs, aux.as_ref());
+        let want = conv_stage(&model, l, &refs, aux.as_ref()).unwrap();
         let cl: Vec<(Vec<f32>, usize)> = inputs.iter().map(|t| (to_channels_last(t), t.shape.c)).collect();
         let aux_cl = aux.as_ref().map(to_channels_last);
         let a = args(&model, l, &cl, aux_cl.as_deref(), s);

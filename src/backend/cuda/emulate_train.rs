@@ -462,6 +462,10 @@ pub struct EmuExec {
     /// Device-to-host copies (each one a synchronization on the real device), host-to-device copies.
     pub dtoh_count: std::sync::atomic::AtomicUsize,
     pub htod_count: std::sync::atomic::AtomicUsize,
+    /// Device memory of this size (bytes live at once): an allocation beyond it fails as
+    /// the driver does, with CUDA_ERROR_OUT_OF_MEMORY. `None`: unlimited.
+    pub memory_limit: Option<usize>,
+    live_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl EmuExec {
@@ -509,16 +513,31 @@ fn sigmoid(t: f32) -> f32 {
 
 impl super::train::Exec for EmuExec {
     fn alloc(&self, bytes: usize) -> crate::Result<u64> {
-        let b: Box<[u64]> = vec![0u64; bytes.div_ceil(8)].into_boxed_slice();
+        use std::sync::atomic::Ordering::Relaxed;
+        let words = bytes.div_ceil(8);
+        let live = self.live_bytes.load(Relaxed);
+        if self.memory_limit.is_some_and(|limit| live + 8 * words > limit) {
+            let oom = cudarc::driver::DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY);
+            return Err(super::device::driver_error(
+                &format!("allocating {} MiB of device memory", bytes.div_ceil(1 << 20)),
+                oom,
+            ));
+        }
+        self.live_bytes.fetch_add(8 * words, Relaxed);
+        let b: Box<[u64]> = vec![0u64; words].into_boxed_slice();
         let p = b.as_ptr() as u64;
         self.mem.lock().unwrap().insert(p, b);
         Ok(p)
     }
     fn free(&self, ptr: u64) {
-        assert!(
-            self.mem.lock().unwrap().remove(&ptr).is_some(),
-            "free of an unknown pointer"
-        );
+        let b = self
+            .mem
+            .lock()
+            .unwrap()
+            .remove(&ptr)
+            .expect("free of an unknown pointer");
+        self.live_bytes
+            .fetch_sub(8 * b.len(), std::sync::atomic::Ordering::Relaxed);
     }
     fn memset(&self, ptr: u64, v: u8, bytes: usize) -> crate::Result<()> {
         let b = self.buf::<u8>(ptr);
@@ -941,51 +960,55 @@ mod tests {
         for (cs, c_out) in cases {
             let ins: Vec<Tensor<f32>> = cs.iter().map(|&c| random(s.with_c(c), &mut rng)).collect();
             let refs: Vec<&Tensor<f32>> = ins.iter().collect();
-            let dins: Vec<_> = ins.iter().map(|t| b.from_host(t)).collect();
+            let dins: Vec<_> = ins.iter().map(|t| b.from_host(t).unwrap()).collect();
             let drefs: Vec<_> = dins.iter().collect();
             let cin: usize = cs.iter().sum();
             let w: Vec<f32> = (0..cin * c_out * 27).map(|_| rng.random_range(-0.3..0.3)).collect();
             let sc: Vec<f32> = (0..c_out).map(|_| rng.random_range(0.5..1.5)).collect();
             let sh: Vec<f32> = (0..c_out).map(|_| rng.random_range(-0.5..0.5)).collect();
             let aux = random(s.with_c(1), &mut rng);
-            let auxd = b.from_host(&aux);
-            let want = CPU.conv3(
-                &refs,
-                &w,
-                c_out,
-                &Epilogue {
-                    scale: &sc,
-                    shift: &sh,
-                    softplus: true,
-                    addend: Addend::SoftplusOf(&aux),
-                },
-            );
-            let got = b.conv3(
-                &drefs,
-                &w,
-                c_out,
-                &Epilogue {
-                    scale: &sc,
-                    shift: &sh,
-                    softplus: true,
-                    addend: Addend::SoftplusOf(&auxd),
-                },
-            );
-            check(&format!("conv3 {cs:?}→{c_out}"), &b.to_host(&got), &want, 1e-5);
+            let auxd = b.from_host(&aux).unwrap();
+            let want = CPU
+                .conv3(
+                    &refs,
+                    &w,
+                    c_out,
+                    &Epilogue {
+                        scale: &sc,
+                        shift: &sh,
+                        softplus: true,
+                        addend: Addend::SoftplusOf(&aux),
+                    },
+                )
+                .unwrap();
+            let got = b
+                .conv3(
+                    &drefs,
+                    &w,
+                    c_out,
+                    &Epilogue {
+                        scale: &sc,
+                        shift: &sh,
+                        softplus: true,
+                        addend: Addend::SoftplusOf(&auxd),
+                    },
+                )
+                .unwrap();
+            check(&format!("conv3 {cs:?}→{c_out}"), &b.to_host(&got).unwrap(), &want, 1e-5);
             let dz = random(s.with_c(c_out), &mut rng);
-            let dzd = b.from_host(&dz);
+            let dzd = b.from_host(&dz).unwrap();
             check_v(
                 &format!("conv3 wgrad {cs:?}"),
-                &b.conv3_backward_weight(&drefs, &dzd),
-                &CPU.conv3_backward_weight(&refs, &dz),
+                &b.conv3_backward_weight(&drefs, &dzd).unwrap(),
+                &CPU.conv3_backward_weight(&refs, &dz).unwrap(),
                 1e-5,
             );
             let needed = vec![true; cs.len()];
-            let want = CPU.conv3_backward_data(&dz, &w, cs, &needed);
-            for (g, wt) in b.conv3_backward_data(&dzd, &w, cs, &needed).iter().zip(&want) {
+            let want = CPU.conv3_backward_data(&dz, &w, cs, &needed).unwrap();
+            for (g, wt) in b.conv3_backward_data(&dzd, &w, cs, &needed).unwrap().iter().zip(&want) {
                 check(
                     &format!("conv3 dgrad {cs:?}"),
-                    &b.to_host(g.as_ref().unwrap()),
+                    &b.to_host(g.as_ref().unwrap()).unwrap(),
                     wt.as_ref().unwrap(),
                     1e-5,
                 );
@@ -994,31 +1017,37 @@ mod tests {
         let x = random(Shape::new(2, 8, 3, 2, 4), &mut rng);
         let w: Vec<f32> = (0..8 * 4 * 8).map(|_| rng.random_range(-0.5..0.5)).collect();
         let (sc, sh) = ([1.1f32, 0.9, 1.0, 1.2], [0.1f32, 0.0, -0.1, 0.2]);
-        let want = CPU.up2(
-            &x,
-            &w,
-            4,
-            &Epilogue {
-                scale: &sc,
-                shift: &sh,
-                softplus: true,
-                addend: Addend::None,
-            },
-        );
-        let xd = b.from_host(&x);
-        check(
-            "up2",
-            &b.to_host(&b.up2(
-                &xd,
+        let want = CPU
+            .up2(
+                &x,
                 &w,
                 4,
                 &Epilogue {
                     scale: &sc,
                     shift: &sh,
                     softplus: true,
-                    addend: Addend::Const(1.0),
+                    addend: Addend::None,
                 },
-            )),
+            )
+            .unwrap();
+        let xd = b.from_host(&x).unwrap();
+        check(
+            "up2",
+            &b.to_host(
+                &b.up2(
+                    &xd,
+                    &w,
+                    4,
+                    &Epilogue {
+                        scale: &sc,
+                        shift: &sh,
+                        softplus: true,
+                        addend: Addend::Const(1.0),
+                    },
+                )
+                .unwrap(),
+            )
+            .unwrap(),
             &CPU.epilogue(
                 &want,
                 &Epilogue {
@@ -1027,32 +1056,33 @@ mod tests {
                     softplus: false,
                     addend: Addend::Const(1.0),
                 },
-            ),
+            )
+            .unwrap(),
             1e-5,
         );
         let dz = random(want.shape, &mut rng);
-        let dzd = b.from_host(&dz);
+        let dzd = b.from_host(&dz).unwrap();
         check(
             "up2 dgrad",
-            &b.to_host(&b.up2_backward_data(&dzd, &w, 8)),
-            &CPU.up2_backward_data(&dz, &w, 8),
+            &b.to_host(&b.up2_backward_data(&dzd, &w, 8).unwrap()).unwrap(),
+            &CPU.up2_backward_data(&dz, &w, 8).unwrap(),
             1e-5,
         );
         check_v(
             "up2 wgrad",
-            &b.up2_backward_weight(&xd, &dzd),
-            &CPU.up2_backward_weight(&x, &dz),
+            &b.up2_backward_weight(&xd, &dzd).unwrap(),
+            &CPU.up2_backward_weight(&x, &dz).unwrap(),
             1e-5,
         );
         for c in [1usize, 4, 8] {
             let z = random(s.with_c(c), &mut rng);
-            let zd = b.from_host(&z);
-            let st = CPU.batch_stats(&z);
-            let gs = b.batch_stats(&zd);
+            let zd = b.from_host(&z).unwrap();
+            let st = CPU.batch_stats(&z).unwrap();
+            let gs = b.batch_stats(&zd).unwrap();
             check_v("batch mean", &gs.mean, &st.mean, 1e-12);
             check_v("batch var", &gs.var, &st.var, 1e-12);
             let dy = random(s.with_c(c), &mut rng);
-            let dyd = b.from_host(&dy);
+            let dyd = b.from_host(&dy).unwrap();
             let bn = BnTrainState {
                 gamma: (0..c).map(|_| rng.random_range(0.5f32..1.5)).collect(),
                 beta: (0..c).map(|_| rng.random_range(-0.5f32..0.5)).collect(),
@@ -1060,9 +1090,9 @@ mod tests {
                 inv_std: st.var.iter().map(|&v| (1.0 / (v + 1e-3).sqrt()) as f32).collect(),
             };
             for bnr in [Some(&bn), None] {
-                let (wz, wg, wb) = CPU.epilogue_backward(&z, &dy, true, bnr);
-                let (gz, gg, gb) = b.epilogue_backward(&zd, &dyd, true, bnr);
-                check("epilogue_backward dz", &b.to_host(&gz), &wz, 1e-5);
+                let (wz, wg, wb) = CPU.epilogue_backward(&z, &dy, true, bnr).unwrap();
+                let (gz, gg, gb) = b.epilogue_backward(&zd, &dyd, true, bnr).unwrap();
+                check("epilogue_backward dz", &b.to_host(&gz).unwrap(), &wz, 1e-5);
                 check_v("dgamma", &gg, &wg, 1e-5);
                 check_v("dbeta", &gb, &wb, 1e-5);
             }
@@ -1075,63 +1105,69 @@ mod tests {
                 shape: z.shape,
                 data: z.data.iter().map(|v| v.abs()).collect(),
             };
-            let (ad, td) = (b.from_host(&a), b.from_host(&t));
+            let (ad, td) = (b.from_host(&a).unwrap(), b.from_host(&t).unwrap());
             check(
                 "rl_divide",
-                &b.to_host(&b.rl_divide(&ad, &td, 1e-3)),
-                &CPU.rl_divide(&a, &t, 1e-3),
+                &b.to_host(&b.rl_divide(&ad, &td, 1e-3).unwrap()).unwrap(),
+                &CPU.rl_divide(&a, &t, 1e-3).unwrap(),
                 1e-6,
             );
             check(
                 "rl_update",
-                &b.to_host(&b.rl_update(&ad, &td)),
-                &CPU.rl_update(&a, &t),
+                &b.to_host(&b.rl_update(&ad, &td).unwrap()).unwrap(),
+                &CPU.rl_update(&a, &t).unwrap(),
                 1e-6,
             );
             let g1 = random(s.with_c(1), &mut rng);
-            let g1d = b.from_host(&g1);
+            let g1d = b.from_host(&g1).unwrap();
             for mode in [GradMode::Paper, GradMode::Exact] {
-                let (wa, wt) = CPU.rl_divide_backward(&a, &t, 1e-3, &g1, mode);
-                let (ga, gt) = b.rl_divide_backward(&ad, &td, 1e-3, &g1d, mode);
-                check("rl_divide_backward da", &b.to_host(&ga), &wa, 1e-6);
-                check("rl_divide_backward dfp", &b.to_host(&gt), &wt, 1e-6);
-                let (wa, wt) = CPU.rl_update_backward(&a, &t, &g1, mode);
-                let (ga, gt) = b.rl_update_backward(&ad, &td, &g1d, mode);
-                check("rl_update_backward da", &b.to_host(&ga), &wa, 1e-6);
-                check("rl_update_backward dbp", &b.to_host(&gt), &wt, 1e-6);
+                let (wa, wt) = CPU.rl_divide_backward(&a, &t, 1e-3, &g1, mode).unwrap();
+                let (ga, gt) = b.rl_divide_backward(&ad, &td, 1e-3, &g1d, mode).unwrap();
+                check("rl_divide_backward da", &b.to_host(&ga).unwrap(), &wa, 1e-6);
+                check("rl_divide_backward dfp", &b.to_host(&gt).unwrap(), &wt, 1e-6);
+                let (wa, wt) = CPU.rl_update_backward(&a, &t, &g1, mode).unwrap();
+                let (ga, gt) = b.rl_update_backward(&ad, &td, &g1d, mode).unwrap();
+                check("rl_update_backward da", &b.to_host(&ga).unwrap(), &wa, 1e-6);
+                check("rl_update_backward dbp", &b.to_host(&gt).unwrap(), &wt, 1e-6);
             }
             check(
                 "channel_mean",
-                &b.to_host(&b.channel_mean(&zd)),
-                &CPU.channel_mean(&z),
+                &b.to_host(&b.channel_mean(&zd).unwrap()).unwrap(),
+                &CPU.channel_mean(&z).unwrap(),
                 1e-6,
             );
             check(
                 "channel_mean_backward",
-                &b.to_host(&b.channel_mean_backward(&g1d, c)),
-                &CPU.channel_mean_backward(&g1, c),
+                &b.to_host(&b.channel_mean_backward(&g1d, c).unwrap()).unwrap(),
+                &CPU.channel_mean_backward(&g1, c).unwrap(),
                 1e-6,
             );
-            let padded = CPU.pad_even(&z);
-            check("pad_even", &b.to_host(&b.pad_even(&zd)), &padded, 0.0);
+            let padded = CPU.pad_even(&z).unwrap();
+            check("pad_even", &b.to_host(&b.pad_even(&zd).unwrap()).unwrap(), &padded, 0.0);
             check(
                 "avgpool2",
-                &b.to_host(&b.avgpool2(&b.pad_even(&zd))),
-                &CPU.avgpool2(&padded),
+                &b.to_host(&b.avgpool2(&b.pad_even(&zd).unwrap()).unwrap()).unwrap(),
+                &CPU.avgpool2(&padded).unwrap(),
                 1e-6,
             );
-            check("crop", &b.to_host(&b.crop(&b.from_host(&padded), z.shape)), &z, 0.0);
             check(
-                "uncrop",
-                &b.to_host(&b.uncrop_zeros(&zd, padded.shape)),
-                &CPU.uncrop_zeros(&z, padded.shape),
+                "crop",
+                &b.to_host(&b.crop(&b.from_host(&padded).unwrap(), z.shape).unwrap())
+                    .unwrap(),
+                &z,
                 0.0,
             );
-            let mut acc = b.from_host(&z);
-            b.accumulate(&mut acc, &zd);
+            check(
+                "uncrop",
+                &b.to_host(&b.uncrop_zeros(&zd, padded.shape).unwrap()).unwrap(),
+                &CPU.uncrop_zeros(&z, padded.shape).unwrap(),
+                0.0,
+            );
+            let mut acc = b.from_host(&z).unwrap();
+            b.accumulate(&mut acc, &zd).unwrap();
             check(
                 "accumulate",
-                &b.to_host(&acc),
+                &b.to_host(&acc).unwrap(),
                 &Tensor {
                     shape: z.shape,
                     data: z.data.iter().map(|v| v + v).collect(),
@@ -1144,16 +1180,23 @@ mod tests {
             Tensor::from_vec(one, (0..one.len()).map(|_| rng.random_range(0.0f32..1.0)).collect()).unwrap()
         };
         let (y, e, x, g) = (r(&mut rng), r(&mut rng), r(&mut rng), r(&mut rng));
-        let (wt, wdy, wde) = CPU.loss(&y, &e, &x, &g);
-        let (gt, gdy, gde) = b.loss(&b.from_host(&y), &b.from_host(&e), &b.from_host(&x), &b.from_host(&g));
+        let (wt, wdy, wde) = CPU.loss(&y, &e, &x, &g).unwrap();
+        let (gt, gdy, gde) = b
+            .loss(
+                &b.from_host(&y).unwrap(),
+                &b.from_host(&e).unwrap(),
+                &b.from_host(&x).unwrap(),
+                &b.from_host(&g).unwrap(),
+            )
+            .unwrap();
         check_v(
             "loss",
             &[gt.loss, gt.mse, gt.mse_aux, gt.ssim],
             &[wt.loss, wt.mse, wt.mse_aux, wt.ssim],
             1e-12,
         );
-        check("dL/dy", &b.to_host(&gdy), &wdy, 1e-6);
-        check("dL/dE1r", &b.to_host(&gde), &wde, 1e-6);
+        check("dL/dy", &b.to_host(&gdy).unwrap(), &wdy, 1e-6);
+        check("dL/dE1r", &b.to_host(&gde).unwrap(), &wde, 1e-6);
         let (live, _) = b.mem_bytes();
         assert!(live > 0);
     }
@@ -1211,25 +1254,32 @@ mod tests {
                     .collect(),
             )
             .unwrap();
-            let x1 = CPU.channel_mean(&x);
+            let x1 = CPU.channel_mean(&x).unwrap();
             for mode in [GradMode::Paper, GradMode::Exact] {
                 let net = Rln::new(&CPU, &model);
-                let f = net.forward(&x, BnMode::Batch, true);
-                let (tc, dy, de) = CPU.loss(&f.prediction, &f.e1_raw, &x1, &g);
-                let want = net.backward(&f, &dy, &de, mode);
+                let f = net.forward(&x, BnMode::Batch, true).unwrap();
+                let (tc, dy, de) = CPU.loss(&f.prediction, &f.e1_raw, &x1, &g).unwrap();
+                let want = net.backward(&f, &dy, &de, mode).unwrap();
                 let netg = Rln::new(&b, &model);
-                let xd = b.from_host(&x);
-                let fg = netg.forward(&xd, BnMode::Batch, true);
-                let (tg, dyg, deg) = b.loss(&fg.prediction, &fg.e1_raw, &b.channel_mean(&xd), &b.from_host(&g));
-                check("prediction", &b.to_host(&fg.prediction), &f.prediction, 1e-5);
+                let xd = b.from_host(&x).unwrap();
+                let fg = netg.forward(&xd, BnMode::Batch, true).unwrap();
+                let (tg, dyg, deg) = b
+                    .loss(
+                        &fg.prediction,
+                        &fg.e1_raw,
+                        &b.channel_mean(&xd).unwrap(),
+                        &b.from_host(&g).unwrap(),
+                    )
+                    .unwrap();
+                check("prediction", &b.to_host(&fg.prediction).unwrap(), &f.prediction, 1e-5);
                 assert!((tg.loss - tc.loss).abs() < 1e-5 * tc.loss.abs());
-                let got = netg.backward(&fg, &dyg, &deg, mode);
+                let got = netg.backward(&fg, &dyg, &deg, mode).unwrap();
                 let m64: Model<f64> = model.cast();
                 let b64 = CpuBackend::<f64>::new();
                 let n64 = Rln::new(&b64, &m64);
-                let f6 = n64.forward(&x.cast(), BnMode::Batch, true);
-                let (_, d6, e6) = b64.loss(&f6.prediction, &f6.e1_raw, &x1.cast(), &g.cast());
-                let w64 = n64.backward(&f6, &d6, &e6, mode);
+                let f6 = n64.forward(&x.cast(), BnMode::Batch, true).unwrap();
+                let (_, d6, e6) = b64.loss(&f6.prediction, &f6.e1_raw, &x1.cast(), &g.cast()).unwrap();
+                let w64 = n64.backward(&f6, &d6, &e6, mode).unwrap();
                 for (l, e, level) in layer_errors(&got, &want, &w64) {
                     assert!(
                         e <= (2.0 * level).max(1e-4),
@@ -1242,11 +1292,11 @@ mod tests {
                 );
                 drop((fg, dyg, deg, xd));
                 // inference mode (running statistics, folded epilogues in the conv)
-                let fi = netg.forward(&b.from_host(&x), BnMode::Running, false);
+                let fi = netg.forward(&b.from_host(&x).unwrap(), BnMode::Running, false).unwrap();
                 check(
                     "inference",
-                    &b.to_host(&fi.prediction),
-                    &net.forward(&x, BnMode::Running, false).prediction,
+                    &b.to_host(&fi.prediction).unwrap(),
+                    &net.forward(&x, BnMode::Running, false).unwrap().prediction,
                     1e-5,
                 );
             }
@@ -1345,9 +1395,14 @@ mod tests {
                 let shape = Shape::new(1, 1, d, h, w);
                 let x =
                     Tensor::from_vec(shape, (0..shape.len()).map(|_| rng.random_range(0.0f32..1.0)).collect()).unwrap();
-                let want = Rln::new(&CPU, &model).forward(&x, BnMode::Running, false).prediction;
-                let got = Rln::new(&b, &model).forward(&b.from_host(&x), BnMode::Running, false);
-                check(&format!("{shape}"), &b.to_host(&got.prediction), &want, 1e-5);
+                let want = Rln::new(&CPU, &model)
+                    .forward(&x, BnMode::Running, false)
+                    .unwrap()
+                    .prediction;
+                let got = Rln::new(&b, &model)
+                    .forward(&b.from_host(&x).unwrap(), BnMode::Running, false)
+                    .unwrap();
+                check(&format!("{shape}"), &b.to_host(&got.prediction).unwrap(), &want, 1e-5);
             }
         }
     }
@@ -1381,5 +1436,42 @@ mod tests {
         let un = pointwise::uncrop_zeros(&cropped, s);
         let got = Tensor::from_ndhwc(s, &reshape(&cropped.to_ndhwc(), small, s, 2)).unwrap();
         assert_eq!(got, un);
+    }
+
+    /// A device that runs out of memory mid-step: the trainer returns the typed
+    /// out-of-memory error (mapped from CUDA_ERROR_OUT_OF_MEMORY by the device layer) with
+    /// the settings to lower, and leaves the state as it was; with enough memory the same
+    /// step succeeds.
+    #[test]
+    fn emulated_device_out_of_memory_is_a_typed_training_error() {
+        let cfg = TrainConfig::default();
+        let model = Model::<f32>::init(ModelConfig::default(), 3);
+        let shape = Shape::new(2, 1, 8, 8, 8);
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let x = Tensor::from_vec(shape, (0..shape.len()).map(|_| rng.random_range(0.0f32..1.0)).collect()).unwrap();
+        // room for the input and a few activations, not for a whole forward pass
+        let small = Arc::new(EmuExec {
+            memory_limit: Some(64 * shape.len() * 4),
+            ..EmuExec::default()
+        });
+        let b = CudaTrainBackend::on_exec(small, false);
+        let mut st = TrainState::new(model.clone(), &cfg);
+        let e = train_step_on(&b, &mut st, &cfg, &x, &x).expect_err("the step must not fit");
+        assert!(matches!(e, crate::Error::OutOfMemory(_)), "{e:?}");
+        let msg = e.to_string();
+        println!("{msg}");
+        for want in [
+            "CUDA_ERROR_OUT_OF_MEMORY",
+            "--batch, now 2",
+            "--crop, now 8×8×8",
+            "training step 0",
+        ] {
+            assert!(msg.contains(want), "{msg:?} lacks {want:?}");
+        }
+        assert_eq!(st.step, 0);
+        assert_eq!(st.model, model, "a failed step leaves the model untouched");
+        let b = CudaTrainBackend::on_exec(Arc::new(EmuExec::default()), false);
+        train_step_on(&b, &mut st, &cfg, &x, &x).expect("without the limit the step runs");
+        assert_eq!(st.step, 1);
     }
 }

@@ -1,10 +1,10 @@
-//! The CUDA inference backend: the forward pass of rln-spec §3 as 16 fused kernels
-//! (kernels/*.cu, compiled by build.rs and embedded), driven through cudarc.
+//! The CUDA backend: inference (the forward pass of rln-spec §3 as 16 fused kernels) and
+//! training (every op of the backend interface), kernels/*.cu compiled by build.rs and
+//! embedded, driven through cudarc. Its benchmarks and conformance run live with their
+//! users (`crate::bench`, `crate::conformance`).
 //!
 //! - [`CudaPredictor`]: a [`crate::infer::TilePredictor`] (f32 or f16 storage),
 //!   overlapping the transfers of one tile with the compute of the previous one.
-//! - [`bench::run`]: forward throughput (voxels/s) with CUDA events, for `bench --device cuda`.
-//! - [`conformance::run_infer`]: the conformance vectors' inference keys on the GPU.
 //! - [`available`]: whether a CUDA device can be used at all (for `--device auto`).
 //! - [`CudaTrainBackend`]: training: every op of [`crate::backend::Backend`] and its
 //!   gradient on the device (kernels/train_*.cu), so the generic network trains on the GPU.
@@ -15,8 +15,6 @@
 //! host-side index math and weight layouts are also checked without a GPU by line-by-line
 //! emulations of the kernels (emulate.rs, unit tests).
 
-pub mod bench;
-pub mod conformance;
 pub mod device;
 #[cfg(test)]
 mod emulate;
@@ -27,12 +25,11 @@ pub mod kernels;
 pub mod launch;
 pub mod predictor;
 pub mod train;
-pub mod train_bench;
 pub mod train_launch;
 pub mod twin;
 pub mod weights;
 
-pub use device::CudaDevice;
+pub use device::{CuCheck, CudaDevice};
 pub use forward::CudaNet;
 pub use predictor::CudaPredictor;
 pub use train::{CudaTrainBackend, DevTensor};
@@ -159,7 +156,7 @@ mod tests {
             let s = Shape::new(1, 1, 12, 16, 20);
             let x = Tensor::from_vec(s, (0..s.len()).map(|_| rng.random_range(0.0f32..1.0)).collect()).unwrap();
             let b = CpuBackend::<f32>::new();
-            let f = Rln::new(&b, &m).forward(&x, BnMode::Running, true);
+            let f = Rln::new(&b, &m).forward(&x, BnMode::Running, true).unwrap();
             let a = &f.tape.as_ref().unwrap().acts;
             let named = [
                 ("a1", &a.a1),

@@ -16,9 +16,9 @@
 //!   Adam runs on the host in f64 (the CPU trainer's code), so checkpoints and resume
 //!   are those of the CPU trainer.
 //! - Results are deterministic (no atomics; grids of reductions depend only on sizes).
-//! - The trait's ops cannot return errors: a failed driver call panics with the error
-//!   ("CUDA training backend: …"); [`crate::train::trainer::train_step_on`] turns a panic
-//!   into an error. Every `try_*` method returns the [`Result`] instead.
+//! - Every op returns a [`Result`]: a failed driver call or launch is an [`Error::Cuda`],
+//!   and an allocation the device cannot satisfy is an [`Error::OutOfMemory`] (the caller
+//!   reports it, or retries smaller).
 //! - Tests: `poison` fills every new allocation with NaN bytes, so a kernel that leaves an
 //!   element unwritten shows up as a non-finite value (RLN_CUDA_POISON=1 or
 //!   [`CudaTrainBackend::with_poison`]); RLN_CUDA_SYNC=1 synchronizes after every launch.
@@ -27,10 +27,10 @@ use super::device::{CuCheck, CudaDevice};
 use super::launch::grid_1d;
 use super::train_launch::{self as tl, TrainArgs};
 use crate::backend::cpu::pointwise;
+use crate::backend::loss::{loss_from_sums, LossSums, LossTerms};
 use crate::backend::{Addend, Backend, BnTrainState, ChannelStats, Epilogue, GradMode};
 use crate::error::{Error, Result};
 use crate::tensor::{Shape, Tensor};
-use crate::train::loss::{loss_from_sums, LossSums, LossTerms};
 use cudarc::driver::result as cu;
 use cudarc::driver::sys;
 use cudarc::driver::{CudaEvent, CudaStream};
@@ -175,15 +175,6 @@ pub struct CudaTrainBackend {
     dev: Option<Arc<CudaDevice>>,
     stream: Option<Arc<CudaStream>>,
     pool: Arc<Pool>,
-}
-
-/// Panics with a device error (the trait's ops cannot return one).
-fn fail(e: Error) -> ! {
-    panic!("CUDA training backend: {e}")
-}
-
-fn ok<T>(r: Result<T>) -> T {
-    r.unwrap_or_else(|e| fail(e))
 }
 
 /// Checks that tensors agree in batch and volume size.
@@ -356,14 +347,14 @@ impl CudaTrainBackend {
     }
 
     /// Uploads a host tensor (N×C×D×H×W) as channels-last.
-    pub fn try_upload(&self, t: &Tensor<f32>) -> Result<DevTensor> {
+    fn try_upload(&self, t: &Tensor<f32>) -> Result<DevTensor> {
         let dt = self.tensor(t.shape)?;
         self.pool.exec.htod(dt.mem.ptr, bytemuck::cast_slice(&t.to_ndhwc()))?;
         Ok(dt)
     }
 
     /// Downloads a tensor to the host (N×C×D×H×W); waits for the device.
-    pub fn try_download(&self, x: &DevTensor) -> Result<Tensor<f32>> {
+    fn try_download(&self, x: &DevTensor) -> Result<Tensor<f32>> {
         let mut v = vec![0.0f32; x.shape.len()];
         self.pool.exec.dtoh(bytemuck::cast_slice_mut(&mut v), x.mem.ptr)?;
         Tensor::from_ndhwc(x.shape, &v)
@@ -479,7 +470,7 @@ impl CudaTrainBackend {
         Ok(out)
     }
 
-    pub fn try_conv3(
+    fn try_conv3(
         &self,
         inputs: &[&DevTensor],
         weight: &[f32],
@@ -498,7 +489,7 @@ impl CudaTrainBackend {
         self.conv_packed(inputs, &tl::pack_fwd(weight, cin, c_out), c_out, args)
     }
 
-    pub fn try_conv3_backward_data(
+    fn try_conv3_backward_data(
         &self,
         dz: &DevTensor,
         weight: &[f32],
@@ -533,7 +524,7 @@ impl CudaTrainBackend {
         Ok(out)
     }
 
-    pub fn try_conv3_backward_weight(&self, inputs: &[&DevTensor], dz: &DevTensor) -> Result<Vec<f64>> {
+    fn try_conv3_backward_weight(&self, inputs: &[&DevTensor], dz: &DevTensor) -> Result<Vec<f64>> {
         if inputs.is_empty() || inputs.len() > 3 {
             return Err(Error::invalid("conv3 weight gradient: 1 to 3 inputs"));
         }
@@ -585,7 +576,7 @@ impl CudaTrainBackend {
         self.download_f64(&dw, nw, "the conv weight gradient")
     }
 
-    pub fn try_up2(
+    fn try_up2(
         &self,
         x: &DevTensor,
         weight: &[f32],
@@ -614,7 +605,7 @@ impl CudaTrainBackend {
         Ok(out)
     }
 
-    pub fn try_up2_backward_data(&self, dz: &DevTensor, weight: &[f32], c_in: usize) -> Result<DevTensor> {
+    fn try_up2_backward_data(&self, dz: &DevTensor, weight: &[f32], c_in: usize) -> Result<DevTensor> {
         let os = dz.shape;
         if weight.len() != c_in * os.c * 8 || os.d % 2 + os.h % 2 + os.w % 2 != 0 {
             return Err(Error::invalid("up2 backward: weight or sizes do not match"));
@@ -632,7 +623,7 @@ impl CudaTrainBackend {
         Ok(out)
     }
 
-    pub fn try_up2_backward_weight(&self, x: &DevTensor, dz: &DevTensor) -> Result<Vec<f64>> {
+    fn try_up2_backward_weight(&self, x: &DevTensor, dz: &DevTensor) -> Result<Vec<f64>> {
         let (s, os) = (x.shape, dz.shape);
         if os.n != s.n || os.d != 2 * s.d || os.h != 2 * s.h || os.w != 2 * s.w || os.c > 16 {
             return Err(Error::Shape(format!("up2 weight gradient: x {s}, dz {os}")));
@@ -653,7 +644,7 @@ impl CudaTrainBackend {
         self.download_f64(&dw, nw, "the up2 weight gradient")
     }
 
-    pub fn try_epilogue(&self, z: &DevTensor, epi: &Epilogue<'_, DevTensor, f32>) -> Result<DevTensor> {
+    fn try_epilogue(&self, z: &DevTensor, epi: &Epilogue<'_, DevTensor, f32>) -> Result<DevTensor> {
         let out = self.tensor(z.shape)?;
         let mut args = TrainArgs::default().dims(z.shape);
         self.set_epilogue(&mut args, epi, z.shape)?;
@@ -664,7 +655,7 @@ impl CudaTrainBackend {
         Ok(out)
     }
 
-    pub fn try_avgpool2(&self, x: &DevTensor) -> Result<DevTensor> {
+    fn try_avgpool2(&self, x: &DevTensor) -> Result<DevTensor> {
         let s = x.shape;
         if s.d % 2 + s.h % 2 + s.w % 2 != 0 {
             return Err(Error::Shape(format!("avgpool2 needs even sizes, got {s}")));
@@ -679,7 +670,7 @@ impl CudaTrainBackend {
         Ok(out)
     }
 
-    pub fn try_channel_mean(&self, x: &DevTensor) -> Result<DevTensor> {
+    fn try_channel_mean(&self, x: &DevTensor) -> Result<DevTensor> {
         let out = self.tensor(x.shape.with_c(1))?;
         let mut args = TrainArgs::default().dims(x.shape);
         args.inp[0] = x.ptr();
@@ -689,7 +680,7 @@ impl CudaTrainBackend {
         Ok(out)
     }
 
-    pub fn try_channel_mean_backward(&self, dy: &DevTensor, channels: usize) -> Result<DevTensor> {
+    fn try_channel_mean_backward(&self, dy: &DevTensor, channels: usize) -> Result<DevTensor> {
         let out = self.tensor(dy.shape.with_c(channels))?;
         let mut args = TrainArgs::default();
         args.inp[0] = dy.ptr();
@@ -701,7 +692,7 @@ impl CudaTrainBackend {
 
     /// Per-channel Σx and Σ(x − mean)² of a tensor whose channel count is a power of two
     /// ≤ 16, reduced on the device: [mean (C), biased variance (C)].
-    pub fn try_batch_stats(&self, z: &DevTensor) -> Result<ChannelStats> {
+    fn try_batch_stats(&self, z: &DevTensor) -> Result<ChannelStats> {
         let s = z.shape;
         let c = s.c;
         if !matches!(c, 1 | 2 | 4 | 8 | 16) {
@@ -731,7 +722,7 @@ impl CudaTrainBackend {
         })
     }
 
-    pub fn try_epilogue_backward(
+    fn try_epilogue_backward(
         &self,
         z: &DevTensor,
         dy: &DevTensor,
@@ -844,7 +835,7 @@ impl CudaTrainBackend {
 
     /// The loss of spec §5: sums on the device (two passes, f64), terms on the host, then
     /// the gradients on the device.
-    pub fn try_loss(
+    fn try_loss(
         &self,
         y: &DevTensor,
         e1r: &DevTensor,
@@ -912,7 +903,7 @@ impl CudaTrainBackend {
         Ok(out)
     }
 
-    pub fn try_accumulate(&self, acc: &mut DevTensor, t: &DevTensor) -> Result<()> {
+    fn try_accumulate(&self, acc: &mut DevTensor, t: &DevTensor) -> Result<()> {
         if acc.shape != t.shape {
             return Err(Error::Shape(format!("accumulate: {} vs {}", acc.shape, t.shape)));
         }
@@ -930,11 +921,11 @@ impl Backend for CudaTrainBackend {
     fn shape(&self, x: &DevTensor) -> Shape {
         x.shape
     }
-    fn from_host(&self, t: &Tensor<f32>) -> DevTensor {
-        ok(self.try_upload(t))
+    fn from_host(&self, t: &Tensor<f32>) -> Result<DevTensor> {
+        self.try_upload(t)
     }
-    fn to_host(&self, x: &DevTensor) -> Tensor<f32> {
-        ok(self.try_download(x))
+    fn to_host(&self, x: &DevTensor) -> Result<Tensor<f32>> {
+        self.try_download(x)
     }
     fn conv3(
         &self,
@@ -942,32 +933,44 @@ impl Backend for CudaTrainBackend {
         weight: &[f32],
         c_out: usize,
         epi: &Epilogue<'_, DevTensor, f32>,
-    ) -> DevTensor {
-        ok(self.try_conv3(inputs, weight, c_out, epi))
+    ) -> Result<DevTensor> {
+        self.try_conv3(inputs, weight, c_out, epi)
     }
-    fn up2(&self, x: &DevTensor, weight: &[f32], c_out: usize, epi: &Epilogue<'_, DevTensor, f32>) -> DevTensor {
-        ok(self.try_up2(x, weight, c_out, epi))
+    fn up2(
+        &self,
+        x: &DevTensor,
+        weight: &[f32],
+        c_out: usize,
+        epi: &Epilogue<'_, DevTensor, f32>,
+    ) -> Result<DevTensor> {
+        self.try_up2(x, weight, c_out, epi)
     }
-    fn epilogue(&self, z: &DevTensor, epi: &Epilogue<'_, DevTensor, f32>) -> DevTensor {
-        ok(self.try_epilogue(z, epi))
+    fn epilogue(&self, z: &DevTensor, epi: &Epilogue<'_, DevTensor, f32>) -> Result<DevTensor> {
+        self.try_epilogue(z, epi)
     }
-    fn avgpool2(&self, x: &DevTensor) -> DevTensor {
-        ok(self.try_avgpool2(x))
+    fn avgpool2(&self, x: &DevTensor) -> Result<DevTensor> {
+        self.try_avgpool2(x)
     }
-    fn channel_mean(&self, x: &DevTensor) -> DevTensor {
-        ok(self.try_channel_mean(x))
+    fn channel_mean(&self, x: &DevTensor) -> Result<DevTensor> {
+        self.try_channel_mean(x)
     }
-    fn batch_stats(&self, z: &DevTensor) -> ChannelStats {
-        ok(self.try_batch_stats(z))
+    fn batch_stats(&self, z: &DevTensor) -> Result<ChannelStats> {
+        self.try_batch_stats(z)
     }
-    fn rl_divide(&self, a: &DevTensor, fp: &DevTensor, eps: f64) -> DevTensor {
-        ok(self.rl_pair("t_rl_divide", a, fp, eps as f32))
+    fn rl_divide(&self, a: &DevTensor, fp: &DevTensor, eps: f64) -> Result<DevTensor> {
+        self.rl_pair("t_rl_divide", a, fp, eps as f32)
     }
-    fn rl_update(&self, a: &DevTensor, bp: &DevTensor) -> DevTensor {
-        ok(self.rl_pair("t_rl_update", a, bp, 0.0))
+    fn rl_update(&self, a: &DevTensor, bp: &DevTensor) -> Result<DevTensor> {
+        self.rl_pair("t_rl_update", a, bp, 0.0)
     }
-    fn loss(&self, y: &DevTensor, e1r: &DevTensor, x1: &DevTensor, g: &DevTensor) -> (LossTerms, DevTensor, DevTensor) {
-        ok(self.try_loss(y, e1r, x1, g))
+    fn loss(
+        &self,
+        y: &DevTensor,
+        e1r: &DevTensor,
+        x1: &DevTensor,
+        g: &DevTensor,
+    ) -> Result<(LossTerms, DevTensor, DevTensor)> {
+        self.try_loss(y, e1r, x1, g)
     }
     fn epilogue_backward(
         &self,
@@ -975,8 +978,8 @@ impl Backend for CudaTrainBackend {
         dy: &DevTensor,
         softplus: bool,
         bn: Option<&BnTrainState<f32>>,
-    ) -> (DevTensor, Vec<f64>, Vec<f64>) {
-        ok(self.try_epilogue_backward(z, dy, softplus, bn))
+    ) -> Result<(DevTensor, Vec<f64>, Vec<f64>)> {
+        self.try_epilogue_backward(z, dy, softplus, bn)
     }
     fn conv3_backward_data(
         &self,
@@ -984,17 +987,17 @@ impl Backend for CudaTrainBackend {
         weight: &[f32],
         c_in: &[usize],
         needed: &[bool],
-    ) -> Vec<Option<DevTensor>> {
-        ok(self.try_conv3_backward_data(dz, weight, c_in, needed))
+    ) -> Result<Vec<Option<DevTensor>>> {
+        self.try_conv3_backward_data(dz, weight, c_in, needed)
     }
-    fn conv3_backward_weight(&self, inputs: &[&DevTensor], dz: &DevTensor) -> Vec<f64> {
-        ok(self.try_conv3_backward_weight(inputs, dz))
+    fn conv3_backward_weight(&self, inputs: &[&DevTensor], dz: &DevTensor) -> Result<Vec<f64>> {
+        self.try_conv3_backward_weight(inputs, dz)
     }
-    fn up2_backward_data(&self, dz: &DevTensor, weight: &[f32], c_in: usize) -> DevTensor {
-        ok(self.try_up2_backward_data(dz, weight, c_in))
+    fn up2_backward_data(&self, dz: &DevTensor, weight: &[f32], c_in: usize) -> Result<DevTensor> {
+        self.try_up2_backward_data(dz, weight, c_in)
     }
-    fn up2_backward_weight(&self, x: &DevTensor, dz: &DevTensor) -> Vec<f64> {
-        ok(self.try_up2_backward_weight(x, dz))
+    fn up2_backward_weight(&self, x: &DevTensor, dz: &DevTensor) -> Result<Vec<f64>> {
+        self.try_up2_backward_weight(x, dz)
     }
     fn rl_divide_backward(
         &self,
@@ -1003,8 +1006,8 @@ impl Backend for CudaTrainBackend {
         eps: f64,
         dq: &DevTensor,
         mode: GradMode,
-    ) -> (DevTensor, DevTensor) {
-        ok(self.rl_pair_backward("t_rl_divide_bwd", a, fp, dq, eps as f32, mode))
+    ) -> Result<(DevTensor, DevTensor)> {
+        self.rl_pair_backward("t_rl_divide_bwd", a, fp, dq, eps as f32, mode)
     }
     fn rl_update_backward(
         &self,
@@ -1012,34 +1015,34 @@ impl Backend for CudaTrainBackend {
         bp: &DevTensor,
         de: &DevTensor,
         mode: GradMode,
-    ) -> (DevTensor, DevTensor) {
-        ok(self.rl_pair_backward("t_rl_update_bwd", a, bp, de, 0.0, mode))
+    ) -> Result<(DevTensor, DevTensor)> {
+        self.rl_pair_backward("t_rl_update_bwd", a, bp, de, 0.0, mode)
     }
-    fn channel_mean_backward(&self, dy: &DevTensor, channels: usize) -> DevTensor {
-        ok(self.try_channel_mean_backward(dy, channels))
+    fn channel_mean_backward(&self, dy: &DevTensor, channels: usize) -> Result<DevTensor> {
+        self.try_channel_mean_backward(dy, channels)
     }
-    fn accumulate(&self, acc: &mut DevTensor, t: &DevTensor) {
-        ok(self.try_accumulate(acc, t))
+    fn accumulate(&self, acc: &mut DevTensor, t: &DevTensor) -> Result<()> {
+        self.try_accumulate(acc, t)
     }
-    fn pad_even(&self, x: &DevTensor) -> DevTensor {
+    fn pad_even(&self, x: &DevTensor) -> Result<DevTensor> {
         let s = x.shape;
         let e = |v: usize| v + v % 2;
-        ok(self.reshape(x, Shape::new(s.n, s.c, e(s.d), e(s.h), e(s.w)), 0))
+        self.reshape(x, Shape::new(s.n, s.c, e(s.d), e(s.h), e(s.w)), 0)
     }
-    fn crop(&self, x: &DevTensor, shape: Shape) -> DevTensor {
+    fn crop(&self, x: &DevTensor, shape: Shape) -> Result<DevTensor> {
         let s = x.shape;
-        assert!(
-            shape.n == s.n && shape.c == s.c && shape.d <= s.d && shape.h <= s.h && shape.w <= s.w,
-            "crop {s} to {shape}"
-        );
-        ok(self.reshape(x, shape, 1))
+        if !(shape.n == s.n && shape.c == s.c && shape.d <= s.d && shape.h <= s.h && shape.w <= s.w) {
+            return Err(Error::Shape(format!("crop {s} to {shape}: the target must fit inside")));
+        }
+        self.reshape(x, shape, 1)
     }
-    fn uncrop_zeros(&self, x: &DevTensor, shape: Shape) -> DevTensor {
+    fn uncrop_zeros(&self, x: &DevTensor, shape: Shape) -> Result<DevTensor> {
         let s = x.shape;
-        assert!(
-            shape.n == s.n && shape.c == s.c && shape.d >= s.d && shape.h >= s.h && shape.w >= s.w,
-            "uncrop {s} to {shape}"
-        );
-        ok(self.reshape(x, shape, 2))
+        if !(shape.n == s.n && shape.c == s.c && shape.d >= s.d && shape.h >= s.h && shape.w >= s.w) {
+            return Err(Error::Shape(format!(
+                "uncrop {s} to {shape}: the target must contain it"
+            )));
+        }
+        self.reshape(x, shape, 2)
     }
 }

@@ -7,6 +7,7 @@ use super::launch::{conv_kernel, Epi};
 use super::weights::bn_affine;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Addend, Backend, Epilogue};
+use crate::error::Result;
 use crate::model::{Model, L};
 use crate::tensor::Tensor;
 
@@ -28,7 +29,7 @@ fn affine_f32(model: &Model<f32>, l: L) -> (Vec<f32>, Vec<f32>) {
 /// The CPU twin of the conv kernel of layer `l`: conv over `inputs` (concatenated), BN,
 /// softplus, then the kernel's fused epilogue; `aux` is the epilogue's one-channel
 /// operand (xd or x for the divisions, x or E1 for the updates).
-pub fn conv_stage(model: &Model<f32>, l: L, inputs: &[&Tensor<f32>], aux: Option<&Tensor<f32>>) -> StageOut {
+pub fn conv_stage(model: &Model<f32>, l: L, inputs: &[&Tensor<f32>], aux: Option<&Tensor<f32>>) -> Result<StageOut> {
     let b = CpuBackend::<f32>::new();
     let k = conv_kernel(l);
     let w = &model.params.layers[l as usize].weight;
@@ -59,16 +60,16 @@ pub fn conv_stage(model: &Model<f32>, l: L, inputs: &[&Tensor<f32>], aux: Option
         )
     };
     let aux = || aux.expect("this stage needs its one-channel operand");
-    match k.epi {
+    Ok(match k.epi {
         Epi::Sp => StageOut {
-            out: conv(Addend::None),
+            out: conv(Addend::None)?,
             raw: None,
         },
         Epi::FpDiv => {
-            let fp = conv(Addend::SoftplusOf(aux()));
-            let q = b.rl_divide(aux(), &fp, model.config.div_eps);
+            let fp = conv(Addend::SoftplusOf(aux()))?;
+            let q = b.rl_divide(aux(), &fp, model.config.div_eps)?;
             StageOut {
-                out: post(&q, false),
+                out: post(&q, false)?,
                 raw: None,
             }
         }
@@ -78,22 +79,22 @@ pub fn conv_stage(model: &Model<f32>, l: L, inputs: &[&Tensor<f32>], aux: Option
             } else {
                 Addend::None
             };
-            let bp = conv(addend);
-            let e = b.rl_update(aux(), &bp);
+            let bp = conv(addend)?;
+            let e = b.rl_update(aux(), &bp)?;
             StageOut {
-                out: post(&e, true),
+                out: post(&e, true)?,
                 raw: Some(e),
             }
         }
         Epi::Mean => StageOut {
-            out: b.channel_mean(&conv(Addend::None)),
+            out: b.channel_mean(&conv(Addend::None)?)?,
             raw: None,
         },
-    }
+    })
 }
 
 /// The CPU twin of the up2 kernel: u = sp(BN7(up2(b3))).
-pub fn up_stage(model: &Model<f32>, b3: &Tensor<f32>) -> Tensor<f32> {
+pub fn up_stage(model: &Model<f32>, b3: &Tensor<f32>) -> Result<Tensor<f32>> {
     let b = CpuBackend::<f32>::new();
     let (scale, shift) = affine_f32(model, L::H1BpUp);
     let w = &model.params.layers[L::H1BpUp as usize].weight;
@@ -111,6 +112,6 @@ pub fn up_stage(model: &Model<f32>, b3: &Tensor<f32>) -> Tensor<f32> {
 }
 
 /// The CPU twin of the avgpool2 kernel.
-pub fn pool_stage(x: &Tensor<f32>) -> Tensor<f32> {
+pub fn pool_stage(x: &Tensor<f32>) -> Result<Tensor<f32>> {
     CpuBackend::<f32>::new().avgpool2(x)
 }

@@ -7,7 +7,7 @@
 use super::zarr::{self, ZarrWriteOptions};
 use super::{create_writer, open_reader, unit_regions, Format, Region, VolumeWriter, WriterSpec};
 use crate::error::{Error, Result};
-use crate::imaging::io::{split_dataset_path, OutputDtype, ReadOptions};
+use crate::imaging::format::{split_dataset_path, OutputDtype, ReadOptions};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -5,7 +5,7 @@
 use super::tiff::{BandCache, TiffReader, DEFAULT_CACHE_PLANES};
 use super::{check_region_finite, Region, VolumeInfo, VolumeReader};
 use crate::error::{Error, Result};
-use crate::imaging::io::ReadOptions;
+use crate::imaging::format::ReadOptions;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -6,8 +6,8 @@
 use super::{check_region_finite, Region, VolumeInfo, VolumeReader, VolumeWriter, WriterSpec};
 use crate::error::{Error, Result};
 use crate::fsutil::{check_output_dir, temp_path_for};
-use crate::imaging::io::{check_output_range, OutputDtype, ReadOptions};
-use crate::imaging::tiff_io::to_u16;
+use crate::imaging::format::to_u16;
+use crate::imaging::format::{check_output_range, OutputDtype, ReadOptions};
 use hdf5::types::{TypeDescriptor, VarLenUnicode};
 use hdf5_metno as hdf5;
 use std::path::{Path, PathBuf};

@@ -13,7 +13,7 @@
 //! [`MemoryVolume`] for tests and the library's in-memory path.
 
 use crate::error::{Error, Result};
-use crate::imaging::io::{split_dataset_path, OutputDtype, ReadOptions};
+use crate::imaging::format::{split_dataset_path, OutputDtype, ReadOptions};
 use std::path::Path;
 use std::sync::Mutex;
 

@@ -11,7 +11,7 @@
 use super::{check_region_finite, Region, VolumeInfo, VolumeReader, VolumeWriter, WriterSpec};
 use crate::error::{Error, Result};
 use crate::fsutil::{check_output_dir, temp_path_for};
-use crate::imaging::io::{check_output_range, OutputDtype, ReadOptions};
+use crate::imaging::format::{check_output_range, OutputDtype, ReadOptions};
 use crate::imaging::tiff_io::{
     decoded_len, page_to_f32, parse_imagej, rational, resolution, tiff_err, to_u16, unit_to_micron,
 };

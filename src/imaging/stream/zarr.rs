@@ -27,8 +27,8 @@
 use super::{check_region_finite, unit_regions, Region, VolumeInfo, VolumeReader, VolumeWriter, WriterSpec};
 use crate::error::{Error, Result};
 use crate::fsutil::write_atomic;
-use crate::imaging::io::{check_output_range, OutputDtype, ReadOptions};
-use crate::imaging::tiff_io::to_u16;
+use crate::imaging::format::to_u16;
+use crate::imaging::format::{check_output_range, OutputDtype, ReadOptions};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};

@@ -465,7 +465,7 @@ impl WorkerCtx<'_> {
     }
 
     fn too_small(&self, e: &Error, piece: [usize; 3]) -> Error {
-        Error::CudaOutOfMemory(format!(
+        Error::OutOfMemory(format!(
             "{e}; even tiles cut into cores of {piece:?} voxels (plus {} of context) do not fit: free device memory, pass a smaller --memory or --tile, or use --device cpu",
             self.plan.context
         ))

@@ -6,9 +6,8 @@
 //! per-kernel times are summed by phase (what the device computes vs the step's wall time:
 //! the rest is host work and synchronization gaps).
 
-use super::device::CuCheck;
-use super::train::CudaTrainBackend;
-use crate::bench::TRAIN_FLOPS_PER_VOXEL;
+use super::TRAIN_FLOPS_PER_VOXEL;
+use crate::backend::cuda::{CuCheck, CudaTrainBackend};
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelConfig};
 use crate::tensor::{Shape, Tensor};

@@ -2,7 +2,8 @@
 //! through a model in inference and training mode, with the loss terms and the paper-mode
 //! gradients, and compare every key by relative L2 error with its tolerance.
 
-use crate::backend::cpu::CpuBackend;
+use crate::backend::cpu::{CpuBackend, CpuReal};
+use crate::backend::loss::{loss_terms, LossTerms};
 use crate::backend::{Backend, GradMode};
 use crate::error::{Error, Result};
 use crate::model::tensor_file::TensorFile;
@@ -10,9 +11,10 @@ use crate::model::{engine_to_tf, tf_param_name, LayerOp, Model, LAYERS};
 use crate::net::{BnMode, Rln};
 use crate::real::Real;
 use crate::tensor::{rel_l2, Shape, Tensor};
-use crate::train::loss::{loss_terms, LossTerms};
 use serde::Serialize;
 use std::path::Path;
+
+pub mod cuda;
 
 /// Tolerances of reference/README.md for a float32 engine.
 pub const TOL_INFER: f64 = 1e-5;
@@ -74,7 +76,7 @@ fn row(key: String, got: &[f64], want: &[f64], tol: f64) -> Row {
 }
 
 /// Runs the conformance check of `model` on `vectors` with the CPU backend in precision T.
-pub fn run<T: Real>(model: &Model<f32>, vectors: &Path) -> Result<Report> {
+pub fn run<T: CpuReal>(model: &Model<f32>, vectors: &Path) -> Result<Report> {
     run_on(&CpuBackend::<T>::new(), model, vectors)
 }
 
@@ -134,27 +136,27 @@ pub fn run_on<B: Backend>(b: &B, model: &Model<f32>, vectors: &Path) -> Result<R
         Ok(())
     };
 
-    let (xb, gb) = (b.from_host(&x), b.from_host(&g));
+    let (xb, gb) = (b.from_host(&x)?, b.from_host(&g)?);
     // inference mode: running statistics
-    let fwd = net.forward(&xb, BnMode::Running, false);
+    let fwd = net.forward(&xb, BnMode::Running, false)?;
     let (y, e1r, e2r) = (
-        b.to_host(&fwd.prediction),
-        b.to_host(&fwd.e1_raw),
-        b.to_host(&fwd.e2_raw),
+        b.to_host(&fwd.prediction)?,
+        b.to_host(&fwd.e1_raw)?,
+        b.to_host(&fwd.e2_raw)?,
     );
     let terms = loss_terms(&y.data, &e1r.data, &x.data, &g.data);
     compare_outputs("infer", &y, &e1r, &e2r, terms, TOL_INFER)?;
 
     // training mode: batch statistics, loss gradient, paper-mode backward
-    let fwd = net.forward(&xb, BnMode::Batch, true);
-    let (terms, dy, de1r) = b.loss(&fwd.prediction, &fwd.e1_raw, &xb, &gb);
+    let fwd = net.forward(&xb, BnMode::Batch, true)?;
+    let (terms, dy, de1r) = b.loss(&fwd.prediction, &fwd.e1_raw, &xb, &gb)?;
     let (y, e1r, e2r) = (
-        b.to_host(&fwd.prediction),
-        b.to_host(&fwd.e1_raw),
-        b.to_host(&fwd.e2_raw),
+        b.to_host(&fwd.prediction)?,
+        b.to_host(&fwd.e1_raw)?,
+        b.to_host(&fwd.e2_raw)?,
     );
     compare_outputs("train", &y, &e1r, &e2r, terms, TOL_TRAIN)?;
-    let grads = net.backward(&fwd, &dy, &de1r, GradMode::Paper);
+    let grads = net.backward(&fwd, &dy, &de1r, GradMode::Paper)?;
     for (l, k) in grads.ids() {
         let name = tf_param_name(l, k).expect("every trainable tensor has a TF name");
         let key = format!("grad.{name}");

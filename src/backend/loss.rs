@@ -1,4 +1,7 @@
-//! The training loss of rln-spec.md §5 and its gradient.
+//! The training loss of rln-spec.md §5 and its gradient: the CPU oracle
+//! ([`loss_and_grad`]) and the terms every backend's [`super::Backend::loss`] returns (a
+//! device reduces [`LossSums`] and finishes with [`loss_from_sums`]). It lives with the
+//! backends, below the training loop that reports it.
 //!
 //! L = MSE(y, g) + 1e-4 + 0.1·(MSE(E1r, 0.8g + 0.2x) + 1e-4) − ln((1 + S)/2), with S one
 //! global SSIM over every voxel of the batch (means, biased variances, covariance).

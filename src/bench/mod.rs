@@ -1,5 +1,6 @@
 //! `rln-engine bench`: throughput of the engine's main paths, measured the same way
-//! every time (warm-up, then the median of repeated runs).
+//! every time (warm-up, then the median of repeated runs). The CPU paths are here;
+//! [`cuda_infer`] and [`cuda_train`] measure the CUDA network and training step.
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, GradMode};
@@ -8,6 +9,9 @@ use crate::net::{BnMode, Rln};
 use crate::tensor::{Shape, Tensor};
 use serde::Serialize;
 use std::time::{Duration, Instant};
+
+pub mod cuda_infer;
+pub mod cuda_train;
 
 /// Multiply-adds per output voxel of the forward pass (spec §3): 8 780 at full
 /// resolution + 6 804 at half resolution / 8.
@@ -43,21 +47,26 @@ pub struct BenchReport {
 }
 
 /// Runs `f` once to warm up, then repeatedly for at least `min_runs` runs and
-/// `min_time`, and returns the median duration and the number of runs.
-pub fn time_median(min_runs: usize, min_time: Duration, mut f: impl FnMut()) -> (f64, usize) {
-    f();
+/// `min_time`, and returns the median duration and the number of runs (or the first
+/// error of `f`).
+pub fn time_median(
+    min_runs: usize,
+    min_time: Duration,
+    mut f: impl FnMut() -> crate::Result<()>,
+) -> crate::Result<(f64, usize)> {
+    f()?;
     let mut times = Vec::new();
     let start = Instant::now();
     while times.len() < min_runs || start.elapsed() < min_time {
         let t = Instant::now();
-        f();
+        f()?;
         times.push(t.elapsed().as_secs_f64());
         if times.len() >= 1000 {
             break;
         }
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (times[times.len() / 2], times.len())
+    Ok((times[times.len() / 2], times.len()))
 }
 
 pub fn row(name: String, items: f64, unit: &str, seconds: f64, flops_per_item: Option<f64>, runs: usize) -> BenchRow {
@@ -90,21 +99,23 @@ fn bench_inputs(shape: Shape, seed: u64) -> (Model<f32>, Tensor<f32>, Tensor<f32
 
 /// Forward (inference mode) and forward+backward (one training step without the
 /// optimizer) of the CPU network on `shape`.
-pub fn cpu_network(shape: Shape, min_runs: usize, min_time: Duration) -> Vec<BenchRow> {
+pub fn cpu_network(shape: Shape, min_runs: usize, min_time: Duration) -> crate::Result<Vec<BenchRow>> {
     let (model, x, g) = bench_inputs(shape, 1);
     let b = CpuBackend::<f32>::new();
     let net = Rln::new(&b, &model);
     let voxels = (shape.n * shape.spatial()) as f64;
     let label = format!("{}×{}×{}×{}", shape.n, shape.d, shape.h, shape.w);
     let (t_fwd, n_fwd) = time_median(min_runs, min_time, || {
-        std::hint::black_box(net.forward(&x, BnMode::Running, false));
-    });
+        std::hint::black_box(net.forward(&x, BnMode::Running, false)?);
+        Ok(())
+    })?;
     let (t_step, n_step) = time_median(min_runs, min_time, || {
-        let f = net.forward(&x, BnMode::Batch, true);
-        let (_, dy, de) = b.loss(&f.prediction, &f.e1_raw, &x, &g);
-        std::hint::black_box(net.backward(&f, &dy, &de, GradMode::Paper));
-    });
-    vec![
+        let f = net.forward(&x, BnMode::Batch, true)?;
+        let (_, dy, de) = b.loss(&f.prediction, &f.e1_raw, &x, &g)?;
+        std::hint::black_box(net.backward(&f, &dy, &de, GradMode::Paper)?);
+        Ok(())
+    })?;
+    Ok(vec![
         row(
             format!("forward {label}"),
             voxels,
@@ -121,7 +132,7 @@ pub fn cpu_network(shape: Shape, min_runs: usize, min_time: Duration) -> Vec<Ben
             Some(TRAIN_FLOPS_PER_VOXEL),
             n_step,
         ),
-    ]
+    ])
 }
 
 /// Tiled inference (crop and stitch with the default overlap and context) of one
@@ -140,18 +151,10 @@ pub fn tiled_inference(
     let (model, x, _) = bench_inputs(shape, 3);
     let volume = crate::imaging::Volume::new(dims, x.data)?;
     let tiles = TilePlan::new(dims, core, DEFAULT_OVERLAP, RECEPTIVE_RADIUS)?.count();
-    let mut err = None;
     let (t, runs) = time_median(min_runs, min_time, || {
-        match crate::infer::deconvolve(pred, &model, &volume, core) {
-            Ok(out) => {
-                std::hint::black_box(out);
-            }
-            Err(e) => err = Some(e),
-        }
-    });
-    if let Some(e) = err {
-        return Err(e);
-    }
+        std::hint::black_box(crate::infer::deconvolve(pred, &model, &volume, core)?);
+        Ok(())
+    })?;
     let vox = (dims[0] * dims[1] * dims[2]) as f64;
     Ok(row(
         format!("tiled inference {}×{}×{} ({tiles} tiles)", dims[0], dims[1], dims[2]),
@@ -188,16 +191,10 @@ pub fn stream_network_only(
     for (i, (&[d, h, w], &count)) in shapes.iter().enumerate() {
         let shape = Shape::new(1, 1, d, h, w);
         let (_, x, _) = bench_inputs(shape, 5 + i as u64);
-        let mut err = None;
-        let (t, n) = time_median(min_runs, min_time, || match pred.predict(&x) {
-            Ok(y) => {
-                std::hint::black_box(y);
-            }
-            Err(e) => err = Some(e),
-        });
-        if let Some(e) = err {
-            return Err(e);
-        }
+        let (t, n) = time_median(min_runs, min_time, || {
+            std::hint::black_box(pred.predict(&x)?);
+            Ok(())
+        })?;
         total += t * count as f64;
         runs = runs.min(n);
     }
@@ -228,15 +225,10 @@ pub fn train_step(shape: Shape, min_runs: usize, min_time: Duration) -> crate::R
     let (model, x, g) = bench_inputs(shape, 4);
     let cfg = TrainConfig::default();
     let mut state = TrainState::new(model, &cfg);
-    let mut err = None;
     let (t, runs) = time_median(min_runs, min_time, || {
-        if let Err(e) = train_step(&mut state, &cfg, &x, &g) {
-            err = Some(e);
-        }
-    });
-    if let Some(e) = err {
-        return Err(e);
-    }
+        train_step(&mut state, &cfg, &x, &g)?;
+        Ok(())
+    })?;
     let label = format!("train step {}×{}×{}×{}", shape.n, shape.d, shape.h, shape.w);
     Ok(row(
         label,

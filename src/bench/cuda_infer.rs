@@ -3,9 +3,9 @@
 //! around each forward pass, median of many; per-kernel times from one more profiled
 //! pass; peak device memory; and, separately, host-to-host time with transfers.
 
-use super::device::CuCheck;
-use super::forward::CudaNet;
-use super::{random_model, CudaDevice, CudaOptions};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{random_model, CuCheck, CudaDevice, CudaNet, CudaOptions};
+use crate::backend::Backend;
 use crate::error::Result;
 use crate::tensor::{Shape, Tensor};
 use rand::{Rng, SeedableRng};
@@ -100,7 +100,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     let shape = Shape::new(n, 1, d, h, w);
     let mut rng = ChaCha8Rng::seed_from_u64(o.seed + 1);
     let x = Tensor::from_vec(shape, (0..shape.len()).map(|_| rng.random_range(0.0f32..1.0)).collect())?;
-    let padded = crate::backend::cpu::pointwise::pad_even(&x);
+    let padded = CpuBackend::<f32>::new().pad_even(&x)?;
     let ps = padded.shape;
     let dims = [ps.n, ps.d, ps.h, ps.w];
     let (xb, yb) = net.io_buffers(0, ps.len())?;

@@ -1,9 +1,8 @@
 //! The conformance vectors' inference-mode keys (infer.prediction, infer.e1_raw,
 //! infer.e2_raw; reference/README.md) computed on the GPU.
 
-use super::forward::CudaNet;
-use super::{CudaDevice, CudaOptions};
-use crate::conformance::{Row, TOL_INFER};
+use super::{Row, TOL_INFER};
+use crate::backend::cuda::{CudaDevice, CudaNet, CudaOptions};
 use crate::error::{Error, Result};
 use crate::model::tensor_file::TensorFile;
 use crate::model::Model;
