@@ -318,14 +318,6 @@ fn parsed_opt<T>(keyword: &str, value: Option<&str>, parse: impl Fn(&str) -> Res
     value.map(|v| parsed(keyword, v, parse)).transpose()
 }
 
-/// An error of the CLI's argument checks (anyhow around the library's error).
-fn check_to_py(e: anyhow::Error) -> PyErr {
-    match e.downcast::<Error>() {
-        Ok(e) => to_py(e),
-        Err(e) => PyValueError::new_err(format!("{e:#}")),
-    }
-}
-
 /// `rln-engine infer MODEL INPUT -o OUTPUT` with the CLI's options (the Python wrapper
 /// passes sizes, tuples, blocks and regions as the command line's text, so that they
 /// are checked by the same parsers): streams the volume through the network with
@@ -365,9 +357,9 @@ fn infer_file(
     time: Option<usize>,
 ) -> PyResult<(String, Option<String>)> {
     use rln_engine::args::{check_fp16_on_cpu, check_tile, guard_outputs, parse_bytes, Output, VOLUME_EXTENSIONS};
+    use rln_engine::args::{parse_dims, parse_range};
     use rln_engine::infer::stitch::NormalizeMode;
     use rln_engine::infer::stream::{self as streaming, plan, InferFileOptions, PredictorChoice};
-    use rln_engine::train::command::{parse_dims, parse_range};
 
     let device: Device = device.parse().map_err(to_py)?;
     let output_dtype: OutputDtype = output_dtype.parse().map_err(to_py)?;
@@ -387,8 +379,8 @@ fn infer_file(
     let chunks = parsed_opt("chunks", chunks, parse_dims)?;
     let block = parsed_opt("block", block, plan::parse_block)?;
     let region = parsed_opt("region", region, plan::parse_region)?;
-    check_tile(tile).map_err(check_to_py)?;
-    check_fp16_on_cpu(fp16, device == Device::Cpu).map_err(check_to_py)?;
+    check_tile(tile).map_err(to_py)?;
+    check_fp16_on_cpu(fp16, device == Device::Cpu).map_err(to_py)?;
     let predictor = match (&devices, device) {
         (Some(_), Device::Cpu) => {
             return Err(PyValueError::new_err(
@@ -448,7 +440,7 @@ fn infer_file(
                 path: &o.output,
                 extensions: VOLUME_EXTENSIONS,
             };
-            Some(guard_outputs(&[out], &inputs).map_err(check_to_py)?)
+            Some(guard_outputs(&[out], &inputs).map_err(to_py)?)
         };
         streaming::infer_file(&o).map_err(to_py)
     })?;
