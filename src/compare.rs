@@ -197,7 +197,7 @@ pub fn write_first_volume_montage(
     let plan = RlPlan::new(synth.size, psf, BackProjector::Matched)?;
     let rld = plan.run_silent(&input, rl_iterations, 0.0)?;
     let label = format!("RLD {rl_iterations} it.");
-    crate::demo::write_montage(
+    crate::imaging::montage::write_montage(
         path,
         &[("input", &input), (&label, &rld), ("RLN", &rln), ("ground truth", &gt)],
     )

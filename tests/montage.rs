@@ -1,7 +1,7 @@
 //! The PNG montage of `demo` (and the real-data comparison): every panel is labelled.
 
-use rln_engine::demo::write_montage;
 use rln_engine::imaging::bitmap_text::{draw_text, text_height};
+use rln_engine::imaging::montage::write_montage;
 use rln_engine::imaging::Volume;
 
 #[test]

@@ -24,6 +24,7 @@ mod hdf5_io;
 pub mod io;
 pub mod measured_psf;
 pub mod metrics;
+pub mod montage;
 pub mod normalize;
 pub mod progress;
 pub mod psf;
