@@ -329,16 +329,7 @@ fn lls_volume_acquisition_estimate_is_plausible() {
     };
     let raw = read_volume(dir.join("im_deskewed.tif")).unwrap();
     let e = rln_engine::imaging::acquisition::estimate(&raw).unwrap();
-    eprintln!(
-        "im_deskewed.tif: offset {:.1} ADU, gain {:.3} ADU/photon, read noise {:.2} photons, background {:.1} ADU \
-         = {:.1} photons, bright voxels {:.2}%",
-        e.offset,
-        e.gain,
-        e.read_noise,
-        e.background,
-        e.background_photons,
-        100.0 * e.signal_fraction
-    );
+    eprintln!("im_deskewed.tif: {}", e.summary());
     // cudaDecon's tests subtract 98; the background mode must be near it, above the offset
     assert!((90.0..115.0).contains(&e.background), "{e:?}");
     assert!(e.offset < e.background && e.gain > 0.0, "{e:?}");
