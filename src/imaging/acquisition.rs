@@ -53,7 +53,7 @@ pub struct AcquisitionEstimate {
     pub offset: f64,
     /// ADU per photon.
     pub gain: f64,
-    /// Read noise σ in photons.
+    /// Read noise σ in photons (√max(σ_r², 0); see [`Self::read_noise_identified`]).
     pub read_noise: f64,
     /// Background level, ADU (mode of the local means).
     pub background: f64,
@@ -64,16 +64,22 @@ pub struct AcquisitionEstimate {
     /// Photon-transfer bins: (local mean, residual variance / 1.25, residual κ₃ / 0.9375, voxels).
     pub bins: Vec<(f64, f64, f64, usize)>,
     /// Standard error of the offset (jackknife over independent voxel groups, as all `_se`).
+    #[serde(default)]
     pub offset_se: f64,
     /// Standard error of the gain.
+    #[serde(default)]
     pub gain_se: f64,
     /// Read noise variance σ_r² in photons² as measured (negative when the shot noise hides it).
+    #[serde(default)]
     pub read_noise_var: f64,
     /// Standard error of `read_noise_var`.
+    #[serde(default)]
     pub read_noise_var_se: f64,
     /// Standard error of `background_photons`.
+    #[serde(default)]
     pub background_photons_se: f64,
     /// Degrees of freedom of the standard errors (jackknife groups − 1; 0: none).
+    #[serde(default)]
     pub se_dof: usize,
 }
 
