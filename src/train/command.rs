@@ -337,15 +337,9 @@ fn like_raw(
         sc.density = (est.signal_fraction / synth_fraction).clamp(0.05, 20.0);
     }
     eprintln!(
-        "{}: offset {:.1} ADU, gain {:.3} ADU/photon, read noise {:.2} photons, background {:.1} ADU = {:.1} photons, \
-         bright voxels {:.2}% → synthetic pairs: {:.3} photons per unit, read noise {:.2}, density {:.3}",
+        "{}: {}\n  → synthetic pairs: {:.3} photons per unit, read noise {:.2}, density {:.3}",
         raw_path.display(),
-        est.offset,
-        est.gain,
-        est.read_noise,
-        est.background,
-        est.background_photons,
-        100.0 * est.signal_fraction,
+        est.summary(),
         sc.photons,
         sc.read_noise,
         sc.density
