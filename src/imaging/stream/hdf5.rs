@@ -7,7 +7,7 @@ use super::{check_region_finite, Region, VolumeInfo, VolumeReader, VolumeWriter,
 use crate::error::{Error, Result};
 use crate::fsutil::{check_output_dir, temp_path_for};
 use crate::imaging::format::to_u16;
-use crate::imaging::format::{check_output_range, OutputDtype, ReadOptions};
+use crate::imaging::format::{OutputDtype, ReadOptions};
 use hdf5::types::{TypeDescriptor, VarLenUnicode};
 use hdf5_metno as hdf5;
 use std::path::{Path, PathBuf};
@@ -309,20 +309,11 @@ impl VolumeWriter for Hdf5Writer {
         self.chunks
     }
     fn write_region(&self, region: Region, data: &[f32]) -> Result<()> {
-        region.check_fits(self.spec.dims, &self.path.display().to_string())?;
-        if data.len() != region.voxels() {
-            return Err(Error::Shape(format!(
-                "region {:?} needs {} values, got {}",
-                region.shape,
-                region.voxels(),
-                data.len()
-            )));
-        }
-        check_output_range(
+        super::check_write(
+            region,
             data,
+            self.spec.dims,
             self.spec.dtype,
-            region.start,
-            region.shape,
             &self.path.display().to_string(),
         )?;
         let [z, y, x] = region.start;

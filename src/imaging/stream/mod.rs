@@ -171,6 +171,28 @@ pub(crate) fn check_spec(spec: &WriterSpec, path: &Path) -> Result<()> {
     crate::imaging::volume::check_voxel_size(spec.voxel_size, &path.display().to_string())
 }
 
+/// What every writer checks before it writes `data` into `region` of a `dims` volume
+/// stored as `dtype` in `what`: the region lies inside, `data` fills it exactly, and every
+/// value is representable (finite; within u16's range, or f16's).
+pub(crate) fn check_write(
+    region: Region,
+    data: &[f32],
+    dims: [usize; 3],
+    dtype: crate::imaging::format::OutputDtype,
+    what: &str,
+) -> Result<()> {
+    region.check_fits(dims, what)?;
+    if data.len() != region.voxels() {
+        return Err(Error::Shape(format!(
+            "region {:?} needs {} values, got {}",
+            region.shape,
+            region.voxels(),
+            data.len()
+        )));
+    }
+    crate::imaging::format::check_output_range(data, dtype, region.start, region.shape, what)
+}
+
 /// An error naming the first non-finite voxel of `data` (region `region`) read from `what`.
 pub(crate) fn check_region_finite(data: &[f32], region: Region, what: &str) -> Result<()> {
     match data.iter().position(|v| !v.is_finite()) {

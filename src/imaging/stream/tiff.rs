@@ -11,7 +11,7 @@
 use super::{check_region_finite, Region, VolumeInfo, VolumeReader, VolumeWriter, WriterSpec};
 use crate::error::{Error, Result};
 use crate::fsutil::{check_output_dir, temp_path_for};
-use crate::imaging::format::{check_output_range, OutputDtype, ReadOptions};
+use crate::imaging::format::{OutputDtype, ReadOptions};
 use crate::imaging::tiff_io::{
     decoded_len, page_to_f32, parse_imagej, rational, resolution, tiff_err, to_u16, unit_to_micron,
 };
@@ -860,20 +860,11 @@ impl VolumeWriter for TiffWriter {
         [1, self.spec.dims[1], self.spec.dims[2]]
     }
     fn write_region(&self, region: Region, data: &[f32]) -> Result<()> {
-        region.check_fits(self.spec.dims, &self.path.display().to_string())?;
-        if data.len() != region.voxels() {
-            return Err(Error::Shape(format!(
-                "region {:?} needs {} values, got {}",
-                region.shape,
-                region.voxels(),
-                data.len()
-            )));
-        }
-        check_output_range(
+        super::check_write(
+            region,
             data,
+            self.spec.dims,
             self.spec.dtype,
-            region.start,
-            region.shape,
             &self.path.display().to_string(),
         )?;
         let [_, ny, nx] = self.spec.dims;

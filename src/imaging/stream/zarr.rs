@@ -28,7 +28,7 @@ use super::{check_region_finite, unit_regions, Region, VolumeInfo, VolumeReader,
 use crate::error::{Error, Result};
 use crate::fsutil::write_atomic;
 use crate::imaging::format::to_u16;
-use crate::imaging::format::{check_output_range, OutputDtype, ReadOptions};
+use crate::imaging::format::{OutputDtype, ReadOptions};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
@@ -921,20 +921,11 @@ impl VolumeWriter for ZarrWriter {
         self.level.shard
     }
     fn write_region(&self, region: Region, data: &[f32]) -> Result<()> {
-        region.check_fits(self.level.dims, &self.level.store.display().to_string())?;
-        if data.len() != region.voxels() {
-            return Err(Error::Shape(format!(
-                "region {:?} needs {} values, got {}",
-                region.shape,
-                region.voxels(),
-                data.len()
-            )));
-        }
-        check_output_range(
+        super::check_write(
+            region,
             data,
+            self.level.dims,
             self.dtype,
-            region.start,
-            region.shape,
             &self.level.store.display().to_string(),
         )?;
         self.level.write(region, data)
