@@ -4,13 +4,10 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file could not be read or written. `cause` is not a `#[source]`: the message
+    /// already holds its text, and a chain printer (`{:#}`) would repeat it.
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
     /// A file was read but its content is not what it should be (corrupt, truncated,
     /// missing or mis-shaped tensors, unknown format version...).
     #[error("{path}: {msg}")]
@@ -41,10 +38,10 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
     pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
@@ -60,9 +57,9 @@ impl Error {
     /// input), with `f` applied to its message.
     fn map_message(self, f: impl FnOnce(String) -> String) -> Error {
         match self {
-            Error::Io { path, source } => Error::Io {
+            Error::Io { path, cause } => Error::Io {
                 path,
-                source: std::io::Error::new(source.kind(), f(source.to_string())),
+                cause: std::io::Error::new(cause.kind(), f(cause.to_string())),
             },
             Error::Format { path, msg } => Error::Format { path, msg: f(msg) },
             Error::InvalidInput(m) => Error::InvalidInput(f(m)),

@@ -349,8 +349,10 @@ def train(output: PathLike, **options) -> None:
 
     Writes the same files as the command (checkpoint, log, best model). See
     ``rln-engine train --help`` for every option; an unknown option or a bad value
-    raises ``ValueError`` with the command line's message, a failed run
-    ``RuntimeError``."""
+    raises ``ValueError`` with the command line's message; a failed run raises what the
+    other calls raise: ``FileNotFoundError`` (a missing file), ``ValueError`` (bad data),
+    ``MemoryError`` (out of memory; the message says which option to lower) or
+    ``RuntimeError`` (CUDA, non-finite results)."""
     flags = ["--output", os.fspath(output)]
     for name, value in options.items():
         flags += _flag(name, value)

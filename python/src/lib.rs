@@ -26,7 +26,7 @@ use std::sync::Mutex;
 fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
     match e {
-        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
+        Error::Io { cause, .. } if cause.kind() == std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
         Error::Io { .. } => PyOSError::new_err(msg),
         Error::InvalidInput(_) | Error::Shape(_) | Error::Format { .. } | Error::Model(_) => PyValueError::new_err(msg),
         Error::OutOfMemory(_) => PyMemoryError::new_err(msg),
@@ -303,7 +303,7 @@ fn train(py: Python<'_>, flags: Vec<String>, command_line: String) -> PyResult<(
     let args = rln_engine::train::command::parse_args(&flags).map_err(|e| PyValueError::new_err(e.to_string()))?;
     let summary = py
         .detach(|| rln_engine::train::command::train_as(&args, &command_line))
-        .map_err(|e| PyRuntimeError::new_err(format!("{e:#}")))?;
+        .map_err(to_py)?;
     println!("{summary}");
     Ok(())
 }

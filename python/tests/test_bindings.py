@@ -317,3 +317,6 @@ def test_train_equals_the_cli(tmp_path, cli):
     assert np.array_equal(a, b), "the Python-trained model differs from the CLI's"
     with pytest.raises(ValueError, match="unexpected argument"):
         rln_engine.train(tmp_path / "x.safetensors", synth_psf=tmp_path / "psf.tif", no_such_option=3)
+    # a failed run raises the package's usual exception types (the library's error kinds)
+    with pytest.raises(FileNotFoundError, match="missing.tif"):
+        rln_engine.train(tmp_path / "y.safetensors", synth_psf=tmp_path / "missing.tif", steps=1)
