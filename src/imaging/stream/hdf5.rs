@@ -254,7 +254,9 @@ pub struct Hdf5Writer {
     path: PathBuf,
     tmp: PathBuf,
     file: Option<hdf5::File>,
-    ds: hdf5::Dataset,
+    /// Dropped before the file is closed: HDF5 keeps a file (and its lock) open while any
+    /// of its objects is, and a reader opening the renamed file could find it locked.
+    ds: Option<hdf5::Dataset>,
     spec: WriterSpec,
     chunks: [usize; 3],
     finished: bool,
@@ -288,7 +290,7 @@ impl Hdf5Writer {
                 path: path.to_path_buf(),
                 tmp,
                 file: Some(file),
-                ds,
+                ds: Some(ds),
                 spec: spec.clone(),
                 chunks,
                 finished: false,
@@ -321,24 +323,25 @@ impl VolumeWriter for Hdf5Writer {
         let sel = (z..e[0], y..e[1], x..e[2]);
         let shape = (region.shape[0], region.shape[1], region.shape[2]);
         let shape_err = |err: ndarray::ShapeError| Error::Shape(err.to_string());
+        let ds = self
+            .ds
+            .as_ref()
+            .ok_or_else(|| Error::invalid(format!("{}: the HDF5 writer has finished", self.path.display())))?;
         match self.spec.dtype {
-            OutputDtype::F32 => self
-                .ds
-                .write_slice(ndarray::ArrayView3::from_shape(shape, data).map_err(shape_err)?, sel),
+            OutputDtype::F32 => ds.write_slice(ndarray::ArrayView3::from_shape(shape, data).map_err(shape_err)?, sel),
             OutputDtype::U16 => {
                 let v: Vec<u16> = data.iter().map(|&v| to_u16(v)).collect();
-                self.ds
-                    .write_slice(ndarray::ArrayView3::from_shape(shape, &v[..]).map_err(shape_err)?, sel)
+                ds.write_slice(ndarray::ArrayView3::from_shape(shape, &v[..]).map_err(shape_err)?, sel)
             }
             OutputDtype::F16 => {
                 let v: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
-                self.ds
-                    .write_slice(ndarray::ArrayView3::from_shape(shape, &v[..]).map_err(shape_err)?, sel)
+                ds.write_slice(ndarray::ArrayView3::from_shape(shape, &v[..]).map_err(shape_err)?, sel)
             }
         }
         .map_err(|e| h5err(&self.tmp, "write", e))
     }
     fn finish(mut self: Box<Self>) -> Result<()> {
+        self.ds = None;
         if let Some(f) = self.file.take() {
             f.flush().map_err(|e| h5err(&self.tmp, "flush", e))?;
             f.close().map_err(|e| h5err(&self.tmp, "close", e))?;
