@@ -78,6 +78,18 @@ pub struct CompareReport {
     pub rld_best_ssim_iterations: usize,
     pub rln_beats_rld: bool,
     pub per_volume: Vec<serde_json::Value>,
+    /// The first held-out volume (input, RLN output, ground truth), kept so that a
+    /// montage of it needs no second synthesis or prediction.
+    #[serde(skip)]
+    pub first_volume: Option<FirstVolume>,
+}
+
+/// The images of one held-out volume.
+#[derive(Clone, Debug)]
+pub struct FirstVolume {
+    pub input: Volume,
+    pub rln: Volume,
+    pub ground_truth: Volume,
 }
 
 /// Compares RLN and RLD on `count` synthetic volumes made with seeds derived from
@@ -111,6 +123,7 @@ pub fn compare_on_synthetic(
     let mut curves = Vec::new();
     let mut seeds = Vec::new();
     let mut per_volume = Vec::new();
+    let mut first_volume = None;
     for i in 0..count {
         let sd = mix_seed(seed, i as u64);
         seeds.push(sd);
@@ -127,6 +140,13 @@ pub fn compare_on_synthetic(
         rln.push(m_rln);
         raw.push(m_raw);
         curves.push(curve);
+        if i == 0 {
+            first_volume = Some(FirstVolume {
+                input,
+                rln: y,
+                ground_truth: gt,
+            });
+        }
         progress(i + 1);
     }
     let n = count as f64;
@@ -175,31 +195,34 @@ pub fn compare_on_synthetic(
         rld_best_ssim_iterations: lo + best_ssim_k,
         rln_beats_rld,
         per_volume,
+        first_volume,
     })
 }
 
-/// Writes `path` (PNG): the central XY slices of the first held-out volume that
-/// [`compare_on_synthetic`] scores (same `seed`), labelled input, RLD at `rl_iterations`,
-/// RLN and ground truth, each panel scaled to its own range.
-#[allow(clippy::too_many_arguments)]
+/// Writes `path` (PNG): the central XY slices of the first held-out volume of `report`,
+/// labelled input, RLD at `rl_iterations` (run here: the comparison keeps only its
+/// metrics), RLN and ground truth, each panel scaled to its own range.
 pub fn write_first_volume_montage(
-    pred: &mut dyn TilePredictor,
-    model: &Model<f32>,
+    report: &CompareReport,
     psf: &Volume,
-    synth: &SynthConfig,
-    seed: u64,
     rl_iterations: usize,
     path: &std::path::Path,
 ) -> Result<()> {
-    let s = Synthesizer::new(synth, psf)?;
-    let (input, gt) = s.make_pair(mix_seed(seed, 0))?;
-    let rln = deconvolve(pred, model, &input, [256, 256, 256])?;
-    let plan = RlPlan::new(synth.size, psf, BackProjector::Matched)?;
-    let rld = plan.run_silent(&input, rl_iterations, 0.0)?;
+    let v = report
+        .first_volume
+        .as_ref()
+        .ok_or_else(|| Error::invalid("the comparison kept no volume to draw (it scored none)"))?;
+    let plan = RlPlan::new(report.size, psf, BackProjector::Matched)?;
+    let rld = plan.run_silent(&v.input, rl_iterations, 0.0)?;
     let label = format!("RLD {rl_iterations} it.");
     crate::imaging::montage::write_montage(
         path,
-        &[("input", &input), (&label, &rld), ("RLN", &rln), ("ground truth", &gt)],
+        &[
+            ("input", &v.input),
+            (&label, &rld),
+            ("RLN", &v.rln),
+            ("ground truth", &v.ground_truth),
+        ],
     )
 }
 

@@ -12,7 +12,7 @@ use rln_engine::infer::stitch::Affine;
 use rln_engine::infer::stream::norm::{sample_stats, ViewStats};
 use rln_engine::infer::stream::pipeline::{run_tiles, PipelineHooks, PipelineOptions};
 use rln_engine::infer::stream::plan::CorePlan;
-use rln_engine::infer::stream::{run_job, Job};
+use rln_engine::infer::stream::{run_job, Job, JobSpec};
 use rln_engine::infer::tiling::RECEPTIVE_RADIUS;
 use rln_engine::infer::{deconvolve, CpuPredictor, TilePredictor};
 use rln_engine::model::{Model, Variant};
@@ -68,15 +68,8 @@ fn streamed(model: &Model<f32>, vol: &Volume, unit: [usize; 3], core: [usize; 3]
     let mut pred = CpuPredictor { model: model.clone() };
     let (_, computed, _) = run_job(
         &mut [&mut pred],
-        &[&input],
-        &[aff],
-        Variant::Single,
+        &JobSpec::full(&[&input], &[aff], Variant::Single, &plan).job(job),
         &out,
-        &plan,
-        job,
-        None,
-        false,
-        PipelineOptions::default(),
         &|_| {},
     )
     .unwrap();
@@ -129,15 +122,8 @@ fn the_union_of_all_blocks_equals_the_single_run_bit_for_bit() {
         let mut pred = CpuPredictor { model: model.clone() };
         let (_, c, _) = run_job(
             &mut [&mut pred],
-            &[&input],
-            &[aff],
-            Variant::Single,
+            &JobSpec::full(&[&input], &[aff], Variant::Single, &plan).job(Job::Block(i, n)),
             &out,
-            &plan,
-            Job::Block(i, n),
-            None,
-            false,
-            PipelineOptions::default(),
             &|_| {},
         )
         .unwrap();
@@ -200,15 +186,8 @@ fn an_interrupted_run_resumed_equals_an_uninterrupted_one() {
         let mut pred = CpuPredictor { model: model.clone() };
         run_job(
             &mut [&mut pred],
-            &[&input],
-            &[aff],
-            Variant::Single,
+            &JobSpec::full(&[&input], &[aff], Variant::Single, &plan).watermark(meta.path(), resume),
             &w,
-            &plan,
-            Job::Full,
-            Some(meta.path()),
-            resume,
-            PipelineOptions::default(),
             &|_| {},
         )
     };
@@ -301,15 +280,8 @@ fn streamed_by(model: &Model<f32>, vol: &Volume, unit: [usize; 3], core: [usize;
     let mut refs: Vec<&mut dyn TilePredictor> = preds.iter_mut().map(|p| p as &mut dyn TilePredictor).collect();
     let (_, computed, _) = run_job(
         &mut refs,
-        &[&input],
-        &[aff],
-        Variant::Single,
+        &JobSpec::full(&[&input], &[aff], Variant::Single, &plan),
         &out,
-        &plan,
-        Job::Full,
-        None,
-        false,
-        PipelineOptions::default(),
         &|_| {},
     )
     .unwrap();
@@ -358,15 +330,8 @@ fn several_predictor_workers_equal_one_bit_for_bit_and_resume_after_a_stop() {
         );
         run_job(
             &mut [&mut a, &mut b],
-            &[&input],
-            &[aff],
-            Variant::Single,
+            &JobSpec::full(&[&input], &[aff], Variant::Single, &plan).watermark(meta.path(), resume),
             &w,
-            &plan,
-            Job::Full,
-            Some(meta.path()),
-            resume,
-            PipelineOptions::default(),
             &|_| {},
         )
     };
@@ -441,15 +406,8 @@ fn out_of_memory_cuts_tiles_into_pieces_and_still_equals_deconvolve() {
         let mut refs: Vec<&mut dyn TilePredictor> = preds.iter_mut().map(|p| p as &mut dyn TilePredictor).collect();
         run_job(
             &mut refs,
-            &[&input],
-            &[aff],
-            Variant::Single,
+            &JobSpec::full(&[&input], &[aff], Variant::Single, &plan),
             &out,
-            &plan,
-            Job::Full,
-            None,
-            false,
-            PipelineOptions::default(),
             &|_| {},
         )
         .unwrap();
@@ -473,15 +431,8 @@ fn out_of_memory_cuts_tiles_into_pieces_and_still_equals_deconvolve() {
     };
     let err = run_job(
         &mut [&mut tiny],
-        &[&input],
-        &[aff],
-        Variant::Single,
+        &JobSpec::full(&[&input], &[aff], Variant::Single, &plan),
         &out,
-        &plan,
-        Job::Full,
-        None,
-        false,
-        PipelineOptions::default(),
         &|_| {},
     )
     .unwrap_err();

@@ -108,15 +108,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     )?;
     bar.finish_and_clear();
     if let Some(path) = &a.png {
-        rln_engine::compare::write_first_volume_montage(
-            pred.as_mut(),
-            &model,
-            &psf,
-            &synth,
-            a.seed,
-            r.rld_best_psnr_iterations,
-            path,
-        )?;
+        rln_engine::compare::write_first_volume_montage(&r, &psf, r.rld_best_psnr_iterations, path)?;
         eprintln!("wrote {}", path.display());
     }
     if a.json {

@@ -354,24 +354,69 @@ struct Watermark {
     tiles_written: usize,
 }
 
-/// Runs `job` of the cores tiling into `writer` with the predictors `preds` (one
-/// worker thread each), keeping a watermark under `meta` (when given) so that `resume`
-/// skips the tiles a killed run already wrote. Returns the phase times and (tiles
-/// computed, tiles skipped).
-#[allow(clippy::too_many_arguments)]
+/// What one streaming job computes: the views and their normalization, the tiling, which
+/// of its tiles, where its watermark lives and how the pipeline runs.
+#[derive(Clone, Copy)]
+pub struct JobSpec<'a> {
+    pub views: &'a [&'a dyn VolumeReader],
+    pub norms: &'a [Affine],
+    pub variant: Variant,
+    pub plan: &'a CorePlan,
+    pub job: Job,
+    /// The store's metadata folder: the watermark is kept under it (none: no watermark).
+    pub meta: Option<&'a Path>,
+    /// Skip the tiles the watermark says a killed run already wrote.
+    pub resume: bool,
+    pub pipeline: PipelineOptions,
+}
+
+impl<'a> JobSpec<'a> {
+    /// Every tile of `plan`, no watermark, default pipeline.
+    pub fn full(views: &'a [&'a dyn VolumeReader], norms: &'a [Affine], variant: Variant, plan: &'a CorePlan) -> Self {
+        JobSpec {
+            views,
+            norms,
+            variant,
+            plan,
+            job: Job::Full,
+            meta: None,
+            resume: false,
+            pipeline: PipelineOptions::default(),
+        }
+    }
+    pub fn job(self, job: Job) -> Self {
+        JobSpec { job, ..self }
+    }
+    /// Keeps the watermark under `meta`; `resume` continues from it.
+    pub fn watermark(self, meta: &'a Path, resume: bool) -> Self {
+        JobSpec {
+            meta: Some(meta),
+            resume,
+            ..self
+        }
+    }
+}
+
+/// Runs `spec` into `writer` with the predictors `preds` (one worker thread each),
+/// keeping a watermark under `spec.meta` (when given) so that `spec.resume` skips the
+/// tiles a killed run already wrote. Returns the phase times and (tiles computed, tiles
+/// skipped).
 pub fn run_job(
     preds: &mut [&mut dyn TilePredictor],
-    views: &[&dyn VolumeReader],
-    norms: &[Affine],
-    variant: Variant,
+    spec: &JobSpec,
     writer: &dyn VolumeWriter,
-    plan: &CorePlan,
-    job: Job,
-    meta: Option<&Path>,
-    resume: bool,
-    opts: PipelineOptions,
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<(PhaseSeconds, usize, usize)> {
+    let &JobSpec {
+        views,
+        norms,
+        variant,
+        plan,
+        job,
+        meta,
+        resume,
+        pipeline: opts,
+    } = spec;
     let all = job.tiles(plan)?;
     let mark_path = meta.map(|m| m.join("progress").join(job.progress_name()));
     let mut skip = 0;
@@ -730,22 +775,20 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
     let meta = if store { Some(meta_dir(&opts.output)) } else { None };
     let mut workers: Vec<&mut dyn TilePredictor> =
         preds.iter_mut().map(|p| &mut **p as &mut dyn TilePredictor).collect();
-    let (phases, computed, skipped) = run_job(
-        &mut workers,
-        &views,
-        &norms,
+    let spec = JobSpec {
+        views: &views,
+        norms: &norms,
         variant,
-        writer.as_ref(),
-        &plan,
+        plan: &plan,
         job,
-        meta.as_deref(),
-        opts.resume,
-        PipelineOptions {
+        meta: meta.as_deref(),
+        resume: opts.resume,
+        pipeline: PipelineOptions {
             rescale_output: sp.rescale_output,
             ..opts.pipeline
         },
-        &progress,
-    )?;
+    };
+    let (phases, computed, skipped) = run_job(&mut workers, &spec, writer.as_ref(), &progress)?;
     bar.finish_and_clear();
     let t_fin = Instant::now();
     writer.finish()?;
