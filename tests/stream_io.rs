@@ -86,6 +86,13 @@ fn check_regions(r: &dyn VolumeReader, whole: &[f32], seed: u64) {
         r.read_region(reg, &mut got).unwrap();
         assert_eq!(got, slice_of(whole, dims, reg), "region {reg:?}");
     }
+    // a buffer one value short, or a region reaching past the volume, is an error
+    let reg = Region::new([0, 0, 0], [1, 1, 2]);
+    let e = r.read_region(reg, &mut [0.0; 1]).unwrap_err();
+    assert!(e.to_string().contains("needs 2 values, the buffer has 1"), "{e}");
+    let past = Region::new([dims[0] - 1, 0, 0], [2, 1, 1]);
+    let e = r.read_region(past, &mut [0.0; 2]).unwrap_err();
+    assert!(e.to_string().contains("outside the volume"), "{e}");
 }
 
 /// TIFF keeps the voxel size as rationals of denominator 10⁶ (relative error ~3e-8);

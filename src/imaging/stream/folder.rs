@@ -135,15 +135,7 @@ impl VolumeReader for SliceFolderReader {
         [1, self.info.dims[1], self.info.dims[2]]
     }
     fn read_region(&self, region: Region, dst: &mut [f32]) -> Result<()> {
-        region.check_fits(self.info.dims, &self.dir.display().to_string())?;
-        if dst.len() != region.voxels() {
-            return Err(Error::Shape(format!(
-                "region {:?} needs {} values, the buffer has {}",
-                region.shape,
-                region.voxels(),
-                dst.len()
-            )));
-        }
+        region.check_buffer(self.info.dims, dst.len(), &self.dir.display().to_string())?;
         for dz in 0..region.shape[0] {
             let z = region.start[0] + dz;
             let plane = self.plane(z)?;

@@ -212,15 +212,7 @@ impl VolumeReader for Hdf5Reader {
         self.unit
     }
     fn read_region(&self, region: Region, dst: &mut [f32]) -> Result<()> {
-        region.check_fits(self.info.dims, &self.path.display().to_string())?;
-        if dst.len() != region.voxels() {
-            return Err(Error::Shape(format!(
-                "region {:?} needs {} values, the buffer has {}",
-                region.shape,
-                region.voxels(),
-                dst.len()
-            )));
-        }
+        region.check_buffer(self.info.dims, dst.len(), &self.path.display().to_string())?;
         let [z, y, x] = region.start;
         let e = region.end();
         let what = format!(

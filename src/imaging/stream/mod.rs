@@ -181,15 +181,7 @@ pub(crate) fn check_write(
     dtype: crate::imaging::format::OutputDtype,
     what: &str,
 ) -> Result<()> {
-    region.check_fits(dims, what)?;
-    if data.len() != region.voxels() {
-        return Err(Error::Shape(format!(
-            "region {:?} needs {} values, got {}",
-            region.shape,
-            region.voxels(),
-            data.len()
-        )));
-    }
+    region.check_buffer(dims, data.len(), what)?;
     crate::imaging::format::check_output_range(data, dtype, region.start, region.shape, what)
 }
 
@@ -272,6 +264,20 @@ impl Region {
                 self.start, self.shape
             )))
         }
+    }
+
+    /// [`Region::check_fits`], and that a buffer of `len` values holds the region exactly
+    /// (what every reader and writer checks before touching its file).
+    pub fn check_buffer(&self, dims: [usize; 3], len: usize, what: &str) -> Result<()> {
+        self.check_fits(dims, what)?;
+        if len != self.voxels() {
+            return Err(Error::Shape(format!(
+                "{what}: region {:?} needs {} values, the buffer has {len}",
+                self.shape,
+                self.voxels()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -404,7 +410,7 @@ impl VolumeReader for MemoryVolume {
         self.unit
     }
     fn read_region(&self, region: Region, dst: &mut [f32]) -> Result<()> {
-        region.check_fits(self.info.dims, "memory volume")?;
+        region.check_buffer(self.info.dims, dst.len(), "memory volume")?;
         let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
         copy_intersection(&data, Region::whole(self.info.dims), dst, region);
         Ok(())
@@ -419,7 +425,7 @@ impl VolumeWriter for MemoryVolume {
         self.unit
     }
     fn write_region(&self, region: Region, data: &[f32]) -> Result<()> {
-        region.check_fits(self.info.dims, "memory volume")?;
+        region.check_buffer(self.info.dims, data.len(), "memory volume")?;
         let mut all = self.data.lock().unwrap_or_else(|e| e.into_inner());
         copy_intersection(data, region, &mut all, Region::whole(self.info.dims));
         Ok(())

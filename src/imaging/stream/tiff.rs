@@ -589,15 +589,7 @@ impl VolumeReader for TiffReader {
         [1, self.band_rows(), self.info.dims[2]]
     }
     fn read_region(&self, region: Region, dst: &mut [f32]) -> Result<()> {
-        region.check_fits(self.info.dims, &self.path.display().to_string())?;
-        if dst.len() != region.voxels() {
-            return Err(Error::Shape(format!(
-                "region {:?} needs {} values, the buffer has {}",
-                region.shape,
-                region.voxels(),
-                dst.len()
-            )));
-        }
+        region.check_buffer(self.info.dims, dst.len(), &self.path.display().to_string())?;
         let [rz, ry, rx] = region.shape;
         let [z0, y0, x0] = region.start;
         let w = self.info.dims[2];

@@ -667,15 +667,7 @@ impl VolumeReader for ZarrReader {
         self.level.chunks
     }
     fn read_region(&self, region: Region, dst: &mut [f32]) -> Result<()> {
-        region.check_fits(self.info.dims, &self.level.store.display().to_string())?;
-        if dst.len() != region.voxels() {
-            return Err(Error::Shape(format!(
-                "region {:?} needs {} values, the buffer has {}",
-                region.shape,
-                region.voxels(),
-                dst.len()
-            )));
-        }
+        region.check_buffer(self.info.dims, dst.len(), &self.level.store.display().to_string())?;
         self.level.read(region, dst)?;
         if self.check_finite {
             check_region_finite(dst, region, &self.level.store.display().to_string())?;
