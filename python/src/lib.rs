@@ -260,6 +260,22 @@ fn checked_range(gt: &[f32], data_range: Option<f64>) -> PyResult<f64> {
     Ok(r)
 }
 
+/// What both metrics check: same shapes, a usable data range, a finite prediction.
+/// Returns the dims, both volumes' values and the data range.
+fn metric_inputs<'a>(
+    gt: &'a PyReadonlyArray3<'_, f32>,
+    pred: &'a PyReadonlyArray3<'_, f32>,
+    data_range: Option<f64>,
+) -> PyResult<([usize; 3], &'a [f32], &'a [f32], f64)> {
+    let dims = same_shape(gt, pred)?;
+    let (g, p) = (slice(gt, "gt")?, slice(pred, "pred")?);
+    let r = checked_range(g, data_range)?;
+    if p.iter().any(|v| !v.is_finite()) {
+        return Err(PyValueError::new_err("the prediction holds non-finite values"));
+    }
+    Ok((dims, g, p, r))
+}
+
 /// SSIM of 3D volumes (scikit-image's structural_similarity, Gaussian window σ 1.5).
 #[pyfunction]
 #[pyo3(signature = (gt, pred, data_range=None))]
@@ -269,12 +285,7 @@ fn ssim(
     pred: PyReadonlyArray3<'_, f32>,
     data_range: Option<f64>,
 ) -> PyResult<f64> {
-    let dims = same_shape(&gt, &pred)?;
-    let (g, p) = (slice(&gt, "gt")?, slice(&pred, "pred")?);
-    let r = checked_range(g, data_range)?;
-    if p.iter().any(|v| !v.is_finite()) {
-        return Err(PyValueError::new_err("the prediction holds non-finite values"));
-    }
+    let (dims, g, p, r) = metric_inputs(&gt, &pred, data_range)?;
     py.detach(|| metrics::ssim(dims, g, p, r)).map_err(to_py)
 }
 
@@ -287,12 +298,7 @@ fn psnr(
     pred: PyReadonlyArray3<'_, f32>,
     data_range: Option<f64>,
 ) -> PyResult<f64> {
-    same_shape(&gt, &pred)?;
-    let (g, p) = (slice(&gt, "gt")?, slice(&pred, "pred")?);
-    let r = checked_range(g, data_range)?;
-    if p.iter().any(|v| !v.is_finite()) {
-        return Err(PyValueError::new_err("the prediction holds non-finite values"));
-    }
+    let (_, g, p, r) = metric_inputs(&gt, &pred, data_range)?;
     Ok(py.detach(|| metrics::psnr(g, p, r)))
 }
 

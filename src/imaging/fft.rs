@@ -203,25 +203,13 @@ impl Fft3 {
                 },
             );
     }
-    /// [`Fft3::forward`] that leaves `input` untouched and multiplies the spectrum by
-    /// `kernel` (same layout) on the fly, when given. `support` (z range, y range), when
-    /// given, promises that `input` is zero outside those planes and rows: their
-    /// transforms are skipped.
-    pub fn forward_mul(
-        &self,
-        input: &[f32],
-        kernel: Option<&[Complex32]>,
-        support: Option<(Range<usize>, Range<usize>)>,
-        out: &mut [Complex32],
-        scratch: &mut [Complex32],
-    ) {
-        let (zr, yr) = support.unwrap_or((0..self.dims[0], 0..self.dims[1]));
+    /// The x and y stages of the forward transform, per plane in cache: r2c rows into a
+    /// plane buffer, transpose, y FFTs, into `scratch` (planes outside `support.0` and
+    /// rows outside `support.1` are known zero: skipped).
+    fn forward_xy_stage(&self, input: &[f32], support: (Range<usize>, Range<usize>), scratch: &mut [Complex32]) {
         let [_, ny, nx] = self.dims;
         let xc = self.xc;
-        assert_eq!(input.len(), self.real_len());
-        assert_eq!(out.len(), self.spectrum_len());
-        assert_eq!(scratch.len(), self.spectrum_len());
-        // x and y per plane in cache: r2c rows into a plane buffer, transpose, y FFTs
+        let (zr, yr) = support;
         let (r2c, fy) = (&self.r2c, &self.fy);
         input
             .par_chunks(nx * ny)
@@ -253,6 +241,25 @@ impl Fft3 {
                     fy.process_with_scratch(b, sy);
                 },
             );
+    }
+
+    /// [`Fft3::forward`] that leaves `input` untouched and multiplies the spectrum by
+    /// `kernel` (same layout) on the fly, when given. `support` (z range, y range), when
+    /// given, promises that `input` is zero outside those planes and rows: their
+    /// transforms are skipped.
+    pub fn forward_mul(
+        &self,
+        input: &[f32],
+        kernel: Option<&[Complex32]>,
+        support: Option<(Range<usize>, Range<usize>)>,
+        out: &mut [Complex32],
+        scratch: &mut [Complex32],
+    ) {
+        let support = support.unwrap_or((0..self.dims[0], 0..self.dims[1]));
+        assert_eq!(input.len(), self.real_len());
+        assert_eq!(out.len(), self.spectrum_len());
+        assert_eq!(scratch.len(), self.spectrum_len());
+        self.forward_xy_stage(input, support, scratch);
         self.forward_z_stage(scratch, kernel, out);
     }
 
@@ -326,7 +333,7 @@ impl Fft3 {
     ) where
         F: Fn(usize, &mut [f32], &[f32]) + Sync,
     {
-        let [nz, ny, nx] = self.dims;
+        let [nz, ny, _] = self.dims;
         let xc = self.xc;
         let m = xc * ny;
         assert_eq!(input.len(), self.real_len());
@@ -334,37 +341,7 @@ impl Fft3 {
         assert_eq!(scratch.len(), self.spectrum_len());
         assert_eq!(kernel.len(), self.spectrum_len());
         let (zr, yr) = support.unwrap_or((0..nz, 0..ny));
-        let (r2c, fy) = (&self.r2c, &self.fy);
-        input
-            .par_chunks(nx * ny)
-            .zip(scratch.par_chunks_mut(m))
-            .enumerate()
-            .for_each_init(
-                || {
-                    (
-                        r2c.make_scratch_vec(),
-                        r2c.make_input_vec(),
-                        vec![Complex32::default(); m],
-                        vec![Complex32::default(); fy.get_inplace_scratch_len()],
-                    )
-                },
-                |(s, row, plane, sy), (z, (inp, b))| {
-                    if !zr.contains(&z) {
-                        b.fill(Complex32::default());
-                        return;
-                    }
-                    for (y, (irow, prow)) in inp.chunks_exact(nx).zip(plane.chunks_exact_mut(xc)).enumerate() {
-                        if yr.contains(&y) {
-                            row.copy_from_slice(irow);
-                            let _ = r2c.process_with_scratch(row, prow, s);
-                        } else {
-                            prow.fill(Complex32::default());
-                        }
-                    }
-                    transpose(plane, b, ny, xc);
-                    fy.process_with_scratch(b, sy);
-                },
-            );
+        self.forward_xy_stage(input, (zr, yr), scratch);
         // z: gather BLOCK columns, FFT, multiply, inverse FFT, scatter back (same columns)
         let (fz, iz) = (&self.fz, &self.iz);
         let ptr = SharedMut(scratch.as_mut_ptr());
