@@ -6,6 +6,7 @@ use imaging_common::python_has;
 use rln_engine::imaging::io::{
     read_volume, read_volume_with, write_volume, write_volume_with, OutputDtype, ReadOptions, WriteOptions,
 };
+use rln_engine::imaging::stream::{open_reader, Region};
 use rln_engine::imaging::Volume;
 use std::path::Path;
 use tiff::encoder::{colortype, TiffEncoder};
@@ -450,16 +451,27 @@ fn plane_values(v: &Volume) -> Vec<f32> {
 fn imagej_and_ome_axes_are_read_not_guessed() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    // the whole-file reader, checked against the streaming reader (which `infer` uses):
+    // same planes, or both refuse
     let pick = |p: &Path, channel: Option<usize>, time: Option<usize>| {
-        read_volume_with(
-            p,
-            &ReadOptions {
-                channel,
-                time,
-                allow_2d: true,
-                ..Default::default()
-            },
-        )
+        let opts = ReadOptions {
+            channel,
+            time,
+            allow_2d: true,
+            ..Default::default()
+        };
+        let whole = read_volume_with(p, &opts);
+        let streamed = open_reader(p, &opts).and_then(|r| {
+            let mut data = vec![f32::NAN; r.dims().iter().product()];
+            r.read_region(Region::whole(r.dims()), &mut data)?;
+            Ok((r.dims(), data))
+        });
+        match (&whole, &streamed) {
+            (Ok(v), Ok((dims, data))) => assert!(v.dims == *dims && v.data == *data, "{p:?} {channel:?} {time:?}"),
+            (Err(_), Err(_)) => {}
+            _ => panic!("{p:?} {channel:?} {time:?}: whole-file {whole:?} but streamed {streamed:?}"),
+        }
+        whole
     };
     // ImageJ: channel fastest, then z, then time
     let tzyx = d.join("tzyx.tif");

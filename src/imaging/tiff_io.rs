@@ -175,6 +175,26 @@ impl DeclaredAxes {
         }
     }
 
+    /// Pages between consecutive (channel, z plane, time point), from the page order
+    /// (each axis' stride is the product of the sizes of the faster ones).
+    pub(crate) fn strides(&self) -> (usize, usize, usize) {
+        let (mut sc, mut sz, mut st, mut stride) = (0, 0, 0, 1);
+        for axis in self.order {
+            match axis {
+                b'C' => sc = stride,
+                b'Z' => sz = stride,
+                _ => st = stride,
+            }
+            stride *= match axis {
+                b'C' => self.channels,
+                b'Z' => self.slices,
+                _ => self.frames,
+            }
+            .max(1);
+        }
+        (sc, sz, st)
+    }
+
     /// The (channel, time point) of page `page`.
     fn channel_and_time(&self, page: usize) -> (usize, usize) {
         let slices = self.slices.max(1);
@@ -317,7 +337,7 @@ fn human_bytes(b: u128) -> String {
 /// Which channel and time point to keep of a stack with `axes` (and `spp` samples per
 /// pixel): (sample index within a pixel, page channel, page time point), or an error
 /// naming the option that picks one.
-fn choose_channel_and_time(
+pub(crate) fn choose_channel_and_time(
     path: &Path,
     axes: &DeclaredAxes,
     spp: usize,

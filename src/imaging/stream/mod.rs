@@ -84,14 +84,6 @@ pub fn open_reader(path: &Path, opts: &ReadOptions) -> Result<Box<dyn VolumeRead
         ));
     }
     Ok(match Format::of(path)? {
-        Format::Tiff if tiff::needs_axis_selection(&file, opts)? => {
-            // channels, time points or multi-sample pixels: the whole-file reader
-            // implements every ImageJ/OME axis rule (issue 14); such stacks are the
-            // small ones (time-lapse and multi-channel acquisitions are split per file
-            // before deconvolution of large volumes)
-            let v = crate::imaging::tiff_io::read_tiff(&file, opts)?;
-            Box::new(MemoryVolume::from_volume(v))
-        }
         Format::Tiff => Box::new(tiff::TiffReader::open(&file, opts)?),
         Format::SliceFolder => Box::new(folder::SliceFolderReader::open(&file, opts)?),
         Format::Zarr => Box::new(zarr::ZarrReader::open(&file, opts)?),

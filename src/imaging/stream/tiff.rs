@@ -6,14 +6,18 @@
 //! The reader checks every page's declared size against the file's length before it
 //! allocates anything, so a corrupt header declaring huge pages is an error, never an
 //! allocation abort. ImageJ stacks over 4 GB (one directory followed by contiguous planes)
-//! are read by seeking to the rows needed.
+//! are read by seeking to the rows needed. Hyperstacks (ImageJ or OME-XML channels and
+//! time points as pages, in any page order; RGB samples) stream too: the chosen channel
+//! and time point are every `page_stride`-th page, with the axis rules of the whole-file
+//! reader (`tiff_io::choose_channel_and_time`), and tests check both readers agree.
 
 use super::{check_region_finite, Region, VolumeInfo, VolumeReader, VolumeWriter, WriterSpec};
 use crate::error::{Error, Result};
 use crate::fsutil::{check_output_dir, temp_path_for};
 use crate::imaging::format::{OutputDtype, ReadOptions};
 use crate::imaging::tiff_io::{
-    decoded_len, page_to_f32, parse_imagej, rational, resolution, tiff_err, to_u16, unit_to_micron,
+    choose_channel_and_time, decoded_len, page_to_f32, parse_imagej, rational, resolution, tiff_axes, tiff_err, to_u16,
+    unit_to_micron,
 };
 use crate::imaging::volume::check_voxel_size;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -112,9 +116,10 @@ pub struct TiffReader {
     info: VolumeInfo,
     file_len: u64,
     layout: Layout,
-    /// Pages per z plane (ImageJ channels) and the one kept.
+    /// The pages of the (channel, time point) kept: z plane z is page
+    /// `page_base + z · page_stride`.
     page_stride: usize,
-    page_channel: usize,
+    page_base: usize,
     /// Samples per pixel and the one kept.
     spp: usize,
     sample_channel: usize,
@@ -142,29 +147,6 @@ fn open_decoder(path: &Path, limits_bytes: usize) -> Result<FileDecoder> {
         .with_limits(limits))
 }
 
-/// Whether a TIFF needs a channel or time point chosen (ImageJ/OME channels or frames,
-/// multi-sample pixels), or the caller chose one: read from the first page's tags only.
-pub fn needs_axis_selection(path: &Path, opts: &ReadOptions) -> Result<bool> {
-    if opts.channel.is_some() || opts.time.is_some() {
-        return Ok(true);
-    }
-    if std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len() == 0 {
-        return Ok(false);
-    }
-    let Ok(mut dec) = open_decoder(path, 1 << 20) else {
-        return Ok(false); // the streaming reader reports what is wrong
-    };
-    let desc = dec.get_tag_ascii_string(Tag::ImageDescription).ok();
-    let spp = dec
-        .find_tag_unsigned::<u16>(Tag::SamplesPerPixel)
-        .ok()
-        .flatten()
-        .unwrap_or(1)
-        .max(1) as usize;
-    let axes = crate::imaging::tiff_io::tiff_axes(desc.as_deref(), spp);
-    Ok(spp > 1 || axes.channels > 1 || axes.frames > 1)
-}
-
 impl TiffReader {
     /// Opens `path`, walks its page directories (reading no image data) and checks that
     /// the first page's declared size fits the file.
@@ -182,8 +164,14 @@ impl TiffReader {
         let xres = rational(dec.find_tag(Tag::XResolution).ok().flatten());
         let yres = rational(dec.find_tag(Tag::YResolution).ok().flatten());
         let res_unit: Option<u16> = dec.find_tag_unsigned(Tag::ResolutionUnit).ok().flatten();
+        // the first value: BitsPerSample and SampleFormat hold one per sample (RGB: three)
         let tag_u16 = |dec: &mut FileDecoder, t: Tag, default: u16| {
-            dec.find_tag_unsigned::<u16>(t).ok().flatten().unwrap_or(default)
+            dec.find_tag(t)
+                .ok()
+                .flatten()
+                .and_then(|v| v.into_u16_vec().ok())
+                .and_then(|v| v.first().copied())
+                .unwrap_or(default)
         };
         let spp = tag_u16(&mut dec, Tag::SamplesPerPixel, 1).max(1) as usize;
         let bits = tag_u16(&mut dec, Tag::BitsPerSample, 1) as usize;
@@ -209,28 +197,10 @@ impl TiffReader {
             (_, b) => format!("u{b}"),
         };
 
-        let ij_channels = ij.as_ref().and_then(|m| m.channels).unwrap_or(1).max(1);
-        let (slices, frames) = ij
-            .as_ref()
-            .map_or((0, 0), |m| (m.slices.unwrap_or(0), m.frames.unwrap_or(0)));
-        if slices > 1 && frames > 1 {
-            return Err(Error::invalid(format!(
-                "{}: ImageJ hyperstack with {slices} slices × {frames} time points; RLN takes one 3D stack: save a single time point",
-                path.display()
-            )));
-        }
-        let sample_channel = pick_channel(path, spp, opts.channel, "samples per pixel (RGB or multi-channel)")?;
-        let page_channel = if ij_channels > 1 {
-            if spp > 1 {
-                return Err(Error::invalid(format!(
-                    "{}: both ImageJ channels and multi-sample pixels",
-                    path.display()
-                )));
-            }
-            pick_channel(path, ij_channels, opts.channel, "ImageJ channels")?
-        } else {
-            0
-        };
+        // ImageJ/OME channels and time points are pages of their own: the (channel, time
+        // point) chosen is every page `page_base + z · page_stride`
+        let axes = tiff_axes(desc.as_deref(), spp);
+        let (sample_channel, page_channel, page_time) = choose_channel_and_time(path, &axes, spp, opts)?;
 
         // the declared page size against the file before anything of that size exists
         let page_bytes = (w as u128) * (h as u128) * (spp as u128) * (sample_bytes as u128);
@@ -271,19 +241,16 @@ impl TiffReader {
             pages += 1;
         }
         let mut layout = Layout::Pages { band_rows };
-        let mut nz = pages / ij_channels;
-        if ij_channels > 1 && pages % ij_channels != 0 {
-            return Err(Error::format(
-                path,
-                format!("{pages} pages is not a multiple of the {ij_channels} ImageJ channels"),
-            ));
-        }
+        let (sc, page_stride, st) = axes.strides();
+        let others = axes.channels * axes.frames;
+        let mut nz = if axes.slices > 0 { axes.slices } else { pages / others };
+        let page_base = page_channel * sc + page_time * st;
         if pages == 1 {
             if let Some(n) = ij.as_ref().and_then(|m| m.images).filter(|&n| n > 1) {
-                if ij_channels > 1 || spp > 1 || compression != 1 {
+                if others > 1 || spp > 1 || compression != 1 {
                     return Err(Error::format(
                         path,
-                        "contiguous ImageJ stacks must be uncompressed single-channel grayscale",
+                        "contiguous ImageJ stacks must be uncompressed single-channel grayscale of one time point",
                     ));
                 }
                 dec.seek_to_image(0).map_err(|e| tiff_err(path, "page 0", e))?;
@@ -309,6 +276,15 @@ impl TiffReader {
                 };
                 nz = n;
             }
+        }
+        if matches!(layout, Layout::Pages { .. }) && (nz == 0 || page_base + (nz - 1) * page_stride >= pages) {
+            return Err(Error::format(
+                path,
+                format!(
+                    "{pages} pages do not hold the {} stack's {} channel(s) × {nz} z plane(s) × {} time point(s)",
+                    axes.source, axes.channels, axes.frames
+                ),
+            ));
         }
         if nz <= 1 && !opts.allow_2d {
             return Err(Error::invalid(format!(
@@ -353,8 +329,8 @@ impl TiffReader {
             },
             file_len,
             layout,
-            page_stride: ij_channels,
-            page_channel,
+            page_stride,
+            page_base,
             spp,
             sample_channel,
             sample_bytes,
@@ -403,7 +379,7 @@ impl TiffReader {
         let Layout::Pages { band_rows } = self.layout else {
             unreachable!("contiguous stacks are read without bands")
         };
-        let page = z * self.page_stride + self.page_channel;
+        let page = self.page_base + z * self.page_stride;
         let rows = band_rows.min(h - band * band_rows);
         let mut dec = match self.decoders.lock().unwrap_or_else(|e| e.into_inner()).pop() {
             Some(d) => d,
@@ -529,24 +505,6 @@ fn read_exact_at(file: &File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
         let mut f = file.try_clone()?;
         f.seek(SeekFrom::Start(at))?;
         f.read_exact(buf)
-    }
-}
-
-fn pick_channel(path: &Path, n: usize, wanted: Option<usize>, what: &str) -> Result<usize> {
-    if n <= 1 {
-        return Ok(0);
-    }
-    match wanted {
-        None => Err(Error::invalid(format!(
-            "{}: the image has {n} {what}; choose one with --channel 0..{}",
-            path.display(),
-            n - 1
-        ))),
-        Some(c) if c >= n => Err(Error::invalid(format!(
-            "{}: channel {c} does not exist (the image has {n} {what})",
-            path.display()
-        ))),
-        Some(c) => Ok(c),
     }
 }
 
