@@ -150,3 +150,45 @@ pub fn conv3_tile(a: &ConvIn, w: &[f32], cout: usize, grid: (u32, u32, u32), mut
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `constexpr int NAME = value` of kernels/conv3_tile.cuh (namespace conv3).
+    fn cuh_constant(src: &str, name: &str) -> usize {
+        let code: String = src
+            .lines()
+            .map(|l| l.split("//").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for stmt in code.split(';') {
+            for decl in stmt.split(',') {
+                let decl = decl.rsplit("constexpr int ").next().unwrap_or("").trim();
+                if let Some(v) = decl.strip_prefix(name).and_then(|r| r.trim_start().strip_prefix('=')) {
+                    if let Ok(v) = v.trim().parse() {
+                        return v;
+                    }
+                }
+            }
+        }
+        panic!("{name} not found in kernels/conv3_tile.cuh");
+    }
+
+    #[test]
+    fn geometry_is_the_one_of_conv3_tile_cuh() {
+        let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/conv3_tile.cuh")).unwrap();
+        for (name, v) in [("TX", TX), ("TY", TY), ("TZ", TZ), ("VX", VX), ("RS", RS)] {
+            assert_eq!(cuh_constant(&src, name), v, "{name}");
+        }
+        assert_eq!(THREADS, 256);
+        assert_eq!(CS, 2280, "channel stride (kernels/NOTES.md)");
+        // and the host's tiles are this tile
+        assert_eq!(super::super::launch::FFMA_TILE, [TZ, TY, TX]);
+        assert_eq!(super::super::train_launch::TILE, [TZ, TY, TX]);
+        for cin in 1..=20 {
+            assert_eq!(chunk(cin), super::super::launch::ffma_chunk(cin), "C_in {cin}");
+            assert_eq!(chunk(cin), super::super::train_launch::chunk(cin), "C_in {cin}");
+        }
+    }
+}
