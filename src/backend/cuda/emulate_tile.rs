@@ -6,7 +6,6 @@
 //! fails the tests of both. (What this cannot catch: a difference between these lines and
 //! the .cuh lines; keep them side by side.)
 
-use crate::real::Real;
 use crate::tensor::Shape;
 
 // namespace conv3 of conv3_tile.cuh
