@@ -1,6 +1,6 @@
 // Conv forward on the FP32 cores (conv3_tile.cuh), both users:
 //   inference  conv3_ffma<S, CA, CB, CC, COUT, EPI> (RlnArgs): storage S (f32 or f16),
-//              folded batch-norm bias and the fused RL epilogues of rln_common.cuh; every
+//              folded batch-norm bias and the fused RL epilogues of rl_nodes.cuh; every
 //              layer of the f32 network and the small layers of the f16 network
 //   training   tconv_fwd<CA, CB, CC, COUT> (TrainArgs): f32, the general epilogue
 //              (scale, shift, softplus, addend); with flipped, transposed weights (packed
@@ -14,6 +14,7 @@
 #pragma once
 #include "rln_common.cuh"
 #include "train_common.cuh"
+#include "rl_nodes.cuh"
 #include "conv3_tile.cuh"
 
 // ---------------------------------------------------------------- inference

@@ -1,9 +1,49 @@
-// The Richardson–Lucy nodes (rln-spec §3) of training, forward and backward side by side
-// (TrainArgs, f32, channels-last): the channel mean cm, the division q = a / (cm(fp) + ε)
-// and the update e = a · cm(bp). Inference fuses these nodes into its conv epilogues
-// (rln_common.cuh rln_epilogue_voxel: EPI_FP_DIV, EPI_UPDATE*, EPI_MEAN).
+// The Richardson–Lucy nodes (rln-spec §3), inference and training side by side: the channel
+// mean cm, the division q = a / (cm(fp) + ε) and the update e = a · cm(bp).
+//   inference  fused into the conv epilogue: rln_epilogue_voxel (EPI_FP_DIV, EPI_UPDATE*,
+//              EPI_MEAN; the FFMA convs of conv_ffma.cuh; the tensor-core convs of
+//              conv3_mma.cuh compute the same from their accumulator layout)
+//   training   forward and backward as separate kernels (TrainArgs, f32, channels-last)
 #pragma once
+#include "rln_common.cuh"
 #include "train_common.cuh"
+
+// ---------------------------------------------------------------- inference (fused)
+
+// The epilogue for one voxel whose C_out pre-activations z (bias included) are all in
+// this thread. Mirrors backend::cpu: channel means are the sum times 1/C.
+template <int EPI, typename S, int COUT>
+__device__ __forceinline__ void rln_epilogue_voxel(const RlnArgs& a, long long vox, float* z) {
+    constexpr bool FAST = sizeof(S) == 2;
+    const float inv = 1.0f / (float)COUT;
+    if (EPI == EPI_SP) {
+#pragma unroll
+        for (int c = 0; c < COUT; ++c) z[c] = rln_sp<FAST>(z[c]);
+        rln_store_voxel<S, COUT>(a.out, vox, z);
+    } else if (EPI == EPI_FP_DIV) {
+        const float av = a.aux[vox];
+        const float spa = rln_sp<FAST>(av);
+        float s = 0.0f;
+#pragma unroll
+        for (int c = 0; c < COUT; ++c) s += rln_sp<FAST>(z[c]) + spa;
+        const float q = av / (s * inv + a.eps);
+        static_cast<float*>(a.out)[vox] = q * a.post_scale + a.post_shift;
+    } else if (EPI == EPI_UPDATE || EPI == EPI_UPDATE_PLUS1) {
+        float s = 0.0f;
+#pragma unroll
+        for (int c = 0; c < COUT; ++c) s += rln_sp<FAST>(z[c]) + (EPI == EPI_UPDATE_PLUS1 ? 1.0f : 0.0f);
+        const float e = (s * inv) * a.aux[vox];
+        if (a.out_raw) a.out_raw[vox] = e;
+        static_cast<float*>(a.out)[vox] = rln_sp<FAST>(e * a.post_scale + a.post_shift);
+    } else if (EPI == EPI_MEAN) {
+        float s = 0.0f;
+#pragma unroll
+        for (int c = 0; c < COUT; ++c) s += rln_sp<FAST>(z[c]);
+        static_cast<float*>(a.out)[vox] = s * inv;
+    }
+}
+
+// ---------------------------------------------------------------- training
 
 // out[0][v] = (Σ_c in[0][v][c]) · (1/C); count = voxels.
 __device__ __forceinline__ void channel_mean(const TrainArgs& a) {

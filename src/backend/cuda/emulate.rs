@@ -49,7 +49,7 @@ pub struct EmuOut {
     pub raw: Vec<f32>,
 }
 
-/// rln_epilogue_voxel (rln_common.cuh).
+/// rln_epilogue_voxel (rl_nodes.cuh).
 fn epilogue_voxel(a: &EmuArgs, o: &mut EmuOut, vox: usize, z: &[f32]) {
     let cout = z.len();
     let inv = 1.0f32 / cout as f32;
