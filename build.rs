@@ -35,15 +35,24 @@ fn find_nvcc() -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
-/// Inlines `#include "x.cuh"` of kernels/ so that NVRTC needs no include path.
-fn inline_includes(src: &str, dir: &Path) -> String {
+/// Inlines `#include "x.cuh"` of kernels/ so that NVRTC needs no include path. Each header
+/// is inlined once (the first time it is included, as `#pragma once` would do), and the
+/// `#pragma once` lines are dropped: NVRTC compiles the result as one file.
+fn inline_includes(src: &str, dir: &Path, seen: &mut Vec<String>) -> String {
     let mut out = String::new();
     for line in src.lines() {
         let t = line.trim();
+        if t == "#pragma once" {
+            continue;
+        }
         if let Some(rest) = t.strip_prefix("#include \"") {
-            let name = rest.trim_end_matches('"');
-            let inc = fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("kernels/{name}: {e}"));
-            out.push_str(&inline_includes(&inc, dir));
+            let name = rest.trim_end_matches('"').to_string();
+            if seen.contains(&name) {
+                continue;
+            }
+            let inc = fs::read_to_string(dir.join(&name)).unwrap_or_else(|e| panic!("kernels/{name}: {e}"));
+            seen.push(name);
+            out.push_str(&inline_includes(&inc, dir, seen));
         } else {
             out.push_str(line);
         }
@@ -98,7 +107,7 @@ fn main() {
     for src in &sources {
         let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
         let text = fs::read_to_string(src).unwrap();
-        let inlined = inline_includes(&text, &kdir);
+        let inlined = inline_includes(&text, &kdir, &mut Vec::new());
         let src_path = out_dir.join(format!("{stem}.inlined.cu"));
         fs::write(&src_path, &inlined).unwrap();
         let (ptx, cubin) = if let Some(nvcc) = &nvcc {

@@ -3,7 +3,7 @@
 //   b2 = sp(BN5(conv(b1; e5)))       8→8    (tensor cores in the f16 network)
 //   b3 = sp(BN6(conv(b2‖b1; e6)))   16→8    (tensor cores in the f16 network)
 #include "rln_common.cuh"
-#include "conv3_ffma.cuh"
+#include "conv_ffma.cuh"
 #include "conv3_mma.cuh"
 
 RLN_CONV_FFMA(h1_bp_conv1_f32, float, 1, 0, 0, 8, EPI_SP)

@@ -4,8 +4,8 @@
 //   a2  = sp(BN1(conv(a1; e2)))                 4→4
 //   dv1 = BN3(xd / (cm(fp1) + ε)), fp1 = sp(BN2(conv(a1‖a2; e3))) + sp(xd)   8→4, fp1 never stored
 #include "rln_common.cuh"
-#include "conv3_ffma.cuh"
-#include "pool_up.cuh"
+#include "conv_ffma.cuh"
+#include "pool.cuh"
 
 extern "C" __global__ void avgpool2_f32(const RlnArgs a) { avgpool2(a); }
 

@@ -3,8 +3,8 @@
 //   E1r = x · cm(bp1), bp1 = sp(BN8(conv(u; e8)))   4→4, bp1 never stored
 //   E1  = sp(BN9(E1r))
 #include "rln_common.cuh"
-#include "conv3_ffma.cuh"
-#include "pool_up.cuh"
+#include "conv_ffma.cuh"
+#include "up2.cuh"
 
 extern "C" __global__ void __launch_bounds__(256) h1_bp_up_f32(const RlnArgs a) { up2_sp<float, 8, 4>(a); }
 extern "C" __global__ void __launch_bounds__(256) h1_bp_up_f16(const RlnArgs a) { up2_sp<rln_h16, 8, 4>(a); }

@@ -5,7 +5,7 @@
 //   E2r = E1 · cm(bp2), bp2 = sp(BN14(conv(d1; u4))) + 1             8→8 (tensor cores in f16)
 //   E2  = sp(BN15(E2r))
 #include "rln_common.cuh"
-#include "conv3_ffma.cuh"
+#include "conv_ffma.cuh"
 #include "conv3_mma.cuh"
 
 RLN_CONV_FFMA(h2_fp_conv1_f32, float, 1, 0, 0, 4, EPI_SP)

@@ -3,7 +3,7 @@
 //   f2 = sp(conv(f1‖E2‖E1; u6))           10→8, no BN (tensor cores in f16: C padded to 16)
 //   y  = cm(f3), f3 = sp(BN16(conv(f1‖f2; u7)))   16→8 (tensor cores in f16), f3 never stored
 #include "rln_common.cuh"
-#include "conv3_ffma.cuh"
+#include "conv_ffma.cuh"
 #include "conv3_mma.cuh"
 
 RLN_CONV_FFMA(h3_conv1_f32, float, 1, 0, 0, 8, EPI_SP)

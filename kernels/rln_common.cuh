@@ -58,7 +58,8 @@ template <> __device__ __forceinline__ rln_h16 rln_from_f32<rln_h16>(float v) { 
 template <typename S, int C> struct RlnStorage { typedef S type; };
 template <typename S> struct RlnStorage<S, 1> { typedef float type; };
 
-// Epilogues of a conv (after the folded batch-norm bias z = conv(W·scale) + shift):
+// Epilogues of a conv (after the folded batch-norm bias z = conv(W·scale) + shift;
+// rl_nodes.cuh rln_epilogue_voxel computes them):
 enum RlnEpilogue {
     // out[c] = sp(z[c]), C_out channels of type S
     EPI_SP = 0,
@@ -122,38 +123,5 @@ __device__ __forceinline__ void rln_store_voxel(void* out, long long vox, const 
         S* o = static_cast<S*>(out) + vox * C;
 #pragma unroll
         for (int c = 0; c < C; ++c) o[c] = rln_from_f32<S>(v[c]);
-    }
-}
-
-// The epilogue for one voxel whose C_out pre-activations z (bias included) are all in
-// this thread. Mirrors backend::cpu: channel means are the sum times 1/C.
-template <int EPI, typename S, int COUT>
-__device__ __forceinline__ void rln_epilogue_voxel(const RlnArgs& a, long long vox, float* z) {
-    constexpr bool FAST = sizeof(S) == 2;
-    const float inv = 1.0f / (float)COUT;
-    if (EPI == EPI_SP) {
-#pragma unroll
-        for (int c = 0; c < COUT; ++c) z[c] = rln_sp<FAST>(z[c]);
-        rln_store_voxel<S, COUT>(a.out, vox, z);
-    } else if (EPI == EPI_FP_DIV) {
-        const float av = a.aux[vox];
-        const float spa = rln_sp<FAST>(av);
-        float s = 0.0f;
-#pragma unroll
-        for (int c = 0; c < COUT; ++c) s += rln_sp<FAST>(z[c]) + spa;
-        const float q = av / (s * inv + a.eps);
-        static_cast<float*>(a.out)[vox] = q * a.post_scale + a.post_shift;
-    } else if (EPI == EPI_UPDATE || EPI == EPI_UPDATE_PLUS1) {
-        float s = 0.0f;
-#pragma unroll
-        for (int c = 0; c < COUT; ++c) s += rln_sp<FAST>(z[c]) + (EPI == EPI_UPDATE_PLUS1 ? 1.0f : 0.0f);
-        const float e = (s * inv) * a.aux[vox];
-        if (a.out_raw) a.out_raw[vox] = e;
-        static_cast<float*>(a.out)[vox] = rln_sp<FAST>(e * a.post_scale + a.post_shift);
-    } else if (EPI == EPI_MEAN) {
-        float s = 0.0f;
-#pragma unroll
-        for (int c = 0; c < COUT; ++c) s += rln_sp<FAST>(z[c]);
-        static_cast<float*>(a.out)[vox] = s * inv;
     }
 }

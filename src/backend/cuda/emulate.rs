@@ -1,10 +1,12 @@
-//! Line-by-line CPU emulations of the two conv kernel families (test-only): the same
-//! tiles, halo fill, shared-memory indexing, fragment packing and epilogue index math as
-//! kernels/conv3_ffma.cuh and kernels/conv3_mma.cuh, with the PTX ISA's definitions of
+//! Line-by-line CPU emulations of the two conv kernel families of inference (test-only):
+//! the same tiles, halo fill, shared-memory indexing, fragment packing and epilogue index
+//! math as kernels/conv_ffma.cuh (on the one tile emulation of kernels/conv3_tile.cuh,
+//! emulate_tile.rs, shared with training) and kernels/conv3_mma.cuh, with the PTX ISA's definitions of
 //! ldmatrix and mma.m16n8k16. Their output is compared with the CPU twins, which checks
 //! the host-side weight layouts and every index formula without a GPU. (What this cannot
 //! catch: a difference between these lines and the .cu lines; keep them side by side.)
 
+use super::emulate_tile::{chunk, conv3_tile, ConvIn};
 use super::launch::*;
 use super::twin::StageOut;
 use super::weights::{ffma_layout, pack_mma_b, FoldedConv};
@@ -47,7 +49,7 @@ pub struct EmuOut {
     pub raw: Vec<f32>,
 }
 
-/// rln_epilogue_voxel (rln_common.cuh).
+/// rln_epilogue_voxel (rl_nodes.cuh).
 fn epilogue_voxel(a: &EmuArgs, o: &mut EmuOut, vox: usize, z: &[f32]) {
     let cout = z.len();
     let inv = 1.0f32 / cout as f32;
@@ -87,96 +89,24 @@ fn new_out(a: &EmuArgs) -> EmuOut {
     }
 }
 
-/// conv3_ffma (conv3_ffma.cuh), every block and thread.
+/// conv3_ffma (conv_ffma.cuh): the shared tile emulation (emulate_tile.rs) over the grid
+/// launch.rs computes, with the folded weights in the FP32-core layout, then bias + the
+/// fused epilogue per voxel (RlnConvEpi).
 pub fn conv3_ffma(a: &EmuArgs, f: &FoldedConv) -> EmuOut {
-    const TX: usize = 32;
-    const TY: usize = 8;
-    const TZ: usize = 4;
-    const VX: usize = 4;
-    const SX: usize = TX + 2;
-    const SY: usize = TY + 2;
-    const SZ: usize = TZ + 2;
-    const RS: usize = 38;
-    const PS: usize = SY * RS;
-    const CS: usize = SZ * PS;
-    const NPOS: usize = SZ * SY * SX;
-    let cin = f.c_in;
-    let cout = f.c_out;
-    let ck = ffma_chunk(cin);
+    assert_eq!(ffma_chunk(f.c_in), chunk(f.c_in), "launch::ffma_chunk is conv3::chunk");
     let sw = ffma_layout(f);
     let bias = f.bias_f32();
     let mut o = new_out(a);
-    let (gx, gy, gz) = tiled_grid(FFMA_TILE, a.n, a.d, a.h, a.w).unwrap();
-    let tiles_z = a.d.div_ceil(TZ);
-    let mut sin = vec![f32::NAN; ck * CS];
-    for bz in 0..gz as usize {
-        for by in 0..gy as usize {
-            for bx in 0..gx as usize {
-                let n = bz / tiles_z;
-                let (z0, y0, x0) = ((bz - n * tiles_z) * TZ, by * TY, bx * TX);
-                let mut acc = vec![[[0.0f32; VX]; 8]; 256];
-                for c0 in (0..cin).step_by(ck) {
-                    for i in 0..ck * NPOS {
-                        let p = i / ck;
-                        let cc = i - p * ck;
-                        let sz = p / (SY * SX);
-                        let r = p - sz * (SY * SX);
-                        let sy = r / SX;
-                        let sx = r - sy * SX;
-                        let (gz_, gy_, gx_) = ((z0 + sz) as isize - 1, (y0 + sy) as isize - 1, (x0 + sx) as isize - 1);
-                        let mut v = 0.0;
-                        if gz_ >= 0
-                            && (gz_ as usize) < a.d
-                            && gy_ >= 0
-                            && (gy_ as usize) < a.h
-                            && gx_ >= 0
-                            && (gx_ as usize) < a.w
-                        {
-                            let vox = ((n * a.d + gz_ as usize) * a.h + gy_ as usize) * a.w + gx_ as usize;
-                            v = a.load_concat(vox, c0 + cc);
-                        }
-                        sin[cc * CS + sz * PS + sy * RS + sx] = v;
-                    }
-                    for (tid, acc) in acc.iter_mut().enumerate() {
-                        let (tx, ty, tz) = (tid & 7, (tid >> 3) & 7, tid >> 6);
-                        for cc in 0..ck {
-                            let wc = (c0 + cc) * 27 * cout;
-                            let ic = cc * CS + tz * PS + ty * RS + tx * VX;
-                            for kz in 0..3 {
-                                for ky in 0..3 {
-                                    let row = ic + kz * PS + ky * RS;
-                                    let inp = &sin[row..row + VX + 2];
-                                    for kx in 0..3 {
-                                        let wk = wc + ((kz * 3 + ky) * 3 + kx) * cout;
-                                        for c in 0..cout {
-                                            for v in 0..VX {
-                                                acc[c][v] = sw[wk + c].mul_add(inp[v + kx], acc[c][v]);
-                                            }
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-                for (tid, acc) in acc.iter().enumerate() {
-                    let (tx, ty, tz) = (tid & 7, (tid >> 3) & 7, tid >> 6);
-                    let (z, y) = (z0 + tz, y0 + ty);
-                    if z >= a.d || y >= a.h {
-                        continue;
-                    }
-                    let row_vox = ((n * a.d + z) * a.h + y) * a.w;
-                    for v in 0..VX {
-                        let x = x0 + tx * VX + v;
-                        if x < a.w {
-                            let zv: Vec<f32> = (0..cout).map(|c| acc[c][v] + bias[c]).collect();
-                            epilogue_voxel(a, &mut o, row_vox + x, &zv);
-                        }
-                    }
-                }
-            }
-        }
-    }
+    let grid = tiled_grid(FFMA_TILE, a.n, a.d, a.h, a.w).unwrap();
+    let ci = ConvIn {
+        inputs: a.inputs.clone(),
+        s: Shape::new(a.n, 1, a.d, a.h, a.w),
+    };
+    assert_eq!(ci.cin(), f.c_in, "inputs carry C_in channels");
+    conv3_tile(&ci, &sw, f.c_out, grid, |vox, z| {
+        let zv: Vec<f32> = z.iter().zip(&bias).map(|(&z, &b)| z + b).collect();
+        epilogue_voxel(a, &mut o, vox, &zv);
+    });
     o
 }
 

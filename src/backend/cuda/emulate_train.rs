@@ -1,5 +1,6 @@
 //! Line-by-line CPU emulations of the training kernels whose index math is not obvious
-//! (test-only): the conv forward tile (kernels/train_conv.cu `tconv_fwd`), the weight
+//! (test-only): the conv forward tile (`tconv_fwd` of kernels/conv_ffma.cuh, on the one tile
+//! emulation of kernels/conv3_tile.cuh, emulate_tile.rs, shared with inference), the weight
 //! gradient's thread/group mapping and block partials (`tconv_wgrad`), the one-channel-per-
 //! thread block reductions (`t_chan_sum` + `rln_block_sum_by_channel` + `t_reduce_part`),
 //! and up2's three kernels and `t_reshape`. Each runs with the host-side packing and grid
@@ -7,123 +8,25 @@
 //! layouts and formulas without a GPU. (What this cannot catch: a difference between these
 //! lines and the .cu lines; keep them side by side.)
 
+use super::emulate_tile::{self as tile, conv3_tile, ConvIn, CS, PS, RS, THREADS, TILE_V, TX, TY, TZ};
 use super::train_launch::*;
 use crate::real::Real;
 use crate::tensor::Shape;
 
-const TX: usize = 32;
-const TY: usize = 8;
-const TZ: usize = 4;
-const VX: usize = 4;
-const SX: usize = TX + 2;
-const SY: usize = TY + 2;
-const SZ: usize = TZ + 2;
-const RS: usize = 38;
-const PS: usize = SY * RS;
-const CS: usize = SZ * PS;
-const NPOS: usize = SZ * SY * SX;
-const THREADS: usize = 256;
-const TILE_V: usize = TX * TY * TZ;
-
-/// Channels-last inputs of one launch, with their channel counts.
-pub struct ConvIn<'a> {
-    pub inputs: Vec<(&'a [f32], usize)>,
-    pub s: Shape,
-}
-
-impl ConvIn<'_> {
-    fn load_concat(&self, vox: usize, c: usize) -> f32 {
-        let mut c = c;
-        for (data, ch) in &self.inputs {
-            if c < *ch {
-                return data[vox * ch + c];
-            }
-            c -= ch;
-        }
-        0.0
-    }
-    fn cin(&self) -> usize {
-        self.inputs.iter().map(|i| i.1).sum()
-    }
-    /// tconv::stage_tile
-    fn stage_tile(&self, sin: &mut [f32], ck: usize, n: usize, z0: usize, y0: usize, x0: usize, c0: usize) {
-        let s = self.s;
-        for i in 0..ck * NPOS {
-            let p = i / ck;
-            let cc = i - p * ck;
-            let sz = p / (SY * SX);
-            let r = p - sz * (SY * SX);
-            let sy = r / SX;
-            let sx = r - sy * SX;
-            let (gz, gy, gx) = ((z0 + sz) as isize - 1, (y0 + sy) as isize - 1, (x0 + sx) as isize - 1);
-            let mut v = 0.0;
-            if gz >= 0 && (gz as usize) < s.d && gy >= 0 && (gy as usize) < s.h && gx >= 0 && (gx as usize) < s.w {
-                let vox = ((n * s.d + gz as usize) * s.h + gy as usize) * s.w + gx as usize;
-                v = self.load_concat(vox, c0 + cc);
-            }
-            sin[cc * CS + sz * PS + sy * RS + sx] = v;
-        }
-    }
-}
-
-/// tconv_fwd with the identity epilogue (scale 1, shift 0): packed weights [ci][27][co].
+/// tconv_fwd (conv_ffma.cuh) with the identity epilogue (scale 1, shift 0): the shared tile
+/// emulation (emulate_tile.rs) over the grid train_launch.rs computes; packed weights
+/// [ci][27][co]. With flipped, transposed weights it is the data gradient, as on the device.
 pub fn tconv_fwd(a: &ConvIn, packed: &[f32], cout: usize) -> Vec<f32> {
     let s = a.s;
-    let cin = a.cin();
-    let ck = chunk(cin);
+    assert_eq!(
+        chunk(a.cin()),
+        tile::chunk(a.cin()),
+        "train_launch::chunk is conv3::chunk"
+    );
     let mut out = vec![f32::NAN; s.n * s.spatial() * cout];
-    let (gx, gy, gz) = conv_grid(s);
-    let tiles_z = s.d.div_ceil(TZ);
-    let mut sin = vec![0.0f32; ck * CS];
-    for bz in 0..gz as usize {
-        for by in 0..gy as usize {
-            for bx in 0..gx as usize {
-                let n = bz / tiles_z;
-                let (z0, y0, x0) = ((bz - n * tiles_z) * TZ, by * TY, bx * TX);
-                let mut acc = vec![[[0.0f32; VX]; 16]; THREADS];
-                for c0 in (0..cin).step_by(ck) {
-                    a.stage_tile(&mut sin, ck, n, z0, y0, x0, c0);
-                    for (tid, acc) in acc.iter_mut().enumerate() {
-                        let (tx, ty, tz) = (tid & 7, (tid >> 3) & 7, tid >> 6);
-                        for cc in 0..ck {
-                            let wc = (c0 + cc) * 27 * cout;
-                            let ic = cc * CS + tz * PS + ty * RS + tx * VX;
-                            for kz in 0..3 {
-                                for ky in 0..3 {
-                                    let row = ic + kz * PS + ky * RS;
-                                    let inp = &sin[row..row + VX + 2];
-                                    for kx in 0..3 {
-                                        let wk = wc + ((kz * 3 + ky) * 3 + kx) * cout;
-                                        for c in 0..cout {
-                                            for v in 0..VX {
-                                                acc[c][v] = packed[wk + c].mul_add(inp[v + kx], acc[c][v]);
-                                            }
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-                for (tid, acc) in acc.iter().enumerate() {
-                    let (tx, ty, tz) = (tid & 7, (tid >> 3) & 7, tid >> 6);
-                    let (z, y) = (z0 + tz, y0 + ty);
-                    if z >= s.d || y >= s.h {
-                        continue;
-                    }
-                    let row_vox = ((n * s.d + z) * s.h + y) * s.w;
-                    for v in 0..VX {
-                        let x = x0 + tx * VX + v;
-                        if x < s.w {
-                            for c in 0..cout {
-                                out[(row_vox + x) * cout + c] = acc[c][v];
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
+    conv3_tile(a, packed, cout, conv_grid(s), |vox, z| {
+        out[vox * cout..(vox + 1) * cout].copy_from_slice(z);
+    });
     out
 }
 

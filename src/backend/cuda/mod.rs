@@ -19,6 +19,8 @@ pub mod device;
 #[cfg(test)]
 mod emulate;
 #[cfg(test)]
+mod emulate_tile;
+#[cfg(test)]
 mod emulate_train;
 pub mod forward;
 pub mod kernels;

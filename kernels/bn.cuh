@@ -1,0 +1,66 @@
+// Batch norm and the conv epilogue of training (rln-spec §4, batch statistics), forward
+// and backward side by side (TrainArgs, f32, channels-last):
+//   bn_epilogue        y = act(scale·z + shift) + addend   (t_epilogue)
+//   bn_chan_sum        Σx, Σ(x−μ)² per channel: the two-pass batch statistics (t_chan_sum)
+//   bn_epilogue_bwd1/2 the gradient through softplus and batch norm (t_epi_bwd1, t_epi_bwd2)
+// Inference folds batch norm into the conv weights on the host (no kernel of its own).
+#pragma once
+#include "train_common.cuh"
+
+// out[0] = act(p0[c]·z + p1[c]) + addend; in[0] = z (C = ca channels), in[3] = addend tensor.
+__device__ __forceinline__ void bn_epilogue(const TrainArgs& a) {
+    const int C = a.ca;
+    RLN_GRID_STRIDE(e, a.count) { a.out[0][e] = rln_train_epi(a, a.in[0][e], (int)(e % C), e / C); }
+}
+
+// Per-channel sums of one tensor (ca = C channels, a power of two ≤ 16): mode 0 Σ x,
+// mode 1 Σ (x − stat[c])². part[block][C]; count = elements.
+__device__ __forceinline__ void bn_chan_sum(const TrainArgs& a) {
+    __shared__ double sred[8 * 32];
+    const int C = a.ca;
+    const int c = threadIdx.x % C;
+    const double mu = a.mode == 1 ? a.stat[c] : 0.0;
+    double s = 0.0;
+    RLN_GRID_STRIDE(e, a.count) {
+        const double v = (double)a.in[0][e];
+        s += a.mode == 1 ? (v - mu) * (v - mu) : v;
+    }
+    rln_block_sum_by_channel(s, C, a.part + (long long)blockIdx.x * C, sred);
+}
+
+// Pass 1 of the epilogue gradient (rln-spec §4 batch norm in training mode, then softplus):
+// x̂ = (z − mean)·inv_std, dh = dy·σ(γ·x̂ + β) (softplus, mode bit 0) or dy; out[0] = dh;
+// with mode bit 1 (batch norm) the per-channel sums Σ dh, Σ dh·x̂ go to part[block][2C].
+// in[0] = z, in[1] = dy; p[0..3] = γ, β, mean, inv_std (1, 0, 0, 1 without batch norm).
+__device__ __forceinline__ void bn_epilogue_bwd1(const TrainArgs& a) {
+    __shared__ double sred[8 * 32];
+    const int C = a.ca;
+    const int c = threadIdx.x % C;
+    const float gamma = a.p[0][c], beta = a.p[1][c], mean = a.p[2][c], inv_std = a.p[3][c];
+    const bool sp = a.mode & 1;
+    double s1 = 0.0, s2 = 0.0;
+    RLN_GRID_STRIDE(e, a.count) {
+        const float xh = (a.in[0][e] - mean) * inv_std;
+        const float dh = sp ? a.in[1][e] * rln_sigmoid(gamma * xh + beta) : a.in[1][e];
+        a.out[0][e] = dh;
+        s1 += (double)dh;
+        s2 += (double)(dh * xh);
+    }
+    if (a.mode & 2) {
+        rln_block_sum_by_channel(s1, C, a.part + (long long)blockIdx.x * 2 * C, sred);
+        rln_block_sum_by_channel(s2, C, a.part + (long long)blockIdx.x * 2 * C + C, sred);
+    }
+}
+
+// Pass 2: ∂z = γ·inv_std·(dh − Σdh/m − x̂·Σ(dh·x̂)/m), in place on out[0] = dh; in[0] = z;
+// stat = [Σ dh (C), Σ dh·x̂ (C)]; dc[0] = m (voxels per channel).
+__device__ __forceinline__ void bn_epilogue_bwd2(const TrainArgs& a) {
+    const int C = a.ca;
+    RLN_GRID_STRIDE(e, a.count) {
+        const int c = (int)(e % C);
+        const float k = a.p[0][c] * a.p[3][c];
+        const float mb = (float)(a.stat[c] / a.dc[0]), mg = (float)(a.stat[C + c] / a.dc[0]);
+        const float xh = (a.in[0][e] - a.p[2][c]) * a.p[3][c];
+        a.out[0][e] = k * (a.out[0][e] - mb - xh * mg);
+    }
+}
