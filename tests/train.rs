@@ -768,7 +768,9 @@ mod memory_limited {
     use super::MemoryLimited;
     use rln_engine::backend::loss::LossTerms;
     use rln_engine::backend::{Backend, BnTrainState, ChannelStats, Epilogue, GradMode};
+    use rln_engine::model::{Model, Params, Variant};
     use rln_engine::tensor::{Shape, Tensor};
+    use rln_engine::train::adam::Adam;
     use rln_engine::{Error, Result};
 
     type X = Tensor<f32>;
@@ -791,6 +793,26 @@ mod memory_limited {
     impl Backend for MemoryLimited {
         type T = f32;
         type X = X;
+        type Grads = Params<f64>;
+        type Opt = Adam;
+        fn grads_new(&self, variant: Variant) -> Result<Params<f64>> {
+            self.cpu.grads_new(variant)
+        }
+        fn opt_new(&self, model: &Model<f32>, adam: &Adam) -> Result<Adam> {
+            self.cpu.opt_new(model, adam)
+        }
+        fn opt_step(
+            &self,
+            adam: &mut Adam,
+            grads: &Params<f64>,
+            stats: &[Option<ChannelStats>],
+            model: &mut Model<f32>,
+        ) -> Result<bool> {
+            self.cpu.opt_step(adam, grads, stats, model)
+        }
+        fn opt_download(&self, adam: &Adam, model: &mut Model<f32>) -> Result<Adam> {
+            self.cpu.opt_download(adam, model)
+        }
         fn shape(&self, x: &X) -> Shape {
             x.shape
         }

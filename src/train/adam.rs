@@ -33,6 +33,13 @@ pub const BETA1: f64 = 0.9;
 pub const BETA2: f64 = 0.999;
 pub const EPSILON: f64 = 1e-8;
 
+/// The effective step size of step t under `schedule`: lr(t)·√(1−β2^(t+1))/(1−β1^(t+1))
+/// (every backend's Adam takes it from here, so they agree bit for bit).
+pub fn lr_t(schedule: &LrSchedule, t: u64) -> f64 {
+    let p = (t + 1) as f64;
+    schedule.lr(t) * (1.0 - BETA2.powf(p)).sqrt() / (1.0 - BETA1.powf(p))
+}
+
 /// Adam's moments and step counter.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Adam {
@@ -55,8 +62,7 @@ impl Adam {
 
     /// The effective step size of step t: lr(t)·√(1−β2^(t+1))/(1−β1^(t+1)).
     pub fn lr_t(&self, t: u64) -> f64 {
-        let p = (t + 1) as f64;
-        self.schedule.lr(t) * (1.0 - BETA2.powf(p)).sqrt() / (1.0 - BETA1.powf(p))
+        lr_t(&self.schedule, t)
     }
 
     /// One update of `params` with gradient `grad`:

@@ -849,6 +849,35 @@ impl super::train::Exec for EmuExec {
                 let r = reduce_part(&part.to_vec(nb * j), nb, j, a.dc[0]);
                 r.iter().enumerate().for_each(|(i, &v)| stat.set(i, v));
             }
+            // kernels/train_adam.cu: Rust's f64 `*`, `+`, `/`, sqrt are the .cu's rounded
+            // intrinsics (no contraction), in the same order
+            "t_grad_check" => {
+                assert_eq!(grid, (1, 1, 1), "t_grad_check: one block");
+                let all = (0..count).all(|i| part.get(i).is_finite());
+                o(0).set(0, if all { 1.0 } else { 0.0 });
+            }
+            "t_adam" => {
+                if f(0).get(0) != 1.0 {
+                    return Ok(());
+                }
+                let [lr_t, b1, b2, eps, c1, c2, _, _] = a.dc;
+                for i in 0..count {
+                    let g = part.get(i);
+                    let mi = b1 * stat.get(i) + c1 * g;
+                    let vi = b2 * stat.get(count + i) + c2 * g * g;
+                    stat.set(i, mi);
+                    stat.set(count + i, vi);
+                    o(0).set(i, (o(0).get(i) as f64 - lr_t * mi / (vi.sqrt() + eps)) as f32);
+                }
+            }
+            "t_running_stats" => {
+                if f(0).get(0) != 1.0 {
+                    return Ok(());
+                }
+                for i in 0..count {
+                    o(0).set(i, (a.dc[0] * o(0).get(i) as f64 + a.dc[1] * part.get(i)) as f32);
+                }
+            }
             other => panic!("no emulation of kernel {other}"),
         }
         Ok(())
