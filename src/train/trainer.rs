@@ -154,9 +154,16 @@ pub fn train_step_on<B: Backend<T = f32>>(
     x: &Tensor<f32>,
     g: &Tensor<f32>,
 ) -> Result<LossTerms> {
-    let mut opt = b.opt_new(&state.model, &state.adam)?;
     let step = state.step;
-    let r = resident_step(b, &mut opt, state, cfg, x, g);
+    let mut opt = b.opt_new(&state.model, &state.adam).map_err(|e| {
+        step_error(
+            e,
+            &format!("training step {step} (optimizer state)"),
+            x.shape,
+            &advice(x.shape),
+        )
+    })?;
+    let r = train_step_resident(b, &mut opt, state, cfg, x, g);
     if state.step != step || matches!(r, Err(Error::Numeric(_))) {
         // the resident state moved (a completed step, or weights that became non-finite)
         state.adam = b.opt_download(&opt, &mut state.model)?;
@@ -169,7 +176,7 @@ pub fn train_step_on<B: Backend<T = f32>>(
 /// backend; forward, loss, backward, Adam and the running statistics run there
 /// ([`Rln::backward_into`], [`Backend::opt_step`]); the loss terms come back. Fails
 /// (state untouched) on a non-finite loss or gradient.
-fn resident_step<B: Backend<T = f32>>(
+pub fn train_step_resident<B: Backend<T = f32>>(
     b: &B,
     opt: &mut B::Opt,
     state: &mut TrainState,
@@ -189,23 +196,22 @@ fn resident_step<B: Backend<T = f32>>(
         net.backward_into(&fwd, &dy, &de1r, cfg.grad_mode, &mut grads)?;
         Ok((terms, grads, fwd.batch_stats))
     };
-    let advice = || {
-        format!(
-            "lower the batch size (--batch, now {}) or the crop size (--crop, now {}×{}×{})",
-            x.shape.n, x.shape.d, x.shape.h, x.shape.w
-        )
-    };
     let (terms, grads, stats) =
-        run().map_err(|e| step_error(e, &format!("training step {step}"), x.shape, &advice()))?;
+        run().map_err(|e| step_error(e, &format!("training step {step}"), x.shape, &advice(x.shape)))?;
     if !terms.loss.is_finite() {
         return Err(Error::Numeric(format!(
             "step {step}: the loss is {} (mse {}, ssim {}): training diverged or the data holds bad values",
             terms.loss, terms.mse, terms.ssim
         )));
     }
-    let updated = b
-        .opt_step(opt, &grads, &stats, &mut state.model)
-        .map_err(|e| step_error(e, &format!("training step {step} (optimizer)"), x.shape, &advice()))?;
+    let updated = b.opt_step(opt, &grads, &stats, &mut state.model).map_err(|e| {
+        step_error(
+            e,
+            &format!("training step {step} (optimizer)"),
+            x.shape,
+            &advice(x.shape),
+        )
+    })?;
     if !updated {
         return Err(Error::Numeric(format!(
             "step {step}: a gradient is not finite although the loss is {}",
@@ -217,6 +223,14 @@ fn resident_step<B: Backend<T = f32>>(
     }
     state.step += 1;
     Ok(terms)
+}
+
+/// What to lower when a training step on a batch of `shape` does not fit.
+fn advice(shape: Shape) -> String {
+    format!(
+        "lower the batch size (--batch, now {}) or the crop size (--crop, now {}×{}×{})",
+        shape.n, shape.d, shape.h, shape.w
+    )
 }
 
 /// A backend's error during `what` on an input of `shape`, with what to do about it: out
@@ -364,7 +378,11 @@ pub fn train_on<B: Backend<T = f32>>(
         // weights, moments and statistics stay on the backend for the whole loop;
         // `state.model` mirrors them, `state.adam` is brought up to date for every
         // checkpoint and when the loop ends (also on an error)
-        let mut opt = b.opt_new(&state.model, &state.adam)?;
+        let mut opt = b.opt_new(&state.model, &state.adam).map_err(|e| {
+            let s = &cfg.sampler;
+            let shape = Shape::new(s.batch, variant.input_channels(), s.crop[0], s.crop[1], s.crop[2]);
+            step_error(e, "the optimizer state", shape, &advice(shape))
+        })?;
         let r = run_steps(
             b,
             &mut opt,
@@ -410,7 +428,7 @@ fn run_steps<B: Backend<T = f32>>(
     while state.step < end {
         let batch = batch(state.step)?;
         let lr = state.adam.schedule.lr(state.step);
-        let terms = resident_step(b, opt, state, cfg, &batch.input, &batch.ground_truth)?;
+        let terms = train_step_resident(b, opt, state, cfg, &batch.input, &batch.ground_truth)?;
         obs.on_step(state.step, &terms, lr);
         if let Some(v) = val {
             if state.step % cfg.epoch_steps == 0 || state.step == cfg.steps {
