@@ -22,13 +22,14 @@
 pub mod cpu;
 pub mod cuda;
 pub mod loss;
+pub mod optim;
 
 use crate::error::Result;
 use crate::model::{Model, ParamKind, Params, Variant};
 use crate::real::Real;
 use crate::tensor::{Shape, Tensor};
-use crate::train::adam::Adam;
 use loss::LossTerms;
+use optim::Adam;
 
 /// What a trailing addend of a layer is (spec §3: `+ sp(xd)`, `+ sp(x)`, `+ 1`).
 pub enum Addend<'a, X, T> {

@@ -505,18 +505,6 @@ fn none_vec<V>() -> Vec<Option<V>> {
     (0..NUM_LAYERS).map(|_| None).collect()
 }
 
-/// The once-per-step running-statistics update: r ← m·r + (1 − m)·batch, with the
-/// biased batch variance (spec §4).
-pub fn update_running_stats<T: Real>(model: &mut Model<T>, stats: &[Option<ChannelStats>]) {
-    let m = model.config.bn_momentum;
-    for (l, s) in stats.iter().enumerate() {
-        if let Some(s) = s {
-            for c in 0..s.mean.len() {
-                let rm = &mut model.running.mean[l][c];
-                *rm = T::of(m * rm.f64() + (1.0 - m) * s.mean[c]);
-                let rv = &mut model.running.var[l][c];
-                *rv = T::of(m * rv.f64() + (1.0 - m) * s.var[c]);
-            }
-        }
-    }
-}
+/// The once-per-step running-statistics update (spec §4), with the optimizer's
+/// arithmetic in the backend layer.
+pub use crate::backend::optim::update_running_stats;

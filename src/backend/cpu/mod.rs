@@ -9,13 +9,12 @@ pub mod up2;
 pub use simd::{isa, CpuReal, Isa};
 
 use super::loss::{loss_and_grad, LossTerms};
+use super::optim::{update_running_stats, Adam};
 use super::{Addend, Backend, BnTrainState, ChannelStats, Epilogue, GradMode};
 use crate::error::{Error, Result};
 use crate::model::{Model, Params, Variant};
-use crate::net::update_running_stats;
 use crate::real::Real;
 use crate::tensor::{Shape, Tensor};
-use crate::train::adam::Adam;
 use std::marker::PhantomData;
 
 /// An addend as the CPU kernels see it.

@@ -1509,8 +1509,8 @@ mod tests {
 
     /// A model, Adam state (non-zero moments, step 7) and gradients with values of every
     /// scale, for the optimizer tests.
-    fn random_opt_state(seed: u64) -> (Model<f32>, crate::train::adam::Adam, Params<f64>) {
-        use crate::train::adam::{Adam, LrSchedule};
+    fn random_opt_state(seed: u64) -> (Model<f32>, crate::backend::optim::Adam, Params<f64>) {
+        use crate::backend::optim::{Adam, LrSchedule};
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut model = Model::<f32>::init(ModelConfig::default(), seed);
         for l in 0..model.running.mean.len() {
@@ -1555,8 +1555,8 @@ mod tests {
     /// and statistic, is the host's too). A non-finite gradient changes nothing.
     #[test]
     fn emulated_adam_and_running_statistics_equal_the_host_bit_for_bit() {
+        use crate::backend::optim::update_running_stats;
         use crate::backend::GradSink;
-        use crate::net::update_running_stats;
         let b = emulated();
         let (model, adam, _) = random_opt_state(3);
         let (mut host_model, mut host_adam) = (model.clone(), adam.clone());
@@ -1610,7 +1610,7 @@ mod tests {
     /// new weights are its only device-to-host copies.
     #[test]
     fn emulated_resident_step_equals_the_host_optimizer_on_device_gradients() {
-        use crate::net::update_running_stats;
+        use crate::backend::optim::update_running_stats;
         use crate::train::trainer::train_step_resident;
         let exec = Arc::new(EmuExec::default());
         let b = CudaTrainBackend::on_exec(exec.clone(), true);

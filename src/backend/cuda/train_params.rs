@@ -7,15 +7,15 @@
 //!
 //! Precision: the moments stay f64 and every kernel operation is an explicitly rounded
 //! f64 intrinsic in the host's order, so given the same gradients a device step equals
-//! [`Adam::update`] + [`crate::net::update_running_stats`] bit for bit (tested on the
+//! [`Adam::update`] + [`crate::backend::optim::update_running_stats`] bit for bit (tested on the
 //! emulation; f32 moments would save 128 KB and nothing measurable, and would make
 //! checkpoints differ between the CPU and the GPU). lr_t is computed on the host by
-//! [`crate::train::adam::lr_t`] and passed as a kernel argument.
+//! [`crate::backend::optim::lr_t`] and passed as a kernel argument.
 
 use super::*;
+use crate::backend::optim::{lr_t, LrSchedule, BETA1, BETA2, EPSILON};
 use crate::backend::GradSink;
 use crate::model::{ParamKind, Params, RunningStats};
-use crate::train::adam::{lr_t, LrSchedule, BETA1, BETA2, EPSILON};
 
 /// The module of the optimizer kernels and its kernels (loaded with the training kernels).
 pub(crate) const ADAM_MODULE: &str = "train_adam";
@@ -220,7 +220,12 @@ impl CudaTrainBackend {
                 let c = z.shape.c;
                 let beta = Self::grads_slot(grads, layer, ParamKind::Beta, c)?;
                 let gamma = Self::grads_slot(grads, layer, ParamKind::Gamma, c)?;
-                debug_assert_eq!(gamma, beta + 8 * c as u64, "γ follows β in the layout");
+                if gamma != beta + 8 * c as u64 {
+                    // the reduction writes [∂β, ∂γ] in one piece
+                    return Err(Error::invalid(format!(
+                        "layer {layer}: γ does not follow β in the gradient layout"
+                    )));
+                }
                 Some(beta)
             }
             None => None,
@@ -366,5 +371,69 @@ impl CudaTrainBackend {
             step: opt.step,
             schedule: opt.schedule,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layout covers every trainable tensor once, contiguously, with γ right after β
+    /// (the batch-norm gradient reduction writes both in one piece), and the running
+    /// statistics of every batch norm: the spec's 15 808 weights + 160 BN parameters and
+    /// 160 statistics.
+    #[test]
+    fn the_parameter_layout_is_complete_and_keeps_beta_gamma_together() {
+        let lay = ParamLayout::new(Variant::Single);
+        assert_eq!(lay.params, 15_808 + 160);
+        assert_eq!(lay.running, 160);
+        assert_eq!(lay.bn.len(), 17);
+        let p = Params::<f64>::zeros(Variant::Single);
+        assert_eq!(lay.slots.len(), p.ids().len());
+        let mut next = 0;
+        for &(l, k, off, n) in &lay.slots {
+            assert_eq!(off, next, "slots are contiguous");
+            assert_eq!(n, p.tensor(l, k).len());
+            next = off + n;
+            if k == ParamKind::Gamma {
+                let (b, c) = lay.slot(l, ParamKind::Beta).unwrap();
+                assert_eq!(b + c, off, "γ of layer {l} follows β");
+            }
+        }
+        // flatten and unflatten are inverse
+        let mut q = p.clone();
+        let mut i = 0.0;
+        q.zip_mut(&p, |x, _| {
+            i += 1.0;
+            *x = i
+        });
+        assert_eq!(lay.unflatten(&lay.flatten(&q).unwrap()), q);
+        assert!(
+            lay.slot(L_H3_CONV1, ParamKind::Gamma).is_err(),
+            "h3.conv1 has no batch norm"
+        );
+    }
+    const L_H3_CONV1: usize = crate::model::L::H3Conv1 as usize;
+
+    /// The optimizer kernels are in kernels/train_adam.cu (and in its PTX when nvcc built
+    /// it), and nothing else is.
+    #[test]
+    fn every_optimizer_kernel_is_in_its_module() {
+        use crate::backend::cuda::kernels::module;
+        let m = module(ADAM_MODULE).expect("kernels/train_adam.cu is embedded");
+        for k in ADAM_KERNELS {
+            assert!(
+                m.source.contains(&format!("{k}(const TrainArgs")),
+                "{k} not in train_adam.cu"
+            );
+            if let Some(ptx) = m.ptx {
+                assert!(ptx.contains(&format!(".entry {k}(")), "{k} not in the PTX");
+            }
+        }
+        if let Some(ptx) = m.ptx {
+            assert_eq!(ptx.matches(".entry ").count(), ADAM_KERNELS.len());
+            // the f64 update is never contracted into an FMA (bit-equality with the host)
+            assert!(!ptx.contains("fma.rn.f64"), "an f64 FMA in train_adam.cu");
+        }
     }
 }
