@@ -1,8 +1,9 @@
 //! The CUDA training backend against the CPU backend: every op of the `Backend` trait,
 //! forward and backward, on fresh random inputs (odd sizes, batch > 1, sizes that are not
 //! tile multiples); the whole network's gradients in both gradient modes; the
-//! conformance vectors in training mode on the GPU; training steps GPU vs CPU; and
-//! determinism. Every allocation of the GPU backend is poisoned with NaN, so an element a
+//! conformance vectors in training mode on the GPU; training steps GPU vs CPU;
+//! determinism; and the device-resident optimizer (Adam and running statistics equal to
+//! the host's bit for bit, resume bit-exact). Every allocation of the GPU backend is poisoned with NaN, so an element a
 //! kernel forgets to write shows up as a non-finite value.
 //! Every test is `#[ignore]`d, so that without a GPU the runner reports them as ignored
 //! (not passed); run them with `-- --include-ignored` (tools/gpu-check.sh does): then a
@@ -800,4 +801,96 @@ fn a_cpu_checkpoint_resumes_on_the_gpu_and_back() {
     );
     assert_eq!(resumed.step, 2);
     ck.finish();
+}
+
+/// The device-resident optimizer (kernels/train_adam.cu: t_grad_check, t_adam,
+/// t_running_stats) equals the host's f64 Adam and running-statistics update bit for bit
+/// over three steps with the same gradients and batch statistics (f64 moments, rounded f64
+/// intrinsics in the host's order: the tolerance is zero); a NaN gradient changes nothing.
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored (tools/gpu-check.sh does)"]
+fn device_adam_and_running_statistics_equal_the_host_bit_for_bit() {
+    use rln_engine::backend::{ChannelStats, GradSink};
+    use rln_engine::net::update_running_stats;
+    let Some(b) = backend() else { return };
+    let cfg = TrainConfig::default();
+    let model = Model::<f32>::init(ModelConfig::default(), 21);
+    let mut host = TrainState::new(model.clone(), &cfg);
+    host.adam.step = 5;
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let zeros = Params::<f64>::zeros(Variant::Single);
+    host.adam.m.zip_mut(&zeros, |m, _| *m = rng.random_range(-1e-2..1e-2));
+    host.adam.v.zip_mut(&zeros, |v, _| *v = rng.random_range(0.0..1e-3));
+    let mut opt = b.opt_new(&host.model, &host.adam).unwrap();
+    let mut mirror = host.model.clone();
+    for step in 0..4 {
+        let mut g = zeros.clone();
+        g.zip_mut(&zeros, |x, _| {
+            *x = rng.random_range(-1.0..1.0) * 10f64.powi(rng.random_range(-6..2))
+        });
+        if step == 3 {
+            g.layers[2].weight[7] = f64::NAN;
+        }
+        let stats: Vec<Option<ChannelStats>> = model
+            .running
+            .mean
+            .iter()
+            .map(|m| {
+                (!m.is_empty()).then(|| ChannelStats {
+                    mean: m.iter().map(|_| rng.random_range(-1.0..1.0)).collect(),
+                    var: m.iter().map(|_| rng.random_range(0.0..2.0)).collect(),
+                })
+            })
+            .collect();
+        let mut dg = b.grads_new(Variant::Single).unwrap();
+        for (l, k) in g.ids() {
+            dg.put(l, k, g.tensor(l, k).clone()).unwrap();
+        }
+        let applied = b.opt_step(&mut opt, &dg, &stats, &mut mirror).unwrap();
+        assert_eq!(applied, step < 3, "step {step}: applied only with finite gradients");
+        if applied {
+            host.adam.update(&mut host.model.params, &g);
+            update_running_stats(&mut host.model, &stats);
+        }
+        assert_eq!(mirror, host.model, "weights and statistics after step {step}");
+        let mut downloaded = model.clone();
+        assert_eq!(
+            b.opt_download(&opt, &mut downloaded).unwrap(),
+            host.adam,
+            "moments after step {step}"
+        );
+        assert_eq!(downloaded, host.model);
+    }
+}
+
+/// Resume on the device is bit-exact: three resident steps equal one step, a checkpoint
+/// (download, file, load, upload), and two more steps.
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored (tools/gpu-check.sh does)"]
+fn device_resume_is_bit_exact() {
+    use rln_engine::train::trainer::{load_checkpoint, save_checkpoint, train_step_resident};
+    let Some(b) = backend() else { return };
+    let cfg = TrainConfig::default();
+    let model = Model::<f32>::init(ModelConfig::default(), 22);
+    let batches: Vec<_> = (0..3)
+        .map(|i| blob_batch(30 + i, Shape::new(2, 1, 16, 16, 16)))
+        .collect();
+    let mut straight = TrainState::new(model.clone(), &cfg);
+    let mut opt = b.opt_new(&straight.model, &straight.adam).unwrap();
+    for (x, g) in &batches {
+        train_step_resident(&b, &mut opt, &mut straight, &cfg, x, g).unwrap();
+    }
+    straight.adam = b.opt_download(&opt, &mut straight.model).unwrap();
+    let mut first = TrainState::new(model, &cfg);
+    train_step_on(&b, &mut first, &cfg, &batches[0].0, &batches[0].1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("r.ckpt.safetensors");
+    save_checkpoint(&p, &first, &cfg, &[]).unwrap();
+    let (mut resumed, cfg2, _) = load_checkpoint(&p).unwrap();
+    let mut opt = b.opt_new(&resumed.model, &resumed.adam).unwrap();
+    for (x, g) in &batches[1..] {
+        train_step_resident(&b, &mut opt, &mut resumed, &cfg2, x, g).unwrap();
+    }
+    resumed.adam = b.opt_download(&opt, &mut resumed.model).unwrap();
+    assert_eq!(resumed, straight, "resumed after step 1 = uninterrupted, bit for bit");
 }

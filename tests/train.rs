@@ -155,6 +155,42 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
     assert_eq!(m, straight.model);
 }
 
+/// The CPU training loop on the backend's resident state (issue 16) is today's host
+/// arithmetic, bit for bit: three steps of `train` equal the former loop written out
+/// here (forward with batch statistics, loss, host gradients, `Adam::update` in f64,
+/// `update_running_stats`) in weights, running statistics, Adam's moments and counters.
+#[test]
+fn cpu_training_equals_the_former_host_optimizer_bit_for_bit() {
+    use rln_engine::backend::cpu::CpuBackend;
+    use rln_engine::backend::Backend;
+    use rln_engine::net::{update_running_stats, BnMode, Rln};
+    let data = dataset(2, [20, 20, 20]);
+    let cfg = small_cfg(3);
+    let model = Model::<f32>::init(ModelConfig::default(), 9);
+    struct Nop;
+    impl TrainObserver for Nop {}
+    let mut now = TrainState::new(model.clone(), &cfg);
+    trainer::train(&mut now, &cfg, &data, None, 0, None, &mut Nop).unwrap();
+
+    let b = CpuBackend::<f32>::new();
+    let mut former = TrainState::new(model.clone(), &cfg);
+    for step in 0..3 {
+        let batch = cfg.sampler.batch(&data, Variant::Single, step, cfg.seed).unwrap();
+        let net = Rln::new(&b, &former.model);
+        let fwd = net.forward(&batch.input, BnMode::Batch, true).unwrap();
+        let (_, dy, de) = b
+            .loss(&fwd.prediction, &fwd.e1_raw, &batch.input, &batch.ground_truth)
+            .unwrap();
+        let grads = net.backward(&fwd, &dy, &de, cfg.grad_mode).unwrap();
+        let stats = fwd.batch_stats;
+        former.adam.update(&mut former.model.params, &grads);
+        update_running_stats(&mut former.model, &stats);
+        former.step += 1;
+    }
+    assert_ne!(former.model, model);
+    assert_eq!(now, former, "weights, statistics, moments or counters differ");
+}
+
 #[test]
 fn training_reduces_the_loss_and_changes_running_statistics() {
     let data = dataset(2, [24, 24, 24]);
@@ -768,7 +804,9 @@ mod memory_limited {
     use super::MemoryLimited;
     use rln_engine::backend::loss::LossTerms;
     use rln_engine::backend::{Backend, BnTrainState, ChannelStats, Epilogue, GradMode};
+    use rln_engine::model::{Model, Params, Variant};
     use rln_engine::tensor::{Shape, Tensor};
+    use rln_engine::train::adam::Adam;
     use rln_engine::{Error, Result};
 
     type X = Tensor<f32>;
@@ -791,6 +829,26 @@ mod memory_limited {
     impl Backend for MemoryLimited {
         type T = f32;
         type X = X;
+        type Grads = Params<f64>;
+        type Opt = Adam;
+        fn grads_new(&self, variant: Variant) -> Result<Params<f64>> {
+            self.cpu.grads_new(variant)
+        }
+        fn opt_new(&self, model: &Model<f32>, adam: &Adam) -> Result<Adam> {
+            self.cpu.opt_new(model, adam)
+        }
+        fn opt_step(
+            &self,
+            adam: &mut Adam,
+            grads: &Params<f64>,
+            stats: &[Option<ChannelStats>],
+            model: &mut Model<f32>,
+        ) -> Result<bool> {
+            self.cpu.opt_step(adam, grads, stats, model)
+        }
+        fn opt_download(&self, adam: &Adam, model: &mut Model<f32>) -> Result<Adam> {
+            self.cpu.opt_download(adam, model)
+        }
         fn shape(&self, x: &X) -> Shape {
             x.shape
         }

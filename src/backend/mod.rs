@@ -10,15 +10,26 @@
 //! fuse it however it likes. Training splits it: the conv with an identity epilogue
 //! gives the pre-BN tensor, [`Backend::batch_stats`] its statistics, and
 //! [`Backend::epilogue`] the activation.
+//!
+//! Training state is resident on the backend: [`Backend::Opt`] holds the weights (the
+//! FP32 master copy), Adam's moments and step counter and the BN running statistics
+//! where the backend computes, and [`Backend::Grads`] a step's parameter gradients where
+//! the backward pass produced them ([`crate::net::Rln::backward_into`]); one
+//! [`Backend::opt_step`] runs Adam and the running-statistics update there. The CPU keeps
+//! all of it on the host (the reference arithmetic); CUDA keeps it on the device, so a
+//! step downloads no gradients.
 
 pub mod cpu;
 pub mod cuda;
 pub mod loss;
+pub mod optim;
 
 use crate::error::Result;
+use crate::model::{Model, ParamKind, Params, Variant};
 use crate::real::Real;
 use crate::tensor::{Shape, Tensor};
 use loss::LossTerms;
+use optim::Adam;
 
 /// What a trailing addend of a layer is (spec §3: `+ sp(xd)`, `+ sp(x)`, `+ 1`).
 pub enum Addend<'a, X, T> {
@@ -78,11 +89,31 @@ pub enum GradMode {
     Exact,
 }
 
+/// Where a backward pass puts the gradient of each trainable tensor (layer, kind).
+pub trait GradSink {
+    /// Stores the gradient of tensor (`layer`, `kind`), given as host values.
+    fn put(&mut self, layer: usize, kind: ParamKind, g: Vec<f64>) -> Result<()>;
+}
+
+/// The host's gradient set: the tensor is replaced by `g`.
+impl GradSink for Params<f64> {
+    fn put(&mut self, layer: usize, kind: ParamKind, g: Vec<f64>) -> Result<()> {
+        *self.tensor_mut(layer, kind) = g;
+        Ok(())
+    }
+}
+
 /// The operations of the network (rln-spec.md §3) and their gradients.
 /// `X` is the backend's tensor (N×C×D×H×W); weights are host slices in engine layout.
 pub trait Backend: Sync {
     type T: Real;
     type X: Send + Sync;
+    /// A training step's parameter gradients where this backend produced them (host
+    /// [`Params`] on the CPU, one device buffer on CUDA).
+    type Grads: GradSink + Send;
+    /// The trainable state resident on this backend: weights, Adam's moments and step
+    /// counter, BN running statistics (see [`Backend::opt_new`]).
+    type Opt: Send;
 
     fn shape(&self, x: &Self::X) -> Shape;
     /// A host tensor as this backend's tensor (a copy; an upload on a device).
@@ -163,6 +194,64 @@ pub trait Backend: Sync {
     fn channel_mean_backward(&self, dy: &Self::X, channels: usize) -> Result<Self::X>;
     /// acc += t
     fn accumulate(&self, acc: &mut Self::X, t: &Self::X) -> Result<()>;
+
+    // ---- gradients into a resident gradient set ----
+    /// An empty gradient set for `variant` (every tensor is written by one backward pass).
+    fn grads_new(&self, variant: Variant) -> Result<Self::Grads>;
+    /// [`Backend::epilogue_backward`] with dγ, dβ stored into `grads` (layer `layer`,
+    /// nothing stored when `bn` is None); returns ∂L/∂z.
+    fn epilogue_backward_into(
+        &self,
+        z: &Self::X,
+        dy: &Self::X,
+        softplus: bool,
+        bn: Option<&BnTrainState<Self::T>>,
+        grads: &mut Self::Grads,
+        layer: usize,
+    ) -> Result<Self::X> {
+        let (dz, dgamma, dbeta) = self.epilogue_backward(z, dy, softplus, bn)?;
+        if bn.is_some() {
+            grads.put(layer, ParamKind::Gamma, dgamma)?;
+            grads.put(layer, ParamKind::Beta, dbeta)?;
+        }
+        Ok(dz)
+    }
+    /// [`Backend::conv3_backward_weight`] stored into `grads` as layer `layer`'s weight.
+    fn conv3_backward_weight_into(
+        &self,
+        inputs: &[&Self::X],
+        dz: &Self::X,
+        grads: &mut Self::Grads,
+        layer: usize,
+    ) -> Result<()> {
+        let g = self.conv3_backward_weight(inputs, dz)?;
+        grads.put(layer, ParamKind::Weight, g)
+    }
+    /// [`Backend::up2_backward_weight`] stored into `grads` as layer `layer`'s weight.
+    fn up2_backward_weight_into(&self, x: &Self::X, dz: &Self::X, grads: &mut Self::Grads, layer: usize) -> Result<()> {
+        let g = self.up2_backward_weight(x, dz)?;
+        grads.put(layer, ParamKind::Weight, g)
+    }
+
+    // ---- the resident training state (Adam, spec §5; running statistics, spec §4) ----
+    /// The state of `model` (weights, running statistics) and `adam` (moments, step
+    /// counter, schedule) copied to this backend (an upload on a device).
+    fn opt_new(&self, model: &Model<Self::T>, adam: &Adam) -> Result<Self::Opt>;
+    /// One optimizer step: Adam (the authors' TF1 form, [`Adam::update`]'s arithmetic) with
+    /// `grads`, then the running statistics `r ← m·r + (1−m)·batch` with the batch
+    /// statistics `stats` (per layer, None without batch norm). Afterwards `model`, the
+    /// host's mirror that the ops read weights from, holds the new weights and statistics.
+    /// Returns false, with nothing changed, when a gradient is not finite.
+    fn opt_step(
+        &self,
+        opt: &mut Self::Opt,
+        grads: &Self::Grads,
+        stats: &[Option<ChannelStats>],
+        model: &mut Model<Self::T>,
+    ) -> Result<bool>;
+    /// The whole resident state as host values (for a checkpoint): weights and running
+    /// statistics into `model`, Adam's moments and step counter returned.
+    fn opt_download(&self, opt: &Self::Opt, model: &mut Model<Self::T>) -> Result<Adam>;
 
     // ---- shapes ----
     /// Mirror-pads D, H, W up to even sizes (symmetric reflection, edge repeated).

@@ -104,6 +104,13 @@ pub struct Tape<B: Backend> {
     bn: Vec<Option<BnTrainState<B::T>>>,
 }
 
+/// Where a backward pass stores parameter gradients: host tensors, or the backend's
+/// resident gradient set.
+enum Sink<'g, B: Backend> {
+    Host(&'g mut Params<f64>),
+    Resident(&'g mut B::Grads),
+}
+
 /// The network bound to a backend and a model.
 pub struct Rln<'a, B: Backend> {
     pub b: &'a B,
@@ -329,23 +336,27 @@ impl<'a, B: Backend> Rln<'a, B> {
         inputs: &[&B::X],
         dy: &B::X,
         needed: &[bool],
-        grads: &mut Params<f64>,
+        grads: &mut Sink<'_, B>,
     ) -> Result<Vec<Option<B::X>>> {
         let b = self.b;
         let i = l as usize;
         let spec = l.spec();
         let z = tape.z[i].as_ref().expect("forward ran in training mode with a tape");
-        let (dz, dgamma, dbeta) = b.epilogue_backward(z, dy, has_softplus(l), tape.bn[i].as_ref())?;
-        grads.layers[i].gamma = dgamma;
-        grads.layers[i].beta = dbeta;
+        let dz = self.epilogue_backward(tape, l, z, dy, grads)?;
         match spec.op {
             LayerOp::Conv3 => {
-                grads.layers[i].weight = b.conv3_backward_weight(inputs, &dz)?;
+                match grads {
+                    Sink::Host(g) => g.layers[i].weight = b.conv3_backward_weight(inputs, &dz)?,
+                    Sink::Resident(g) => b.conv3_backward_weight_into(inputs, &dz, g, i)?,
+                }
                 let c_in: Vec<usize> = inputs.iter().map(|t| b.shape(t).c).collect();
                 b.conv3_backward_data(&dz, self.weight(l), &c_in, needed)
             }
             LayerOp::Up2 => {
-                grads.layers[i].weight = b.up2_backward_weight(inputs[0], &dz)?;
+                match grads {
+                    Sink::Host(g) => g.layers[i].weight = b.up2_backward_weight(inputs[0], &dz)?,
+                    Sink::Resident(g) => b.up2_backward_weight_into(inputs[0], &dz, g, i)?,
+                }
                 let dx = if needed[0] {
                     Some(b.up2_backward_data(&dz, self.weight(l), spec.c_in)?)
                 } else {
@@ -357,15 +368,24 @@ impl<'a, B: Backend> Rln<'a, B> {
         }
     }
 
-    /// Backward of a BnOnly layer: ∂L/∂node, and its γ, β gradients into `grads`.
-    fn bn_node_backward(&self, tape: &Tape<B>, l: L, node: &B::X, dy: &B::X, grads: &mut Params<f64>) -> Result<B::X> {
+    /// Gradient through layer `l`'s epilogue (z its input), with γ, β gradients into `grads`.
+    fn epilogue_backward(&self, tape: &Tape<B>, l: L, z: &B::X, dy: &B::X, grads: &mut Sink<'_, B>) -> Result<B::X> {
         let i = l as usize;
-        let (dn, dgamma, dbeta) = self
-            .b
-            .epilogue_backward(node, dy, has_softplus(l), tape.bn[i].as_ref())?;
-        grads.layers[i].gamma = dgamma;
-        grads.layers[i].beta = dbeta;
-        Ok(dn)
+        let bn = tape.bn[i].as_ref();
+        match grads {
+            Sink::Host(g) => {
+                let (dz, dgamma, dbeta) = self.b.epilogue_backward(z, dy, has_softplus(l), bn)?;
+                g.layers[i].gamma = dgamma;
+                g.layers[i].beta = dbeta;
+                Ok(dz)
+            }
+            Sink::Resident(g) => self.b.epilogue_backward_into(z, dy, has_softplus(l), bn, g, i),
+        }
+    }
+
+    /// Backward of a BnOnly layer: ∂L/∂node, and its γ, β gradients into `grads`.
+    fn bn_node_backward(&self, tape: &Tape<B>, l: L, node: &B::X, dy: &B::X, grads: &mut Sink<'_, B>) -> Result<B::X> {
+        self.epilogue_backward(tape, l, node, dy, grads)
     }
 
     fn sum(&self, mut a: B::X, b: &B::X) -> Result<B::X> {
@@ -377,13 +397,38 @@ impl<'a, B: Backend> Rln<'a, B> {
     /// ∂L/∂E1r (the auxiliary loss) at the caller's (unpadded) size. `mode` chooses the
     /// true gradient or the authors' custom gradients (spec §5).
     pub fn backward(&self, fwd: &Forward<B>, dy: &B::X, de1r_aux: &B::X, mode: GradMode) -> Result<Params<f64>> {
+        let mut g = Params::<f64>::zeros(self.model.config.variant);
+        self.backward_to(fwd, dy, de1r_aux, mode, &mut Sink::Host(&mut g))?;
+        Ok(g)
+    }
+
+    /// [`Rln::backward`] with the parameter gradients stored into the backend's resident
+    /// gradient set (on a device they stay there, for [`Backend::opt_step`]).
+    pub fn backward_into(
+        &self,
+        fwd: &Forward<B>,
+        dy: &B::X,
+        de1r_aux: &B::X,
+        mode: GradMode,
+        grads: &mut B::Grads,
+    ) -> Result<()> {
+        self.backward_to(fwd, dy, de1r_aux, mode, &mut Sink::Resident(grads))
+    }
+
+    fn backward_to(
+        &self,
+        fwd: &Forward<B>,
+        dy: &B::X,
+        de1r_aux: &B::X,
+        mode: GradMode,
+        g: &mut Sink<'_, B>,
+    ) -> Result<()> {
         let b = self.b;
         let tape = fwd
             .tape
             .as_ref()
             .ok_or_else(|| Error::invalid("backward needs a forward pass run with keep_tape"))?;
         let a = &tape.acts;
-        let mut g = Params::<f64>::zeros(self.model.config.variant);
         let padded = b.shape(&a.y);
         let dy = b.uncrop_zeros(dy, padded)?;
         let de1r_aux = b.uncrop_zeros(de1r_aux, padded)?;
@@ -392,77 +437,67 @@ impl<'a, B: Backend> Rln<'a, B> {
 
         // merge part
         let df3 = b.channel_mean_backward(&dy, b.shape(&a.f3).c)?;
-        let mut r = self.unit_backward(tape, L::H3Conv3, &[&a.f1, &a.f2], &df3, &[true, true], &mut g)?;
+        let mut r = self.unit_backward(tape, L::H3Conv3, &[&a.f1, &a.f2], &df3, &[true, true], g)?;
         let (df1_a, df2) = (take(&mut r, 0), take(&mut r, 1));
-        let mut r = self.unit_backward(
-            tape,
-            L::H3Conv2,
-            &[&a.f1, &a.e2, &a.e1],
-            &df2,
-            &[true, true, true],
-            &mut g,
-        )?;
+        let mut r = self.unit_backward(tape, L::H3Conv2, &[&a.f1, &a.e2, &a.e1], &df2, &[true, true, true], g)?;
         let (df1_b, de2_a, de1_a) = (take(&mut r, 0), take(&mut r, 1), take(&mut r, 2));
         let df1 = self.sum(df1_a, &df1_b)?;
         let de2_b = take(
-            &mut self.unit_backward(tape, L::H3Conv1, &[&a.e2], &df1, &[true], &mut g)?,
+            &mut self.unit_backward(tape, L::H3Conv1, &[&a.e2], &df1, &[true], g)?,
             0,
         );
         let de2 = self.sum(de2_a, &de2_b)?;
 
         // original-scale part
-        let de2r = self.bn_node_backward(tape, L::H2E, &a.e2r, &de2, &mut g)?;
+        let de2r = self.bn_node_backward(tape, L::H2E, &a.e2r, &de2, g)?;
         let (de1_b, dbp2) = b.rl_update_backward(&a.e1, &a.bp2, &de2r, mode)?;
         let dd1 = take(
-            &mut self.unit_backward(tape, L::H2BpConv2, &[&a.d1], &dbp2, &[true], &mut g)?,
+            &mut self.unit_backward(tape, L::H2BpConv2, &[&a.d1], &dbp2, &[true], g)?,
             0,
         );
         let ddv2 = take(
-            &mut self.unit_backward(tape, L::H2BpConv1, &[&a.dv2], &dd1, &[true], &mut g)?,
+            &mut self.unit_backward(tape, L::H2BpConv1, &[&a.dv2], &dd1, &[true], g)?,
             0,
         );
-        let dq2 = self.bn_node_backward(tape, L::H2Dv, &a.q2, &ddv2, &mut g)?;
+        let dq2 = self.bn_node_backward(tape, L::H2Dv, &a.q2, &ddv2, g)?;
         let (_, dfp2) = b.rl_divide_backward(a.x1(), &a.fp2, eps, &dq2, mode)?;
         let dc1 = take(
-            &mut self.unit_backward(tape, L::H2FpConv2, &[&a.c1], &dfp2, &[true], &mut g)?,
+            &mut self.unit_backward(tape, L::H2FpConv2, &[&a.c1], &dfp2, &[true], g)?,
             0,
         );
-        self.unit_backward(tape, L::H2FpConv1, &[&a.x], &dc1, &[false], &mut g)?;
+        self.unit_backward(tape, L::H2FpConv1, &[&a.x], &dc1, &[false], g)?;
 
         // down-scale part
         let de1 = self.sum(de1_a, &de1_b)?;
-        let de1r = self.sum(self.bn_node_backward(tape, L::H1E, &a.e1r, &de1, &mut g)?, &de1r_aux)?;
+        let de1r = self.sum(self.bn_node_backward(tape, L::H1E, &a.e1r, &de1, g)?, &de1r_aux)?;
         let (_, dbp1) = b.rl_update_backward(a.x1(), &a.bp1, &de1r, mode)?;
         let du = take(
-            &mut self.unit_backward(tape, L::H1BpConv4, &[&a.u], &dbp1, &[true], &mut g)?,
+            &mut self.unit_backward(tape, L::H1BpConv4, &[&a.u], &dbp1, &[true], g)?,
             0,
         );
-        let db3 = take(
-            &mut self.unit_backward(tape, L::H1BpUp, &[&a.b3], &du, &[true], &mut g)?,
-            0,
-        );
-        let mut r = self.unit_backward(tape, L::H1BpConv3, &[&a.b2, &a.b1], &db3, &[true, true], &mut g)?;
+        let db3 = take(&mut self.unit_backward(tape, L::H1BpUp, &[&a.b3], &du, &[true], g)?, 0);
+        let mut r = self.unit_backward(tape, L::H1BpConv3, &[&a.b2, &a.b1], &db3, &[true, true], g)?;
         let (db2, db1_a) = (take(&mut r, 0), take(&mut r, 1));
         let db1_b = take(
-            &mut self.unit_backward(tape, L::H1BpConv2, &[&a.b1], &db2, &[true], &mut g)?,
+            &mut self.unit_backward(tape, L::H1BpConv2, &[&a.b1], &db2, &[true], g)?,
             0,
         );
         let db1 = self.sum(db1_a, &db1_b)?;
         let ddv1 = take(
-            &mut self.unit_backward(tape, L::H1BpConv1, &[&a.dv1], &db1, &[true], &mut g)?,
+            &mut self.unit_backward(tape, L::H1BpConv1, &[&a.dv1], &db1, &[true], g)?,
             0,
         );
-        let dq1 = self.bn_node_backward(tape, L::H1Dv, &a.q1, &ddv1, &mut g)?;
+        let dq1 = self.bn_node_backward(tape, L::H1Dv, &a.q1, &ddv1, g)?;
         let (_, dfp1) = b.rl_divide_backward(a.xd1(), &a.fp1, eps, &dq1, mode)?;
-        let mut r = self.unit_backward(tape, L::H1FpConv3, &[&a.a1, &a.a2], &dfp1, &[true, true], &mut g)?;
+        let mut r = self.unit_backward(tape, L::H1FpConv3, &[&a.a1, &a.a2], &dfp1, &[true, true], g)?;
         let (da1_a, da2) = (take(&mut r, 0), take(&mut r, 1));
         let da1_b = take(
-            &mut self.unit_backward(tape, L::H1FpConv2, &[&a.a1], &da2, &[true], &mut g)?,
+            &mut self.unit_backward(tape, L::H1FpConv2, &[&a.a1], &da2, &[true], g)?,
             0,
         );
         let da1 = self.sum(da1_a, &da1_b)?;
-        self.unit_backward(tape, L::H1FpConv1, &[&a.xd], &da1, &[false], &mut g)?;
-        Ok(g)
+        self.unit_backward(tape, L::H1FpConv1, &[&a.xd], &da1, &[false], g)?;
+        Ok(())
     }
 }
 
@@ -470,18 +505,6 @@ fn none_vec<V>() -> Vec<Option<V>> {
     (0..NUM_LAYERS).map(|_| None).collect()
 }
 
-/// The once-per-step running-statistics update: r ← m·r + (1 − m)·batch, with the
-/// biased batch variance (spec §4).
-pub fn update_running_stats<T: Real>(model: &mut Model<T>, stats: &[Option<ChannelStats>]) {
-    let m = model.config.bn_momentum;
-    for (l, s) in stats.iter().enumerate() {
-        if let Some(s) = s {
-            for c in 0..s.mean.len() {
-                let rm = &mut model.running.mean[l][c];
-                *rm = T::of(m * rm.f64() + (1.0 - m) * s.mean[c]);
-                let rv = &mut model.running.var[l][c];
-                *rv = T::of(m * rv.f64() + (1.0 - m) * s.var[c]);
-            }
-        }
-    }
-}
+/// The once-per-step running-statistics update (spec §4), with the optimizer's
+/// arithmetic in the backend layer.
+pub use crate::backend::optim::update_running_stats;

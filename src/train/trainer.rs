@@ -11,7 +11,7 @@ use crate::imaging::metrics::{evaluate, Normalize};
 use crate::imaging::volume::Volume;
 use crate::model::tensor_file::TensorFile;
 use crate::model::{Model, Params};
-use crate::net::{update_running_stats, BnMode, Rln};
+use crate::net::{BnMode, Rln};
 use crate::tensor::{Shape, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -142,13 +142,43 @@ pub fn train_step(state: &mut TrainState, cfg: &TrainConfig, x: &Tensor<f32>, g:
     train_step_on(&CpuBackend::<f32>::new(), state, cfg, x, g)
 }
 
-/// [`train_step`] on backend `b` (the batch is copied to it; forward, loss and backward
-/// run there; the gradients, batch statistics and loss come back; Adam and the running
-/// statistics are updated on the host, in f64, for every backend alike). A backend's
-/// error is returned with `state` untouched; running out of memory is an
+/// [`train_step`] on backend `b`: the state is copied to the backend's resident
+/// optimizer state ([`Backend::opt_new`]), one step runs there, and Adam's moments come
+/// back. A loop keeps the resident state across steps instead ([`train_on`]). A
+/// backend's error is returned with `state` untouched; running out of memory is an
 /// [`Error::OutOfMemory`] that says which settings to lower.
 pub fn train_step_on<B: Backend<T = f32>>(
     b: &B,
+    state: &mut TrainState,
+    cfg: &TrainConfig,
+    x: &Tensor<f32>,
+    g: &Tensor<f32>,
+) -> Result<LossTerms> {
+    let step = state.step;
+    let mut opt = b.opt_new(&state.model, &state.adam).map_err(|e| {
+        step_error(
+            e,
+            &format!("training step {step} (optimizer state)"),
+            x.shape,
+            &advice(x.shape),
+        )
+    })?;
+    let r = train_step_resident(b, &mut opt, state, cfg, x, g);
+    if state.step != step || matches!(r, Err(Error::Numeric(_))) {
+        // the resident state moved (a completed step, or weights that became non-finite)
+        state.adam = b.opt_download(&opt, &mut state.model)?;
+    }
+    r
+}
+
+/// One step on the resident state `opt` of backend `b`, whose host mirror is
+/// `state.model` (`state.adam` is not read or written): the batch is copied to the
+/// backend; forward, loss, backward, Adam and the running statistics run there
+/// ([`Rln::backward_into`], [`Backend::opt_step`]); the loss terms come back. Fails
+/// (state untouched) on a non-finite loss or gradient.
+pub fn train_step_resident<B: Backend<T = f32>>(
+    b: &B,
+    opt: &mut B::Opt,
     state: &mut TrainState,
     cfg: &TrainConfig,
     x: &Tensor<f32>,
@@ -162,35 +192,45 @@ pub fn train_step_on<B: Backend<T = f32>>(
         let fwd = net.forward(&xd, BnMode::Batch, true)?;
         let x1 = if x.shape.c > 1 { b.channel_mean(&xd)? } else { xd };
         let (terms, dy, de1r) = b.loss(&fwd.prediction, &fwd.e1_raw, &x1, &gd)?;
-        let grads = net.backward(&fwd, &dy, &de1r, cfg.grad_mode)?;
+        let mut grads = b.grads_new(state.model.config.variant)?;
+        net.backward_into(&fwd, &dy, &de1r, cfg.grad_mode, &mut grads)?;
         Ok((terms, grads, fwd.batch_stats))
     };
-    let (terms, grads, stats) = run().map_err(|e| {
-        let advice = format!(
-            "lower the batch size (--batch, now {}) or the crop size (--crop, now {}×{}×{})",
-            x.shape.n, x.shape.d, x.shape.h, x.shape.w
-        );
-        step_error(e, &format!("training step {step}"), x.shape, &advice)
-    })?;
+    let (terms, grads, stats) =
+        run().map_err(|e| step_error(e, &format!("training step {step}"), x.shape, &advice(x.shape)))?;
     if !terms.loss.is_finite() {
         return Err(Error::Numeric(format!(
             "step {step}: the loss is {} (mse {}, ssim {}): training diverged or the data holds bad values",
             terms.loss, terms.mse, terms.ssim
         )));
     }
-    if !grads.all_finite() {
+    let updated = b.opt_step(opt, &grads, &stats, &mut state.model).map_err(|e| {
+        step_error(
+            e,
+            &format!("training step {step} (optimizer)"),
+            x.shape,
+            &advice(x.shape),
+        )
+    })?;
+    if !updated {
         return Err(Error::Numeric(format!(
             "step {step}: a gradient is not finite although the loss is {}",
             terms.loss
         )));
     }
-    state.adam.update(&mut state.model.params, &grads);
-    update_running_stats(&mut state.model, &stats);
     if !state.model.params.all_finite() {
         return Err(Error::Numeric(format!("step {step}: the weights became non-finite")));
     }
     state.step += 1;
     Ok(terms)
+}
+
+/// What to lower when a training step on a batch of `shape` does not fit.
+fn advice(shape: Shape) -> String {
+    format!(
+        "lower the batch size (--batch, now {}) or the crop size (--crop, now {}×{}×{})",
+        shape.n, shape.d, shape.h, shape.w
+    )
 }
 
 /// A backend's error during `what` on an input of `shape`, with what to do about it: out
@@ -335,30 +375,74 @@ pub fn train_on<B: Backend<T = f32>>(
             })
             .collect();
         let mut last_val = None;
-        while state.step < end {
-            let batch = if workers > 0 {
-                rx[((state.step - first) % workers as u64) as usize]
-                    .recv()
-                    .map_err(|_| Error::invalid("a batch thread stopped unexpectedly"))??
-            } else {
-                cfg.sampler.batch(data, variant, state.step, cfg.seed)?
-            };
-            let lr = state.adam.schedule.lr(state.step);
-            let terms = train_step_on(b, state, cfg, &batch.input, &batch.ground_truth)?;
-            obs.on_step(state.step, &terms, lr);
-            if let Some(v) = val {
-                if state.step % cfg.epoch_steps == 0 || state.step == cfg.steps {
-                    let m = validate_on(b, &state.model, v, cfg)?;
-                    obs.on_validation(state.step, &m, &state.model)?;
-                    last_val = Some(m);
+        // weights, moments and statistics stay on the backend for the whole loop;
+        // `state.model` mirrors them, `state.adam` is brought up to date for every
+        // checkpoint and when the loop ends (also on an error)
+        let mut opt = b.opt_new(&state.model, &state.adam).map_err(|e| {
+            let s = &cfg.sampler;
+            let shape = Shape::new(s.batch, variant.input_channels(), s.crop[0], s.crop[1], s.crop[2]);
+            step_error(e, "the optimizer state", shape, &advice(shape))
+        })?;
+        let r = run_steps(
+            b,
+            &mut opt,
+            state,
+            cfg,
+            val,
+            checkpoint_every,
+            end,
+            obs,
+            &mut last_val,
+            |step| {
+                if workers > 0 {
+                    rx[((step - first) % workers as u64) as usize]
+                        .recv()
+                        .map_err(|_| Error::invalid("a batch thread stopped unexpectedly"))?
+                } else {
+                    cfg.sampler.batch(data, variant, step, cfg.seed)
                 }
-            }
-            if (checkpoint_every > 0 && state.step % checkpoint_every == 0) || state.step == end {
-                obs.on_checkpoint(state, cfg)?;
-            }
-        }
+            },
+        );
+        let synced = b.opt_download(&opt, &mut state.model).map(|adam| state.adam = adam);
+        r?;
+        synced?;
         Ok(last_val)
     })
+}
+
+/// The steps of [`train_on`] from `state.step` to `end` on the resident state `opt`,
+/// with validation and checkpoints; `batch(step)` gives a step's batch.
+#[allow(clippy::too_many_arguments)]
+fn run_steps<B: Backend<T = f32>>(
+    b: &B,
+    opt: &mut B::Opt,
+    state: &mut TrainState,
+    cfg: &TrainConfig,
+    val: Option<&Dataset>,
+    checkpoint_every: u64,
+    end: u64,
+    obs: &mut dyn TrainObserver,
+    last_val: &mut Option<ValMetrics>,
+    mut batch: impl FnMut(u64) -> Result<super::data::Batch>,
+) -> Result<()> {
+    while state.step < end {
+        let batch = batch(state.step)?;
+        let lr = state.adam.schedule.lr(state.step);
+        let terms = train_step_resident(b, opt, state, cfg, &batch.input, &batch.ground_truth)?;
+        obs.on_step(state.step, &terms, lr);
+        if let Some(v) = val {
+            if state.step % cfg.epoch_steps == 0 || state.step == cfg.steps {
+                let m = validate_on(b, &state.model, v, cfg)?;
+                obs.on_validation(state.step, &m, &state.model)?;
+                *last_val = Some(m);
+            }
+        }
+        if (checkpoint_every > 0 && state.step % checkpoint_every == 0) || state.step == end {
+            state.adam = b.opt_download(opt, &mut state.model)?;
+            obs.on_checkpoint(state, cfg)?;
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- checkpoints

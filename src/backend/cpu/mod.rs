@@ -9,8 +9,10 @@ pub mod up2;
 pub use simd::{isa, CpuReal, Isa};
 
 use super::loss::{loss_and_grad, LossTerms};
+use super::optim::{update_running_stats, Adam};
 use super::{Addend, Backend, BnTrainState, ChannelStats, Epilogue, GradMode};
 use crate::error::{Error, Result};
+use crate::model::{Model, Params, Variant};
 use crate::real::Real;
 use crate::tensor::{Shape, Tensor};
 use std::marker::PhantomData;
@@ -102,6 +104,9 @@ impl<T: CpuReal> CpuBackend<T> {
 impl<T: CpuReal> Backend for CpuBackend<T> {
     type T = T;
     type X = Tensor<T>;
+    type Grads = Params<f64>;
+    /// Adam itself: the weights and running statistics are the host model.
+    type Opt = Adam;
 
     fn shape(&self, x: &Tensor<T>) -> Shape {
         x.shape
@@ -225,5 +230,30 @@ impl<T: CpuReal> Backend for CpuBackend<T> {
     }
     fn uncrop_zeros(&self, x: &Tensor<T>, shape: Shape) -> Result<Tensor<T>> {
         Ok(pointwise::uncrop_zeros(x, shape))
+    }
+    fn grads_new(&self, variant: Variant) -> Result<Params<f64>> {
+        Ok(Params::zeros(variant))
+    }
+    fn opt_new(&self, _model: &Model<T>, adam: &Adam) -> Result<Adam> {
+        Ok(adam.clone())
+    }
+    /// The host arithmetic of the trainer: [`Adam::update`] in f64, then
+    /// [`update_running_stats`].
+    fn opt_step(
+        &self,
+        adam: &mut Adam,
+        grads: &Params<f64>,
+        stats: &[Option<ChannelStats>],
+        model: &mut Model<T>,
+    ) -> Result<bool> {
+        if !grads.all_finite() {
+            return Ok(false);
+        }
+        adam.update(&mut model.params, grads);
+        update_running_stats(model, stats);
+        Ok(true)
+    }
+    fn opt_download(&self, adam: &Adam, _model: &mut Model<T>) -> Result<Adam> {
+        Ok(adam.clone())
     }
 }

@@ -204,6 +204,7 @@ impl CudaDevice {
         wanted.push(("h1_fp", launch::POOL_KERNEL.to_string(), 0));
         // the training kernels (kernels/train_*.cu)
         wanted.extend(super::train_launch::kernel_list());
+        wanted.extend(super::train::ADAM_KERNELS.map(|k| (super::train::ADAM_MODULE, k.to_string(), 0)));
         for (module, name, smem) in wanted {
             let m = &modules
                 .iter()

@@ -752,6 +752,35 @@ impl super::train::Exec for EmuExec {
                 let r = reduce_part(&part.to_vec(nb * j), nb, j, a.dc[0]);
                 r.iter().enumerate().for_each(|(i, &v)| stat.set(i, v));
             }
+            // kernels/train_adam.cu: Rust's f64 `*`, `+`, `/`, sqrt are the .cu's rounded
+            // intrinsics (no contraction), in the same order
+            "t_grad_check" => {
+                assert_eq!(grid, (1, 1, 1), "t_grad_check: one block");
+                let all = (0..count).all(|i| part.get(i).is_finite());
+                o(0).set(0, if all { 1.0 } else { 0.0 });
+            }
+            "t_adam" => {
+                if f(0).get(0) != 1.0 {
+                    return Ok(());
+                }
+                let [lr_t, b1, b2, eps, c1, c2, _, _] = a.dc;
+                for i in 0..count {
+                    let g = part.get(i);
+                    let mi = b1 * stat.get(i) + c1 * g;
+                    let vi = b2 * stat.get(count + i) + c2 * g * g;
+                    stat.set(i, mi);
+                    stat.set(count + i, vi);
+                    o(0).set(i, (o(0).get(i) as f64 - lr_t * mi / (vi.sqrt() + eps)) as f32);
+                }
+            }
+            "t_running_stats" => {
+                if f(0).get(0) != 1.0 {
+                    return Ok(());
+                }
+                for i in 0..count {
+                    o(0).set(i, (a.dc[0] * o(0).get(i) as f64 + a.dc[1] * part.get(i)) as f32);
+                }
+            }
             other => panic!("no emulation of kernel {other}"),
         }
         Ok(())
@@ -817,7 +846,7 @@ mod tests {
 
     use crate::backend::cpu::CpuBackend;
     use crate::backend::cuda::CudaTrainBackend;
-    use crate::backend::{Addend, Backend, BnTrainState, Epilogue, GradMode};
+    use crate::backend::{Addend, Backend, BnTrainState, ChannelStats, Epilogue, GradMode};
     use crate::model::{Model, ModelConfig, Params, Variant};
     use crate::net::{BnMode, Rln};
     use crate::train::trainer::{train_step_on, TrainConfig, TrainState};
@@ -1254,12 +1283,13 @@ mod tests {
             launches.len()
         );
         println!("{by:?}");
-        // 17 batch norms in the forward pass, the loss, 17 batch norms backward, 14 conv and
-        // 1 up2 weight gradients
+        // 17 batch norms in the forward pass, the loss, the new weights (no gradient: they
+        // stay on the device), and for this one-off step (train_step_on) the whole state
+        // once more at its end: weights and Adam's moments
         assert_eq!(
             syncs,
-            17 + 1 + 17 + 15,
-            "one copy per BN forward, loss, BN backward, conv and up2 weight gradient"
+            17 + 1 + 1 + 2,
+            "one copy per BN forward, the loss, the new weights, the final state"
         );
         assert!(launches.len() < 400);
     }
@@ -1376,5 +1406,236 @@ mod tests {
         let b = CudaTrainBackend::on_exec(Arc::new(EmuExec::default()), false);
         train_step_on(&b, &mut st, &cfg, &x, &x).expect("without the limit the step runs");
         assert_eq!(st.step, 1);
+    }
+
+    // ---------------------------------------------------------------- resident state
+
+    /// A model, Adam state (non-zero moments, step 7) and gradients with values of every
+    /// scale, for the optimizer tests.
+    fn random_opt_state(seed: u64) -> (Model<f32>, crate::backend::optim::Adam, Params<f64>) {
+        use crate::backend::optim::{Adam, LrSchedule};
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut model = Model::<f32>::init(ModelConfig::default(), seed);
+        for l in 0..model.running.mean.len() {
+            for c in 0..model.running.mean[l].len() {
+                model.running.mean[l][c] = rng.random_range(-2.0f32..2.0);
+                model.running.var[l][c] = rng.random_range(0.01f32..3.0);
+            }
+        }
+        let mut adam = Adam::new(Variant::Single, LrSchedule::default());
+        adam.step = 7;
+        adam.m.zip_mut(&Params::zeros(Variant::Single), |m, _| {
+            *m = rng.random_range(-1e-2..1e-2)
+        });
+        adam.v
+            .zip_mut(&Params::zeros(Variant::Single), |v, _| *v = rng.random_range(0.0..1e-3));
+        let mut g = Params::<f64>::zeros(Variant::Single);
+        g.zip_mut(&Params::zeros(Variant::Single), |x, _| {
+            *x = rng.random_range(-1.0..1.0) * 10f64.powi(rng.random_range(-6..2))
+        });
+        (model, adam, g)
+    }
+
+    fn random_stats(seed: u64, model: &Model<f32>) -> Vec<Option<ChannelStats>> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        model
+            .running
+            .mean
+            .iter()
+            .map(|m| {
+                (!m.is_empty()).then(|| ChannelStats {
+                    mean: m.iter().map(|_| rng.random_range(-1.0..1.0)).collect(),
+                    var: m.iter().map(|_| rng.random_range(0.0..2.0)).collect(),
+                })
+            })
+            .collect()
+    }
+
+    /// Adam (t_adam) and the running statistics (t_running_stats) on the emulated device
+    /// equal the host's `Adam::update` + `update_running_stats` bit for bit over three
+    /// steps: the moments stay f64 and every operation is a rounded f64 operation in the
+    /// host's order, so the tolerance is zero (the only f32 rounding, of the new weight
+    /// and statistic, is the host's too). A non-finite gradient changes nothing.
+    #[test]
+    fn emulated_adam_and_running_statistics_equal_the_host_bit_for_bit() {
+        use crate::backend::optim::update_running_stats;
+        use crate::backend::GradSink;
+        let b = emulated();
+        let (model, adam, _) = random_opt_state(3);
+        let (mut host_model, mut host_adam) = (model.clone(), adam.clone());
+        let mut opt = b.opt_new(&model, &adam).unwrap();
+        let mut dev_model = model.clone();
+        for step in 0..3u64 {
+            let (_, _, g) = random_opt_state(10 + step);
+            let stats = random_stats(20 + step, &model);
+            host_adam.update(&mut host_model.params, &g);
+            update_running_stats(&mut host_model, &stats);
+            let mut dg = b.grads_new(Variant::Single).unwrap();
+            for (l, k) in g.ids() {
+                dg.put(l, k, g.tensor(l, k).clone()).unwrap();
+            }
+            assert!(b.opt_step(&mut opt, &dg, &stats, &mut dev_model).unwrap());
+            assert_eq!(dev_model, host_model, "the host mirror after step {step}");
+            let mut downloaded = model.clone();
+            let dev_adam = b.opt_download(&opt, &mut downloaded).unwrap();
+            assert_eq!(
+                downloaded, host_model,
+                "the device's weights and statistics after step {step}"
+            );
+            assert_eq!(
+                dev_adam, host_adam,
+                "the device's moments and step counter after step {step}"
+            );
+        }
+        assert_ne!(host_model, model, "the steps changed the weights");
+        // a NaN gradient: nothing moves, on the device or in the mirror
+        let (_, _, mut g) = random_opt_state(30);
+        g.layers[5].gamma[1] = f64::NAN;
+        let mut dg = b.grads_new(Variant::Single).unwrap();
+        for (l, k) in g.ids() {
+            dg.put(l, k, g.tensor(l, k).clone()).unwrap();
+        }
+        let before = dev_model.clone();
+        assert!(!b
+            .opt_step(&mut opt, &dg, &random_stats(31, &model), &mut dev_model)
+            .unwrap());
+        assert_eq!(dev_model, before);
+        let mut downloaded = model.clone();
+        assert_eq!(b.opt_download(&opt, &mut downloaded).unwrap(), host_adam);
+        assert_eq!(downloaded, before);
+    }
+
+    /// A resident step on the emulated device (gradients reduced into their slots of the
+    /// device buffer, Adam and the statistics there) equals, bit for bit, the former path
+    /// on the same device: the gradients downloaded per layer, Adam and the running
+    /// statistics on the host. Checks that every gradient lands in its own slot (β and γ
+    /// included); and the step downloads no gradient: 17 batch statistics, the loss and the
+    /// new weights are its only device-to-host copies.
+    #[test]
+    fn emulated_resident_step_equals_the_host_optimizer_on_device_gradients() {
+        use crate::backend::optim::update_running_stats;
+        use crate::train::trainer::train_step_resident;
+        let exec = Arc::new(EmuExec::default());
+        let b = CudaTrainBackend::on_exec(exec.clone(), true);
+        let cfg = TrainConfig::default();
+        let model = Model::<f32>::init(ModelConfig::default(), 6);
+        let mut resident = TrainState::new(model.clone(), &cfg);
+        let mut host = TrainState::new(model, &cfg);
+        let mut opt = b.opt_new(&resident.model, &resident.adam).unwrap();
+        let shape = Shape::new(2, 1, 8, 8, 12);
+        for step in 0..3 {
+            let mut rng = ChaCha8Rng::seed_from_u64(40 + step);
+            let x = Tensor::from_vec(shape, (0..shape.len()).map(|_| rng.random_range(0.0f32..1.0)).collect()).unwrap();
+            let g = Tensor {
+                shape,
+                data: x.data.iter().map(|v| v * v).collect(),
+            };
+            // the former path: host gradients, host Adam
+            let (want_terms, grads, stats) = {
+                let net = Rln::new(&b, &host.model);
+                let fwd = net.forward(&b.from_host(&x).unwrap(), BnMode::Batch, true).unwrap();
+                let gd = b.from_host(&g).unwrap();
+                let (t, dy, de) = b
+                    .loss(&fwd.prediction, &fwd.e1_raw, &b.from_host(&x).unwrap(), &gd)
+                    .unwrap();
+                (t, net.backward(&fwd, &dy, &de, cfg.grad_mode).unwrap(), fwd.batch_stats)
+            };
+            host.adam.update(&mut host.model.params, &grads);
+            update_running_stats(&mut host.model, &stats);
+            host.step += 1;
+            let syncs = exec.dtoh_count.load(std::sync::atomic::Ordering::Relaxed);
+            let terms = train_step_resident(&b, &mut opt, &mut resident, &cfg, &x, &g).unwrap();
+            let syncs = exec.dtoh_count.load(std::sync::atomic::Ordering::Relaxed) - syncs;
+            assert_eq!(
+                syncs,
+                17 + 1 + 1,
+                "batch statistics, loss, new weights: no gradient download"
+            );
+            assert_eq!(terms.loss.to_bits(), want_terms.loss.to_bits());
+            assert_eq!(resident.model, host.model, "weights and statistics after step {step}");
+            resident.adam = b.opt_download(&opt, &mut resident.model).unwrap();
+            assert_eq!(resident, host, "moments and step counter after step {step}");
+        }
+    }
+
+    fn tiny_data() -> crate::train::data::Dataset {
+        use crate::imaging::volume::Volume;
+        use crate::train::data::{Dataset, Pair};
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let dims = [16, 16, 16];
+        let n = 16 * 16 * 16;
+        let gt: Vec<f32> = (0..n).map(|_| rng.random_range(0.0f32..1.0).powi(3)).collect();
+        let x: Vec<f32> = gt.iter().map(|v| 5.0 * v + rng.random_range(0.0f32..0.3)).collect();
+        Dataset {
+            pairs: vec![Pair::new(
+                "tiny".into(),
+                vec![Volume::new(dims, x).unwrap()],
+                Volume::new(dims, gt).unwrap(),
+            )
+            .unwrap()],
+        }
+    }
+
+    fn tiny_cfg() -> TrainConfig {
+        TrainConfig {
+            steps: 4,
+            epoch_steps: 2,
+            sampler: crate::train::data::CropSampler {
+                crop: [8, 8, 8],
+                batch: 1,
+                ..Default::default()
+            },
+            seed: 3,
+            val_crop: [8, 8, 8],
+            ..TrainConfig::default()
+        }
+    }
+
+    /// Training on the emulated device stopped after step 2, checkpointed to a file and
+    /// resumed equals the uninterrupted run bit for bit (weights, running statistics, Adam's
+    /// moments, step counters); the device's checkpoint continues on the CPU and the CPU's
+    /// on the device (the state moves unchanged both ways).
+    #[test]
+    fn emulated_resume_is_bit_exact_and_checkpoints_move_between_backends() {
+        use crate::train::trainer::{load_checkpoint, save_checkpoint, train_on, TrainObserver};
+        struct Quiet;
+        impl TrainObserver for Quiet {}
+        let b = emulated();
+        let (data, cfg) = (tiny_data(), tiny_cfg());
+        let model = Model::<f32>::init(ModelConfig::default(), 4);
+        let mut straight = TrainState::new(model.clone(), &cfg);
+        train_on(&b, false, &mut straight, &cfg, &data, None, 0, None, &mut Quiet).unwrap();
+        assert_eq!((straight.step, straight.adam.step), (4, 4));
+        let mut first = TrainState::new(model.clone(), &cfg);
+        train_on(&b, false, &mut first, &cfg, &data, None, 0, Some(2), &mut Quiet).unwrap();
+        let path = std::env::temp_dir().join(format!("rln-h16-resume-{}.safetensors", std::process::id()));
+        save_checkpoint(&path, &first, &cfg, &data.fingerprint()).unwrap();
+        let (mut resumed, cfg2, _) = load_checkpoint(&path).unwrap();
+        std::fs::remove_file(&path).ok();
+        assert_eq!(resumed, first, "the checkpoint holds the downloaded state");
+        train_on(&b, false, &mut resumed, &cfg2, &data, None, 0, None, &mut Quiet).unwrap();
+        assert_eq!(resumed, straight, "resumed at step 2 = uninterrupted, bit for bit");
+
+        // device checkpoint → CPU, and CPU state → device: the state round-trips unchanged
+        let mut cpu_first = TrainState::new(model, &cfg);
+        train_on(&CPU, false, &mut cpu_first, &cfg, &data, None, 0, Some(2), &mut Quiet).unwrap();
+        for st in [&first, &cpu_first] {
+            let opt = b.opt_new(&st.model, &st.adam).unwrap();
+            let mut m = st.model.clone();
+            m.params.zip_mut(&st.model.params, |w, _| *w = f32::NAN);
+            assert_eq!(b.opt_download(&opt, &mut m).unwrap(), st.adam);
+            assert_eq!(m, st.model);
+        }
+        let (mut on_cpu, mut on_dev) = (first.clone(), cpu_first.clone());
+        train_on(&CPU, false, &mut on_cpu, &cfg, &data, None, 0, Some(3), &mut Quiet).unwrap();
+        train_on(&b, false, &mut on_dev, &cfg, &data, None, 0, Some(3), &mut Quiet).unwrap();
+        for st in [&on_cpu, &on_dev] {
+            assert_eq!((st.step, st.adam.step), (3, 3));
+            assert!(st.model.params.all_finite());
+        }
+        // one step from (nearly) the same state on the two backends: the f32 convs differ
+        // in rounding only, so the weights agree closely (Adam's step is ≤ lr_t per weight)
+        let e = worst_param_err(&on_dev.model.params.cast(), &on_cpu.model.params.cast());
+        assert!(e < 1e-3, "CPU and device one step from step 2: {e:e}");
     }
 }

@@ -28,14 +28,22 @@ use super::launch::grid_1d;
 use super::train_launch::{self as tl, TrainArgs};
 use crate::backend::cpu::pointwise;
 use crate::backend::loss::{loss_from_sums, LossSums, LossTerms};
+use crate::backend::optim::Adam;
 use crate::backend::{Addend, Backend, BnTrainState, ChannelStats, Epilogue, GradMode};
 use crate::error::{Error, Result};
+use crate::model::{Model, Variant};
 use crate::tensor::{Shape, Tensor};
 use cudarc::driver::result as cu;
 use cudarc::driver::sys;
 use cudarc::driver::{CudaEvent, CudaStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+// the resident training state (weights, Adam, running statistics); a child module, so it
+// reaches this file's allocator and launch helpers
+#[path = "train_params.rs"]
+mod train_params;
+pub(crate) use train_params::{ADAM_KERNELS, ADAM_MODULE};
 
 /// Where the backend's memory lives and its kernels run: the CUDA device (one stream), or,
 /// in the crate's unit tests, a CPU emulation of every training kernel
@@ -525,6 +533,15 @@ impl CudaTrainBackend {
     }
 
     fn try_conv3_backward_weight(&self, inputs: &[&DevTensor], dz: &DevTensor) -> Result<Vec<f64>> {
+        let (part, blocks, nw) = self.conv3_wgrad_partials(inputs, dz)?;
+        let dw = self.alloc(nw * 8)?;
+        self.reduce(&part, blocks, nw, 1.0, dw.ptr)?;
+        self.download_f64(&dw, nw, "the conv weight gradient")
+    }
+
+    /// The weight gradient's per-block partial sums: (partials, blocks, weights); reduced
+    /// by [`Self::reduce`] wherever the gradient is wanted.
+    fn conv3_wgrad_partials(&self, inputs: &[&DevTensor], dz: &DevTensor) -> Result<(DevMem, usize, usize)> {
         if inputs.is_empty() || inputs.len() > 3 {
             return Err(Error::invalid("conv3 weight gradient: 1 to 3 inputs"));
         }
@@ -571,9 +588,7 @@ impl CudaTrainBackend {
             self.launch_1d(tl::CONV_ANY_WGRAD, chunks * nw, args)?;
             (part, chunks)
         };
-        let dw = self.alloc(nw * 8)?;
-        self.reduce(&part, blocks, nw, 1.0, dw.ptr)?;
-        self.download_f64(&dw, nw, "the conv weight gradient")
+        Ok((part, blocks, nw))
     }
 
     fn try_up2(
@@ -624,6 +639,14 @@ impl CudaTrainBackend {
     }
 
     fn try_up2_backward_weight(&self, x: &DevTensor, dz: &DevTensor) -> Result<Vec<f64>> {
+        let (part, chunks, nw) = self.up2_wgrad_partials(x, dz)?;
+        let dw = self.alloc(nw * 8)?;
+        self.reduce(&part, chunks, nw, 1.0, dw.ptr)?;
+        self.download_f64(&dw, nw, "the up2 weight gradient")
+    }
+
+    /// up2's weight-gradient partial sums: (partials, blocks, weights).
+    fn up2_wgrad_partials(&self, x: &DevTensor, dz: &DevTensor) -> Result<(DevMem, usize, usize)> {
         let (s, os) = (x.shape, dz.shape);
         if os.n != s.n || os.d != 2 * s.d || os.h != 2 * s.h || os.w != 2 * s.w || os.c > 16 {
             return Err(Error::Shape(format!("up2 weight gradient: x {s}, dz {os}")));
@@ -639,9 +662,7 @@ impl CudaTrainBackend {
         args.cout = os.c as i32;
         args.k0 = tl::UP2_WGRAD_CHUNK as i32;
         self.launch_1d("t_up2_wgrad", chunks * s.c * 8, args)?;
-        let dw = self.alloc(nw * 8)?;
-        self.reduce(&part, chunks, nw, 1.0, dw.ptr)?;
-        self.download_f64(&dw, nw, "the up2 weight gradient")
+        Ok((part, chunks, nw))
     }
 
     fn try_epilogue(&self, z: &DevTensor, epi: &Epilogue<'_, DevTensor, f32>) -> Result<DevTensor> {
@@ -729,6 +750,26 @@ impl CudaTrainBackend {
         softplus: bool,
         bn: Option<&BnTrainState<f32>>,
     ) -> Result<(DevTensor, Vec<f64>, Vec<f64>)> {
+        let (dz, sums) = self.epilogue_backward_to(z, dy, softplus, bn, None)?;
+        let Some(sums) = sums else {
+            return Ok((dz, vec![], vec![]));
+        };
+        let c = z.shape.c;
+        let v = self.download_f64(&sums, 2 * c, "batch-norm gradients")?;
+        // (∂z, ∂γ = Σ dh·x̂, ∂β = Σ dh)
+        Ok((dz, v[c..].to_vec(), v[..c].to_vec()))
+    }
+
+    /// ∂z, and with batch norm the sums [Σ dh (= ∂β), Σ dh·x̂ (= ∂γ)] (2C f64) written to
+    /// `dst` on the device, or to a new buffer that is returned when `dst` is None.
+    fn epilogue_backward_to(
+        &self,
+        z: &DevTensor,
+        dy: &DevTensor,
+        softplus: bool,
+        bn: Option<&BnTrainState<f32>>,
+        dst: Option<u64>,
+    ) -> Result<(DevTensor, Option<DevMem>)> {
         let s = z.shape;
         if dy.shape != s {
             return Err(Error::Shape(format!("epilogue backward: z {s}, dy {}", dy.shape)));
@@ -769,20 +810,23 @@ impl CudaTrainBackend {
         }
         if bn.is_none() {
             self.launch_1d("t_epi_bwd1", count, args)?;
-            return Ok((dz, vec![], vec![]));
+            return Ok((dz, None));
         }
         let blocks = tl::reduction_blocks(count);
         let part = self.alloc(blocks * 2 * c * 8)?;
-        let sums = self.alloc(2 * c * 8)?;
+        let own = if dst.is_none() {
+            Some(self.alloc(2 * c * 8)?)
+        } else {
+            None
+        };
+        let sums = dst.unwrap_or_else(|| own.as_ref().map_or(0, |m| m.ptr));
         args.part = part.ptr;
         self.launch("t_epi_bwd1", (blocks as u32, 1, 1), 0, &args)?;
-        self.reduce(&part, blocks, 2 * c, 1.0, sums.ptr)?;
-        args.stat = sums.ptr;
+        self.reduce(&part, blocks, 2 * c, 1.0, sums)?;
+        args.stat = sums;
         args.dc[0] = (s.n * s.spatial()) as f64;
         self.launch_1d("t_epi_bwd2", count, args)?;
-        let v = self.download_f64(&sums, 2 * c, "batch-norm gradients")?;
-        // (∂z, ∂γ = Σ dh·x̂, ∂β = Σ dh)
-        Ok((dz, v[c..].to_vec(), v[..c].to_vec()))
+        Ok((dz, own))
     }
 
     fn rl_pair(&self, name: &str, a: &DevTensor, t: &DevTensor, eps: f32) -> Result<DevTensor> {
@@ -917,6 +961,8 @@ impl CudaTrainBackend {
 impl Backend for CudaTrainBackend {
     type T = f32;
     type X = DevTensor;
+    type Grads = train_params::DevGrads;
+    type Opt = train_params::DevOpt;
 
     fn shape(&self, x: &DevTensor) -> Shape {
         x.shape
@@ -1023,6 +1069,53 @@ impl Backend for CudaTrainBackend {
     }
     fn accumulate(&self, acc: &mut DevTensor, t: &DevTensor) -> Result<()> {
         self.try_accumulate(acc, t)
+    }
+    fn grads_new(&self, variant: Variant) -> Result<train_params::DevGrads> {
+        self.resident_grads(variant)
+    }
+    fn epilogue_backward_into(
+        &self,
+        z: &DevTensor,
+        dy: &DevTensor,
+        softplus: bool,
+        bn: Option<&BnTrainState<f32>>,
+        grads: &mut train_params::DevGrads,
+        layer: usize,
+    ) -> Result<DevTensor> {
+        self.resident_epilogue_backward(z, dy, softplus, bn, grads, layer)
+    }
+    fn conv3_backward_weight_into(
+        &self,
+        inputs: &[&DevTensor],
+        dz: &DevTensor,
+        grads: &mut train_params::DevGrads,
+        layer: usize,
+    ) -> Result<()> {
+        self.resident_conv3_wgrad(inputs, dz, grads, layer)
+    }
+    fn up2_backward_weight_into(
+        &self,
+        x: &DevTensor,
+        dz: &DevTensor,
+        grads: &mut train_params::DevGrads,
+        layer: usize,
+    ) -> Result<()> {
+        self.resident_up2_wgrad(x, dz, grads, layer)
+    }
+    fn opt_new(&self, model: &Model<f32>, adam: &Adam) -> Result<train_params::DevOpt> {
+        self.resident_opt_new(model, adam)
+    }
+    fn opt_step(
+        &self,
+        opt: &mut train_params::DevOpt,
+        grads: &train_params::DevGrads,
+        stats: &[Option<ChannelStats>],
+        model: &mut Model<f32>,
+    ) -> Result<bool> {
+        self.resident_opt_step(opt, grads, stats, model)
+    }
+    fn opt_download(&self, opt: &train_params::DevOpt, model: &mut Model<f32>) -> Result<Adam> {
+        self.resident_opt_download(opt, model)
     }
     fn pad_even(&self, x: &DevTensor) -> Result<DevTensor> {
         let s = x.shape;
