@@ -43,6 +43,7 @@ struct HalfIo {
 }
 
 pub struct CudaPredictor {
+    dev: Arc<CudaDevice>,
     net: CudaNet,
     /// Page-locked staging per slot: f32 values, or (f16 travel) f16 bits packed two
     /// per f32 element.
@@ -94,8 +95,9 @@ impl CudaPredictor {
         } else {
             None
         };
-        let net = CudaNet::new(dev, model, opts)?;
+        let net = CudaNet::new(dev.clone(), model, opts)?;
         Ok(CudaPredictor {
+            dev,
             net,
             pinned_in: [None, None],
             pinned_out: [None, None],
@@ -242,7 +244,7 @@ fn stage(x: &Tensor<f32>, p: Shape, dst: &mut [f32], as_f16: bool) {
 
 impl TilePredictor for CudaPredictor {
     fn describe(&self) -> String {
-        format!("{} {}", self.net.dev.describe(), self.net.opts.label())
+        format!("{} {}", self.dev.describe(), self.net.opts.label())
     }
 
     /// One tile through the streaming path (so that f16 travel applies here too and a
@@ -267,7 +269,7 @@ impl TilePredictor for CudaPredictor {
     fn memory_budget(&self) -> Option<usize> {
         // free memory plus what the workspace already holds (it is reused), minus a
         // reserve, and no more than a MAX_TILE_VOXELS tile needs
-        let (free, _) = self.net.dev.mem_info().ok()?;
+        let (free, _) = self.dev.mem_info().ok()?;
         let device = (free + self.net.workspace_bytes()).saturating_sub(RESERVE_BYTES);
         Some(device.min(MAX_TILE_VOXELS * self.bytes_per_voxel()))
     }
@@ -277,7 +279,7 @@ impl TilePredictor for CudaPredictor {
         tiles: &mut dyn Iterator<Item = Result<Tensor<f32>>>,
         sink: &mut dyn FnMut(Tensor<f32>, &Tensor<f32>) -> Result<()>,
     ) -> Result<()> {
-        let dev = self.net.dev.clone();
+        let dev = self.dev.clone();
         let mut prev: Option<InFlight> = None;
         let mut slot = 0;
         for t in tiles {

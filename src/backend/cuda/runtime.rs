@@ -1,0 +1,553 @@
+//! The one CUDA runtime that inference ([`super::CudaNet`]) and training
+//! ([`super::CudaTrainBackend`]) are two uses of: the executor that owns the device's
+//! compute stream ([`Exec`]: allocation, copies, launches, profiling), the byte accounting
+//! of its allocations ([`Runtime`], [`DevMem`]), and the launch trace.
+//!
+//! - [`Exec`] has two implementations: [`CudaExec`] (the CUDA device: everything on its
+//!   compute stream) and, in the unit tests, the CPU emulation of every kernel
+//!   (emulate_train.rs for the training kernels, emulate_infer.rs for the inference ones),
+//!   which runs the whole host side without a GPU.
+//! - Every launch goes through [`Runtime::launch`], with its parameter block
+//!   ([`Params`]: `KernelArgs` of the inference kernels or `TrainArgs` of the training
+//!   kernels); the CUDA executor times it when profiling, and the runtime appends a line
+//!   per launch to the trace when tracing ([`trace_line`]: kernel, grid, block, shared
+//!   memory and every argument that is not a pointer, pointers as `*` or null `0`). The
+//!   baselines of tests/data/launch-trace/ are such traces, recorded on the emulation.
+
+use super::device::{CuCheck, CudaDevice};
+use super::launch::KernelArgs;
+use super::train_launch::{self as tl, TrainArgs};
+use crate::error::{Error, Result};
+use cudarc::driver::result as cu;
+use cudarc::driver::sys;
+use cudarc::driver::{CudaEvent, CudaStream};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The parameter block of one launch: inference kernels take [`KernelArgs`], training
+/// kernels [`TrainArgs`].
+#[derive(Clone, Copy, Debug)]
+pub enum Params<'a> {
+    Infer(&'a KernelArgs),
+    Train(&'a TrainArgs),
+}
+
+/// One kernel launch: what the trace records and the executor runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Launch<'a> {
+    pub name: &'a str,
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+    /// Dynamic shared memory (bytes).
+    pub smem: usize,
+    pub params: Params<'a>,
+}
+
+/// Where memory lives and kernels run: the CUDA device (one stream), or, in the crate's
+/// unit tests, a CPU emulation of the kernels, which checks the host side (parameter
+/// blocks, grids, buffers, reductions) of inference and training without a GPU.
+pub(crate) trait Exec: Send + Sync {
+    /// Allocation (uninitialized), ordered on the compute stream.
+    fn alloc(&self, bytes: usize) -> Result<u64>;
+    /// Returns an allocation (after all work queued so far).
+    fn free(&self, ptr: u64);
+    fn memset(&self, ptr: u64, v: u8, bytes: usize) -> Result<()>;
+    /// Enqueues a copy to the device; `src` may be dropped when this returns.
+    fn htod(&self, dst: u64, src: &[u8]) -> Result<()>;
+    /// Copies from the device and waits for the copy.
+    fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()>;
+    /// A training kernel (kernels/train_*.cu), `tl::THREADS` threads a block.
+    fn launch(&self, name: &str, grid: (u32, u32, u32), smem: usize, args: &TrainArgs) -> Result<()>;
+    /// An inference kernel (kernels/h*.cu).
+    fn launch_infer(
+        &self,
+        name: &str,
+        _grid: (u32, u32, u32),
+        _block: u32,
+        _smem: usize,
+        _args: &KernelArgs,
+    ) -> Result<()> {
+        Err(Error::Cuda(format!(
+            "this executor runs only the training kernels; {name} is an inference kernel"
+        )))
+    }
+    /// Waits for the compute stream.
+    fn synchronize(&self) -> Result<()>;
+    /// Waits for every stream of the device (before memory another stream may still
+    /// use is freed).
+    fn synchronize_device(&self) -> Result<()> {
+        self.synchronize()
+    }
+    fn start_profile(&self) {}
+    fn take_profile(&self) -> Result<Vec<(String, f64)>> {
+        Ok(vec![])
+    }
+}
+
+/// One recorded launch of a profiled run: kernel name and its start/end events.
+type ProfileEvents = Vec<(String, CudaEvent, CudaEvent)>;
+
+/// The CUDA device: every allocation, copy and launch on its compute stream.
+pub(crate) struct CudaExec {
+    dev: Arc<CudaDevice>,
+    stream: Arc<CudaStream>,
+    sync_each: bool,
+    /// Stream-ordered allocation from the device's memory pool (cuMemAllocAsync), or
+    /// plain cuMemAlloc.
+    stream_ordered: bool,
+    profile: Mutex<Option<ProfileEvents>>,
+}
+
+impl CudaExec {
+    /// The executor on `dev`'s compute stream; with `stream_ordered`, allocations come
+    /// from the device's default memory pool, whose release threshold is raised so that
+    /// freed memory stays in the pool (a training step allocates and frees ~150 tensors
+    /// without a device synchronization).
+    pub fn new(dev: Arc<CudaDevice>, sync_each: bool, stream_ordered: bool) -> Result<Self> {
+        if stream_ordered {
+            let ctx = dev.ctx.clone();
+            ctx.bind_to_thread().check("binding the CUDA context")?;
+            if !ctx.has_async_alloc() {
+                return Err(Error::Cuda(format!(
+                    "{} does not support stream-ordered allocation (cuMemAllocAsync), which training needs",
+                    dev.name
+                )));
+            }
+            // SAFETY: the device handle comes from the live context; the attribute is a u64.
+            unsafe {
+                let pool =
+                    cu::device::get_default_mem_pool(ctx.cu_device()).check("getting the default memory pool")?;
+                let mut threshold: u64 = u64::MAX;
+                cu::mem_pool::set_attribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut threshold as *mut u64 as *mut std::ffi::c_void,
+                )
+                .check("raising the memory pool's release threshold")?;
+            }
+        }
+        Ok(CudaExec {
+            stream: dev.compute.clone(),
+            dev,
+            sync_each,
+            stream_ordered,
+            profile: Mutex::new(None),
+        })
+    }
+
+    /// The one launch path of both parameter blocks: an event pair around it when
+    /// profiling.
+    fn run<A: cudarc::driver::DeviceRepr>(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: usize,
+        args: &A,
+    ) -> Result<()> {
+        let mut prof = self.profile.lock().unwrap();
+        let start = match prof.as_ref() {
+            Some(_) => {
+                let e = self.dev.event(true)?;
+                e.record(&self.stream).check("recording an event")?;
+                Some(e)
+            }
+            None => None,
+        };
+        self.dev
+            .launch(&self.stream, name, grid, block, smem, args, self.sync_each)?;
+        if let (Some(a), Some(p)) = (start, prof.as_mut()) {
+            let b = self.dev.event(true)?;
+            b.record(&self.stream).check("recording an event")?;
+            p.push((name.to_string(), a, b));
+        }
+        Ok(())
+    }
+}
+
+impl Exec for CudaExec {
+    fn alloc(&self, bytes: usize) -> Result<u64> {
+        self.dev.ctx.bind_to_thread().check("binding the CUDA context")?;
+        let what = format!("allocating {} MiB of device memory", bytes.div_ceil(1 << 20));
+        if self.stream_ordered {
+            // SAFETY: stream-ordered allocation on this stream; the memory is used only
+            // through DevMem, on the same stream.
+            unsafe { cu::malloc_async(self.stream.cu_stream(), bytes) }.check(&what)
+        } else {
+            // SAFETY: plain allocation; the memory is used only through DevMem.
+            unsafe { cu::malloc_sync(bytes) }.check(&what)
+        }
+    }
+    fn free(&self, ptr: u64) {
+        // errors cannot be reported from drop; a failed free leaks, nothing worse
+        let _ = self.dev.ctx.bind_to_thread();
+        if self.stream_ordered {
+            // SAFETY: ptr came from malloc_async on this stream and is freed once; every
+            // use of it was enqueued on the same stream before this free.
+            let _ = unsafe { cu::free_async(ptr, self.stream.cu_stream()) };
+        } else {
+            // SAFETY: ptr came from malloc_sync in this context and is freed once.
+            let _ = unsafe { cu::free_sync(ptr) };
+        }
+    }
+    fn memset(&self, ptr: u64, v: u8, bytes: usize) -> Result<()> {
+        self.dev.memset(&self.stream, ptr, v, bytes)
+    }
+    fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
+        // pageable source: the driver stages it before returning, so `src` may go away
+        self.dev.copy_htod(&self.stream, dst, src, "data")
+    }
+    fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()> {
+        self.dev.copy_dtoh(&self.stream, dst, src, "data")?;
+        self.synchronize()
+    }
+    fn launch(&self, name: &str, grid: (u32, u32, u32), smem: usize, args: &TrainArgs) -> Result<()> {
+        self.run(name, grid, tl::THREADS, smem, args)
+    }
+    fn launch_infer(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: usize,
+        args: &KernelArgs,
+    ) -> Result<()> {
+        self.run(name, grid, block, smem, args)
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().check("waiting for the device")
+    }
+    fn synchronize_device(&self) -> Result<()> {
+        self.dev
+            .ctx
+            .synchronize()
+            .check("waiting for the device before growing a buffer")
+    }
+    fn start_profile(&self) {
+        *self.profile.lock().unwrap() = Some(Vec::new());
+    }
+    fn take_profile(&self) -> Result<Vec<(String, f64)>> {
+        let Some(p) = self.profile.lock().unwrap().take() else {
+            return Ok(vec![]);
+        };
+        self.synchronize()?;
+        p.iter()
+            .map(|(n, a, b)| Ok((n.clone(), a.elapsed_ms(b).check("reading kernel timings")? as f64)))
+            .collect()
+    }
+}
+
+/// The executor, the byte accounting of its allocations, and the launch trace.
+pub struct Runtime {
+    exec: Arc<dyn Exec>,
+    dev: Option<Arc<CudaDevice>>,
+    /// Fill every new allocation with 0xFF bytes (NaN in f32 and f16), so that a kernel
+    /// that leaves an element unwritten shows up as a non-finite value (tests).
+    poison: bool,
+    live: AtomicUsize,
+    peak: AtomicUsize,
+    trace: Mutex<Option<Vec<String>>>,
+}
+
+/// An allocation of a [`Runtime`], returned to it (in stream order) on drop.
+pub struct DevMem {
+    ptr: u64,
+    bytes: usize,
+    rt: Arc<Runtime>,
+}
+
+impl DevMem {
+    /// The device address of the first byte.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for DevMem {
+    fn drop(&mut self) {
+        self.rt.exec.free(self.ptr);
+        self.rt.live.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl Runtime {
+    /// The runtime on an opened device.
+    pub fn cuda(dev: Arc<CudaDevice>, sync_each: bool, stream_ordered: bool, poison: bool) -> Result<Arc<Runtime>> {
+        let exec = CudaExec::new(dev.clone(), sync_each, stream_ordered)?;
+        Ok(Arc::new(Runtime {
+            exec: Arc::new(exec),
+            dev: Some(dev),
+            poison,
+            live: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            trace: Mutex::new(None),
+        }))
+    }
+
+    /// The runtime on another executor (the CPU emulation of the unit tests).
+    #[cfg(test)]
+    pub(crate) fn on_exec(exec: Arc<dyn Exec>, poison: bool) -> Arc<Runtime> {
+        Arc::new(Runtime {
+            exec,
+            dev: None,
+            poison,
+            live: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            trace: Mutex::new(None),
+        })
+    }
+
+    /// The CUDA device (None for the emulation of the unit tests).
+    pub fn device(&self) -> Option<&Arc<CudaDevice>> {
+        self.dev.as_ref()
+    }
+
+    /// "NVIDIA H100 … (sm_90, 132 SMs)", or what the emulation is.
+    pub fn describe(&self) -> String {
+        self.dev
+            .as_ref()
+            .map(|d| d.describe())
+            .unwrap_or_else(|| "CPU emulation of the CUDA kernels".into())
+    }
+
+    /// `bytes` of device memory (at least 16), uninitialized (NaN bytes when poisoning).
+    pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DevMem> {
+        let bytes = bytes.max(16);
+        let ptr = self.exec.alloc(bytes)?;
+        let mem = DevMem {
+            ptr,
+            bytes,
+            rt: self.clone(),
+        };
+        let now = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        if self.poison {
+            self.exec.memset(ptr, 0xFF, bytes)?;
+        }
+        Ok(mem)
+    }
+
+    /// A new allocation holding `data` (the copy is enqueued; `data` may go away).
+    pub fn upload<T: bytemuck::Pod>(self: &Arc<Self>, data: &[T]) -> Result<DevMem> {
+        let m = self.alloc(std::mem::size_of_val(data))?;
+        self.exec.htod(m.ptr, bytemuck::cast_slice(data))?;
+        Ok(m)
+    }
+
+    /// Enqueues a copy of `src` to device address `dst`.
+    pub fn htod<T: bytemuck::Pod>(&self, dst: u64, src: &[T]) -> Result<()> {
+        self.exec.htod(dst, bytemuck::cast_slice(src))
+    }
+
+    /// Copies from device address `src` into `dst` and waits for the copy.
+    pub fn dtoh<T: bytemuck::Pod>(&self, dst: &mut [T], src: u64) -> Result<()> {
+        self.exec.dtoh(bytemuck::cast_slice_mut(dst), src)
+    }
+
+    pub fn memset(&self, ptr: u64, v: u8, bytes: usize) -> Result<()> {
+        self.exec.memset(ptr, v, bytes)
+    }
+
+    /// Runs one kernel (and records it when tracing).
+    pub fn launch(&self, l: &Launch<'_>) -> Result<()> {
+        if let Some(t) = self.trace.lock().unwrap().as_mut() {
+            t.push(trace_line(l));
+        }
+        match l.params {
+            Params::Infer(a) => self.exec.launch_infer(l.name, l.grid, l.block, l.smem, a),
+            Params::Train(a) => {
+                if l.block != tl::THREADS {
+                    return Err(Error::Cuda(format!(
+                        "{}: the training kernels run {} threads a block, not {}",
+                        l.name,
+                        tl::THREADS,
+                        l.block
+                    )));
+                }
+                self.exec.launch(l.name, l.grid, l.smem, a)
+            }
+        }
+    }
+
+    /// Waits for all work queued on the compute stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.exec.synchronize()
+    }
+
+    /// Waits for every stream of the device.
+    pub fn synchronize_device(&self) -> Result<()> {
+        self.exec.synchronize_device()
+    }
+
+    /// Bytes allocated now, and at most since the last [`Self::reset_peak`].
+    pub fn mem_bytes(&self) -> (usize, usize) {
+        (self.live.load(Ordering::Relaxed), self.peak.load(Ordering::Relaxed))
+    }
+    pub fn reset_peak(&self) {
+        self.peak.store(self.live.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// Starts recording an event pair around every launch (see [`Self::take_profile`]).
+    pub fn start_profile(&self) {
+        self.exec.start_profile()
+    }
+
+    /// Waits for the profiled launches; returns (kernel, milliseconds) in launch order.
+    pub fn take_profile(&self) -> Result<Vec<(String, f64)>> {
+        self.exec.take_profile()
+    }
+
+    /// Starts recording one [`trace_line`] per launch.
+    pub fn start_trace(&self) {
+        *self.trace.lock().unwrap() = Some(Vec::new());
+    }
+
+    /// The lines recorded since [`Self::start_trace`] (and stops recording).
+    pub fn take_trace(&self) -> Vec<String> {
+        self.trace.lock().unwrap().take().unwrap_or_default()
+    }
+}
+
+/// A pointer as the trace shows it: null or not.
+fn ptr(p: u64) -> &'static str {
+    if p == 0 {
+        "0"
+    } else {
+        "*"
+    }
+}
+
+/// A list of values as the trace shows it: `[a,b,…]`, a run of equal values at the end
+/// as `v×k`.
+fn list<T: std::fmt::Debug + PartialEq>(v: &[T]) -> String {
+    let mut end = v.len();
+    while end > 1 && v[end - 1] == v[end - 2] {
+        end -= 1;
+    }
+    let mut s = String::from("[");
+    for (i, x) in v[..end].iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "{x:?}");
+    }
+    if end < v.len() {
+        let _ = write!(s, "×{}", v.len() - end + 1);
+    }
+    s.push(']');
+    s
+}
+
+/// One launch as a line of text: kernel, grid, block, shared memory, then every field of
+/// the parameter block (pointers as `*`, or `0` when null; floats in Rust's shortest
+/// round-trip form).
+pub fn trace_line(l: &Launch<'_>) -> String {
+    let (gx, gy, gz) = l.grid;
+    let mut s = format!("{} grid={gx},{gy},{gz} block={} smem={}", l.name, l.block, l.smem);
+    match l.params {
+        Params::Infer(a) => {
+            let _ = write!(
+                s,
+                " in={},{},{} wt={} bias={} aux={} out={} out_raw={} ndhw={},{},{},{} post={:?},{:?} eps={:?}",
+                ptr(a.in0),
+                ptr(a.in1),
+                ptr(a.in2),
+                ptr(a.wt),
+                ptr(a.bias),
+                ptr(a.aux),
+                ptr(a.out),
+                ptr(a.out_raw),
+                a.n,
+                a.d,
+                a.h,
+                a.w,
+                a.post_scale,
+                a.post_shift,
+                a.eps
+            );
+        }
+        Params::Train(a) => {
+            let _ = write!(
+                s,
+                " inp={},{},{},{} out={},{},{} wt={} part={} stat={} count={} ndhw={},{},{},{} c={},{},{},{} mode={} k={},{},{} f={} dc={}",
+                ptr(a.inp[0]),
+                ptr(a.inp[1]),
+                ptr(a.inp[2]),
+                ptr(a.inp[3]),
+                ptr(a.out[0]),
+                ptr(a.out[1]),
+                ptr(a.out[2]),
+                ptr(a.wt),
+                ptr(a.part),
+                ptr(a.stat),
+                a.count,
+                a.n,
+                a.d,
+                a.h,
+                a.w,
+                a.ca,
+                a.cb,
+                a.cc,
+                a.cout,
+                a.mode,
+                a.k0,
+                a.k1,
+                a.k2,
+                list(&a.f),
+                list(&a.dc)
+            );
+            for (i, p) in a.p.iter().enumerate() {
+                let _ = write!(s, " p{i}={}", list(p));
+            }
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_lines_show_every_value_and_no_address() {
+        let a = KernelArgs {
+            in0: 0x7f00_1000,
+            out: 0x7f00_2000,
+            n: 1,
+            d: 2,
+            h: 3,
+            w: 4,
+            post_scale: 0.5,
+            post_shift: -1.25,
+            eps: 1e-4,
+            ..Default::default()
+        };
+        let l = Launch {
+            name: "k",
+            grid: (1, 2, 3),
+            block: 256,
+            smem: 96,
+            params: Params::Infer(&a),
+        };
+        assert_eq!(
+            trace_line(&l),
+            "k grid=1,2,3 block=256 smem=96 in=*,0,0 wt=0 bias=0 aux=0 out=* out_raw=0 ndhw=1,2,3,4 post=0.5,-1.25 eps=0.0001"
+        );
+        let mut t = TrainArgs::default();
+        t.p[0] = [1.0; 16];
+        t.p[1][0] = 2.5;
+        t.dc[1] = 3.0;
+        let l = Launch {
+            params: Params::Train(&t),
+            ..l
+        };
+        let s = trace_line(&l);
+        assert!(s.contains(" dc=[0.0,3.0,0.0×6]"), "{s}");
+        assert!(s.contains(" p0=[1.0×16] p1=[2.5,0.0×15]"), "{s}");
+        assert_eq!(list(&[1, 2]), "[1,2]");
+    }
+}
