@@ -151,13 +151,16 @@ pub fn kernel_names(f16: bool, tensor_cores: bool) -> Vec<(&'static str, String)
 
 // ---- FP32-core direct conv (kernels/conv3_ffma.cuh) ----
 
-/// Output tile (z, y, x) of one block.
+/// Output tile (z, y, x) of one block (also the training kernels' tile, train_conv.cu).
 pub const FFMA_TILE: [usize; 3] = [4, 8, 32];
+pub const FFMA_TILE_VOXELS: usize = FFMA_TILE[0] * FFMA_TILE[1] * FFMA_TILE[2];
 pub const FFMA_THREADS: u32 = 256;
+/// Shared-memory row stride (floats): ≥ 32 + 2, ≡ 2 mod 4.
+pub const FFMA_RS: usize = 38;
 /// Shared-memory channel stride: (4+2)·(8+2)·38 floats.
-const FFMA_CS: usize = 6 * 10 * 38;
+pub const FFMA_CS: usize = (FFMA_TILE[0] + 2) * (FFMA_TILE[1] + 2) * FFMA_RS;
 
-/// Input channels staged per pass (kernels: ffmac::chunk).
+/// Input channels staged per pass (kernels: ffmac::chunk, tconv::chunk).
 pub const fn ffma_chunk(cin: usize) -> usize {
     if cin % 4 == 0 {
         4
@@ -179,7 +182,8 @@ pub const fn ffma_smem_bytes(cin: usize, cout: usize) -> usize {
 
 pub const MMA_TILE: [usize; 3] = [8, 8, 16];
 pub const MMA_THREADS: u32 = 256;
-const MMA_NVOX: usize = 10 * 10 * 18;
+/// Voxels of the smem tile with its halo.
+pub const MMA_NVOX: usize = (MMA_TILE[0] + 2) * (MMA_TILE[1] + 2) * (MMA_TILE[2] + 2);
 
 /// Channels of the smem tile: C_in padded to 8 or 16.
 pub const fn mma_cpad(cin: usize) -> usize {
@@ -303,6 +307,127 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The values of the `constexpr int` constants (and `#define`s of one number) of a
+    /// kernel source, top-level lines only: integer expressions of numbers, earlier
+    /// names, + − * / and parentheses.
+    fn cuda_constants(src: &str) -> std::collections::HashMap<String, i64> {
+        use std::collections::HashMap;
+        fn eval(tokens: &[String], pos: &mut usize, env: &HashMap<String, i64>) -> i64 {
+            let mut v = term(tokens, pos, env);
+            while *pos < tokens.len() && (tokens[*pos] == "+" || tokens[*pos] == "-") {
+                let op = tokens[*pos].clone();
+                *pos += 1;
+                let r = term(tokens, pos, env);
+                v = if op == "+" { v + r } else { v - r };
+            }
+            v
+        }
+        fn term(tokens: &[String], pos: &mut usize, env: &HashMap<String, i64>) -> i64 {
+            let mut v = atom(tokens, pos, env);
+            while *pos < tokens.len() && (tokens[*pos] == "*" || tokens[*pos] == "/") {
+                let op = tokens[*pos].clone();
+                *pos += 1;
+                let r = atom(tokens, pos, env);
+                v = if op == "*" { v * r } else { v / r };
+            }
+            v
+        }
+        fn atom(tokens: &[String], pos: &mut usize, env: &HashMap<String, i64>) -> i64 {
+            let t = tokens[*pos].clone();
+            *pos += 1;
+            if t == "(" {
+                let v = eval(tokens, pos, env);
+                assert_eq!(tokens[*pos], ")");
+                *pos += 1;
+                return v;
+            }
+            t.parse()
+                .unwrap_or_else(|_| *env.get(&t).unwrap_or_else(|| panic!("unknown name {t}")))
+        }
+        let tokenize = |e: &str| -> Vec<String> {
+            let mut out = Vec::new();
+            let mut cur = String::new();
+            for ch in e.chars() {
+                if ch.is_alphanumeric() || ch == '_' {
+                    cur.push(ch);
+                } else {
+                    if !cur.is_empty() {
+                        out.push(std::mem::take(&mut cur));
+                    }
+                    if !ch.is_whitespace() {
+                        out.push(ch.to_string());
+                    }
+                }
+            }
+            if !cur.is_empty() {
+                out.push(cur);
+            }
+            out
+        };
+        let mut env = HashMap::new();
+        for line in src.lines() {
+            // top-level lines only (the constants of a kernel body are indented)
+            let code = line.split("//").next().unwrap().trim_end();
+            if let Some(rest) = code.strip_prefix("#define ") {
+                let mut it = rest.split_whitespace();
+                if let (Some(name), Some(v), None) = (it.next(), it.next(), it.next()) {
+                    if let Ok(v) = v.parse::<i64>() {
+                        env.insert(name.to_string(), v);
+                    }
+                }
+            } else if let Some(rest) = code.strip_prefix("constexpr int ") {
+                for def in rest.trim_end_matches(';').split(',') {
+                    let (name, e) = def.split_once('=').expect("constexpr int NAME = value");
+                    let tokens = tokenize(e);
+                    let mut pos = 0;
+                    let v = eval(&tokens, &mut pos, &env);
+                    assert_eq!(pos, tokens.len(), "cannot read {def}");
+                    env.insert(name.trim().to_string(), v);
+                }
+            }
+        }
+        env
+    }
+
+    fn kernel_source(file: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("kernels")
+            .join(file);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// The host's tile geometry (one copy, here) equals the constants of the kernel
+    /// sources that use it: conv3_ffma.cuh and train_conv.cu (the FP32-core tile of
+    /// inference and training), conv3_mma.cuh (the tensor-core tile).
+    #[test]
+    fn tile_geometry_matches_the_kernel_sources() {
+        let common = kernel_source("train_common.cuh");
+        for (file, training) in [("conv3_ffma.cuh", false), ("train_conv.cu", true)] {
+            let src = if training {
+                format!("{common}\n{}", kernel_source(file))
+            } else {
+                kernel_source(file)
+            };
+            let k = cuda_constants(&src);
+            let tile = [k["TZ"], k["TY"], k["TX"]].map(|v| v as usize);
+            assert_eq!(tile, FFMA_TILE, "{file}: tile (z, y, x)");
+            assert_eq!(k["THREADS"], FFMA_THREADS as i64, "{file}: threads");
+            assert_eq!(k["RS"] as usize, FFMA_RS, "{file}: smem row stride");
+            assert_eq!(k["CS"] as usize, FFMA_CS, "{file}: smem channel stride");
+            if training {
+                assert_eq!(k["TILE"] as usize, FFMA_TILE_VOXELS, "{file}: voxels a tile");
+            }
+        }
+        let k = cuda_constants(&kernel_source("conv3_mma.cuh"));
+        let tile = [k["TZ"], k["TY"], k["TX"]].map(|v| v as usize);
+        assert_eq!(tile, MMA_TILE, "conv3_mma.cuh: tile (z, y, x)");
+        assert_eq!(k["THREADS"], MMA_THREADS as i64, "conv3_mma.cuh: threads");
+        assert_eq!(k["NVOX"] as usize, MMA_NVOX, "conv3_mma.cuh: smem voxels");
+        // and the reader itself
+        let k = cuda_constants("#define A 3\nconstexpr int B = (A + 1) * 2 - 6 / 3, C = B;");
+        assert_eq!((k["A"], k["B"], k["C"]), (3, 6, 6));
     }
 
     #[test]
