@@ -382,10 +382,11 @@ fn forward_is_deterministic_and_reads_no_unwritten_memory() {
 #[ignore = "needs a CUDA GPU; run with --include-ignored (tools/gpu-check.sh does)"]
 fn out_of_memory_is_a_distinct_error() {
     let Some(dev) = device() else { return };
-    let e = dev.alloc(1usize << 50).err().expect("a 1 PiB allocation must fail");
+    let rt = rln_engine::backend::cuda::Runtime::cuda(dev.clone(), false, false).unwrap();
+    let e = rt.alloc(1usize << 50).err().expect("a 1 PiB allocation must fail");
     println!("1 PiB allocation: {e}");
     assert!(e.is_out_of_memory(), "expected OutOfMemory, got {e:?}");
     // the context is still usable
-    let b = dev.alloc(1 << 20).unwrap();
+    let b = rt.alloc(1 << 20).unwrap();
     assert!(b.ptr() != 0);
 }

@@ -1,6 +1,7 @@
-//! One CUDA device: its context, three streams (compute, host→device, device→host), the
-//! embedded kernel modules loaded once, device and pinned host memory with byte
-//! accounting, and launches. Every driver call is checked; failures become
+//! One CUDA device, the one owner of its context and streams: the context, three streams
+//! (compute, host→device, device→host), the embedded kernel modules loaded once, pinned
+//! host memory, copies and launches. Device memory and the launches of the networks go
+//! through [`super::runtime::Runtime`] on the compute stream. Every driver call is checked; failures become
 //! [`Error::Cuda`] naming what failed, or [`Error::OutOfMemory`] when memory ran out.
 
 use super::kernels::{self, MODULES};
@@ -10,7 +11,6 @@ use cudarc::driver::result::{self as cu, DriverError};
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// A driver error as an [`Error`]: CUDA_ERROR_OUT_OF_MEMORY becomes the typed
@@ -42,60 +42,6 @@ pub trait CuCheck<T> {
 impl<T> CuCheck<T> for std::result::Result<T, DriverError> {
     fn check(self, what: &str) -> Result<T> {
         self.map_err(|e| driver_error(what, e))
-    }
-}
-
-/// Bytes of device memory held by this process's buffers, now and at most.
-#[derive(Default, Debug)]
-pub struct MemStats {
-    current: AtomicUsize,
-    peak: AtomicUsize,
-}
-
-impl MemStats {
-    pub fn current(&self) -> usize {
-        self.current.load(Ordering::Relaxed)
-    }
-    pub fn peak(&self) -> usize {
-        self.peak.load(Ordering::Relaxed)
-    }
-    /// Restarts peak tracking from the current use.
-    pub fn reset_peak(&self) {
-        self.peak.store(self.current(), Ordering::Relaxed);
-    }
-    fn add(&self, b: usize) {
-        let now = self.current.fetch_add(b, Ordering::Relaxed) + b;
-        self.peak.fetch_max(now, Ordering::Relaxed);
-    }
-    fn sub(&self, b: usize) {
-        self.current.fetch_sub(b, Ordering::Relaxed);
-    }
-}
-
-/// A device allocation (cuMemAlloc), freed on drop.
-pub struct DevBuf {
-    ptr: sys::CUdeviceptr,
-    bytes: usize,
-    ctx: Arc<CudaContext>,
-    stats: Arc<MemStats>,
-}
-
-impl DevBuf {
-    pub fn ptr(&self) -> u64 {
-        self.ptr
-    }
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-}
-
-impl Drop for DevBuf {
-    fn drop(&mut self) {
-        // errors cannot be reported from drop; a failed free leaks, nothing worse
-        let _ = self.ctx.bind_to_thread();
-        // SAFETY: ptr came from malloc_sync in this context and is freed once.
-        let _ = unsafe { cu::free_sync(self.ptr) };
-        self.stats.sub(self.bytes);
     }
 }
 
@@ -150,7 +96,6 @@ pub struct CudaDevice {
     pub module_sources: Vec<(String, &'static str)>,
     functions: HashMap<String, CudaFunction>,
     _modules: Vec<Arc<CudaModule>>,
-    stats: Arc<MemStats>,
 }
 
 impl CudaDevice {
@@ -238,7 +183,6 @@ impl CudaDevice {
             module_sources,
             functions,
             _modules: modules.into_iter().map(|(_, m)| m).collect(),
-            stats: Arc::new(MemStats::default()),
         }))
     }
 
@@ -247,10 +191,6 @@ impl CudaDevice {
             "{} (sm_{}{}, {} SMs)",
             self.name, self.compute_capability.0, self.compute_capability.1, self.multiprocessors
         )
-    }
-
-    pub fn mem_stats(&self) -> &MemStats {
-        &self.stats
     }
 
     /// (free, total) device memory in bytes (cuMemGetInfo).
@@ -262,22 +202,6 @@ impl CudaDevice {
         self.functions
             .get(name)
             .ok_or_else(|| Error::Cuda(format!("kernel {name} was not loaded")))
-    }
-
-    /// Allocates `bytes` of device memory (uninitialized).
-    pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
-        self.ctx.bind_to_thread().check("binding the CUDA context")?;
-        let bytes = bytes.max(16);
-        // SAFETY: plain allocation; the memory is only used through DevBuf.
-        let ptr = unsafe { cu::malloc_sync(bytes) }
-            .check(&format!("allocating {} MiB of device memory", bytes.div_ceil(1 << 20)))?;
-        self.stats.add(bytes);
-        Ok(DevBuf {
-            ptr,
-            bytes,
-            ctx: self.ctx.clone(),
-            stats: self.stats.clone(),
-        })
     }
 
     /// Allocates page-locked host memory for `len` f32.
@@ -293,14 +217,6 @@ impl CudaDevice {
             len,
             ctx: self.ctx.clone(),
         })
-    }
-
-    /// Copies `data` into a new device buffer and waits for the copy.
-    pub fn upload<T: Copy>(&self, data: &[T], what: &str) -> Result<DevBuf> {
-        let buf = self.alloc(std::mem::size_of_val(data))?;
-        self.copy_htod(&self.compute, buf.ptr(), data, what)?;
-        self.compute.synchronize().check(&format!("uploading {what}"))?;
-        Ok(buf)
     }
 
     /// Enqueues a host→device copy on `stream` (`data` must stay alive and unchanged until

@@ -6,7 +6,7 @@
 
 use super::device::CudaDevice;
 use super::launch::{self, conv_kernel, Epi, KernelArgs, CONV_KERNELS};
-use super::runtime::{DevMem, Launch, Params, Runtime};
+use super::runtime::{DevMem, DevTensor, Launch, Params, Runtime};
 use super::twin::StageOut;
 use super::weights;
 use super::{CudaOptions, Precision};
@@ -45,6 +45,9 @@ impl Workspace {
             self.slots.remove(name);
         }
         let b = rt.alloc(bytes)?;
+        // the allocation is ordered on the compute stream; the predictor's copy streams
+        // may use it next (growing is rare: once per larger tile)
+        rt.synchronize()?;
         let p = b.ptr();
         self.slots.insert(name, b);
         Ok(p)
@@ -73,19 +76,11 @@ pub struct CudaNet {
     ws: Workspace,
 }
 
-/// Bytes of storage per channel of a multi-channel activation.
-fn storage_bytes(p: Precision) -> usize {
-    match p {
-        Precision::F32 => 4,
-        Precision::F16 => 2,
-    }
-}
-
 /// Device memory per voxel of a (padded) tile: the workspace of [`CudaNet::forward_device`]
 /// (full resolution: two 8-channel buffers, E1, dv2, E2, x, y; half resolution: xd, a1,
 /// a2, dv1, b1, b2, b3) plus a second input/output pair for streaming.
 pub fn workspace_bytes_per_voxel(p: Precision) -> usize {
-    let s = storage_bytes(p);
+    let s = p.bytes();
     let full = 16 * s + 5 * 4;
     let half_x8 = 2 * 4 + 32 * s; // per 8 full-resolution voxels
     full + half_x8.div_ceil(8) + 2 * 4
@@ -95,7 +90,7 @@ impl CudaNet {
     /// Folds and uploads the model's weights. The model must be single-view (one input
     /// channel); dual-view "concat" models are not supported on the GPU yet.
     pub fn new(dev: Arc<CudaDevice>, model: &Model<f32>, opts: CudaOptions) -> Result<CudaNet> {
-        Self::on_runtime(Runtime::cuda(dev, opts.sync_each_launch, false, false)?, model, opts)
+        Self::on_runtime(Runtime::cuda(dev, opts.sync_each_launch, false)?, model, opts)
     }
 
     /// As [`CudaNet::new`], on a runtime (the CPU emulation of the unit tests, or a device).
@@ -171,7 +166,7 @@ impl CudaNet {
     }
 
     fn store_bytes(&self) -> usize {
-        storage_bytes(self.opts.precision)
+        self.opts.precision.bytes()
     }
 
     /// Bytes the workspace holds now.
@@ -387,36 +382,32 @@ impl CudaNet {
 
     /// Uploads a host tensor in the device layout: channels-last, the storage type for
     /// several channels, f32 for one.
-    fn upload_activation(&mut self, t: &Tensor<f32>) -> Result<DevMem> {
-        let cl = launch::to_channels_last(t);
-        if t.shape.c > 1 && self.opts.is_f16() {
-            let h: Vec<u16> = cl.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
-            upload(&self.rt, &h, "a test input")
+    /// The storage type of an activation of `c` channels: f32 for one channel, else the
+    /// network's (kernels/rln_common.cuh `RlnStorage`).
+    fn storage(&self, c: usize) -> Precision {
+        if c > 1 {
+            self.opts.precision
         } else {
-            upload(&self.rt, &cl, "a test input")
+            Precision::F32
         }
     }
 
-    fn download_activation(&self, p: u64, shape: Shape) -> Result<Tensor<f32>> {
-        let ctx = |e: Error| e.context("running a test kernel and copying its output");
-        let data: Vec<f32> = if shape.c > 1 && self.opts.is_f16() {
-            let mut h = vec![0u16; shape.len()];
-            self.rt.dtoh(&mut h, p).map_err(ctx)?;
-            h.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect()
-        } else {
-            let mut v = vec![0f32; shape.len()];
-            self.rt.dtoh(&mut v, p).map_err(ctx)?;
-            v
-        };
-        launch::from_channels_last(shape, &data)
+    fn upload_activation(&mut self, t: &Tensor<f32>) -> Result<DevTensor> {
+        self.rt.upload_tensor(t, self.storage(t.shape.c))
     }
 
-    /// An output buffer poisoned with 0xFF bytes (NaN in f32 and f16), so that an
+    fn download_activation(&self, t: &DevTensor) -> Result<Tensor<f32>> {
+        self.rt
+            .download_tensor(t)
+            .map_err(|e| e.context("running a test kernel and copying its output"))
+    }
+
+    /// An output tensor poisoned with 0xFF bytes (NaN in f32 and f16), so that an
     /// element the kernel fails to write shows up as NaN.
-    fn poisoned(&self, bytes: usize) -> Result<DevMem> {
-        let b = self.rt.alloc(bytes)?;
-        self.rt.memset(b.ptr(), 0xFF, bytes)?;
-        Ok(b)
+    fn poisoned(&self, shape: Shape) -> Result<DevTensor> {
+        let t = self.rt.tensor(shape, self.storage(shape.c))?;
+        self.rt.memset(t.ptr(), 0xFF, shape.len() * t.dtype().bytes())?;
+        Ok(t)
     }
 
     /// Runs the conv kernel of layer `l` alone on host tensors (N×C×D×H×W, any size):
@@ -440,10 +431,9 @@ impl CudaNet {
         let aux_buf = aux.map(|a| self.upload_activation(a)).transpose()?;
         let out_c = if k.epi == Epi::Sp { k.c_out } else { 1 };
         let out_shape = s0.with_c(out_c);
-        let elem = if out_c > 1 { self.store_bytes() } else { 4 };
-        let out = self.poisoned(out_shape.len() * elem)?;
+        let out = self.poisoned(out_shape)?;
         let raw = matches!(k.epi, Epi::Update | Epi::UpdatePlus1)
-            .then(|| self.poisoned(s0.with_c(1).len() * 4))
+            .then(|| self.poisoned(s0.with_c(1)))
             .transpose()?;
         let ptrs: Vec<u64> = bufs.iter().map(|b| b.ptr()).collect();
         self.conv(
@@ -454,10 +444,8 @@ impl CudaNet {
             raw.as_ref().map_or(0, |b| b.ptr()),
             [s0.n, s0.d, s0.h, s0.w],
         )?;
-        let out_t = self.download_activation(out.ptr(), out_shape)?;
-        let raw_t = raw
-            .map(|r| self.download_activation(r.ptr(), s0.with_c(1)))
-            .transpose()?;
+        let out_t = self.download_activation(&out)?;
+        let raw_t = raw.map(|r| self.download_activation(&r)).transpose()?;
         Ok(StageOut { out: out_t, raw: raw_t })
     }
 
@@ -466,9 +454,9 @@ impl CudaNet {
         let s = b3.shape;
         let ib = self.upload_activation(b3)?;
         let os = Shape::new(s.n, 4, 2 * s.d, 2 * s.h, 2 * s.w);
-        let out = self.poisoned(os.len() * self.store_bytes())?;
+        let out = self.poisoned(os)?;
         self.up(ib.ptr(), out.ptr(), [s.n, s.d, s.h, s.w])?;
-        self.download_activation(out.ptr(), os)
+        self.download_activation(&out)
     }
 
     /// Runs the avgpool2 kernel alone: x (N×1×D×H×W, even) → xd.
@@ -476,9 +464,9 @@ impl CudaNet {
         let s = x.shape;
         let ib = self.upload_activation(x)?;
         let os = Shape::new(s.n, 1, s.d / 2, s.h / 2, s.w / 2);
-        let out = self.poisoned(os.len() * 4)?;
+        let out = self.poisoned(os)?;
         self.pool(ib.ptr(), out.ptr(), [os.n, os.d, os.h, os.w])?;
-        self.download_activation(out.ptr(), os)
+        self.download_activation(&out)
     }
 }
 

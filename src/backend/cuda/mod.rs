@@ -41,7 +41,8 @@ pub mod weights;
 pub use device::{CuCheck, CudaDevice};
 pub use forward::CudaNet;
 pub use predictor::CudaPredictor;
-pub use train::{CudaTrainBackend, DevTensor};
+pub use runtime::{DevTensor, Runtime};
+pub use train::CudaTrainBackend;
 
 use crate::model::{LayerOp, Model, ModelConfig, LAYERS};
 use rand::{Rng, SeedableRng};
@@ -68,6 +69,16 @@ pub struct CudaOptions {
     /// Synchronize after every launch, so that an asynchronous fault is reported with
     /// the kernel that caused it (slower; also set by RLN_CUDA_SYNC=1).
     pub sync_each_launch: bool,
+}
+
+impl Precision {
+    /// Bytes a value is stored in.
+    pub const fn bytes(self) -> usize {
+        match self {
+            Precision::F32 => 4,
+            Precision::F16 => 2,
+        }
+    }
 }
 
 impl CudaOptions {

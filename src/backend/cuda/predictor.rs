@@ -11,9 +11,10 @@
 //! host with every core, and between f16 and the network's f32 input/output on the
 //! device (kernels/io_half.cu).
 
-use super::device::{CuCheck, CudaDevice, DevBuf, PinnedBuf};
+use super::device::{CuCheck, CudaDevice, PinnedBuf};
 use super::forward::{workspace_bytes_per_voxel, CudaNet};
 use super::kernels;
+use super::runtime::{DevMem, Runtime};
 use super::CudaOptions;
 use crate::error::{Error, Result};
 use crate::infer::TilePredictor;
@@ -38,8 +39,8 @@ struct HalfIo {
     _module: Arc<CudaModule>,
     to_f32: CudaFunction,
     to_f16: CudaFunction,
-    dev_in: [Option<DevBuf>; 2],
-    dev_out: [Option<DevBuf>; 2],
+    dev_in: [Option<DevMem>; 2],
+    dev_out: [Option<DevMem>; 2],
 }
 
 pub struct CudaPredictor {
@@ -130,14 +131,14 @@ impl CudaPredictor {
         Ok(())
     }
 
-    fn dev_buf(slot: &mut Option<DevBuf>, dev: &CudaDevice, bytes: usize) -> Result<u64> {
+    fn dev_buf(slot: &mut Option<DevMem>, rt: &Arc<Runtime>, bytes: usize) -> Result<u64> {
         if slot.as_ref().is_none_or(|b| b.bytes() < bytes) {
             // queued work of an earlier tile may still read the old buffer
-            dev.ctx
-                .synchronize()
-                .check("waiting for the device before growing a buffer")?;
+            rt.synchronize_device()?;
             *slot = None;
-            *slot = Some(dev.alloc(bytes)?);
+            *slot = Some(rt.alloc(bytes)?);
+            // the allocation is ordered on the compute stream; the copy stream uses it next
+            rt.synchronize()?;
         }
         Ok(slot.as_ref().expect("allocated above").ptr())
     }
@@ -269,6 +270,8 @@ impl TilePredictor for CudaPredictor {
     fn memory_budget(&self) -> Option<usize> {
         // free memory plus what the workspace already holds (it is reused), minus a
         // reserve, and no more than a MAX_TILE_VOXELS tile needs
+        // memory the pool keeps from freed buffers counts as free
+        self.net.runtime().trim().ok()?;
         let (free, _) = self.dev.mem_info().ok()?;
         let device = (free + self.net.workspace_bytes()).saturating_sub(RESERVE_BYTES);
         Some(device.min(MAX_TILE_VOXELS * self.bytes_per_voxel()))
@@ -280,6 +283,7 @@ impl TilePredictor for CudaPredictor {
         sink: &mut dyn FnMut(Tensor<f32>, &Tensor<f32>) -> Result<()>,
     ) -> Result<()> {
         let dev = self.dev.clone();
+        let rt = self.net.runtime().clone();
         let mut prev: Option<InFlight> = None;
         let mut slot = 0;
         for t in tiles {
@@ -307,8 +311,8 @@ impl TilePredictor for CudaPredictor {
             stage(&x, ps, pin_in.as_mut_slice(), as_f16);
             match &mut self.half {
                 Some(h) => {
-                    let xh = Self::dev_buf(&mut h.dev_in[slot], &dev, len * 2)?;
-                    let yh = Self::dev_buf(&mut h.dev_out[slot], &dev, len * 2)?;
+                    let xh = Self::dev_buf(&mut h.dev_in[slot], &rt, len * 2)?;
+                    let yh = Self::dev_buf(&mut h.dev_out[slot], &rt, len * 2)?;
                     let bits: &[u16] = bytemuck::cast_slice(pin_in.as_slice());
                     dev.copy_htod(&dev.h2d, xh, &bits[..len], "an input tile (f16)")?;
                     self.ev_in[slot].record(&dev.h2d).check("recording an event")?;

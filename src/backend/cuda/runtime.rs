@@ -3,6 +3,12 @@
 //! compute stream ([`Exec`]: allocation, copies, launches, profiling), the byte accounting
 //! of its allocations ([`Runtime`], [`DevMem`]), and the launch trace.
 //!
+//! - One allocator: the device's stream-ordered memory pool (cuMemAllocAsync /
+//!   cuMemFreeAsync on the compute stream, release threshold raised so the pool keeps its
+//!   memory): a training step allocates and frees ~150 tensors without a device
+//!   synchronization, and the inference workspace is grown from the same pool.
+//! - One device tensor type ([`DevTensor`]): shape, storage type ([`Precision`]) and
+//!   allocation; channels-last (N·D·H·W voxels × C).
 //! - [`Exec`] has two implementations: [`CudaExec`] (the CUDA device: everything on its
 //!   compute stream) and, in the unit tests, the CPU emulation of every kernel
 //!   (emulate_train.rs for the training kernels, emulate_infer.rs for the inference ones),
@@ -17,7 +23,9 @@
 use super::device::{CuCheck, CudaDevice};
 use super::launch::KernelArgs;
 use super::train_launch::{self as tl, TrainArgs};
+use super::Precision;
 use crate::error::{Error, Result};
+use crate::tensor::{Shape, Tensor};
 use cudarc::driver::result as cu;
 use cudarc::driver::sys;
 use cudarc::driver::{CudaEvent, CudaStream};
@@ -79,6 +87,11 @@ pub(crate) trait Exec: Send + Sync {
     fn synchronize_device(&self) -> Result<()> {
         self.synchronize()
     }
+    /// Returns the memory the pool holds but nothing uses to the device (so that the
+    /// driver's free-memory count includes it).
+    fn trim(&self) -> Result<()> {
+        Ok(())
+    }
     fn start_profile(&self) {}
     fn take_profile(&self) -> Result<Vec<(String, f64)>> {
         Ok(vec![])
@@ -93,47 +106,45 @@ pub(crate) struct CudaExec {
     dev: Arc<CudaDevice>,
     stream: Arc<CudaStream>,
     sync_each: bool,
-    /// Stream-ordered allocation from the device's memory pool (cuMemAllocAsync), or
-    /// plain cuMemAlloc.
-    stream_ordered: bool,
     profile: Mutex<Option<ProfileEvents>>,
 }
 
 impl CudaExec {
-    /// The executor on `dev`'s compute stream; with `stream_ordered`, allocations come
-    /// from the device's default memory pool, whose release threshold is raised so that
-    /// freed memory stays in the pool (a training step allocates and frees ~150 tensors
-    /// without a device synchronization).
-    pub fn new(dev: Arc<CudaDevice>, sync_each: bool, stream_ordered: bool) -> Result<Self> {
-        if stream_ordered {
-            let ctx = dev.ctx.clone();
-            ctx.bind_to_thread().check("binding the CUDA context")?;
-            if !ctx.has_async_alloc() {
-                return Err(Error::Cuda(format!(
-                    "{} does not support stream-ordered allocation (cuMemAllocAsync), which training needs",
-                    dev.name
-                )));
-            }
-            // SAFETY: the device handle comes from the live context; the attribute is a u64.
-            unsafe {
-                let pool =
-                    cu::device::get_default_mem_pool(ctx.cu_device()).check("getting the default memory pool")?;
-                let mut threshold: u64 = u64::MAX;
-                cu::mem_pool::set_attribute(
-                    pool,
-                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                    &mut threshold as *mut u64 as *mut std::ffi::c_void,
-                )
-                .check("raising the memory pool's release threshold")?;
-            }
+    /// The executor on `dev`'s compute stream. Allocations come from the device's
+    /// default memory pool, whose release threshold is raised so that freed memory stays
+    /// in the pool.
+    pub fn new(dev: Arc<CudaDevice>, sync_each: bool) -> Result<Self> {
+        let ctx = dev.ctx.clone();
+        ctx.bind_to_thread().check("binding the CUDA context")?;
+        if !ctx.has_async_alloc() {
+            return Err(Error::Cuda(format!(
+                "{} does not support stream-ordered allocation (cuMemAllocAsync), which the CUDA backend needs",
+                dev.name
+            )));
+        }
+        // SAFETY: the device handle comes from the live context; the attribute is a u64.
+        unsafe {
+            let pool = Self::pool(&dev)?;
+            let mut threshold: u64 = u64::MAX;
+            cu::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut std::ffi::c_void,
+            )
+            .check("raising the memory pool's release threshold")?;
         }
         Ok(CudaExec {
             stream: dev.compute.clone(),
             dev,
             sync_each,
-            stream_ordered,
             profile: Mutex::new(None),
         })
+    }
+
+    /// The device's default memory pool.
+    fn pool(dev: &CudaDevice) -> Result<sys::CUmemoryPool> {
+        // SAFETY: the device handle comes from the live context.
+        unsafe { cu::device::get_default_mem_pool(dev.ctx.cu_device()) }.check("getting the default memory pool")
     }
 
     /// The one launch path of both parameter blocks: an event pair around it when
@@ -169,27 +180,18 @@ impl CudaExec {
 impl Exec for CudaExec {
     fn alloc(&self, bytes: usize) -> Result<u64> {
         self.dev.ctx.bind_to_thread().check("binding the CUDA context")?;
-        let what = format!("allocating {} MiB of device memory", bytes.div_ceil(1 << 20));
-        if self.stream_ordered {
-            // SAFETY: stream-ordered allocation on this stream; the memory is used only
-            // through DevMem, on the same stream.
-            unsafe { cu::malloc_async(self.stream.cu_stream(), bytes) }.check(&what)
-        } else {
-            // SAFETY: plain allocation; the memory is used only through DevMem.
-            unsafe { cu::malloc_sync(bytes) }.check(&what)
-        }
+        // SAFETY: stream-ordered allocation on this stream; the memory is used only
+        // through DevMem, on this stream or (the predictor's copies) on others after a
+        // synchronization.
+        unsafe { cu::malloc_async(self.stream.cu_stream(), bytes) }
+            .check(&format!("allocating {} MiB of device memory", bytes.div_ceil(1 << 20)))
     }
     fn free(&self, ptr: u64) {
         // errors cannot be reported from drop; a failed free leaks, nothing worse
         let _ = self.dev.ctx.bind_to_thread();
-        if self.stream_ordered {
-            // SAFETY: ptr came from malloc_async on this stream and is freed once; every
-            // use of it was enqueued on the same stream before this free.
-            let _ = unsafe { cu::free_async(ptr, self.stream.cu_stream()) };
-        } else {
-            // SAFETY: ptr came from malloc_sync in this context and is freed once.
-            let _ = unsafe { cu::free_sync(ptr) };
-        }
+        // SAFETY: ptr came from malloc_async and is freed once; every use of it was
+        // enqueued on this stream before this free, or has completed.
+        let _ = unsafe { cu::free_async(ptr, self.stream.cu_stream()) };
     }
     fn memset(&self, ptr: u64, v: u8, bytes: usize) -> Result<()> {
         self.dev.memset(&self.stream, ptr, v, bytes)
@@ -223,6 +225,12 @@ impl Exec for CudaExec {
             .ctx
             .synchronize()
             .check("waiting for the device before growing a buffer")
+    }
+    fn trim(&self) -> Result<()> {
+        // frees enqueued on the stream return their memory to the pool when they run
+        self.synchronize()?;
+        // SAFETY: the pool is the live device's default pool.
+        unsafe { cu::mem_pool::trim_to(Self::pool(&self.dev)?, 0) }.check("trimming the memory pool")
     }
     fn start_profile(&self) {
         *self.profile.lock().unwrap() = Some(Vec::new());
@@ -267,6 +275,27 @@ impl DevMem {
     }
 }
 
+/// A tensor on the device: channels-last (N·D·H·W voxels × C), values stored as `dtype`.
+pub struct DevTensor {
+    /// (Read directly by the backends of this module.)
+    pub(super) shape: Shape,
+    dtype: Precision,
+    mem: DevMem,
+}
+
+impl DevTensor {
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+    pub fn dtype(&self) -> Precision {
+        self.dtype
+    }
+    /// The device address of the first value.
+    pub fn ptr(&self) -> u64 {
+        self.mem.ptr
+    }
+}
+
 impl Drop for DevMem {
     fn drop(&mut self) {
         self.rt.exec.free(self.ptr);
@@ -275,9 +304,11 @@ impl Drop for DevMem {
 }
 
 impl Runtime {
-    /// The runtime on an opened device.
-    pub fn cuda(dev: Arc<CudaDevice>, sync_each: bool, stream_ordered: bool, poison: bool) -> Result<Arc<Runtime>> {
-        let exec = CudaExec::new(dev.clone(), sync_each, stream_ordered)?;
+    /// The runtime on an opened device: with `sync_each`, a synchronization after every
+    /// launch (a fault is reported against its kernel); with `poison`, NaN-filled
+    /// allocations.
+    pub fn cuda(dev: Arc<CudaDevice>, sync_each: bool, poison: bool) -> Result<Arc<Runtime>> {
+        let exec = CudaExec::new(dev.clone(), sync_each)?;
         Ok(Arc::new(Runtime {
             exec: Arc::new(exec),
             dev: Some(dev),
@@ -331,6 +362,47 @@ impl Runtime {
         Ok(mem)
     }
 
+    /// An uninitialized tensor (NaN when poisoning).
+    pub fn tensor(self: &Arc<Self>, shape: Shape, dtype: Precision) -> Result<DevTensor> {
+        Ok(DevTensor {
+            shape,
+            dtype,
+            mem: self.alloc(shape.len() * dtype.bytes())?,
+        })
+    }
+
+    /// A host tensor (N×C×D×H×W) on the device: channels-last, stored as `dtype` (f16:
+    /// rounded to nearest even). The copy is enqueued.
+    pub fn upload_tensor(self: &Arc<Self>, t: &Tensor<f32>, dtype: Precision) -> Result<DevTensor> {
+        let dt = self.tensor(t.shape, dtype)?;
+        let cl = t.to_ndhwc();
+        match dtype {
+            Precision::F32 => self.htod(dt.ptr(), &cl)?,
+            Precision::F16 => {
+                let h: Vec<u16> = cl.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+                self.htod(dt.ptr(), &h)?
+            }
+        }
+        Ok(dt)
+    }
+
+    /// A device tensor on the host (N×C×D×H×W, f32); waits for the device.
+    pub fn download_tensor(&self, x: &DevTensor) -> Result<Tensor<f32>> {
+        let data: Vec<f32> = match x.dtype {
+            Precision::F32 => {
+                let mut v = vec![0f32; x.shape.len()];
+                self.dtoh(&mut v, x.ptr())?;
+                v
+            }
+            Precision::F16 => {
+                let mut h = vec![0u16; x.shape.len()];
+                self.dtoh(&mut h, x.ptr())?;
+                h.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect()
+            }
+        };
+        Tensor::from_ndhwc(x.shape, &data)
+    }
+
     /// A new allocation holding `data` (the copy is enqueued; `data` may go away).
     pub fn upload<T: bytemuck::Pod>(self: &Arc<Self>, data: &[T]) -> Result<DevMem> {
         let m = self.alloc(std::mem::size_of_val(data))?;
@@ -381,6 +453,12 @@ impl Runtime {
     /// Waits for every stream of the device.
     pub fn synchronize_device(&self) -> Result<()> {
         self.exec.synchronize_device()
+    }
+
+    /// Waits for the compute stream and returns the pool's unused memory to the device,
+    /// so that the driver's count of free memory includes it (before planning sizes).
+    pub fn trim(&self) -> Result<()> {
+        self.exec.trim()
     }
 
     /// Bytes allocated now, and at most since the last [`Self::reset_peak`].

@@ -262,3 +262,60 @@ fn emulated_inference_equals_the_cpu_network() {
         assert!(e <= tol, "{}: rel L2 {e:e} > {tol:e}", opts.label());
     }
 }
+
+/// The single-kernel path of the GPU differential tests (device tensors of f32 and f16
+/// storage up and down, each kernel alone) on the emulation, against the CPU twins.
+/// Inputs of several channels are rounded to f16 first in the f16 network (as the GPU
+/// tests do), so the bound is that of the f16 outputs: 2⁻¹¹ relative, plus the tensor-core
+/// convs' fp16 weights (measured below 1e-3 in emulate.rs).
+#[test]
+fn emulated_single_kernels_match_their_twins() {
+    use super::launch::CONV_KERNELS;
+    use super::twin;
+    let model = random_model(4);
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let s = Shape::new(1, 1, 5, 6, 9);
+    let mut random = |shape: Shape, lo: f32, hi: f32, f16: bool| {
+        let v = (0..shape.len())
+            .map(|_| {
+                let x = rng.random_range(lo..hi);
+                if f16 && shape.c > 1 {
+                    half::f16::from_f32(x).to_f32()
+                } else {
+                    x
+                }
+            })
+            .collect();
+        Tensor::from_vec(shape, v).unwrap()
+    };
+    for (opts, tol) in [(CudaOptions::f32(), 1e-5), (CudaOptions::f16(), 3e-3)] {
+        let f16 = opts.is_f16();
+        let rt = Runtime::on_exec(Arc::new(EmuDevice::default()), false);
+        let mut net = CudaNet::on_runtime(rt, &model, opts).unwrap();
+        for k in CONV_KERNELS.iter() {
+            let inputs: Vec<Tensor<f32>> = k.inputs.iter().map(|&c| random(s.with_c(c), 0.0, 2.0, f16)).collect();
+            let refs: Vec<&Tensor<f32>> = inputs.iter().collect();
+            let aux = k.post.map(|_| random(s, 0.05, 1.0, f16));
+            let got = net.run_conv_stage(k.layer, &refs, aux.as_ref()).unwrap();
+            let want = twin::conv_stage(&model, k.layer, &refs, aux.as_ref()).unwrap();
+            let e = rel_l2(&got.out.data, &want.out.data);
+            assert!(
+                got.out.all_finite() && e <= tol,
+                "{} {}: rel L2 {e:e}",
+                k.base,
+                opts.label()
+            );
+            if let (Some(g), Some(w)) = (&got.raw, &want.raw) {
+                let e = rel_l2(&g.data, &w.data);
+                assert!(e <= tol, "{} {} raw: rel L2 {e:e}", k.base, opts.label());
+            }
+        }
+        let b3 = random(Shape::new(1, 8, 3, 4, 5), 0.0, 2.0, f16);
+        let got = net.run_up_stage(&b3).unwrap();
+        let e = rel_l2(&got.data, &twin::up_stage(&model, &b3).unwrap().data);
+        assert!(got.all_finite() && e <= tol, "up2 {}: rel L2 {e:e}", opts.label());
+        let x = random(Shape::new(1, 1, 6, 8, 10), 0.0, 1.0, f16);
+        let got = net.run_pool_stage(&x).unwrap();
+        assert_eq!(got, twin::pool_stage(&x).unwrap(), "avgpool2 {}", opts.label());
+    }
+}

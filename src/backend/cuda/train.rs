@@ -26,8 +26,9 @@
 
 use super::device::CudaDevice;
 use super::launch::grid_1d;
-use super::runtime::{DevMem, Launch, Params, Runtime};
+use super::runtime::{DevMem, DevTensor, Launch, Params, Runtime};
 use super::train_launch::{self as tl, TrainArgs};
+use super::Precision;
 use crate::backend::cpu::pointwise;
 use crate::backend::loss::{loss_from_sums, LossSums, LossTerms};
 use crate::backend::{Addend, Backend, BnTrainState, ChannelStats, Epilogue, GradMode};
@@ -39,22 +40,6 @@ use std::sync::Arc;
 /// The executor trait, under the path the emulation of the training kernels implements it.
 #[cfg(test)]
 pub(crate) use super::runtime::Exec;
-
-/// A tensor on the device: f32, channels-last (N·D·H·W voxels × C).
-pub struct DevTensor {
-    shape: Shape,
-    mem: DevMem,
-}
-
-impl DevTensor {
-    pub fn shape(&self) -> Shape {
-        self.shape
-    }
-    /// The device address of the first value.
-    pub fn ptr(&self) -> u64 {
-        self.mem.ptr()
-    }
-}
 
 /// The training backend bound to one device.
 pub struct CudaTrainBackend {
@@ -87,7 +72,7 @@ impl CudaTrainBackend {
     pub fn with_poison(dev: Arc<CudaDevice>, poison: bool) -> Result<Self> {
         let sync_each = std::env::var("RLN_CUDA_SYNC").is_ok_and(|v| v == "1");
         Ok(CudaTrainBackend {
-            rt: Runtime::cuda(dev, sync_each, true, poison)?,
+            rt: Runtime::cuda(dev, sync_each, poison)?,
         })
     }
 
@@ -146,12 +131,9 @@ impl CudaTrainBackend {
         self.rt.alloc(bytes)
     }
 
-    /// An uninitialized tensor (NaN when poisoning).
+    /// An uninitialized f32 tensor (NaN when poisoning).
     fn tensor(&self, shape: Shape) -> Result<DevTensor> {
-        Ok(DevTensor {
-            shape,
-            mem: self.alloc(shape.len() * 4)?,
-        })
+        self.rt.tensor(shape, Precision::F32)
     }
 
     fn zeros_f64(&self, len: usize) -> Result<DevMem> {
@@ -174,16 +156,12 @@ impl CudaTrainBackend {
 
     /// Uploads a host tensor (N×C×D×H×W) as channels-last.
     fn try_upload(&self, t: &Tensor<f32>) -> Result<DevTensor> {
-        let dt = self.tensor(t.shape)?;
-        self.rt.htod(dt.ptr(), &t.to_ndhwc())?;
-        Ok(dt)
+        self.rt.upload_tensor(t, Precision::F32)
     }
 
     /// Downloads a tensor to the host (N×C×D×H×W); waits for the device.
     fn try_download(&self, x: &DevTensor) -> Result<Tensor<f32>> {
-        let mut v = vec![0.0f32; x.shape.len()];
-        self.rt.dtoh(&mut v, x.ptr())?;
-        Tensor::from_ndhwc(x.shape, &v)
+        self.rt.download_tensor(x)
     }
 
     fn launch(&self, name: &str, grid: (u32, u32, u32), smem: usize, args: &TrainArgs) -> Result<()> {
