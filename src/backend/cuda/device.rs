@@ -6,6 +6,7 @@
 
 use super::kernels::{self, MODULES};
 use super::launch::{self, CONV_KERNELS};
+use super::runtime::Params;
 use crate::error::{Error, Result};
 use cudarc::driver::result::{self as cu, DriverError};
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
@@ -147,6 +148,10 @@ impl CudaDevice {
             ));
         }
         wanted.push(("h1_fp", launch::POOL_KERNEL.to_string(), 0));
+        // the predictor's f16↔f32 tile conversions
+        for k in launch::IO_KERNELS {
+            wanted.push((launch::IO_MODULE, k.to_string(), 0));
+        }
         // the training kernels (kernels/train_*.cu)
         wanted.extend(super::train_launch::kernel_list());
         for (module, name, smem) in wanted {
@@ -251,18 +256,19 @@ impl CudaDevice {
         self.ctx.new_event(Some(flags)).check("creating a CUDA event")
     }
 
-    /// Launches kernel `name` on `stream` with its one parameter block (`KernelArgs` for
-    /// the inference kernels, `TrainArgs` for the training kernels); with `sync`, waits for
-    /// it so that a fault is reported against this kernel.
+    /// Launches kernel `name` on `stream` with its parameters (the one parameter block
+    /// `KernelArgs` of the inference kernels or `TrainArgs` of the training kernels, or
+    /// the conversion kernels' three values); with `sync`, waits for it so that a fault
+    /// is reported against this kernel.
     #[allow(clippy::too_many_arguments)]
-    pub fn launch<A: cudarc::driver::DeviceRepr>(
+    pub fn launch(
         &self,
         stream: &CudaStream,
         name: &str,
         grid: (u32, u32, u32),
         block: u32,
         smem: usize,
-        args: &A,
+        params: Params<'_>,
         sync: bool,
     ) -> Result<()> {
         let f = self.func(name)?;
@@ -272,10 +278,15 @@ impl CudaDevice {
             shared_mem_bytes: smem as u32,
         };
         let mut b = stream.launch_builder(f);
-        b.arg(args);
-        // SAFETY: args matches the kernel's single RlnArgs / TrainArgs parameter (same
-        // layout, checked size); every pointer in it is a live device allocation sized for
-        // the launch's volume (forward.rs and train.rs size buffers from the same dims).
+        match params {
+            Params::Infer(a) => b.arg(a),
+            Params::Train(a) => b.arg(a),
+            Params::Io(a) => b.arg(&a.src).arg(&a.dst).arg(&a.n),
+        };
+        // SAFETY: the parameters match the kernel's: the single RlnArgs / TrainArgs
+        // parameter (same layout, checked size), or (in, out, n) of the conversions; every
+        // pointer is a live device allocation sized for the launch's volume (forward.rs,
+        // train.rs and predictor.rs size buffers from the same dims).
         unsafe { b.launch(cfg) }.check(&format!(
             "launching {name} (grid {grid:?}, {block} threads, {smem} B shared)"
         ))?;

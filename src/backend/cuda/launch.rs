@@ -129,6 +129,12 @@ pub const CONV_KERNELS: [ConvKernel; 14] = [
 pub const UP_KERNEL: &str = "h1_bp_up";
 /// avgpool2 (module h1_fp), always f32.
 pub const POOL_KERNEL: &str = "avgpool2_f32";
+/// The predictor's conversions of f16 tiles to the network's f32 input and of its f32
+/// output to f16 (kernels/io_half.cu; parameters `runtime::IoArgs`).
+pub const IO_MODULE: &str = "io_half";
+pub const IO_KERNELS: [&str; 2] = [TO_F32_KERNEL, TO_F16_KERNEL];
+pub const TO_F32_KERNEL: &str = "rln_h16_to_f32";
+pub const TO_F16_KERNEL: &str = "rln_f32_to_h16";
 
 /// The conv kernel entry of a layer.
 pub fn conv_kernel(l: L) -> &'static ConvKernel {

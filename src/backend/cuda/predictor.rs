@@ -13,14 +13,14 @@
 
 use super::device::{CuCheck, CudaDevice, PinnedBuf};
 use super::forward::{workspace_bytes_per_voxel, CudaNet};
-use super::kernels;
-use super::runtime::{DevMem, Runtime};
+use super::launch::{TO_F16_KERNEL, TO_F32_KERNEL};
+use super::runtime::{DevMem, IoArgs, Launch, Params, Runtime};
 use super::CudaOptions;
 use crate::error::{Error, Result};
 use crate::infer::TilePredictor;
 use crate::model::Model;
 use crate::tensor::{Shape, Tensor};
-use cudarc::driver::{CudaEvent, CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::CudaEvent;
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -33,12 +33,8 @@ const MAX_TILE_VOXELS: usize = 1 << 27;
 /// Elements per host conversion / copy task.
 const CHUNK: usize = 1 << 18;
 
-/// The f16↔f32 conversion kernels of kernels/io_half.cu and the device buffers the f16
-/// tiles land in, per slot.
+/// The device buffers the f16 tiles land in, per slot (converted by kernels/io_half.cu).
 struct HalfIo {
-    _module: Arc<CudaModule>,
-    to_f32: CudaFunction,
-    to_f16: CudaFunction,
     dev_in: [Option<DevMem>; 2],
     dev_out: [Option<DevMem>; 2],
 }
@@ -77,25 +73,10 @@ impl CudaPredictor {
     pub fn with_device(dev: Arc<CudaDevice>, model: &Model<f32>, opts: CudaOptions) -> Result<Self> {
         let ev = || -> Result<[CudaEvent; 2]> { Ok([dev.event(false)?, dev.event(false)?]) };
         let (ev_in, ev_done, ev_out) = (ev()?, ev()?, ev()?);
-        let half = if opts.is_f16() {
-            let m = kernels::module("io_half")
-                .ok_or_else(|| Error::Cuda("kernel module io_half is not embedded".into()))?;
-            let (module, _) = kernels::load(&dev.ctx, m)?;
-            let f = |name: &str| {
-                module
-                    .load_function(name)
-                    .check(&format!("finding kernel {name} in kernels/io_half.cu"))
-            };
-            Some(HalfIo {
-                to_f32: f("rln_h16_to_f32")?,
-                to_f16: f("rln_f32_to_h16")?,
-                _module: module,
-                dev_in: [None, None],
-                dev_out: [None, None],
-            })
-        } else {
-            None
-        };
+        let half = opts.is_f16().then(|| HalfIo {
+            dev_in: [None, None],
+            dev_out: [None, None],
+        });
         let net = CudaNet::new(dev.clone(), model, opts)?;
         Ok(CudaPredictor {
             dev,
@@ -144,22 +125,16 @@ impl CudaPredictor {
     }
 
     /// Launches one of the conversion kernels on the compute stream over `n` elements.
-    fn convert(dev: &CudaDevice, f: &CudaFunction, src: u64, dst: u64, n: usize, what: &str) -> Result<()> {
+    fn convert(rt: &Runtime, name: &str, src: u64, dst: u64, n: usize, what: &str) -> Result<()> {
         let blocks = n.div_ceil(256).clamp(1, 65_535 * 4) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let n = n as i64;
-        let mut b = dev.compute.launch_builder(f);
-        b.arg(&src);
-        b.arg(&dst);
-        b.arg(&n);
-        // SAFETY: src and dst are live device allocations of at least n elements of the
-        // kernel's types (sized from the same padded shape just above the call).
-        unsafe { b.launch(cfg) }.check(&format!("launching the {what} conversion"))?;
-        Ok(())
+        rt.launch(&Launch {
+            name,
+            grid: (blocks, 1, 1),
+            block: 256,
+            smem: 0,
+            params: Params::Io(&IoArgs { src, dst, n: n as i64 }),
+        })
+        .map_err(|e| e.context(format!("the {what} conversion")))
     }
 
     /// Waits for `t`'s result, crops it into the reused host buffer and hands it to `sink`.
@@ -319,9 +294,9 @@ impl TilePredictor for CudaPredictor {
                     dev.compute
                         .wait(&self.ev_in[slot])
                         .check("ordering the forward pass after its input copy")?;
-                    Self::convert(&dev, &h.to_f32, xh, xb, len, "f16 → f32 input")?;
+                    Self::convert(&rt, TO_F32_KERNEL, xh, xb, len, "f16 → f32 input")?;
                     self.net.forward_device(xb, yb, [ps.n, ps.d, ps.h, ps.w], None)?;
-                    Self::convert(&dev, &h.to_f16, yb, yh, len, "f32 → f16 output")?;
+                    Self::convert(&rt, TO_F16_KERNEL, yb, yh, len, "f32 → f16 output")?;
                     self.ev_done[slot].record(&dev.compute).check("recording an event")?;
                     dev.d2h
                         .wait(&self.ev_done[slot])

@@ -13,9 +13,9 @@
 //!   compute stream) and, in the unit tests, the CPU emulation of every kernel
 //!   (emulate_train.rs for the training kernels, emulate_infer.rs for the inference ones),
 //!   which runs the whole host side without a GPU.
-//! - Every launch goes through [`Runtime::launch`], with its parameter block
-//!   ([`Params`]: `KernelArgs` of the inference kernels or `TrainArgs` of the training
-//!   kernels); the CUDA executor times it when profiling, and the runtime appends a line
+//! - Every launch goes through [`Runtime::launch`], with its parameters ([`Params`]:
+//!   `KernelArgs` of the inference kernels, `TrainArgs` of the training kernels, or the
+//!   three values of the predictor's f16↔f32 tile conversions); the CUDA executor times it when profiling, and the runtime appends a line
 //!   per launch to the trace when tracing ([`trace_line`]: kernel, grid, block, shared
 //!   memory and every argument that is not a pointer, pointers as `*` or null `0`). The
 //!   baselines of tests/data/launch-trace/ are such traces, recorded on the emulation.
@@ -33,12 +33,22 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// The parameter block of one launch: inference kernels take [`KernelArgs`], training
-/// kernels [`TrainArgs`].
+/// The parameters of one launch: inference kernels take [`KernelArgs`], training kernels
+/// [`TrainArgs`], the f16↔f32 tile conversions (kernels/io_half.cu) three values.
 #[derive(Clone, Copy, Debug)]
 pub enum Params<'a> {
     Infer(&'a KernelArgs),
     Train(&'a TrainArgs),
+    Io(&'a IoArgs),
+}
+
+/// The parameters of the conversion kernels `rln_h16_to_f32` and `rln_f32_to_h16`:
+/// `dst[i] = convert(src[i])` for i < n (three kernel parameters, in this order).
+#[derive(Clone, Copy, Debug)]
+pub struct IoArgs {
+    pub src: u64,
+    pub dst: u64,
+    pub n: i64,
 }
 
 /// One kernel launch: what the trace records and the executor runs.
@@ -79,6 +89,10 @@ pub(crate) trait Exec: Send + Sync {
         Err(Error::Cuda(format!(
             "this executor runs only the training kernels; {name} is an inference kernel"
         )))
+    }
+    /// A conversion kernel (kernels/io_half.cu).
+    fn launch_io(&self, name: &str, _grid: (u32, u32, u32), _block: u32, _args: &IoArgs) -> Result<()> {
+        Err(Error::Cuda(format!("this executor has no conversion kernel {name}")))
     }
     /// Waits for the compute stream.
     fn synchronize(&self) -> Result<()>;
@@ -147,16 +161,8 @@ impl CudaExec {
         unsafe { cu::device::get_default_mem_pool(dev.ctx.cu_device()) }.check("getting the default memory pool")
     }
 
-    /// The one launch path of both parameter blocks: an event pair around it when
-    /// profiling.
-    fn run<A: cudarc::driver::DeviceRepr>(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        smem: usize,
-        args: &A,
-    ) -> Result<()> {
+    /// The one launch path of every kernel: an event pair around it when profiling.
+    fn run(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: usize, args: Params<'_>) -> Result<()> {
         let mut prof = self.profile.lock().unwrap();
         let start = match prof.as_ref() {
             Some(_) => {
@@ -205,7 +211,7 @@ impl Exec for CudaExec {
         self.synchronize()
     }
     fn launch(&self, name: &str, grid: (u32, u32, u32), smem: usize, args: &TrainArgs) -> Result<()> {
-        self.run(name, grid, tl::THREADS, smem, args)
+        self.run(name, grid, tl::THREADS, smem, Params::Train(args))
     }
     fn launch_infer(
         &self,
@@ -215,7 +221,10 @@ impl Exec for CudaExec {
         smem: usize,
         args: &KernelArgs,
     ) -> Result<()> {
-        self.run(name, grid, block, smem, args)
+        self.run(name, grid, block, smem, Params::Infer(args))
+    }
+    fn launch_io(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &IoArgs) -> Result<()> {
+        self.run(name, grid, block, 0, Params::Io(args))
     }
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().check("waiting for the device")
@@ -442,6 +451,7 @@ impl Runtime {
                 }
                 self.exec.launch(l.name, l.grid, l.smem, a)
             }
+            Params::Io(a) => self.exec.launch_io(l.name, l.grid, l.block, a),
         }
     }
 
@@ -582,6 +592,9 @@ pub fn trace_line(l: &Launch<'_>) -> String {
                 let _ = write!(s, " p{i}={}", list(p));
             }
         }
+        Params::Io(a) => {
+            let _ = write!(s, " src={} dst={} n={}", ptr(a.src), ptr(a.dst), a.n);
+        }
     }
     s
 }
@@ -627,5 +640,11 @@ mod tests {
         assert!(s.contains(" dc=[0.0,3.0,0.0×6]"), "{s}");
         assert!(s.contains(" p0=[1.0×16] p1=[2.5,0.0×15]"), "{s}");
         assert_eq!(list(&[1, 2]), "[1,2]");
+        let io = IoArgs { src: 8, dst: 0, n: 5 };
+        let l = Launch {
+            params: Params::Io(&io),
+            ..l
+        };
+        assert!(trace_line(&l).ends_with(" src=* dst=0 n=5"), "{}", trace_line(&l));
     }
 }
