@@ -21,6 +21,7 @@ use std::sync::Arc;
 struct ConvDev {
     kernel: String,
     tile: [usize; 3],
+    threads: u32,
     smem: usize,
     w: DevMem,
     bias: DevMem,
@@ -112,16 +113,18 @@ impl CudaNet {
             let mma = f16 && opts.tensor_cores && k.mma;
             let name = k.name(f16, opts.tensor_cores);
             let what = format!("weights of {}", k.layer.spec().name);
-            let (w, tile, smem) = if mma {
+            let (w, tile, threads, smem) = if mma {
                 (
                     upload(&rt, &weights::pack_mma_b(&folded), &what)?,
                     launch::MMA_TILE,
+                    launch::MMA_THREADS,
                     launch::mma_smem_bytes(k.c_in()),
                 )
             } else {
                 (
                     upload(&rt, &weights::ffma_layout(&folded), &what)?,
                     launch::FFMA_TILE,
+                    launch::FFMA_THREADS,
                     launch::ffma_smem_bytes(k.c_in(), k.c_out),
                 )
             };
@@ -132,6 +135,7 @@ impl CudaNet {
                 ConvDev {
                     kernel: name,
                     tile,
+                    threads,
                     smem,
                     w,
                     bias,
@@ -236,8 +240,8 @@ impl CudaNet {
             pad_: 0,
         };
         let grid = launch::tiled_grid(c.tile, n, d, h, w)?;
-        let (name, smem) = (c.kernel.clone(), c.smem);
-        self.launch(&name, grid, 256, smem, &args)
+        let (name, smem, threads) = (c.kernel.clone(), c.smem, c.threads);
+        self.launch(&name, grid, threads, smem, &args)
     }
 
     /// u = sp(BN7(up2(b3))); `half` = [n, d, h, w] of b3.
@@ -255,7 +259,8 @@ impl CudaNet {
             ..Default::default()
         };
         let name = self.up_kernel.clone();
-        self.launch(&name, (launch::grid_1d(n * d * h * w), 1, 1), 256, 0, &args)
+        let grid = (launch::grid_1d(n * d * h * w), 1, 1);
+        self.launch(&name, grid, launch::ELEMENTWISE_THREADS, 0, &args)
     }
 
     /// xd = avgpool2(x); `half` = [n, d, h, w] of xd.
@@ -273,7 +278,7 @@ impl CudaNet {
         self.launch(
             launch::POOL_KERNEL,
             (launch::grid_1d(n * d * h * w), 1, 1),
-            256,
+            launch::ELEMENTWISE_THREADS,
             0,
             &args,
         )

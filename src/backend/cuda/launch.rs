@@ -232,9 +232,13 @@ pub fn tiled_grid(tile: [usize; 3], n: usize, d: usize, h: usize, w: usize) -> R
     Ok((gx as u32, gy as u32, gz as u32))
 }
 
-/// Grid of a grid-stride elementwise kernel (256 threads a block).
+/// Threads a block of the grid-stride kernels (avgpool2, up2, the conversions, the
+/// training ops: `__launch_bounds__(256)` in the .cu files).
+pub const ELEMENTWISE_THREADS: u32 = 256;
+
+/// Grid of a grid-stride elementwise kernel ([`ELEMENTWISE_THREADS`] threads a block).
 pub fn grid_1d(total: usize) -> u32 {
-    total.div_ceil(256).clamp(1, 132 * 32) as u32
+    total.div_ceil(ELEMENTWISE_THREADS as usize).clamp(1, 132 * 32) as u32
 }
 
 /// N×C×D×H×W (the CPU layout) → channels-last N×D×H×W×C (the device layout).
@@ -298,6 +302,19 @@ mod tests {
     #[test]
     fn every_kernel_name_is_in_its_module() {
         use crate::backend::cuda::kernels::module;
+        let io = module(IO_MODULE).expect("io_half embedded");
+        for name in IO_KERNELS {
+            assert!(
+                io.source.contains(&format!(" {name}(")),
+                "{name} not in kernels/io_half.cu"
+            );
+            if let Some(ptx) = io.ptx {
+                assert!(
+                    ptx.contains(&format!(".entry {name}(")),
+                    "{name} not in the PTX of io_half"
+                );
+            }
+        }
         for (f16, tc) in [(false, false), (true, false), (true, true)] {
             for (m, name) in kernel_names(f16, tc) {
                 let km = module(m).unwrap_or_else(|| panic!("module {m} not embedded"));

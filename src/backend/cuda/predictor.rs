@@ -126,11 +126,12 @@ impl CudaPredictor {
 
     /// Launches one of the conversion kernels on the compute stream over `n` elements.
     fn convert(rt: &Runtime, name: &str, src: u64, dst: u64, n: usize, what: &str) -> Result<()> {
-        let blocks = n.div_ceil(256).clamp(1, 65_535 * 4) as u32;
+        let threads = super::launch::ELEMENTWISE_THREADS;
+        let blocks = n.div_ceil(threads as usize).clamp(1, 65_535 * 4) as u32;
         rt.launch(&Launch {
             name,
             grid: (blocks, 1, 1),
-            block: 256,
+            block: threads,
             smem: 0,
             params: Params::Io(&IoArgs { src, dst, n: n as i64 }),
         })
