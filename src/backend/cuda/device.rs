@@ -6,7 +6,7 @@
 
 use super::kernels::{self, MODULES};
 use super::launch::{self, CONV_KERNELS};
-use super::runtime::Params;
+use super::params::Params;
 use crate::error::{Error, Result};
 use cudarc::driver::result::{self as cu, DriverError};
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};

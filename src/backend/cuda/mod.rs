@@ -29,6 +29,7 @@ mod emulate_train;
 pub mod forward;
 pub mod kernels;
 pub mod launch;
+pub mod params;
 pub mod predictor;
 pub mod runtime;
 #[cfg(test)]

@@ -22,6 +22,7 @@
 
 use super::device::{CuCheck, CudaDevice};
 use super::launch::KernelArgs;
+pub use super::params::{IoArgs, Params};
 use super::train_launch::{self as tl, TrainArgs};
 use super::Precision;
 use crate::error::{Error, Result};
@@ -32,24 +33,6 @@ use cudarc::driver::{CudaEvent, CudaStream};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-
-/// The parameters of one launch: inference kernels take [`KernelArgs`], training kernels
-/// [`TrainArgs`], the f16↔f32 tile conversions (kernels/io_half.cu) three values.
-#[derive(Clone, Copy, Debug)]
-pub enum Params<'a> {
-    Infer(&'a KernelArgs),
-    Train(&'a TrainArgs),
-    Io(&'a IoArgs),
-}
-
-/// The parameters of the conversion kernels `rln_h16_to_f32` and `rln_f32_to_h16`:
-/// `dst[i] = convert(src[i])` for i < n (three kernel parameters, in this order).
-#[derive(Clone, Copy, Debug)]
-pub struct IoArgs {
-    pub src: u64,
-    pub dst: u64,
-    pub n: i64,
-}
 
 /// One kernel launch: what the trace records and the executor runs.
 #[derive(Clone, Copy, Debug)]
