@@ -368,7 +368,7 @@ impl CudaNet {
         let download = |p: u64, what: &str| -> Result<Tensor<f32>> {
             let mut t = Tensor::zeros(ps);
             rt.dtoh(&mut t.data, p)
-                .map_err(|e| e.context(&format!("running the forward pass and copying {what} back")))?;
+                .map_err(|e| e.context(format!("running the forward pass and copying {what} back")))?;
             Ok(pointwise::crop(&t, x.shape))
         };
         let prediction = download(yb, "the prediction")?;
@@ -477,7 +477,7 @@ impl CudaNet {
 
 /// Copies `data` into a new device allocation and waits for the copy (weights, test inputs).
 fn upload<T: bytemuck::Pod>(rt: &Arc<Runtime>, data: &[T], what: &str) -> Result<DevMem> {
-    let m = rt.upload(data).map_err(|e| e.context(&format!("uploading {what}")))?;
-    rt.synchronize().map_err(|e| e.context(&format!("uploading {what}")))?;
+    let m = rt.upload(data).map_err(|e| e.context(format!("uploading {what}")))?;
+    rt.synchronize().map_err(|e| e.context(format!("uploading {what}")))?;
     Ok(m)
 }
