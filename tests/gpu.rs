@@ -382,10 +382,33 @@ fn forward_is_deterministic_and_reads_no_unwritten_memory() {
 #[ignore = "needs a CUDA GPU; run with --include-ignored (tools/gpu-check.sh does)"]
 fn out_of_memory_is_a_distinct_error() {
     let Some(dev) = device() else { return };
-    let e = dev.alloc(1usize << 50).err().expect("a 1 PiB allocation must fail");
+    let rt = rln_engine::backend::cuda::Runtime::cuda(dev.clone(), false, false).unwrap();
+    let e = rt.alloc(1usize << 50).err().expect("a 1 PiB allocation must fail");
     println!("1 PiB allocation: {e}");
     assert!(e.is_out_of_memory(), "expected OutOfMemory, got {e:?}");
     // the context is still usable
-    let b = dev.alloc(1 << 20).unwrap();
+    let b = rt.alloc(1 << 20).unwrap();
     assert!(b.ptr() != 0);
+}
+
+/// The device launches the kernels of the emulated baselines (tests/data/launch-trace/,
+/// recorded by src/backend/cuda/trace_tests.rs on the CPU emulation): same model and
+/// input, every launch line (kernel, grid, block, shared memory, arguments) equal.
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored (tools/gpu-check.sh does)"]
+fn device_inference_launches_as_the_emulated_baseline() {
+    let Some(dev) = device() else { return };
+    let model = random_model(3);
+    let x = gpu_common::trace_input(Shape::new(1, 1, 9, 12, 35), 5);
+    for (o, file) in [
+        (CudaOptions::f32(), "infer-f32.txt"),
+        (CudaOptions::f16(), "infer-f16.txt"),
+    ] {
+        let mut net = CudaNet::new(dev.clone(), &model, o).unwrap();
+        net.runtime().start_trace();
+        let y = net.predict_host(&x, false).unwrap().prediction;
+        assert!(y.all_finite(), "{}: non-finite prediction", o.label());
+        let got = net.runtime().take_trace();
+        gpu_common::trace_compare(o.label(), &got, &gpu_common::trace_baseline(file, None));
+    }
 }

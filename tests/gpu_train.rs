@@ -894,3 +894,34 @@ fn device_resume_is_bit_exact() {
     resumed.adam = b.opt_download(&opt, &mut resumed.model).unwrap();
     assert_eq!(resumed, straight, "resumed after step 1 = uninterrupted, bit for bit");
 }
+
+/// One training step on the device launches the kernels of the emulated baseline
+/// (tests/data/launch-trace/train-step.txt): kernel, grid, block and shared memory of
+/// every launch (the arguments carry batch statistics in the device's own rounding).
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored (tools/gpu-check.sh does)"]
+fn device_training_step_launches_as_the_emulated_baseline() {
+    let Some(b) = backend() else { return };
+    let model = Model::<f32>::init(ModelConfig::default(), 7);
+    let shape = Shape::new(2, 1, 8, 8, 12);
+    let (x, g) = (gpu_common::trace_input(shape, 11), gpu_common::trace_input(shape, 12));
+    b.runtime().start_trace();
+    let net = Rln::new(&b, &model);
+    let xd = b.from_host(&x).unwrap();
+    let gd = b.from_host(&g).unwrap();
+    let fwd = net.forward(&xd, BnMode::Batch, true).unwrap();
+    let (_, dy, de1r) = b.loss(&fwd.prediction, &fwd.e1_raw, &xd, &gd).unwrap();
+    net.backward(&fwd, &dy, &de1r, TrainConfig::default().grad_mode)
+        .unwrap();
+    let got: Vec<String> = b
+        .runtime()
+        .take_trace()
+        .iter()
+        .map(|l| gpu_common::trace_cut(l, Some(4)))
+        .collect();
+    gpu_common::trace_compare(
+        "training step",
+        &got,
+        &gpu_common::trace_baseline("train-step.txt", Some(4)),
+    );
+}

@@ -93,7 +93,6 @@ fn median(v: &mut [f64]) -> f64 {
 /// Runs the benchmark.
 pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     let dev = CudaDevice::open(o.cuda.device)?;
-    dev.mem_stats().reset_peak();
     let model = random_model(o.seed);
     let mut net = CudaNet::new(dev.clone(), &model, o.cuda)?;
     let [n, d, h, w] = o.dims;
@@ -151,7 +150,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
             })
             .collect();
     }
-    let peak_mem_bytes = dev.mem_stats().peak();
+    let peak_mem_bytes = net.runtime().mem_bytes().1;
 
     let host_to_host_voxels_per_s = if o.host_to_host {
         let mut t = Vec::new();

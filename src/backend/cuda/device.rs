@@ -1,16 +1,17 @@
-//! One CUDA device: its context, three streams (compute, host→device, device→host), the
-//! embedded kernel modules loaded once, device and pinned host memory with byte
-//! accounting, and launches. Every driver call is checked; failures become
+//! One CUDA device, the one owner of its context and streams: the context, three streams
+//! (compute, host→device, device→host), the embedded kernel modules loaded once, pinned
+//! host memory, copies and launches. Device memory and the launches of the networks go
+//! through [`super::runtime::Runtime`] on the compute stream. Every driver call is checked; failures become
 //! [`Error::Cuda`] naming what failed, or [`Error::OutOfMemory`] when memory ran out.
 
 use super::kernels::{self, MODULES};
 use super::launch::{self, CONV_KERNELS};
+use super::params::Params;
 use crate::error::{Error, Result};
 use cudarc::driver::result::{self as cu, DriverError};
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// A driver error as an [`Error`]: CUDA_ERROR_OUT_OF_MEMORY becomes the typed
@@ -42,60 +43,6 @@ pub trait CuCheck<T> {
 impl<T> CuCheck<T> for std::result::Result<T, DriverError> {
     fn check(self, what: &str) -> Result<T> {
         self.map_err(|e| driver_error(what, e))
-    }
-}
-
-/// Bytes of device memory held by this process's buffers, now and at most.
-#[derive(Default, Debug)]
-pub struct MemStats {
-    current: AtomicUsize,
-    peak: AtomicUsize,
-}
-
-impl MemStats {
-    pub fn current(&self) -> usize {
-        self.current.load(Ordering::Relaxed)
-    }
-    pub fn peak(&self) -> usize {
-        self.peak.load(Ordering::Relaxed)
-    }
-    /// Restarts peak tracking from the current use.
-    pub fn reset_peak(&self) {
-        self.peak.store(self.current(), Ordering::Relaxed);
-    }
-    fn add(&self, b: usize) {
-        let now = self.current.fetch_add(b, Ordering::Relaxed) + b;
-        self.peak.fetch_max(now, Ordering::Relaxed);
-    }
-    fn sub(&self, b: usize) {
-        self.current.fetch_sub(b, Ordering::Relaxed);
-    }
-}
-
-/// A device allocation (cuMemAlloc), freed on drop.
-pub struct DevBuf {
-    ptr: sys::CUdeviceptr,
-    bytes: usize,
-    ctx: Arc<CudaContext>,
-    stats: Arc<MemStats>,
-}
-
-impl DevBuf {
-    pub fn ptr(&self) -> u64 {
-        self.ptr
-    }
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-}
-
-impl Drop for DevBuf {
-    fn drop(&mut self) {
-        // errors cannot be reported from drop; a failed free leaks, nothing worse
-        let _ = self.ctx.bind_to_thread();
-        // SAFETY: ptr came from malloc_sync in this context and is freed once.
-        let _ = unsafe { cu::free_sync(self.ptr) };
-        self.stats.sub(self.bytes);
     }
 }
 
@@ -150,7 +97,6 @@ pub struct CudaDevice {
     pub module_sources: Vec<(String, &'static str)>,
     functions: HashMap<String, CudaFunction>,
     _modules: Vec<Arc<CudaModule>>,
-    stats: Arc<MemStats>,
 }
 
 impl CudaDevice {
@@ -202,6 +148,10 @@ impl CudaDevice {
             ));
         }
         wanted.push(("h1_fp", launch::POOL_KERNEL.to_string(), 0));
+        // the predictor's f16↔f32 tile conversions
+        for k in launch::IO_KERNELS {
+            wanted.push((launch::IO_MODULE, k.to_string(), 0));
+        }
         // the training kernels (kernels/train_*.cu)
         wanted.extend(super::train_launch::kernel_list());
         wanted.extend(super::train::ADAM_KERNELS.map(|k| (super::train::ADAM_MODULE, k.to_string(), 0)));
@@ -239,7 +189,6 @@ impl CudaDevice {
             module_sources,
             functions,
             _modules: modules.into_iter().map(|(_, m)| m).collect(),
-            stats: Arc::new(MemStats::default()),
         }))
     }
 
@@ -248,10 +197,6 @@ impl CudaDevice {
             "{} (sm_{}{}, {} SMs)",
             self.name, self.compute_capability.0, self.compute_capability.1, self.multiprocessors
         )
-    }
-
-    pub fn mem_stats(&self) -> &MemStats {
-        &self.stats
     }
 
     /// (free, total) device memory in bytes (cuMemGetInfo).
@@ -263,22 +208,6 @@ impl CudaDevice {
         self.functions
             .get(name)
             .ok_or_else(|| Error::Cuda(format!("kernel {name} was not loaded")))
-    }
-
-    /// Allocates `bytes` of device memory (uninitialized).
-    pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
-        self.ctx.bind_to_thread().check("binding the CUDA context")?;
-        let bytes = bytes.max(16);
-        // SAFETY: plain allocation; the memory is only used through DevBuf.
-        let ptr = unsafe { cu::malloc_sync(bytes) }
-            .check(&format!("allocating {} MiB of device memory", bytes.div_ceil(1 << 20)))?;
-        self.stats.add(bytes);
-        Ok(DevBuf {
-            ptr,
-            bytes,
-            ctx: self.ctx.clone(),
-            stats: self.stats.clone(),
-        })
     }
 
     /// Allocates page-locked host memory for `len` f32.
@@ -294,14 +223,6 @@ impl CudaDevice {
             len,
             ctx: self.ctx.clone(),
         })
-    }
-
-    /// Copies `data` into a new device buffer and waits for the copy.
-    pub fn upload<T: Copy>(&self, data: &[T], what: &str) -> Result<DevBuf> {
-        let buf = self.alloc(std::mem::size_of_val(data))?;
-        self.copy_htod(&self.compute, buf.ptr(), data, what)?;
-        self.compute.synchronize().check(&format!("uploading {what}"))?;
-        Ok(buf)
     }
 
     /// Enqueues a host→device copy on `stream` (`data` must stay alive and unchanged until
@@ -336,18 +257,19 @@ impl CudaDevice {
         self.ctx.new_event(Some(flags)).check("creating a CUDA event")
     }
 
-    /// Launches kernel `name` on `stream` with its one parameter block (`KernelArgs` for
-    /// the inference kernels, `TrainArgs` for the training kernels); with `sync`, waits for
-    /// it so that a fault is reported against this kernel.
+    /// Launches kernel `name` on `stream` with its parameters (the one parameter block
+    /// `KernelArgs` of the inference kernels or `TrainArgs` of the training kernels, or
+    /// the conversion kernels' three values); with `sync`, waits for it so that a fault
+    /// is reported against this kernel.
     #[allow(clippy::too_many_arguments)]
-    pub fn launch<A: cudarc::driver::DeviceRepr>(
+    pub fn launch(
         &self,
         stream: &CudaStream,
         name: &str,
         grid: (u32, u32, u32),
         block: u32,
         smem: usize,
-        args: &A,
+        params: Params<'_>,
         sync: bool,
     ) -> Result<()> {
         let f = self.func(name)?;
@@ -357,10 +279,15 @@ impl CudaDevice {
             shared_mem_bytes: smem as u32,
         };
         let mut b = stream.launch_builder(f);
-        b.arg(args);
-        // SAFETY: args matches the kernel's single RlnArgs / TrainArgs parameter (same
-        // layout, checked size); every pointer in it is a live device allocation sized for
-        // the launch's volume (forward.rs and train.rs size buffers from the same dims).
+        match params {
+            Params::Infer(a) => b.arg(a),
+            Params::Train(a) => b.arg(a),
+            Params::Io(a) => b.arg(&a.src).arg(&a.dst).arg(&a.n),
+        };
+        // SAFETY: the parameters match the kernel's: the single RlnArgs / TrainArgs
+        // parameter (same layout, checked size), or (in, out, n) of the conversions; every
+        // pointer is a live device allocation sized for the launch's volume (forward.rs,
+        // train.rs and predictor.rs size buffers from the same dims).
         unsafe { b.launch(cfg) }.check(&format!(
             "launching {name} (grid {grid:?}, {block} threads, {smem} B shared)"
         ))?;

@@ -1,9 +1,12 @@
 //! The forward pass of rln-spec §3 on the device: the model's weights folded and
 //! uploaded once, a workspace of activation buffers reused across tiles (grown when a
-//! larger tile arrives), and the 16 launches, which read like the spec.
+//! larger tile arrives), and the 16 launches, which read like the spec. Allocations,
+//! copies and launches go through the CUDA runtime ([`super::runtime::Runtime`]), so the
+//! same code runs on the CPU emulation of the kernels in the unit tests.
 
-use super::device::{CuCheck, CudaDevice, DevBuf};
+use super::device::CudaDevice;
 use super::launch::{self, conv_kernel, Epi, KernelArgs, CONV_KERNELS};
+use super::runtime::{DevMem, DevTensor, Launch, Params, Runtime};
 use super::twin::StageOut;
 use super::weights;
 use super::{CudaOptions, Precision};
@@ -11,7 +14,6 @@ use crate::backend::cpu::pointwise;
 use crate::error::{Error, Result};
 use crate::model::{Model, L};
 use crate::tensor::{Shape, Tensor};
-use cudarc::driver::CudaEvent;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -19,9 +21,10 @@ use std::sync::Arc;
 struct ConvDev {
     kernel: String,
     tile: [usize; 3],
+    threads: u32,
     smem: usize,
-    w: DevBuf,
-    bias: DevBuf,
+    w: DevMem,
+    bias: DevMem,
     post: (f32, f32),
 }
 
@@ -29,22 +32,23 @@ struct ConvDev {
 /// allocator of the tiles).
 #[derive(Default)]
 struct Workspace {
-    slots: HashMap<&'static str, DevBuf>,
+    slots: HashMap<&'static str, DevMem>,
 }
 
 impl Workspace {
-    fn get(&mut self, dev: &CudaDevice, name: &'static str, bytes: usize) -> Result<u64> {
+    fn get(&mut self, rt: &Arc<Runtime>, name: &'static str, bytes: usize) -> Result<u64> {
         if let Some(b) = self.slots.get(name) {
             if b.bytes() >= bytes {
                 return Ok(b.ptr());
             }
-            // queued work may still use the old buffer
-            dev.ctx
-                .synchronize()
-                .check("waiting for the device before growing a buffer")?;
+            // queued work (on any stream: the predictor's copies) may still use the old buffer
+            rt.synchronize_device()?;
             self.slots.remove(name);
         }
-        let b = dev.alloc(bytes)?;
+        let b = rt.alloc(bytes)?;
+        // the allocation is ordered on the compute stream; the predictor's copy streams
+        // may use it next (growing is rare: once per larger tile)
+        rt.synchronize()?;
         let p = b.ptr();
         self.slots.insert(name, b);
         Ok(p)
@@ -61,37 +65,23 @@ pub struct Outputs {
     pub e2_raw: Option<Tensor<f32>>,
 }
 
-/// Per-launch timing of one forward pass (bench).
-struct Profile {
-    events: Vec<(String, CudaEvent, CudaEvent)>,
-}
-
 /// The network bound to a device.
 pub struct CudaNet {
-    pub dev: Arc<CudaDevice>,
+    rt: Arc<Runtime>,
     pub opts: CudaOptions,
     convs: HashMap<usize, ConvDev>,
     up_kernel: String,
-    up_w: DevBuf,
-    up_b: DevBuf,
+    up_w: DevMem,
+    up_b: DevMem,
     div_eps: f32,
     ws: Workspace,
-    profile: Option<Profile>,
-}
-
-/// Bytes of storage per channel of a multi-channel activation.
-fn storage_bytes(p: Precision) -> usize {
-    match p {
-        Precision::F32 => 4,
-        Precision::F16 => 2,
-    }
 }
 
 /// Device memory per voxel of a (padded) tile: the workspace of [`CudaNet::forward_device`]
 /// (full resolution: two 8-channel buffers, E1, dv2, E2, x, y; half resolution: xd, a1,
 /// a2, dv1, b1, b2, b3) plus a second input/output pair for streaming.
 pub fn workspace_bytes_per_voxel(p: Precision) -> usize {
-    let s = storage_bytes(p);
+    let s = p.bytes();
     let full = 16 * s + 5 * 4;
     let half_x8 = 2 * 4 + 32 * s; // per 8 full-resolution voxels
     full + half_x8.div_ceil(8) + 2 * 4
@@ -101,6 +91,11 @@ impl CudaNet {
     /// Folds and uploads the model's weights. The model must be single-view (one input
     /// channel); dual-view "concat" models are not supported on the GPU yet.
     pub fn new(dev: Arc<CudaDevice>, model: &Model<f32>, opts: CudaOptions) -> Result<CudaNet> {
+        Self::on_runtime(Runtime::cuda(dev, opts.sync_each_launch, false)?, model, opts)
+    }
+
+    /// As [`CudaNet::new`], on a runtime (the CPU emulation of the unit tests, or a device).
+    pub fn on_runtime(rt: Arc<Runtime>, model: &Model<f32>, opts: CudaOptions) -> Result<CudaNet> {
         if model.config.variant.input_channels() != 1 {
             return Err(Error::invalid(format!(
                 "the CUDA backend runs single-channel models; this model ({:?}) takes {} input channels: use --device cpu",
@@ -118,26 +113,29 @@ impl CudaNet {
             let mma = f16 && opts.tensor_cores && k.mma;
             let name = k.name(f16, opts.tensor_cores);
             let what = format!("weights of {}", k.layer.spec().name);
-            let (w, tile, smem) = if mma {
+            let (w, tile, threads, smem) = if mma {
                 (
-                    dev.upload(&weights::pack_mma_b(&folded), &what)?,
+                    upload(&rt, &weights::pack_mma_b(&folded), &what)?,
                     launch::MMA_TILE,
+                    launch::MMA_THREADS,
                     launch::mma_smem_bytes(k.c_in()),
                 )
             } else {
                 (
-                    dev.upload(&weights::ffma_layout(&folded), &what)?,
+                    upload(&rt, &weights::ffma_layout(&folded), &what)?,
                     launch::FFMA_TILE,
+                    launch::FFMA_THREADS,
                     launch::ffma_smem_bytes(k.c_in(), k.c_out),
                 )
             };
-            let bias = dev.upload(&folded.bias_f32(), &what)?;
+            let bias = upload(&rt, &folded.bias_f32(), &what)?;
             let post = k.post.map(|l| weights::post_bn(model, l)).unwrap_or((1.0, 0.0));
             convs.insert(
                 k.layer as usize,
                 ConvDev {
                     kernel: name,
                     tile,
+                    threads,
                     smem,
                     w,
                     bias,
@@ -146,11 +144,11 @@ impl CudaNet {
             );
         }
         let (uw, ub) = weights::fold_up(model);
-        let up_w = dev.upload(&uw, "weights of h1.bp.up")?;
-        let up_b = dev.upload(&ub, "weights of h1.bp.up")?;
+        let up_w = upload(&rt, &uw, "weights of h1.bp.up")?;
+        let up_b = upload(&rt, &ub, "weights of h1.bp.up")?;
         let up_kernel = format!("{}_{}", launch::UP_KERNEL, if f16 { "f16" } else { "f32" });
         Ok(CudaNet {
-            dev,
+            rt,
             opts,
             convs,
             up_kernel,
@@ -158,12 +156,21 @@ impl CudaNet {
             up_b,
             div_eps: model.config.div_eps as f32,
             ws: Workspace::default(),
-            profile: None,
         })
     }
 
+    /// The runtime every allocation, copy and launch of this network goes through.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.rt
+    }
+
+    /// The CUDA device (None on the emulation of the unit tests).
+    pub fn device(&self) -> Option<&Arc<CudaDevice>> {
+        self.rt.device()
+    }
+
     fn store_bytes(&self) -> usize {
-        storage_bytes(self.opts.precision)
+        self.opts.precision.bytes()
     }
 
     /// Bytes the workspace holds now.
@@ -175,54 +182,38 @@ impl CudaNet {
     pub fn io_buffers(&mut self, slot: usize, voxels: usize) -> Result<(u64, u64)> {
         let (xn, yn) = if slot == 0 { ("x0", "y0") } else { ("x1", "y1") };
         Ok((
-            self.ws.get(&self.dev, xn, voxels * 4)?,
-            self.ws.get(&self.dev, yn, voxels * 4)?,
+            self.ws.get(&self.rt, xn, voxels * 4)?,
+            self.ws.get(&self.rt, yn, voxels * 4)?,
         ))
     }
 
     /// Fills every workspace buffer with 0xFF bytes (NaN in f32 and f16): a later pass
     /// whose kernels read an element nothing wrote then yields NaN (tests).
     pub fn poison_workspace(&mut self) -> Result<()> {
-        let dev = self.dev.clone();
         for b in self.ws.slots.values() {
-            dev.memset(&dev.compute, b.ptr(), 0xFF, b.bytes())?;
+            self.rt.memset(b.ptr(), 0xFF, b.bytes())?;
         }
-        dev.compute.synchronize().check("poisoning the workspace")
+        self.rt.synchronize()
     }
 
     /// Starts recording one event pair per launch (see [`CudaNet::take_profile`]).
     pub fn start_profile(&mut self) {
-        self.profile = Some(Profile { events: Vec::new() });
+        self.rt.start_profile()
     }
 
     /// Waits for the profiled launches and returns (kernel, milliseconds) in launch order.
     pub fn take_profile(&mut self) -> Result<Vec<(String, f64)>> {
-        let Some(p) = self.profile.take() else {
-            return Ok(vec![]);
-        };
-        p.events
-            .iter()
-            .map(|(n, a, b)| Ok((n.clone(), a.elapsed_ms(b).check("reading kernel timings")? as f64)))
-            .collect()
+        self.rt.take_profile()
     }
 
     fn launch(&mut self, name: &str, grid: (u32, u32, u32), block: u32, smem: usize, args: &KernelArgs) -> Result<()> {
-        let dev = self.dev.clone();
-        let ev = match &self.profile {
-            Some(_) => {
-                let a = dev.event(true)?;
-                a.record(&dev.compute).check("recording an event")?;
-                Some(a)
-            }
-            None => None,
-        };
-        dev.launch(&dev.compute, name, grid, block, smem, args, self.opts.sync_each_launch)?;
-        if let (Some(a), Some(p)) = (ev, self.profile.as_mut()) {
-            let b = dev.event(true)?;
-            b.record(&dev.compute).check("recording an event")?;
-            p.events.push((name.to_string(), a, b));
-        }
-        Ok(())
+        self.rt.launch(&Launch {
+            name,
+            grid,
+            block,
+            smem,
+            params: Params::Infer(args),
+        })
     }
 
     /// One conv kernel: `inputs` concatenated, `aux` the epilogue's one-channel operand,
@@ -249,8 +240,8 @@ impl CudaNet {
             pad_: 0,
         };
         let grid = launch::tiled_grid(c.tile, n, d, h, w)?;
-        let (name, smem) = (c.kernel.clone(), c.smem);
-        self.launch(&name, grid, 256, smem, &args)
+        let (name, smem, threads) = (c.kernel.clone(), c.smem, c.threads);
+        self.launch(&name, grid, threads, smem, &args)
     }
 
     /// u = sp(BN7(up2(b3))); `half` = [n, d, h, w] of b3.
@@ -268,7 +259,8 @@ impl CudaNet {
             ..Default::default()
         };
         let name = self.up_kernel.clone();
-        self.launch(&name, (launch::grid_1d(n * d * h * w), 1, 1), 256, 0, &args)
+        let grid = (launch::grid_1d(n * d * h * w), 1, 1);
+        self.launch(&name, grid, launch::ELEMENTWISE_THREADS, 0, &args)
     }
 
     /// xd = avgpool2(x); `half` = [n, d, h, w] of xd.
@@ -286,7 +278,7 @@ impl CudaNet {
         self.launch(
             launch::POOL_KERNEL,
             (launch::grid_1d(n * d * h * w), 1, 1),
-            256,
+            launch::ELEMENTWISE_THREADS,
             0,
             &args,
         )
@@ -302,11 +294,11 @@ impl CudaNet {
                 "forward_device needs even sizes, got {d}×{h}×{w} (pad with pad_even)"
             )));
         }
-        let dev = self.dev.clone();
+        let rt = self.rt.clone();
         let s = self.store_bytes();
         let half = [n, d / 2, h / 2, w / 2];
         let (hv, fv) = (n * half[1] * half[2] * half[3], n * d * h * w);
-        let mut get = |name: &'static str, bytes: usize| self.ws.get(&dev, name, bytes);
+        let mut get = |name: &'static str, bytes: usize| self.ws.get(&rt, name, bytes);
         // half resolution
         let xd = get("xd", hv * 4)?;
         let a1 = get("a1", hv * 4 * s)?;
@@ -363,21 +355,20 @@ impl CudaNet {
         let padded = pointwise::pad_even(x);
         let ps = padded.shape;
         let vox = ps.len();
-        let dev = self.dev.clone();
+        let rt = self.rt.clone();
         let (xb, yb) = self.io_buffers(0, vox)?;
         let raw = if want_raw {
-            Some((self.ws.get(&dev, "e1r", vox * 4)?, self.ws.get(&dev, "e2r", vox * 4)?))
+            Some((self.ws.get(&rt, "e1r", vox * 4)?, self.ws.get(&rt, "e2r", vox * 4)?))
         } else {
             None
         };
-        dev.copy_htod(&dev.compute, xb, &padded.data, "the input tile")?;
+        rt.htod(xb, &padded.data)
+            .map_err(|e| e.context("copying the input tile to the device"))?;
         self.forward_device(xb, yb, [ps.n, ps.d, ps.h, ps.w], raw)?;
         let download = |p: u64, what: &str| -> Result<Tensor<f32>> {
             let mut t = Tensor::zeros(ps);
-            dev.copy_dtoh(&dev.compute, &mut t.data, p, what)?;
-            dev.compute
-                .synchronize()
-                .check(&format!("running the forward pass and copying {what} back"))?;
+            rt.dtoh(&mut t.data, p)
+                .map_err(|e| e.context(format!("running the forward pass and copying {what} back")))?;
             Ok(pointwise::crop(&t, x.shape))
         };
         let prediction = download(yb, "the prediction")?;
@@ -396,38 +387,32 @@ impl CudaNet {
 
     /// Uploads a host tensor in the device layout: channels-last, the storage type for
     /// several channels, f32 for one.
-    fn upload_activation(&mut self, t: &Tensor<f32>) -> Result<DevBuf> {
-        let cl = launch::to_channels_last(t);
-        if t.shape.c > 1 && self.opts.is_f16() {
-            let h: Vec<u16> = cl.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
-            self.dev.upload(&h, "a test input")
+    /// The storage type of an activation of `c` channels: f32 for one channel, else the
+    /// network's (kernels/rln_common.cuh `RlnStorage`).
+    fn storage(&self, c: usize) -> Precision {
+        if c > 1 {
+            self.opts.precision
         } else {
-            self.dev.upload(&cl, "a test input")
+            Precision::F32
         }
     }
 
-    fn download_activation(&self, p: u64, shape: Shape) -> Result<Tensor<f32>> {
-        let dev = &self.dev;
-        let data: Vec<f32> = if shape.c > 1 && self.opts.is_f16() {
-            let mut h = vec![0u16; shape.len()];
-            dev.copy_dtoh(&dev.compute, &mut h, p, "a test output")?;
-            dev.compute.synchronize().check("running a test kernel")?;
-            h.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect()
-        } else {
-            let mut v = vec![0f32; shape.len()];
-            dev.copy_dtoh(&dev.compute, &mut v, p, "a test output")?;
-            dev.compute.synchronize().check("running a test kernel")?;
-            v
-        };
-        launch::from_channels_last(shape, &data)
+    fn upload_activation(&mut self, t: &Tensor<f32>) -> Result<DevTensor> {
+        self.rt.upload_tensor(t, self.storage(t.shape.c))
     }
 
-    /// An output buffer poisoned with 0xFF bytes (NaN in f32 and f16), so that an
+    fn download_activation(&self, t: &DevTensor) -> Result<Tensor<f32>> {
+        self.rt
+            .download_tensor(t)
+            .map_err(|e| e.context("running a test kernel and copying its output"))
+    }
+
+    /// An output tensor poisoned with 0xFF bytes (NaN in f32 and f16), so that an
     /// element the kernel fails to write shows up as NaN.
-    fn poisoned(&self, bytes: usize) -> Result<DevBuf> {
-        let b = self.dev.alloc(bytes)?;
-        self.dev.memset(&self.dev.compute, b.ptr(), 0xFF, bytes)?;
-        Ok(b)
+    fn poisoned(&self, shape: Shape) -> Result<DevTensor> {
+        let t = self.rt.tensor(shape, self.storage(shape.c))?;
+        self.rt.memset(t.ptr(), 0xFF, shape.len() * t.dtype().bytes())?;
+        Ok(t)
     }
 
     /// Runs the conv kernel of layer `l` alone on host tensors (N×C×D×H×W, any size):
@@ -451,10 +436,9 @@ impl CudaNet {
         let aux_buf = aux.map(|a| self.upload_activation(a)).transpose()?;
         let out_c = if k.epi == Epi::Sp { k.c_out } else { 1 };
         let out_shape = s0.with_c(out_c);
-        let elem = if out_c > 1 { self.store_bytes() } else { 4 };
-        let out = self.poisoned(out_shape.len() * elem)?;
+        let out = self.poisoned(out_shape)?;
         let raw = matches!(k.epi, Epi::Update | Epi::UpdatePlus1)
-            .then(|| self.poisoned(s0.with_c(1).len() * 4))
+            .then(|| self.poisoned(s0.with_c(1)))
             .transpose()?;
         let ptrs: Vec<u64> = bufs.iter().map(|b| b.ptr()).collect();
         self.conv(
@@ -465,10 +449,8 @@ impl CudaNet {
             raw.as_ref().map_or(0, |b| b.ptr()),
             [s0.n, s0.d, s0.h, s0.w],
         )?;
-        let out_t = self.download_activation(out.ptr(), out_shape)?;
-        let raw_t = raw
-            .map(|r| self.download_activation(r.ptr(), s0.with_c(1)))
-            .transpose()?;
+        let out_t = self.download_activation(&out)?;
+        let raw_t = raw.map(|r| self.download_activation(&r)).transpose()?;
         Ok(StageOut { out: out_t, raw: raw_t })
     }
 
@@ -477,9 +459,9 @@ impl CudaNet {
         let s = b3.shape;
         let ib = self.upload_activation(b3)?;
         let os = Shape::new(s.n, 4, 2 * s.d, 2 * s.h, 2 * s.w);
-        let out = self.poisoned(os.len() * self.store_bytes())?;
+        let out = self.poisoned(os)?;
         self.up(ib.ptr(), out.ptr(), [s.n, s.d, s.h, s.w])?;
-        self.download_activation(out.ptr(), os)
+        self.download_activation(&out)
     }
 
     /// Runs the avgpool2 kernel alone: x (N×1×D×H×W, even) → xd.
@@ -487,8 +469,15 @@ impl CudaNet {
         let s = x.shape;
         let ib = self.upload_activation(x)?;
         let os = Shape::new(s.n, 1, s.d / 2, s.h / 2, s.w / 2);
-        let out = self.poisoned(os.len() * 4)?;
+        let out = self.poisoned(os)?;
         self.pool(ib.ptr(), out.ptr(), [os.n, os.d, os.h, os.w])?;
-        self.download_activation(out.ptr(), os)
+        self.download_activation(&out)
     }
+}
+
+/// Copies `data` into a new device allocation and waits for the copy (weights, test inputs).
+fn upload<T: bytemuck::Pod>(rt: &Arc<Runtime>, data: &[T], what: &str) -> Result<DevMem> {
+    let m = rt.upload(data).map_err(|e| e.context(format!("uploading {what}")))?;
+    rt.synchronize().map_err(|e| e.context(format!("uploading {what}")))?;
+    Ok(m)
 }

@@ -1,6 +1,6 @@
 //! What the host must know about each kernel: the parameter block (twin of `RlnArgs` in
 //! kernels/rln_common.cuh), tile geometry, grids and shared-memory sizes (twins of the
-//! constants in kernels/conv3_ffma.cuh and kernels/conv3_mma.cuh), and the table of conv
+//! constants in kernels/conv3_tile.cuh and kernels/conv3_mma.cuh), and the table of conv
 //! kernels per layer. Pure host code: unit-tested without a GPU.
 
 use crate::error::{Error, Result};
@@ -129,6 +129,12 @@ pub const CONV_KERNELS: [ConvKernel; 14] = [
 pub const UP_KERNEL: &str = "h1_bp_up";
 /// avgpool2 (module h1_fp), always f32.
 pub const POOL_KERNEL: &str = "avgpool2_f32";
+/// The predictor's conversions of f16 tiles to the network's f32 input and of its f32
+/// output to f16 (kernels/io_half.cu; parameters `runtime::IoArgs`).
+pub const IO_MODULE: &str = "io_half";
+pub const IO_KERNELS: [&str; 2] = [TO_F32_KERNEL, TO_F16_KERNEL];
+pub const TO_F32_KERNEL: &str = "rln_h16_to_f32";
+pub const TO_F16_KERNEL: &str = "rln_f32_to_h16";
 
 /// The conv kernel entry of a layer.
 pub fn conv_kernel(l: L) -> &'static ConvKernel {
@@ -149,15 +155,18 @@ pub fn kernel_names(f16: bool, tensor_cores: bool) -> Vec<(&'static str, String)
     v
 }
 
-// ---- FP32-core direct conv (kernels/conv3_ffma.cuh) ----
+// ---- FP32-core direct conv (kernels/conv3_tile.cuh) ----
 
-/// Output tile (z, y, x) of one block.
+/// Output tile (z, y, x) of one block (also the training kernels' tile, train_conv.cu).
 pub const FFMA_TILE: [usize; 3] = [4, 8, 32];
+pub const FFMA_TILE_VOXELS: usize = FFMA_TILE[0] * FFMA_TILE[1] * FFMA_TILE[2];
 pub const FFMA_THREADS: u32 = 256;
+/// Shared-memory row stride (floats): ≥ 32 + 2, ≡ 2 mod 4.
+pub const FFMA_RS: usize = 38;
 /// Shared-memory channel stride: (4+2)·(8+2)·38 floats.
-const FFMA_CS: usize = 6 * 10 * 38;
+pub const FFMA_CS: usize = (FFMA_TILE[0] + 2) * (FFMA_TILE[1] + 2) * FFMA_RS;
 
-/// Input channels staged per pass (kernels: ffmac::chunk).
+/// Input channels staged per pass (kernels: conv3::chunk).
 pub const fn ffma_chunk(cin: usize) -> usize {
     if cin % 4 == 0 {
         4
@@ -170,7 +179,7 @@ pub const fn ffma_chunk(cin: usize) -> usize {
     }
 }
 
-/// Dynamic shared memory of one block (kernels: ffmac::smem_bytes).
+/// Dynamic shared memory of one block (kernels: conv3::fwd_smem_bytes).
 pub const fn ffma_smem_bytes(cin: usize, cout: usize) -> usize {
     (cin * 27 * cout + ffma_chunk(cin) * FFMA_CS) * 4
 }
@@ -179,7 +188,8 @@ pub const fn ffma_smem_bytes(cin: usize, cout: usize) -> usize {
 
 pub const MMA_TILE: [usize; 3] = [8, 8, 16];
 pub const MMA_THREADS: u32 = 256;
-const MMA_NVOX: usize = 10 * 10 * 18;
+/// Voxels of the smem tile with its halo.
+pub const MMA_NVOX: usize = (MMA_TILE[0] + 2) * (MMA_TILE[1] + 2) * (MMA_TILE[2] + 2);
 
 /// Channels of the smem tile: C_in padded to 8 or 16.
 pub const fn mma_cpad(cin: usize) -> usize {
@@ -222,9 +232,13 @@ pub fn tiled_grid(tile: [usize; 3], n: usize, d: usize, h: usize, w: usize) -> R
     Ok((gx as u32, gy as u32, gz as u32))
 }
 
-/// Grid of a grid-stride elementwise kernel (256 threads a block).
+/// Threads a block of the grid-stride kernels (avgpool2, up2, the conversions, the
+/// training ops: `__launch_bounds__(256)` in the .cu files).
+pub const ELEMENTWISE_THREADS: u32 = 256;
+
+/// Grid of a grid-stride elementwise kernel ([`ELEMENTWISE_THREADS`] threads a block).
 pub fn grid_1d(total: usize) -> u32 {
-    total.div_ceil(256).clamp(1, 132 * 32) as u32
+    total.div_ceil(ELEMENTWISE_THREADS as usize).clamp(1, 132 * 32) as u32
 }
 
 /// N×C×D×H×W (the CPU layout) → channels-last N×D×H×W×C (the device layout).
@@ -288,6 +302,19 @@ mod tests {
     #[test]
     fn every_kernel_name_is_in_its_module() {
         use crate::backend::cuda::kernels::module;
+        let io = module(IO_MODULE).expect("io_half embedded");
+        for name in IO_KERNELS {
+            assert!(
+                io.source.contains(&format!(" {name}(")),
+                "{name} not in kernels/io_half.cu"
+            );
+            if let Some(ptx) = io.ptx {
+                assert!(
+                    ptx.contains(&format!(".entry {name}(")),
+                    "{name} not in the PTX of io_half"
+                );
+            }
+        }
         for (f16, tc) in [(false, false), (true, false), (true, true)] {
             for (m, name) in kernel_names(f16, tc) {
                 let km = module(m).unwrap_or_else(|| panic!("module {m} not embedded"));
@@ -303,6 +330,124 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The values of the `constexpr int` constants (and `#define`s of one number) of a
+    /// kernel source, top-level lines only: integer expressions of numbers, earlier
+    /// names, + − * / and parentheses.
+    fn cuda_constants(src: &str) -> std::collections::HashMap<String, i64> {
+        use std::collections::HashMap;
+        fn eval(tokens: &[String], pos: &mut usize, env: &HashMap<String, i64>) -> i64 {
+            let mut v = term(tokens, pos, env);
+            while *pos < tokens.len() && (tokens[*pos] == "+" || tokens[*pos] == "-") {
+                let op = tokens[*pos].clone();
+                *pos += 1;
+                let r = term(tokens, pos, env);
+                v = if op == "+" { v + r } else { v - r };
+            }
+            v
+        }
+        fn term(tokens: &[String], pos: &mut usize, env: &HashMap<String, i64>) -> i64 {
+            let mut v = atom(tokens, pos, env);
+            while *pos < tokens.len() && (tokens[*pos] == "*" || tokens[*pos] == "/") {
+                let op = tokens[*pos].clone();
+                *pos += 1;
+                let r = atom(tokens, pos, env);
+                v = if op == "*" { v * r } else { v / r };
+            }
+            v
+        }
+        fn atom(tokens: &[String], pos: &mut usize, env: &HashMap<String, i64>) -> i64 {
+            let t = tokens[*pos].clone();
+            *pos += 1;
+            if t == "(" {
+                let v = eval(tokens, pos, env);
+                assert_eq!(tokens[*pos], ")");
+                *pos += 1;
+                return v;
+            }
+            t.parse()
+                .unwrap_or_else(|_| *env.get(&t).unwrap_or_else(|| panic!("unknown name {t}")))
+        }
+        let tokenize = |e: &str| -> Vec<String> {
+            let mut out = Vec::new();
+            let mut cur = String::new();
+            for ch in e.chars() {
+                if ch.is_alphanumeric() || ch == '_' {
+                    cur.push(ch);
+                } else {
+                    if !cur.is_empty() {
+                        out.push(std::mem::take(&mut cur));
+                    }
+                    if !ch.is_whitespace() {
+                        out.push(ch.to_string());
+                    }
+                }
+            }
+            if !cur.is_empty() {
+                out.push(cur);
+            }
+            out
+        };
+        let mut env = HashMap::new();
+        for line in src.lines() {
+            // top-level lines only (the constants of a kernel body are indented)
+            let code = line.split("//").next().unwrap().trim_end();
+            if let Some(rest) = code.strip_prefix("#define ") {
+                let mut it = rest.split_whitespace();
+                if let (Some(name), Some(v), None) = (it.next(), it.next(), it.next()) {
+                    if let Ok(v) = v.parse::<i64>() {
+                        env.insert(name.to_string(), v);
+                    }
+                }
+            } else if let Some(rest) = code.strip_prefix("constexpr int ") {
+                for def in rest.trim_end_matches(';').split(',') {
+                    let (name, e) = def.split_once('=').expect("constexpr int NAME = value");
+                    let tokens = tokenize(e);
+                    let mut pos = 0;
+                    let v = eval(&tokens, &mut pos, &env);
+                    assert_eq!(pos, tokens.len(), "cannot read {def}");
+                    env.insert(name.trim().to_string(), v);
+                }
+            }
+        }
+        env
+    }
+
+    fn kernel_source(file: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("kernels")
+            .join(file);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// The host's tile geometry (one copy, here) equals the constants of the kernel
+    /// sources that use it: conv3_tile.cuh (the one FP32-core tile of inference and
+    /// training), conv3_mma.cuh (the tensor-core tile).
+    #[test]
+    fn tile_geometry_matches_the_kernel_sources() {
+        let file = "conv3_tile.cuh";
+        let k = cuda_constants(&kernel_source(file));
+        let tile = [k["TZ"], k["TY"], k["TX"]].map(|v| v as usize);
+        assert_eq!(tile, FFMA_TILE, "{file}: tile (z, y, x)");
+        assert_eq!(k["THREADS"], FFMA_THREADS as i64, "{file}: threads");
+        assert_eq!(k["RS"] as usize, FFMA_RS, "{file}: smem row stride");
+        assert_eq!(k["CS"] as usize, FFMA_CS, "{file}: smem channel stride");
+        assert_eq!(k["TILE"] as usize, FFMA_TILE_VOXELS, "{file}: voxels a tile");
+        let common = cuda_constants(&kernel_source("train_common.cuh"));
+        assert_eq!(
+            common["RLN_TRAIN_THREADS"],
+            super::super::train_launch::THREADS as i64,
+            "train_common.cuh: threads of the training kernels"
+        );
+        let k = cuda_constants(&kernel_source("conv3_mma.cuh"));
+        let tile = [k["TZ"], k["TY"], k["TX"]].map(|v| v as usize);
+        assert_eq!(tile, MMA_TILE, "conv3_mma.cuh: tile (z, y, x)");
+        assert_eq!(k["THREADS"], MMA_THREADS as i64, "conv3_mma.cuh: threads");
+        assert_eq!(k["NVOX"] as usize, MMA_NVOX, "conv3_mma.cuh: smem voxels");
+        // and the reader itself
+        let k = cuda_constants("#define A 3\nconstexpr int B = (A + 1) * 2 - 6 / 3, C = B;");
+        assert_eq!((k["A"], k["B"], k["C"]), (3, 6, 6));
     }
 
     #[test]

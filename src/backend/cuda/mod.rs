@@ -8,16 +8,22 @@
 //! - [`available`]: whether a CUDA device can be used at all (for `--device auto`).
 //! - [`CudaTrainBackend`]: training: every op of [`crate::backend::Backend`] and its
 //!   gradient on the device (kernels/train_*.cu), so the generic network trains on the GPU.
+//! - [`runtime`]: the one runtime both run on: the executor of the compute stream
+//!   (allocations, copies, launches with either parameter block, profiling) and the
+//!   launch trace (trace_tests.rs compares it with tests/data/launch-trace/).
 //!
 //! Layout: activations are channels-last on the device (N·D·H·W voxels × C); tensors of
 //! one channel are always f32, those of several channels f32 or f16 ([`Precision`]).
 //! Every kernel has a CPU twin ([`twin`]) and a differential test (tests/gpu.rs); the
 //! host-side index math and weight layouts are also checked without a GPU by line-by-line
-//! emulations of the kernels (emulate.rs, unit tests).
+//! emulations of the kernels (emulate.rs, emulate_train.rs, emulate_infer.rs: unit tests),
+//! on which the whole inference network and training step run.
 
 pub mod device;
 #[cfg(test)]
 mod emulate;
+#[cfg(test)]
+mod emulate_infer;
 #[cfg(test)]
 mod emulate_tile;
 #[cfg(test)]
@@ -25,7 +31,11 @@ mod emulate_train;
 pub mod forward;
 pub mod kernels;
 pub mod launch;
+pub mod params;
 pub mod predictor;
+pub mod runtime;
+#[cfg(test)]
+mod trace_tests;
 pub mod train;
 pub mod train_launch;
 pub mod twin;
@@ -34,7 +44,8 @@ pub mod weights;
 pub use device::{CuCheck, CudaDevice};
 pub use forward::CudaNet;
 pub use predictor::CudaPredictor;
-pub use train::{CudaTrainBackend, DevTensor};
+pub use runtime::{DevTensor, Runtime};
+pub use train::CudaTrainBackend;
 
 use crate::model::{LayerOp, Model, ModelConfig, LAYERS};
 use rand::{Rng, SeedableRng};
@@ -61,6 +72,16 @@ pub struct CudaOptions {
     /// Synchronize after every launch, so that an asynchronous fault is reported with
     /// the kernel that caused it (slower; also set by RLN_CUDA_SYNC=1).
     pub sync_each_launch: bool,
+}
+
+impl Precision {
+    /// Bytes a value is stored in.
+    pub const fn bytes(self) -> usize {
+        match self {
+            Precision::F32 => 4,
+            Precision::F16 => 2,
+        }
+    }
 }
 
 impl CudaOptions {

@@ -11,15 +11,16 @@
 //! host with every core, and between f16 and the network's f32 input/output on the
 //! device (kernels/io_half.cu).
 
-use super::device::{CuCheck, CudaDevice, DevBuf, PinnedBuf};
+use super::device::{CuCheck, CudaDevice, PinnedBuf};
 use super::forward::{workspace_bytes_per_voxel, CudaNet};
-use super::kernels;
+use super::launch::{TO_F16_KERNEL, TO_F32_KERNEL};
+use super::runtime::{DevMem, IoArgs, Launch, Params, Runtime};
 use super::CudaOptions;
 use crate::error::{Error, Result};
 use crate::infer::TilePredictor;
 use crate::model::Model;
 use crate::tensor::{Shape, Tensor};
-use cudarc::driver::{CudaEvent, CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::CudaEvent;
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -32,17 +33,14 @@ const MAX_TILE_VOXELS: usize = 1 << 27;
 /// Elements per host conversion / copy task.
 const CHUNK: usize = 1 << 18;
 
-/// The f16↔f32 conversion kernels of kernels/io_half.cu and the device buffers the f16
-/// tiles land in, per slot.
+/// The device buffers the f16 tiles land in, per slot (converted by kernels/io_half.cu).
 struct HalfIo {
-    _module: Arc<CudaModule>,
-    to_f32: CudaFunction,
-    to_f16: CudaFunction,
-    dev_in: [Option<DevBuf>; 2],
-    dev_out: [Option<DevBuf>; 2],
+    dev_in: [Option<DevMem>; 2],
+    dev_out: [Option<DevMem>; 2],
 }
 
 pub struct CudaPredictor {
+    dev: Arc<CudaDevice>,
     net: CudaNet,
     /// Page-locked staging per slot: f32 values, or (f16 travel) f16 bits packed two
     /// per f32 element.
@@ -75,27 +73,13 @@ impl CudaPredictor {
     pub fn with_device(dev: Arc<CudaDevice>, model: &Model<f32>, opts: CudaOptions) -> Result<Self> {
         let ev = || -> Result<[CudaEvent; 2]> { Ok([dev.event(false)?, dev.event(false)?]) };
         let (ev_in, ev_done, ev_out) = (ev()?, ev()?, ev()?);
-        let half = if opts.is_f16() {
-            let m = kernels::module("io_half")
-                .ok_or_else(|| Error::Cuda("kernel module io_half is not embedded".into()))?;
-            let (module, _) = kernels::load(&dev.ctx, m)?;
-            let f = |name: &str| {
-                module
-                    .load_function(name)
-                    .check(&format!("finding kernel {name} in kernels/io_half.cu"))
-            };
-            Some(HalfIo {
-                to_f32: f("rln_h16_to_f32")?,
-                to_f16: f("rln_f32_to_h16")?,
-                _module: module,
-                dev_in: [None, None],
-                dev_out: [None, None],
-            })
-        } else {
-            None
-        };
-        let net = CudaNet::new(dev, model, opts)?;
+        let half = opts.is_f16().then(|| HalfIo {
+            dev_in: [None, None],
+            dev_out: [None, None],
+        });
+        let net = CudaNet::new(dev.clone(), model, opts)?;
         Ok(CudaPredictor {
+            dev,
             net,
             pinned_in: [None, None],
             pinned_out: [None, None],
@@ -128,35 +112,30 @@ impl CudaPredictor {
         Ok(())
     }
 
-    fn dev_buf(slot: &mut Option<DevBuf>, dev: &CudaDevice, bytes: usize) -> Result<u64> {
+    fn dev_buf(slot: &mut Option<DevMem>, rt: &Arc<Runtime>, bytes: usize) -> Result<u64> {
         if slot.as_ref().is_none_or(|b| b.bytes() < bytes) {
             // queued work of an earlier tile may still read the old buffer
-            dev.ctx
-                .synchronize()
-                .check("waiting for the device before growing a buffer")?;
+            rt.synchronize_device()?;
             *slot = None;
-            *slot = Some(dev.alloc(bytes)?);
+            *slot = Some(rt.alloc(bytes)?);
+            // the allocation is ordered on the compute stream; the copy stream uses it next
+            rt.synchronize()?;
         }
         Ok(slot.as_ref().expect("allocated above").ptr())
     }
 
     /// Launches one of the conversion kernels on the compute stream over `n` elements.
-    fn convert(dev: &CudaDevice, f: &CudaFunction, src: u64, dst: u64, n: usize, what: &str) -> Result<()> {
-        let blocks = n.div_ceil(256).clamp(1, 65_535 * 4) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let n = n as i64;
-        let mut b = dev.compute.launch_builder(f);
-        b.arg(&src);
-        b.arg(&dst);
-        b.arg(&n);
-        // SAFETY: src and dst are live device allocations of at least n elements of the
-        // kernel's types (sized from the same padded shape just above the call).
-        unsafe { b.launch(cfg) }.check(&format!("launching the {what} conversion"))?;
-        Ok(())
+    fn convert(rt: &Runtime, name: &str, src: u64, dst: u64, n: usize, what: &str) -> Result<()> {
+        let threads = super::launch::ELEMENTWISE_THREADS;
+        let blocks = n.div_ceil(threads as usize).clamp(1, 65_535 * 4) as u32;
+        rt.launch(&Launch {
+            name,
+            grid: (blocks, 1, 1),
+            block: threads,
+            smem: 0,
+            params: Params::Io(&IoArgs { src, dst, n: n as i64 }),
+        })
+        .map_err(|e| e.context(format!("the {what} conversion")))
     }
 
     /// Waits for `t`'s result, crops it into the reused host buffer and hands it to `sink`.
@@ -242,7 +221,7 @@ fn stage(x: &Tensor<f32>, p: Shape, dst: &mut [f32], as_f16: bool) {
 
 impl TilePredictor for CudaPredictor {
     fn describe(&self) -> String {
-        format!("{} {}", self.net.dev.describe(), self.net.opts.label())
+        format!("{} {}", self.dev.describe(), self.net.opts.label())
     }
 
     /// One tile through the streaming path (so that f16 travel applies here too and a
@@ -267,7 +246,9 @@ impl TilePredictor for CudaPredictor {
     fn memory_budget(&self) -> Option<usize> {
         // free memory plus what the workspace already holds (it is reused), minus a
         // reserve, and no more than a MAX_TILE_VOXELS tile needs
-        let (free, _) = self.net.dev.mem_info().ok()?;
+        // memory the pool keeps from freed buffers counts as free
+        self.net.runtime().trim().ok()?;
+        let (free, _) = self.dev.mem_info().ok()?;
         let device = (free + self.net.workspace_bytes()).saturating_sub(RESERVE_BYTES);
         Some(device.min(MAX_TILE_VOXELS * self.bytes_per_voxel()))
     }
@@ -277,7 +258,8 @@ impl TilePredictor for CudaPredictor {
         tiles: &mut dyn Iterator<Item = Result<Tensor<f32>>>,
         sink: &mut dyn FnMut(Tensor<f32>, &Tensor<f32>) -> Result<()>,
     ) -> Result<()> {
-        let dev = self.net.dev.clone();
+        let dev = self.dev.clone();
+        let rt = self.net.runtime().clone();
         let mut prev: Option<InFlight> = None;
         let mut slot = 0;
         for t in tiles {
@@ -305,17 +287,17 @@ impl TilePredictor for CudaPredictor {
             stage(&x, ps, pin_in.as_mut_slice(), as_f16);
             match &mut self.half {
                 Some(h) => {
-                    let xh = Self::dev_buf(&mut h.dev_in[slot], &dev, len * 2)?;
-                    let yh = Self::dev_buf(&mut h.dev_out[slot], &dev, len * 2)?;
+                    let xh = Self::dev_buf(&mut h.dev_in[slot], &rt, len * 2)?;
+                    let yh = Self::dev_buf(&mut h.dev_out[slot], &rt, len * 2)?;
                     let bits: &[u16] = bytemuck::cast_slice(pin_in.as_slice());
                     dev.copy_htod(&dev.h2d, xh, &bits[..len], "an input tile (f16)")?;
                     self.ev_in[slot].record(&dev.h2d).check("recording an event")?;
                     dev.compute
                         .wait(&self.ev_in[slot])
                         .check("ordering the forward pass after its input copy")?;
-                    Self::convert(&dev, &h.to_f32, xh, xb, len, "f16 → f32 input")?;
+                    Self::convert(&rt, TO_F32_KERNEL, xh, xb, len, "f16 → f32 input")?;
                     self.net.forward_device(xb, yb, [ps.n, ps.d, ps.h, ps.w], None)?;
-                    Self::convert(&dev, &h.to_f16, yb, yh, len, "f32 → f16 output")?;
+                    Self::convert(&rt, TO_F16_KERNEL, yb, yh, len, "f32 → f16 output")?;
                     self.ev_done[slot].record(&dev.compute).check("recording an event")?;
                     dev.d2h
                         .wait(&self.ev_done[slot])

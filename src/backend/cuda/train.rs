@@ -2,11 +2,12 @@
 //! f32, so that the generic network ([`crate::net::Rln`]) runs forward with batch
 //! statistics and backward unchanged on the GPU (kernels/train_conv.cu, train_ops.cu).
 //!
-//! - Tensors ([`DevTensor`]) are f32, channels-last (N·D·H·W voxels × C) like the
-//!   inference kernels, allocated from the device's stream-ordered memory pool
-//!   (cuMemAllocAsync / cuMemFreeAsync on the compute stream, release threshold raised so
-//!   the pool keeps its memory): a training step allocates and frees ~150 tensors without
-//!   a device synchronization.
+//! - Everything goes through the CUDA runtime ([`super::runtime::Runtime`]), which the
+//!   inference network shares: tensors ([`DevTensor`]) are f32, channels-last (N·D·H·W
+//!   voxels × C) like the inference kernels, allocated from the device's stream-ordered
+//!   memory pool (cuMemAllocAsync / cuMemFreeAsync on the compute stream, release
+//!   threshold raised so the pool keeps its memory): a training step allocates and frees
+//!   ~150 tensors without a device synchronization.
 //! - Weights arrive as host slices (the trait's interface) and are uploaded per call
 //!   (a few KB, asynchronous). Weight, γ and β gradients, batch statistics and the loss
 //!   sums are reduced on the device in a fixed order (f64 partials per block, then
@@ -23,9 +24,11 @@
 //!   element unwritten shows up as a non-finite value (RLN_CUDA_POISON=1 or
 //!   [`CudaTrainBackend::with_poison`]); RLN_CUDA_SYNC=1 synchronizes after every launch.
 
-use super::device::{CuCheck, CudaDevice};
+use super::device::CudaDevice;
 use super::launch::grid_1d;
+use super::runtime::{DevMem, DevTensor, Launch, Params, Runtime};
 use super::train_launch::{self as tl, TrainArgs};
+use super::Precision;
 use crate::backend::cpu::pointwise;
 use crate::backend::loss::{loss_from_sums, LossSums, LossTerms};
 use crate::backend::optim::Adam;
@@ -33,11 +36,8 @@ use crate::backend::{Addend, Backend, BnTrainState, ChannelStats, Epilogue, Grad
 use crate::error::{Error, Result};
 use crate::model::{Model, Variant};
 use crate::tensor::{Shape, Tensor};
-use cudarc::driver::result as cu;
-use cudarc::driver::sys;
-use cudarc::driver::{CudaEvent, CudaStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use cudarc::driver::CudaStream;
+use std::sync::Arc;
 
 // the resident training state (weights, Adam, running statistics); a child module, so it
 // reaches this file's allocator and launch helpers
@@ -45,144 +45,13 @@ use std::sync::{Arc, Mutex};
 mod train_params;
 pub(crate) use train_params::{ADAM_KERNELS, ADAM_MODULE};
 
-/// Where the backend's memory lives and its kernels run: the CUDA device (one stream), or,
-/// in the crate's unit tests, a CPU emulation of every training kernel
-/// (emulate_train.rs), which checks the host side (parameter blocks, grids, buffers,
-/// reductions) of the whole network without a GPU.
-pub(crate) trait Exec: Send + Sync {
-    /// Stream-ordered allocation (uninitialized).
-    fn alloc(&self, bytes: usize) -> Result<u64>;
-    /// Returns an allocation (after all work queued so far).
-    fn free(&self, ptr: u64);
-    fn memset(&self, ptr: u64, v: u8, bytes: usize) -> Result<()>;
-    /// Enqueues a copy to the device; `src` may be dropped when this returns.
-    fn htod(&self, dst: u64, src: &[u8]) -> Result<()>;
-    /// Copies from the device and waits for the copy.
-    fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()>;
-    fn launch(&self, name: &str, grid: (u32, u32, u32), smem: usize, args: &TrainArgs) -> Result<()>;
-    fn synchronize(&self) -> Result<()>;
-    fn start_profile(&self) {}
-    fn take_profile(&self) -> Result<Vec<(String, f64)>> {
-        Ok(vec![])
-    }
-}
-
-/// One recorded launch of a profiled step: kernel name and its start/end events.
-type ProfileEvents = Vec<(String, CudaEvent, CudaEvent)>;
-
-/// The CUDA device: everything on its compute stream.
-struct CudaExec {
-    dev: Arc<CudaDevice>,
-    stream: Arc<CudaStream>,
-    sync_each: bool,
-    profile: Mutex<Option<ProfileEvents>>,
-}
-
-impl Exec for CudaExec {
-    fn alloc(&self, bytes: usize) -> Result<u64> {
-        self.dev.ctx.bind_to_thread().check("binding the CUDA context")?;
-        // SAFETY: stream-ordered allocation on this stream; the memory is used only
-        // through DevMem, on the same stream.
-        unsafe { cu::malloc_async(self.stream.cu_stream(), bytes) }
-            .check(&format!("allocating {} MiB of device memory", bytes.div_ceil(1 << 20)))
-    }
-    fn free(&self, ptr: u64) {
-        // errors cannot be reported from drop; a failed free leaks, nothing worse
-        let _ = self.dev.ctx.bind_to_thread();
-        // SAFETY: ptr came from malloc_async on this stream and is freed once; every use
-        // of it was enqueued on the same stream before this free.
-        let _ = unsafe { cu::free_async(ptr, self.stream.cu_stream()) };
-    }
-    fn memset(&self, ptr: u64, v: u8, bytes: usize) -> Result<()> {
-        self.dev.memset(&self.stream, ptr, v, bytes)
-    }
-    fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
-        // pageable source: the driver stages it before returning, so `src` may go away
-        self.dev.copy_htod(&self.stream, dst, src, "data")
-    }
-    fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()> {
-        self.dev.copy_dtoh(&self.stream, dst, src, "data")?;
-        self.synchronize()
-    }
-    fn launch(&self, name: &str, grid: (u32, u32, u32), smem: usize, args: &TrainArgs) -> Result<()> {
-        let mut prof = self.profile.lock().unwrap();
-        let start = match prof.as_ref() {
-            Some(_) => {
-                let e = self.dev.event(true)?;
-                e.record(&self.stream).check("recording an event")?;
-                Some(e)
-            }
-            None => None,
-        };
-        self.dev
-            .launch(&self.stream, name, grid, tl::THREADS, smem, args, self.sync_each)?;
-        if let (Some(a), Some(p)) = (start, prof.as_mut()) {
-            let b = self.dev.event(true)?;
-            b.record(&self.stream).check("recording an event")?;
-            p.push((name.to_string(), a, b));
-        }
-        Ok(())
-    }
-    fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().check("waiting for the device")
-    }
-    fn start_profile(&self) {
-        *self.profile.lock().unwrap() = Some(Vec::new());
-    }
-    fn take_profile(&self) -> Result<Vec<(String, f64)>> {
-        let Some(p) = self.profile.lock().unwrap().take() else {
-            return Ok(vec![]);
-        };
-        self.synchronize()?;
-        p.iter()
-            .map(|(n, a, b)| Ok((n.clone(), a.elapsed_ms(b).check("reading kernel timings")? as f64)))
-            .collect()
-    }
-}
-
-/// The executor all tensors of a backend live on, and byte accounting.
-struct Pool {
-    exec: Arc<dyn Exec>,
-    poison: bool,
-    live: AtomicUsize,
-    peak: AtomicUsize,
-}
-
-/// An allocation from the stream-ordered pool, returned to it (in stream order) on drop.
-struct DevMem {
-    ptr: u64,
-    bytes: usize,
-    pool: Arc<Pool>,
-}
-
-impl Drop for DevMem {
-    fn drop(&mut self) {
-        self.pool.exec.free(self.ptr);
-        self.pool.live.fetch_sub(self.bytes, Ordering::Relaxed);
-    }
-}
-
-/// A tensor on the device: f32, channels-last (N·D·H·W voxels × C).
-pub struct DevTensor {
-    shape: Shape,
-    mem: DevMem,
-}
-
-impl DevTensor {
-    pub fn shape(&self) -> Shape {
-        self.shape
-    }
-    /// The device address of the first value.
-    pub fn ptr(&self) -> u64 {
-        self.mem.ptr
-    }
-}
+/// The executor trait, under the path the emulation of the training kernels implements it.
+#[cfg(test)]
+pub(crate) use super::runtime::Exec;
 
 /// The training backend bound to one device.
 pub struct CudaTrainBackend {
-    dev: Option<Arc<CudaDevice>>,
-    stream: Option<Arc<CudaStream>>,
-    pool: Arc<Pool>,
+    rt: Arc<Runtime>,
 }
 
 /// Checks that tensors agree in batch and volume size.
@@ -209,41 +78,9 @@ impl CudaTrainBackend {
 
     /// As [`CudaTrainBackend::new`], with NaN-poisoned allocations when `poison` is set.
     pub fn with_poison(dev: Arc<CudaDevice>, poison: bool) -> Result<Self> {
-        let ctx = dev.ctx.clone();
-        ctx.bind_to_thread().check("binding the CUDA context")?;
-        if !ctx.has_async_alloc() {
-            return Err(Error::Cuda(format!(
-                "{} does not support stream-ordered allocation (cuMemAllocAsync), which training needs",
-                dev.name
-            )));
-        }
-        // keep freed memory in the pool instead of returning it at every synchronization
-        // SAFETY: the device handle comes from the live context; the attribute is a u64.
-        unsafe {
-            let pool = cu::device::get_default_mem_pool(ctx.cu_device()).check("getting the default memory pool")?;
-            let mut threshold: u64 = u64::MAX;
-            cu::mem_pool::set_attribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                &mut threshold as *mut u64 as *mut std::ffi::c_void,
-            )
-            .check("raising the memory pool's release threshold")?;
-        }
-        let exec = CudaExec {
-            dev: dev.clone(),
-            stream: dev.compute.clone(),
-            sync_each: std::env::var("RLN_CUDA_SYNC").is_ok_and(|v| v == "1"),
-            profile: Mutex::new(None),
-        };
+        let sync_each = std::env::var("RLN_CUDA_SYNC").is_ok_and(|v| v == "1");
         Ok(CudaTrainBackend {
-            stream: Some(dev.compute.clone()),
-            dev: Some(dev),
-            pool: Arc::new(Pool {
-                exec: Arc::new(exec),
-                poison,
-                live: AtomicUsize::new(0),
-                peak: AtomicUsize::new(0),
-            }),
+            rt: Runtime::cuda(dev, sync_each, poison)?,
         })
     }
 
@@ -251,125 +88,98 @@ impl CudaTrainBackend {
     #[cfg(test)]
     pub(crate) fn on_exec(exec: Arc<dyn Exec>, poison: bool) -> Self {
         CudaTrainBackend {
-            dev: None,
-            stream: None,
-            pool: Arc::new(Pool {
-                exec,
-                poison,
-                live: AtomicUsize::new(0),
-                peak: AtomicUsize::new(0),
-            }),
+            rt: Runtime::on_exec(exec, poison),
         }
+    }
+
+    /// The runtime every allocation, copy and launch of this backend goes through.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.rt
     }
 
     /// The CUDA device (None for the emulation of the unit tests).
     pub fn device(&self) -> Option<&Arc<CudaDevice>> {
-        self.dev.as_ref()
+        self.rt.device()
     }
 
     /// The stream every launch and copy of this backend goes to (None when emulated).
     pub fn stream(&self) -> Option<&Arc<CudaStream>> {
-        self.stream.as_ref()
+        self.rt.device().map(|d| &d.compute)
     }
 
     /// "NVIDIA H100 … (sm_90, 132 SMs)", or "CPU emulation".
     pub fn describe(&self) -> String {
-        self.dev
-            .as_ref()
-            .map(|d| d.describe())
-            .unwrap_or_else(|| "CPU emulation of the CUDA training kernels".into())
+        self.rt.describe()
     }
 
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<()> {
-        self.pool.exec.synchronize()
+        self.rt.synchronize()
     }
 
     /// Bytes of tensors alive now, and at most since the last [`Self::reset_peak`].
     pub fn mem_bytes(&self) -> (usize, usize) {
-        (
-            self.pool.live.load(Ordering::Relaxed),
-            self.pool.peak.load(Ordering::Relaxed),
-        )
+        self.rt.mem_bytes()
     }
     pub fn reset_peak(&self) {
-        self.pool
-            .peak
-            .store(self.pool.live.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.rt.reset_peak()
     }
 
     /// Starts recording an event pair around every launch (see [`Self::take_profile`]).
     pub fn start_profile(&self) {
-        self.pool.exec.start_profile()
+        self.rt.start_profile()
     }
 
     /// Waits for the profiled launches; returns (kernel, milliseconds) in launch order.
     pub fn take_profile(&self) -> Result<Vec<(String, f64)>> {
-        self.pool.exec.take_profile()
+        self.rt.take_profile()
     }
 
     fn alloc(&self, bytes: usize) -> Result<DevMem> {
-        let p = &self.pool;
-        let bytes = bytes.max(16);
-        let ptr = p.exec.alloc(bytes)?;
-        let mem = DevMem {
-            ptr,
-            bytes,
-            pool: p.clone(),
-        };
-        let now = p.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        p.peak.fetch_max(now, Ordering::Relaxed);
-        if p.poison {
-            p.exec.memset(ptr, 0xFF, bytes)?;
-        }
-        Ok(mem)
+        self.rt.alloc(bytes)
     }
 
-    /// An uninitialized tensor (NaN when poisoning).
+    /// An uninitialized f32 tensor (NaN when poisoning).
     fn tensor(&self, shape: Shape) -> Result<DevTensor> {
-        Ok(DevTensor {
-            shape,
-            mem: self.alloc(shape.len() * 4)?,
-        })
+        self.rt.tensor(shape, Precision::F32)
     }
 
     fn zeros_f64(&self, len: usize) -> Result<DevMem> {
         let m = self.alloc(len * 8)?;
-        self.pool.exec.memset(m.ptr, 0, len * 8)?;
+        self.rt.memset(m.ptr(), 0, len * 8)?;
         Ok(m)
     }
 
     fn upload_f32(&self, data: &[f32]) -> Result<DevMem> {
-        let m = self.alloc(std::mem::size_of_val(data))?;
-        self.pool.exec.htod(m.ptr, bytemuck::cast_slice(data))?;
-        Ok(m)
+        self.rt.upload(data)
     }
 
     fn download_f64(&self, m: &DevMem, len: usize, what: &str) -> Result<Vec<f64>> {
         let mut v = vec![0.0f64; len];
-        self.pool
-            .exec
-            .dtoh(bytemuck::cast_slice_mut(&mut v), m.ptr)
+        self.rt
+            .dtoh(&mut v, m.ptr())
             .map_err(|e| Error::Cuda(format!("copying {what} to the host: {e}")))?;
         Ok(v)
     }
 
     /// Uploads a host tensor (N×C×D×H×W) as channels-last.
     fn try_upload(&self, t: &Tensor<f32>) -> Result<DevTensor> {
-        let dt = self.tensor(t.shape)?;
-        self.pool.exec.htod(dt.mem.ptr, bytemuck::cast_slice(&t.to_ndhwc()))?;
-        Ok(dt)
+        self.rt.upload_tensor(t, Precision::F32)
     }
 
     /// Downloads a tensor to the host (N×C×D×H×W); waits for the device.
     fn try_download(&self, x: &DevTensor) -> Result<Tensor<f32>> {
-        let mut v = vec![0.0f32; x.shape.len()];
-        self.pool.exec.dtoh(bytemuck::cast_slice_mut(&mut v), x.mem.ptr)?;
-        Tensor::from_ndhwc(x.shape, &v)
+        self.rt.download_tensor(x)
     }
 
     fn launch(&self, name: &str, grid: (u32, u32, u32), smem: usize, args: &TrainArgs) -> Result<()> {
-        self.pool.exec.launch(name, grid, smem, args)
+        self.rt.launch(&Launch {
+            name,
+            grid,
+            block: tl::THREADS,
+            smem,
+            params: Params::Train(args),
+        })
     }
 
     /// A grid-stride elementwise kernel over `count` items.
@@ -384,7 +194,7 @@ impl CudaTrainBackend {
     /// dst[j] = scale · Σ_b part[b][j] for j < J (device f64).
     fn reduce(&self, part: &DevMem, blocks: usize, j: usize, scale: f64, dst: u64) -> Result<()> {
         let args = TrainArgs {
-            part: part.ptr,
+            part: part.ptr(),
             stat: dst,
             k0: j as i32,
             k1: blocks as i32,
@@ -461,7 +271,7 @@ impl CudaTrainBackend {
         args.cb = cs[1] as i32;
         args.cc = cs[2] as i32;
         args.cout = c_out as i32;
-        args.wt = w.ptr;
+        args.wt = w.ptr();
         args.out[0] = out.ptr();
         let v = [cs[0], cs[1], cs[2], c_out];
         if tl::FWD_VARIANTS.contains(&v) {
@@ -535,7 +345,7 @@ impl CudaTrainBackend {
     fn try_conv3_backward_weight(&self, inputs: &[&DevTensor], dz: &DevTensor) -> Result<Vec<f64>> {
         let (part, blocks, nw) = self.conv3_wgrad_partials(inputs, dz)?;
         let dw = self.alloc(nw * 8)?;
-        self.reduce(&part, blocks, nw, 1.0, dw.ptr)?;
+        self.reduce(&part, blocks, nw, 1.0, dw.ptr())?;
         self.download_f64(&dw, nw, "the conv weight gradient")
     }
 
@@ -571,7 +381,7 @@ impl CudaTrainBackend {
             let chunks = cin / tl::chunk(cin);
             let blocks = tl::wgrad_blocks(tl::conv_tiles(s0), chunks);
             let part = self.alloc(blocks * nw * 8)?;
-            args.part = part.ptr;
+            args.part = part.ptr();
             self.launch(
                 &tl::wgrad_name(v),
                 (blocks as u32, chunks as u32, 1),
@@ -583,7 +393,7 @@ impl CudaTrainBackend {
             let voxels = s0.n * s0.spatial();
             let chunks = voxels.div_ceil(tl::ANY_WGRAD_CHUNK);
             let part = self.alloc(chunks * nw * 8)?;
-            args.part = part.ptr;
+            args.part = part.ptr();
             args.k0 = tl::ANY_WGRAD_CHUNK as i32;
             self.launch_1d(tl::CONV_ANY_WGRAD, chunks * nw, args)?;
             (part, chunks)
@@ -612,7 +422,7 @@ impl CudaTrainBackend {
         let mut args = TrainArgs::default().dims(os);
         self.set_epilogue(&mut args, epi, os)?;
         args.inp[0] = x.ptr();
-        args.wt = w.ptr;
+        args.wt = w.ptr();
         args.out[0] = out.ptr();
         args.ca = s.c as i32;
         args.cout = c_out as i32;
@@ -630,7 +440,7 @@ impl CudaTrainBackend {
         let w = self.upload_f32(weight)?;
         let mut args = TrainArgs::default().dims(s);
         args.inp[0] = dz.ptr();
-        args.wt = w.ptr;
+        args.wt = w.ptr();
         args.out[0] = out.ptr();
         args.ca = c_in as i32;
         args.cout = os.c as i32;
@@ -641,7 +451,7 @@ impl CudaTrainBackend {
     fn try_up2_backward_weight(&self, x: &DevTensor, dz: &DevTensor) -> Result<Vec<f64>> {
         let (part, chunks, nw) = self.up2_wgrad_partials(x, dz)?;
         let dw = self.alloc(nw * 8)?;
-        self.reduce(&part, chunks, nw, 1.0, dw.ptr)?;
+        self.reduce(&part, chunks, nw, 1.0, dw.ptr())?;
         self.download_f64(&dw, nw, "the up2 weight gradient")
     }
 
@@ -657,7 +467,7 @@ impl CudaTrainBackend {
         let mut args = TrainArgs::default().dims(s);
         args.inp[0] = x.ptr();
         args.inp[3] = dz.ptr();
-        args.part = part.ptr;
+        args.part = part.ptr();
         args.ca = s.c as i32;
         args.cout = os.c as i32;
         args.k0 = tl::UP2_WGRAD_CHUNK as i32;
@@ -727,15 +537,15 @@ impl CudaTrainBackend {
         let stat = self.alloc(2 * c * 8)?;
         let mut args = TrainArgs::default();
         args.inp[0] = z.ptr();
-        args.part = part.ptr;
-        args.stat = stat.ptr;
+        args.part = part.ptr();
+        args.stat = stat.ptr();
         args.ca = c as i32;
         args.count = count as i64;
         self.launch("t_chan_sum", (blocks as u32, 1, 1), 0, &args)?;
-        self.reduce(&part, blocks, c, 1.0 / m, stat.ptr)?;
+        self.reduce(&part, blocks, c, 1.0 / m, stat.ptr())?;
         args.mode = 1;
         self.launch("t_chan_sum", (blocks as u32, 1, 1), 0, &args)?;
-        self.reduce(&part, blocks, c, 1.0 / m, stat.ptr + (c * 8) as u64)?;
+        self.reduce(&part, blocks, c, 1.0 / m, stat.ptr() + (c * 8) as u64)?;
         let v = self.download_f64(&stat, 2 * c, "batch statistics")?;
         Ok(ChannelStats {
             mean: v[..c].to_vec(),
@@ -819,8 +629,8 @@ impl CudaTrainBackend {
         } else {
             None
         };
-        let sums = dst.unwrap_or_else(|| own.as_ref().map_or(0, |m| m.ptr));
-        args.part = part.ptr;
+        let sums = dst.unwrap_or_else(|| own.as_ref().map_or(0, |m| m.ptr()));
+        args.part = part.ptr();
         self.launch("t_epi_bwd1", (blocks as u32, 1, 1), 0, &args)?;
         self.reduce(&part, blocks, 2 * c, 1.0, sums)?;
         args.stat = sums;
@@ -900,14 +710,14 @@ impl CudaTrainBackend {
         let stat = self.zeros_f64(7)?;
         let mut args = TrainArgs::default();
         args.inp = [y.ptr(), g.ptr(), e1r.ptr(), x1.ptr()];
-        args.part = part.ptr;
-        args.stat = stat.ptr;
+        args.part = part.ptr();
+        args.stat = stat.ptr();
         args.count = count as i64;
         self.launch("t_loss_sums", (blocks as u32, 1, 1), 0, &args)?;
-        self.reduce(&part, blocks, 2, 1.0 / n, stat.ptr)?;
+        self.reduce(&part, blocks, 2, 1.0 / n, stat.ptr())?;
         args.mode = 1;
         self.launch("t_loss_sums", (blocks as u32, 1, 1), 0, &args)?;
-        self.reduce(&part, blocks, 5, 1.0, stat.ptr + 16)?;
+        self.reduce(&part, blocks, 5, 1.0, stat.ptr() + 16)?;
         let v = self.download_f64(&stat, 7, "the loss sums")?;
         let sums = LossSums {
             n,

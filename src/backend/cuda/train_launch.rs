@@ -124,26 +124,11 @@ pub fn kernel_list() -> Vec<(&'static str, String, usize)> {
     v
 }
 
-// ---- the conv tile (kernels/train_conv.cu namespace tconv) ----
+// ---- the conv tile (kernels/conv3_tile.cuh namespace conv3, instantiated in train_conv.cu): the FP32-core tile of the
+// inference kernels, whose geometry launch.rs holds (checked against both sources there) ----
 
-pub const TILE: [usize; 3] = [4, 8, 32];
-pub const THREADS: u32 = 256;
-/// Shared-memory channel stride: (4+2)·(8+2)·38 floats.
-const CS: usize = 6 * 10 * 38;
-const TILE_VOXELS: usize = 4 * 8 * 32;
-
-/// Input channels staged per pass (tconv::chunk).
-pub const fn chunk(cin: usize) -> usize {
-    if cin % 4 == 0 {
-        4
-    } else if cin % 5 == 0 {
-        5
-    } else if cin <= 5 {
-        cin
-    } else {
-        1
-    }
-}
+pub use super::launch::{ffma_chunk as chunk, FFMA_THREADS as THREADS, FFMA_TILE as TILE};
+use super::launch::{FFMA_CS as CS, FFMA_TILE_VOXELS as TILE_VOXELS};
 pub const fn fwd_smem_bytes(cin: usize, cout: usize) -> usize {
     ((cin * 27 * cout).div_ceil(4) * 4 + chunk(cin) * CS) * 4
 }
@@ -241,7 +226,7 @@ mod tests {
             assert_eq!(cin % chunk(cin), 0);
         }
         assert_eq!(wgrad_smem_bytes(16, 8), (1024 * 8 + 4 * 2280) * 4);
-        // the same formula as tconv::fwd_smem_bytes, with NW rounded to 16 bytes
+        // the same formula as conv3::fwd_smem_bytes, with NW rounded to 16 bytes
         assert_eq!(fwd_smem_bytes(8, 1), (216 + 4 * 2280) * 4);
         assert_eq!(fwd_smem_bytes(1, 4), (108 + 2280) * 4);
     }

@@ -133,10 +133,7 @@ impl GradSink for DevGrads {
                 g.len()
             )));
         }
-        self.mem
-            .pool
-            .exec
-            .htod(self.mem.ptr + 8 * off as u64, bytemuck::cast_slice(&g))
+        self.mem.runtime().htod(self.mem.ptr() + 8 * off as u64, &g)
     }
 }
 
@@ -164,9 +161,9 @@ impl CudaTrainBackend {
     pub(super) fn resident_grads(&self, variant: Variant) -> Result<DevGrads> {
         let layout = ParamLayout::new(variant);
         let mem = self.alloc(layout.params * 8)?;
-        if !self.pool.poison {
+        if !self.rt.poisons() {
             // poisoned (NaN) buffers show a gradient no backward pass wrote; else zeros
-            self.pool.exec.memset(mem.ptr, 0, layout.params * 8)?;
+            self.rt.memset(mem.ptr(), 0, layout.params * 8)?;
         }
         Ok(DevGrads { mem, layout })
     }
@@ -179,7 +176,7 @@ impl CudaTrainBackend {
                 Params::<f64>::name(layer, kind)
             )));
         }
-        Ok(grads.mem.ptr + 8 * off as u64)
+        Ok(grads.mem.ptr() + 8 * off as u64)
     }
 
     pub(super) fn resident_conv3_wgrad(
@@ -252,9 +249,9 @@ impl CudaTrainBackend {
         let mut moments = layout.flatten(&adam.m)?;
         moments.extend(layout.flatten(&adam.v)?);
         let s = self.alloc(state.len() * 4)?;
-        self.pool.exec.htod(s.ptr, bytemuck::cast_slice(&state))?;
+        self.rt.htod(s.ptr(), &state)?;
         let mv = self.alloc(moments.len() * 8)?;
-        self.pool.exec.htod(mv.ptr, bytemuck::cast_slice(&moments))?;
+        self.rt.htod(mv.ptr(), &moments)?;
         Ok(DevOpt {
             layout,
             state: s,
@@ -267,9 +264,8 @@ impl CudaTrainBackend {
     /// Downloads the state buffer: weights, running statistics, status word.
     fn download_state(&self, opt: &DevOpt) -> Result<Vec<f32>> {
         let mut v = vec![0.0f32; opt.state_len()];
-        self.pool
-            .exec
-            .dtoh(bytemuck::cast_slice_mut(&mut v), opt.state.ptr)
+        self.rt
+            .dtoh(&mut v, opt.state.ptr())
             .map_err(|e| Error::Cuda(format!("copying the weights to the host: {e}")))?;
         Ok(v)
     }
@@ -317,20 +313,20 @@ impl CudaTrainBackend {
             batch[off + c..off + 2 * c].copy_from_slice(&s.var);
         }
         let batch_dev = self.alloc(batch.len() * 8)?;
-        self.pool.exec.htod(batch_dev.ptr, bytemuck::cast_slice(&batch))?;
-        let status = opt.state.ptr + 4 * (lay.params + lay.running) as u64;
+        self.rt.htod(batch_dev.ptr(), &batch)?;
+        let status = opt.state.ptr() + 4 * (lay.params + lay.running) as u64;
 
         let mut args = TrainArgs::default();
-        args.part = grads.mem.ptr;
+        args.part = grads.mem.ptr();
         args.out[0] = status;
         args.count = lay.params as i64;
         self.launch("t_grad_check", (1, 1, 1), 0, &args)?;
 
         let mut args = TrainArgs::default();
         args.inp[0] = status;
-        args.part = grads.mem.ptr;
-        args.stat = opt.moments.ptr;
-        args.out[0] = opt.state.ptr;
+        args.part = grads.mem.ptr();
+        args.stat = opt.moments.ptr();
+        args.out[0] = opt.state.ptr();
         args.dc[..6].copy_from_slice(&[
             lr_t(&opt.schedule, opt.step),
             BETA1,
@@ -344,8 +340,8 @@ impl CudaTrainBackend {
         let m = model.config.bn_momentum;
         let mut args = TrainArgs::default();
         args.inp[0] = status;
-        args.part = batch_dev.ptr;
-        args.out[0] = opt.state.ptr + 4 * lay.params as u64;
+        args.part = batch_dev.ptr();
+        args.out[0] = opt.state.ptr() + 4 * lay.params as u64;
         args.dc[0] = m;
         args.dc[1] = 1.0 - m;
         self.launch_1d("t_running_stats", lay.running, args)?;

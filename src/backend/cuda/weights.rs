@@ -4,6 +4,7 @@
 //! `net::Rln` does). Then the layouts of the two conv families and of up2.
 
 use super::launch::{mma_chunks, mma_cpad};
+use super::train_launch::pack_fwd;
 use crate::model::{LayerOp, Model, L};
 
 /// Per-channel (scale, shift) of layer `l`'s batch norm with running statistics;
@@ -74,17 +75,11 @@ pub fn fold_conv(model: &Model<f32>, l: L) -> FoldedConv {
     }
 }
 
-/// The FP32-core kernels' layout: [ci][tap][co], co fastest (conv3_ffma.cuh).
+/// The FP32-core kernels' layout: [ci][tap][co], co fastest (conv3_tile.cuh); the one
+/// packing of the training convs too ([`pack_fwd`], which this is).
 pub fn ffma_layout(f: &FoldedConv) -> Vec<f32> {
-    let mut out = vec![0.0f32; f.weight.len()];
-    for o in 0..f.c_out {
-        for ci in 0..f.c_in {
-            for tap in 0..27 {
-                out[(ci * 27 + tap) * f.c_out + o] = f.w(o, ci, tap) as f32;
-            }
-        }
-    }
-    out
+    let w: Vec<f32> = f.weight.iter().map(|&v| v as f32).collect();
+    pack_fwd(&w, f.c_in, f.c_out)
 }
 
 /// Element (k, n) of the B matrix (K × N = 16 × 8) of K chunk `chunk`: k = tap·C + c
@@ -140,4 +135,37 @@ pub fn fold_up(model: &Model<f32>) -> (Vec<f32>, Vec<f32>) {
         .map(|i| (w[i] as f64 * scale[(i / 8) % co]) as f32)
         .collect();
     (out, shift.iter().map(|&s| s as f32).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::launch::CONV_KERNELS;
+    use crate::backend::cuda::random_model;
+
+    /// The inference weights go through the training convs' packing: the same layout as
+    /// the index formula conv3_tile.cuh reads (`w[(ci·27 + tap)·C_out + co]`), for every
+    /// conv of the network (the oracle is the formula of the inference packing this
+    /// replaced).
+    #[test]
+    fn one_packing_for_inference_and_training() {
+        let model = random_model(9);
+        for k in CONV_KERNELS.iter() {
+            let f = fold_conv(&model, k.layer);
+            let packed = ffma_layout(&f);
+            assert_eq!(packed.len(), f.c_in * 27 * f.c_out);
+            for o in 0..f.c_out {
+                for ci in 0..f.c_in {
+                    for tap in 0..27 {
+                        assert_eq!(
+                            packed[(ci * 27 + tap) * f.c_out + o],
+                            f.w(o, ci, tap) as f32,
+                            "{} weight ({o}, {ci}, {tap})",
+                            k.base
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

@@ -1,0 +1,278 @@
+//! The inference kernels run on the CPU (test-only), so that [`super::CudaNet`] runs its
+//! whole host side without a GPU: an [`Exec`] whose memory and training kernels are those
+//! of [`EmuExec`] (emulate_train.rs) and whose inference launches run the line-by-line
+//! conv tile emulations of emulate.rs (FP32-core and tensor-core) and transcriptions of
+//! avgpool2 and up2 (kernels/pool.cuh, kernels/up2.cuh), on host memory that plays device memory.
+//!
+//! Every launch is checked against what launch.rs says (grid, block, shared memory) and
+//! the device buffers are read and written in the kernels' storage types (multi-channel
+//! activations as f16 bits in the f16 network, weights in the layout the kernel reads:
+//! `ffma_layout` f32 or `pack_mma_b` fp16 fragments), so a host-side mistake in
+//! forward.rs or weights.rs shows up as a wrong output or a failed check. What this
+//! cannot catch: a difference between the emulations and the .cu lines (and the f16
+//! kernels' fast softplus, ~1e-7 absolute, is emulated by the exact one).
+
+use super::emulate::{conv3_ffma, conv3_mma, EmuArgs};
+use super::emulate_train::EmuExec;
+use super::launch::*;
+use super::runtime::Exec;
+use super::train_launch::TrainArgs;
+use super::weights::FoldedConv;
+use crate::error::{Error, Result};
+use crate::model::L;
+use crate::real::Real;
+
+/// The emulated device of inference and training.
+#[derive(Default)]
+pub struct EmuDevice {
+    /// Memory and the training kernels.
+    pub mem: EmuExec,
+}
+
+impl EmuDevice {
+    fn read<T: bytemuck::Pod>(&self, ptr: u64, len: usize) -> Vec<T> {
+        assert_ne!(ptr, 0, "an emulated kernel reads a null pointer");
+        let mut v = vec![T::zeroed(); len];
+        self.mem
+            .dtoh(bytemuck::cast_slice_mut(&mut v), ptr)
+            .expect("emulated copy");
+        v
+    }
+
+    fn write<T: bytemuck::Pod>(&self, ptr: u64, v: &[T]) {
+        assert_ne!(ptr, 0, "an emulated kernel writes a null pointer");
+        self.mem.htod(ptr, bytemuck::cast_slice(v)).expect("emulated copy");
+    }
+
+    /// An activation of `c` channels: f16 bits when `f16` and several channels, else f32.
+    fn read_act(&self, ptr: u64, len: usize, c: usize, f16: bool) -> Vec<f32> {
+        if c > 1 && f16 {
+            let h: Vec<u16> = self.read(ptr, len);
+            h.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect()
+        } else {
+            self.read(ptr, len)
+        }
+    }
+
+    fn write_act(&self, ptr: u64, v: &[f32], c: usize, f16: bool) {
+        if c > 1 && f16 {
+            // cvt.rn.f16.f32: round to nearest even, as half::f16::from_f32
+            let h: Vec<u16> = v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect();
+            self.write(ptr, &h);
+        } else {
+            self.write(ptr, v);
+        }
+    }
+
+    /// One conv kernel of the table: inputs, aux, weights and bias read from the device
+    /// in the kernel's formats, the tile emulation, the outputs written back.
+    #[allow(clippy::too_many_arguments)]
+    fn conv(
+        &self,
+        k: &ConvKernel,
+        f16: bool,
+        mma: bool,
+        name: &str,
+        grid: (u32, u32, u32),
+        smem: usize,
+        a: &KernelArgs,
+    ) -> Result<()> {
+        let (n, d, h, w) = (a.n as usize, a.d as usize, a.h as usize, a.w as usize);
+        let (cin, cout) = (k.c_in(), k.c_out);
+        let tile = if mma { MMA_TILE } else { FFMA_TILE };
+        assert_eq!(grid, tiled_grid(tile, n, d, h, w)?, "{name}: grid");
+        let want_smem = if mma {
+            mma_smem_bytes(cin)
+        } else {
+            ffma_smem_bytes(cin, cout)
+        };
+        assert_eq!(smem, want_smem, "{name}: shared memory");
+        let vox = n * d * h * w;
+        let ptrs = [a.in0, a.in1, a.in2];
+        for (i, &p) in ptrs.iter().enumerate().skip(k.inputs.len()) {
+            assert_eq!(p, 0, "{name}: input {i} is set but the kernel has {}", k.inputs.len());
+        }
+        let ins: Vec<Vec<f32>> = k
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| self.read_act(ptrs[i], vox * c, c, f16))
+            .collect();
+        let aux = k.post.map(|_| self.read::<f32>(a.aux, vox));
+        let bias: Vec<f64> = self.read::<f32>(a.bias, cout).iter().map(|&b| b as f64).collect();
+        let weight = if mma {
+            unpack_mma_b(&self.read::<u32>(a.wt, mma_chunks(cin) * 64), cin, cout)
+        } else {
+            unpack_ffma(&self.read::<f32>(a.wt, cin * 27 * cout), cin, cout)
+        };
+        let f = FoldedConv {
+            c_in: cin,
+            c_out: cout,
+            weight,
+            bias,
+        };
+        let ea = EmuArgs {
+            inputs: ins.iter().zip(k.inputs).map(|(v, &c)| (v.as_slice(), c)).collect(),
+            aux: aux.as_deref(),
+            n,
+            d,
+            h,
+            w,
+            post: (a.post_scale, a.post_shift),
+            eps: a.eps,
+            c_out: cout,
+            epi: k.epi,
+        };
+        let o = if mma { conv3_mma(&ea, &f) } else { conv3_ffma(&ea, &f) };
+        let oc = if k.epi == Epi::Sp { cout } else { 1 };
+        self.write_act(a.out, &o.out, oc, f16);
+        if matches!(k.epi, Epi::Update | Epi::UpdatePlus1) && a.out_raw != 0 {
+            self.write(a.out_raw, &o.raw);
+        }
+        Ok(())
+    }
+
+    /// up2_sp (up2.cuh): n, d, h, w the input (half) size.
+    fn up(&self, f16: bool, grid: (u32, u32, u32), smem: usize, a: &KernelArgs) {
+        let spec = L::H1BpUp.spec();
+        let (ci, co) = (spec.c_in, spec.c_out);
+        let (n, d, h, w) = (a.n as usize, a.d as usize, a.h as usize, a.w as usize);
+        let total = n * d * h * w;
+        assert_eq!(grid, (grid_1d(total), 1, 1), "up2: grid");
+        assert_eq!(smem, 0, "up2: shared memory");
+        let t = self.read_act(a.in0, total * ci, ci, f16);
+        let wt: Vec<f32> = self.read(a.wt, ci * co * 8);
+        let b: Vec<f32> = self.read(a.bias, co);
+        let mut out = vec![f32::NAN; total * 8 * co];
+        let (d2, h2, w2) = (2 * d, 2 * h, 2 * w);
+        for i in 0..total {
+            let k = i % w;
+            let j = (i / w) % h;
+            let z = (i / (w * h)) % d;
+            let nn = i / (w * h * d);
+            for pqr in 0..8 {
+                let (p, q, r) = (pqr >> 2, (pqr >> 1) & 1, pqr & 1);
+                let ov = ((nn * d2 + 2 * z + p) * h2 + 2 * j + q) * w2 + 2 * k + r;
+                for o in 0..co {
+                    let mut s = 0.0f32;
+                    for c in 0..ci {
+                        s = t[i * ci + c].mul_add(wt[(c * co + o) * 8 + pqr], s);
+                    }
+                    out[ov * co + o] = (s + b[o]).softplus();
+                }
+            }
+        }
+        self.write_act(a.out, &out, co, f16);
+    }
+
+    /// avgpool2 (pool.cuh): n, d, h, w the output (half) size.
+    fn pool(&self, grid: (u32, u32, u32), smem: usize, a: &KernelArgs) {
+        let (n, d, h, w) = (a.n as usize, a.d as usize, a.h as usize, a.w as usize);
+        let total = n * d * h * w;
+        assert_eq!(grid, (grid_1d(total), 1, 1), "avgpool2: grid");
+        assert_eq!(smem, 0, "avgpool2: shared memory");
+        let x: Vec<f32> = self.read(a.in0, total * 8);
+        let (dd, hh, ww) = (2 * d, 2 * h, 2 * w);
+        let mut o = vec![0.0f32; total];
+        for (i, out) in o.iter_mut().enumerate() {
+            let k = i % w;
+            let j = (i / w) % h;
+            let z = (i / (w * h)) % d;
+            let nn = i / (w * h * d);
+            let mut acc = 0.0f32;
+            for da in 0..2 {
+                for db in 0..2 {
+                    let r = ((nn * dd + 2 * z + da) * hh + 2 * j + db) * ww + 2 * k;
+                    acc += x[r] + x[r + 1];
+                }
+            }
+            *out = acc * 0.125;
+        }
+        self.write(a.out, &o);
+    }
+}
+
+/// The engine layout [co][ci][27] (f64) of weights in the FP32-core layout [ci][27][co].
+fn unpack_ffma(sw: &[f32], cin: usize, cout: usize) -> Vec<f64> {
+    let mut w = vec![0.0f64; cin * 27 * cout];
+    for o in 0..cout {
+        for ci in 0..cin {
+            for tap in 0..27 {
+                w[(o * cin + ci) * 27 + tap] = sw[(ci * 27 + tap) * cout + o] as f64;
+            }
+        }
+    }
+    w
+}
+
+/// The engine layout of weights packed as mma B fragments (weights.rs `pack_mma_b`), with
+/// a check that every padding element is zero.
+fn unpack_mma_b(words: &[u32], cin: usize, cout: usize) -> Vec<f64> {
+    let mut w = vec![0.0f64; cin * 27 * cout];
+    for chunk in 0..mma_chunks(cin) {
+        for lane in 0..32 {
+            let (g, t) = (lane / 4, lane % 4);
+            for (r, kbase) in [(0, 2 * t), (1, 2 * t + 8)] {
+                let word = words[(chunk * 32 + lane) * 2 + r];
+                for hi in 0..2 {
+                    let v = half::f16::from_bits((word >> (16 * hi)) as u16).to_f64();
+                    let kk = kbase + hi;
+                    let (tap, ci) = if mma_cpad(cin) == 16 {
+                        (chunk, kk)
+                    } else {
+                        (2 * chunk + kk / 8, kk % 8)
+                    };
+                    if ci < cin && tap < 27 && g < cout {
+                        w[(g * cin + ci) * 27 + tap] = v;
+                    } else {
+                        assert_eq!(v, 0.0, "padding of the mma B fragments is not zero");
+                    }
+                }
+            }
+        }
+    }
+    w
+}
+
+impl Exec for EmuDevice {
+    fn alloc(&self, bytes: usize) -> Result<u64> {
+        self.mem.alloc(bytes)
+    }
+    fn free(&self, ptr: u64) {
+        self.mem.free(ptr)
+    }
+    fn memset(&self, ptr: u64, v: u8, bytes: usize) -> Result<()> {
+        self.mem.memset(ptr, v, bytes)
+    }
+    fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
+        self.mem.htod(dst, src)
+    }
+    fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()> {
+        self.mem.dtoh(dst, src)
+    }
+    fn launch(&self, name: &str, grid: (u32, u32, u32), smem: usize, args: &TrainArgs) -> Result<()> {
+        self.mem.launch(name, grid, smem, args)
+    }
+    fn launch_infer(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: usize, a: &KernelArgs) -> Result<()> {
+        assert_eq!(block, 256, "{name}: threads per block");
+        if name == POOL_KERNEL {
+            self.pool(grid, smem, a);
+            return Ok(());
+        }
+        if let Some(prec) = name.strip_prefix(UP_KERNEL).and_then(|r| r.strip_prefix('_')) {
+            self.up(prec == "f16", grid, smem, a);
+            return Ok(());
+        }
+        for k in CONV_KERNELS.iter() {
+            for (f16, tc) in [(false, false), (true, false), (true, true)] {
+                if k.name(f16, tc) == name {
+                    return self.conv(k, f16, tc && k.mma, name, grid, smem, a);
+                }
+            }
+        }
+        Err(Error::Cuda(format!("no emulation of an inference kernel named {name}")))
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.mem.synchronize()
+    }
+}
