@@ -30,15 +30,12 @@ pub struct EmuArgs<'a> {
 }
 
 impl EmuArgs<'_> {
-    fn load_concat(&self, vox: usize, c: usize) -> f32 {
-        let mut c = c;
-        for (data, ch) in &self.inputs {
-            if c < *ch {
-                return data[vox * ch + c];
-            }
-            c -= ch;
+    /// The inputs as the shared tile emulation takes them (its loader reads the concat).
+    fn conv_in(&self) -> ConvIn<'_> {
+        ConvIn {
+            inputs: self.inputs.clone(),
+            s: Shape::new(self.n, 1, self.d, self.h, self.w),
         }
-        0.0
     }
 }
 
@@ -98,10 +95,7 @@ pub fn conv3_ffma(a: &EmuArgs, f: &FoldedConv) -> EmuOut {
     let bias = f.bias_f32();
     let mut o = new_out(a);
     let grid = tiled_grid(FFMA_TILE, a.n, a.d, a.h, a.w).unwrap();
-    let ci = ConvIn {
-        inputs: a.inputs.clone(),
-        s: Shape::new(a.n, 1, a.d, a.h, a.w),
-    };
+    let ci = a.conv_in();
     assert_eq!(ci.cin(), f.c_in, "inputs carry C_in channels");
     conv3_tile(&ci, &sw, f.c_out, grid, |vox, z| {
         let zv: Vec<f32> = z.iter().zip(&bias).map(|(&z, &b)| z + b).collect();
@@ -170,6 +164,7 @@ fn mma_16816(a: &[[u32; 4]; 32], b: &[[u32; 2]; 32], c: &mut [[f32; 4]; 32]) {
 /// conv3_mma (conv3_mma.cuh), every block, warp and lane. Multi-channel inputs must
 /// hold fp16-representable values (the kernel reads fp16 storage).
 pub fn conv3_mma(a: &EmuArgs, f: &FoldedConv) -> EmuOut {
+    let ci = a.conv_in();
     const TX: usize = 16;
     const TY: usize = 8;
     const TZ: usize = 8;
@@ -211,7 +206,7 @@ pub fn conv3_mma(a: &EmuArgs, f: &FoldedConv) -> EmuOut {
                         {
                             let vox = ((n * a.d + gz_ as usize) * a.h + gy_ as usize) * a.w + gx_ as usize;
                             for (c, v) in ch.iter_mut().enumerate().take(cin) {
-                                *v = f2h(a.load_concat(vox, c));
+                                *v = f2h(ci.load_concat(vox, c));
                             }
                         }
                     }
