@@ -162,19 +162,23 @@ impl VolumeWriter for FailingWriter<'_> {
     }
 }
 
-#[test]
-fn an_interrupted_run_resumed_equals_an_uninterrupted_one() {
-    let model = shipped_model();
-    let dims = [20, 70, 90];
-    let vol = test_volume(dims, 13);
-    let unit = [4, 16, 16];
-    let core = [8, 32, 32];
-    let (whole, total) = streamed(&model, &vol, unit, core, Job::Full);
+/// A run of `workers` predictors whose writer fails after `fail_after` writes, then a
+/// resumed run into the same store. Returns the resumed run's (tiles computed, tiles
+/// skipped), the plan's tile count and the store's data.
+fn stop_then_resume(
+    model: &Model<f32>,
+    vol: &Volume,
+    unit: [usize; 3],
+    core: [usize; 3],
+    workers: usize,
+    fail_after: usize,
+) -> (usize, usize, usize, Vec<f32>) {
+    let dims = vol.dims;
     let input = MemoryVolume::new(dims, vol.data.clone()).unwrap().with_unit(unit);
     let store = MemoryVolume::new(dims, vec![f32::NAN; vol.len()])
         .unwrap()
         .with_unit(unit);
-    let aff = stats(&input, &model).affine();
+    let aff = stats(&input, model).affine();
     let plan = CorePlan::new(dims, CorePlan::align_core(dims, core, unit).0, RECEPTIVE_RADIUS).unwrap();
     let meta = tempfile::tempdir().unwrap();
     let run = |fail_after: usize, resume: bool| {
@@ -183,20 +187,32 @@ fn an_interrupted_run_resumed_equals_an_uninterrupted_one() {
             writes: AtomicUsize::new(0),
             fail_after,
         };
-        let mut pred = CpuPredictor { model: model.clone() };
+        let mut preds: Vec<CpuPredictor> = (0..workers).map(|_| CpuPredictor { model: model.clone() }).collect();
+        let mut refs: Vec<&mut dyn TilePredictor> = preds.iter_mut().map(|p| p as &mut dyn TilePredictor).collect();
         run_job(
-            &mut [&mut pred],
+            &mut refs,
             &JobSpec::full(&[&input], &[aff], Variant::Single, &plan).watermark(meta.path(), resume),
             &w,
             &|_| {},
         )
     };
-    let k = 5;
-    assert!(run(k, false).is_err(), "the first run must stop");
+    assert!(run(fail_after, false).is_err(), "the first run must stop");
     let (_, computed, skipped) = run(usize::MAX, true).unwrap();
+    (computed, skipped, plan.count(), store.into_data())
+}
+
+#[test]
+fn an_interrupted_run_resumed_equals_an_uninterrupted_one() {
+    let model = shipped_model();
+    let dims = [20, 70, 90];
+    let vol = test_volume(dims, 13);
+    let unit = [4, 16, 16];
+    let core = [8, 32, 32];
+    let (whole, total) = streamed(&model, &vol, unit, core, Job::Full);
+    let k = 5;
+    let (computed, skipped, _, got) = stop_then_resume(&model, &vol, unit, core, 1, k);
     assert_eq!(skipped, k, "resume must skip the tiles written before the stop");
     assert_eq!(computed + skipped, total);
-    let got = store.into_data();
     // skipped tiles that were not written would still be NaN
     assert!(
         got.iter().zip(&whole).all(|(a, b)| a.to_bits() == b.to_bits()),
@@ -311,35 +327,9 @@ fn several_predictor_workers_equal_one_bit_for_bit_and_resume_after_a_stop() {
     );
     // a run of 2 workers stopped by its writer, then resumed by 2 workers: the
     // watermark (the written prefix) must not skip a tile finished out of order
-    let input = MemoryVolume::new(dims, vol.data.clone()).unwrap().with_unit(unit);
-    let store = MemoryVolume::new(dims, vec![f32::NAN; vol.len()])
-        .unwrap()
-        .with_unit(unit);
-    let aff = stats(&input, &model).affine();
-    let plan = CorePlan::new(dims, CorePlan::align_core(dims, core, unit).0, RECEPTIVE_RADIUS).unwrap();
-    let meta = tempfile::tempdir().unwrap();
-    let run = |fail_after: usize, resume: bool| {
-        let w = FailingWriter {
-            inner: &store,
-            writes: AtomicUsize::new(0),
-            fail_after,
-        };
-        let (mut a, mut b) = (
-            CpuPredictor { model: model.clone() },
-            CpuPredictor { model: model.clone() },
-        );
-        run_job(
-            &mut [&mut a, &mut b],
-            &JobSpec::full(&[&input], &[aff], Variant::Single, &plan).watermark(meta.path(), resume),
-            &w,
-            &|_| {},
-        )
-    };
-    assert!(run(7, false).is_err(), "the first run must stop");
-    let (_, computed, skipped) = run(usize::MAX, true).unwrap();
+    let (computed, skipped, count, got) = stop_then_resume(&model, &vol, unit, core, 2, 7);
     assert!(skipped <= 7 && skipped > 0, "skipped {skipped}");
-    assert_eq!(computed + skipped, plan.count());
-    let got = store.into_data();
+    assert_eq!(computed + skipped, count);
     assert!(
         got.iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits()),
         "resumed 2-worker run differs from the 1-worker run"
