@@ -837,6 +837,14 @@ fn bad_inputs_get_clear_errors_and_never_lose_data() {
         if !good && !c.elsewhere {
             failures.push(format!("{} ({}): {:?}\n{}", c.class, c.args, r.outcome, r.stderr));
         }
+        // the overwrite refusals name one file in its two roles, on purpose
+        let two_roles = last_line.contains("same file");
+        if let Some(path) = repeated_path(&last_line).filter(|_| !two_roles) {
+            failures.push(format!(
+                "{} ({}): the error names {path} twice:\n{last_line}",
+                c.class, c.args
+            ));
+        }
     }
     let n = |o| counts.get(&o).copied().unwrap_or(0);
     println!(
@@ -860,6 +868,41 @@ fn bad_inputs_get_clear_errors_and_never_lose_data() {
         "{} case(s) failed:\n{}",
         failures.len(),
         failures.join("\n---\n")
+    );
+}
+
+/// A file the error line names twice ("infer a.tif → b.tif: a.tif: truncated"), which
+/// layers of error context produce when each adds the path: the first such, if any.
+fn repeated_path(line: &str) -> Option<String> {
+    let files: Vec<&str> = line
+        .split_whitespace()
+        .map(|w| w.trim_matches(|c: char| matches!(c, ':' | ',' | '(' | ')' | '"' | '\'' | '`')))
+        .filter(|w| {
+            w.rsplit_once('.').is_some_and(|(stem, ext)| {
+                !stem.is_empty()
+                    && ext.len() >= 2
+                    && ext.chars().all(|c| c.is_ascii_alphanumeric())
+                    && !ext.chars().all(|c| c.is_ascii_digit())
+            })
+        })
+        .collect();
+    files
+        .iter()
+        .enumerate()
+        .find(|(i, w)| files[..*i].contains(w))
+        .map(|(_, w)| w.to_string())
+}
+
+#[test]
+fn repeated_paths_are_found() {
+    assert_eq!(
+        repeated_path("error: infer a.tif → b.tif: a.tif: not a readable TIFF: truncated").as_deref(),
+        Some("a.tif")
+    );
+    assert_eq!(repeated_path("error: a.tif: not a readable TIFF (0.5 of 1.0 MB)"), None);
+    assert_eq!(
+        repeated_path("error: model.safetensors: missing tensor h1.fp.conv1"),
+        None
     );
 }
 

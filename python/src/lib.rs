@@ -450,8 +450,7 @@ fn infer_file(
         };
         streaming::infer_file(&o).map_err(to_py)
     })?;
-    let note = (device == Device::Auto && !summary.copied_input && summary.predictor.starts_with("CPU"))
-        .then(|| "no usable CUDA device; running on the CPU".to_string());
+    let note = summary.device_note.clone();
     let json =
         serde_json::to_string(&summary).map_err(|e| PyRuntimeError::new_err(format!("the run's summary: {e}")))?;
     Ok((json, note))

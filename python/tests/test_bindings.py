@@ -268,7 +268,7 @@ def test_infer_file_reads_slice_folders_and_hdf5(tmp_path, model_path):
     assert np.array_equal(tifffile.imread(tmp_path / "again-h5.tif"), tifffile.imread(tmp_path / "again-tif.tif"))
 
 
-def test_infer_file_bad_options_raise_clear_errors(tmp_path, model):
+def test_infer_file_bad_options_raise_clear_errors(tmp_path, model, capfd):
     vol = widefield_volume((8, 32, 32), seed=7)
     tifffile.imwrite(tmp_path / "in.tif", vol)
     bad = [
@@ -295,9 +295,13 @@ def test_infer_file_bad_options_raise_clear_errors(tmp_path, model):
         rln_engine.infer_file(model, tmp_path / "in.tif", tmp_path / "out.zarr", device="cpu", block="0/2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"], "a refused call left files behind"
     if not rln_engine.cuda_available():
-        with pytest.warns(RuntimeWarning, match="running on the CPU"):
+        capfd.readouterr()
+        with pytest.warns(RuntimeWarning, match="running on the CPU") as caught:
             s = rln_engine.infer_file(model, tmp_path / "in.tif", tmp_path / "auto.tif")
         assert s["predictor"].startswith("CPU")
+        # the fallback is said once, as the warning: not also printed by the library
+        assert sum("running on the CPU" in str(w.message) for w in caught) == 1
+        assert "running on the CPU" not in capfd.readouterr().err
 
 
 def test_train_equals_the_cli(tmp_path, cli):

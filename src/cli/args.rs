@@ -6,35 +6,26 @@
 pub use rln_engine::args::*;
 
 use anyhow::{Context, Result};
-use rln_engine::infer::{CpuPredictor, TilePredictor};
+use rln_engine::infer::TilePredictor;
 use rln_engine::model::Model;
 
-/// The predictor for `--device`: CUDA when asked for and usable, else the CPU.
+/// The predictor for `--device`: CUDA when asked for and usable, else the CPU (the
+/// choice is the library's [`open_predictor`]; its note is printed here).
 pub fn make_predictor(device: Device, fp16: bool, model: &Model<f32>) -> Result<Box<dyn TilePredictor>> {
-    use rln_engine::backend::cuda::{self, CudaOptions, CudaPredictor};
-    let opts = if fp16 { CudaOptions::f16() } else { CudaOptions::f32() };
-    match device {
-        Device::Cpu => {
-            if fp16 {
-                eprintln!("note: --fp16 applies to the GPU; the CPU computes in f32");
-            }
-            Ok(Box::new(CpuPredictor { model: model.clone() }))
-        }
-        Device::Cuda => Ok(Box::new(CudaPredictor::new(model, opts).context("--device cuda")?)),
-        Device::Auto => {
-            if cuda::available() {
-                match CudaPredictor::new(model, opts) {
-                    Ok(p) => return Ok(Box::new(p)),
-                    Err(e) => {
-                        eprintln!("note: the CUDA device is not usable ({e}); running on the CPU")
-                    }
-                }
-            } else {
-                eprintln!("note: no CUDA device; running on the CPU");
-            }
-            Ok(Box::new(CpuPredictor { model: model.clone() }))
-        }
+    use rln_engine::infer::buffers::{self, open_predictor};
+    if device == Device::Cpu && fp16 {
+        eprintln!("note: --fp16 applies to the GPU; the CPU computes in f32");
     }
+    let device = match device {
+        Device::Auto => buffers::Device::Auto,
+        Device::Cpu => buffers::Device::Cpu,
+        Device::Cuda => buffers::Device::Cuda(0),
+    };
+    let (predictor, note) = open_predictor(model, device, fp16).context("--device")?;
+    if let Some(note) = note {
+        eprintln!("note: {note}");
+    }
+    Ok(predictor)
 }
 
 /// Replaces the model's recorded normalization percentiles by `--percentiles`, if given

@@ -73,7 +73,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         inputs.push(("the PSF --psf", p.as_path()));
     }
     let _guard = super::args::guard_outputs(png.as_slice(), &inputs)?;
-    let mut model = Model::<f32>::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let mut model = Model::<f32>::load(&a.model).context("--model")?;
     super::args::override_percentiles(&mut model, a.percentiles)?;
     let psf = match &a.psf {
         Some(p) => read_volume_with(
@@ -84,7 +84,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
                 ..Default::default()
             },
         )
-        .with_context(|| format!("reading PSF {}", p.display()))?,
+        .context("--psf")?,
         None => model_psf(&model)?.1,
     };
     let synth = SynthConfig {

@@ -108,7 +108,7 @@ pub fn conformance(a: &ConformanceArgs) -> Result<()> {
         Precision::F32 => rln_engine::conformance::run::<f32>(&model, &a.vectors),
         Precision::F64 => rln_engine::conformance::run::<f64>(&model, &a.vectors),
     }
-    .with_context(|| format!("conformance on {}", a.vectors.display()))?;
+    .context("conformance")?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

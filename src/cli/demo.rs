@@ -33,7 +33,7 @@ pub struct DemoArgs {
 pub fn demo(a: &DemoArgs) -> Result<()> {
     let t0 = Instant::now();
     let model = match &a.model {
-        Some(p) => Model::<f32>::load(p).with_context(|| format!("loading {}", p.display()))?,
+        Some(p) => Model::<f32>::load(p).context("--model")?,
         None => shipped_model()?,
     };
     // FP16 on a GPU (the fast path); the CPU computes in f32 without a note about it

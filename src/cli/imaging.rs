@@ -262,7 +262,7 @@ pub fn psf(a: &PsfArgs) -> Result<()> {
                 if given.len() == 1 { "it" } else { "them" }
             );
         }
-        let model = rln_engine::model::Model::<f32>::load(mp).with_context(|| format!("loading {}", mp.display()))?;
+        let model = rln_engine::model::Model::<f32>::load(mp).context("--from-model")?;
         rln_engine::compare::model_psf(&model)
             .with_context(|| format!("the PSF of {}", mp.display()))?
             .1
@@ -435,8 +435,7 @@ pub fn synth(a: &SynthArgs) -> Result<()> {
             a.output.display()
         );
     }
-    let psf = read_volume_with(&a.psf, &read_opts(a.channel, a.time))
-        .with_context(|| format!("reading PSF {}", a.psf.display()))?;
+    let psf = read_volume_with(&a.psf, &read_opts(a.channel, a.time)).context("--psf")?;
     let mut families: Vec<Family> = if a.families.is_empty() {
         Family::ALL.to_vec()
     } else {
@@ -659,8 +658,7 @@ pub fn rl(a: &RlArgs) -> Result<()> {
     let t = Instant::now();
     let (out, stats) = match (&a.psf, &a.otf) {
         (Some(path), None) if !a.radial_otf => {
-            let psf = read_volume_with(path, &ReadOptions::default())
-                .with_context(|| format!("reading PSF {}", path.display()))?;
+            let psf = read_volume_with(path, &ReadOptions::default()).context("--psf")?;
             if let Some(note) = psf::check_voxel_sizes_match(&psf, &input)
                 .with_context(|| format!("PSF {} and data {}", path.display(), a.input.display()))?
             {

@@ -1,7 +1,7 @@
 //! `rln-engine infer`: its flags, their checks, and one call of the library's streaming
 //! inference ([`rln_engine::infer::stream::infer_file`]) or store planning.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use rln_engine::imaging::io::{OutputDtype, ReadOptions};
 use rln_engine::imaging::stream::Region;
@@ -196,7 +196,22 @@ pub fn infer(a: &InferArgs) -> Result<()> {
         time: a.time,
         ..Default::default()
     };
-    let s = infer_file(&o).with_context(|| format!("infer {} → {}", a.input.display(), a.output.display()))?;
+    // name the files unless the error already names one (no "a.tif → b.tif: a.tif: …")
+    let s = infer_file(&o).map_err(|e| {
+        let (input, output) = (a.input.display().to_string(), a.output.display().to_string());
+        let message = e.to_string();
+        let names_a_file = [&input, &output, &a.model.display().to_string()]
+            .iter()
+            .any(|p| message.contains(p.as_str()));
+        if names_a_file {
+            e
+        } else {
+            e.context(format!("infer {input} → {output}"))
+        }
+    })?;
+    if let Some(note) = &s.device_note {
+        eprintln!("note: {note}");
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());

@@ -63,16 +63,15 @@ pub fn open_predictor(
             Ok((Box::new(CudaPredictor::new(model, opts(n))?), None))
         }
         Device::Auto => {
-            if !cuda::available() {
-                return Ok((cpu(), Some("no CUDA device; running on the CPU".into())));
-            }
-            match CudaPredictor::new(model, opts(0)) {
-                Ok(p) => Ok((Box::new(p), None)),
-                Err(e) => Ok((
-                    cpu(),
-                    Some(format!("the CUDA device is not usable ({e}); running on the CPU")),
-                )),
-            }
+            let why = if !cuda::available() {
+                "no CUDA device".to_string()
+            } else {
+                match CudaPredictor::new(model, opts(0)) {
+                    Ok(p) => return Ok((Box::new(p), None)),
+                    Err(e) => format!("the CUDA device is not usable ({e})"),
+                }
+            };
+            Ok((cpu(), Some(format!("{why}; running on the CPU"))))
         }
     }
 }

@@ -461,7 +461,7 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<TrainSummary> {
                 ..Default::default()
             },
         )
-        .with_context(|| format!("reading PSF {}", psf_path.display()))?;
+        .context("--synth-psf")?;
         psf_meta = psf
             .metadata
             .as_ref()
@@ -536,7 +536,7 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<TrainSummary> {
                 // fine-tuning: the given weights and their network config; the PSF record
                 // follows the new training data
                 Some(p) => {
-                    let mut m = Model::<f32>::load(p).with_context(|| format!("loading --init {}", p.display()))?;
+                    let mut m = Model::<f32>::load(p).context("--init")?;
                     if m.config.variant != a.variant {
                         return Err(Error::invalid(format!(
                             "--init {} is a {:?} model but --variant is {:?}",

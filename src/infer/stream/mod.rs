@@ -152,6 +152,9 @@ pub struct InferSummary {
     pub context: usize,
     pub memory_budget_bytes: usize,
     pub predictor: String,
+    /// Why the run is not where it was asked to be (`Auto` fell back to the CPU), for
+    /// the caller to show.
+    pub device_note: Option<String>,
     /// Seconds per phase (reads and writes overlap compute; see `PhaseSeconds`).
     pub phases: PhaseSeconds,
     pub normalization_seconds: f64,
@@ -274,17 +277,26 @@ impl TilePredictor for CopyPredictor {
 }
 
 /// Makes the predictors of `choice`: one, or one per device of `--devices` (each
-/// opens its own device ordinal and runs on its own worker thread).
-pub fn make_predictors(choice: &PredictorChoice, model: &Model<f32>) -> Result<Vec<Box<dyn TilePredictor>>> {
-    use crate::backend::cuda::{self, CudaOptions, CudaPredictor};
+/// opens its own device ordinal and runs on its own worker thread), and a note for the
+/// user when `Auto` fell back to the CPU (the caller shows it: the CLI prints it, the
+/// bindings raise a warning).
+pub fn make_predictors(
+    choice: &PredictorChoice,
+    model: &Model<f32>,
+) -> Result<(Vec<Box<dyn TilePredictor>>, Option<String>)> {
+    use crate::backend::cuda::{CudaOptions, CudaPredictor};
+    use crate::infer::buffers::{open_predictor, Device};
     let cuda_opts = |fp16: bool, device: usize| {
         let mut o = if fp16 { CudaOptions::f16() } else { CudaOptions::f32() };
         o.device = device;
         o
     };
     match choice {
-        PredictorChoice::Cpu => Ok(vec![Box::new(crate::infer::CpuPredictor { model: model.clone() })]),
-        PredictorChoice::Copy => Ok(vec![Box::new(CopyPredictor)]),
+        PredictorChoice::Cpu => Ok((
+            vec![Box::new(crate::infer::CpuPredictor { model: model.clone() })],
+            None,
+        )),
+        PredictorChoice::Copy => Ok((vec![Box::new(CopyPredictor)], None)),
         PredictorChoice::Cuda { devices, fp16 } => {
             if devices.is_empty() {
                 return Err(Error::invalid("--devices: name at least one CUDA device, e.g. 0"));
@@ -295,24 +307,19 @@ pub fn make_predictors(choice: &PredictorChoice, model: &Model<f32>) -> Result<V
                     "--devices names device {d} twice: give each device once"
                 )));
             }
-            devices
+            let preds = devices
                 .iter()
                 .map(|&d| Ok(Box::new(CudaPredictor::new(model, cuda_opts(*fp16, d))?) as Box<dyn TilePredictor>))
-                .collect()
+                .collect::<Result<_>>()?;
+            Ok((preds, None))
         }
         PredictorChoice::Auto { fp16 } => {
-            if cuda::available() {
-                match CudaPredictor::new(model, cuda_opts(*fp16, 0)) {
-                    Ok(p) => return Ok(vec![Box::new(p)]),
-                    Err(e) => eprintln!("note: the CUDA device is not usable ({e}); running on the CPU"),
-                }
-            } else {
-                eprintln!("note: no CUDA device; running on the CPU");
-            }
-            if *fp16 {
-                eprintln!("note: --fp16 applies to the GPU; the CPU computes in f32");
-            }
-            Ok(vec![Box::new(crate::infer::CpuPredictor { model: model.clone() })])
+            let (pred, note) = open_predictor(model, Device::Auto, *fp16)?;
+            let note = note.map(|n| match fp16 {
+                true => format!("{n}; --fp16 applies to the GPU, the CPU computes in f32"),
+                false => n,
+            });
+            Ok((vec![pred], note))
         }
     }
 }
@@ -620,8 +627,8 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
         )
     };
 
-    let mut preds: Vec<Box<dyn TilePredictor>> = if copied_input {
-        vec![Box::new(CopyPredictor)]
+    let (mut preds, device_note): (Vec<Box<dyn TilePredictor>>, Option<String>) = if copied_input {
+        (vec![Box::new(CopyPredictor)], None)
     } else {
         make_predictors(&opts.predictor, &model)?
     };
@@ -656,7 +663,8 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
             memory,
             stats,
             t0,
-        );
+        )
+        .map(|summary| InferSummary { device_note, ..summary });
     }
 
     // the output and its plan
@@ -720,6 +728,7 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
         context: plan.context,
         memory_budget_bytes: memory,
         predictor: describe.clone(),
+        device_note: device_note.clone(),
         phases: PhaseSeconds::default(),
         normalization_seconds,
         normalization: stats.clone(),
@@ -1005,6 +1014,7 @@ fn run_blended(
         context: opts.context,
         memory_budget_bytes: memory,
         predictor: describe,
+        device_note: None,
         phases: PhaseSeconds {
             read: open_seconds + t.read,
             normalize: t.cut,
