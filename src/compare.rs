@@ -4,12 +4,14 @@
 //! `eval`'s affine normalization (ground truth percentile-normalized, prediction fitted
 //! by least-squares scale and offset). RLD is scored at every iteration count from
 //! `rl_min` to `rl_max` and reported at its best count (best mean PSNR, best mean SSIM),
-//! which favours RLD: in practice nobody knows the best count.
+//! which favours RLD: in practice nobody knows the best count. With
+//! [`RlSweep::accelerated`], Biggs–Andrews accelerated RL (cudaDecon's) is swept too, and
+//! RLN must beat the stronger of the two.
 
 use crate::error::{Error, Result};
 use crate::imaging::metrics::{evaluate, Metrics, Normalize};
 use crate::imaging::psf::{generate, PsfSpec};
-use crate::imaging::rl::{BackProjector, RlPlan};
+use crate::imaging::rl::{BackProjector, RlPlan, RunOptions};
 use crate::imaging::synth::{mix_seed, Family, SynthConfig, Synthesizer};
 use crate::imaging::volume::Volume;
 use crate::infer::deconvolve;
@@ -32,11 +34,23 @@ pub fn model_psf(model: &Model<f32>) -> Result<(PsfSpec, Volume)> {
     Ok((spec, psf))
 }
 
-/// RLD metrics at every iteration count in `lo..=hi` (index i ↔ count lo + i).
-pub fn rl_metric_curve(plan: &RlPlan, input: &Volume, gt: &Volume, lo: usize, hi: usize) -> Result<Vec<Metrics>> {
+/// RLD metrics at every iteration count in `lo..=hi` (index i ↔ count lo + i), plain
+/// or accelerated.
+pub fn rl_metric_curve(
+    plan: &RlPlan,
+    input: &Volume,
+    gt: &Volume,
+    lo: usize,
+    hi: usize,
+    accelerate: bool,
+) -> Result<Vec<Metrics>> {
     let mut curve = Vec::with_capacity(hi + 1 - lo);
     let mut err = None;
-    plan.run(input, hi, 0.0, |it, est| {
+    let opts = RunOptions {
+        accelerate,
+        ..RunOptions::default()
+    };
+    let mut observe = |it: usize, est: &Volume| {
         if it >= lo {
             match evaluate(gt, est, Normalize::Affine, None) {
                 Ok(m) => curve.push(m),
@@ -47,11 +61,28 @@ pub fn rl_metric_curve(plan: &RlPlan, input: &Volume, gt: &Volume, lo: usize, hi
             }
         }
         ControlFlow::Continue(())
-    })?;
+    };
+    plan.run_with_options(input, hi, 0.0, &opts, Some(&mut observe))?;
     if let Some(e) = err {
         return Err(e);
     }
     Ok(curve)
+}
+
+/// The RL iteration counts a comparison scores, and whether accelerated RL is scored too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RlSweep {
+    pub min: usize,
+    pub max: usize,
+    pub accelerated: bool,
+}
+
+/// One RL variant's best iteration counts over the held-out volumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct RlBest {
+    pub accelerated: bool,
+    pub best_psnr_iterations: usize,
+    pub best_ssim_iterations: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -76,6 +107,9 @@ pub struct CompareReport {
     /// RLD iteration counts with the best mean PSNR and the best mean SSIM.
     pub rld_best_psnr_iterations: usize,
     pub rld_best_ssim_iterations: usize,
+    /// Accelerated RL's best counts (with [`RlSweep::accelerated`]).
+    pub rl_accelerated: Option<RlBest>,
+    /// RLN's mean PSNR and SSIM beat every RL row's (plain, and accelerated if swept).
     pub rln_beats_rld: bool,
     pub per_volume: Vec<serde_json::Value>,
     /// The first held-out volume (input, RLN output, ground truth), kept so that a
@@ -102,10 +136,10 @@ pub fn compare_on_synthetic(
     synth: &SynthConfig,
     count: usize,
     seed: u64,
-    rl_range: (usize, usize),
+    sweep: RlSweep,
     progress: &mut dyn FnMut(usize),
 ) -> Result<CompareReport> {
-    let (lo, hi) = rl_range;
+    let (lo, hi) = (sweep.min, sweep.max);
     if count == 0 {
         return Err(Error::invalid(
             "--count must be at least 1 (the number of held-out volumes)",
@@ -121,6 +155,7 @@ pub fn compare_on_synthetic(
     let mut rln = Vec::new();
     let mut raw = Vec::new();
     let mut curves = Vec::new();
+    let mut curves_acc = Vec::new();
     let mut seeds = Vec::new();
     let mut per_volume = Vec::new();
     let mut first_volume = None;
@@ -131,12 +166,17 @@ pub fn compare_on_synthetic(
         let y = deconvolve(pred, model, &input, [256, 256, 256])?;
         let m_rln = evaluate(&gt, &y, Normalize::Affine, None)?;
         let m_raw = evaluate(&gt, &input, Normalize::Affine, None)?;
-        let curve = rl_metric_curve(&plan, &input, &gt, lo, hi)?;
-        per_volume.push(
-            serde_json::json!({"seed": sd, "input": [m_raw.psnr, m_raw.ssim], "rln": [m_rln.psnr, m_rln.ssim],
-            "rld_best_psnr": curve.iter().map(|m| m.psnr).fold(f64::MIN, f64::max),
-            "rld_best_ssim": curve.iter().map(|m| m.ssim).fold(f64::MIN, f64::max)}),
-        );
+        let curve = rl_metric_curve(&plan, &input, &gt, lo, hi, false)?;
+        let best = |c: &[Metrics], f: fn(&Metrics) -> f64| c.iter().map(f).fold(f64::MIN, f64::max);
+        let mut row = serde_json::json!({"seed": sd, "input": [m_raw.psnr, m_raw.ssim], "rln": [m_rln.psnr, m_rln.ssim],
+            "rld_best_psnr": best(&curve, |m| m.psnr), "rld_best_ssim": best(&curve, |m| m.ssim)});
+        if sweep.accelerated {
+            let c = rl_metric_curve(&plan, &input, &gt, lo, hi, true)?;
+            row["rl_accelerated_best_psnr"] = best(&c, |m| m.psnr).into();
+            row["rl_accelerated_best_ssim"] = best(&c, |m| m.ssim).into();
+            curves_acc.push(c);
+        }
+        per_volume.push(row);
         rln.push(m_rln);
         raw.push(m_raw);
         curves.push(curve);
@@ -152,36 +192,47 @@ pub fn compare_on_synthetic(
     let n = count as f64;
     let mean = |v: &[Metrics], f: fn(&Metrics) -> f64| v.iter().map(f).sum::<f64>() / n;
     let iters = hi + 1 - lo;
-    let mean_at = |k: usize, f: fn(&Metrics) -> f64| curves.iter().map(|c| f(&c[k])).sum::<f64>() / n;
-    let best_psnr_k = (0..iters)
-        .max_by(|&a, &b| mean_at(a, |m| m.psnr).total_cmp(&mean_at(b, |m| m.psnr)))
-        .unwrap();
-    let best_ssim_k = (0..iters)
-        .max_by(|&a, &b| mean_at(a, |m| m.ssim).total_cmp(&mean_at(b, |m| m.ssim)))
-        .unwrap();
-    let rows = vec![
-        MethodScore {
-            method: "raw input".into(),
-            psnr: mean(&raw, |m| m.psnr),
-            ssim: mean(&raw, |m| m.ssim),
-        },
-        MethodScore {
-            method: format!("RLD, {} iterations (best mean PSNR)", lo + best_psnr_k),
-            psnr: mean_at(best_psnr_k, |m| m.psnr),
-            ssim: mean_at(best_psnr_k, |m| m.ssim),
-        },
-        MethodScore {
-            method: format!("RLD, {} iterations (best mean SSIM)", lo + best_ssim_k),
-            psnr: mean_at(best_ssim_k, |m| m.psnr),
-            ssim: mean_at(best_ssim_k, |m| m.ssim),
-        },
-        MethodScore {
-            method: "RLN".into(),
-            psnr: mean(&rln, |m| m.psnr),
-            ssim: mean(&rln, |m| m.ssim),
-        },
-    ];
-    let rln_beats_rld = rows[3].psnr > rows[1].psnr && rows[3].ssim > rows[2].ssim;
+    // the best counts of one RL variant, and its rows at them
+    let score = |curves: &[Vec<Metrics>], name: &str| {
+        let mean_at = |k: usize, f: fn(&Metrics) -> f64| curves.iter().map(|c| f(&c[k])).sum::<f64>() / n;
+        let best_k = |f: fn(&Metrics) -> f64| {
+            (0..iters)
+                .max_by(|&a, &b| mean_at(a, f).total_cmp(&mean_at(b, f)))
+                .unwrap()
+        };
+        let (kp, ks) = (best_k(|m| m.psnr), best_k(|m| m.ssim));
+        let row = |k: usize, what: &str| MethodScore {
+            method: format!("{name}, {} iterations (best mean {what})", lo + k),
+            psnr: mean_at(k, |m| m.psnr),
+            ssim: mean_at(k, |m| m.ssim),
+        };
+        (lo + kp, lo + ks, [row(kp, "PSNR"), row(ks, "SSIM")])
+    };
+    let (plain_psnr_k, plain_ssim_k, plain_rows) = score(&curves, "RLD");
+    let mut rows = vec![MethodScore {
+        method: "raw input".into(),
+        psnr: mean(&raw, |m| m.psnr),
+        ssim: mean(&raw, |m| m.ssim),
+    }];
+    rows.extend(plain_rows);
+    let rl_accelerated = sweep.accelerated.then(|| {
+        let (kp, ks, acc_rows) = score(&curves_acc, "RL accelerated");
+        rows.extend(acc_rows);
+        RlBest {
+            accelerated: true,
+            best_psnr_iterations: kp,
+            best_ssim_iterations: ks,
+        }
+    });
+    let rl_best_psnr = rows[1..].iter().map(|r| r.psnr).fold(f64::MIN, f64::max);
+    let rl_best_ssim = rows[1..].iter().map(|r| r.ssim).fold(f64::MIN, f64::max);
+    let rln_row = MethodScore {
+        method: "RLN".into(),
+        psnr: mean(&rln, |m| m.psnr),
+        ssim: mean(&rln, |m| m.ssim),
+    };
+    let rln_beats_rld = rln_row.psnr > rl_best_psnr && rln_row.ssim > rl_best_ssim;
+    rows.push(rln_row);
     Ok(CompareReport {
         volumes: count,
         size: synth.size,
@@ -191,30 +242,50 @@ pub fn compare_on_synthetic(
         rln_percentiles: model.config.norm_percentiles,
         seeds,
         rows,
-        rld_best_psnr_iterations: lo + best_psnr_k,
-        rld_best_ssim_iterations: lo + best_ssim_k,
+        rld_best_psnr_iterations: plain_psnr_k,
+        rld_best_ssim_iterations: plain_ssim_k,
+        rl_accelerated,
         rln_beats_rld,
         per_volume,
         first_volume,
     })
 }
 
+impl CompareReport {
+    /// The strongest RL of the comparison by mean PSNR: (accelerated, iteration count).
+    pub fn strongest_rl(&self) -> (bool, usize) {
+        let plain = self.rows.iter().find(|r| r.method.starts_with("RLD,")).map(|r| r.psnr);
+        let acc = self
+            .rows
+            .iter()
+            .find(|r| r.method.starts_with("RL accelerated,"))
+            .map(|r| r.psnr);
+        match (self.rl_accelerated, plain, acc) {
+            (Some(b), Some(p), Some(a)) if a > p => (true, b.best_psnr_iterations),
+            _ => (false, self.rld_best_psnr_iterations),
+        }
+    }
+}
+
 /// Writes `path` (PNG): the central XY slices of the first held-out volume of `report`,
-/// labelled input, RLD at `rl_iterations` (run here: the comparison keeps only its
-/// metrics), RLN and ground truth, each panel scaled to its own range.
-pub fn write_first_volume_montage(
-    report: &CompareReport,
-    psf: &Volume,
-    rl_iterations: usize,
-    path: &std::path::Path,
-) -> Result<()> {
+/// labelled input, the strongest RL at its best-PSNR count (run here: the comparison
+/// keeps only its metrics), RLN and ground truth, each panel scaled to its own range.
+pub fn write_first_volume_montage(report: &CompareReport, psf: &Volume, path: &std::path::Path) -> Result<()> {
     let v = report
         .first_volume
         .as_ref()
         .ok_or_else(|| Error::invalid("the comparison kept no volume to draw (it scored none)"))?;
+    let (accelerate, iterations) = report.strongest_rl();
     let plan = RlPlan::new(report.size, psf, BackProjector::Matched)?;
-    let rld = plan.run_silent(&v.input, rl_iterations, 0.0)?;
-    let label = format!("RLD {rl_iterations} it.");
+    let opts = RunOptions {
+        accelerate,
+        ..RunOptions::default()
+    };
+    let (rld, _) = plan.run_with_options(&v.input, iterations, 0.0, &opts, None)?;
+    let label = match accelerate {
+        false => format!("RLD {iterations} it."),
+        true => format!("RL acc. {iterations} it."),
+    };
     crate::imaging::montage::write_montage(
         path,
         &[
@@ -232,5 +303,53 @@ pub fn families(list: &[Family]) -> Vec<Family> {
         Family::ALL.to_vec()
     } else {
         list.to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imaging::psf::GaussianPsf;
+    use crate::imaging::synth::make_pair;
+
+    /// The sweep scores, at count k, exactly the estimate a k-iteration run returns (plain
+    /// and accelerated), and the two variants differ: the curve is the one RL it names.
+    #[test]
+    fn the_curve_at_k_scores_a_k_iteration_run() {
+        let psf = generate(&PsfSpec::Gaussian(GaussianPsf::from_fwhm(
+            [3.0, 1.5, 1.5],
+            [1.0; 3],
+            Some([9, 9, 9]),
+        )))
+        .unwrap();
+        let cfg = SynthConfig {
+            size: [16, 24, 24],
+            ..SynthConfig::default()
+        };
+        let (input, gt) = make_pair(&cfg, &psf, 7).unwrap();
+        let plan = RlPlan::new(cfg.size, &psf, BackProjector::Matched).unwrap();
+        let (lo, hi) = (2, 7);
+        let mut curves = Vec::new();
+        for accelerate in [false, true] {
+            let curve = rl_metric_curve(&plan, &input, &gt, lo, hi, accelerate).unwrap();
+            assert_eq!(curve.len(), hi + 1 - lo);
+            for k in [lo, 5, hi] {
+                let opts = RunOptions {
+                    accelerate,
+                    ..RunOptions::default()
+                };
+                let (est, _) = plan.run_with_options(&input, k, 0.0, &opts, None).unwrap();
+                let m = evaluate(&gt, &est, Normalize::Affine, None).unwrap();
+                assert_eq!(
+                    (curve[k - lo].psnr, curve[k - lo].ssim),
+                    (m.psnr, m.ssim),
+                    "{accelerate} k={k}"
+                );
+            }
+            curves.push(curve);
+        }
+        // Biggs–Andrews starts extrapolating at the third iteration: later counts differ
+        let (plain, acc) = (&curves[0][hi - lo], &curves[1][hi - lo]);
+        assert!((plain.psnr - acc.psnr).abs() > 1e-3, "{} vs {}", plain.psnr, acc.psnr);
     }
 }

@@ -39,35 +39,30 @@ fn montage_panels_carry_their_labels() {
     }
 }
 
-/// `compare --png`: the first held-out volume's panels, the RLD one labelled with the
-/// best-PSNR iteration count the report names.
-#[test]
-fn compare_png_labels_rld_with_its_best_iteration_count() {
+/// Runs `compare --png` on one small volume with `extra` arguments; checks that the
+/// panels carry input, `rl_label(report)`, RLN, ground truth; returns the JSON report.
+fn compare_png_labels(extra: &[&str], rl_label: impl Fn(&serde_json::Value) -> String) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("compare.png");
-    let model = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/models/rln-synthetic-widefield.safetensors"
-    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_rln-engine"))
-        .args(["compare", "--model", model, "--size", "34,66,66", "--count", "1"])
+        .args(["compare", "--model", MODEL, "--size", "34,66,66", "--count", "1"])
         .args(["--rl-min", "1", "--rl-max", "6", "--json", "--png"])
         .arg(&path)
+        .args(extra)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let k = report["rld_best_psnr_iterations"].as_u64().unwrap();
     let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
     let mut r = dec.read_info().unwrap();
     let mut buf = vec![0u8; r.output_buffer_size()];
     let info = r.next_frame(&mut buf).unwrap();
     let (w, gap) = (info.width as usize, 4);
-    assert_eq!(w, 4 * 66 + 3 * gap, "four panels: input, RLD, RLN, ground truth");
+    assert_eq!(w, 4 * 66 + 3 * gap, "four panels: input, RL, RLN, ground truth");
     let strip = text_height(2) + 2 * gap;
     for (i, label) in [
         "input".to_string(),
-        format!("RLD {k} it."),
+        rl_label(&report),
         "RLN".into(),
         "ground truth".into(),
     ]
@@ -83,10 +78,63 @@ fn compare_png_labels_rld_with_its_best_iteration_count() {
             }
         }
     }
+    report
+}
+
+const MODEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/models/rln-synthetic-widefield.safetensors"
+);
+
+/// `compare --png`: the first held-out volume's panels, the RLD one labelled with the
+/// best-PSNR iteration count the report names.
+#[test]
+fn compare_png_labels_rld_with_its_best_iteration_count() {
+    let report = compare_png_labels(&[], |r| format!("RLD {} it.", r["rld_best_psnr_iterations"]));
+    assert_eq!(report["rows"].as_array().unwrap().len(), 4, "input, RLD ×2, RLN");
+    assert!(report["rl_accelerated"].is_null());
+    let model = MODEL;
     // the PNG is an output like any other: it may not overwrite the model
     let refused = std::process::Command::new(env!("CARGO_BIN_EXE_rln-engine"))
         .args(["compare", "--model", model, "--png", model])
         .output()
         .unwrap();
     assert!(!refused.status.success());
+}
+
+/// `compare --rl-accelerated`: accelerated RL is swept too, RLN is judged against the
+/// stronger variant, and the PNG shows the stronger one at its best-PSNR count.
+#[test]
+fn compare_with_accelerated_rl_judges_and_draws_the_strongest_rl() {
+    let strongest = |r: &serde_json::Value| {
+        let rows = r["rows"].as_array().unwrap();
+        let psnr = |prefix: &str| {
+            rows.iter()
+                .filter(|row| row["method"].as_str().unwrap().starts_with(prefix))
+                .map(|row| row["psnr"].as_f64().unwrap())
+                .fold(f64::MIN, f64::max)
+        };
+        if psnr("RL accelerated,") > psnr("RLD,") {
+            format!("RL acc. {} it.", r["rl_accelerated"]["best_psnr_iterations"])
+        } else {
+            format!("RLD {} it.", r["rld_best_psnr_iterations"])
+        }
+    };
+    let report = compare_png_labels(&["--rl-accelerated"], strongest);
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 6, "input, RLD ×2, RL accelerated ×2, RLN: {rows:?}");
+    let acc = &report["rl_accelerated"];
+    for k in ["best_psnr_iterations", "best_ssim_iterations"] {
+        let n = acc[k].as_u64().unwrap();
+        assert!((1..=6).contains(&n), "{k} = {n}");
+    }
+    let rln = rows.last().unwrap();
+    let best = |key: &str| {
+        rows[1..5]
+            .iter()
+            .map(|r| r[key].as_f64().unwrap())
+            .fold(f64::MIN, f64::max)
+    };
+    let beats = rln["psnr"].as_f64().unwrap() > best("psnr") && rln["ssim"].as_f64().unwrap() > best("ssim");
+    assert_eq!(report["rln_beats_rld"].as_bool().unwrap(), beats);
 }

@@ -566,7 +566,7 @@ fn numeric_options_out_of_range_are_clear_errors() {
 
 #[test]
 fn compare_rejects_empty_ranges_in_the_library() {
-    use rln_engine::compare::compare_on_synthetic;
+    use rln_engine::compare::{compare_on_synthetic, RlSweep};
     use rln_engine::imaging::synth::SynthConfig;
     let m = Model::<f32>::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join(SHIPPED)).unwrap();
     let psf = generate(&PsfSpec::Gaussian(GaussianPsf::from_fwhm(
@@ -587,7 +587,11 @@ fn compare_rejects_empty_ranges_in_the_library() {
             &synth,
             count,
             1,
-            range,
+            RlSweep {
+                min: range.0,
+                max: range.1,
+                accelerated: false,
+            },
             &mut |_| {},
         )
         .unwrap_err()
