@@ -1,10 +1,14 @@
-//! The CUDA backend: inference (the forward pass of rln-spec §3 as 16 fused kernels) and
-//! training (every op of the backend interface), kernels/*.cu compiled by build.rs and
-//! embedded, driven through cudarc. Its benchmarks and conformance run live with their
-//! users (`crate::bench`, `crate::conformance`).
+//! The CUDA backend: inference (the network of `net`, whose fused stages run as 16 fused
+//! kernels) and training (every op of the backend interface), kernels/*.cu compiled by
+//! build.rs and embedded, driven through cudarc. Its benchmarks and conformance run live
+//! with their users (`crate::bench`, `crate::conformance`).
 //!
-//! - [`CudaPredictor`]: a [`crate::infer::TilePredictor`] (f32 or f16 storage),
-//!   overlapping the transfers of one tile with the compute of the previous one.
+//! - [`CudaInferBackend`]: inference: [`crate::backend::Backend::stage`] on the fused
+//!   kernels (weights folded and packed once, f32 or f16 storage), the stages they do
+//!   not cover (dual-view inputs) composed of the training kernels.
+//! - [`CudaPredictor`]: the device side of streaming tiles (the infer layer makes it a
+//!   `TilePredictor`), overlapping the transfers of one tile with the compute of the
+//!   previous one.
 //! - [`available`]: whether a CUDA device can be used at all (for `--device auto`).
 //! - [`CudaTrainBackend`]: training: every op of [`crate::backend::Backend`] and its
 //!   gradient on the device (kernels/train_*.cu), so the generic network trains on the GPU.
@@ -28,7 +32,7 @@ mod emulate_infer;
 mod emulate_tile;
 #[cfg(test)]
 mod emulate_train;
-pub mod forward;
+pub mod infer;
 pub mod kernels;
 pub mod launch;
 pub mod params;
@@ -42,7 +46,7 @@ pub mod twin;
 pub mod weights;
 
 pub use device::{CuCheck, CudaDevice};
-pub use forward::CudaNet;
+pub use infer::CudaInferBackend;
 pub use predictor::CudaPredictor;
 pub use runtime::{DevTensor, Runtime};
 pub use train::CudaTrainBackend;

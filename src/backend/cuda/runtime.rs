@@ -290,6 +290,22 @@ impl DevTensor {
     pub fn ptr(&self) -> u64 {
         self.mem.ptr
     }
+    /// A tensor of `shape` stored as `dtype` in `mem`, an allocation at least its size (a
+    /// buffer reused from tile to tile).
+    pub fn in_mem(mem: DevMem, shape: Shape, dtype: Precision) -> Result<DevTensor> {
+        let need = shape.len() * dtype.bytes();
+        if mem.bytes < need {
+            return Err(Error::invalid(format!(
+                "a {shape} tensor of {dtype:?} needs {need} bytes; the buffer holds {}",
+                mem.bytes
+            )));
+        }
+        Ok(DevTensor { shape, dtype, mem })
+    }
+    /// The allocation back (to reuse it).
+    pub fn into_mem(self) -> DevMem {
+        self.mem
+    }
 }
 
 impl Drop for DevMem {
