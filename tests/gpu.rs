@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use rln_engine::backend::cpu::CpuBackend;
 use rln_engine::backend::cuda::launch::{conv_kernel, Epi, CONV_KERNELS};
 use rln_engine::backend::cuda::{
-    random_model, twin, CudaDevice, CudaInferBackend, CudaOptions, CudaPredictor, Runtime,
+    random_dual_model, random_model, twin, CudaDevice, CudaInferBackend, CudaOptions, CudaPredictor, Runtime,
 };
 use rln_engine::infer::cuda::predict_host;
 use rln_engine::infer::TilePredictor;
@@ -414,5 +414,39 @@ fn device_inference_launches_as_the_emulated_baseline() {
         assert!(y.all_finite(), "{}: non-finite prediction", o.label());
         let got = net.runtime().take_trace();
         gpu_common::trace_compare(o.label(), &got, &gpu_common::trace_baseline(file, None));
+    }
+}
+
+/// A dual-view ("concat") model runs on GPU inference (the first convs and the input's
+/// mean composed of the training kernels, the rest fused): streamed tiles of odd and even
+/// sizes, batch two, equal to the CPU network within the single-view tolerances.
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored (tools/gpu-check.sh does)"]
+fn dual_view_models_stream_on_the_gpu_like_the_cpu() {
+    let Some(dev) = device() else { return };
+    let model = random_dual_model(5);
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let tiles: Vec<Tensor<f32>> = [Shape::new(1, 2, 16, 24, 40), Shape::new(2, 2, 9, 13, 21)]
+        .iter()
+        .map(|s| random(*s, 0.0, 1.0, &mut rng))
+        .collect();
+    for o in modes() {
+        let mut p = CudaPredictor::with_device(dev.clone(), &model, o).unwrap();
+        let mut got = Vec::new();
+        let mut it = tiles.iter().cloned().map(Ok);
+        p.predict_stream(&mut it, &mut |_x, y| {
+            got.push(y.clone());
+            Ok(())
+        })
+        .unwrap();
+        for (t, y) in tiles.iter().zip(&got) {
+            let e = check(
+                &format!("dual-view stream {} {}", o.label(), t.shape),
+                y,
+                &cpu_forward(&model, t).0,
+                tol(&o),
+            );
+            assert!(e <= tol(&o));
+        }
     }
 }

@@ -46,6 +46,9 @@ struct HalfIo {
 /// device → the prediction (one channel, f32), on the backend's compute stream.
 pub type DeviceForward<'f> = dyn FnMut(&CudaInferBackend, &DevTensor) -> Result<DevTensor> + 'f;
 
+/// Where a stream hands each tile: its input (back, for reuse) and its prediction (lent).
+pub type TileSink<'s> = dyn FnMut(Tensor<f32>, &Tensor<f32>) -> Result<()> + 's;
+
 /// Streams tiles through the device with double-buffered transfers.
 pub struct CudaPredictor {
     dev: Arc<CudaDevice>,
@@ -179,7 +182,7 @@ impl CudaPredictor {
     }
 
     /// Waits for `t`'s result, crops it into the reused host buffer and hands it to `sink`.
-    fn finish(&mut self, t: InFlight, sink: &mut dyn FnMut(Tensor<f32>, &Tensor<f32>) -> Result<()>) -> Result<()> {
+    fn finish(&mut self, t: InFlight, sink: &mut TileSink<'_>) -> Result<()> {
         self.ev_out[t.slot]
             .synchronize()
             .check("waiting for a tile's forward pass and its copy to the host")?;
@@ -301,7 +304,7 @@ impl CudaPredictor {
     pub fn predict_stream_with(
         &mut self,
         tiles: &mut dyn Iterator<Item = Result<Tensor<f32>>>,
-        sink: &mut dyn FnMut(Tensor<f32>, &Tensor<f32>) -> Result<()>,
+        sink: &mut TileSink<'_>,
         forward: &mut DeviceForward<'_>,
     ) -> Result<()> {
         let dev = self.dev.clone();

@@ -1,4 +1,4 @@
-//! The one CUDA runtime that inference ([`super::CudaNet`]) and training
+//! The one CUDA runtime that inference ([`super::CudaInferBackend`]) and training
 //! ([`super::CudaTrainBackend`]) are two uses of: the executor that owns the device's
 //! compute stream ([`Exec`]: allocation, copies, launches, profiling), the byte accounting
 //! of its allocations ([`Runtime`], [`DevMem`]), and the launch trace.
@@ -6,7 +6,8 @@
 //! - One allocator: the device's stream-ordered memory pool (cuMemAllocAsync /
 //!   cuMemFreeAsync on the compute stream, release threshold raised so the pool keeps its
 //!   memory): a training step allocates and frees ~150 tensors without a device
-//!   synchronization, and the inference workspace is grown from the same pool.
+//!   synchronization, and so does an inference pass (one tensor per stage, freed after
+//!   its last reader), tile after tile, reusing the pool's memory.
 //! - One device tensor type ([`DevTensor`]): shape, storage type ([`Precision`]) and
 //!   allocation; channels-last (N·D·H·W voxels × C).
 //! - [`Exec`] has two implementations: [`CudaExec`] (the CUDA device: everything on its

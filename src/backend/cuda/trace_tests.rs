@@ -16,7 +16,7 @@
 mod tests {
     use super::super::emulate_infer::EmuDevice;
     use super::super::runtime::Runtime;
-    use super::super::{random_model, CudaInferBackend, CudaOptions, CudaTrainBackend};
+    use super::super::{random_dual_model, random_model, CudaInferBackend, CudaOptions, CudaTrainBackend};
     use crate::backend::cpu::{pointwise, CpuBackend};
     use crate::backend::Backend;
     use crate::model::{Model, ModelConfig, Params, Variant, LAYERS};
@@ -295,32 +295,7 @@ mod tests {
     /// storing their outputs in f16 like the fused ones.
     #[test]
     fn emulated_dual_view_inference_equals_the_cpu_network() {
-        let mut model = random_model(INFER_MODEL_SEED);
-        let dual = Model::<f32>::init(
-            ModelConfig {
-                variant: Variant::DualConcat,
-                ..model.config.clone()
-            },
-            INFER_MODEL_SEED,
-        );
-        // the two first convs take two input channels: the dual model's shapes, the random
-        // model's scale (the weights of one channel, halved, for each view)
-        for l in [crate::model::L::H1FpConv1, crate::model::L::H2FpConv1] {
-            let i = l as usize;
-            let one = &model.params.layers[i].weight;
-            let c_out = l.spec().c_out;
-            let mut w = dual.params.layers[i].weight.clone();
-            assert_eq!(w.len(), 2 * one.len());
-            for o in 0..c_out {
-                for c in 0..2 {
-                    for t in 0..27 {
-                        w[(o * 2 + c) * 27 + t] = 0.5 * one[o * 27 + t] * if c == 0 { 1.2 } else { 0.8 };
-                    }
-                }
-            }
-            model.params.layers[i].weight = w;
-        }
-        model.config.variant = Variant::DualConcat;
+        let model = random_dual_model(INFER_MODEL_SEED);
         let x = input(INFER_SHAPE.with_c(2), 6);
         let cpu = CpuBackend::<f32>::new();
         let want = Rln::new(&cpu, &model).forward(&x, BnMode::Running, false).unwrap();
