@@ -11,9 +11,10 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use rln_engine::backend::cpu::CpuBackend;
-use rln_engine::backend::cuda::{self, CudaNet, CudaOptions, CudaTrainBackend};
+use rln_engine::backend::cuda::{self, CudaInferBackend, CudaOptions, CudaTrainBackend};
 use rln_engine::backend::{Backend, GradMode};
 use rln_engine::bench::{cuda_infer as bench, cuda_train as train_bench};
+use rln_engine::infer::cuda::predict_host;
 use rln_engine::model::tensor_file::TensorWriter;
 use rln_engine::model::Model;
 use rln_engine::model::{ModelConfig, Params};
@@ -194,8 +195,8 @@ fn run(a: Args) -> Result<()> {
                 let o = mode(m.trim(), a.device)?;
                 // a failing mode is recorded and the others still run
                 let y = cuda::CudaDevice::open(a.device)
-                    .and_then(|dev| CudaNet::new(dev, &model, o))
-                    .and_then(|mut net| net.predict_host(&x, false));
+                    .and_then(|dev| CudaInferBackend::new(dev, &model, o))
+                    .and_then(|b| predict_host(&b, &x, false));
                 match y {
                     Ok(out) => {
                         let y = out.prediction;

@@ -16,7 +16,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rln_engine::backend::cpu::CpuBackend;
 use rln_engine::backend::cuda::launch::{conv_kernel, Epi, CONV_KERNELS};
-use rln_engine::backend::cuda::{random_model, twin, CudaDevice, CudaNet, CudaOptions, CudaPredictor};
+use rln_engine::backend::cuda::{
+    random_dual_model, random_model, twin, CudaDevice, CudaInferBackend, CudaOptions, CudaPredictor, Runtime,
+};
+use rln_engine::infer::cuda::predict_host;
 use rln_engine::infer::TilePredictor;
 use rln_engine::model::{Model, L};
 use rln_engine::net::{BnMode, Rln};
@@ -128,7 +131,7 @@ fn every_conv_kernel_matches_its_cpu_twin() {
         ];
         for &(seed, s) in &sizes[..if quick() { 1 } else { 3 }] {
             let model = random_model(seed);
-            let mut net = CudaNet::new(dev.clone(), &model, o).unwrap();
+            let net = CudaInferBackend::new(dev.clone(), &model, o).unwrap();
             let mut rng = ChaCha8Rng::seed_from_u64(seed + 50);
             for k in CONV_KERNELS.iter() {
                 let (inputs, aux) = stage_inputs(k.layer, s, &mut rng);
@@ -169,7 +172,7 @@ fn up2_and_avgpool2_match_their_cpu_twins() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     for o in modes() {
         let model = random_model(4);
-        let mut net = CudaNet::new(dev.clone(), &model, o).unwrap();
+        let net = CudaInferBackend::new(dev.clone(), &model, o).unwrap();
         for s in [Shape::new(2, 8, 3, 5, 7), Shape::new(1, 8, 16, 16, 16)] {
             let b3 = rounded(&random(s, 0.0, 2.0, &mut rng), o.is_f16());
             let got = net.run_up_stage(&b3).unwrap();
@@ -223,8 +226,8 @@ fn forward_matches_cpu_on_random_models_and_sizes() {
         let x = random(*s, 0.0, 1.0, &mut rng);
         let (y, e1r, e2r) = cpu_forward(&model, &x);
         for (m, o) in modes().into_iter().enumerate() {
-            let mut net = CudaNet::new(dev.clone(), &model, o).unwrap();
-            let out = net.predict_host(&x, true).unwrap();
+            let net = CudaInferBackend::new(dev.clone(), &model, o).unwrap();
+            let out = predict_host(&net, &x, true).unwrap();
             let t = tol(&o);
             let e = [
                 check(&format!("forward {} {s} prediction", o.label()), &out.prediction, &y, t),
@@ -353,15 +356,16 @@ fn forward_is_deterministic_and_reads_no_unwritten_memory() {
     let mut rng = ChaCha8Rng::seed_from_u64(12);
     let x = random(Shape::new(1, 1, 37, 45, 70), 0.0, 1.0, &mut rng);
     for o in modes() {
-        let mut net = CudaNet::new(dev.clone(), &model, o).unwrap();
-        let a = net.predict_host(&x, true).unwrap();
-        // NaN everywhere in the workspace: a kernel that reads an element nothing wrote
-        // turns the output NaN
-        net.poison_workspace().unwrap();
-        let b = net.predict_host(&x, true).unwrap();
+        let net = CudaInferBackend::new(dev.clone(), &model, o).unwrap();
+        let a = predict_host(&net, &x, true).unwrap();
+        // NaN in every new allocation: a kernel that reads an element nothing wrote turns
+        // the output NaN
+        let poisoned = Runtime::cuda(dev.clone(), false, true).unwrap();
+        let net = CudaInferBackend::on_runtime(poisoned, &model, o).unwrap();
+        let b = predict_host(&net, &x, true).unwrap();
         assert!(
             b.prediction.all_finite(),
-            "{}: NaN after poisoning the workspace",
+            "{}: NaN with poisoned allocations",
             o.label()
         );
         assert!(
@@ -404,11 +408,45 @@ fn device_inference_launches_as_the_emulated_baseline() {
         (CudaOptions::f32(), "infer-f32.txt"),
         (CudaOptions::f16(), "infer-f16.txt"),
     ] {
-        let mut net = CudaNet::new(dev.clone(), &model, o).unwrap();
+        let net = CudaInferBackend::new(dev.clone(), &model, o).unwrap();
         net.runtime().start_trace();
-        let y = net.predict_host(&x, false).unwrap().prediction;
+        let y = predict_host(&net, &x, false).unwrap().prediction;
         assert!(y.all_finite(), "{}: non-finite prediction", o.label());
         let got = net.runtime().take_trace();
         gpu_common::trace_compare(o.label(), &got, &gpu_common::trace_baseline(file, None));
+    }
+}
+
+/// A dual-view ("concat") model runs on GPU inference (the first convs and the input's
+/// mean composed of the training kernels, the rest fused): streamed tiles of odd and even
+/// sizes, batch two, equal to the CPU network within the single-view tolerances.
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored (tools/gpu-check.sh does)"]
+fn dual_view_models_stream_on_the_gpu_like_the_cpu() {
+    let Some(dev) = device() else { return };
+    let model = random_dual_model(5);
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let tiles: Vec<Tensor<f32>> = [Shape::new(1, 2, 16, 24, 40), Shape::new(2, 2, 9, 13, 21)]
+        .iter()
+        .map(|s| random(*s, 0.0, 1.0, &mut rng))
+        .collect();
+    for o in modes() {
+        let mut p = CudaPredictor::with_device(dev.clone(), &model, o).unwrap();
+        let mut got = Vec::new();
+        let mut it = tiles.iter().cloned().map(Ok);
+        p.predict_stream(&mut it, &mut |_x, y| {
+            got.push(y.clone());
+            Ok(())
+        })
+        .unwrap();
+        for (t, y) in tiles.iter().zip(&got) {
+            let e = check(
+                &format!("dual-view stream {} {}", o.label(), t.shape),
+                y,
+                &cpu_forward(&model, t).0,
+                tol(&o),
+            );
+            assert!(e <= tol(&o));
+        }
     }
 }

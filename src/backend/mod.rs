@@ -9,7 +9,8 @@
 //! backend computes it in one call ([`Backend::conv3`] with an [`Epilogue`]) and may
 //! fuse it however it likes. Training splits it: the conv with an identity epilogue
 //! gives the pre-BN tensor, [`Backend::batch_stats`] its statistics, and
-//! [`Backend::epilogue`] the activation.
+//! [`Backend::epilogue`] the activation. Inference runs in fused stages ([`stage`]: the
+//! unit and the RL node after it), [`Backend::stage`], whose default composes the ops.
 //!
 //! Training state is resident on the backend: [`Backend::Opt`] holds the weights (the
 //! FP32 master copy), Adam's moments and step counter and the BN running statistics
@@ -23,6 +24,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod loss;
 pub mod optim;
+pub mod stage;
 
 use crate::error::Result;
 use crate::model::{Model, ParamKind, Params, Variant};
@@ -151,6 +153,12 @@ pub trait Backend: Sync {
     fn rl_divide(&self, a: &Self::X, fp: &Self::X, eps: f64) -> Result<Self::X>;
     /// RL update node: a · cm(bp); a has one channel.
     fn rl_update(&self, a: &Self::X, bp: &Self::X) -> Result<Self::X>;
+    /// One fused stage of inference ([`stage`]: op, folded batch norm, softplus, addend,
+    /// RL node). The default composes the ops above exactly as the training-mode network
+    /// does; a backend with fused kernels overrides it.
+    fn stage(&self, s: &stage::Stage<'_, Self::X, Self::T>) -> Result<stage::StageOut<Self::X>> {
+        stage::composed_stage(self, s)
+    }
 
     /// The training loss of spec §5 and its gradients (∂L/∂y, ∂L/∂E1r); `x1` is the
     /// one-channel input, `g` the ground truth.

@@ -1,12 +1,15 @@
 //! Forward throughput of the CUDA network (for `rln-engine bench --device cuda`): random
 //! weights of realistic scale and a random input (never zeros), warm-up, then CUDA events
 //! around each forward pass, median of many; per-kernel times from one more profiled
-//! pass; peak device memory; and, separately, host-to-host time with transfers.
+//! pass; peak device memory; and, separately, host-to-host time with transfers. The
+//! forward pass is the network of `net` ([`Rln::infer`]) on [`CudaInferBackend`].
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::cuda::{random_model, CuCheck, CudaDevice, CudaNet, CudaOptions};
+use crate::backend::cuda::{random_model, CuCheck, CudaDevice, CudaInferBackend, CudaOptions, DevTensor};
 use crate::backend::Backend;
 use crate::error::Result;
+use crate::infer::cuda::predict_host;
+use crate::net::Rln;
 use crate::tensor::{Shape, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -25,7 +28,7 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Also time each kernel (one extra profiled pass, median of `profile_reps`).
     pub per_kernel: bool,
-    /// Also time host → device → host (`predict_host`, with padding and copies).
+    /// Also time host → device → host (upload, forward, download).
     pub host_to_host: bool,
 }
 
@@ -94,26 +97,26 @@ fn median(v: &mut [f64]) -> f64 {
 pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     let dev = CudaDevice::open(o.cuda.device)?;
     let model = random_model(o.seed);
-    let mut net = CudaNet::new(dev.clone(), &model, o.cuda)?;
+    let b = CudaInferBackend::new(dev.clone(), &model, o.cuda)?;
+    let net = Rln::new(&b, b.model());
+    let forward = |x: &DevTensor| -> Result<DevTensor> { Ok(net.infer(x, false)?.prediction) };
     let [n, d, h, w] = o.dims;
     let shape = Shape::new(n, 1, d, h, w);
     let mut rng = ChaCha8Rng::seed_from_u64(o.seed + 1);
     let x = Tensor::from_vec(shape, (0..shape.len()).map(|_| rng.random_range(0.0f32..1.0)).collect())?;
-    let padded = CpuBackend::<f32>::new().pad_even(&x)?;
-    let ps = padded.shape;
-    let dims = [ps.n, ps.d, ps.h, ps.w];
-    let (xb, yb) = net.io_buffers(0, ps.len())?;
-    dev.copy_htod(&dev.compute, xb, &padded.data, "the benchmark input")?;
+    // padded on the host, as the streaming predictor does
+    let xb = b.from_host(&CpuBackend::<f32>::new().pad_even(&x)?)?;
     for _ in 0..o.warmup.max(1) {
-        net.forward_device(xb, yb, dims, None)?;
+        forward(&xb)?;
     }
     dev.compute.synchronize().check("warm-up forward passes")?;
 
     let (start, end) = (dev.event(true)?, dev.event(true)?);
     let mut times = Vec::with_capacity(o.reps);
+    let mut y = None;
     for _ in 0..o.reps.max(1) {
         start.record(&dev.compute).check("recording an event")?;
-        net.forward_device(xb, yb, dims, None)?;
+        y = Some(forward(&xb)?);
         end.record(&dev.compute).check("recording an event")?;
         times.push(start.elapsed_ms(&end).check("timing a forward pass")? as f64);
     }
@@ -121,18 +124,16 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     let median_ms = median(&mut times);
     let voxels = shape.len() as f64;
 
-    let mut y = vec![0f32; ps.len()];
-    dev.copy_dtoh(&dev.compute, &mut y, yb, "the benchmark output")?;
-    dev.compute.synchronize().check("copying the benchmark output")?;
-    let nonfinite = y.iter().filter(|v| !v.is_finite()).count();
+    let y = b.to_host(&y.expect("at least one pass"))?;
+    let nonfinite = y.data.iter().filter(|v| !v.is_finite()).count();
 
     let mut kernels = Vec::new();
     if o.per_kernel {
         let mut per: Vec<(String, Vec<f64>)> = Vec::new();
         for _ in 0..5 {
-            net.start_profile();
-            net.forward_device(xb, yb, dims, None)?;
-            for (i, (k, ms)) in net.take_profile()?.into_iter().enumerate() {
+            b.start_profile();
+            forward(&xb)?;
+            for (i, (k, ms)) in b.take_profile()?.into_iter().enumerate() {
                 if per.len() <= i {
                     per.push((k, Vec::new()));
                 }
@@ -150,13 +151,13 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
             })
             .collect();
     }
-    let peak_mem_bytes = net.runtime().mem_bytes().1;
+    let peak_mem_bytes = b.runtime().mem_bytes().1;
 
     let host_to_host_voxels_per_s = if o.host_to_host {
         let mut t = Vec::new();
         for _ in 0..3 {
             let t0 = std::time::Instant::now();
-            net.predict_host(&x, false)?;
+            predict_host(&b, &x, false)?;
             t.push(t0.elapsed().as_secs_f64());
         }
         Some(voxels / median(&mut t))

@@ -1,11 +1,15 @@
 //! The conformance vectors' inference-mode keys (infer.prediction, infer.e1_raw,
-//! infer.e2_raw; reference/README.md) computed on the GPU.
+//! infer.e2_raw; reference/README.md) computed on the GPU: the network of `net`
+//! ([`Rln::infer`]) on [`CudaInferBackend`].
 
 use super::{Row, TOL_INFER};
-use crate::backend::cuda::{CudaDevice, CudaNet, CudaOptions};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{CudaDevice, CudaInferBackend, CudaOptions, DevTensor};
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::tensor_file::TensorFile;
 use crate::model::Model;
+use crate::net::Rln;
 use crate::tensor::{rel_l2, Shape, Tensor};
 use std::path::Path;
 
@@ -31,14 +35,24 @@ fn read_volume(file: &TensorFile, key: &str) -> Result<Tensor<f32>> {
 pub fn run_infer(model: &Model<f32>, vectors: &Path, opts: CudaOptions) -> Result<Vec<Row>> {
     let file = TensorFile::open(vectors)?;
     let x = read_volume(&file, "input")?;
-    let mut net = CudaNet::new(CudaDevice::open(opts.device)?, model, opts)?;
-    let out = net.predict_host(&x, true)?;
+    let b = CudaInferBackend::new(CudaDevice::open(opts.device)?, model, opts)?;
+    // padded and cropped on the host, as the streaming predictor does
+    let cpu = CpuBackend::<f32>::new();
+    let out = Rln::new(&b, b.model()).infer(&b.from_host(&cpu.pad_even(&x)?)?, true)?;
+    let host = |t: Option<&DevTensor>| -> Result<Option<Tensor<f32>>> {
+        t.map(|t| cpu.crop(&b.to_host(t)?, x.shape)).transpose()
+    };
+    let (prediction, e1_raw, e2_raw) = (
+        host(Some(&out.prediction))?,
+        host(out.e1_raw.as_ref())?,
+        host(out.e2_raw.as_ref())?,
+    );
     let tol = if opts.is_f16() { TOL_INFER_F16 } else { TOL_INFER };
     let mut rows = Vec::new();
     for (k, t) in [
-        ("prediction", Some(&out.prediction)),
-        ("e1_raw", out.e1_raw.as_ref()),
-        ("e2_raw", out.e2_raw.as_ref()),
+        ("prediction", prediction.as_ref()),
+        ("e1_raw", e1_raw.as_ref()),
+        ("e2_raw", e2_raw.as_ref()),
     ] {
         let key = format!("infer.{k}");
         let want = read_volume(&file, &key)?;

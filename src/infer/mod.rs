@@ -1,9 +1,11 @@
 //! Inference on volumes of any size: the engines that predict one tile
-//! ([`TilePredictor`], [`CpuPredictor`]; the CUDA one is `backend::cuda::CudaPredictor`),
+//! ([`TilePredictor`], [`CpuPredictor`]; the CUDA one is `backend::cuda::CudaPredictor`,
+//! a tile predictor through [`cuda`]),
 //! tile planning and blending ([`tiling`], [`stitch`]), streaming from files to files
 //! ([`stream`]) and caller-owned buffers ([`buffers`]), shared by the CPU and CUDA paths.
 
 pub mod buffers;
+pub mod cuda;
 pub mod stitch;
 pub mod stream;
 pub mod tiling;
@@ -12,7 +14,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::error::Result;
 use crate::imaging::volume::Volume;
 use crate::model::Model;
-use crate::net::{BnMode, Rln};
+use crate::net::Rln;
 use crate::tensor::Tensor;
 use stitch::{run_tiled, Affine, NormalizeMode, StitchOptions};
 use tiling::{MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS};
@@ -66,7 +68,7 @@ impl TilePredictor for CpuPredictor {
     }
     fn predict(&mut self, x: &Tensor<f32>) -> Result<Tensor<f32>> {
         let b = CpuBackend::<f32>::new();
-        Ok(Rln::new(&b, &self.model).forward(x, BnMode::Running, false)?.prediction)
+        Ok(Rln::new(&b, &self.model).infer(x, false)?.prediction)
     }
     fn bytes_per_voxel(&self) -> usize {
         // every activation of the forward pass is alive at the end (≈ 70 f32 channels at

@@ -15,11 +15,18 @@
 //! On even sizes the engine is their graph (tests/conformance.rs); for every depth 1–9
 //! and odd/even H, W it equals `rln_reference.py` on the mirror-padded input, cropped
 //! (tests/numerics.rs), and the naive network of tests/common (tests/network.rs).
+//!
+//! Inference (running statistics, no tape) walks the table of fused stages of [`infer`]
+//! ([`Rln::infer`]), one [`Backend::stage`] per row, so that a backend with fused kernels
+//! (CUDA) runs the same network; [`Rln::forward`] in that mode is [`Rln::infer`].
 
 use crate::backend::{Addend, Backend, BnTrainState, ChannelStats, Epilogue, GradMode};
 use crate::error::{Error, Result};
 use crate::model::{LayerOp, Model, Params, L, NUM_LAYERS};
 use crate::real::Real;
+
+pub mod infer;
+pub use infer::{Inferred, INFER_STAGES};
 
 /// Which statistics the batch norms use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -226,6 +233,17 @@ impl<'a, B: Backend> Rln<'a, B> {
     /// The forward pass of spec §3 on x (N×C_in×D×H×W, normalized; any D, H, W: odd
     /// sizes are mirror-padded to even and the outputs cropped back).
     pub fn forward(&self, x: &B::X, mode: BnMode, keep_tape: bool) -> Result<Forward<B>> {
+        if mode == BnMode::Running && !keep_tape {
+            let r = self.infer(x, true)?;
+            let raw = |t: Option<B::X>| t.ok_or_else(|| Error::invalid("inference returned no E_raw"));
+            return Ok(Forward {
+                prediction: r.prediction,
+                e1_raw: raw(r.e1_raw)?,
+                e2_raw: raw(r.e2_raw)?,
+                batch_stats: none_vec(),
+                tape: None,
+            });
+        }
         let b = self.b;
         let input_shape = b.shape(x);
         let c_in = self.model.config.variant.input_channels();

@@ -286,7 +286,7 @@ impl CudaDevice {
         };
         // SAFETY: the parameters match the kernel's: the single RlnArgs / TrainArgs
         // parameter (same layout, checked size), or (in, out, n) of the conversions; every
-        // pointer is a live device allocation sized for the launch's volume (forward.rs,
+        // pointer is a live device allocation sized for the launch's volume (infer.rs,
         // train.rs and predictor.rs size buffers from the same dims).
         unsafe { b.launch(cfg) }.check(&format!(
             "launching {name} (grid {grid:?}, {block} threads, {smem} B shared)"

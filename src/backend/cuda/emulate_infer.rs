@@ -1,4 +1,4 @@
-//! The inference kernels run on the CPU (test-only), so that [`super::CudaNet`] runs its
+//! The inference kernels run on the CPU (test-only), so that [`super::CudaInferBackend`] runs its
 //! whole host side without a GPU: an [`Exec`] whose memory and training kernels are those
 //! of [`EmuExec`] (emulate_train.rs) and whose inference launches run the line-by-line
 //! conv tile emulations of emulate.rs (FP32-core and tensor-core) and transcriptions of
@@ -8,7 +8,7 @@
 //! the device buffers are read and written in the kernels' storage types (multi-channel
 //! activations as f16 bits in the f16 network, weights in the layout the kernel reads:
 //! `ffma_layout` f32 or `pack_mma_b` fp16 fragments), so a host-side mistake in
-//! forward.rs or weights.rs shows up as a wrong output or a failed check. What this
+//! infer.rs or weights.rs shows up as a wrong output or a failed check. What this
 //! cannot catch: a difference between the emulations and the .cu lines (and the f16
 //! kernels' fast softplus, ~1e-7 absolute, is emulated by the exact one).
 
@@ -271,6 +271,26 @@ impl Exec for EmuDevice {
             }
         }
         Err(Error::Cuda(format!("no emulation of an inference kernel named {name}")))
+    }
+    /// kernels/io_half.cu: f16 bits ↔ f32, element by element (cvt.rn: round to nearest even).
+    fn launch_io(&self, name: &str, grid: (u32, u32, u32), block: u32, a: &super::runtime::IoArgs) -> Result<()> {
+        assert_eq!(block, ELEMENTWISE_THREADS, "{name}: threads per block");
+        assert!(grid.0 >= 1 && grid.1 == 1 && grid.2 == 1, "{name}: grid {grid:?}");
+        let n = a.n as usize;
+        match name {
+            TO_F32_KERNEL => {
+                let h: Vec<u16> = self.read(a.src, n);
+                let v: Vec<f32> = h.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect();
+                self.write(a.dst, &v);
+            }
+            TO_F16_KERNEL => {
+                let v: Vec<f32> = self.read(a.src, n);
+                let h: Vec<u16> = v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect();
+                self.write(a.dst, &h);
+            }
+            _ => return Err(Error::Cuda(format!("no emulation of a conversion kernel named {name}"))),
+        }
+        Ok(())
     }
     fn synchronize(&self) -> Result<()> {
         self.mem.synchronize()

@@ -1,10 +1,14 @@
-//! The CUDA backend: inference (the forward pass of rln-spec §3 as 16 fused kernels) and
-//! training (every op of the backend interface), kernels/*.cu compiled by build.rs and
-//! embedded, driven through cudarc. Its benchmarks and conformance run live with their
-//! users (`crate::bench`, `crate::conformance`).
+//! The CUDA backend: inference (the network of `net`, whose fused stages run as 16 fused
+//! kernels) and training (every op of the backend interface), kernels/*.cu compiled by
+//! build.rs and embedded, driven through cudarc. Its benchmarks and conformance run live
+//! with their users (`crate::bench`, `crate::conformance`).
 //!
-//! - [`CudaPredictor`]: a [`crate::infer::TilePredictor`] (f32 or f16 storage),
-//!   overlapping the transfers of one tile with the compute of the previous one.
+//! - [`CudaInferBackend`]: inference: [`crate::backend::Backend::stage`] on the fused
+//!   kernels (weights folded and packed once, f32 or f16 storage), the stages they do
+//!   not cover (dual-view inputs) composed of the training kernels.
+//! - [`CudaPredictor`]: the device side of streaming tiles (the infer layer makes it a
+//!   `TilePredictor`), overlapping the transfers of one tile with the compute of the
+//!   previous one.
 //! - [`available`]: whether a CUDA device can be used at all (for `--device auto`).
 //! - [`CudaTrainBackend`]: training: every op of [`crate::backend::Backend`] and its
 //!   gradient on the device (kernels/train_*.cu), so the generic network trains on the GPU.
@@ -28,7 +32,7 @@ mod emulate_infer;
 mod emulate_tile;
 #[cfg(test)]
 mod emulate_train;
-pub mod forward;
+pub mod infer;
 pub mod kernels;
 pub mod launch;
 pub mod params;
@@ -42,7 +46,7 @@ pub mod twin;
 pub mod weights;
 
 pub use device::{CuCheck, CudaDevice};
-pub use forward::CudaNet;
+pub use infer::CudaInferBackend;
 pub use predictor::CudaPredictor;
 pub use runtime::{DevTensor, Runtime};
 pub use train::CudaTrainBackend;
@@ -162,12 +166,57 @@ pub fn random_model(seed: u64) -> Model<f32> {
     m
 }
 
+/// [`random_model`] as a dual-view ("concat", two input channels) model: the convs that
+/// read the input (h1.fp.conv1, h2.fp.conv1) weigh the two views 0.6 and 0.4 of the
+/// single-view weights, so the activations keep the scale of [`random_model`].
+pub fn random_dual_model(seed: u64) -> Model<f32> {
+    let mut m = random_model(seed);
+    m.config.variant = crate::model::Variant::DualConcat;
+    m.config.provenance = format!("random dual-view test model, seed {seed}");
+    for (l, spec) in LAYERS.iter().enumerate() {
+        if spec.op != LayerOp::Conv3 || !spec.reads_input {
+            continue;
+        }
+        let one = std::mem::take(&mut m.params.layers[l].weight);
+        let mut w = vec![0f32; 2 * one.len()];
+        for o in 0..spec.c_out {
+            for (c, share) in [0.6f32, 0.4].into_iter().enumerate() {
+                for t in 0..27 {
+                    w[(o * 2 + c) * 27 + t] = share * one[o * 27 + t];
+                }
+            }
+        }
+        m.params.layers[l].weight = w;
+    }
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
     use crate::net::{BnMode, Rln};
     use crate::tensor::{Shape, Tensor};
+
+    /// The dual-view random model is a valid dual-view model (every tensor the size the
+    /// variant needs) and, on two equal views, the single-view model.
+    #[test]
+    fn the_dual_view_random_model_is_the_single_one_on_equal_views() {
+        let (one, two) = (random_model(3), random_dual_model(3));
+        for (l, spec) in LAYERS.iter().enumerate() {
+            assert_eq!(two.params.layers[l].weight.len(), spec.weight_len(2), "{}", spec.name);
+        }
+        let s = Shape::new(1, 1, 4, 6, 8);
+        let x = Tensor::from_vec(s, (0..s.len()).map(|i| (i % 7) as f32 / 7.0 + 0.1).collect()).unwrap();
+        let mut xx = Tensor::zeros(s.with_c(2));
+        xx.data[..s.len()].copy_from_slice(&x.data);
+        xx.data[s.len()..].copy_from_slice(&x.data);
+        let b = CpuBackend::<f32>::new();
+        let y1 = Rln::new(&b, &one).infer(&x, false).unwrap().prediction;
+        let y2 = Rln::new(&b, &two).infer(&xx, false).unwrap().prediction;
+        let e = crate::tensor::rel_l2(&y2.data, &y1.data);
+        assert!(e < 1e-5, "rel L2 {e:e}");
+    }
 
     /// The random models of the GPU tests and the benchmark must keep every activation
     /// well inside the fp16 range (and away from all-zero), or the f16 tests prove little.

@@ -1,4 +1,4 @@
-//! The one CUDA runtime that inference ([`super::CudaNet`]) and training
+//! The one CUDA runtime that inference ([`super::CudaInferBackend`]) and training
 //! ([`super::CudaTrainBackend`]) are two uses of: the executor that owns the device's
 //! compute stream ([`Exec`]: allocation, copies, launches, profiling), the byte accounting
 //! of its allocations ([`Runtime`], [`DevMem`]), and the launch trace.
@@ -6,7 +6,8 @@
 //! - One allocator: the device's stream-ordered memory pool (cuMemAllocAsync /
 //!   cuMemFreeAsync on the compute stream, release threshold raised so the pool keeps its
 //!   memory): a training step allocates and frees ~150 tensors without a device
-//!   synchronization, and the inference workspace is grown from the same pool.
+//!   synchronization, and so does an inference pass (one tensor per stage, freed after
+//!   its last reader), tile after tile, reusing the pool's memory.
 //! - One device tensor type ([`DevTensor`]): shape, storage type ([`Precision`]) and
 //!   allocation; channels-last (N·D·H·W voxels × C).
 //! - [`Exec`] has two implementations: [`CudaExec`] (the CUDA device: everything on its
@@ -289,6 +290,22 @@ impl DevTensor {
     /// The device address of the first value.
     pub fn ptr(&self) -> u64 {
         self.mem.ptr
+    }
+    /// A tensor of `shape` stored as `dtype` in `mem`, an allocation at least its size (a
+    /// buffer reused from tile to tile).
+    pub fn in_mem(mem: DevMem, shape: Shape, dtype: Precision) -> Result<DevTensor> {
+        let need = shape.len() * dtype.bytes();
+        if mem.bytes < need {
+            return Err(Error::invalid(format!(
+                "a {shape} tensor of {dtype:?} needs {need} bytes; the buffer holds {}",
+                mem.bytes
+            )));
+        }
+        Ok(DevTensor { shape, dtype, mem })
+    }
+    /// The allocation back (to reuse it).
+    pub fn into_mem(self) -> DevMem {
+        self.mem
     }
 }
 

@@ -16,8 +16,8 @@
 mod tests {
     use super::super::emulate_infer::EmuDevice;
     use super::super::runtime::Runtime;
-    use super::super::{random_model, CudaNet, CudaOptions, CudaTrainBackend};
-    use crate::backend::cpu::CpuBackend;
+    use super::super::{random_dual_model, random_model, CudaInferBackend, CudaOptions, CudaTrainBackend};
+    use crate::backend::cpu::{pointwise, CpuBackend};
     use crate::backend::Backend;
     use crate::model::{Model, ModelConfig, Params, Variant, LAYERS};
     use crate::net::{BnMode, Rln};
@@ -76,18 +76,38 @@ mod tests {
         }
     }
 
+    /// Inference of `model` on the emulated device as the streaming predictor runs it: the
+    /// input mirror-padded on the host, `net::Rln::infer` on [`CudaInferBackend`], the
+    /// outputs cropped on the host. Returns the launch trace, y, and E1r, E2r with `raw`.
+    pub(super) fn emulated_infer(
+        model: &Model<f32>,
+        opts: CudaOptions,
+        x: &Tensor<f32>,
+        raw: bool,
+    ) -> (Vec<String>, Vec<Tensor<f32>>) {
+        // poisoned: an element a kernel should have written but did not is NaN
+        let rt = Runtime::on_exec(Arc::new(EmuDevice::default()), true);
+        let b = CudaInferBackend::on_runtime(rt.clone(), model, opts).unwrap();
+        rt.start_trace();
+        let xd = b.from_host(&pointwise::pad_even(x)).unwrap();
+        let out = Rln::new(&b, model).infer(&xd, raw).unwrap();
+        let lines = rt.take_trace();
+        let outs = [Some(out.prediction), out.e1_raw, out.e2_raw]
+            .into_iter()
+            .flatten()
+            .map(|t| pointwise::crop(&b.to_host(&t).unwrap(), x.shape.with_c(1)))
+            .collect();
+        (lines, outs)
+    }
+
     /// The launch trace and outputs of one forward pass of the CUDA network on the emulation.
     fn infer_trace(opts: CudaOptions) -> (String, Tensor<f32>) {
         let model = random_model(INFER_MODEL_SEED);
         let x = input(INFER_SHAPE, 5);
-        // poisoned: an element a kernel should have written but did not is NaN
-        let rt = Runtime::on_exec(Arc::new(EmuDevice::default()), true);
-        let mut net = CudaNet::on_runtime(rt.clone(), &model, opts).unwrap();
-        rt.start_trace();
-        let y = net.predict_host(&x, false).unwrap().prediction;
-        let lines = rt.take_trace();
+        let (lines, mut outs) = emulated_infer(&model, opts, &x, false);
+        let y = outs.remove(0);
         let mut s = format!(
-        "# CUDA inference ({}), random_model({INFER_MODEL_SEED}), input {INFER_SHAPE} uniform (0, 1) seed 5, through CudaNet::predict_host\n\
+        "# CUDA inference ({}), random_model({INFER_MODEL_SEED}), input {INFER_SHAPE} uniform (0, 1) seed 5, through net::Rln::infer on CudaInferBackend\n\
          # one line per launch: kernel grid block smem, then every KernelArgs field (pointers: * or 0)\n",
         opts.label()
     );
@@ -265,6 +285,60 @@ mod tests {
         }
     }
 
+    /// A dual-view ("concat", two input channels) model runs on CUDA inference: the two
+    /// convs that read both input channels, the input's channel mean and the pooling of
+    /// x and x̄ run composed of the f32 training kernels (the fused kernels read one
+    /// input channel), every other stage on its fused kernel, and y, E1r, E2r equal the
+    /// CPU network. Bounds as for single-view (`emulated_inference_equals_the_cpu_network`):
+    /// f32 the same arithmetic up to summation order (1e-5); f16 storage one rounding to
+    /// 11 bits of each stored activation (5e-4), the composed stages computing in f32 and
+    /// storing their outputs in f16 like the fused ones.
+    #[test]
+    fn emulated_dual_view_inference_equals_the_cpu_network() {
+        let model = random_dual_model(INFER_MODEL_SEED);
+        let x = input(INFER_SHAPE.with_c(2), 6);
+        let cpu = CpuBackend::<f32>::new();
+        let want = Rln::new(&cpu, &model).forward(&x, BnMode::Running, false).unwrap();
+        let want = [want.prediction, want.e1_raw, want.e2_raw];
+        for (opts, tol) in [
+            (CudaOptions::f32(), 1e-5),
+            (CudaOptions::f16().with_tensor_cores(false), 5e-4),
+            (CudaOptions::f16(), 5e-4),
+        ] {
+            let (trace, got) = emulated_infer(&model, opts, &x, true);
+            for (what, g, w) in [
+                ("y", &got[0], &want[0]),
+                ("E1r", &got[1], &want[1]),
+                ("E2r", &got[2], &want[2]),
+            ] {
+                assert_eq!(g.shape, w.shape);
+                assert!(g.all_finite(), "{} {what}: non-finite outputs", opts.label());
+                let e = rel_l2(&g.data, &w.data);
+                println!("dual-view {} {what}: rel L2 to the CPU network {e:.2e}", opts.label());
+                assert!(e <= tol, "dual-view {} {what}: rel L2 {e:e} > {tol:e}", opts.label());
+            }
+            // the fused kernels ran where they apply, the composed stages where they do not
+            let ran = |k: &str| trace.iter().filter(|l| l.starts_with(&format!("{k} "))).count();
+            let f16 = opts.is_f16();
+            for k in super::super::launch::CONV_KERNELS.iter() {
+                let n = ran(&k.name(f16, opts.tensor_cores));
+                let want_n = usize::from(!k.layer.spec().reads_input);
+                assert_eq!(n, want_n, "{} {}", opts.label(), k.base);
+            }
+            // x (two channels) is pooled composed, x̄ by the fused kernel
+            assert_eq!(ran(super::super::launch::POOL_KERNEL), 1);
+            assert_eq!(ran("t_avgpool2"), 1);
+            assert_eq!(ran("t_channel_mean"), 1);
+            let conversions = ran(super::super::launch::TO_F16_KERNEL);
+            assert_eq!(
+                conversions,
+                if f16 { 2 } else { 0 },
+                "{}: a1 and c1 stored as f16",
+                opts.label()
+            );
+        }
+    }
+
     /// The single-kernel path of the GPU differential tests (device tensors of f32 and f16
     /// storage up and down, each kernel alone) on the emulation, against the CPU twins.
     /// Inputs of several channels are rounded to f16 first in the f16 network (as the GPU
@@ -293,7 +367,7 @@ mod tests {
         for (opts, tol) in [(CudaOptions::f32(), 1e-5), (CudaOptions::f16(), 3e-3)] {
             let f16 = opts.is_f16();
             let rt = Runtime::on_exec(Arc::new(EmuDevice::default()), false);
-            let mut net = CudaNet::on_runtime(rt, &model, opts).unwrap();
+            let net = CudaInferBackend::on_runtime(rt, &model, opts).unwrap();
             for k in CONV_KERNELS.iter() {
                 let inputs: Vec<Tensor<f32>> = k.inputs.iter().map(|&c| random(s.with_c(c), 0.0, 2.0, f16)).collect();
                 let refs: Vec<&Tensor<f32>> = inputs.iter().collect();

@@ -84,6 +84,12 @@ impl CudaTrainBackend {
         })
     }
 
+    /// The backend on a runtime another user shares (CUDA inference composes the stages
+    /// its fused kernels do not cover of these ops).
+    pub fn on_runtime(rt: Arc<Runtime>) -> Self {
+        CudaTrainBackend { rt }
+    }
+
     /// The backend on another executor (the CPU emulation of the unit tests).
     #[cfg(test)]
     pub(crate) fn on_exec(exec: Arc<dyn Exec>, poison: bool) -> Self {
