@@ -3,7 +3,9 @@
 //! tile multiples); the whole network's gradients in both gradient modes; the
 //! conformance vectors in training mode on the GPU; training steps GPU vs CPU;
 //! determinism; and the device-resident optimizer (Adam and running statistics equal to
-//! the host's bit for bit, resume bit-exact). Every allocation of the GPU backend is poisoned with NaN, so an element a
+//! the host's bit for bit, resume bit-exact); graph capture and replay (and its refusal of
+//! host round trips) and the queued resident step (no copy to the host) equal to the
+//! host-folded path bit for bit. Every allocation of the GPU backend is poisoned with NaN, so an element a
 //! kernel forgets to write shows up as a non-finite value.
 //! Every test is `#[ignore]`d, so that without a GPU the runner reports them as ignored
 //! (not passed); run them with `-- --include-ignored` (tools/gpu-check.sh does): then a
