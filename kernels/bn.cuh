@@ -7,10 +7,37 @@
 #pragma once
 #include "train_common.cuh"
 
-// out[0] = act(p0[c]·z + p1[c]) + addend; in[0] = z (C = ca channels), in[3] = addend tensor.
+// out[0] = act(p0[c]·z + p1[c]) + addend; in[0] = z (C = ca channels), in[3] = addend tensor;
+// p0, p1 (scale, shift) from wt on the device when set (rln_bn_param).
 __device__ __forceinline__ void bn_epilogue(const TrainArgs& a) {
     const int C = a.ca;
-    RLN_GRID_STRIDE(e, a.count) { a.out[0][e] = rln_train_epi(a, a.in[0][e], (int)(e % C), e / C); }
+    RLN_GRID_STRIDE(e, a.count) {
+        const int c = (int)(e % C);
+        a.out[0][e] = rln_train_epi_with(a, a.in[0][e], rln_bn_param(a, 0, c), rln_bn_param(a, 1, c), e / C);
+    }
+}
+
+// Batch norm folded on the device (the host's arithmetic in net::Rln's training unit, in
+// f64 with rounded intrinsics, so the f32 results are the host's bits): for channel c < ca,
+// with mean = stat[c], var = stat[ca + c] (the reduced batch statistics) and γ = in[0][c],
+// β = in[1][c] (the master weights): inv_std = 1/√(var + ε) (dc[0] = ε),
+// out[0] = [scale (16) | shift (16) | γ (16) | β (16) | mean (16) | inv_std (16)] (f32):
+// scale = γ·inv_std, shift = β − mean·γ·inv_std; the forward epilogue reads the first 32
+// values, the backward pass the last 64 (t_epilogue, t_epi_bwd1/2 with wt set). One block.
+__device__ __forceinline__ void bn_fold(const TrainArgs& a) {
+    const int c = threadIdx.x;
+    if (blockIdx.x != 0 || c >= a.ca) return;
+    const double mean = a.stat[c], var = a.stat[a.ca + c];
+    const double g = (double)a.in[0][c], b = (double)a.in[1][c];
+    const double inv_std = __ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(var, a.dc[0])));
+    const double gi = __dmul_rn(g, inv_std);
+    float* o = a.out[0];
+    o[c] = (float)gi;
+    o[16 + c] = (float)__dsub_rn(b, __dmul_rn(__dmul_rn(mean, g), inv_std));
+    o[32 + c] = a.in[0][c];
+    o[48 + c] = a.in[1][c];
+    o[64 + c] = (float)mean;
+    o[80 + c] = (float)inv_std;
 }
 
 // Per-channel sums of one tensor (ca = C channels, a power of two ≤ 16): mode 0 Σ x,
@@ -31,12 +58,14 @@ __device__ __forceinline__ void bn_chan_sum(const TrainArgs& a) {
 // Pass 1 of the epilogue gradient (rln-spec §4 batch norm in training mode, then softplus):
 // x̂ = (z − mean)·inv_std, dh = dy·σ(γ·x̂ + β) (softplus, mode bit 0) or dy; out[0] = dh;
 // with mode bit 1 (batch norm) the per-channel sums Σ dh, Σ dh·x̂ go to part[block][2C].
-// in[0] = z, in[1] = dy; p[0..3] = γ, β, mean, inv_std (1, 0, 0, 1 without batch norm).
+// in[0] = z, in[1] = dy; p[0..3] = γ, β, mean, inv_std (1, 0, 0, 1 without batch norm), or
+// from wt on the device (rln_bn_param; t_bn_fold's last 64 values).
 __device__ __forceinline__ void bn_epilogue_bwd1(const TrainArgs& a) {
     __shared__ double sred[8 * 32];
     const int C = a.ca;
     const int c = threadIdx.x % C;
-    const float gamma = a.p[0][c], beta = a.p[1][c], mean = a.p[2][c], inv_std = a.p[3][c];
+    const float gamma = rln_bn_param(a, 0, c), beta = rln_bn_param(a, 1, c), mean = rln_bn_param(a, 2, c),
+                inv_std = rln_bn_param(a, 3, c);
     const bool sp = a.mode & 1;
     double s1 = 0.0, s2 = 0.0;
     RLN_GRID_STRIDE(e, a.count) {
@@ -58,9 +87,10 @@ __device__ __forceinline__ void bn_epilogue_bwd2(const TrainArgs& a) {
     const int C = a.ca;
     RLN_GRID_STRIDE(e, a.count) {
         const int c = (int)(e % C);
-        const float k = a.p[0][c] * a.p[3][c];
+        const float g = rln_bn_param(a, 0, c), mu = rln_bn_param(a, 2, c), is = rln_bn_param(a, 3, c);
+        const float k = g * is;
         const float mb = (float)(a.stat[c] / a.dc[0]), mg = (float)(a.stat[C + c] / a.dc[0]);
-        const float xh = (a.in[0][e] - a.p[2][c]) * a.p[3][c];
+        const float xh = (a.in[0][e] - mu) * is;
         a.out[0][e] = k * (a.out[0][e] - mb - xh * mg);
     }
 }

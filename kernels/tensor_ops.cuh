@@ -9,6 +9,14 @@ __device__ __forceinline__ void tensor_accumulate(const TrainArgs& a) {
     RLN_GRID_STRIDE(e, a.count) { a.out[0][e] += a.in[0][e]; }
 }
 
+// out[0][j] = in[0][idx[j]] for j < count, idx = (const int*)wt: a weight layout (packed
+// forward, flipped-transposed data gradient) gathered from the master weights on the
+// device, so the convs of a resident step read this step's weights without the host.
+__device__ __forceinline__ void tensor_gather(const TrainArgs& a) {
+    const int* idx = reinterpret_cast<const int*>(a.wt);
+    RLN_GRID_STRIDE(j, a.count) { a.out[0][j] = a.in[0][idx[j]]; }
+}
+
 __device__ __forceinline__ int rln_mirror(int i, int n) { return i < n ? i : 2 * n - 1 - i; }
 
 // Shape changes: out[0] is n × d × h × w × C (ca channels), in[0] is n × k0 × k1 × k2 × C.

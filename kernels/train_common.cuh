@@ -39,14 +39,27 @@ __device__ __forceinline__ float rln_sigmoid(float t) {
     return e / (1.0f + e);
 }
 
-// y = act(scale·z + shift) + addend for channel c of voxel vox (the CPU's order of operations).
-__device__ __forceinline__ float rln_train_epi(const TrainArgs& a, float z, int c, long long vox) {
-    float v = z * a.p[0][c] + a.p[1][c];
+// y = act(scale·z + shift) + addend for voxel vox (the CPU's order of operations).
+__device__ __forceinline__ float rln_train_epi_with(const TrainArgs& a, float z, float scale, float shift, long long vox) {
+    float v = z * scale + shift;
     if (a.mode & RLN_EPI_SOFTPLUS) v = rln_softplus(v);
     const int add = (a.mode >> RLN_ADD_SHIFT) & 3;
     if (add == RLN_ADD_CONST) v += a.f[0];
     else if (add == RLN_ADD_SP) v += rln_softplus(a.in[3][vox]);
     return v;
+}
+
+// The same with channel c's scale and shift from the parameter block.
+__device__ __forceinline__ float rln_train_epi(const TrainArgs& a, float z, int c, long long vox) {
+    return rln_train_epi_with(a, z, a.p[0][c], a.p[1][c], vox);
+}
+
+// The per-channel parameters p[k][c] of a batch-norm kernel: from device memory when
+// wt is set (wt[16·k + c], written on the device by t_bn_fold: nothing of a step's batch
+// norm goes through the host, and a captured graph reads this step's values), else from
+// the parameter block.
+__device__ __forceinline__ float rln_bn_param(const TrainArgs& a, int k, int c) {
+    return a.wt ? a.wt[16 * k + c] : a.p[k][c];
 }
 
 // Block sum of one f64 value per thread, grouped by channel c = threadIdx.x % C (C a power

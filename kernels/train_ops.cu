@@ -18,6 +18,7 @@ extern "C" __global__ void __launch_bounds__(256) t_epilogue(const TrainArgs a) 
 extern "C" __global__ void __launch_bounds__(256) t_chan_sum(const TrainArgs a) { bn_chan_sum(a); }
 extern "C" __global__ void __launch_bounds__(256) t_epi_bwd1(const TrainArgs a) { bn_epilogue_bwd1(a); }
 extern "C" __global__ void __launch_bounds__(256) t_epi_bwd2(const TrainArgs a) { bn_epilogue_bwd2(a); }
+extern "C" __global__ void __launch_bounds__(256) t_bn_fold(const TrainArgs a) { bn_fold(a); }
 // pooling (pool.cuh)
 extern "C" __global__ void __launch_bounds__(256) t_avgpool2(const TrainArgs a) { avgpool2_train(a); }
 // up2 (up2.cuh)
@@ -33,8 +34,10 @@ extern "C" __global__ void __launch_bounds__(256) t_rl_update(const TrainArgs a)
 extern "C" __global__ void __launch_bounds__(256) t_rl_update_bwd(const TrainArgs a) { rl_update_bwd(a); }
 // loss (loss.cuh)
 extern "C" __global__ void __launch_bounds__(256) t_loss_sums(const TrainArgs a) { loss_sums(a); }
+extern "C" __global__ void __launch_bounds__(256) t_loss_finish(const TrainArgs a) { loss_finish(a); }
 extern "C" __global__ void __launch_bounds__(256) t_loss_grad(const TrainArgs a) { loss_grad(a); }
 // tensor plumbing (tensor_ops.cuh)
 extern "C" __global__ void __launch_bounds__(256) t_accumulate(const TrainArgs a) { tensor_accumulate(a); }
 extern "C" __global__ void __launch_bounds__(256) t_reshape(const TrainArgs a) { tensor_reshape(a); }
 extern "C" __global__ void __launch_bounds__(256) t_reduce_part(const TrainArgs a) { reduce_part(a); }
+extern "C" __global__ void __launch_bounds__(256) t_gather(const TrainArgs a) { tensor_gather(a); }

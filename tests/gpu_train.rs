@@ -3,7 +3,9 @@
 //! tile multiples); the whole network's gradients in both gradient modes; the
 //! conformance vectors in training mode on the GPU; training steps GPU vs CPU;
 //! determinism; and the device-resident optimizer (Adam and running statistics equal to
-//! the host's bit for bit, resume bit-exact). Every allocation of the GPU backend is poisoned with NaN, so an element a
+//! the host's bit for bit, resume bit-exact); graph capture and replay (and its refusal of
+//! host round trips) and the queued resident step (no copy to the host) equal to the
+//! host-folded path bit for bit. Every allocation of the GPU backend is poisoned with NaN, so an element a
 //! kernel forgets to write shows up as a non-finite value.
 //! Every test is `#[ignore]`d, so that without a GPU the runner reports them as ignored
 //! (not passed); run them with `-- --include-ignored` (tools/gpu-check.sh does): then a
@@ -395,6 +397,7 @@ fn every_backward_op_matches_the_cpu() {
                 beta: (0..c).map(|_| rng.random_range(-0.5f32..0.5)).collect(),
                 mean: st.mean.iter().map(|&v| v as f32).collect(),
                 inv_std: st.var.iter().map(|&v| (1.0 / (v + 1e-3).sqrt()) as f32).collect(),
+                resident: 0,
             };
             let (zd, dyd) = (b.from_host(&z).unwrap(), b.from_host(&dy).unwrap());
             for softplus in [true, false] {
@@ -923,5 +926,114 @@ fn device_training_step_launches_as_the_emulated_baseline() {
         "training step",
         &got,
         &gpu_common::trace_baseline("train-step.txt", Some(4)),
+    );
+}
+
+/// Issue 16 item 2 on the device: work that allocates and frees inside a CUDA graph
+/// capture (memory nodes), replayed three times, equals the same work run three times, bit
+/// for bit; a capture that copies to the host, waits, or uploads is refused with an error
+/// that says so, and the stream works normally afterwards.
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored (tools/gpu-check.sh does)"]
+fn device_graph_capture_replays_exactly_and_refuses_host_round_trips() {
+    let Some(b) = backend() else { return };
+    let rt = b.runtime().clone();
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let x = b
+        .from_host(&random(Shape::new(2, 4, 16, 16, 24), -1.0, 1.0, &mut rng))
+        .unwrap();
+    let acc0 = random(Shape::new(2, 4, 8, 8, 12), -1.0, 1.0, &mut rng);
+    let (mut direct, mut replayed) = (b.from_host(&acc0).unwrap(), b.from_host(&acc0).unwrap());
+    let work = |acc: &mut rln_engine::backend::cuda::DevTensor| -> rln_engine::Result<()> {
+        let p = b.avgpool2(&x)?;
+        let q = b.epilogue(
+            &p,
+            &Epilogue {
+                scale: &[0.5, 2.0, -1.0, 3.0],
+                shift: &[0.25, 0.0, 1.0, -2.0],
+                softplus: true,
+                addend: Addend::None,
+            },
+        )?;
+        b.accumulate(acc, &q)
+    };
+    for _ in 0..3 {
+        work(&mut direct).unwrap();
+    }
+    rt.begin_capture().unwrap();
+    work(&mut replayed).unwrap();
+    let graph = rt.end_capture().unwrap();
+    assert_eq!(graph.launches(), 3);
+    for _ in 0..3 {
+        graph.replay().unwrap();
+    }
+    let (d, r) = (b.to_host(&direct).unwrap(), b.to_host(&replayed).unwrap());
+    assert!(d.all_finite() && r.all_finite());
+    assert_eq!(d.data, r.data, "three replays = three direct runs, bit for bit");
+    drop(graph);
+    for what in ["device-to-host copy", "wait for the device"] {
+        rt.begin_capture().unwrap();
+        work(&mut replayed).unwrap();
+        let e = match what {
+            "wait for the device" => rt.synchronize().map(|_| ()),
+            _ => b.to_host(&x).map(|_| ()),
+        }
+        .expect_err(what)
+        .to_string();
+        assert!(e.contains("during a graph capture") && e.contains(what), "{e}");
+        assert!(!rt.capturing());
+    }
+    work(&mut direct).unwrap();
+    assert!(
+        b.to_host(&direct).unwrap().all_finite(),
+        "the stream works after a refused capture"
+    );
+}
+
+/// The resident step on the device (weights gathered from the master copy by `t_gather`,
+/// batch norm folded by `t_bn_fold`, the loss's constants by `t_loss_finish`, Adam with
+/// lr_t from device memory), queued without a copy to the host and polled afterwards,
+/// equals the former path on the same device bit for bit: host weights uploaded per op,
+/// statistics folded on the host, host batch statistics for the running update.
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored (tools/gpu-check.sh does)"]
+fn device_queued_resident_steps_equal_the_host_folded_path() {
+    use rln_engine::train::trainer::{poll_steps, train_step_queued};
+    let Some(b) = backend() else { return };
+    let cfg = TrainConfig::default();
+    let model = Model::<f32>::init(ModelConfig::default(), 23);
+    let mut queued = TrainState::new(model.clone(), &cfg);
+    let mut former = TrainState::new(model, &cfg);
+    let mut opt_q = b.opt_new(&queued.model, &queued.adam).unwrap();
+    let mut opt_f = b.opt_new(&former.model, &former.adam).unwrap();
+    let batches: Vec<_> = (0..3)
+        .map(|i| blob_batch(40 + i, Shape::new(2, 1, 16, 16, 24)))
+        .collect();
+    let mut last = None;
+    for (x, g) in &batches {
+        assert!(train_step_queued(&b, &mut opt_q, &mut queued, &cfg, x, g)
+            .unwrap()
+            .is_none());
+        let net = Rln::new(&b, &former.model);
+        let xd = b.from_host(x).unwrap();
+        let fwd = net.forward(&xd, BnMode::Batch, true).unwrap();
+        let (t, dy, de) = b
+            .loss(&fwd.prediction, &fwd.e1_raw, &xd, &b.from_host(g).unwrap())
+            .unwrap();
+        let mut grads = b.grads_new(Variant::Single).unwrap();
+        net.backward_into(&fwd, &dy, &de, cfg.grad_mode, &mut grads).unwrap();
+        assert!(b
+            .opt_step(&mut opt_f, &grads, &fwd.batch_stats, &mut former.model)
+            .unwrap());
+        former.step += 1;
+        last = Some(t);
+    }
+    let terms = poll_steps(&b, &mut opt_q, &mut queued).unwrap().unwrap();
+    assert_eq!(terms.loss.to_bits(), last.unwrap().loss.to_bits());
+    queued.adam = b.opt_download(&opt_q, &mut queued.model).unwrap();
+    former.adam = b.opt_download(&opt_f, &mut former.model).unwrap();
+    assert_eq!(
+        queued, former,
+        "queued resident steps = the host-folded path, bit for bit"
     );
 }

@@ -196,6 +196,7 @@ fn batch_norm_softplus_epilogue_gradients() {
             beta: beta.clone(),
             mean: stats.mean.clone(),
             inv_std: stats.var.iter().map(|v| 1.0 / (v + 1e-3).sqrt()).collect(),
+            resident: 0,
         };
         let (dz, dg, db) = B.epilogue_backward(&z, &rw, softplus, bn.then_some(&state)).unwrap();
         let tag = format!("epilogue(softplus={softplus}, bn={bn})");

@@ -64,14 +64,35 @@ impl<'a, X, T> Epilogue<'a, X, T> {
 }
 
 /// Batch-norm state needed by the backward pass of a layer in training mode.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct BnTrainState<T> {
     pub gamma: Vec<T>,
     pub beta: Vec<T>,
     pub mean: Vec<T>,
     /// 1 / sqrt(var + eps)
     pub inv_std: Vec<T>,
+    /// Nonzero where the backend that made this state keeps the four vectors itself
+    /// (its own handle, e.g. a device address; the vectors are then empty): a resident
+    /// step's batch norm ([`Backend::bn_train`]) never brings them to the host.
+    pub resident: u64,
 }
+
+/// A layer's weight as the ops of a training step receive it: the host values (of the
+/// model the network is bound to) and, in a resident step ([`crate::net::Rln::resident`]),
+/// the backend's resident state, whose master copy a backend that keeps one uses instead
+/// (the host values may then be older: the host mirror is refreshed only when read).
+pub struct LayerWeight<'a, B: Backend + ?Sized> {
+    pub layer: usize,
+    pub host: &'a [B::T],
+    pub opt: Option<&'a B::Opt>,
+}
+
+impl<B: Backend + ?Sized> Clone for LayerWeight<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend + ?Sized> Copy for LayerWeight<'_, B> {}
 
 /// Per-channel batch statistics: mean and biased variance (computed in f64).
 #[derive(Clone, Debug, PartialEq)]
@@ -103,6 +124,52 @@ impl GradSink for Params<f64> {
         *self.tensor_mut(layer, kind) = g;
         Ok(())
     }
+}
+
+/// [`Backend::bn_train`] composed of [`Backend::batch_stats`] (to the host) and
+/// [`Backend::epilogue`]: the fold in f64 on the host (the reference arithmetic).
+pub fn bn_train_composed<B: Backend + ?Sized>(
+    b: &B,
+    z: &B::X,
+    gamma: &[B::T],
+    beta: &[B::T],
+    eps: f64,
+    softplus: bool,
+    addend: Addend<'_, B::X, B::T>,
+) -> Result<(B::X, BnTrainState<B::T>, Option<ChannelStats>)> {
+    let stats = b.batch_stats(z)?;
+    let inv_std: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let scale: Vec<B::T> = (0..gamma.len())
+        .map(|c| B::T::of(gamma[c].f64() * inv_std[c]))
+        .collect();
+    let shift: Vec<B::T> = (0..gamma.len())
+        .map(|c| B::T::of(beta[c].f64() - stats.mean[c] * gamma[c].f64() * inv_std[c]))
+        .collect();
+    let y = b.epilogue(
+        z,
+        &Epilogue {
+            scale: &scale,
+            shift: &shift,
+            softplus,
+            addend,
+        },
+    )?;
+    let bn = BnTrainState {
+        gamma: gamma.to_vec(),
+        beta: beta.to_vec(),
+        mean: stats.mean.iter().map(|&m| B::T::of(m)).collect(),
+        inv_std: inv_std.into_iter().map(B::T::of).collect(),
+        resident: 0,
+    };
+    Ok((y, bn, Some(stats)))
+}
+
+/// Recorded work ([`Backend::capture_end`]) that can be run again.
+pub trait StepReplay: Send {
+    /// Enqueues one run.
+    fn replay(&self) -> Result<()>;
+    /// Kernel launches in one run.
+    fn launches(&self) -> usize;
 }
 
 /// The operations of the network (rln-spec.md §3) and their gradients.
@@ -143,6 +210,66 @@ pub trait Backend: Sync {
     ) -> Result<Self::X>;
     /// `epi` applied to a computed tensor.
     fn epilogue(&self, z: &Self::X, epi: &Epilogue<'_, Self::X, Self::T>) -> Result<Self::X>;
+
+    // ---- the weight ops of a training step, with the layer they belong to ----
+    /// [`Backend::conv3`] with layer `w.layer`'s weight (a backend with resident weights
+    /// reads its own copy during a resident step).
+    fn conv3_w(
+        &self,
+        inputs: &[&Self::X],
+        w: LayerWeight<'_, Self>,
+        c_out: usize,
+        epi: &Epilogue<'_, Self::X, Self::T>,
+    ) -> Result<Self::X> {
+        self.conv3(inputs, w.host, c_out, epi)
+    }
+    /// [`Backend::up2`] with layer `w.layer`'s weight.
+    fn up2_w(
+        &self,
+        x: &Self::X,
+        w: LayerWeight<'_, Self>,
+        c_out: usize,
+        epi: &Epilogue<'_, Self::X, Self::T>,
+    ) -> Result<Self::X> {
+        self.up2(x, w.host, c_out, epi)
+    }
+    /// [`Backend::conv3_backward_data`] with layer `w.layer`'s weight.
+    fn conv3_backward_data_w(
+        &self,
+        dz: &Self::X,
+        w: LayerWeight<'_, Self>,
+        c_in: &[usize],
+        needed: &[bool],
+    ) -> Result<Vec<Option<Self::X>>> {
+        self.conv3_backward_data(dz, w.host, c_in, needed)
+    }
+    /// [`Backend::up2_backward_data`] with layer `w.layer`'s weight.
+    fn up2_backward_data_w(&self, dz: &Self::X, w: LayerWeight<'_, Self>, c_in: usize) -> Result<Self::X> {
+        self.up2_backward_data(dz, w.host, c_in)
+    }
+
+    /// Batch norm of layer `layer` in training mode, then `softplus` and `addend`: the
+    /// statistics of the batch z (mean, biased variance), inv_std = 1/√(var + eps), scale
+    /// γ·inv_std and shift β − mean·γ·inv_std (f64, rounded to T), the activation. Returns
+    /// y, what the backward pass needs, and the batch statistics for the running-statistics
+    /// update — None where the backend kept them for its resident optimizer step `opt`
+    /// (which must then be the `opt` given to [`Backend::opt_step`]). The default composes
+    /// [`Backend::batch_stats`] and [`Backend::epilogue`] on the host.
+    #[allow(clippy::too_many_arguments)]
+    fn bn_train(
+        &self,
+        z: &Self::X,
+        layer: usize,
+        gamma: &[Self::T],
+        beta: &[Self::T],
+        eps: f64,
+        softplus: bool,
+        addend: Addend<'_, Self::X, Self::T>,
+        opt: Option<&Self::Opt>,
+    ) -> Result<(Self::X, BnTrainState<Self::T>, Option<ChannelStats>)> {
+        let _ = (layer, opt);
+        bn_train_composed(self, z, gamma, beta, eps, softplus, addend)
+    }
     /// 2×2×2 mean, stride 2.
     fn avgpool2(&self, x: &Self::X) -> Result<Self::X>;
     /// Mean over channels (keeps one channel).
@@ -163,6 +290,21 @@ pub trait Backend: Sync {
     /// The training loss of spec §5 and its gradients (∂L/∂y, ∂L/∂E1r); `x1` is the
     /// one-channel input, `g` the ground truth.
     fn loss(&self, y: &Self::X, e1r: &Self::X, x1: &Self::X, g: &Self::X) -> Result<(LossTerms, Self::X, Self::X)>;
+
+    /// [`Backend::loss`] in a resident step: the terms may stay where they were computed
+    /// (None; [`Backend::opt_loss`] reads them later, so a step need not wait for them).
+    fn loss_resident(
+        &self,
+        y: &Self::X,
+        e1r: &Self::X,
+        x1: &Self::X,
+        g: &Self::X,
+        opt: &Self::Opt,
+    ) -> Result<(Option<LossTerms>, Self::X, Self::X)> {
+        let _ = opt;
+        let (t, dy, de) = self.loss(y, e1r, x1, g)?;
+        Ok((Some(t), dy, de))
+    }
 
     // ---- backward ----
     /// Gradient through `act(bn(z)) + addend` with respect to z, and the BN parameter
@@ -257,6 +399,64 @@ pub trait Backend: Sync {
         stats: &[Option<ChannelStats>],
         model: &mut Model<Self::T>,
     ) -> Result<bool>;
+    /// [`Backend::opt_step`] without waiting for its outcome: Some(applied) where the
+    /// backend knows it at once (and `model` holds the new state), None where the step
+    /// was only queued (on a device: no copy to the host, no synchronization; `model` is
+    /// not updated) — [`Backend::opt_poll`] then reports. The default is `opt_step`.
+    fn opt_step_queued(
+        &self,
+        opt: &mut Self::Opt,
+        grads: &Self::Grads,
+        stats: &[Option<ChannelStats>],
+        model: &mut Model<Self::T>,
+    ) -> Result<Option<bool>> {
+        self.opt_step(opt, grads, stats, model).map(Some)
+    }
+    /// After queued steps: None when every one of them was applied (then `model` holds
+    /// the current weights and statistics), or Some(k) when step k (Adam's counter) had a
+    /// non-finite loss or gradient: it and every step after it changed nothing (the state
+    /// is that before step k; the steps taken are k). Returns the loss of the last step
+    /// too where the backend kept it ([`Backend::loss_resident`]).
+    fn opt_poll(&self, opt: &mut Self::Opt, model: &mut Model<Self::T>) -> Result<(Option<u64>, Option<LossTerms>)> {
+        let _ = (opt, model);
+        Ok((None, None))
+    }
+
+    /// The host's part of the next queued step, done ahead of it (on a device: lr_t into
+    /// device memory), so that the step's own work needs nothing from the host and can be
+    /// captured or replayed ([`Backend::capture_begin`]).
+    fn opt_prepare(&self, opt: &Self::Opt) -> Result<()> {
+        let _ = opt;
+        Ok(())
+    }
+    /// Counts one replayed step in `opt` (what [`Backend::opt_step_queued`] does on the
+    /// host when the step runs as a replay of a captured graph).
+    fn opt_advance(&self, opt: &mut Self::Opt) {
+        let _ = opt;
+    }
+
+    // ---- one graph per step ----
+    /// Copies host tensor `t` into `dst` (same shape): the upload into a fixed buffer
+    /// that a replayed step reads.
+    fn write_host(&self, dst: &mut Self::X, t: &Tensor<Self::T>) -> Result<()> {
+        *dst = self.from_host(t)?;
+        Ok(())
+    }
+    /// Whether [`Backend::capture_begin`] records (the training loop then replays its step).
+    fn records_graphs(&self) -> bool {
+        false
+    }
+    /// Starts recording the backend's work as a graph instead of running it; false where
+    /// the backend cannot (the default): the caller then runs its work op by op. During a
+    /// recording nothing may come to or go from the host.
+    fn capture_begin(&self) -> Result<bool> {
+        Ok(false)
+    }
+    /// Ends the recording: the graph, which runs the recorded work once per replay.
+    fn capture_end(&self) -> Result<Box<dyn StepReplay>> {
+        Err(crate::error::Error::invalid("this backend records no graphs"))
+    }
+
     /// The whole resident state as host values (for a checkpoint): weights and running
     /// statistics into `model`, Adam's moments and step counter returned.
     fn opt_download(&self, opt: &Self::Opt, model: &mut Model<Self::T>) -> Result<Adam>;

@@ -20,7 +20,7 @@
 //! ([`Rln::infer`]), one [`Backend::stage`] per row, so that a backend with fused kernels
 //! (CUDA) runs the same network; [`Rln::forward`] in that mode is [`Rln::infer`].
 
-use crate::backend::{Addend, Backend, BnTrainState, ChannelStats, Epilogue, GradMode};
+use crate::backend::{Addend, Backend, BnTrainState, ChannelStats, Epilogue, GradMode, LayerWeight};
 use crate::error::{Error, Result};
 use crate::model::{LayerOp, Model, Params, L, NUM_LAYERS};
 use crate::real::Real;
@@ -122,6 +122,9 @@ enum Sink<'g, B: Backend> {
 pub struct Rln<'a, B: Backend> {
     pub b: &'a B,
     pub model: &'a Model<B::T>,
+    /// The backend's resident training state during a resident step ([`Rln::resident`]):
+    /// the training ops read weights and keep batch statistics there.
+    pub opt: Option<&'a B::Opt>,
 }
 
 struct State<B: Backend> {
@@ -133,11 +136,32 @@ struct State<B: Backend> {
 
 impl<'a, B: Backend> Rln<'a, B> {
     pub fn new(b: &'a B, model: &'a Model<B::T>) -> Self {
-        Rln { b, model }
+        Rln { b, model, opt: None }
+    }
+
+    /// The network of a resident training step: the batch-mode ops take layer weights
+    /// and batch statistics from (and leave them in) `opt`, the backend's resident state,
+    /// where the backend keeps one; `model` is its host mirror (configuration, and the
+    /// values of a backend that keeps none).
+    pub fn resident(b: &'a B, model: &'a Model<B::T>, opt: &'a B::Opt) -> Self {
+        Rln {
+            b,
+            model,
+            opt: Some(opt),
+        }
     }
 
     fn weight(&self, l: L) -> &[B::T] {
         &self.model.params.layers[l as usize].weight
+    }
+
+    /// Layer l's weight for a training op.
+    fn layer_weight(&self, l: L) -> LayerWeight<'_, B> {
+        LayerWeight {
+            layer: l as usize,
+            host: self.weight(l),
+            opt: self.opt,
+        }
     }
 
     /// Batch norm folded into a per-channel affine with running statistics.
@@ -165,20 +189,27 @@ impl<'a, B: Backend> Rln<'a, B> {
         let b = self.b;
         let softplus = has_softplus(l);
         let has_bn = spec.has_bn();
-        let raw = |epi: &Epilogue<'_, B::X, B::T>| match spec.op {
-            LayerOp::Conv3 => b.conv3(inputs, self.weight(l), spec.c_out, epi),
-            LayerOp::Up2 => b.up2(inputs[0], self.weight(l), spec.c_out, epi),
-            LayerOp::BnOnly => b.epilogue(inputs[0], epi),
-        };
         if st.mode == BnMode::Running {
             let (scale, shift) = self.folded_bn(l);
-            return raw(&Epilogue {
+            let epi = Epilogue {
                 scale: &scale,
                 shift: &shift,
                 softplus,
                 addend,
-            });
+            };
+            return match spec.op {
+                LayerOp::Conv3 => b.conv3(inputs, self.weight(l), spec.c_out, &epi),
+                LayerOp::Up2 => b.up2(inputs[0], self.weight(l), spec.c_out, &epi),
+                LayerOp::BnOnly => b.epilogue(inputs[0], &epi),
+            };
         }
+        // training: the weight ops with their layer (a resident step reads the backend's
+        // copy of the weights)
+        let raw = |epi: &Epilogue<'_, B::X, B::T>| match spec.op {
+            LayerOp::Conv3 => b.conv3_w(inputs, self.layer_weight(l), spec.c_out, epi),
+            LayerOp::Up2 => b.up2_w(inputs[0], self.layer_weight(l), spec.c_out, epi),
+            LayerOp::BnOnly => b.epilogue(inputs[0], epi),
+        };
         if !has_bn {
             // training, no batch norm (h3.conv1, h3.conv2): keep z for the backward pass
             let z = raw(&Epilogue::identity())?;
@@ -194,38 +225,17 @@ impl<'a, B: Backend> Rln<'a, B> {
             st.z[l as usize] = Some(z);
             return Ok(y);
         }
-        // training: z, its batch statistics, then the activation
+        // training: z, then batch norm with its statistics and the activation
         let z = match spec.op {
             LayerOp::BnOnly => None,
             _ => Some(raw(&Epilogue::identity())?),
         };
         let zr = z.as_ref().unwrap_or(inputs[0]);
-        let stats = b.batch_stats(zr)?;
         let p = &self.model.params.layers[l as usize];
         let eps = self.model.config.bn_eps;
-        let inv_std: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-        let scale: Vec<B::T> = (0..p.gamma.len())
-            .map(|c| B::T::of(p.gamma[c].f64() * inv_std[c]))
-            .collect();
-        let shift: Vec<B::T> = (0..p.gamma.len())
-            .map(|c| B::T::of(p.beta[c].f64() - stats.mean[c] * p.gamma[c].f64() * inv_std[c]))
-            .collect();
-        let y = b.epilogue(
-            zr,
-            &Epilogue {
-                scale: &scale,
-                shift: &shift,
-                softplus,
-                addend,
-            },
-        )?;
-        st.bn[l as usize] = Some(BnTrainState {
-            gamma: p.gamma.clone(),
-            beta: p.beta.clone(),
-            mean: stats.mean.iter().map(|&m| B::T::of(m)).collect(),
-            inv_std: inv_std.into_iter().map(B::T::of).collect(),
-        });
-        st.stats[l as usize] = Some(stats);
+        let (y, bn, stats) = b.bn_train(zr, l as usize, &p.gamma, &p.beta, eps, softplus, addend, self.opt)?;
+        st.bn[l as usize] = Some(bn);
+        st.stats[l as usize] = stats;
         st.z[l as usize] = z;
         Ok(y)
     }
@@ -368,7 +378,7 @@ impl<'a, B: Backend> Rln<'a, B> {
                     Sink::Resident(g) => b.conv3_backward_weight_into(inputs, &dz, g, i)?,
                 }
                 let c_in: Vec<usize> = inputs.iter().map(|t| b.shape(t).c).collect();
-                b.conv3_backward_data(&dz, self.weight(l), &c_in, needed)
+                b.conv3_backward_data_w(&dz, self.layer_weight(l), &c_in, needed)
             }
             LayerOp::Up2 => {
                 match grads {
@@ -376,7 +386,7 @@ impl<'a, B: Backend> Rln<'a, B> {
                     Sink::Resident(g) => b.up2_backward_weight_into(inputs[0], &dz, g, i)?,
                 }
                 let dx = if needed[0] {
-                    Some(b.up2_backward_data(&dz, self.weight(l), spec.c_in)?)
+                    Some(b.up2_backward_data_w(&dz, self.layer_weight(l), spec.c_in)?)
                 } else {
                     None
                 };

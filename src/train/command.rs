@@ -147,8 +147,10 @@ pub struct TrainArgs {
     /// JSON-lines log (default: OUTPUT with .log.jsonl).
     #[arg(long)]
     pub log: Option<PathBuf>,
-    /// Where the network trains: cpu, cuda (the GPU: forward, loss and backward on the
-    /// device; crops, Adam and checkpoints on the host), or auto (cuda when usable).
+    /// Where the network trains: cpu, cuda (the GPU: the whole step — forward, loss,
+    /// backward, Adam — on the device, recorded once as a CUDA graph and replayed; crops
+    /// and checkpoints on the host; RLN_CUDA_GRAPHS=0 runs it op by op), or auto (cuda
+    /// when usable).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
     /// Leave the command line, timings and thread count out of the model file, so that

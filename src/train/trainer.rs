@@ -171,11 +171,16 @@ pub fn train_step_on<B: Backend<T = f32>>(
     r
 }
 
+/// On a backend that queues steps ([`Backend::opt_step_queued`]), the loop reads the loss
+/// and the steps' outcome (one synchronization) every this many steps, and before every
+/// validation and checkpoint.
+pub const POLL_EVERY: u64 = 10;
+
 /// One step on the resident state `opt` of backend `b`, whose host mirror is
 /// `state.model` (`state.adam` is not read or written): the batch is copied to the
 /// backend; forward, loss, backward, Adam and the running statistics run there
-/// ([`Rln::backward_into`], [`Backend::opt_step`]); the loss terms come back. Fails
-/// (state untouched) on a non-finite loss or gradient.
+/// ([`Rln::resident`], [`Rln::backward_into`], [`Backend::opt_step_queued`]); the loss
+/// terms come back. Fails (state untouched) on a non-finite loss or gradient.
 pub fn train_step_resident<B: Backend<T = f32>>(
     b: &B,
     opt: &mut B::Opt,
@@ -184,45 +189,188 @@ pub fn train_step_resident<B: Backend<T = f32>>(
     x: &Tensor<f32>,
     g: &Tensor<f32>,
 ) -> Result<LossTerms> {
+    match train_step_queued(b, opt, state, cfg, x, g)? {
+        Some(t) => Ok(t),
+        None => {
+            poll_steps(b, opt, state)?.ok_or_else(|| Error::invalid("the backend kept no loss of the step it queued"))
+        }
+    }
+}
+
+/// Queues one step (see [`train_step_resident`]): its loss where the step is done at once
+/// (`state` up to date), or None where the backend queued it: then nothing came back to
+/// the host (on a device: no copy to the host, no synchronization) and `state.model` is
+/// not updated until [`poll_steps`]; `state.step` counts the step either way.
+pub fn train_step_queued<B: Backend<T = f32>>(
+    b: &B,
+    opt: &mut B::Opt,
+    state: &mut TrainState,
+    cfg: &TrainConfig,
+    x: &Tensor<f32>,
+    g: &Tensor<f32>,
+) -> Result<Option<LossTerms>> {
     let step = state.step;
-    let run = || -> Result<_> {
-        let net = Rln::new(b, &state.model);
-        let xd = b.from_host(x)?;
-        let gd = b.from_host(g)?;
-        let fwd = net.forward(&xd, BnMode::Batch, true)?;
-        let x1 = if x.shape.c > 1 { b.channel_mean(&xd)? } else { xd };
-        let (terms, dy, de1r) = b.loss(&fwd.prediction, &fwd.e1_raw, &x1, &gd)?;
+    let upload = || -> Result<_> { Ok((b.from_host(x)?, b.from_host(g)?)) };
+    let (xd, gd) = upload().map_err(|e| step_error(e, &format!("training step {step}"), x.shape, &advice(x.shape)))?;
+    let (terms, updated) = device_step(b, opt, state, cfg, &xd, &gd)?;
+    step_outcome(state, step, terms, updated)
+}
+
+/// The backend's part of a step on the batch `xd`, `gd` already on the backend: forward,
+/// loss, backward, and the optimizer step queued ([`Backend::opt_step_queued`]'s answer:
+/// None where queued). Where the backend queues, this is device work only: what a graph
+/// records. A non-finite loss known at once skips the optimizer (answer Some(false)).
+fn device_step<B: Backend<T = f32>>(
+    b: &B,
+    opt: &mut B::Opt,
+    state: &mut TrainState,
+    cfg: &TrainConfig,
+    xd: &B::X,
+    gd: &B::X,
+) -> Result<(Option<LossTerms>, Option<bool>)> {
+    let step = state.step;
+    let shape = b.shape(xd);
+    let run = |opt: &B::Opt| -> Result<_> {
+        let net = Rln::resident(b, &state.model, opt);
+        let fwd = net.forward(xd, BnMode::Batch, true)?;
+        let x1_own;
+        let x1 = if shape.c > 1 {
+            x1_own = b.channel_mean(xd)?;
+            &x1_own
+        } else {
+            xd
+        };
+        let (terms, dy, de1r) = b.loss_resident(&fwd.prediction, &fwd.e1_raw, x1, gd, opt)?;
         let mut grads = b.grads_new(state.model.config.variant)?;
         net.backward_into(&fwd, &dy, &de1r, cfg.grad_mode, &mut grads)?;
         Ok((terms, grads, fwd.batch_stats))
     };
     let (terms, grads, stats) =
-        run().map_err(|e| step_error(e, &format!("training step {step}"), x.shape, &advice(x.shape)))?;
-    if !terms.loss.is_finite() {
+        run(opt).map_err(|e| step_error(e, &format!("training step {step}"), shape, &advice(shape)))?;
+    if terms.is_some_and(|t| !t.loss.is_finite()) {
+        return Ok((terms, Some(false)));
+    }
+    let updated = b
+        .opt_step_queued(opt, &grads, &stats, &mut state.model)
+        .map_err(|e| step_error(e, &format!("training step {step} (optimizer)"), shape, &advice(shape)))?;
+    Ok((terms, updated))
+}
+
+/// What a step's answers mean for `state`: an error for a non-finite loss or gradient
+/// known at once, the loss of a finished step, or None for a queued one (counted in
+/// `state.step` either way).
+fn step_outcome(
+    state: &mut TrainState,
+    step: u64,
+    terms: Option<LossTerms>,
+    updated: Option<bool>,
+) -> Result<Option<LossTerms>> {
+    if let Some(t) = terms.filter(|t| !t.loss.is_finite()) {
         return Err(Error::Numeric(format!(
             "step {step}: the loss is {} (mse {}, ssim {}): training diverged or the data holds bad values",
-            terms.loss, terms.mse, terms.ssim
+            t.loss, t.mse, t.ssim
         )));
     }
-    let updated = b.opt_step(opt, &grads, &stats, &mut state.model).map_err(|e| {
-        step_error(
-            e,
-            &format!("training step {step} (optimizer)"),
-            x.shape,
-            &advice(x.shape),
-        )
-    })?;
-    if !updated {
-        return Err(Error::Numeric(format!(
+    match (updated, terms) {
+        (Some(false), t) => Err(Error::Numeric(format!(
             "step {step}: a gradient is not finite although the loss is {}",
-            terms.loss
+            t.map_or(f64::NAN, |t| t.loss)
+        ))),
+        (Some(true), Some(t)) => {
+            if !state.model.params.all_finite() {
+                return Err(Error::Numeric(format!("step {step}: the weights became non-finite")));
+            }
+            state.step += 1;
+            Ok(Some(t))
+        }
+        _ => {
+            state.step += 1;
+            Ok(None)
+        }
+    }
+}
+
+/// The loop's step recorded as graphs on a backend that records them
+/// ([`Backend::capture_begin`]): two fixed batch buffers, each with its own graph (the
+/// batch of the next step is uploaded into the other buffer while a step runs; the
+/// upload is ordered before that step's replay), recorded at their first use.
+struct CapturedSteps<B: Backend> {
+    buffers: Vec<(B::X, B::X)>,
+    graphs: Vec<Option<Box<dyn crate::backend::StepReplay>>>,
+    /// The buffer (and graph) of the next step: the two alternate.
+    next: usize,
+}
+
+impl<B: Backend<T = f32>> CapturedSteps<B> {
+    /// Runs step `state.step` on `x`, `g` as a replay (recording its graph first when
+    /// this buffer has none yet). Only for backends that queue steps.
+    fn step(
+        &mut self,
+        b: &B,
+        opt: &mut B::Opt,
+        state: &mut TrainState,
+        cfg: &TrainConfig,
+        x: &Tensor<f32>,
+        g: &Tensor<f32>,
+    ) -> Result<()> {
+        let k = self.next;
+        self.next = 1 - k;
+        if self.buffers.len() <= k {
+            self.buffers.push((b.from_host(x)?, b.from_host(g)?));
+            self.graphs.push(None);
+        } else {
+            let (xb, gb) = &mut self.buffers[k];
+            b.write_host(xb, x)?;
+            b.write_host(gb, g)?;
+        }
+        b.opt_prepare(opt)?;
+        match &self.graphs[k] {
+            Some(graph) => {
+                graph.replay()?;
+                b.opt_advance(opt);
+            }
+            None => {
+                if !b.capture_begin()? {
+                    return Err(Error::invalid("the backend records no graphs"));
+                }
+                let (xb, gb) = &self.buffers[k];
+                let r = device_step(b, opt, state, cfg, xb, gb);
+                let graph = b.capture_end();
+                let (terms, updated) = r?;
+                let graph = graph?;
+                if updated.is_some() || terms.is_some() {
+                    return Err(Error::invalid(
+                        "a recorded step must be queued on the backend, with nothing for the host",
+                    ));
+                }
+                graph.replay()?;
+                self.graphs[k] = Some(graph);
+            }
+        }
+        state.step += 1;
+        Ok(())
+    }
+}
+
+/// The outcome of the steps queued since the last poll: `state.model` brought up to
+/// date, and the last step's loss where the backend kept it. A failed step is an error,
+/// with `state.step` set back to it (the backend's state is that before it).
+pub fn poll_steps<B: Backend<T = f32>>(b: &B, opt: &mut B::Opt, state: &mut TrainState) -> Result<Option<LossTerms>> {
+    let (failed, loss) = b.opt_poll(opt, &mut state.model)?;
+    if let Some(k) = failed {
+        state.step = k;
+        return Err(Error::Numeric(format!(
+            "step {k}: the loss or a gradient is not finite (training diverged or the data holds bad values); \
+             the state is that before step {k}"
         )));
     }
     if !state.model.params.all_finite() {
-        return Err(Error::Numeric(format!("step {step}: the weights became non-finite")));
+        return Err(Error::Numeric(format!(
+            "by step {}: the weights became non-finite",
+            state.step
+        )));
     }
-    state.step += 1;
-    Ok(terms)
+    Ok(loss)
 }
 
 /// What to lower when a training step on a batch of `shape` does not fit.
@@ -425,19 +573,46 @@ fn run_steps<B: Backend<T = f32>>(
     last_val: &mut Option<ValMetrics>,
     mut batch: impl FnMut(u64) -> Result<super::data::Batch>,
 ) -> Result<()> {
+    // steps queued on the backend whose outcome the host has not read yet
+    let mut pending = false;
+    // after one step op by op (which makes what the step keeps, e.g. the packed-weight
+    // tables), a backend that queues steps and records graphs replays them
+    let mut captured: Option<CapturedSteps<B>> = None;
     while state.step < end {
         let batch = batch(state.step)?;
         let lr = state.adam.schedule.lr(state.step);
-        let terms = train_step_resident(b, opt, state, cfg, &batch.input, &batch.ground_truth)?;
-        obs.on_step(state.step, &terms, lr);
-        if let Some(v) = val {
-            if state.step % cfg.epoch_steps == 0 || state.step == cfg.steps {
-                let m = validate_on(b, &state.model, v, cfg)?;
-                obs.on_validation(state.step, &m, &state.model)?;
-                *last_val = Some(m);
+        if let Some(c) = captured.as_mut() {
+            c.step(b, opt, state, cfg, &batch.input, &batch.ground_truth)?;
+        } else {
+            match train_step_queued(b, opt, state, cfg, &batch.input, &batch.ground_truth)? {
+                Some(terms) => obs.on_step(state.step, &terms, lr),
+                None => {
+                    pending = true;
+                    if b.records_graphs() {
+                        captured = Some(CapturedSteps {
+                            buffers: vec![],
+                            graphs: vec![],
+                            next: 0,
+                        });
+                    }
+                }
             }
         }
-        if (checkpoint_every > 0 && state.step % checkpoint_every == 0) || state.step == end {
+        pending |= captured.is_some();
+        let validate_now = val.is_some() && (state.step % cfg.epoch_steps == 0 || state.step == cfg.steps);
+        let checkpoint_now = (checkpoint_every > 0 && state.step % checkpoint_every == 0) || state.step == end;
+        if pending && (state.step % POLL_EVERY == 0 || validate_now || checkpoint_now) {
+            pending = false;
+            if let Some(terms) = poll_steps(b, opt, state)? {
+                obs.on_step(state.step, &terms, lr);
+            }
+        }
+        if let (Some(v), true) = (val, validate_now) {
+            let m = validate_on(b, &state.model, v, cfg)?;
+            obs.on_validation(state.step, &m, &state.model)?;
+            *last_val = Some(m);
+        }
+        if checkpoint_now {
             state.adam = b.opt_download(opt, &mut state.model)?;
             obs.on_checkpoint(state, cfg)?;
         }

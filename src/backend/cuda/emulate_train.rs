@@ -369,6 +369,38 @@ pub struct EmuExec {
     /// the driver does, with CUDA_ERROR_OUT_OF_MEMORY. `None`: unlimited.
     pub memory_limit: Option<usize>,
     live_bytes: std::sync::atomic::AtomicUsize,
+    /// The capture under way: what it recorded, and the allocations it made.
+    capture: std::sync::Mutex<Option<EmuGraph>>,
+    /// Captured graphs by id.
+    graphs: std::sync::Mutex<std::collections::HashMap<u64, EmuGraph>>,
+    /// Graph replays run.
+    pub replays: std::sync::atomic::AtomicUsize,
+}
+
+/// One recorded operation of an emulated graph.
+enum EmuOp {
+    Launch {
+        name: String,
+        grid: (u32, u32, u32),
+        smem: usize,
+        args: TrainArgs,
+    },
+    Memset {
+        ptr: u64,
+        v: u8,
+        bytes: usize,
+    },
+}
+
+/// An emulated graph: its operations in stream order, and the memory allocated during
+/// its capture, which it owns (as a CUDA graph's memory nodes: the same addresses in every
+/// replay) until it is dropped.
+#[derive(Default)]
+struct EmuGraph {
+    ops: Vec<EmuOp>,
+    owned: Vec<u64>,
+    /// Those of `owned` the host freed during the capture (the graph keeps them).
+    freed: std::collections::HashSet<u64>,
 }
 
 impl EmuExec {
@@ -410,6 +442,13 @@ fn epi(a: &TrainArgs, z: f32, c: usize, vox: usize, aux: Buf<f32>) -> f32 {
     v
 }
 
+/// rln_bn_param: the parameters p[k] of a batch-norm kernel read from device memory `wt`.
+fn bn_param(wt: Buf<f32>, a: &TrainArgs, k: usize) -> [f32; 16] {
+    let mut p = a.p[k];
+    (0..16).for_each(|c| p[c] = wt.get(16 * k + c));
+    p
+}
+
 fn sigmoid(t: f32) -> f32 {
     t.sigmoid()
 }
@@ -430,21 +469,26 @@ impl super::train::Exec for EmuExec {
         let b: Box<[u64]> = vec![0u64; words].into_boxed_slice();
         let p = b.as_ptr() as u64;
         self.mem.lock().unwrap().insert(p, b);
+        if let Some(g) = self.capture.lock().unwrap().as_mut() {
+            g.owned.push(p);
+        }
         Ok(p)
     }
     fn free(&self, ptr: u64) {
-        let b = self
-            .mem
-            .lock()
-            .unwrap()
-            .remove(&ptr)
-            .expect("free of an unknown pointer");
-        self.live_bytes
-            .fetch_sub(8 * b.len(), std::sync::atomic::Ordering::Relaxed);
+        if let Some(g) = self.capture.lock().unwrap().as_mut() {
+            if g.owned.contains(&ptr) {
+                g.freed.insert(ptr);
+                return; // the graph keeps it: every replay uses the same address
+            }
+        }
+        self.release(ptr)
     }
     fn memset(&self, ptr: u64, v: u8, bytes: usize) -> crate::Result<()> {
-        let b = self.buf::<u8>(ptr);
-        (0..bytes).for_each(|i| b.set(i, v));
+        if let Some(g) = self.capture.lock().unwrap().as_mut() {
+            g.ops.push(EmuOp::Memset { ptr, v, bytes });
+            return Ok(());
+        }
+        self.fill(ptr, v, bytes);
         Ok(())
     }
     fn htod(&self, dst: u64, src: &[u8]) -> crate::Result<()> {
@@ -463,7 +507,97 @@ impl super::train::Exec for EmuExec {
         Ok(())
     }
     fn launch(&self, name: &str, grid: (u32, u32, u32), smem: usize, a: &TrainArgs) -> crate::Result<()> {
+        if let Some(g) = self.capture.lock().unwrap().as_mut() {
+            g.ops.push(EmuOp::Launch {
+                name: name.to_string(),
+                grid,
+                smem,
+                args: *a,
+            });
+            return Ok(());
+        }
+        self.execute(name, grid, smem, a)
+    }
+    fn begin_capture(&self) -> crate::Result<()> {
+        *self.capture.lock().unwrap() = Some(EmuGraph::default());
+        Ok(())
+    }
+    fn end_capture(&self) -> crate::Result<u64> {
+        let g = self.capture.lock().unwrap().take().expect("a capture under way");
+        let mut graphs = self.graphs.lock().unwrap();
+        let id = (1..).find(|k| !graphs.contains_key(k)).expect("a free id");
+        graphs.insert(id, g);
+        Ok(id)
+    }
+    fn abort_capture(&self) {
+        if let Some(g) = self.capture.lock().unwrap().take() {
+            self.release_graph(g);
+        }
+    }
+    fn replay(&self, graph: u64) -> crate::Result<()> {
+        self.replays.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let graphs = self.graphs.lock().unwrap();
+        let g = graphs.get(&graph).expect("a captured graph");
+        for op in &g.ops {
+            match op {
+                EmuOp::Launch { name, grid, smem, args } => self.execute(name, *grid, *smem, args)?,
+                EmuOp::Memset { ptr, v, bytes } => self.fill(*ptr, *v, *bytes),
+            }
+        }
+        Ok(())
+    }
+    fn drop_graph(&self, graph: u64) {
+        let g = self.graphs.lock().unwrap().remove(&graph);
+        if let Some(g) = g {
+            self.release_graph(g);
+        }
+    }
+}
+
+impl EmuExec {
+    /// Returns the memory a graph kept: what the host freed during its capture (what it
+    /// has not freed yet stays an ordinary allocation, freed by the host later).
+    fn release_graph(&self, g: EmuGraph) {
+        g.owned
+            .iter()
+            .filter(|p| g.freed.contains(p))
+            .for_each(|&p| self.release(p));
+    }
+
+    /// Returns an allocation's memory.
+    fn release(&self, ptr: u64) {
+        let b = self
+            .mem
+            .lock()
+            .unwrap()
+            .remove(&ptr)
+            .expect("free of an unknown pointer");
+        self.live_bytes
+            .fetch_sub(8 * b.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn fill(&self, ptr: u64, v: u8, bytes: usize) {
+        let b = self.buf::<u8>(ptr);
+        (0..bytes).for_each(|i| b.set(i, v));
+    }
+
+    /// Runs one launch now.
+    fn execute(&self, name: &str, grid: (u32, u32, u32), smem: usize, a: &TrainArgs) -> crate::Result<()> {
         self.launches.lock().unwrap().push(name.to_string());
+        // the batch-norm gradient kernels with their parameters in device memory
+        // (rln_bn_param): read them into the parameter block
+        let with_params;
+        let a = if matches!(name, "t_epi_bwd1" | "t_epi_bwd2") && a.wt != 0 {
+            let mut b = *a;
+            b.wt = 0;
+            for k in 0..4 {
+                b.p[k] = bn_param(self.buf::<f32>(a.wt), a, k);
+            }
+            with_params = b;
+            &with_params
+        } else {
+            a
+        };
         let f = |i: usize| self.buf::<f32>(a.inp[i]);
         let o = |i: usize| self.buf::<f32>(a.out[i]);
         let part = self.buf::<f64>(a.part);
@@ -588,7 +722,32 @@ impl super::train::Exec for EmuExec {
                     part.set(e, s);
                 }
             }
-            "t_epilogue" => (0..count).for_each(|e| o(0).set(e, epi(a, f(0).get(e), e % ca, e / ca, f(3)))),
+            "t_epilogue" => {
+                let mut b = *a;
+                if a.wt != 0 {
+                    b.p[0] = bn_param(self.buf::<f32>(a.wt), a, 0);
+                    b.p[1] = bn_param(self.buf::<f32>(a.wt), a, 1);
+                }
+                (0..count).for_each(|e| o(0).set(e, epi(&b, f(0).get(e), e % ca, e / ca, f(3))))
+            }
+            "t_bn_fold" => {
+                assert_eq!(grid, (1, 1, 1), "t_bn_fold: one block");
+                for c in 0..ca {
+                    let (mean, var) = (stat.get(c), stat.get(ca + c));
+                    let (g, b) = (f(0).get(c) as f64, f(1).get(c) as f64);
+                    let inv_std = 1.0 / (var + a.dc[0]).sqrt();
+                    o(0).set(c, (g * inv_std) as f32);
+                    o(0).set(16 + c, (b - mean * g * inv_std) as f32);
+                    o(0).set(32 + c, f(0).get(c));
+                    o(0).set(48 + c, f(1).get(c));
+                    o(0).set(64 + c, mean as f32);
+                    o(0).set(80 + c, inv_std as f32);
+                }
+            }
+            "t_gather" => {
+                let idx = self.buf::<i32>(a.wt);
+                (0..count).for_each(|j| o(0).set(j, f(0).get(idx.get(j) as usize)))
+            }
             "t_avgpool2" => {
                 for e in 0..count {
                     let (c, v) = (e % ca, e / ca);
@@ -734,8 +893,27 @@ impl super::train::Exec for EmuExec {
                 });
                 p.iter().enumerate().for_each(|(i, &v)| part.set(i, v));
             }
+            "t_loss_finish" => {
+                assert_eq!(grid, (1, 1, 1), "t_loss_finish: one block");
+                // kernels/loss.cuh, operation by operation (Rust's f64 ops are the
+                // intrinsics: rounded, never contracted)
+                let nn = a.dc[0];
+                let v = stat.to_vec(7);
+                let (muy, mug) = ((v[0] * nn) / nn, (v[1] * nn) / nn);
+                let (vy, vg, cov) = (v[2] / nn, v[3] / nn, v[4] / nn);
+                let aa = 2.0 * muy * mug + 1e-4;
+                let bb = 2.0 * cov + 9e-4;
+                let cc_ = muy * muy + mug * mug + 1e-4;
+                let dd = vy + vg + 9e-4;
+                let ssim = aa * bb / (cc_ * dd);
+                let k = -ssim / (1.0 + ssim);
+                for (i, x) in [nn, v[0], v[1], aa, bb, cc_, dd, k].into_iter().enumerate() {
+                    stat.set(7 + i, x);
+                }
+            }
             "t_loss_grad" => {
-                let [nn, my, mg, aa, bb, c_, dd, k] = a.dc;
+                let c = stat.to_vec(8);
+                let [nn, my, mg, aa, bb, c_, dd, k] = [c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]];
                 for i in 0..count {
                     let (y, g) = (f(0).get(i) as f64, f(1).get(i) as f64);
                     let ds = (2.0 * mg / nn) / aa + (2.0 * (g - mg) / nn) / bb
@@ -756,14 +934,25 @@ impl super::train::Exec for EmuExec {
             // intrinsics (no contraction), in the same order
             "t_grad_check" => {
                 assert_eq!(grid, (1, 1, 1), "t_grad_check: one block");
-                let all = (0..count).all(|i| part.get(i).is_finite());
+                if a.mode == 1 && o(0).get(0) != 1.0 {
+                    return Ok(()); // sticky: an earlier queued step failed
+                }
+                let mut all = (0..count).all(|i| part.get(i).is_finite());
+                if a.mode == 1 && a.inp[1] != 0 {
+                    let loss = self.buf::<f64>(a.inp[1]);
+                    all &= (0..7).all(|i| loss.get(i).is_finite());
+                }
                 o(0).set(0, if all { 1.0 } else { 0.0 });
+                if !all && a.mode == 1 {
+                    stat.set(2, stat.get(1));
+                }
             }
             "t_adam" => {
                 if f(0).get(0) != 1.0 {
                     return Ok(());
                 }
-                let [lr_t, b1, b2, eps, c1, c2, _, _] = a.dc;
+                let [_, b1, b2, eps, c1, c2, _, _] = a.dc;
+                let lr_t = self.buf::<f64>(a.inp[1]).get(0);
                 for i in 0..count {
                     let g = part.get(i);
                     let mi = b1 * stat.get(i) + c1 * g;
@@ -1020,6 +1209,7 @@ mod tests {
                 beta: (0..c).map(|_| rng.random_range(-0.5f32..0.5)).collect(),
                 mean: st.mean.iter().map(|&v| v as f32).collect(),
                 inv_std: st.var.iter().map(|&v| (1.0 / (v + 1e-3).sqrt()) as f32).collect(),
+                resident: 0,
             };
             for bnr in [Some(&bn), None] {
                 let (wz, wg, wb) = CPU.epilogue_backward(&z, &dy, true, bnr).unwrap();
@@ -1260,9 +1450,14 @@ mod tests {
 
     /// What one training step asks of the device: launches, synchronizations (every
     /// device-to-host copy waits), uploads. Printed for kernels/NOTES.md; bounded so a
-    /// change that adds round trips shows up.
+    /// change that adds round trips shows up. A queued step of the resident loop copies
+    /// nothing to the host: weights, batch norm, loss and optimizer stay on the device
+    /// (uploads: the batch, lr_t); the poll every `POLL_EVERY` steps reads the state, the
+    /// status and the loss (3 copies).
     #[test]
     fn one_training_step_launches_and_synchronizations() {
+        use crate::train::trainer::{poll_steps, train_step_queued};
+        use std::sync::atomic::Ordering::Relaxed;
         let exec = Arc::new(EmuExec::default());
         let b = CudaTrainBackend::on_exec(exec.clone(), false);
         let cfg = TrainConfig::default();
@@ -1270,28 +1465,46 @@ mod tests {
         let shape = Shape::new(1, 1, 8, 8, 8);
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let x = Tensor::from_vec(shape, (0..shape.len()).map(|_| rng.random_range(0.0f32..1.0)).collect()).unwrap();
-        train_step_on(&b, &mut st, &cfg, &x, &x).unwrap();
+        let mut opt = b.opt_new(&st.model, &st.adam).unwrap();
+        let counts = || {
+            (
+                exec.launches.lock().unwrap().len(),
+                exec.dtoh_count.load(Relaxed),
+                exec.htod_count.load(Relaxed),
+            )
+        };
+        let mut per_step = vec![];
+        for _ in 0..2 {
+            let before = counts();
+            assert!(train_step_queued(&b, &mut opt, &mut st, &cfg, &x, &x)
+                .unwrap()
+                .is_none());
+            let after = counts();
+            per_step.push((after.0 - before.0, after.1 - before.1, after.2 - before.2));
+        }
+        let before = counts();
+        let terms = poll_steps(&b, &mut opt, &mut st).unwrap().expect("the loss");
+        assert!(terms.loss.is_finite());
+        let poll = (counts().1 - before.1, counts().2 - before.2);
         let launches = exec.launches.lock().unwrap().clone();
         let mut by: std::collections::BTreeMap<String, usize> = Default::default();
-        for l in &launches {
+        for l in &launches[launches.len() - per_step[1].0..] {
             *by.entry(l.clone()).or_default() += 1;
         }
-        let syncs = exec.dtoh_count.load(std::sync::atomic::Ordering::Relaxed);
-        let uploads = exec.htod_count.load(std::sync::atomic::Ordering::Relaxed);
         println!(
-            "one step: {} launches, {syncs} device-to-host copies (synchronizations), {uploads} uploads",
-            launches.len()
+            "first step {:?}, second step {:?} (launches, device-to-host copies, uploads); poll {poll:?} (copies, uploads)",
+            per_step[0], per_step[1]
         );
         println!("{by:?}");
-        // 17 batch norms in the forward pass, the loss, the new weights (no gradient: they
-        // stay on the device), and for this one-off step (train_step_on) the whole state
-        // once more at its end: weights and Adam's moments
-        assert_eq!(
-            syncs,
-            17 + 1 + 1 + 2,
-            "one copy per BN forward, the loss, the new weights, the final state"
-        );
-        assert!(launches.len() < 400);
+        assert_eq!(per_step[1].1, 0, "a queued step copies nothing to the host");
+        assert_eq!(per_step[0].1, 0);
+        // the batch (x, g) and lr_t with the step index; the first step also makes the
+        // gather tables of the packed conv weights (one per layout, then kept)
+        assert_eq!(per_step[1].2, 3, "uploads of a step: x, g, lr_t");
+        assert!(per_step[0].2 > 3);
+        assert_eq!(poll.0, 3, "the poll: state, status record, loss");
+        assert_eq!(st.step, 2);
+        assert!(per_step[1].0 < 400);
     }
 
     #[test]
@@ -1505,12 +1718,125 @@ mod tests {
         assert_eq!(downloaded, before);
     }
 
-    /// A resident step on the emulated device (gradients reduced into their slots of the
-    /// device buffer, Adam and the statistics there) equals, bit for bit, the former path
-    /// on the same device: the gradients downloaded per layer, Adam and the running
-    /// statistics on the host. Checks that every gradient lands in its own slot (β and γ
-    /// included); and the step downloads no gradient: 17 batch statistics, the loss and the
-    /// new weights are its only device-to-host copies.
+    /// The optimizer's device part captured once as a graph and replayed for three steps
+    /// (gradients, batch statistics and lr_t written into their fixed device buffers before
+    /// each replay) equals the host's Adam and running statistics bit for bit, as the
+    /// uncaptured step does (the test above): the graph reads lr_t from device memory, not
+    /// from the arguments frozen at capture (with lr_t frozen, step 2 would differ).
+    #[test]
+    fn captured_optimizer_step_replayed_equals_the_host_bit_for_bit() {
+        use crate::backend::optim::update_running_stats;
+        use crate::backend::GradSink;
+        let exec = Arc::new(EmuExec::default());
+        let b = CudaTrainBackend::on_exec(exec.clone(), true);
+        let rt = b.runtime().clone();
+        let (model, adam, _) = random_opt_state(3);
+        let (mut host_model, mut host_adam) = (model.clone(), adam.clone());
+        let mut opt = b.opt_new(&model, &adam).unwrap();
+        let mut dg = b.grads_new(Variant::Single).unwrap();
+        let batch = rt.alloc(opt.running_len() * 8).unwrap();
+        rt.begin_capture().unwrap();
+        b.resident_opt_launch(&opt, &dg, batch.ptr()).unwrap();
+        let graph = rt.end_capture().unwrap();
+        assert_eq!(graph.launches(), 3, "t_grad_check, t_adam, t_running_stats");
+        assert!(exec.launches.lock().unwrap().is_empty(), "a capture runs nothing");
+        let mut dev_model = model.clone();
+        for step in 0..3u64 {
+            let (_, _, g) = random_opt_state(10 + step);
+            let stats = random_stats(20 + step, &model);
+            host_adam.update(&mut host_model.params, &g);
+            update_running_stats(&mut host_model, &stats);
+            for (l, k) in g.ids() {
+                dg.put(l, k, g.tensor(l, k).clone()).unwrap();
+            }
+            b.resident_put_batch_stats(&opt, &stats, &batch).unwrap();
+            b.resident_opt_prepare(&opt).unwrap();
+            graph.replay().unwrap();
+            assert!(b.resident_opt_finish(&mut opt, &mut dev_model).unwrap());
+            assert_eq!(dev_model, host_model, "weights and statistics after replay {step}");
+        }
+        assert_eq!(exec.replays.load(std::sync::atomic::Ordering::Relaxed), 3);
+        let mut downloaded = model.clone();
+        assert_eq!(b.opt_download(&opt, &mut downloaded).unwrap(), host_adam);
+    }
+
+    /// Work with allocations made and freed inside the capture (pooling into a temporary,
+    /// accumulated into a buffer allocated before) replayed three times equals the same
+    /// work run three times, bit for bit; the temporary keeps its address across replays.
+    /// A capture that copies to the host, waits for the device, uploads, or leaves an
+    /// allocation of its own alive is refused with an error that says why, and ends.
+    #[test]
+    fn captures_replay_exactly_and_refuse_host_round_trips() {
+        let exec = Arc::new(EmuExec::default());
+        let b = CudaTrainBackend::on_exec(exec.clone(), true);
+        let rt = b.runtime().clone();
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let x = b.from_host(&random(Shape::new(2, 4, 4, 6, 8), &mut rng)).unwrap();
+        let acc0 = random(Shape::new(2, 4, 2, 3, 4), &mut rng);
+        let (mut direct, mut replayed) = (b.from_host(&acc0).unwrap(), b.from_host(&acc0).unwrap());
+        let work = |acc: &mut crate::backend::cuda::DevTensor| -> crate::Result<()> {
+            let p = b.avgpool2(&x)?;
+            let q = b.epilogue(
+                &p,
+                &Epilogue {
+                    scale: &[0.5, 2.0, -1.0, 3.0],
+                    shift: &[0.25, 0.0, 1.0, -2.0],
+                    softplus: true,
+                    addend: Addend::None,
+                },
+            )?;
+            b.accumulate(acc, &q)
+        };
+        for _ in 0..3 {
+            work(&mut direct).unwrap();
+        }
+        rt.begin_capture().unwrap();
+        work(&mut replayed).unwrap();
+        let graph = rt.end_capture().unwrap();
+        assert_eq!(graph.launches(), 3);
+        assert_eq!(b.to_host(&replayed).unwrap(), acc0, "capturing ran nothing");
+        for _ in 0..3 {
+            graph.replay().unwrap();
+        }
+        let (d, r) = (b.to_host(&direct).unwrap(), b.to_host(&replayed).unwrap());
+        assert!(d.all_finite());
+        assert_eq!(d.data, r.data, "three replays = three direct runs, bit for bit");
+        assert_ne!(d.data, acc0.data);
+        drop(graph);
+
+        let mut refused = |what: &str, op: &dyn Fn() -> crate::Result<()>| {
+            rt.begin_capture().unwrap();
+            work(&mut replayed).unwrap();
+            let e = op().expect_err(what).to_string();
+            assert!(e.contains("during a graph capture") && e.contains(what), "{e}");
+            assert!(!rt.capturing(), "{what}: the capture ended");
+            assert!(rt.end_capture().is_err());
+        };
+        refused("device-to-host copy", &|| b.to_host(&x).map(|_| ()));
+        refused("wait for the device", &|| rt.synchronize());
+        refused("upload", &|| b.from_host(&acc0).map(|_| ()));
+        rt.begin_capture().unwrap();
+        let kept = b.avgpool2(&x).unwrap();
+        let e = rt
+            .end_capture()
+            .err()
+            .expect("an allocation outlives the capture")
+            .to_string();
+        assert!(e.contains("still alive"), "{e}");
+        drop(kept);
+        // the runtime works normally afterwards
+        work(&mut direct).unwrap();
+        assert!(b.to_host(&direct).unwrap().all_finite());
+    }
+
+    /// A resident step on the emulated device (weights gathered from the master copy on
+    /// the device, batch norm folded there, the loss's constants there, gradients reduced
+    /// into their slots of the device buffer, Adam and the statistics there) equals, bit
+    /// for bit, the former path on the same device: host weights uploaded per op, batch
+    /// statistics downloaded and folded on the host, the gradients downloaded per layer,
+    /// Adam and the running statistics on the host. Checks that every gradient lands in
+    /// its own slot (β and γ included) and every packed weight layout is the host's; the
+    /// step downloads nothing until the poll.
     #[test]
     fn emulated_resident_step_equals_the_host_optimizer_on_device_gradients() {
         use crate::backend::optim::update_running_stats;
@@ -1547,9 +1873,8 @@ mod tests {
             let terms = train_step_resident(&b, &mut opt, &mut resident, &cfg, &x, &g).unwrap();
             let syncs = exec.dtoh_count.load(std::sync::atomic::Ordering::Relaxed) - syncs;
             assert_eq!(
-                syncs,
-                17 + 1 + 1,
-                "batch statistics, loss, new weights: no gradient download"
+                syncs, 3,
+                "only the poll after the step (state, status, loss): no gradient, statistic or weight in between"
             );
             assert_eq!(terms.loss.to_bits(), want_terms.loss.to_bits());
             assert_eq!(resident.model, host.model, "weights and statistics after step {step}");
@@ -1589,6 +1914,47 @@ mod tests {
             val_crop: [8, 8, 8],
             ..TrainConfig::default()
         }
+    }
+
+    /// The training loop on the emulated device with its step recorded as graphs (two,
+    /// one per batch buffer) and replayed equals the loop run op by op, bit for bit
+    /// (weights, statistics, moments, step counters, and the loss it reports), over 7
+    /// steps: 1 op by op, 2 recordings each replayed at once, 4 more replays; the loss and
+    /// state are read every `POLL_EVERY` steps and at checkpoints only.
+    #[test]
+    fn replayed_training_steps_equal_uncaptured_steps_bit_for_bit() {
+        use crate::train::trainer::{train_on, TrainObserver};
+        #[derive(Default)]
+        struct Losses(Vec<(u64, u64)>);
+        impl TrainObserver for Losses {
+            fn on_step(&mut self, step: u64, t: &crate::backend::loss::LossTerms, _lr: f64) {
+                self.0.push((step, t.loss.to_bits()));
+            }
+        }
+        let data = tiny_data();
+        let cfg = TrainConfig { steps: 7, ..tiny_cfg() };
+        let model = Model::<f32>::init(ModelConfig::default(), 8);
+        let mut runs = vec![];
+        for graphs in [false, true] {
+            let exec = Arc::new(EmuExec::default());
+            let mut b = CudaTrainBackend::on_exec(exec.clone(), true);
+            b.set_graphs(graphs);
+            let mut st = TrainState::new(model.clone(), &cfg);
+            let mut obs = Losses::default();
+            train_on(&b, false, &mut st, &cfg, &data, None, 0, None, &mut obs).unwrap();
+            let replays = exec.replays.load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(replays, if graphs { 6 } else { 0 }, "graphs {graphs}");
+            runs.push((st, obs.0));
+        }
+        assert_eq!(runs[0].0.step, 7);
+        assert_ne!(runs[0].0.model, model);
+        assert_eq!(runs[1].0, runs[0].0, "replayed = op by op, bit for bit");
+        assert_eq!(runs[1].1, runs[0].1, "the same losses, read at the same steps");
+        assert_eq!(
+            runs[0].1.iter().map(|l| l.0).collect::<Vec<_>>(),
+            [7],
+            "polled at the end only"
+        );
     }
 
     /// Training on the emulated device stopped after step 2, checkpointed to a file and

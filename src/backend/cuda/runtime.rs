@@ -94,7 +94,35 @@ pub(crate) trait Exec: Send + Sync {
     fn take_profile(&self) -> Result<Vec<(String, f64)>> {
         Ok(vec![])
     }
+
+    // ---- graphs: the compute stream's work recorded once and replayed ----
+    /// Starts recording the work enqueued from now on into a graph instead of running it
+    /// (allocations and frees included: memory allocated and freed inside the capture has
+    /// the same address in every replay).
+    fn begin_capture(&self) -> Result<()> {
+        Err(Error::Cuda("this executor cannot capture graphs".into()))
+    }
+    /// Ends the recording: the graph's id, for [`Exec::replay`] and [`Exec::drop_graph`].
+    fn end_capture(&self) -> Result<u64> {
+        Err(Error::Cuda("this executor cannot capture graphs".into()))
+    }
+    /// Ends the recording and discards it (after a refused operation).
+    fn abort_capture(&self) {}
+    /// Enqueues one run of a captured graph on the compute stream.
+    fn replay(&self, _graph: u64) -> Result<()> {
+        Err(Error::Cuda("this executor cannot replay graphs".into()))
+    }
+    /// Releases a graph (after the work queued so far).
+    fn drop_graph(&self, _graph: u64) {}
 }
+
+/// A captured graph of the CUDA executor. cudarc's graph holds raw driver handles and is
+/// not `Send`; the executor keeps its graphs behind a mutex and touches each from one
+/// thread at a time (the driver's rule for graph objects), so moving it between threads
+/// is sound.
+struct SendGraph(cudarc::driver::CudaGraph);
+// SAFETY: see the type's comment: every access goes through CudaExec::graphs' mutex.
+unsafe impl Send for SendGraph {}
 
 /// One recorded launch of a profiled run: kernel name and its start/end events.
 type ProfileEvents = Vec<(String, CudaEvent, CudaEvent)>;
@@ -105,6 +133,11 @@ pub(crate) struct CudaExec {
     stream: Arc<CudaStream>,
     sync_each: bool,
     profile: Mutex<Option<ProfileEvents>>,
+    /// Instantiated graphs by id.
+    graphs: Mutex<std::collections::HashMap<u64, SendGraph>>,
+    /// A capture is under way (no synchronization after a launch then).
+    capturing: std::sync::atomic::AtomicBool,
+    next_graph: std::sync::atomic::AtomicU64,
 }
 
 impl CudaExec {
@@ -136,6 +169,9 @@ impl CudaExec {
             dev,
             sync_each,
             profile: Mutex::new(None),
+            graphs: Mutex::new(Default::default()),
+            capturing: Default::default(),
+            next_graph: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
@@ -156,8 +192,15 @@ impl CudaExec {
             }
             None => None,
         };
-        self.dev
-            .launch(&self.stream, name, grid, block, smem, args, self.sync_each)?;
+        self.dev.launch(
+            &self.stream,
+            name,
+            grid,
+            block,
+            smem,
+            args,
+            self.sync_each && !self.capturing.load(Ordering::Relaxed),
+        )?;
         if let (Some(a), Some(p)) = (start, prof.as_mut()) {
             let b = self.dev.event(true)?;
             b.record(&self.stream).check("recording an event")?;
@@ -237,6 +280,48 @@ impl Exec for CudaExec {
             .map(|(n, a, b)| Ok((n.clone(), a.elapsed_ms(b).check("reading kernel timings")? as f64)))
             .collect()
     }
+    fn begin_capture(&self) -> Result<()> {
+        // thread-local mode: the host threads that cut batches meanwhile make no CUDA
+        // calls, and a call of this thread that is illegal in a capture fails at once
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .check("starting a graph capture")?;
+        self.capturing.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+    fn end_capture(&self) -> Result<u64> {
+        self.capturing.store(false, Ordering::Relaxed);
+        let g = self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .check("ending the graph capture")?
+            .ok_or_else(|| Error::Cuda("the graph capture recorded nothing".into()))?;
+        // the graph's first launch would otherwise upload it
+        g.upload().check("uploading the captured graph")?;
+        let id = self.next_graph.fetch_add(1, Ordering::Relaxed);
+        self.graphs.lock().unwrap().insert(id, SendGraph(g));
+        Ok(id)
+    }
+    fn abort_capture(&self) {
+        self.capturing.store(false, Ordering::Relaxed);
+        // an invalidated capture ends with an error; either way nothing is kept
+        let _ = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    }
+    fn replay(&self, graph: u64) -> Result<()> {
+        let graphs = self.graphs.lock().unwrap();
+        let g = graphs
+            .get(&graph)
+            .ok_or_else(|| Error::Cuda(format!("no captured graph {graph}")))?;
+        g.0.launch().check("launching the captured graph")?;
+        if self.sync_each {
+            self.synchronize()?;
+        }
+        Ok(())
+    }
+    fn drop_graph(&self, graph: u64) {
+        // a graph still running is freed when it completes (cuGraphExecDestroy)
+        drop(self.graphs.lock().unwrap().remove(&graph));
+    }
 }
 
 /// The executor, the byte accounting of its allocations, and the launch trace.
@@ -249,6 +334,64 @@ pub struct Runtime {
     live: AtomicUsize,
     peak: AtomicUsize,
     trace: Mutex<Option<Vec<String>>>,
+    /// Launches recorded by the capture under way.
+    capture_launches: AtomicUsize,
+    /// The capture under way (see [`Runtime::begin_capture`]).
+    capture: Mutex<Option<CaptureBook>>,
+}
+
+/// What a capture under way has allocated, and the first thing it did that a graph
+/// cannot do.
+#[derive(Default)]
+struct CaptureBook {
+    /// Allocations made during the capture and not yet freed.
+    allocated: std::collections::HashSet<u64>,
+    /// Frees, during the capture, of memory allocated before it: each replay would free
+    /// it again.
+    foreign_frees: usize,
+}
+
+/// A step recorded once by [`Runtime::begin_capture`] / [`Runtime::end_capture`] and
+/// replayed by [`StepGraph::replay`]: every kernel with the parameters it had when it
+/// was captured, on the same addresses (the memory it allocated and freed inside the
+/// capture included). What changes between replays must be written into fixed device
+/// buffers before each replay (the batch, lr_t).
+pub struct StepGraph {
+    id: u64,
+    rt: Arc<Runtime>,
+    /// Launches recorded.
+    launches: usize,
+}
+
+impl StepGraph {
+    /// Enqueues one run of the graph (no synchronization).
+    pub fn replay(&self) -> Result<()> {
+        if self.rt.capture.lock().unwrap().is_some() {
+            return Err(Error::Cuda(
+                "a captured graph cannot be replayed inside another capture".into(),
+            ));
+        }
+        self.rt.exec.replay(self.id)
+    }
+    /// Kernel launches in the graph.
+    pub fn launches(&self) -> usize {
+        self.launches
+    }
+}
+
+impl crate::backend::StepReplay for StepGraph {
+    fn replay(&self) -> Result<()> {
+        StepGraph::replay(self)
+    }
+    fn launches(&self) -> usize {
+        self.launches
+    }
+}
+
+impl Drop for StepGraph {
+    fn drop(&mut self) {
+        self.rt.exec.drop_graph(self.id);
+    }
 }
 
 /// An allocation of a [`Runtime`], returned to it (in stream order) on drop.
@@ -311,6 +454,11 @@ impl DevTensor {
 
 impl Drop for DevMem {
     fn drop(&mut self) {
+        if let Some(book) = self.rt.capture.lock().unwrap().as_mut() {
+            if !book.allocated.remove(&self.ptr) {
+                book.foreign_frees += 1;
+            }
+        }
         self.rt.exec.free(self.ptr);
         self.rt.live.fetch_sub(self.bytes, Ordering::Relaxed);
     }
@@ -329,6 +477,8 @@ impl Runtime {
             live: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             trace: Mutex::new(None),
+            capture_launches: AtomicUsize::new(0),
+            capture: Mutex::new(None),
         }))
     }
 
@@ -342,6 +492,8 @@ impl Runtime {
             live: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             trace: Mutex::new(None),
+            capture_launches: AtomicUsize::new(0),
+            capture: Mutex::new(None),
         })
     }
 
@@ -366,6 +518,9 @@ impl Runtime {
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DevMem> {
         let bytes = bytes.max(16);
         let ptr = self.exec.alloc(bytes)?;
+        if let Some(book) = self.capture.lock().unwrap().as_mut() {
+            book.allocated.insert(ptr);
+        }
         let mem = DevMem {
             ptr,
             bytes,
@@ -423,18 +578,90 @@ impl Runtime {
     /// A new allocation holding `data` (the copy is enqueued; `data` may go away).
     pub fn upload<T: bytemuck::Pod>(self: &Arc<Self>, data: &[T]) -> Result<DevMem> {
         let m = self.alloc(std::mem::size_of_val(data))?;
-        self.exec.htod(m.ptr, bytemuck::cast_slice(data))?;
+        self.htod(m.ptr, data)?;
         Ok(m)
     }
 
     /// Enqueues a copy of `src` to device address `dst`.
     pub fn htod<T: bytemuck::Pod>(&self, dst: u64, src: &[T]) -> Result<()> {
+        self.refuse_in_capture(|| format!("an upload of {} bytes", std::mem::size_of_val(src)))?;
         self.exec.htod(dst, bytemuck::cast_slice(src))
     }
 
     /// Copies from device address `src` into `dst` and waits for the copy.
     pub fn dtoh<T: bytemuck::Pod>(&self, dst: &mut [T], src: u64) -> Result<()> {
+        self.refuse_in_capture(|| {
+            format!(
+                "a device-to-host copy of {} bytes (and the wait for it)",
+                std::mem::size_of_val(dst)
+            )
+        })?;
         self.exec.dtoh(bytemuck::cast_slice_mut(dst), src)
+    }
+
+    /// Starts capturing: from now on this runtime's allocations, frees, memsets and
+    /// launches are recorded into a graph (see [`StepGraph`]) instead of run. A copy to
+    /// or from host memory or a wait for the device during the capture is refused with an
+    /// error (and ends the capture): a graph runs without the host, and uploads go into
+    /// fixed device buffers before each replay.
+    pub fn begin_capture(&self) -> Result<()> {
+        let mut cap = self.capture.lock().unwrap();
+        if cap.is_some() {
+            return Err(Error::Cuda("a graph capture is already under way".into()));
+        }
+        self.exec.begin_capture()?;
+        *cap = Some(CaptureBook::default());
+        Ok(())
+    }
+
+    /// Whether a capture is under way.
+    pub fn capturing(&self) -> bool {
+        self.capture.lock().unwrap().is_some()
+    }
+
+    /// Ends the capture: the graph, ready to replay. Refused (and the recording dropped)
+    /// when the captured work left memory it allocated alive (a replay could not reuse
+    /// its addresses) or freed memory allocated before the capture.
+    pub fn end_capture(self: &Arc<Self>) -> Result<StepGraph> {
+        let book = self
+            .capture
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| Error::Cuda("no graph capture is under way".into()))?;
+        if !book.allocated.is_empty() || book.foreign_frees > 0 {
+            self.exec.abort_capture();
+            return Err(Error::Cuda(format!(
+                "the captured work cannot be a graph: {} allocation(s) made during the capture are still alive and {} \
+                 allocation(s) made before it were freed in it (allocate the step's lasting buffers before capturing)",
+                book.allocated.len(),
+                book.foreign_frees
+            )));
+        }
+        let launches = self.capture_launches.swap(0, Ordering::Relaxed);
+        let id = self.exec.end_capture()?;
+        Ok(StepGraph {
+            id,
+            rt: self.clone(),
+            launches,
+        })
+    }
+
+    /// An error, and the capture dropped, when `what` is attempted during a capture.
+    fn refuse_in_capture(&self, what: impl FnOnce() -> String) -> Result<()> {
+        let mut cap = self.capture.lock().unwrap();
+        if cap.is_none() {
+            return Ok(());
+        }
+        *cap = None;
+        self.capture_launches.store(0, Ordering::Relaxed);
+        self.exec.abort_capture();
+        Err(Error::Cuda(format!(
+            "{} during a graph capture: a captured step must run on the device alone, without \
+             host copies or waits (upload into fixed buffers before the replay, read results after it); \
+             the capture was abandoned",
+            what()
+        )))
     }
 
     pub fn memset(&self, ptr: u64, v: u8, bytes: usize) -> Result<()> {
@@ -445,6 +672,9 @@ impl Runtime {
     pub fn launch(&self, l: &Launch<'_>) -> Result<()> {
         if let Some(t) = self.trace.lock().unwrap().as_mut() {
             t.push(trace_line(l));
+        }
+        if self.capture.lock().unwrap().is_some() {
+            self.capture_launches.fetch_add(1, Ordering::Relaxed);
         }
         match l.params {
             Params::Infer(a) => self.exec.launch_infer(l.name, l.grid, l.block, l.smem, a),
@@ -465,17 +695,20 @@ impl Runtime {
 
     /// Waits for all work queued on the compute stream.
     pub fn synchronize(&self) -> Result<()> {
+        self.refuse_in_capture(|| "a wait for the device".into())?;
         self.exec.synchronize()
     }
 
     /// Waits for every stream of the device.
     pub fn synchronize_device(&self) -> Result<()> {
+        self.refuse_in_capture(|| "a wait for the device".into())?;
         self.exec.synchronize_device()
     }
 
     /// Waits for the compute stream and returns the pool's unused memory to the device,
     /// so that the driver's count of free memory includes it (before planning sizes).
     pub fn trim(&self) -> Result<()> {
+        self.refuse_in_capture(|| "trimming the memory pool".into())?;
         self.exec.trim()
     }
 

@@ -8,14 +8,19 @@
 //!   memory pool (cuMemAllocAsync / cuMemFreeAsync on the compute stream, release
 //!   threshold raised so the pool keeps its memory): a training step allocates and frees
 //!   ~150 tensors without a device synchronization.
-//! - Weights arrive as host slices (the trait's interface) and are uploaded per call
-//!   (a few KB, asynchronous). Weight, γ and β gradients, batch statistics and the loss
-//!   sums are reduced on the device in a fixed order (f64 partials per block, then
-//!   `t_reduce_part`) and come back to the host as the trait's `Vec<f64>` /
-//!   [`ChannelStats`]: one small device-to-host copy, and thus one synchronization, per
-//!   batch norm in the forward pass, per layer in the backward pass, and one for the loss.
-//!   Adam runs on the host in f64 (the CPU trainer's code), so checkpoints and resume
-//!   are those of the CPU trainer.
+//! - In a resident step ([`crate::net::Rln::resident`], the training loop) nothing goes
+//!   through the host between the batch upload and the next step: the convs read their
+//!   weights gathered from the FP32 master copy on the device (`t_gather`, tables made
+//!   once), batch norm reduces its statistics into the resident state and folds them with
+//!   γ, β there (`t_bn_fold`), the loss's constants are computed there (`t_loss_finish`),
+//!   gradients are reduced into the resident gradient buffer and Adam reads lr_t from
+//!   device memory (train_params.rs). The host reads the loss and the steps' outcome when
+//!   it polls (every [`crate::train::trainer::POLL_EVERY`] steps, before validation and
+//!   checkpoints). Outside a resident step (one op at a time, the tests' oracle), weights
+//!   arrive as host slices uploaded per call and statistics, γ/β gradients and the loss
+//!   come back to the host as the trait's values.
+//! - The runtime can capture such device-only work as a CUDA graph and replay it
+//!   ([`Runtime::begin_capture`]): a copy to or from the host inside a capture is refused.
 //! - Results are deterministic (no atomics; grids of reductions depend only on sizes).
 //! - Every op returns a [`Result`]: a failed driver call or launch is an [`Error::Cuda`],
 //!   and an allocation the device cannot satisfy is an [`Error::OutOfMemory`] (the caller
@@ -32,7 +37,7 @@ use super::Precision;
 use crate::backend::cpu::pointwise;
 use crate::backend::loss::{loss_from_sums, LossSums, LossTerms};
 use crate::backend::optim::Adam;
-use crate::backend::{Addend, Backend, BnTrainState, ChannelStats, Epilogue, GradMode};
+use crate::backend::{Addend, Backend, BnTrainState, ChannelStats, Epilogue, GradMode, LayerWeight};
 use crate::error::{Error, Result};
 use crate::model::{Model, Variant};
 use crate::tensor::{Shape, Tensor};
@@ -49,9 +54,33 @@ pub(crate) use train_params::{ADAM_KERNELS, ADAM_MODULE};
 #[cfg(test)]
 pub(crate) use super::runtime::Exec;
 
+/// f64 slots of the loss on the device: the 7 sums, then the gradient's 8 constants.
+pub(crate) const LOSS_SLOTS: usize = 15;
+
+/// The loss terms and the gradient's constants from the 7 sums at the start of `v`
+/// ([μy, μg, Σ(y−μy)², Σ(g−μg)², Σ(y−μy)(g−μg), Σ(y−g)², Σ aux²]) and n in `v[7]` when
+/// present: the host's arithmetic ([`loss_from_sums`]) on what the device reduced.
+pub(crate) fn loss_sums_at(v: &[f64]) -> (LossTerms, crate::backend::loss::LossGradConsts) {
+    let n = v[7];
+    loss_from_sums(&LossSums {
+        n,
+        sum_y: v[0] * n,
+        sum_g: v[1] * n,
+        sq_y: v[2],
+        sq_g: v[3],
+        cross: v[4],
+        sq_err: v[5],
+        sq_aux: v[6],
+    })
+}
+
 /// The training backend bound to one device.
 pub struct CudaTrainBackend {
     rt: Arc<Runtime>,
+    /// Whether the training loop records its step as a graph and replays it
+    /// ([`Backend::capture_begin`]; RLN_CUDA_GRAPHS=0 turns it off: the step then runs
+    /// op by op, with the same results).
+    graphs: bool,
 }
 
 /// Checks that tensors agree in batch and volume size.
@@ -81,6 +110,7 @@ impl CudaTrainBackend {
         let sync_each = std::env::var("RLN_CUDA_SYNC").is_ok_and(|v| v == "1");
         Ok(CudaTrainBackend {
             rt: Runtime::cuda(dev, sync_each, poison)?,
+            graphs: !std::env::var("RLN_CUDA_GRAPHS").is_ok_and(|v| v == "0"),
         })
     }
 
@@ -95,7 +125,14 @@ impl CudaTrainBackend {
     pub(crate) fn on_exec(exec: Arc<dyn Exec>, poison: bool) -> Self {
         CudaTrainBackend {
             rt: Runtime::on_exec(exec, poison),
+            graphs: true,
         }
+    }
+
+    /// Whether the training loop may record and replay its step as a graph (default on;
+    /// off, it runs the step op by op with the same results).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = on;
     }
 
     /// The runtime every allocation, copy and launch of this backend goes through.
@@ -234,11 +271,18 @@ impl CudaTrainBackend {
     }
 
     /// conv3 over the concatenation of `inputs` with weights already packed
-    /// [ci][27][co], then the epilogue in `args` (p, mode, f, inp[3]).
-    fn conv_packed(
+    /// [ci][27][co] (host values, uploaded), then the epilogue in `args` (p, mode, f, inp[3]).
+    fn conv_packed(&self, inputs: &[&DevTensor], packed: &[f32], c_out: usize, args: TrainArgs) -> Result<DevTensor> {
+        let w = self.upload_f32(packed)?;
+        self.conv_packed_at(inputs, w.ptr(), packed.len(), c_out, args)
+    }
+
+    /// [`Self::conv_packed`] with the packed weights (`n` values) at device address `wt`.
+    fn conv_packed_at(
         &self,
         inputs: &[&DevTensor],
-        packed: &[f32],
+        wt: u64,
+        n: usize,
         c_out: usize,
         mut args: TrainArgs,
     ) -> Result<DevTensor> {
@@ -255,10 +299,9 @@ impl CudaTrainBackend {
             cs[i] = t.shape.c;
         }
         let cin: usize = cs.iter().sum();
-        if packed.len() != cin * 27 * c_out {
+        if n != cin * 27 * c_out {
             return Err(Error::invalid(format!(
-                "conv3 weight has {} values, expected {c_out}×{cin}×27",
-                packed.len()
+                "conv3 weight has {n} values, expected {c_out}×{cin}×27"
             )));
         }
         if c_out > 16 || cin > 64 {
@@ -268,7 +311,6 @@ impl CudaTrainBackend {
         }
         let out_shape = s0.with_c(c_out);
         let out = self.tensor(out_shape)?;
-        let w = self.upload_f32(packed)?;
         args = args.dims(s0);
         args.inp[0] = inputs[0].ptr();
         args.inp[1] = inputs.get(1).map_or(0, |t| t.ptr());
@@ -277,7 +319,7 @@ impl CudaTrainBackend {
         args.cb = cs[1] as i32;
         args.cc = cs[2] as i32;
         args.cout = c_out as i32;
-        args.wt = w.ptr();
+        args.wt = wt;
         args.out[0] = out.ptr();
         let v = [cs[0], cs[1], cs[2], c_out];
         if tl::FWD_VARIANTS.contains(&v) {
@@ -290,6 +332,55 @@ impl CudaTrainBackend {
             )?;
         } else {
             self.launch_1d(tl::CONV_ANY_FWD, out_shape.len(), args)?;
+        }
+        Ok(out)
+    }
+
+    /// conv3 with layer `w.layer`'s weight gathered from the resident master copy.
+    fn resident_conv3(
+        &self,
+        inputs: &[&DevTensor],
+        w: LayerWeight<'_, Self>,
+        opt: &train_params::DevOpt,
+        c_out: usize,
+        epi: &Epilogue<'_, DevTensor, f32>,
+    ) -> Result<DevTensor> {
+        let cin: usize = inputs.iter().map(|t| t.shape.c).sum();
+        let packed = self.resident_packed(opt, w.layer, w.host.len(), cin, c_out, 0, cin, false)?;
+        let mut args = TrainArgs::default();
+        self.set_epilogue(&mut args, epi, inputs[0].shape.with_c(c_out))?;
+        self.conv_packed_at(inputs, packed.ptr(), w.host.len(), c_out, args)
+    }
+
+    /// The data gradients of conv3 with layer `w.layer`'s weight from the resident copy.
+    fn resident_conv3_backward_data(
+        &self,
+        dz: &DevTensor,
+        w: LayerWeight<'_, Self>,
+        opt: &train_params::DevOpt,
+        c_in: &[usize],
+        needed: &[bool],
+    ) -> Result<Vec<Option<DevTensor>>> {
+        let c_out = dz.shape.c;
+        let c_total: usize = c_in.iter().sum();
+        let mut offset = 0;
+        let mut out = Vec::new();
+        for (&cs, &need) in c_in.iter().zip(needed) {
+            if need {
+                let packed = self.resident_packed(opt, w.layer, w.host.len(), c_total, c_out, offset, cs, true)?;
+                let mut args = TrainArgs::default();
+                args.p[0] = [1.0; 16];
+                out.push(Some(self.conv_packed_at(
+                    &[dz],
+                    packed.ptr(),
+                    c_out * 27 * cs,
+                    cs,
+                    args,
+                )?));
+            } else {
+                out.push(None);
+            }
+            offset += cs;
         }
         Ok(out)
     }
@@ -422,13 +513,19 @@ impl CudaTrainBackend {
                 s.c
             )));
         }
+        let w = self.upload_f32(weight)?;
+        self.up2_at(x, w.ptr(), c_out, epi)
+    }
+
+    /// up2 with its weight (engine layout, C_in·C_out·8 values) at device address `wt`.
+    fn up2_at(&self, x: &DevTensor, wt: u64, c_out: usize, epi: &Epilogue<'_, DevTensor, f32>) -> Result<DevTensor> {
+        let s = x.shape;
         let os = Shape::new(s.n, c_out, 2 * s.d, 2 * s.h, 2 * s.w);
         let out = self.tensor(os)?;
-        let w = self.upload_f32(weight)?;
         let mut args = TrainArgs::default().dims(os);
         self.set_epilogue(&mut args, epi, os)?;
         args.inp[0] = x.ptr();
-        args.wt = w.ptr();
+        args.wt = wt;
         args.out[0] = out.ptr();
         args.ca = s.c as i32;
         args.cout = c_out as i32;
@@ -441,12 +538,18 @@ impl CudaTrainBackend {
         if weight.len() != c_in * os.c * 8 || os.d % 2 + os.h % 2 + os.w % 2 != 0 {
             return Err(Error::invalid("up2 backward: weight or sizes do not match"));
         }
+        let w = self.upload_f32(weight)?;
+        self.up2_backward_data_at(dz, w.ptr(), c_in)
+    }
+
+    /// up2's data gradient with its weight at device address `wt`.
+    fn up2_backward_data_at(&self, dz: &DevTensor, wt: u64, c_in: usize) -> Result<DevTensor> {
+        let os = dz.shape;
         let s = Shape::new(os.n, c_in, os.d / 2, os.h / 2, os.w / 2);
         let out = self.tensor(s)?;
-        let w = self.upload_f32(weight)?;
         let mut args = TrainArgs::default().dims(s);
         args.inp[0] = dz.ptr();
-        args.wt = w.ptr();
+        args.wt = wt;
         args.out[0] = out.ptr();
         args.ca = c_in as i32;
         args.cout = os.c as i32;
@@ -482,9 +585,16 @@ impl CudaTrainBackend {
     }
 
     fn try_epilogue(&self, z: &DevTensor, epi: &Epilogue<'_, DevTensor, f32>) -> Result<DevTensor> {
+        self.epilogue_at(z, epi, 0)
+    }
+
+    /// The epilogue; with `params` nonzero, its scale and shift (16 f32 each) are read
+    /// from that device address instead of `epi` (the resident batch norm).
+    fn epilogue_at(&self, z: &DevTensor, epi: &Epilogue<'_, DevTensor, f32>, params: u64) -> Result<DevTensor> {
         let out = self.tensor(z.shape)?;
         let mut args = TrainArgs::default().dims(z.shape);
         self.set_epilogue(&mut args, epi, z.shape)?;
+        args.wt = params;
         args.inp[0] = z.ptr();
         args.out[0] = out.ptr();
         args.ca = z.shape.c as i32;
@@ -536,27 +646,40 @@ impl CudaTrainBackend {
             // the device reduction fixes one channel per thread: other counts on the host
             return Ok(pointwise::batch_stats(&self.try_download(z)?));
         }
-        let count = s.len();
-        let m = (s.n * s.spatial()) as f64;
-        let blocks = tl::reduction_blocks(count);
-        let part = self.alloc(blocks * c * 8)?;
         let stat = self.alloc(2 * c * 8)?;
-        let mut args = TrainArgs::default();
-        args.inp[0] = z.ptr();
-        args.part = part.ptr();
-        args.stat = stat.ptr();
-        args.ca = c as i32;
-        args.count = count as i64;
-        self.launch("t_chan_sum", (blocks as u32, 1, 1), 0, &args)?;
-        self.reduce(&part, blocks, c, 1.0 / m, stat.ptr())?;
-        args.mode = 1;
-        self.launch("t_chan_sum", (blocks as u32, 1, 1), 0, &args)?;
-        self.reduce(&part, blocks, c, 1.0 / m, stat.ptr() + (c * 8) as u64)?;
+        self.batch_stats_to(z, stat.ptr())?;
         let v = self.download_f64(&stat, 2 * c, "batch statistics")?;
         Ok(ChannelStats {
             mean: v[..c].to_vec(),
             var: v[c..].to_vec(),
         })
+    }
+
+    /// The batch statistics of z (C a power of two ≤ 16) reduced on the device into
+    /// `stat`: [mean (C), biased variance (C)], f64.
+    fn batch_stats_to(&self, z: &DevTensor, stat: u64) -> Result<()> {
+        let s = z.shape;
+        let c = s.c;
+        if !matches!(c, 1 | 2 | 4 | 8 | 16) {
+            return Err(Error::invalid(format!(
+                "batch statistics on the device need 1, 2, 4, 8 or 16 channels, got {c}"
+            )));
+        }
+        let count = s.len();
+        let m = (s.n * s.spatial()) as f64;
+        let blocks = tl::reduction_blocks(count);
+        let part = self.alloc(blocks * c * 8)?;
+        let mut args = TrainArgs::default();
+        args.inp[0] = z.ptr();
+        args.part = part.ptr();
+        args.stat = stat;
+        args.ca = c as i32;
+        args.count = count as i64;
+        self.launch("t_chan_sum", (blocks as u32, 1, 1), 0, &args)?;
+        self.reduce(&part, blocks, c, 1.0 / m, stat)?;
+        args.mode = 1;
+        self.launch("t_chan_sum", (blocks as u32, 1, 1), 0, &args)?;
+        self.reduce(&part, blocks, c, 1.0 / m, stat + (c * 8) as u64)
     }
 
     fn try_epilogue_backward(
@@ -611,6 +734,11 @@ impl CudaTrainBackend {
         args.count = count as i64;
         args.mode = if softplus { 1 } else { 0 };
         match bn {
+            Some(b) if b.resident != 0 => {
+                // γ, β, mean, inv_std on the device (the resident batch norm's fold)
+                args.wt = b.resident;
+                args.mode |= 2;
+            }
             Some(b) => {
                 args.p = [
                     tl::channel_array(&b.gamma, c, 1.0),
@@ -693,8 +821,9 @@ impl CudaTrainBackend {
         Ok((da, dt))
     }
 
-    /// The loss of spec §5: sums on the device (two passes, f64), terms on the host, then
-    /// the gradients on the device.
+    /// The loss of spec §5: sums on the device (two passes, f64), the gradient's constants
+    /// and the gradients there too (no host round trip in between); the terms from the
+    /// sums, downloaded.
     fn try_loss(
         &self,
         y: &DevTensor,
@@ -702,6 +831,21 @@ impl CudaTrainBackend {
         x1: &DevTensor,
         g: &DevTensor,
     ) -> Result<(LossTerms, DevTensor, DevTensor)> {
+        let stat = self.zeros_f64(LOSS_SLOTS)?;
+        let (dy, de) = self.loss_to(y, e1r, x1, g, stat.ptr())?;
+        Ok((self.loss_terms_at(&stat, 0)?, dy, de))
+    }
+
+    /// The loss's device part: the 7 sums (see [`loss_sums_at`]) and the gradient's 8
+    /// constants into `stat` (`LOSS_SLOTS` f64 on the device), and ∂L/∂y, ∂L/∂E1r.
+    fn loss_to(
+        &self,
+        y: &DevTensor,
+        e1r: &DevTensor,
+        x1: &DevTensor,
+        g: &DevTensor,
+        stat: u64,
+    ) -> Result<(DevTensor, DevTensor)> {
         let s = g.shape;
         if y.shape != s || e1r.shape != s || x1.shape != s || s.c != 1 {
             return Err(Error::Shape(format!(
@@ -713,38 +857,38 @@ impl CudaTrainBackend {
         let n = count as f64;
         let blocks = tl::reduction_blocks(count);
         let part = self.alloc(blocks * 5 * 8)?;
-        let stat = self.zeros_f64(7)?;
         let mut args = TrainArgs::default();
         args.inp = [y.ptr(), g.ptr(), e1r.ptr(), x1.ptr()];
         args.part = part.ptr();
-        args.stat = stat.ptr();
+        args.stat = stat;
         args.count = count as i64;
         self.launch("t_loss_sums", (blocks as u32, 1, 1), 0, &args)?;
-        self.reduce(&part, blocks, 2, 1.0 / n, stat.ptr())?;
+        self.reduce(&part, blocks, 2, 1.0 / n, stat)?;
         args.mode = 1;
         self.launch("t_loss_sums", (blocks as u32, 1, 1), 0, &args)?;
-        self.reduce(&part, blocks, 5, 1.0, stat.ptr() + 16)?;
-        let v = self.download_f64(&stat, 7, "the loss sums")?;
-        let sums = LossSums {
-            n,
-            sum_y: v[0] * n,
-            sum_g: v[1] * n,
-            sq_y: v[2],
-            sq_g: v[3],
-            cross: v[4],
-            sq_err: v[5],
-            sq_aux: v[6],
-        };
-        let (terms, k) = loss_from_sums(&sums);
-        // the means as the device used them in pass 2 (not re-derived from n·mean / n)
-        let (mu_y, mu_g) = (v[0], v[1]);
+        self.reduce(&part, blocks, 5, 1.0, stat + 16)?;
+        let mut fin = TrainArgs::default();
+        fin.stat = stat;
+        fin.dc[0] = n;
+        self.launch("t_loss_finish", (1, 1, 1), 0, &fin)?;
         let dy = self.tensor(s)?;
         let de = self.tensor(s)?;
         args.out[0] = dy.ptr();
         args.out[1] = de.ptr();
-        args.dc = [n, mu_y, mu_g, k.a, k.b, k.c, k.d, k.k];
+        args.stat = stat + 7 * 8;
+        args.mode = 0;
         self.launch_1d("t_loss_grad", count, args)?;
-        Ok((terms, dy, de))
+        Ok((dy, de))
+    }
+
+    /// The loss terms from the sums a [`Self::loss_to`] left at f64 slot `slot` of `m`
+    /// (one download: a synchronization).
+    fn loss_terms_at(&self, m: &DevMem, slot: usize) -> Result<LossTerms> {
+        let mut v = vec![0.0f64; LOSS_SLOTS];
+        self.rt
+            .dtoh(&mut v, m.ptr() + 8 * slot as u64)
+            .map_err(|e| Error::Cuda(format!("copying the loss sums to the host: {e}")))?;
+        Ok(loss_sums_at(&v).0)
     }
 
     /// mode 0 mirror pad, 1 crop, 2 uncrop with zeros: `out` of shape `os`, x its source.
@@ -809,6 +953,142 @@ impl Backend for CudaTrainBackend {
     }
     fn epilogue(&self, z: &DevTensor, epi: &Epilogue<'_, DevTensor, f32>) -> Result<DevTensor> {
         self.try_epilogue(z, epi)
+    }
+    fn conv3_w(
+        &self,
+        inputs: &[&DevTensor],
+        w: LayerWeight<'_, Self>,
+        c_out: usize,
+        epi: &Epilogue<'_, DevTensor, f32>,
+    ) -> Result<DevTensor> {
+        match w.opt {
+            Some(opt) => self.resident_conv3(inputs, w, opt, c_out, epi),
+            None => self.try_conv3(inputs, w.host, c_out, epi),
+        }
+    }
+    fn up2_w(
+        &self,
+        x: &DevTensor,
+        w: LayerWeight<'_, Self>,
+        c_out: usize,
+        epi: &Epilogue<'_, DevTensor, f32>,
+    ) -> Result<DevTensor> {
+        match w.opt {
+            Some(opt) => {
+                if w.host.len() != x.shape.c * c_out * 8 || x.shape.c > 16 || c_out > 16 {
+                    return Err(Error::invalid(format!(
+                        "up2: weight has {} values for {}→{c_out} channels",
+                        w.host.len(),
+                        x.shape.c
+                    )));
+                }
+                let wt = self.resident_weight(opt, w.layer, w.host.len())?;
+                self.up2_at(x, wt, c_out, epi)
+            }
+            None => self.try_up2(x, w.host, c_out, epi),
+        }
+    }
+    fn conv3_backward_data_w(
+        &self,
+        dz: &DevTensor,
+        w: LayerWeight<'_, Self>,
+        c_in: &[usize],
+        needed: &[bool],
+    ) -> Result<Vec<Option<DevTensor>>> {
+        match w.opt {
+            Some(opt) => {
+                if w.host.len() != dz.shape.c * c_in.iter().sum::<usize>() * 27 {
+                    return Err(Error::invalid(
+                        "conv3 backward: weight size does not match the channels",
+                    ));
+                }
+                self.resident_conv3_backward_data(dz, w, opt, c_in, needed)
+            }
+            None => self.try_conv3_backward_data(dz, w.host, c_in, needed),
+        }
+    }
+    fn up2_backward_data_w(&self, dz: &DevTensor, w: LayerWeight<'_, Self>, c_in: usize) -> Result<DevTensor> {
+        match w.opt {
+            Some(opt) => {
+                let os = dz.shape;
+                if w.host.len() != c_in * os.c * 8 || os.d % 2 + os.h % 2 + os.w % 2 != 0 {
+                    return Err(Error::invalid("up2 backward: weight or sizes do not match"));
+                }
+                let wt = self.resident_weight(opt, w.layer, w.host.len())?;
+                self.up2_backward_data_at(dz, wt, c_in)
+            }
+            None => self.try_up2_backward_data(dz, w.host, c_in),
+        }
+    }
+    fn bn_train(
+        &self,
+        z: &DevTensor,
+        layer: usize,
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f64,
+        softplus: bool,
+        addend: Addend<'_, DevTensor, f32>,
+        opt: Option<&train_params::DevOpt>,
+    ) -> Result<(DevTensor, BnTrainState<f32>, Option<ChannelStats>)> {
+        match opt {
+            Some(opt) => self.resident_bn_train(z, layer, eps, softplus, addend, opt),
+            None => crate::backend::bn_train_composed(self, z, gamma, beta, eps, softplus, addend),
+        }
+    }
+    fn loss_resident(
+        &self,
+        y: &DevTensor,
+        e1r: &DevTensor,
+        x1: &DevTensor,
+        g: &DevTensor,
+        opt: &train_params::DevOpt,
+    ) -> Result<(Option<LossTerms>, DevTensor, DevTensor)> {
+        self.resident_loss(y, e1r, x1, g, opt)
+    }
+    fn opt_step_queued(
+        &self,
+        opt: &mut train_params::DevOpt,
+        grads: &train_params::DevGrads,
+        stats: &[Option<ChannelStats>],
+        _model: &mut Model<f32>,
+    ) -> Result<Option<bool>> {
+        self.resident_opt_step_queued(opt, grads, stats)
+    }
+    fn opt_poll(
+        &self,
+        opt: &mut train_params::DevOpt,
+        model: &mut Model<f32>,
+    ) -> Result<(Option<u64>, Option<LossTerms>)> {
+        self.resident_opt_poll(opt, model)
+    }
+    fn opt_prepare(&self, opt: &train_params::DevOpt) -> Result<()> {
+        self.resident_opt_prepare_ahead(opt)
+    }
+    fn opt_advance(&self, opt: &mut train_params::DevOpt) {
+        self.resident_opt_advance(opt)
+    }
+    fn write_host(&self, dst: &mut DevTensor, t: &Tensor<f32>) -> Result<()> {
+        if dst.shape != t.shape || dst.dtype() != Precision::F32 {
+            return Err(Error::Shape(format!(
+                "writing a host tensor {} into a device tensor {}",
+                t.shape, dst.shape
+            )));
+        }
+        self.rt.htod(dst.ptr(), &t.to_ndhwc())
+    }
+    fn records_graphs(&self) -> bool {
+        self.graphs
+    }
+    fn capture_begin(&self) -> Result<bool> {
+        if !self.graphs {
+            return Ok(false);
+        }
+        self.rt.begin_capture()?;
+        Ok(true)
+    }
+    fn capture_end(&self) -> Result<Box<dyn crate::backend::StepReplay>> {
+        Ok(Box::new(self.rt.end_capture()?))
     }
     fn avgpool2(&self, x: &DevTensor) -> Result<DevTensor> {
         self.try_avgpool2(x)

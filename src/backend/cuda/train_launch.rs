@@ -56,7 +56,7 @@ pub const ADD_SOFTPLUS: i32 = 2 << 1;
 /// The kernels of the two modules, for loading.
 pub const CONV_MODULE: &str = "train_conv";
 pub const OPS_MODULE: &str = "train_ops";
-pub const OPS_KERNELS: [&str; 19] = [
+pub const OPS_KERNELS: [&str; 22] = [
     "t_epilogue",
     "t_avgpool2",
     "t_channel_mean",
@@ -73,9 +73,12 @@ pub const OPS_KERNELS: [&str; 19] = [
     "t_chan_sum",
     "t_epi_bwd1",
     "t_epi_bwd2",
+    "t_bn_fold",
     "t_loss_sums",
+    "t_loss_finish",
     "t_loss_grad",
     "t_reduce_part",
+    "t_gather",
 ];
 pub const CONV_ANY_FWD: &str = "tconv_fwd_any";
 pub const CONV_ANY_WGRAD: &str = "tconv_wgrad_any";
@@ -235,7 +238,10 @@ mod tests {
     fn every_training_kernel_is_in_its_module() {
         use crate::backend::cuda::kernels::module;
         let list = kernel_list();
-        assert_eq!(list.len(), FWD_VARIANTS.len() + WGRAD_VARIANTS.len() + 2 + 19);
+        assert_eq!(
+            list.len(),
+            FWD_VARIANTS.len() + WGRAD_VARIANTS.len() + 2 + OPS_KERNELS.len()
+        );
         for (m, name, _) in &list {
             let km = module(m).unwrap_or_else(|| panic!("module {m} not embedded"));
             let generic = name.starts_with("tconv_") && !name.ends_with("_any");
