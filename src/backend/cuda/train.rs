@@ -117,7 +117,8 @@ impl CudaTrainBackend {
     /// The backend on a runtime another user shares (CUDA inference composes the stages
     /// its fused kernels do not cover of these ops).
     pub fn on_runtime(rt: Arc<Runtime>) -> Self {
-        CudaTrainBackend { rt }
+        // graphs are the training loop's; inference composes single ops
+        CudaTrainBackend { rt, graphs: false }
     }
 
     /// The backend on another executor (the CPU emulation of the unit tests).
