@@ -77,6 +77,10 @@ pub struct BnTrainState<T> {
     pub resident: u64,
 }
 
+/// What [`Backend::bn_train`] returns: y, the backward pass's state, and the batch
+/// statistics where they came to the host.
+pub type BnTrained<X, T> = (X, BnTrainState<T>, Option<ChannelStats>);
+
 /// A layer's weight as the ops of a training step receive it: the host values (of the
 /// model the network is bound to) and, in a resident step ([`crate::net::Rln::resident`]),
 /// the backend's resident state, whose master copy a backend that keeps one uses instead
@@ -136,7 +140,7 @@ pub fn bn_train_composed<B: Backend + ?Sized>(
     eps: f64,
     softplus: bool,
     addend: Addend<'_, B::X, B::T>,
-) -> Result<(B::X, BnTrainState<B::T>, Option<ChannelStats>)> {
+) -> Result<BnTrained<B::X, B::T>> {
     let stats = b.batch_stats(z)?;
     let inv_std: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     let scale: Vec<B::T> = (0..gamma.len())
@@ -266,7 +270,7 @@ pub trait Backend: Sync {
         softplus: bool,
         addend: Addend<'_, Self::X, Self::T>,
         opt: Option<&Self::Opt>,
-    ) -> Result<(Self::X, BnTrainState<Self::T>, Option<ChannelStats>)> {
+    ) -> Result<BnTrained<Self::X, Self::T>> {
         let _ = (layer, opt);
         bn_train_composed(self, z, gamma, beta, eps, softplus, addend)
     }

@@ -599,9 +599,9 @@ fn run_steps<B: Backend<T = f32>>(
             }
         }
         pending |= captured.is_some();
-        let validate_now = val.is_some() && (state.step % cfg.epoch_steps == 0 || state.step == cfg.steps);
-        let checkpoint_now = (checkpoint_every > 0 && state.step % checkpoint_every == 0) || state.step == end;
-        if pending && (state.step % POLL_EVERY == 0 || validate_now || checkpoint_now) {
+        let validate_now = val.is_some() && (state.step.is_multiple_of(cfg.epoch_steps) || state.step == cfg.steps);
+        let checkpoint_now = (checkpoint_every > 0 && state.step.is_multiple_of(checkpoint_every)) || state.step == end;
+        if pending && (state.step.is_multiple_of(POLL_EVERY) || validate_now || checkpoint_now) {
             pending = false;
             if let Some(terms) = poll_steps(b, opt, state)? {
                 obs.on_step(state.step, &terms, lr);

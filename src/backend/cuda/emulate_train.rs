@@ -383,7 +383,7 @@ enum EmuOp {
         name: String,
         grid: (u32, u32, u32),
         smem: usize,
-        args: TrainArgs,
+        args: Box<TrainArgs>,
     },
     Memset {
         ptr: u64,
@@ -512,7 +512,7 @@ impl super::train::Exec for EmuExec {
                 name: name.to_string(),
                 grid,
                 smem,
-                args: *a,
+                args: Box::new(*a),
             });
             return Ok(());
         }

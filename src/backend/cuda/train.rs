@@ -37,7 +37,7 @@ use super::Precision;
 use crate::backend::cpu::pointwise;
 use crate::backend::loss::{loss_from_sums, LossSums, LossTerms};
 use crate::backend::optim::Adam;
-use crate::backend::{Addend, Backend, BnTrainState, ChannelStats, Epilogue, GradMode, LayerWeight};
+use crate::backend::{Addend, Backend, BnTrainState, BnTrained, ChannelStats, Epilogue, GradMode, LayerWeight};
 use crate::error::{Error, Result};
 use crate::model::{Model, Variant};
 use crate::tensor::{Shape, Tensor};
@@ -858,18 +858,22 @@ impl CudaTrainBackend {
         let n = count as f64;
         let blocks = tl::reduction_blocks(count);
         let part = self.alloc(blocks * 5 * 8)?;
-        let mut args = TrainArgs::default();
-        args.inp = [y.ptr(), g.ptr(), e1r.ptr(), x1.ptr()];
-        args.part = part.ptr();
-        args.stat = stat;
-        args.count = count as i64;
+        let mut args = TrainArgs {
+            inp: [y.ptr(), g.ptr(), e1r.ptr(), x1.ptr()],
+            part: part.ptr(),
+            stat,
+            count: count as i64,
+            ..TrainArgs::default()
+        };
         self.launch("t_loss_sums", (blocks as u32, 1, 1), 0, &args)?;
         self.reduce(&part, blocks, 2, 1.0 / n, stat)?;
         args.mode = 1;
         self.launch("t_loss_sums", (blocks as u32, 1, 1), 0, &args)?;
         self.reduce(&part, blocks, 5, 1.0, stat + 16)?;
-        let mut fin = TrainArgs::default();
-        fin.stat = stat;
+        let mut fin = TrainArgs {
+            stat,
+            ..TrainArgs::default()
+        };
         fin.dc[0] = n;
         self.launch("t_loss_finish", (1, 1, 1), 0, &fin)?;
         let dy = self.tensor(s)?;
@@ -1031,7 +1035,7 @@ impl Backend for CudaTrainBackend {
         softplus: bool,
         addend: Addend<'_, DevTensor, f32>,
         opt: Option<&train_params::DevOpt>,
-    ) -> Result<(DevTensor, BnTrainState<f32>, Option<ChannelStats>)> {
+    ) -> Result<BnTrained<DevTensor, f32>> {
         match opt {
             Some(opt) => self.resident_bn_train(z, layer, eps, softplus, addend, opt),
             None => crate::backend::bn_train_composed(self, z, gamma, beta, eps, softplus, addend),

@@ -25,6 +25,10 @@ use crate::backend::optim::{lr_t, LrSchedule, BETA1, BETA2, EPSILON};
 use crate::backend::GradSink;
 use crate::model::{ParamKind, Params, RunningStats};
 
+/// Gather tables of packed weight layouts: (layer, input channel offset, channels, data
+/// gradient) → (i32 indices on the device, their count).
+type PackTables = std::collections::HashMap<(usize, usize, usize, bool), (DevMem, usize)>;
+
 /// f32 values per batch-norm layer in [`DevOpt::bn_fold`].
 const BN_FOLD: usize = 96;
 
@@ -173,7 +177,7 @@ pub struct DevOpt {
     loss: DevMem,
     /// Gather tables (i32 indices into the state buffer) of the packed conv weights, by
     /// (layer, input channel offset, channels, data gradient); made on first use.
-    packs: std::sync::Mutex<std::collections::HashMap<(usize, usize, usize, bool), (DevMem, usize)>>,
+    packs: std::sync::Mutex<PackTables>,
     /// Whether this step's batch statistics are in `batch` (a resident forward pass ran).
     batch_on_device: std::sync::atomic::AtomicBool,
     /// Whether the last step's loss is in `loss`.
@@ -459,10 +463,12 @@ impl CudaTrainBackend {
             ));
         }
         let status = opt.state.ptr() + 4 * (lay.params + lay.running) as u64;
-        let mut args = TrainArgs::default();
-        args.part = grads.mem.ptr();
-        args.out[0] = status;
-        args.count = lay.params as i64;
+        let mut args = TrainArgs {
+            part: grads.mem.ptr(),
+            out: [status, 0, 0],
+            count: lay.params as i64,
+            ..TrainArgs::default()
+        };
         if sticky {
             args.mode = 1;
             args.stat = opt.scalars.ptr();
@@ -574,7 +580,7 @@ impl CudaTrainBackend {
         softplus: bool,
         addend: Addend<'_, DevTensor, f32>,
         opt: &DevOpt,
-    ) -> Result<(DevTensor, BnTrainState<f32>, Option<ChannelStats>)> {
+    ) -> Result<crate::backend::BnTrained<DevTensor, f32>> {
         let lay = &opt.layout;
         let (k, &(_, off, c)) = lay.bn.iter().enumerate().find(|(_, b)| b.0 == layer).ok_or_else(|| {
             Error::invalid(format!(
@@ -652,7 +658,7 @@ impl CudaTrainBackend {
         let base = (base / 4) as usize;
         let key = (layer, offset, cs, data_grad);
         let mut packs = opt.packs.lock().unwrap();
-        if !packs.contains_key(&key) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = packs.entry(key) {
             // the packing functions applied to the weights' own indices (exact in f32)
             let ids: Vec<f32> = (0..n).map(|i| (base + i) as f32).collect();
             let table = if data_grad {
@@ -661,7 +667,7 @@ impl CudaTrainBackend {
                 tl::pack_fwd(&ids, c_total, c_out)
             };
             let table: Vec<i32> = table.iter().map(|&v| v as i32).collect();
-            packs.insert(key, (self.rt.upload(&table)?, table.len()));
+            slot.insert((self.rt.upload(&table)?, table.len()));
         }
         let (table, len) = &packs[&key];
         let len = *len;
