@@ -339,6 +339,52 @@ mod tests {
         }
     }
 
+    /// Device memory of inference as the predictor plans it: the peak of what one pass
+    /// allocates (every stage output from the pool, freed after its last reader) stays
+    /// within `infer::bytes_per_voxel` per voxel, a second tile allocates exactly as much
+    /// as the first, and nothing stays allocated after a pass (no leak across tiles).
+    #[test]
+    fn inference_memory_stays_within_the_planned_bytes_per_voxel() {
+        use super::super::infer::bytes_per_voxel;
+        for (model, c) in [(random_model(2), 1), (random_dual_model(2), 2)] {
+            for opts in [CudaOptions::f32(), CudaOptions::f16()] {
+                let rt = Runtime::on_exec(Arc::new(EmuDevice::default()), false);
+                let b = CudaInferBackend::on_runtime(rt.clone(), &model, opts).unwrap();
+                let x = input(Shape::new(1, c, 16, 16, 32), 3);
+                let xd = b.from_host(&x).unwrap();
+                let mut peaks = Vec::new();
+                for _ in 0..2 {
+                    let (live, _) = rt.mem_bytes();
+                    rt.reset_peak();
+                    let y = Rln::new(&b, &model).infer(&xd, false).unwrap().prediction;
+                    drop(y);
+                    let (after, peak) = rt.mem_bytes();
+                    assert_eq!(after, live, "{} c={c}: a pass leaves memory allocated", opts.label());
+                    peaks.push(peak - live);
+                }
+                let plan = bytes_per_voxel(opts.precision, c) * x.shape.with_c(1).len();
+                println!(
+                    "{} c={c}: peak {} B, planned {plan} B ({:.0}%)",
+                    opts.label(),
+                    peaks[0],
+                    100.0 * peaks[0] as f64 / plan as f64
+                );
+                assert_eq!(
+                    peaks[0],
+                    peaks[1],
+                    "{}: the second tile allocates differently",
+                    opts.label()
+                );
+                assert!(
+                    peaks[0] <= plan,
+                    "{} c={c}: peak {} B > planned {plan} B",
+                    opts.label(),
+                    peaks[0]
+                );
+            }
+        }
+    }
+
     /// The single-kernel path of the GPU differential tests (device tensors of f32 and f16
     /// storage up and down, each kernel alone) on the emulation, against the CPU twins.
     /// Inputs of several channels are rounded to f16 first in the f16 network (as the GPU
