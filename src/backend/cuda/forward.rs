@@ -106,16 +106,15 @@ impl CudaNet {
         if !model.params.all_finite() {
             return Err(Error::Model("the model holds non-finite weights".into()));
         }
-        let f16 = opts.is_f16();
         let mut convs = HashMap::new();
         for k in CONV_KERNELS.iter() {
             let folded = weights::fold_conv(model, k.layer);
-            let mma = f16 && opts.tensor_cores && k.mma;
-            let name = k.name(f16, opts.tensor_cores);
+            let mma = k.uses_mma(opts.precision, opts.tensor_cores);
+            let name = k.name(opts.precision, opts.tensor_cores);
             let what = format!("weights of {}", k.layer.spec().name);
             let (w, tile, threads, smem) = if mma {
                 (
-                    upload(&rt, &weights::pack_mma_b(&folded), &what)?,
+                    upload(&rt, &weights::pack_mma_b(&folded, opts.precision), &what)?,
                     launch::MMA_TILE,
                     launch::MMA_THREADS,
                     launch::mma_smem_bytes(k.c_in()),
@@ -146,7 +145,7 @@ impl CudaNet {
         let (uw, ub) = weights::fold_up(model);
         let up_w = upload(&rt, &uw, "weights of h1.bp.up")?;
         let up_b = upload(&rt, &ub, "weights of h1.bp.up")?;
-        let up_kernel = format!("{}_{}", launch::UP_KERNEL, if f16 { "f16" } else { "f32" });
+        let up_kernel = launch::up_kernel(opts.precision);
         Ok(CudaNet {
             rt,
             opts,

@@ -16,7 +16,7 @@
 mod tests {
     use super::super::emulate_infer::EmuDevice;
     use super::super::runtime::Runtime;
-    use super::super::{random_model, CudaNet, CudaOptions, CudaTrainBackend};
+    use super::super::{random_model, CudaNet, CudaOptions, CudaTrainBackend, Precision};
     use crate::backend::cpu::CpuBackend;
     use crate::backend::Backend;
     use crate::model::{Model, ModelConfig, Params, Variant, LAYERS};
@@ -241,7 +241,8 @@ mod tests {
     /// f16 storage (and fp16 weights in the tensor-core convs): each stored activation is
     /// rounded to 11 significant bits (relative error ≤ 2⁻¹¹ ≈ 4.9e-4 each, random in sign,
     /// partly averaged away by the channel means); measured 5.9e-5 (FP32 cores) and 7.1e-5
-    /// (tensor cores), bound 5e-4: one worst-case rounding of every output.
+    /// (tensor cores for the 8- and 16-channel convs only), bound 5e-4: one worst-case
+    /// rounding of every output. bf16 (8 significant bits, 2⁻⁸ ≈ 3.9e-3): bound 4e-3.
     #[test]
     fn emulated_inference_equals_the_cpu_network() {
         let model = random_model(INFER_MODEL_SEED);
@@ -255,6 +256,8 @@ mod tests {
             (CudaOptions::f32(), 1e-5),
             (CudaOptions::f16().with_tensor_cores(false), 5e-4),
             (CudaOptions::f16(), 5e-4),
+            (CudaOptions::bf16().with_tensor_cores(false), 4e-3),
+            (CudaOptions::bf16(), 4e-3),
         ] {
             let (_, got) = infer_trace(opts);
             assert_eq!(got.shape, want.shape);
@@ -277,12 +280,12 @@ mod tests {
         let model = random_model(4);
         let mut rng = ChaCha8Rng::seed_from_u64(8);
         let s = Shape::new(1, 1, 5, 6, 9);
-        let mut random = |shape: Shape, lo: f32, hi: f32, f16: bool| {
+        let mut random = |shape: Shape, lo: f32, hi: f32, p: Precision| {
             let v = (0..shape.len())
                 .map(|_| {
                     let x = rng.random_range(lo..hi);
-                    if f16 && shape.c > 1 {
-                        half::f16::from_f32(x).to_f32()
+                    if shape.c > 1 {
+                        p.round(x)
                     } else {
                         x
                     }
@@ -290,8 +293,13 @@ mod tests {
                 .collect();
             Tensor::from_vec(shape, v).unwrap()
         };
-        for (opts, tol) in [(CudaOptions::f32(), 1e-5), (CudaOptions::f16(), 3e-3)] {
-            let f16 = opts.is_f16();
+        // bf16: 8× fp16's bound (unit roundoff 2⁻⁸ vs 2⁻¹¹)
+        for (opts, tol) in [
+            (CudaOptions::f32(), 1e-5),
+            (CudaOptions::f16(), 3e-3),
+            (CudaOptions::bf16(), 2.4e-2),
+        ] {
+            let f16 = opts.precision;
             let rt = Runtime::on_exec(Arc::new(EmuDevice::default()), false);
             let mut net = CudaNet::on_runtime(rt, &model, opts).unwrap();
             for k in CONV_KERNELS.iter() {
