@@ -163,6 +163,17 @@ impl CudaOptions {
     pub fn uses_mma(&self) -> bool {
         self.is_half() && self.tensor_cores
     }
+    /// The options of a [`CudaOptions::label`] ("f32", "f16", "f16-tc", "bf16", "bf16-tc").
+    pub fn from_label(s: &str) -> Option<Self> {
+        Some(match s {
+            "f32" => Self::f32(),
+            "f16" => Self::f16().with_tensor_cores(false),
+            "f16-tc" => Self::f16(),
+            "bf16" => Self::bf16().with_tensor_cores(false),
+            "bf16-tc" => Self::bf16(),
+            _ => return None,
+        })
+    }
     /// Short name: "f32", "f16" / "bf16" (FP32 cores only) or "f16-tc" / "bf16-tc".
     pub fn label(&self) -> &'static str {
         match (self.precision, self.tensor_cores) {
