@@ -10,6 +10,9 @@
 //        so one 16-B ldmatrix row at voxel x + kx covers taps kx and kx + 1; chunk
 //        (kz, ky) = k-half 0 at kx = 0 (taps 0, 1) and k-half 1 at kx = 2 (taps 2 and a
 //        zero-weight 3rd): 9 chunks, K 108 → 144 (vs 224 for 4 channels padded to 8)
+//   X1   C_in 1 (an f32 node, rounded to S): each smem voxel holds the values of 8
+//        consecutive x voxels, so one 16-B row covers kx = 0..2 (5 zero weights); k-half
+//        = one (kz, ky), 9 of them + the zero voxel: 5 chunks, K 27 → 80
 //
 // Block: output tile TX×TY×TZ = 16×8×8, 8 warps; warp w owns the 8 rows (y = 0..7) of
 // output plane z = w, in two groups of RG = 4 rows (4 independent mma chains).
@@ -33,11 +36,13 @@ constexpr int THREADS = 256, RG = 4;
 static_assert(THREADS / 32 == TZ, "one warp per output plane");
 static_assert(TY % RG == 0, "row groups");
 
-enum Layout { P4 = 0, C8 = 1, C16 = 2 };
+enum Layout { P4 = 0, C8 = 1, C16 = 2, X1 = 3 };
 // backend::cuda::launch::mma_layout and the functions below are their twins
-__host__ __device__ constexpr int layout(int cin) { return cin == 4 ? P4 : cin <= 8 ? C8 : C16; }
+__host__ __device__ constexpr int layout(int cin) { return cin == 1 ? X1 : cin == 4 ? P4 : cin <= 8 ? C8 : C16; }
 __host__ __device__ constexpr int voxel_halves(int cin) { return layout(cin) == C16 ? 24 : 8; }
-__host__ __device__ constexpr int chunks(int cin) { return layout(cin) == P4 ? 9 : layout(cin) == C8 ? 14 : 27; }
+__host__ __device__ constexpr int chunks(int cin) {
+    return layout(cin) == X1 ? 5 : layout(cin) == P4 ? 9 : layout(cin) == C8 ? 14 : 27;
+}
 __host__ __device__ constexpr int smem_bytes(int cin) { return (NVOX + 1) * voxel_halves(cin) * 2; }
 __host__ __device__ constexpr int tapoff(int tap) { return (tap / 9) * SY * SX + ((tap / 3) % 3) * SX + tap % 3; }
 }  // namespace mmac
@@ -84,12 +89,22 @@ __device__ __forceinline__ uint2 rln_load4h(const void* base, long long vox) {
 template <typename S, int CA, int CB, int CC>
 __device__ __forceinline__ void rln_gather_mma(const RlnArgs& a, int n, int gz, int gy, int gx, uint4& lo, uint4& hi) {
     static_assert((CA == 8 && ((CB == 0 && CC == 0) || (CB == 8 && CC == 0) || (CB == 1 && CC == 1))) ||
-                      (CA == 4 && (CB == 0 || CB == 4) && CC == 0),
+                      (CA == 4 && (CB == 0 || CB == 4) && CC == 0) || (CA == 1 && CB == 0 && CC == 0),
                   "mma input layout");
     lo = make_uint4(0u, 0u, 0u, 0u);
     hi = make_uint4(0u, 0u, 0u, 0u);
     if (gz < 0 || gz >= a.d || gy < 0 || gy >= a.h) return;
     const long long row = (((long long)n * a.d + gz) * a.h + gy) * a.w;
+    if (CA == 1) {
+        // X1: the f32 values of voxels gx .. gx + 7 of the row (zero outside), as S
+        const float* in = static_cast<const float*>(a.in0) + row;
+        float v[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = (gx + j >= 0 && gx + j < a.w) ? in[gx + j] : 0.0f;
+        lo = make_uint4(rln_pack2s<S>(v[0], v[1]), rln_pack2s<S>(v[2], v[3]), rln_pack2s<S>(v[4], v[5]),
+                        rln_pack2s<S>(v[6], v[7]));
+        return;
+    }
     if (CA == 4 && CB == 0) {
         if (gx >= 0 && gx < a.w) {
             const uint2 v = rln_load4h(a.in0, row + gx);
@@ -190,6 +205,11 @@ __device__ __forceinline__ void conv3_mma(const RlnArgs& a) {
                     addr = lane_addr + (rln_u32)((row_off + tapoff(kc)) * VS * 2);
                 } else if (LAY == P4) {
                     addr = lane_addr + (rln_u32)((row_off + tapoff(3 * kc)) * VS * 2);  // (kz, ky) = chunk
+                } else if (LAY == X1) {
+                    const int q0 = 2 * kc, q1 = 2 * kc + 1;  // (kz, ky) of k-halves 0 and 1
+                    const rln_u32 a0 = lane_addr + (rln_u32)((row_off + tapoff(3 * q0)) * VS * 2);
+                    const rln_u32 a1 = q1 < 9 ? lane_addr + (rln_u32)((row_off + tapoff(3 * q1)) * VS * 2) : zero_addr;
+                    addr = khalf ? a1 : a0;
                 } else {
                     const int t0 = 2 * kc, t1 = 2 * kc + 1;  // taps of k-halves 0 and 1
                     const rln_u32 a0 = lane_addr + (rln_u32)((row_off + tapoff(t0)) * VS * 2);

@@ -9,6 +9,8 @@
 RLN_CONV_FFMA(h1_bp_conv1_f32, float, 1, 0, 0, 8, EPI_SP)
 RLN_CONV_FFMA(h1_bp_conv1_f16, rln_h16, 1, 0, 0, 8, EPI_SP)
 RLN_CONV_FFMA(h1_bp_conv1_bf16, rln_bf16, 1, 0, 0, 8, EPI_SP)
+RLN_CONV_MMA(h1_bp_conv1_mma_f16, rln_h16, 1, 0, 0, 8, EPI_SP)
+RLN_CONV_MMA(h1_bp_conv1_mma_bf16, rln_bf16, 1, 0, 0, 8, EPI_SP)
 RLN_CONV_FFMA(h1_bp_conv2_f32, float, 8, 0, 0, 8, EPI_SP)
 RLN_CONV_FFMA(h1_bp_conv2_f16, rln_h16, 8, 0, 0, 8, EPI_SP)
 RLN_CONV_FFMA(h1_bp_conv2_bf16, rln_bf16, 8, 0, 0, 8, EPI_SP)

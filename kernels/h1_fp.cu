@@ -13,6 +13,8 @@ extern "C" __global__ void avgpool2_f32(const RlnArgs a) { avgpool2(a); }
 RLN_CONV_FFMA(h1_fp_conv1_f32, float, 1, 0, 0, 4, EPI_SP)
 RLN_CONV_FFMA(h1_fp_conv1_f16, rln_h16, 1, 0, 0, 4, EPI_SP)
 RLN_CONV_FFMA(h1_fp_conv1_bf16, rln_bf16, 1, 0, 0, 4, EPI_SP)
+RLN_CONV_MMA(h1_fp_conv1_mma_f16, rln_h16, 1, 0, 0, 4, EPI_SP)
+RLN_CONV_MMA(h1_fp_conv1_mma_bf16, rln_bf16, 1, 0, 0, 4, EPI_SP)
 RLN_CONV_FFMA(h1_fp_conv2_f32, float, 4, 0, 0, 4, EPI_SP)
 RLN_CONV_FFMA(h1_fp_conv2_f16, rln_h16, 4, 0, 0, 4, EPI_SP)
 RLN_CONV_FFMA(h1_fp_conv2_bf16, rln_bf16, 4, 0, 0, 4, EPI_SP)

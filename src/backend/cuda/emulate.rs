@@ -242,7 +242,15 @@ pub fn conv3_mma(a: &EmuArgs, f: &FoldedConv, p: Precision) -> EmuOut {
                             0
                         };
                         let x_ok = |x: isize| x >= 0 && (x as usize) < a.w;
-                        if zy_ok && lay == MmaLayout::P4 {
+                        if zy_ok && lay == MmaLayout::X1 {
+                            // the values of voxels gx .. gx + 7 of the row
+                            for (j, v) in ch.iter_mut().enumerate().take(8) {
+                                let x = gx_ + j as isize;
+                                if x_ok(x) {
+                                    *v = p.bits16(ci.load_concat(row + x as usize, 0));
+                                }
+                            }
+                        } else if zy_ok && lay == MmaLayout::P4 {
                             // the voxel's 4 channels, then its x neighbour's
                             for (half, x) in [(0, gx_), (1, gx_ + 1)] {
                                 if x_ok(x) {
@@ -273,7 +281,7 @@ pub fn conv3_mma(a: &EmuArgs, f: &FoldedConv, p: Precision) -> EmuOut {
                             + match lay {
                                 MmaLayout::C16 => (khalf * 16) as u32,
                                 MmaLayout::P4 => (khalf * 2 * vs * 2) as u32,
-                                MmaLayout::C8 => 0,
+                                MmaLayout::C8 | MmaLayout::X1 => 0,
                             };
                     }
                     let oz = z0 + warp;
@@ -293,6 +301,19 @@ pub fn conv3_mma(a: &EmuArgs, f: &FoldedConv, p: Precision) -> EmuOut {
                                         lane_addr[lane] + ((row_off + tapoff(kc)) * vs * 2) as u32
                                     } else if lay == MmaLayout::P4 {
                                         lane_addr[lane] + ((row_off + tapoff(3 * kc)) * vs * 2) as u32
+                                    } else if lay == MmaLayout::X1 {
+                                        let (q0, q1) = (2 * kc, 2 * kc + 1);
+                                        let a0 = lane_addr[lane] + ((row_off + tapoff(3 * q0)) * vs * 2) as u32;
+                                        let a1 = if q1 < 9 {
+                                            lane_addr[lane] + ((row_off + tapoff(3 * q1)) * vs * 2) as u32
+                                        } else {
+                                            zero_addr
+                                        };
+                                        if khalf == 1 {
+                                            a1
+                                        } else {
+                                            a0
+                                        }
                                     } else {
                                         let (t0, t1) = (2 * kc, 2 * kc + 1);
                                         let a0 = lane_addr[lane] + ((row_off + tapoff(t0)) * vs * 2) as u32;

@@ -115,18 +115,18 @@ const fn ck(
 
 /// Every conv of the network, in forward order (rln-spec §3).
 pub const CONV_KERNELS: [ConvKernel; 14] = [
-    ck(L::H1FpConv1, "h1_fp", "h1_fp_conv1", &[1], 4, Epi::Sp, false),
+    ck(L::H1FpConv1, "h1_fp", "h1_fp_conv1", &[1], 4, Epi::Sp, true),
     ck(L::H1FpConv2, "h1_fp", "h1_fp_conv2", &[4], 4, Epi::Sp, true),
     ck(L::H1FpConv3, "h1_fp", "h1_fp_conv3_dv", &[4, 4], 4, Epi::FpDiv, true),
-    ck(L::H1BpConv1, "h1_bp", "h1_bp_conv1", &[1], 8, Epi::Sp, false),
+    ck(L::H1BpConv1, "h1_bp", "h1_bp_conv1", &[1], 8, Epi::Sp, true),
     ck(L::H1BpConv2, "h1_bp", "h1_bp_conv2", &[8], 8, Epi::Sp, true),
     ck(L::H1BpConv3, "h1_bp", "h1_bp_conv3", &[8, 8], 8, Epi::Sp, true),
     ck(L::H1BpConv4, "h1_up", "h1_bp_conv4_e1", &[4], 4, Epi::Update, true),
-    ck(L::H2FpConv1, "h2", "h2_fp_conv1", &[1], 4, Epi::Sp, false),
+    ck(L::H2FpConv1, "h2", "h2_fp_conv1", &[1], 4, Epi::Sp, true),
     ck(L::H2FpConv2, "h2", "h2_fp_conv2_dv", &[4], 4, Epi::FpDiv, true),
-    ck(L::H2BpConv1, "h2", "h2_bp_conv1", &[1], 8, Epi::Sp, false),
+    ck(L::H2BpConv1, "h2", "h2_bp_conv1", &[1], 8, Epi::Sp, true),
     ck(L::H2BpConv2, "h2", "h2_bp_conv2_e2", &[8], 8, Epi::UpdatePlus1, true),
-    ck(L::H3Conv1, "h3", "h3_conv1", &[1], 8, Epi::Sp, false),
+    ck(L::H3Conv1, "h3", "h3_conv1", &[1], 8, Epi::Sp, true),
     ck(L::H3Conv2, "h3", "h3_conv2", &[8, 1, 1], 8, Epi::Sp, true),
     ck(L::H3Conv3, "h3", "h3_conv3_y", &[8, 8], 8, Epi::Mean, true),
 ];
@@ -221,10 +221,15 @@ pub enum MmaLayout {
     C8,
     /// C_in ≤ 16 padded to 16: k = tap·16 + c.
     C16,
+    /// C_in = 1: each smem voxel holds 8 consecutive x values; k-half = one (kz, ky)
+    /// (rows kx = 0..2 real, 3..7 zero weights), the 10th k-half the zero voxel.
+    X1,
 }
 
 pub const fn mma_layout(cin: usize) -> MmaLayout {
-    if cin == 4 {
+    if cin == 1 {
+        MmaLayout::X1
+    } else if cin == 4 {
         MmaLayout::P4
     } else if cin <= 8 {
         MmaLayout::C8
@@ -242,6 +247,7 @@ pub const fn mma_voxel_halves(cin: usize) -> usize {
 /// K chunks of 16.
 pub const fn mma_chunks(cin: usize) -> usize {
     match mma_layout(cin) {
+        MmaLayout::X1 => 5,
         MmaLayout::P4 => 9,
         MmaLayout::C8 => 14,
         MmaLayout::C16 => 27,
@@ -259,6 +265,13 @@ pub fn mma_k_row(cin: usize, chunk: usize, k: usize) -> Option<(usize, usize)> {
                 return None;
             }
             (3 * chunk + kx, k % 4)
+        }
+        MmaLayout::X1 => {
+            let (q, kx) = (2 * chunk + k / 8, k % 8);
+            if q >= 9 || kx >= 3 {
+                return None;
+            }
+            (3 * q + kx, 0)
         }
     };
     (ci < cin && tap < 27).then_some((tap, ci))
@@ -327,7 +340,11 @@ mod tests {
             assert_eq!(k.c_in() % ffma_chunk(k.c_in()), 0);
             if k.mma {
                 assert!(k.c_out == 8 || k.c_out == 4);
-                assert!(k.inputs[0] == 8 && k.c_in() <= 16 || k.inputs.iter().all(|&c| c == 4) && k.c_in() <= 8);
+                assert!(
+                    k.inputs[0] == 8 && k.c_in() <= 16
+                        || k.inputs.iter().all(|&c| c == 4) && k.c_in() <= 8
+                        || k.inputs == [1]
+                );
                 assert!(mma_smem_bytes(k.c_in()) * 2 <= 228 * 1024);
             }
         }
@@ -355,10 +372,8 @@ mod tests {
         assert!(kernel_names(Precision::Bf16, false)
             .iter()
             .all(|(_, n)| !n.contains("mma")));
-        // only the 1→k convs stay on the FP32 cores with tensor cores on
-        for k in CONV_KERNELS.iter() {
-            assert_eq!(k.mma, k.c_in() >= 4, "{}", k.base);
-        }
+        // with tensor cores on, every conv runs on them
+        assert!(CONV_KERNELS.iter().all(|k| k.mma));
     }
 
     #[test]
@@ -510,6 +525,29 @@ mod tests {
         // and the reader itself
         let k = cuda_constants("#define A 3\nconstexpr int B = (A + 1) * 2 - 6 / 3, C = B;");
         assert_eq!((k["A"], k["B"], k["C"]), (3, 6, 6));
+    }
+
+    /// Every (tap, input channel) of a layout appears in exactly one K row, and the X1
+    /// and P4 rows sit where the smem layouts put them (k-half h of chunk c covers
+    /// (kz, ky) = 2c + h resp. taps 2h, 2h + 1 of (kz, ky) = c).
+    #[test]
+    fn every_weight_has_one_k_row() {
+        for cin in [1, 4, 8, 10, 16] {
+            let mut seen = vec![0; 27 * cin];
+            for chunk in 0..mma_chunks(cin) {
+                for k in 0..16 {
+                    if let Some((tap, ci)) = mma_k_row(cin, chunk, k) {
+                        seen[tap * cin + ci] += 1;
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "C_in {cin}: {seen:?}");
+        }
+        assert_eq!(mma_k_row(1, 2, 9), Some((3 * 5 + 1, 0)));
+        assert_eq!(mma_k_row(1, 4, 8), None);
+        assert_eq!(mma_k_row(4, 3, 5), Some((3 * 3 + 1, 1)));
+        assert_eq!(mma_k_row(4, 3, 9), Some((3 * 3 + 2, 1)));
+        assert_eq!(mma_k_row(4, 3, 12), None);
     }
 
     #[test]

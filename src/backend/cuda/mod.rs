@@ -69,9 +69,9 @@ pub struct CudaOptions {
     /// CUDA device ordinal.
     pub device: usize,
     pub precision: Precision,
-    /// f16 and bf16 only: the convs with C_in ≥ 4 (every conv but the five 1→k ones:
-    /// 96% of the arithmetic) on the tensor cores (mma.sync m16n8k16); otherwise on the
-    /// FP32 cores.
+    /// f16 and bf16 only: every conv on the tensor cores (mma.sync m16n8k16, the 1-channel
+    /// inputs of the 1→k convs rounded to the storage type too); otherwise every conv on
+    /// the FP32 cores.
     pub tensor_cores: bool,
     /// Synchronize after every launch, so that an asynchronous fault is reported with
     /// the kernel that caused it (slower; also set by RLN_CUDA_SYNC=1).
