@@ -164,8 +164,8 @@ fn mma_16816(p: Precision, a: &[[u32; 4]; 32], b: &[[u32; 2]; 32], c: &mut [[f32
 fn mma_epilogue_voxel(a: &EmuArgs, o: &mut EmuOut, vox: usize, z: &[f32]) {
     let cout = z.len();
     if a.epi == Epi::Sp {
-        for c in 0..cout {
-            o.out[vox * cout + c] = z[c].softplus();
+        for (dst, &v) in o.out[vox * cout..(vox + 1) * cout].iter_mut().zip(z) {
+            *dst = v.softplus();
         }
         return;
     }
