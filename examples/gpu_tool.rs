@@ -35,7 +35,7 @@ struct Args {
 enum Cmd {
     /// Forward throughput on a random model and input.
     Bench {
-        /// f32, f16 (FP32 cores) or f16-tc (tensor cores).
+        /// f32, f16 / bf16 (FP32 cores) or f16-tc / bf16-tc (tensor cores).
         #[arg(long, default_value = "f16-tc")]
         mode: String,
         /// n,d,h,w
@@ -55,7 +55,7 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         seed: u64,
         /// Comma-separated GPU modes, or "none" for the CPU reference only.
-        #[arg(long, default_value = "f32,f16,f16-tc")]
+        #[arg(long, default_value = "f32,f16,f16-tc,bf16-tc")]
         modes: String,
         #[arg(long)]
         out: PathBuf,
@@ -99,11 +99,8 @@ enum Cmd {
 }
 
 fn mode(s: &str, device: usize) -> Result<CudaOptions> {
-    let o = match s {
-        "f32" => CudaOptions::f32(),
-        "f16" => CudaOptions::f16().with_tensor_cores(false),
-        "f16-tc" => CudaOptions::f16(),
-        _ => bail!("unknown mode {s:?} (f32, f16, f16-tc)"),
+    let Some(o) = CudaOptions::from_label(s) else {
+        bail!("unknown mode {s:?} (f32, f16, f16-tc, bf16, bf16-tc)")
     };
     Ok(CudaOptions { device, ..o })
 }
@@ -273,7 +270,7 @@ fn run(a: Args) -> Result<()> {
         Cmd::Conformance { model, vectors, json } => {
             let model = Model::<f32>::load(&model)?;
             let mut all = Vec::new();
-            for m in ["f32", "f16", "f16-tc"] {
+            for m in ["f32", "f16", "f16-tc", "bf16-tc"] {
                 let o = mode(m, a.device)?;
                 let rows = rln_engine::conformance::cuda::run_infer(&model, &vectors, o)?;
                 for r in &rows {

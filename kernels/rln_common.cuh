@@ -45,12 +45,44 @@ __device__ __forceinline__ rln_u32 rln_pack2(float lo, float hi) {
     return (rln_u32)rln_f2h(lo) | ((rln_u32)rln_f2h(hi) << 16);
 }
 
-// Storage types: float (f32 network) or rln_h16 (fp16 storage, f32 arithmetic).
+// bfloat16 storage: the upper 16 bits of an f32 (8 significant bits, f32's exponent
+// range). A struct, not a typedef of rln_h16, so that overloads tell the two apart.
+struct rln_bf16 {
+    rln_h16 bits;
+};
+
+// cvt.rn.bf16.f32: round to nearest even (sm_80+), as half::bf16::from_f32 on the host.
+__device__ __forceinline__ rln_h16 rln_f2bf(float f) {
+    rln_h16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float rln_bf2f(rln_h16 h) {
+    float f;
+    const rln_h16 zero = 0;
+    asm("mov.b32 %0, {%1, %2};" : "=f"(f) : "h"(zero), "h"(h));  // {low, high}: bits << 16
+    return f;
+}
+
+// Storage types: float (f32 network), rln_h16 (fp16 storage) or rln_bf16 (bf16
+// storage); arithmetic is f32 in every case.
 __device__ __forceinline__ float rln_to_f32(float v) { return v; }
 __device__ __forceinline__ float rln_to_f32(rln_h16 v) { return rln_h2f(v); }
+__device__ __forceinline__ float rln_to_f32(rln_bf16 v) { return rln_bf2f(v.bits); }
 template <typename S> __device__ __forceinline__ S rln_from_f32(float v);
 template <> __device__ __forceinline__ float rln_from_f32<float>(float v) { return v; }
 template <> __device__ __forceinline__ rln_h16 rln_from_f32<rln_h16>(float v) { return rln_f2h(v); }
+template <> __device__ __forceinline__ rln_bf16 rln_from_f32<rln_bf16>(float v) { return rln_bf16{rln_f2bf(v)}; }
+
+// Two values of 16-bit storage type S (rln_h16 or rln_bf16) in one 32-bit word, the
+// lower index in the low half.
+// (The primary template is fp16's; callers instantiate it for float only in branches
+// that sizeof(S) == 2 rules out.)
+template <typename S> __device__ __forceinline__ rln_u32 rln_pack2s(float lo, float hi) { return rln_pack2(lo, hi); }
+template <> __device__ __forceinline__ rln_u32 rln_pack2s<rln_bf16>(float lo, float hi) {
+    return (rln_u32)rln_f2bf(lo) | ((rln_u32)rln_f2bf(hi) << 16);
+}
 
 // Activation tensors on the device are channels-last (N·D·H·W voxels × C). A tensor with
 // one channel (x, xd, dv, E1, E2, y, E1r, E2r) is always float; a tensor with several
@@ -115,10 +147,11 @@ __device__ __forceinline__ void rln_store_voxel(void* out, long long vox, const 
         for (int q = 0; q < C / 4; ++q) o[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
     } else if (sizeof(S) == 2 && C == 8) {
         uint4* o = reinterpret_cast<uint4*>(static_cast<rln_h16*>(out) + vox * C);
-        *o = make_uint4(rln_pack2(v[0], v[1]), rln_pack2(v[2], v[3]), rln_pack2(v[4], v[5]), rln_pack2(v[6], v[7]));
+        *o = make_uint4(rln_pack2s<S>(v[0], v[1]), rln_pack2s<S>(v[2], v[3]), rln_pack2s<S>(v[4], v[5]),
+                        rln_pack2s<S>(v[6], v[7]));
     } else if (sizeof(S) == 2 && C == 4) {
         uint2* o = reinterpret_cast<uint2*>(static_cast<rln_h16*>(out) + vox * C);
-        *o = make_uint2(rln_pack2(v[0], v[1]), rln_pack2(v[2], v[3]));
+        *o = make_uint2(rln_pack2s<S>(v[0], v[1]), rln_pack2s<S>(v[2], v[3]));
     } else {
         S* o = static_cast<S*>(out) + vox * C;
 #pragma unroll

@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use rln_engine::backend::cpu::CpuBackend;
 use rln_engine::backend::cuda::launch::{conv_kernel, Epi, CONV_KERNELS};
 use rln_engine::backend::cuda::{
-    random_dual_model, random_model, twin, CudaDevice, CudaInferBackend, CudaOptions, CudaPredictor, Runtime,
+    random_dual_model, random_model, twin, CudaDevice, CudaInferBackend, CudaOptions, CudaPredictor, Precision, Runtime,
 };
 use rln_engine::infer::cuda::predict_host;
 use rln_engine::infer::TilePredictor;
@@ -29,6 +29,9 @@ use std::sync::Arc;
 
 const TOL_F32: f64 = 1e-5;
 const TOL_F16: f64 = 1e-2;
+/// bf16 storage and operands: 8 significant bits against fp16's 11 (unit roundoff 8×
+/// larger); the emulation measures ≤ 1.5e-3 per kernel and 5.4e-4 for the network.
+const TOL_BF16: f64 = 2.4e-2;
 
 fn quick() -> bool {
     std::env::var("RLN_GPU_TEST_QUICK").is_ok_and(|v| v == "1")
@@ -43,19 +46,21 @@ fn device() -> Option<Arc<CudaDevice>> {
     Some(dev)
 }
 
-fn modes() -> [CudaOptions; 3] {
+fn modes() -> [CudaOptions; 5] {
     [
         CudaOptions::f32(),
         CudaOptions::f16().with_tensor_cores(false),
         CudaOptions::f16(),
+        CudaOptions::bf16().with_tensor_cores(false),
+        CudaOptions::bf16(),
     ]
 }
 
 fn tol(o: &CudaOptions) -> f64 {
-    if o.is_f16() {
-        TOL_F16
-    } else {
-        TOL_F32
+    match o.precision {
+        Precision::F32 => TOL_F32,
+        Precision::F16 => TOL_F16,
+        Precision::Bf16 => TOL_BF16,
     }
 }
 
@@ -107,11 +112,11 @@ fn stage_inputs(l: L, s: Shape, rng: &mut ChaCha8Rng) -> (Vec<Tensor<f32>>, Opti
 }
 
 /// f16 storage rounds the kernel's inputs: give the twin the same rounded inputs.
-fn rounded(t: &Tensor<f32>, f16: bool) -> Tensor<f32> {
-    if f16 && t.shape.c > 1 {
+fn rounded(t: &Tensor<f32>, p: Precision) -> Tensor<f32> {
+    if t.shape.c > 1 {
         Tensor {
             shape: t.shape,
-            data: t.data.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+            data: t.data.iter().map(|&v| p.round(v)).collect(),
         }
     } else {
         t.clone()
@@ -136,7 +141,7 @@ fn every_conv_kernel_matches_its_cpu_twin() {
             for k in CONV_KERNELS.iter() {
                 let (inputs, aux) = stage_inputs(k.layer, s, &mut rng);
                 let refs: Vec<&Tensor<f32>> = inputs.iter().collect();
-                let name = k.name(o.is_f16(), o.tensor_cores);
+                let name = k.name(o.precision, o.tensor_cores);
                 // a failing kernel is reported and the others still run (a device fault is
                 // sticky: after one, every later launch fails too, so the first is the culprit)
                 let got = match net.run_conv_stage(k.layer, &refs, aux.as_ref()) {
@@ -147,7 +152,7 @@ fn every_conv_kernel_matches_its_cpu_twin() {
                         continue;
                     }
                 };
-                let rin: Vec<Tensor<f32>> = inputs.iter().map(|t| rounded(t, o.is_f16())).collect();
+                let rin: Vec<Tensor<f32>> = inputs.iter().map(|t| rounded(t, o.precision)).collect();
                 let rrefs: Vec<&Tensor<f32>> = rin.iter().collect();
                 let want = twin::conv_stage(&model, k.layer, &rrefs, aux.as_ref()).unwrap();
                 if measure(&format!("{name} {s}"), &got.out, &want.out, tol(&o)) > tol(&o) {
@@ -174,7 +179,7 @@ fn up2_and_avgpool2_match_their_cpu_twins() {
         let model = random_model(4);
         let net = CudaInferBackend::new(dev.clone(), &model, o).unwrap();
         for s in [Shape::new(2, 8, 3, 5, 7), Shape::new(1, 8, 16, 16, 16)] {
-            let b3 = rounded(&random(s, 0.0, 2.0, &mut rng), o.is_f16());
+            let b3 = rounded(&random(s, 0.0, 2.0, &mut rng), o.precision);
             let got = net.run_up_stage(&b3).unwrap();
             let e = check(
                 &format!("up2 {} {s}", o.label()),
@@ -214,7 +219,7 @@ fn forward_matches_cpu_on_random_models_and_sizes() {
         Shape::new(1, 1, 1, 1, 1),
         Shape::new(1, 1, 33, 18, 65),
     ];
-    let mut worst = [0.0f64; 3];
+    let mut worst = [0.0f64; 5];
     for (i, s) in sizes
         .iter()
         .enumerate()
@@ -248,8 +253,8 @@ fn forward_matches_cpu_on_random_models_and_sizes() {
         }
     }
     println!(
-        "worst rel L2 vs CPU: f32 {:.2e}, f16 {:.2e}, f16-tc {:.2e}",
-        worst[0], worst[1], worst[2]
+        "worst rel L2 vs CPU: f32 {:.2e}, f16 {:.2e}, f16-tc {:.2e}, bf16 {:.2e}, bf16-tc {:.2e}",
+        worst[0], worst[1], worst[2], worst[3], worst[4]
     );
     for (m, o) in modes().iter().enumerate() {
         assert!(worst[m] <= tol(o), "{}: worst {:.2e}", o.label(), worst[m]);

@@ -9,9 +9,15 @@ import csv
 import datetime
 import io
 import json
+import math
 import os
 import re
 import sys
+
+
+# the PyTorch peers of tools/peers/rln_torch.py (its MODES), and its validity bound
+PEERS = ("eager", "amp", "amp_bf16", "compile", "compile_bf16", "trt")
+VALID_REL_ERR = 1e-2
 
 
 def e2e_section(P, commit):
@@ -217,8 +223,8 @@ def main():
         parts = [p.strip() for p in m.group(1).split(",")]
         device, driver = parts[0], parts[1] if len(parts) > 1 else None
 
-    bench = {k: load(P(f"bench_{k}.json")) for k in ("f32", "f16", "f16-tc")}
-    torch = {k: load(P(f"torch_{k}.json")) for k in ("eager", "amp", "compile")}
+    bench = {k: load(P(f"bench_{k}.json")) for k in ("f32", "f16", "f16-tc", "bf16-tc")}
+    torch = {k: load(P(f"torch_{k}.json")) for k in PEERS}
     pred = load(P("predict.json")) or {}
     conf = load(P("conformance.json")) or []
     vps = {k: (b or {}).get("voxels_per_s") for k, b in bench.items()}
@@ -233,7 +239,7 @@ def main():
     def pred_err(mode):
         return (pred.get(mode) or {}).get("rel_l2_vs_cpu")
 
-    err = {k: maxn(pred_err(k), conf_max(k)) for k in ("f32", "f16", "f16-tc")}
+    err = {k: maxn(pred_err(k), conf_max(k)) for k in ("f32", "f16", "f16-tc", "bf16-tc")}
 
     steps = {}
     for line in text(P("steps.tsv")).splitlines():
@@ -273,6 +279,22 @@ def main():
             "smem_bank_conflicts": f.get("l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum"),
         })
 
+    peers = {}
+    for k, t in torch.items():
+        if not t:
+            continue
+        chk = t.get("check") or {}
+        rel = t.get("rel_err", chk.get("y_cpu"))
+        nonfinite = t.get("check_nonfinite")
+        valid = bool(
+            t.get("voxels_per_s") and isinstance(rel, (int, float)) and math.isfinite(rel)
+            and rel <= VALID_REL_ERR and not nonfinite
+        )
+        peers[k] = {"voxels_per_s": t.get("voxels_per_s"), "rel_err": rel, "nonfinite": nonfinite, "valid": valid,
+                    "amp_dtype": t.get("amp_dtype"), "error": t.get("error")}
+    valid_peers = [(k, p["voxels_per_s"]) for k, p in peers.items() if p["valid"]]
+    best_peer = max(valid_peers, key=lambda kv: kv[1]) if valid_peers else None
+
     result = {
         "device": device,
         "driver": driver,
@@ -282,6 +304,15 @@ def main():
         "infer": {
             "fp32_voxels_per_s": vps["f32"],
             "fp16_voxels_per_s": vps["f16-tc"],
+            "bf16_voxels_per_s": vps["bf16-tc"],
+            "max_rel_err_bf16": err["bf16-tc"],
+            # every PyTorch peer with its error against the CPU reference; only valid
+            # ones (finite, rel_err <= 1e-2) enter best_valid_peer and the ratio
+            "peers": peers,
+            "best_valid_peer": best_peer[0] if best_peer else None,
+            "best_valid_peer_voxels_per_s": best_peer[1] if best_peer else None,
+            "fp16_over_best_valid_peer": (vps["f16-tc"] / best_peer[1]) if (best_peer and vps["f16-tc"]) else None,
+            "kernels_ms": {k: [(x["kernel"], x["median_ms"]) for x in (b or {}).get("kernels", [])] for k, b in bench.items()},
             "fp16_ffma_voxels_per_s": vps["f16"],
             "torch_fp32_voxels_per_s": tvps["eager"],
             "torch_amp_voxels_per_s": tvps["amp"],
@@ -321,12 +352,18 @@ def main():
     dims = result["dims"] or "?"
     L.append(f"forward throughput at {dims} (CUDA events, median), Gvoxel/s; ratio = engine / torch mode; rel L2 = worst vs CPU engine and TF vectors")
     L.append(f"{'mode':<24}{'Gvox/s':>8} {'/eager':>8} {'/amp':>8} {'/compile':>8} {'rel L2':>9}")
-    for name, k in (("engine f32", "f32"), ("engine f16 (FP32 cores)", "f16"), ("engine f16-tc (tensor)", "f16-tc")):
+    for name, k in (("engine f32", "f32"), ("engine f16 (FP32 cores)", "f16"), ("engine f16-tc (tensor)", "f16-tc"),
+                    ("engine bf16-tc (tensor)", "bf16-tc")):
         v = vps[k]
         L.append(f"{name:<24}{g(v)} {ratio(v, tvps['eager'])} {ratio(v, tvps['amp'])} {ratio(v, tvps['compile'])} {e(err[k])}")
     for name, k in (("torch eager fp32", "eager"), ("torch amp fp16", "amp"), ("torch amp+compile", "compile")):
         chk = (torch.get(k) or {}).get("check") or {}
         L.append(f"{name:<24}{g(tvps[k])} {'':>8} {'':>8} {'':>8} {e(chk.get('y_cpu'))}  (vs engine f32 {e(chk.get('y_f32')).strip()}, f16-tc {e(chk.get('y_f16_tc')).strip()})")
+    L.append("torch peers (voxels/s, rel L2 vs CPU, valid): " + "; ".join(
+        f"{k} {g(p['voxels_per_s']).strip()} {e(p['rel_err']).strip()} {'valid' if p['valid'] else 'INVALID'}"
+        for k, p in peers.items()) if peers else "torch peers: none ran")
+    if best_peer:
+        L.append(f"fastest valid peer: {best_peer[0]} {g(best_peer[1]).strip()} Gvoxel/s; engine f16-tc / it: {ratio(vps['f16-tc'], best_peer[1]).strip()}")
     best = vps["f16-tc"]
     goal_speed = best is not None and best >= 1.5e9
     goal_ratio = best is not None and tvps["amp"] is not None and best >= 5 * tvps["amp"]

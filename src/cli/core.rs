@@ -147,8 +147,13 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = BenchDevice::Cpu)]
     pub device: BenchDevice,
     /// With --device cuda: FP16 storage and tensor cores (FP32 accumulation).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "bf16")]
     pub fp16: bool,
+    /// With --device cuda: bfloat16 storage and tensor cores (FP32 accumulation; 8
+    /// significant bits against fp16's 11, but f32's range: for models whose
+    /// activations overflow fp16).
+    #[arg(long)]
+    pub bf16: bool,
     /// Minimum seconds spent timing each case (after one warm-up run).
     #[arg(long, value_parser = super::finite_f64, default_value_t = 3.0)]
     pub min_time: f64,
@@ -176,12 +181,21 @@ pub struct BenchArgs {
 
 pub fn bench(a: &BenchArgs) -> Result<()> {
     super::args::check_fp16_on_cpu(a.fp16, a.device == BenchDevice::Cpu)?;
+    if a.bf16 && a.device == BenchDevice::Cpu {
+        anyhow::bail!("--bf16 applies to the GPU only (the CPU computes in f32): drop --bf16, or use --device cuda");
+    }
     use rln_engine::bench;
     use rln_engine::tensor::Shape;
     if a.device == BenchDevice::Cuda {
         use rln_engine::backend::cuda::CudaOptions;
         use rln_engine::bench::cuda_infer as cb;
-        let opts = if a.fp16 { CudaOptions::f16() } else { CudaOptions::f32() };
+        let opts = if a.bf16 {
+            CudaOptions::bf16()
+        } else if a.fp16 {
+            CudaOptions::f16()
+        } else {
+            CudaOptions::f32()
+        };
         let r = cb::run(&cb::BenchOptions::new(opts))?;
         if a.json {
             println!("{}", serde_json::to_string_pretty(&r)?);

@@ -8,10 +8,22 @@ up2, pool2, bn, sp, cat, cm); `TorchOps` supplies them with torch.nn.functional,
 `NumpyOps` in float64 so that the network can be checked against the engine's CPU output
 on a machine without PyTorch (--backend numpy).
 
+Inference runs `rln_forward_fused` (the peer at its strongest; `--unfused` runs the
+line-by-line `rln_forward` instead): every batch norm folded into its conv's weights and
+bias, the one-channel BN nodes as scalar affine maps (no batch_norm calls), no
+concatenation copies (a conv over a channel list is the sum of convs over its parts,
+and cm(sp(z) + c) = cm(sp(z)) + c), the RL division and update in float32 under autocast.
+
 Modes (one per run; tools/gpu-check.sh runs each under its own timeout):
-  eager    float32, TF32 disabled (true FP32), NCDHW
-  amp      torch.autocast float16, channels_last_3d, cudnn.benchmark
-  compile  amp + torch.compile (default mode)
+  eager         float32, TF32 disabled (true FP32), NCDHW
+  amp           torch.autocast float16, channels_last_3d, cudnn.benchmark
+  amp_bf16      the same with bfloat16
+  compile       amp + torch.compile(mode="max-autotune") (Inductor autotuning and CUDA graphs)
+  compile_bf16  amp_bf16 + the same
+  trt           TensorRT (torch_tensorrt, fp16 kernels allowed) when importable
+Each run's JSON carries `rel_err` (against the engine's CPU f32 prediction, y_cpu of
+--check) and `valid`: finite and rel_err <= 1e-2 (VALID_REL_ERR); an invalid peer is
+reported but never used in a ratio (tools/gpu_summary.py).
 
   rln_torch.py --model m.safetensors --mode amp --dims 1,256,256,256 --json t.json
   rln_torch.py --model m.safetensors --mode eager --check pred.safetensors --json c.json
@@ -149,6 +161,113 @@ def rln_forward(x, o, div_eps):
     return o.crop(y, size), o.crop(e1r, size), o.crop(e2r, size)
 
 
+# A peer whose output is not finite or is off the CPU reference by more than this
+# (relative L2) is invalid: reported, never used in a ratio.
+VALID_REL_ERR = 1e-2
+
+
+def fold_params(tensors, config):
+    """Inference parameters with every batch norm (running statistics) folded:
+    {conv/up name: (weight', bias)} with w' = w·s per output channel and
+    bias = β − mean·s, s = γ/√(var + eps) (h3.conv1 and h3.conv2 have no BN: bias 0);
+    {one-channel BN name: (scale, shift)} as Python floats."""
+    eps = config["bn_eps"]
+    P = {}
+    for name, kind, ci, co, has_bn in LAYERS:
+        if has_bn:
+            p = name + ".bn."
+            s = tensors[p + "weight"].astype(np.float64) / np.sqrt(tensors[p + "running_var"].astype(np.float64) + eps)
+            b = tensors[p + "bias"].astype(np.float64) - tensors[p + "running_mean"].astype(np.float64) * s
+        else:
+            s, b = np.ones(co), np.zeros(co)
+        if kind == "bn":
+            P[name] = (float(s[0]), float(b[0]))
+            continue
+        w = tensors[name + ".weight"].astype(np.float64)
+        w = w * (s[:, None, None, None, None] if kind == "conv" else s[None, :, None, None, None])
+        P[name] = (w.astype(np.float32), b.astype(np.float32))
+    return P
+
+
+def split_in(w, widths):
+    """A conv weight [out, in, ...] split along its input channels into parts of `widths`."""
+    out, at = [], 0
+    for c in widths:
+        out.append(w[:, at : at + c])
+        at += c
+    assert at == w.shape[1], (at, w.shape)
+    return out
+
+
+def rln_forward_fused(x, o, P, div_eps):
+    """rln-spec.md section 3 on folded parameters (fold_params), without concatenations
+    or batch-norm calls: conv over parts = Σ conv(part), bias once; the RL nodes' channel
+    means of `sp(z) + c` as cm(sp(z)) + c. Same function as rln_forward."""
+    size = o.size(x)
+    x = o.pad_even(x)
+    sp, cm = o.sp, o.cm
+
+    def conv(parts, name):
+        return o.conv_parts(parts, name)
+
+    def affine(t, name):
+        s, b = P[name]
+        return t * s + b
+
+    # down-scale part (FP1, DV1, BP1 at half resolution)
+    xd = o.pool2(x)
+    a1 = sp(conv([xd], "h1.fp.conv1"))
+    a2 = sp(conv([a1], "h1.fp.conv2"))
+    m1 = cm(sp(conv([a1, a2], "h1.fp.conv3"))) + sp(xd)
+    dv1 = affine(o.rl_div(xd, m1, div_eps), "h1.dv")
+    b1 = sp(conv([dv1], "h1.bp.conv1"))
+    b2 = sp(conv([b1], "h1.bp.conv2"))
+    b3 = sp(conv([b2, b1], "h1.bp.conv3"))
+    u = sp(o.up2_bias(b3, "h1.bp.up"))
+    e1r = o.rl_mul(x, cm(sp(conv([u], "h1.bp.conv4"))))
+    e1 = sp(affine(e1r, "h1.e"))
+    # original-scale part (FP2, DV2, BP2)
+    c1 = sp(conv([x], "h2.fp.conv1"))
+    m2 = cm(sp(conv([c1], "h2.fp.conv2"))) + sp(x)
+    dv2 = affine(o.rl_div(x, m2, div_eps), "h2.dv")
+    d1 = sp(conv([dv2], "h2.bp.conv1"))
+    e2r = o.rl_mul(e1, cm(sp(conv([d1], "h2.bp.conv2"))) + 1.0)
+    e2 = sp(affine(e2r, "h2.e"))
+    # merge part
+    f1 = sp(conv([e2], "h3.conv1"))
+    f2 = sp(conv([f1, e2, e1], "h3.conv2"))
+    y = cm(sp(conv([f1, f2], "h3.conv3")))
+    return o.crop(y, size), o.crop(e1r, size), o.crop(e2r, size)
+
+
+class NumpyFusedOps:
+    """The fused forward's primitives in float64 NumPy: checks rln_forward_fused against
+    rln_forward without torch (tools/peers/test_rln_torch.py)."""
+
+    def __init__(self, P, widths):
+        self.P, self.widths = P, widths
+        self.base = NumpyOps({}, {"bn_eps": 0.0})
+
+    def __getattr__(self, k):
+        return getattr(self.base, k)
+
+    def conv_parts(self, parts, name):
+        w, b = self.P[name]
+        ws = split_in(w.astype(np.float64), [p.shape[1] for p in parts])
+        self.base.t = {}
+        out = None
+        for p, wp in zip(parts, ws):
+            self.base.t["_w.weight"] = wp
+            y = self.base.conv3(p, "_w")
+            out = y if out is None else out + y
+        return out + b.astype(np.float64).reshape(1, -1, 1, 1, 1)
+
+    def up2_bias(self, x, name):
+        w, b = self.P[name]
+        self.base.t = {"_u.weight": w.astype(np.float64)}
+        return self.base.up2(x, "_u") + b.astype(np.float64).reshape(1, -1, 1, 1, 1)
+
+
 class NumpyOps:
     """The primitives in float64 NumPy (NCDHW), for checking the network without torch."""
 
@@ -273,6 +392,43 @@ class TorchOps:
         return a * m
 
 
+class TorchFusedOps(TorchOps):
+    """The fused forward's primitives with torch: folded weights (split by input part
+    once, here) and biases on `device`; the RL division and update in float32 whatever
+    the autocast dtype (their operands are cast up, their results stay float32)."""
+
+    def __init__(self, P, config, device, channels_last=False):
+        import torch
+
+        super().__init__({}, config, device, channels_last)
+        fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+        on = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+        self.w, self.b = {}, {}
+        for name, (w, b) in ((k, v) for k, v in P.items() if isinstance(v[0], np.ndarray)):
+            self.w[name] = on(w).contiguous(memory_format=fmt)
+            self.b[name] = on(b)
+        self.fmt, self.parts = fmt, {}
+
+    def conv_parts(self, parts, name):
+        key = (name, tuple(p.shape[1] for p in parts))
+        if key not in self.parts:
+            self.parts[key] = [w.contiguous(memory_format=self.fmt) for w in split_in(self.w[name], list(key[1]))]
+        ws = self.parts[key]
+        out = self.F.conv3d(parts[0], ws[0], self.b[name], padding=1)
+        for p, w in zip(parts[1:], ws[1:]):
+            out = out + self.F.conv3d(p, w, None, padding=1)
+        return out
+
+    def up2_bias(self, x, name):
+        return self.F.conv_transpose3d(x, self.w[name], self.b[name], stride=2)
+
+    def rl_div(self, a, b, eps):
+        return a.float() / (b.float() + eps)
+
+    def rl_mul(self, a, m):
+        return a.float() * m.float()
+
+
 def make_train_ops(tensors, config, device, channels_last=False):
     """TorchOps for training (rln-spec sections 4-5): conv/up weights and BN gamma/beta as
     parameters, batch norm with batch statistics (momentum 0.01), and the paper-mode
@@ -364,6 +520,8 @@ def train_main(a, tensors, config, res):
     cuda = dev.startswith("cuda")
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+    if a.mode not in ("eager", "amp", "compile"):
+        sys.exit(f"--train runs the modes eager, amp and compile; not {a.mode}")
     half = a.mode in ("amp", "compile")
     torch.backends.cudnn.benchmark = True
     eps = config["div_eps"]
@@ -481,6 +639,26 @@ def train_main(a, tensors, config, res):
           f"peak {res.get('peak_mem_bytes', 0) / 2**20:.0f} MiB, last loss {res['loss_last']}", flush=True)
 
 
+# mode -> (autocast dtype name or None, compile, TensorRT)
+MODES = {
+    "eager": (None, False, False),
+    "amp": ("float16", False, False),
+    "amp_bf16": ("bfloat16", False, False),
+    "compile": ("float16", True, False),
+    "compile_bf16": ("bfloat16", True, False),
+    "trt": ("float16", False, True),
+}
+
+
+def validity(y, y_ref):
+    """(rel_err, nonfinite, valid) of a peer's prediction against the CPU reference:
+    valid iff every value is finite and rel_err <= VALID_REL_ERR."""
+    y = np.asarray(y)
+    bad = int(np.sum(~np.isfinite(y)))
+    e = rel_l2(np.where(np.isfinite(y), y, 0.0), y_ref) if bad == 0 else float("inf")
+    return e, bad, bool(bad == 0 and e <= VALID_REL_ERR)
+
+
 def rel_l2(a, r):
     a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
     den = np.sqrt(np.sum(r * r))
@@ -497,7 +675,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--backend", choices=["torch", "numpy"], default="torch")
-    ap.add_argument("--mode", choices=["eager", "amp", "compile"], default="eager")
+    ap.add_argument("--mode", choices=list(MODES), default="eager")
+    ap.add_argument("--unfused", action="store_true",
+                    help="run the line-by-line rln_forward (batch_norm calls, torch.cat) instead of rln_forward_fused")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--dims", default="1,256,256,256", help="n,d,h,w of the timed input")
     ap.add_argument("--warmup", type=int, default=3)
@@ -528,10 +708,14 @@ def main():
                 with open(a.json, "w") as f:
                     json.dump(res, f, indent=1)
         return
-    fold = a.fold_bn == "yes" or (a.fold_bn == "auto" and a.mode in ("amp", "compile"))
-    if fold:
+    amp_dtype, compiled, trt = MODES[a.mode]
+    half = amp_dtype is not None
+    fused = not a.unfused
+    fold = fused or a.fold_bn == "yes" or (a.fold_bn == "auto" and half)
+    if fold and not fused:
         tensors = fold_bn(tensors, config)
-    res = {"mode": a.mode, "backend": a.backend, "fold_bn": fold}
+    res = {"mode": a.mode, "backend": a.backend, "fold_bn": fold, "fused": fused}
+    P = fold_params(tensors, config) if fused else None
 
     if a.backend == "numpy":
         if not a.check:
@@ -539,7 +723,11 @@ def main():
         from safetensors.numpy import load_file
 
         ref = load_file(a.check)
-        y, _, _ = rln_forward(ref["x"].astype(np.float64), NumpyOps(tensors, config), eps)
+        xr = ref["x"].astype(np.float64)
+        if fused:
+            y, _, _ = rln_forward_fused(xr, NumpyFusedOps(P, None), P, eps)
+        else:
+            y, _, _ = rln_forward(xr, NumpyOps(tensors, config), eps)
         res["check"] = {k: rel_l2(y, v) for k, v in ref.items() if k.startswith("y_")}
         print(json.dumps(res, indent=1))
         if a.json:
@@ -552,19 +740,55 @@ def main():
     cuda = dev.startswith("cuda")
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    half = a.mode in ("amp", "compile")
     torch.backends.cudnn.benchmark = half
-    ops = TorchOps(tensors, config, dev, channels_last=half)
-    fwd = lambda x: rln_forward(x, ops, eps)[0]
-    if a.mode == "compile":
-        fwd = torch.compile(fwd)
+    if fused:
+        ops = TorchFusedOps(P, config, dev, channels_last=half)
+        fwd = lambda x: rln_forward_fused(x, ops, P, eps)[0]
+    else:
+        ops = TorchOps(tensors, config, dev, channels_last=half)
+        fwd = lambda x: rln_forward(x, ops, eps)[0]
+    dtype = getattr(torch, amp_dtype) if half else None
+    if compiled:
+        # max-autotune: Inductor's autotuned kernels and CUDA graphs (cudagraph trees)
+        fwd = torch.compile(fwd, mode="max-autotune")
     res["device"] = torch.cuda.get_device_name() if cuda else "cpu"
     res["torch"] = torch.__version__
+    res["amp_dtype"] = amp_dtype
+
+    def autocast():
+        return torch.autocast(device_type="cuda" if cuda else "cpu", dtype=dtype if cuda else torch.bfloat16)
+
+    if trt:
+        try:
+            import torch_tensorrt  # noqa: F401
+        except Exception as ex:
+            res["error"] = f"TensorRT not available: {ex!r}"[:300]
+            print(f"torch trt: {res['error']}", flush=True)
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump(res, f, indent=1)
+            return
+        res["torch_tensorrt"] = torch_tensorrt.__version__
+
+        class Net(torch.nn.Module):
+            def forward(self, x):
+                return fwd(x)
+
+        trt_cache = {}
+
+        def fwd_trt(x):
+            key = tuple(x.shape)
+            if key not in trt_cache:
+                trt_cache[key] = torch_tensorrt.compile(Net().eval(), ir="dynamo", inputs=[x],
+                                                        enabled_precisions={torch.float16, torch.float32})
+            return trt_cache[key](x)
 
     def run(x):
         with torch.inference_mode():
+            if trt:
+                return fwd_trt(x)
             if half:
-                with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.float16 if cuda else torch.bfloat16):
+                with autocast():
                     return fwd(x)
             return fwd(x)
 
@@ -578,10 +802,15 @@ def main():
         ref = load_file(a.check)
         t0 = time.time()
         y = run(prep(ref["x"])).float().cpu().numpy()
+        if compiled:  # CUDA graphs may reuse the output buffer: copy before the next call
+            y = y.copy()
         res["check_seconds"] = time.time() - t0
         res["check"] = {k: rel_l2(y, v) for k, v in ref.items() if k.startswith("y_")}
         res["check_nonfinite"] = int(np.sum(~np.isfinite(y)))
-        print(f"torch {a.mode}: rel L2 vs " + ", ".join(f"{k} {v:.2e}" for k, v in res["check"].items()), flush=True)
+        if "y_cpu" in ref:
+            res["rel_err"], _, res["valid"] = validity(y, ref["y_cpu"])
+        print(f"torch {a.mode}: rel L2 vs " + ", ".join(f"{k} {v:.2e}" for k, v in res["check"].items())
+              + f"; valid {res.get('valid')}", flush=True)
 
     if not a.no_time:
         n, d, h, w = parse_dims(a.dims)

@@ -7,6 +7,7 @@
 use super::kernels::{self, MODULES};
 use super::launch::{self, CONV_KERNELS};
 use super::params::Params;
+use super::Precision;
 use crate::error::{Error, Result};
 use cudarc::driver::result::{self as cu, DriverError};
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
@@ -133,19 +134,20 @@ impl CudaDevice {
         // every kernel either precision may launch, with its shared memory
         let mut wanted: Vec<(&'static str, String, usize)> = Vec::new();
         for k in CONV_KERNELS.iter() {
-            let ffma = launch::ffma_smem_bytes(k.c_in(), k.c_out);
-            wanted.push((k.module, k.name(false, false), ffma));
-            wanted.push((k.module, k.name(true, false), ffma));
-            if k.mma {
-                wanted.push((k.module, k.name(true, true), launch::mma_smem_bytes(k.c_in())));
+            for (p, tc) in launch::MODES {
+                let smem = if k.uses_mma(p, tc) {
+                    launch::mma_smem_bytes(k.c_in())
+                } else {
+                    launch::ffma_smem_bytes(k.c_in(), k.c_out)
+                };
+                let entry = (k.module, k.name(p, tc), smem);
+                if !wanted.contains(&entry) {
+                    wanted.push(entry);
+                }
             }
         }
-        for f16 in [false, true] {
-            wanted.push((
-                "h1_up",
-                format!("{}_{}", launch::UP_KERNEL, if f16 { "f16" } else { "f32" }),
-                0,
-            ));
+        for p in [Precision::F32, Precision::F16, Precision::Bf16] {
+            wanted.push(("h1_up", launch::up_kernel(p), 0));
         }
         wanted.push(("h1_fp", launch::POOL_KERNEL.to_string(), 0));
         // the predictor's f16↔f32 tile conversions

@@ -87,7 +87,6 @@ impl CudaInferBackend {
         if !model.params.all_finite() {
             return Err(Error::Model("the model holds non-finite weights".into()));
         }
-        let f16 = opts.is_f16();
         let mut convs: Vec<Option<ConvDev>> = (0..NUM_LAYERS).map(|_| None).collect();
         for k in CONV_KERNELS.iter() {
             if model.config.variant.input_channels() != 1 && k.layer.spec().reads_input {
@@ -95,11 +94,11 @@ impl CudaInferBackend {
                 continue;
             }
             let folded = weights::fold_conv(model, k.layer);
-            let mma = f16 && opts.tensor_cores && k.mma;
+            let mma = k.uses_mma(opts.precision, opts.tensor_cores);
             let what = format!("weights of {}", k.layer.spec().name);
             let (w, tile, threads, smem) = if mma {
                 (
-                    upload(&rt, &weights::pack_mma_b(&folded), &what)?,
+                    upload(&rt, &weights::pack_mma_b(&folded, opts.precision), &what)?,
                     launch::MMA_TILE,
                     launch::MMA_THREADS,
                     launch::mma_smem_bytes(k.c_in()),
@@ -116,7 +115,7 @@ impl CudaInferBackend {
             let post = k.post.map(|l| weights::post_bn(model, l)).unwrap_or((1.0, 0.0));
             convs[k.layer as usize] = Some(ConvDev {
                 k,
-                kernel: k.name(f16, opts.tensor_cores),
+                kernel: k.name(opts.precision, opts.tensor_cores),
                 tile,
                 threads,
                 smem,
@@ -128,7 +127,7 @@ impl CudaInferBackend {
         let (uw, ub) = weights::fold_up(model);
         let up_w = upload(&rt, &uw, "weights of h1.bp.up")?;
         let up_b = upload(&rt, &ub, "weights of h1.bp.up")?;
-        let up_kernel = format!("{}_{}", launch::UP_KERNEL, if f16 { "f16" } else { "f32" });
+        let up_kernel = launch::up_kernel(opts.precision);
         Ok(CudaInferBackend {
             train: CudaTrainBackend::on_runtime(rt),
             opts,
@@ -262,9 +261,15 @@ impl CudaInferBackend {
             return Ok(None);
         }
         let out = self.runtime().tensor(x.shape(), dtype)?;
-        let name = match dtype {
-            Precision::F32 => TO_F32_KERNEL,
-            Precision::F16 => TO_F16_KERNEL,
+        let name = match (x.dtype(), dtype) {
+            (Precision::F16, Precision::F32) => TO_F32_KERNEL,
+            (Precision::F32, Precision::F16) => TO_F16_KERNEL,
+            (from, to) => {
+                // kernels/io_half.cu converts f16 only: the composed (dual-view) stages
+                return Err(Error::invalid(format!(
+                    "no {from:?} → {to:?} conversion on the GPU: dual-view models run in f32 or f16 storage, not bf16"
+                )));
+            }
         };
         let n = x.shape().len();
         let blocks = n.div_ceil(launch::ELEMENTWISE_THREADS as usize).clamp(1, 65_535 * 4) as u32;

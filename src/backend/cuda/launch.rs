@@ -3,6 +3,7 @@
 //! constants in kernels/conv3_tile.cuh and kernels/conv3_mma.cuh), and the table of conv
 //! kernels per layer. Pure host code: unit-tested without a GPU.
 
+use super::Precision;
 use crate::error::{Error, Result};
 use crate::model::L;
 use crate::tensor::{Shape, Tensor};
@@ -49,8 +50,9 @@ pub enum Epi {
     Mean,
 }
 
-/// One conv layer's kernels (kernels/*.cu): `{base}_f32`, `{base}_f16` on the FP32
-/// cores, and `{base}_mma_f16` on the tensor cores where `mma` is set.
+/// One conv layer's kernels (kernels/*.cu): `{base}_f32`, `{base}_f16`, `{base}_bf16` on
+/// the FP32 cores, and `{base}_mma_f16`, `{base}_mma_bf16` on the tensor cores where
+/// `mma` is set.
 #[derive(Clone, Copy, Debug)]
 pub struct ConvKernel {
     pub layer: L,
@@ -70,11 +72,15 @@ impl ConvKernel {
     pub fn c_in(&self) -> usize {
         self.inputs.iter().sum()
     }
-    pub fn name(&self, f16: bool, tensor_cores: bool) -> String {
-        match (f16, tensor_cores && self.mma) {
-            (false, _) => format!("{}_f32", self.base),
-            (true, false) => format!("{}_f16", self.base),
-            (true, true) => format!("{}_mma_f16", self.base),
+    /// Whether this layer runs on the tensor cores with storage `p` and `tensor_cores`.
+    pub fn uses_mma(&self, p: Precision, tensor_cores: bool) -> bool {
+        p != Precision::F32 && tensor_cores && self.mma
+    }
+    pub fn name(&self, p: Precision, tensor_cores: bool) -> String {
+        if self.uses_mma(p, tensor_cores) {
+            format!("{}_mma_{}", self.base, p.suffix())
+        } else {
+            format!("{}_{}", self.base, p.suffix())
         }
     }
 }
@@ -109,23 +115,23 @@ const fn ck(
 
 /// Every conv of the network, in forward order (rln-spec §3).
 pub const CONV_KERNELS: [ConvKernel; 14] = [
-    ck(L::H1FpConv1, "h1_fp", "h1_fp_conv1", &[1], 4, Epi::Sp, false),
-    ck(L::H1FpConv2, "h1_fp", "h1_fp_conv2", &[4], 4, Epi::Sp, false),
-    ck(L::H1FpConv3, "h1_fp", "h1_fp_conv3_dv", &[4, 4], 4, Epi::FpDiv, false),
-    ck(L::H1BpConv1, "h1_bp", "h1_bp_conv1", &[1], 8, Epi::Sp, false),
+    ck(L::H1FpConv1, "h1_fp", "h1_fp_conv1", &[1], 4, Epi::Sp, true),
+    ck(L::H1FpConv2, "h1_fp", "h1_fp_conv2", &[4], 4, Epi::Sp, true),
+    ck(L::H1FpConv3, "h1_fp", "h1_fp_conv3_dv", &[4, 4], 4, Epi::FpDiv, true),
+    ck(L::H1BpConv1, "h1_bp", "h1_bp_conv1", &[1], 8, Epi::Sp, true),
     ck(L::H1BpConv2, "h1_bp", "h1_bp_conv2", &[8], 8, Epi::Sp, true),
     ck(L::H1BpConv3, "h1_bp", "h1_bp_conv3", &[8, 8], 8, Epi::Sp, true),
-    ck(L::H1BpConv4, "h1_up", "h1_bp_conv4_e1", &[4], 4, Epi::Update, false),
-    ck(L::H2FpConv1, "h2", "h2_fp_conv1", &[1], 4, Epi::Sp, false),
-    ck(L::H2FpConv2, "h2", "h2_fp_conv2_dv", &[4], 4, Epi::FpDiv, false),
-    ck(L::H2BpConv1, "h2", "h2_bp_conv1", &[1], 8, Epi::Sp, false),
+    ck(L::H1BpConv4, "h1_up", "h1_bp_conv4_e1", &[4], 4, Epi::Update, true),
+    ck(L::H2FpConv1, "h2", "h2_fp_conv1", &[1], 4, Epi::Sp, true),
+    ck(L::H2FpConv2, "h2", "h2_fp_conv2_dv", &[4], 4, Epi::FpDiv, true),
+    ck(L::H2BpConv1, "h2", "h2_bp_conv1", &[1], 8, Epi::Sp, true),
     ck(L::H2BpConv2, "h2", "h2_bp_conv2_e2", &[8], 8, Epi::UpdatePlus1, true),
-    ck(L::H3Conv1, "h3", "h3_conv1", &[1], 8, Epi::Sp, false),
+    ck(L::H3Conv1, "h3", "h3_conv1", &[1], 8, Epi::Sp, true),
     ck(L::H3Conv2, "h3", "h3_conv2", &[8, 1, 1], 8, Epi::Sp, true),
     ck(L::H3Conv3, "h3", "h3_conv3_y", &[8, 8], 8, Epi::Mean, true),
 ];
 
-/// The transposed conv's kernels: `h1_bp_up_f32`, `h1_bp_up_f16` (module h1_up).
+/// The transposed conv's kernels: `h1_bp_up_f32`, `h1_bp_up_f16`, `h1_bp_up_bf16` (module h1_up).
 pub const UP_KERNEL: &str = "h1_bp_up";
 /// avgpool2 (module h1_fp), always f32.
 pub const POOL_KERNEL: &str = "avgpool2_f32";
@@ -144,13 +150,27 @@ pub fn conv_kernel(l: L) -> &'static ConvKernel {
         .expect("layer has a conv kernel")
 }
 
+/// The up2 kernel of storage `p`.
+pub fn up_kernel(p: Precision) -> String {
+    format!("{UP_KERNEL}_{}", p.suffix())
+}
+
+/// Every precision and tensor-core setting a network can run with.
+pub const MODES: [(Precision, bool); 5] = [
+    (Precision::F32, false),
+    (Precision::F16, false),
+    (Precision::F16, true),
+    (Precision::Bf16, false),
+    (Precision::Bf16, true),
+];
+
 /// Every kernel name a network of this precision launches, with its module.
-pub fn kernel_names(f16: bool, tensor_cores: bool) -> Vec<(&'static str, String)> {
+pub fn kernel_names(p: Precision, tensor_cores: bool) -> Vec<(&'static str, String)> {
     let mut v: Vec<(&'static str, String)> = CONV_KERNELS
         .iter()
-        .map(|k| (k.module, k.name(f16, tensor_cores)))
+        .map(|k| (k.module, k.name(p, tensor_cores)))
         .collect();
-    v.push(("h1_up", format!("{UP_KERNEL}_{}", if f16 { "f16" } else { "f32" })));
+    v.push(("h1_up", up_kernel(p)));
     v.push(("h1_fp", POOL_KERNEL.to_string()));
     v
 }
@@ -191,29 +211,70 @@ pub const MMA_THREADS: u32 = 256;
 /// Voxels of the smem tile with its halo.
 pub const MMA_NVOX: usize = (MMA_TILE[0] + 2) * (MMA_TILE[1] + 2) * (MMA_TILE[2] + 2);
 
-/// Channels of the smem tile: C_in padded to 8 or 16.
-pub const fn mma_cpad(cin: usize) -> usize {
-    if cin <= 8 {
-        8
+/// How K = 27 taps × C_in is laid out in chunks of 16 (kernels/conv3_mma.cuh `mmac::layout`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MmaLayout {
+    /// C_in = 4: each smem voxel holds its 4 channels and those of its x neighbour; chunk
+    /// (kz, ky): k-half 0 = taps kx 0, 1; k-half 1 = taps kx 2 and a zero-weight 3rd.
+    P4,
+    /// C_in ≤ 8 padded to 8: k = tap·8 + c, a 28th zero tap.
+    C8,
+    /// C_in ≤ 16 padded to 16: k = tap·16 + c.
+    C16,
+    /// C_in = 1: each smem voxel holds 8 consecutive x values; k-half = one (kz, ky)
+    /// (rows kx = 0..2 real, 3..7 zero weights), the 10th k-half the zero voxel.
+    X1,
+}
+
+pub const fn mma_layout(cin: usize) -> MmaLayout {
+    if cin == 1 {
+        MmaLayout::X1
+    } else if cin == 4 {
+        MmaLayout::P4
+    } else if cin <= 8 {
+        MmaLayout::C8
     } else {
-        16
+        MmaLayout::C16
     }
 }
-/// fp16 values per smem voxel (16 B for 8 channels, 48 B for 16: see conv3_mma.cuh).
+/// 16-bit values per smem voxel (16 B for P4 and C8, 48 B for C16: see conv3_mma.cuh).
 pub const fn mma_voxel_halves(cin: usize) -> usize {
-    if mma_cpad(cin) == 8 {
-        8
-    } else {
-        24
+    match mma_layout(cin) {
+        MmaLayout::C16 => 24,
+        _ => 8,
     }
 }
-/// K chunks of 16: ⌈27·C/16⌉.
+/// K chunks of 16.
 pub const fn mma_chunks(cin: usize) -> usize {
-    if mma_cpad(cin) == 8 {
-        14
-    } else {
-        27
+    match mma_layout(cin) {
+        MmaLayout::X1 => 5,
+        MmaLayout::P4 => 9,
+        MmaLayout::C8 => 14,
+        MmaLayout::C16 => 27,
     }
+}
+/// (tap, input channel) of row k (0..16) of K chunk `chunk`, None for a padding row
+/// (channels beyond C_in, the 28th tap of C8, the 4th x tap of P4).
+pub fn mma_k_row(cin: usize, chunk: usize, k: usize) -> Option<(usize, usize)> {
+    let (tap, ci) = match mma_layout(cin) {
+        MmaLayout::C16 => (chunk, k),
+        MmaLayout::C8 => (2 * chunk + k / 8, k % 8),
+        MmaLayout::P4 => {
+            let kx = 2 * (k / 8) + (k % 8) / 4;
+            if kx == 3 {
+                return None;
+            }
+            (3 * chunk + kx, k % 4)
+        }
+        MmaLayout::X1 => {
+            let (q, kx) = (2 * chunk + k / 8, k % 8);
+            if q >= 9 || kx >= 3 {
+                return None;
+            }
+            (3 * q + kx, 0)
+        }
+    };
+    (ci < cin && tap < 27).then_some((tap, ci))
 }
 pub const fn mma_smem_bytes(cin: usize) -> usize {
     (MMA_NVOX + 1) * mma_voxel_halves(cin) * 2
@@ -278,8 +339,12 @@ mod tests {
             assert!(b * 3 <= 228 * 1024, "{}: {b} B", k.base);
             assert_eq!(k.c_in() % ffma_chunk(k.c_in()), 0);
             if k.mma {
-                assert_eq!(k.c_out, 8);
-                assert!(k.inputs[0] == 8 && k.c_in() <= 16);
+                assert!(k.c_out == 8 || k.c_out == 4);
+                assert!(
+                    k.inputs[0] == 8 && k.c_in() <= 16
+                        || k.inputs.iter().all(|&c| c == 4) && k.c_in() <= 8
+                        || k.inputs == [1]
+                );
                 assert!(mma_smem_bytes(k.c_in()) * 2 <= 228 * 1024);
             }
         }
@@ -294,9 +359,21 @@ mod tests {
             assert_eq!(spec.c_in, k.c_in(), "{}", spec.name);
             assert_eq!(spec.c_out, k.c_out, "{}", spec.name);
         }
-        assert_eq!(kernel_names(true, true).len(), 16);
-        assert!(kernel_names(true, true).iter().any(|(_, n)| n == "h3_conv3_y_mma_f16"));
-        assert!(kernel_names(false, true).iter().all(|(_, n)| !n.contains("mma")));
+        assert_eq!(kernel_names(Precision::F16, true).len(), 16);
+        assert!(kernel_names(Precision::F16, true)
+            .iter()
+            .any(|(_, n)| n == "h3_conv3_y_mma_f16"));
+        assert!(kernel_names(Precision::Bf16, true)
+            .iter()
+            .any(|(_, n)| n == "h2_fp_conv2_dv_mma_bf16"));
+        assert!(kernel_names(Precision::F32, true)
+            .iter()
+            .all(|(_, n)| !n.contains("mma")));
+        assert!(kernel_names(Precision::Bf16, false)
+            .iter()
+            .all(|(_, n)| !n.contains("mma")));
+        // with tensor cores on, every conv runs on them
+        assert!(CONV_KERNELS.iter().all(|k| k.mma));
     }
 
     #[test]
@@ -315,8 +392,8 @@ mod tests {
                 );
             }
         }
-        for (f16, tc) in [(false, false), (true, false), (true, true)] {
-            for (m, name) in kernel_names(f16, tc) {
+        for (p, tc) in MODES {
+            for (m, name) in kernel_names(p, tc) {
                 let km = module(m).unwrap_or_else(|| panic!("module {m} not embedded"));
                 assert!(
                     km.source.contains(&format!("{name}(")) || km.source.contains(&format!("({name},")),
@@ -448,6 +525,29 @@ mod tests {
         // and the reader itself
         let k = cuda_constants("#define A 3\nconstexpr int B = (A + 1) * 2 - 6 / 3, C = B;");
         assert_eq!((k["A"], k["B"], k["C"]), (3, 6, 6));
+    }
+
+    /// Every (tap, input channel) of a layout appears in exactly one K row, and the X1
+    /// and P4 rows sit where the smem layouts put them (k-half h of chunk c covers
+    /// (kz, ky) = 2c + h resp. taps 2h, 2h + 1 of (kz, ky) = c).
+    #[test]
+    fn every_weight_has_one_k_row() {
+        for cin in [1, 4, 8, 10, 16] {
+            let mut seen = vec![0; 27 * cin];
+            for chunk in 0..mma_chunks(cin) {
+                for k in 0..16 {
+                    if let Some((tap, ci)) = mma_k_row(cin, chunk, k) {
+                        seen[tap * cin + ci] += 1;
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "C_in {cin}: {seen:?}");
+        }
+        assert_eq!(mma_k_row(1, 2, 9), Some((3 * 5 + 1, 0)));
+        assert_eq!(mma_k_row(1, 4, 8), None);
+        assert_eq!(mma_k_row(4, 3, 5), Some((3 * 3 + 1, 1)));
+        assert_eq!(mma_k_row(4, 3, 9), Some((3 * 3 + 2, 1)));
+        assert_eq!(mma_k_row(4, 3, 12), None);
     }
 
     #[test]

@@ -56,12 +56,15 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
-/// Storage type of the multi-channel activations (arithmetic is f32 in both).
+/// Storage type of the multi-channel activations (arithmetic is f32 in every one).
+/// Bf16 keeps f32's exponent range with 8 significant bits (fp16: 11, but a largest
+/// value of 65 504): the choice for models whose activations overflow fp16.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     F32,
     F16,
+    Bf16,
 }
 
 /// How to run the network on the device.
@@ -70,8 +73,9 @@ pub struct CudaOptions {
     /// CUDA device ordinal.
     pub device: usize,
     pub precision: Precision,
-    /// f16 only: the convs with C_out = 8 and C_in ≥ 8 (b2, b3, bp2, f2, f3: 3/4 of the
-    /// arithmetic) on the tensor cores (mma.sync m16n8k16); otherwise on the FP32 cores.
+    /// f16 and bf16 only: every conv on the tensor cores (mma.sync m16n8k16, the 1-channel
+    /// inputs of the 1→k convs rounded to the storage type too); otherwise every conv on
+    /// the FP32 cores.
     pub tensor_cores: bool,
     /// Synchronize after every launch, so that an asynchronous fault is reported with
     /// the kernel that caused it (slower; also set by RLN_CUDA_SYNC=1).
@@ -83,7 +87,40 @@ impl Precision {
     pub const fn bytes(self) -> usize {
         match self {
             Precision::F32 => 4,
-            Precision::F16 => 2,
+            Precision::F16 | Precision::Bf16 => 2,
+        }
+    }
+    /// The kernels' name suffix of this storage type ("f32", "f16", "bf16").
+    pub const fn suffix(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+    /// The value as this storage type rounds it (round to nearest even, as the kernels'
+    /// cvt.rn), back in f32.
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            Precision::F32 => v,
+            Precision::F16 => half::f16::from_f32(v).to_f32(),
+            Precision::Bf16 => half::bf16::from_f32(v).to_f32(),
+        }
+    }
+    /// The 16-bit pattern of `v` in this (2-byte) storage type, rounded to nearest even.
+    pub fn bits16(self, v: f32) -> u16 {
+        match self {
+            Precision::F16 => half::f16::from_f32(v).to_bits(),
+            Precision::Bf16 => half::bf16::from_f32(v).to_bits(),
+            Precision::F32 => panic!("f32 is not a 16-bit storage type"),
+        }
+    }
+    /// The value of a 16-bit pattern of this storage type.
+    pub fn from_bits16(self, b: u16) -> f32 {
+        match self {
+            Precision::F16 => half::f16::from_bits(b).to_f32(),
+            Precision::Bf16 => half::bf16::from_bits(b).to_f32(),
+            Precision::F32 => panic!("f32 is not a 16-bit storage type"),
         }
     }
 }
@@ -106,6 +143,13 @@ impl CudaOptions {
             sync_each_launch: sync_from_env(),
         }
     }
+    /// bf16 storage with the tensor-core convs (bf16 operands, f32 accumulation).
+    pub fn bf16() -> Self {
+        CudaOptions {
+            precision: Precision::Bf16,
+            ..Self::f16()
+        }
+    }
     pub fn with_tensor_cores(self, on: bool) -> Self {
         CudaOptions {
             tensor_cores: on,
@@ -115,12 +159,33 @@ impl CudaOptions {
     pub fn is_f16(&self) -> bool {
         self.precision == Precision::F16
     }
-    /// Short name: "f32", "f16" (FP32 cores only) or "f16-tc".
+    /// 16-bit storage (f16 or bf16).
+    pub fn is_half(&self) -> bool {
+        self.precision != Precision::F32
+    }
+    /// Whether the tensor-core kernels run (16-bit storage and `tensor_cores`).
+    pub fn uses_mma(&self) -> bool {
+        self.is_half() && self.tensor_cores
+    }
+    /// The options of a [`CudaOptions::label`] ("f32", "f16", "f16-tc", "bf16", "bf16-tc").
+    pub fn from_label(s: &str) -> Option<Self> {
+        Some(match s {
+            "f32" => Self::f32(),
+            "f16" => Self::f16().with_tensor_cores(false),
+            "f16-tc" => Self::f16(),
+            "bf16" => Self::bf16().with_tensor_cores(false),
+            "bf16-tc" => Self::bf16(),
+            _ => return None,
+        })
+    }
+    /// Short name: "f32", "f16" / "bf16" (FP32 cores only) or "f16-tc" / "bf16-tc".
     pub fn label(&self) -> &'static str {
         match (self.precision, self.tensor_cores) {
             (Precision::F32, _) => "f32",
             (Precision::F16, false) => "f16",
             (Precision::F16, true) => "f16-tc",
+            (Precision::Bf16, false) => "bf16",
+            (Precision::Bf16, true) => "bf16-tc",
         }
     }
 }

@@ -550,8 +550,8 @@ impl Runtime {
         let cl = t.to_ndhwc();
         match dtype {
             Precision::F32 => self.htod(dt.ptr(), &cl)?,
-            Precision::F16 => {
-                let h: Vec<u16> = cl.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+            Precision::F16 | Precision::Bf16 => {
+                let h: Vec<u16> = cl.iter().map(|&v| dtype.bits16(v)).collect();
                 self.htod(dt.ptr(), &h)?
             }
         }
@@ -566,10 +566,10 @@ impl Runtime {
                 self.dtoh(&mut v, x.ptr())?;
                 v
             }
-            Precision::F16 => {
+            Precision::F16 | Precision::Bf16 => {
                 let mut h = vec![0u16; x.shape.len()];
                 self.dtoh(&mut h, x.ptr())?;
-                h.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect()
+                h.iter().map(|&b| x.dtype.from_bits16(b)).collect()
             }
         };
         Tensor::from_ndhwc(x.shape, &data)

@@ -16,7 +16,7 @@
 mod tests {
     use super::super::emulate_infer::EmuDevice;
     use super::super::runtime::Runtime;
-    use super::super::{random_dual_model, random_model, CudaInferBackend, CudaOptions, CudaTrainBackend};
+    use super::super::{random_dual_model, random_model, CudaInferBackend, CudaOptions, CudaTrainBackend, Precision};
     use crate::backend::cpu::{pointwise, CpuBackend};
     use crate::backend::Backend;
     use crate::model::{Model, ModelConfig, Params, Variant, LAYERS};
@@ -261,7 +261,8 @@ mod tests {
     /// f16 storage (and fp16 weights in the tensor-core convs): each stored activation is
     /// rounded to 11 significant bits (relative error ≤ 2⁻¹¹ ≈ 4.9e-4 each, random in sign,
     /// partly averaged away by the channel means); measured 5.9e-5 (FP32 cores) and 7.1e-5
-    /// (tensor cores), bound 5e-4: one worst-case rounding of every output.
+    /// (tensor cores for the 8- and 16-channel convs only), bound 5e-4: one worst-case
+    /// rounding of every output. bf16 (8 significant bits, 2⁻⁸ ≈ 3.9e-3): bound 4e-3.
     #[test]
     fn emulated_inference_equals_the_cpu_network() {
         let model = random_model(INFER_MODEL_SEED);
@@ -275,6 +276,8 @@ mod tests {
             (CudaOptions::f32(), 1e-5),
             (CudaOptions::f16().with_tensor_cores(false), 5e-4),
             (CudaOptions::f16(), 5e-4),
+            (CudaOptions::bf16().with_tensor_cores(false), 4e-3),
+            (CudaOptions::bf16(), 4e-3),
         ] {
             let (_, got) = infer_trace(opts);
             assert_eq!(got.shape, want.shape);
@@ -319,9 +322,9 @@ mod tests {
             }
             // the fused kernels ran where they apply, the composed stages where they do not
             let ran = |k: &str| trace.iter().filter(|l| l.starts_with(&format!("{k} "))).count();
-            let f16 = opts.is_f16();
+            let f16 = opts.precision == Precision::F16;
             for k in super::super::launch::CONV_KERNELS.iter() {
-                let n = ran(&k.name(f16, opts.tensor_cores));
+                let n = ran(&k.name(opts.precision, opts.tensor_cores));
                 let want_n = usize::from(!k.layer.spec().reads_input);
                 assert_eq!(n, want_n, "{} {}", opts.label(), k.base);
             }
@@ -337,6 +340,23 @@ mod tests {
                 opts.label()
             );
         }
+    }
+
+    /// bf16 storage has no conversion kernel for the composed dual-view stages: the pass
+    /// is refused with an error naming what to use, not run wrongly.
+    #[test]
+    fn dual_view_bf16_inference_is_refused_clearly() {
+        let model = random_dual_model(INFER_MODEL_SEED);
+        let x = input(INFER_SHAPE.with_c(2), 6);
+        let rt = Runtime::on_exec(Arc::new(EmuDevice::default()), true);
+        let b = CudaInferBackend::on_runtime(rt, &model, CudaOptions::bf16()).unwrap();
+        let xd = b.from_host(&pointwise::pad_even(&x)).unwrap();
+        let e = Rln::new(&b, &model)
+            .infer(&xd, false)
+            .err()
+            .expect("bf16 dual-view ran")
+            .to_string();
+        assert!(e.contains("bf16") && e.contains("f16"), "{e}");
     }
 
     /// Device memory of inference as the predictor plans it: the peak of what one pass
@@ -397,12 +417,12 @@ mod tests {
         let model = random_model(4);
         let mut rng = ChaCha8Rng::seed_from_u64(8);
         let s = Shape::new(1, 1, 5, 6, 9);
-        let mut random = |shape: Shape, lo: f32, hi: f32, f16: bool| {
+        let mut random = |shape: Shape, lo: f32, hi: f32, p: Precision| {
             let v = (0..shape.len())
                 .map(|_| {
                     let x = rng.random_range(lo..hi);
-                    if f16 && shape.c > 1 {
-                        half::f16::from_f32(x).to_f32()
+                    if shape.c > 1 {
+                        p.round(x)
                     } else {
                         x
                     }
@@ -410,8 +430,13 @@ mod tests {
                 .collect();
             Tensor::from_vec(shape, v).unwrap()
         };
-        for (opts, tol) in [(CudaOptions::f32(), 1e-5), (CudaOptions::f16(), 3e-3)] {
-            let f16 = opts.is_f16();
+        // bf16: 8× fp16's bound (unit roundoff 2⁻⁸ vs 2⁻¹¹)
+        for (opts, tol) in [
+            (CudaOptions::f32(), 1e-5),
+            (CudaOptions::f16(), 3e-3),
+            (CudaOptions::bf16(), 2.4e-2),
+        ] {
+            let f16 = opts.precision;
             let rt = Runtime::on_exec(Arc::new(EmuDevice::default()), false);
             let net = CudaInferBackend::on_runtime(rt, &model, opts).unwrap();
             for k in CONV_KERNELS.iter() {

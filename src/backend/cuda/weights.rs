@@ -3,8 +3,9 @@
 //! bias[o] = shift[o] (scale = γ/√(var + ε), shift = β − mean·scale, computed in f64 as
 //! `net::Rln` does). Then the layouts of the two conv families and of up2.
 
-use super::launch::{mma_chunks, mma_cpad};
+use super::launch::{mma_chunks, mma_k_row};
 use super::train_launch::pack_fwd;
+use super::Precision;
 use crate::model::{LayerOp, Model, L};
 
 /// Per-channel (scale, shift) of layer `l`'s batch norm with running statistics;
@@ -82,37 +83,31 @@ pub fn ffma_layout(f: &FoldedConv) -> Vec<f32> {
     pack_fwd(&w, f.c_in, f.c_out)
 }
 
-/// Element (k, n) of the B matrix (K × N = 16 × 8) of K chunk `chunk`: k = tap·C + c
-/// with C = C_in padded to 8 or 16 (conv3_mma.cuh); zero for padded channels and for
-/// the 28th tap of the C = 8 layout.
+/// Element (k, n) of the B matrix (K × N = 16 × 8) of K chunk `chunk` in the layout of
+/// C_in ([`mma_k_row`], conv3_mma.cuh); zero for padding rows and for the columns
+/// n ≥ C_out (C_out = 4).
 pub fn mma_b_value(f: &FoldedConv, chunk: usize, k: usize, n: usize) -> f64 {
-    let (tap, ci) = if mma_cpad(f.c_in) == 16 {
-        (chunk, k)
-    } else {
-        (2 * chunk + k / 8, k % 8)
-    };
-    if ci < f.c_in && tap < 27 && n < f.c_out {
-        f.w(n, ci, tap)
-    } else {
-        0.0
+    match mma_k_row(f.c_in, chunk, k) {
+        Some((tap, ci)) if n < f.c_out => f.w(n, ci, tap),
+        _ => 0.0,
     }
 }
 
-/// fp16 bits, round to nearest even (as cvt.rn.f16.f32).
-pub fn f16_bits(v: f64) -> u16 {
-    half::f16::from_f32(v as f32).to_bits()
-}
-
-/// B fragments of mma.m16n8k16 for every K chunk, [chunk][lane][2] words: lane
+/// B fragments of mma.m16n8k16 for every K chunk, [chunk][lane][2] words of two values
+/// of the 16-bit type `p` (fp16 or bf16, rounded to nearest even as cvt.rn): lane
 /// (g = lane/4, t = lane%4) holds B[2t][g], B[2t+1][g] in word 0 (the lower k in the
 /// low half) and B[2t+8][g], B[2t+9][g] in word 1 (PTX ISA, "Matrix Fragments for
 /// mma.m16n8k16 with floating point type").
-pub fn pack_mma_b(f: &FoldedConv) -> Vec<u32> {
-    assert_eq!(f.c_out, 8, "the tensor-core kernels have C_out = 8");
+pub fn pack_mma_b(f: &FoldedConv, p: Precision) -> Vec<u32> {
+    assert!(
+        f.c_out == 8 || f.c_out == 4,
+        "the tensor-core kernels have C_out = 4 or 8"
+    );
     let nch = mma_chunks(f.c_in);
     let mut out = Vec::with_capacity(nch * 64);
+    let bits = |v: f64| p.bits16(v as f32) as u32;
     let pair = |chunk: usize, k: usize, n: usize| {
-        f16_bits(mma_b_value(f, chunk, k, n)) as u32 | (f16_bits(mma_b_value(f, chunk, k + 1, n)) as u32) << 16
+        bits(mma_b_value(f, chunk, k, n)) | bits(mma_b_value(f, chunk, k + 1, n)) << 16
     };
     for chunk in 0..nch {
         for lane in 0..32 {
