@@ -448,6 +448,16 @@ fn cases() -> Vec<Case> {
             &["--fp16"],
         ),
         case(
+            "option: --bf16 on the CPU",
+            &infer("good.tif -o out.tif --device cpu --bf16"),
+            &["--bf16"],
+        ),
+        case(
+            "option: --bf16 with --fp16",
+            &infer("good.tif -o out.tif --bf16 --fp16"),
+            &["cannot be used with"],
+        ),
+        case(
             "option: --channel 5 of one",
             &infer("good.tif -o out.tif --device cpu --channel 5"),
             &["channel 5"],

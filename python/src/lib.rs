@@ -7,6 +7,7 @@
 use numpy::{PyArray1, PyArray3, PyArrayMethods, PyReadonlyArray3, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyFileNotFoundError, PyMemoryError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use rln_engine::backend::cuda::Precision;
 use rln_engine::imaging::io::{OutputDtype, ReadOptions};
 use rln_engine::imaging::metrics;
 use rln_engine::imaging::psf::{self, GibsonLanni, PsfSpec};
@@ -387,6 +388,7 @@ fn infer_file(
     let region = parsed_opt("region", region, plan::parse_region)?;
     check_tile(tile).map_err(to_py)?;
     check_fp16_on_cpu(fp16, device == Device::Cpu).map_err(to_py)?;
+    let precision = if fp16 { Precision::F16 } else { Precision::F32 };
     let predictor = match (&devices, device) {
         (Some(_), Device::Cpu) => {
             return Err(PyValueError::new_err(
@@ -395,11 +397,14 @@ fn infer_file(
         }
         (Some(d), _) => PredictorChoice::Cuda {
             devices: d.clone(),
-            fp16,
+            precision,
         },
         (None, Device::Cpu) => PredictorChoice::Cpu,
-        (None, Device::Cuda(n)) => PredictorChoice::Cuda { devices: vec![n], fp16 },
-        (None, Device::Auto) => PredictorChoice::Auto { fp16 },
+        (None, Device::Cuda(n)) => PredictorChoice::Cuda {
+            devices: vec![n],
+            precision,
+        },
+        (None, Device::Auto) => PredictorChoice::Auto { precision },
     };
 
     let mut o = InferFileOptions::new(model_path, input, output);

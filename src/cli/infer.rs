@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
+use rln_engine::backend::cuda::Precision;
 use rln_engine::imaging::io::{OutputDtype, ReadOptions};
 use rln_engine::imaging::stream::Region;
 use rln_engine::infer::stitch::NormalizeMode;
@@ -32,8 +33,12 @@ pub struct InferArgs {
     #[arg(long, value_delimiter = ',')]
     pub devices: Option<Vec<usize>>,
     /// FP16 storage on the GPU (FP32 accumulation).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "bf16")]
     pub fp16: bool,
+    /// BF16 storage on the GPU (FP32 accumulation): fp16's speed with f32's range, for
+    /// models whose activations overflow fp16 (8 significant bits instead of 11).
+    #[arg(long)]
+    pub bf16: bool,
     /// Host memory for the tiles in flight (e.g. 4G): sets the tile size, and with it
     /// the peak memory (see README, "Streaming inference"); default: 4 GiB or half the
     /// available RAM when less (on a GPU: its free memory).
@@ -149,6 +154,14 @@ pub fn infer(a: &InferArgs) -> Result<()> {
     };
     super::args::check_tile(a.tile)?;
     super::args::check_fp16_on_cpu(a.fp16, a.device == Device::Cpu)?;
+    if a.bf16 && a.device == Device::Cpu {
+        bail!("--bf16 applies to the GPU only (the CPU computes in f32): drop --bf16, or use --device cuda");
+    }
+    let precision = match (a.fp16, a.bf16) {
+        (true, _) => Precision::F16,
+        (_, true) => Precision::Bf16,
+        _ => Precision::F32,
+    };
     let predictor = if a.copy_network {
         PredictorChoice::Copy
     } else if let Some(d) = &a.devices {
@@ -157,21 +170,16 @@ pub fn infer(a: &InferArgs) -> Result<()> {
         }
         PredictorChoice::Cuda {
             devices: d.clone(),
-            fp16: a.fp16,
+            precision,
         }
     } else {
         match a.device {
-            Device::Cpu => {
-                if a.fp16 {
-                    eprintln!("note: --fp16 applies to the GPU; the CPU computes in f32");
-                }
-                PredictorChoice::Cpu
-            }
+            Device::Cpu => PredictorChoice::Cpu,
             Device::Cuda => PredictorChoice::Cuda {
                 devices: vec![0],
-                fp16: a.fp16,
+                precision,
             },
-            Device::Auto => PredictorChoice::Auto { fp16: a.fp16 },
+            Device::Auto => PredictorChoice::Auto { precision },
         }
     };
     let mut o = InferFileOptions::new(a.model.clone(), a.input.clone(), a.output.clone());

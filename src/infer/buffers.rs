@@ -7,7 +7,7 @@
 use super::stitch::{estimate_normalization, run_tiled, Affine, NormalizeMode, StitchOptions};
 use super::tiling::{choose_core, MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS};
 use super::{CpuPredictor, TilePredictor};
-use crate::backend::cuda::{self, CudaOptions, CudaPredictor};
+use crate::backend::cuda::{self, CudaOptions, CudaPredictor, Precision};
 use crate::error::{Error, Result};
 use crate::model::Model;
 
@@ -47,9 +47,19 @@ pub fn open_predictor(
     device: Device,
     fp16: bool,
 ) -> Result<(Box<dyn TilePredictor + Send>, Option<String>)> {
+    let precision = if fp16 { Precision::F16 } else { Precision::F32 };
+    open_predictor_with(model, device, precision)
+}
+
+/// [`open_predictor`] with any storage precision on the GPU (f32, f16, bf16).
+pub fn open_predictor_with(
+    model: &Model<f32>,
+    device: Device,
+    precision: Precision,
+) -> Result<(Box<dyn TilePredictor + Send>, Option<String>)> {
     let opts = |ordinal: usize| CudaOptions {
         device: ordinal,
-        ..if fp16 { CudaOptions::f16() } else { CudaOptions::f32() }
+        ..CudaOptions::of(precision)
     };
     let cpu = || -> Box<dyn TilePredictor + Send> { Box::new(CpuPredictor { model: model.clone() }) };
     match device {

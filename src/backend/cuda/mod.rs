@@ -126,6 +126,14 @@ impl Precision {
 }
 
 impl CudaOptions {
+    /// The default options of a storage precision (tensor cores on for 16-bit storage).
+    pub fn of(p: Precision) -> Self {
+        match p {
+            Precision::F32 => Self::f32(),
+            Precision::F16 => Self::f16(),
+            Precision::Bf16 => Self::bf16(),
+        }
+    }
     pub fn f32() -> Self {
         CudaOptions {
             device: 0,

@@ -30,6 +30,7 @@ pub mod norm;
 pub mod pipeline;
 pub mod plan;
 
+use crate::backend::cuda::Precision;
 use crate::error::{Error, Result};
 use crate::imaging::io::OutputDtype;
 use crate::imaging::stream::{Region, VolumeReader, VolumeWriter, WriterSpec};
@@ -53,11 +54,11 @@ pub enum PredictorChoice {
     /// CUDA devices (one worker each; today the first is used) in f16 or f32 storage.
     Cuda {
         devices: Vec<usize>,
-        fp16: bool,
+        precision: Precision,
     },
     /// CUDA when usable, else the CPU (with a notice).
     Auto {
-        fp16: bool,
+        precision: Precision,
     },
     /// No network: the prediction is the normalized input (a benchmark of the host
     /// side's own ceiling; labelled as such in the summary).
@@ -285,11 +286,10 @@ pub fn make_predictors(
     model: &Model<f32>,
 ) -> Result<(Vec<Box<dyn TilePredictor>>, Option<String>)> {
     use crate::backend::cuda::{CudaOptions, CudaPredictor};
-    use crate::infer::buffers::{open_predictor, Device};
-    let cuda_opts = |fp16: bool, device: usize| {
-        let mut o = if fp16 { CudaOptions::f16() } else { CudaOptions::f32() };
-        o.device = device;
-        o
+    use crate::infer::buffers::{open_predictor_with, Device};
+    let cuda_opts = |precision: Precision, device: usize| CudaOptions {
+        device,
+        ..CudaOptions::of(precision)
     };
     match choice {
         PredictorChoice::Cpu => Ok((
@@ -297,7 +297,7 @@ pub fn make_predictors(
             None,
         )),
         PredictorChoice::Copy => Ok((vec![Box::new(CopyPredictor)], None)),
-        PredictorChoice::Cuda { devices, fp16 } => {
+        PredictorChoice::Cuda { devices, precision } => {
             if devices.is_empty() {
                 return Err(Error::invalid("--devices: name at least one CUDA device, e.g. 0"));
             }
@@ -309,15 +309,15 @@ pub fn make_predictors(
             }
             let preds = devices
                 .iter()
-                .map(|&d| Ok(Box::new(CudaPredictor::new(model, cuda_opts(*fp16, d))?) as Box<dyn TilePredictor>))
+                .map(|&d| Ok(Box::new(CudaPredictor::new(model, cuda_opts(*precision, d))?) as Box<dyn TilePredictor>))
                 .collect::<Result<_>>()?;
             Ok((preds, None))
         }
-        PredictorChoice::Auto { fp16 } => {
-            let (pred, note) = open_predictor(model, Device::Auto, *fp16)?;
-            let note = note.map(|n| match fp16 {
-                true => format!("{n}; --fp16 applies to the GPU, the CPU computes in f32"),
-                false => n,
+        PredictorChoice::Auto { precision } => {
+            let (pred, note) = open_predictor_with(model, Device::Auto, *precision)?;
+            let note = note.map(|n| match precision {
+                Precision::F32 => n,
+                p => format!("{n}; --{} applies to the GPU, the CPU computes in f32", p.suffix()),
             });
             Ok((vec![pred], note))
         }
