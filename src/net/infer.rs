@@ -203,14 +203,7 @@ impl<B: Backend> Rln<'_, B> {
     /// with `keep_raw` also E1r and E2r.
     pub fn infer(&self, x: &B::X, keep_raw: bool) -> Result<Inferred<B::X>> {
         let b = self.b;
-        let input_shape = b.shape(x);
-        let c_in = self.model.config.variant.input_channels();
-        if input_shape.c != c_in {
-            return Err(Error::Shape(format!(
-                "the model takes {c_in} input channel(s), the input has {}",
-                input_shape.c
-            )));
-        }
+        let (input_shape, c_in) = self.checked_input(x)?;
         let dual = c_in > 1;
         let odd = input_shape.d % 2 + input_shape.h % 2 + input_shape.w % 2 != 0;
         let padded = if odd { Some(b.pad_even(x)?) } else { None };

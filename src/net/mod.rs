@@ -240,6 +240,19 @@ impl<'a, B: Backend> Rln<'a, B> {
         Ok(y)
     }
 
+    /// The shape of x and the model's input channel count, which x must have.
+    pub(crate) fn checked_input(&self, x: &B::X) -> Result<(crate::tensor::Shape, usize)> {
+        let input_shape = self.b.shape(x);
+        let c_in = self.model.config.variant.input_channels();
+        if input_shape.c != c_in {
+            return Err(Error::Shape(format!(
+                "the model takes {c_in} input channel(s), the input has {}",
+                input_shape.c
+            )));
+        }
+        Ok((input_shape, c_in))
+    }
+
     /// The forward pass of spec §3 on x (N×C_in×D×H×W, normalized; any D, H, W: odd
     /// sizes are mirror-padded to even and the outputs cropped back).
     pub fn forward(&self, x: &B::X, mode: BnMode, keep_tape: bool) -> Result<Forward<B>> {
@@ -255,14 +268,7 @@ impl<'a, B: Backend> Rln<'a, B> {
             });
         }
         let b = self.b;
-        let input_shape = b.shape(x);
-        let c_in = self.model.config.variant.input_channels();
-        if input_shape.c != c_in {
-            return Err(Error::Shape(format!(
-                "the model takes {c_in} input channel(s), the input has {}",
-                input_shape.c
-            )));
-        }
+        let (input_shape, c_in) = self.checked_input(x)?;
         let mut st = State::<B> {
             mode,
             z: none_vec(),
