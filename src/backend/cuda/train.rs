@@ -364,20 +364,28 @@ impl CudaTrainBackend {
     ) -> Result<Vec<Option<DevTensor>>> {
         let c_out = dz.shape.c;
         let c_total: usize = c_in.iter().sum();
+        self.per_input_slice(c_in, needed, |offset, cs, args| {
+            let packed = self.resident_packed(opt, w.layer, w.host.len(), c_total, c_out, offset, cs, true)?;
+            self.conv_packed_at(&[dz], packed.ptr(), c_out * 27 * cs, cs, args)
+        })
+    }
+
+    /// The data gradient of each concatenated input slice (`c_in` channels each) that is
+    /// `needed`: `grad_of(offset, channels, args)` convolves dz with that slice's flipped,
+    /// transposed weight (args: the identity epilogue).
+    fn per_input_slice(
+        &self,
+        c_in: &[usize],
+        needed: &[bool],
+        mut grad_of: impl FnMut(usize, usize, TrainArgs) -> Result<DevTensor>,
+    ) -> Result<Vec<Option<DevTensor>>> {
         let mut offset = 0;
         let mut out = Vec::new();
         for (&cs, &need) in c_in.iter().zip(needed) {
             if need {
-                let packed = self.resident_packed(opt, w.layer, w.host.len(), c_total, c_out, offset, cs, true)?;
                 let mut args = TrainArgs::default();
                 args.p[0] = [1.0; 16];
-                out.push(Some(self.conv_packed_at(
-                    &[dz],
-                    packed.ptr(),
-                    c_out * 27 * cs,
-                    cs,
-                    args,
-                )?));
+                out.push(Some(grad_of(offset, cs, args)?));
             } else {
                 out.push(None);
             }
@@ -419,25 +427,10 @@ impl CudaTrainBackend {
                 "conv3 backward: weight size does not match the channels",
             ));
         }
-        let mut offset = 0;
-        let mut out = Vec::new();
-        for (&cs, &need) in c_in.iter().zip(needed) {
-            if need {
-                let wt = tl::flip_transpose(weight, c_total, c_out, offset, cs);
-                let mut args = TrainArgs::default();
-                args.p[0] = [1.0; 16];
-                out.push(Some(self.conv_packed(
-                    &[dz],
-                    &tl::pack_fwd(&wt, c_out, cs),
-                    cs,
-                    args,
-                )?));
-            } else {
-                out.push(None);
-            }
-            offset += cs;
-        }
-        Ok(out)
+        self.per_input_slice(c_in, needed, |offset, cs, args| {
+            let wt = tl::flip_transpose(weight, c_total, c_out, offset, cs);
+            self.conv_packed(&[dz], &tl::pack_fwd(&wt, c_out, cs), cs, args)
+        })
     }
 
     fn try_conv3_backward_weight(&self, inputs: &[&DevTensor], dz: &DevTensor) -> Result<Vec<f64>> {
