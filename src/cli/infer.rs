@@ -204,19 +204,9 @@ pub fn infer(a: &InferArgs) -> Result<()> {
         time: a.time,
         ..Default::default()
     };
-    // name the files unless the error already names one (no "a.tif → b.tif: a.tif: …")
-    let s = infer_file(&o).map_err(|e| {
-        let (input, output) = (a.input.display().to_string(), a.output.display().to_string());
-        let message = e.to_string();
-        let names_a_file = [&input, &output, &a.model.display().to_string()]
-            .iter()
-            .any(|p| message.contains(p.as_str()));
-        if names_a_file {
-            e
-        } else {
-            e.context(format!("infer {input} → {output}"))
-        }
-    })?;
+    // no "infer a → b" context: errors about a file name it themselves, and
+    // inspecting the message to avoid saying it twice would be sniffing text
+    let s = infer_file(&o)?;
     if let Some(note) = &s.device_note {
         eprintln!("note: {note}");
     }
