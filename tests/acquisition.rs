@@ -196,3 +196,68 @@ fn spread_over_seeds_matches_the_reported_uncertainty() {
         }
     }
 }
+
+/// A widefield raw volume (Gibson–Lanni, NA 1.4, 100/200 nm voxels, as the shipped model's
+/// PSF) of `photons` per unit and `density`, on a camera of offset 100 ADU, gain 1.5.
+fn widefield_raw(photons: f64, density: f64, seed: u64) -> (rln_engine::imaging::Volume, rln_engine::imaging::Volume) {
+    let psf = psf::generate(&PsfSpec::GibsonLanni(psf::GibsonLanni {
+        wavelength: 0.52,
+        dxy: 0.1,
+        dz: 0.2,
+        nx: 65,
+        nz: 33,
+        oversample: 1,
+        ..Default::default()
+    }))
+    .unwrap();
+    let cfg = SynthConfig {
+        size: [48, 160, 160],
+        photons,
+        read_noise: 1.0,
+        density,
+        ..Default::default()
+    };
+    let (mut raw, _) = synth::make_pair(&cfg, &psf, seed).unwrap();
+    raw.data.iter_mut().for_each(|v| *v = 100.0 + 1.5 * *v);
+    (raw, psf)
+}
+
+/// `train --like`'s match: the photons per unit of ground truth of the synthetic pairs,
+/// recovered within 15% from widefield raw volumes whose out-of-focus haze lifts the
+/// background well above the scene's 30 units (dividing the background photons by 30, as
+/// before, is 56% off at density 1: asserted, so the test keeps testing the haze). The
+/// density is printed, not asserted: under this much haze the bright fraction barely grows
+/// with it (measured at 48×160×160: truth 1 → 1.10, truth 0.4 → 1.03, truth 2 → 0.95), and
+/// at density 2 overlapping structures lift the bright end, so the photon level comes out
+/// 47% high there (8 → 11.8): a known limit, not covered here.
+#[test]
+fn like_matches_the_photon_level_under_widefield_haze() {
+    for (photons, density, seed) in [(2.0, 1.0, 21), (6.0, 0.4, 22)] {
+        let (raw, psf) = widefield_raw(photons, density, seed);
+        let e = acquisition::estimate(&raw).unwrap();
+        let m = acquisition::match_synthetic(&e, raw.dims, &psf, &SynthConfig::default()).unwrap();
+        let naive = e.background_photons / 30.0;
+        eprintln!(
+            "truth photons {photons}, density {density}: matched {:.3} photons, density {:.3} \
+             (background {:.1} units at density 1); background photons / 30 = {naive:.3}",
+            m.photons, m.density, m.background_units
+        );
+        assert!(
+            (m.photons / photons - 1.0).abs() <= 0.15,
+            "photons {} vs {photons}",
+            m.photons
+        );
+        if density == 1.0 {
+            assert!(
+                (naive / photons - 1.0).abs() > 0.15,
+                "the haze must matter in this test: {naive} vs {photons}"
+            );
+        }
+        assert!(
+            m.background_units > 40.0,
+            "widefield haze at density 1: {}",
+            m.background_units
+        );
+        assert_eq!(m.read_noise, e.read_noise);
+    }
+}

@@ -61,6 +61,9 @@ pub struct AcquisitionEstimate {
     pub background_photons: f64,
     /// Fraction of (non-fill) voxels whose local mean is ≥ 5 σ above the background.
     pub signal_fraction: f64,
+    /// Photons at the bright end: the 99.9th percentile of the 5-voxel local means.
+    #[serde(default)]
+    pub bright_photons: f64,
     /// Photon-transfer bins: (local mean, residual variance / 1.25, residual κ₃ / 0.9375, voxels).
     pub bins: Vec<(f64, f64, f64, usize)>,
     /// Standard error of the offset (jackknife over independent voxel groups, as all `_se`).
@@ -425,6 +428,7 @@ pub fn estimate(raw: &Volume) -> Result<AcquisitionEstimate> {
         background,
         background_photons,
         signal_fraction: above as f64 / means.len() as f64,
+        bright_photons: (means[((means.len() - 1) as f64 * 0.999) as usize] as f64 - offset) / gain,
         bins,
         offset_se: se(&|f| f.offset),
         gain_se: se(&|f| f.gain),
@@ -442,4 +446,104 @@ pub fn estimate(raw: &Volume) -> Result<AcquisitionEstimate> {
         ));
     }
     Ok(est)
+}
+
+/// Synthetic-pair settings matched to a raw volume ([`match_synthetic`]).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SynthMatch {
+    /// Photons per unit of ground truth.
+    pub photons: f64,
+    /// Read noise σ in photons (the raw's estimate).
+    pub read_noise: f64,
+    /// Object density (1: the authors').
+    pub density: f64,
+    /// The synthetic volumes' background in ground-truth units at density 1 and this PSF:
+    /// the scene's constant plus the haze of out-of-focus structures.
+    pub background_units: f64,
+    /// Size of the probe volumes the match was made on.
+    pub probe_size: [usize; 3],
+    /// Synthetic probe volumes made for the match.
+    pub probes: usize,
+}
+
+/// Synthetic volumes per round of [`match_synthetic`] (two rounds).
+const PROBES: u64 = 3;
+
+/// The photon level, read noise and density synthetic pairs (`sc`, made with `psf`) must
+/// have to look like the raw volume whose estimate is `raw_est` and whose size is `raw_dims`.
+///
+/// The raw's background photons are not `photons · sc.background`: out-of-focus light of
+/// every structure raises the floor (a widefield PSF at density 1 lifts it by ~60%), so
+/// dividing by the scene's constant overestimates the photon level. Instead synthetic probe
+/// volumes of the raw's thickness, made with this PSF, are measured by [`estimate`] like the
+/// raw (its biases cancel); the photon level matches the bright end, the density the bright
+/// fraction (steps and their limits in the body).
+pub fn match_synthetic(
+    raw_est: &AcquisitionEstimate,
+    raw_dims: [usize; 3],
+    psf: &Volume,
+    sc: &super::synth::SynthConfig,
+) -> Result<SynthMatch> {
+    let mut cfg = sc.clone();
+    // the probe sees the raw's depth of out-of-focus light (up to 128 planes), 160 px across
+    let k = sc.anisotropic_factor.max(1);
+    cfg.size = [
+        (raw_dims[0] * k).clamp(16, 128),
+        raw_dims[1].clamp(32, 160),
+        raw_dims[2].clamp(32, 160),
+    ];
+    cfg.read_noise = raw_est.read_noise;
+    cfg.photons = (raw_est.background_photons / sc.background as f64).max(1e-3);
+    cfg.density = 1.0;
+    let bright = raw_est.bright_photons;
+    if !(bright > raw_est.background_photons && raw_est.signal_fraction > 0.0) {
+        return Err(Error::invalid(format!(
+            "the raw volume has nothing brighter than its background ({:.1} photons at the 99.9th \
+             percentile, {:.1} at the background): is it a raw fluorescence volume?",
+            bright, raw_est.background_photons
+        )));
+    }
+    // Averages of PROBES volumes of fixed phantoms (seeds), so that the steps below see the
+    // settings' effect, not draw-to-draw noise: units at the bright end, bright fraction,
+    // units at the floor.
+    let probe = |cfg: &super::synth::SynthConfig| -> Result<[f64; 3]> {
+        let mut sum = [0.0; 3];
+        for i in 0..PROBES {
+            let pe = estimate(&super::synth::make_pair(cfg, psf, 0x11CE + i)?.0)?;
+            sum[0] += pe.bright_photons / cfg.photons / PROBES as f64;
+            sum[1] += pe.signal_fraction / PROBES as f64;
+            sum[2] += pe.background_photons / cfg.photons / PROBES as f64;
+        }
+        if !(sum[0] > 0.0 && sum[0].is_finite()) {
+            return Err(Error::invalid(format!(
+                "matching synthetic pairs: the probe volumes have no bright structures ({} units): check the PSF",
+                sum[0]
+            )));
+        }
+        Ok(sum)
+    };
+    // 1. The bright end's units give the photon level. The floor would not: the haze of
+    //    out-of-focus light under it grows with the density (a widefield PSF at density 1
+    //    lifts it from 30 to ~48 units), which is not known yet. The bright end is the
+    //    structures' own light and the level percentile normalization maps to 1, so this
+    //    matches the SNR the network sees. It hardly depends on the density.
+    // 2. At that photon level (it sets the 5σ threshold) the ratio of bright fractions gives
+    //    the density. Under strong haze the floor rises with the structures and the bright
+    //    fraction barely grows, so there the density is only roughly identified (measured in
+    //    tests/acquisition.rs); neither it nor the haze can be iterated to a fixed point, as
+    //    a new density draws new phantoms whose noise then drives the loop.
+    let [units, _, _] = probe(&cfg)?;
+    cfg.photons = bright / units;
+    let [_, fraction, background_units] = probe(&cfg)?;
+    if fraction > 0.0 {
+        cfg.density = (raw_est.signal_fraction / fraction).clamp(0.05, 20.0);
+    }
+    Ok(SynthMatch {
+        photons: cfg.photons,
+        read_noise: cfg.read_noise,
+        density: cfg.density,
+        background_units,
+        probe_size: cfg.size,
+        probes: 2 * PROBES as usize,
+    })
 }

@@ -330,24 +330,21 @@ fn like_raw(
         eprintln!("note: {note}");
     }
     let est = acquisition::estimate(&raw).with_context(|| format!("estimating the noise of {}", raw_path.display()))?;
-    sc.photons = (est.background_photons / sc.background as f64).max(1e-3);
-    sc.read_noise = est.read_noise;
-    // density: the raw's fraction of bright voxels over that of a synthetic volume at density 1
-    let probe = crate::imaging::synth::make_pair(sc, psf, 0x11CE)?.0;
-    let synth_fraction = acquisition::estimate(&probe).map(|e| e.signal_fraction).unwrap_or(0.0);
-    if synth_fraction > 0.0 && est.signal_fraction > 0.0 {
-        sc.density = (est.signal_fraction / synth_fraction).clamp(0.05, 20.0);
-    }
+    eprintln!("{}: {}", raw_path.display(), est.summary());
+    let m = acquisition::match_synthetic(&est, raw.dims, psf, sc)
+        .with_context(|| format!("matching synthetic pairs to {}", raw_path.display()))?;
+    (sc.photons, sc.read_noise, sc.density) = (m.photons, m.read_noise, m.density);
     eprintln!(
-        "{}: {}\n  → synthetic pairs: {:.3} photons per unit, read noise {:.2}, density {:.3}",
-        raw_path.display(),
-        est.summary(),
-        sc.photons,
-        sc.read_noise,
-        sc.density
+        "  → synthetic pairs: {:.3} photons per unit, read noise {:.2}, density {:.3} \
+         (background {:.1} units with this PSF's haze at density 1; matched on {} synthetic volumes of {})",
+        m.photons,
+        m.read_noise,
+        m.density,
+        m.background_units,
+        m.probes,
+        crate::imaging::volume::dims_str(m.probe_size)
     );
-    let synth = serde_json::json!({"photons": sc.photons, "read_noise": sc.read_noise, "density": sc.density,
-        "synthetic_signal_fraction_at_density_1": synth_fraction});
+    let synth = serde_json::to_value(&m).map_err(|e| Error::invalid(format!("recording the match: {e}")))?;
     Ok((est, synth))
 }
 
