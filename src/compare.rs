@@ -100,6 +100,9 @@ pub struct CompareReport {
     /// Object density and photons per unit of ground truth of the volumes.
     pub density: f64,
     pub photons: f64,
+    /// Read noise σ of the volumes, photons, and their scene's constant background, units.
+    pub read_noise: f64,
+    pub background: f32,
     /// The percentiles RLN's input was normalized with.
     pub rln_percentiles: [f64; 2],
     pub seeds: Vec<u64>,
@@ -239,6 +242,8 @@ pub fn compare_on_synthetic(
         families: synth.families.iter().map(|f| f.name().to_string()).collect(),
         density: synth.density,
         photons: synth.photons,
+        read_noise: synth.read_noise,
+        background: synth.background,
         rln_percentiles: model.config.norm_percentiles,
         seeds,
         rows,

@@ -37,6 +37,13 @@ pub struct CompareArgs {
     /// Photons per unit of ground truth (as in training).
     #[arg(long, value_parser = super::finite_f64, default_value_t = 5.0)]
     pub photons: f64,
+    /// Gaussian read noise σ in photons (as in training; `train --like` prints the raw's).
+    #[arg(long, value_parser = super::finite_f64, default_value_t = 0.5)]
+    pub read_noise: f64,
+    /// The scene's constant background in ground-truth units (as in training; `train --like`
+    /// prints the raw's).
+    #[arg(long, value_parser = super::finite_f64, default_value_t = 30.0)]
+    pub background: f64,
     /// RLD iteration counts tried: from --rl-min to --rl-max.
     #[arg(long, default_value_t = 5)]
     pub rl_min: usize,
@@ -94,6 +101,8 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     let synth = SynthConfig {
         size: a.size,
         photons: a.photons,
+        read_noise: a.read_noise,
+        background: a.background as f32,
         density: a.density,
         families: rln_engine::compare::families(&a.families),
         ..SynthConfig::default()

@@ -61,9 +61,9 @@ pub struct AcquisitionEstimate {
     pub background_photons: f64,
     /// Fraction of (non-fill) voxels whose local mean is ≥ 5 σ above the background.
     pub signal_fraction: f64,
-    /// Photons at the bright end: the 99.9th percentile of the 5-voxel local means.
+    /// The bright end, ADU: the 99.9th percentile of the 5-voxel local means.
     #[serde(default)]
-    pub bright_photons: f64,
+    pub bright: f64,
     /// Photon-transfer bins: (local mean, residual variance / 1.25, residual κ₃ / 0.9375, voxels).
     pub bins: Vec<(f64, f64, f64, usize)>,
     /// Standard error of the offset (jackknife over independent voxel groups, as all `_se`).
@@ -115,6 +115,11 @@ impl AcquisitionEstimate {
     /// Whether `value ± 95%` lies within [`IDENTIFIED_WITHIN`] of the value.
     pub fn identified(&self, value: f64, se: f64) -> bool {
         self.t95() * se <= IDENTIFIED_WITHIN * value.abs()
+    }
+
+    /// Photons at the bright end ([`Self::bright`]).
+    pub fn bright_photons(&self) -> f64 {
+        (self.bright - self.offset) / self.gain
     }
 
     /// 95% interval of the read noise σ_r in photons (the square root of σ_r²'s, floored at 0).
@@ -428,7 +433,7 @@ pub fn estimate(raw: &Volume) -> Result<AcquisitionEstimate> {
         background,
         background_photons,
         signal_fraction: above as f64 / means.len() as f64,
-        bright_photons: (means[((means.len() - 1) as f64 * 0.999) as usize] as f64 - offset) / gain,
+        bright: means[((means.len() - 1) as f64 * 0.999) as usize] as f64,
         bins,
         offset_se: se(&|f| f.offset),
         gain_se: se(&|f| f.gain),
@@ -457,6 +462,9 @@ pub struct SynthMatch {
     pub read_noise: f64,
     /// Object density (1: the authors').
     pub density: f64,
+    /// The scene's constant background in ground-truth units (the authors': 30): the raw's
+    /// floor less the haze the structures add at this density, at least 0.
+    pub background: f64,
     /// The synthetic volumes' background in ground-truth units at density 1 and this PSF:
     /// the scene's constant plus the haze of out-of-focus structures.
     pub background_units: f64,
@@ -495,7 +503,7 @@ pub fn match_synthetic(
     cfg.read_noise = raw_est.read_noise;
     cfg.photons = (raw_est.background_photons / sc.background as f64).max(1e-3);
     cfg.density = 1.0;
-    let bright = raw_est.bright_photons;
+    let bright = raw_est.bright_photons();
     if !(bright > raw_est.background_photons && raw_est.signal_fraction > 0.0) {
         return Err(Error::invalid(format!(
             "the raw volume has nothing brighter than its background ({:.1} photons at the 99.9th \
@@ -505,14 +513,16 @@ pub fn match_synthetic(
     }
     // Averages of PROBES volumes of fixed phantoms (seeds), so that the steps below see the
     // settings' effect, not draw-to-draw noise: units at the bright end, bright fraction,
-    // units at the floor.
+    // units at the floor. The probes are in photons (offset 0, gain 1 exactly), so their
+    // levels are read in ADU: the offset's estimate (±10% of the floor when shot noise
+    // dominates) would only add noise.
     let probe = |cfg: &super::synth::SynthConfig| -> Result<[f64; 3]> {
         let mut sum = [0.0; 3];
         for i in 0..PROBES {
             let pe = estimate(&super::synth::make_pair(cfg, psf, 0x11CE + i)?.0)?;
-            sum[0] += pe.bright_photons / cfg.photons / PROBES as f64;
+            sum[0] += pe.bright / cfg.photons / PROBES as f64;
             sum[1] += pe.signal_fraction / PROBES as f64;
-            sum[2] += pe.background_photons / cfg.photons / PROBES as f64;
+            sum[2] += pe.background / cfg.photons / PROBES as f64;
         }
         if !(sum[0] > 0.0 && sum[0].is_finite()) {
             return Err(Error::invalid(format!(
@@ -538,10 +548,16 @@ pub fn match_synthetic(
     if fraction > 0.0 {
         cfg.density = (raw_est.signal_fraction / fraction).clamp(0.05, 20.0);
     }
+    // 3. The scene's constant: what of the raw's floor the structures' haze does not explain.
+    //    A light sheet's floor is a few photons under structures of hundreds; the authors' 30
+    //    units would put a floor the raw does not have under every training input.
+    let haze = (background_units - sc.background as f64).max(0.0) * cfg.density;
+    let background = (raw_est.background_photons / cfg.photons - haze).max(0.0);
     Ok(SynthMatch {
         photons: cfg.photons,
         read_noise: cfg.read_noise,
         density: cfg.density,
+        background,
         background_units,
         probe_size: cfg.size,
         probes: 2 * PROBES as usize,

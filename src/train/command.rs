@@ -334,12 +334,14 @@ fn like_raw(
     let m = acquisition::match_synthetic(&est, raw.dims, psf, sc)
         .with_context(|| format!("matching synthetic pairs to {}", raw_path.display()))?;
     (sc.photons, sc.read_noise, sc.density) = (m.photons, m.read_noise, m.density);
+    sc.background = m.background as f32;
     eprintln!(
-        "  → synthetic pairs: {:.3} photons per unit, read noise {:.2}, density {:.3} \
-         (background {:.1} units with this PSF's haze at density 1; matched on {} synthetic volumes of {})",
+        "  → synthetic pairs: {:.3} photons per unit, read noise {:.2}, density {:.3}, background {:.2} \
+         (floor {:.1} units with this PSF's haze at density 1; matched on {} synthetic volumes of {})",
         m.photons,
         m.read_noise,
         m.density,
+        m.background,
         m.background_units,
         m.probes,
         crate::imaging::volume::dims_str(m.probe_size)
