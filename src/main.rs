@@ -45,6 +45,8 @@ enum Cmd {
     Convert(cli::convert::ConvertArgs),
     /// Image-quality metrics of a prediction against a ground truth (PSNR, SSIM, NRMSE, Pearson r).
     Eval(cli::imaging::EvalArgs),
+    /// Volumes side by side in one labelled PNG (central XY and XZ slices), with each one's flux.
+    Montage(cli::imaging::MontageArgs),
 }
 
 /// Restores the default action of SIGPIPE, so that a closed stdout
@@ -87,6 +89,7 @@ fn main() {
         Cmd::Synth(a) => cli::imaging::synth(a),
         Cmd::Rl(a) => cli::imaging::rl(a),
         Cmd::Eval(a) => cli::imaging::eval(a),
+        Cmd::Montage(a) => cli::imaging::montage(a),
         Cmd::Convert(a) => cli::convert::convert(a),
     };
     if let Err(e) = result {

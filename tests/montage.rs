@@ -138,3 +138,68 @@ fn compare_with_accelerated_rl_judges_and_draws_the_strongest_rl() {
     let beats = rln["psnr"].as_f64().unwrap() > best("psnr") && rln["ssim"].as_f64().unwrap() > best("ssim");
     assert_eq!(report["rln_beats_rld"].as_bool().unwrap(), beats);
 }
+
+/// `rln-engine montage`: one labelled column per panel, fluxes above each panel's level
+/// against the first's, refused mismatched shapes and an output that is an input.
+#[test]
+fn montage_command_draws_panels_and_reports_flux() {
+    use rln_engine::imaging::{write_volume, OutputDtype};
+    let dir = tempfile::tempdir().unwrap();
+    let dims = [6, 40, 64];
+    let n: usize = dims.iter().product();
+    // a: 100 + ramp; b: the same structure without the offset 100 and scaled by 1.03
+    let ramp: Vec<f32> = (0..n).map(|i| (i % 29) as f32).collect();
+    let a = Volume::new(dims, ramp.iter().map(|r| 100.0 + r).collect()).unwrap();
+    let b = Volume::new(dims, ramp.iter().map(|r| 1.03 * r).collect()).unwrap();
+    let small = Volume::new([6, 40, 32], vec![1.0; 6 * 40 * 32]).unwrap();
+    let (pa, pb, ps) = (
+        dir.path().join("a.tif"),
+        dir.path().join("b.tif"),
+        dir.path().join("s.tif"),
+    );
+    write_volume(&pa, &a, OutputDtype::F32).unwrap();
+    write_volume(&pb, &b, OutputDtype::F32).unwrap();
+    write_volume(&ps, &small, OutputDtype::F32).unwrap();
+    let bin = env!("CARGO_BIN_EXE_rln-engine");
+    let png_path = dir.path().join("m.png");
+    let out = std::process::Command::new(bin)
+        .args(["montage", "--json", "--flux-level", "100,0", "-o"])
+        .arg(&png_path)
+        .arg(format!("raw={}", pa.display()))
+        .arg(format!("RLN={}", pb.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ratio = report["panels"][1]["flux_ratio_to_first"].as_f64().unwrap();
+    assert!((ratio - 1.03).abs() < 1e-5, "flux ratio {ratio}");
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png_path).unwrap()));
+    let r = dec.read_info().unwrap();
+    assert_eq!(r.info().width as usize, 2 * 64 + 4, "two columns");
+    // mismatched shapes and an output that is an input: clear errors, nothing written
+    for (args, want) in [
+        (
+            vec![format!("a={}", pa.display()), format!("s={}", ps.display())],
+            "one shape",
+        ),
+        (vec![format!("a={}", pa.display()), "nolabel".to_string()], "LABEL=FILE"),
+    ] {
+        let bad = dir.path().join("bad.png");
+        let out = std::process::Command::new(bin)
+            .args(["montage", "-o"])
+            .arg(&bad)
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{err}");
+        assert!(!bad.exists());
+    }
+    let out = std::process::Command::new(bin)
+        .args(["montage", "-o"])
+        .arg(dir.path().join("a.png"))
+        .arg(format!("a={}", pa.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

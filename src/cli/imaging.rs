@@ -776,3 +776,119 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// `montage`: volumes side by side in one labelled PNG, with each one's flux.
+#[derive(Args, Debug)]
+pub struct MontageArgs {
+    /// Panels as LABEL=FILE, one column each, in order (e.g. "raw=im.tif" "RLN=out.tif");
+    /// all of one shape after --crop.
+    #[arg(required = true, num_args = 1..)]
+    pub panels: Vec<String>,
+    /// The PNG to write: each panel's label above its central XY slice and its central XZ
+    /// slice (z stretched to the voxel aspect), each scaled to its 0.1–99.9 percentiles.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Only this box of every volume: "Z0,Y0,X0,DZ,DY,DX" (e.g. the planes cudaDecon keeps).
+    #[arg(long, value_delimiter = ',', num_args = 6)]
+    pub crop: Option<Vec<usize>>,
+    /// Each panel's zero of intensity (camera offset or background), one per panel or one for
+    /// all: its flux is the sum of (value − level), reported relative to the first panel's.
+    /// Default 0 (a background-subtracted result's zero).
+    #[arg(long, value_delimiter = ',', value_parser = super::finite_f64)]
+    pub flux_level: Vec<f64>,
+    /// Voxel size "Z,Y,X" µm for the XZ aspect when the first file records none.
+    #[arg(long, value_delimiter = ',', num_args = 3, value_parser = super::finite_f64)]
+    pub voxel_size: Option<Vec<f64>>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn montage(a: &MontageArgs) -> Result<()> {
+    let panels: Vec<(String, PathBuf)> = a
+        .panels
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((label, file)) if !label.is_empty() && !file.is_empty() => {
+                Ok((label.to_string(), PathBuf::from(file)))
+            }
+            _ => bail!("panel {p:?}: give LABEL=FILE (e.g. \"RLN=out.tif\")"),
+        })
+        .collect::<Result<_>>()?;
+    let levels = match a.flux_level.len() {
+        0 => vec![0.0; panels.len()],
+        1 => vec![a.flux_level[0]; panels.len()],
+        n if n == panels.len() => a.flux_level.clone(),
+        n => bail!(
+            "--flux-level: {n} levels for {} panels (give one, or one per panel)",
+            panels.len()
+        ),
+    };
+    rln_engine::fsutil::check_output_file(&a.output, "--output", &["png"])?;
+    let inputs: Vec<(&str, &std::path::Path)> = panels.iter().map(|(l, f)| (l.as_str(), f.as_path())).collect();
+    rln_engine::fsutil::refuse_overwriting_inputs(&[("--output", &a.output)], &inputs)?;
+    let mut vols = Vec::with_capacity(panels.len());
+    for (label, file) in &panels {
+        let mut v = read_volume_with(file, &ReadOptions::default())?;
+        if let Some(c) = &a.crop {
+            v = v
+                .crop([c[0], c[1], c[2]], [c[3], c[4], c[5]])
+                .with_context(|| format!("--crop of panel {label} ({}, {})", file.display(), v.shape_str()))?;
+        }
+        v.check_finite(&format!("panel {label} ({})", file.display()))?;
+        if let Some((first, f0)) = vols.first().map(|v: &Volume| v.dims).zip(panels.first()) {
+            if v.dims != first {
+                bail!(
+                    "panel {label} ({}) is {} but panel {} ({}) is {}: give volumes of one shape (or --crop)",
+                    file.display(),
+                    v.shape_str(),
+                    f0.0,
+                    f0.1.display(),
+                    Volume::zeros(first).shape_str()
+                );
+            }
+        }
+        vols.push(v);
+    }
+    if let Some(vs) = &a.voxel_size {
+        if vols[0].voxel_size.is_none() {
+            vols[0].voxel_size = Some([vs[0], vs[1], vs[2]]);
+        }
+    }
+    let flux: Vec<f64> = vols
+        .iter()
+        .zip(&levels)
+        .map(|(v, &l)| v.data.iter().map(|&x| x as f64 - l).sum())
+        .collect();
+    let named: Vec<(&str, &Volume)> = panels.iter().map(|(l, _)| l.as_str()).zip(&vols).collect();
+    rln_engine::imaging::montage::write_montage(&a.output, &named)?;
+    let rows: Vec<serde_json::Value> = panels
+        .iter()
+        .zip(&flux)
+        .zip(&levels)
+        .map(|(((label, file), &f), &l)| {
+            serde_json::json!({"label": label, "file": file.display().to_string(), "flux_level": l,
+                "flux": f, "flux_ratio_to_first": f / flux[0]})
+        })
+        .collect();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"output": a.output.display().to_string(), "panels": rows})
+            )?
+        );
+    } else {
+        for r in &rows {
+            println!(
+                "{:<24} flux above {:>8.2}: {:.6e} ({:.4} of the first panel's)",
+                r["label"].as_str().unwrap_or(""),
+                r["flux_level"].as_f64().unwrap_or(0.0),
+                r["flux"].as_f64().unwrap_or(0.0),
+                r["flux_ratio_to_first"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+        eprintln!("wrote {}", a.output.display());
+    }
+    Ok(())
+}
