@@ -242,7 +242,7 @@ fn otf_psf_dims(otf: &super::radial_otf::RadialOtf, voxel: [f64; 3], img: [usize
     let mut p = [0usize; 3];
     for a in 0..3 {
         let field = 1.0 / (step[a] * voxel[a]);
-        if !(field.is_finite() && field > 0.0) {
+        if !field.is_finite() || field <= 0.0 {
             return Err(Error::invalid("the OTF's frequency steps must be positive"));
         }
         // a whole number of voxels up to rounding (a bead stepped like the data)
