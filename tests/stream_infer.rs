@@ -623,6 +623,20 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `infer` of `vol` (written to DIR/in.tif) into DIR/out.tif on the CPU with `args`:
+/// its JSON summary and the output volume.
+fn cli_infer_tiff(dir: &Path, vol: &Volume, args: &[&str]) -> (serde_json::Value, Volume) {
+    let (input, output) = (dir.join("in.tif"), dir.join("out.tif"));
+    write_tiff(&input, vol);
+    let mut argv: Vec<&dyn AsRef<OsStr>> =
+        vec![&"infer", &MODEL, &input, &"-o", &output, &"--device", &"cpu", &"--json"];
+    argv.extend(args.iter().map(|a| a as &dyn AsRef<OsStr>));
+    let o = engine(&argv);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = serde_json::from_slice(&o.stdout).unwrap();
+    (j, rln_engine::imaging::read_volume(&output).unwrap())
+}
+
 fn write_tiff(path: &Path, v: &Volume) {
     rln_engine::imaging::write_volume(path, v, rln_engine::imaging::OutputDtype::F32).unwrap();
 }
@@ -632,23 +646,7 @@ fn cli_tiff_to_tiff_equals_deconvolve_and_reports_json() {
     let dir = tempfile::tempdir().unwrap();
     let dims = [21, 67, 89];
     let vol = test_volume(dims, 14);
-    let input = dir.path().join("in.tif");
-    let output = dir.path().join("out.tif");
-    write_tiff(&input, &vol);
-    let o = engine(&[
-        &"infer",
-        &MODEL,
-        &input,
-        &"-o",
-        &output,
-        &"--device",
-        &"cpu",
-        &"--tile",
-        &"16,32,32",
-        &"--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (j, got) = cli_infer_tiff(dir.path(), &vol, &["--tile", "16,32,32"]);
     assert_eq!(j["tiling"], "cores");
     assert!(j["tiles"].as_u64().unwrap() >= 8);
     assert_eq!(j["voxels"].as_u64().unwrap() as usize, vol.len());
@@ -656,7 +654,6 @@ fn cli_tiff_to_tiff_equals_deconvolve_and_reports_json() {
         assert!(j["phases"][k].as_f64().is_some(), "phase {k} missing");
     }
     assert!(j["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
-    let got = rln_engine::imaging::read_volume(&output).unwrap();
     let model = shipped_model();
     let reference = deconvolve(&mut CpuPredictor { model: model.clone() }, &model, &vol, [24, 48, 48]).unwrap();
     let e = rel_l2(&got.data, &reference.data);
@@ -672,27 +669,8 @@ fn cli_blended_tiling_equals_the_stitcher() {
     let dir = tempfile::tempdir().unwrap();
     let dims = [24, 50, 60];
     let vol = test_volume(dims, 18);
-    let input = dir.path().join("in.tif");
-    let output = dir.path().join("out.tif");
-    write_tiff(&input, &vol);
-    let o = engine(&[
-        &"infer",
-        &MODEL,
-        &input,
-        &"-o",
-        &output,
-        &"--device",
-        &"cpu",
-        &"--tile",
-        &"16,24,24",
-        &"--context",
-        &"0",
-        &"--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (j, got) = cli_infer_tiff(dir.path(), &vol, &["--tile", "16,24,24", "--context", "0"]);
     assert_eq!(j["tiling"], "blended");
-    let got = rln_engine::imaging::read_volume(&output).unwrap();
     let model = shipped_model();
     let plan = TilePlan::new(dims, [16, 24, 24], DEFAULT_OVERLAP, 0).unwrap();
     assert_eq!(j["tiles"].as_u64().unwrap() as usize, plan.count());
