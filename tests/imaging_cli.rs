@@ -122,7 +122,7 @@ fn psf_synth_rl_eval_pipeline() {
             d,
         );
         assert!(ok, "{edges}: {err}");
-        let v = rln_engine::imaging::read_volume(&d.join(&out_name)).unwrap();
+        let v = rln_engine::imaging::read_volume(d.join(&out_name)).unwrap();
         assert_eq!(v.dims, [24, 40, 40], "{edges}");
         let s2 = eval(&out_name)["ssim"].as_f64().unwrap();
         eprintln!("{edges} edges: SSIM raw {s0:.3}, RL by the radial OTF {s2:.3}");
