@@ -85,9 +85,9 @@ pub fn check_tile(tile: Option<[usize; 3]>) -> Result<()> {
 /// `--fp16` is FP16 storage on the GPU; with `--device cpu` it would be silently ignored.
 pub fn check_fp16_on_cpu(fp16: bool, cpu: bool) -> Result<()> {
     if fp16 && cpu {
-        return Err(Error::invalid(format!(
-            "--fp16 applies to the GPU only (the CPU computes in f32): drop --fp16, or use --device cuda"
-        )));
+        return Err(Error::invalid(
+            "--fp16 applies to the GPU only (the CPU computes in f32): drop --fp16, or use --device cuda",
+        ));
     }
     Ok(())
 }

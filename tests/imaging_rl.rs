@@ -271,3 +271,63 @@ fn observer_stops_early_and_bad_geometry_is_rejected() {
         .to_string();
     assert!(e.contains("larger than the image"), "{e}");
 }
+
+/// The OTF route (`rl --otf`, `--radial-otf`) with free and mirror edges grows the domain
+/// as the PSF path does: on the OTF made from a PSF it equals the PSF path with the same
+/// edges up to the OTF's ring binning and interpolation (measured against how far the
+/// two routes are apart with periodic edges, and how far free or mirror edges are from
+/// periodic ones), and keeps the input's shape.
+#[test]
+fn otf_route_with_free_and_mirror_edges_matches_the_psf_path() {
+    use rln_engine::imaging::radial_otf::{RadialOtf, RadialOtfOptions};
+    use rln_engine::imaging::rl::Boundary;
+    let voxel = [0.2, 0.1, 0.1];
+    let psf = gaussian_kernel([31, 41, 41], [1.2, 1.3, 1.3]);
+    let opts = RadialOtfOptions {
+        background: Some(0.0),
+        fix_origin: 0,
+        ..Default::default()
+    };
+    let otf = RadialOtf::from_bead(&psf, voxel, &opts).unwrap();
+    // bright spots everywhere, the edges included (where the edge handling shows)
+    let dims = [32, 48, 56];
+    let mut obj = Volume::zeros(dims);
+    let mut s: u64 = 0x2545_F491_4F6C_DD1D;
+    for _ in 0..60 {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        let i = (s % obj.len() as u64) as usize;
+        obj.data[i] += 500.0;
+    }
+    let plan = RlPlan::new(dims, &psf, BackProjector::Matched).unwrap();
+    let mut img = plan.convolve_same(&obj).unwrap();
+    img.data.iter_mut().for_each(|v| *v += 5.0);
+    let cfg = |boundary| RlConfig {
+        iterations: 15,
+        background: 5.0,
+        boundary,
+        ..Default::default()
+    };
+    let by_psf = |b| rl::richardson_lucy(&img, &psf, &cfg(b)).unwrap();
+    let by_otf = |b| rl::richardson_lucy_otf(&img, &otf, voxel, &cfg(b)).unwrap().0;
+    let rel = |a: &Volume, b: &Volume| imaging_common::rel_l2(&a.data, &b.data);
+    let psf_periodic = by_psf(Boundary::Periodic);
+    let routes_periodic = rel(&by_otf(Boundary::Periodic), &psf_periodic);
+    for b in [Boundary::Free, Boundary::Mirror] {
+        let (p, o) = (by_psf(b), by_otf(b));
+        assert_eq!(o.dims, img.dims, "{b:?}: the output has the input's shape");
+        assert!(o.data.iter().all(|v| v.is_finite()));
+        let routes = rel(&o, &p);
+        let edges = rel(&p, &psf_periodic);
+        eprintln!("{b:?}: OTF vs PSF route {routes:.2e} (periodic edges: {routes_periodic:.2e}); {b:?} vs periodic edges {edges:.2e}");
+        assert!(routes < 2.0 * routes_periodic.max(1e-3), "{b:?}: {routes:e}");
+        assert!(routes < 0.15 * edges, "{b:?}: {routes:e} vs edges {edges:e}");
+    }
+    // an unmatched back projector is still refused on this route
+    let wb = RlConfig {
+        back_projector: BackProjector::WB_DEFAULT,
+        ..cfg(Boundary::Free)
+    };
+    assert!(rl::richardson_lucy_otf(&img, &otf, voxel, &wb).is_err());
+}

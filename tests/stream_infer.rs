@@ -1,19 +1,21 @@
 //! Streaming inference (`infer::stream`): the chunk-aligned cores pipeline equals the
 //! in-memory `deconvolve`, blocks of a split run equal the single run bit for bit, a
-//! killed run resumed equals an uninterrupted one, the sampled percentiles are close to
-//! the exact ones, and bad inputs give clear errors.
+//! killed run resumed equals an uninterrupted one, several predictors (devices) equal one
+//! in both tilings, the sampled percentiles are close to the exact ones, and bad inputs
+//! give clear errors.
 
 mod common;
 
 use common::*;
 use rln_engine::imaging::stream::{MemoryVolume, Region, VolumeReader, VolumeWriter};
 use rln_engine::imaging::Volume;
-use rln_engine::infer::stitch::Affine;
+use rln_engine::infer::pool::PredictorPool;
+use rln_engine::infer::stitch::{estimate_normalization, run_tiled, Affine, NormalizeMode, StitchOptions};
 use rln_engine::infer::stream::norm::{sample_stats, ViewStats};
 use rln_engine::infer::stream::pipeline::{run_tiles, PipelineHooks, PipelineOptions};
 use rln_engine::infer::stream::plan::CorePlan;
 use rln_engine::infer::stream::{run_job, Job, JobSpec};
-use rln_engine::infer::tiling::RECEPTIVE_RADIUS;
+use rln_engine::infer::tiling::{MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS};
 use rln_engine::infer::{deconvolve, CpuPredictor, TilePredictor};
 use rln_engine::model::{Model, Variant};
 use rln_engine::tensor::{rel_l2, Shape, Tensor};
@@ -336,6 +338,144 @@ fn several_predictor_workers_equal_one_bit_for_bit_and_resume_after_a_stop() {
     );
 }
 
+/// A CPU predictor on a pretend device: counts the tiles it predicts, and with
+/// `prefetch` hands out tile k only after it has pulled tile k+1, as the CUDA predictor
+/// does (overlapping the next upload with this compute).
+struct CountedDevice {
+    inner: CpuPredictor,
+    prefetch: bool,
+    tiles: Arc<AtomicUsize>,
+}
+
+impl TilePredictor for CountedDevice {
+    fn describe(&self) -> String {
+        "CPU as a device".into()
+    }
+    fn predict(&mut self, x: &Tensor<f32>) -> rln_engine::Result<Tensor<f32>> {
+        self.tiles.fetch_add(1, Ordering::SeqCst);
+        self.inner.predict(x)
+    }
+    fn bytes_per_voxel(&self) -> usize {
+        320
+    }
+    fn predict_stream(
+        &mut self,
+        tiles: &mut dyn Iterator<Item = rln_engine::Result<Tensor<f32>>>,
+        sink: &mut dyn FnMut(Tensor<f32>, &Tensor<f32>) -> rln_engine::Result<()>,
+    ) -> rln_engine::Result<()> {
+        let mut held: Option<(Tensor<f32>, Tensor<f32>)> = None;
+        for t in tiles {
+            let x = t?;
+            let y = self.predict(&x)?;
+            if let Some((px, py)) = held.take() {
+                sink(px, &py)?;
+            }
+            if self.prefetch {
+                held = Some((x, y));
+            } else {
+                sink(x, &y)?;
+            }
+        }
+        if let Some((px, py)) = held {
+            sink(px, &py)?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn blended_tiling_on_several_devices_equals_one_bit_for_bit_and_uses_each() {
+    let model = shipped_model();
+    let dims = [14, 60, 70];
+    let vol = test_volume(dims, 16);
+    let max_core = [8, 24, 24];
+    let plan = TilePlan::new(dims, max_core, DEFAULT_OVERLAP, RECEPTIVE_RADIUS).unwrap();
+    let mut cpu = CpuPredictor { model: model.clone() };
+    let one = deconvolve(&mut cpu, &model, &vol, max_core).unwrap();
+    assert!(one.data.iter().all(|v| v.is_finite()));
+    // three devices: two that hand out each tile at once, one that holds a tile back
+    let counts: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let mut devices: Vec<CountedDevice> = counts
+        .iter()
+        .enumerate()
+        .map(|(i, c)| CountedDevice {
+            inner: CpuPredictor { model: model.clone() },
+            prefetch: i == 1,
+            tiles: c.clone(),
+        })
+        .collect();
+    let mut pool = PredictorPool::new(devices.iter_mut().map(|d| d as &mut dyn TilePredictor).collect()).unwrap();
+    let three = deconvolve(&mut pool, &model, &vol, max_core).unwrap();
+    let per_pool = pool.tiles_per_predictor();
+    drop(pool);
+    let per_device: Vec<usize> = counts.iter().map(|c| c.load(Ordering::SeqCst)).collect();
+    // a pool of one is that predictor
+    let mut alone = CpuPredictor { model: model.clone() };
+    let mut single = PredictorPool::new(vec![&mut alone]).unwrap();
+    let via_single = deconvolve(&mut single, &model, &vol, max_core).unwrap();
+    assert_eq!(single.tiles_per_predictor(), vec![plan.count()]);
+    assert!(via_single
+        .data
+        .iter()
+        .zip(&one.data)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    eprintln!("{} tiles; per device {per_device:?}", plan.count());
+    let same = one
+        .data
+        .iter()
+        .zip(&three.data)
+        .filter(|(a, b)| a.to_bits() == b.to_bits())
+        .count();
+    assert_eq!(
+        same,
+        one.len(),
+        "3 devices differ from 1 at {} voxels",
+        one.len() - same
+    );
+    assert_eq!(per_device.iter().sum::<usize>(), plan.count(), "every tile once");
+    assert!(
+        per_device.iter().all(|&n| n > 0),
+        "a device got no tile: {per_device:?}"
+    );
+    assert_eq!(per_pool, per_device);
+}
+
+/// A device that fails on its second tile.
+struct BrokenDevice {
+    tiles: usize,
+}
+
+impl TilePredictor for BrokenDevice {
+    fn describe(&self) -> String {
+        "a broken device".into()
+    }
+    fn predict(&mut self, x: &Tensor<f32>) -> rln_engine::Result<Tensor<f32>> {
+        self.tiles += 1;
+        if self.tiles == 2 {
+            return Err(rln_engine::Error::Cuda("the broken device failed".into()));
+        }
+        Tensor::from_vec(x.shape.with_c(1), x.data[..x.shape.len() / x.shape.c].to_vec())
+    }
+    fn bytes_per_voxel(&self) -> usize {
+        4
+    }
+}
+
+#[test]
+fn a_failing_device_of_several_ends_the_blended_run_with_its_error() {
+    let model = shipped_model();
+    let vol = test_volume([10, 40, 40], 17);
+    let mut cpu = CountedDevice {
+        inner: CpuPredictor { model: model.clone() },
+        prefetch: true,
+        tiles: Arc::new(AtomicUsize::new(0)),
+    };
+    let mut broken = BrokenDevice { tiles: 0 };
+    let mut pool = PredictorPool::new(vec![&mut cpu, &mut broken]).unwrap();
+    let err = deconvolve(&mut pool, &model, &vol, [8, 16, 16]).unwrap_err();
+    assert!(err.to_string().contains("the broken device failed"), "{err}");
+}
+
 /// A predictor whose device memory holds tiles of at most `max_voxels` input voxels:
 /// larger ones fail with the out-of-memory error, as a GPU's would.
 struct SmallDevice {
@@ -483,6 +623,20 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `infer` of `vol` (written to DIR/in.tif) into DIR/out.tif on the CPU with `args`:
+/// its JSON summary and the output volume.
+fn cli_infer_tiff(dir: &Path, vol: &Volume, args: &[&str]) -> (serde_json::Value, Volume) {
+    let (input, output) = (dir.join("in.tif"), dir.join("out.tif"));
+    write_tiff(&input, vol);
+    let mut argv: Vec<&dyn AsRef<OsStr>> =
+        vec![&"infer", &MODEL, &input, &"-o", &output, &"--device", &"cpu", &"--json"];
+    argv.extend(args.iter().map(|a| a as &dyn AsRef<OsStr>));
+    let o = engine(&argv);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = serde_json::from_slice(&o.stdout).unwrap();
+    (j, rln_engine::imaging::read_volume(&output).unwrap())
+}
+
 fn write_tiff(path: &Path, v: &Volume) {
     rln_engine::imaging::write_volume(path, v, rln_engine::imaging::OutputDtype::F32).unwrap();
 }
@@ -492,23 +646,7 @@ fn cli_tiff_to_tiff_equals_deconvolve_and_reports_json() {
     let dir = tempfile::tempdir().unwrap();
     let dims = [21, 67, 89];
     let vol = test_volume(dims, 14);
-    let input = dir.path().join("in.tif");
-    let output = dir.path().join("out.tif");
-    write_tiff(&input, &vol);
-    let o = engine(&[
-        &"infer",
-        &MODEL,
-        &input,
-        &"-o",
-        &output,
-        &"--device",
-        &"cpu",
-        &"--tile",
-        &"16,32,32",
-        &"--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (j, got) = cli_infer_tiff(dir.path(), &vol, &["--tile", "16,32,32"]);
     assert_eq!(j["tiling"], "cores");
     assert!(j["tiles"].as_u64().unwrap() >= 8);
     assert_eq!(j["voxels"].as_u64().unwrap() as usize, vol.len());
@@ -516,13 +654,49 @@ fn cli_tiff_to_tiff_equals_deconvolve_and_reports_json() {
         assert!(j["phases"][k].as_f64().is_some(), "phase {k} missing");
     }
     assert!(j["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
-    let got = rln_engine::imaging::read_volume(&output).unwrap();
     let model = shipped_model();
     let reference = deconvolve(&mut CpuPredictor { model: model.clone() }, &model, &vol, [24, 48, 48]).unwrap();
     let e = rel_l2(&got.data, &reference.data);
     assert!(e <= 1e-6, "CLI TIFF→TIFF vs deconvolve rel err {e:e}");
     // nothing but the input and the output are left in the folder
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+}
+
+/// `infer --context 0` (the blended tiling, through the predictor pool) equals the
+/// stitcher run directly with one CPU predictor on the same plan.
+#[test]
+fn cli_blended_tiling_equals_the_stitcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let dims = [24, 50, 60];
+    let vol = test_volume(dims, 18);
+    let (j, got) = cli_infer_tiff(dir.path(), &vol, &["--tile", "16,24,24", "--context", "0"]);
+    assert_eq!(j["tiling"], "blended");
+    let model = shipped_model();
+    let plan = TilePlan::new(dims, [16, 24, 24], DEFAULT_OVERLAP, 0).unwrap();
+    assert_eq!(j["tiles"].as_u64().unwrap() as usize, plan.count());
+    let pct = model.config.norm_percentiles;
+    let mut src = MemorySource { dims, data: &vol.data };
+    let aff = estimate_normalization(&mut src, pct, usize::MAX).unwrap();
+    let opts = StitchOptions {
+        plan,
+        normalize: NormalizeMode::Global,
+        percentiles: pct,
+        rescale_output: true,
+        variant: model.config.variant,
+    };
+    let mut sink = MemorySink { data: Vec::new() };
+    let mut views: Vec<&mut dyn PlaneSource> = vec![&mut src];
+    run_tiled(
+        &mut CpuPredictor { model: model.clone() },
+        &mut views,
+        &[aff],
+        &mut sink,
+        &opts,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let e = rel_l2(&got.data, &sink.data);
+    assert!(e <= 1e-6, "CLI blended vs the stitcher rel err {e:e}");
 }
 
 #[test]

@@ -302,7 +302,7 @@ fn tiff_with_huge_declared_pages_or_truncated_data_is_an_error_not_an_abort() {
         let mut v = vec![0.0; 6 * 32 * 32];
         r.read_region(Region::whole([6, 32, 32]), &mut v)
     });
-    let err = res.err().expect("must fail").to_string();
+    let err = res.expect_err("must fail").to_string();
     assert!(err.contains("page") && err.contains("cut.tif"), "{err}");
 }
 

@@ -477,7 +477,7 @@ pub enum BackProjectorArg {
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum BoundaryArg {
-    /// free for matched, mirror for wiener-butterworth
+    /// free for matched, mirror for wiener-butterworth; periodic with --otf / --radial-otf
     Auto,
     Free,
     Mirror,
@@ -517,12 +517,14 @@ pub struct RlArgs {
     /// Make a radially averaged OTF of the raw bead stack --psf the way cudaDecon's radialft
     /// does (one background, ring average of its spectrum, kr = 0 fixed by a line fit) and
     /// deconvolve with it interpolated onto the data's frequency grid: the bead may be
-    /// stepped unlike the data. Periodic edges, matched back projector. Needs the bead's and
-    /// the data's voxel sizes (from their files, or --psf-voxel / --voxel).
+    /// stepped unlike the data. Matched back projector; periodic edges unless --boundary
+    /// free or mirror (the domain then grows by the bead's field, at most the image's size).
+    /// Needs the bead's and the data's voxel sizes (from their files, or --psf-voxel / --voxel).
     #[arg(long, requires = "psf")]
     pub radial_otf: bool,
     /// A cudaDecon OTF file (radialft's output: kr rows × (re, im) kz pairs) to deconvolve
-    /// with instead of a PSF; give the bead's voxel size with --psf-voxel.
+    /// with instead of a PSF; give the bead's voxel size with --psf-voxel. Edges as with
+    /// --radial-otf.
     #[arg(long)]
     pub otf: Option<PathBuf>,
     /// The bead's voxel size DZ,DXY in µm, where its file records none (--radial-otf, --otf).
@@ -581,6 +583,7 @@ pub struct RlArgs {
     pub order: f64,
     /// Edges: free (object may extend past the image; Bertero–Boccacci), mirror (data
     /// reflected), or periodic (FFT on the image itself, as cudaDecon; with --apodize).
+    /// All three work with a PSF and with an OTF (--otf, --radial-otf).
     #[arg(long, value_enum, default_value_t = BoundaryArg::Auto)]
     pub boundary: BoundaryArg,
     #[arg(long, value_enum, default_value_t = Dtype::F32)]

@@ -32,7 +32,7 @@ pub fn check_output_range(
     let bad = |v: f32| match dtype {
         OutputDtype::F32 => !v.is_finite(),
         // rounds to 0 ..= 65535
-        OutputDtype::U16 => !(v >= -0.5 && v < 65535.5),
+        OutputDtype::U16 => !(-0.5..65535.5).contains(&v),
         OutputDtype::F16 => !(v.is_finite() && v.abs() <= 65504.0),
     };
     let Some(i) = data.iter().position(|&v| bad(v)) else {

@@ -220,6 +220,37 @@ fn psf_center(d: [usize; 3]) -> [usize; 3] {
     [d[0] / 2, d[1] / 2, d[2] / 2]
 }
 
+/// Ω' for an image `img` and a PSF of size `p`: (its size I + P − 1, where the image
+/// sits in it, the FFT grid that holds it).
+fn grown_domain(img: [usize; 3], p: [usize; 3]) -> ([usize; 3], [usize; 3], [usize; 3]) {
+    let c = psf_center(p);
+    let ext = [img[0] + p[0] - 1, img[1] + p[1] - 1, img[2] + p[2] - 1];
+    let off = [p[0] - 1 - c[0], p[1] - 1 - c[1], p[2] - 1 - c[2]];
+    let grid = [fast_len(ext[0], false), fast_len(ext[1], false), fast_len(ext[2], true)];
+    (ext, off, grid)
+}
+
+/// The size in data voxels (`voxel`, z y x µm) of the PSF a radial OTF stands for: the
+/// field it was measured on, 1/Δk along each axis, at most the image's size `img`.
+fn otf_psf_dims(otf: &super::radial_otf::RadialOtf, voxel: [f64; 3], img: [usize; 3]) -> Result<[usize; 3]> {
+    if voxel.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+        return Err(Error::invalid(format!(
+            "the data's voxel size {voxel:?} µm must be positive"
+        )));
+    }
+    let step = [otf.dkz, otf.dkr, otf.dkr];
+    let mut p = [0usize; 3];
+    for a in 0..3 {
+        let field = 1.0 / (step[a] * voxel[a]);
+        if !field.is_finite() || field <= 0.0 {
+            return Err(Error::invalid("the OTF's frequency steps must be positive"));
+        }
+        // a whole number of voxels up to rounding (a bead stepped like the data)
+        p[a] = ((field - 1e-6).ceil() as usize).clamp(1, img[a]);
+    }
+    Ok(p)
+}
+
 impl RlPlan {
     /// Plans deconvolution of `img`-sized volumes by `psf` (which is normalized to sum 1
     /// here), boundary `Auto`.
@@ -254,13 +285,7 @@ impl RlPlan {
         let (ext, off, grid) = if boundary == Boundary::Periodic {
             (img, [0; 3], img)
         } else {
-            let ext = [img[0] + p[0] - 1, img[1] + p[1] - 1, img[2] + p[2] - 1];
-            let off = [p[0] - 1 - c[0], p[1] - 1 - c[1], p[2] - 1 - c[2]];
-            (
-                ext,
-                off,
-                [fast_len(ext[0], false), fast_len(ext[1], false), fast_len(ext[2], true)],
-            )
+            grown_domain(img, p)
         };
         let fft = Fft3::new(grid);
         let n = fft.real_len();
@@ -302,25 +327,47 @@ impl RlPlan {
     }
 
     /// Plans deconvolution of `img`-sized volumes of voxel size `voxel` (z, y, x µm) by a
-    /// radially averaged OTF (cudaDecon's way: the OTF interpolated onto the image's own
-    /// frequency grid, periodic edges, matched back projector). The bead behind the OTF may
-    /// be sampled unlike the data.
-    pub fn with_otf(img: [usize; 3], otf: &super::radial_otf::RadialOtf, voxel: [f64; 3]) -> Result<Self> {
+    /// radially averaged OTF, interpolated onto the FFT grid's frequencies, with the
+    /// matched back projector. The bead behind the OTF may be sampled unlike the data.
+    ///
+    /// `Periodic` (and `Auto`) is cudaDecon's way: the FFT on the image itself. `Free` and
+    /// `Mirror` grow the domain to Ω' as the PSF path does (module doc), taking for the
+    /// PSF's size the field the OTF was measured on (1/Δk per axis: the bead stack's
+    /// extent) in the data's voxels, at most the image's size per axis (the PSF path
+    /// refuses a larger PSF; here a tail beyond that would wrap).
+    pub fn with_otf(
+        img: [usize; 3],
+        otf: &super::radial_otf::RadialOtf,
+        voxel: [f64; 3],
+        boundary: Boundary,
+    ) -> Result<Self> {
         if img.contains(&0) {
             return Err(Error::invalid("empty image"));
         }
-        let fft = Fft3::new(img);
+        let (p, (ext, off, grid)) = match boundary {
+            Boundary::Periodic | Boundary::Auto => ([1, 1, 1], (img, [0; 3], img)),
+            Boundary::Free | Boundary::Mirror => {
+                let p = otf_psf_dims(otf, voxel, img)?;
+                (p, grown_domain(img, p))
+            }
+        };
+        let fft = Fft3::new(grid);
         let transfer = otf.on_grid(&fft, voxel)?;
         let back: Vec<Complex32> = transfer.iter().map(|v| v.conj()).collect();
+        let boundary = if boundary == Boundary::Auto {
+            Boundary::Periodic
+        } else {
+            boundary
+        };
         Ok(Self::from_spectra(
             img,
-            [1, 1, 1],
-            (img, [0; 3], img),
+            p,
+            (ext, off, grid),
             fft,
             transfer,
             back,
             BackProjector::Matched,
-            Boundary::Periodic,
+            boundary,
         ))
     }
 
@@ -867,7 +914,8 @@ pub fn richardson_lucy_traced(input: &Volume, psf: &Volume, cfg: &RlConfig) -> R
 
 /// [`richardson_lucy_traced`] by a radially averaged OTF instead of a PSF (see
 /// [`RlPlan::with_otf`]); `voxel` is the input's voxel size. Only the matched back
-/// projector and periodic edges exist on this route: `cfg`'s other choices are refused.
+/// projector exists on this route (another is refused); edges are periodic unless `cfg`
+/// asks for free or mirror ones.
 pub fn richardson_lucy_otf(
     input: &Volume,
     otf: &super::radial_otf::RadialOtf,
@@ -877,12 +925,7 @@ pub fn richardson_lucy_otf(
     if !matches!(cfg.back_projector, BackProjector::Matched) {
         return Err(Error::invalid("an OTF runs with the matched back projector only"));
     }
-    if !matches!(cfg.boundary, Boundary::Periodic | Boundary::Auto) {
-        return Err(Error::invalid(
-            "an OTF runs with periodic edges only (the FFT on the image itself, as cudaDecon): use --boundary periodic",
-        ));
-    }
-    let plan = RlPlan::with_otf(input.dims, otf, voxel)?;
+    let plan = RlPlan::with_otf(input.dims, otf, voxel, cfg.boundary)?;
     plan.run_with_options(input, cfg.iterations, cfg.background, &cfg.run_options(), None)
 }
 

@@ -144,8 +144,9 @@ impl SynthConfig {
                 dims_str(self.size)
             )));
         }
-        if !(self.photons > 0.0 && self.photons.is_finite()) || !(self.read_noise >= 0.0 && self.read_noise.is_finite())
-        {
+        let photons_ok = self.photons > 0.0 && self.photons.is_finite();
+        let read_noise_ok = self.read_noise >= 0.0 && self.read_noise.is_finite();
+        if !(photons_ok && read_noise_ok) {
             return Err(Error::invalid("photons must be > 0 and read noise ≥ 0"));
         }
         if !self.background.is_finite() {
@@ -210,7 +211,7 @@ impl Synthesizer {
         } else {
             blurred
         };
-        add_noise(&mut input, cfg.photons, cfg.read_noise, mix_seed(seed, 0x4E01_5E));
+        add_noise(&mut input, cfg.photons, cfg.read_noise, mix_seed(seed, 0x004E_015E));
         if k > 1 && cfg.upsample_input {
             input = upsample_z_linear(&input, k, cfg.size[0]);
         }

@@ -1,11 +1,13 @@
 //! Inference on volumes of any size: the engines that predict one tile
 //! ([`TilePredictor`], [`CpuPredictor`]; the CUDA one is `backend::cuda::CudaPredictor`,
 //! a tile predictor through [`cuda`]),
-//! tile planning and blending ([`tiling`], [`stitch`]), streaming from files to files
-//! ([`stream`]) and caller-owned buffers ([`buffers`]), shared by the CPU and CUDA paths.
+//! tile planning and blending ([`tiling`], [`stitch`]), several predictors as one for the
+//! blended tiling ([`pool`]), streaming from files to files ([`stream`]) and caller-owned
+//! buffers ([`buffers`]), shared by the CPU and CUDA paths.
 
 pub mod buffers;
 pub mod cuda;
+pub mod pool;
 pub mod stitch;
 pub mod stream;
 pub mod tiling;

@@ -117,7 +117,7 @@ impl ModelConfig {
             )));
         }
         let [lo, hi] = self.norm_percentiles;
-        if !(0.0..100.0).contains(&lo) || !(lo < hi && hi <= 100.0) {
+        if !((0.0..100.0).contains(&lo) && lo < hi && hi <= 100.0) {
             return Err(Error::Model(format!(
                 "norm_percentiles {lo}, {hi} must satisfy 0 ≤ low < high ≤ 100"
             )));

@@ -364,17 +364,17 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<TrainSummary> {
         config_from_flags(a).validate()?;
     }
     if a.synth_psf.is_some() && a.synth_count == 0 {
-        return Err(Error::invalid(format!(
-            "--synth-count 0: give at least 1 synthetic training volume"
-        )));
+        return Err(Error::invalid(
+            "--synth-count 0: give at least 1 synthetic training volume",
+        ));
     }
     if a.input2.is_some() && a.variant == Variant::Single {
-        return Err(Error::invalid(format!(
-            "--input2 gives a second view: choose --variant dual-average or dual-concat"
-        )));
+        return Err(Error::invalid(
+            "--input2 gives a second view: choose --variant dual-average or dual-concat",
+        ));
     }
     if a.variant != Variant::Single && a.synth_psf.is_some() {
-        return Err(Error::invalid(format!("synthetic data has one view: train dual-view models on registered view pairs (--data DIR with DIR/input2/ or --input2)")));
+        return Err(Error::invalid("synthetic data has one view: train dual-view models on registered view pairs (--data DIR with DIR/input2/ or --input2)"));
     }
     // the device first (every problem reported before data is made and training starts)
     let gpu = match a.device {

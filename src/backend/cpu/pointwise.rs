@@ -13,7 +13,7 @@ use rayon::prelude::*;
 pub fn avgpool2<T: Real>(x: &Tensor<T>) -> Tensor<T> {
     let s = x.shape;
     assert!(
-        s.d % 2 == 0 && s.h % 2 == 0 && s.w % 2 == 0,
+        s.d.is_multiple_of(2) && s.h.is_multiple_of(2) && s.w.is_multiple_of(2),
         "avgpool2 needs even sizes, got {s}"
     );
     let os = Shape::new(s.n, s.c, s.d / 2, s.h / 2, s.w / 2);

@@ -139,12 +139,35 @@ macro_rules! isa_variants {
 pub trait Vector: Copy {
     type T: crate::real::Real;
     const LANES: usize;
+    /// Every lane 0.
+    ///
+    /// # Safety
+    /// The CPU has the features the type needs.
     unsafe fn zero() -> Self;
+    /// Every lane `v`.
+    ///
+    /// # Safety
+    /// The CPU has the features the type needs.
     unsafe fn splat(v: Self::T) -> Self;
+    /// `LANES` scalars from `p` (unaligned).
+    ///
+    /// # Safety
+    /// The CPU has the features the type needs; `p` is valid for reading `LANES` scalars.
     unsafe fn load(p: *const Self::T) -> Self;
+    /// The lanes to `p` (unaligned).
+    ///
+    /// # Safety
+    /// The CPU has the features the type needs; `p` is valid for writing `LANES` scalars.
     unsafe fn store(self, p: *mut Self::T);
     /// self·b + c
+    ///
+    /// # Safety
+    /// The CPU has the features the type needs.
     unsafe fn mul_add(self, b: Self, c: Self) -> Self;
+    /// self + b
+    ///
+    /// # Safety
+    /// The CPU has the features the type needs.
     unsafe fn add(self, b: Self) -> Self;
 }
 

@@ -27,9 +27,9 @@ const MAX_COUT: usize = 16;
 
 /// conv3::chunk: input channels staged per pass, a divisor of C_in, at most 5.
 pub fn chunk(cin: usize) -> usize {
-    if cin % 4 == 0 {
+    if cin.is_multiple_of(4) {
         4
-    } else if cin % 5 == 0 {
+    } else if cin.is_multiple_of(5) {
         5
     } else if cin <= 5 {
         cin

@@ -188,9 +188,9 @@ pub const FFMA_CS: usize = (FFMA_TILE[0] + 2) * (FFMA_TILE[1] + 2) * FFMA_RS;
 
 /// Input channels staged per pass (kernels: conv3::chunk).
 pub const fn ffma_chunk(cin: usize) -> usize {
-    if cin % 4 == 0 {
+    if cin.is_multiple_of(4) {
         4
-    } else if cin % 5 == 0 {
+    } else if cin.is_multiple_of(5) {
         5
     } else if cin <= 5 {
         cin

@@ -93,6 +93,34 @@ fn same_volume(what: &str, a: Shape, b: Shape) -> Result<()> {
     Ok(())
 }
 
+/// Checks up2's weight (`n` values) against C_in·C_out·8, at most 16 channels each way.
+fn up2_weight_fits(n: usize, c_in: usize, c_out: usize) -> Result<()> {
+    if n != c_in * c_out * 8 || c_in > 16 || c_out > 16 {
+        return Err(Error::invalid(format!(
+            "up2: weight has {n} values for {c_in}→{c_out} channels"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks up2's data gradient: a weight of `n` = C_in·C_out·8 values, dz of even sizes.
+fn up2_backward_fits(n: usize, dz: Shape, c_in: usize) -> Result<()> {
+    if n != c_in * dz.c * 8 || dz.d % 2 + dz.h % 2 + dz.w % 2 != 0 {
+        return Err(Error::invalid("up2 backward: weight or sizes do not match"));
+    }
+    Ok(())
+}
+
+/// Checks conv3's data gradient: a weight of `n` = C_out·ΣC_in·27 values.
+fn conv3_backward_fits(n: usize, c_out: usize, c_in: &[usize]) -> Result<()> {
+    if n != c_out * c_in.iter().sum::<usize>() * 27 {
+        return Err(Error::invalid(
+            "conv3 backward: weight size does not match the channels",
+        ));
+    }
+    Ok(())
+}
+
 impl CudaTrainBackend {
     /// The backend on an opened device (RLN_CUDA_POISON=1 turns poisoning on).
     pub fn new(dev: Arc<CudaDevice>) -> Result<Self> {
@@ -204,16 +232,6 @@ impl CudaTrainBackend {
             .dtoh(&mut v, m.ptr())
             .map_err(|e| Error::Cuda(format!("copying {what} to the host: {e}")))?;
         Ok(v)
-    }
-
-    /// Uploads a host tensor (N×C×D×H×W) as channels-last.
-    fn try_upload(&self, t: &Tensor<f32>) -> Result<DevTensor> {
-        self.rt.upload_tensor(t, Precision::F32)
-    }
-
-    /// Downloads a tensor to the host (N×C×D×H×W); waits for the device.
-    fn try_download(&self, x: &DevTensor) -> Result<Tensor<f32>> {
-        self.rt.download_tensor(x)
     }
 
     fn launch(&self, name: &str, grid: (u32, u32, u32), smem: usize, args: &TrainArgs) -> Result<()> {
@@ -394,52 +412,6 @@ impl CudaTrainBackend {
         Ok(out)
     }
 
-    fn try_conv3(
-        &self,
-        inputs: &[&DevTensor],
-        weight: &[f32],
-        c_out: usize,
-        epi: &Epilogue<'_, DevTensor, f32>,
-    ) -> Result<DevTensor> {
-        let cin: usize = inputs.iter().map(|t| t.shape.c).sum();
-        if weight.len() != cin * 27 * c_out {
-            return Err(Error::invalid(format!(
-                "conv3 weight has {} values, expected {c_out}×{cin}×27",
-                weight.len()
-            )));
-        }
-        let mut args = TrainArgs::default();
-        self.set_epilogue(&mut args, epi, inputs[0].shape.with_c(c_out))?;
-        self.conv_packed(inputs, &tl::pack_fwd(weight, cin, c_out), c_out, args)
-    }
-
-    fn try_conv3_backward_data(
-        &self,
-        dz: &DevTensor,
-        weight: &[f32],
-        c_in: &[usize],
-        needed: &[bool],
-    ) -> Result<Vec<Option<DevTensor>>> {
-        let c_out = dz.shape.c;
-        let c_total: usize = c_in.iter().sum();
-        if weight.len() != c_out * c_total * 27 {
-            return Err(Error::invalid(
-                "conv3 backward: weight size does not match the channels",
-            ));
-        }
-        self.per_input_slice(c_in, needed, |offset, cs, args| {
-            let wt = tl::flip_transpose(weight, c_total, c_out, offset, cs);
-            self.conv_packed(&[dz], &tl::pack_fwd(&wt, c_out, cs), cs, args)
-        })
-    }
-
-    fn try_conv3_backward_weight(&self, inputs: &[&DevTensor], dz: &DevTensor) -> Result<Vec<f64>> {
-        let (part, blocks, nw) = self.conv3_wgrad_partials(inputs, dz)?;
-        let dw = self.alloc(nw * 8)?;
-        self.reduce(&part, blocks, nw, 1.0, dw.ptr())?;
-        self.download_f64(&dw, nw, "the conv weight gradient")
-    }
-
     /// The weight gradient's per-block partial sums: (partials, blocks, weights); reduced
     /// by [`Self::reduce`] wherever the gradient is wanted.
     fn conv3_wgrad_partials(&self, inputs: &[&DevTensor], dz: &DevTensor) -> Result<(DevMem, usize, usize)> {
@@ -492,25 +464,6 @@ impl CudaTrainBackend {
         Ok((part, blocks, nw))
     }
 
-    fn try_up2(
-        &self,
-        x: &DevTensor,
-        weight: &[f32],
-        c_out: usize,
-        epi: &Epilogue<'_, DevTensor, f32>,
-    ) -> Result<DevTensor> {
-        let s = x.shape;
-        if weight.len() != s.c * c_out * 8 || s.c > 16 || c_out > 16 {
-            return Err(Error::invalid(format!(
-                "up2: weight has {} values for {}→{c_out} channels",
-                weight.len(),
-                s.c
-            )));
-        }
-        let w = self.upload_f32(weight)?;
-        self.up2_at(x, w.ptr(), c_out, epi)
-    }
-
     /// up2 with its weight (engine layout, C_in·C_out·8 values) at device address `wt`.
     fn up2_at(&self, x: &DevTensor, wt: u64, c_out: usize, epi: &Epilogue<'_, DevTensor, f32>) -> Result<DevTensor> {
         let s = x.shape;
@@ -527,15 +480,6 @@ impl CudaTrainBackend {
         Ok(out)
     }
 
-    fn try_up2_backward_data(&self, dz: &DevTensor, weight: &[f32], c_in: usize) -> Result<DevTensor> {
-        let os = dz.shape;
-        if weight.len() != c_in * os.c * 8 || os.d % 2 + os.h % 2 + os.w % 2 != 0 {
-            return Err(Error::invalid("up2 backward: weight or sizes do not match"));
-        }
-        let w = self.upload_f32(weight)?;
-        self.up2_backward_data_at(dz, w.ptr(), c_in)
-    }
-
     /// up2's data gradient with its weight at device address `wt`.
     fn up2_backward_data_at(&self, dz: &DevTensor, wt: u64, c_in: usize) -> Result<DevTensor> {
         let os = dz.shape;
@@ -549,13 +493,6 @@ impl CudaTrainBackend {
         args.cout = os.c as i32;
         self.launch_1d("t_up2_bwd_data", s.len(), args)?;
         Ok(out)
-    }
-
-    fn try_up2_backward_weight(&self, x: &DevTensor, dz: &DevTensor) -> Result<Vec<f64>> {
-        let (part, chunks, nw) = self.up2_wgrad_partials(x, dz)?;
-        let dw = self.alloc(nw * 8)?;
-        self.reduce(&part, chunks, nw, 1.0, dw.ptr())?;
-        self.download_f64(&dw, nw, "the up2 weight gradient")
     }
 
     /// up2's weight-gradient partial sums: (partials, blocks, weights).
@@ -578,10 +515,6 @@ impl CudaTrainBackend {
         Ok((part, chunks, nw))
     }
 
-    fn try_epilogue(&self, z: &DevTensor, epi: &Epilogue<'_, DevTensor, f32>) -> Result<DevTensor> {
-        self.epilogue_at(z, epi, 0)
-    }
-
     /// The epilogue; with `params` nonzero, its scale and shift (16 f32 each) are read
     /// from that device address instead of `epi` (the resident batch norm).
     fn epilogue_at(&self, z: &DevTensor, epi: &Epilogue<'_, DevTensor, f32>, params: u64) -> Result<DevTensor> {
@@ -594,59 +527,6 @@ impl CudaTrainBackend {
         args.ca = z.shape.c as i32;
         self.launch_1d("t_epilogue", z.shape.len(), args)?;
         Ok(out)
-    }
-
-    fn try_avgpool2(&self, x: &DevTensor) -> Result<DevTensor> {
-        let s = x.shape;
-        if s.d % 2 + s.h % 2 + s.w % 2 != 0 {
-            return Err(Error::Shape(format!("avgpool2 needs even sizes, got {s}")));
-        }
-        let os = Shape::new(s.n, s.c, s.d / 2, s.h / 2, s.w / 2);
-        let out = self.tensor(os)?;
-        let mut args = TrainArgs::default().dims(os);
-        args.inp[0] = x.ptr();
-        args.out[0] = out.ptr();
-        args.ca = s.c as i32;
-        self.launch_1d("t_avgpool2", os.len(), args)?;
-        Ok(out)
-    }
-
-    fn try_channel_mean(&self, x: &DevTensor) -> Result<DevTensor> {
-        let out = self.tensor(x.shape.with_c(1))?;
-        let mut args = TrainArgs::default().dims(x.shape);
-        args.inp[0] = x.ptr();
-        args.out[0] = out.ptr();
-        args.ca = x.shape.c as i32;
-        self.launch_1d("t_channel_mean", x.shape.n * x.shape.spatial(), args)?;
-        Ok(out)
-    }
-
-    fn try_channel_mean_backward(&self, dy: &DevTensor, channels: usize) -> Result<DevTensor> {
-        let out = self.tensor(dy.shape.with_c(channels))?;
-        let mut args = TrainArgs::default();
-        args.inp[0] = dy.ptr();
-        args.out[0] = out.ptr();
-        args.ca = channels as i32;
-        self.launch_1d("t_channel_mean_bwd", out.shape.len(), args)?;
-        Ok(out)
-    }
-
-    /// Per-channel Σx and Σ(x − mean)² of a tensor whose channel count is a power of two
-    /// ≤ 16, reduced on the device: [mean (C), biased variance (C)].
-    fn try_batch_stats(&self, z: &DevTensor) -> Result<ChannelStats> {
-        let s = z.shape;
-        let c = s.c;
-        if !matches!(c, 1 | 2 | 4 | 8 | 16) {
-            // the device reduction fixes one channel per thread: other counts on the host
-            return Ok(pointwise::batch_stats(&self.try_download(z)?));
-        }
-        let stat = self.alloc(2 * c * 8)?;
-        self.batch_stats_to(z, stat.ptr())?;
-        let v = self.download_f64(&stat, 2 * c, "batch statistics")?;
-        Ok(ChannelStats {
-            mean: v[..c].to_vec(),
-            var: v[c..].to_vec(),
-        })
     }
 
     /// The batch statistics of z (C a power of two ≤ 16) reduced on the device into
@@ -674,23 +554,6 @@ impl CudaTrainBackend {
         args.mode = 1;
         self.launch("t_chan_sum", (blocks as u32, 1, 1), 0, &args)?;
         self.reduce(&part, blocks, c, 1.0 / m, stat + (c * 8) as u64)
-    }
-
-    fn try_epilogue_backward(
-        &self,
-        z: &DevTensor,
-        dy: &DevTensor,
-        softplus: bool,
-        bn: Option<&BnTrainState<f32>>,
-    ) -> Result<(DevTensor, Vec<f64>, Vec<f64>)> {
-        let (dz, sums) = self.epilogue_backward_to(z, dy, softplus, bn, None)?;
-        let Some(sums) = sums else {
-            return Ok((dz, vec![], vec![]));
-        };
-        let c = z.shape.c;
-        let v = self.download_f64(&sums, 2 * c, "batch-norm gradients")?;
-        // (∂z, ∂γ = Σ dh·x̂, ∂β = Σ dh)
-        Ok((dz, v[c..].to_vec(), v[..c].to_vec()))
     }
 
     /// ∂z, and with batch norm the sums [Σ dh (= ∂β), Σ dh·x̂ (= ∂γ)] (2C f64) written to
@@ -815,21 +678,6 @@ impl CudaTrainBackend {
         Ok((da, dt))
     }
 
-    /// The loss of spec §5: sums on the device (two passes, f64), the gradient's constants
-    /// and the gradients there too (no host round trip in between); the terms from the
-    /// sums, downloaded.
-    fn try_loss(
-        &self,
-        y: &DevTensor,
-        e1r: &DevTensor,
-        x1: &DevTensor,
-        g: &DevTensor,
-    ) -> Result<(LossTerms, DevTensor, DevTensor)> {
-        let stat = self.zeros_f64(LOSS_SLOTS)?;
-        let (dy, de) = self.loss_to(y, e1r, x1, g, stat.ptr())?;
-        Ok((self.loss_terms_at(&stat, 0)?, dy, de))
-    }
-
     /// The loss's device part: the 7 sums (see [`loss_sums_at`]) and the gradient's 8
     /// constants into `stat` (`LOSS_SLOTS` f64 on the device), and ∂L/∂y, ∂L/∂E1r.
     fn loss_to(
@@ -904,16 +752,6 @@ impl CudaTrainBackend {
         self.launch_1d("t_reshape", os.len(), args)?;
         Ok(out)
     }
-
-    fn try_accumulate(&self, acc: &mut DevTensor, t: &DevTensor) -> Result<()> {
-        if acc.shape != t.shape {
-            return Err(Error::Shape(format!("accumulate: {} vs {}", acc.shape, t.shape)));
-        }
-        let mut args = TrainArgs::default();
-        args.inp[0] = t.ptr();
-        args.out[0] = acc.ptr();
-        self.launch_1d("t_accumulate", t.shape.len(), args)
-    }
 }
 
 impl Backend for CudaTrainBackend {
@@ -925,11 +763,13 @@ impl Backend for CudaTrainBackend {
     fn shape(&self, x: &DevTensor) -> Shape {
         x.shape
     }
+    /// Uploads a host tensor (N×C×D×H×W) as channels-last.
     fn from_host(&self, t: &Tensor<f32>) -> Result<DevTensor> {
-        self.try_upload(t)
+        self.rt.upload_tensor(t, Precision::F32)
     }
+    /// Downloads a tensor to the host (N×C×D×H×W); waits for the device.
     fn to_host(&self, x: &DevTensor) -> Result<Tensor<f32>> {
-        self.try_download(x)
+        self.rt.download_tensor(x)
     }
     fn conv3(
         &self,
@@ -938,7 +778,16 @@ impl Backend for CudaTrainBackend {
         c_out: usize,
         epi: &Epilogue<'_, DevTensor, f32>,
     ) -> Result<DevTensor> {
-        self.try_conv3(inputs, weight, c_out, epi)
+        let cin: usize = inputs.iter().map(|t| t.shape.c).sum();
+        if weight.len() != cin * 27 * c_out {
+            return Err(Error::invalid(format!(
+                "conv3 weight has {} values, expected {c_out}×{cin}×27",
+                weight.len()
+            )));
+        }
+        let mut args = TrainArgs::default();
+        self.set_epilogue(&mut args, epi, inputs[0].shape.with_c(c_out))?;
+        self.conv_packed(inputs, &tl::pack_fwd(weight, cin, c_out), c_out, args)
     }
     fn up2(
         &self,
@@ -947,10 +796,12 @@ impl Backend for CudaTrainBackend {
         c_out: usize,
         epi: &Epilogue<'_, DevTensor, f32>,
     ) -> Result<DevTensor> {
-        self.try_up2(x, weight, c_out, epi)
+        up2_weight_fits(weight.len(), x.shape.c, c_out)?;
+        let w = self.upload_f32(weight)?;
+        self.up2_at(x, w.ptr(), c_out, epi)
     }
     fn epilogue(&self, z: &DevTensor, epi: &Epilogue<'_, DevTensor, f32>) -> Result<DevTensor> {
-        self.try_epilogue(z, epi)
+        self.epilogue_at(z, epi, 0)
     }
     fn conv3_w(
         &self,
@@ -961,7 +812,7 @@ impl Backend for CudaTrainBackend {
     ) -> Result<DevTensor> {
         match w.opt {
             Some(opt) => self.resident_conv3(inputs, w, opt, c_out, epi),
-            None => self.try_conv3(inputs, w.host, c_out, epi),
+            None => self.conv3(inputs, w.host, c_out, epi),
         }
     }
     fn up2_w(
@@ -973,17 +824,11 @@ impl Backend for CudaTrainBackend {
     ) -> Result<DevTensor> {
         match w.opt {
             Some(opt) => {
-                if w.host.len() != x.shape.c * c_out * 8 || x.shape.c > 16 || c_out > 16 {
-                    return Err(Error::invalid(format!(
-                        "up2: weight has {} values for {}→{c_out} channels",
-                        w.host.len(),
-                        x.shape.c
-                    )));
-                }
+                up2_weight_fits(w.host.len(), x.shape.c, c_out)?;
                 let wt = self.resident_weight(opt, w.layer, w.host.len())?;
                 self.up2_at(x, wt, c_out, epi)
             }
-            None => self.try_up2(x, w.host, c_out, epi),
+            None => self.up2(x, w.host, c_out, epi),
         }
     }
     fn conv3_backward_data_w(
@@ -995,27 +840,20 @@ impl Backend for CudaTrainBackend {
     ) -> Result<Vec<Option<DevTensor>>> {
         match w.opt {
             Some(opt) => {
-                if w.host.len() != dz.shape.c * c_in.iter().sum::<usize>() * 27 {
-                    return Err(Error::invalid(
-                        "conv3 backward: weight size does not match the channels",
-                    ));
-                }
+                conv3_backward_fits(w.host.len(), dz.shape.c, c_in)?;
                 self.resident_conv3_backward_data(dz, w, opt, c_in, needed)
             }
-            None => self.try_conv3_backward_data(dz, w.host, c_in, needed),
+            None => self.conv3_backward_data(dz, w.host, c_in, needed),
         }
     }
     fn up2_backward_data_w(&self, dz: &DevTensor, w: LayerWeight<'_, Self>, c_in: usize) -> Result<DevTensor> {
         match w.opt {
             Some(opt) => {
-                let os = dz.shape;
-                if w.host.len() != c_in * os.c * 8 || os.d % 2 + os.h % 2 + os.w % 2 != 0 {
-                    return Err(Error::invalid("up2 backward: weight or sizes do not match"));
-                }
+                up2_backward_fits(w.host.len(), dz.shape, c_in)?;
                 let wt = self.resident_weight(opt, w.layer, w.host.len())?;
                 self.up2_backward_data_at(dz, wt, c_in)
             }
-            None => self.try_up2_backward_data(dz, w.host, c_in),
+            None => self.up2_backward_data(dz, w.host, c_in),
         }
     }
     fn bn_train(
@@ -1089,13 +927,44 @@ impl Backend for CudaTrainBackend {
         Ok(Box::new(self.rt.end_capture()?))
     }
     fn avgpool2(&self, x: &DevTensor) -> Result<DevTensor> {
-        self.try_avgpool2(x)
+        let s = x.shape;
+        if s.d % 2 + s.h % 2 + s.w % 2 != 0 {
+            return Err(Error::Shape(format!("avgpool2 needs even sizes, got {s}")));
+        }
+        let os = Shape::new(s.n, s.c, s.d / 2, s.h / 2, s.w / 2);
+        let out = self.tensor(os)?;
+        let mut args = TrainArgs::default().dims(os);
+        args.inp[0] = x.ptr();
+        args.out[0] = out.ptr();
+        args.ca = s.c as i32;
+        self.launch_1d("t_avgpool2", os.len(), args)?;
+        Ok(out)
     }
     fn channel_mean(&self, x: &DevTensor) -> Result<DevTensor> {
-        self.try_channel_mean(x)
+        let out = self.tensor(x.shape.with_c(1))?;
+        let mut args = TrainArgs::default().dims(x.shape);
+        args.inp[0] = x.ptr();
+        args.out[0] = out.ptr();
+        args.ca = x.shape.c as i32;
+        self.launch_1d("t_channel_mean", x.shape.n * x.shape.spatial(), args)?;
+        Ok(out)
     }
+    /// Per-channel Σx and Σ(x − mean)² of a tensor whose channel count is a power of two
+    /// ≤ 16, reduced on the device: [mean (C), biased variance (C)].
     fn batch_stats(&self, z: &DevTensor) -> Result<ChannelStats> {
-        self.try_batch_stats(z)
+        let s = z.shape;
+        let c = s.c;
+        if !matches!(c, 1 | 2 | 4 | 8 | 16) {
+            // the device reduction fixes one channel per thread: other counts on the host
+            return Ok(pointwise::batch_stats(&self.to_host(z)?));
+        }
+        let stat = self.alloc(2 * c * 8)?;
+        self.batch_stats_to(z, stat.ptr())?;
+        let v = self.download_f64(&stat, 2 * c, "batch statistics")?;
+        Ok(ChannelStats {
+            mean: v[..c].to_vec(),
+            var: v[c..].to_vec(),
+        })
     }
     fn rl_divide(&self, a: &DevTensor, fp: &DevTensor, eps: f64) -> Result<DevTensor> {
         self.rl_pair("t_rl_divide", a, fp, eps as f32)
@@ -1103,6 +972,9 @@ impl Backend for CudaTrainBackend {
     fn rl_update(&self, a: &DevTensor, bp: &DevTensor) -> Result<DevTensor> {
         self.rl_pair("t_rl_update", a, bp, 0.0)
     }
+    /// The loss of spec §5: sums on the device (two passes, f64), the gradient's constants
+    /// and the gradients there too (no host round trip in between); the terms from the
+    /// sums, downloaded.
     fn loss(
         &self,
         y: &DevTensor,
@@ -1110,7 +982,9 @@ impl Backend for CudaTrainBackend {
         x1: &DevTensor,
         g: &DevTensor,
     ) -> Result<(LossTerms, DevTensor, DevTensor)> {
-        self.try_loss(y, e1r, x1, g)
+        let stat = self.zeros_f64(LOSS_SLOTS)?;
+        let (dy, de) = self.loss_to(y, e1r, x1, g, stat.ptr())?;
+        Ok((self.loss_terms_at(&stat, 0)?, dy, de))
     }
     fn epilogue_backward(
         &self,
@@ -1119,7 +993,14 @@ impl Backend for CudaTrainBackend {
         softplus: bool,
         bn: Option<&BnTrainState<f32>>,
     ) -> Result<(DevTensor, Vec<f64>, Vec<f64>)> {
-        self.try_epilogue_backward(z, dy, softplus, bn)
+        let (dz, sums) = self.epilogue_backward_to(z, dy, softplus, bn, None)?;
+        let Some(sums) = sums else {
+            return Ok((dz, vec![], vec![]));
+        };
+        let c = z.shape.c;
+        let v = self.download_f64(&sums, 2 * c, "batch-norm gradients")?;
+        // (∂z, ∂γ = Σ dh·x̂, ∂β = Σ dh)
+        Ok((dz, v[c..].to_vec(), v[..c].to_vec()))
     }
     fn conv3_backward_data(
         &self,
@@ -1128,16 +1009,30 @@ impl Backend for CudaTrainBackend {
         c_in: &[usize],
         needed: &[bool],
     ) -> Result<Vec<Option<DevTensor>>> {
-        self.try_conv3_backward_data(dz, weight, c_in, needed)
+        let c_out = dz.shape.c;
+        let c_total: usize = c_in.iter().sum();
+        conv3_backward_fits(weight.len(), c_out, c_in)?;
+        self.per_input_slice(c_in, needed, |offset, cs, args| {
+            let wt = tl::flip_transpose(weight, c_total, c_out, offset, cs);
+            self.conv_packed(&[dz], &tl::pack_fwd(&wt, c_out, cs), cs, args)
+        })
     }
     fn conv3_backward_weight(&self, inputs: &[&DevTensor], dz: &DevTensor) -> Result<Vec<f64>> {
-        self.try_conv3_backward_weight(inputs, dz)
+        let (part, blocks, nw) = self.conv3_wgrad_partials(inputs, dz)?;
+        let dw = self.alloc(nw * 8)?;
+        self.reduce(&part, blocks, nw, 1.0, dw.ptr())?;
+        self.download_f64(&dw, nw, "the conv weight gradient")
     }
     fn up2_backward_data(&self, dz: &DevTensor, weight: &[f32], c_in: usize) -> Result<DevTensor> {
-        self.try_up2_backward_data(dz, weight, c_in)
+        up2_backward_fits(weight.len(), dz.shape, c_in)?;
+        let w = self.upload_f32(weight)?;
+        self.up2_backward_data_at(dz, w.ptr(), c_in)
     }
     fn up2_backward_weight(&self, x: &DevTensor, dz: &DevTensor) -> Result<Vec<f64>> {
-        self.try_up2_backward_weight(x, dz)
+        let (part, chunks, nw) = self.up2_wgrad_partials(x, dz)?;
+        let dw = self.alloc(nw * 8)?;
+        self.reduce(&part, chunks, nw, 1.0, dw.ptr())?;
+        self.download_f64(&dw, nw, "the up2 weight gradient")
     }
     fn rl_divide_backward(
         &self,
@@ -1159,10 +1054,22 @@ impl Backend for CudaTrainBackend {
         self.rl_pair_backward("t_rl_update_bwd", a, bp, de, 0.0, mode)
     }
     fn channel_mean_backward(&self, dy: &DevTensor, channels: usize) -> Result<DevTensor> {
-        self.try_channel_mean_backward(dy, channels)
+        let out = self.tensor(dy.shape.with_c(channels))?;
+        let mut args = TrainArgs::default();
+        args.inp[0] = dy.ptr();
+        args.out[0] = out.ptr();
+        args.ca = channels as i32;
+        self.launch_1d("t_channel_mean_bwd", out.shape.len(), args)?;
+        Ok(out)
     }
     fn accumulate(&self, acc: &mut DevTensor, t: &DevTensor) -> Result<()> {
-        self.try_accumulate(acc, t)
+        if acc.shape != t.shape {
+            return Err(Error::Shape(format!("accumulate: {} vs {}", acc.shape, t.shape)));
+        }
+        let mut args = TrainArgs::default();
+        args.inp[0] = t.ptr();
+        args.out[0] = acc.ptr();
+        self.launch_1d("t_accumulate", t.shape.len(), args)
     }
     fn grads_new(&self, variant: Variant) -> Result<train_params::DevGrads> {
         self.resident_grads(variant)

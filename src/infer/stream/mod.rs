@@ -51,7 +51,7 @@ use std::time::Instant;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PredictorChoice {
     Cpu,
-    /// CUDA devices (one worker each; today the first is used) in f16 or f32 storage.
+    /// CUDA devices (one worker each, in both tilings) in f32, f16 or bf16 storage.
     Cuda {
         devices: Vec<usize>,
         precision: Precision,
@@ -646,12 +646,15 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
         .unwrap_or_else(|| plan::budget_core(dims, opts.context, window_voxels));
 
     if opts.blended() {
-        if preds.len() > 1 {
-            eprintln!("note: the blended tiling runs on one device; the others stay idle");
-        }
+        // several devices share each z-row's tiles; blended in tile order as with one
+        let shared: Vec<&mut dyn TilePredictor> = preds
+            .iter_mut()
+            .map(|p| -> &mut dyn TilePredictor { &mut **p })
+            .collect();
+        let mut pool = crate::infer::pool::PredictorPool::new(shared)?;
         return run_blended(
             opts,
-            &mut *preds[0],
+            &mut pool,
             &views,
             &norms,
             variant,

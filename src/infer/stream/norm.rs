@@ -215,7 +215,7 @@ mod tests {
         let dims = [200, 300, 400];
         let r = sample_regions(dims, [32, 64, 64], 1 << 20);
         let n: usize = r.iter().map(|r| r.voxels()).sum();
-        assert!(n <= 1 << 20 && n >= 1 << 17, "{n}");
+        assert!((1 << 17..=1 << 20).contains(&n), "{n}");
         for reg in &r {
             assert!(reg.fits(dims));
         }
