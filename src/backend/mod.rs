@@ -116,6 +116,29 @@ pub enum GradMode {
     Exact,
 }
 
+/// Arithmetic of the training convs (`train --precision`): FP32 throughout, or mixed
+/// precision — on CUDA the wide convs (C_in ≥ 4 and C_out ≥ 4: forward, data and weight
+/// gradients) on the tensor cores with bf16 operands and f32 accumulation, everything else
+/// (FP32 master weights, the RL division and update, the loss, batch-norm statistics, Adam)
+/// in FP32/f64 as before. The CPU backend trains in FP32 only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrainPrecision {
+    #[default]
+    Fp32,
+    /// bf16 tensor-core convs for the wide layers (CUDA only).
+    Mixed,
+}
+
+impl std::fmt::Display for TrainPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TrainPrecision::Fp32 => "fp32",
+            TrainPrecision::Mixed => "mixed",
+        })
+    }
+}
+
 /// Where a backward pass puts the gradient of each trainable tensor (layer, kind).
 pub trait GradSink {
     /// Stores the gradient of tensor (`layer`, `kind`), given as host values.

@@ -614,6 +614,47 @@ impl EmuExec {
             }
             s * (1.0 / c as f32)
         };
+        if let Some(rest) = name.strip_prefix("tmma_") {
+            // the mixed-precision tensor-core convs (emulate_train_mma.rs)
+            let (kind, rest) = rest.split_once('_').unwrap();
+            let rest = rest.strip_suffix("_bf16").expect("tmma kernels are bf16");
+            let v: Vec<usize> = rest.split('_').map(|t| t.parse().unwrap()).collect();
+            assert_eq!(v, [ca, cb, cc, cout], "{name} launched with other channel counts");
+            assert!(
+                MMA_VARIANTS.contains(&[ca, cb, cc, cout]),
+                "{name}: not a mixed-precision variant"
+            );
+            let cin = ca + cb + cc;
+            let ins: Vec<Vec<f32>> = (0..3)
+                .filter(|&i| [ca, cb, cc][i] > 0)
+                .map(|i| f(i).to_vec(voxels * [ca, cb, cc][i]))
+                .collect();
+            let ci = ConvIn {
+                inputs: ins
+                    .iter()
+                    .zip([ca, cb, cc].iter().filter(|&&c| c > 0))
+                    .map(|(d, &c)| (d.as_slice(), c))
+                    .collect(),
+                s: vol,
+            };
+            let p = super::Precision::Bf16;
+            if kind == "fwd" {
+                assert_eq!(grid, mma_grid(vol), "{name}: grid");
+                assert_eq!(smem, mma_fwd_smem_bytes(cin), "{name}: shared memory");
+                let packed = self.buf::<f32>(a.wt).to_vec(cin * 27 * cout);
+                super::emulate_train_mma::tmma_fwd(&ci, &packed, cout, p, |vox, co, z| {
+                    o(0).set(vox * cout + co, epi(a, z, co, vox, f(3)))
+                });
+            } else {
+                assert_eq!(kind, "wgrad", "{name}");
+                assert_eq!((grid.1, grid.2), (1, 1), "{name}: one grid row");
+                assert_eq!(smem, mma_wgrad_smem_bytes(cin), "{name}: shared memory");
+                let dz = f(3).to_vec(voxels * cout);
+                let pp = super::emulate_train_mma::tmma_wgrad_partials(&ci, &dz, cout, grid.0 as usize, p);
+                pp.iter().enumerate().for_each(|(i, &v)| part.set(i, v));
+            }
+            return Ok(());
+        }
         if let Some(rest) = name.strip_prefix("tconv_fwd_").filter(|r| *r != "any") {
             let v: Vec<usize> = rest.split('_').map(|t| t.parse().unwrap()).collect();
             assert_eq!(v, [ca, cb, cc, cout], "{name} launched with other channel counts");
