@@ -5,7 +5,7 @@ use super::adam::{Adam, LrSchedule};
 use super::data::{normalize_views, CropSampler, Dataset};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::loss::{loss_terms, LossTerms};
-use crate::backend::{Backend, GradMode};
+use crate::backend::{Backend, GradMode, TrainPrecision};
 use crate::error::{Error, Result};
 use crate::imaging::metrics::{evaluate, Normalize};
 use crate::imaging::volume::Volume;
@@ -29,6 +29,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Validation volumes larger than this are center-cropped to it (z, y, x).
     pub val_crop: [usize; 3],
+    /// Arithmetic of the convs (`--precision`; mixed is CUDA's). Checkpoints before it
+    /// existed read as FP32.
+    #[serde(default)]
+    pub precision: TrainPrecision,
 }
 
 impl Default for TrainConfig {
@@ -41,6 +45,7 @@ impl Default for TrainConfig {
             grad_mode: GradMode::Paper,
             seed: 0,
             val_crop: [64, 128, 128],
+            precision: TrainPrecision::Fp32,
         }
     }
 }
