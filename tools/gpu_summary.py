@@ -250,9 +250,10 @@ def train_lines(t):
         L.append(f"mixed precision step {f(t['mixed_step_s'])} ({t['mixed_speedup_vs_fp32'] or 0:.2f}x FP32's)")
     mv = t.get("mixed_validation")
     if mv:
-        L.append(f"mixed vs FP32 validation (steps {mv['steps'][0]}..{mv['steps'][-1]}): max |Δpsnr| {mv['max_abs_psnr_diff']:.3f} dB, "
-                 f"|Δssim| {mv['max_abs_ssim_diff']:.4f}; spread (FP32, other seed) {mv['spread_max_abs_psnr_diff']} dB, "
-                 f"{mv['spread_max_abs_ssim_diff']}; within spread: {mv['within_spread']}")
+        g = lambda v, n: f"{v:.{n}f}" if isinstance(v, (int, float)) else "-"
+        L.append(f"mixed vs FP32 validation (steps {mv['steps'][0]}..{mv['steps'][-1]}): max |Δpsnr| {g(mv['max_abs_psnr_diff'], 3)} dB, "
+                 f"|Δssim| {g(mv['max_abs_ssim_diff'], 4)}; spread (FP32, other seed) {g(mv['spread_max_abs_psnr_diff'], 3)} dB, "
+                 f"{g(mv['spread_max_abs_ssim_diff'], 4)}; within spread: {mv['within_spread']}")
     c = t["conformance"]
     e = lambda v: f"{v:.1e}" if isinstance(v, (int, float)) else "-"
     ts = t.get("tests") or {}
