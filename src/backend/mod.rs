@@ -469,6 +469,21 @@ pub trait Backend: Sync {
         *dst = self.from_host(t)?;
         Ok(())
     }
+    /// [`Backend::write_host`] into the fixed batch buffer `slot` (the training loop's
+    /// double buffers: 2k for x, 2k + 1 for g of buffer k), where the backend may copy
+    /// asynchronously (CUDA: from pinned memory on a copy stream, while the previous step
+    /// runs), ordered after the last step marked by [`Backend::staged_read`] of that slot
+    /// and before the work enqueued afterwards.
+    fn write_host_staged(&self, slot: usize, dst: &mut Self::X, t: &Tensor<Self::T>) -> Result<()> {
+        let _ = slot;
+        self.write_host(dst, t)
+    }
+    /// The work enqueued so far is the last reader of batch buffer `slot` (its next
+    /// [`Backend::write_host_staged`] waits for it).
+    fn staged_read(&self, slot: usize) -> Result<()> {
+        let _ = slot;
+        Ok(())
+    }
     /// Whether [`Backend::capture_begin`] records (the training loop then replays its step).
     fn records_graphs(&self) -> bool {
         false

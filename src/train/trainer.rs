@@ -324,9 +324,11 @@ impl<B: Backend<T = f32>> CapturedSteps<B> {
             self.buffers.push((b.from_host(x)?, b.from_host(g)?));
             self.graphs.push(None);
         } else {
+            // asynchronous where the backend can (CUDA: pinned memory, copy stream), after
+            // the step that last read this buffer
             let (xb, gb) = &mut self.buffers[k];
-            b.write_host(xb, x)?;
-            b.write_host(gb, g)?;
+            b.write_host_staged(2 * k, xb, x)?;
+            b.write_host_staged(2 * k + 1, gb, g)?;
         }
         b.opt_prepare(opt)?;
         match &self.graphs[k] {
@@ -352,6 +354,8 @@ impl<B: Backend<T = f32>> CapturedSteps<B> {
                 self.graphs[k] = Some(graph);
             }
         }
+        b.staged_read(2 * k)?;
+        b.staged_read(2 * k + 1)?;
         state.step += 1;
         Ok(())
     }

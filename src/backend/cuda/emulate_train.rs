@@ -375,6 +375,10 @@ pub struct EmuExec {
     graphs: std::sync::Mutex<std::collections::HashMap<u64, EmuGraph>>,
     /// Graph replays run.
     pub replays: std::sync::atomic::AtomicUsize,
+    /// Staged (pinned, copy-stream) batch uploads, and per slot whether its last upload
+    /// awaits a step's read ([`super::runtime::Exec::staged_read`]).
+    pub staged_uploads: std::sync::atomic::AtomicUsize,
+    staged: std::sync::Mutex<std::collections::HashMap<usize, bool>>,
 }
 
 /// One recorded operation of an emulated graph.
@@ -501,6 +505,24 @@ impl super::train::Exec for EmuExec {
         self.dtoh_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let b = self.buf::<u8>(src);
         dst.iter_mut().enumerate().for_each(|(i, v)| *v = b.get(i));
+        Ok(())
+    }
+    /// The copy itself is immediate here; what is checked is the host's protocol: a
+    /// slot is uploaded again only after a step that read it was marked (on the device
+    /// the copy would otherwise overwrite a batch a queued step has not read yet).
+    fn htod_staged(&self, slot: usize, dst: u64, src: &[u8]) -> crate::Result<()> {
+        let mut st = self.staged.lock().unwrap();
+        if st.get(&slot) == Some(&true) {
+            return Err(crate::Error::Cuda(format!(
+                "batch buffer slot {slot} uploaded again before a step read it"
+            )));
+        }
+        st.insert(slot, true);
+        self.staged_uploads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.htod(dst, src)
+    }
+    fn staged_read(&self, slot: usize) -> crate::Result<()> {
+        self.staged.lock().unwrap().insert(slot, false);
         Ok(())
     }
     fn synchronize(&self) -> crate::Result<()> {
@@ -2054,6 +2076,10 @@ mod tests {
             train_on(&b, false, &mut st, &cfg, &data, None, 0, None, &mut obs).unwrap();
             let replays = exec.replays.load(std::sync::atomic::Ordering::Relaxed);
             assert_eq!(replays, if graphs { 6 } else { 0 }, "graphs {graphs}");
+            // item 5: the replays after the two recordings upload x and g through the
+            // staged (pinned, copy-stream) path, each after the step that read its buffer
+            let staged = exec.staged_uploads.load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(staged, if graphs { 8 } else { 0 }, "graphs {graphs}");
             runs.push((st, obs.0));
         }
         assert_eq!(runs[0].0.step, 7);

@@ -1121,6 +1121,18 @@ impl Backend for CudaTrainBackend {
         }
         self.rt.htod(dst.ptr(), &t.to_ndhwc())
     }
+    fn write_host_staged(&self, slot: usize, dst: &mut DevTensor, t: &Tensor<f32>) -> Result<()> {
+        if dst.shape != t.shape || dst.dtype() != Precision::F32 {
+            return Err(Error::Shape(format!(
+                "writing a host tensor {} into a device tensor {}",
+                t.shape, dst.shape
+            )));
+        }
+        self.rt.htod_staged(slot, dst.ptr(), &t.to_ndhwc())
+    }
+    fn staged_read(&self, slot: usize) -> Result<()> {
+        self.rt.staged_read(slot)
+    }
     fn records_graphs(&self) -> bool {
         self.graphs
     }
