@@ -77,6 +77,9 @@ enum Cmd {
         /// Write x, g, the model and the GPU's gradients (2×32³) here.
         #[arg(long)]
         check_out: Option<PathBuf>,
+        /// Arithmetic of the convs: fp32, or mixed (the wide convs on the tensor cores, bf16).
+        #[arg(long, value_enum, default_value_t = rln_engine::backend::TrainPrecision::Fp32)]
+        precision: rln_engine::backend::TrainPrecision,
     },
     /// The conformance vectors in training mode on the GPU (infer, train, grad keys).
     TrainConformance {
@@ -221,8 +224,10 @@ fn run(a: Args) -> Result<()> {
             steps,
             json,
             check_out,
+            precision,
         } => {
-            let b = CudaTrainBackend::open(a.device)?;
+            let mut b = CudaTrainBackend::open(a.device)?;
+            b.set_precision(precision);
             let o = train_bench::TrainBenchOptions {
                 dims: dims(&d)?,
                 warmup,

@@ -631,6 +631,11 @@ fn cases() -> Vec<Case> {
             &["--threads"],
         ),
         case(
+            "train: --precision mixed on the CPU",
+            &format!("{TRAIN} --synth-psf psf.tif -o out.safetensors --device cpu --precision mixed"),
+            &["--precision mixed is a cuda option"],
+        ),
+        case(
             "train: -o unknown extension",
             &format!("{TRAIN} --synth-psf psf.tif -o out.tif"),
             &["extension"],

@@ -303,6 +303,60 @@ fn cli_train_stop_and_resume_matches_a_straight_run() {
     let _ = Variant::Single;
 }
 
+/// `--precision`: the checkpoint and the model's training record keep it; mixed is a
+/// CUDA option, so the CPU refuses it, also when a mixed checkpoint is resumed without
+/// `--precision fp32`; with it, the run continues in FP32 with a notice.
+#[test]
+fn cli_train_records_the_precision_and_refuses_mixed_on_the_cpu() {
+    use rln_engine::backend::TrainPrecision;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (x, g) = blob_volume(30, [20, 20, 20], 10.0);
+    write_pair(d, "v0", &[&x], &g);
+    let run = |extra: &[&str], out: &str| {
+        let mut flags: Vec<&dyn AsRef<OsStr>> = vec![&"--threads", &"2", &"--epoch-steps", &"2"];
+        flags.extend(extra.iter().map(|a| a as &dyn AsRef<OsStr>));
+        tiny_train(d, "4", &d.join(out), &flags)
+    };
+    let o = run(&["--precision", "mixed"], "m.safetensors");
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--precision mixed is a CUDA option"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!d.join("m.safetensors").exists() && !d.join("m.ckpt.safetensors").exists());
+
+    let o = run(&["--stop-after", "2"], "m.safetensors");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ck = d.join("m.ckpt.safetensors");
+    let (state, mut cfg, fp) = trainer::load_checkpoint(&ck).unwrap();
+    assert_eq!(cfg.precision, TrainPrecision::Fp32, "recorded in the checkpoint");
+    // the same checkpoint as a mixed-precision run (on a GPU) would have written it
+    cfg.precision = TrainPrecision::Mixed;
+    trainer::save_checkpoint(&ck, &state, &cfg, &fp).unwrap();
+    assert_eq!(
+        trainer::load_checkpoint(&ck).unwrap().1.precision,
+        TrainPrecision::Mixed
+    );
+    let o = run(&["--resume", ck.to_str().unwrap()], "m.safetensors");
+    assert!(!o.status.success(), "a mixed checkpoint resumed on the CPU");
+    assert!(stderr(&o).contains("--precision fp32"), "{}", stderr(&o));
+    let o = run(
+        &["--resume", ck.to_str().unwrap(), "--precision", "fp32"],
+        "m.safetensors",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("trained with --precision mixed; continuing with --precision fp32"),
+        "{}",
+        stderr(&o)
+    );
+    let m = Model::<f32>::load(&d.join("m.safetensors")).unwrap();
+    assert_eq!(m.config.training.as_ref().unwrap()["precision"], "fp32");
+    assert_eq!(trainer::load_checkpoint(&ck).unwrap().1.precision, TrainPrecision::Fp32);
+}
+
 /// Issue 14: with --reproducible identical runs, and a resumed run and the same run
 /// uninterrupted, write byte-identical model files (`cmp` verifies a resume); a resumed
 /// run's log holds every step once, even when the killed run logged steps after its last

@@ -45,6 +45,12 @@
 #   cli_train    `rln-engine train --device cuda` for 600 steps on synthetic data made by
 #                the engine (4 volumes 96×128×128 + 1 for validation, every 100 steps):
 #                wall time, step rate, extrapolation to the authors' 10 000 steps
+#   train_bench_mixed  the same step benchmark with --precision mixed (issue 16 item 3)
+#   cli_train_mixed    cli_train with --precision mixed, same seed and data: the validation
+#                curve (every 100 steps) next to FP32's; shortened like cli_train to
+#                RLN_CLI_TRAIN_STEPS (600, not the recipe's 10 000) to fit the budget
+#   cli_train_spread   cli_train in FP32 on another seed (4): the run-to-run spread the
+#                mixed curve is compared with (gpu-latest.json train.mixed_validation)
 #   summary      the table and gpu-latest.json
 #
 # The inference part of issue 17 alone: every step has its cap, and no step starts after
@@ -54,9 +60,12 @@
 #   RLN_GPU_CHECK_BUDGET_S=540 RLN_GPU_STEPS="env gpu_tests bench_f16tc bench_bf16tc bench_f32 bench_f16 predict \
 #     torch_eager torch_amp torch_amp_bf16 memcheck racecheck ncu_sol ncu_flops \
 #     torch_compile torch_compile_bf16 torch_trt conformance" bash tools/gpu-check.sh
-# The training part alone (about 3 minutes):
-#   RLN_GPU_STEPS="env_train train_tests train_bench train_conformance torch_train_eager \
-#     torch_train_amp cli_train torch_train_compile" bash tools/gpu-check.sh
+# The training part alone (about 3 minutes before mixed precision; with the mixed
+# benchmark and the two extra 600-step CLI runs, each capped at 60 s, about 5.5 minutes;
+# budget 540 s keeps it under 10):
+#   RLN_GPU_CHECK_BUDGET_S=540 RLN_GPU_STEPS="env_train train_tests train_bench train_bench_mixed \
+#     train_conformance torch_train_eager torch_train_amp cli_train cli_train_mixed cli_train_spread \
+#     torch_train_compile" bash tools/gpu-check.sh
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -319,26 +328,33 @@ env_train() {
   cat "$B"/ptxas/train_*.txt 2>/dev/null | grep -E "Compiling entry|Used|spill" | paste - - - | sed -E 's/ptxas info +: //g' || true
 }
 train_tests_each() { tests_each "$TRAIN_TESTS" 60; }
-cli_train() {
-  local t0 t1 rc
+cli_train() { # [name] [extra flags...]: the FP32 run is cli_train, seed 3
+  local name=${1:-cli_train} t0 t1 rc
+  [ $# -gt 0 ] && shift
   t0=$(date +%s.%N)
   "$B/rln-engine" train --device cuda --synth-psf "$B/psf.tif" --synth-count 4 --synth-val-count 1 \
     --synth-size 96,128,128 --steps "${RLN_CLI_TRAIN_STEPS:-600}" --epoch-steps 100 --seed 3 \
-    -o "$SCR/trained.safetensors" --log "$OUT/cli_train.jsonl"
+    -o "$SCR/$name.safetensors" --log "$OUT/$name.jsonl" "$@"
   rc=$?
   t1=$(date +%s.%N)
   python3 -c "print(f'CLI_TRAIN_WALL_S {$t1 - $t0:.2f}')"
   return $rc
 }
+cli_train_mixed() { cli_train cli_train_mixed --precision mixed; }
+cli_train_spread() { cli_train cli_train_spread --seed 4; }
+export -f cli_train # called by the two above in step's child bash
 step env_train 20 env_train
 step train_tests 100 train_tests_each
 step train_bench 60 "$TOOL" train-bench --dims "$TRAIN_DIMS" --warmup 5 --steps 40 --json "$OUT/train_bench.json" --check-out "$SCR/train_check.safetensors"
+step train_bench_mixed 45 "$TOOL" train-bench --precision mixed --dims "$TRAIN_DIMS" --warmup 5 --steps 40 --json "$OUT/train_bench_mixed.json"
 step train_conformance 30 "$TOOL" train-conformance --model "$MODEL" --vectors "$B/reference/rln-tf-vectors-a.safetensors" --json "$OUT/train_conformance.json"
 TCHK="$SCR/train_check.safetensors"
 if [ -f "$TCHK" ]; then TMODEL="$TCHK"; else TMODEL="$MODEL"; TCHK=""; fi
 step torch_train_eager 50 $PEER --train --model "$TMODEL" --mode eager --dims "$TRAIN_DIMS" --warmup 3 --reps 10 ${TCHK:+--check "$TCHK"} --json "$OUT/torch_train_eager.json"
 step torch_train_amp 40 $PEER --train --model "$TMODEL" --mode amp --dims "$TRAIN_DIMS" --warmup 3 --reps 10 --json "$OUT/torch_train_amp.json"
 step cli_train 60 cli_train
+step cli_train_mixed 60 cli_train_mixed
+step cli_train_spread 60 cli_train_spread
 # compilation of forward and backward takes a minute or more: last, capped
 step torch_train_compile 80 $PEER --train --model "$TMODEL" --mode compile --dims "$TRAIN_DIMS" --warmup 2 --reps 10 --json "$OUT/torch_train_compile.json"
 

@@ -152,6 +152,8 @@ def train_section(P):
     def tstep(k):
         return (tt[k] or {}).get("step_s")
 
+    mixed = mixed_section(P, tb, vals)
+
     eng = tb.get("step_s")
     chk = (tt["eager"] or {}).get("check") or {}
     return {
@@ -182,7 +184,55 @@ def train_section(P):
         "cli": cli,
         "full_recipe_s": cli.get("full_recipe_s"),
         "full_recipe_note": cli.get("full_recipe_note"),
+        **mixed,
     }
+
+
+def mixed_section(P, tb, vals_fp32):
+    """`train --precision mixed` (issue 16 item 3): the mixed step (train_bench_mixed.json)
+    next to FP32's, and the validation curves of the CLI runs on the same seed (FP32:
+    cli_train.jsonl, mixed: cli_train_mixed.jsonl) with the run-to-run spread measured by
+    an FP32 run on another seed (cli_train_spread.jsonl: another initialization, crops and
+    synthetic data, so an upper estimate of the spread)."""
+    tm = load(P("train_bench_mixed.json")) or {}
+    eng, mix = tb.get("step_s"), tm.get("step_s")
+
+    def curve(name):
+        return {r["step"]: r for r in jsonl(P(name)) if "val_psnr" in r and "step" in r}
+
+    f, m, s = ({r["step"]: r for r in vals_fp32 if "step" in r}, curve("cli_train_mixed.jsonl"), curve("cli_train_spread.jsonl"))
+    common = sorted(set(f) & set(m))
+    out = {
+        "mixed_step_s": mix,
+        "mixed_steps_per_s": (1.0 / mix) if mix else None,
+        "mixed_speedup_vs_fp32": (eng / mix) if (eng and mix) else None,
+        "mixed_kernel_s": tm.get("kernel_s"),
+        "mixed_phases_ms": tm.get("phases_ms"),
+        "mixed_slowest_kernels_ms": (tm.get("kernels_ms") or [])[:10],
+        "mixed_loss_first_last": [tm.get("loss_first"), tm.get("loss_last")] if tm else None,
+    }
+    if common:
+        dp = [abs(m[k]["val_psnr"] - f[k]["val_psnr"]) for k in common]
+        ds = [abs(m[k].get("val_ssim", 0) - f[k].get("val_ssim", 0)) for k in common]
+        sp = [abs(s[k]["val_psnr"] - f[k]["val_psnr"]) for k in common if k in s]
+        ss = [abs(s[k].get("val_ssim", 0) - f[k].get("val_ssim", 0)) for k in common if k in s]
+        within = (max(dp) <= max(sp) and max(ds) <= max(ss)) if sp else None
+        out["mixed_validation"] = {
+            "steps": common,
+            "fp32_val_psnr": [f[k]["val_psnr"] for k in common],
+            "mixed_val_psnr": [m[k]["val_psnr"] for k in common],
+            "fp32_val_ssim": [f[k].get("val_ssim") for k in common],
+            "mixed_val_ssim": [m[k].get("val_ssim") for k in common],
+            "max_abs_psnr_diff": max(dp),
+            "max_abs_ssim_diff": max(ds),
+            "spread_max_abs_psnr_diff": max(sp) if sp else None,
+            "spread_max_abs_ssim_diff": max(ss) if ss else None,
+            "within_spread": within,
+            "note": "same seed and data for FP32 and mixed; spread = FP32 on another seed (other data too)",
+        }
+    else:
+        out["mixed_validation"] = None
+    return out
 
 
 def train_lines(t):
@@ -196,6 +246,14 @@ def train_lines(t):
         for k, n in (("eager", "fp32"), ("amp", "amp"), ("compile", "compile"))))
     if t.get("phases_ms"):
         L.append("engine phases (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in t["phases_ms"].items()))
+    if t.get("mixed_step_s"):
+        L.append(f"mixed precision step {f(t['mixed_step_s'])} ({t['mixed_speedup_vs_fp32'] or 0:.2f}x FP32's)")
+    mv = t.get("mixed_validation")
+    if mv:
+        g = lambda v, n: f"{v:.{n}f}" if isinstance(v, (int, float)) else "-"
+        L.append(f"mixed vs FP32 validation (steps {mv['steps'][0]}..{mv['steps'][-1]}): max |Δpsnr| {g(mv['max_abs_psnr_diff'], 3)} dB, "
+                 f"|Δssim| {g(mv['max_abs_ssim_diff'], 4)}; spread (FP32, other seed) {g(mv['spread_max_abs_psnr_diff'], 3)} dB, "
+                 f"{g(mv['spread_max_abs_ssim_diff'], 4)}; within spread: {mv['within_spread']}")
     c = t["conformance"]
     e = lambda v: f"{v:.1e}" if isinstance(v, (int, float)) else "-"
     ts = t.get("tests") or {}

@@ -116,6 +116,29 @@ pub enum GradMode {
     Exact,
 }
 
+/// Arithmetic of the training convs (`train --precision`): FP32 throughout, or mixed
+/// precision — on CUDA the wide convs (C_in ≥ 4 and C_out ≥ 4: forward, data and weight
+/// gradients) on the tensor cores with bf16 operands and f32 accumulation, everything else
+/// (FP32 master weights, the RL division and update, the loss, batch-norm statistics, Adam)
+/// in FP32/f64 as before. The CPU backend trains in FP32 only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrainPrecision {
+    #[default]
+    Fp32,
+    /// bf16 tensor-core convs for the wide layers (CUDA only).
+    Mixed,
+}
+
+impl std::fmt::Display for TrainPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TrainPrecision::Fp32 => "fp32",
+            TrainPrecision::Mixed => "mixed",
+        })
+    }
+}
+
 /// Where a backward pass puts the gradient of each trainable tensor (layer, kind).
 pub trait GradSink {
     /// Stores the gradient of tensor (`layer`, `kind`), given as host values.
@@ -444,6 +467,21 @@ pub trait Backend: Sync {
     /// that a replayed step reads.
     fn write_host(&self, dst: &mut Self::X, t: &Tensor<Self::T>) -> Result<()> {
         *dst = self.from_host(t)?;
+        Ok(())
+    }
+    /// [`Backend::write_host`] into the fixed batch buffer `slot` (the training loop's
+    /// double buffers: 2k for x, 2k + 1 for g of buffer k), where the backend may copy
+    /// asynchronously (CUDA: from pinned memory on a copy stream, while the previous step
+    /// runs), ordered after the last step marked by [`Backend::staged_read`] of that slot
+    /// and before the work enqueued afterwards.
+    fn write_host_staged(&self, slot: usize, dst: &mut Self::X, t: &Tensor<Self::T>) -> Result<()> {
+        let _ = slot;
+        self.write_host(dst, t)
+    }
+    /// The work enqueued so far is the last reader of batch buffer `slot` (its next
+    /// [`Backend::write_host_staged`] waits for it).
+    fn staged_read(&self, slot: usize) -> Result<()> {
+        let _ = slot;
         Ok(())
     }
     /// Whether [`Backend::capture_begin`] records (the training loop then replays its step).

@@ -41,6 +41,8 @@ impl Default for TrainBenchOptions {
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainBenchResult {
     pub device: String,
+    /// Arithmetic of the convs (`fp32` or `mixed`: the backend's setting).
+    pub precision: crate::backend::TrainPrecision,
     pub dims: [usize; 4],
     pub warmup: usize,
     pub steps: usize,
@@ -67,8 +69,9 @@ impl TrainBenchResult {
     pub fn table(&self) -> String {
         let [n, d, h, w] = self.dims;
         let mut s = format!(
-            "train step {n}×{d}×{h}×{w} on {}: median {:.2} ms (min {:.2}, max {:.2}; host clock {:.2} ms) over {} steps, \
+            "train step {n}×{d}×{h}×{w} ({}) on {}: median {:.2} ms (min {:.2}, max {:.2}; host clock {:.2} ms) over {} steps, \
              {:.2} TFLOP/s, {:.3e} voxels/s, peak {} MiB; loss {:.4} → {:.4}\n",
+            self.precision,
             self.device,
             self.step_s * 1e3,
             self.step_min_s * 1e3,
@@ -253,6 +256,7 @@ pub fn run(b: &CudaTrainBackend, o: &TrainBenchOptions) -> Result<TrainBenchResu
     let voxels = shape.n * shape.spatial();
     Ok(TrainBenchResult {
         device: b.describe(),
+        precision: b.precision(),
         dims: o.dims,
         warmup: o.warmup,
         steps: o.steps,

@@ -9,7 +9,7 @@ use crate::args::{parse_dims, parse_range};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{self, CudaTrainBackend};
 use crate::backend::loss::LossTerms;
-use crate::backend::GradMode;
+use crate::backend::{GradMode, TrainPrecision};
 use crate::error::{Error, Result, ResultExt};
 use crate::imaging::acquisition::{self, AcquisitionEstimate};
 use crate::imaging::io::{read_volume, read_volume_with, ReadOptions};
@@ -153,6 +153,13 @@ pub struct TrainArgs {
     /// when usable).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
+    /// Arithmetic of the convs: fp32 (the default), or mixed — a CUDA option: the wide
+    /// convs (forward, data and weight gradients) on the tensor cores with bf16 operands
+    /// and f32 accumulation; FP32 master weights, the RL division and update, the loss,
+    /// batch-norm statistics and Adam stay FP32/f64. A resumed run keeps its checkpoint's
+    /// precision unless this is given.
+    #[arg(long, value_enum)]
+    pub precision: Option<TrainPrecision>,
     /// Leave the command line, timings and thread count out of the model file, so that
     /// identical runs (and a resumed run and the same run uninterrupted) write
     /// byte-identical files that `cmp` can compare.
@@ -311,6 +318,7 @@ fn config_from_flags(a: &TrainArgs) -> TrainConfig {
         },
         grad_mode: a.grad_mode,
         seed: a.seed,
+        precision: a.precision.unwrap_or_default(),
         ..TrainConfig::default()
     }
 }
@@ -376,8 +384,14 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<TrainSummary> {
     if a.variant != Variant::Single && a.synth_psf.is_some() {
         return Err(Error::invalid("synthetic data has one view: train dual-view models on registered view pairs (--data DIR with DIR/input2/ or --input2)"));
     }
+    if a.precision == Some(TrainPrecision::Mixed) && a.device == Device::Cpu {
+        return Err(Error::invalid(
+            "--precision mixed is a CUDA option (bf16 tensor-core convolutions): train with --device cuda, \
+             or with --precision fp32 on the CPU",
+        ));
+    }
     // the device first (every problem reported before data is made and training starts)
-    let gpu = match a.device {
+    let mut gpu = match a.device {
         Device::Cpu => None,
         Device::Cuda => Some(CudaTrainBackend::open(0).context("--device cuda")?),
         Device::Auto => {
@@ -564,6 +578,26 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<TrainSummary> {
         }
     };
     cfg.steps = a.steps.max(state.step);
+    if let Some(p) = a.precision.filter(|&p| p != cfg.precision) {
+        eprintln!(
+            "note: the checkpoint trained with --precision {}; continuing with --precision {p}",
+            cfg.precision
+        );
+        cfg.precision = p;
+    }
+    match gpu.as_mut() {
+        Some(b) => b.set_precision(cfg.precision),
+        None if cfg.precision == TrainPrecision::Mixed => {
+            return Err(Error::invalid(if a.resume.is_some() {
+                "the checkpoint trained with --precision mixed, a CUDA option, and no CUDA device is used: \
+                 resume with --device cuda, or with --precision fp32 on the CPU"
+            } else {
+                "--precision mixed is a CUDA option and no CUDA device is used: train with --device cuda, \
+                 or with --precision fp32 on the CPU"
+            }));
+        }
+        None => {}
+    }
     data.check_crop(cfg.sampler.crop)?;
 
     // a fresh run starts a fresh log; a resumed one continues it from the checkpoint's step
@@ -590,11 +624,12 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<TrainSummary> {
     let start = Instant::now();
     let first = state.step;
     eprintln!(
-        "training {} steps (from step {first}) on {} pairs, batch {}×{:?}, on {device_name}; checkpoint {}",
+        "training {} steps (from step {first}) on {} pairs, batch {}×{:?}, on {device_name} ({}); checkpoint {}",
         cfg.steps,
         data.pairs.len(),
         cfg.sampler.batch,
         cfg.sampler.crop,
+        cfg.precision,
         ckpt_path.display()
     );
     let provenance = if a.reproducible {
@@ -669,6 +704,7 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<TrainSummary> {
     model.config.provenance = provenance;
     let mut training = serde_json::json!({
         "steps": cfg.steps, "batch": cfg.sampler.batch, "crop": cfg.sampler.crop, "grad_mode": cfg.grad_mode,
+        "precision": cfg.precision,
         "schedule": cfg.schedule, "seed": cfg.seed, "pairs": data.pairs.len(),
         "device": if a.reproducible && gpu.is_none() { "CPU".to_string() } else { device_name.clone() },
         "percentiles": cfg.sampler.percentiles, "input_scale": cfg.sampler.input_scale,

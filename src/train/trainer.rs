@@ -5,7 +5,7 @@ use super::adam::{Adam, LrSchedule};
 use super::data::{normalize_views, CropSampler, Dataset};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::loss::{loss_terms, LossTerms};
-use crate::backend::{Backend, GradMode};
+use crate::backend::{Backend, GradMode, TrainPrecision};
 use crate::error::{Error, Result};
 use crate::imaging::metrics::{evaluate, Normalize};
 use crate::imaging::volume::Volume;
@@ -29,6 +29,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Validation volumes larger than this are center-cropped to it (z, y, x).
     pub val_crop: [usize; 3],
+    /// Arithmetic of the convs (`--precision`; mixed is CUDA's). Checkpoints before it
+    /// existed read as FP32.
+    #[serde(default)]
+    pub precision: TrainPrecision,
 }
 
 impl Default for TrainConfig {
@@ -41,6 +45,7 @@ impl Default for TrainConfig {
             grad_mode: GradMode::Paper,
             seed: 0,
             val_crop: [64, 128, 128],
+            precision: TrainPrecision::Fp32,
         }
     }
 }
@@ -319,9 +324,11 @@ impl<B: Backend<T = f32>> CapturedSteps<B> {
             self.buffers.push((b.from_host(x)?, b.from_host(g)?));
             self.graphs.push(None);
         } else {
+            // asynchronous where the backend can (CUDA: pinned memory, copy stream), after
+            // the step that last read this buffer
             let (xb, gb) = &mut self.buffers[k];
-            b.write_host(xb, x)?;
-            b.write_host(gb, g)?;
+            b.write_host_staged(2 * k, xb, x)?;
+            b.write_host_staged(2 * k + 1, gb, g)?;
         }
         b.opt_prepare(opt)?;
         match &self.graphs[k] {
@@ -347,6 +354,8 @@ impl<B: Backend<T = f32>> CapturedSteps<B> {
                 self.graphs[k] = Some(graph);
             }
         }
+        b.staged_read(2 * k)?;
+        b.staged_read(2 * k + 1)?;
         state.step += 1;
         Ok(())
     }

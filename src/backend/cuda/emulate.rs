@@ -126,7 +126,7 @@ fn ldmatrix_x4(smem: &[u16], addr: &[u32; 32]) -> [[u32; 4]; 32] {
 /// products exact, the sum in f64 here), fragments per the PTX ISA: a_i: row g (+8 for
 /// i = 1, 3), cols 2t, 2t+1 (+8 for i = 2, 3); b_i: rows 2t, 2t+1 (+8 for i = 1), col g;
 /// c: (c0, c1) row g, cols 2t, 2t+1; (c2, c3) row g+8.
-fn mma_16816(p: Precision, a: &[[u32; 4]; 32], b: &[[u32; 2]; 32], c: &mut [[f32; 4]; 32]) {
+pub(super) fn mma_16816(p: Precision, a: &[[u32; 4]; 32], b: &[[u32; 2]; 32], c: &mut [[f32; 4]; 32]) {
     let h2f = |h: u16| p.from_bits16(h);
     let mut am = [[0.0f32; 16]; 16];
     let mut bm = [[0.0f32; 8]; 16];

@@ -32,6 +32,8 @@ mod emulate_infer;
 mod emulate_tile;
 #[cfg(test)]
 mod emulate_train;
+#[cfg(test)]
+mod emulate_train_mma;
 pub mod infer;
 pub mod kernels;
 pub mod launch;

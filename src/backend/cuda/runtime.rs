@@ -59,6 +59,17 @@ pub(crate) trait Exec: Send + Sync {
     fn htod(&self, dst: u64, src: &[u8]) -> Result<()>;
     /// Copies from the device and waits for the copy.
     fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()>;
+    /// Copies `src` into staging slot `slot`'s pinned host buffer and enqueues its copy
+    /// to `dst` on the copy stream, after the compute work marked by the slot's last
+    /// [`Exec::staged_read`]; the compute stream's later work waits for the copy.
+    /// Default: an ordered [`Exec::htod`].
+    fn htod_staged(&self, _slot: usize, dst: u64, src: &[u8]) -> Result<()> {
+        self.htod(dst, src)
+    }
+    /// Marks the compute work enqueued so far as the last reader of slot `slot`'s destination.
+    fn staged_read(&self, _slot: usize) -> Result<()> {
+        Ok(())
+    }
     /// A training kernel (kernels/train_*.cu), `tl::THREADS` threads a block.
     fn launch(&self, name: &str, grid: (u32, u32, u32), smem: usize, args: &TrainArgs) -> Result<()>;
     /// An inference kernel (kernels/h*.cu).
@@ -127,6 +138,25 @@ unsafe impl Send for SendGraph {}
 /// One recorded launch of a profiled run: kernel name and its start/end events.
 type ProfileEvents = Vec<(String, CudaEvent, CudaEvent)>;
 
+/// A staging slot of [`Exec::htod_staged`]: its pinned buffer, the event after its last
+/// copy (the buffer may be refilled after it) and the event after its destination's last
+/// reader on the compute stream (the next copy waits for it).
+#[derive(Default)]
+struct Staging {
+    pinned: Option<super::device::PinnedBuf>,
+    copied: Option<CudaEvent>,
+    read: Option<CudaEvent>,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // the pinned memory may not be freed under a copy still in flight
+        if let Some(e) = &self.copied {
+            let _ = e.synchronize();
+        }
+    }
+}
+
 /// The CUDA device: every allocation, copy and launch on its compute stream.
 pub(crate) struct CudaExec {
     dev: Arc<CudaDevice>,
@@ -138,6 +168,8 @@ pub(crate) struct CudaExec {
     /// A capture is under way (no synchronization after a launch then).
     capturing: std::sync::atomic::AtomicBool,
     next_graph: std::sync::atomic::AtomicU64,
+    /// Staging slots of the training loop's batch uploads, by slot.
+    staging: Mutex<std::collections::HashMap<usize, Staging>>,
 }
 
 impl CudaExec {
@@ -172,6 +204,7 @@ impl CudaExec {
             graphs: Mutex::new(Default::default()),
             capturing: Default::default(),
             next_graph: std::sync::atomic::AtomicU64::new(1),
+            staging: Mutex::new(Default::default()),
         })
     }
 
@@ -236,6 +269,51 @@ impl Exec for CudaExec {
     fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()> {
         self.dev.copy_dtoh(&self.stream, dst, src, "data")?;
         self.synchronize()
+    }
+    fn htod_staged(&self, slot: usize, dst: u64, src: &[u8]) -> Result<()> {
+        let mut all = self.staging.lock().unwrap();
+        let s = all.entry(slot).or_default();
+        if let Some(e) = &s.copied {
+            // the previous copy from this buffer (two steps ago: long done when the loop
+            // runs ahead by one step) must be done before the buffer is refilled or freed
+            e.synchronize()
+                .check("waiting for the previous upload from a pinned buffer")?;
+        }
+        let words = src.len().div_ceil(4);
+        if s.pinned.as_ref().is_none_or(|p| p.len() < words) {
+            s.pinned = Some(self.dev.alloc_pinned(words)?);
+        }
+        let pinned = s.pinned.as_mut().expect("allocated above");
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(pinned.as_mut_slice());
+        bytes[..src.len()].copy_from_slice(src);
+        let h2d = &self.dev.h2d;
+        if let Some(e) = &s.read {
+            h2d.wait(e)
+                .check("ordering a batch upload after the step that read its buffer")?;
+        }
+        self.dev
+            .copy_htod(h2d, dst, &bytes[..src.len()], "a batch (pinned, copy stream)")?;
+        let ev = match s.copied.take() {
+            Some(e) => e,
+            None => self.dev.event(false)?,
+        };
+        ev.record(h2d).check("recording an event")?;
+        self.stream
+            .wait(&ev)
+            .check("ordering the step after its batch upload")?;
+        s.copied = Some(ev);
+        Ok(())
+    }
+    fn staged_read(&self, slot: usize) -> Result<()> {
+        let mut all = self.staging.lock().unwrap();
+        let s = all.entry(slot).or_default();
+        let ev = match s.read.take() {
+            Some(e) => e,
+            None => self.dev.event(false)?,
+        };
+        ev.record(&self.stream).check("recording an event")?;
+        s.read = Some(ev);
+        Ok(())
     }
     fn launch(&self, name: &str, grid: (u32, u32, u32), smem: usize, args: &TrainArgs) -> Result<()> {
         self.run(name, grid, tl::THREADS, smem, Params::Train(args))
@@ -586,6 +664,20 @@ impl Runtime {
     pub fn htod<T: bytemuck::Pod>(&self, dst: u64, src: &[T]) -> Result<()> {
         self.refuse_in_capture(|| format!("an upload of {} bytes", std::mem::size_of_val(src)))?;
         self.exec.htod(dst, bytemuck::cast_slice(src))
+    }
+
+    /// [`Exec::htod_staged`]: an upload of `src` into the fixed buffer at `dst` through
+    /// staging slot `slot` (pinned memory, copy stream), ordered after the slot's last
+    /// [`Runtime::staged_read`] and before the work enqueued afterwards.
+    pub fn htod_staged<T: bytemuck::Pod>(&self, slot: usize, dst: u64, src: &[T]) -> Result<()> {
+        self.refuse_in_capture(|| format!("an upload of {} bytes", std::mem::size_of_val(src)))?;
+        self.exec.htod_staged(slot, dst, bytemuck::cast_slice(src))
+    }
+
+    /// Marks the work enqueued so far as the last reader of staging slot `slot`'s buffer.
+    pub fn staged_read(&self, slot: usize) -> Result<()> {
+        self.refuse_in_capture(|| "recording a batch buffer's last reader".to_string())?;
+        self.exec.staged_read(slot)
     }
 
     /// Copies from device address `src` into `dst` and waits for the copy.

@@ -18,7 +18,7 @@ mod tests {
     use super::super::runtime::Runtime;
     use super::super::{random_dual_model, random_model, CudaInferBackend, CudaOptions, CudaTrainBackend, Precision};
     use crate::backend::cpu::{pointwise, CpuBackend};
-    use crate::backend::Backend;
+    use crate::backend::{Backend, TrainPrecision};
     use crate::model::{Model, ModelConfig, Params, Variant, LAYERS};
     use crate::net::{BnMode, Rln};
     use crate::tensor::{rel_l2, Shape, Tensor};
@@ -121,7 +121,7 @@ mod tests {
 
     /// The launch trace and outputs of one training step (forward with batch statistics,
     /// loss, backward) of the generic network on the emulated CUDA training backend.
-    fn train_trace(variant: Variant) -> String {
+    fn train_trace(variant: Variant, precision: TrainPrecision) -> String {
         let model = Model::<f32>::init(
             ModelConfig {
                 variant,
@@ -131,7 +131,8 @@ mod tests {
         );
         let x = input(TRAIN_SHAPE.with_c(variant.input_channels()), 11);
         let g = input(TRAIN_SHAPE, 12);
-        let b = CudaTrainBackend::on_exec(Arc::new(EmuDevice::default()), true);
+        let mut b = CudaTrainBackend::on_exec(Arc::new(EmuDevice::default()), true);
+        b.set_precision(precision);
         let cfg = TrainConfig::default();
         b.runtime().start_trace();
         // the steps of trainer::train_step_on before the optimizer (which runs on the host)
@@ -147,7 +148,14 @@ mod tests {
         let (terms, dy, de1r) = b.loss(&fwd.prediction, &fwd.e1_raw, &x1, &gd).unwrap();
         let grads: Params<f64> = net.backward(&fwd, &dy, &de1r, cfg.grad_mode).unwrap();
         let lines = b.runtime().take_trace();
-        let mut s = format!(
+        let mut s = String::new();
+        if precision != TrainPrecision::Fp32 {
+            let _ = writeln!(
+                s,
+                "# --precision {precision}: the wide convs (train_launch::MMA_VARIANTS) on tmma_*_bf16"
+            );
+        }
+        s += &format!(
         "# one CUDA training step ({variant:?}): Model::init(seed {TRAIN_MODEL_SEED}), input {} seed 11, target {TRAIN_SHAPE} seed 12,\n\
          # forward with batch statistics, loss, backward ({:?} gradients) through net::Rln on CudaTrainBackend\n\
          # one line per launch: kernel grid block smem, then every TrainArgs field (pointers: * or 0)\n",
@@ -248,12 +256,46 @@ mod tests {
 
     #[test]
     fn training_step_launch_trace_matches_the_baseline() {
-        check_baseline("train-step.txt", &train_trace(Variant::Single));
+        check_baseline("train-step.txt", &train_trace(Variant::Single, TrainPrecision::Fp32));
+    }
+
+    /// The mixed-precision step: the same launches as FP32's except that every wide conv
+    /// (forward, its 4→4/8→8 data gradients, its weight gradient) is a `tmma_*_bf16`
+    /// launch with its own grid and shared memory; outputs within bf16's error of FP32's.
+    #[test]
+    fn mixed_precision_training_step_launch_trace_matches_the_baseline() {
+        let t = train_trace(Variant::Single, TrainPrecision::Mixed);
+        check_baseline("train-step-mixed.txt", &t);
+        let f = train_trace(Variant::Single, TrainPrecision::Fp32);
+        let names = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter_map(|l| l.strip_prefix("launch "))
+                .map(|l| l.split(' ').next().unwrap().to_string())
+                .collect()
+        };
+        let (nm, nf) = (names(&t), names(&f));
+        assert_eq!(nm.len(), nf.len(), "one launch for one launch");
+        let mut mma = 0;
+        for (m, f) in nm.iter().zip(&nf) {
+            if m != f {
+                // tmma_{fwd,wgrad}_A_B_C_O_bf16 in place of tconv_{fwd,wgrad}_A_B_C_O
+                let want = f.replace("tconv_", "tmma_") + "_bf16";
+                assert_eq!(*m, want);
+                mma += 1;
+            }
+        }
+        // forward 8 wide convs, their wide data gradients (4→4: 1 + 2, 8→8: 1 + 2 + 1 + 2 + 1)
+        // and 8 weight gradients
+        assert_eq!(mma, nm.iter().filter(|n| n.starts_with("tmma_")).count());
+        assert!(mma >= 16, "{mma} tensor-core launches");
     }
 
     #[test]
     fn dual_view_training_step_launch_trace_matches_the_baseline() {
-        check_baseline("train-step-dual.txt", &train_trace(Variant::DualConcat));
+        check_baseline(
+            "train-step-dual.txt",
+            &train_trace(Variant::DualConcat, TrainPrecision::Fp32),
+        );
     }
 
     /// The emulated CUDA network equals the CPU network (running statistics). f32: the same

@@ -37,7 +37,9 @@ use super::Precision;
 use crate::backend::cpu::pointwise;
 use crate::backend::loss::{loss_from_sums, LossSums, LossTerms};
 use crate::backend::optim::Adam;
-use crate::backend::{Addend, Backend, BnTrainState, BnTrained, ChannelStats, Epilogue, GradMode, LayerWeight};
+use crate::backend::{
+    Addend, Backend, BnTrainState, BnTrained, ChannelStats, Epilogue, GradMode, LayerWeight, TrainPrecision,
+};
 use crate::error::{Error, Result};
 use crate::model::{Model, Variant};
 use crate::tensor::{Shape, Tensor};
@@ -81,6 +83,9 @@ pub struct CudaTrainBackend {
     /// ([`Backend::capture_begin`]; RLN_CUDA_GRAPHS=0 turns it off: the step then runs
     /// op by op, with the same results).
     graphs: bool,
+    /// FP32 convs, or the wide ones on the tensor cores with bf16 operands
+    /// ([`TrainPrecision::Mixed`], train_launch::MMA_VARIANTS).
+    precision: TrainPrecision,
 }
 
 /// Checks that tensors agree in batch and volume size.
@@ -139,6 +144,7 @@ impl CudaTrainBackend {
         Ok(CudaTrainBackend {
             rt: Runtime::cuda(dev, sync_each, poison)?,
             graphs: !std::env::var("RLN_CUDA_GRAPHS").is_ok_and(|v| v == "0"),
+            precision: TrainPrecision::Fp32,
         })
     }
 
@@ -146,7 +152,11 @@ impl CudaTrainBackend {
     /// its fused kernels do not cover of these ops).
     pub fn on_runtime(rt: Arc<Runtime>) -> Self {
         // graphs are the training loop's; inference composes single ops
-        CudaTrainBackend { rt, graphs: false }
+        CudaTrainBackend {
+            rt,
+            graphs: false,
+            precision: TrainPrecision::Fp32,
+        }
     }
 
     /// The backend on another executor (the CPU emulation of the unit tests).
@@ -155,7 +165,23 @@ impl CudaTrainBackend {
         CudaTrainBackend {
             rt: Runtime::on_exec(exec, poison),
             graphs: true,
+            precision: TrainPrecision::Fp32,
         }
+    }
+
+    /// The arithmetic of the convs from now on (default FP32; [`TrainPrecision::Mixed`]:
+    /// the wide convs on the tensor cores with bf16 operands, f32 accumulation).
+    pub fn set_precision(&mut self, p: TrainPrecision) {
+        self.precision = p;
+    }
+
+    pub fn precision(&self) -> TrainPrecision {
+        self.precision
+    }
+
+    /// Whether a conv of these channel counts runs on the tensor cores.
+    fn uses_mma(&self, v: [usize; 4]) -> bool {
+        self.precision == TrainPrecision::Mixed && tl::MMA_VARIANTS.contains(&v)
     }
 
     /// Whether the training loop may record and replay its step as a graph (default on;
@@ -341,7 +367,15 @@ impl CudaTrainBackend {
         args.wt = wt;
         args.out[0] = out.ptr();
         let v = [cs[0], cs[1], cs[2], c_out];
-        if tl::FWD_VARIANTS.contains(&v) {
+        if self.uses_mma(v) {
+            args.count = out_shape.len() as i64;
+            self.launch(
+                &tl::mma_fwd_name(v),
+                tl::mma_grid(s0),
+                tl::mma_fwd_smem_bytes(cin),
+                &args,
+            )?;
+        } else if tl::FWD_VARIANTS.contains(&v) {
             args.count = out_shape.len() as i64;
             self.launch(
                 &tl::fwd_name(v),
@@ -440,7 +474,19 @@ impl CudaTrainBackend {
         args.cc = cs[2] as i32;
         args.cout = c_out as i32;
         let v = [cs[0], cs[1], cs[2], c_out];
-        let (part, blocks) = if tl::WGRAD_VARIANTS.contains(&v) {
+        let (part, blocks) = if self.uses_mma(v) {
+            // one f32 mma chain per tile and (tap, channel) chunk, f64 across a block's tiles
+            let blocks = tl::wgrad_blocks(tl::mma_tiles(s0), 1);
+            let part = self.alloc(blocks * nw * 8)?;
+            args.part = part.ptr();
+            self.launch(
+                &tl::mma_wgrad_name(v),
+                (blocks as u32, 1, 1),
+                tl::mma_wgrad_smem_bytes(cin),
+                &args,
+            )?;
+            (part, blocks)
+        } else if tl::WGRAD_VARIANTS.contains(&v) {
             let chunks = cin / tl::chunk(cin);
             let blocks = tl::wgrad_blocks(tl::conv_tiles(s0), chunks);
             let part = self.alloc(blocks * nw * 8)?;
@@ -912,6 +958,18 @@ impl Backend for CudaTrainBackend {
             )));
         }
         self.rt.htod(dst.ptr(), &t.to_ndhwc())
+    }
+    fn write_host_staged(&self, slot: usize, dst: &mut DevTensor, t: &Tensor<f32>) -> Result<()> {
+        if dst.shape != t.shape || dst.dtype() != Precision::F32 {
+            return Err(Error::Shape(format!(
+                "writing a host tensor {} into a device tensor {}",
+                t.shape, dst.shape
+            )));
+        }
+        self.rt.htod_staged(slot, dst.ptr(), &t.to_ndhwc())
+    }
+    fn staged_read(&self, slot: usize) -> Result<()> {
+        self.rt.staged_read(slot)
     }
     fn records_graphs(&self) -> bool {
         self.graphs

@@ -101,6 +101,47 @@ pub const FWD_VARIANTS: [[usize; 4]; 10] = [
 /// convs (the first eight forward variants; the data-gradient-only 4→1 and 8→1 have none).
 pub const WGRAD_VARIANTS: &[[usize; 4]] = FWD_VARIANTS.split_at(8).0;
 
+/// The wide convs of mixed-precision training on the tensor cores (kernels/conv_mma_train.cuh
+/// `tmma_fwd_*_bf16`, `tmma_wgrad_*_bf16`): every forward variant with C_in ≥ 4 and
+/// C_out ≥ 4 (also the data gradients 4→4 and 8→8 of these layers, which are forward
+/// convs on flipped, transposed weights). The 1→k convs, their k→1 data gradients and the
+/// 2→4 of the dual-view variant stay on the FP32 cores (NOTES: "Mixed precision").
+pub const MMA_VARIANTS: [[usize; 4]; 5] = [[4, 0, 0, 4], [4, 4, 0, 4], [8, 0, 0, 8], [8, 8, 0, 8], [8, 1, 1, 8]];
+
+pub fn mma_fwd_name(v: [usize; 4]) -> String {
+    format!("tmma_fwd_{}_{}_{}_{}_bf16", v[0], v[1], v[2], v[3])
+}
+pub fn mma_wgrad_name(v: [usize; 4]) -> String {
+    format!("tmma_wgrad_{}_{}_{}_{}_bf16", v[0], v[1], v[2], v[3])
+}
+
+/// The tensor-core training tile (namespace tmma of kernels/conv_mma_train.cuh): 16×8×8
+/// output voxels (x, y, z), staged with a one-voxel halo.
+pub const MMA_TILE: [usize; 3] = [8, 8, 16];
+pub const MMA_STAGED_VOXELS: usize = 18 * 10 * 10;
+/// K chunks of 16 of a conv over `cin` channels (k = tap·C_in + c, K = 27·C_in padded).
+pub const fn mma_chunks(cin: usize) -> usize {
+    (27 * cin).div_ceil(16)
+}
+pub const fn mma_fwd_smem_bytes(cin: usize) -> usize {
+    MMA_STAGED_VOXELS * cin * 2 + mma_chunks(cin) * 32 * 8
+}
+pub const fn mma_wgrad_smem_bytes(cin: usize) -> usize {
+    MMA_STAGED_VOXELS * cin * 2 + 1024 * 8 * 2
+}
+/// Tiles of the tensor-core training tile: (x tiles, y tiles, z tiles · n).
+pub fn mma_grid(s: Shape) -> (u32, u32, u32) {
+    (
+        s.w.div_ceil(MMA_TILE[2]) as u32,
+        s.h.div_ceil(MMA_TILE[1]) as u32,
+        (s.d.div_ceil(MMA_TILE[0]) * s.n) as u32,
+    )
+}
+pub fn mma_tiles(s: Shape) -> usize {
+    let g = mma_grid(s);
+    g.0 as usize * g.1 as usize * g.2 as usize
+}
+
 pub fn fwd_name(v: [usize; 4]) -> String {
     format!("tconv_fwd_{}_{}_{}_{}", v[0], v[1], v[2], v[3])
 }
@@ -118,6 +159,11 @@ pub fn kernel_list() -> Vec<(&'static str, String, usize)> {
     for &k in WGRAD_VARIANTS {
         let cin = k[0] + k[1] + k[2];
         v.push((CONV_MODULE, wgrad_name(k), wgrad_smem_bytes(cin, k[3])));
+    }
+    for k in MMA_VARIANTS {
+        let cin = k[0] + k[1] + k[2];
+        v.push((CONV_MODULE, mma_fwd_name(k), mma_fwd_smem_bytes(cin)));
+        v.push((CONV_MODULE, mma_wgrad_name(k), mma_wgrad_smem_bytes(cin)));
     }
     v.push((CONV_MODULE, CONV_ANY_FWD.into(), 0));
     v.push((CONV_MODULE, CONV_ANY_WGRAD.into(), 0));
@@ -240,11 +286,11 @@ mod tests {
         let list = kernel_list();
         assert_eq!(
             list.len(),
-            FWD_VARIANTS.len() + WGRAD_VARIANTS.len() + 2 + OPS_KERNELS.len()
+            FWD_VARIANTS.len() + WGRAD_VARIANTS.len() + 2 * MMA_VARIANTS.len() + 2 + OPS_KERNELS.len()
         );
         for (m, name, _) in &list {
             let km = module(m).unwrap_or_else(|| panic!("module {m} not embedded"));
-            let generic = name.starts_with("tconv_") && !name.ends_with("_any");
+            let generic = (name.starts_with("tconv_") && !name.ends_with("_any")) || name.starts_with("tmma_");
             assert!(
                 generic || km.source.contains(&format!("{name}(const TrainArgs")),
                 "{name} not in kernels/{m}.cu"
@@ -265,6 +311,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn mma_kernels_are_the_wide_forward_convs_and_fit_two_blocks_per_sm() {
+        for k in MMA_VARIANTS {
+            let cin = k[0] + k[1] + k[2];
+            assert!(FWD_VARIANTS.contains(&k) && WGRAD_VARIANTS.contains(&k), "{k:?}");
+            assert!(cin >= 4 && cin % 2 == 0 && k[3] >= 4 && k[3] <= 8, "{k:?}");
+            assert!(mma_fwd_smem_bytes(cin) * 2 <= 227 * 1024 && mma_wgrad_smem_bytes(cin) * 2 <= 227 * 1024);
+        }
+        // every wide layer (C_in ≥ 4, C_out ≥ 4) is on the tensor cores in mixed mode
+        for k in FWD_VARIANTS {
+            let wide = k[0] + k[1] + k[2] >= 4 && k[3] >= 4;
+            assert_eq!(MMA_VARIANTS.contains(&k), wide, "{k:?}");
+        }
+        assert_eq!(mma_chunks(8), 14);
+        assert_eq!(mma_chunks(10), 17);
+        assert_eq!(mma_chunks(16), 27);
+        assert_eq!(mma_grid(Shape::new(4, 1, 64, 64, 64)), (4, 8, 32));
+        assert_eq!(mma_fwd_smem_bytes(16), 1800 * 32 + 27 * 256);
     }
 
     #[test]
