@@ -792,7 +792,7 @@ pub struct MontageArgs {
     #[arg(short, long)]
     pub output: PathBuf,
     /// Only this box of every volume: "Z0,Y0,X0,DZ,DY,DX" (e.g. the planes cudaDecon keeps).
-    #[arg(long, value_delimiter = ',', num_args = 6)]
+    #[arg(long, value_delimiter = ',')]
     pub crop: Option<Vec<usize>>,
     /// Each panel's zero of intensity (camera offset or background), one per panel or one for
     /// all: its flux is the sum of (value − level), reported relative to the first panel's.
@@ -800,7 +800,7 @@ pub struct MontageArgs {
     #[arg(long, value_delimiter = ',', value_parser = super::finite_f64)]
     pub flux_level: Vec<f64>,
     /// Voxel size "Z,Y,X" µm for the XZ aspect when the first file records none.
-    #[arg(long, value_delimiter = ',', num_args = 3, value_parser = super::finite_f64)]
+    #[arg(long, value_delimiter = ',', value_parser = super::finite_f64)]
     pub voxel_size: Option<Vec<f64>>,
     /// Print JSON.
     #[arg(long)]
@@ -827,6 +827,12 @@ pub fn montage(a: &MontageArgs) -> Result<()> {
             panels.len()
         ),
     };
+    if a.crop.as_ref().is_some_and(|c| c.len() != 6) {
+        bail!("--crop: give six numbers \"Z0,Y0,X0,DZ,DY,DX\"");
+    }
+    if a.voxel_size.as_ref().is_some_and(|v| v.len() != 3 || v.iter().any(|&x| x <= 0.0)) {
+        bail!("--voxel-size: give three positive sizes \"Z,Y,X\" in µm");
+    }
     rln_engine::fsutil::check_output_file(&a.output, "--output", &["png"])?;
     let inputs: Vec<(&str, &std::path::Path)> = panels.iter().map(|(l, f)| (l.as_str(), f.as_path())).collect();
     rln_engine::fsutil::refuse_overwriting_inputs(&[("--output", &a.output)], &inputs)?;
