@@ -44,9 +44,11 @@ pub struct TrainArgs {
     pub synth_psf: Option<PathBuf>,
     /// With --synth-psf: estimate from this raw volume (the kind the model will be applied
     /// to) its camera offset and gain, read noise, background, photon level and density of
-    /// structures, and make the synthetic pairs match them (photons per unit so that the
-    /// synthetic background of 30 has the raw background's photon count; its read noise;
-    /// its density). Printed and recorded in the model. The PSF must be sampled like it.
+    /// structures, and make the synthetic pairs match them, measured on synthetic probe
+    /// volumes made with the PSF: photons per unit from the raw's bright end, density from
+    /// its bright-voxel fraction, the scene's background from its floor less the structures'
+    /// out-of-focus haze; its read noise. Printed and recorded in the model. The PSF must be
+    /// sampled like it.
     #[arg(long, value_name = "RAW", requires = "synth_psf", conflicts_with_all = ["photons", "synth_density"])]
     pub like: Option<PathBuf>,
     /// With --synth-psf: number of training volumes.
