@@ -185,23 +185,117 @@ pub fn block_sums(
             }
         }
         for q in 0..k {
-            // rln_block_sum_by_channel: shuffle-down tree per warp (offsets ≥ C), then warps
-            let mut sred = [0.0f64; 8 * 32];
-            for w in 0..8 {
-                let mut v: Vec<f64> = (0..32).map(|l| s[w * 32 + l][q]).collect();
-                let mut off = 16;
-                while off >= c {
-                    let old = v.clone();
-                    for lane in 0..32 {
-                        // __shfl_down_sync: lanes past the end read their own value
-                        v[lane] = old[lane] + if lane + off < 32 { old[lane + off] } else { old[lane] };
-                    }
-                    off >>= 1;
-                }
-                sred[w * 32..w * 32 + c].copy_from_slice(&v[..c]);
+            let vals: Vec<f64> = s.iter().map(|st| st[q]).collect();
+            let r = block_sum_by_channel(&vals, c);
+            part[b * k * c + q * c..b * k * c + (q + 1) * c].copy_from_slice(&r);
+        }
+    }
+    part
+}
+
+/// rln_block_sum_by_channel over the 256 values of a block's threads: shuffle-down tree
+/// per warp (offsets ≥ C), then the warps in order; channel c's sum at [c].
+pub fn block_sum_by_channel(vals: &[f64], c: usize) -> Vec<f64> {
+    assert_eq!(vals.len(), 256, "one value per thread");
+    let mut sred = [0.0f64; 8 * 32];
+    for w in 0..8 {
+        let mut v: Vec<f64> = vals[w * 32..(w + 1) * 32].to_vec();
+        let mut off = 16;
+        while off >= c {
+            let old = v.clone();
+            for lane in 0..32 {
+                // __shfl_down_sync: lanes past the end read their own value
+                v[lane] = old[lane] + if lane + off < 32 { old[lane + off] } else { old[lane] };
             }
-            for ch in 0..c {
-                part[b * k * c + q * c + ch] = (0..8).map(|w| sred[w * 32 + ch]).sum();
+            off >>= 1;
+        }
+        sred[w * 32..w * 32 + c].copy_from_slice(&v[..c]);
+    }
+    (0..c)
+        .map(|ch| {
+            let mut s = 0.0f64;
+            for w in 0..8 {
+                s += sred[w * 32 + ch];
+            }
+            s
+        })
+        .collect()
+}
+
+/// Which forward conv kernel's thread mapping the epilogue statistics follow.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StatsMapping {
+    /// tconv_fwd (conv3_tile.cuh): thread tx + 8·ty + 64·tz owns VX x-voxels, all channels.
+    Fp32,
+    /// tmma_fwd (conv_mma_train.cuh): warp lz, lane 4g + t owns x = g and g + 8, channels
+    /// 2t and 2t + 1.
+    Mma,
+}
+
+/// The batch-statistics partials a forward conv's epilogue writes with EPI_STATS
+/// (TrainConvEpi::end, tmma_fwd): y = the epilogue's outputs [vox][C]; each thread sums
+/// y and y² of its voxels in order, per channel, then the block reduction. Returns
+/// part[block][2·C] = [Σ y | Σ y²], block = bx + gx·(by + gy·bz).
+pub fn epi_stats_partials(y: &[f32], s: Shape, cout: usize, map: StatsMapping) -> Vec<f64> {
+    let (grid, [tz_, ty_, tx_]) = match map {
+        StatsMapping::Fp32 => (conv_grid(s), [TZ, TY, TX]),
+        StatsMapping::Mma => (mma_grid(s), MMA_TILE),
+    };
+    let tiles_z = s.d.div_ceil(tz_);
+    let blocks = grid_blocks(grid);
+    // per block, thread, channel: [Σ y, Σ y²]
+    let mut acc = vec![[0.0f64; 2]; blocks * 256 * cout];
+    for n in 0..s.n {
+        for z in 0..s.d {
+            for yy in 0..s.h {
+                for x in 0..s.w {
+                    let vox = ((n * s.d + z) * s.h + yy) * s.w + x;
+                    let blk = x / tx_ + grid.0 as usize * (yy / ty_ + grid.1 as usize * (n * tiles_z + z / tz_));
+                    for c in 0..cout {
+                        let tid = match map {
+                            StatsMapping::Fp32 => (x % TX) / tile::VX + 8 * (yy % TY) + 64 * (z % TZ),
+                            StatsMapping::Mma => 32 * (z % MMA_TILE[0]) + 4 * (x % 8) + c / 2,
+                        };
+                        let v = y[vox * cout + c] as f64;
+                        let a = &mut acc[(blk * 256 + tid) * cout + c];
+                        a[0] += v;
+                        a[1] += v * v;
+                    }
+                }
+            }
+        }
+    }
+    let mut part = vec![f64::NAN; blocks * 2 * cout];
+    for b in 0..blocks {
+        for q in 0..2 {
+            match map {
+                StatsMapping::Fp32 => {
+                    for c in 0..cout {
+                        let vals: Vec<f64> = (0..256).map(|t| acc[(b * 256 + t) * cout + c][q]).collect();
+                        part[b * 2 * cout + q * cout + c] = block_sum_by_channel(&vals, 1)[0];
+                    }
+                }
+                StatsMapping::Mma => {
+                    for j in 0..2 {
+                        // thread t's channel 2t + j (0 for a channel past C_out)
+                        let vals: Vec<f64> = (0..256)
+                            .map(|t| {
+                                let c = 2 * (t % 4) + j;
+                                if c < cout {
+                                    acc[(b * 256 + t) * cout + c][q]
+                                } else {
+                                    0.0
+                                }
+                            })
+                            .collect();
+                        let r = block_sum_by_channel(&vals, 4);
+                        for (t, &v) in r.iter().enumerate() {
+                            if 2 * t + j < cout {
+                                part[b * 2 * cout + q * cout + 2 * t + j] = v;
+                            }
+                        }
+                    }
+                }
             }
         }
     }
@@ -667,6 +761,11 @@ impl EmuExec {
                 super::emulate_train_mma::tmma_fwd(&ci, &packed, cout, p, |vox, co, z| {
                     o(0).set(vox * cout + co, epi(a, z, co, vox, f(3)))
                 });
+                if a.mode & EPI_STATS != 0 {
+                    let y = o(0).to_vec(voxels * cout);
+                    let pp = epi_stats_partials(&y, vol, cout, StatsMapping::Mma);
+                    pp.iter().enumerate().for_each(|(i, &v)| part.set(i, v));
+                }
             } else {
                 assert_eq!(kind, "wgrad", "{name}");
                 assert_eq!((grid.1, grid.2), (1, 1), "{name}: one grid row");
@@ -701,6 +800,11 @@ impl EmuExec {
             let acc = tconv_fwd(&ci, &packed, cout);
             for (e, &z) in acc.iter().enumerate() {
                 o(0).set(e, epi(a, z, e % cout, e / cout, f(3)));
+            }
+            if a.mode & EPI_STATS != 0 {
+                let y = o(0).to_vec(voxels * cout);
+                let pp = epi_stats_partials(&y, vol, cout, StatsMapping::Fp32);
+                pp.iter().enumerate().for_each(|(i, &v)| part.set(i, v));
             }
             return Ok(());
         }
@@ -796,6 +900,11 @@ impl EmuExec {
             "t_bn_fold" => {
                 assert_eq!(grid, (1, 1, 1), "t_bn_fold: one block");
                 for c in 0..ca {
+                    if a.mode == 1 {
+                        // E[z²] from the conv epilogue's sums → the biased variance
+                        let m = stat.get(c);
+                        stat.set(ca + c, (stat.get(ca + c) - m * m).max(0.0));
+                    }
                     let (mean, var) = (stat.get(c), stat.get(ca + c));
                     let (g, b) = (f(0).get(c) as f64, f(1).get(c) as f64);
                     let inv_std = 1.0 / (var + a.dc[0]).sqrt();
