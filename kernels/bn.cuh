@@ -1,7 +1,8 @@
 // Batch norm and the conv epilogue of training (rln-spec §4, batch statistics), forward
 // and backward side by side (TrainArgs, f32, channels-last):
 //   bn_epilogue        y = act(scale·z + shift) + addend   (t_epilogue)
-//   bn_chan_sum        Σx, Σ(x−μ)² per channel: the two-pass batch statistics (t_chan_sum)
+//   bn_chan_sum        Σx, Σ(x−μ)² per channel: the two-pass batch statistics (t_chan_sum) of a
+//                      batch norm whose input no conv produced (the conv epilogue sums the others)
 //   bn_epilogue_bwd1/2 the gradient through softplus and batch norm (t_epi_bwd1, t_epi_bwd2)
 // Inference folds batch norm into the conv weights on the host (no kernel of its own).
 #pragma once
@@ -24,10 +25,14 @@ __device__ __forceinline__ void bn_epilogue(const TrainArgs& a) {
 // out[0] = [scale (16) | shift (16) | γ (16) | β (16) | mean (16) | inv_std (16)] (f32):
 // scale = γ·inv_std, shift = β − mean·γ·inv_std; the forward epilogue reads the first 32
 // values, the backward pass the last 64 (t_epilogue, t_epi_bwd1/2 with wt set). One block.
+// Mode 1: stat[ca + c] holds E[z²] (the conv epilogue's sums, RLN_EPI_STATS); the biased
+// variance max(E[z²] − mean², 0) replaces it there first (what the running statistics read).
 __device__ __forceinline__ void bn_fold(const TrainArgs& a) {
     const int c = threadIdx.x;
     if (blockIdx.x != 0 || c >= a.ca) return;
-    const double mean = a.stat[c], var = a.stat[a.ca + c];
+    const double mean = a.stat[c];
+    if (a.mode == 1) a.stat[a.ca + c] = fmax(__dsub_rn(a.stat[a.ca + c], __dmul_rn(mean, mean)), 0.0);
+    const double var = a.stat[a.ca + c];
     const double g = (double)a.in[0][c], b = (double)a.in[1][c];
     const double inv_std = __ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(var, a.dc[0])));
     const double gi = __dmul_rn(g, inv_std);

@@ -148,19 +148,22 @@ __device__ __forceinline__ void conv3_tile(const float* wg, int d, int h, int w,
         }
     }
 
-    // epilogue: every thread still here (no barrier follows)
+    // epilogue: the threads with outputs, then epi.end() on every thread (a block
+    // reduction of the outputs may follow: TrainConvEpi's batch statistics)
     const int z = z0 + tz, y = y0 + ty;
-    if (z >= d || y >= h) return;
-    const long long row_vox = (((long long)n * d + z) * h + y) * w;
-    epi.begin();
+    if (z < d && y < h) {
+        const long long row_vox = (((long long)n * d + z) * h + y) * w;
+        epi.begin();
 #pragma unroll
-    for (int v = 0; v < VX; ++v) {
-        const int x = x0 + tx * VX + v;
-        if (x < w) {
-            float zv[COUT];
+        for (int v = 0; v < VX; ++v) {
+            const int x = x0 + tx * VX + v;
+            if (x < w) {
+                float zv[COUT];
 #pragma unroll
-            for (int c = 0; c < COUT; ++c) zv[c] = acc[c][v];
-            epi.voxel(row_vox + x, zv);
+                for (int c = 0; c < COUT; ++c) zv[c] = acc[c][v];
+                epi.voxel(row_vox + x, zv);
+            }
         }
     }
+    epi.end();
 }

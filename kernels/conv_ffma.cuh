@@ -40,6 +40,7 @@ struct RlnConvEpi {
         for (int c = 0; c < COUT; ++c) z[c] += bias[c];
         rln_epilogue_voxel<EPI, S, COUT>(a, vox, z);
     }
+    __device__ __forceinline__ void end() {}
 };
 
 template <typename S, int CA, int CB, int CC, int COUT, int EPI>
@@ -73,15 +74,27 @@ struct TrainConvLoad {
     }
 };
 
-// out[0][vox][c] = rln_train_epi(z[c]), 16-B stores where C_out allows.
+// out[0][vox][c] = rln_train_epi(z[c]), 16-B stores where C_out allows. With
+// RLN_EPI_STATS the batch statistics of the outputs: each thread sums y and y² (exact in
+// f64) of its voxels in order, then end() reduces them over the block (one shuffle tree per
+// value, warps in order) into part[block][2·C_out]; t_reduce_part sums the blocks in a fixed
+// order. This replaces t_chan_sum's two passes over the activation.
 template <int COUT>
 struct TrainConvEpi {
     const TrainArgs& a;
+    double s1[COUT] = {}, s2[COUT] = {};
     __device__ __forceinline__ void begin() {}
     __device__ __forceinline__ void voxel(long long vox, const float* z) {
         float o[COUT];
 #pragma unroll
         for (int c = 0; c < COUT; ++c) o[c] = rln_train_epi(a, z[c], c, vox);
+        if (a.mode & RLN_EPI_STATS) {
+#pragma unroll
+            for (int c = 0; c < COUT; ++c) {
+                s1[c] += (double)o[c];
+                s2[c] += (double)o[c] * (double)o[c];
+            }
+        }
         if (COUT % 4 == 0) {
             float4* dst = reinterpret_cast<float4*>(a.out[0] + vox * COUT);
 #pragma unroll
@@ -89,6 +102,16 @@ struct TrainConvEpi {
         } else {
 #pragma unroll
             for (int c = 0; c < COUT; ++c) a.out[0][vox * COUT + c] = o[c];
+        }
+    }
+    __device__ __forceinline__ void end() {
+        if (!(a.mode & RLN_EPI_STATS)) return;  // uniform over the block
+        __shared__ double sred[8 * 32];
+        double* dst = a.part + rln_block_linear() * 2 * COUT;
+#pragma unroll
+        for (int c = 0; c < COUT; ++c) {
+            rln_block_sum_by_channel(s1[c], 1, dst + c, sred);
+            rln_block_sum_by_channel(s2[c], 1, dst + COUT + c, sred);
         }
     }
 };

@@ -107,6 +107,8 @@ __device__ __forceinline__ void tmma_fwd(const TrainArgs& a) {
     const int lane = threadIdx.x & 31, lz = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int gz = z0 + lz;
     const rln_u32* sin32 = reinterpret_cast<const rln_u32*>(sin);
+    // batch statistics (RLN_EPI_STATS): this thread's channels 2t, 2t+1, as TrainConvEpi
+    double s1[2] = {0.0, 0.0}, s2[2] = {0.0, 0.0};
     for (int ly = 0; ly < tmma::TY; ++ly) {
         float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int ch = 0; ch < NCH; ++ch) {
@@ -127,8 +129,21 @@ __device__ __forceinline__ void tmma_fwd(const TrainArgs& a) {
             const int gx = x0 + g + 8 * (i >> 1), co = 2 * t + (i & 1);
             if (co < COUT && gx < a.w) {
                 const long long vox = (((long long)n * a.d + gz) * a.h + gy) * a.w + gx;
-                a.out[0][vox * COUT + co] = rln_train_epi(a, c[i], co, vox);
+                const float y = rln_train_epi(a, c[i], co, vox);
+                a.out[0][vox * COUT + co] = y;
+                s1[i & 1] += (double)y;
+                s2[i & 1] += (double)y * (double)y;
             }
+        }
+    }
+    if (a.mode & RLN_EPI_STATS) {  // uniform over the block; every thread is here
+        __shared__ double sred[8 * 32];
+        double* dst = a.part + rln_block_linear() * 2 * COUT;
+        // lanes with the same t (threadIdx.x % 4) hold channel 2t + j: thread t < 4 writes it
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            rln_block_sum_by_channel_at(s1[j], 4, dst + j, 2, (COUT - j + 1) / 2, sred);
+            rln_block_sum_by_channel_at(s2[j], 4, dst + COUT + j, 2, (COUT - j + 1) / 2, sred);
         }
     }
 }

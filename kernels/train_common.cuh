@@ -31,6 +31,11 @@ static_assert(sizeof(TrainArgs) == 472, "TrainArgs must match backend::cuda::tra
 #define RLN_ADD_NONE 0
 #define RLN_ADD_CONST 1
 #define RLN_ADD_SP 2
+// Bit 3 (forward convs: tconv_fwd, tmma_fwd): the epilogue also writes the batch statistics
+// of its outputs, part[block][2·C_out] = [Σ y (C_out) | Σ y² (C_out)] in f64, block =
+// rln_block_linear() (backend::cuda::train_launch::EPI_STATS; reduced by t_reduce_part,
+// turned into the variance by t_bn_fold mode 1).
+#define RLN_EPI_STATS 8
 
 // 1 / (1 + e^-t), stable for every t (the derivative of softplus).
 __device__ __forceinline__ float rln_sigmoid(float t) {
@@ -65,9 +70,11 @@ __device__ __forceinline__ float rln_bn_param(const TrainArgs& a, int k, int c) 
 // Block sum of one f64 value per thread, grouped by channel c = threadIdx.x % C (C a power
 // of two ≤ 32 that divides the block size; with a grid-stride loop whose stride is a
 // multiple of C, every thread sees one channel only). Thread c < C writes channel c's sum
-// to dst[c]. Fixed order (shuffle tree, then warps in order): deterministic. Every thread
-// of the block must call it; `sred` is 8·32 doubles of shared memory.
-__device__ __forceinline__ void rln_block_sum_by_channel(double v, int C, double* dst, double* sred) {
+// to dst[c · stride] when c < limit. Fixed order (shuffle tree, then warps in order):
+// deterministic. Every thread of the block must call it; `sred` is 8·32 doubles of shared
+// memory.
+__device__ __forceinline__ void rln_block_sum_by_channel_at(double v, int C, double* dst, int stride, int limit,
+                                                            double* sred) {
     for (int off = 16; off >= C; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane < C) sred[warp * 32 + lane] = v;
@@ -75,7 +82,17 @@ __device__ __forceinline__ void rln_block_sum_by_channel(double v, int C, double
     if ((int)threadIdx.x < C) {
         double s = 0.0;
         for (int k = 0; k < RLN_TRAIN_THREADS / 32; ++k) s += sred[k * 32 + threadIdx.x];
-        dst[threadIdx.x] = s;
+        if ((int)threadIdx.x < limit) dst[threadIdx.x * stride] = s;
     }
     __syncthreads();
+}
+
+// The same with dst[c] for every c < C.
+__device__ __forceinline__ void rln_block_sum_by_channel(double v, int C, double* dst, double* sred) {
+    rln_block_sum_by_channel_at(v, C, dst, 1, C, sred);
+}
+
+// The block's index in a 3-D grid, x fastest (the row of part[block][·] of the conv epilogue).
+__device__ __forceinline__ long long rln_block_linear() {
+    return blockIdx.x + (long long)gridDim.x * (blockIdx.y + (long long)gridDim.y * blockIdx.z);
 }

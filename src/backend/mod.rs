@@ -61,6 +61,11 @@ impl<'a, X, T> Epilogue<'a, X, T> {
             addend: Addend::None,
         }
     }
+
+    /// Whether this is [`Epilogue::identity`] (the conv output unchanged).
+    pub fn is_identity(&self) -> bool {
+        self.scale.is_empty() && self.shift.is_empty() && !self.softplus && matches!(self.addend, Addend::None)
+    }
 }
 
 /// Batch-norm state needed by the backward pass of a layer in training mode.

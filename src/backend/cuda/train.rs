@@ -86,6 +86,20 @@ pub struct CudaTrainBackend {
     /// FP32 convs, or the wide ones on the tensor cores with bf16 operands
     /// ([`TrainPrecision::Mixed`], train_launch::MMA_VARIANTS).
     precision: TrainPrecision,
+    /// Whether a resident conv whose output feeds a training-mode batch norm sums the batch
+    /// statistics in its epilogue (default on; off: the separate two-pass `t_chan_sum`).
+    fused_bn_stats: bool,
+    /// The statistics partials the last such conv wrote, until its batch norm takes them.
+    bn_sums: std::sync::Mutex<Option<ConvBnSums>>,
+}
+
+/// Batch-statistics partials of a conv's output, written by its epilogue (tl::EPI_STATS):
+/// part[block][2·C] = [Σ z | Σ z²] for the output tensor at `z` of layer `layer`.
+struct ConvBnSums {
+    layer: usize,
+    z: u64,
+    part: DevMem,
+    blocks: usize,
 }
 
 /// Checks that tensors agree in batch and volume size.
@@ -145,6 +159,8 @@ impl CudaTrainBackend {
             rt: Runtime::cuda(dev, sync_each, poison)?,
             graphs: !std::env::var("RLN_CUDA_GRAPHS").is_ok_and(|v| v == "0"),
             precision: TrainPrecision::Fp32,
+            fused_bn_stats: true,
+            bn_sums: Default::default(),
         })
     }
 
@@ -156,6 +172,8 @@ impl CudaTrainBackend {
             rt,
             graphs: false,
             precision: TrainPrecision::Fp32,
+            fused_bn_stats: true,
+            bn_sums: Default::default(),
         }
     }
 
@@ -166,6 +184,8 @@ impl CudaTrainBackend {
             rt: Runtime::on_exec(exec, poison),
             graphs: true,
             precision: TrainPrecision::Fp32,
+            fused_bn_stats: true,
+            bn_sums: Default::default(),
         }
     }
 
@@ -177,6 +197,21 @@ impl CudaTrainBackend {
 
     pub fn precision(&self) -> TrainPrecision {
         self.precision
+    }
+
+    /// Batch statistics of a conv's output in the conv's epilogue (on, the default) or in
+    /// a separate two-pass reduction over the output (off; the path before, for comparison).
+    pub fn set_fused_bn_stats(&mut self, on: bool) {
+        self.fused_bn_stats = on;
+    }
+
+    /// The partials of layer `layer`'s conv output at `z`, if its epilogue summed them.
+    pub(super) fn take_conv_bn_sums(&self, layer: usize, z: u64) -> Option<(DevMem, usize)> {
+        let mut g = self.bn_sums.lock().unwrap();
+        match g.take() {
+            Some(p) if p.layer == layer && p.z == z => Some((p.part, p.blocks)),
+            _ => None,
+        }
     }
 
     /// Whether a conv of these channel counts runs on the tensor cores.
@@ -319,10 +354,12 @@ impl CudaTrainBackend {
     /// [ci][27][co] (host values, uploaded), then the epilogue in `args` (p, mode, f, inp[3]).
     fn conv_packed(&self, inputs: &[&DevTensor], packed: &[f32], c_out: usize, args: TrainArgs) -> Result<DevTensor> {
         let w = self.upload_f32(packed)?;
-        self.conv_packed_at(inputs, w.ptr(), packed.len(), c_out, args)
+        self.conv_packed_at(inputs, w.ptr(), packed.len(), c_out, args, None)
     }
 
     /// [`Self::conv_packed`] with the packed weights (`n` values) at device address `wt`.
+    /// With `stats_layer` and tl::EPI_STATS in `args.mode`, a variant kernel's epilogue also
+    /// sums the output's batch statistics, kept for that layer's batch norm (ConvBnSums).
     fn conv_packed_at(
         &self,
         inputs: &[&DevTensor],
@@ -330,6 +367,7 @@ impl CudaTrainBackend {
         n: usize,
         c_out: usize,
         mut args: TrainArgs,
+        stats_layer: Option<usize>,
     ) -> Result<DevTensor> {
         if inputs.is_empty() || inputs.len() > 3 {
             return Err(Error::invalid(format!(
@@ -367,24 +405,36 @@ impl CudaTrainBackend {
         args.wt = wt;
         args.out[0] = out.ptr();
         let v = [cs[0], cs[1], cs[2], c_out];
-        if self.uses_mma(v) {
-            args.count = out_shape.len() as i64;
-            self.launch(
-                &tl::mma_fwd_name(v),
-                tl::mma_grid(s0),
-                tl::mma_fwd_smem_bytes(cin),
-                &args,
-            )?;
+        let (name, grid, smem) = if self.uses_mma(v) {
+            (tl::mma_fwd_name(v), tl::mma_grid(s0), tl::mma_fwd_smem_bytes(cin))
         } else if tl::FWD_VARIANTS.contains(&v) {
-            args.count = out_shape.len() as i64;
-            self.launch(
-                &tl::fwd_name(v),
-                tl::conv_grid(s0),
-                tl::fwd_smem_bytes(cin, c_out),
-                &args,
-            )?;
+            (tl::fwd_name(v), tl::conv_grid(s0), tl::fwd_smem_bytes(cin, c_out))
         } else {
+            args.mode &= !tl::EPI_STATS;
             self.launch_1d(tl::CONV_ANY_FWD, out_shape.len(), args)?;
+            return Ok(out);
+        };
+        args.count = out_shape.len() as i64;
+        let stats_layer = stats_layer.filter(|_| args.mode & tl::EPI_STATS != 0);
+        let part = match stats_layer {
+            Some(_) => {
+                let p = self.alloc(tl::grid_blocks(grid) * 2 * c_out * 8)?;
+                args.part = p.ptr();
+                Some(p)
+            }
+            None => {
+                args.mode &= !tl::EPI_STATS;
+                None
+            }
+        };
+        self.launch(&name, grid, smem, &args)?;
+        if let (Some(layer), Some(part)) = (stats_layer, part) {
+            *self.bn_sums.lock().unwrap() = Some(ConvBnSums {
+                layer,
+                z: out.ptr(),
+                part,
+                blocks: tl::grid_blocks(grid),
+            });
         }
         Ok(out)
     }
@@ -402,7 +452,13 @@ impl CudaTrainBackend {
         let packed = self.resident_packed(opt, w.layer, w.host.len(), cin, c_out, 0, cin, false)?;
         let mut args = TrainArgs::default();
         self.set_epilogue(&mut args, epi, inputs[0].shape.with_c(c_out))?;
-        self.conv_packed_at(inputs, packed.ptr(), w.host.len(), c_out, args)
+        // z of a layer with batch norm (identity epilogue): its statistics in the epilogue
+        let feeds_bn = opt.has_bn(w.layer) && epi.is_identity();
+        let stats_layer = (self.fused_bn_stats && feeds_bn).then_some(w.layer);
+        if stats_layer.is_some() {
+            args.mode |= tl::EPI_STATS;
+        }
+        self.conv_packed_at(inputs, packed.ptr(), w.host.len(), c_out, args, stats_layer)
     }
 
     /// The data gradients of conv3 with layer `w.layer`'s weight from the resident copy.
@@ -418,7 +474,7 @@ impl CudaTrainBackend {
         let c_total: usize = c_in.iter().sum();
         self.per_input_slice(c_in, needed, |offset, cs, args| {
             let packed = self.resident_packed(opt, w.layer, w.host.len(), c_total, c_out, offset, cs, true)?;
-            self.conv_packed_at(&[dz], packed.ptr(), c_out * 27 * cs, cs, args)
+            self.conv_packed_at(&[dz], packed.ptr(), c_out * 27 * cs, cs, args, None)
         })
     }
 

@@ -52,6 +52,14 @@ impl TrainArgs {
 pub const EPI_SOFTPLUS: i32 = 1;
 pub const ADD_CONST: i32 = 1 << 1;
 pub const ADD_SOFTPLUS: i32 = 2 << 1;
+/// Forward convs: the epilogue also writes its outputs' batch statistics, part[block][2·C_out]
+/// = [Σ y | Σ y²] (f64), block = x + gx·(y + gy·z) of the launch grid (RLN_EPI_STATS).
+pub const EPI_STATS: i32 = 1 << 3;
+
+/// The blocks of a 3-D launch grid (the rows of the conv epilogue's statistics partials).
+pub fn grid_blocks(g: (u32, u32, u32)) -> usize {
+    g.0 as usize * g.1 as usize * g.2 as usize
+}
 
 /// The kernels of the two modules, for loading.
 pub const CONV_MODULE: &str = "train_conv";

@@ -87,6 +87,11 @@ impl ParamLayout {
     }
 
     /// (offset, length) of tensor (layer, kind).
+    /// Whether layer `layer` has a batch norm (its output's statistics are needed).
+    pub fn has_bn(&self, layer: usize) -> bool {
+        self.bn.iter().any(|b| b.0 == layer)
+    }
+
     fn slot(&self, layer: usize, kind: ParamKind) -> Result<(usize, usize)> {
         self.slots
             .iter()
@@ -192,6 +197,10 @@ pub struct DevOpt {
 }
 
 impl DevOpt {
+    /// Whether layer `layer` has a batch norm in this model.
+    pub(super) fn has_bn(&self, layer: usize) -> bool {
+        self.layout.has_bn(layer)
+    }
     fn state_len(&self) -> usize {
         self.layout.params + self.layout.running + 1
     }
@@ -595,7 +604,19 @@ impl CudaTrainBackend {
             )));
         }
         let stat = opt.batch.ptr() + 8 * off as u64;
-        self.batch_stats_to(z, stat)?;
+        // the statistics: from the producing conv's epilogue when it summed them (one
+        // reduction; t_bn_fold mode 1 makes E[z²] the variance), else two passes over z
+        let fold_mode = match self.take_conv_bn_sums(layer, z.ptr()) {
+            Some((part, blocks)) => {
+                let m = (z.shape.n * z.shape.spatial()) as f64;
+                self.reduce(&part, blocks, 2 * c, 1.0 / m, stat)?;
+                1
+            }
+            None => {
+                self.batch_stats_to(z, stat)?;
+                0
+            }
+        };
         let (g_off, _) = lay.slot(layer, ParamKind::Gamma)?;
         let (b_off, _) = lay.slot(layer, ParamKind::Beta)?;
         let fold = opt.bn_fold.ptr() + (4 * BN_FOLD * k) as u64;
@@ -606,6 +627,7 @@ impl CudaTrainBackend {
         args.out[0] = fold;
         args.ca = c as i32;
         args.dc[0] = eps;
+        args.mode = fold_mode;
         self.launch("t_bn_fold", (1, 1, 1), 0, &args)?;
         let y = self.epilogue_at(
             z,
