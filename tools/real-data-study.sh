@@ -36,7 +36,7 @@ $B train --synth-psf psf_lls.tif --like "$D/im_deskewed.tif" --init "$M" "${COMM
   --lr 0.002 --seed 11 -o lls.safetensors | tee train_lls.log
 # the same, with flux-scaled targets (--target-scale input-flux): 300 steps, then 600 at half the rate
 $B train --synth-psf psf_lls.tif --like "$D/im_deskewed.tif" --init lls.safetensors --target-scale input-flux \
-  "${COMMON[@]}" --steps 300 --lr 0.002 --seed 11 -o llsf.safetensors | tee train_llsf.log
+  "${COMMON[@]}" --steps 300 --lr 0.002 --seed 12 -o llsf.safetensors | tee train_llsf.log
 $B train --synth-psf psf_lls.tif --like "$D/im_deskewed.tif" --init llsf.safetensors --target-scale input-flux \
   "${COMMON[@]}" --steps 600 --lr 0.001 --seed 12 -o llsf2.safetensors | tee train_llsf2.log
 LLS_MATCH=(--photons 0.701 --read-noise 1.61 --density 2.304 --background 0)  # printed by train --like
