@@ -130,10 +130,12 @@ pub struct PsfArgs {
     /// 0: RL needs a non-negative PSF. No noise floor: the ring average removes the noise.
     #[arg(long, requires = "measured", conflicts_with_all = ["radial", "noise_floor", "centre"])]
     pub via_radial_otf: bool,
-    /// --via-radial-otf: planes (of the bead) added to its fitted z centre; cudaDecon's radialft
-    /// (pycudadecon 0.5.1) adds 0.6: give 0.6 to reproduce its results.
-    #[arg(long, requires = "via_radial_otf", default_value_t = 0.0, value_parser = super::finite_f64)]
-    pub otf_z_offset: f64,
+    /// Measured: planes (of the bead) added to its fitted z centre, on either route (the
+    /// PSF moves by a sub-voxel along z). cudaDecon's radialft (pycudadecon 0.5.1) centres
+    /// 0.6 planes past the parabola-fitted peak: give 0.6 (with --centre peak when cleaning
+    /// in space) to match its results. Also spelled --otf-z-offset, as in `rl`.
+    #[arg(long, alias = "otf-z-offset", requires = "measured", default_value_t = 0.0, value_parser = super::finite_f64)]
+    pub z_centre_offset: f64,
     /// --via-radial-otf: the kr = 0 column is re-fitted from kr = 1..N (radialft's --fixorigin; 0: off).
     #[arg(long, requires = "via_radial_otf", default_value_t = 10)]
     pub otf_fix_origin: usize,
@@ -343,7 +345,7 @@ fn psf_via_radial_otf(
     let opts = RadialOtfOptions {
         background: a.background.map(f64::from),
         fix_origin: a.otf_fix_origin,
-        z_centre_offset: a.otf_z_offset,
+        z_centre_offset: a.z_centre_offset,
     };
     let otf = RadialOtf::from_bead(bead, bead_voxel, &opts)
         .with_context(|| format!("making the radial OTF of {}", bead_path.display()))?;
@@ -358,7 +360,7 @@ fn psf_via_radial_otf(
         bead_voxel[0],
         bead_voxel[1],
         bead_voxel[2],
-        a.otf_z_offset,
+        a.z_centre_offset,
         vol.shape_str(),
         data_voxel[0],
         data_voxel[1],
@@ -373,7 +375,7 @@ fn psf_via_radial_otf(
             "source": bead_path.display().to_string(),
             "source_voxel_size": bead_voxel,
             "input_shape": bead.dims,
-            "otf_z_offset": a.otf_z_offset,
+            "z_centre_offset": a.z_centre_offset,
             "otf_fix_origin": a.otf_fix_origin,
             "background": a.background,
             "negative_mass_clipped": r.negative_mass,
@@ -420,6 +422,7 @@ fn measured_psf(a: &PsfArgs, bead_path: &std::path::Path) -> Result<Volume> {
             CentreArg::Centroid => CentreRule::Centroid,
             CentreArg::Peak => CentreRule::Peak,
         },
+        z_centre_offset: a.z_centre_offset,
         crop: a.crop,
         voxel_size: own,
         target_voxel_size: target,

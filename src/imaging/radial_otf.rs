@@ -319,7 +319,7 @@ impl RadialOtf {
                     (p, n - v as f64, lo.min(v), hi)
                 }
             });
-        if !(peak > 0.0) {
+        if peak <= 0.0 {
             return Err(Error::invalid("the OTF's PSF has no positive values: not an OTF"));
         }
         let report = OtfPsfReport {
