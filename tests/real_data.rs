@@ -261,10 +261,104 @@ fn radial_otf_rl_reproduces_cudadecon() {
     assert!(rl::richardson_lucy_otf(&input, &theirs, DATA_VOXEL, &wb).is_err());
 }
 
-/// The PSF cleaned in space reaches ~0.13 here, short of issue 20's 0.10: cudaDecon's OTF
-/// is centred 0.06 µm further along z than the parabola peak, and keeps the faint lobes the
-/// noise floor cuts. cudaDecon's own route (the radial OTF) meets 0.10: see
-/// `radial_otf_rl_reproduces_cudadecon`.
+/// The PSF route to cudaDecon's result (`psf --measured --via-radial-otf --otf-z-offset 0.6`):
+/// the raw bead's radial OTF with radialft's +0.6-plane z centre, interpolated onto a grid
+/// in the data's voxels the size of the bead's field (21×129×129), transformed back, its
+/// negative ripples set to 0; accelerated RL with it as an ordinary PSF meets issue 20's
+/// 0.10 (0.071 measured). The ripples are the bead's noise, averaged over rings but not
+/// removed; they are as often positive as negative, so clipping leaves a positive haze
+/// whose mass grows with the grid: on a smaller grid less is clipped and the result is
+/// closer (21×65×65: 0.038), on the data's whole grid more (0.093, where the unclipped PSF
+/// would be the OTF route itself, 0.0057). Without the +0.6 planes: 0.126.
+#[test]
+fn psf_via_radial_otf_reproduces_cudadecon() {
+    let Some(dir) = data_dir("psf_via_radial_otf_reproduces_cudadecon") else {
+        return;
+    };
+    let reference = read_volume(dir.join("im_decon.tif")).unwrap();
+    let input = kept_input(&dir);
+    let cfg = cudadecon_config(10, true);
+    let run = |offset: f64, dims: Option<[usize; 3]>| {
+        let (p, r) = bead_otf(&dir, offset).to_psf(DATA_VOXEL, dims).unwrap();
+        let out = rl::richardson_lucy_traced(&input, &p, &cfg).unwrap().0;
+        let e = rel_l2(&out.data, &reference.data);
+        eprintln!(
+            "PSF via the radial OTF, z centre {offset:+}, {}: negative mass clipped {:.1}% (lowest {:.2}% of the peak) \
+             → accelerated RL vs im_decon.tif {e:.4}",
+            p.shape_str(),
+            100.0 * r.negative_mass,
+            -100.0 * r.min_over_peak
+        );
+        (p, r, e)
+    };
+    let (p, r, e) = run(0.6, None);
+    let (_, _, e_centred) = run(0.0, None);
+    let (_, r_small, e_small) = run(0.6, Some([21, 65, 65]));
+    let (_, r_full, e_full) = run(0.6, Some(KEPT));
+    // the bead's 6.1 × 12.8 × 12.8 µm field in 0.3 × 0.1 × 0.1 µm voxels, made odd
+    assert_eq!(p.dims, [21, 129, 129]);
+    assert_eq!(p.voxel_size, Some(DATA_VOXEL));
+    assert!((p.sum() - 1.0).abs() < 1e-4 && p.data.iter().all(|&v| v >= 0.0));
+    assert!(e <= 0.10, "PSF via the radial OTF vs cudaDecon: rel L2 {e}");
+    // radialft's z centre is what brings it under 0.10
+    assert!(e_centred > 0.10, "{e_centred}");
+    // the clipped ripple mass grows with the grid, and so does the difference
+    assert!(r_small.negative_mass < r.negative_mass && r.negative_mass < r_full.negative_mass);
+    assert!(e_small < e && e < e_full, "{e_small} {e} {e_full}");
+}
+
+/// The PSF cleaned in space meets issue 20's 0.10 too once it is centred where radialft
+/// centres cudaDecon's OTF, 0.6 bead planes past the parabola peak (`psf --measured …
+/// --centre peak --radial --noise-floor 2 --z-centre-offset 0.6`): 0.075 measured, 0.131
+/// without the move (`accelerated_rl_reproduces_cudadecon`). A gentler floor keeps more of
+/// the faint lobes: 1.5 σ 0.050 (1.25 σ lets noise in: 0.54, see `cleaned_psf`).
+#[test]
+fn spatial_psf_centred_as_radialft_reproduces_cudadecon() {
+    let Some(dir) = data_dir("spatial_psf_centred_as_radialft_reproduces_cudadecon") else {
+        return;
+    };
+    let reference = read_volume(dir.join("im_decon.tif")).unwrap();
+    let input = kept_input(&dir);
+    let cfg = cudadecon_config(10, true);
+    let bead = read_volume(dir.join("psf.tif")).unwrap();
+    let run = |sigmas: f64| {
+        let (p, r) = psf::clean_measured(
+            &bead,
+            &MeasuredOptions {
+                voxel_size: Some(PSF_VOXEL),
+                target_voxel_size: Some(DATA_VOXEL),
+                centre: CentreRule::Peak,
+                radial: true,
+                noise_floor_sigmas: sigmas,
+                z_centre_offset: 0.6,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let out = rl::richardson_lucy_traced(&input, &p, &cfg).unwrap().0;
+        let e = rel_l2(&out.data, &reference.data);
+        eprintln!(
+            "PSF cleaned in space, z centre +0.6 planes, floor {sigmas} σ: {} → accelerated RL vs im_decon.tif {e:.4}",
+            p.shape_str()
+        );
+        (r, e)
+    };
+    let (r, e) = run(2.0);
+    let (_, e_gentle) = run(1.5);
+    // the parabola peak moved by 0.6 planes
+    let (_, r0) = cleaned_psf(&dir, CentreRule::Peak, true, 2.0);
+    assert!((r.centre_zyx[0] - r0.centre_zyx[0] - 0.6).abs() < 1e-9);
+    assert!(e <= 0.10, "spatial PSF centred as radialft vs cudaDecon: rel L2 {e}");
+    assert!(e_gentle < e, "{e_gentle} {e}");
+}
+
+/// The PSF cleaned in space (noise floor 2σ, radial) centred on the parabola peak reaches
+/// 0.131 here (measured), short of issue 20's 0.10: cudaDecon's OTF is centred 0.06 µm
+/// further along z, and keeps the faint lobes the noise floor cuts. The issue's bound is
+/// met with radialft's centre, in space (`spatial_psf_centred_as_radialft_reproduces_cudadecon`,
+/// 0.075), through the PSF made from the radial OTF (`psf_via_radial_otf_reproduces_cudadecon`,
+/// 0.071) and by the OTF itself (`radial_otf_rl_reproduces_cudadecon`, 0.0057); this bound
+/// guards the default centring against regressions (measured + 0.009).
 const ACCELERATED_TOLERANCE: f64 = 0.14;
 
 fn python() -> Option<PathBuf> {

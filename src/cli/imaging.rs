@@ -120,6 +120,25 @@ pub struct PsfArgs {
     /// Measured: the centre is the core's centroid, or the peak refined by a parabola (cudaDecon).
     #[arg(long, value_enum, default_value_t = CentreArg::Centroid)]
     pub centre: CentreArg,
+    /// Measured: write the PSF cudaDecon effectively deconvolves with instead of cleaning
+    /// the bead in space: the radially averaged OTF of the raw stack (as `rl --radial-otf`
+    /// and cudaDecon's radialft make it: one background, ring average of the spectrum with
+    /// the bead moved to its parabola-fitted peak, kr = 0 re-fitted), interpolated onto the
+    /// frequencies of a grid in the data's voxels (--dz/--dxy or --like), inverse-transformed,
+    /// centred, normalized to sum 1. The grid is the bead's field in the data's voxels (made
+    /// odd) or --crop Z,Y,X. The small negative ripples of the inverse (reported) are set to
+    /// 0: RL needs a non-negative PSF. No noise floor: the ring average removes the noise.
+    #[arg(long, requires = "measured", conflicts_with_all = ["radial", "noise_floor", "centre"])]
+    pub via_radial_otf: bool,
+    /// Measured: planes (of the bead) added to its fitted z centre, on either route (the
+    /// PSF moves by a sub-voxel along z). cudaDecon's radialft (pycudadecon 0.5.1) centres
+    /// 0.6 planes past the parabola-fitted peak: give 0.6 (with --centre peak when cleaning
+    /// in space) to match its results. Also spelled --otf-z-offset, as in `rl`.
+    #[arg(long, alias = "otf-z-offset", requires = "measured", default_value_t = 0.0, value_parser = super::finite_f64)]
+    pub z_centre_offset: f64,
+    /// --via-radial-otf: the kr = 0 column is re-fitted from kr = 1..N (radialft's --fixorigin; 0: off).
+    #[arg(long, requires = "via_radial_otf", default_value_t = 10)]
+    pub otf_fix_origin: usize,
     /// Gaussian: full width at half maximum in µm, "Z,Y,X" (or one value).
     #[arg(long, value_parser = triple_f64)]
     pub fwhm: Option<[f64; 3]>,
@@ -180,7 +199,7 @@ pub struct PsfArgs {
     /// Measured: one background for every plane (default: each plane's border median).
     #[arg(long, value_parser = super::finite_f32)]
     pub background: Option<f32>,
-    /// Measured: output size "Z,Y,X" (odd).
+    /// Measured: output size "Z,Y,X" (odd; any with --via-radial-otf).
     #[arg(long, value_parser = triple_usize)]
     pub crop: Option<[usize; 3]>,
     /// Measured: channel of a multi-channel stack.
@@ -308,6 +327,64 @@ pub fn psf(a: &PsfArgs) -> Result<()> {
     Ok(())
 }
 
+/// `psf --measured --via-radial-otf`: the spatial PSF of the bead's radial OTF on the data's grid.
+fn psf_via_radial_otf(
+    a: &PsfArgs,
+    bead_path: &std::path::Path,
+    bead: &Volume,
+    own: Option<[f64; 3]>,
+    target: Option<[f64; 3]>,
+) -> Result<Volume> {
+    let bead_voxel = own.or(bead.voxel_size).with_context(|| {
+        format!(
+            "{} records no voxel size; give the bead's own --psf-dz and --psf-dxy",
+            bead_path.display()
+        )
+    })?;
+    let data_voxel = target.unwrap_or(bead_voxel);
+    let opts = RadialOtfOptions {
+        background: a.background.map(f64::from),
+        fix_origin: a.otf_fix_origin,
+        z_centre_offset: a.z_centre_offset,
+    };
+    let otf = RadialOtf::from_bead(bead, bead_voxel, &opts)
+        .with_context(|| format!("making the radial OTF of {}", bead_path.display()))?;
+    let (mut vol, r) = otf
+        .to_psf(data_voxel, a.crop)
+        .with_context(|| format!("the PSF of {}'s radial OTF", bead_path.display()))?;
+    println!(
+        "PSF of the radial OTF of {} ({} at {}×{}×{} µm, z centre {:+} planes) on {} at {}×{}×{} µm; \
+         negative ripples {:.2}% of the positive mass (lowest {:.2}% of the peak) set to 0",
+        bead_path.display(),
+        bead.shape_str(),
+        bead_voxel[0],
+        bead_voxel[1],
+        bead_voxel[2],
+        a.z_centre_offset,
+        vol.shape_str(),
+        data_voxel[0],
+        data_voxel[1],
+        data_voxel[2],
+        100.0 * r.negative_mass,
+        -100.0 * r.min_over_peak
+    );
+    vol.metadata = Some(
+        serde_json::json!({
+            "model": "measured",
+            "route": "radial-otf",
+            "source": bead_path.display().to_string(),
+            "source_voxel_size": bead_voxel,
+            "input_shape": bead.dims,
+            "z_centre_offset": a.z_centre_offset,
+            "otf_fix_origin": a.otf_fix_origin,
+            "background": a.background,
+            "negative_mass_clipped": r.negative_mass,
+        })
+        .to_string(),
+    );
+    Ok(vol)
+}
+
 /// `psf --measured`: reads the bead, cleans it, prints what cleaning found.
 fn measured_psf(a: &PsfArgs, bead_path: &std::path::Path) -> Result<Volume> {
     let bead = read_volume_with(bead_path, &read_opts(a.channel, a.time))?;
@@ -334,6 +411,9 @@ fn measured_psf(a: &PsfArgs, bead_path: &std::path::Path) -> Result<Volume> {
         (None, None, None) => None,
         _ => bail!("give both --dz and --dxy (the data's voxel size), or neither"),
     };
+    if a.via_radial_otf {
+        return psf_via_radial_otf(a, bead_path, &bead, own, target);
+    }
     let opts = MeasuredOptions {
         background: a.background,
         noise_floor_sigmas: a.noise_floor,
@@ -342,6 +422,7 @@ fn measured_psf(a: &PsfArgs, bead_path: &std::path::Path) -> Result<Volume> {
             CentreArg::Centroid => CentreRule::Centroid,
             CentreArg::Peak => CentreRule::Peak,
         },
+        z_centre_offset: a.z_centre_offset,
         crop: a.crop,
         voxel_size: own,
         target_voxel_size: target,
@@ -830,7 +911,10 @@ pub fn montage(a: &MontageArgs) -> Result<()> {
     if a.crop.as_ref().is_some_and(|c| c.len() != 6) {
         bail!("--crop: give six numbers \"Z0,Y0,X0,DZ,DY,DX\"");
     }
-    if a.voxel_size.as_ref().is_some_and(|v| v.len() != 3 || v.iter().any(|&x| x <= 0.0)) {
+    if a.voxel_size
+        .as_ref()
+        .is_some_and(|v| v.len() != 3 || v.iter().any(|&x| x <= 0.0))
+    {
         bail!("--voxel-size: give three positive sizes \"Z,Y,X\" in µm");
     }
     rln_engine::fsutil::check_output_file(&a.output, "--output", &["png"])?;
