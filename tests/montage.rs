@@ -163,7 +163,17 @@ fn montage_command_draws_panels_and_reports_flux() {
     let bin = env!("CARGO_BIN_EXE_rln-engine");
     let png_path = dir.path().join("m.png");
     let out = std::process::Command::new(bin)
-        .args(["montage", "--json", "--flux-level", "100,0", "--voxel-size", "0.3,0.1,0.1", "--crop", "0,0,0,6,40,64", "-o"])
+        .args([
+            "montage",
+            "--json",
+            "--flux-level",
+            "100,0",
+            "--voxel-size",
+            "0.3,0.1,0.1",
+            "--crop",
+            "0,0,0,6,40,64",
+            "-o",
+        ])
         .arg(&png_path)
         .arg(format!("raw={}", pa.display()))
         .arg(format!("RLN={}", pb.display()))
@@ -183,8 +193,14 @@ fn montage_command_draws_panels_and_reports_flux() {
             "one shape",
         ),
         (vec![format!("a={}", pa.display()), "nolabel".to_string()], "LABEL=FILE"),
-        (vec!["--crop".into(), "0,0,0,6,40".into(), format!("a={}", pa.display())], "six numbers"),
-        (vec!["--crop".into(), "0,0,0,6,40,65".into(), format!("a={}", pa.display())], "--crop of panel a"),
+        (
+            vec!["--crop".into(), "0,0,0,6,40".into(), format!("a={}", pa.display())],
+            "six numbers",
+        ),
+        (
+            vec!["--crop".into(), "0,0,0,6,40,65".into(), format!("a={}", pa.display())],
+            "--crop of panel a",
+        ),
     ] {
         let bad = dir.path().join("bad.png");
         let out = std::process::Command::new(bin)
