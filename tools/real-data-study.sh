@@ -39,8 +39,10 @@ $B train --synth-psf psf_lls.tif --like "$D/im_deskewed.tif" --init lls.safetens
   "${COMMON[@]}" --steps 300 --lr 0.002 --seed 12 -o llsf.safetensors | tee train_llsf.log
 $B train --synth-psf psf_lls.tif --like "$D/im_deskewed.tif" --init llsf.safetensors --target-scale input-flux \
   "${COMMON[@]}" --steps 600 --lr 0.001 --seed 12 -o llsf2.safetensors | tee train_llsf2.log
+$B train --synth-psf psf_lls.tif --like "$D/im_deskewed.tif" --init llsf2.safetensors --target-scale input-flux \
+  --synth-family-subsets 0.5 "${COMMON[@]}" --steps 600 --lr 0.001 --seed 13 -o llss.safetensors | tee train_llss.log
 LLS_MATCH=(--photons 0.701 --read-noise 1.61 --density 2.304 --background 0)  # printed by train --like
-for t in lls llsf llsf2; do cmp_both $t.safetensors psf_lls.tif $t "${LLS_MATCH[@]}"; done
+for t in lls llsf llsf2 llss; do cmp_both $t.safetensors psf_lls.tif $t "${LLS_MATCH[@]}"; done
 
 # The real volume, on the crop cudaDecon keeps (84×320×480), beside RL and cudaDecon.
 $PY -c "import tifffile,sys; tifffile.imwrite('lls_kept.tif', tifffile.imread(sys.argv[1])[:84,:320,:480])" "$D/im_deskewed.tif"
