@@ -835,6 +835,28 @@ fn python_zarr_and_ome_zarr_read_the_engines_stores_of_both_versions() {
     }
 }
 
+/// A process spawned while an HDF5 output is being written must not inherit its descriptor
+/// (libhdf5 opens without close-on-exec and flocks the file): before `close_on_exec`, the
+/// finished file stayed locked while such a child lived and opening it failed (errno 11).
+#[cfg(all(feature = "hdf5", unix))]
+#[test]
+fn hdf5_outputs_are_not_inherited_by_spawned_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("v.h5");
+    let target = PathBuf::from(format!("{}:/vol", p.display()));
+    let data = random_volume(DIMS, OutputDtype::F32, 77);
+    let w = create_writer(&target, &spec(DIMS, OutputDtype::F32, Some([3, 5, 4]))).unwrap();
+    let mut child = Command::new("sleep").arg("60").spawn().unwrap();
+    write_shuffled(w.as_ref(), &data, [3, 5, 4], 0);
+    let finished = w.finish();
+    let opened = open_reader(&target, &ReadOptions::default());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    finished.unwrap();
+    let r = opened.unwrap();
+    assert_eq!(read_all(r.as_ref()), data);
+}
+
 #[cfg(feature = "hdf5")]
 #[test]
 fn hdf5_hyperslab_reader_and_chunked_writer_round_trip() {

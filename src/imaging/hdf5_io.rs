@@ -55,6 +55,7 @@ pub fn write_hdf5(path: &Path, dataset: &str, vol: &Volume, dtype: OutputDtype) 
     let tmp = temp_path_for(path);
     let result = (|| -> Result<()> {
         let file = hdf5::File::create(&tmp).map_err(|e| h5err(&tmp, e))?;
+        super::stream::hdf5::close_on_exec(&file);
         // about 1 MiB chunks of whole planes where possible
         let [nz, ny, nx] = vol.dims;
         let cz = (((1 << 18) / (ny * nx).max(1)).max(1)).min(nz);

@@ -122,6 +122,7 @@ impl Hdf5Reader {
             return Err(Error::format(path, "file is empty"));
         }
         let file = hdf5::File::open(path).map_err(|e| h5err(path, "open", e))?;
+        close_on_exec(&file);
         let (name, ds) = select_dataset(&file, path, dataset)?;
         let dtype = match ds.dtype().and_then(|t| t.to_descriptor()) {
             Ok(TypeDescriptor::Integer(s)) => format!("i{}", s as usize * 8),
@@ -241,6 +242,41 @@ impl VolumeReader for Hdf5Reader {
     }
 }
 
+/// Marks an open HDF5 file's descriptor close-on-exec. libhdf5 opens files without
+/// O_CLOEXEC and locks them (flock), so a process spawned while one is open (a Slurm
+/// helper, a test running the CLI) inherits the descriptor and the lock: the file stays
+/// locked until that child exits, and opening it again fails with errno 11 (seen in CI).
+/// A fork between libhdf5's open and this call can still leak it: nothing closes that window.
+pub(crate) fn close_on_exec(file: &hdf5::File) {
+    #[cfg(unix)]
+    {
+        // only the default (sec2) driver's handle is a plain int descriptor
+        if !matches!(
+            file.access_plist().map(|p| p.driver()),
+            Ok(hdf5::file::FileDriver::Sec2)
+        ) {
+            return;
+        }
+        let mut handle: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: a valid file id; under the crate's global HDF5 lock like its own calls
+        let status = hdf5::sync::sync(|| unsafe {
+            hdf5_metno_sys::h5f::H5Fget_vfd_handle(file.id(), hdf5_metno_sys::h5p::H5P_DEFAULT, &mut handle)
+        });
+        if status >= 0 && !handle.is_null() {
+            // SAFETY: for sec2 the handle points at the descriptor (an int) owned by the file
+            unsafe {
+                let fd = *(handle as *const libc::c_int);
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags >= 0 {
+                    libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = file;
+}
+
 /// A chunked 3D dataset written by regions into a temporary file, renamed by `finish`.
 pub struct Hdf5Writer {
     path: PathBuf,
@@ -264,6 +300,7 @@ impl Hdf5Writer {
         let made = (|| -> Result<(hdf5::File, hdf5::Dataset)> {
             let e = |e| h5err(&tmp, "create", e);
             let file = hdf5::File::create(&tmp).map_err(e)?;
+            close_on_exec(&file);
             let ds = match spec.dtype {
                 OutputDtype::F32 => file.new_dataset::<f32>().chunk(chunks).shape(spec.dims).create(dataset),
                 OutputDtype::U16 => file.new_dataset::<u16>().chunk(chunks).shape(spec.dims).create(dataset),
