@@ -570,13 +570,13 @@ fn infer_refuses_unfinished_stores_2d_arrays_bad_types_and_mismatched_views() {
     let d = dir.path();
     let model = "models/rln-synthetic-widefield.safetensors";
     let infer = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
-        let o = Command::new(bin())
-            .arg("infer")
-            .args(args.iter().map(|a| a.as_ref()))
-            .arg("--device")
-            .arg("cpu")
-            .output()
-            .unwrap();
+        let o = output_of(
+            Command::new(bin())
+                .arg("infer")
+                .args(args.iter().map(|a| a.as_ref()))
+                .arg("--device")
+                .arg("cpu"),
+        );
         (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
     };
     let vals: Vec<u16> = (0..20 * 40 * 40).map(|i| (100 + (i * 7919) % 1000) as u16).collect();
@@ -641,12 +641,36 @@ fn infer_refuses_unfinished_stores_2d_arrays_bad_types_and_mismatched_views() {
     }
 }
 
+/// libhdf5 opens files without close-on-exec; the library marks them close-on-exec right
+/// after (`imaging::stream::hdf5::close_on_exec`), but a child spawned by another test in
+/// that instant would inherit the descriptor and HDF5's lock. So the HDF5 tests hold this
+/// lock while they run and every spawn here takes it for the spawn alone.
+static SPAWN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn spawn_lock() -> std::sync::MutexGuard<'static, ()> {
+    SPAWN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `Command::output`, spawning under [`SPAWN`].
+fn output_of(cmd: &mut Command) -> std::process::Output {
+    use std::process::Stdio;
+    let child = {
+        let _g = spawn_lock();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    child.wait_with_output().unwrap()
+}
+
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_rln-engine"))
 }
 
 fn run_convert(args: &[&str]) -> (bool, String) {
-    let out = Command::new(bin()).arg("convert").args(args).output().unwrap();
+    let out = output_of(Command::new(bin()).arg("convert").args(args));
     (
         out.status.success(),
         format!(
@@ -740,12 +764,8 @@ fn zarr_level(store: &Path, l: usize) -> Vec<f32> {
     // a copy of the store whose level 0 is level l, so the ordinary reader opens it
     let tmp = tempfile::tempdir().unwrap();
     let copy = tmp.path().join("level.zarr");
-    let ok = Command::new("cp")
-        .arg("-r")
-        .arg(store)
-        .arg(&copy)
-        .status()
-        .unwrap()
+    let ok = output_of(Command::new("cp").arg("-r").arg(store).arg(&copy))
+        .status
         .success();
     assert!(ok);
     std::fs::remove_dir_all(copy.join("0")).unwrap();
@@ -812,7 +832,7 @@ fn python_zarr_and_ome_zarr_read_the_engines_stores_of_both_versions() {
         .unwrap();
         write_shuffled(&w, &data, w.write_unit(), 2);
         Box::new(w).finish().unwrap();
-        let out = Command::new(&py).args(["-c", PY_CHECK]).arg(&p).output().unwrap();
+        let out = output_of(Command::new(&py).args(["-c", PY_CHECK]).arg(&p));
         assert!(
             out.status.success(),
             "{version:?}: {}",
@@ -841,6 +861,7 @@ fn python_zarr_and_ome_zarr_read_the_engines_stores_of_both_versions() {
 #[cfg(all(feature = "hdf5", unix))]
 #[test]
 fn hdf5_outputs_are_not_inherited_by_spawned_processes() {
+    let _spawns = spawn_lock();
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("v.h5");
     let target = PathBuf::from(format!("{}:/vol", p.display()));
@@ -860,6 +881,7 @@ fn hdf5_outputs_are_not_inherited_by_spawned_processes() {
 #[cfg(feature = "hdf5")]
 #[test]
 fn hdf5_hyperslab_reader_and_chunked_writer_round_trip() {
+    let _spawns = spawn_lock();
     let dir = tempfile::tempdir().unwrap();
     for (k, dtype) in [OutputDtype::F32, OutputDtype::U16, OutputDtype::F16]
         .into_iter()
