@@ -41,7 +41,13 @@ const KEPT: [usize; 3] = [84, 320, 480];
 /// The LLS PSF cleaned for the data: default noise floor (3 σ) for the cleaning facts;
 /// for deconvolution as cudaDecon does it, radially averaged with a 2 σ floor (keeps more
 /// of the faint side lobes; 1.25 σ lets noise in and RL diverges from cudaDecon: 0.54).
-fn cleaned_psf(dir: &Path, centre: CentreRule, radial: bool, sigmas: f64) -> (Volume, psf::MeasuredReport) {
+fn cleaned_psf(
+    dir: &Path,
+    centre: CentreRule,
+    radial: bool,
+    sigmas: f64,
+    z_centre_offset: f64,
+) -> (Volume, psf::MeasuredReport) {
     let bead = read_volume(dir.join("psf.tif")).unwrap();
     psf::clean_measured(
         &bead,
@@ -51,6 +57,7 @@ fn cleaned_psf(dir: &Path, centre: CentreRule, radial: bool, sigmas: f64) -> (Vo
             centre,
             radial,
             noise_floor_sigmas: sigmas,
+            z_centre_offset,
             ..Default::default()
         },
     )
@@ -58,7 +65,7 @@ fn cleaned_psf(dir: &Path, centre: CentreRule, radial: bool, sigmas: f64) -> (Vo
 }
 
 fn decon_psf(dir: &Path) -> Volume {
-    cleaned_psf(dir, CentreRule::Peak, true, 2.0).0
+    cleaned_psf(dir, CentreRule::Peak, true, 2.0, 0.0).0
 }
 
 fn cudadecon_config(iterations: usize, accelerate: bool) -> RlConfig {
@@ -78,7 +85,7 @@ fn measured_lls_psf_loses_its_noise_floor_and_ghost_plane() {
     let Some(dir) = data_dir("measured_lls_psf_loses_its_noise_floor_and_ghost_plane") else {
         return;
     };
-    let (p, r) = cleaned_psf(&dir, CentreRule::Peak, false, 3.0);
+    let (p, r) = cleaned_psf(&dir, CentreRule::Peak, false, 3.0, 0.0);
     let f = psf::fwhm_voxels(&p);
     eprintln!(
         "LLS PSF: {} at {:?} µm, FWHM z,y,x {:.3} {:.3} {:.3} µm; σ {:.2}, support {} voxels, mass outside support {:.1}%, \
@@ -278,8 +285,10 @@ fn psf_via_radial_otf_reproduces_cudadecon() {
     let reference = read_volume(dir.join("im_decon.tif")).unwrap();
     let input = kept_input(&dir);
     let cfg = cudadecon_config(10, true);
-    let run = |offset: f64, dims: Option<[usize; 3]>| {
-        let (p, r) = bead_otf(&dir, offset).to_psf(DATA_VOXEL, dims).unwrap();
+    let (otf_radialft, otf_fitted) = (bead_otf(&dir, 0.6), bead_otf(&dir, 0.0));
+    // offset: the z centre `otf` was made with, for the message
+    let run = |otf: &RadialOtf, offset: f64, dims: Option<[usize; 3]>| {
+        let (p, r) = otf.to_psf(DATA_VOXEL, dims).unwrap();
         let out = rl::richardson_lucy_traced(&input, &p, &cfg).unwrap().0;
         let e = rel_l2(&out.data, &reference.data);
         eprintln!(
@@ -291,10 +300,10 @@ fn psf_via_radial_otf_reproduces_cudadecon() {
         );
         (p, r, e)
     };
-    let (p, r, e) = run(0.6, None);
-    let (_, _, e_centred) = run(0.0, None);
-    let (_, r_small, e_small) = run(0.6, Some([21, 65, 65]));
-    let (_, r_full, e_full) = run(0.6, Some(KEPT));
+    let (p, r, e) = run(&otf_radialft, 0.6, None);
+    let (_, _, e_centred) = run(&otf_fitted, 0.0, None);
+    let (_, r_small, e_small) = run(&otf_radialft, 0.6, Some([21, 65, 65]));
+    let (_, r_full, e_full) = run(&otf_radialft, 0.6, Some(KEPT));
     // the bead's 6.1 × 12.8 × 12.8 µm field in 0.3 × 0.1 × 0.1 µm voxels, made odd
     assert_eq!(p.dims, [21, 129, 129]);
     assert_eq!(p.voxel_size, Some(DATA_VOXEL));
@@ -320,21 +329,8 @@ fn spatial_psf_centred_as_radialft_reproduces_cudadecon() {
     let reference = read_volume(dir.join("im_decon.tif")).unwrap();
     let input = kept_input(&dir);
     let cfg = cudadecon_config(10, true);
-    let bead = read_volume(dir.join("psf.tif")).unwrap();
     let run = |sigmas: f64| {
-        let (p, r) = psf::clean_measured(
-            &bead,
-            &MeasuredOptions {
-                voxel_size: Some(PSF_VOXEL),
-                target_voxel_size: Some(DATA_VOXEL),
-                centre: CentreRule::Peak,
-                radial: true,
-                noise_floor_sigmas: sigmas,
-                z_centre_offset: 0.6,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let (p, r) = cleaned_psf(&dir, CentreRule::Peak, true, sigmas, 0.6);
         let out = rl::richardson_lucy_traced(&input, &p, &cfg).unwrap().0;
         let e = rel_l2(&out.data, &reference.data);
         eprintln!(
@@ -346,7 +342,7 @@ fn spatial_psf_centred_as_radialft_reproduces_cudadecon() {
     let (r, e) = run(2.0);
     let (_, e_gentle) = run(1.5);
     // the parabola peak moved by 0.6 planes
-    let (_, r0) = cleaned_psf(&dir, CentreRule::Peak, true, 2.0);
+    let (_, r0) = cleaned_psf(&dir, CentreRule::Peak, true, 2.0, 0.0);
     assert!((r.centre_zyx[0] - r0.centre_zyx[0] - 0.6).abs() < 1e-9);
     assert!(e <= 0.10, "spatial PSF centred as radialft vs cudaDecon: rel L2 {e}");
     assert!(e_gentle < e, "{e_gentle} {e}");

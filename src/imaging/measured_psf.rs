@@ -425,18 +425,7 @@ mod tests {
 
     /// A noiseless Gaussian bead on a zero background (floor 0: everything above it kept).
     fn bead(dims: [usize; 3], centre: [f64; 3], sigma: [f64; 3]) -> Volume {
-        let mut v = Volume::zeros(dims);
-        for z in 0..dims[0] {
-            for y in 0..dims[1] {
-                for x in 0..dims[2] {
-                    let d = [z as f64 - centre[0], y as f64 - centre[1], x as f64 - centre[2]];
-                    let e: f64 = (0..3).map(|a| d[a] * d[a] / (2.0 * sigma[a] * sigma[a])).sum();
-                    let i = v.index(z, y, x);
-                    v.data[i] = (1000.0 * (-e).exp()) as f32;
-                }
-            }
-        }
-        v
+        crate::imaging::radial_otf::tests::gaussian_bead(dims, centre, sigma, 0.0)
     }
 
     /// The z centre offset moves the PSF along z: by one plane it is the unmoved PSF one

@@ -278,20 +278,30 @@ pub struct OtfPsfReport {
 
 impl RadialOtf {
     /// The size in voxels of `voxel` (z, y, x µm) of the field the OTF was measured on:
-    /// 1/Δk per axis, rounded up to a whole, odd number of voxels (odd: the centre voxel
-    /// dims/2 has as many neighbours on each side).
-    pub fn field_dims(&self, voxel: [f64; 3]) -> Result<[usize; 3]> {
+    /// 1/Δk per axis, rounded up to a whole number of voxels (at least 1).
+    pub fn field_extent(&self, voxel: [f64; 3]) -> Result<[usize; 3]> {
         if voxel.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
             return Err(Error::invalid(format!(
                 "the data's voxel size {voxel:?} µm must be positive"
             )));
         }
         let step = [self.dkz, self.dkr, self.dkr];
-        Ok([0, 1, 2].map(|a| {
+        let mut n = [0usize; 3];
+        for a in 0..3 {
+            let field = 1.0 / (step[a] * voxel[a]);
+            if !field.is_finite() || field <= 0.0 {
+                return Err(Error::invalid("the OTF's frequency steps must be positive"));
+            }
             // a whole number of voxels up to rounding (a bead stepped like the data)
-            let n = ((1.0 / (step[a] * voxel[a]) - 1e-6).ceil() as usize).max(1);
-            n | 1
-        }))
+            n[a] = ((field - 1e-6).ceil() as usize).max(1);
+        }
+        Ok(n)
+    }
+
+    /// [`Self::field_extent`] made odd, so the centre voxel dims/2 has as many neighbours on
+    /// each side: the default size of [`Self::to_psf`].
+    pub fn field_dims(&self, voxel: [f64; 3]) -> Result<[usize; 3]> {
+        Ok(self.field_extent(voxel)?.map(|n| n | 1))
     }
 
     /// The spatial PSF this OTF stands for on a grid of voxel size `voxel` (z, y, x µm):
@@ -420,11 +430,11 @@ fn read_single_page_f32(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A Gaussian bead (σ in voxels) at a sub-voxel position on a constant background.
-    fn gaussian_bead(dims: [usize; 3], centre: [f64; 3], sigma: [f64; 3], background: f32) -> Volume {
+    pub(crate) fn gaussian_bead(dims: [usize; 3], centre: [f64; 3], sigma: [f64; 3], background: f32) -> Volume {
         let mut v = Volume::zeros(dims);
         for z in 0..dims[0] {
             for y in 0..dims[1] {

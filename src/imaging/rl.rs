@@ -231,24 +231,10 @@ fn grown_domain(img: [usize; 3], p: [usize; 3]) -> ([usize; 3], [usize; 3], [usi
 }
 
 /// The size in data voxels (`voxel`, z y x µm) of the PSF a radial OTF stands for: the
-/// field it was measured on, 1/Δk along each axis, at most the image's size `img`.
+/// field it was measured on, at most the image's size `img`.
 fn otf_psf_dims(otf: &super::radial_otf::RadialOtf, voxel: [f64; 3], img: [usize; 3]) -> Result<[usize; 3]> {
-    if voxel.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
-        return Err(Error::invalid(format!(
-            "the data's voxel size {voxel:?} µm must be positive"
-        )));
-    }
-    let step = [otf.dkz, otf.dkr, otf.dkr];
-    let mut p = [0usize; 3];
-    for a in 0..3 {
-        let field = 1.0 / (step[a] * voxel[a]);
-        if !field.is_finite() || field <= 0.0 {
-            return Err(Error::invalid("the OTF's frequency steps must be positive"));
-        }
-        // a whole number of voxels up to rounding (a bead stepped like the data)
-        p[a] = ((field - 1e-6).ceil() as usize).clamp(1, img[a]);
-    }
-    Ok(p)
+    let n = otf.field_extent(voxel)?;
+    Ok([0, 1, 2].map(|a| n[a].clamp(1, img[a])))
 }
 
 impl RlPlan {
