@@ -16,7 +16,7 @@ use crate::imaging::synth::{mix_seed, Family, SynthConfig, Synthesizer};
 use crate::imaging::volume::Volume;
 use crate::infer::deconvolve;
 use crate::infer::TilePredictor;
-use crate::model::Model;
+use crate::model::{FixedNorm, Model};
 use serde::Serialize;
 use std::ops::ControlFlow;
 
@@ -103,8 +103,11 @@ pub struct CompareReport {
     /// Read noise σ of the volumes, photons, and their scene's constant background, units.
     pub read_noise: f64,
     pub background: f32,
-    /// The percentiles RLN's input was normalized with.
+    /// The percentiles RLN's input was normalized with (unless `rln_fixed_norm`).
     pub rln_percentiles: [f64; 2],
+    /// The model's fixed normalization, in photons (the volumes' units), when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rln_fixed_norm: Option<FixedNorm>,
     pub seeds: Vec<u64>,
     pub rows: Vec<MethodScore>,
     /// RLD iteration counts with the best mean PSNR and the best mean SSIM.
@@ -153,6 +156,18 @@ pub fn compare_on_synthetic(
             "RLD iteration range --rl-min {lo} --rl-max {hi} is empty or starts at 0: give 1 ≤ rl-min ≤ rl-max"
         )));
     }
+    // the volumes are synthetic, in photons: a fixed normalization (set in the raw
+    // units of the camera the model was matched to) goes back through that camera
+    let in_photons;
+    let model = match &model.config.norm_fixed {
+        Some(f) => {
+            let mut m = model.clone();
+            m.config.norm_fixed = Some(f.in_photons());
+            in_photons = m;
+            &in_photons
+        }
+        None => model,
+    };
     let s = Synthesizer::new(synth, psf)?;
     let plan = RlPlan::new(synth.size, psf, BackProjector::Matched)?;
     let mut rln = Vec::new();
@@ -245,6 +260,7 @@ pub fn compare_on_synthetic(
         read_noise: synth.read_noise,
         background: synth.background,
         rln_percentiles: model.config.norm_percentiles,
+        rln_fixed_norm: model.config.norm_fixed,
         seeds,
         rows,
         rld_best_psnr_iterations: plain_psnr_k,

@@ -33,6 +33,7 @@ pub fn make_predictor(device: Device, fp16: bool, model: &Model<f32>) -> Result<
 pub fn override_percentiles(model: &mut Model<f32>, percentiles: Option<(f64, f64)>) -> Result<()> {
     if let Some((lo, hi)) = percentiles {
         model.config.norm_percentiles = [lo, hi];
+        model.config.norm_fixed = None;
         model.config.validate().context("--percentiles")?;
     }
     Ok(())

@@ -4,7 +4,7 @@
 //! tiled network over a borrowed z,y,x slice, with the same tiling and normalization as
 //! [`super::deconvolve`] and `rln-engine infer`.
 
-use super::stitch::{estimate_normalization, run_tiled, Affine, NormalizeMode, StitchOptions};
+use super::stitch::{model_normalization, run_tiled, Affine, NormalizeMode, StitchOptions};
 use super::tiling::{choose_core, MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS};
 use super::{CpuPredictor, TilePredictor};
 use crate::backend::cuda::{self, CudaOptions, CudaPredictor, Precision};
@@ -108,13 +108,13 @@ fn check_volume(dims: [usize; 3], len: usize) -> Result<()> {
 }
 
 /// The global input normalization `model` applies to a volume (its percentiles over
-/// every voxel), as [`super::deconvolve`] computes it. Compute it once on the whole
+/// every voxel, or the model's fixed values), as [`super::deconvolve`] computes it. Compute it once on the whole
 /// volume (or a strided sample of it) and pass it to [`deconvolve_slice`] for each
 /// block, so that blocks of one volume are normalized alike.
 pub fn global_normalization(model: &Model<f32>, dims: [usize; 3], data: &[f32]) -> Result<Affine> {
     check_volume(dims, data.len())?;
     let mut src = MemorySource { dims, data };
-    estimate_normalization(&mut src, model.config.norm_percentiles, usize::MAX)
+    model_normalization(&mut src, &model.config, usize::MAX)
 }
 
 /// The normalization of the given low and high percentile values (for instance read from

@@ -95,7 +95,7 @@ pub fn deconvolve(
         dims: input.dims,
         data: &input.data,
     };
-    let aff = stitch::estimate_normalization(&mut src, pct, usize::MAX)?;
+    let aff = stitch::model_normalization(&mut src, &model.config, usize::MAX)?;
     let opts = StitchOptions {
         plan,
         normalize: NormalizeMode::Global,

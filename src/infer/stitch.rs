@@ -5,7 +5,7 @@ use super::tiling::{ramp_weights, PlaneSink, PlaneSource, TilePlan};
 use super::TilePredictor;
 use crate::error::{Error, Result};
 use crate::imaging::normalize::{percentile_affine, percentiles};
-use crate::model::Variant;
+use crate::model::{FixedNorm, ModelConfig, Variant};
 use crate::tensor::{Shape, Tensor};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -42,11 +42,38 @@ impl Affine {
             p_hi_value: hi,
         }
     }
+    /// The map of a model's fixed normalization (its low and high stand where the
+    /// percentile values would).
+    pub fn from_fixed(f: &FixedNorm) -> Self {
+        let (scale, offset) = f.affine();
+        Affine {
+            scale,
+            offset,
+            p_lo_value: f.low,
+            p_hi_value: f.high,
+        }
+    }
     pub fn apply(&self, v: f32) -> f32 {
         (v as f64 * self.scale + self.offset) as f32
     }
     pub fn invert(&self, v: f32) -> f32 {
         ((v as f64 - self.offset) / self.scale) as f32
+    }
+}
+
+/// The global normalization `config` prescribes for a whole source: its fixed values
+/// when it has them (the source is then only checked for non-finite values, all of it
+/// when it holds at most `max_samples` voxels), else [`estimate_normalization`].
+pub fn model_normalization(src: &mut dyn PlaneSource, config: &ModelConfig, max_samples: usize) -> Result<Affine> {
+    match &config.norm_fixed {
+        Some(f) => {
+            let [d, h, w] = src.dims();
+            if d * h * w <= max_samples {
+                check_finite(&src.read_planes(0, d)?)?;
+            }
+            Ok(Affine::from_fixed(f))
+        }
+        None => estimate_normalization(src, config.norm_percentiles, max_samples),
     }
 }
 

@@ -51,6 +51,10 @@ pub struct ModelConfig {
     pub bn_momentum: f64,
     /// Percentiles (low, high) of the input normalization (spec §6).
     pub norm_percentiles: [f64; 2],
+    /// Fixed input normalization (`train --fixed-norm`), used instead of each volume's
+    /// percentiles when present. See [`FixedNorm`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_fixed: Option<FixedNorm>,
     /// Where the weights came from (free text: import source, training command...).
     #[serde(default)]
     pub provenance: String,
@@ -62,6 +66,59 @@ pub struct ModelConfig {
     pub training: Option<serde_json::Value>,
 }
 
+/// One input normalization for every volume: raw value `low` maps to 0 and `high` to 1
+/// (`v' = (v − low)/(high − low)`), whatever else the volume holds. Percentile
+/// normalization stretches each volume to its own range, so a scene of thin structures
+/// only (whose blurred peaks are dim) is shown to the network as brightly as one of
+/// large objects, and the network, which learned that the brightest structures are the
+/// large ones, under-sharpens it and amplifies its background noise. With fixed values a
+/// structure's brightness keeps its meaning, which is sound when every volume comes
+/// from one acquisition setting (what `train --like` matches).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FixedNorm {
+    /// Raw value mapped to 0, in the units of the data the model is applied to.
+    pub low: f64,
+    /// Raw value mapped to 1.
+    pub high: f64,
+    /// The camera of that data, `raw = camera_offset + camera_gain · photons` (from
+    /// `train --like`; 0 and 1 when the values are in the training inputs' own units):
+    /// synthetic inputs, which are in photons, go through it in training and `compare`.
+    pub camera_offset: f64,
+    pub camera_gain: f64,
+}
+
+impl FixedNorm {
+    pub fn validate(&self) -> Result<()> {
+        let (l, h, o, g) = (self.low, self.high, self.camera_offset, self.camera_gain);
+        if !(l.is_finite() && h.is_finite() && l < h) {
+            return Err(Error::Model(format!(
+                "fixed normalization values {l}, {h} must be finite with low < high"
+            )));
+        }
+        if !(o.is_finite() && g.is_finite() && g > 0.0) {
+            return Err(Error::Model(format!(
+                "fixed normalization camera offset {o} and gain {g} must be finite with a positive gain"
+            )));
+        }
+        Ok(())
+    }
+    /// The map `v' = v·scale + offset` of raw values: `(scale, offset)`.
+    pub fn affine(&self) -> (f64, f64) {
+        let s = 1.0 / (self.high - self.low);
+        (s, -self.low * s)
+    }
+    /// The same normalization for values in photons (synthetic volumes): low and high
+    /// taken back through the camera.
+    pub fn in_photons(&self) -> FixedNorm {
+        FixedNorm {
+            low: (self.low - self.camera_offset) / self.camera_gain,
+            high: (self.high - self.camera_offset) / self.camera_gain,
+            camera_offset: 0.0,
+            camera_gain: 1.0,
+        }
+    }
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
@@ -71,6 +128,7 @@ impl Default for ModelConfig {
             bn_eps: 1e-3,
             bn_momentum: 0.99,
             norm_percentiles: [0.01, 99.5],
+            norm_fixed: None,
             provenance: String::new(),
             psf: None,
             training: None,
@@ -115,6 +173,9 @@ impl ModelConfig {
                 "bn_momentum {} must be in [0, 1)",
                 self.bn_momentum
             )));
+        }
+        if let Some(f) = &self.norm_fixed {
+            f.validate()?;
         }
         let [lo, hi] = self.norm_percentiles;
         if !((0.0..100.0).contains(&lo) && lo < hi && hi <= 100.0) {

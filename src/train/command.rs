@@ -14,7 +14,8 @@ use crate::error::{Error, Result, ResultExt};
 use crate::imaging::acquisition::{self, AcquisitionEstimate};
 use crate::imaging::io::{read_volume, read_volume_with, ReadOptions};
 use crate::imaging::synth::{Family, SynthConfig};
-use crate::model::{Model, ModelConfig, Variant};
+use crate::imaging::normalize::percentiles;
+use crate::model::{FixedNorm, Model, ModelConfig, Variant};
 use crate::train::adam::LrSchedule;
 use crate::train::data::{CropSampler, Dataset, SynthVariation, TargetScale};
 use crate::train::trainer::{self, TrainConfig, TrainObserver, TrainState, ValMetrics};
@@ -111,6 +112,17 @@ pub struct TrainArgs {
     /// truth holds the input's total flux, e.g. --synth-psf pairs).
     #[arg(long, value_enum, default_value_t = TargetScale::Own)]
     pub target_scale: TargetScale,
+    /// Normalize every crop, and at inference every volume, with fixed values instead of
+    /// its own percentiles, so that a structure's brightness keeps its meaning (a scene
+    /// of thin, dim structures is not stretched to the range large objects set; use
+    /// with --target-scale input-flux). `like`: the --like raw volume's percentiles
+    /// (--percentiles, or the model's) in its own units, with the camera offset and gain
+    /// --like estimated, so the model applies to raw data of that camera and setting.
+    /// LO,HI: these values, in the units of the training inputs. Recorded in the model;
+    /// `infer --percentiles` overrides it. Default: percentiles (or the --init model's
+    /// fixed values).
+    #[arg(long, value_name = "like|LO,HI", value_parser = parse_fixed_norm)]
+    pub fixed_norm: Option<FixedNormArg>,
     /// Base learning rate.
     #[arg(long, value_parser = crate::args::finite_f64, default_value_t = 0.015)]
     pub lr: f64,
@@ -325,6 +337,23 @@ fn config_from_flags(a: &TrainArgs) -> TrainConfig {
     }
 }
 
+/// `train --fixed-norm`: from the --like raw volume, or given values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FixedNormArg {
+    Like,
+    Values(f64, f64),
+}
+
+fn parse_fixed_norm(s: &str) -> std::result::Result<FixedNormArg, String> {
+    if s.trim() == "like" {
+        return Ok(FixedNormArg::Like);
+    }
+    match parse_range(s)? {
+        (lo, hi) if lo < hi => Ok(FixedNormArg::Values(lo, hi)),
+        _ => Err(format!("{s:?}: give `like` or LO,HI with LO < HI")),
+    }
+}
+
 /// `--like RAW`: estimates the raw volume's acquisition, sets the synthetic pairs' photon
 /// level, read noise and density to match, prints it; returns the estimate and the settings.
 fn like_raw(
@@ -332,7 +361,7 @@ fn like_raw(
     psf_path: &std::path::Path,
     psf: &crate::imaging::Volume,
     sc: &mut SynthConfig,
-) -> Result<(AcquisitionEstimate, serde_json::Value)> {
+) -> Result<(AcquisitionEstimate, serde_json::Value, crate::imaging::Volume)> {
     let raw = read_volume(raw_path).with_context(|| format!("reading {}", raw_path.display()))?;
     if let Some(note) = crate::imaging::psf::check_voxel_sizes_match(psf, &raw)
         .with_context(|| format!("PSF {} and raw volume {}", psf_path.display(), raw_path.display()))?
@@ -357,7 +386,43 @@ fn like_raw(
         crate::imaging::volume::dims_str(m.probe_size)
     );
     let synth = serde_json::to_value(&m).map_err(|e| Error::invalid(format!("recording the match: {e}")))?;
-    Ok((est, synth))
+    Ok((est, synth, raw))
+}
+
+/// The model's fixed normalization: from `--fixed-norm`, else the `--init` model's.
+fn fixed_norm(
+    a: &TrainArgs,
+    config: &ModelConfig,
+    like: Option<&(crate::imaging::Volume, AcquisitionEstimate)>,
+) -> Result<Option<FixedNorm>> {
+    let f = match a.fixed_norm {
+        None => return Ok(config.norm_fixed),
+        Some(FixedNormArg::Values(low, high)) => FixedNorm {
+            low,
+            high,
+            camera_offset: 0.0,
+            camera_gain: 1.0,
+        },
+        Some(FixedNormArg::Like) => {
+            let (raw, est) = like.ok_or_else(|| {
+                Error::invalid("--fixed-norm like takes its values from the --like raw volume: give --like RAW, or give --fixed-norm LO,HI")
+            })?;
+            let [p_lo, p_hi] = config.norm_percentiles;
+            let v = percentiles(&raw.data, &[p_lo, p_hi])?;
+            FixedNorm {
+                low: v[0],
+                high: v[1],
+                camera_offset: est.offset,
+                camera_gain: est.gain,
+            }
+        }
+    };
+    f.validate().map_err(|e| {
+        Error::invalid(format!(
+            "--fixed-norm: {e} (a raw volume whose percentiles coincide cannot set the scale: give LO,HI)"
+        ))
+    })?;
+    Ok(Some(f))
 }
 
 /// Runs `rln-engine train` with these options (progress on stderr); the model's
@@ -468,6 +533,8 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<TrainSummary> {
     };
     let mut psf_meta = None;
     let mut like_meta: Option<serde_json::Value> = None;
+    // the --like raw volume and its camera, for --fixed-norm like
+    let mut like_raw_volume: Option<(crate::imaging::Volume, AcquisitionEstimate)> = None;
     // data (every problem reported before training starts)
     let (data, val) = if let Some(psf_path) = &a.synth_psf {
         let psf = read_volume_with(
@@ -485,9 +552,10 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<TrainSummary> {
             .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok());
         let mut sc = synth_config(a);
         if let Some(raw_path) = &a.like {
-            let (est, synth) = like_raw(raw_path, psf_path, &psf, &mut sc)?;
+            let (est, synth, raw) = like_raw(raw_path, psf_path, &psf, &mut sc)?;
             like_meta =
                 Some(serde_json::json!({"raw": raw_path.display().to_string(), "estimate": est, "synthetic": synth}));
+            like_raw_volume = Some((raw, est));
         }
         eprintln!(
             "making {} training and {} validation volumes of {:?} for {} ...",
@@ -572,9 +640,20 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<TrainSummary> {
                 }
                 None => Model::<f32>::init(mconf, a.seed),
             };
-            // crops are normalized as the model will normalize at inference
+            let mut model = model;
+            model.config.norm_fixed = fixed_norm(a, &model.config, like_raw_volume.as_ref())?;
+            // crops are normalized as the model will normalize at inference (synthetic
+            // inputs are in photons: the fixed values go back through the camera)
             let mut cfg = cfg;
             cfg.sampler.percentiles = model.config.norm_percentiles;
+            cfg.sampler.fixed = model.config.norm_fixed.map(|f| if a.synth_psf.is_some() { f.in_photons() } else { f });
+            if let Some(f) = &model.config.norm_fixed {
+                let p = cfg.sampler.fixed.expect("set above");
+                eprintln!(
+                    "input normalization: fixed, raw {:.4}..{:.4} → 0..1 (camera offset {:.3}, gain {:.4}; training inputs {:.4}..{:.4})",
+                    f.low, f.high, f.camera_offset, f.camera_gain, p.low, p.high
+                );
+            }
             let state = TrainState::new(model, &cfg);
             (state, cfg)
         }
@@ -710,6 +789,7 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<TrainSummary> {
         "schedule": cfg.schedule, "seed": cfg.seed, "pairs": data.pairs.len(),
         "device": if a.reproducible && gpu.is_none() { "CPU".to_string() } else { device_name.clone() },
         "percentiles": cfg.sampler.percentiles, "input_scale": cfg.sampler.input_scale,
+        "fixed_norm": cfg.sampler.fixed,
         "validation": last_val,
         "like": like_meta,
     });

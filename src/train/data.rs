@@ -6,7 +6,7 @@ use crate::imaging::io::read_volume;
 use crate::imaging::normalize::{normalize_ground_truth, normalize_percentile_in_place, percentile_affine};
 use crate::imaging::synth::{mix_seed, Family, SynthConfig, Synthesizer};
 use crate::imaging::volume::{dims_str, Volume};
-use crate::model::Variant;
+use crate::model::{FixedNorm, Variant};
 use crate::tensor::{Shape, Tensor};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -270,12 +270,20 @@ fn unit_draw(seed: u64, tag: u64) -> f64 {
 /// Normalized views and the affine map `(scale, offset)` applied to each.
 pub type ViewsAndMaps = (Vec<Vec<f32>>, Vec<(f64, f64)>);
 
-/// Percentile-normalizes each view (spec §6) and returns them with the affine map
-/// applied to each, which [`TargetScale::target`] needs.
-pub fn normalize_views(views: Vec<Vec<f32>>, percentiles: [f64; 2]) -> Result<ViewsAndMaps> {
+/// Percentile-normalizes each view (spec §6), or maps it by the `fixed` normalization,
+/// and returns them with the affine map applied to each, which [`TargetScale::target`]
+/// needs.
+pub fn normalize_views(views: Vec<Vec<f32>>, percentiles: [f64; 2], fixed: Option<&FixedNorm>) -> Result<ViewsAndMaps> {
     let mut affines = Vec::with_capacity(views.len());
     let mut out = Vec::with_capacity(views.len());
     for mut x in views {
+        if let Some(f) = fixed {
+            let (s, o) = f.affine();
+            x.iter_mut().for_each(|v| *v = (*v as f64 * s + o) as f32);
+            affines.push((s, o));
+            out.push(x);
+            continue;
+        }
         let (lo, hi) = normalize_percentile_in_place(&mut x, percentiles[0], percentiles[1])?;
         affines.push(percentile_affine(lo, hi));
         out.push(x);
@@ -354,6 +362,10 @@ pub struct CropSampler {
     pub input_scale: Option<(f64, f64)>,
     #[serde(default)]
     pub target_scale: TargetScale,
+    /// The model's fixed normalization in the units of the training inputs (photons for
+    /// synthetic pairs), used instead of each crop's percentiles; None: percentiles.
+    #[serde(default)]
+    pub fixed: Option<FixedNorm>,
 }
 
 impl Default for CropSampler {
@@ -367,6 +379,7 @@ impl Default for CropSampler {
             percentiles: [0.01, 99.5],
             input_scale: None,
             target_scale: TargetScale::Own,
+            fixed: None,
         }
     }
 }
@@ -435,7 +448,7 @@ impl CropSampler {
                 .iter()
                 .map(|v| Ok(v.crop(start, c)?.data))
                 .collect::<Result<_>>()?;
-            let (mut views, affines) = normalize_views(crops, self.percentiles)?;
+            let (mut views, affines) = normalize_views(crops, self.percentiles, self.fixed.as_ref())?;
             if let Some((lo, hi)) = self.input_scale {
                 // its own stream, so the crops are those of the run without scaling
                 let u: f64 = ChaCha8Rng::seed_from_u64(mix_seed(mix_seed(seed ^ 0x5ca1e, step), k as u64)).random();

@@ -431,7 +431,7 @@ pub fn validate_on<B: Backend<T = f32>>(
             .iter()
             .map(|v| Ok(center_crop(v, cfg.val_crop)?.data))
             .collect::<Result<_>>()?;
-        let (views, affines) = normalize_views(crops, cfg.sampler.percentiles)?;
+        let (views, affines) = normalize_views(crops, cfg.sampler.percentiles, cfg.sampler.fixed.as_ref())?;
         let d = gt.dims;
         let shape = Shape::new(1, 1, d[0], d[1], d[2]);
         let x1 = Tensor::from_vec(

@@ -37,7 +37,7 @@ use crate::imaging::stream::{Region, VolumeReader, VolumeWriter, WriterSpec};
 use crate::infer::stitch::{run_tiled, Affine, NormalizeMode, StitchOptions};
 use crate::infer::tiling::{PlaneSink, PlaneSource, TilePlan, RECEPTIVE_RADIUS};
 use crate::infer::TilePredictor;
-use crate::model::{Model, Variant};
+use crate::model::{FixedNorm, Model, Variant};
 use crate::tensor::Tensor;
 use norm::{NormStats, ViewStats, NORM_STATS_FORMAT};
 use pipeline::{PhaseSeconds, PipelineHooks, PipelineOptions};
@@ -482,10 +482,24 @@ pub fn run_job(
     Ok((t, tiles.len(), skip))
 }
 
-/// Normalization of every view: from `--norm-stats` when the file exists, else sampled
-/// (and written to the file when one is named).
-fn normalization(opts: &InferFileOptions, views: &[&dyn VolumeReader], pct: [f64; 2]) -> Result<NormStats> {
+/// Normalization of every view: the model's fixed values when it has them; else from
+/// `--norm-stats` when the file exists, else sampled (and written to the file when one
+/// is named).
+fn normalization(
+    opts: &InferFileOptions,
+    views: &[&dyn VolumeReader],
+    pct: [f64; 2],
+    fixed: Option<&FixedNorm>,
+) -> Result<NormStats> {
     let dims = views[0].dims();
+    if let Some(f) = fixed {
+        return Ok(NormStats {
+            format: NORM_STATS_FORMAT.into(),
+            dims,
+            percentiles: pct,
+            views: vec![ViewStats::of_fixed(f); views.len()],
+        });
+    }
     if let Some(p) = &opts.norm_stats {
         if p.exists() {
             return NormStats::load_checked(p, dims, pct, views.len());
@@ -521,6 +535,8 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
     let t0 = Instant::now();
     let mut model = Model::<f32>::load(&opts.model)?;
     if let Some(p) = opts.percentiles {
+        // the user's percentiles replace the model's normalization, fixed or not
+        model.config.norm_fixed = None;
         model.config.norm_percentiles = p;
         model
             .config
@@ -546,6 +562,12 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
             "--block, --region, --resume and --create-only write into a chunked store (an OME-Zarr folder named *.zarr); {} is not one",
             opts.output.display()
         )));
+    }
+    if opts.normalize == NormalizeMode::PerTile && model.config.norm_fixed.is_some() {
+        return Err(Error::invalid(
+            "--normalize per-tile: this model normalizes every volume with fixed values (train --fixed-norm), \
+             not by percentiles; use the default global normalization, or give --percentiles to normalize by them",
+        ));
     }
     if (partial || opts.create_only || opts.resume) && opts.blended() {
         return Err(Error::invalid(
@@ -603,7 +625,7 @@ pub fn infer_file(opts: &InferFileOptions) -> Result<InferSummary> {
     let stats = if opts.normalize == NormalizeMode::Global {
         match &existing {
             Some(sp) if opts.norm_stats.as_ref().is_none_or(|p| !p.exists()) => sp.normalization.clone(),
-            _ => Some(normalization(opts, &views, pct)?),
+            _ => Some(normalization(opts, &views, pct, model.config.norm_fixed.as_ref())?),
         }
     } else {
         None

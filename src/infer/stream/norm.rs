@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::imaging::normalize::percentiles;
 use crate::imaging::stream::{Region, VolumeReader};
 use crate::infer::stitch::Affine;
+use crate::model::FixedNorm;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -31,16 +32,38 @@ pub struct ViewStats {
     pub sampled_voxels: usize,
     /// Whether the whole volume was read (exact percentiles).
     pub exact: bool,
+    /// The values are a model's fixed normalization (nothing sampled), not percentiles.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fixed: bool,
 }
 
 impl ViewStats {
+    /// The stats of a model's fixed normalization.
+    pub fn of_fixed(f: &FixedNorm) -> Self {
+        ViewStats {
+            p_lo_value: f.low,
+            p_hi_value: f.high,
+            sampled_voxels: 0,
+            exact: true,
+            fixed: true,
+        }
+    }
     pub fn affine(&self) -> Affine {
+        if self.fixed {
+            let f = FixedNorm {
+                low: self.p_lo_value,
+                high: self.p_hi_value,
+                camera_offset: 0.0,
+                camera_gain: 1.0,
+            };
+            return Affine::from_fixed(&f);
+        }
         Affine::from_percentile_values(self.p_lo_value, self.p_hi_value)
     }
     /// Both percentiles equal (a constant volume, or one whose range is a single
     /// value): the §6 map is undefined, so the output is the input (see `infer_file`).
     pub fn is_degenerate(&self) -> bool {
-        self.p_hi_value == self.p_lo_value
+        !self.fixed && self.p_hi_value == self.p_lo_value
     }
 }
 
@@ -201,6 +224,7 @@ pub fn sample_stats(reader: &dyn VolumeReader, pct: [f64; 2], max_samples: usize
         p_hi_value: v[1],
         sampled_voxels: n,
         exact: n == dims.iter().product::<usize>(),
+        fixed: false,
     })
 }
 
