@@ -456,6 +456,11 @@ fn cli_refuses_fixed_norm_misuse_clearly() {
         &[&"--synth-size", &"16,32,32", &"--fixed-norm", &"like", &"-o", &out],
     );
     assert_clear_error(&o, &["--fixed-norm like", "--like RAW"], &out);
+    assert!(
+        !stderr(&o).contains("making"),
+        "refused only after making data: {}",
+        stderr(&o)
+    );
     // LO ≥ HI and malformed values: the parser refuses them
     for bad in ["5,3", "4,4", "abc", "1,nan"] {
         let o = tiny_train(d, &[&"--synth-size", &"16,32,32", &"--fixed-norm", &bad, &"-o", &out]);

@@ -55,7 +55,8 @@ pub struct CompareArgs {
     pub rl_accelerated: bool,
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
-    /// RLN's input normalization percentiles LOW,HIGH instead of the model's own.
+    /// RLN's input normalization percentiles LOW,HIGH instead of the model's own; this
+    /// also replaces a model's fixed normalization (`train --fixed-norm`).
     #[arg(long, value_parser = super::args::parse_range)]
     pub percentiles: Option<(f64, f64)>,
     /// Print the report as JSON.

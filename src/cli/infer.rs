@@ -56,11 +56,14 @@ pub struct InferArgs {
     #[arg(long, default_value_t = RECEPTIVE_RADIUS)]
     pub context: usize,
     /// Input normalization: global percentiles (no tile-to-tile steps; from a bounded
-    /// sample of the volume, see below) or the authors' per-tile.
+    /// sample of the volume, see below) or the authors' per-tile. A model trained with
+    /// `train --fixed-norm` maps every volume by its fixed values instead (per-tile is
+    /// then refused unless --percentiles replaces them).
     #[arg(long, value_enum, default_value_t = NormalizeMode::Global)]
     pub normalize: NormalizeMode,
     /// Input normalization percentiles LOW,HIGH instead of the ones the model was trained
-    /// with (recorded in it). A higher HIGH lowers the input's contrast; for very sparse
+    /// with (recorded in it); this also replaces a model's fixed normalization (`train
+    /// --fixed-norm`). A higher HIGH lowers the input's contrast; for very sparse
     /// specimens whose 99.5th percentile falls in the background this can help (see
     /// models/README.md), at a cost on dense ones.
     #[arg(long, value_parser = super::args::parse_range)]
@@ -120,7 +123,9 @@ Global normalization uses percentiles of the whole volume when it holds at most 
 voxels, else of a stratified sample of 4.2 M voxels in blocks of the input's chunks.
 On the test volumes (tests/stream_infer.rs) the sampled percentiles differed from the
 exact ones by at most 1% of (P_high − P_low). A volume whose two percentiles are equal
-(e.g. constant) is copied to the output unchanged.
+(e.g. constant) is copied to the output unchanged. A model trained with --fixed-norm
+samples nothing: every volume is mapped by its recorded values (--percentiles instead
+normalizes by percentiles).
 
 Split jobs: `infer M IN -o OUT.zarr --create-only --norm-stats S.json`, then one
 `infer M IN -o OUT.zarr --block I/N` per worker (any order, any machine sharing the store),

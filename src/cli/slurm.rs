@@ -88,7 +88,8 @@ pub struct PlanArgs {
     /// Chunk shape (z,y,x) of the store; default 64,64,64.
     #[arg(long, value_parser = parse_dims)]
     pub chunks: Option<[usize; 3]>,
-    /// Normalization percentiles LOW,HIGH instead of the model's (as `infer`).
+    /// Normalization percentiles LOW,HIGH instead of the model's, or of its fixed
+    /// normalization (as `infer`).
     #[arg(long, value_parser = parse_range)]
     pub percentiles: Option<(f64, f64)>,
     /// Keep the network's normalized output (as `infer`).

@@ -13,8 +13,8 @@ use crate::backend::{GradMode, TrainPrecision};
 use crate::error::{Error, Result, ResultExt};
 use crate::imaging::acquisition::{self, AcquisitionEstimate};
 use crate::imaging::io::{read_volume, read_volume_with, ReadOptions};
-use crate::imaging::synth::{Family, SynthConfig};
 use crate::imaging::normalize::percentiles;
+use crate::imaging::synth::{Family, SynthConfig};
 use crate::model::{FixedNorm, Model, ModelConfig, Variant};
 use crate::train::adam::LrSchedule;
 use crate::train::data::{CropSampler, Dataset, SynthVariation, TargetScale};
@@ -112,15 +112,17 @@ pub struct TrainArgs {
     /// truth holds the input's total flux, e.g. --synth-psf pairs).
     #[arg(long, value_enum, default_value_t = TargetScale::Own)]
     pub target_scale: TargetScale,
-    /// Normalize every crop, and at inference every volume, with fixed values instead of
-    /// its own percentiles, so that a structure's brightness keeps its meaning (a scene
-    /// of thin, dim structures is not stretched to the range large objects set; use
-    /// with --target-scale input-flux). `like`: the --like raw volume's percentiles
-    /// (--percentiles, or the model's) in its own units, with the camera offset and gain
-    /// --like estimated, so the model applies to raw data of that camera and setting.
-    /// LO,HI: these values, in the units of the training inputs. Recorded in the model;
-    /// `infer --percentiles` overrides it. Default: percentiles (or the --init model's
-    /// fixed values).
+    /// Normalize every crop, and at inference every volume, by fixed values (LO → 0,
+    /// HI → 1) instead of its own percentiles, so that a structure's brightness keeps its
+    /// meaning: a scene of thin, dim structures is not stretched to the range large
+    /// objects set. For a model matched with --like to one acquisition setting; use with
+    /// --target-scale input-flux. `like`: the --like raw volume's percentiles
+    /// (--percentiles, or the model's), in its raw units, with the camera offset and gain
+    /// --like estimated (the synthetic crops, in photons, go through that camera), so the
+    /// model applies to raw data of that camera and setting. LO,HI: these values, in the
+    /// units of the training inputs (and of the volumes the model will be applied to).
+    /// Recorded in the model; `infer --percentiles` replaces it. Default: percentiles (or
+    /// the --init model's fixed values).
     #[arg(long, value_name = "like|LO,HI", value_parser = parse_fixed_norm)]
     pub fixed_norm: Option<FixedNormArg>,
     /// Base learning rate.
@@ -389,6 +391,13 @@ fn like_raw(
     Ok((est, synth, raw))
 }
 
+/// The error of `--fixed-norm like` without `--like RAW` (checked early, and where the values are taken).
+fn fixed_norm_like_without_like() -> Error {
+    Error::invalid(
+        "--fixed-norm like takes its values from the --like raw volume: give --like RAW, or give --fixed-norm LO,HI",
+    )
+}
+
 /// The model's fixed normalization: from `--fixed-norm`, else the `--init` model's.
 fn fixed_norm(
     a: &TrainArgs,
@@ -404,9 +413,7 @@ fn fixed_norm(
             camera_gain: 1.0,
         },
         Some(FixedNormArg::Like) => {
-            let (raw, est) = like.ok_or_else(|| {
-                Error::invalid("--fixed-norm like takes its values from the --like raw volume: give --like RAW, or give --fixed-norm LO,HI")
-            })?;
+            let (raw, est) = like.ok_or_else(fixed_norm_like_without_like)?;
             let [p_lo, p_hi] = config.norm_percentiles;
             let v = percentiles(&raw.data, &[p_lo, p_hi])?;
             FixedNorm {
@@ -437,6 +444,10 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<TrainSummary> {
     crate::fsutil::check_output_dir(&a.output)?;
     if a.resume.is_none() {
         config_from_flags(a).validate()?;
+    }
+    // before any data is made
+    if a.fixed_norm == Some(FixedNormArg::Like) && a.like.is_none() && a.resume.is_none() {
+        return Err(fixed_norm_like_without_like());
     }
     if a.synth_psf.is_some() && a.synth_count == 0 {
         return Err(Error::invalid(
@@ -646,7 +657,10 @@ pub fn train_as(a: &TrainArgs, command_line: &str) -> Result<TrainSummary> {
             // inputs are in photons: the fixed values go back through the camera)
             let mut cfg = cfg;
             cfg.sampler.percentiles = model.config.norm_percentiles;
-            cfg.sampler.fixed = model.config.norm_fixed.map(|f| if a.synth_psf.is_some() { f.in_photons() } else { f });
+            cfg.sampler.fixed = model
+                .config
+                .norm_fixed
+                .map(|f| if a.synth_psf.is_some() { f.in_photons() } else { f });
             if let Some(f) = &model.config.norm_fixed {
                 let p = cfg.sampler.fixed.expect("set above");
                 eprintln!(
