@@ -577,3 +577,88 @@ fn train_like_records_the_raw_volumes_percentiles_and_camera() {
     assert!(err.contains("input normalization: fixed"), "{err}");
     assert!(err.contains(&format!("{:.4}..{:.4}", f.low, f.high)), "{err}");
 }
+
+// ------------------------------------------------------------------ compare
+
+/// `compare` on the same held-out volumes with `model`, then `extra` flags: its report.
+fn compare_report(model: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args: Vec<&dyn AsRef<OsStr>> = vec![
+        &"compare",
+        &"--model",
+        &model,
+        &"--size",
+        &"34,66,66",
+        &"--count",
+        &"1",
+        &"--rl-min",
+        &"1",
+        &"--rl-max",
+        &"2",
+        &"--device",
+        &"cpu",
+        &"--json",
+    ];
+    args.extend(extra.iter().map(|a| a as &dyn AsRef<OsStr>));
+    let o = engine(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn rln_psnr(report: &serde_json::Value) -> f64 {
+    report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["method"] == "RLN")
+        .unwrap()["psnr"]
+        .as_f64()
+        .unwrap()
+}
+
+/// compare's volumes are in photons: a model whose fixed values are in a camera's raw
+/// units scores as the same model with those values taken back through the camera, and
+/// `--percentiles` scores as the percentile model.
+#[test]
+fn compare_takes_fixed_values_through_the_camera_and_percentiles_replace_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let shipped = Model::<f32>::load(Path::new(MODEL)).unwrap();
+    let (lo, hi) = (20.0, 400.0); // photons
+    let save = |name: &str, f: Option<FixedNorm>| {
+        let mut m = shipped.clone();
+        m.config.norm_fixed = f;
+        m.save(&d.join(name)).unwrap();
+        d.join(name)
+    };
+    // a camera of offset 100 ADU, gain 2 ADU/photon (exact in binary, so both are one map)
+    let raw_units = save(
+        "raw.safetensors",
+        Some(fixed(100.0 + 2.0 * lo, 100.0 + 2.0 * hi, 100.0, 2.0)),
+    );
+    let photons = save("photons.safetensors", Some(fixed(lo, hi, 0.0, 1.0)));
+    let (a, b) = (compare_report(&raw_units, &[]), compare_report(&photons, &[]));
+    let reported: FixedNorm = serde_json::from_value(a["rln_fixed_norm"].clone()).unwrap();
+    assert_eq!(reported, fixed(lo, hi, 0.0, 1.0));
+    assert!(
+        (rln_psnr(&a) - rln_psnr(&b)).abs() <= 1e-9,
+        "raw-unit model {} dB vs photon model {} dB",
+        rln_psnr(&a),
+        rln_psnr(&b)
+    );
+    let pct_model = save("pct.safetensors", None);
+    let p = compare_report(&pct_model, &[]);
+    assert!(p.get("rln_fixed_norm").is_none(), "{p}");
+    eprintln!(
+        "RLN PSNR: fixed {:.3} dB, percentiles {:.3} dB",
+        rln_psnr(&a),
+        rln_psnr(&p)
+    );
+    assert!(
+        (rln_psnr(&a) - rln_psnr(&p)).abs() > 0.05,
+        "the fixed values must matter here"
+    );
+    let pct = shipped.config.norm_percentiles;
+    let over = compare_report(&raw_units, &["--percentiles", &format!("{},{}", pct[0], pct[1])]);
+    assert!(over.get("rln_fixed_norm").is_none(), "{over}");
+    assert!((rln_psnr(&over) - rln_psnr(&p)).abs() <= 1e-9);
+}
