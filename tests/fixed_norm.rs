@@ -662,3 +662,35 @@ fn compare_takes_fixed_values_through_the_camera_and_percentiles_replace_them() 
     assert!(over.get("rln_fixed_norm").is_none(), "{over}");
     assert!((rln_psnr(&over) - rln_psnr(&p)).abs() <= 1e-9);
 }
+
+/// With fixed values nothing is sampled, yet a non-finite input voxel is still an error
+/// (in memory and streamed), not a NaN output.
+#[test]
+fn a_non_finite_input_is_refused_by_a_fixed_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vol = test_volume([12, 40, 48], 97);
+    vol.data[5 * 40 * 48 + 17 * 48 + 30] = f32::NAN;
+    let mut m = Model::<f32>::load(Path::new(MODEL)).unwrap();
+    m.config.norm_fixed = Some(fixed(100.0, 900.0, 0.0, 1.0));
+    let e = deconvolve(&mut CpuPredictor { model: m.clone() }, &m, &vol, CORE).unwrap_err();
+    assert!(e.to_string().contains("non-finite"), "{e}");
+    let (model, input, output) = (
+        dir.path().join("m.safetensors"),
+        dir.path().join("in.tif"),
+        dir.path().join("out.tif"),
+    );
+    m.save(&model).unwrap();
+    {
+        // (write_volume refuses NaN: the pages written directly)
+        use tiff::encoder::{colortype, TiffEncoder};
+        let mut enc = TiffEncoder::new(std::fs::File::create(&input).unwrap()).unwrap();
+        let plane = 40 * 48;
+        for z in 0..12 {
+            enc.write_image::<colortype::Gray32Float>(48, 40, &vol.data[z * plane..(z + 1) * plane])
+                .unwrap();
+        }
+    }
+    let e = infer_file(&InferFileOptions::new(model, input, output.clone())).unwrap_err();
+    assert!(e.to_string().contains("(5, 17, 30) is NaN"), "{e}");
+    assert!(!output.exists());
+}
