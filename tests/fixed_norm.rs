@@ -694,3 +694,19 @@ fn a_non_finite_input_is_refused_by_a_fixed_model() {
     assert!(e.to_string().contains("(5, 17, 30) is NaN"), "{e}");
     assert!(!output.exists());
 }
+
+/// Fixed values with HIGH < 2·LOW, where the §6 percentile map would divide by HIGH only:
+/// the streamed path still maps (v − low)/(high − low), as the hand-built map does.
+#[test]
+fn streamed_fixed_values_keep_their_two_point_map_where_percentiles_would_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = test_volume([12, 40, 48], 99);
+    let mut m = Model::<f32>::load(Path::new(MODEL)).unwrap();
+    let (low, high) = (500.0, 900.0);
+    m.config.norm_fixed = Some(fixed(low, high, 0.0, 1.0));
+    let oracle = by_hand(&m, &vol, low, high);
+    let e = rel_l2(&streamed(dir.path(), "f", &m, &vol, None), &oracle);
+    assert!(e <= 1e-6, "streamed vs the hand-built map rel L2 {e:e}");
+    let e = rel_l2(&in_memory(&m, &vol), &oracle);
+    assert!(e <= 1e-6, "in memory vs the hand-built map rel L2 {e:e}");
+}
