@@ -469,6 +469,22 @@ fn cli_refuses_fixed_norm_misuse_clearly() {
     }
     let o = tiny_train(d, &[&"--synth-size", &"16,32,32", &"--fixed-norm", &"5,3", &"-o", &out]);
     assert!(stderr(&o).contains("LO < HI"), "{}", stderr(&o));
+    // a resumed run keeps its checkpoint's normalization: the flag would be ignored
+    let ck = d.join("run.ckpt.safetensors");
+    let o = tiny_train(
+        d,
+        &[
+            &"--synth-size",
+            &"16,32,32",
+            &"--fixed-norm",
+            &"1,9",
+            &"--resume",
+            &ck,
+            &"-o",
+            &out,
+        ],
+    );
+    assert_clear_error(&o, &["--fixed-norm", "--resume"], &out);
     // per-tile normalization contradicts fixed values
     let vol = test_volume([8, 24, 24], 95);
     let (input, result) = (d.join("in.tif"), d.join("out.tif"));

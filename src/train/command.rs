@@ -123,7 +123,7 @@ pub struct TrainArgs {
     /// units of the training inputs (and of the volumes the model will be applied to).
     /// Recorded in the model; `infer --percentiles` replaces it. Default: percentiles (or
     /// the --init model's fixed values).
-    #[arg(long, value_name = "like|LO,HI", value_parser = parse_fixed_norm)]
+    #[arg(long, value_name = "like|LO,HI", value_parser = parse_fixed_norm, conflicts_with = "resume")]
     pub fixed_norm: Option<FixedNormArg>,
     /// Base learning rate.
     #[arg(long, value_parser = crate::args::finite_f64, default_value_t = 0.015)]

@@ -493,6 +493,14 @@ fn normalization(
 ) -> Result<NormStats> {
     let dims = views[0].dims();
     if let Some(f) = fixed {
+        if let Some(p) = &opts.norm_stats {
+            eprintln!(
+                "note: --norm-stats {}: the model normalizes with fixed values ({}..{}), so nothing is sampled and the file is neither read nor written",
+                p.display(),
+                f.low,
+                f.high
+            );
+        }
         return Ok(NormStats {
             format: NORM_STATS_FORMAT.into(),
             dims,
