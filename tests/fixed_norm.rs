@@ -15,7 +15,7 @@ use rln_engine::infer::stream::{infer_file, InferFileOptions};
 use rln_engine::infer::tiling::{MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS};
 use rln_engine::infer::{deconvolve, CpuPredictor};
 use rln_engine::model::{FixedNorm, Model, ModelConfig};
-use rln_engine::tensor::{rel_l2, Shape, Tensor};
+use rln_engine::tensor::rel_l2;
 use rln_engine::train::data::{normalize_views, CropSampler, Dataset, Pair, TargetScale};
 use std::ffi::OsStr;
 use std::path::Path;
@@ -221,24 +221,6 @@ fn fixed_views_and_input_flux_targets() {
 }
 
 // ------------------------------------------------------------------ inference
-
-/// A microscopy-like volume (as tests/stream_infer.rs): 100 + structure + noise.
-fn test_volume(dims: [usize; 3], seed: u64) -> Volume {
-    let x: Tensor<f32> = random_volume(seed, Shape::new(1, 1, dims[0], dims[1], dims[2]));
-    let data: Vec<f32> = x
-        .data
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            let z = i / (dims[1] * dims[2]);
-            let y = (i / dims[2]) % dims[1];
-            let xx = i % dims[2];
-            let s = ((z as f32 * 0.7).sin() * (y as f32 * 0.23).cos() * (xx as f32 * 0.17).sin()).max(0.0);
-            100.0 + 800.0 * s * s + 40.0 * v
-        })
-        .collect();
-    Volume::new(dims, data).unwrap()
-}
 
 /// The shipped model and the same with `norm_fixed` = `vol`'s own percentile values.
 fn models_for(vol: &Volume) -> (Model<f32>, Model<f32>, FixedNorm) {
@@ -493,32 +475,25 @@ fn cli_refuses_fixed_norm_misuse_clearly() {
     m.config.norm_fixed = Some(fixed(100.0, 900.0, 0.0, 1.0));
     m.save(&d.join("fixed.safetensors")).unwrap();
     let fixed_model = d.join("fixed.safetensors");
-    let o = engine(&[
-        &"infer",
-        &fixed_model,
-        &input,
-        &"-o",
-        &result,
-        &"--device",
-        &"cpu",
-        &"--normalize",
-        &"per-tile",
-    ]);
+    let per_tile = |extra: &[&dyn AsRef<OsStr>]| {
+        let mut args: Vec<&dyn AsRef<OsStr>> = vec![
+            &"infer",
+            &fixed_model,
+            &input,
+            &"-o",
+            &result,
+            &"--device",
+            &"cpu",
+            &"--normalize",
+            &"per-tile",
+        ];
+        args.extend_from_slice(extra);
+        engine(&args)
+    };
+    let o = per_tile(&[]);
     assert_clear_error(&o, &["--normalize per-tile", "fixed", "--percentiles"], &result);
     // ... unless --percentiles replaces them
-    let o = engine(&[
-        &"infer",
-        &fixed_model,
-        &input,
-        &"-o",
-        &result,
-        &"--device",
-        &"cpu",
-        &"--normalize",
-        &"per-tile",
-        &"--percentiles",
-        &"0.01,99.5",
-    ]);
+    let o = per_tile(&[&"--percentiles", &"0.01,99.5"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
 

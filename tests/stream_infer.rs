@@ -18,7 +18,7 @@ use rln_engine::infer::stream::{run_job, Job, JobSpec};
 use rln_engine::infer::tiling::{MemorySink, MemorySource, PlaneSource, TilePlan, DEFAULT_OVERLAP, RECEPTIVE_RADIUS};
 use rln_engine::infer::{deconvolve, CpuPredictor, TilePredictor};
 use rln_engine::model::{Model, Variant};
-use rln_engine::tensor::{rel_l2, Shape, Tensor};
+use rln_engine::tensor::{rel_l2, Tensor};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -29,25 +29,6 @@ const MODEL: &str = "models/rln-synthetic-widefield.safetensors";
 
 fn shipped_model() -> Model<f32> {
     Model::<f32>::load(Path::new(MODEL)).unwrap()
-}
-
-/// A microscopy-like volume: a blurred phantom with a background and noise.
-fn test_volume(dims: [usize; 3], seed: u64) -> Volume {
-    let x: Tensor<f32> = random_volume(seed, Shape::new(1, 1, dims[0], dims[1], dims[2]));
-    // smooth structure plus noise, in camera-like units
-    let data: Vec<f32> = x
-        .data
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            let z = i / (dims[1] * dims[2]);
-            let y = (i / dims[2]) % dims[1];
-            let xx = i % dims[2];
-            let s = ((z as f32 * 0.7).sin() * (y as f32 * 0.23).cos() * (xx as f32 * 0.17).sin()).max(0.0);
-            100.0 + 800.0 * s * s + 40.0 * v
-        })
-        .collect();
-    Volume::new(dims, data).unwrap()
 }
 
 fn stats(v: &dyn VolumeReader, model: &Model<f32>) -> ViewStats {

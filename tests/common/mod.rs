@@ -351,3 +351,22 @@ pub fn naive_forward(m: &Model<f64>, x_in: &T4, batch_stats: bool) -> NaiveOut {
         e2r: naive_crop(&e2r, s1),
     }
 }
+
+/// A microscopy-like volume: smooth structure on a background of 100 plus noise, in
+/// camera-like units (stream_infer and fixed_norm tests).
+pub fn test_volume(dims: [usize; 3], seed: u64) -> rln_engine::imaging::Volume {
+    let x: Tensor<f32> = random_volume(seed, Shape::new(1, 1, dims[0], dims[1], dims[2]));
+    let data: Vec<f32> = x
+        .data
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let z = i / (dims[1] * dims[2]);
+            let y = (i / dims[2]) % dims[1];
+            let xx = i % dims[2];
+            let s = ((z as f32 * 0.7).sin() * (y as f32 * 0.23).cos() * (xx as f32 * 0.17).sin()).max(0.0);
+            100.0 + 800.0 * s * s + 40.0 * v
+        })
+        .collect();
+    rln_engine::imaging::Volume::new(dims, data).unwrap()
+}
