@@ -120,19 +120,25 @@ fn the_model_file_keeps_norm_fixed_and_older_configs_load_without_it() {
     assert_eq!(old.norm_fixed, None);
     // through the model file
     let dir = tempfile::tempdir().unwrap();
-    let mut m = Model::<f32>::init(config, 5);
+    let mut m = Model::<f32>::init(config.clone(), 5);
     m.save(&dir.path().join("m.safetensors")).unwrap();
     let loaded = Model::<f32>::load(&dir.path().join("m.safetensors")).unwrap();
     assert_eq!(loaded.config.norm_fixed, Some(f));
+    // written as version 2, which an engine that knows only version 1 (and would
+    // ignore the field) refuses; a model without it stays version 1
+    assert_eq!(loaded.config.format_version, 2);
     m.config.norm_fixed = None;
     m.save(&dir.path().join("p.safetensors")).unwrap();
-    assert_eq!(
-        Model::<f32>::load(&dir.path().join("p.safetensors"))
-            .unwrap()
-            .config
-            .norm_fixed,
-        None
-    );
+    let plain = Model::<f32>::load(&dir.path().join("p.safetensors")).unwrap();
+    assert_eq!(plain.config.norm_fixed, None);
+    assert_eq!(plain.config.format_version, 1);
+    // a version-1 file with the field (written before version 2) still reads with it;
+    // a version beyond 2 is refused by name
+    let v = |ver: u32| config.to_json().replace("\"format_version\":2", &format!("\"format_version\":{ver}"));
+    assert!(config.to_json().contains("\"format_version\":2"), "{}", config.to_json());
+    assert_eq!(ModelConfig::from_json(&v(1)).unwrap().norm_fixed, Some(f));
+    let e = ModelConfig::from_json(&v(3)).unwrap_err().to_string();
+    assert!(e.contains("version 3") && e.contains("1 to 2"), "{e}");
     // the shipped model predates the field
     assert_eq!(Model::<f32>::load(Path::new(MODEL)).unwrap().config.norm_fixed, None);
 }

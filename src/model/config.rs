@@ -3,8 +3,14 @@
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-/// The model-file format version this engine writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest model-file format version this engine reads and writes. A file is
+/// written with the lowest version that holds it: 1, or 2 when it carries a fixed
+/// normalization (`norm_fixed`), which an engine that reads only version 1 would
+/// silently ignore (it would normalize by percentiles and give a wrong result); such
+/// an engine refuses a version-2 file instead.
+pub const FORMAT_VERSION: u32 = 2;
+/// The version of files without a fixed normalization (what every engine reads).
+pub const FORMAT_VERSION_BASE: u32 = 1;
 /// Metadata key holding the JSON config in the safetensors header.
 pub const CONFIG_KEY: &str = "rln_config";
 
@@ -122,7 +128,7 @@ impl FixedNorm {
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
-            format_version: FORMAT_VERSION,
+            format_version: FORMAT_VERSION_BASE,
             variant: Variant::Single,
             div_eps: 1e-3,
             bn_eps: 1e-3,
@@ -137,8 +143,19 @@ impl Default for ModelConfig {
 }
 
 impl ModelConfig {
+    /// The format version this config is written with: the lowest that holds it.
+    pub fn required_version(&self) -> u32 {
+        if self.norm_fixed.is_some() {
+            2
+        } else {
+            FORMAT_VERSION_BASE
+        }
+    }
+
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).expect("config serializes")
+        let mut c = self.clone();
+        c.format_version = c.required_version();
+        serde_json::to_string(&c).expect("config serializes")
     }
 
     pub fn from_json(s: &str) -> Result<Self> {
@@ -146,10 +163,12 @@ impl ModelConfig {
         let v: serde_json::Value =
             serde_json::from_str(s).map_err(|e| Error::Model(format!("config is not valid JSON: {e}")))?;
         match v.get("format_version").and_then(|x| x.as_u64()) {
-            Some(ver) if ver == FORMAT_VERSION as u64 => {}
+            // version 1 with norm_fixed: written before version 2 existed; read as is
+            Some(ver) if (FORMAT_VERSION_BASE as u64..=FORMAT_VERSION as u64).contains(&ver) => {}
             Some(ver) => {
                 return Err(Error::Model(format!(
-                    "model format version {ver} is not known to this engine (it reads version {FORMAT_VERSION}); \
+                    "model format version {ver} is not known to this engine (it reads versions \
+                     {FORMAT_VERSION_BASE} to {FORMAT_VERSION}); \
                      use the rln-engine release that wrote it, or re-export the model"
                 )))
             }

@@ -5,7 +5,7 @@ pub mod init;
 pub mod layers;
 pub mod tensor_file;
 
-pub use config::{FixedNorm, ModelConfig, Variant, CONFIG_KEY, FORMAT_VERSION};
+pub use config::{FixedNorm, ModelConfig, Variant, CONFIG_KEY, FORMAT_VERSION, FORMAT_VERSION_BASE};
 pub use layers::{LayerOp, LayerSpec, L, LAYERS, NUM_LAYERS};
 
 use crate::error::{Error, Result};
