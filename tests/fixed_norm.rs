@@ -134,8 +134,16 @@ fn the_model_file_keeps_norm_fixed_and_older_configs_load_without_it() {
     assert_eq!(plain.config.format_version, 1);
     // a version-1 file with the field (written before version 2) still reads with it;
     // a version beyond 2 is refused by name
-    let v = |ver: u32| config.to_json().replace("\"format_version\":2", &format!("\"format_version\":{ver}"));
-    assert!(config.to_json().contains("\"format_version\":2"), "{}", config.to_json());
+    let v = |ver: u32| {
+        config
+            .to_json()
+            .replace("\"format_version\":2", &format!("\"format_version\":{ver}"))
+    };
+    assert!(
+        config.to_json().contains("\"format_version\":2"),
+        "{}",
+        config.to_json()
+    );
     assert_eq!(ModelConfig::from_json(&v(1)).unwrap().norm_fixed, Some(f));
     let e = ModelConfig::from_json(&v(3)).unwrap_err().to_string();
     assert!(e.contains("version 3") && e.contains("1 to 2"), "{e}");
