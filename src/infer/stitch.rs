@@ -45,12 +45,17 @@ impl Affine {
     /// The map of a model's fixed normalization (its low and high stand where the
     /// percentile values would).
     pub fn from_fixed(f: &FixedNorm) -> Self {
-        let (scale, offset) = f.affine();
+        Self::two_point(f.low, f.high)
+    }
+    /// `low` → 0, `high` → 1 (a fixed normalization's values, unlike the §6 map of
+    /// percentile values, which has special cases).
+    pub fn two_point(low: f64, high: f64) -> Self {
+        let (scale, offset) = FixedNorm::two_point_map(low, high);
         Affine {
             scale,
             offset,
-            p_lo_value: f.low,
-            p_hi_value: f.high,
+            p_lo_value: low,
+            p_hi_value: high,
         }
     }
     pub fn apply(&self, v: f32) -> f32 {

@@ -110,8 +110,13 @@ impl FixedNorm {
     }
     /// The map `v' = v·scale + offset` of raw values: `(scale, offset)`.
     pub fn affine(&self) -> (f64, f64) {
-        let s = 1.0 / (self.high - self.low);
-        (s, -self.low * s)
+        Self::two_point_map(self.low, self.high)
+    }
+    /// `low` → 0, `high` → 1 as `(scale, offset)`: the one formula of fixed
+    /// normalization (training crops, inference).
+    pub fn two_point_map(low: f64, high: f64) -> (f64, f64) {
+        let s = 1.0 / (high - low);
+        (s, -low * s)
     }
     /// The same normalization for values in photons (synthetic volumes): low and high
     /// taken back through the camera.

@@ -50,13 +50,7 @@ impl ViewStats {
     }
     pub fn affine(&self) -> Affine {
         if self.fixed {
-            let f = FixedNorm {
-                low: self.p_lo_value,
-                high: self.p_hi_value,
-                camera_offset: 0.0,
-                camera_gain: 1.0,
-            };
-            return Affine::from_fixed(&f);
+            return Affine::two_point(self.p_lo_value, self.p_hi_value);
         }
         Affine::from_percentile_values(self.p_lo_value, self.p_hi_value)
     }
