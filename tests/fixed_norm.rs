@@ -340,7 +340,7 @@ fn fixed_values_at_the_volumes_percentiles_equal_percentile_inference_and_scalin
     assert!(e <= 1e-6, "on 3v: streamed vs in-memory fixed model rel L2 {e:e}");
     // the library's buffer entry normalizes the same way
     let aff = rln_engine::infer::buffers::global_normalization(&fixed_model, dims, &bright.data).unwrap();
-    assert_eq!(aff, Affine::from_fixed(&f));
+    assert_eq!(aff, Affine::two_point(f.low, f.high));
 }
 
 #[test]

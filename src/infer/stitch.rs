@@ -42,13 +42,9 @@ impl Affine {
             p_hi_value: hi,
         }
     }
-    /// The map of a model's fixed normalization (its low and high stand where the
-    /// percentile values would).
-    pub fn from_fixed(f: &FixedNorm) -> Self {
-        Self::two_point(f.low, f.high)
-    }
-    /// `low` → 0, `high` → 1 (a fixed normalization's values, unlike the §6 map of
-    /// percentile values, which has special cases).
+    /// `low` → 0, `high` → 1: a model's fixed normalization (its low and high stand
+    /// where the percentile values would; unlike the §6 map of percentile values, it
+    /// has no special cases).
     pub fn two_point(low: f64, high: f64) -> Self {
         let (scale, offset) = FixedNorm::two_point_map(low, high);
         Affine {
@@ -76,7 +72,7 @@ pub fn model_normalization(src: &mut dyn PlaneSource, config: &ModelConfig, max_
             if d * h * w <= max_samples {
                 check_finite(&src.read_planes(0, d)?)?;
             }
-            Ok(Affine::from_fixed(f))
+            Ok(Affine::two_point(f.low, f.high))
         }
         None => estimate_normalization(src, config.norm_percentiles, max_samples),
     }

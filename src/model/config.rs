@@ -8,9 +8,11 @@ use serde::{Deserialize, Serialize};
 /// normalization (`norm_fixed`), which an engine that reads only version 1 would
 /// silently ignore (it would normalize by percentiles and give a wrong result); such
 /// an engine refuses a version-2 file instead.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = FORMAT_VERSION_FIXED_NORM;
 /// The version of files without a fixed normalization (what every engine reads).
 pub const FORMAT_VERSION_BASE: u32 = 1;
+/// The version that introduced `norm_fixed`.
+const FORMAT_VERSION_FIXED_NORM: u32 = 2;
 /// Metadata key holding the JSON config in the safetensors header.
 pub const CONFIG_KEY: &str = "rln_config";
 
@@ -151,7 +153,7 @@ impl ModelConfig {
     /// The format version this config is written with: the lowest that holds it.
     pub fn required_version(&self) -> u32 {
         if self.norm_fixed.is_some() {
-            2
+            FORMAT_VERSION_FIXED_NORM
         } else {
             FORMAT_VERSION_BASE
         }
