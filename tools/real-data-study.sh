@@ -131,7 +131,7 @@ cmp_both "$(select_ckpt whxc psf_wf.tif "00050 00100 00150 00200 00250 00300 003
   psf_wf.tif whxc --photons 10
 $B train --synth-psf psf_lls.tif --like "$D/im_deskewed.tif" --init llsfix.step00600.safetensors "${X[@]}" \
   --epoch-steps 25 --checkpoint-every 25 --steps 500 --seed 27 -o llx.safetensors | tee train_llx.log
-cmp_both "$(select_ckpt llx psf_lls.tif "$(seq -f %05g -s ' ' 25 25 500)" "${LLS_MATCH[@]}")" \
-  psf_lls.tif llx "${LLS_MATCH[@]}"
-$B infer llx.step00225.safetensors lls_kept.tif -o lls_real_rlnx.tif
+LLX=$(select_ckpt llx psf_lls.tif "$(seq -f %05g -s ' ' 25 25 500)" "${LLS_MATCH[@]}")  # the study's: step 225
+cmp_both "$LLX" psf_lls.tif llx "${LLS_MATCH[@]}"
+$B infer "$LLX" lls_kept.tif -o lls_real_rlnx.tif
 $PY "$ROOT/tools/imaging/flux_in_mask.py" lls_kept.tif "RLN exact=lls_real_rlnx.tif" | tee flux_in_mask_llx.txt

@@ -41,8 +41,10 @@ def main():
             raise SystemExit(f"{path}: shape {v.shape} differs from the raw's {raw.shape}")
         vols[label] = v
     smooth = nd.uniform_filter(raw, 5)
+    first_mask = None
     for t in a.threshold:
         mask = nd.binary_dilation(smooth > a.raw_background + t, iterations=4)
+        first_mask = mask if first_mask is None else first_mask
         raw_flux = (raw[mask] - a.raw_background).sum()
         print(f"threshold {t:g}: mask {mask.mean():.3f} of the volume, raw flux {raw_flux:.4g}")
         for label, v in vols.items():
@@ -51,7 +53,7 @@ def main():
             print(f"  {label:<20} background {bg:9.3f}  flux {flux:.4g}  ratio {flux / raw_flux:.4f}")
     if a.by_level:
         edges = [-np.inf] + sorted(a.by_level) + [np.inf]
-        mask = nd.binary_dilation(smooth > a.raw_background + a.threshold[0], iterations=4)
+        mask = first_mask
         level = smooth - a.raw_background
         bins = [mask & (level >= lo) & (level < hi) for lo, hi in zip(edges, edges[1:])]
         names = [f"<{hi:g}" if lo == -np.inf else f"≥{lo:g}" if hi == np.inf else f"{lo:g}-{hi:g}" for lo, hi in zip(edges, edges[1:])]
